@@ -1,0 +1,28 @@
+"""sla_numba: Sparse-Linear Attention (SLA) in Numba, for CPUs and CUDA GPUs.
+
+Public API
+----------
+classify_blocks(q, k, ...)      -> BlockClassification (.map, .lut)
+sla_attention(q, k, v, ...)     -> O  (numpy, torch or CuPy; torch is differentiable)
+SparseLinearAttention(head_dim) -> torch.nn.Module with the learnable projection
+reference                       -> the dense float64 oracle (teaching code)
+
+Shapes are (B, H, N, D) throughout. See docs/algorithm.md for the exact semantics.
+"""
+from .api import BlockClassification, classify_blocks, sla_attention
+
+__version__ = "0.1.0"
+
+__all__ = ["BlockClassification", "classify_blocks", "sla_attention",
+           "SparseLinearAttention", "reference", "__version__"]
+
+
+def __getattr__(name):
+    # torch is optional: only importing the module (or the reference) loads it.
+    if name == "SparseLinearAttention":
+        from .torch_ops import SparseLinearAttention
+        return SparseLinearAttention
+    if name == "reference":
+        import importlib
+        return importlib.import_module(".reference", __name__)
+    raise AttributeError(f"module 'sla_numba' has no attribute {name!r}")

@@ -1,0 +1,363 @@
+"""The public functions: ``classify_blocks`` and ``sla_attention``.
+
+This layer does three things and nothing else:
+
+1. validate every argument once, naming the one that is wrong;
+2. pick the backend (``"cpu"`` or ``"gpu"``) -- an explicit request is obeyed or
+   refused with an error, never swapped for another backend;
+3. hand the arrays to that backend (numpy / CuPy directly, torch through the
+   custom ops in :mod:`sla_numba.torch_ops` so autograd and ``torch.compile``
+   work) and combine the two branches: ``O = O_s + O_l Wᵀ + b``.
+
+The kernels themselves live in :mod:`sla_numba.cpu` and :mod:`sla_numba.gpu`,
+twins that follow the contract written in ``docs/internals.md``.
+"""
+import dataclasses
+import importlib
+from typing import Any
+
+import numpy as np
+
+from . import _params
+from ._kinds import FLOAT_DTYPES, array_kind, device_of, dtype_name, is_on_gpu
+
+
+# ---------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------
+
+def _check_tensor(name, x, kind=None):
+    """A 4-D floating array (B, H, N, D) with no empty axis; returns its kind."""
+    k = array_kind(x)
+    if k is None:
+        raise TypeError(
+            f"{name} must be a numpy array, torch tensor or CuPy array, "
+            f"got {type(x).__name__}")
+    if kind is not None and k != kind:
+        raise TypeError(f"{name} is a {k} array but q is a {kind} array; "
+                        "pass all inputs from one library")
+    if x.ndim != 4:
+        raise ValueError(
+            f"{name} must have 4 dimensions (B, H, N, D), got shape {tuple(x.shape)}")
+    if any(int(s) == 0 for s in x.shape):
+        raise ValueError(f"{name} must not have an empty axis, got shape {tuple(x.shape)}")
+    dt = dtype_name(x, k)
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating array ({', '.join(FLOAT_DTYPES)}), got {dt}")
+    return k
+
+
+def _check_qkv(q, k, v):
+    """Shapes, dtypes and devices of q (B,H,Nq,D), k and v (B,H,Nk,D) agree."""
+    kind = _check_tensor("q", q)
+    _check_tensor("k", k, kind)
+    _check_tensor("v", v, kind)
+    B, H, _, D = (int(s) for s in q.shape)
+    for name, x in (("k", k), ("v", v)):
+        b, h, _, d = (int(s) for s in x.shape)
+        if (b, h) != (B, H):
+            raise ValueError(f"{name} has batch/heads {(b, h)} but q has {(B, H)}")
+        if d != D:
+            raise ValueError(f"{name} has head_dim {d} but q has {D}")
+    if int(k.shape[2]) != int(v.shape[2]):
+        raise ValueError(f"v has {int(v.shape[2])} tokens but k has {int(k.shape[2])}")
+    dq = dtype_name(q, kind)
+    for name, x in (("k", k), ("v", v)):
+        if dtype_name(x, kind) != dq:
+            raise TypeError(f"{name} has dtype {dtype_name(x, kind)} but q has {dq}")
+        if device_of(x, kind) != device_of(q, kind):
+            raise ValueError(
+                f"{name} is on {device_of(x, kind)} but q is on {device_of(q, kind)}")
+    return kind
+
+
+def _resolve_backend(backend, q, kind):
+    """Turn ``backend`` into 'cpu' or 'gpu' for these inputs, or refuse clearly."""
+    _params.check_backend(backend)
+    on_gpu = is_on_gpu(q, kind)
+    if backend == "auto":
+        return "gpu" if on_gpu else "cpu"
+    if backend == "cpu" and on_gpu:
+        raise ValueError(
+            f"backend='cpu' needs host arrays, but q is on {device_of(q, kind)}; "
+            "move the inputs to the CPU or use backend='gpu'")
+    if backend == "gpu" and not on_gpu:
+        if kind == "torch" and not _gpu_simulated():
+            raise ValueError(
+                "backend='gpu' needs CUDA tensors, but q is on cpu; "
+                "move the inputs with .cuda() or use backend='cpu'")
+        # numpy arrays are copied to the device and back by the gpu backend
+        # (and under the CUDA simulator, torch CPU tensors too, for tests).
+    return backend
+
+
+def _gpu_simulated():
+    try:
+        from numba import config
+    except ImportError:  # pragma: no cover - numba is a hard dependency
+        return False
+    return bool(config.ENABLE_CUDASIM)
+
+
+def load_backend(name):
+    """Import ``sla_numba.cpu`` or ``sla_numba.gpu``; a clear error if it cannot be used."""
+    try:
+        return importlib.import_module(f"sla_numba.{name}")
+    except ImportError as err:
+        raise RuntimeError(
+            f"backend={name!r} is not available: {err}. The gpu backend needs "
+            "numba-cuda with its CUDA libraries: pip install 'sla-numba[cuda]'") from err
+
+
+def _check_block_map(block_map, q, kind, shape):
+    """``block_map``: integer (B, H, Mq, Mk) array of 1 / 0 / -1, like q."""
+    k = array_kind(block_map)
+    if k != kind:
+        raise TypeError(f"block_map must be a {kind} array like q, got {type(block_map).__name__}")
+    if tuple(int(s) for s in block_map.shape) != shape:
+        raise ValueError(
+            f"block_map must have shape (B, H, Mq, Mk) = {shape}, got {tuple(block_map.shape)}")
+    dt = dtype_name(block_map, k)
+    if not dt.startswith("int"):
+        raise TypeError(f"block_map must be an integer array (int8), got {dt}")
+    if device_of(block_map, k) != device_of(q, kind):
+        raise ValueError(f"block_map is on {device_of(block_map, k)} but q is on {device_of(q, kind)}")
+    # Checking the values of a GPU array would force a device->host sync;
+    # there, values other than 1 / 0 count as negligible (documented).
+    if not is_on_gpu(block_map, k):
+        host = block_map.detach().numpy() if k == "torch" else block_map
+        bad = (host != 1) & (host != 0) & (host != -1)
+        if bad.any():
+            raise ValueError(
+                "block_map values must be 1 (critical), 0 (marginal) or -1 (negligible), "
+                f"found {host[bad].flat[0]}")
+
+
+def _check_proj(proj_weight, proj_bias, q, kind, D):
+    for name, x, shape in (("proj_weight", proj_weight, (D, D)), ("proj_bias", proj_bias, (D,))):
+        if x is None:
+            continue
+        if array_kind(x) != kind:
+            raise TypeError(f"{name} must be a {kind} array like q, got {type(x).__name__}")
+        if tuple(int(s) for s in x.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+        if dtype_name(x, kind) not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be floating, got {dtype_name(x, kind)}")
+        if device_of(x, kind) != device_of(q, kind):
+            raise ValueError(f"{name} is on {device_of(x, kind)} but q is on {device_of(q, kind)}")
+    if proj_bias is not None and proj_weight is None:
+        raise ValueError("proj_bias given without proj_weight")
+
+
+# ---------------------------------------------------------------------------
+# Classification
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BlockClassification:
+    """Result of :func:`classify_blocks`.
+
+    Attributes
+    ----------
+    map : int8 array (B, H, Mq, Mk)
+        1 critical (exact softmax attention), 0 marginal (linear attention),
+        -1 negligible (skipped).
+    lut : int32 array (B, H, Mq, n_crit)
+        The critical key-block indices of each query-block row, ascending.
+    n_crit, n_skip : int
+        Critical and negligible key blocks per row.
+    block_q, block_k : int
+        Block sizes the map was made with.
+    """
+    map: Any
+    lut: Any
+    n_crit: int
+    n_skip: int
+    block_q: int
+    block_k: int
+
+
+def critical_lut(block_map, n_crit):
+    """Ascending critical key-block indices per row, (B, H, Mq, n_crit), int32.
+
+    A stable sort of "is this block not critical?" puts the critical blocks first,
+    in index order. Works unchanged on numpy, torch and CuPy arrays.
+    """
+    kind = array_kind(block_map)
+    if kind == "torch":
+        import torch
+        order = torch.argsort((block_map != 1).to(torch.int8), dim=-1, stable=True)
+        return order[..., :n_crit].to(torch.int32).contiguous()
+    xp = np if kind == "numpy" else importlib.import_module("cupy")
+    order = xp.argsort((block_map != 1).astype(np.int8), axis=-1, kind="stable")
+    return xp.ascontiguousarray(order[..., :n_crit].astype(np.int32))
+
+
+def _prepare_params(q, k, topk, skip, block_q, block_k, scale):
+    topk, skip = _params.check_topk_skip(topk, skip)
+    block_q = _params.check_block_size("block_q", block_q)
+    block_k = _params.check_block_size("block_k", block_k)
+    scale = _params.check_scale(scale, int(q.shape[-1]))
+    mk = _params.n_blocks(int(k.shape[2]), block_k)
+    n_crit, n_skip = _params.block_counts(mk, topk, skip)
+    return block_q, block_k, scale, n_crit, n_skip
+
+
+def classify_blocks(q, k, *, topk=0.05, skip=0.10, block_q=64, block_k=64,
+                    scale=None, backend="auto"):
+    """Sort key blocks, per query block, into critical / marginal / negligible.
+
+    Query and key blocks are mean-pooled; the block score is
+    ``S[i, j] = scale * pq[i] · pk[j]``. In each row the ``n_crit`` best blocks
+    are critical, the ``n_skip`` worst negligible, the rest marginal; ties go to
+    the lower key-block index. ``n_crit = min(Mk, max(1, floor(topk*Mk)))`` and
+    ``n_skip = min(Mk - n_crit, floor(skip*Mk))``.
+
+    Parameters
+    ----------
+    q : (B, H, Nq, D) array;  k : (B, H, Nk, D) array (numpy, torch or CuPy).
+    topk : float in (0, 1];  skip : float in [0, 1).
+    block_q, block_k : int >= 1; scale : float, default 1/sqrt(D).
+    backend : "auto" | "cpu" | "gpu".
+
+    Returns
+    -------
+    BlockClassification with ``.map`` (int8, (B, H, Mq, Mk)) and ``.lut``
+    (int32, (B, H, Mq, n_crit)), arrays of the same library as ``q``.
+
+    Example
+    -------
+    >>> import numpy as np, sla_numba
+    >>> q = np.random.default_rng(0).standard_normal((1, 2, 256, 32), dtype=np.float32)
+    >>> c = sla_numba.classify_blocks(q, q, topk=0.25, skip=0.25, block_q=64, block_k=64)
+    >>> c.map.shape, c.lut.shape, int((c.map == 1).sum(-1).max())
+    ((1, 2, 4, 4), (1, 2, 4, 1), 1)
+    """
+    kind = _check_tensor("q", q)
+    _check_tensor("k", k, kind)
+    if tuple(int(s) for s in k.shape[:2]) != tuple(int(s) for s in q.shape[:2]):
+        raise ValueError(f"k has batch/heads {tuple(k.shape[:2])} but q has {tuple(q.shape[:2])}")
+    if int(k.shape[3]) != int(q.shape[3]):
+        raise ValueError(f"k has head_dim {int(k.shape[3])} but q has {int(q.shape[3])}")
+    if dtype_name(k, kind) != dtype_name(q, kind):
+        raise TypeError(f"k has dtype {dtype_name(k, kind)} but q has {dtype_name(q, kind)}")
+    if device_of(k, kind) != device_of(q, kind):
+        raise ValueError(f"k is on {device_of(k, kind)} but q is on {device_of(q, kind)}")
+    block_q, block_k, scale, n_crit, n_skip = _prepare_params(
+        q, k, topk, skip, block_q, block_k, scale)
+    backend = _resolve_backend(backend, q, kind)
+    if kind == "torch":
+        from . import torch_ops
+        block_map = torch_ops.classify(q, k, n_crit, n_skip, block_q, block_k, scale, backend)
+    else:
+        mod = load_backend(backend)
+        block_map = mod.classify(*_host_inputs(kind, backend, q, k),
+                                 n_crit, n_skip, block_q, block_k, scale)
+    return BlockClassification(block_map, critical_lut(block_map, n_crit),
+                               n_crit, n_skip, block_q, block_k)
+
+
+# ---------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------
+
+def compute_dtype(dtype_str):
+    """Kernels compute in float64 for float64 input, float32 for everything else."""
+    return np.float64 if dtype_str == "float64" else np.float32
+
+
+def _host_inputs(kind, backend, *arrays):
+    """numpy/CuPy arrays as the backend wants them: C-contiguous, compute dtype."""
+    if kind == "cupy":
+        import cupy
+        return [cupy.ascontiguousarray(a.astype(compute_dtype(a.dtype.name), copy=False))
+                for a in arrays]
+    return [np.ascontiguousarray(a, dtype=compute_dtype(np.dtype(a.dtype).name)) for a in arrays]
+
+
+def sla_attention(q, k, v, *, topk=0.05, skip=0.10, block_q=64, block_k=64,
+                  feature_map="softmax", scale=None, block_map=None,
+                  proj_weight=None, proj_bias=None, return_parts=False,
+                  backend="auto", eps=_params.EPS):
+    """Sparse-Linear Attention: ``O = O_s + O_l Wᵀ + b``.
+
+    Per query block, the critical key blocks get exact softmax attention (O_s),
+    the marginal ones linear attention with feature map φ (O_l), the negligible
+    ones nothing. Without ``proj_weight``, W is the identity and b is 0.
+
+    Parameters
+    ----------
+    q : (B, H, Nq, D);  k, v : (B, H, Nk, D)
+        numpy arrays, torch tensors (CPU or CUDA) or CuPy arrays, all alike.
+        float16 / bfloat16 (torch) / float32 / float64; computed in float32
+        (float64 for float64 input) and returned in the input dtype.
+    topk, skip : float
+        Shares of key blocks per row that are critical / negligible
+        (see :func:`classify_blocks`). Ignored when ``block_map`` is given.
+    block_q, block_k : int
+        Token block sizes.
+    feature_map : "softmax" | "elu" | "relu"
+        φ of the linear branch, applied per token along D.
+    scale : float, default 1/sqrt(D).
+    block_map : int8 (B, H, Mq, Mk), optional
+        Use this map (1 / 0 / -1) instead of classifying.
+    proj_weight : (D, D), proj_bias : (D,), optional
+        The learnable projection of the linear branch (``nn.Linear`` layout).
+    return_parts : bool
+        Return ``(O_s, O_l)`` (before projection) instead of O.
+    backend : "auto" | "cpu" | "gpu"
+        "auto" picks by where the inputs live; an explicit choice is never
+        replaced by another backend.
+    eps : float
+        Guard of the linear branch's denominator.
+
+    Returns
+    -------
+    O (B, H, Nq, D), or (O_s, O_l); same library, device and dtype as ``q``.
+    torch outputs are differentiable w.r.t. q, k, v, proj_weight, proj_bias.
+
+    Example
+    -------
+    >>> import numpy as np, sla_numba
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((1, 2, 200, 32), dtype=np.float32) for _ in range(3))
+    >>> o = sla_numba.sla_attention(q, k, v, topk=0.25, skip=0.25, block_q=32, block_k=32)
+    >>> o.shape, o.dtype
+    ((1, 2, 200, 32), dtype('float32'))
+    """
+    kind = _check_qkv(q, k, v)
+    B, H, Nq, D = (int(s) for s in q.shape)
+    Nk = int(k.shape[2])
+    fm = _params.check_feature_map(feature_map)
+    eps = _params.check_fraction("eps", eps, low=0.0, high=1.0, low_open=True, high_open=False)
+    block_q, block_k, scale, n_crit, n_skip = _prepare_params(
+        q, k, topk, skip, block_q, block_k, scale)
+    if not isinstance(return_parts, bool):
+        raise TypeError(f"return_parts must be a bool, got {type(return_parts).__name__}")
+    backend = _resolve_backend(backend, q, kind)
+    map_shape = (B, H, _params.n_blocks(Nq, block_q), _params.n_blocks(Nk, block_k))
+    if block_map is not None:
+        _check_block_map(block_map, q, kind, map_shape)
+    _check_proj(proj_weight, proj_bias, q, kind, D)
+
+    if kind == "torch":
+        from . import torch_ops
+        return torch_ops.sla_attention(
+            q, k, v, block_map, n_crit, n_skip, block_q, block_k, scale, fm, eps,
+            proj_weight, proj_bias, return_parts, backend)
+
+    mod = load_backend(backend)
+    qc, kc, vc = _host_inputs(kind, backend, q, k, v)
+    if block_map is None:
+        block_map = mod.classify(qc, kc, n_crit, n_skip, block_q, block_k, scale)
+    xp = np if kind == "numpy" else importlib.import_module("cupy")
+    block_map = xp.ascontiguousarray(block_map.astype(np.int8, copy=False))
+    o_s, o_l, _ = mod.forward(qc, kc, vc, block_map, block_q, block_k, scale, fm, eps)
+    out_dtype = q.dtype
+    if return_parts:
+        return o_s.astype(out_dtype), o_l.astype(out_dtype)
+    if proj_weight is not None:
+        o_l = o_l @ proj_weight.astype(o_l.dtype).T
+        if proj_bias is not None:
+            o_l = o_l + proj_bias.astype(o_l.dtype)
+    return (o_s + o_l).astype(out_dtype)

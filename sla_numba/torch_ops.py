@@ -1,0 +1,202 @@
+"""The torch boundary: custom ops, their autograd, and the ``nn.Module``.
+
+Three layers, as in FlashAttention's interface:
+
+1. raw kernels registered with ``torch.library.custom_op`` (``sla_numba::classify``,
+   ``sla_numba::forward``, ``sla_numba::backward``) with fake (meta) kernels, so
+   ``torch.compile(fullgraph=True)`` sees through them and ``opcheck`` passes;
+2. ``register_autograd`` on the forward op: it saves exactly what the backward
+   kernel needs (q, k, v, the map, O_s, O_l and the LSE);
+3. the public :func:`sla_numba.sla_attention` (in :mod:`sla_numba.api`) and
+   :class:`SparseLinearAttention`, which add the projection ``O_l Wᵀ + b`` in
+   plain torch, so autograd gives dW and db and passes ``dO_l = dO · W`` on.
+
+The ops take ``backend`` ("cpu" or "gpu") as an argument; the API has already
+resolved it. The cpu backend reads numpy views of the tensors (fp16/bf16 are
+converted to fp32 first); the gpu backend takes torch CUDA tensors directly.
+"""
+import numpy as np
+import torch
+
+from . import _params
+from .api import compute_dtype, load_backend, sla_attention as _sla_attention
+
+
+def _to_numpy(t, dtype=None):
+    """A C-contiguous numpy array of a CPU tensor (fp16/bf16 → fp32)."""
+    if dtype is None:
+        dtype = compute_dtype(str(t.dtype).replace("torch.", ""))
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+        t = t.float()
+    return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=dtype)
+
+
+def _run(backend, fn_name, tensors, *args):
+    """Call ``backend.fn_name`` on tensors; returns torch tensors on q's device."""
+    device = tensors[0].device
+    mod = load_backend(backend)
+    if device.type == "cuda":
+        # The gpu backend reads torch CUDA tensors directly (any float dtype),
+        # launches on torch's current stream and allocates with torch.
+        outs = getattr(mod, fn_name)(*[t.contiguous() for t in tensors], *args)
+        return outs
+    # Host tensors: numpy views. With backend="gpu" this only happens under the
+    # CUDA simulator (the API refuses it otherwise); the gpu backend then copies.
+    arrays = [_to_numpy(t, np.int8 if t.dtype == torch.int8 else None) for t in tensors]
+    outs = getattr(mod, fn_name)(*arrays, *args)
+    if isinstance(outs, tuple):
+        return tuple(torch.from_numpy(np.asarray(o)) for o in outs)
+    return torch.from_numpy(np.asarray(outs))
+
+
+def _lse_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------
+# 1. Custom ops
+# ---------------------------------------------------------------------------
+
+@torch.library.custom_op("sla_numba::classify", mutates_args=())
+def _classify_op(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_skip: int,
+                 block_q: int, block_k: int, scale: float, backend: str) -> torch.Tensor:
+    return _run(backend, "classify", [q, k], n_crit, n_skip, block_q, block_k, scale)
+
+
+@_classify_op.register_fake
+def _(q, k, n_crit, n_skip, block_q, block_k, scale, backend):
+    B, H, Nq, _ = q.shape
+    Mq, Mk = -(-Nq // block_q), -(-k.shape[2] // block_k)
+    return q.new_empty((B, H, Mq, Mk), dtype=torch.int8)
+
+
+@torch.library.custom_op("sla_numba::forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor,
+                block_q: int, block_k: int, scale: float, feature_map: int, eps: float,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    o_s, o_l, lse = _run(backend, "forward", [q, k, v, block_map],
+                         block_q, block_k, scale, feature_map, eps)
+    return (o_s.to(device=q.device, dtype=q.dtype), o_l.to(device=q.device, dtype=q.dtype),
+            lse.to(device=q.device, dtype=_lse_dtype(q)))
+
+
+@_forward_op.register_fake
+def _(q, k, v, block_map, block_q, block_k, scale, feature_map, eps, backend):
+    return torch.empty_like(q), torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("sla_numba::backward", mutates_args=())
+def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_s: torch.Tensor,
+                 o_l: torch.Tensor, lse: torch.Tensor, do_s: torch.Tensor, do_l: torch.Tensor,
+                 block_map: torch.Tensor, block_q: int, block_k: int, scale: float,
+                 feature_map: int, eps: float,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _run(backend, "backward", [q, k, v, o_s, o_l, lse, do_s, do_l, block_map],
+                      block_q, block_k, scale, feature_map, eps)
+    return (dq.to(device=q.device, dtype=q.dtype), dk.to(device=q.device, dtype=k.dtype),
+            dv.to(device=q.device, dtype=v.dtype))
+
+
+@_backward_op.register_fake
+def _(q, k, v, o_s, o_l, lse, do_s, do_l, block_map, block_q, block_k, scale,
+      feature_map, eps, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+# ---------------------------------------------------------------------------
+# 2. Autograd of the forward op
+# ---------------------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, block_map, block_q, block_k, scale, feature_map, eps, backend = inputs
+    o_s, o_l, lse = output
+    ctx.save_for_backward(q, k, v, block_map, o_s, o_l, lse)
+    ctx.params = (block_q, block_k, scale, feature_map, eps, backend)
+
+
+def _backward(ctx, grad_o_s, grad_o_l, _grad_lse):
+    q, k, v, block_map, o_s, o_l, lse = ctx.saved_tensors
+    # A branch the caller did not use has no gradient: it contributes zero.
+    grad_o_s = torch.zeros_like(o_s) if grad_o_s is None else grad_o_s.contiguous()
+    grad_o_l = torch.zeros_like(o_l) if grad_o_l is None else grad_o_l.contiguous()
+    dq, dk, dv = torch.ops.sla_numba.backward(
+        q, k, v, o_s, o_l, lse, grad_o_s, grad_o_l, block_map, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# 3. What the API and the module call
+# ---------------------------------------------------------------------------
+
+def classify(q, k, n_crit, n_skip, block_q, block_k, scale, backend):
+    """Block map of torch tensors q, k (validated by the API)."""
+    return torch.ops.sla_numba.classify(q.detach(), k.detach(), n_crit, n_skip,
+                                        block_q, block_k, scale, backend)
+
+
+def sla_attention(q, k, v, block_map, n_crit, n_skip, block_q, block_k, scale,
+                  feature_map, eps, proj_weight, proj_bias, return_parts, backend):
+    """torch path of :func:`sla_numba.sla_attention` (arguments already validated)."""
+    if block_map is None:
+        block_map = classify(q, k, n_crit, n_skip, block_q, block_k, scale, backend)
+    else:
+        block_map = block_map.to(torch.int8).contiguous()
+    o_s, o_l, _ = torch.ops.sla_numba.forward(
+        q, k, v, block_map, block_q, block_k, scale, feature_map, eps, backend)
+    if return_parts:
+        return o_s, o_l
+    if proj_weight is not None:
+        o_l = torch.nn.functional.linear(
+            o_l.to(proj_weight.dtype), proj_weight, proj_bias).to(q.dtype)
+    return o_s + o_l
+
+
+class SparseLinearAttention(torch.nn.Module):
+    """SLA as a drop-in attention layer with its learnable projection.
+
+    ``forward(q, k, v)`` takes (B, H, N, D) tensors and returns
+    ``O_s + proj(O_l)``. ``proj`` is an fp32 ``nn.Linear(head_dim, head_dim)``
+    shared by all heads and zero-initialised, so an untrained layer computes
+    block-sparse attention exactly; fine-tuning teaches it to use O_l.
+
+    Example
+    -------
+    >>> import torch, sla_numba
+    >>> attn = sla_numba.SparseLinearAttention(32, topk=0.25, block_q=16, block_k=16)
+    >>> q, k, v = (torch.randn(1, 2, 100, 32, requires_grad=True) for _ in range(3))
+    >>> out = attn(q, k, v)
+    >>> out.sum().backward()
+    >>> out.shape, attn.proj.weight.grad.shape
+    (torch.Size([1, 2, 100, 32]), torch.Size([32, 32]))
+    """
+
+    def __init__(self, head_dim, *, topk=0.05, skip=0.10, block_q=64, block_k=64,
+                 feature_map="softmax", scale=None, backend="auto"):
+        super().__init__()
+        _params.check_block_size("head_dim", head_dim)
+        _params.check_topk_skip(topk, skip)
+        _params.check_block_size("block_q", block_q)
+        _params.check_block_size("block_k", block_k)
+        _params.check_feature_map(feature_map)
+        _params.check_backend(backend)
+        self.head_dim, self.topk, self.skip = head_dim, topk, skip
+        self.block_q, self.block_k = block_q, block_k
+        self.feature_map, self.scale, self.backend = feature_map, scale, backend
+        self.proj = torch.nn.Linear(head_dim, head_dim, dtype=torch.float32)
+        torch.nn.init.zeros_(self.proj.weight)
+        torch.nn.init.zeros_(self.proj.bias)
+
+    def forward(self, q, k, v, block_map=None):
+        return _sla_attention(
+            q, k, v, topk=self.topk, skip=self.skip, block_q=self.block_q,
+            block_k=self.block_k, feature_map=self.feature_map, scale=self.scale,
+            block_map=block_map, proj_weight=self.proj.weight, proj_bias=self.proj.bias,
+            backend=self.backend)
+
+    def extra_repr(self):
+        return (f"head_dim={self.head_dim}, topk={self.topk}, skip={self.skip}, "
+                f"block_q={self.block_q}, block_k={self.block_k}, "
+                f"feature_map={self.feature_map!r}")
