@@ -1,0 +1,436 @@
+"""Building blocks shared by the CPU forward and backward kernels.
+
+Everything here is a small ``@njit`` function that works on one block at a time;
+the parallel kernels in ``forward.py`` and ``backward.py`` call them inside their
+``prange`` loops. Shapes use the project's letters: ``q`` (B, H, Nq, D),
+``k``/``v`` (B, H, Nk, D), block map (B, H, Mq, Mk).
+
+What lives here, and why
+------------------------
+* ``FASTMATH`` / ``KERNEL_OPTIONS`` — the fast-math flags and ``@njit`` options of
+  the attention kernels. Re-association lets LLVM vectorise reductions;
+  ``nnan``/``ninf`` are left out on purpose, so NaN/Inf in the inputs propagate to
+  the outputs instead of being "assumed away".
+* ``gemm_acc`` — ``C += A @ B`` on small blocks. Every product of the algorithm
+  (Q Kᵀ, P V, φ(K)ᵀ V, dO Vᵀ, dSᵀ Q, ...) is one call, with the operands staged so
+  that ``B``'s rows run along the output columns (``transpose_into`` copies a block
+  transposed when needed). The copies cost O(block·D), the product O(block²·D).
+* ``fast_exp`` — exp for float32 that LLVM can vectorise (Numba's ``math.exp`` is a
+  scalar libm call, which made the exponentials cost as much as the matrix
+  products); float64 keeps ``math.exp``.
+* ``feature_map_row`` / ``feature_map_grad_acc`` — φ and its chain rule, per token.
+* ``blocks_in_row`` / ``column_index`` — the critical key blocks of a query-block
+  row (a row of the map is contiguous: scanning it is cheap), and the reverse
+  index: for every key block, the query blocks that mark it critical (a column is
+  strided, so it is gathered once into CSR form for the backward).
+* ``linear_states`` (``key_block_states`` + ``block_totals``) — the linear
+  branch's per-key-block summaries ``h_j = φ(K_j)ᵀ V_j`` (D × D) and
+  ``z_j = Σ_rows φ(K_j)`` (D) with their float64 totals, computed once per call
+  in parallel; forward and backward both need them.
+* ``sum_marginal`` — the linear branch's sums over marginal blocks: H_i, Z_i
+  (forward, dQ: h_j, z_j along a row of the map) and dH_j, dZ_j (dK/dV: QO_i,
+  QD_i along a column), added up directly or as "total minus the non-marginal
+  blocks", whichever reads fewer blocks, in float64.
+
+Scalars: Numba promotes ``float32 op python-float`` to float64, so the kernels
+convert every constant to the array dtype first (``dt = q.dtype.type``,
+``one = dt(1)``) to keep fp32 arithmetic in fp32.
+"""
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+from .._arrays import np_empty
+
+#: fast-math flags for the attention kernels (never used by classification).
+#: Everything except nnan / ninf: NaN and Inf must propagate.
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+#: ``@njit`` options of every attention kernel. ``error_model="numpy"``: a float
+#: division by zero gives inf/NaN (as in NumPy) instead of raising, so a NaN input
+#: propagates instead of aborting a parallel loop, and divisions can be vectorised.
+KERNEL_OPTIONS = dict(fastmath=FASTMATH, error_model="numpy", cache=True)
+
+#: feature-map codes (same as sla_numba._params.FEATURE_MAPS)
+PHI_SOFTMAX, PHI_ELU, PHI_RELU = 0, 1, 2
+
+
+# --------------------------------------------------------------------------- small dense products
+@njit(**KERNEL_OPTIONS)
+def gemm_acc(a, b, c, m, n, kk):
+    """``c[:m, :n] += a[:m, :kk] @ b[:kk, :n]`` (all 2-D with contiguous rows).
+
+    Register tile: 4 rows of ``c`` × 4 steps of the reduction index p. Each element
+    of ``c`` is loaded and stored once per 4 FMAs, and each element of ``b`` feeds 4
+    rows: with the 16 scalars of ``a`` in registers the inner loop (over a
+    contiguous row, vectorised by LLVM) is bound by FMAs, not by memory.
+    """
+    i = 0
+    while i + 4 <= m:
+        c0 = c[i]
+        c1 = c[i + 1]
+        c2 = c[i + 2]
+        c3 = c[i + 3]
+        ar0 = a[i]
+        ar1 = a[i + 1]
+        ar2 = a[i + 2]
+        ar3 = a[i + 3]
+        p = 0
+        while p + 4 <= kk:
+            b0 = b[p]
+            b1 = b[p + 1]
+            b2 = b[p + 2]
+            b3 = b[p + 3]
+            a00, a01, a02, a03 = ar0[p], ar0[p + 1], ar0[p + 2], ar0[p + 3]
+            a10, a11, a12, a13 = ar1[p], ar1[p + 1], ar1[p + 2], ar1[p + 3]
+            a20, a21, a22, a23 = ar2[p], ar2[p + 1], ar2[p + 2], ar2[p + 3]
+            a30, a31, a32, a33 = ar3[p], ar3[p + 1], ar3[p + 2], ar3[p + 3]
+            for j in range(n):
+                x0 = b0[j]
+                x1 = b1[j]
+                x2 = b2[j]
+                x3 = b3[j]
+                c0[j] += a00 * x0 + a01 * x1 + a02 * x2 + a03 * x3
+                c1[j] += a10 * x0 + a11 * x1 + a12 * x2 + a13 * x3
+                c2[j] += a20 * x0 + a21 * x1 + a22 * x2 + a23 * x3
+                c3[j] += a30 * x0 + a31 * x1 + a32 * x2 + a33 * x3
+            p += 4
+        while p < kk:                    # leftover reduction steps
+            bp = b[p]
+            a00, a10, a20, a30 = ar0[p], ar1[p], ar2[p], ar3[p]
+            for j in range(n):
+                x = bp[j]
+                c0[j] += a00 * x
+                c1[j] += a10 * x
+                c2[j] += a20 * x
+                c3[j] += a30 * x
+            p += 1
+        i += 4
+    while i < m:                         # leftover rows
+        c0 = c[i]
+        for p in range(kk):
+            a00 = a[i, p]
+            bp = b[p]
+            for j in range(n):
+                c0[j] += a00 * bp[j]
+        i += 1
+
+
+@njit(**KERNEL_OPTIONS)
+def transpose_into(src, dst, rows, cols):
+    """``dst[:cols, :rows] = src[:rows, :cols].T``."""
+    for r in range(rows):
+        sr = src[r]
+        for d in range(cols):
+            dst[d, r] = sr[d]
+
+
+@njit(**KERNEL_OPTIONS)
+def fill2d(x, rows, cols, value):
+    """``x[:rows, :cols] = value``."""
+    for r in range(rows):
+        xr = x[r]
+        for d in range(cols):
+            xr[d] = value
+
+
+# --------------------------------------------------------------------------- vectorisable exp
+@intrinsic
+def _pow2_f32(typingctx, n):
+    """2**n as float32 for an int32 n in [-126, 127]: write n + 127 into the exponent bits."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        biased = builder.add(args[0], ir.Constant(ir.IntType(32), 127))
+        bits = builder.shl(biased, ir.Constant(ir.IntType(32), 23))
+        return builder.bitcast(bits, ir.FloatType())
+    return sig, codegen
+
+
+# No re-association here: it would merge the two-part ln 2 subtraction below.
+@njit(fastmath={"nsz", "arcp", "contract", "afn"}, error_model="numpy", cache=True)
+def exp_f32(x):
+    """exp(x) in float32, max relative error about 1e-7 (Cephes ``expf``).
+
+    x = n·ln2 + f with |f| <= ln2/2 (ln 2 split in two parts, Cody–Waite, so f is
+    exact); e^f by a degree-7 polynomial; 2^n from the exponent bits. Results below
+    the normal range (x < −87.3) flush to 0; NaN gives NaN, +inf gives +inf.
+    """
+    f32 = np.float32
+    n = np.floor(x * f32(1.44269504088896341) + f32(0.5))
+    n = n if n > f32(-126.0) else f32(-126.0)      # NaN lands here too (a safe int)
+    n = n if n < f32(127.0) else f32(127.0)
+    f = x - n * f32(0.693359375)
+    f = f + n * f32(2.12194440e-4)
+    p = f32(1.9875691500e-4)
+    p = p * f + f32(1.3981999507e-3)
+    p = p * f + f32(8.3334519073e-3)
+    p = p * f + f32(4.1665795894e-2)
+    p = p * f + f32(1.6666665459e-1)
+    p = p * f + f32(5.0000001201e-1)
+    p = p * (f * f) + f + f32(1.0)
+    r = p * _pow2_f32(np.int32(n))
+    return f32(0.0) if x < f32(-87.33654) else r
+
+
+def fast_exp(x):
+    """exp(x): ``exp_f32`` for float32 scalars, ``math.exp`` otherwise (inside njit code)."""
+    return math.exp(x)
+
+
+@overload(fast_exp)
+def _fast_exp_overload(x):
+    if x == types.float32:
+        return lambda x: exp_f32(x)
+    return lambda x: math.exp(x)
+
+
+# --------------------------------------------------------------------------- feature maps φ
+@njit(**KERNEL_OPTIONS)
+def feature_map_row(x, y, phi):
+    """``y = φ(x)`` for one token x (D,): softmax over D, elu(x)+1, or relu."""
+    dt = y.dtype.type
+    zero = dt(0)
+    one = dt(1)
+    n = x.shape[0]
+    if phi == PHI_SOFTMAX:
+        mx = x[0]
+        for d in range(1, n):
+            if x[d] > mx:
+                mx = x[d]
+        tot = zero
+        for d in range(n):
+            e = fast_exp(x[d] - mx)
+            y[d] = e
+            tot += e
+        inv = one / tot
+        for d in range(n):
+            y[d] *= inv
+    elif phi == PHI_ELU:
+        for d in range(n):
+            xd = x[d]
+            y[d] = xd + one if xd > zero else fast_exp(xd)
+    else:
+        for d in range(n):
+            xd = x[d]
+            y[d] = zero if xd <= zero else xd      # NaN stays NaN
+    return y
+
+
+@njit(**KERNEL_OPTIONS)
+def feature_map_grad_acc(x, y, dy, dx, phi):
+    """``dx += (∂φ/∂x)ᵀ dy`` for one token, with ``y = φ(x)`` already computed.
+
+    softmax: ``y ⊙ (dy − ⟨dy, y⟩)``; elu+1: ``dy · (1 if x > 0 else exp(x) = y)``;
+    relu: ``dy · [x > 0]``.
+    """
+    zero = y.dtype.type(0)
+    n = x.shape[0]
+    if phi == PHI_SOFTMAX:
+        inner = zero
+        for d in range(n):
+            inner += dy[d] * y[d]
+        for d in range(n):
+            dx[d] += y[d] * (dy[d] - inner)
+    elif phi == PHI_ELU:
+        for d in range(n):
+            dx[d] += dy[d] if x[d] > zero else dy[d] * y[d]
+    else:
+        for d in range(n):
+            if x[d] > zero:
+                dx[d] += dy[d]
+
+
+# --------------------------------------------------------------------------- block lists
+@njit(cache=True)
+def blocks_in_row(block_map, b, h, i, value, out):
+    """Write the key blocks j with ``block_map[b, h, i, j] == value`` (ascending) to
+    ``out``; return how many."""
+    row = block_map[b, h, i]
+    n = 0
+    for j in range(row.shape[0]):
+        if row[j] == value:
+            out[n] = j
+            n += 1
+    return n
+
+
+@njit(cache=True)
+def column_index(block_map, value):
+    """Reverse index of the map: for every key block, the query blocks of one class.
+
+    Returns CSR arrays ``(ptr, idx)``: for column ``t = (b·H + h)·Mk + j`` the query
+    blocks i with ``block_map[b, h, i, j] == value`` are ``idx[ptr[t]:ptr[t+1]]``,
+    ascending. One serial pass over the map (O(B·H·Mq·Mk), tiny).
+    """
+    B, H, Mq, Mk = block_map.shape
+    ptr = np.zeros(B * H * Mk + 1, np.int64)
+    for b in range(B):
+        for h in range(H):
+            base = (b * H + h) * Mk
+            for i in range(Mq):
+                for j in range(Mk):
+                    if block_map[b, h, i, j] == value:
+                        ptr[base + j + 1] += 1
+    for t in range(B * H * Mk):
+        ptr[t + 1] += ptr[t]
+    idx = np.empty(ptr[B * H * Mk], np.int32)
+    fill = ptr[:-1].copy()
+    for b in range(B):
+        for h in range(H):
+            base = (b * H + h) * Mk
+            for i in range(Mq):                      # ascending i within each column
+                for j in range(Mk):
+                    if block_map[b, h, i, j] == value:
+                        idx[fill[base + j]] = i
+                        fill[base + j] += 1
+    return ptr, idx
+
+
+# --------------------------------------------------------------------------- linear-branch states
+@njit(parallel=True, **KERNEL_OPTIONS)
+def key_block_states(k, v, block_k, phi, kv_h, kv_z):
+    """Per key block j: ``kv_h[b, h, j] = φ(K_j)ᵀ V_j`` (D, D), ``kv_z[b, h, j] = Σ φ(K_j)`` (D).
+
+    k, v: (B, H, Nk, D); kv_h: (B, H, Mk, D, D); kv_z: (B, H, Mk, D). Only the
+    valid rows of a tail block count. Parallel over (b, h, j).
+    """
+    B, H, Nk, D = k.shape
+    Mk = kv_h.shape[2]
+    zero = k.dtype.type(0)
+    for t in prange(B * H * Mk):
+        b = t // (H * Mk)
+        h = (t // Mk) % H
+        j = t % Mk
+        c0 = j * block_k
+        nk = min(block_k, Nk - c0)
+        y = np.empty(D, k.dtype)                     # φ(k_c)
+        yt = np.empty((D, nk), k.dtype)              # φ(K_j)ᵀ
+        zj = kv_z[b, h, j]
+        for d in range(D):
+            zj[d] = zero
+        for c in range(nk):
+            feature_map_row(k[b, h, c0 + c], y, phi)
+            for d in range(D):
+                yt[d, c] = y[d]
+                zj[d] += y[d]
+        hj = kv_h[b, h, j]
+        fill2d(hj, D, D, zero)
+        gemm_acc(yt, v[b, h, c0:c0 + nk], hj, D, D, nk)
+
+
+@njit(parallel=True, **KERNEL_OPTIONS)
+def block_totals(mats, vecs, tot_m, tot_v, finite):
+    """Per (b, h): sums over all blocks, in float64, blocks in ascending order.
+
+    mats: (B, H, M, D, D), vecs: (B, H, M, D) -> tot_m: (B, H, D, D) and tot_v: (B, H, D)
+    float64; finite: (B, H) bool, True when every total is finite — which holds
+    exactly when every block is finite (a float64 sum of float32/float64 blocks
+    cannot overflow unless a block is already inf or NaN).
+    """
+    B, H, M, D = vecs.shape
+    for t in prange(B * H):
+        b = t // H
+        h = t % H
+        tm = tot_m[b, h]
+        tv = tot_v[b, h]
+        fill2d(tm, D, D, 0.0)
+        for d in range(D):
+            tv[d] = 0.0
+        for j in range(M):
+            mj = mats[b, h, j]
+            vj = vecs[b, h, j]
+            for d in range(D):
+                tmd = tm[d]
+                mjd = mj[d]
+                for e in range(D):
+                    tmd[e] += mjd[e]
+                tv[d] += vj[d]
+        ok = True
+        for d in range(D):
+            ok = ok and math.isfinite(tv[d])
+            for e in range(D):
+                ok = ok and math.isfinite(tm[d, e])
+        finite[b, h] = ok
+
+
+@njit(**KERNEL_OPTIONS)
+def sum_marginal(mats, vecs, tot_m, tot_v, use_totals, classes, out_m, out_v):
+    """Sum of the blocks whose class is 0 (marginal): ``out_m = Σ_{classes[j]=0} mats[j]``,
+    ``out_v`` likewise; returns how many blocks are marginal.
+
+    mats: (M, D, D), vecs: (M, D); classes: (M,) int8, a row of the block map (for
+    H_i, Z_i: sum of h_j, z_j over the marginal key blocks of query block i) or a
+    column (for dH_j, dZ_j: sum of QO_i, QD_i over the query blocks that mark key
+    block j marginal); tot_m (D, D), tot_v (D): float64 sums over all blocks.
+
+    Two ways, same value: add the marginal blocks, or subtract the others from the
+    total. With the default topk/skip most blocks are marginal, so subtracting
+    reads ~6x fewer blocks. Both accumulate in float64 (the total too), so the
+    subtraction loses nothing to cancellation even for float32 input; it is only
+    used when the totals are finite (``use_totals``), so an inf/NaN block can only
+    reach the rows where it is marginal — as in the dense reference.
+    """
+    M = classes.shape[0]
+    D = out_v.shape[0]
+    n_marg = 0
+    for j in range(M):
+        if classes[j] == 0:
+            n_marg += 1
+    acc_m = np.empty((D, D), np.float64)
+    acc_v = np.empty(D, np.float64)
+    subtract = use_totals and 2 * n_marg > M
+    if subtract:
+        for d in range(D):
+            acc_v[d] = tot_v[d]
+            for e in range(D):
+                acc_m[d, e] = tot_m[d, e]
+    else:
+        fill2d(acc_m, D, D, 0.0)
+        for d in range(D):
+            acc_v[d] = 0.0
+    for j in range(M):
+        if subtract and classes[j] != 0:      # total − critical − negligible
+            mj = mats[j]
+            for d in range(D):
+                ad = acc_m[d]
+                mjd = mj[d]
+                for e in range(D):
+                    ad[e] -= mjd[e]
+                acc_v[d] -= vecs[j, d]
+        elif not subtract and classes[j] == 0:    # Σ marginal
+            mj = mats[j]
+            for d in range(D):
+                ad = acc_m[d]
+                mjd = mj[d]
+                for e in range(D):
+                    ad[e] += mjd[e]
+                acc_v[d] += vecs[j, d]
+    for d in range(D):
+        out_v[d] = acc_v[d]
+        for e in range(D):
+            out_m[d, e] = acc_m[d, e]
+    return n_marg
+
+
+def linear_states(k, v, block_k, phi):
+    """The linear branch's per-key-block states, for forward and backward alike.
+
+    Returns ``(kv_h, kv_z, tot_h, tot_z, finite)``: kv_h (B, H, Mk, D, D) and kv_z
+    (B, H, Mk, D) in the input dtype (``key_block_states``), their float64 totals
+    over all key blocks tot_h (B, H, D, D), tot_z (B, H, D), and finite (B, H)
+    (``block_totals``). Workspace: O(B·H·Mk·D²), about D/block_k times the size of k.
+    """
+    B, H, Nk, D = k.shape
+    Mk = -(-Nk // block_k)
+    kv_h = np_empty((B, H, Mk, D, D), k.dtype)
+    kv_z = np_empty((B, H, Mk, D), k.dtype)
+    key_block_states(k, v, block_k, phi, kv_h, kv_z)
+    tot_h = np.empty((B, H, D, D), np.float64)
+    tot_z = np.empty((B, H, D), np.float64)
+    finite = np.empty((B, H), np.bool_)
+    block_totals(kv_h, kv_z, tot_h, tot_z, finite)
+    return kv_h, kv_z, tot_h, tot_z, finite

@@ -1,0 +1,330 @@
+"""SLA backward on the CPU (SLA_SPEC §3): dQ per query block, dK/dV per key block.
+
+Inputs: ``q`` (B, H, Nq, D), ``k``/``v`` (B, H, Nk, D), the forward's ``o_s``,
+``o_l`` (B, H, Nq, D) and ``lse`` (B, H, Nq), the output gradients ``do_s`` (= dO)
+and ``do_l`` (= dO·W), and the block map (B, H, Mq, Mk). Outputs ``dq``, ``dk``,
+``dv`` shaped like q, k, v. No atomics: every output block is owned by one
+``prange`` iteration, which makes the result deterministic.
+
+Step by step
+------------
+0. Preparation (small, parallel):
+   * ``h_j = φ(K_j)ᵀ V_j``, ``z_j = Σ φ(K_j)`` per key block and their totals
+     (``_common.linear_states``, as in the forward);
+   * reverse index (``_common.column_index``, CSR): for every key block, the query
+     blocks that mark it critical.
+1. dQ kernel, one iteration per (b, h, query block i), after
+   ``δs_r = O_s[r]·dO_s[r]`` and ``δl_r = O_l[r]·dO_l[r]`` for its rows (δs is kept
+   for step 2):
+   sparse, over the critical key blocks c of row i (recomputing P from lse):
+     S = (scale·Q_i) K_cᵀ,  P = exp(S − lse),  dP = dO_s V_cᵀ,
+     dS = P ⊙ (dP − δs),    dQ_i += scale · dS K_c
+   linear, with H_i, Z_i the sums over the marginal blocks of row i and
+   ``den_r = φ(q_r)·Z_i + eps``, ``ĉ_r = φ(q_r) / den_r``:
+     dφ(q_r) = (dO_l[r] H_iᵀ − δl_r Z_i) / den_r, chained through φ into dQ_i;
+     QO_i = Σ_r ĉ_rᵀ dO_l[r]  (D, D),  QD_i = Σ_r ĉ_r δl_r  (D)   — saved for step 2.
+2. dK/dV kernel, one iteration per (b, h, key block j):
+   sparse, over the query blocks i that mark j critical (reverse index):
+     P = exp((scale·Q_i) K_jᵀ − lse_i),  dV_j += Pᵀ dO_s,i,
+     dS = P ⊙ (dO_s,i V_jᵀ − δs),        dK_j += scale · dSᵀ Q_i
+   linear, over the query blocks that mark j marginal (column j of the map):
+     dH_j = Σ_i QO_i,  dZ_j = Σ_i QD_i    (``_common.sum_marginal``, like H_i),
+     dφ(k_c) = v_c dH_jᵀ − dZ_j  (chained through φ into dK_j),  dV[c] += φ(k_c) dH_j.
+
+The sparse part recomputes S and P in both kernels (as FlashAttention-2 does
+without atomics): about twice the forward's matrix products, on few blocks. As in
+the forward, score tiles are kept transposed (keys along rows, queries along the
+contiguous axis), so every product is one ``gemm_acc`` and every element-wise
+step runs along a contiguous row.
+
+Precision note: for a row whose softmax has a single key, dS = P(dP − δs) is
+exactly 0, but dP and δs are float32 sums taken in different orders, so the
+computed dS is rounding noise (≈1e-7 relative) — the same effect, and the same
+size, as in PyTorch's own flash-attention backward.
+"""
+import numpy as np
+from numba import njit, prange
+
+from .._arrays import np_empty
+from ._common import (KERNEL_OPTIONS, block_totals, blocks_in_row, column_index, fast_exp,
+                      feature_map_grad_acc, feature_map_row, fill2d, gemm_acc, linear_states,
+                      sum_marginal, transpose_into)
+
+
+@njit(**KERNEL_OPTIONS)
+def _row_dots(x, y, r0, nr, out):
+    """``out[r] = x[r] · y[r]`` for rows r0..r0+nr of x, y (N, D); out (N,)."""
+    D = x.shape[1]
+    zero = x.dtype.type(0)
+    for r in range(r0, r0 + nr):
+        xr = x[r]
+        yr = y[r]
+        acc = zero
+        for d in range(D):
+            acc += xr[d] * yr[d]
+        out[r] = acc
+
+
+@njit(**KERNEL_OPTIONS)
+def _rows_transposed(x, r0, nr, factor, out):
+    """``out[:, :nr] = factor · x[r0:r0+nr].T`` for x (N, D), out (D, ≥nr)."""
+    D = x.shape[1]
+    for r in range(nr):
+        xr = x[r0 + r]
+        for d in range(D):
+            out[d, r] = xr[d] * factor
+
+
+# --------------------------------------------------------------------------- dQ
+@njit(**KERNEL_OPTIONS)
+def _sparse_dq_block(qh, kh, vh, do_s, lse, delta_s, r0, nr, crit, n_crit, block_k,
+                     scale, dqb):
+    """``dqb += scale · Σ_c dS_c K_c`` over the critical key blocks of one query block.
+
+    Tiles are transposed (keys along rows, queries contiguous), as in the forward:
+    Sᵀ = K_c (scale·Q_i)ᵀ, dPᵀ = V_c dO_iᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ − δs), dQ_iᵀ += K_cᵀ dSᵀ.
+    """
+    Nk, D = kh.shape
+    dt = qh.dtype.type
+    zero = dt(0)
+    if n_crit == 0:
+        return
+    qst = np.empty((D, nr), qh.dtype)            # (scale·Q_i)ᵀ
+    _rows_transposed(qh, r0, nr, scale, qst)
+    dot = np.empty((D, nr), qh.dtype)            # dO_iᵀ
+    _rows_transposed(do_s, r0, nr, dt(1), dot)
+    kt = np.empty((D, block_k), qh.dtype)        # K_cᵀ
+    st = np.empty((block_k, nr), qh.dtype)       # Sᵀ
+    dst = np.empty((block_k, nr), qh.dtype)      # dPᵀ, then dSᵀ
+    acc = np.zeros((D, nr), qh.dtype)            # Σ K_cᵀ dSᵀ, scaled at the end
+    lr = lse[r0:r0 + nr]
+    dr = delta_s[r0:r0 + nr]
+    for n in range(n_crit):
+        c0 = crit[n] * block_k
+        nk = min(block_k, Nk - c0)
+        fill2d(st, nk, nr, zero)
+        gemm_acc(kh[c0:c0 + nk], qst, st, nk, nr, D)      # Sᵀ
+        fill2d(dst, nk, nr, zero)
+        gemm_acc(vh[c0:c0 + nk], dot, dst, nk, nr, D)     # dPᵀ = V dOᵀ
+        for c in range(nk):
+            sc = st[c]
+            dc = dst[c]
+            for r in range(nr):
+                p = fast_exp(sc[r] - lr[r])
+                dc[r] = p * (dc[r] - dr[r])               # dSᵀ
+        transpose_into(kh[c0:c0 + nk], kt, nk, D)
+        gemm_acc(kt, dst, acc, D, nr, nk)                 # dQᵀ += K_cᵀ dSᵀ
+    for r in range(nr):
+        dq_r = dqb[r]
+        for d in range(D):
+            dq_r[d] += scale * acc[d, r]
+
+
+@njit(**KERNEL_OPTIONS)
+def _linear_dq_block(qh, kv, classes, do_l, delta_l, r0, nr, phi, eps, dqb, qo, qd):
+    """Linear-branch part of dQ for one query block; also writes QO_i (D, D) and QD_i (D).
+
+    kv: this (b, h)'s linear states (``_common.linear_states``); classes: (Mk,) int8,
+    row i of the block map.
+    """
+    kv_h, kv_z, tot_h, tot_z, finite = kv
+    D = qh.shape[1]
+    dt = qh.dtype.type
+    zero = dt(0)
+    one = dt(1)
+    fill2d(qo, D, D, zero)
+    for d in range(D):
+        qd[d] = zero
+    hs = np.empty((D, D), qh.dtype)              # H_i
+    zs = np.empty(D, qh.dtype)                   # Z_i
+    if sum_marginal(kv_h, kv_z, tot_h, tot_z, finite, classes, hs, zs) == 0:
+        return                                   # no marginal block: no linear term
+    hst = np.empty((D, D), qh.dtype)
+    transpose_into(hs, hst, D, D)
+    dob = do_l[r0:r0 + nr]
+    g = np.zeros((nr, D), qh.dtype)
+    gemm_acc(dob, hst, g, nr, D, D)              # g[r] = dO_l[r] H_iᵀ
+    fq = np.empty(D, qh.dtype)                   # φ(q_r)
+    chat_t = np.empty((D, nr), qh.dtype)         # ĉ_r = φ(q_r) / den_r, stored transposed
+    for r in range(nr):
+        x = qh[r0 + r]
+        feature_map_row(x, fq, phi)
+        den = zero
+        for d in range(D):
+            den += fq[d] * zs[d]
+        inv = one / (den + eps)
+        dl = delta_l[r0 + r]
+        gr = g[r]
+        for d in range(D):
+            gr[d] = (gr[d] - dl * zs[d]) * inv   # dφ(q_r)
+            c = fq[d] * inv
+            chat_t[d, r] = c
+            qd[d] += c * dl
+        feature_map_grad_acc(x, fq, gr, dqb[r], phi)
+    gemm_acc(chat_t, dob, qo, D, D, nr)          # QO_i = Σ_r ĉ_rᵀ dO_l[r]
+
+
+@njit(parallel=True, **KERNEL_OPTIONS)
+def _dq_kernel(q, k, v, o_s, o_l, lse, do_s, do_l, delta_s, delta_l, block_map,
+               block_q, block_k, scale, phi, eps, kv_h, kv_z, tot_h, tot_z, finite,
+               dq, qo, qd):
+    B, H, Nq, D = q.shape
+    Mq, Mk = block_map.shape[2], block_map.shape[3]
+    dt = q.dtype.type
+    sc = dt(scale)
+    ep = dt(eps)
+    zero = dt(0)
+    for t in prange(B * H * Mq):
+        b = t // (H * Mq)
+        h = (t // Mq) % H
+        i = t % Mq
+        r0 = i * block_q
+        nr = min(block_q, Nq - r0)
+        _row_dots(o_s[b, h], do_s[b, h], r0, nr, delta_s[b, h])    # δs, also for dK/dV
+        _row_dots(o_l[b, h], do_l[b, h], r0, nr, delta_l[b, h])    # δl
+        dqb = dq[b, h, r0:r0 + nr]
+        fill2d(dqb, nr, D, zero)
+        blocks = np.empty(Mk, np.int64)
+        n_crit = blocks_in_row(block_map, b, h, i, 1, blocks)
+        _sparse_dq_block(q[b, h], k[b, h], v[b, h], do_s[b, h], lse[b, h], delta_s[b, h],
+                         r0, nr, blocks, n_crit, block_k, sc, dqb)
+        kv = (kv_h[b, h], kv_z[b, h], tot_h[b, h], tot_z[b, h], finite[b, h])
+        _linear_dq_block(q[b, h], kv, block_map[b, h, i], do_l[b, h], delta_l[b, h],
+                         r0, nr, phi, ep, dqb, qo[b, h, i], qd[b, h, i])
+
+
+# --------------------------------------------------------------------------- dK, dV
+@njit(**KERNEL_OPTIONS)
+def _sparse_dkdv_block(qh, kh, vh, do_s, lse, delta_s, c0, nk, rows, block_q, scale,
+                       dkb, dvb):
+    """Sparse-branch dK_j, dV_j over the query blocks ``rows`` that mark key block j critical.
+
+    Works on transposed tiles (keys along rows), so that every product is a plain
+    ``gemm_acc``: Sᵀ = K_j (scale·Q_i)ᵀ, dPᵀ = V_j dO_iᵀ, dV_j += Pᵀ dO_i, dK_j += dSᵀ Q_i.
+    """
+    Nq, D = qh.shape
+    dt = qh.dtype.type
+    zero = dt(0)
+    one = dt(1)
+    if rows.shape[0] == 0:
+        return
+    kb = kh[c0:c0 + nk]
+    vb = vh[c0:c0 + nk]
+    qst = np.empty((D, block_q), qh.dtype)       # (scale·Q_i)ᵀ
+    dot = np.empty((D, block_q), qh.dtype)       # dO_iᵀ
+    st = np.empty((nk, block_q), qh.dtype)       # Sᵀ, then Pᵀ
+    dpt = np.empty((nk, block_q), qh.dtype)      # dPᵀ, then dSᵀ
+    acc = np.zeros((nk, D), qh.dtype)            # Σ dSᵀ Q, scaled at the end
+    for n in range(rows.shape[0]):
+        r0 = rows[n] * block_q
+        nr = min(block_q, Nq - r0)
+        qb = qh[r0:r0 + nr]
+        dob = do_s[r0:r0 + nr]
+        _rows_transposed(qh, r0, nr, scale, qst)
+        _rows_transposed(do_s, r0, nr, one, dot)
+        fill2d(st, nk, nr, zero)
+        gemm_acc(kb, qst, st, nk, nr, D)         # Sᵀ
+        fill2d(dpt, nk, nr, zero)
+        gemm_acc(vb, dot, dpt, nk, nr, D)        # dPᵀ = V dOᵀ
+        lr = lse[r0:r0 + nr]
+        dr = delta_s[r0:r0 + nr]
+        for c in range(nk):
+            sc = st[c]
+            dpc = dpt[c]
+            for r in range(nr):
+                p = fast_exp(sc[r] - lr[r])
+                sc[r] = p
+                dpc[r] = p * (dpc[r] - dr[r])    # dSᵀ
+        gemm_acc(st, dob, dvb, nk, D, nr)        # dV += Pᵀ dO
+        gemm_acc(dpt, qb, acc, nk, D, nr)        # Σ dSᵀ Q
+    for c in range(nk):
+        for d in range(D):
+            dkb[c, d] += scale * acc[c, d]
+
+
+@njit(**KERNEL_OPTIONS)
+def _linear_dkdv_block(kh, vh, qstates, classes, c0, nk, phi, dkb, dvb):
+    """Linear-branch dK_j, dV_j from the query blocks that mark key block j marginal.
+
+    qstates: ``(qo, qd, tot_qo, tot_qd, finite)`` of this (b, h) — QO_i, QD_i per
+    query block and their float64 totals; classes: (Mq,) int8, column j of the map.
+    """
+    qo, qd, tot_qo, tot_qd, finite = qstates
+    D = kh.shape[1]
+    dh = np.empty((D, D), kh.dtype)              # dH_j
+    dz = np.empty(D, kh.dtype)                   # dZ_j
+    if sum_marginal(qo, qd, tot_qo, tot_qd, finite, classes, dh, dz) == 0:
+        return
+    dht = np.empty((D, D), kh.dtype)
+    transpose_into(dh, dht, D, D)
+    y = np.empty((nk, D), kh.dtype)              # φ(K_j)
+    for c in range(nk):
+        feature_map_row(kh[c0 + c], y[c], phi)
+    gemm_acc(y, dh, dvb, nk, D, D)               # dV[c] += φ(k_c) dH_j
+    g = np.zeros((nk, D), kh.dtype)
+    gemm_acc(vh[c0:c0 + nk], dht, g, nk, D, D)   # g[c] = v_c dH_jᵀ
+    for c in range(nk):
+        gc = g[c]
+        for d in range(D):
+            gc[d] -= dz[d]                       # dφ(k_c)
+        feature_map_grad_acc(kh[c0 + c], y[c], gc, dkb[c], phi)
+
+
+@njit(parallel=True, **KERNEL_OPTIONS)
+def _dkdv_kernel(q, k, v, lse, do_s, delta_s, block_map, block_q, block_k, scale, phi,
+                 crit_ptr, crit_idx, qo, qd, tot_qo, tot_qd, finite, dk, dv):
+    B, H, Nk, D = k.shape
+    Mk = -(-Nk // block_k)
+    dt = q.dtype.type
+    sc = dt(scale)
+    zero = dt(0)
+    for t in prange(B * H * Mk):
+        b = t // (H * Mk)
+        h = (t // Mk) % H
+        j = t % Mk
+        c0 = j * block_k
+        nk = min(block_k, Nk - c0)
+        dkb = dk[b, h, c0:c0 + nk]
+        dvb = dv[b, h, c0:c0 + nk]
+        fill2d(dkb, nk, D, zero)
+        fill2d(dvb, nk, D, zero)
+        _sparse_dkdv_block(q[b, h], k[b, h], v[b, h], do_s[b, h], lse[b, h], delta_s[b, h],
+                           c0, nk, crit_idx[crit_ptr[t]:crit_ptr[t + 1]], block_q, sc,
+                           dkb, dvb)
+        qstates = (qo[b, h], qd[b, h], tot_qo[b, h], tot_qd[b, h], finite[b, h])
+        _linear_dkdv_block(k[b, h], v[b, h], qstates, block_map[b, h, :, j], c0, nk, phi,
+                           dkb, dvb)
+
+
+def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map, block_q, block_k, scale,
+             feature_map, eps):
+    """SLA backward: ``(dq, dk, dv)`` shaped like q (B, H, Nq, D), k and v (B, H, Nk, D)."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    Mq, Mk = block_map.shape[2], block_map.shape[3]
+    dtype = q.dtype
+    scale, phi, eps = float(scale), int(feature_map), float(eps)
+
+    # 0. preparation
+    delta_s = np_empty((B, H, Nq), dtype)
+    delta_l = np_empty((B, H, Nq), dtype)
+    kv = linear_states(k, v, block_k, phi)
+    crit_ptr, crit_idx = column_index(block_map, 1)
+
+    # 1. dQ (and the per-query-block linear terms QO_i, QD_i)
+    dq = np_empty((B, H, Nq, D), dtype)
+    qo = np_empty((B, H, Mq, D, D), dtype)
+    qd = np_empty((B, H, Mq, D), dtype)
+    _dq_kernel(q, k, v, o_s, o_l, lse, do_s, do_l, delta_s, delta_l, block_map,
+               block_q, block_k, scale, phi, eps, *kv, dq, qo, qd)
+
+    # 2. dK, dV
+    tot_qo = np.empty((B, H, D, D), np.float64)
+    tot_qd = np.empty((B, H, D), np.float64)
+    q_finite = np.empty((B, H), np.bool_)
+    block_totals(qo, qd, tot_qo, tot_qd, q_finite)
+    dk = np_empty((B, H, Nk, D), dtype)
+    dv = np_empty((B, H, Nk, D), dtype)
+    _dkdv_kernel(q, k, v, lse, do_s, delta_s, block_map, block_q, block_k, scale, phi,
+                 crit_ptr, crit_idx, qo, qd, tot_qo, tot_qd, q_finite, dk, dv)
+    return dq, dk, dv

@@ -1,0 +1,27 @@
+"""The GPU backend: SLA kernels written with Numba CUDA (``@cuda.jit``).
+
+Three functions, the backend contract of docs/internals.md:
+
+* :func:`classify` (``classify.py``) — pooled block scores → int8 block map,
+  bit-identical to the CPU backend's (2 launches);
+* :func:`forward` (``forward.py``) — linear states per key block, then one fused
+  kernel per (b, h, query block): sparse FlashAttention over the critical blocks
+  and the linear branch over the marginal ones (3 launches);
+* :func:`backward` (``backward.py``) — dQ per query block over its critical list,
+  dK/dV per key block over a reverse index built on the GPU; deterministic, no
+  atomics (5 launches).
+
+Inputs: torch CUDA tensors, CuPy arrays, numba device arrays or numpy arrays
+(copied to the device and back: this is how CI runs the kernels under the CUDA
+simulator). Outputs are the same kind as ``q`` (see ``_arrays.py``), in float32
+(float64 for float64 input). Kernels compile lazily on first use, so importing
+this package needs no GPU. Shared pieces: ``_tiles.py`` (tile configs, the
+register-tile micro-kernel, loaders, feature maps), ``_prep.py`` (block lists and
+linear states), ``_compat.py`` (numpy 2.5 / simulator / bf16 shims).
+"""
+from . import _compat  # noqa: F401  (restores np.row_stack before numba.cuda compiles)
+from .backward import backward
+from .classify import classify
+from .forward import forward
+
+__all__ = ["classify", "forward", "backward"]

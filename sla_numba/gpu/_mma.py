@@ -1,0 +1,453 @@
+"""Tensor-core building blocks for Numba CUDA kernels: inline PTX, with simulator twins.
+
+numba-cuda has no WMMA / ``mma`` API, but a Numba ``@intrinsic`` can emit inline
+PTX through llvmlite's ``ir.InlineAsm``. Every instruction the tensor-core kernels
+need is wrapped here, and each has a pure-Python *twin* with the same signature
+and the same per-lane semantics, used when ``NUMBA_ENABLE_CUDASIM=1`` (the
+simulator cannot run an intrinsic). Kernels import the public names below and
+never know which of the two they got.
+
+Registers and fragments (one warp = 32 lanes; ``g = lane >> 2``, ``t = lane & 3``)
+--------------------------------------------------------------------------------
+fp16 / bf16 values travel in pairs: one int32 register holds two 16-bit values,
+the first (lower column / lower k) in the low half. Global and shared arrays are
+handled as raw ``int16`` bits, so one compiled kernel serves fp16 and bf16 alike
+except for the two instructions that interpret the bits (``mma`` and the pack).
+
+``mma(a0..a3, b0, b1, c0..c3) -> (d0, d1, d2, d3)``: ``D = A·B + C`` with
+A 16×16 (row-major), B 16×8 (k × n), C/D 16×8 fp32 (PTX ``mma.sync.aligned.
+m16n8k16.row.col.f32.{bf16,f16}``). Per lane::
+
+    a0 = A[g,   2t:2t+2]    a1 = A[g+8, 2t:2t+2]
+    a2 = A[g, 2t+8:2t+10]   a3 = A[g+8, 2t+8:2t+10]
+    b0 = B[2t:2t+2,   g]    b1 = B[2t+8:2t+10, g]        (a column pair of B)
+    c0, c1 = C[g, 2t:2t+2]  c2, c3 = C[g+8, 2t:2t+2]      (D likewise)
+
+The C layout of two n8 tiles side by side is exactly the A layout of one k16
+step: ``pack(c0, c1)`` of tile 2j is a0, ``pack(c2, c3)`` is a1, and tile 2j+1
+gives a2, a3. That is how P = softmax(S) goes from the S accumulators straight
+into the P·V product without touching memory.
+
+``ldmatrix_x4(smem, off)``: lanes 8i..8i+7 each give the start (element offset
+``off`` into the flat int16 shared array ``smem``) of one row of 8 consecutive
+16-bit values of matrix i (i = 0..3). Lane L receives ``r_i = M_i[L>>2,
+2(L&3):2(L&3)+2]``. ``ldmatrix_x4_trans`` returns the transpose:
+``r_i = (M_i[2(L&3), L>>2], M_i[2(L&3)+1, L>>2])``. With row-major tiles in
+shared memory this yields, in one instruction, the A fragment of a 16×16 tile,
+the B fragments of two n8 tiles of ``Kᵀ`` (non-transposed load of K rows) or of
+``V`` (transposed load of V rows).
+
+``cp_async16(smem, soff, gmem, goff, nbytes)``: an asynchronous 16-byte copy
+(8 int16) global → shared that bypasses registers (``cp.async.cg``); ``nbytes``
+(0 or 16) bytes are read and the rest zero-filled, which is how tails load zeros.
+``cp_async_commit()`` closes a group, ``cp_async_wait_all()`` waits for all of
+this thread's groups, ``cp_async_wait_1()`` for all but the most recent one (a
+``syncthreads`` must follow before other threads read what landed).
+
+``pack_bf16x2(lo, hi)`` / ``pack_f16x2(lo, hi)``: round two fp32 to nearest and
+pack them (``cvt.rn.bf16x2.f32``). ``exp2(x)``: ``ex2.approx.ftz.f32``.
+``shfl_xor(x, m)``: fp32 butterfly shuffle over the full warp.
+
+Twins
+-----
+Under the simulator each CUDA thread is a Python thread. A twin of a warp-wide
+instruction publishes its lane's operands in a per-warp exchange, waits for the
+other 31 lanes (a ``threading.Barrier``), and computes its own result from all
+of them with numpy (e.g. the mma twin rebuilds A, B and C and does a float64
+matmul rounded to fp32). Every lane of the warp must call the same sequence of
+warp-wide operations (true for warp-uniform kernels, which is all we write).
+"""
+import math
+import threading
+
+import numpy as np
+from numba import config
+
+SIMULATED = bool(config.ENABLE_CUDASIM)
+
+__all__ = ["SIMULATED", "mma_bf16", "mma_f16", "ldmatrix_x4", "ldmatrix_x4_trans",
+           "cp_async16", "cp_async_commit", "cp_async_wait_all", "cp_async_wait_1", "pack_bf16x2",
+           "pack_f16x2", "exp2", "shfl_xor", "smem_addr", "ldsm_x4", "ldsm_x4_trans",
+           "cp_async16i", "fmax"]
+
+
+# ---------------------------------------------------------------------------
+# Host-side bit helpers (used by the twins and by tests)
+# ---------------------------------------------------------------------------
+
+def f32_to_bf16_bits(x):
+    """Round-to-nearest-even fp32 -> bf16, as uint16 bits (NaN stays NaN)."""
+    x = np.asarray(x, dtype=np.float32)
+    u = x.view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    return np.where(nan, np.uint16(0x7FC0), rounded)
+
+
+def bf16_bits_to_f32(bits):
+    """uint16/int16 bf16 bits -> fp32."""
+    b = np.asarray(bits).astype(np.uint16).astype(np.uint32) << 16
+    return b.view(np.float32)
+
+
+def _half_bits_to_f32(bits, bf16):
+    bits = np.asarray(bits).astype(np.uint16)
+    return bf16_bits_to_f32(bits) if bf16 else bits.view(np.float16).astype(np.float32)
+
+
+def _unpack_pair(reg, bf16):
+    """int32 register -> (low, high) as float32."""
+    u = np.uint32(np.int64(reg) & 0xFFFFFFFF)
+    lo, hi = np.uint16(u & 0xFFFF), np.uint16(u >> 16)
+    vals = _half_bits_to_f32(np.array([lo, hi]), bf16)
+    return float(vals[0]), float(vals[1])
+
+
+def _pack_bits(lo_bits, hi_bits):
+    u = (int(lo_bits) & 0xFFFF) | ((int(hi_bits) & 0xFFFF) << 16)
+    return int(np.uint32(u).view(np.int32))
+
+
+# ---------------------------------------------------------------------------
+# Simulator twins
+# ---------------------------------------------------------------------------
+
+_ex_lock = threading.Lock()
+
+
+class _WarpExchange:
+    """All 32 lanes of one simulated warp meet here to swap operands."""
+
+    def __init__(self):
+        self.barrier = threading.Barrier(32)
+        self.slots = [None] * 32
+
+    def swap(self, lane, value):
+        self.barrier.wait()          # previous swap fully read
+        self.slots[lane] = value
+        self.barrier.wait()          # every lane has written
+        return list(self.slots)
+
+
+def _exchange(value):
+    """Publish this lane's value; return the list of all 32 lanes' values."""
+    th = threading.current_thread()
+    tid = th.thread_id
+    lane, warp = tid % 32, tid // 32
+    mgr = th._manager
+    key = (tuple(th.blockIdx), warp)
+    with _ex_lock:
+        table = mgr.__dict__.setdefault("_sla_tc_exchange", {})
+        ex = table.get(key)
+        if ex is None:
+            ex = table[key] = _WarpExchange()
+    return ex.swap(lane, value), lane
+
+
+def _mma_twin(bf16, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+    lanes, lane = _exchange((a0, a1, a2, a3, b0, b1, c0, c1, c2, c3))
+    A = np.zeros((16, 16))
+    B = np.zeros((16, 8))
+    C = np.zeros((16, 8))
+    for L, (x0, x1, x2, x3, y0, y1, z0, z1, z2, z3) in enumerate(lanes):
+        g, t = L >> 2, L & 3
+        A[g, 2 * t:2 * t + 2] = _unpack_pair(x0, bf16)
+        A[g + 8, 2 * t:2 * t + 2] = _unpack_pair(x1, bf16)
+        A[g, 2 * t + 8:2 * t + 10] = _unpack_pair(x2, bf16)
+        A[g + 8, 2 * t + 8:2 * t + 10] = _unpack_pair(x3, bf16)
+        B[2 * t:2 * t + 2, g] = _unpack_pair(y0, bf16)
+        B[2 * t + 8:2 * t + 10, g] = _unpack_pair(y1, bf16)
+        C[g, 2 * t:2 * t + 2] = (z0, z1)
+        C[g + 8, 2 * t:2 * t + 2] = (z2, z3)
+    D = (A @ B + C).astype(np.float32)
+    g, t = lane >> 2, lane & 3
+    return (float(D[g, 2 * t]), float(D[g, 2 * t + 1]),
+            float(D[g + 8, 2 * t]), float(D[g + 8, 2 * t + 1]))
+
+
+def _mma_bf16_twin(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+    return _mma_twin(True, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
+
+
+def _mma_f16_twin(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+    return _mma_twin(False, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
+
+
+def _ldmatrix_twin(trans, smem, off):
+    offs, lane = _exchange(int(off))
+    g, t = lane >> 2, lane & 3
+    out = []
+    for i in range(4):
+        rows = offs[8 * i:8 * i + 8]
+        if trans:
+            lo, hi = smem[rows[2 * t] + g], smem[rows[2 * t + 1] + g]
+        else:
+            lo, hi = smem[rows[g] + 2 * t], smem[rows[g] + 2 * t + 1]
+        out.append(_pack_bits(lo, hi))
+    return out[0], out[1], out[2], out[3]
+
+
+def _ldmatrix_x4_twin(smem, off):
+    return _ldmatrix_twin(False, smem, off)
+
+
+def _ldmatrix_x4_trans_twin(smem, off):
+    return _ldmatrix_twin(True, smem, off)
+
+
+def _cp_async16_twin(smem, soff, gmem, goff, nbytes):
+    for i in range(8):
+        smem[soff + i] = gmem[goff + i] if 2 * i < nbytes else 0
+
+
+def _nop():
+    pass
+
+
+# Byte-address variants: ``smem_addr(smem)`` is the 32-bit shared-window byte address
+# of ``smem[0]`` (0 under the simulator); ``ldsm_x4(smem, addr, imm)`` loads at byte
+# address ``addr + imm`` (``imm`` a literal constant, folded into the instruction).
+def _smem_addr_twin(smem):
+    return 0
+
+
+def _ldsm_x4_twin(smem, addr, imm):
+    return _ldmatrix_twin(False, smem, (addr + imm) // 2)
+
+
+def _ldsm_x4_trans_twin(smem, addr, imm):
+    return _ldmatrix_twin(True, smem, (addr + imm) // 2)
+
+
+def _cp_async16i_twin(smem, saddr, simm, gmem, goff):
+    _cp_async16_twin(smem, (saddr + simm) // 2, gmem, goff, 16)
+
+
+def _fmax_twin(a, b):
+    return a if a > b else b
+
+
+def _pack_bf16x2_twin(lo, hi):
+    bits = f32_to_bf16_bits(np.array([lo, hi], dtype=np.float32))
+    return _pack_bits(bits[0], bits[1])
+
+
+def _pack_f16x2_twin(lo, hi):
+    bits = np.array([lo, hi], dtype=np.float32).astype(np.float16).view(np.uint16)
+    return _pack_bits(bits[0], bits[1])
+
+
+def _exp2_twin(x):
+    return float(np.float32(2.0) ** np.float32(x)) if x > -1e38 else 0.0
+
+
+def _shfl_xor_twin(x, mask):
+    vals, lane = _exchange(float(x))
+    return vals[lane ^ mask]
+
+
+# ---------------------------------------------------------------------------
+# Inline-PTX intrinsics (real GPU)
+# ---------------------------------------------------------------------------
+
+def _build_intrinsics():
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+    try:  # literal-typed arguments first (immediate offsets baked into the PTX text)
+        from numba.cuda.extending import _intrinsic
+        lit_intrinsic = _intrinsic(target="cuda", prefer_literal=True)
+    except ImportError:  # pragma: no cover - other numba-cuda versions
+        lit_intrinsic = intrinsic
+
+    i32, f32 = ir.IntType(32), ir.FloatType()
+
+    def _asm(builder, ret, argtys, text, constraints, args, side_effect=False):
+        fnty = ir.FunctionType(ret, argtys)
+        return builder.call(ir.InlineAsm(fnty, text, constraints, side_effect=side_effect), args)
+
+    def _data_ptr(context, builder, aryty, ary):
+        return context.make_array(aryty)(context, builder, ary).data
+
+    def _shared_addr32(context, builder, aryty, ary, off):
+        """32-bit shared-window address of element ``off`` of a shared array."""
+        ptr = builder.gep(_data_ptr(context, builder, aryty, ary), [off])
+        elt = ptr.type.pointee
+        sptr = builder.addrspacecast(ptr, ir.PointerType(elt, addrspace=3))
+        return builder.trunc(builder.ptrtoint(sptr, ir.IntType(64)), i32)
+
+    def make_mma(kind):
+        text = ("mma.sync.aligned.m16n8k16.row.col.f32.%s.%s.f32 "
+                "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};" % (kind, kind))
+        cons = "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f"
+
+        @intrinsic
+        def mma(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+            sig = types.UniTuple(types.float32, 4)(
+                types.int32, types.int32, types.int32, types.int32, types.int32,
+                types.int32, types.float32, types.float32, types.float32, types.float32)
+
+            def codegen(context, builder, sig, args):
+                args = [context.cast(builder, v, ty, want)
+                        for v, ty, want in zip(args, sig.args, sig.args)]
+                res = _asm(builder, ir.LiteralStructType([f32] * 4), [i32] * 6 + [f32] * 4,
+                           text, cons, args)
+                vals = [builder.extract_value(res, i) for i in range(4)]
+                return context.make_tuple(builder, sig.return_type, vals)
+            return sig, codegen
+        return mma
+
+    def make_ldmatrix(trans):
+        text = ("ldmatrix.sync.aligned.m8n8.x4%s.shared.b16 {$0,$1,$2,$3}, [$4];"
+                % (".trans" if trans else ""))
+
+        @intrinsic
+        def ldmatrix(typingctx, smem, off):
+            sig = types.UniTuple(types.int32, 4)(smem, types.int32)
+
+            def codegen(context, builder, sig, args):
+                ary, o = args
+                addr = _shared_addr32(context, builder, sig.args[0], ary, o)
+                res = _asm(builder, ir.LiteralStructType([i32] * 4), [i32], text,
+                           "=r,=r,=r,=r,r,~{memory}", [addr], side_effect=True)
+                vals = [builder.extract_value(res, i) for i in range(4)]
+                return context.make_tuple(builder, sig.return_type, vals)
+            return sig, codegen
+        return ldmatrix
+
+    @intrinsic
+    def cp_async16(typingctx, smem, soff, gmem, goff, nbytes):
+        sig = types.void(smem, types.int32, gmem, types.int64, types.int32)
+
+        def codegen(context, builder, sig, args):
+            sary, so, gary, go, nb = args
+            saddr = _shared_addr32(context, builder, sig.args[0], sary, so)
+            gptr = builder.gep(_data_ptr(context, builder, sig.args[2], gary), [go])
+            gint = builder.ptrtoint(gptr, ir.IntType(64))
+            _asm(builder, ir.VoidType(), [i32, ir.IntType(64), i32],
+                 "{ .reg .u64 ga; cvta.to.global.u64 ga, $1; "
+                 "cp.async.cg.shared.global [$0], [ga], 16, $2; }",
+                 "r,l,r,~{memory}", [saddr, gint, nb], side_effect=True)
+            return context.get_dummy_value()
+        return sig, codegen
+
+    def make_void_asm(text):
+        @intrinsic
+        def fn(typingctx):
+            def codegen(context, builder, sig, args):
+                _asm(builder, ir.VoidType(), [], text, "~{memory}", [], side_effect=True)
+                return context.get_dummy_value()
+            return types.void(), codegen
+        return fn
+
+    def make_pack(kind):
+        @intrinsic
+        def pack(typingctx, lo, hi):
+            sig = types.int32(types.float32, types.float32)
+
+            def codegen(context, builder, sig, args):
+                lo_v, hi_v = args
+                # cvt.rn.*x2.f32 d, a, b puts a in the upper half, b in the lower.
+                return _asm(builder, i32, [f32, f32], "cvt.rn.%sx2.f32 $0, $1, $2;" % kind,
+                            "=r,f,f", [hi_v, lo_v])
+            return sig, codegen
+        return pack
+
+    @intrinsic
+    def exp2(typingctx, x):
+        sig = types.float32(types.float32)
+
+        def codegen(context, builder, sig, args):
+            return _asm(builder, f32, [f32], "ex2.approx.ftz.f32 $0, $1;", "=f,f", list(args))
+        return sig, codegen
+
+    @intrinsic
+    def shfl_xor(typingctx, x, mask):
+        sig = types.float32(types.float32, types.int32)
+
+        def codegen(context, builder, sig, args):
+            return _asm(builder, f32, [f32, i32],
+                        "shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=f,f,r",
+                        list(args), side_effect=True)
+        return sig, codegen
+
+    @intrinsic
+    def smem_addr(typingctx, smem):
+        sig = types.int32(smem)
+
+        def codegen(context, builder, sig, args):
+            return _shared_addr32(context, builder, sig.args[0], args[0], ir.Constant(i32, 0))
+        return sig, codegen
+
+    def make_ldsm(trans):
+        @lit_intrinsic
+        def ldsm(typingctx, smem, addr, imm):
+            if not isinstance(imm, types.IntegerLiteral):
+                return None
+            text = ("ldmatrix.sync.aligned.m8n8.x4%s.shared.b16 {$0,$1,$2,$3}, [$4+%d];"
+                    % (".trans" if trans else "", imm.literal_value))
+            sig = types.UniTuple(types.int32, 4)(smem, types.int32, imm)
+
+            def codegen(context, builder, sig, args):
+                a = context.cast(builder, args[1], sig.args[1], types.int32)
+                res = _asm(builder, ir.LiteralStructType([i32] * 4), [i32], text,
+                           "=r,=r,=r,=r,r,~{memory}", [a], side_effect=True)
+                vals = [builder.extract_value(res, i) for i in range(4)]
+                return context.make_tuple(builder, sig.return_type, vals)
+            return sig, codegen
+        return ldsm
+
+    @lit_intrinsic
+    def cp_async16i(typingctx, smem, saddr, simm, gmem, goff):
+        if not isinstance(simm, types.IntegerLiteral):
+            return None
+        text = ("{ .reg .u64 ga; cvta.to.global.u64 ga, $1; "
+                "cp.async.cg.shared.global [$0+%d], [ga], 16; }" % simm.literal_value)
+        sig = types.void(smem, types.int32, simm, gmem, types.int64)
+
+        def codegen(context, builder, sig, args):
+            _, sa, _, gary, go = args
+            sa = context.cast(builder, sa, sig.args[1], types.int32)
+            go = context.cast(builder, go, sig.args[4], types.int64)
+            gptr = builder.gep(_data_ptr(context, builder, sig.args[3], gary), [go])
+            gint = builder.ptrtoint(gptr, ir.IntType(64))
+            _asm(builder, ir.VoidType(), [i32, ir.IntType(64)], text,
+                 "r,l,~{memory}", [sa, gint], side_effect=True)
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @intrinsic
+    def fmax(typingctx, a, b):
+        sig = types.float32(types.float32, types.float32)
+
+        def codegen(context, builder, sig, args):
+            return _asm(builder, f32, [f32, f32], "max.f32 $0, $1, $2;", "=f,f,f", list(args))
+        return sig, codegen
+
+    return dict(
+        smem_addr=smem_addr, ldsm_x4=make_ldsm(False), ldsm_x4_trans=make_ldsm(True),
+        cp_async16i=cp_async16i, fmax=fmax,
+        mma_bf16=make_mma("bf16"), mma_f16=make_mma("f16"),
+        ldmatrix_x4=make_ldmatrix(False), ldmatrix_x4_trans=make_ldmatrix(True),
+        cp_async16=cp_async16,
+        cp_async_commit=make_void_asm("cp.async.commit_group;"),
+        cp_async_wait_all=make_void_asm("cp.async.wait_all;"),
+        cp_async_wait_1=make_void_asm("cp.async.wait_group 1;"),
+        pack_bf16x2=make_pack("bf16"), pack_f16x2=make_pack("f16"),
+        exp2=exp2, shfl_xor=shfl_xor)
+
+
+if SIMULATED:
+    mma_bf16, mma_f16 = _mma_bf16_twin, _mma_f16_twin
+    ldmatrix_x4, ldmatrix_x4_trans = _ldmatrix_x4_twin, _ldmatrix_x4_trans_twin
+    cp_async16, cp_async_commit, cp_async_wait_all = _cp_async16_twin, _nop, _nop
+    cp_async_wait_1 = _nop
+    pack_bf16x2, pack_f16x2 = _pack_bf16x2_twin, _pack_f16x2_twin
+    exp2, shfl_xor = _exp2_twin, _shfl_xor_twin
+    smem_addr, ldsm_x4, ldsm_x4_trans = _smem_addr_twin, _ldsm_x4_twin, _ldsm_x4_trans_twin
+    cp_async16i, fmax = _cp_async16i_twin, _fmax_twin
+else:
+    globals().update(_build_intrinsics())
+
+LOG2E = 1.4426950408889634
+LN2 = math.log(2.0)

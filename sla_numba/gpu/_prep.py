@@ -1,0 +1,213 @@
+"""Kernels shared by the forward and the backward: block lists and linear states.
+
+1. ``prep`` (one launch) does two independent jobs, told apart by blockIdx.x:
+   - blocks ``x < n_state``: the linear-attention state of one block of rows,
+     ``S_x = [vec(A_xᵀ B_x), colsum(A_x)]`` with ``A = w·φ(X)`` and ``B = Y``:
+     for key blocks (forward) that is ``h_j = φ(K_j)ᵀ V_j`` (D x D) and
+     ``z_j = Σ_rows φ(K_j)`` (D), over the block's valid rows only.
+     Stored padded as ``state[b, h, x, :DP*DP]`` (row-major h) and
+     ``state[b, h, x, DP*DP:]`` (z), zeros in the padding.
+   - the other blocks: one thread per map row (and, for the backward, per map
+     column) compacts the block map into lists:
+       * ``crit[b,h,i,:n]``: the critical key blocks of row i, ascending;
+       * ``lin[b,h,i,:m]`` with ``mode``: the blocks to add for the row's linear
+         state. mode 0: the marginal blocks (direct sum); mode 1: the non-marginal
+         ones, to subtract from the total (cheaper when most blocks are marginal);
+       * ``info[b,h,i] = (n_crit, len(lin), mode, n_marginal)``.
+     Column lists (the reverse index, for dK/dV) are the same over query blocks
+     of one key-block column.
+2. ``totals``: ``state[b, h, M] = Σ_{x<M} state[b, h, x]``, summed in x order
+   (deterministic, no atomics).
+
+Both read the map once; nothing goes back to the host.
+"""
+import functools
+
+import numpy as np
+
+from ._compat import FASTMATH, SIMULATOR, cuda, device, kernel
+from ._tiles import make_common, make_mm, smem_sizes
+
+
+@functools.lru_cache(maxsize=None)
+def make_state_fn(tiles):
+    """Device function: the linear state of one block of rows, into ``state[b, h, s]``.
+
+    ``state[s, d1*DP + e] = Σ_r w_r φ(x_r)[d1] · y_r[e]`` and
+    ``state[s, DP*DP + d1] = Σ_r w_r φ(x_r)[d1] · zw_r`` over rows r in [r0, r1),
+    for one head's views: x, y (N, D), wv, zv (N,), state (M + 1, W).
+    Without weights (``use_w == 0``) w = zw = 1: h_j and z_j of a key block.
+    With weights (backward): w = 1/den, zw = δl gives QO_i and QD_i.
+    All threads of the block must call it (it synchronises).
+    """
+    T = tiles
+    TR, TC, NT, DP = T.TR, T.TC, T.NT, T.DP
+    RQ = max(1, T.BQ // TR)
+    BR = TR * RQ                      # state rows (d1) per pass
+    KC = T.KC                         # rows of x / y staged at a time
+    RD = T.RD
+    acc_t = T.acc_dtype.type
+    mm = make_mm(TR, TC, RQ, RD, T.acc)
+    ops = make_common(NT, T.acc)
+    (load_t, load_n, phi_value, phi_slope, row_stats, load_phi_t, load_phi_n,
+     gather_state, to_acc) = ops.functions()
+    zero = acc_t(0.0)
+    one = acc_t(1.0)
+
+    @device
+    def state_block(x, y, r0, r1, D, fm, wv, zv, use_w, state, s,
+                    sa, sb, srow, acc, zacc, t, tr, tc):
+        for d10 in range(0, DP, BR):
+            for a in range(RQ):
+                zacc[a] = zero
+                for n in range(RD):
+                    acc[a, n] = zero
+            for c0 in range(r0, r1, KC):
+                nc = min(KC, r1 - c0)
+                cuda.syncthreads()
+                row_stats(srow, x, c0, nc, D, KC, t, fm)
+                for r in range(t, KC, NT):
+                    zw = one if r < nc else zero
+                    if use_w != 0 and r < nc:
+                        srow[4 * r + 2] = wv[c0 + r]
+                        zw = zv[c0 + r]
+                    srow[4 * r + 3] = zw
+                cuda.syncthreads()
+                # A[c][d1] = w_c φ(x_c)[d10 + d1],  B[c][e] = y_c[e]
+                load_phi_n(sa, 0, BR + 1, x, c0, nc, d10, D, KC, BR, t, srow, fm)
+                load_n(sb, 0, DP, y, c0, nc, 0, D, KC, DP, t, one)
+                cuda.syncthreads()
+                mm(acc, sa, 0, BR + 1, sb, 0, DP, nc, tr, tc)
+                if tc == 0:
+                    for a in range(RQ):
+                        zs = zero
+                        for cc in range(nc):
+                            zs += sa[cc * (BR + 1) + tr + TR * a] * srow[4 * cc + 3]
+                        zacc[a] += zs
+            for a in range(RQ):
+                d1 = d10 + tr + TR * a
+                if d1 < DP:
+                    for n in range(RD):
+                        state[s, d1 * DP + tc + TC * n] = acc[a, n]
+                    if tc == 0:
+                        state[s, DP * DP + d1] = zacc[a]
+    return state_block
+
+
+@functools.lru_cache(maxsize=None)
+def make_prep(tiles):
+    """The prep kernel for a tile config (see module docstring)."""
+    T = tiles
+    TR, TC, NT = T.TR, T.TC, T.NT
+    RQ, RD = max(1, T.BQ // TR), T.RD
+    acc_t = T.acc_dtype.type
+    SA, SB, SP, SRED, SROW = smem_sizes(T)
+    state_block = make_state_fn(T)
+
+    @kernel(fastmath=FASTMATH)
+    def prep(x, y, n_rows, block, n_state, state, fm, dummy,
+             bmap, mq, mk, want_cols,
+             row_crit, row_lin, row_info, col_crit, col_lin, col_info):
+        """Blocks x < n_state: state of row block x of (x, y) (h_j, z_j).
+        Blocks after: the map's row lists (and column lists if want_cols).
+        ``dummy``: any (B', H', N') array of the compute dtype (unused weights)."""
+        sa = cuda.shared.array(SA, acc_t)
+        sb = cuda.shared.array(SB, acc_t)
+        srow = cuda.shared.array(SROW, acc_t)
+        acc = cuda.local.array((RQ, RD), acc_t)
+        zacc = cuda.local.array(RQ, acc_t)
+        t = cuda.threadIdx.x
+        tr = t // TC
+        tc = t - tr * TC
+        bx = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+
+        if bx < n_state:
+            r0 = bx * block
+            r1 = min(r0 + block, n_rows)
+            state_block(x[b, h], y[b, h], r0, r1, x.shape[3], fm, dummy[0, 0], dummy[0, 0], 0,
+                        state[b, h], bx, sa, sb, srow, acc, zacc, t, tr, tc)
+            return
+
+        # ---- block lists: one thread per map row, then per map column ----
+        u = (bx - n_state) * NT + t
+        if u < mq:
+            _row_lists(bmap, b, h, u, mk, row_crit, row_lin, row_info)
+        elif want_cols != 0 and u < mq + mk:
+            _col_lists(bmap, b, h, u - mq, mq, col_crit, col_lin, col_info)
+
+    return prep
+
+
+@cuda.jit(device=True)
+def _row_lists(bmap, b, h, i, mk, crit, lin, info):
+    nc = 0
+    nm = 0
+    for j in range(mk):
+        v = bmap[b, h, i, j]
+        if v == 1:
+            crit[b, h, i, nc] = j
+            nc += 1
+        elif v == 0:
+            nm += 1
+    mode = 1 if nm > mk - nm else 0
+    n = 0
+    for j in range(mk):
+        v = bmap[b, h, i, j]
+        if (mode == 0 and v == 0) or (mode == 1 and v != 0):
+            lin[b, h, i, n] = j
+            n += 1
+    info[b, h, i, 0] = nc
+    info[b, h, i, 1] = n
+    info[b, h, i, 2] = mode
+    info[b, h, i, 3] = nm
+
+
+@cuda.jit(device=True)
+def _col_lists(bmap, b, h, j, mq, crit, lin, info):
+    nc = 0
+    nm = 0
+    for i in range(mq):
+        v = bmap[b, h, i, j]
+        if v == 1:
+            crit[b, h, j, nc] = i
+            nc += 1
+        elif v == 0:
+            nm += 1
+    mode = 1 if nm > mq - nm else 0
+    n = 0
+    for i in range(mq):
+        v = bmap[b, h, i, j]
+        if (mode == 0 and v == 0) or (mode == 1 and v != 0):
+            lin[b, h, j, n] = i
+            n += 1
+    info[b, h, j, 0] = nc
+    info[b, h, j, 1] = n
+    info[b, h, j, 2] = mode
+    info[b, h, j, 3] = nm
+
+
+TOTALS_THREADS = 8 if SIMULATOR else 256     # simulator: each thread is a Python thread
+
+
+@functools.lru_cache(maxsize=None)
+def make_totals(acc_name):
+    """state[b, h, n, e] = sum over s < n of state[b, h, s, e], s ascending."""
+    zero = np.dtype(acc_name).type(0.0)
+
+    @kernel()
+    def totals(state, n):
+        e = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        if e < state.shape[3]:
+            acc = zero
+            for s in range(n):
+                acc += state[b, h, s, e]
+            state[b, h, n, e] = acc
+    return totals
+
+
+def totals_grid(width, n_threads=TOTALS_THREADS):
+    return -(-width // n_threads)

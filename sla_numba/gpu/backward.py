@@ -1,0 +1,429 @@
+"""SLA backward on the GPU (SLA_SPEC §3): deterministic, no atomics.
+
+Given dO_s (= dO) and dO_l (= dO·W), five launches on the caller's stream:
+
+1. ``prep`` (``_prep.py``): per key block the linear state h_j, z_j again, and
+   the block lists of the map: per query-block row (critical list, linear list)
+   and per key-block column (the *reverse index*: query blocks that mark the
+   column critical, and its linear list).
+2. ``totals`` of h, z.
+3. ``dq`` — one CUDA block per (b, h, query block i), BQ rows at a time:
+   - per row: ``δs = O_s·dO_s``, ``δl = O_l·dO_l``, ``den = φ(q)·Z_i + eps``
+     (kept in small workspaces for steps 3c and 5);
+   - a) linear: ``dφ(q) = (dO_l H_iᵀ − δl Z_i) / den``, chained through φ;
+   - b) sparse, over the critical list C_i (FlashAttention-2 recomputation):
+     ``P = exp(S − lse)``, ``dP = dO_s Vᵀ``, ``dS = P ⊙ (dP − δs)``,
+     ``dQ += scale · dS K``;
+   - c) after all rows: ``QO_i = Σ_r ĉ_rᵀ dO_l[r]``, ``QD_i = Σ_r ĉ_r δl_r``
+     with ``ĉ_r = φ(q_r)/den_r`` (the linear state of the query block, same code as
+     h_j with weights). A row without marginal blocks gets QO_i = QD_i = 0.
+4. ``totals`` of QO, QD.
+5. ``dkdv`` — one CUDA block per (b, h, key block j), BKD key rows at a time:
+   - ``dH_j = Σ_{i: M[i,j]=0} QO_i`` (or the total minus the non-marginal ones),
+     ``dZ_j`` likewise, assembled once per block in a workspace;
+   - linear: ``dφ(k_c) = v_c dH_jᵀ − dZ_j`` chained through φ into dK,
+     ``dV[c] += φ(k_c) dH_j``;
+   - sparse, over the query blocks of the reverse index only:
+     ``Pᵀ = exp(Sᵀ − lse)``, ``dV += Pᵀ dO_s``, ``dK += scale · dSᵀ Q``.
+
+Every output element is written by exactly one thread: same input, same bits.
+"""
+import functools
+import math
+
+import numpy as np
+
+from .._params import FEATURE_MAPS, n_blocks
+from ._arrays import DeviceCall
+from ._compat import FASTMATH, SIMULATOR, cuda, kernel
+from ._prep import TOTALS_THREADS, make_state_fn, make_totals, totals_grid
+from ._tiles import (LOG2E, choose_tiles, make_chain, make_common, make_mm,
+                     smem_sizes)
+from .forward import PATHS, compute_dtype, launch_prep
+
+
+def dkdv_rows(tiles):
+    """Key rows a dK/dV sub-tile: fewer than BK so that dK and dV fit in registers."""
+    if SIMULATOR:
+        return tiles.BK
+    per_thread = 2 if tiles.DP > 64 else 4
+    return min(tiles.BK, tiles.TR * per_thread)
+
+
+@functools.lru_cache(maxsize=None)
+def make_dq(tiles):
+    T = tiles
+    TR, TC, NT = T.TR, T.TC, T.NT
+    BQ, BK, DP, DC, KC = T.BQ, T.BK, T.DP, T.DC, T.KC
+    RQ, RK, RD = BQ // TR, BK // TC, T.RD
+    LDQ, LDK = BQ + 1, BK + 1
+    acc_t = T.acc_dtype.type
+    SA, SB, SP, SRED, SROW = smem_sizes(T)
+    mm_s = make_mm(TR, TC, RQ, RK, T.acc)
+    mm_o = make_mm(TR, TC, RQ, RD, T.acc)
+    chain = make_chain(TR, TC, RQ, RD, T.acc)
+    state_block = make_state_fn(T)
+    ops = make_common(NT, T.acc)
+    (load_t, load_n, phi_value, phi_slope, row_stats, load_phi_t, load_phi_n,
+     gather_state, to_acc) = ops.functions()
+    zero = acc_t(0.0)
+    one = acc_t(1.0)
+    log2e = acc_t(LOG2E)
+
+    @kernel(fastmath=FASTMATH)
+    def sla_dq(q4, k4, v4, o_s4, o_l4, lse3, do_s4, do_l4, state4, crit4, lin4, info,
+               nq, nk, block_q, block_k, scale, fm, eps, mk,
+               dq4, w_inv_den3, w_dl3, w_ds3, qstate4):
+        sa = cuda.shared.array(SA, acc_t)
+        sb = cuda.shared.array(SB, acc_t)
+        sp = cuda.shared.array(SP, acc_t)
+        sred = cuda.shared.array(SRED, acc_t)
+        srow = cuda.shared.array(SROW, acc_t)
+        sz = cuda.shared.array(DP, acc_t)          # Z_i
+        sx = cuda.shared.array(SROW, acc_t)        # per row: δs, δl, 1/den, lse·log2 e
+        s = cuda.local.array((RQ, RK), acc_t)
+        dp = cuda.local.array((RQ, RK), acc_t)
+        acc = cuda.local.array((RQ, RD), acc_t)
+        zacc = cuda.local.array(RQ, acc_t)
+
+        t = cuda.threadIdx.x
+        tr = t // TC
+        tc = t - tr * TC
+        i = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        D = q4.shape[3]
+        # one head's views (see forward.py)
+        q, k, v = q4[b, h], k4[b, h], v4[b, h]
+        o_s, o_l, lse = o_s4[b, h], o_l4[b, h], lse3[b, h]
+        do_s, do_l = do_s4[b, h], do_l4[b, h]
+        state, qstate = state4[b, h], qstate4[b, h]
+        crit, lin = crit4[b, h, i], lin4[b, h, i]
+        dq = dq4[b, h]
+        w_inv_den, w_dl, w_ds = w_inv_den3[b, h], w_dl3[b, h], w_ds3[b, h]
+        qs = acc_t(scale * LOG2E)
+        sc = acc_t(scale)
+        eps_a = acc_t(eps)
+        n_crit = info[b, h, i, 0]
+        n_lin = info[b, h, i, 1]
+        mode = info[b, h, i, 2]
+        n_marg = info[b, h, i, 3]
+        q0 = i * block_q
+        q1 = min(q0 + block_q, nq)
+
+        if n_marg > 0:
+            gather_state(sz, 0, DP, False, state, lin, n_lin, mode, mk,
+                             DP * DP, 1, DP, DP, t)
+        for r0 in range(q0, q1, BQ):
+            nr = min(BQ, q1 - r0)
+            cuda.syncthreads()
+            row_stats(srow, q, r0, nr, D, BQ, t, fm)
+            cuda.syncthreads()
+            for r in range(t, BQ, NT):
+                ds = zero
+                dl = zero
+                inv_den = zero
+                lse2 = zero
+                if r < nr:
+                    n_row = r0 + r
+                    den = eps_a
+                    for d in range(D):
+                        ds += to_acc(o_s[n_row, d]) * to_acc(do_s[n_row, d])
+                        dl += to_acc(o_l[n_row, d]) * to_acc(do_l[n_row, d])
+                        if n_marg > 0:
+                            den += phi_value(to_acc(q[n_row, d]), srow[4 * r],
+                                                 srow[4 * r + 1], fm) * sz[d]
+                    inv_den = one / den
+                    lse2 = to_acc(lse[n_row]) * log2e
+                    w_ds[n_row] = ds
+                    w_dl[n_row] = dl
+                    w_inv_den[n_row] = inv_den
+                sx[4 * r] = ds
+                sx[4 * r + 1] = dl
+                sx[4 * r + 2] = inv_den
+                sx[4 * r + 3] = lse2
+            for a in range(RQ):
+                for n in range(RD):
+                    acc[a, n] = zero
+            # ---- a) linear branch: dφ(q) = (dO_l H_iᵀ − δl Z_i) / den, then through φ
+            if n_marg > 0:
+                for e0 in range(0, DP, DC):
+                    cuda.syncthreads()
+                    load_t(sa, 0, LDQ, do_l, r0, nr, e0, D, BQ, DC, t, one)
+                    # B[e][d] = H_i[d][e0 + e]
+                    gather_state(sb, 0, DP + 1, True, state, lin, n_lin, mode, mk,
+                                     e0, DP, DC, DP, t)
+                    cuda.syncthreads()
+                    mm_o(acc, sa, 0, LDQ, sb, 0, DP + 1, DC, tr, tc)
+                for a in range(RQ):
+                    row = tr + TR * a
+                    for n in range(RD):
+                        col = tc + TC * n
+                        acc[a, n] = (acc[a, n] - sx[4 * row + 1] * sz[col]) * sx[4 * row + 2]
+                chain(acc, q, r0, nr, D, sred, srow, fm, tr, tc)
+            # ---- b) sparse branch over the critical key blocks
+            for ci in range(n_crit):
+                j = crit[ci]
+                k0 = j * block_k
+                k1 = min(k0 + block_k, nk)
+                for c0 in range(k0, k1, BK):
+                    nc = min(BK, k1 - c0)
+                    for a in range(RQ):
+                        for n in range(RK):
+                            s[a, n] = zero
+                            dp[a, n] = zero
+                    for d0 in range(0, DP, DC):
+                        cuda.syncthreads()
+                        load_t(sa, 0, LDQ, q, r0, nr, d0, D, BQ, DC, t, qs)
+                        load_t(sb, 0, LDK, k, c0, nc, d0, D, BK, DC, t, one)
+                        cuda.syncthreads()
+                        mm_s(s, sa, 0, LDQ, sb, 0, LDK, DC, tr, tc)
+                    for d0 in range(0, DP, DC):
+                        cuda.syncthreads()
+                        load_t(sa, 0, LDQ, do_s, r0, nr, d0, D, BQ, DC, t, one)
+                        load_t(sb, 0, LDK, v, c0, nc, d0, D, BK, DC, t, one)
+                        cuda.syncthreads()
+                        mm_s(dp, sa, 0, LDQ, sb, 0, LDK, DC, tr, tc)
+                    # scale · dS, stored transposed for dQ += (scale·dS) K
+                    for a in range(RQ):
+                        row = tr + TR * a
+                        for n in range(RK):
+                            col = tc + TC * n
+                            g = zero
+                            if col < nc and row < nr:
+                                p = math.exp2(s[a, n] - sx[4 * row + 3])
+                                g = p * (dp[a, n] - sx[4 * row]) * sc
+                            sp[col * LDQ + row] = g
+                    for kc0 in range(0, nc, KC):
+                        nkc = min(KC, nc - kc0)
+                        cuda.syncthreads()
+                        load_n(sb, 0, DP, k, c0 + kc0, nkc, 0, D, KC, DP, t, one)
+                        cuda.syncthreads()
+                        mm_o(acc, sp, kc0 * LDQ, LDQ, sb, 0, DP, nkc, tr, tc)
+            for a in range(RQ):
+                row = tr + TR * a
+                if row < nr:
+                    for n in range(RD):
+                        col = tc + TC * n
+                        if col < D:
+                            dq[r0 + row, col] = acc[a, n]
+        # ---- c) QO_i, QD_i: the query block's linear state with ĉ = φ(q)/den
+        cuda.syncthreads()
+        if n_marg > 0:
+            state_block(q, do_l, q0, q1, D, fm, w_inv_den, w_dl, 1, qstate, i,
+                        sa, sb, srow, acc, zacc, t, tr, tc)
+        else:
+            for e in range(t, qstate.shape[1], NT):
+                qstate[i, e] = zero
+
+    return sla_dq
+
+
+@functools.lru_cache(maxsize=None)
+def make_dkdv(tiles):
+    T = tiles
+    TR, TC, NT = T.TR, T.TC, T.NT
+    BQ, DP, DC, KC = T.BQ, T.DP, T.DC, T.KC
+    BKD = dkdv_rows(T)
+    RKD, RQC, RD = BKD // TR, BQ // TC, T.RD
+    LDQ, LDKD = BQ + 1, BKD + 1
+    W = DP * DP + DP
+    acc_t = T.acc_dtype.type
+    SA, SB, SP, SRED, SROW = smem_sizes(T)
+    mm_st = make_mm(TR, TC, RKD, RQC, T.acc)    # Sᵀ, dPᵀ  (BKD x BQ)
+    mm_o = make_mm(TR, TC, RKD, RD, T.acc)      # dK, dV   (BKD x DP)
+    chain = make_chain(TR, TC, RKD, RD, T.acc)
+    ops = make_common(NT, T.acc)
+    (load_t, load_n, phi_value, phi_slope, row_stats, load_phi_t, load_phi_n,
+     gather_state, to_acc) = ops.functions()
+    zero = acc_t(0.0)
+    one = acc_t(1.0)
+    log2e = acc_t(LOG2E)
+
+    @kernel(fastmath=FASTMATH)
+    def sla_dkdv(q4, k4, v4, lse3, do_s4, qstate4, crit4, lin4, info, w_ds3,
+                 nq, nk, block_q, block_k, scale, fm, mq, dk4, dv4, dh4):
+        sa = cuda.shared.array(SA, acc_t)
+        sb = cuda.shared.array(SB, acc_t)
+        sp = cuda.shared.array(SP, acc_t)
+        sred = cuda.shared.array(SRED, acc_t)
+        srow = cuda.shared.array(SROW, acc_t)
+        sx = cuda.shared.array(SROW, acc_t)         # per query row: δs, lse·log2 e
+        s = cuda.local.array((RKD, RQC), acc_t)
+        dp = cuda.local.array((RKD, RQC), acc_t)
+        gk = cuda.local.array((RKD, RD), acc_t)
+        gv = cuda.local.array((RKD, RD), acc_t)
+
+        t = cuda.threadIdx.x
+        tr = t // TC
+        tc = t - tr * TC
+        j = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        D = q4.shape[3]
+        q, k, v = q4[b, h], k4[b, h], v4[b, h]
+        lse, do_s, w_ds = lse3[b, h], do_s4[b, h], w_ds3[b, h]
+        qstate, dh = qstate4[b, h], dh4[b, h, j]
+        crit, lin = crit4[b, h, j], lin4[b, h, j]
+        dk, dv = dk4[b, h], dv4[b, h]
+        qs = acc_t(scale * LOG2E)
+        sc = acc_t(scale)
+        n_crit = info[b, h, j, 0]
+        n_lin = info[b, h, j, 1]
+        mode = info[b, h, j, 2]
+        n_marg = info[b, h, j, 3]
+        k0 = j * block_k
+        k1 = min(k0 + block_k, nk)
+
+        if n_marg > 0:
+            # dH_j (DP x DP, row-major) and dZ_j, assembled once for the block
+            gather_state(dh, 0, W, False, qstate, lin, n_lin, mode, mq,
+                             0, 1, W, W, t)
+        for c0 in range(k0, k1, BKD):
+            nc = min(BKD, k1 - c0)
+            cuda.syncthreads()
+            row_stats(srow, k, c0, nc, D, BKD, t, fm)
+            for a in range(RKD):
+                for n in range(RD):
+                    gk[a, n] = zero
+                    gv[a, n] = zero
+            # ---- linear branch
+            if n_marg > 0:
+                # dφ(k_c) = v_c dH_jᵀ − dZ_j :  A[e][c] = V[c][e],  B[e][d] = dH[d][e]
+                for e0 in range(0, DP, DC):
+                    cuda.syncthreads()
+                    load_t(sa, 0, LDKD, v, c0, nc, e0, D, BKD, DC, t, one)
+                    for e in range(t, DC * DP, NT):
+                        d = e // DC
+                        ee = e - d * DC
+                        sb[ee * (DP + 1) + d] = dh[d * DP + e0 + ee]
+                    cuda.syncthreads()
+                    mm_o(gk, sa, 0, LDKD, sb, 0, DP + 1, DC, tr, tc)
+                for a in range(RKD):
+                    for n in range(RD):
+                        gk[a, n] -= dh[DP * DP + tc + TC * n]
+                chain(gk, k, c0, nc, D, sred, srow, fm, tr, tc)
+                # dV[c] += φ(k_c) dH_j :  A[e][c] = φ(k_c)[e],  B[e][d] = dH[e][d]
+                for e0 in range(0, DP, DC):
+                    cuda.syncthreads()
+                    load_phi_t(sa, 0, LDKD, k, c0, nc, e0, D, BKD, DC, t, srow, fm)
+                    for e in range(t, DC * DP, NT):
+                        ee = e // DP
+                        d = e - ee * DP
+                        sb[ee * DP + d] = dh[(e0 + ee) * DP + d]
+                    cuda.syncthreads()
+                    mm_o(gv, sa, 0, LDKD, sb, 0, DP, DC, tr, tc)
+            # ---- sparse branch over the query blocks that mark j critical
+            for ci in range(n_crit):
+                i = crit[ci]
+                qa = i * block_q
+                qb = min(qa + block_q, nq)
+                for r0 in range(qa, qb, BQ):
+                    nr = min(BQ, qb - r0)
+                    cuda.syncthreads()
+                    for r in range(t, BQ, NT):
+                        ds = zero
+                        lse2 = zero
+                        if r < nr:
+                            ds = w_ds[r0 + r]
+                            lse2 = to_acc(lse[r0 + r]) * log2e
+                        sx[2 * r] = ds
+                        sx[2 * r + 1] = lse2
+                    for a in range(RKD):
+                        for n in range(RQC):
+                            s[a, n] = zero
+                            dp[a, n] = zero
+                    for d0 in range(0, DP, DC):
+                        cuda.syncthreads()
+                        load_t(sa, 0, LDKD, k, c0, nc, d0, D, BKD, DC, t, qs)
+                        load_t(sb, 0, LDQ, q, r0, nr, d0, D, BQ, DC, t, one)
+                        cuda.syncthreads()
+                        mm_st(s, sa, 0, LDKD, sb, 0, LDQ, DC, tr, tc)
+                    for d0 in range(0, DP, DC):
+                        cuda.syncthreads()
+                        load_t(sa, 0, LDKD, v, c0, nc, d0, D, BKD, DC, t, one)
+                        load_t(sb, 0, LDQ, do_s, r0, nr, d0, D, BQ, DC, t, one)
+                        cuda.syncthreads()
+                        mm_st(dp, sa, 0, LDKD, sb, 0, LDQ, DC, tr, tc)
+                    # Pᵀ -> sp[r][c];  keep scale·dSᵀ in s
+                    for a in range(RKD):
+                        row = tr + TR * a
+                        for n in range(RQC):
+                            col = tc + TC * n
+                            p = zero
+                            g = zero
+                            if col < nr and row < nc:
+                                p = math.exp2(s[a, n] - sx[2 * col + 1])
+                                g = p * (dp[a, n] - sx[2 * col]) * sc
+                            sp[col * LDKD + row] = p
+                            s[a, n] = g
+                    for rc0 in range(0, nr, KC):
+                        nrc = min(KC, nr - rc0)
+                        cuda.syncthreads()
+                        load_n(sb, 0, DP, do_s, r0 + rc0, nrc, 0, D, KC, DP, t, one)
+                        cuda.syncthreads()
+                        mm_o(gv, sp, rc0 * LDKD, LDKD, sb, 0, DP, nrc, tr, tc)
+                    cuda.syncthreads()
+                    for a in range(RKD):
+                        row = tr + TR * a
+                        for n in range(RQC):
+                            sp[(tc + TC * n) * LDKD + row] = s[a, n]
+                    for rc0 in range(0, nr, KC):
+                        nrc = min(KC, nr - rc0)
+                        cuda.syncthreads()
+                        load_n(sb, 0, DP, q, r0 + rc0, nrc, 0, D, KC, DP, t, one)
+                        cuda.syncthreads()
+                        mm_o(gk, sp, rc0 * LDKD, LDKD, sb, 0, DP, nrc, tr, tc)
+            for a in range(RKD):
+                row = tr + TR * a
+                if row < nc:
+                    for n in range(RD):
+                        col = tc + TC * n
+                        if col < D:
+                            dk[c0 + row, col] = gk[a, n]
+                            dv[c0 + row, col] = gv[a, n]
+
+    return sla_dkdv
+
+
+def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map,
+             block_q, block_k, scale, feature_map, eps, *, path="simt", tiles=None):
+    """SLA backward. Returns ``(dq, dk, dv)`` of the same array kind as ``q``.
+
+    dq like q, dk / dv like k / v, float64 for float64 q, float32 otherwise.
+    o_s, o_l, lse, do_s, do_l may be in any float dtype (read as the compute dtype).
+    """
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if isinstance(feature_map, str):
+        feature_map = FEATURE_MAPS[feature_map]
+    fm = int(feature_map)
+    call = DeviceCall(q)
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    Mq, Mk = n_blocks(Nq, block_q), n_blocks(Nk, block_k)
+    acc = compute_dtype(call.in_dtype(q))
+    T = tiles or choose_tiles(D, acc, block_q, block_k)
+    W = T.DP * T.DP + T.DP
+    with call.device_context():
+        dev = [call.dev(x) for x in (q, k, v, o_s, o_l, lse, do_s, do_l, block_map)]
+        dq_, dk_, dv_, os_, ol_, lse_, dos_, dol_, bmap = dev
+        ws = launch_prep(call, T, dk_, dv_, Nk, block_k, Mk, bmap, Mq, Mk, fm, want_cols=True)
+        h_dq, dq = call.output((B, H, Nq, D), acc)
+        h_dk, dk = call.output((B, H, Nk, D), acc)
+        h_dv, dv = call.output((B, H, Nk, D), acc)
+        _, w_inv_den = call.workspace((B, H, Nq), acc)
+        _, w_dl = call.workspace((B, H, Nq), acc)
+        _, w_ds = call.workspace((B, H, Nq), acc)
+        _, qstate = call.workspace((B, H, Mq + 1, W), acc)
+        _, dh = call.workspace((B, H, Mk, W), acc)
+        make_dq(T)[(Mq, H, B), T.NT, call.stream](
+            dq_, dk_, dv_, os_, ol_, lse_, dos_, dol_, ws["state"],
+            ws["row_crit"], ws["row_lin"], ws["row_info"],
+            Nq, Nk, block_q, block_k, float(scale), fm, float(eps), Mk,
+            dq, w_inv_den, w_dl, w_ds, qstate)
+        make_totals(acc.name)[(totals_grid(W), H, B), TOTALS_THREADS, call.stream](qstate, Mq)
+        make_dkdv(T)[(Mk, H, B), T.NT, call.stream](
+            dq_, dk_, dv_, lse_, dos_, qstate, ws["col_crit"], ws["col_lin"], ws["col_info"],
+            w_ds, Nq, Nk, block_q, block_k, float(scale), fm, Mq, dk, dv, dh)
+        return call.result(h_dq), call.result(h_dk), call.result(h_dv)

@@ -1,0 +1,125 @@
+"""Block classification on the GPU: two launches, no host round trip.
+
+Input q (B, H, Nq, D), k (B, H, Nk, D); output the int8 map (B, H, Mq, Mk):
+1 critical, 0 marginal, -1 negligible. The rule is docs/internals.md's
+"Classification rule, bit for bit", so the map is identical to the CPU's:
+
+1. ``pool`` — one block per (query or key block, h, b); threads over d.
+   ``pq[b,h,i,d] = (Σ_{valid rows r, in order} x[r, d]) / count`` in float64.
+2. ``score_rank`` — one block per query-block row (i, h, b):
+   ``S[j] = scale · Σ_d pq[i,d]·pk[j,d]`` in float64, d ascending (NaN -> -inf),
+   written to a float64 scratch row; then each key block's rank
+   ``#{j' : S[j'] > S[j] or (S[j'] == S[j] and j' < j)}`` — the position in the
+   order (S descending, j ascending) — is counted against the row staged NT
+   scores at a time in shared memory. Rank < n_crit -> 1, rank >= Mk - n_skip
+   -> -1, else 0.
+
+No fastmath, and more: NVVM fuses ``a*b + c`` into an FMA even without fastmath,
+and the pooled means are not exact fp32 values, so the products and sums of step 2
+go through ``mul_rn`` / ``add_rn`` (``_compat``), which are never contracted.
+"""
+import functools
+import math
+
+import numpy as np
+
+from .._params import n_blocks
+from ._arrays import DeviceCall
+from ._compat import SIMULATOR, add_rn, cuda, kernel, mul_rn, to_f64
+
+POOL_THREADS = 4 if SIMULATOR else 128
+RANK_THREADS = 4 if SIMULATOR else 128
+
+
+@cuda.jit(device=True)
+def _pool_one(x, b, h, blk, block, n, out):
+    r0 = blk * block
+    r1 = min(r0 + block, n)
+    count = np.float64(r1 - r0)
+    for d in range(cuda.threadIdx.x, x.shape[3], cuda.blockDim.x):
+        s = np.float64(0.0)
+        for r in range(r0, r1):
+            s += to_f64(x[b, h, r, d])
+        out[b, h, blk, d] = s / count
+
+
+@kernel()
+def pool(q, k, block_q, block_k, mq, pq, pk):
+    """Blocks x < mq pool query block x; the others key block x - mq."""
+    x = cuda.blockIdx.x
+    h = cuda.blockIdx.y
+    b = cuda.blockIdx.z
+    if x < mq:
+        _pool_one(q, b, h, x, block_q, q.shape[2], pq)
+    else:
+        _pool_one(k, b, h, x - mq, block_k, k.shape[2], pk)
+
+
+@functools.lru_cache(maxsize=None)
+def make_score_rank(NT):
+    neg_inf = np.float64(-np.inf)
+
+    @kernel()
+    def score_rank(pq, pk, scale, n_crit, n_skip, scores, block_map):
+        stage = cuda.shared.array(NT, np.float64)
+        t = cuda.threadIdx.x
+        i = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        mk = pk.shape[2]
+        D = pq.shape[3]
+        for j in range(t, mk, NT):
+            s = np.float64(0.0)
+            for d in range(D):
+                s = add_rn(s, mul_rn(pq[b, h, i, d], pk[b, h, j, d]))
+            s = mul_rn(scale, s)
+            if s != s:
+                s = neg_inf
+            scores[b, h, i, j] = s
+        cuda.syncthreads()
+        n_own = (mk + NT - 1) // NT
+        for u in range(n_own):                   # uniform trip count: all threads sync
+            j = t + NT * u
+            sj = neg_inf
+            if j < mk:
+                sj = scores[b, h, i, j]
+            rank = 0
+            for c0 in range(0, mk, NT):
+                cuda.syncthreads()
+                if c0 + t < mk:
+                    stage[t] = scores[b, h, i, c0 + t]
+                cuda.syncthreads()
+                for jj in range(min(NT, mk - c0)):
+                    s2 = stage[jj]
+                    if s2 > sj or (s2 == sj and c0 + jj < j):
+                        rank += 1
+            if j < mk:
+                v = 0
+                if rank < n_crit:
+                    v = 1
+                elif rank >= mk - n_skip:
+                    v = -1
+                block_map[b, h, i, j] = v
+    return score_rank
+
+
+def classify(q, k, n_crit, n_skip, block_q, block_k, scale):
+    """Block map (B, H, Mq, Mk) int8, same array kind as ``q``.
+
+    ``n_crit`` critical and ``n_skip`` negligible key blocks per query-block row,
+    ranked by the pooled score (module docstring). Identical to the CPU's map.
+    """
+    call = DeviceCall(q)
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    Mq, Mk = n_blocks(Nq, block_q), n_blocks(Nk, block_k)
+    with call.device_context():
+        dq, dk = call.dev(q), call.dev(k)
+        _, pq = call.workspace((B, H, Mq, D), np.float64)
+        _, pk = call.workspace((B, H, Mk, D), np.float64)
+        _, scores = call.workspace((B, H, Mq, Mk), np.float64)
+        handle, block_map = call.output((B, H, Mq, Mk), np.int8)
+        pool[(Mq + Mk, H, B), POOL_THREADS, call.stream](dq, dk, block_q, block_k, Mq, pq, pk)
+        make_score_rank(RANK_THREADS)[(Mq, H, B), RANK_THREADS, call.stream](
+            pq, pk, float(scale), int(n_crit), int(n_skip), scores, block_map)
+        return call.result(handle)

@@ -1,0 +1,60 @@
+"""Test-session setup: CUDA simulator, Hypothesis profiles, output poisoning, backends.
+
+Order matters: the simulator switch must be set before Numba is first imported,
+so this file decides it before importing anything that imports Numba.
+"""
+import os
+import sys
+
+import torch  # does not import numba
+
+if "NUMBA_ENABLE_CUDASIM" not in os.environ and not torch.cuda.is_available():
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"   # no GPU here: run CUDA kernels in the simulator
+
+# Let the tests run from a clean checkout without installing the package.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+import sla_numba.testing  # noqa: E402
+
+from helpers import BACKENDS, simulator_on, tiny_under_sim  # noqa: E402,F401 (re-exported)
+
+# --------------------------------------------------------------------------- Hypothesis
+_COMMON = dict(deadline=None, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dev", max_examples=8, **_COMMON)
+settings.register_profile("ci", max_examples=25, **_COMMON)
+settings.register_profile("gpu", max_examples=200, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs a GPU backend (the CUDA simulator without a GPU)")
+    config.addinivalue_line("markers", "slow: a slower test (torch.compile, large shapes)")
+
+
+def pytest_report_header(config):
+    return (f"sla_numba tests: hypothesis profile={settings.get_current_profile_name()}, "
+            f"CUDA simulator={'on' if simulator_on() else 'off'}, "
+            f"backends={BACKENDS}")
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True, scope="session")
+def _poison_outputs():
+    """Every output buffer a backend allocates starts as NaN: an unwritten element fails."""
+    sla_numba.testing.poison_outputs(True)
+    yield
+    sla_numba.testing.poison_outputs(False)
+
+
+@pytest.fixture(params=[pytest.param(b, marks=[pytest.mark.gpu] if b == "gpu" else [])
+                        for b in BACKENDS])
+def backend(request):
+    """Every backend there is: "cpu", and "gpu" when importable (simulated without a GPU).
+    gpu cases carry the ``gpu`` mark: ``-m "not gpu"`` runs the CPU half alone."""
+    return request.param

@@ -1,0 +1,69 @@
+"""Compile the tensor-core kernels to PTX for sm_90 (no GPU needed) and check them.
+
+Usage:  python tools/check_tc_ptx.py [--quick]
+Needs numba-cuda with its CUDA wheels (``pip install 'numba-cuda[cu13]'``).
+For every configuration: counts ``mma.sync`` / ``ldmatrix`` / ``cp.async`` in the
+PTX against the number the generator wrote (the inline asm of mma is pure, so
+LLVM could merge identical chains: the counts must match exactly) and reports
+``.local`` usage (spills happen later, in ptxas; this catches local arrays).
+Exit status 1 on a mismatch.
+"""
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+
+if not hasattr(np, "row_stack"):  # numpy 2.5 vs numba-cuda 0.30
+    np.row_stack = np.vstack
+
+from numba import cuda, float32, int16, int32, int64  # noqa: E402
+
+from sla_numba.gpu import backward_tc, forward_tc  # noqa: E402
+
+
+def _count(text, word):
+    return len(re.findall(re.escape(word), text))
+
+
+def check(name, fn, sig, source):
+    t0 = time.time()
+    ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
+    want_mma = len(re.findall(r"= mma_(?:bf16|f16)\(", source))
+    want_ld = len(re.findall(r"(?:ldmatrix|ldsm)_x4(?:_trans)?\(smem", source))
+    got_mma = _count(ptx, "mma.sync.aligned")
+    got_ld = _count(ptx, "ldmatrix.sync")
+    local = _count(ptx, ".local")
+    ok = got_mma == want_mma and got_ld == want_ld
+    print(f"{name:38s} mma {got_mma:4d}/{want_mma:<4d} ldmatrix {got_ld:4d}/{want_ld:<4d} "
+          f"cp.async {_count(ptx, 'cp.async.cg'):3d} .local {local:2d} "
+          f"{time.time() - t0:5.1f}s {'ok' if ok else 'MISMATCH'}")
+    return ok
+
+
+def main():
+    quick = "--quick" in sys.argv
+    i16, i32, f32 = int16[::1], int32[::1], float32[::1]
+    ok = True
+    fwd_sig = (i16, i16, i16, i32, i32, f32, f32, int64, int64, int64, int64, float32)
+    configs = [(128, 64, 128, "bf16"), (64, 64, 128, "bf16"), (128, 64, 64, "f16")]
+    if quick:
+        configs = configs[:1]
+    for D, bk, bq, kind in configs:
+        src = forward_tc.forward_source(D, bk, bq, kind)
+        mod = forward_tc.get_forward_kernel(D, bk, bq, kind)
+        ok &= check(f"forward D={D} bk={bk} bq={bq} {kind}", mod.sla_fwd_tc, fwd_sig, src)
+    for D, bk, bq, kind in configs:
+        for which in backward_tc.KERNELS:
+            src, mod = backward_tc.kernel_source_and_module(which, D, bk, bq, kind)
+            fn = getattr(mod, backward_tc.KERNEL_NAMES[which])
+            ok &= check(f"backward {which} D={D} bk={bk} bq={bq} {kind}", fn,
+                        backward_tc.signature(which), src)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Compile the tensor-core kernels into Numba's disk cache, in parallel (needs a GPU).
+
+Usage: PYTHONPATH=. python tools/warm_tc_cache.py [D:block_q:block_k:kind ...]
+Default: the configurations the tests and the benchmark use. Each kernel compiles
+in its own process (5-40 s each); later launches load the cubins from the cache.
+"""
+import multiprocessing as mp
+import sys
+import time
+
+DEFAULT = ["128:128:64:bf16", "64:64:64:bf16", "128:64:64:f16", "128:64:64:bf16"]
+
+
+def _compile(job):
+    import numpy as np
+    if not hasattr(np, "row_stack"):
+        np.row_stack = np.vstack
+    from numba import float32, int16, int32, int64
+    from sla_numba.gpu import backward_tc, forward_tc
+    which, D, bq, bk, kind = job
+    t0 = time.time()
+    if which == "fwd":
+        i16, i32, f32 = int16[::1], int32[::1], float32[::1]
+        kern = forward_tc.get_forward_kernel(D, bk, bq, kind).sla_fwd_tc
+        sig = (i16, i16, i16, i32, i32, f32, f32, int64, int64, int64, int64, float32)
+    else:
+        mod = backward_tc.kernel_source_and_module(which, D, bk, bq, kind)[1]
+        kern = getattr(mod, backward_tc.KERNEL_NAMES[which])
+        sig = backward_tc.signature(which)
+    compiled = kern.compile(sig)
+    return f"{which} D={D} bq={bq} bk={bk} {kind}: {time.time() - t0:.1f}s " \
+           f"regs {compiled.regs_per_thread} local {compiled.local_mem_per_thread}"
+
+
+def main():
+    specs = sys.argv[1:] or DEFAULT
+    jobs = []
+    for s in specs:
+        D, bq, bk, kind = s.split(":")
+        for which in ("fwd", "dq", "dkv"):
+            jobs.append((which, int(D), int(bq), int(bk), kind))
+    with mp.get_context("spawn").Pool(min(len(jobs), 16)) as pool:
+        for line in pool.imap_unordered(_compile, jobs):
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
