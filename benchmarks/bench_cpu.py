@@ -21,6 +21,13 @@ before the call, measured in a fresh subprocess per case (Linux only; the probe
 resets the peak through /proc/self/clear_refs and sets MALLOC_MMAP_THRESHOLD_ so
 freed buffers go back to the OS). Both libraries use ``--threads`` threads
 (default: all cores).
+
+OpenMP: torch and Numba each bring their own OpenMP runtime, so one process has
+two thread pools. With the default (active, spinning) wait policy the idle pool
+keeps spinning while the other one works, and on a busy machine both slow down
+several-fold. The script therefore sets ``OMP_WAIT_POLICY=PASSIVE`` unless the
+environment sets it already (pass ``OMP_WAIT_POLICY=ACTIVE`` to see the other case);
+it applies to both libraries alike.
 """
 import argparse
 import json
@@ -31,13 +38,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch / numba start OpenMP
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-
-CASES = ("SLA forward", "SLA fwd+bwd", "SDPA forward", "SDPA fwd+bwd",
-         "cpu.classify", "cpu.forward", "cpu.backward")
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -217,7 +222,8 @@ def main(argv=None):
 
     print(f"B={args.batch} H={args.heads} N={args.n} D={args.dim} float32, "
           f"topk={args.topk} skip={args.skip} block={args.block} phi={args.feature_map}, "
-          f"{threads} threads, {args.repeats} repeats, SLA via "
+          f"{threads} threads (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), "
+          f"{args.repeats} repeats, SLA via "
           f"{'sla_numba.sla_attention' if via_api else 'the cpu backend directly'}")
     print(f"{'case':<14} {'median ms':>10} {'min ms':>9} {'first call s':>13} {'peak MiB':>9}")
     for name, r in rows.items():
@@ -231,7 +237,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": {k: v for k, v in vars(args).items() if k != "memory_probe"}
-                       | {"threads": threads, "via_api": via_api},
+                       | {"threads": threads, "via_api": via_api,
+                          "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]},
                        "results": rows, "ratios": ratios}, f, indent=2)
 
 

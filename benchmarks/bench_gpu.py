@@ -2,16 +2,21 @@
 
 Usage (one H200):
     PYTHONPATH=. python benchmarks/bench_gpu.py                 # full table + bench_gpu.json
-    PYTHONPATH=. python benchmarks/bench_gpu.py --quick         # one shape, forward only, few reps
+    PYTHONPATH=. python benchmarks/bench_gpu.py --quick         # shape b2, topk 0.05, few reps
     PYTHONPATH=. python benchmarks/bench_gpu.py --shapes b2 --topk 0.05 --no-backward
 
 Cases: Wan2.1-1.3B attention (B=1, H=12, N=32760, D=128) and B=2, H=16, N=8192, D=64;
 topk 0.05 and 0.10 with skip 0.10; block 64 x 64.
-For each: SLA (``sla_numba.sla_attention``, backend="gpu", torch CUDA tensors, bf16
-and fp32 inputs), torch SDPA fp32 and bf16 with each backend forced explicitly
-(``torch.nn.attention.sdpa_kernel``: cuDNN, flash, efficient), and FlexAttention
+For each: SLA end to end through the public ``sla_numba.sla_attention`` (classification
+included; backend="gpu", torch CUDA tensors, bf16 and fp32 inputs; the kernel path the
+GPU backend takes -- "tc" tensor cores for bf16, "simt" for fp32, see
+``sla_numba.gpu.select_path`` -- is a column), torch SDPA fp32 and bf16 with each
+backend forced explicitly (``torch.nn.attention.sdpa_kernel``: cuDNN, flash,
+efficient; a backend that refuses a dtype is an error row), and FlexAttention
 (``torch.compile``-d) with a BlockMask equal to SLA's critical blocks (so it does the
-sparse branch only: SLA's extra work is the linear branch).
+sparse branch only: SLA's extra work is the linear branch). For bf16 SLA also a
+per-stage breakdown (CUDA events between the backend's launches: classify,
+prep+totals, tc sparse, linear; backward likewise; "glue" = torch work in between).
 Reported: ms (median of CUDA-event timings), dense-equivalent TFLOP/s
 (4·B·H·Nq·Nk·D forward, 2.5x that for the backward, so fwd+bwd = 3.5x), speedup
 vs SDPA bf16 (best backend) and vs SDPA fp32, peak memory, first-call time (JIT).
@@ -68,38 +73,33 @@ def measure(fn, warmup, reps):
 
 # --------------------------------------------------------------------------- contenders
 def sla_callables(q, k, v, do, topk, skip):
-    """(forward, forward+backward) closures for SLA on the GPU backend."""
-    try:
-        from sla_numba import sla_attention
+    """(forward, forward+backward, kernel path) for ``sla_numba.sla_attention``."""
+    from sla_numba import gpu, sla_attention
 
-        def fwd():
-            with torch.no_grad():
-                return sla_attention(q, k, v, topk=topk, skip=skip, block_q=BLOCK,
-                                     block_k=BLOCK, backend="gpu")
+    def fwd():
+        with torch.no_grad():
+            return sla_attention(q, k, v, topk=topk, skip=skip, block_q=BLOCK,
+                                 block_k=BLOCK, backend="gpu")
 
-        def fwd_bwd():
-            qq, kk, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
-            o = sla_attention(qq, kk, vv, topk=topk, skip=skip, block_q=BLOCK,
-                              block_k=BLOCK, backend="gpu")
-            o.backward(do)
-        return fwd, fwd_bwd, "sla_numba.sla_attention"
-    except ImportError:
-        # TODO(lead): remove once the public API is importable; calls the backend directly.
-        from sla_numba import _params, gpu
-        mk = _params.n_blocks(k.shape[2], BLOCK)
-        n_crit, n_skip = _params.block_counts(mk, topk, skip)
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    def fwd_bwd():
+        qq, kk, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
+        o = sla_attention(qq, kk, vv, topk=topk, skip=skip, block_q=BLOCK,
+                          block_k=BLOCK, backend="gpu")
+        o.backward(do)
+    path = gpu.select_path(q.dtype, q.shape[-1], BLOCK, BLOCK, q.device)
+    return fwd, fwd_bwd, path
 
-        def fwd():
-            m = gpu.classify(q, k, n_crit, n_skip, BLOCK, BLOCK, scale)
-            o_s, o_l, _ = gpu.forward(q, k, v, m, BLOCK, BLOCK, scale, 0, 1e-6)
-            return o_s + o_l
 
-        def fwd_bwd():
-            m = gpu.classify(q, k, n_crit, n_skip, BLOCK, BLOCK, scale)
-            o_s, o_l, lse = gpu.forward(q, k, v, m, BLOCK, BLOCK, scale, 0, 1e-6)
-            gpu.backward(q, k, v, o_s, o_l, lse, do, do, m, BLOCK, BLOCK, scale, 0, 1e-6)
-        return fwd, fwd_bwd, "sla_numba.gpu (backend direct)"
+def stage_breakdown(fn, warmup, reps):
+    """{stage: median-free mean ms} of ``fn`` per call, from the backend's stage marks."""
+    from sla_numba.gpu._stages import record_stages
+    for _ in range(warmup):
+        fn()
+    total = {}
+    for _ in range(reps):
+        with record_stages(total):
+            fn()
+    return {name: ms / reps for name, ms in total.items()}
 
 
 def critical_map(q, k, topk, skip):
@@ -125,7 +125,17 @@ def sdpa_callables(q, k, v, do, backend):
     return fwd, fwd_bwd
 
 
+#: FlexAttention's own tiles must divide the BlockMask's blocks (its H100/H200 default
+#: BLOCK_M is 128, so a 64 x 64 mask is refused without these).
+FLEX_FWD_OPTIONS = {"BLOCK_M": BLOCK, "BLOCK_N": BLOCK}
+
+
 def flex_callables(q, k, v, do, crit):
+    """FlexAttention with a BlockMask of SLA's critical blocks (block_q x block_k = 64 x 64).
+
+    The mask equals SLA's sparse branch exactly; the forward runs with 64 x 64 tiles
+    (``kernel_options``) so that each mask block is one tile; the backward keeps
+    Flex's default tiles (an error row if it refuses the mask)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     B, H, N = q.shape[0], q.shape[1], q.shape[2]
     cmap = (crit == 1)
@@ -139,7 +149,7 @@ def flex_callables(q, k, v, do, crit):
 
     def fwd():
         with torch.no_grad():
-            return flex(q, k, v, block_mask=mask)
+            return flex(q, k, v, block_mask=mask, kernel_options=FLEX_FWD_OPTIONS)
 
     def fwd_bwd():
         qq, kk, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
@@ -171,14 +181,20 @@ def run_case(shape_name, topk, skip, args):
         print(_fmt(row), flush=True)
 
     phases = [("fwd", 1.0)] + ([] if args.no_backward else [("fwd+bwd", 3.5)])
+    flex_phases = phases[:1] if args.quick else phases
     for dt_name in args.dtypes:
         dt = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dt_name]
         q, k, v, do = (x.to(dt) for x in base)
-        # SLA
-        f, fb, label = sla_callables(q, k, v, do, topk, skip)
+        # SLA, end to end through the public API
+        f, fb, path = sla_callables(q, k, v, do, topk, skip)
         for (phase, mult), fn in zip(phases, (f, fb)):
-            add("sla " + label.split()[0], dt_name, phase, measure(fn, args.warmup, args.reps),
-                flops_f * mult)
+            res = measure(fn, args.warmup, args.reps)
+            res["path"] = path
+            add("sla_attention", dt_name, phase, res, flops_f * mult)
+            if dt_name == "bf16" and "ms" in res and not args.no_stages:
+                st = stage_breakdown(fn, 1, args.reps)
+                res_st = dict(path=path, ms=sum(st.values()), stages=st)
+                add("sla stages", dt_name, phase, res_st, flops_f * mult)
         # SDPA, each backend forced
         for bname, backend in sdpa_backends().items():
             f, fb = sdpa_callables(q, k, v, do, backend)
@@ -186,11 +202,11 @@ def run_case(shape_name, topk, skip, args):
                 add(f"sdpa[{bname}]", dt_name, phase, measure(fn, args.warmup, args.reps),
                     flops_f * mult)
         # FlexAttention with SLA's critical blocks
-        if not args.no_flex:
+        if not args.no_flex and not (args.quick and dt_name != "bf16"):
             try:
                 crit = critical_map(q, k, topk, skip)
                 f, fb = flex_callables(q, k, v, do, crit)
-                for (phase, mult), fn in zip(phases, (f, fb)):
+                for (phase, mult), fn in zip(flex_phases, (f, fb)):
                     add("flex[critical]", dt_name, phase, measure(fn, args.warmup, args.reps),
                         flops_f * mult)
             except Exception as err:  # noqa: BLE001
@@ -201,10 +217,13 @@ def run_case(shape_name, topk, skip, args):
 
 
 def _fmt(r):
-    head = (f"{r['shape']:4s} topk={r['topk']:.2f} {r['impl']:22s} {r['dtype']:5s} "
-            f"{r['phase']:8s}")
+    head = (f"{r['shape']:4s} topk={r['topk']:.2f} {r['impl']:16s} {r.get('path', ''):5s} "
+            f"{r['dtype']:5s} {r['phase']:8s}")
     if "error" in r:
         return head + f"  -- {r['error']}"
+    if "stages" in r:
+        return head + f" {r['ms']:9.2f} ms  " + ", ".join(
+            f"{k} {v:.3f}" for k, v in r["stages"].items())
     return head + (f" {r['ms']:9.2f} ms {r['tflops']:7.1f} TFLOP/s "
                    f"peak {r['peak_mib']:8.0f} MiB  first {r['first_s']:6.1f} s")
 
@@ -228,20 +247,21 @@ def add_speedups(rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
-                    help="shape b2, topk 0.05, forward only, bf16, 2 warmup / 5 reps")
+                    help="shape b2, topk 0.05, bf16 + fp32, 2 warmup / 5 reps, flex bf16 fwd only")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--topk", nargs="+", type=float, default=[0.05, 0.10])
     ap.add_argument("--skip", type=float, default=0.10)
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32", "fp16"])
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-stages", action="store_true", help="skip the bf16 stage breakdown")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", default="bench_gpu.json")
     args = ap.parse_args()
     if args.quick:
-        args.shapes, args.topk, args.no_backward = ["b2"], [0.05], True
-        args.dtypes, args.warmup, args.reps = ["bf16"], 2, 5
+        args.shapes, args.topk = ["b2"], [0.05]
+        args.dtypes, args.warmup, args.reps = ["bf16", "fp32"], 2, 5
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False)")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
@@ -252,8 +272,9 @@ def main():
     add_speedups(rows)
     print("\nspeedups (SLA rows) vs SDPA bf16 best backend / vs SDPA fp32 best backend:")
     for r in rows:
-        if r["impl"].startswith(("sla", "flex")) and "ms" in r:
-            print(f"  {r['shape']:4s} topk={r['topk']:.2f} {r['impl']:22s} {r['dtype']:5s} "
+        if r["impl"].startswith(("sla_attention", "flex")) and "ms" in r:
+            print(f"  {r['shape']:4s} topk={r['topk']:.2f} {r['impl']:16s} {r.get('path', ''):5s} "
+                  f"{r['dtype']:5s} "
                   f"{r['phase']:8s} x{r.get('speedup_vs_sdpa_bf16', float('nan')):6.2f} "
                   f"/ x{r.get('speedup_vs_sdpa_fp32', float('nan')):6.2f}")
     with open(args.json, "w") as f:

@@ -267,11 +267,14 @@ def compute_dtype(dtype_str):
 
 
 def _host_inputs(kind, backend, *arrays):
-    """numpy/CuPy arrays as the backend wants them: C-contiguous, compute dtype."""
+    """numpy/CuPy arrays as the backend wants them: C-contiguous; for the CPU
+    kernels also in the compute dtype (the GPU kernels read fp16 themselves, and
+    fp16 is what sends them down the tensor-core path)."""
     if kind == "cupy":
         import cupy
-        return [cupy.ascontiguousarray(a.astype(compute_dtype(a.dtype.name), copy=False))
-                for a in arrays]
+        return [cupy.ascontiguousarray(a) for a in arrays]
+    if backend == "gpu":
+        return [np.ascontiguousarray(a) for a in arrays]
     return [np.ascontiguousarray(a, dtype=compute_dtype(np.dtype(a.dtype).name)) for a in arrays]
 
 
@@ -359,5 +362,32 @@ def sla_attention(q, k, v, *, topk=0.05, skip=0.10, block_q=64, block_k=64,
     if proj_weight is not None:
         o_l = o_l @ proj_weight.astype(o_l.dtype).T
         if proj_bias is not None:
-            o_l = o_l + proj_bias.astype(o_l.dtype)
-    return (o_s + o_l).astype(out_dtype)
+            o_l += proj_bias.astype(o_l.dtype)
+    o_s += o_l  # o_s is a fresh buffer of the backend's: add in place
+    return o_s.astype(out_dtype, copy=False)
+
+
+def kernel_path(q, *, block_q=64, block_k=64, backend="auto"):
+    """Which kernels :func:`sla_attention` runs for inputs like ``q``.
+
+    Returns ``"cpu"`` (Numba CPU kernels), ``"gpu:simt"`` (Numba CUDA kernels on
+    CUDA cores, fp32/fp64 arithmetic) or ``"gpu:tc"`` (the sparse branch on tensor
+    cores through ``mma.sync``: fp16/bf16 inputs, D a multiple of 16 up to 128,
+    block_q in {16, 32, 64, 128}, block_k in {16, 32, 64}, compute capability >= 8.0).
+    The environment variable ``SLA_NUMBA_GPU_PATH=simt|tc`` forces a GPU path.
+
+    Example
+    -------
+    >>> import numpy as np, sla_numba
+    >>> sla_numba.kernel_path(np.zeros((1, 1, 8, 16), np.float32))
+    'cpu'
+    """
+    kind = _check_tensor("q", q)
+    block_q = _params.check_block_size("block_q", block_q)
+    block_k = _params.check_block_size("block_k", block_k)
+    backend = _resolve_backend(backend, q, kind)
+    if backend == "cpu":
+        return "cpu"
+    gpu = load_backend("gpu")
+    device = q.device if kind == "torch" and is_on_gpu(q, kind) else None
+    return "gpu:" + gpu.select_path(q.dtype, int(q.shape[-1]), block_q, block_k, device)

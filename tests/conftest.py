@@ -27,7 +27,7 @@ from helpers import BACKENDS, simulator_on, tiny_under_sim  # noqa: E402,F401 (r
 _COMMON = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("dev", max_examples=8, **_COMMON)
-settings.register_profile("ci", max_examples=25, **_COMMON)
+settings.register_profile("ci", max_examples=50, **_COMMON)
 settings.register_profile("gpu", max_examples=200, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
@@ -43,7 +43,28 @@ def pytest_report_header(config):
             f"backends={BACKENDS}")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/gpu/ runs GPU kernels: give it the ``gpu`` mark too."""
+    gpu_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu") + os.sep
+    for item in items:
+        if str(item.path).startswith(gpu_dir):
+            item.add_marker(pytest.mark.gpu)
+
+
 # --------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True, scope="session")
+def _fast_simulated_barriers():
+    """Under the simulator every CUDA thread is a Python thread and ``syncthreads`` waits
+    for all of them: a short GIL switch interval makes barriers ~10x cheaper."""
+    if not simulator_on():
+        yield
+        return
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    yield
+    sys.setswitchinterval(old)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _poison_outputs():
     """Every output buffer a backend allocates starts as NaN: an unwritten element fails."""

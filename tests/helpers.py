@@ -6,7 +6,6 @@ import importlib
 import os
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import settings
 
@@ -39,11 +38,11 @@ def gpu_importable():
 BACKENDS = ["cpu"] + (["gpu"] if gpu_importable() else [])
 
 #: Examples per property for a GPU backend under the simulator.
-SIM_EXAMPLES = 3
+SIM_EXAMPLES = 10
 
 
 def for_backend(backend):
-    """Settings decorator: few examples for a GPU backend under the simulator, else the profile's."""
+    """Settings decorator: few examples for a simulated GPU backend, else the profile's."""
     if backend == "gpu" and simulator_on():
         return settings(max_examples=SIM_EXAMPLES)
     return lambda f: f

@@ -52,9 +52,9 @@ _BLOCK = st.sampled_from([1, 2, 3, 4, 5, 8, 16, 64])
 def shapes(draw, tiny=False):
     """Attention shapes, Nq independent of Nk. ``tiny``: simulator-sized (GPU under CI)."""
     if tiny:
-        return Shape(1, 1, draw(st.integers(1, 10)), draw(st.integers(1, 10)),
-                     draw(st.sampled_from([1, 3, 4])),
-                     draw(st.sampled_from([2, 4])), draw(st.sampled_from([2, 4])))
+        return Shape(draw(st.integers(1, 2)), 1, draw(st.integers(1, 20)),
+                     draw(st.integers(1, 20)), draw(st.sampled_from([1, 3, 4, 8])),
+                     draw(st.sampled_from([2, 4, 8])), draw(st.sampled_from([2, 4, 8])))
     return Shape(draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(_N), draw(_N),
                  draw(_D), draw(_BLOCK), draw(_BLOCK))
 

@@ -16,8 +16,9 @@ from sla_numba.reference import classify_reference, sla_reference
 KINDS = ["numpy", "torch"]
 
 
-def _reference(case_or_inputs, block_map, sh, feature_map, w=None, b=None):
-    q, k, v = (to_f64(x) for x in case_or_inputs)
+def _reference(inputs, block_map, sh, feature_map, w=None, b=None):
+    """The float64 reference (numpy) of whatever arrays the API was given."""
+    q, k, v = (to_f64(x) for x in inputs)
     return sla_reference(q, k, v, to_f64(block_map).astype(np.int8), block_q=sh.block_q,
                          block_k=sh.block_k, feature_map=feature_map,
                          proj_weight=None if w is None else to_f64(w),
@@ -159,7 +160,7 @@ def test_numpy_and_torch_paths_give_the_same_bits(backend):
     np.testing.assert_array_equal(o_np, o_t.cpu().numpy())
 
 
-def test_proj_weight_without_grad_and_float64_outputs_stay_float64():
+def test_float32_projection_with_float64_inputs():
     """A float32 nn.Linear weight with float64 inputs: output dtype is the input dtype."""
     sh = S.Shape(1, 1, 9, 9, 4, 4, 4)
     q, k, v = (torch.from_numpy(x) for x in S.qkv(sh, 2))

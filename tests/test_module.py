@@ -1,5 +1,4 @@
 """SparseLinearAttention and torch.compile."""
-import numpy as np
 import pytest
 import torch
 

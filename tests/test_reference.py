@@ -1,4 +1,4 @@
-"""The oracle checked against itself: definitions, SDPA, the blockwise spec formulas, finite differences."""
+"""The oracle checked: definitions, SDPA, the blockwise spec formulas, finite differences."""
 import math
 
 import numpy as np
@@ -43,7 +43,8 @@ def test_expand_block_map_definition(shape, seed):
 def test_block_scores_equal_pooled_dot(shape, seed):
     q, k, _ = S.qkv(shape, seed)
     s = block_scores(q, k, shape.block_q, shape.block_k, 0.3)
-    expect = 0.3 * pool_blocks(q, shape.block_q) @ np.swapaxes(pool_blocks(k, shape.block_k), -1, -2)
+    pk = pool_blocks(k, shape.block_k)
+    expect = 0.3 * pool_blocks(q, shape.block_q) @ np.swapaxes(pk, -1, -2)
     np.testing.assert_allclose(s, expect, rtol=1e-12, atol=1e-13)
 
 
@@ -132,7 +133,7 @@ def test_dense_reference_matches_blockwise_spec(case, proj):
 
 @given(case=S.cases(), seed=S.seeds)
 def test_spec_backward_formulas_match_autograd(case, seed):
-    """The backward formulas of SLA_SPEC §3 (what kernels implement) equal autograd of the oracle."""
+    """SLA_SPEC §3's backward formulas (what the kernels implement) equal the oracle's autograd."""
     sh = case.shape
     qn, kn, vn = case.inputs()
     scale = 1 / math.sqrt(sh.d)
@@ -160,8 +161,10 @@ def test_reference_gradcheck(feature_map):
     b = torch.from_numpy(rng.standard_normal(3)).requires_grad_()
     bm = torch.tensor([[[1, 0, -1, 0], [-1, -1, 0, 0], [1, 1, -1, 1]],
                        [[0, 0, 0, 0], [-1, -1, -1, -1], [1, 0, 1, -1]]], dtype=torch.int8)[None]
-    fn = lambda *x: sla_reference(*x[:3], bm, block_q=2, block_k=2, feature_map=feature_map,  # noqa: E731
-                                  proj_weight=x[3], proj_bias=x[4])[0]
+    def fn(q, k, v, w, b):
+        return sla_reference(q, k, v, bm, block_q=2, block_k=2, feature_map=feature_map,
+                             proj_weight=w, proj_bias=b)[0]
+
     assert torch.autograd.gradcheck(fn, (q, k, v, w, b))
 
 

@@ -1,4 +1,4 @@
-"""Bad input gets a ValueError / TypeError naming the argument; NaN input gets documented behaviour."""
+"""Bad input: a ValueError / TypeError naming the argument. NaN input: the documented behaviour."""
 import re
 
 import numpy as np

@@ -173,19 +173,22 @@ def main():
             print(f"-- {tag}: {T}  smem {smem_bytes(T) / 1024:.1f} KiB")
             ok &= compile_one(f"prep {tag}", make_prep(T),
                               (x4, x4, I64, I64, I64, a4, I64, a3, arr(nt.int8, 4), I64, I64, I64,
-                               i4, i4, i4, i4, i4, i4), FASTMATH, f32)
+                               i4, i4, i4, i4, i4, i4, I64, x4, x4, a3, I64), FASTMATH, f32)
             ok &= compile_one(f"totals {tag}", make_totals(np.dtype(acc).name), (a4, I64), False, f32)
-            ok &= compile_one(f"forward {tag}", forward.make_forward_simt(T),
-                              (x4, x4, x4, a4, i4, i4, i4, I64, I64, I64, I64, F64, I64, F64, I64,
-                               a4, a4, a3), FASTMATH, f32)
-            # backward: o_s / o_l / dO in the input dtype (torch path), lse in the compute dtype
-            ok &= compile_one(f"dq {tag}", backward.make_dq(T),
-                              (x4, x4, x4, x4, x4, a3, x4, x4, a4, i4, i4, i4,
-                               I64, I64, I64, I64, F64, I64, F64, I64,
-                               a4, a3, a3, a3, a4), FASTMATH, f32)
-            ok &= compile_one(f"dkdv {tag}", backward.make_dkdv(T),
-                              (x4, x4, x4, a3, x4, a4, i4, i4, i4, a3,
-                               I64, I64, I64, I64, F64, I64, I64, a4, a4, a4), FASTMATH, f32)
+            # sparse=False: the linear-only kernels of the tensor-core path (fp16 / bf16)
+            for sparse in ((True, False) if dtn in ("bf16", "f16") else (True,)):
+                st = "" if sparse else " linear-only"
+                ok &= compile_one(f"forward{st} {tag}", forward.make_forward_simt(T, sparse),
+                                  (x4, x4, x4, a4, i4, i4, i4, I64, I64, I64, I64, F64, I64, F64,
+                                   I64, a4, a4, a3), FASTMATH, f32)
+                # backward: o_s / o_l / dO in the input dtype (torch path), lse compute dtype
+                ok &= compile_one(f"dq{st} {tag}", backward.make_dq(T, sparse),
+                                  (x4, x4, x4, x4, x4, a3, x4, x4, a4, i4, i4, i4,
+                                   I64, I64, I64, I64, F64, I64, F64, I64,
+                                   a4, a3, a3, a3, a4), FASTMATH, f32)
+                ok &= compile_one(f"dkdv{st} {tag}", backward.make_dkdv(T, sparse),
+                                  (x4, x4, x4, a3, x4, a4, i4, i4, i4, a3,
+                                   I64, I64, I64, I64, F64, I64, I64, a4, a4, a4), FASTMATH, f32)
     print("ALL OK" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -11,6 +11,14 @@ Three functions, the backend contract of docs/internals.md:
   dK/dV per key block over a reverse index built on the GPU; deterministic, no
   atomics (5 launches).
 
+Kernel paths (``_path.py``): ``forward`` / ``backward`` take ``path="auto"``
+(default) | ``"simt"`` | ``"tc"``. With ``"tc"`` the tensor-core kernels
+(``forward_tc.py`` / ``backward_tc.py``: fp16 / bf16 ``mma.sync``) do the sparse
+branch and the SIMT kernels only the linear one; ``"auto"`` picks ``"tc"`` whenever
+:func:`select_path` says so (fp16 / bf16, D a multiple of 16 up to 128, supported
+block sizes, compute capability >= 8.0). ``SLA_NUMBA_GPU_PATH=simt|tc|auto``
+overrides ``"auto"``; a forced ``"tc"`` on inputs it cannot take is a ``ValueError``.
+
 Inputs: torch CUDA tensors, CuPy arrays, numba device arrays or numpy arrays
 (copied to the device and back: this is how CI runs the kernels under the CUDA
 simulator). Outputs are the same kind as ``q`` (see ``_arrays.py``), in float32
@@ -22,6 +30,7 @@ linear states), ``_compat.py`` (numpy 2.5 / simulator / bf16 shims).
 from . import _compat  # noqa: F401  (restores np.row_stack before numba.cuda compiles)
 from .backward import backward
 from .classify import classify
+from ._path import ENV_VAR, PATHS, select_path
 from .forward import forward
 
-__all__ = ["classify", "forward", "backward"]
+__all__ = ["classify", "forward", "backward", "select_path", "PATHS", "ENV_VAR"]

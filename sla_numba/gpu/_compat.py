@@ -23,6 +23,9 @@ Three things live here so that no kernel module has to care about them:
      fuse into an FMA. NVVM contracts ``a * b + c`` into ``fma.rn.f64`` even without
      fastmath (checked in PTX), and classification must give the CPU backend's bits.
 """
+import hashlib
+import os
+
 import numpy as np
 
 # --- 1. numpy >= 2.5 removed np.row_stack; numba-cuda 0.30.4 still references it
@@ -41,6 +44,9 @@ from numba import cuda  # noqa: E402
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
+with open(__file__, "rb") as _f:
+    _SOURCE_HASH = hashlib.sha1(_f.read()).hexdigest()[:12]
+
 
 #: Fast-math flags of the attention kernels: FMA contraction, approximate exp2 /
 #: log2 and reciprocal (NVVM then also flushes fp32 denormals and uses approximate
@@ -53,10 +59,19 @@ def kernel(**options):
 
     Options the simulator rejects (``lineinfo``, ``max_registers``,
     ``launch_bounds``) and ``fastmath`` are dropped under the simulator.
+    Kernels (not device functions) get ``cache=True``: compiled code is kept on
+    disk (``NUMBA_CACHE_DIR`` or ``__pycache__``), per compute capability. The
+    kernels are closures made by factories per tile configuration; Numba keys a
+    closure's cache entry on a hash of its pickled closure variables (tile sizes,
+    device functions by value), which is stable across processes once the
+    intrinsics below have pinned uuids (see ``_pin_uuid``). ``SLA_NUMBA_NO_CACHE=1``
+    turns it off.
     """
     if SIMULATOR:
         keep = {k: v for k, v in options.items() if k in ("device", "inline")}
         return cuda.jit(**keep)
+    if not options.get("device") and os.environ.get("SLA_NUMBA_NO_CACHE", "0") != "1":
+        options.setdefault("cache", True)
     return cuda.jit(**options)
 
 
@@ -116,6 +131,22 @@ else:
         def codegen(context, builder, sig, args):
             return _widen(context, builder, sig.args[0], args[0], types.float64)
         return types.float64(x), codegen
+
+    def _pin_uuid(intr, name):
+        """Give an ``@intrinsic`` a deterministic uuid (Numba draws a random one).
+
+        Numba-cuda pickles closure variables to key the disk cache of closure
+        kernels; an intrinsic pickles with its uuid, so a random one would give
+        every process a new key (a cache that never hits and only grows). The
+        uuid includes a hash of this file, so editing the codegen invalidates it.
+        """
+        try:
+            intr._set_uuid(f"sla_numba._compat.{name}.{_SOURCE_HASH}")
+        except Exception:  # noqa: BLE001 - private API; caching just misses then
+            pass
+
+    _pin_uuid(to_f32, "to_f32")
+    _pin_uuid(to_f64, "to_f64")
 
     @cuda.jit(device=True)
     def mul_rn(a, b):

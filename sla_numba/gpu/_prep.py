@@ -1,6 +1,6 @@
 """Kernels shared by the forward and the backward: block lists and linear states.
 
-1. ``prep`` (one launch) does two independent jobs, told apart by blockIdx.x:
+1. ``prep`` (one launch) does independent jobs, told apart by blockIdx.x:
    - blocks ``x < n_state``: the linear-attention state of one block of rows,
      ``S_x = [vec(A_xᵀ B_x), colsum(A_x)]`` with ``A = w·φ(X)`` and ``B = Y``:
      for key blocks (forward) that is ``h_j = φ(K_j)ᵀ V_j`` (D x D) and
@@ -13,9 +13,15 @@
        * ``lin[b,h,i,:m]`` with ``mode``: the blocks to add for the row's linear
          state. mode 0: the marginal blocks (direct sum); mode 1: the non-marginal
          ones, to subtract from the total (cheaper when most blocks are marginal);
-       * ``info[b,h,i] = (n_crit, len(lin), mode, n_marginal)``.
+       * ``info[:, b, h, i] = (n_crit, len(lin), mode, n_marginal)``, stored
+         field-major, shape (4, B, H, M): ``info[0]`` is a contiguous (B, H, M)
+         count array that the tensor-core kernels read as their ``counts``.
      Column lists (the reverse index, for dK/dV) are the same over query blocks
-     of one key-block column.
+     of one key-block column. ``crit`` + ``info[0]`` are the tensor-core
+     kernels' LUT / counts (rows) and reverse index / counts (columns).
+   - (tensor-core backward only) the last blocks, one thread per query row:
+     ``delta[b, h, r] = O_s[r]·dO_s[r]`` (compute dtype), which the tensor-core
+     sparse backward reads before the SIMT kernels run.
 2. ``totals``: ``state[b, h, M] = Σ_{x<M} state[b, h, x]``, summed in x order
    (deterministic, no atomics).
 
@@ -103,13 +109,17 @@ def make_prep(tiles):
     acc_t = T.acc_dtype.type
     SA, SB, SP, SRED, SROW = smem_sizes(T)
     state_block = make_state_fn(T)
+    to_acc = make_common(NT, T.acc).to_acc
+    zero = acc_t(0.0)
 
     @kernel(fastmath=FASTMATH)
     def prep(x, y, n_rows, block, n_state, state, fm, dummy,
              bmap, mq, mk, want_cols,
-             row_crit, row_lin, row_info, col_crit, col_lin, col_info):
+             row_crit, row_lin, row_info, col_crit, col_lin, col_info,
+             n_list_blocks, o_s, do_s, delta, nq):
         """Blocks x < n_state: state of row block x of (x, y) (h_j, z_j).
-        Blocks after: the map's row lists (and column lists if want_cols).
+        The next ``n_list_blocks``: the map's row lists (and column lists if want_cols).
+        The rest (``nq > 0`` only): ``delta[b, h, r] = o_s[b, h, r]·do_s[b, h, r]``.
         ``dummy``: any (B', H', N') array of the compute dtype (unused weights)."""
         sa = cuda.shared.array(SA, acc_t)
         sb = cuda.shared.array(SB, acc_t)
@@ -128,6 +138,16 @@ def make_prep(tiles):
             r1 = min(r0 + block, n_rows)
             state_block(x[b, h], y[b, h], r0, r1, x.shape[3], fm, dummy[0, 0], dummy[0, 0], 0,
                         state[b, h], bx, sa, sb, srow, acc, zacc, t, tr, tc)
+            return
+
+        if bx >= n_state + n_list_blocks:
+            # ---- delta rows (tensor-core backward): one thread per query row ----
+            r = (bx - n_state - n_list_blocks) * NT + t
+            if r < nq:
+                acc_d = zero
+                for d in range(o_s.shape[3]):
+                    acc_d += to_acc(o_s[b, h, r, d]) * to_acc(do_s[b, h, r, d])
+                delta[b, h, r] = acc_d
             return
 
         # ---- block lists: one thread per map row, then per map column ----
@@ -158,10 +178,10 @@ def _row_lists(bmap, b, h, i, mk, crit, lin, info):
         if (mode == 0 and v == 0) or (mode == 1 and v != 0):
             lin[b, h, i, n] = j
             n += 1
-    info[b, h, i, 0] = nc
-    info[b, h, i, 1] = n
-    info[b, h, i, 2] = mode
-    info[b, h, i, 3] = nm
+    info[0, b, h, i] = nc
+    info[1, b, h, i] = n
+    info[2, b, h, i] = mode
+    info[3, b, h, i] = nm
 
 
 @cuda.jit(device=True)
@@ -182,10 +202,10 @@ def _col_lists(bmap, b, h, j, mq, crit, lin, info):
         if (mode == 0 and v == 0) or (mode == 1 and v != 0):
             lin[b, h, j, n] = i
             n += 1
-    info[b, h, j, 0] = nc
-    info[b, h, j, 1] = n
-    info[b, h, j, 2] = mode
-    info[b, h, j, 3] = nm
+    info[0, b, h, j] = nc
+    info[1, b, h, j] = n
+    info[2, b, h, j] = mode
+    info[3, b, h, j] = nm
 
 
 TOTALS_THREADS = 8 if SIMULATOR else 256     # simulator: each thread is a Python thread

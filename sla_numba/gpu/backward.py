@@ -27,6 +27,15 @@ Given dO_s (= dO) and dO_l (= dO·W), five launches on the caller's stream:
      ``Pᵀ = exp(Sᵀ − lse)``, ``dV += Pᵀ dO_s``, ``dK += scale · dSᵀ Q``.
 
 Every output element is written by exactly one thread: same input, same bits.
+
+Path "tc" (``_path.py``; fp16 / bf16 on compute capability >= 8.0): ``prep`` also
+computes ``delta = O_s·dO_s`` per query row; the tensor-core kernels
+(``backward_tc``) then write the sparse dQ, dK, dV, reading the prep kernel's
+critical lists (row_crit + row_info[0]) and reverse index (col_crit +
+col_info[0]) straight from the device; finally ``dq`` / ``totals`` / ``dkdv``,
+compiled with ``sparse=False``, *add* the linear contributions in place (7
+launches, still deterministic: each element has one writer per kernel, in stream
+order).
 """
 import functools
 import math
@@ -39,7 +48,9 @@ from ._compat import FASTMATH, SIMULATOR, cuda, kernel
 from ._prep import TOTALS_THREADS, make_state_fn, make_totals, totals_grid
 from ._tiles import (LOG2E, choose_tiles, make_chain, make_common, make_mm,
                      smem_sizes)
-from .forward import PATHS, compute_dtype, launch_prep
+from ._path import resolve_path
+from ._stages import mark
+from .forward import call_device, compute_dtype, flat, half_bits, half_kind, launch_prep
 
 
 def dkdv_rows(tiles):
@@ -51,8 +62,11 @@ def dkdv_rows(tiles):
 
 
 @functools.lru_cache(maxsize=None)
-def make_dq(tiles):
+def make_dq(tiles, sparse=True):
+    """The dQ kernel. ``sparse=False`` (tensor-core path): no sparse loop, no δs;
+    the linear contribution is *added* to ``dq`` (which holds the tensor cores' dQ)."""
     T = tiles
+    SPARSE = bool(sparse)
     TR, TC, NT = T.TR, T.TC, T.NT
     BQ, BK, DP, DC, KC = T.BQ, T.BK, T.DP, T.DC, T.KC
     RQ, RK, RD = BQ // TR, BK // TC, T.RD
@@ -104,17 +118,19 @@ def make_dq(tiles):
         qs = acc_t(scale * LOG2E)
         sc = acc_t(scale)
         eps_a = acc_t(eps)
-        n_crit = info[b, h, i, 0]
-        n_lin = info[b, h, i, 1]
-        mode = info[b, h, i, 2]
-        n_marg = info[b, h, i, 3]
+        n_crit = info[0, b, h, i]
+        n_lin = info[1, b, h, i]
+        mode = info[2, b, h, i]
+        n_marg = info[3, b, h, i]
         q0 = i * block_q
         q1 = min(q0 + block_q, nq)
 
         if n_marg > 0:
             gather_state(sz, 0, DP, False, state, lin, n_lin, mode, mk,
                              DP * DP, 1, DP, DP, t)
-        for r0 in range(q0, q1, BQ):
+        # linear-only (tensor-core path) without marginal blocks: dq is already final
+        q_end = q1 if (SPARSE or n_marg > 0) else q0
+        for r0 in range(q0, q_end, BQ):
             nr = min(BQ, q1 - r0)
             cuda.syncthreads()
             row_stats(srow, q, r0, nr, D, BQ, t, fm)
@@ -128,14 +144,16 @@ def make_dq(tiles):
                     n_row = r0 + r
                     den = eps_a
                     for d in range(D):
-                        ds += to_acc(o_s[n_row, d]) * to_acc(do_s[n_row, d])
+                        if SPARSE:
+                            ds += to_acc(o_s[n_row, d]) * to_acc(do_s[n_row, d])
                         dl += to_acc(o_l[n_row, d]) * to_acc(do_l[n_row, d])
                         if n_marg > 0:
                             den += phi_value(to_acc(q[n_row, d]), srow[4 * r],
                                                  srow[4 * r + 1], fm) * sz[d]
                     inv_den = one / den
-                    lse2 = to_acc(lse[n_row]) * log2e
-                    w_ds[n_row] = ds
+                    if SPARSE:
+                        lse2 = to_acc(lse[n_row]) * log2e
+                        w_ds[n_row] = ds
                     w_dl[n_row] = dl
                     w_inv_den[n_row] = inv_den
                 sx[4 * r] = ds
@@ -161,52 +179,56 @@ def make_dq(tiles):
                         col = tc + TC * n
                         acc[a, n] = (acc[a, n] - sx[4 * row + 1] * sz[col]) * sx[4 * row + 2]
                 chain(acc, q, r0, nr, D, sred, srow, fm, tr, tc)
-            # ---- b) sparse branch over the critical key blocks
-            for ci in range(n_crit):
-                j = crit[ci]
-                k0 = j * block_k
-                k1 = min(k0 + block_k, nk)
-                for c0 in range(k0, k1, BK):
-                    nc = min(BK, k1 - c0)
-                    for a in range(RQ):
-                        for n in range(RK):
-                            s[a, n] = zero
-                            dp[a, n] = zero
-                    for d0 in range(0, DP, DC):
-                        cuda.syncthreads()
-                        load_t(sa, 0, LDQ, q, r0, nr, d0, D, BQ, DC, t, qs)
-                        load_t(sb, 0, LDK, k, c0, nc, d0, D, BK, DC, t, one)
-                        cuda.syncthreads()
-                        mm_s(s, sa, 0, LDQ, sb, 0, LDK, DC, tr, tc)
-                    for d0 in range(0, DP, DC):
-                        cuda.syncthreads()
-                        load_t(sa, 0, LDQ, do_s, r0, nr, d0, D, BQ, DC, t, one)
-                        load_t(sb, 0, LDK, v, c0, nc, d0, D, BK, DC, t, one)
-                        cuda.syncthreads()
-                        mm_s(dp, sa, 0, LDQ, sb, 0, LDK, DC, tr, tc)
-                    # scale · dS, stored transposed for dQ += (scale·dS) K
-                    for a in range(RQ):
-                        row = tr + TR * a
-                        for n in range(RK):
-                            col = tc + TC * n
-                            g = zero
-                            if col < nc and row < nr:
-                                p = math.exp2(s[a, n] - sx[4 * row + 3])
-                                g = p * (dp[a, n] - sx[4 * row]) * sc
-                            sp[col * LDQ + row] = g
-                    for kc0 in range(0, nc, KC):
-                        nkc = min(KC, nc - kc0)
-                        cuda.syncthreads()
-                        load_n(sb, 0, DP, k, c0 + kc0, nkc, 0, D, KC, DP, t, one)
-                        cuda.syncthreads()
-                        mm_o(acc, sp, kc0 * LDQ, LDQ, sb, 0, DP, nkc, tr, tc)
+            # ---- b) sparse branch over the critical key blocks (SIMT path only)
+            if SPARSE:
+                for ci in range(n_crit):
+                    j = crit[ci]
+                    k0 = j * block_k
+                    k1 = min(k0 + block_k, nk)
+                    for c0 in range(k0, k1, BK):
+                        nc = min(BK, k1 - c0)
+                        for a in range(RQ):
+                            for n in range(RK):
+                                s[a, n] = zero
+                                dp[a, n] = zero
+                        for d0 in range(0, DP, DC):
+                            cuda.syncthreads()
+                            load_t(sa, 0, LDQ, q, r0, nr, d0, D, BQ, DC, t, qs)
+                            load_t(sb, 0, LDK, k, c0, nc, d0, D, BK, DC, t, one)
+                            cuda.syncthreads()
+                            mm_s(s, sa, 0, LDQ, sb, 0, LDK, DC, tr, tc)
+                        for d0 in range(0, DP, DC):
+                            cuda.syncthreads()
+                            load_t(sa, 0, LDQ, do_s, r0, nr, d0, D, BQ, DC, t, one)
+                            load_t(sb, 0, LDK, v, c0, nc, d0, D, BK, DC, t, one)
+                            cuda.syncthreads()
+                            mm_s(dp, sa, 0, LDQ, sb, 0, LDK, DC, tr, tc)
+                        # scale · dS, stored transposed for dQ += (scale·dS) K
+                        for a in range(RQ):
+                            row = tr + TR * a
+                            for n in range(RK):
+                                col = tc + TC * n
+                                g = zero
+                                if col < nc and row < nr:
+                                    p = math.exp2(s[a, n] - sx[4 * row + 3])
+                                    g = p * (dp[a, n] - sx[4 * row]) * sc
+                                sp[col * LDQ + row] = g
+                        for kc0 in range(0, nc, KC):
+                            nkc = min(KC, nc - kc0)
+                            cuda.syncthreads()
+                            load_n(sb, 0, DP, k, c0 + kc0, nkc, 0, D, KC, DP, t, one)
+                            cuda.syncthreads()
+                            mm_o(acc, sp, kc0 * LDQ, LDQ, sb, 0, DP, nkc, tr, tc)
             for a in range(RQ):
                 row = tr + TR * a
                 if row < nr:
                     for n in range(RD):
                         col = tc + TC * n
                         if col < D:
-                            dq[r0 + row, col] = acc[a, n]
+                            if SPARSE:
+                                dq[r0 + row, col] = acc[a, n]
+                            else:
+                                dq[r0 + row, col] += acc[a, n]
         # ---- c) QO_i, QD_i: the query block's linear state with ĉ = φ(q)/den
         cuda.syncthreads()
         if n_marg > 0:
@@ -220,8 +242,11 @@ def make_dq(tiles):
 
 
 @functools.lru_cache(maxsize=None)
-def make_dkdv(tiles):
+def make_dkdv(tiles, sparse=True):
+    """The dK/dV kernel. ``sparse=False`` (tensor-core path): no sparse loop; the
+    linear contributions are *added* to ``dk`` / ``dv`` (the tensor cores' dK, dV)."""
     T = tiles
+    SPARSE = bool(sparse)
     TR, TC, NT = T.TR, T.TC, T.NT
     BQ, DP, DC, KC = T.BQ, T.DP, T.DC, T.KC
     BKD = dkdv_rows(T)
@@ -268,10 +293,10 @@ def make_dkdv(tiles):
         dk, dv = dk4[b, h], dv4[b, h]
         qs = acc_t(scale * LOG2E)
         sc = acc_t(scale)
-        n_crit = info[b, h, j, 0]
-        n_lin = info[b, h, j, 1]
-        mode = info[b, h, j, 2]
-        n_marg = info[b, h, j, 3]
+        n_crit = info[0, b, h, j]
+        n_lin = info[1, b, h, j]
+        mode = info[2, b, h, j]
+        n_marg = info[3, b, h, j]
         k0 = j * block_k
         k1 = min(k0 + block_k, nk)
 
@@ -279,7 +304,9 @@ def make_dkdv(tiles):
             # dH_j (DP x DP, row-major) and dZ_j, assembled once for the block
             gather_state(dh, 0, W, False, qstate, lin, n_lin, mode, mq,
                              0, 1, W, W, t)
-        for c0 in range(k0, k1, BKD):
+        # linear-only (tensor-core path) without marginal queries: dk, dv are final
+        k_end = k1 if (SPARSE or n_marg > 0) else k0
+        for c0 in range(k0, k_end, BKD):
             nc = min(BKD, k1 - c0)
             cuda.syncthreads()
             row_stats(srow, k, c0, nc, D, BKD, t, fm)
@@ -313,117 +340,167 @@ def make_dkdv(tiles):
                         sb[ee * DP + d] = dh[(e0 + ee) * DP + d]
                     cuda.syncthreads()
                     mm_o(gv, sa, 0, LDKD, sb, 0, DP, DC, tr, tc)
-            # ---- sparse branch over the query blocks that mark j critical
-            for ci in range(n_crit):
-                i = crit[ci]
-                qa = i * block_q
-                qb = min(qa + block_q, nq)
-                for r0 in range(qa, qb, BQ):
-                    nr = min(BQ, qb - r0)
-                    cuda.syncthreads()
-                    for r in range(t, BQ, NT):
-                        ds = zero
-                        lse2 = zero
-                        if r < nr:
-                            ds = w_ds[r0 + r]
-                            lse2 = to_acc(lse[r0 + r]) * log2e
-                        sx[2 * r] = ds
-                        sx[2 * r + 1] = lse2
-                    for a in range(RKD):
-                        for n in range(RQC):
-                            s[a, n] = zero
-                            dp[a, n] = zero
-                    for d0 in range(0, DP, DC):
+            # ---- sparse branch over the query blocks that mark j critical (SIMT path only)
+            if SPARSE:
+                for ci in range(n_crit):
+                    i = crit[ci]
+                    qa = i * block_q
+                    qb = min(qa + block_q, nq)
+                    for r0 in range(qa, qb, BQ):
+                        nr = min(BQ, qb - r0)
                         cuda.syncthreads()
-                        load_t(sa, 0, LDKD, k, c0, nc, d0, D, BKD, DC, t, qs)
-                        load_t(sb, 0, LDQ, q, r0, nr, d0, D, BQ, DC, t, one)
+                        for r in range(t, BQ, NT):
+                            ds = zero
+                            lse2 = zero
+                            if r < nr:
+                                ds = w_ds[r0 + r]
+                                lse2 = to_acc(lse[r0 + r]) * log2e
+                            sx[2 * r] = ds
+                            sx[2 * r + 1] = lse2
+                        for a in range(RKD):
+                            for n in range(RQC):
+                                s[a, n] = zero
+                                dp[a, n] = zero
+                        for d0 in range(0, DP, DC):
+                            cuda.syncthreads()
+                            load_t(sa, 0, LDKD, k, c0, nc, d0, D, BKD, DC, t, qs)
+                            load_t(sb, 0, LDQ, q, r0, nr, d0, D, BQ, DC, t, one)
+                            cuda.syncthreads()
+                            mm_st(s, sa, 0, LDKD, sb, 0, LDQ, DC, tr, tc)
+                        for d0 in range(0, DP, DC):
+                            cuda.syncthreads()
+                            load_t(sa, 0, LDKD, v, c0, nc, d0, D, BKD, DC, t, one)
+                            load_t(sb, 0, LDQ, do_s, r0, nr, d0, D, BQ, DC, t, one)
+                            cuda.syncthreads()
+                            mm_st(dp, sa, 0, LDKD, sb, 0, LDQ, DC, tr, tc)
+                        # Pᵀ -> sp[r][c];  keep scale·dSᵀ in s
+                        for a in range(RKD):
+                            row = tr + TR * a
+                            for n in range(RQC):
+                                col = tc + TC * n
+                                p = zero
+                                g = zero
+                                if col < nr and row < nc:
+                                    p = math.exp2(s[a, n] - sx[2 * col + 1])
+                                    g = p * (dp[a, n] - sx[2 * col]) * sc
+                                sp[col * LDKD + row] = p
+                                s[a, n] = g
+                        for rc0 in range(0, nr, KC):
+                            nrc = min(KC, nr - rc0)
+                            cuda.syncthreads()
+                            load_n(sb, 0, DP, do_s, r0 + rc0, nrc, 0, D, KC, DP, t, one)
+                            cuda.syncthreads()
+                            mm_o(gv, sp, rc0 * LDKD, LDKD, sb, 0, DP, nrc, tr, tc)
                         cuda.syncthreads()
-                        mm_st(s, sa, 0, LDKD, sb, 0, LDQ, DC, tr, tc)
-                    for d0 in range(0, DP, DC):
-                        cuda.syncthreads()
-                        load_t(sa, 0, LDKD, v, c0, nc, d0, D, BKD, DC, t, one)
-                        load_t(sb, 0, LDQ, do_s, r0, nr, d0, D, BQ, DC, t, one)
-                        cuda.syncthreads()
-                        mm_st(dp, sa, 0, LDKD, sb, 0, LDQ, DC, tr, tc)
-                    # Pᵀ -> sp[r][c];  keep scale·dSᵀ in s
-                    for a in range(RKD):
-                        row = tr + TR * a
-                        for n in range(RQC):
-                            col = tc + TC * n
-                            p = zero
-                            g = zero
-                            if col < nr and row < nc:
-                                p = math.exp2(s[a, n] - sx[2 * col + 1])
-                                g = p * (dp[a, n] - sx[2 * col]) * sc
-                            sp[col * LDKD + row] = p
-                            s[a, n] = g
-                    for rc0 in range(0, nr, KC):
-                        nrc = min(KC, nr - rc0)
-                        cuda.syncthreads()
-                        load_n(sb, 0, DP, do_s, r0 + rc0, nrc, 0, D, KC, DP, t, one)
-                        cuda.syncthreads()
-                        mm_o(gv, sp, rc0 * LDKD, LDKD, sb, 0, DP, nrc, tr, tc)
-                    cuda.syncthreads()
-                    for a in range(RKD):
-                        row = tr + TR * a
-                        for n in range(RQC):
-                            sp[(tc + TC * n) * LDKD + row] = s[a, n]
-                    for rc0 in range(0, nr, KC):
-                        nrc = min(KC, nr - rc0)
-                        cuda.syncthreads()
-                        load_n(sb, 0, DP, q, r0 + rc0, nrc, 0, D, KC, DP, t, one)
-                        cuda.syncthreads()
-                        mm_o(gk, sp, rc0 * LDKD, LDKD, sb, 0, DP, nrc, tr, tc)
+                        for a in range(RKD):
+                            row = tr + TR * a
+                            for n in range(RQC):
+                                sp[(tc + TC * n) * LDKD + row] = s[a, n]
+                        for rc0 in range(0, nr, KC):
+                            nrc = min(KC, nr - rc0)
+                            cuda.syncthreads()
+                            load_n(sb, 0, DP, q, r0 + rc0, nrc, 0, D, KC, DP, t, one)
+                            cuda.syncthreads()
+                            mm_o(gk, sp, rc0 * LDKD, LDKD, sb, 0, DP, nrc, tr, tc)
             for a in range(RKD):
                 row = tr + TR * a
                 if row < nc:
                     for n in range(RD):
                         col = tc + TC * n
                         if col < D:
-                            dk[c0 + row, col] = gk[a, n]
-                            dv[c0 + row, col] = gv[a, n]
+                            if SPARSE:
+                                dk[c0 + row, col] = gk[a, n]
+                                dv[c0 + row, col] = gv[a, n]
+                            else:
+                                dk[c0 + row, col] += gk[a, n]
+                                dv[c0 + row, col] += gv[a, n]
 
     return sla_dkdv
 
 
+def _like_dtype(call, x, like):
+    """``x`` converted to ``like``'s dtype with its own library (tensor-core dO)."""
+    if call.in_dtype(x) == call.in_dtype(like):
+        return x
+    if call.kind == "torch":
+        return x.to(like.dtype)
+    if call.kind in ("cupy", "numpy"):
+        return x.astype(like.dtype)
+    raise TypeError("path='tc' with numba device arrays needs do_s in q's dtype")
+
+
 def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map,
-             block_q, block_k, scale, feature_map, eps, *, path="simt", tiles=None):
+             block_q, block_k, scale, feature_map, eps, *, path="auto", tiles=None):
     """SLA backward. Returns ``(dq, dk, dv)`` of the same array kind as ``q``.
 
     dq like q, dk / dv like k / v, float64 for float64 q, float32 otherwise.
     o_s, o_l, lse, do_s, do_l may be in any float dtype (read as the compute dtype).
+    ``path``: "auto" | "simt" | "tc" (``_path.py``), chosen by the same rule as the
+    forward's. With "tc" (7 launches): prep (+ delta = rowsum(O_s·dO_s)), totals,
+    tensor-core dQ and dK/dV over the prep kernel's critical lists and reverse index
+    (written first), then the SIMT dq / totals / dkdv compiled without their sparse
+    loops, which *add* the linear contributions in place. Deterministic either way.
     """
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if isinstance(feature_map, str):
         feature_map = FEATURE_MAPS[feature_map]
     fm = int(feature_map)
     call = DeviceCall(q)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
+    path = resolve_path(path, call.in_dtype(q), D, block_q, block_k, call_device(call))
+    tc = path == "tc"
     Mq, Mk = n_blocks(Nq, block_q), n_blocks(Nk, block_k)
     acc = compute_dtype(call.in_dtype(q))
     T = tiles or choose_tiles(D, acc, block_q, block_k)
     W = T.DP * T.DP + T.DP
+    mark("glue")
+    if tc:
+        do_s = _like_dtype(call, do_s, q)
     with call.device_context():
         dev = [call.dev(x) for x in (q, k, v, o_s, o_l, lse, do_s, do_l, block_map)]
         dq_, dk_, dv_, os_, ol_, lse_, dos_, dol_, bmap = dev
-        ws = launch_prep(call, T, dk_, dv_, Nk, block_k, Mk, bmap, Mq, Mk, fm, want_cols=True)
+        ws = launch_prep(call, T, dk_, dv_, Nk, block_k, Mk, bmap, Mq, Mk, fm, want_cols=True,
+                         delta_of=(os_, dos_) if tc else None)
+        mark("bwd prep+totals")
         h_dq, dq = call.output((B, H, Nq, D), acc)
         h_dk, dk = call.output((B, H, Nk, D), acc)
         h_dv, dv = call.output((B, H, Nk, D), acc)
         _, w_inv_den = call.workspace((B, H, Nq), acc)
         _, w_dl = call.workspace((B, H, Nq), acc)
-        _, w_ds = call.workspace((B, H, Nq), acc)
+        if tc:
+            w_ds = ws["delta"]
+            lse_f = lse_
+            if lse_f.dtype != np.float32:
+                lse_f = call.dev(_like_dtype_f32(call, lse))
+            from .backward_tc import launch_sparse_backward
+            launch_sparse_backward(
+                half_kind(call, q), half_bits(dq_), half_bits(dk_), half_bits(dv_),
+                half_bits(dos_), flat(lse_f), flat(w_ds), flat(ws["row_crit"]),
+                flat(ws["row_info"][0]), flat(ws["col_crit"]), flat(ws["col_info"][0]),
+                flat(dq), flat(dk), flat(dv), B, H, Nq, Nk, D, block_q, block_k,
+                float(scale), call.stream)
+            mark("bwd tc sparse (dq+dkdv)")
+        else:
+            _, w_ds = call.workspace((B, H, Nq), acc)
         _, qstate = call.workspace((B, H, Mq + 1, W), acc)
         _, dh = call.workspace((B, H, Mk, W), acc)
-        make_dq(T)[(Mq, H, B), T.NT, call.stream](
+        make_dq(T, not tc)[(Mq, H, B), T.NT, call.stream](
             dq_, dk_, dv_, os_, ol_, lse_, dos_, dol_, ws["state"],
             ws["row_crit"], ws["row_lin"], ws["row_info"],
             Nq, Nk, block_q, block_k, float(scale), fm, float(eps), Mk,
             dq, w_inv_den, w_dl, w_ds, qstate)
+        mark("bwd linear dq" if tc else "bwd simt dq")
         make_totals(acc.name)[(totals_grid(W), H, B), TOTALS_THREADS, call.stream](qstate, Mq)
-        make_dkdv(T)[(Mk, H, B), T.NT, call.stream](
+        mark("bwd totals")
+        make_dkdv(T, not tc)[(Mk, H, B), T.NT, call.stream](
             dq_, dk_, dv_, lse_, dos_, qstate, ws["col_crit"], ws["col_lin"], ws["col_info"],
             w_ds, Nq, Nk, block_q, block_k, float(scale), fm, Mq, dk, dv, dh)
+        mark("bwd linear dkdv" if tc else "bwd simt dkdv")
         return call.result(h_dq), call.result(h_dk), call.result(h_dv)
+
+
+def _like_dtype_f32(call, x):
+    """``x`` as float32 with its own library (the tensor-core kernels read fp32 lse)."""
+    if call.kind == "torch":
+        return x.float().contiguous()
+    return x.astype(np.float32)

@@ -451,6 +451,31 @@ def _delta(o_s, do):
     raise TypeError("pass delta explicitly for arrays other than torch / CuPy / numpy")
 
 
+def launch_sparse_backward(kind, q, k, v, do, lse, delta, lut, counts, rev, rev_counts,
+                           dq, dk, dv, B, H, Nq, Nk, D, block_q, block_k, scale, stream):
+    """Launch dQ and dK/dV on flat device arrays (the GPU backend's entry).
+
+    q, k, v, do: flat int16 bits of fp16 / bf16 (``kind`` 'f16' / 'bf16');
+    lse, delta: flat float32 (B*H*Nq); lut (B, H, Mq, n) / counts (B, H, Mq) and
+    rev (B, H, Mk, R) / rev_counts (B, H, Mk): flat int32; dq, dk, dv: flat float32
+    outputs (overwritten). Numba device arrays, launched on ``stream``; no host sync.
+    """
+    mq, mk = -(-Nq // block_q), -(-Nk // block_k)
+    n_lut = int(lut.size) // max(1, B * H * mq)
+    n_rev = int(rev.size) // max(1, B * H * mk)
+    c2, sc = np.float32(scale * LOG2E), np.float32(scale)
+    if n_lut == 0:
+        lut = counts
+    _, mod = kernel_source_and_module("dq", D, block_k, block_q, kind)
+    _tc_build.launch(mod.sla_bwd_dq_tc, (mq, B * H), mod.THREADS, mod.SMEM_BYTES, stream,
+                     (q, k, v, do, lse, delta, lut, counts, dq,
+                      Nq, Nk, mq, max(n_lut, 1), c2, sc))
+    _, mod = kernel_source_and_module("dkv", D, block_k, block_q, kind)
+    _tc_build.launch(mod.sla_bwd_dkv_tc, (mk, B * H), mod.THREADS, mod.SMEM_BYTES, stream,
+                     (q, k, v, do, lse, delta, rev, rev_counts, dk, dv, Nq, Nk, mk,
+                      max(n_rev, 1), c2, sc))
+
+
 def sparse_backward_tc(q, k, v, o_s, lse, do, lut, counts, rev, rev_counts,
                        block_q, block_k, scale, delta=None):
     """Sparse (critical-block) attention backward on tensor cores.

@@ -26,6 +26,7 @@ import numpy as np
 from .._params import n_blocks
 from ._arrays import DeviceCall
 from ._compat import SIMULATOR, add_rn, cuda, kernel, mul_rn, to_f64
+from ._stages import mark
 
 POOL_THREADS = 4 if SIMULATOR else 128
 RANK_THREADS = 4 if SIMULATOR else 128
@@ -113,6 +114,7 @@ def classify(q, k, n_crit, n_skip, block_q, block_k, scale):
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     Mq, Mk = n_blocks(Nq, block_q), n_blocks(Nk, block_k)
+    mark("glue")
     with call.device_context():
         dq, dk = call.dev(q), call.dev(k)
         _, pq = call.workspace((B, H, Mq, D), np.float64)
@@ -122,4 +124,5 @@ def classify(q, k, n_crit, n_skip, block_q, block_k, scale):
         pool[(Mq + Mk, H, B), POOL_THREADS, call.stream](dq, dk, block_q, block_k, Mq, pq, pk)
         make_score_rank(RANK_THREADS)[(Mq, H, B), RANK_THREADS, call.stream](
             pq, pk, float(scale), int(n_crit), int(n_skip), scores, block_map)
+        mark("classify")
         return call.result(handle)

@@ -32,8 +32,14 @@ Three launches, all on the caller's stream:
    memory and multiplied straight away (``_tiles.gather_state``).
 
 The products all run through one register-tile micro-kernel (``_tiles.make_mm``).
-``path`` selects the implementation: only ``"simt"`` (fp32/fp64 CUDA cores) exists;
-a tensor-core (``mma.sync``) path is planned as a separate module.
+
+``path`` (``_path.py``) selects who does the sparse branch: ``"simt"`` — the fused
+kernel above does both branches; ``"tc"`` — the tensor-core kernel
+(``forward_tc``, fp16 / bf16 ``mma.sync``) writes O_s and lse, reading the prep
+kernel's critical lists as its LUT (``row_crit`` + ``row_info[0]``: no host work,
+no sync), and the fused kernel, compiled with ``sparse=False``, does only the
+linear branch and writes only O_l; ``"auto"`` (default) — ``"tc"`` whenever the
+inputs allow it. Launches with ``"tc"``: prep, totals, tc sparse, linear (4).
 """
 import functools
 import math
@@ -43,16 +49,20 @@ import numpy as np
 from .._params import FEATURE_MAPS, LSE_EMPTY, n_blocks
 from ._arrays import DeviceCall
 from ._compat import FASTMATH, cuda, kernel
+from ._path import PATHS, resolve_path, select_path  # noqa: F401  (re-exported)
 from ._prep import TOTALS_THREADS, make_prep, make_totals, totals_grid
+from ._stages import mark
 from ._tiles import LN2, LOG2E, choose_tiles, make_common, make_mm, smem_sizes
-
-PATHS = ("simt",)
 
 
 @functools.lru_cache(maxsize=None)
-def make_forward_simt(tiles):
-    """The fused forward kernel for one tile configuration."""
+def make_forward_simt(tiles, sparse=True):
+    """The fused forward kernel for one tile configuration.
+
+    ``sparse=False`` (the tensor-core path): the sparse loops are compiled out and
+    the kernel writes only ``o_l`` (``o_s`` and ``lse`` are left untouched)."""
     T = tiles
+    SPARSE = bool(sparse)
     TR, TC, NT = T.TR, T.TC, T.NT
     BQ, BK, DP, DC, KC = T.BQ, T.BK, T.DP, T.DC, T.KC
     RQ, RK, RD = BQ // TR, BK // TC, T.RD
@@ -105,95 +115,96 @@ def make_forward_simt(tiles):
         lse = lse3[b, h]
         qs = acc_t(scale * LOG2E)
         eps_a = acc_t(eps)
-        n_crit = info[b, h, i, 0]
-        n_lin = info[b, h, i, 1]
-        mode = info[b, h, i, 2]
-        n_marg = info[b, h, i, 3]
+        n_crit = info[0, b, h, i]
+        n_lin = info[1, b, h, i]
+        mode = info[2, b, h, i]
+        n_marg = info[3, b, h, i]
         q0 = i * block_q
         q1 = min(q0 + block_q, nq)
 
         for r0 in range(q0, q1, BQ):
             nr = min(BQ, q1 - r0)
             # ------------------------------------------------ sparse branch
-            for a in range(RQ):
-                m[a] = neg_inf
-                l[a] = zero
-                for n in range(RD):
-                    acc[a, n] = zero
-            for ci in range(n_crit):
-                j = crit[ci]
-                k0 = j * block_k
-                k1 = min(k0 + block_k, nk)
-                for c0 in range(k0, k1, BK):
-                    nc = min(BK, k1 - c0)
-                    for a in range(RQ):
-                        for n in range(RK):
-                            s[a, n] = zero
-                    for d0 in range(0, DP, DC):
+            if SPARSE:
+                for a in range(RQ):
+                    m[a] = neg_inf
+                    l[a] = zero
+                    for n in range(RD):
+                        acc[a, n] = zero
+                for ci in range(n_crit):
+                    j = crit[ci]
+                    k0 = j * block_k
+                    k1 = min(k0 + block_k, nk)
+                    for c0 in range(k0, k1, BK):
+                        nc = min(BK, k1 - c0)
+                        for a in range(RQ):
+                            for n in range(RK):
+                                s[a, n] = zero
+                        for d0 in range(0, DP, DC):
+                            cuda.syncthreads()
+                            load_t(sa, 0, LDQ, q, r0, nr, d0, D, BQ, DC, t, qs)
+                            load_t(sb, 0, LDK, k, c0, nc, d0, D, BK, DC, t, one)
+                            cuda.syncthreads()
+                            mm_s(s, sa, 0, LDQ, sb, 0, LDK, DC, tr, tc)
+                        # online softmax: row max across the TC threads of a row
+                        for a in range(RQ):
+                            mx = neg_inf
+                            for n in range(RK):
+                                if tc + TC * n < nc:
+                                    mx = max(mx, s[a, n])
+                            sred[(tr + TR * a) * TC + tc] = mx
                         cuda.syncthreads()
-                        load_t(sa, 0, LDQ, q, r0, nr, d0, D, BQ, DC, t, qs)
-                        load_t(sb, 0, LDK, k, c0, nc, d0, D, BK, DC, t, one)
-                        cuda.syncthreads()
-                        mm_s(s, sa, 0, LDQ, sb, 0, LDK, DC, tr, tc)
-                    # online softmax: row max across the TC threads of a row
-                    for a in range(RQ):
-                        mx = neg_inf
-                        for n in range(RK):
-                            if tc + TC * n < nc:
-                                mx = max(mx, s[a, n])
-                        sred[(tr + TR * a) * TC + tc] = mx
-                    cuda.syncthreads()
-                    for a in range(RQ):
-                        row = tr + TR * a
-                        m_new = m[a]
-                        for u in range(TC):
-                            m_new = max(m_new, sred[row * TC + u])
-                        alpha = math.exp2(m[a] - m_new)
-                        m[a] = m_new
-                        ls = zero
-                        for n in range(RK):
-                            col = tc + TC * n
-                            p = zero
-                            if col < nc:
-                                p = math.exp2(s[a, n] - m_new)
-                            ls += p
-                            sp[col * LDQ + row] = p
-                        l[a] = l[a] * alpha + ls
-                        for n in range(RD):
-                            acc[a, n] *= alpha
-                    # O += P V, V staged KC rows at a time
-                    for kc0 in range(0, nc, KC):
-                        nkc = min(KC, nc - kc0)
-                        cuda.syncthreads()
-                        load_n(sb, 0, DP, v, c0 + kc0, nkc, 0, D, KC, DP, t, one)
-                        cuda.syncthreads()
-                        mm_o(acc, sp, kc0 * LDQ, LDQ, sb, 0, DP, nkc, tr, tc)
-            cuda.syncthreads()
-            for a in range(RQ):
-                sred[(tr + TR * a) * TC + tc] = l[a]
-            cuda.syncthreads()
-            for a in range(RQ):
-                row = tr + TR * a
-                if row < nr:
-                    n_row = r0 + row
-                    if n_crit > 0:
-                        lt = zero
-                        for u in range(TC):
-                            lt += sred[row * TC + u]
-                        inv = one / lt
-                        for n in range(RD):
-                            col = tc + TC * n
-                            if col < D:
-                                o_s[n_row, col] = acc[a, n] * inv
-                        if tc == 0:
-                            lse[n_row] = (m[a] + math.log2(lt)) * ln2
-                    else:
-                        for n in range(RD):
-                            col = tc + TC * n
-                            if col < D:
-                                o_s[n_row, col] = zero
-                        if tc == 0:
-                            lse[n_row] = lse_empty
+                        for a in range(RQ):
+                            row = tr + TR * a
+                            m_new = m[a]
+                            for u in range(TC):
+                                m_new = max(m_new, sred[row * TC + u])
+                            alpha = math.exp2(m[a] - m_new)
+                            m[a] = m_new
+                            ls = zero
+                            for n in range(RK):
+                                col = tc + TC * n
+                                p = zero
+                                if col < nc:
+                                    p = math.exp2(s[a, n] - m_new)
+                                ls += p
+                                sp[col * LDQ + row] = p
+                            l[a] = l[a] * alpha + ls
+                            for n in range(RD):
+                                acc[a, n] *= alpha
+                        # O += P V, V staged KC rows at a time
+                        for kc0 in range(0, nc, KC):
+                            nkc = min(KC, nc - kc0)
+                            cuda.syncthreads()
+                            load_n(sb, 0, DP, v, c0 + kc0, nkc, 0, D, KC, DP, t, one)
+                            cuda.syncthreads()
+                            mm_o(acc, sp, kc0 * LDQ, LDQ, sb, 0, DP, nkc, tr, tc)
+                cuda.syncthreads()
+                for a in range(RQ):
+                    sred[(tr + TR * a) * TC + tc] = l[a]
+                cuda.syncthreads()
+                for a in range(RQ):
+                    row = tr + TR * a
+                    if row < nr:
+                        n_row = r0 + row
+                        if n_crit > 0:
+                            lt = zero
+                            for u in range(TC):
+                                lt += sred[row * TC + u]
+                            inv = one / lt
+                            for n in range(RD):
+                                col = tc + TC * n
+                                if col < D:
+                                    o_s[n_row, col] = acc[a, n] * inv
+                            if tc == 0:
+                                lse[n_row] = (m[a] + math.log2(lt)) * ln2
+                        else:
+                            for n in range(RD):
+                                col = tc + TC * n
+                                if col < D:
+                                    o_s[n_row, col] = zero
+                            if tc == 0:
+                                lse[n_row] = lse_empty
             # ------------------------------------------------ linear branch
             if n_marg > 0:
                 cuda.syncthreads()
@@ -242,62 +253,110 @@ def compute_dtype(in_dtype):
     return np.dtype(np.float64) if in_dtype == np.dtype(np.float64) else np.dtype(np.float32)
 
 
-def launch_prep(call, tiles, x, y, n_rows, block, n_state, bmap, mq, mk, fm, want_cols):
-    """Launch ``prep`` + ``totals``; returns the device buffers (state, lists)."""
+def launch_prep(call, tiles, x, y, n_rows, block, n_state, bmap, mq, mk, fm, want_cols,
+                delta_of=None):
+    """Launch ``prep`` + ``totals``; returns the device buffers (state, lists).
+
+    ``info`` arrays are (4, B, H, M) (see ``_prep``): ``row_info[0]`` / ``col_info[0]``
+    are the critical counts per row / column. ``delta_of=(o_s, do_s)`` (backward,
+    tensor-core path) also fills ``delta`` (B, H, Nq) = rowsum(o_s * do_s).
+    """
     B, H = x.shape[0], x.shape[1]
     acc = tiles.acc_dtype
     width = tiles.DP * tiles.DP + tiles.DP
     _, state = call.workspace((B, H, n_state + 1, width), acc)
     _, dummy = call.workspace((1, 1, 1), acc)
-    _, row_crit = call.workspace((B, H, mq, max(mk, 1)), np.int32)
+    h_crit, row_crit = call.workspace((B, H, mq, max(mk, 1)), np.int32)
     _, row_lin = call.workspace((B, H, mq, max(mk, 1)), np.int32)
-    _, row_info = call.workspace((B, H, mq, 4), np.int32)
+    _, row_info = call.workspace((4, B, H, mq), np.int32)
     if want_cols:
         _, col_crit = call.workspace((B, H, mk, max(mq, 1)), np.int32)
         _, col_lin = call.workspace((B, H, mk, max(mq, 1)), np.int32)
-        _, col_info = call.workspace((B, H, mk, 4), np.int32)
+        _, col_info = call.workspace((4, B, H, mk), np.int32)
         n_lists = mq + mk
     else:
         col_crit = col_lin = col_info = row_info
         n_lists = mq
     nt = tiles.NT
-    grid = (n_state + -(-n_lists // nt), H, B)
+    n_list_blocks = -(-n_lists // nt)
+    if delta_of is not None:
+        o_s, do_s = delta_of
+        nq = o_s.shape[2]
+        _, delta = call.workspace((B, H, nq), acc)
+        n_delta_blocks = -(-nq // nt)
+    else:
+        o_s = do_s = call.workspace((1, 1, 1, 1), acc)[1]
+        delta, nq, n_delta_blocks = dummy, 0, 0
+    grid = (n_state + n_list_blocks + n_delta_blocks, H, B)
     make_prep(tiles)[grid, nt, call.stream](
         x, y, n_rows, block, n_state, state, fm, dummy,
         bmap, mq, mk, 1 if want_cols else 0,
-        row_crit, row_lin, row_info, col_crit, col_lin, col_info)
+        row_crit, row_lin, row_info, col_crit, col_lin, col_info,
+        n_list_blocks, o_s, do_s, delta, nq)
     make_totals(acc.name)[(totals_grid(width), H, B), TOTALS_THREADS, call.stream](state, n_state)
     return dict(state=state, dummy=dummy, row_crit=row_crit, row_lin=row_lin,
-                row_info=row_info, col_crit=col_crit, col_lin=col_lin, col_info=col_info)
+                row_info=row_info, col_crit=col_crit, col_lin=col_lin, col_info=col_info,
+                delta=delta)
+
+
+def flat(x):
+    """A flat (1-D) view of a C-contiguous device array."""
+    return x.reshape(int(np.prod(x.shape)))
+
+
+def half_bits(x):
+    """Flat int16 view of an fp16 / bf16 device array (bf16 already arrives as int16)."""
+    x = flat(x)
+    return x if x.dtype == np.int16 else x.view(np.int16)
+
+
+def half_kind(call, x):
+    return "bf16" if call.in_dtype(x) == "bfloat16" else "f16"
+
+
+def call_device(call):
+    """The device for ``tc_supported`` (None: the current one)."""
+    return call.device_index
 
 
 def forward(q, k, v, block_map, block_q, block_k, scale, feature_map, eps, *,
-            path="simt", tiles=None):
+            path="auto", tiles=None):
     """SLA forward. Returns ``(o_s, o_l, lse)`` of the same array kind as ``q``.
 
     o_s, o_l: (B, H, Nq, D); lse: (B, H, Nq); float64 for float64 input, float32
     otherwise. ``feature_map`` is the int code of ``_params.FEATURE_MAPS`` (a name
-    is accepted too). ``tiles`` overrides the tile configuration (tests).
+    is accepted too). ``path``: "auto" | "simt" | "tc" (``_path.py``; "tc" on
+    inputs the tensor cores cannot take is a ``ValueError``). ``tiles`` overrides
+    the SIMT tile configuration (tests).
     """
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if isinstance(feature_map, str):
         feature_map = FEATURE_MAPS[feature_map]
     call = DeviceCall(q)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
+    path = resolve_path(path, call.in_dtype(q), D, block_q, block_k, call_device(call))
     Mq, Mk = n_blocks(Nq, block_q), n_blocks(Nk, block_k)
     acc = compute_dtype(call.in_dtype(q))
     T = tiles or choose_tiles(D, acc, block_q, block_k)
+    mark("glue")
     with call.device_context():
         dq, dk, dv, dmap = call.dev(q), call.dev(k), call.dev(v), call.dev(block_map)
         ws = launch_prep(call, T, dk, dv, Nk, block_k, Mk, dmap, Mq, Mk,
                          int(feature_map), want_cols=False)
+        mark("fwd prep+totals")
         h_os, o_s = call.output((B, H, Nq, D), acc)
         h_ol, o_l = call.output((B, H, Nq, D), acc)
         h_lse, lse = call.output((B, H, Nq), acc)
-        make_forward_simt(T)[(Mq, H, B), T.NT, call.stream](
+        if path == "tc":
+            from .forward_tc import launch_sparse_forward
+            launch_sparse_forward(half_kind(call, q), half_bits(dq), half_bits(dk), half_bits(dv),
+                                  flat(ws["row_crit"]), flat(ws["row_info"][0]), flat(o_s),
+                                  flat(lse), B, H, Nq, Nk, D, block_q, block_k, float(scale),
+                                  call.stream)
+            mark("fwd tc sparse")
+        make_forward_simt(T, path == "simt")[(Mq, H, B), T.NT, call.stream](
             dq, dk, dv, ws["state"], ws["row_crit"], ws["row_lin"], ws["row_info"],
             Nq, Nk, block_q, block_k, float(scale), int(feature_map), float(eps), Mk,
             o_s, o_l, lse)
+        mark("fwd linear" if path == "tc" else "fwd simt fused")
         return call.result(h_os), call.result(h_ol), call.result(h_lse)

@@ -78,6 +78,33 @@ def _device_ok(device):
         return False
 
 
+def _dtype_name(dtype):
+    """'float16', 'bfloat16', 'float32', ... for numpy / torch / CuPy dtypes or names."""
+    name = str(dtype).replace("torch.", "")
+    if name in ("float16", "bfloat16", "float32", "float64"):
+        return name
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return name
+
+
+def tc_unsupported_reason(dtype, head_dim, block_q, block_k, device=None):
+    """None when the tensor-core sparse kernels handle this configuration, else why not."""
+    name = _dtype_name(dtype)
+    if name not in ("float16", "bfloat16"):
+        return f"dtype {name} (tensor cores need float16 or bfloat16 inputs)"
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim} (supported: {', '.join(map(str, HEAD_DIMS))})"
+    if tile_config(block_q) is None:
+        return f"block_q {block_q} (supported: 16, 32, 64, 128)"
+    if block_k not in (16, 32, 64):
+        return f"block_k {block_k} (supported: 16, 32, 64)"
+    if not _device_ok(device):
+        return "no CUDA device of compute capability >= 8.0"
+    return None
+
+
 def tc_supported(dtype, head_dim, block_q, block_k, device=None):
     """True when the tensor-core sparse kernels handle this configuration.
 
@@ -85,14 +112,9 @@ def tc_supported(dtype, head_dim, block_q, block_k, device=None):
     head_dim % 16 == 0 and <= 128; block_q in {64, 128} (16, 32 too: tests);
     block_k in {16, 32, 64}; a CUDA device of compute capability >= 8.0
     (``device``: None for the current one, an int or a torch.device).
-    Anything else belongs to the SIMT path.
+    Anything else belongs to the SIMT path (see :func:`tc_unsupported_reason`).
     """
-    name = str(dtype).replace("torch.", "")
-    if name not in ("float16", "bfloat16"):
-        return False
-    if head_dim not in HEAD_DIMS or tile_config(block_q) is None or block_k not in (16, 32, 64):
-        return False
-    return _device_ok(device)
+    return tc_unsupported_reason(dtype, head_dim, block_q, block_k, device) is None
 
 
 # ---------------------------------------------------------------------------
@@ -509,6 +531,25 @@ def get_forward_kernel(D, block_k, block_q, kind):
         mod = _tc_build.load_generated("fwd_d%d_k%d_q%d_%s_%s" % key, forward_source(*key))
         _kernels[key] = mod
     return mod
+
+
+def launch_sparse_forward(kind, q, k, v, lut, counts, o, lse, B, H, Nq, Nk, D,
+                          block_q, block_k, scale, stream):
+    """Launch the forward kernel on flat device arrays (the GPU backend's entry).
+
+    q, k, v: flat int16 bits (B*H*N*D) of fp16 / bf16 ('f16' / 'bf16' = ``kind``);
+    lut: flat int32 of a (B, H, Mq, n) LUT (``n = lut.size // (B*H*Mq)``), counts:
+    flat int32 (B*H*Mq); o, lse: flat float32 outputs. Numba device arrays (any
+    ``__cuda_array_interface__`` views), launched on ``stream``; no host sync.
+    """
+    mq = -(-Nq // block_q)
+    n_lut = int(lut.size) // max(1, B * H * mq)
+    mod = get_forward_kernel(D, block_k, block_q, kind)
+    if n_lut == 0:
+        lut = counts
+    args = (q, k, v, lut, counts, o, lse, Nq, Nk, mq, max(n_lut, 1),
+            np.float32(scale * LOG2E))
+    _tc_build.launch(mod.sla_fwd_tc, (mq, B * H), mod.THREADS, mod.SMEM_BYTES, stream, args)
 
 
 def sparse_forward_tc(q, k, v, lut, counts, block_q, block_k, scale):
