@@ -93,7 +93,6 @@ def block_scores(q, k, block_q, block_k, scale):
     """
     q, was_np = _as_torch(q, torch.float64)
     k, _ = _as_torch(k, torch.float64)
-    q, k = q.to(torch.float64), k.to(torch.float64)
     pq = pool_blocks(q, block_q)                     # (..., Mq, D)
     pk = pool_blocks(k, block_k)                     # (..., Mk, D)
     acc = pq[..., :, None, 0] * pk[..., None, :, 0]

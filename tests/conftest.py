@@ -26,9 +26,9 @@ from helpers import BACKENDS, simulator_on, tiny_under_sim  # noqa: E402,F401 (r
 # --------------------------------------------------------------------------- Hypothesis
 _COMMON = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("dev", max_examples=8, **_COMMON)
-settings.register_profile("ci", max_examples=50, **_COMMON)
-settings.register_profile("gpu", max_examples=200, **_COMMON)
+settings.register_profile("dev", max_examples=10, **_COMMON)
+settings.register_profile("ci", max_examples=100, **_COMMON)
+settings.register_profile("gpu", max_examples=300, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

@@ -23,7 +23,9 @@ def _grads(outputs, inputs, upstream):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_gradients_match_reference(backend, dtype):
     """dq, dk, dv, dW, db of O = O_s + O_l Wᵀ + b on random maps and shapes, every φ."""
-    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    # float32: errors relative to the O(1) terms that cancel in a small gradient (Nk = 1 gives
+    # dk = 0 exactly in the sparse branch), hence the larger floor of the relative error
+    tol, floor = (1e-9, 1e-2) if dtype == torch.float64 else (1e-4, 1e-1)
 
     @for_backend(backend)
     @given(case=S.cases(tiny=tiny(backend)), data=st.data())
@@ -48,7 +50,7 @@ def test_gradients_match_reference(backend, dtype):
         expect = _grads([e], ref, [do])
         for name, g, x in zip(NAMES, got, expect):
             assert g.dtype == dtype
-            assert_close_rms(g, x, tol, "d" + name)
+            assert_close_rms(g, x, tol, "d" + name, floor=floor)
 
     prop()
 
