@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sla_numba
 import strategies as S
-from helpers import assert_close_rms, for_backend, make, tiny
+from helpers import assert_close_rms, for_backend, make, rel_rms, tiny
 from sla_numba import _params
 from sla_numba.reference import sla_reference
 
@@ -22,9 +22,12 @@ def _grads(outputs, inputs, upstream):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_gradients_match_reference(backend, dtype):
-    """dq, dk, dv, dW, db of O = O_s + O_l Wᵀ + b on random maps and shapes, every φ."""
-    # float32: errors relative to the O(1) terms that cancel in a small gradient (Nk = 1 gives
-    # dk = 0 exactly in the sparse branch), hence the larger floor of the relative error
+    """dq, dk, dv, dW, db of O = O_s + O_l Wᵀ + b on random maps and shapes, every φ.
+
+    float64: tight. float32: within 1e-4, or within 2x the error of the same reference run
+    in float32 by torch where the problem is worse conditioned (large logits); the relative
+    error's floor is larger too, since a small gradient can be the difference of O(1) terms
+    (Nk = 1 makes the sparse part of dk exactly 0)."""
     tol, floor = (1e-9, 1e-2) if dtype == torch.float64 else (1e-4, 1e-1)
 
     @for_backend(backend)
@@ -48,9 +51,17 @@ def test_gradients_match_reference(backend, dtype):
                                 feature_map=case.feature_map, proj_weight=ref[3],
                                 proj_bias=ref[4])
         expect = _grads([e], ref, [do])
-        for name, g, x in zip(NAMES, got, expect):
+        same = expect
+        if dtype != torch.float64:       # the reference in the kernel's precision
+            ref32 = [x.detach().cpu().requires_grad_() for x in leaves]
+            e32, _, _ = sla_reference(*ref32[:3], bm.cpu(), block_q=sh.block_q,
+                                      block_k=sh.block_k, feature_map=case.feature_map,
+                                      proj_weight=ref32[3], proj_bias=ref32[4])
+            same = _grads([e32], ref32, [do.to(e32)])
+        for name, g, x, s in zip(NAMES, got, expect, same):
             assert g.dtype == dtype
-            assert_close_rms(g, x, tol, "d" + name, floor=floor)
+            t = max(tol, 2 * rel_rms(s, x, floor))
+            assert_close_rms(g, x, t, "d" + name, floor=floor)
 
     prop()
 
