@@ -107,6 +107,25 @@ def rel_rms(actual, expected, floor=1e-2):
     return np.sqrt(np.mean((a - e) ** 2)) / max(np.sqrt(np.mean(e ** 2)), floor)
 
 
+def backend_err(actual, expected):
+    """``rel_rms`` of a backend output that must be fully written (no NaN)."""
+    a = np.asarray(actual, np.float64)
+    assert not np.isnan(a).any(), "NaN in the backend's output (unwritten element?)"
+    return rel_rms(a, expected)
+
+
+def reference_grads(q, k, v, bm, bq, bk, scale, fm, do_s, do_l):
+    """dq, dk, dv (numpy, float64) of the dense reference for upstream grads do_s, do_l."""
+    from sla_numba.reference import sla_reference
+    tq, tk, tv = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (q, k, v))
+    _, o_s, o_l = sla_reference(tq, tk, tv, torch.from_numpy(bm), block_q=bq, block_k=bk,
+                                feature_map=fm, scale=scale)
+    loss = (o_s * torch.from_numpy(do_s.astype(np.float64))).sum() \
+        + (o_l * torch.from_numpy(do_l.astype(np.float64))).sum()
+    loss.backward()
+    return tq.grad.numpy(), tk.grad.numpy(), tv.grad.numpy()
+
+
 def assert_close_rms(actual, expected, tol, name, floor=1e-2):
     """Relative-RMS check (see ``rel_rms``) that prints the error. NaN must match exactly."""
     a, e = to_f64(actual), to_f64(expected)

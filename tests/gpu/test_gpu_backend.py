@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import backend_err as _err, reference_grads as _reference_grads  # noqa: E402
 from sla_numba import _params
 from sla_numba.reference import classify_reference, expand_block_map, sla_reference
 from sla_numba.testing import poisoned
@@ -63,24 +64,6 @@ def _lse_reference(q, k, bm, bq, bk, scale):
     crit = torch.from_numpy(expand_block_map(bm, q.shape[2], k.shape[2], bq, bk) == 1)
     lse = torch.logsumexp(s.masked_fill(~crit, -math.inf), dim=-1)
     return torch.where(crit.any(-1), lse, torch.full_like(lse, _params.LSE_EMPTY)).numpy()
-
-
-def _err(a, e):
-    """Relative RMS error (floor 1e-2 on the reference's RMS)."""
-    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-    assert a.shape == e.shape
-    assert not np.isnan(a).any(), "NaN in the backend's output (unwritten element?)"
-    return np.sqrt(np.mean((a - e) ** 2)) / max(np.sqrt(np.mean(e ** 2)), 1e-2)
-
-
-def _reference_grads(q, k, v, bm, bq, bk, scale, fm, do_s, do_l):
-    tq, tk, tv = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (q, k, v))
-    _, o_s, o_l = sla_reference(tq, tk, tv, torch.from_numpy(bm), block_q=bq, block_k=bk,
-                                feature_map=fm, scale=scale)
-    loss = (o_s * torch.from_numpy(do_s.astype(np.float64))).sum() \
-        + (o_l * torch.from_numpy(do_l.astype(np.float64))).sum()
-    loss.backward()
-    return tq.grad.numpy(), tk.grad.numpy(), tv.grad.numpy()
 
 
 # --------------------------------------------------------------------------- environment
