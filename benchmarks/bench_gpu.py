@@ -133,18 +133,27 @@ FLEX_FWD_OPTIONS = {"BLOCK_M": BLOCK, "BLOCK_N": BLOCK}
 def flex_callables(q, k, v, do, crit):
     """FlexAttention with a BlockMask of SLA's critical blocks (block_q x block_k = 64 x 64).
 
-    The mask equals SLA's sparse branch exactly; the forward runs with 64 x 64 tiles
-    (``kernel_options``) so that each mask block is one tile; the backward keeps
-    Flex's default tiles (an error row if it refuses the mask)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    The BlockMask is built from the block lists directly (``BlockMask.from_kv_blocks``,
+    every critical block a "full" block, so no per-element mask work in the kernel;
+    ``create_block_mask`` would evaluate the mask densely: 96 GiB at N = 32760). The
+    mask_mod says the same thing element-wise (Flex uses it off the fast path). The
+    forward runs with 64 x 64 tiles (``kernel_options``) so that each mask block is one
+    tile. The backward keeps Flex's own configuration: on sm90 its default tiles
+    (64, 128, 128, 64) do not divide 64 x 64 mask blocks, which Flex refuses: an error
+    row, not a number."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
     B, H, N = q.shape[0], q.shape[1], q.shape[2]
     cmap = (crit == 1)
+    # critical blocks first (ascending), then the rest: the first count entries are used
+    order = torch.argsort((~cmap).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    count = cmap.sum(-1).to(torch.int32)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return cmap[b, h, q_idx // BLOCK, kv_idx // BLOCK]
 
-    mask = create_block_mask(mask_mod, B, H, N, k.shape[2], device=q.device,
-                             BLOCK_SIZE=(BLOCK, BLOCK))
+    mask = BlockMask.from_kv_blocks(torch.zeros_like(count), order, count, order,
+                                    BLOCK_SIZE=BLOCK, mask_mod=mask_mod,
+                                    seq_lengths=(N, k.shape[2]))
     flex = torch.compile(flex_attention, dynamic=False)
 
     def fwd():

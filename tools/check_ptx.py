@@ -36,7 +36,8 @@ import importlib  # noqa: E402
 classify, forward, backward = (importlib.import_module(f"sla_numba.gpu.{m}")
                                for m in ("classify", "forward", "backward"))
 from sla_numba.gpu._compat import FASTMATH, SIMULATOR  # noqa: E402
-from sla_numba.gpu._prep import make_prep, make_totals  # noqa: E402
+from sla_numba.gpu._marginal import make_marginal_sum  # noqa: E402
+from sla_numba.gpu._prep import make_prep  # noqa: E402
 from sla_numba.gpu._tiles import choose_tiles, smem_bytes  # noqa: E402
 
 
@@ -154,6 +155,11 @@ def main():
                       (arr(F64, 4), arr(F64, 4), F64, I64, I64, arr(F64, 4), arr(nt.int8, 4)),
                       False, False, exact=True)
 
+    for acc_name, A in (("float32", nt.float32), ("float64", nt.float64)):
+        ok &= compile_one(f"marginal_sum {acc_name}", make_marginal_sum(acc_name),
+                          (arr(nt.int8, 4), I64, I64, I64, arr(A, 4), arr(A, 4)),
+                          FASTMATH, acc_name == "float32")
+
     dims = (128,) if args.quick else (64, 128, 80, 96)
     dtypes = (("f32", nt.float32, np.float32), ("bf16", nt.int16, np.float32),
               ("f16", nt.float16, np.float32), ("f64", nt.float64, np.float64))
@@ -173,22 +179,21 @@ def main():
             print(f"-- {tag}: {T}  smem {smem_bytes(T) / 1024:.1f} KiB")
             ok &= compile_one(f"prep {tag}", make_prep(T),
                               (x4, x4, I64, I64, I64, a4, I64, a3, arr(nt.int8, 4), I64, I64, I64,
-                               i4, i4, i4, i4, i4, i4, I64, x4, x4, a3, I64), FASTMATH, f32)
-            ok &= compile_one(f"totals {tag}", make_totals(np.dtype(acc).name), (a4, I64), False, f32)
+                               i4, i4, i4, i4, I64, x4, x4, a3, I64), FASTMATH, f32)
             # sparse=False: the linear-only kernels of the tensor-core path (fp16 / bf16)
             for sparse in ((True, False) if dtn in ("bf16", "f16") else (True,)):
                 st = "" if sparse else " linear-only"
                 ok &= compile_one(f"forward{st} {tag}", forward.make_forward_simt(T, sparse),
-                                  (x4, x4, x4, a4, i4, i4, i4, I64, I64, I64, I64, F64, I64, F64,
-                                   I64, a4, a4, a3), FASTMATH, f32)
+                                  (x4, x4, x4, a4, i4, i4, I64, I64, I64, I64, F64, I64, F64,
+                                   a4, a4, a3), FASTMATH, f32)
                 # backward: o_s / o_l / dO in the input dtype (torch path), lse compute dtype
                 ok &= compile_one(f"dq{st} {tag}", backward.make_dq(T, sparse),
-                                  (x4, x4, x4, x4, x4, a3, x4, x4, a4, i4, i4, i4,
-                                   I64, I64, I64, I64, F64, I64, F64, I64,
+                                  (x4, x4, x4, x4, x4, a3, x4, x4, a4, i4, i4,
+                                   I64, I64, I64, I64, F64, I64, F64,
                                    a4, a3, a3, a3, a4), FASTMATH, f32)
                 ok &= compile_one(f"dkdv{st} {tag}", backward.make_dkdv(T, sparse),
-                                  (x4, x4, x4, a3, x4, a4, i4, i4, i4, a3,
-                                   I64, I64, I64, I64, F64, I64, I64, a4, a4, a4), FASTMATH, f32)
+                                  (x4, x4, x4, a3, x4, i4, i4, a3,
+                                   I64, I64, I64, I64, F64, I64, a4, a4, a4), FASTMATH, f32)
     print("ALL OK" if ok else "FAILED")
     return 0 if ok else 1
 

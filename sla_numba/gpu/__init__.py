@@ -4,12 +4,13 @@ Three functions, the backend contract of docs/internals.md:
 
 * :func:`classify` (``classify.py``) — pooled block scores → int8 block map,
   bit-identical to the CPU backend's (2 launches);
-* :func:`forward` (``forward.py``) — linear states per key block, then one fused
+* :func:`forward` (``forward.py``) — linear states per key block, their sums over
+  each row's marginal blocks (one matrix product, ``_marginal.py``), then one fused
   kernel per (b, h, query block): sparse FlashAttention over the critical blocks
-  and the linear branch over the marginal ones (3 launches);
+  and the linear branch (3 launches);
 * :func:`backward` (``backward.py``) — dQ per query block over its critical list,
   dK/dV per key block over a reverse index built on the GPU; deterministic, no
-  atomics (5 launches).
+  atomics (5 launches: prep, row sums, dQ, column sums, dK/dV).
 
 Kernel paths (``_path.py``): ``forward`` / ``backward`` take ``path="auto"``
 (default) | ``"simt"`` | ``"tc"``. With ``"tc"`` the tensor-core kernels
@@ -25,7 +26,7 @@ simulator). Outputs are the same kind as ``q`` (see ``_arrays.py``), in float32
 (float64 for float64 input). Kernels compile lazily on first use, so importing
 this package needs no GPU. Shared pieces: ``_tiles.py`` (tile configs, the
 register-tile micro-kernel, loaders, feature maps), ``_prep.py`` (block lists and
-linear states), ``_compat.py`` (numpy 2.5 / simulator / bf16 shims).
+linear states), ``_marginal.py`` (sums of states over marginal blocks), ``_compat.py`` (numpy 2.5 / simulator / bf16 shims).
 """
 from . import _compat  # noqa: F401  (restores np.row_stack before numba.cuda compiles)
 from .backward import backward

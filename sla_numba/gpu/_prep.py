@@ -10,45 +10,48 @@
    - the other blocks: one thread per map row (and, for the backward, per map
      column) compacts the block map into lists:
        * ``crit[b,h,i,:n]``: the critical key blocks of row i, ascending;
-       * ``lin[b,h,i,:m]`` with ``mode``: the blocks to add for the row's linear
-         state. mode 0: the marginal blocks (direct sum); mode 1: the non-marginal
-         ones, to subtract from the total (cheaper when most blocks are marginal);
-       * ``info[:, b, h, i] = (n_crit, len(lin), mode, n_marginal)``, stored
-         field-major, shape (4, B, H, M): ``info[0]`` is a contiguous (B, H, M)
-         count array that the tensor-core kernels read as their ``counts``.
+       * ``info[:, b, h, i] = (n_crit, n_marginal)``, stored field-major, shape
+         (2, B, H, M): ``info[0]`` is a contiguous (B, H, M) count array that the
+         tensor-core kernels read as their ``counts``.
      Column lists (the reverse index, for dK/dV) are the same over query blocks
      of one key-block column. ``crit`` + ``info[0]`` are the tensor-core
      kernels' LUT / counts (rows) and reverse index / counts (columns).
    - (tensor-core backward only) the last blocks, one thread per query row:
      ``delta[b, h, r] = O_s[r]·dO_s[r]`` (compute dtype), which the tensor-core
      sparse backward reads before the SIMT kernels run.
-2. ``totals``: ``state[b, h, M] = Σ_{x<M} state[b, h, x]``, summed in x order
-   (deterministic, no atomics).
 
-Both read the map once; nothing goes back to the host.
+The sums of states over each row's marginal blocks are the next launch
+(``_marginal.py``: one matrix product for all rows).
+
+Nothing goes back to the host.
 """
 import functools
 
 import numpy as np
 
-from ._compat import FASTMATH, SIMULATOR, cuda, device, kernel
+from ._compat import FASTMATH, cuda, device, kernel
 from ._tiles import make_common, make_mm, smem_sizes
 
 
 @functools.lru_cache(maxsize=None)
-def make_state_fn(tiles):
+def make_state_fn(tiles, one_pass=False):
     """Device function: the linear state of one block of rows, into ``state[b, h, s]``.
 
     ``state[s, d1*DP + e] = Σ_r w_r φ(x_r)[d1] · y_r[e]`` and
     ``state[s, DP*DP + d1] = Σ_r w_r φ(x_r)[d1] · zw_r`` over rows r in [r0, r1),
-    for one head's views: x, y (N, D), wv, zv (N,), state (M + 1, W).
+    for one head's views: x, y (N, D), wv, zv (N,), state (M, W).
     Without weights (``use_w == 0``) w = zw = 1: h_j and z_j of a key block.
     With weights (backward): w = 1/den, zw = δl gives QO_i and QD_i.
     All threads of the block must call it (it synchronises).
+
+    The state's DP rows (d1) are computed BR at a time, each pass re-reading the
+    block's rows: BR = BQ by default (the register budget of the dQ kernel, which
+    calls this too); ``one_pass``: BR = DP, one read of x and y (the prep kernel;
+    ``sa`` must then hold KC x (DP + 1) elements, see :func:`prep_smem`).
     """
     T = tiles
     TR, TC, NT, DP = T.TR, T.TC, T.NT, T.DP
-    RQ = max(1, T.BQ // TR)
+    RQ = -(-DP // TR) if one_pass else max(1, T.BQ // TR)
     BR = TR * RQ                      # state rows (d1) per pass
     KC = T.KC                         # rows of x / y staged at a time
     RD = T.RD
@@ -56,7 +59,7 @@ def make_state_fn(tiles):
     mm = make_mm(TR, TC, RQ, RD, T.acc)
     ops = make_common(NT, T.acc)
     (load_t, load_n, phi_value, phi_slope, row_stats, load_phi_t, load_phi_n,
-     gather_state, to_acc) = ops.functions()
+     load_state, to_acc) = ops.functions()
     zero = acc_t(0.0)
     one = acc_t(1.0)
 
@@ -100,22 +103,38 @@ def make_state_fn(tiles):
     return state_block
 
 
+def prep_one_pass(tiles):
+    """Whether the prep kernel computes a whole state in one pass (fp32: 64
+    accumulators a thread at D = 128; fp64 would spill)."""
+    return tiles.acc_dtype.itemsize == 4
+
+
+def prep_smem(tiles):
+    """Shared-memory size of the prep kernel's ``sa`` buffer."""
+    SA = smem_sizes(tiles)[0]
+    if prep_one_pass(tiles):
+        SA = max(SA, tiles.KC * (-(-tiles.DP // tiles.TR) * tiles.TR + 1))
+    return SA
+
+
 @functools.lru_cache(maxsize=None)
 def make_prep(tiles):
     """The prep kernel for a tile config (see module docstring)."""
     T = tiles
     TR, TC, NT = T.TR, T.TC, T.NT
-    RQ, RD = max(1, T.BQ // TR), T.RD
+    ONE = prep_one_pass(T)
+    RQ, RD = (-(-T.DP // TR) if ONE else max(1, T.BQ // TR)), T.RD
     acc_t = T.acc_dtype.type
-    SA, SB, SP, SRED, SROW = smem_sizes(T)
-    state_block = make_state_fn(T)
+    _, SB, SP, SRED, SROW = smem_sizes(T)
+    SA = prep_smem(T)
+    state_block = make_state_fn(T, ONE)
     to_acc = make_common(NT, T.acc).to_acc
     zero = acc_t(0.0)
 
     @kernel(fastmath=FASTMATH)
     def prep(x, y, n_rows, block, n_state, state, fm, dummy,
              bmap, mq, mk, want_cols,
-             row_crit, row_lin, row_info, col_crit, col_lin, col_info,
+             row_crit, row_info, col_crit, col_info,
              n_list_blocks, o_s, do_s, delta, nq):
         """Blocks x < n_state: state of row block x of (x, y) (h_j, z_j).
         The next ``n_list_blocks``: the map's row lists (and column lists if want_cols).
@@ -153,81 +172,25 @@ def make_prep(tiles):
         # ---- block lists: one thread per map row, then per map column ----
         u = (bx - n_state) * NT + t
         if u < mq:
-            _row_lists(bmap, b, h, u, mk, row_crit, row_lin, row_info)
+            _lists(bmap, b, h, u, mk, 0, row_crit, row_info)
         elif want_cols != 0 and u < mq + mk:
-            _col_lists(bmap, b, h, u - mq, mq, col_crit, col_lin, col_info)
+            _lists(bmap, b, h, u - mq, mq, 1, col_crit, col_info)
 
     return prep
 
 
 @cuda.jit(device=True)
-def _row_lists(bmap, b, h, i, mk, crit, lin, info):
+def _lists(bmap, b, h, u, n, column, crit, info):
+    """Row u of the map (``column`` = 0) or column u (``column`` = 1): its critical
+    blocks, ascending, and the counts (critical, marginal)."""
     nc = 0
     nm = 0
-    for j in range(mk):
-        v = bmap[b, h, i, j]
+    for x in range(n):
+        v = bmap[b, h, x, u] if column else bmap[b, h, u, x]
         if v == 1:
-            crit[b, h, i, nc] = j
+            crit[b, h, u, nc] = x
             nc += 1
         elif v == 0:
             nm += 1
-    mode = 1 if nm > mk - nm else 0
-    n = 0
-    for j in range(mk):
-        v = bmap[b, h, i, j]
-        if (mode == 0 and v == 0) or (mode == 1 and v != 0):
-            lin[b, h, i, n] = j
-            n += 1
-    info[0, b, h, i] = nc
-    info[1, b, h, i] = n
-    info[2, b, h, i] = mode
-    info[3, b, h, i] = nm
-
-
-@cuda.jit(device=True)
-def _col_lists(bmap, b, h, j, mq, crit, lin, info):
-    nc = 0
-    nm = 0
-    for i in range(mq):
-        v = bmap[b, h, i, j]
-        if v == 1:
-            crit[b, h, j, nc] = i
-            nc += 1
-        elif v == 0:
-            nm += 1
-    mode = 1 if nm > mq - nm else 0
-    n = 0
-    for i in range(mq):
-        v = bmap[b, h, i, j]
-        if (mode == 0 and v == 0) or (mode == 1 and v != 0):
-            lin[b, h, j, n] = i
-            n += 1
-    info[0, b, h, j] = nc
-    info[1, b, h, j] = n
-    info[2, b, h, j] = mode
-    info[3, b, h, j] = nm
-
-
-TOTALS_THREADS = 8 if SIMULATOR else 256     # simulator: each thread is a Python thread
-
-
-@functools.lru_cache(maxsize=None)
-def make_totals(acc_name):
-    """state[b, h, n, e] = sum over s < n of state[b, h, s, e], s ascending."""
-    zero = np.dtype(acc_name).type(0.0)
-
-    @kernel()
-    def totals(state, n):
-        e = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-        h = cuda.blockIdx.y
-        b = cuda.blockIdx.z
-        if e < state.shape[3]:
-            acc = zero
-            for s in range(n):
-                acc += state[b, h, s, e]
-            state[b, h, n, e] = acc
-    return totals
-
-
-def totals_grid(width, n_threads=TOTALS_THREADS):
-    return -(-width // n_threads)
+    info[0, b, h, u] = nc
+    info[1, b, h, u] = nm

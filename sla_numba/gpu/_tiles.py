@@ -275,28 +275,17 @@ def make_common(NT, acc_name):
             dst[U(off + r * ld + c)] = v
 
     @device
-    def gather_state(dst, off, ld, transpose, state, idx, cnt, mode, total, e0, R, C, W, t):
-        """Sum of state rows over a block list, one R x C window of a DP x DP matrix.
+    def load_state(dst, off, ld, transpose, state, e0, R, C, W, t):
+        """One R x C window of a linear state: element (r, c) is ``state[e0 + r*W + c]``.
 
-        ``state`` is one head's (M + 1, W) states, row M the total; ``idx`` one list.
-        For list entries m = idx[0:cnt] (ascending block indices):
-        ``X = (state[total] if mode else 0) + sign * sum_m state[m]``, sign = -1 when
-        mode = 1 ("totals minus the few non-marginal blocks"), else +1 (direct sum).
-        The window element (r, c) is X[e0 + r*W + c]; it is stored at
-        dst[off + r*ld + c], or dst[off + c*ld + r] when ``transpose``.
+        ``state`` is one flat state row (``_marginal``'s output for one block: vec(H)
+        then Z). The window goes to dst[off + r*ld + c], or dst[off + c*ld + r] when
+        ``transpose``.
         """
         for e in range(t, R * C, NT):
             r = I64(U(e) // U(C))          # unsigned: no sign fix-up in the division
             c = e - r * C
-            src = e0 + r * W + c
-            v = zero
-            if mode == 1:
-                v = state[U(total), U(src)]
-                for m in range(cnt):
-                    v -= state[U(idx[m]), U(src)]
-            else:
-                for m in range(cnt):
-                    v += state[U(idx[m]), U(src)]
+            v = state[U(e0 + r * W + c)]
             if transpose:
                 dst[U(off + c * ld + r)] = v
             else:
@@ -308,7 +297,7 @@ def make_common(NT, acc_name):
             (a kernel can call closure variables, not attributes of an object)."""
             return (self.load_t, self.load_n, self.phi_value, self.phi_slope,
                     self.row_stats, self.load_phi_t, self.load_phi_n,
-                    self.gather_state, self.to_acc)
+                    self.load_state, self.to_acc)
     ns = NS()
     ns.load_t = load_t
     ns.load_n = load_n
@@ -317,7 +306,7 @@ def make_common(NT, acc_name):
     ns.row_stats = row_stats
     ns.load_phi_t = load_phi_t
     ns.load_phi_n = load_phi_n
-    ns.gather_state = gather_state
+    ns.load_state = load_state
     ns.to_acc = to_acc
     return ns
 
@@ -336,7 +325,7 @@ def make_chain(TR, TC, RM, RN, acc_name):
     NT = TR * TC
     ops = make_common(NT, acc_name)
     (load_t, load_n, phi_value, phi_slope, row_stats, load_phi_t, load_phi_n,
-     gather_state, to_acc) = ops.functions()
+     load_state, to_acc) = ops.functions()
     phi_value = phi_value
     phi_slope = phi_slope
 

@@ -3,10 +3,10 @@
 Given dO_s (= dO) and dO_l (= dO·W), five launches on the caller's stream:
 
 1. ``prep`` (``_prep.py``): per key block the linear state h_j, z_j again, and
-   the block lists of the map: per query-block row (critical list, linear list)
-   and per key-block column (the *reverse index*: query blocks that mark the
-   column critical, and its linear list).
-2. ``totals`` of h, z.
+   the block lists of the map: per query-block row its critical list, per
+   key-block column the *reverse index* (query blocks that mark the column
+   critical), with counts.
+2. ``marginal_sum`` (``_marginal.py``): H_i, Z_i of every query-block row.
 3. ``dq`` — one CUDA block per (b, h, query block i), BQ rows at a time:
    - per row: ``δs = O_s·dO_s``, ``δl = O_l·dO_l``, ``den = φ(q)·Z_i + eps``
      (kept in small workspaces for steps 3c and 5);
@@ -17,10 +17,9 @@ Given dO_s (= dO) and dO_l (= dO·W), five launches on the caller's stream:
    - c) after all rows: ``QO_i = Σ_r ĉ_rᵀ dO_l[r]``, ``QD_i = Σ_r ĉ_r δl_r``
      with ``ĉ_r = φ(q_r)/den_r`` (the linear state of the query block, same code as
      h_j with weights). A row without marginal blocks gets QO_i = QD_i = 0.
-4. ``totals`` of QO, QD.
+4. ``marginal_sum`` over the map's columns: ``dH_j = Σ_{i: M[i,j]=0} QO_i``,
+   ``dZ_j`` likewise, for every key block j.
 5. ``dkdv`` — one CUDA block per (b, h, key block j), BKD key rows at a time:
-   - ``dH_j = Σ_{i: M[i,j]=0} QO_i`` (or the total minus the non-marginal ones),
-     ``dZ_j`` likewise, assembled once per block in a workspace;
    - linear: ``dφ(k_c) = v_c dH_jᵀ − dZ_j`` chained through φ into dK,
      ``dV[c] += φ(k_c) dH_j``;
    - sparse, over the query blocks of the reverse index only:
@@ -32,7 +31,7 @@ Path "tc" (``_path.py``; fp16 / bf16 on compute capability >= 8.0): ``prep`` als
 computes ``delta = O_s·dO_s`` per query row; the tensor-core kernels
 (``backward_tc``) then write the sparse dQ, dK, dV, reading the prep kernel's
 critical lists (row_crit + row_info[0]) and reverse index (col_crit +
-col_info[0]) straight from the device; finally ``dq`` / ``totals`` / ``dkdv``,
+col_info[0]) straight from the device; finally ``dq`` / column sum / ``dkdv``,
 compiled with ``sparse=False``, *add* the linear contributions in place (7
 launches, still deterministic: each element has one writer per kernel, in stream
 order).
@@ -45,12 +44,14 @@ import numpy as np
 from .._params import FEATURE_MAPS, n_blocks
 from ._arrays import DeviceCall
 from ._compat import FASTMATH, SIMULATOR, cuda, kernel
-from ._prep import TOTALS_THREADS, make_state_fn, make_totals, totals_grid
+from ._marginal import launch_marginal_sum
+from ._prep import make_state_fn
 from ._tiles import (LOG2E, choose_tiles, make_chain, make_common, make_mm,
                      smem_sizes)
 from ._path import resolve_path
 from ._stages import mark
-from .forward import call_device, compute_dtype, flat, half_bits, half_kind, launch_prep
+from .forward import (call_device, compute_dtype, flat, half_bits, half_kind, launch_prep,
+                      row_states)
 
 
 def dkdv_rows(tiles):
@@ -79,14 +80,14 @@ def make_dq(tiles, sparse=True):
     state_block = make_state_fn(T)
     ops = make_common(NT, T.acc)
     (load_t, load_n, phi_value, phi_slope, row_stats, load_phi_t, load_phi_n,
-     gather_state, to_acc) = ops.functions()
+     load_state, to_acc) = ops.functions()
     zero = acc_t(0.0)
     one = acc_t(1.0)
     log2e = acc_t(LOG2E)
 
     @kernel(fastmath=FASTMATH)
-    def sla_dq(q4, k4, v4, o_s4, o_l4, lse3, do_s4, do_l4, state4, crit4, lin4, info,
-               nq, nk, block_q, block_k, scale, fm, eps, mk,
+    def sla_dq(q4, k4, v4, o_s4, o_l4, lse3, do_s4, do_l4, lstate4, crit4, info,
+               nq, nk, block_q, block_k, scale, fm, eps,
                dq4, w_inv_den3, w_dl3, w_ds3, qstate4):
         sa = cuda.shared.array(SA, acc_t)
         sb = cuda.shared.array(SB, acc_t)
@@ -111,23 +112,20 @@ def make_dq(tiles, sparse=True):
         q, k, v = q4[b, h], k4[b, h], v4[b, h]
         o_s, o_l, lse = o_s4[b, h], o_l4[b, h], lse3[b, h]
         do_s, do_l = do_s4[b, h], do_l4[b, h]
-        state, qstate = state4[b, h], qstate4[b, h]
-        crit, lin = crit4[b, h, i], lin4[b, h, i]
+        hz, qstate = lstate4[b, h, i], qstate4[b, h]     # hz: [vec(H_i), Z_i]
+        crit = crit4[b, h, i]
         dq = dq4[b, h]
         w_inv_den, w_dl, w_ds = w_inv_den3[b, h], w_dl3[b, h], w_ds3[b, h]
         qs = acc_t(scale * LOG2E)
         sc = acc_t(scale)
         eps_a = acc_t(eps)
         n_crit = info[0, b, h, i]
-        n_lin = info[1, b, h, i]
-        mode = info[2, b, h, i]
-        n_marg = info[3, b, h, i]
+        n_marg = info[1, b, h, i]
         q0 = i * block_q
         q1 = min(q0 + block_q, nq)
 
         if n_marg > 0:
-            gather_state(sz, 0, DP, False, state, lin, n_lin, mode, mk,
-                             DP * DP, 1, DP, DP, t)
+            load_state(sz, 0, DP, False, hz, DP * DP, 1, DP, DP, t)
         # linear-only (tensor-core path) without marginal blocks: dq is already final
         q_end = q1 if (SPARSE or n_marg > 0) else q0
         for r0 in range(q0, q_end, BQ):
@@ -169,8 +167,7 @@ def make_dq(tiles, sparse=True):
                     cuda.syncthreads()
                     load_t(sa, 0, LDQ, do_l, r0, nr, e0, D, BQ, DC, t, one)
                     # B[e][d] = H_i[d][e0 + e]
-                    gather_state(sb, 0, DP + 1, True, state, lin, n_lin, mode, mk,
-                                     e0, DP, DC, DP, t)
+                    load_state(sb, 0, DP + 1, True, hz, e0, DP, DC, DP, t)
                     cuda.syncthreads()
                     mm_o(acc, sa, 0, LDQ, sb, 0, DP + 1, DC, tr, tc)
                 for a in range(RQ):
@@ -260,14 +257,14 @@ def make_dkdv(tiles, sparse=True):
     chain = make_chain(TR, TC, RKD, RD, T.acc)
     ops = make_common(NT, T.acc)
     (load_t, load_n, phi_value, phi_slope, row_stats, load_phi_t, load_phi_n,
-     gather_state, to_acc) = ops.functions()
+     load_state, to_acc) = ops.functions()
     zero = acc_t(0.0)
     one = acc_t(1.0)
     log2e = acc_t(LOG2E)
 
     @kernel(fastmath=FASTMATH)
-    def sla_dkdv(q4, k4, v4, lse3, do_s4, qstate4, crit4, lin4, info, w_ds3,
-                 nq, nk, block_q, block_k, scale, fm, mq, dk4, dv4, dh4):
+    def sla_dkdv(q4, k4, v4, lse3, do_s4, crit4, info, w_ds3,
+                 nq, nk, block_q, block_k, scale, fm, dk4, dv4, dh4):
         sa = cuda.shared.array(SA, acc_t)
         sb = cuda.shared.array(SB, acc_t)
         sp = cuda.shared.array(SP, acc_t)
@@ -288,22 +285,16 @@ def make_dkdv(tiles, sparse=True):
         D = q4.shape[3]
         q, k, v = q4[b, h], k4[b, h], v4[b, h]
         lse, do_s, w_ds = lse3[b, h], do_s4[b, h], w_ds3[b, h]
-        qstate, dh = qstate4[b, h], dh4[b, h, j]
-        crit, lin = crit4[b, h, j], lin4[b, h, j]
+        dh = dh4[b, h, j]                 # [vec(dH_j), dZ_j]
+        crit = crit4[b, h, j]
         dk, dv = dk4[b, h], dv4[b, h]
         qs = acc_t(scale * LOG2E)
         sc = acc_t(scale)
         n_crit = info[0, b, h, j]
-        n_lin = info[1, b, h, j]
-        mode = info[2, b, h, j]
-        n_marg = info[3, b, h, j]
+        n_marg = info[1, b, h, j]
         k0 = j * block_k
         k1 = min(k0 + block_k, nk)
 
-        if n_marg > 0:
-            # dH_j (DP x DP, row-major) and dZ_j, assembled once for the block
-            gather_state(dh, 0, W, False, qstate, lin, n_lin, mode, mq,
-                             0, 1, W, W, t)
         # linear-only (tensor-core path) without marginal queries: dk, dv are final
         k_end = k1 if (SPARSE or n_marg > 0) else k0
         for c0 in range(k0, k_end, BKD):
@@ -436,10 +427,11 @@ def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map,
     dq like q, dk / dv like k / v, float64 for float64 q, float32 otherwise.
     o_s, o_l, lse, do_s, do_l may be in any float dtype (read as the compute dtype).
     ``path``: "auto" | "simt" | "tc" (``_path.py``), chosen by the same rule as the
-    forward's. With "tc" (7 launches): prep (+ delta = rowsum(O_s·dO_s)), totals,
+    forward's. With "tc" (7 launches): prep (+ delta = rowsum(O_s·dO_s)), row sums,
     tensor-core dQ and dK/dV over the prep kernel's critical lists and reverse index
-    (written first), then the SIMT dq / totals / dkdv compiled without their sparse
-    loops, which *add* the linear contributions in place. Deterministic either way.
+    (written first), then the SIMT dq / column sums / dkdv compiled without their sparse
+    loops, which *add* the linear contributions in place (the column sums between
+    dq and dkdv). Deterministic either way.
     """
     if isinstance(feature_map, str):
         feature_map = FEATURE_MAPS[feature_map]
@@ -461,7 +453,9 @@ def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map,
         dq_, dk_, dv_, os_, ol_, lse_, dos_, dol_, bmap = dev
         ws = launch_prep(call, T, dk_, dv_, Nk, block_k, Mk, bmap, Mq, Mk, fm, want_cols=True,
                          delta_of=(os_, dos_) if tc else None)
-        mark("bwd prep+totals")
+        mark("bwd prep")
+        lstate = row_states(call, bmap, ws["state"], Mq, Mk)
+        mark("bwd marginal sum (rows)")
         h_dq, dq = call.output((B, H, Nq, D), acc)
         h_dk, dk = call.output((B, H, Nk, D), acc)
         h_dv, dv = call.output((B, H, Nk, D), acc)
@@ -482,19 +476,19 @@ def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map,
             mark("bwd tc sparse (dq+dkdv)")
         else:
             _, w_ds = call.workspace((B, H, Nq), acc)
-        _, qstate = call.workspace((B, H, Mq + 1, W), acc)
+        _, qstate = call.workspace((B, H, Mq, W), acc)
         _, dh = call.workspace((B, H, Mk, W), acc)
         make_dq(T, not tc)[(Mq, H, B), T.NT, call.stream](
-            dq_, dk_, dv_, os_, ol_, lse_, dos_, dol_, ws["state"],
-            ws["row_crit"], ws["row_lin"], ws["row_info"],
-            Nq, Nk, block_q, block_k, float(scale), fm, float(eps), Mk,
+            dq_, dk_, dv_, os_, ol_, lse_, dos_, dol_, lstate,
+            ws["row_crit"], ws["row_info"],
+            Nq, Nk, block_q, block_k, float(scale), fm, float(eps),
             dq, w_inv_den, w_dl, w_ds, qstate)
         mark("bwd linear dq" if tc else "bwd simt dq")
-        make_totals(acc.name)[(totals_grid(W), H, B), TOTALS_THREADS, call.stream](qstate, Mq)
-        mark("bwd totals")
+        launch_marginal_sum(call.stream, bmap, True, Mk, Mq, qstate, dh)
+        mark("bwd marginal sum (columns)")
         make_dkdv(T, not tc)[(Mk, H, B), T.NT, call.stream](
-            dq_, dk_, dv_, lse_, dos_, qstate, ws["col_crit"], ws["col_lin"], ws["col_info"],
-            w_ds, Nq, Nk, block_q, block_k, float(scale), fm, Mq, dk, dv, dh)
+            dq_, dk_, dv_, lse_, dos_, ws["col_crit"], ws["col_info"],
+            w_ds, Nq, Nk, block_q, block_k, float(scale), fm, dk, dv, dh)
         mark("bwd linear dkdv" if tc else "bwd simt dkdv")
         return call.result(h_dq), call.result(h_dk), call.result(h_dv)
 

@@ -5,7 +5,9 @@ Input q (B, H, Nq, D), k (B, H, Nk, D); output the int8 map (B, H, Mq, Mk):
 "Classification rule, bit for bit", so the map is identical to the CPU's:
 
 1. ``pool`` — one block per (query or key block, h, b); threads over d.
-   ``pq[b,h,i,d] = (Σ_{valid rows r, in order} x[r, d]) / count`` in float64.
+   ``pq[b,h,i,d] = (Σ_{valid rows r, in order} x[r, d]) / count`` in float64;
+   pooled keys stored d-major, ``pk[b,h,d,j]``, so that step 2's threads (one per
+   key block j) read consecutive addresses.
 2. ``score_rank`` — one block per query-block row (i, h, b):
    ``S[j] = scale · Σ_d pq[i,d]·pk[j,d]`` in float64, d ascending (NaN -> -inf),
    written to a float64 scratch row; then each key block's rank
@@ -33,7 +35,9 @@ RANK_THREADS = 4 if SIMULATOR else 128
 
 
 @cuda.jit(device=True)
-def _pool_one(x, b, h, blk, block, n, out):
+def _pool_one(x, b, h, blk, block, n, out, d_major):
+    """Mean of the block's valid rows, per d; stored out[b, h, blk, d], or
+    out[b, h, d, blk] when ``d_major`` (pooled keys: step 2 reads them along blk)."""
     r0 = blk * block
     r1 = min(r0 + block, n)
     count = np.float64(r1 - r0)
@@ -41,7 +45,10 @@ def _pool_one(x, b, h, blk, block, n, out):
         s = np.float64(0.0)
         for r in range(r0, r1):
             s += to_f64(x[b, h, r, d])
-        out[b, h, blk, d] = s / count
+        if d_major:
+            out[b, h, d, blk] = s / count
+        else:
+            out[b, h, blk, d] = s / count
 
 
 @kernel()
@@ -51,9 +58,9 @@ def pool(q, k, block_q, block_k, mq, pq, pk):
     h = cuda.blockIdx.y
     b = cuda.blockIdx.z
     if x < mq:
-        _pool_one(q, b, h, x, block_q, q.shape[2], pq)
+        _pool_one(q, b, h, x, block_q, q.shape[2], pq, False)
     else:
-        _pool_one(k, b, h, x - mq, block_k, k.shape[2], pk)
+        _pool_one(k, b, h, x - mq, block_k, k.shape[2], pk, True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,12 +74,12 @@ def make_score_rank(NT):
         i = cuda.blockIdx.x
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
-        mk = pk.shape[2]
+        mk = pk.shape[3]                 # pk is d-major: (B, H, D, Mk)
         D = pq.shape[3]
         for j in range(t, mk, NT):
             s = np.float64(0.0)
             for d in range(D):
-                s = add_rn(s, mul_rn(pq[b, h, i, d], pk[b, h, j, d]))
+                s = add_rn(s, mul_rn(pq[b, h, i, d], pk[b, h, d, j]))   # coalesced over j
             s = mul_rn(scale, s)
             if s != s:
                 s = neg_inf
@@ -118,7 +125,7 @@ def classify(q, k, n_crit, n_skip, block_q, block_k, scale):
     with call.device_context():
         dq, dk = call.dev(q), call.dev(k)
         _, pq = call.workspace((B, H, Mq, D), np.float64)
-        _, pk = call.workspace((B, H, Mk, D), np.float64)
+        _, pk = call.workspace((B, H, D, Mk), np.float64)
         _, scores = call.workspace((B, H, Mq, Mk), np.float64)
         handle, block_map = call.output((B, H, Mq, Mk), np.int8)
         pool[(Mq + Mk, H, B), POOL_THREADS, call.stream](dq, dk, block_q, block_k, Mq, pq, pk)

@@ -6,9 +6,10 @@ Three launches, all on the caller's stream:
 
 1. ``prep`` (``_prep.py``): per key block j, the linear state
    ``h_j = φ(K_j)ᵀ V_j`` (D x D) and ``z_j = Σ_rows φ(K_j)`` (D); in the same
-   launch, per query-block row i, its critical list C_i and its linear list
-   (the marginal blocks, or the non-marginal ones when fewer: see 3).
-2. ``totals``: ``h_tot = Σ_j h_j``, ``z_tot = Σ_j z_j`` (summed in j order).
+   launch, per query-block row i, its critical list C_i and counts.
+2. ``marginal_sum`` (``_marginal.py``): for every row i at once,
+   ``H_i = Σ_{j marginal} h_j`` and ``Z_i`` likewise, as one matrix product
+   (block mask x states), summed in j order.
 3. the fused kernel below, one CUDA block per (b, h, query block i), walking
    the block's rows in sub-tiles of BQ rows:
 
@@ -25,11 +26,9 @@ Three launches, all on the caller's stream:
 
    linear branch::
 
-       H_i = Σ_{j marginal} h_j   (or h_tot - Σ_{j not marginal} h_j, whichever list is shorter)
-       Z_i likewise;  O_l = φ(Q) H_i / (φ(Q)·Z_i + eps)      (0 with no marginal block)
+       O_l = φ(Q) H_i / (φ(Q)·Z_i + eps)      (0 with no marginal block)
 
-   H_i is never materialised: it is gathered DC rows at a time into shared
-   memory and multiplied straight away (``_tiles.gather_state``).
+   H_i (from launch 2) is staged DC rows at a time through shared memory.
 
 The products all run through one register-tile micro-kernel (``_tiles.make_mm``).
 
@@ -39,7 +38,7 @@ kernel above does both branches; ``"tc"`` — the tensor-core kernel
 kernel's critical lists as its LUT (``row_crit`` + ``row_info[0]``: no host work,
 no sync), and the fused kernel, compiled with ``sparse=False``, does only the
 linear branch and writes only O_l; ``"auto"`` (default) — ``"tc"`` whenever the
-inputs allow it. Launches with ``"tc"``: prep, totals, tc sparse, linear (4).
+inputs allow it. Launches with ``"tc"``: prep, marginal sum, tc sparse, linear (4).
 """
 import functools
 import math
@@ -50,7 +49,8 @@ from .._params import FEATURE_MAPS, LSE_EMPTY, n_blocks
 from ._arrays import DeviceCall
 from ._compat import FASTMATH, cuda, kernel
 from ._path import PATHS, resolve_path, select_path  # noqa: F401  (re-exported)
-from ._prep import TOTALS_THREADS, make_prep, make_totals, totals_grid
+from ._marginal import launch_marginal_sum
+from ._prep import make_prep
 from ._stages import mark
 from ._tiles import LN2, LOG2E, choose_tiles, make_common, make_mm, smem_sizes
 
@@ -74,7 +74,7 @@ def make_forward_simt(tiles, sparse=True):
     mm_o = make_mm(TR, TC, RQ, RD, T.acc)       # O  (BQ x DP)
     ops = make_common(NT, T.acc)
     (load_t, load_n, phi_value, phi_slope, row_stats, load_phi_t, load_phi_n,
-     gather_state, to_acc) = ops.functions()
+     load_state, to_acc) = ops.functions()
     zero = acc_t(0.0)
     one = acc_t(1.0)
     neg_inf = acc_t(-np.inf)
@@ -82,8 +82,8 @@ def make_forward_simt(tiles, sparse=True):
     lse_empty = acc_t(LSE_EMPTY)
 
     @kernel(fastmath=FASTMATH)
-    def sla_forward(q4, k4, v4, state4, crit4, lin4, info, nq, nk, block_q, block_k,
-                    scale, fm, eps, mk, o_s4, o_l4, lse3):
+    def sla_forward(q4, k4, v4, lstate4, crit4, info, nq, nk, block_q, block_k,
+                    scale, fm, eps, o_s4, o_l4, lse3):
         sa = cuda.shared.array(SA, acc_t)       # Qᵀ / φ(Q)ᵀ chunk   [d][row]
         sb = cuda.shared.array(SB, acc_t)       # Kᵀ chunk, V rows, H_i rows
         sp = cuda.shared.array(SP, acc_t)       # Pᵀ  [key][row]
@@ -107,18 +107,15 @@ def make_forward_simt(tiles, sparse=True):
         q = q4[b, h]
         k = k4[b, h]
         v = v4[b, h]
-        state = state4[b, h]
+        hz = lstate4[b, h, i]          # this row's [vec(H_i), Z_i]
         crit = crit4[b, h, i]
-        lin = lin4[b, h, i]
         o_s = o_s4[b, h]
         o_l = o_l4[b, h]
         lse = lse3[b, h]
         qs = acc_t(scale * LOG2E)
         eps_a = acc_t(eps)
         n_crit = info[0, b, h, i]
-        n_lin = info[1, b, h, i]
-        mode = info[2, b, h, i]
-        n_marg = info[3, b, h, i]
+        n_marg = info[1, b, h, i]
         q0 = i * block_q
         q1 = min(q0 + block_q, nq)
 
@@ -216,10 +213,8 @@ def make_forward_simt(tiles, sparse=True):
                 for d0 in range(0, DP, DC):
                     cuda.syncthreads()
                     load_phi_t(sa, 0, LDQ, q, r0, nr, d0, D, BQ, DC, t, srow, fm)
-                    gather_state(sb, 0, DP, False, state, lin, n_lin, mode, mk,
-                                     d0 * DP, DC, DP, DP, t)
-                    gather_state(sz, 0, DC, False, state, lin, n_lin, mode, mk,
-                                     DP * DP + d0, 1, DC, DC, t)
+                    load_state(sb, 0, DP, False, hz, d0 * DP, DC, DP, DP, t)
+                    load_state(sz, 0, DC, False, hz, DP * DP + d0, 1, DC, DC, t)
                     cuda.syncthreads()
                     mm_o(acc, sa, 0, LDQ, sb, 0, DP, DC, tr, tc)
                     for a in range(RQ):
@@ -255,27 +250,26 @@ def compute_dtype(in_dtype):
 
 def launch_prep(call, tiles, x, y, n_rows, block, n_state, bmap, mq, mk, fm, want_cols,
                 delta_of=None):
-    """Launch ``prep`` + ``totals``; returns the device buffers (state, lists).
+    """Launch ``prep``; returns the device buffers (states, lists, counts).
 
-    ``info`` arrays are (4, B, H, M) (see ``_prep``): ``row_info[0]`` / ``col_info[0]``
-    are the critical counts per row / column. ``delta_of=(o_s, do_s)`` (backward,
-    tensor-core path) also fills ``delta`` (B, H, Nq) = rowsum(o_s * do_s).
+    ``info`` arrays are (2, B, H, M) (see ``_prep``): ``row_info[0]`` / ``col_info[0]``
+    are the critical counts per row / column, ``[1]`` the marginal counts.
+    ``delta_of=(o_s, do_s)`` (backward, tensor-core path) also fills ``delta``
+    (B, H, Nq) = rowsum(o_s * do_s).
     """
     B, H = x.shape[0], x.shape[1]
     acc = tiles.acc_dtype
     width = tiles.DP * tiles.DP + tiles.DP
-    _, state = call.workspace((B, H, n_state + 1, width), acc)
+    _, state = call.workspace((B, H, n_state, width), acc)
     _, dummy = call.workspace((1, 1, 1), acc)
-    h_crit, row_crit = call.workspace((B, H, mq, max(mk, 1)), np.int32)
-    _, row_lin = call.workspace((B, H, mq, max(mk, 1)), np.int32)
-    _, row_info = call.workspace((4, B, H, mq), np.int32)
+    _, row_crit = call.workspace((B, H, mq, max(mk, 1)), np.int32)
+    _, row_info = call.workspace((2, B, H, mq), np.int32)
     if want_cols:
         _, col_crit = call.workspace((B, H, mk, max(mq, 1)), np.int32)
-        _, col_lin = call.workspace((B, H, mk, max(mq, 1)), np.int32)
-        _, col_info = call.workspace((4, B, H, mk), np.int32)
+        _, col_info = call.workspace((2, B, H, mk), np.int32)
         n_lists = mq + mk
     else:
-        col_crit = col_lin = col_info = row_info
+        col_crit = col_info = row_info
         n_lists = mq
     nt = tiles.NT
     n_list_blocks = -(-n_lists // nt)
@@ -291,12 +285,19 @@ def launch_prep(call, tiles, x, y, n_rows, block, n_state, bmap, mq, mk, fm, wan
     make_prep(tiles)[grid, nt, call.stream](
         x, y, n_rows, block, n_state, state, fm, dummy,
         bmap, mq, mk, 1 if want_cols else 0,
-        row_crit, row_lin, row_info, col_crit, col_lin, col_info,
+        row_crit, row_info, col_crit, col_info,
         n_list_blocks, o_s, do_s, delta, nq)
-    make_totals(acc.name)[(totals_grid(width), H, B), TOTALS_THREADS, call.stream](state, n_state)
-    return dict(state=state, dummy=dummy, row_crit=row_crit, row_lin=row_lin,
-                row_info=row_info, col_crit=col_crit, col_lin=col_lin, col_info=col_info,
-                delta=delta)
+    return dict(state=state, dummy=dummy, row_crit=row_crit, row_info=row_info,
+                col_crit=col_crit, col_info=col_info, delta=delta)
+
+
+def row_states(call, bmap, state, mq, mk):
+    """(B, H, Mq, W) workspace: row i holds [vec(H_i), Z_i], the sum of ``state``
+    over row i's marginal key blocks (``_marginal``)."""
+    B, H, _, W = state.shape
+    _, out = call.workspace((B, H, mq, W), state.dtype)
+    launch_marginal_sum(call.stream, bmap, False, mq, mk, state, out)
+    return out
 
 
 def flat(x):
@@ -343,7 +344,9 @@ def forward(q, k, v, block_map, block_q, block_k, scale, feature_map, eps, *,
         dq, dk, dv, dmap = call.dev(q), call.dev(k), call.dev(v), call.dev(block_map)
         ws = launch_prep(call, T, dk, dv, Nk, block_k, Mk, dmap, Mq, Mk,
                          int(feature_map), want_cols=False)
-        mark("fwd prep+totals")
+        mark("fwd prep")
+        lstate = row_states(call, dmap, ws["state"], Mq, Mk)
+        mark("fwd marginal sum")
         h_os, o_s = call.output((B, H, Nq, D), acc)
         h_ol, o_l = call.output((B, H, Nq, D), acc)
         h_lse, lse = call.output((B, H, Nq), acc)
@@ -355,8 +358,8 @@ def forward(q, k, v, block_map, block_q, block_k, scale, feature_map, eps, *,
                                   call.stream)
             mark("fwd tc sparse")
         make_forward_simt(T, path == "simt")[(Mq, H, B), T.NT, call.stream](
-            dq, dk, dv, ws["state"], ws["row_crit"], ws["row_lin"], ws["row_info"],
-            Nq, Nk, block_q, block_k, float(scale), int(feature_map), float(eps), Mk,
+            dq, dk, dv, lstate, ws["row_crit"], ws["row_info"],
+            Nq, Nk, block_q, block_k, float(scale), int(feature_map), float(eps),
             o_s, o_l, lse)
         mark("fwd linear" if path == "tc" else "fwd simt fused")
         return call.result(h_os), call.result(h_ol), call.result(h_lse)
