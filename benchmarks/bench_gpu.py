@@ -200,7 +200,7 @@ def run_case(shape_name, topk, skip, args):
             res = measure(fn, args.warmup, args.reps)
             res["path"] = path
             add("sla_attention", dt_name, phase, res, flops_f * mult)
-            if dt_name == "bf16" and "ms" in res and not args.no_stages:
+            if "ms" in res and not args.no_stages:
                 st = stage_breakdown(fn, 1, args.reps)
                 res_st = dict(path=path, ms=sum(st.values()), stages=st)
                 add("sla stages", dt_name, phase, res_st, flops_f * mult)
@@ -263,7 +263,7 @@ def main():
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32", "fp16"])
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--no-stages", action="store_true", help="skip the bf16 stage breakdown")
+    ap.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", default="bench_gpu.json")
