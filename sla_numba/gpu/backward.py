@@ -45,7 +45,7 @@ from .._params import FEATURE_MAPS, n_blocks
 from ._arrays import DeviceCall
 from ._compat import FASTMATH, SIMULATOR, cuda, kernel
 from ._marginal import launch_marginal_sum
-from ._prep import make_state_fn
+from ._prep import make_state_fn, prep_one_pass, prep_smem
 from ._tiles import (LOG2E, choose_tiles, make_chain, make_common, make_mm,
                      smem_sizes)
 from ._path import resolve_path
@@ -77,7 +77,13 @@ def make_dq(tiles, sparse=True):
     mm_s = make_mm(TR, TC, RQ, RK, T.acc)
     mm_o = make_mm(TR, TC, RQ, RD, T.acc)
     chain = make_chain(TR, TC, RQ, RD, T.acc)
-    state_block = make_state_fn(T)
+    # QO_i in one pass over the block's rows where registers allow (the linear-only
+    # kernel of the tensor-core path has them to spare; see make_state_fn)
+    ONE = (not SPARSE) and prep_one_pass(T)
+    state_block = make_state_fn(T, ONE)
+    RQS = -(-DP // TR) if ONE else RQ
+    if ONE:
+        SA = max(SA, prep_smem(T))
     ops = make_common(NT, T.acc)
     (load_t, load_n, phi_value, phi_slope, row_stats, load_phi_t, load_phi_n,
      load_state, to_acc) = ops.functions()
@@ -100,6 +106,8 @@ def make_dq(tiles, sparse=True):
         dp = cuda.local.array((RQ, RK), acc_t)
         acc = cuda.local.array((RQ, RD), acc_t)
         zacc = cuda.local.array(RQ, acc_t)
+        sacc = cuda.local.array((RQS, RD), acc_t)     # QO_i pass (one-pass variant)
+        szacc = cuda.local.array(RQS, acc_t)
 
         t = cuda.threadIdx.x
         tr = t // TC
@@ -229,8 +237,12 @@ def make_dq(tiles, sparse=True):
         # ---- c) QO_i, QD_i: the query block's linear state with ĉ = φ(q)/den
         cuda.syncthreads()
         if n_marg > 0:
-            state_block(q, do_l, q0, q1, D, fm, w_inv_den, w_dl, 1, qstate, i,
-                        sa, sb, srow, acc, zacc, t, tr, tc)
+            if ONE:
+                state_block(q, do_l, q0, q1, D, fm, w_inv_den, w_dl, 1, qstate, i,
+                            sa, sb, srow, sacc, szacc, t, tr, tc)
+            else:
+                state_block(q, do_l, q0, q1, D, fm, w_inv_den, w_dl, 1, qstate, i,
+                            sa, sb, srow, acc, zacc, t, tr, tc)
         else:
             for e in range(t, qstate.shape[1], NT):
                 qstate[i, e] = zero
