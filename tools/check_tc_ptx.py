@@ -62,7 +62,20 @@ def main():
             fn = getattr(mod, backward_tc.KERNEL_NAMES[which])
             ok &= check(f"backward {which} D={D} bk={bk} bq={bq} {kind}", fn,
                         backward_tc.signature(which), src)
+    ok &= check_marginal()
     sys.exit(0 if ok else 1)
+
+
+def check_marginal():
+    """The tensor-core marginal sum (``marginal_tc``), GPU tiles."""
+    from numba import int8
+    from sla_numba.gpu import marginal_tc
+    tiles = marginal_tc.GPU_TILES
+    i8, f32 = int8[::1], float32[::1]
+    sig = (i8, int64, int64, int64, int64, int64, f32, int64, f32, int64, int64)
+    mod = marginal_tc.get_marginal_kernel(tiles)
+    return check(f"marginal_sum_tc tiles={tuple(tiles)}", mod.marginal_sum_tc, sig,
+                 marginal_tc.marginal_source(tiles))
 
 
 if __name__ == "__main__":
