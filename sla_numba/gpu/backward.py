@@ -44,14 +44,13 @@ import numpy as np
 from .._params import FEATURE_MAPS, n_blocks
 from ._arrays import DeviceCall
 from ._compat import FASTMATH, SIMULATOR, cuda, kernel
-from ._marginal import launch_marginal_sum
 from ._prep import make_state_fn, prep_one_pass, prep_smem
 from ._tiles import (LOG2E, choose_tiles, make_chain, make_common, make_mm,
                      smem_sizes)
 from ._path import resolve_path
 from ._stages import mark
 from .forward import (call_device, compute_dtype, flat, half_bits, half_kind, launch_prep,
-                      row_states)
+                      marginal_sum, row_states)
 
 
 def dkdv_rows(tiles):
@@ -466,7 +465,7 @@ def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map,
         ws = launch_prep(call, T, dk_, dv_, Nk, block_k, Mk, bmap, Mq, Mk, fm, want_cols=True,
                          delta_of=(os_, dos_) if tc else None)
         mark("bwd prep")
-        lstate = row_states(call, bmap, ws["state"], Mq, Mk)
+        lstate = row_states(call, bmap, ws["state"], Mq, Mk, tc=tc)
         mark("bwd marginal sum (rows)")
         h_dq, dq = call.output((B, H, Nq, D), acc)
         h_dk, dk = call.output((B, H, Nk, D), acc)
@@ -496,7 +495,7 @@ def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map,
             Nq, Nk, block_q, block_k, float(scale), fm, float(eps),
             dq, w_inv_den, w_dl, w_ds, qstate)
         mark("bwd linear dq" if tc else "bwd simt dq")
-        launch_marginal_sum(call.stream, bmap, True, Mk, Mq, qstate, dh)
+        marginal_sum(call, bmap, True, Mk, Mq, qstate, dh, tc)
         mark("bwd marginal sum (columns)")
         make_dkdv(T, not tc)[(Mk, H, B), T.NT, call.stream](
             dq_, dk_, dv_, lse_, dos_, ws["col_crit"], ws["col_info"],

@@ -291,12 +291,23 @@ def launch_prep(call, tiles, x, y, n_rows, block, n_state, bmap, mq, mk, fm, wan
                 col_crit=col_crit, col_info=col_info, delta=delta)
 
 
-def row_states(call, bmap, state, mq, mk):
+def marginal_sum(call, bmap, transposed, n_out, n_in, states, out, tc):
+    """``out = M · states`` (``_marginal``), on tensor cores (``marginal_tc``: bf16
+    hi + lo products, fp32 accumulation) when ``tc`` (the tensor-core path) and the
+    states are fp32; the SIMT product otherwise."""
+    if tc and np.dtype(states.dtype) == np.float32:
+        from .marginal_tc import launch_marginal_sum_tc
+        launch_marginal_sum_tc(call.stream, bmap, transposed, n_out, n_in, states, out)
+    else:
+        launch_marginal_sum(call.stream, bmap, transposed, n_out, n_in, states, out)
+
+
+def row_states(call, bmap, state, mq, mk, tc=False):
     """(B, H, Mq, W) workspace: row i holds [vec(H_i), Z_i], the sum of ``state``
-    over row i's marginal key blocks (``_marginal``)."""
+    over row i's marginal key blocks (:func:`marginal_sum`)."""
     B, H, _, W = state.shape
     _, out = call.workspace((B, H, mq, W), state.dtype)
-    launch_marginal_sum(call.stream, bmap, False, mq, mk, state, out)
+    marginal_sum(call, bmap, False, mq, mk, state, out, tc)
     return out
 
 
@@ -345,7 +356,7 @@ def forward(q, k, v, block_map, block_q, block_k, scale, feature_map, eps, *,
         ws = launch_prep(call, T, dk, dv, Nk, block_k, Mk, dmap, Mq, Mk,
                          int(feature_map), want_cols=False)
         mark("fwd prep")
-        lstate = row_states(call, dmap, ws["state"], Mq, Mk)
+        lstate = row_states(call, dmap, ws["state"], Mq, Mk, tc=path == "tc")
         mark("fwd marginal sum")
         h_os, o_s = call.output((B, H, Nq, D), acc)
         h_ol, o_l = call.output((B, H, Nq, D), acc)

@@ -146,8 +146,10 @@ def test_tc_vs_simt_vs_reference_simulated(spy, B, H, Nq, Nk, D, bq, bk, fm, pat
     assert all(x.dtype == np.float32 for x in f_tc)
     assert _err(f_tc[0], r_s) < 2e-3 and _err(f_simt[0], r_s) < 1e-5
     np.testing.assert_array_equal(f_tc[0][0, 0, :bq], 0.0)        # row without critical block
-    assert _err(f_tc[1], r_l) < 1e-5                                # linear branch is SIMT fp32
-    np.testing.assert_array_equal(f_tc[1], f_simt[1])               # same linear kernel code
+    # linear branch: the same SIMT fp32 kernel, but the tc path sums the states over
+    # marginal blocks on tensor cores (bf16 hi + lo, ~2^-16 relative a term)
+    assert _err(f_tc[1], r_l) < 1e-5
+    np.testing.assert_allclose(f_tc[1], f_simt[1], rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(f_tc[1][0, 0, bq:2 * bq], 0.0)   # row without marginal block
     np.testing.assert_allclose(f_tc[2], f_simt[2], rtol=1e-4, atol=1e-4)
 
