@@ -12,9 +12,10 @@ Input q (B, H, Nq, D), k (B, H, Nk, D); output the int8 map (B, H, Mq, Mk):
    ``S[j] = scale · Σ_d pq[i,d]·pk[j,d]`` in float64, d ascending (NaN -> -inf),
    written to a float64 scratch row; then each key block's rank
    ``#{j' : S[j'] > S[j] or (S[j'] == S[j] and j' < j)}`` — the position in the
-   order (S descending, j ascending) — is counted against the row staged NT
-   scores at a time in shared memory. Rank < n_crit -> 1, rank >= Mk - n_skip
-   -> -1, else 0.
+   order (S descending, j ascending): rows of up to ``SORT_MAX`` blocks sort the
+   (S, j) pairs in shared memory (bitonic sort, O(Mk log² Mk)); longer rows count
+   each rank against the row staged NT scores at a time (O(Mk²)). Rank < n_crit
+   -> 1, rank >= Mk - n_skip -> -1, else 0.
 
 No fastmath, and more: NVVM fuses ``a*b + c`` into an FMA even without fastmath,
 and the pooled means are not exact fp32 values, so the products and sums of step 2
@@ -63,13 +64,23 @@ def pool(q, k, block_q, block_k, mq, pq, pk):
         _pool_one(k, b, h, x - mq, block_k, k.shape[2], pk, True)
 
 
+#: Rows of at most this many key blocks (a power of two) are ranked by sorting in
+#: shared memory (2048 blocks of 64 keys are N = 131072); longer rows count ranks.
+SORT_MAX = 2048
+
+
 @functools.lru_cache(maxsize=None)
-def make_score_rank(NT):
+def make_score_rank(NT, sort_max=SORT_MAX):
+    """The ranking kernel for NT threads; rows whose block count rounded up to a power
+    of two is at most ``sort_max`` are sorted, longer ones counted."""
     neg_inf = np.float64(-np.inf)
+    SM = max(int(sort_max), 1)           # shared-memory size: a compile-time constant
 
     @kernel()
     def score_rank(pq, pk, scale, n_crit, n_skip, scores, block_map):
         stage = cuda.shared.array(NT, np.float64)
+        key = cuda.shared.array(SM, np.float64)
+        idx = cuda.shared.array(SM, np.int32)
         t = cuda.threadIdx.x
         i = cuda.blockIdx.x
         h = cuda.blockIdx.y
@@ -85,6 +96,49 @@ def make_score_rank(NT):
                 s = neg_inf
             scores[b, h, i, j] = s
         cuda.syncthreads()
+
+        P = 1                            # the next power of two >= mk
+        while P < mk:
+            P *= 2
+        if P <= sort_max:
+            # ---- sort (score, j) pairs into the order "score descending, j ascending"
+            # (bitonic sort of the P entries; pads are (-inf, j >= mk), which come after
+            # every real entry); then position p in the order *is* the rank of the key
+            # block at p.
+            for e in range(t, P, NT):
+                key[e] = scores[b, h, i, e] if e < mk else neg_inf
+                idx[e] = e
+            cuda.syncthreads()
+            size = 2
+            while size <= P:
+                stride = size // 2
+                while stride > 0:
+                    for e in range(t, P // 2, NT):
+                        lo = (e // stride) * 2 * stride + (e % stride)
+                        hi = lo + stride
+                        k_lo = key[lo]
+                        k_hi = key[hi]
+                        hi_first = k_hi > k_lo or (k_hi == k_lo and idx[hi] < idx[lo])
+                        # in blocks with (lo & size) == 0 the pair must end in order
+                        if hi_first == ((lo & size) == 0):
+                            key[lo] = k_hi
+                            key[hi] = k_lo
+                            j_lo = idx[lo]
+                            idx[lo] = idx[hi]
+                            idx[hi] = j_lo
+                    cuda.syncthreads()
+                    stride //= 2
+                size *= 2
+            for p in range(t, mk, NT):
+                v = 0
+                if p < n_crit:
+                    v = 1
+                elif p >= mk - n_skip:
+                    v = -1
+                block_map[b, h, i, idx[p]] = v
+            return
+
+        # ---- long rows: each key block's rank counted against the row, NT at a time
         n_own = (mk + NT - 1) // NT
         for u in range(n_own):                   # uniform trip count: all threads sync
             j = t + NT * u
@@ -129,7 +183,7 @@ def classify(q, k, n_crit, n_skip, block_q, block_k, scale):
         _, scores = call.workspace((B, H, Mq, Mk), np.float64)
         handle, block_map = call.output((B, H, Mq, Mk), np.int8)
         pool[(Mq + Mk, H, B), POOL_THREADS, call.stream](dq, dk, block_q, block_k, Mq, pq, pk)
-        make_score_rank(RANK_THREADS)[(Mq, H, B), RANK_THREADS, call.stream](
+        make_score_rank(RANK_THREADS, SORT_MAX)[(Mq, H, B), RANK_THREADS, call.stream](
             pq, pk, float(scale), int(n_crit), int(n_skip), scores, block_map)
         mark("classify")
         return call.result(handle)

@@ -131,6 +131,27 @@ def test_classify_ties_and_nan_rank_by_index():
         np.testing.assert_array_equal(got, cpu.classify(q, k, 1, 1, 4, 3, 0.5))
 
 
+@pytest.mark.parametrize("sort_max", [0, 8, 16], ids=["count-ranks", "count-just-above", "sort-at-limit"])
+def test_both_ranking_methods_give_the_cpu_map(monkeypatch, sort_max):
+    """Rows of up to SORT_MAX key blocks are ranked by a bitonic sort, longer ones by
+    counting: both give the CPU's map, ties (repeated key blocks) and NaN included."""
+    import importlib
+    gpu_classify_module = importlib.import_module("sla_numba.gpu.classify")
+    monkeypatch.setattr(gpu_classify_module, "SORT_MAX", sort_max)
+    q, k, _ = _rng_inputs(11, 1, 2, 12, 37, 4)
+    k[0, 0, 8:12] = k[0, 0, 0:4]                 # key blocks 0 and 2 tie (4-row blocks)
+    k[0, 0, 20:24] = k[0, 0, 0:4]                # ... and block 5
+    k[0, 1, 12:16] = np.nan                      # a NaN score in head 1
+    mk = _params.n_blocks(37, 4)                 # 10 blocks: sorted as 16 (6 pads) if allowed
+    for n_crit, n_skip in ((3, 2), (1, 0), (1, mk - 1), (mk, 0)):
+        got = gpu.classify(q, k, n_crit, n_skip, 4, 4, 0.5)
+        if cpu is not None:
+            np.testing.assert_array_equal(got, cpu.classify(q, k, n_crit, n_skip, 4, 4, 0.5))
+        ref = classify_reference(q, k, topk=n_crit / mk, skip=n_skip / mk, block_q=4,
+                                 block_k=4, scale=0.5)
+        np.testing.assert_array_equal(got, ref)
+
+
 def test_classify_fp16_input():
     q, k, _ = _rng_inputs(3, 1, 1, 12, 10, 4, np.float16)
     got = gpu.classify(q, k, 1, 1, 4, 4, 0.5)
