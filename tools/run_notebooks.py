@@ -87,7 +87,7 @@ def run_one(path, args):
 
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=args.timeout, kernel_name=args.kernel,
-                            allow_errors=args.keep_going, record_timing=True,
+                            allow_errors=args.keep_going, record_timing=False,
                             resources={"metadata": {"path": os.path.dirname(os.path.abspath(path))}})
     t0 = time.perf_counter()
     error = None
