@@ -1,0 +1,187 @@
+"""Tensor-core key-block states (``sla_numba.gpu.states_tc``) against float64 numpy.
+
+For each key block j: ``h_j = φ(K_j)ᵀ V_j`` (D x D) and ``z_j = Σ_r φ(K_j)`` over the
+block's valid rows, in ``state[b, h, j] = [vec(h_j), z_j]``. The reference is float64
+on the same half-precision inputs; errors are measured relative to ``Σ_r |φ||v|``
+(h) and ``Σ_r φ`` (z). Bounds: φ split into half hi + lo: ~2^-16 (bf16) per term
+plus fp32 accumulation, asserted <= 1e-4; φ in one bf16 (``split=False``): <= 4e-3.
+
+Simulator (NUMBA_ENABLE_CUDASIM=1): 1-warp tiles (and one 4-warp case), D = 16 / 32,
+block_k = 16, tail blocks, all three feature maps; `state` NaN-poisoned (with a spare
+block row that must stay NaN). GPU (cc >= 8.0): D = 64 / 128, block_k = 64, bf16 and
+fp16, plus the SIMT prep kernel's states when available.
+"""
+import numpy as np
+import pytest
+from numba import config
+
+from sla_numba.gpu import states_tc
+from sla_numba.gpu._mma import bf16_bits_to_f32, f32_to_bf16_bits
+
+SIM = bool(config.ENABLE_CUDASIM)
+
+
+def _has_gpu():
+    if SIM:
+        return False
+    try:
+        from numba import cuda
+        return cuda.is_available() and cuda.get_current_device().compute_capability >= (8, 0)
+    except Exception:  # noqa: BLE001 - no driver: no GPU test
+        return False
+
+
+needs_sim = pytest.mark.skipif(not SIM, reason="needs NUMBA_ENABLE_CUDASIM=1 (simulator twins)")
+needs_gpu = pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU with cc >= 8.0")
+
+
+# --------------------------------------------------------------------------- reference
+def _inputs(kind, B, H, Nk, D, seed, scale=1.5):
+    """(k_bits, v_bits, k64, v64): int16 bits and their exact float64 values."""
+    rng = np.random.default_rng(seed)
+    k = (rng.standard_normal((B, H, Nk, D)) * scale).astype(np.float32)
+    v = rng.standard_normal((B, H, Nk, D)).astype(np.float32)
+    if kind == "bf16":
+        kb, vb = f32_to_bf16_bits(k).view(np.int16), f32_to_bf16_bits(v).view(np.int16)
+        k64, v64 = bf16_bits_to_f32(kb).astype(np.float64), bf16_bits_to_f32(vb).astype(np.float64)
+    else:
+        kb, vb = k.astype(np.float16).view(np.int16), v.astype(np.float16).view(np.int16)
+        k64, v64 = kb.view(np.float16).astype(np.float64), vb.view(np.float16).astype(np.float64)
+    return kb, vb, k64, v64
+
+
+def _phi(x, fm):
+    if fm == 0:
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    if fm == 1:
+        return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+    return np.maximum(x, 0.0)
+
+
+def reference(k64, v64, block_k, fm):
+    """(h, z, h_abs): float64 (B, H, Mk, D, D), (B, H, Mk, D), Σ|φ||v|."""
+    B, H, Nk, D = k64.shape
+    Mk = -(-Nk // block_k)
+    p = _phi(k64, fm)
+    pad = Mk * block_k - Nk
+    p = np.concatenate([p, np.zeros((B, H, pad, D))], axis=2).reshape(B, H, Mk, block_k, D)
+    v = np.concatenate([v64, np.zeros((B, H, pad, D))], axis=2).reshape(B, H, Mk, block_k, D)
+    h = np.einsum("bhjrd,bhjre->bhjde", p, v)
+    ha = np.einsum("bhjrd,bhjre->bhjde", np.abs(p), np.abs(v))
+    return h, p.sum(axis=3), ha
+
+
+def check(state, k64, v64, block_k, fm, tol):
+    """Max errors (h relative to Σ|φ||v|, z relative to Σφ); asserts <= tol, spare row NaN."""
+    B, H, Nk, D = k64.shape
+    h, z, ha = reference(k64, v64, block_k, fm)
+    Mk = h.shape[2]
+    st = np.asarray(state, dtype=np.float64)
+    assert np.isnan(st[:, :, Mk:]).all(), "rows past the last block were written"
+    st = st[:, :, :Mk]
+    assert not np.isnan(st).any(), "unwritten (NaN) state elements"
+    gh = st[..., :D * D].reshape(h.shape)
+    gz = st[..., D * D:]
+    floor = 1e-30
+    eh = float(np.max(np.abs(gh - h) / np.maximum(ha, floor)))
+    ez = float(np.max(np.abs(gz - z) / np.maximum(np.abs(z), floor)))
+    assert eh <= tol and ez <= tol, (eh, ez)
+    return eh, ez
+
+
+def run(kind, B, H, Nk, D, block_k, fm, seed=0, tiles=None, split=True):
+    kb, vb, k64, v64 = _inputs(kind, B, H, Nk, D, seed)
+    Mk = -(-Nk // block_k)
+    state = np.full((B, H, Mk + 1, D * D + D), np.nan, np.float32)
+    states_tc.launch_states_tc(kind, kb, vb, state, B, H, Nk, D, block_k, fm, 0,
+                               tiles=tiles, split=split)
+    return state, k64, v64
+
+
+# --------------------------------------------------------------------------- host-only
+def test_supported_and_tiles():
+    assert states_tc.states_tc_supported(64, 64)
+    assert states_tc.states_tc_supported(128, 16)
+    assert not states_tc.states_tc_supported(72, 64)
+    assert not states_tc.states_tc_supported(64, 128)
+    assert states_tc.choose_tiles(128, 8) == (4, 2)
+    assert states_tc.choose_tiles(64, 8) == (2, 2)
+    assert states_tc.choose_tiles(32, 1) == (1, 1)
+    for D in range(16, 129, 16):
+        WR, WC = states_tc.choose_tiles(D, 8)
+        G = states_tc.geometry(D, 64, (WR, WC))
+        assert 8 * G["MT"] * G["NP"] <= 64 and G["C"] % 2 == 0
+        src = states_tc.states_source("bf16", D, 64, (WR, WC))
+        compile(src, "<generated>", "exec")
+
+
+# --------------------------------------------------------------------------- simulator
+SIM_CASES = [  # kind, B, H, Nk, D, block_k, fm, tiles
+    ("bf16", 1, 2, 21, 16, 16, 0, (1, 1)),
+    ("f16", 2, 1, 27, 16, 16, 1, (1, 1)),
+    ("bf16", 1, 1, 19, 32, 16, 2, (1, 1)),
+    ("f16", 1, 1, 13, 32, 16, 0, (2, 2)),
+    ("bf16", 1, 1, 40, 16, 32, 1, (1, 1)),
+]
+
+
+@needs_sim
+@pytest.mark.parametrize("kind,B,H,Nk,D,block_k,fm,tiles", SIM_CASES)
+def test_sim_matches_float64(kind, B, H, Nk, D, block_k, fm, tiles):
+    state, k64, v64 = run(kind, B, H, Nk, D, block_k, fm, seed=Nk, tiles=tiles)
+    eh, ez = check(state, k64, v64, block_k, fm, 1e-4)
+    print(f"\n{kind} D={D} bk={block_k} fm={fm}: h err {eh:.2e}, z err {ez:.2e}")
+
+
+@needs_sim
+def test_sim_plain_bf16_phi():
+    state, k64, v64 = run("bf16", 1, 1, 20, 16, 16, 0, seed=3, split=False)
+    eh, ez = check(state, k64, v64, 16, 0, 4e-3)
+    print(f"\nplain bf16 φ: h err {eh:.2e}, z err {ez:.2e}")
+
+
+# --------------------------------------------------------------------------- GPU
+GPU_CASES = [(kind, D, fm) for kind in ("bf16", "f16") for D in (64, 128) for fm in (0, 1, 2)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind,D,fm", GPU_CASES)
+def test_gpu_matches_float64(kind, D, fm):
+    from numba import cuda
+    B, H, Nk, bk = 2, 3, 64 * 5 + 37, 64
+    kb, vb, k64, v64 = _inputs(kind, B, H, Nk, D, seed=D + fm)
+    Mk = -(-Nk // bk)
+    host = np.full((B, H, Mk + 1, D * D + D), np.nan, np.float32)
+    dstate = cuda.to_device(host)
+    states_tc.launch_states_tc(kind, cuda.to_device(kb), cuda.to_device(vb), dstate,
+                               B, H, Nk, D, bk, fm, 0)
+    cuda.synchronize()
+    got = dstate.copy_to_host()
+    eh, ez = check(got, k64, v64, bk, fm, 1e-4)
+    print(f"\n{kind} D={D} fm={fm}: h err {eh:.2e}, z err {ez:.2e}")
+    # plain (one half φ), bf16 only: looser bound
+    if kind == "bf16":
+        d2 = cuda.to_device(host)
+        states_tc.launch_states_tc(kind, cuda.to_device(kb), cuda.to_device(vb), d2,
+                                   B, H, Nk, D, bk, fm, 0, split=False)
+        e2 = check(d2.copy_to_host(), k64, v64, bk, fm, 4e-3)
+        print(f"   plain bf16 φ: h err {e2[0]:.2e}, z err {e2[1]:.2e}")
+    # deterministic
+    d3 = cuda.to_device(host)
+    states_tc.launch_states_tc(kind, cuda.to_device(kb), cuda.to_device(vb), d3,
+                               B, H, Nk, D, bk, fm, 0)
+    np.testing.assert_array_equal(d3.copy_to_host(), got)
+
+
+@needs_gpu
+@pytest.mark.parametrize("D,block_k", [(32, 16), (48, 32), (96, 64), (16, 64)])
+def test_gpu_other_shapes(D, block_k):
+    from numba import cuda
+    B, H, Nk = 1, 2, block_k * 3 + 5
+    kb, vb, k64, v64 = _inputs("bf16", B, H, Nk, D, seed=D)
+    Mk = -(-Nk // block_k)
+    dstate = cuda.to_device(np.full((B, H, Mk + 1, D * D + D), np.nan, np.float32))
+    states_tc.launch_states_tc("bf16", cuda.to_device(kb), cuda.to_device(vb), dstate,
+                               B, H, Nk, D, block_k, 0, 0)
+    check(dstate.copy_to_host(), k64, v64, block_k, 0, 1e-4)
