@@ -63,6 +63,7 @@ def main():
             ok &= check(f"backward {which} D={D} bk={bk} bq={bq} {kind}", fn,
                         backward_tc.signature(which), src)
     ok &= check_marginal()
+    ok &= check_states(quick)
     sys.exit(0 if ok else 1)
 
 
@@ -76,6 +77,22 @@ def check_marginal():
     mod = marginal_tc.get_marginal_kernel(tiles)
     return check(f"marginal_sum_tc tiles={tuple(tiles)}", mod.marginal_sum_tc, sig,
                  marginal_tc.marginal_source(tiles))
+
+
+def check_states(quick=False):
+    """The tensor-core key-block states (``states_tc``), GPU tiles."""
+    from sla_numba.gpu import states_tc
+    i16, f32 = int16[::1], float32[::1]
+    sig = (i16, i16, f32, int64, int64, int64, int64)
+    configs = [("bf16", 128, 64, True), ("f16", 64, 64, True), ("bf16", 128, 64, False)]
+    ok = True
+    for kind, D, bk, split in configs[:1] if quick else configs:
+        tiles = states_tc.choose_tiles(D, states_tc.GPU_MAX_WARPS)
+        src = states_tc.states_source(kind, D, bk, tiles, split)
+        mod = states_tc.get_states_kernel(kind, D, bk, tiles, split)
+        ok &= check(f"states_tc {kind} D={D} bk={bk} tiles={tuple(tiles)} split={split}",
+                    mod.states_tc, sig, src)
+    return ok
 
 
 if __name__ == "__main__":

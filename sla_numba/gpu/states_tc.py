@@ -45,7 +45,8 @@ Algorithm (one CTA per (j, h, b), grid (ceil(Nk/BK), H, B))
    m-tiles (d1) x NP = D/16/WC pairs of n8 tiles (e): 8·MT·NP fp32 accumulators per
    lane, written out as scalars (``_tc_build``: straight-line generated code). GPU
    default: at most 64 accumulators with >= 4 warps if possible (D = 128: 8 warps
-   as 4 x 2; D = 64: 4 warps as 2 x 2). K-steps past the valid rows are skipped.
+   as 4 x 2; D = 64: 4 warps as 2 x 2). The BK/16 k-steps are written out, each
+   skipped when it starts past the valid rows.
 4. Epilogue: lane (g, t) stores rows g, g + 8 x columns 2t, 2t + 1 of each tile
    straight to global memory (pairs of consecutive floats); lanes t == 0 of the
    column-0 warps store z.
@@ -199,7 +200,7 @@ def states_source(kind, D, BK, tiles, split=True):
     e("import math")
     e("import numpy as np")
     e("from numba import cuda, int16, int32, uint64")
-    e(f"from sla_numba.gpu._mma import mma_{kind} as mma, pack_{kind}x2 as pack, "
+    e(f"from sla_numba.gpu._mma import mma_{kind}, pack_{kind}x2 as pack, "
       "ldsm_x4_trans, smem_addr, shfl_xor, fmax")
     if kind == "bf16":
         e("from sla_numba.gpu.marginal_tc import bf16_low_f32 as low_f32, "
@@ -308,29 +309,31 @@ def states_source(kind, D, BK, tiles, split=True):
         for n in range(2 * NP):
             e(I + " = ".join(f"acc_{mt}_{n}_{x}" for x in range(4)) + " = ZERO")
         e(I + " = ".join(f"z_{mt}_{x}" for x in range(4)) + " = ZERO")
-    e(I + "for ks in range((nrows + 15) // 16):")
-    e(J + f"ko = ks * {16 * SW * 2}")
+    e(I + f"# k-steps of 16 rows, written out (each guarded: none past the valid rows)")
     parts = ("h", "l") if split else ("h",)
-    for mt in range(MT):
-        for pt in parts:
-            off = (mt * 16 + (LOFF if pt == "l" else 0)) * 2
-            e(J + f"a{pt}_{mt}_0, a{pt}_{mt}_1, a{pt}_{mt}_2, a{pt}_{mt}_3 = "
-              f"ldsm_x4_trans(smem, la + ko, {off})")
-    for p in range(NP):
-        e(J + f"b0, b1, b2, b3 = ldsm_x4_trans(smem, lb + ko, {p * 16 * 2})")
+    for ks in range(BK // 16):
+        e(I + f"if nrows > {16 * ks}:")
+        ko = ks * 16 * SW * 2
+        for mt in range(MT):
+            for pt in parts:
+                off = (mt * 16 + (LOFF if pt == "l" else 0)) * 2 + ko
+                e(J + f"a{pt}_{mt}_0, a{pt}_{mt}_1, a{pt}_{mt}_2, a{pt}_{mt}_3 = "
+                  f"ldsm_x4_trans(smem, la, {off})")
+        for p in range(NP):
+            e(J + f"b0, b1, b2, b3 = ldsm_x4_trans(smem, lb, {p * 16 * 2 + ko})")
+            for mt in range(MT):
+                for pt in parts:
+                    A = ", ".join(f"a{pt}_{mt}_{x}" for x in range(4))
+                    for n, B in ((2 * p, "b0, b1"), (2 * p + 1, "b2, b3")):
+                        acc = ", ".join(f"acc_{mt}_{n}_{x}" for x in range(4))
+                        e(J + f"{acc} = mma_{kind}({A}, {B}, {acc})")
+        e(J + "if wc == 0:")
+        e(K + "# z = φᵀ · ones")
         for mt in range(MT):
             for pt in parts:
                 A = ", ".join(f"a{pt}_{mt}_{x}" for x in range(4))
-                for n, B in ((2 * p, "b0, b1"), (2 * p + 1, "b2, b3")):
-                    acc = ", ".join(f"acc_{mt}_{n}_{x}" for x in range(4))
-                    e(J + f"{acc} = mma({A}, {B}, {acc})")
-    e(J + "if wc == 0:")
-    e(K + "# z = φᵀ · ones")
-    for mt in range(MT):
-        for pt in parts:
-            A = ", ".join(f"a{pt}_{mt}_{x}" for x in range(4))
-            zs = ", ".join(f"z_{mt}_{x}" for x in range(4))
-            e(K + f"{zs} = mma({A}, ONES, ONES, {zs})")
+                zs = ", ".join(f"z_{mt}_{x}" for x in range(4))
+                e(K + f"{zs} = mma_{kind}({A}, ONES, ONES, {zs})")
     e(I + "# --- 4. epilogue: lane (g, t) holds d1 = g, g + 8 x e = 2t, 2t + 1 of each tile")
     e(I + "g = lane >> 2")
     e(I + "t2 = (lane & 3) * 2")
