@@ -42,7 +42,8 @@ def make_state_fn(tiles, one_pass=False):
     for one head's views: x, y (N, D), wv, zv (N,), state (M, W).
     Without weights (``use_w == 0``) w = zw = 1: h_j and z_j of a key block.
     With weights (backward): w = 1/den, zw = δl gives QO_i and QD_i.
-    All threads of the block must call it (it synchronises).
+    All threads of the block must call it (it synchronises). ``scratch`` (>= NT
+    elements) is :func:`row_stats`'s; it must be free on entry.
 
     The state's DP rows (d1) are computed BR at a time, each pass re-reading the
     block's rows: BR = BQ by default (the register budget of the dQ kernel, which
@@ -65,7 +66,7 @@ def make_state_fn(tiles, one_pass=False):
 
     @device
     def state_block(x, y, r0, r1, D, fm, wv, zv, use_w, state, s,
-                    sa, sb, srow, acc, zacc, t, tr, tc):
+                    sa, sb, srow, scratch, acc, zacc, t, tr, tc):
         for d10 in range(0, DP, BR):
             for a in range(RQ):
                 zacc[a] = zero
@@ -74,7 +75,9 @@ def make_state_fn(tiles, one_pass=False):
             for c0 in range(r0, r1, KC):
                 nc = min(KC, r1 - c0)
                 cuda.syncthreads()
-                row_stats(srow, x, c0, nc, D, KC, t, fm)
+                row_stats(srow, x, c0, nc, D, KC, t, fm, scratch)
+                # row_stats ends with a barrier: its srow writes (by other threads)
+                # are ordered before these weight writes
                 for r in range(t, KC, NT):
                     zw = one if r < nc else zero
                     if use_w != 0 and r < nc:
@@ -143,6 +146,7 @@ def make_prep(tiles):
         sa = cuda.shared.array(SA, acc_t)
         sb = cuda.shared.array(SB, acc_t)
         srow = cuda.shared.array(SROW, acc_t)
+        scratch = cuda.shared.array(NT, acc_t)      # row_stats' lane partials
         acc = cuda.local.array((RQ, RD), acc_t)
         zacc = cuda.local.array(RQ, acc_t)
         t = cuda.threadIdx.x
@@ -156,7 +160,7 @@ def make_prep(tiles):
             r0 = bx * block
             r1 = min(r0 + block, n_rows)
             state_block(x[b, h], y[b, h], r0, r1, x.shape[3], fm, dummy[0, 0], dummy[0, 0], 0,
-                        state[b, h], bx, sa, sb, srow, acc, zacc, t, tr, tc)
+                        state[b, h], bx, sa, sb, srow, scratch, acc, zacc, t, tr, tc)
             return
 
         if bx >= n_state + n_list_blocks:

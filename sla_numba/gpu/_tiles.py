@@ -131,6 +131,7 @@ def smem_sizes(t):
     b = max(t.DC * (br + 1), t.KC * t.DP, t.DC * (t.DP + 1))
     p = max(t.BK * (t.BQ + 1), t.BQ * (t.BK + 1))
     red = br * t.TC
+    assert red >= t.NT, "red doubles as row_stats' scratch (NT lane partials)"
     rows = 4 * max(t.BQ, t.BK, t.KC)
     return a, b, p, red, rows
 
@@ -231,10 +232,109 @@ def make_common(NT, acc_name):
             return one
         return zero
 
+    # ---- row reductions spread over several threads a row ------------------------
+    # A row statistic over D (a max, a sum) done by one thread is a chain of D
+    # dependent global loads. Instead L = NT // R threads ("lanes") share each row:
+    # thread t is lane ``t % L`` of row slot ``t // L`` and reduces the columns
+    # d = lane, lane + L, ...; the L partials then meet in a shared scratch of NT
+    # elements. With 256 threads and 32 rows that is 8 lanes a row, 16 columns each;
+    # neighbouring lanes read neighbouring columns, so a warp's loads coalesce.
+    # (Warp shuffles would avoid the scratch, but the simulator has none.)
+
     @device
-    def row_stats(srow, x, row0, nrows, D, R, t, fm):
+    def lanes(R):
+        """(L, G): lanes a row and row slots a pass for R rows: L = NT // R (at least
+        1), G = NT // L >= min(R, NT). Threads t >= G*L (when L does not divide NT)
+        have no row slot."""
+        L = max(1, NT // R)
+        return L, NT // L
+
+    @device
+    def lanes_max(scratch, v, t, L):
+        """The max of ``v`` over the L lanes of thread t's row slot (threads
+        L*(t//L) ... L*(t//L) + L - 1), returned to every one of them; a thread
+        without a complete slot gets its own ``v``.
+
+        All NT threads must call it. Barriers: scratch[t] is written before the first
+        syncthreads and read only between the two, so the reads see every lane's
+        value, and no thread can overwrite scratch (next call, or the caller) before
+        all reads are done. The caller must not be reading scratch on entry."""
+        scratch[U(t)] = v
+        cuda.syncthreads()
+        base = t - I64(U(t) % U(L))
+        m = v
+        if base + L <= NT:
+            m = scratch[U(base)]
+            for u in range(1, L):
+                m = max(m, scratch[U(base + u)])
+        cuda.syncthreads()
+        return m
+
+    @device
+    def lanes_sum(scratch, v, t, L):
+        """Like :func:`lanes_max`, for the sum (lanes added in order 0 .. L-1, so
+        all lanes of a row get the same bits)."""
+        scratch[U(t)] = v
+        cuda.syncthreads()
+        base = t - I64(U(t) % U(L))
+        sm = v
+        if base + L <= NT:
+            sm = zero
+            for u in range(L):
+                sm += scratch[U(base + u)]
+        cuda.syncthreads()
+        return sm
+
+    @device
+    def row_stats(srow, x, row0, nrows, D, R, t, fm, scratch):
         """srow[4r], srow[4r+1] = (max, 1/sum exp) over D of row row0+r (softmax map);
-        (0, 1) otherwise. srow[4r+2] = 1 (weight). Rows >= nrows get (0, 1, 0)."""
+        (0, 1) otherwise. srow[4r+2] = 1 (weight). Rows >= nrows get (0, 1, 0).
+
+        Each row is split over L = NT // R lanes (see :func:`lanes`): every lane takes
+        the max of its columns, :func:`lanes_max` gives all lanes the row max, every
+        lane sums exp(x - max) over its columns with that *global* max, and
+        :func:`lanes_sum` adds the partials; lane 0 writes srow. R > NT: L = 1 and
+        the rows go in passes of NT. ``scratch``: >= NT elements, free on entry.
+
+        All threads must call it. It ends with a syncthreads: on return srow is
+        complete and visible to every thread, and scratch is free again."""
+        L, G = lanes(R)
+        lane = I64(U(t) % U(L))            # unsigned: no sign fix-ups
+        slot = I64(U(t) // U(L))
+        nd = I64(U(D + L - 1) // U(L))     # columns a lane (the last may be short)
+        for rb in range(0, R, G):          # same trip count in every thread
+            r = rb + slot
+            live = fm == 0 and slot < G and r < nrows
+            mx = neg_inf
+            if live:
+                for j in range(nd):
+                    d = lane + j * L
+                    if d < D:
+                        mx = max(mx, to_acc(x[U(row0 + r), U(d)]))
+            mx = lanes_max(scratch, mx, t, L)
+            s = zero
+            if live:
+                for j in range(nd):
+                    d = lane + j * L
+                    if d < D:
+                        s += math.exp(to_acc(x[U(row0 + r), U(d)]) - mx)
+            s = lanes_sum(scratch, s, t, L)
+            if lane == 0 and slot < G and r < R:
+                if live:
+                    srow[4 * r] = mx
+                    srow[4 * r + 1] = one / s
+                else:
+                    srow[4 * r] = zero
+                    srow[4 * r + 1] = one
+                srow[4 * r + 2] = one if r < nrows else zero
+        cuda.syncthreads()
+
+    @device
+    def row_stats_serial(srow, x, row0, nrows, D, R, t, fm):
+        """:func:`row_stats` with one thread a row and no barrier (the caller
+        synchronises before reading srow). For the fused SIMT forward, at its register
+        limit: the lane indices of row_stats, hoisted by the compiler and live across
+        the whole kernel, cost it spills there."""
         for r in range(t, R, NT):
             mx = zero
             inv = one
@@ -298,6 +398,11 @@ def make_common(NT, acc_name):
             return (self.load_t, self.load_n, self.phi_value, self.phi_slope,
                     self.row_stats, self.load_phi_t, self.load_phi_n,
                     self.load_state, self.to_acc)
+
+        def row_reducers(self):
+            """(lanes_max, lanes_sum): the combining steps of :func:`row_stats`, for
+            kernels with row reductions of their own (dQ's δs, δl, den)."""
+            return self.lanes_max, self.lanes_sum
     ns = NS()
     ns.load_t = load_t
     ns.load_n = load_n
@@ -308,6 +413,10 @@ def make_common(NT, acc_name):
     ns.load_phi_n = load_phi_n
     ns.load_state = load_state
     ns.to_acc = to_acc
+    ns.lanes = lanes
+    ns.row_stats_serial = row_stats_serial
+    ns.lanes_max = lanes_max
+    ns.lanes_sum = lanes_sum
     return ns
 
 

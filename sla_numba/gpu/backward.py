@@ -86,6 +86,9 @@ def make_dq(tiles, sparse=True):
     ops = make_common(NT, T.acc)
     (load_t, load_n, phi_value, phi_slope, row_stats, load_phi_t, load_phi_n,
      load_state, to_acc) = ops.functions()
+    lanes_max, lanes_sum = ops.row_reducers()
+    LQ = max(1, NT // BQ)            # lanes a query row in the δs / δl / den sums
+    GQ = NT // LQ                    # row slots a pass (see _tiles.make_common)
     zero = acc_t(0.0)
     one = acc_t(1.0)
     log2e = acc_t(LOG2E)
@@ -111,6 +114,8 @@ def make_dq(tiles, sparse=True):
         t = cuda.threadIdx.x
         tr = t // TC
         tc = t - tr * TC
+        lane = t % LQ
+        slot = t // LQ
         i = cuda.blockIdx.x
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
@@ -138,33 +143,45 @@ def make_dq(tiles, sparse=True):
         for r0 in range(q0, q_end, BQ):
             nr = min(BQ, q1 - r0)
             cuda.syncthreads()
-            row_stats(srow, q, r0, nr, D, BQ, t, fm)
-            cuda.syncthreads()
-            for r in range(t, BQ, NT):
+            row_stats(srow, q, r0, nr, D, BQ, t, fm, sred)   # ends with a barrier
+            # per row: δs, δl, den over D, each row split over LQ lanes like
+            # row_stats (partials summed through sred; all threads take part)
+            for rb in range(0, BQ, GQ):
+                r = rb + slot
+                live = slot < GQ and r < nr
                 ds = zero
                 dl = zero
-                inv_den = zero
-                lse2 = zero
-                if r < nr:
+                den = zero
+                if live:
                     n_row = r0 + r
-                    den = eps_a
-                    for d in range(D):
+                    mx = srow[4 * r]
+                    inv = srow[4 * r + 1]
+                    for d in range(lane, D, LQ):
                         if SPARSE:
                             ds += to_acc(o_s[n_row, d]) * to_acc(do_s[n_row, d])
                         dl += to_acc(o_l[n_row, d]) * to_acc(do_l[n_row, d])
                         if n_marg > 0:
-                            den += phi_value(to_acc(q[n_row, d]), srow[4 * r],
-                                                 srow[4 * r + 1], fm) * sz[d]
-                    inv_den = one / den
-                    if SPARSE:
-                        lse2 = to_acc(lse[n_row]) * log2e
-                        w_ds[n_row] = ds
-                    w_dl[n_row] = dl
-                    w_inv_den[n_row] = inv_den
-                sx[4 * r] = ds
-                sx[4 * r + 1] = dl
-                sx[4 * r + 2] = inv_den
-                sx[4 * r + 3] = lse2
+                            den += phi_value(to_acc(q[n_row, d]), mx, inv, fm) * sz[d]
+                if SPARSE:
+                    ds = lanes_sum(sred, ds, t, LQ)
+                dl = lanes_sum(sred, dl, t, LQ)
+                if n_marg > 0:                      # uniform: one block, one n_marg
+                    den = lanes_sum(sred, den, t, LQ)
+                if lane == 0 and slot < GQ and r < BQ:
+                    inv_den = zero
+                    lse2 = zero
+                    if live:
+                        n_row = r0 + r
+                        inv_den = one / (den + eps_a)
+                        if SPARSE:
+                            lse2 = to_acc(lse[n_row]) * log2e
+                            w_ds[n_row] = ds
+                        w_dl[n_row] = dl
+                        w_inv_den[n_row] = inv_den
+                    sx[4 * r] = ds
+                    sx[4 * r + 1] = dl
+                    sx[4 * r + 2] = inv_den
+                    sx[4 * r + 3] = lse2
             for a in range(RQ):
                 for n in range(RD):
                     acc[a, n] = zero
@@ -238,10 +255,10 @@ def make_dq(tiles, sparse=True):
         if n_marg > 0:
             if ONE:
                 state_block(q, do_l, q0, q1, D, fm, w_inv_den, w_dl, 1, qstate, i,
-                            sa, sb, srow, sacc, szacc, t, tr, tc)
+                            sa, sb, srow, sred, sacc, szacc, t, tr, tc)
             else:
                 state_block(q, do_l, q0, q1, D, fm, w_inv_den, w_dl, 1, qstate, i,
-                            sa, sb, srow, acc, zacc, t, tr, tc)
+                            sa, sb, srow, sred, acc, zacc, t, tr, tc)
         else:
             for e in range(t, qstate.shape[1], NT):
                 qstate[i, e] = zero
@@ -311,7 +328,7 @@ def make_dkdv(tiles, sparse=True):
         for c0 in range(k0, k_end, BKD):
             nc = min(BKD, k1 - c0)
             cuda.syncthreads()
-            row_stats(srow, k, c0, nc, D, BKD, t, fm)
+            row_stats(srow, k, c0, nc, D, BKD, t, fm, sred)   # sred free: barrier above
             for a in range(RKD):
                 for n in range(RD):
                     gk[a, n] = zero

@@ -75,6 +75,8 @@ def make_forward_simt(tiles, sparse=True):
     ops = make_common(NT, T.acc)
     (load_t, load_n, phi_value, phi_slope, row_stats, load_phi_t, load_phi_n,
      load_state, to_acc) = ops.functions()
+    # the fused kernel (SPARSE) is at its register limit: one thread a row there
+    row_stats_serial = ops.row_stats_serial
     zero = acc_t(0.0)
     one = acc_t(1.0)
     neg_inf = acc_t(-np.inf)
@@ -205,7 +207,10 @@ def make_forward_simt(tiles, sparse=True):
             # ------------------------------------------------ linear branch
             if n_marg > 0:
                 cuda.syncthreads()
-                row_stats(srow, q, r0, nr, D, BQ, t, fm)
+                if SPARSE:
+                    row_stats_serial(srow, q, r0, nr, D, BQ, t, fm)
+                else:
+                    row_stats(srow, q, r0, nr, D, BQ, t, fm, sred)   # sred free: barrier above
                 for a in range(RQ):
                     dz[a] = zero
                     for n in range(RD):
