@@ -60,7 +60,6 @@ Under the CUDA simulator the ``_mma`` twins run the same generated code (slowly:
 1-warp tiles and tiny shapes there, ``SIM_MAX_WARPS``).
 """
 import hashlib
-import os
 from collections import namedtuple
 
 import numpy as np

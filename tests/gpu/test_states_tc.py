@@ -90,6 +90,23 @@ def check(state, k64, v64, block_k, fm, tol):
     return eh, ez
 
 
+def simt_states(k64, v64, block_k, fm):
+    """The SIMT prep kernel's states (fp32 tiles) for the same values, as numpy
+    (B, H, Mk, W): ``forward.launch_prep`` on fp32 copies (exact: half values)."""
+    from sla_numba.gpu._arrays import DeviceCall
+    from sla_numba.gpu._tiles import choose_tiles
+    from sla_numba.gpu.forward import launch_prep
+    B, H, Nk, D = k64.shape
+    Mk = -(-Nk // block_k)
+    k32, v32 = k64.astype(np.float32), v64.astype(np.float32)
+    call = DeviceCall(k32)
+    T = choose_tiles(D, np.float32, block_k, block_k)
+    bmap = np.full((B, H, 1, Mk), -1, np.int8)
+    ws = launch_prep(call, T, call.dev(k32), call.dev(v32), Nk, block_k, Mk, call.dev(bmap),
+                     1, Mk, fm, want_cols=False)
+    return call.result(ws["state"])
+
+
 def run(kind, B, H, Nk, D, block_k, fm, seed=0, tiles=None, split=True):
     kb, vb, k64, v64 = _inputs(kind, B, H, Nk, D, seed)
     Mk = -(-Nk // block_k)
@@ -123,6 +140,7 @@ SIM_CASES = [  # kind, B, H, Nk, D, block_k, fm, tiles
     ("bf16", 1, 1, 19, 32, 16, 2, (1, 1)),
     ("f16", 1, 1, 13, 32, 16, 0, (2, 2)),
     ("bf16", 1, 1, 40, 16, 32, 1, (1, 1)),
+    ("f16", 1, 1, 100, 16, 64, 0, (1, 1)),     # 2 φ passes, k-step 3 of block 1 skipped
 ]
 
 
@@ -132,6 +150,18 @@ def test_sim_matches_float64(kind, B, H, Nk, D, block_k, fm, tiles):
     state, k64, v64 = run(kind, B, H, Nk, D, block_k, fm, seed=Nk, tiles=tiles)
     eh, ez = check(state, k64, v64, block_k, fm, 1e-4)
     print(f"\n{kind} D={D} bk={block_k} fm={fm}: h err {eh:.2e}, z err {ez:.2e}")
+
+
+@needs_sim
+def test_sim_matches_simt_prep():
+    kind, B, H, Nk, D, bk, fm = "bf16", 1, 1, 20, 16, 16, 0
+    state, k64, v64 = run(kind, B, H, Nk, D, bk, fm, seed=5)
+    ref = simt_states(k64, v64, bk, fm)
+    _, _, ha = reference(k64, v64, bk, fm)
+    Mk = ref.shape[2]
+    dh = np.abs(state[:, :, :Mk, :D * D] - ref[..., :D * D]).reshape(ha.shape) / ha
+    assert float(dh.max()) <= 1e-4
+    np.testing.assert_allclose(state[:, :, :Mk, D * D:], ref[..., D * D:], rtol=1e-4)
 
 
 @needs_sim
@@ -172,6 +202,15 @@ def test_gpu_matches_float64(kind, D, fm):
     states_tc.launch_states_tc(kind, cuda.to_device(kb), cuda.to_device(vb), d3,
                                B, H, Nk, D, bk, fm, 0)
     np.testing.assert_array_equal(d3.copy_to_host(), got)
+    # the SIMT prep kernel's fp32 states (same half inputs)
+    ref = simt_states(k64, v64, bk, fm)
+    _, _, ha = reference(k64, v64, bk, fm)
+    dh = np.abs(got[:, :, :Mk, :D * D] - ref[..., :D * D]).reshape(ha.shape)
+    dh /= np.maximum(ha, 1e-30)
+    dz = np.abs(got[:, :, :Mk, D * D:] - ref[..., D * D:])
+    dz /= np.maximum(np.abs(ref[..., D * D:]), 1e-30)
+    print(f"   vs SIMT prep: h {dh.max():.2e}, z {dz.max():.2e}")
+    assert float(dh.max()) <= 1e-4 and float(dz.max()) <= 1e-4
 
 
 @needs_gpu
