@@ -224,3 +224,56 @@ def test_gpu_other_shapes(D, block_k):
     states_tc.launch_states_tc("bf16", cuda.to_device(kb), cuda.to_device(vb), dstate,
                                B, H, Nk, D, block_k, 0, 0)
     check(dstate.copy_to_host(), k64, v64, block_k, 0, 1e-4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind", ["bf16", "f16"])
+def test_gpu_timing_large(kind):
+    """A large shape (B=1, H=12, Nk=16384, D=128, block_k=64): sampled blocks against
+    float64, and kernel times of the tensor-core and SIMT (fp32 inputs) states printed
+    (``pytest -s``); nothing asserted on speed."""
+    import time
+
+    from numba import cuda
+
+    from sla_numba.gpu._arrays import DeviceCall
+    from sla_numba.gpu._tiles import choose_tiles
+    from sla_numba.gpu.forward import launch_prep
+    B, H, Nk, D, bk, fm = 1, 12, 16384, 128, 64, 0
+    kb, vb, k64, v64 = _inputs(kind, B, H, Nk, D, seed=7)
+    Mk = Nk // bk
+    dk, dv = cuda.to_device(kb), cuda.to_device(vb)
+    dstate = cuda.device_array((B, H, Mk, D * D + D), np.float32)
+
+    def timed(fn, reps=10):
+        fn()
+        cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        cuda.synchronize()
+        return (time.perf_counter() - t0) / reps * 1e3
+
+    t_tc = timed(lambda: states_tc.launch_states_tc(kind, dk, dv, dstate, B, H, Nk, D, bk,
+                                                    fm, 0))
+    got = dstate.copy_to_host()
+    # sampled blocks against float64
+    sel = [0, 1, Mk // 2, Mk - 1]
+    for j in sel:
+        ks, vs = k64[:, :, j * bk:(j + 1) * bk], v64[:, :, j * bk:(j + 1) * bk]
+        h, z, ha = reference(ks, vs, bk, fm)
+        g = got[:, :, j:j + 1].astype(np.float64)
+        eh = np.max(np.abs(g[..., :D * D].reshape(h.shape) - h) / np.maximum(ha, 1e-30))
+        ez = np.max(np.abs(g[..., D * D:] - z) / np.maximum(np.abs(z), 1e-30))
+        assert eh <= 1e-4 and ez <= 1e-4, (j, eh, ez)
+    k32 = cuda.to_device(k64.astype(np.float32))
+    v32 = cuda.to_device(v64.astype(np.float32))
+    bmap = cuda.to_device(np.full((B, H, 1, Mk), -1, np.int8))
+    call = DeviceCall(k32)
+    T = choose_tiles(D, np.float32, bk, bk)
+    t_simt = timed(lambda: launch_prep(call, T, k32, v32, Nk, bk, Mk, bmap, 1, Mk, fm,
+                                       want_cols=False))
+    gb = (2 * B * H * Nk * D * 2 + B * H * Mk * (D * D + D) * 4) / 1e9
+    print(f"\nstates {kind} B={B} H={H} Nk={Nk} D={D} bk={bk}: tensor cores {t_tc:.3f} ms "
+          f"({gb / t_tc * 1e3:.0f} GB/s of k, v, state), SIMT prep (fp32 in, + its list blocks) "
+          f"{t_simt:.3f} ms")
