@@ -381,7 +381,8 @@ def launch_states_tc(kind, k_bits, v_bits, state, B, H, Nk, D, block_k, fm, stre
 
     kind 'bf16' / 'f16'; k_bits, v_bits: int16 bits of (B, H, Nk, D) (any shape, flat
     views are taken); state: fp32 (B, H, Mk, D*D + D) or its flat view of B*H*Mk*W
-    elements (Mk >= ceil(Nk / block_k)). Device arrays (numpy under the simulator).
+    elements (Mk >= ceil(Nk / block_k)). Numba device arrays or torch / CuPy CUDA
+    tensors (numpy arrays under the simulator).
     fm: 0 softmax, 1 elu + 1, 2 relu. ``tiles`` (WR, WC): None for ``choose_tiles``;
     ``split=False``: φ rounded to one half value (no lo part, half the mma).
     """
@@ -390,10 +391,12 @@ def launch_states_tc(kind, k_bits, v_bits, state, B, H, Nk, D, block_k, fm, stre
         raise ValueError(f"launch_states_tc: D = {D}, block_k = {block_k} not supported")
     if fm not in (0, 1, 2):
         raise ValueError(f"launch_states_tc: feature map code {fm}")
-    if np.dtype(state.dtype) != np.float32:
+    if str(state.dtype).replace("torch.", "") != "float32":
         raise TypeError("launch_states_tc: state must be float32")
     W = D * D + D
     n_blocks = -(-Nk // block_k)
+    if n_blocks <= 0 or B * H == 0:
+        return
     size = int(np.prod(state.shape))
     if state.ndim == 4:
         if tuple(int(s) for s in (state.shape[0], state.shape[1], state.shape[3])) != (B, H, W):
@@ -402,14 +405,12 @@ def launch_states_tc(kind, k_bits, v_bits, state, B, H, Nk, D, block_k, fm, stre
     else:
         if size % (B * H * W):
             raise ValueError("launch_states_tc: state size is not B*H*Mk*(D*D + D)")
-        Mk = size // (B * H * W) if B * H else 0
+        Mk = size // (B * H * W)
     if Mk < n_blocks:
         raise ValueError(f"launch_states_tc: state has {Mk} blocks, {n_blocks} needed")
     k, v = _flat(k_bits), _flat(v_bits)
     if int(k.shape[0]) < B * H * Nk * D or int(v.shape[0]) < B * H * Nk * D:
         raise ValueError("launch_states_tc: k / v smaller than B*H*Nk*D")
-    if n_blocks == 0 or B * H == 0:
-        return
     if H > 65535 or B > 65535:
         raise ValueError("launch_states_tc: H or B too large for the grid")
     mod = get_states_kernel(kind, D, block_k, tiles, split)

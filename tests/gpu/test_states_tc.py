@@ -165,6 +165,22 @@ def test_sim_matches_simt_prep():
 
 
 @needs_sim
+def test_sim_flat_state_and_argument_checks():
+    kind, B, H, Nk, D, bk, fm = "f16", 1, 1, 16, 16, 16, 2
+    kb, vb, k64, v64 = _inputs(kind, B, H, Nk, D, seed=11)
+    state = np.full((B, H, 2, D * D + D), np.nan, np.float32)
+    states_tc.launch_states_tc(kind, kb, vb, state.reshape(-1), B, H, Nk, D, bk, fm, 0)
+    check(state, k64, v64, bk, fm, 1e-4)
+    with pytest.raises(ValueError):
+        states_tc.launch_states_tc(kind, kb, vb, state[:, :, :0], B, H, Nk, D, bk, fm, 0)
+    with pytest.raises(ValueError):
+        states_tc.launch_states_tc(kind, kb, vb, state, B, H, Nk, 24, bk, fm, 0)
+    with pytest.raises(TypeError):
+        states_tc.launch_states_tc(kind, kb, vb, state.astype(np.float64), B, H, Nk, D, bk,
+                                   fm, 0)
+
+
+@needs_sim
 def test_sim_plain_bf16_phi():
     state, k64, v64 = run("bf16", 1, 1, 20, 16, 16, 0, seed=3, split=False)
     eh, ez = check(state, k64, v64, 16, 0, 4e-3)
