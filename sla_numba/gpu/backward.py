@@ -480,7 +480,8 @@ def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map,
         dev = [call.dev(x) for x in (q, k, v, o_s, o_l, lse, do_s, do_l, block_map)]
         dq_, dk_, dv_, os_, ol_, lse_, dos_, dol_, bmap = dev
         ws = launch_prep(call, T, dk_, dv_, Nk, block_k, Mk, bmap, Mq, Mk, fm, want_cols=True,
-                         delta_of=(os_, dos_) if tc else None)
+                         delta_of=(os_, dos_) if tc else None,
+                         tc_kind=half_kind(call, q) if tc else None)
         mark("bwd prep")
         lstate = row_states(call, bmap, ws["state"], Mq, Mk, tc=tc)
         mark("bwd marginal sum (rows)")

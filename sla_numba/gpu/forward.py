@@ -254,8 +254,12 @@ def compute_dtype(in_dtype):
 
 
 def launch_prep(call, tiles, x, y, n_rows, block, n_state, bmap, mq, mk, fm, want_cols,
-                delta_of=None):
+                delta_of=None, tc_kind=None):
     """Launch ``prep``; returns the device buffers (states, lists, counts).
+
+    ``tc_kind`` ("bf16" / "f16", the tensor-core path): the states come from the
+    tensor-core kernel (``states_tc``, one more launch) and ``prep`` builds only the
+    lists (and delta).
 
     ``info`` arrays are (2, B, H, M) (see ``_prep``): ``row_info[0]`` / ``col_info[0]``
     are the critical counts per row / column, ``[1]`` the marginal counts.
@@ -286,12 +290,20 @@ def launch_prep(call, tiles, x, y, n_rows, block, n_state, bmap, mq, mk, fm, wan
     else:
         o_s = do_s = call.workspace((1, 1, 1, 1), acc)[1]
         delta, nq, n_delta_blocks = dummy, 0, 0
-    grid = (n_state + n_list_blocks + n_delta_blocks, H, B)
+    tc_states = False
+    if tc_kind is not None:
+        from .states_tc import launch_states_tc, states_tc_supported
+        tc_states = states_tc_supported(x.shape[3], block)
+    n_simt = 0 if tc_states else n_state          # state blocks the SIMT prep computes
+    grid = (n_simt + n_list_blocks + n_delta_blocks, H, B)
     make_prep(tiles)[grid, nt, call.stream](
-        x, y, n_rows, block, n_state, state, fm, dummy,
+        x, y, n_rows, block, n_simt, state, fm, dummy,
         bmap, mq, mk, 1 if want_cols else 0,
         row_crit, row_info, col_crit, col_info,
         n_list_blocks, o_s, do_s, delta, nq)
+    if tc_states:
+        launch_states_tc(tc_kind, half_bits(x), half_bits(y), flat(state), B, H, n_rows,
+                         x.shape[3], block, fm, call.stream)
     return dict(state=state, dummy=dummy, row_crit=row_crit, row_info=row_info,
                 col_crit=col_crit, col_info=col_info, delta=delta)
 
@@ -359,7 +371,8 @@ def forward(q, k, v, block_map, block_q, block_k, scale, feature_map, eps, *,
     with call.device_context():
         dq, dk, dv, dmap = call.dev(q), call.dev(k), call.dev(v), call.dev(block_map)
         ws = launch_prep(call, T, dk, dv, Nk, block_k, Mk, dmap, Mq, Mk,
-                         int(feature_map), want_cols=False)
+                         int(feature_map), want_cols=False,
+                         tc_kind=half_kind(call, q) if path == "tc" else None)
         mark("fwd prep")
         lstate = row_states(call, dmap, ws["state"], Mq, Mk, tc=path == "tc")
         mark("fwd marginal sum")
