@@ -16,6 +16,13 @@ overrides ``"auto"`` (never an explicit ``path=``): ``simt`` forces the SIMT
 kernels everywhere, ``tc`` forces the tensor cores and, like an explicit
 ``path="tc"``, raises ``ValueError`` naming the reason on inputs they cannot take.
 There is never a silent fallback from a forced path.
+
+On the ``"tc"`` path the linear branch's heavy products run on tensor cores too:
+``states`` (``states_tc``: h_j, z_j per key block), ``marginal`` (``marginal_tc``:
+the sums over marginal blocks) and ``linear`` (``linear_tc``: the forward's O_l).
+``SLA_NUMBA_TC_OFF`` (comma-separated part names) sends named parts back to their
+SIMT kernels: a switch for measuring what each part is worth and for isolating a
+fault, read on every call (:func:`tc_part`).
 """
 import os
 
@@ -23,6 +30,21 @@ from .forward_tc import tc_unsupported_reason
 
 PATHS = ("auto", "simt", "tc")
 ENV_VAR = "SLA_NUMBA_GPU_PATH"
+TC_PARTS = ("states", "marginal", "linear")
+TC_OFF_VAR = "SLA_NUMBA_TC_OFF"
+
+
+def tc_part(name):
+    """Whether the tensor-core path runs part ``name`` (one of ``TC_PARTS``) on tensor
+    cores: yes unless ``SLA_NUMBA_TC_OFF`` lists it (an unknown name there is a
+    ``ValueError``)."""
+    raw = os.environ.get(TC_OFF_VAR, "")
+    off = {p.strip().lower() for p in raw.split(",") if p.strip()}
+    unknown = off - set(TC_PARTS)
+    if unknown:
+        raise ValueError(f"{TC_OFF_VAR}={raw!r}: unknown part(s) {sorted(unknown)}; "
+                         f"parts are {TC_PARTS}")
+    return name not in off
 
 
 def env_path():

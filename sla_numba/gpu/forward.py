@@ -48,7 +48,7 @@ import numpy as np
 from .._params import FEATURE_MAPS, LSE_EMPTY, n_blocks
 from ._arrays import DeviceCall
 from ._compat import FASTMATH, cuda, kernel
-from ._path import PATHS, resolve_path, select_path  # noqa: F401  (re-exported)
+from ._path import PATHS, resolve_path, select_path, tc_part  # noqa: F401  (re-exported)
 from ._marginal import launch_marginal_sum
 from ._prep import make_prep
 from ._stages import mark
@@ -291,7 +291,7 @@ def launch_prep(call, tiles, x, y, n_rows, block, n_state, bmap, mq, mk, fm, wan
         o_s = do_s = call.workspace((1, 1, 1, 1), acc)[1]
         delta, nq, n_delta_blocks = dummy, 0, 0
     tc_states = False
-    if tc_kind is not None:
+    if tc_kind is not None and tc_part("states"):
         from .states_tc import launch_states_tc, states_tc_supported
         tc_states = states_tc_supported(x.shape[3], block)
     n_simt = 0 if tc_states else n_state          # state blocks the SIMT prep computes
@@ -312,7 +312,7 @@ def marginal_sum(call, bmap, transposed, n_out, n_in, states, out, tc):
     """``out = M · states`` (``_marginal``), on tensor cores (``marginal_tc``: bf16
     hi + lo products, fp32 accumulation) when ``tc`` (the tensor-core path) and the
     states are fp32; the SIMT product otherwise."""
-    if tc and np.dtype(states.dtype) == np.float32:
+    if tc and np.dtype(states.dtype) == np.float32 and tc_part("marginal"):
         from .marginal_tc import launch_marginal_sum_tc
         launch_marginal_sum_tc(call.stream, bmap, transposed, n_out, n_in, states, out)
     else:
