@@ -64,6 +64,7 @@ def main():
                         backward_tc.signature(which), src)
     ok &= check_marginal()
     ok &= check_states(quick)
+    ok &= check_linear(quick)
     sys.exit(0 if ok else 1)
 
 
@@ -92,6 +93,21 @@ def check_states(quick=False):
         mod = states_tc.get_states_kernel(kind, D, bk, tiles, split)
         ok &= check(f"states_tc {kind} D={D} bk={bk} tiles={tuple(tiles)} split={split}",
                     mod.states_tc, sig, src)
+    return ok
+
+
+def check_linear(quick=False):
+    """The tensor-core linear-branch output (``linear_tc``), GPU chunking."""
+    from sla_numba.gpu import linear_tc
+    i16, i32, f32 = int16[::1], int32[::1], float32[::1]
+    sig = (i16, f32, i32, f32, int64, int64, int64, int64, float32)
+    configs = [("bf16", 128, 64), ("f16", 64, 64), ("bf16", 128, 128)]
+    ok = True
+    for kind, D, bq in configs[:1] if quick else configs:
+        hk = linear_tc.chunk_rows(D, linear_tc.GPU_HK)
+        src = linear_tc.linear_source(kind, D, bq, hk)
+        mod = linear_tc.get_linear_kernel(kind, D, bq, hk)
+        ok &= check(f"linear_tc {kind} D={D} bq={bq} hk={hk}", mod.linear_tc, sig, src)
     return ok
 
 
