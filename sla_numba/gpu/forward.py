@@ -36,9 +36,12 @@ The products all run through one register-tile micro-kernel (``_tiles.make_mm``)
 kernel above does both branches; ``"tc"`` — the tensor-core kernel
 (``forward_tc``, fp16 / bf16 ``mma.sync``) writes O_s and lse, reading the prep
 kernel's critical lists as its LUT (``row_crit`` + ``row_info[0]``: no host work,
-no sync), and the fused kernel, compiled with ``sparse=False``, does only the
-linear branch and writes only O_l; ``"auto"`` (default) — ``"tc"`` whenever the
-inputs allow it. Launches with ``"tc"``: prep, marginal sum, tc sparse, linear (4).
+no sync); the linear branch runs on tensor cores too (docs/internals.md): the
+states from ``states_tc``, their marginal sums from ``marginal_tc``, O_l from
+``linear_tc`` — each sent back to its SIMT kernel (for O_l: the fused kernel
+compiled with ``sparse=False``) where ``SLA_NUMBA_TC_OFF`` names it; ``"auto"``
+(default) — ``"tc"`` whenever the inputs allow it. Launches with ``"tc"``: prep
+(lists), states, marginal sum, tc sparse, linear (5).
 """
 import functools
 import math
@@ -343,6 +346,12 @@ def half_kind(call, x):
     return "bf16" if call.in_dtype(x) == "bfloat16" else "f16"
 
 
+def linear_supported(D, block_q):
+    """Whether ``linear_tc`` takes this head dim and query block (imported lazily)."""
+    from .linear_tc import linear_tc_supported
+    return linear_tc_supported(D, block_q)
+
+
 def call_device(call):
     """The device for ``tc_supported`` (None: the current one)."""
     return call.device_index
@@ -386,9 +395,15 @@ def forward(q, k, v, block_map, block_q, block_k, scale, feature_map, eps, *,
                                   flat(lse), B, H, Nq, Nk, D, block_q, block_k, float(scale),
                                   call.stream)
             mark("fwd tc sparse")
-        make_forward_simt(T, path == "simt")[(Mq, H, B), T.NT, call.stream](
-            dq, dk, dv, lstate, ws["row_crit"], ws["row_info"],
-            Nq, Nk, block_q, block_k, float(scale), int(feature_map), float(eps),
-            o_s, o_l, lse)
+        if path == "tc" and tc_part("linear") and linear_supported(D, block_q):
+            from .linear_tc import launch_linear_forward_tc
+            launch_linear_forward_tc(half_kind(call, q), half_bits(dq), lstate,
+                                     flat(ws["row_info"][1]), flat(o_l), B, H, Nq, D,
+                                     block_q, int(feature_map), float(eps), call.stream)
+        else:
+            make_forward_simt(T, path == "simt")[(Mq, H, B), T.NT, call.stream](
+                dq, dk, dv, lstate, ws["row_crit"], ws["row_info"],
+                Nq, Nk, block_q, block_k, float(scale), int(feature_map), float(eps),
+                o_s, o_l, lse)
         mark("fwd linear" if path == "tc" else "fwd simt fused")
         return call.result(h_os), call.result(h_ol), call.result(h_lse)

@@ -287,14 +287,15 @@ def test_cupy_fp16_forward_uses_tc():
 
 @pytest.mark.skipif(not SIM, reason="simulator twins of the tensor-core kernels")
 def test_tc_parts_can_be_sent_back_to_simt(monkeypatch):
-    """SLA_NUMBA_TC_OFF=states,marginal: the tc path's linear branch is then the SIMT
-    code end to end, bit for bit the simt path's O_l; an unknown part is a ValueError."""
+    """SLA_NUMBA_TC_OFF=states,marginal,linear: the tc path's linear branch is then the
+    SIMT code end to end, bit for bit the simt path's O_l; an unknown part is a
+    ValueError."""
     B, H, Nq, Nk, D, bq, bk = 1, 1, 24, 21, 16, 16, 16
     rng = np.random.default_rng(5)
     q, k, v = (rng.standard_normal((B, H, n, D)).astype(np.float16) for n in (Nq, Nk, Nk))
     bm = _map(_params.n_blocks(Nq, bq), _params.n_blocks(Nk, bk), D)
     code = _params.FEATURE_MAPS["softmax"]
-    monkeypatch.setenv("SLA_NUMBA_TC_OFF", "states, marginal")
+    monkeypatch.setenv("SLA_NUMBA_TC_OFF", "states, marginal,linear")
     f_tc = gpu.forward(q, k, v, bm, bq, bk, 0.25, code, 1e-6, path="tc")
     f_simt = gpu.forward(q, k, v, bm, bq, bk, 0.25, code, 1e-6, path="simt")
     np.testing.assert_array_equal(f_tc[1], f_simt[1])
