@@ -53,7 +53,7 @@ if [[ " $STEPS " == *" ablate "* ]]; then
   # what each tensor-core part of the linear branch is worth: Wan shape, bf16, the
   # same benchmark with one part sent back to its SIMT kernel
   for part in states marginal linear; do
-    SLA_NUMBA_TC_OFF=$(echo "${SLA_NUMBA_TC_OFF:-},$part" | sed 's/^,//') timeout 90 \
+    SLA_NUMBA_TC_OFF=$(echo "${SLA_NUMBA_TC_OFF:-},$part" | sed 's/^,//') timeout 40 \
         python benchmarks/bench_gpu.py --shapes wan --topk 0.05 --dtypes bf16 --no-flex \
         --json /tmp/ablate_$part.json > /tmp/ablate_$part.log 2>&1
     el "ablate $part rc=$?"; grep "sla" /tmp/ablate_$part.log | sed "s/^/  [$part off] /" \
