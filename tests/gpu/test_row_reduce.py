@@ -31,9 +31,11 @@ def _kernel(NT, R, fm):
     L = max(1, NT // R)
     f32 = np.float32
 
+    SROW = 4 * R                      # shared-memory sizes must be compile-time constants
+
     @cuda.jit
     def k(x, nrows, srow_out, sums):
-        srow = cuda.shared.array(4 * R, f32)
+        srow = cuda.shared.array(SROW, f32)
         scratch = cuda.shared.array(NT, f32)
         t = cuda.threadIdx.x
         row_stats(srow, x, 0, nrows, x.shape[1], R, t, fm, scratch)
