@@ -15,7 +15,9 @@ Three functions, the backend contract of docs/internals.md:
 Kernel paths (``_path.py``): ``forward`` / ``backward`` take ``path="auto"``
 (default) | ``"simt"`` | ``"tc"``. With ``"tc"`` the tensor-core kernels
 (``forward_tc.py`` / ``backward_tc.py``: fp16 / bf16 ``mma.sync``) do the sparse
-branch and the SIMT kernels only the linear one; ``"auto"`` picks ``"tc"`` whenever
+branch, ``states_tc.py`` / ``marginal_tc.py`` / ``linear_tc.py`` the linear branch's
+states, their marginal sums and the forward's O_l, and SIMT kernels the backward's
+linear terms; ``"auto"`` picks ``"tc"`` whenever
 :func:`select_path` says so (fp16 / bf16, D a multiple of 16 up to 128, supported
 block sizes, compute capability >= 8.0). ``SLA_NUMBA_GPU_PATH=simt|tc|auto``
 overrides ``"auto"``; a forced ``"tc"`` on inputs it cannot take is a ``ValueError``.
