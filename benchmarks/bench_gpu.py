@@ -275,9 +275,18 @@ def main():
         raise SystemExit("bench_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False)")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     rows = []
+
+    def save(complete):
+        """The JSON so far: written after every case, so a run cut short keeps its rows."""
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           complete=complete, rows=rows), f, indent=1)
+
     for shape in args.shapes:
         for topk in args.topk:
             rows += run_case(shape, topk, args.skip, args)
+            add_speedups(rows)
+            save(False)
     add_speedups(rows)
     print("\nspeedups (SLA rows) vs SDPA bf16 best backend / vs SDPA fp32 best backend:")
     for r in rows:
@@ -286,9 +295,7 @@ def main():
                   f"{r['dtype']:5s} "
                   f"{r['phase']:8s} x{r.get('speedup_vs_sdpa_bf16', float('nan')):6.2f} "
                   f"/ x{r.get('speedup_vs_sdpa_fp32', float('nan')):6.2f}")
-    with open(args.json, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                       rows=rows), f, indent=1)
+    save(True)
     print(f"wrote {args.json}")
 
 

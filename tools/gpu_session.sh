@@ -45,7 +45,7 @@ if [[ " $STEPS " == *" parts "* ]]; then
 fi
 if [[ -n "${WARM:-}" ]]; then wait $WARM; el "warm tc rc=$?"; fi
 if [[ " $STEPS " == *" bench "* ]]; then
-  timeout ${BENCH_TIMEOUT:-280} python benchmarks/bench_gpu.py ${BENCH_ARGS:-} \
+  timeout ${BENCH_TIMEOUT:-300} python benchmarks/bench_gpu.py ${BENCH_ARGS:-} \
       --json "$OUT/bench_gpu.json" > "$OUT/bench.log" 2>&1
   el "bench rc=$?"; grep -v -i warn "$OUT/bench.log" | tail -n 70
 fi
