@@ -68,7 +68,8 @@ SIMULATED = bool(config.ENABLE_CUDASIM)
 __all__ = ["SIMULATED", "mma_bf16", "mma_f16", "ldmatrix_x4", "ldmatrix_x4_trans",
            "cp_async16", "cp_async_commit", "cp_async_wait_all", "cp_async_wait_1", "pack_bf16x2",
            "pack_f16x2", "exp2", "shfl_xor", "smem_addr", "ldsm_x4", "ldsm_x4_trans",
-           "cp_async16i", "fmax"]
+           "cp_async16i", "fmax", "bf16_low_f32", "bf16_high_f32", "f16_low_f32",
+           "f16_high_f32"]
 
 
 # ---------------------------------------------------------------------------
@@ -244,6 +245,26 @@ def _exp2_twin(x):
 def _shfl_xor_twin(x, mask):
     vals, lane = _exchange(float(x))
     return vals[lane ^ mask]
+
+
+def _bf16_low_f32_twin(p):
+    """fp32 value of the bf16 in the low 16 bits of the int32 ``p``."""
+    return np.array([(int(p) & 0xFFFF) << 16], dtype=np.uint32).view(np.float32)[0]
+
+
+def _bf16_high_f32_twin(p):
+    """fp32 value of the bf16 in the high 16 bits of the int32 ``p``."""
+    return np.array([int(p) & 0xFFFF0000], dtype=np.uint32).view(np.float32)[0]
+
+
+def _f16_low_f32_twin(p):
+    """fp32 value of the fp16 in the low 16 bits of the int32 ``p``."""
+    return np.float32(np.array([int(p) & 0xFFFF], np.uint16).view(np.float16)[0])
+
+
+def _f16_high_f32_twin(p):
+    """fp32 value of the fp16 in the high 16 bits of the int32 ``p``."""
+    return np.float32(np.array([(int(p) >> 16) & 0xFFFF], np.uint16).view(np.float16)[0])
 
 
 # ---------------------------------------------------------------------------
@@ -424,7 +445,40 @@ def _build_intrinsics():
             return _asm(builder, f32, [f32, f32], "max.f32 $0, $1, $2;", "=f,f,f", list(args))
         return sig, codegen
 
+    def make_bf16_unpack(high):
+        """fp32 of one bf16 of a packed pair: a bf16 is the top half of an fp32, so one
+        shift / mask + bitcast."""
+        @intrinsic
+        def unpack(typingctx, p):
+            sig = types.float32(types.int32)
+
+            def codegen(context, builder, sig, args):
+                v = args[0]
+                if high:
+                    bits = builder.and_(v, ir.Constant(i32, -65536))     # 0xFFFF0000
+                else:
+                    bits = builder.shl(v, ir.Constant(i32, 16))
+                return builder.bitcast(bits, f32)
+            return sig, codegen
+        return unpack
+
+    def make_f16_unpack(high):
+        """fp32 of one fp16 of a packed pair (``cvt.f32.f16``)."""
+        text = ("{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $1; cvt.f32.f16 $0, %s; }"
+                % ("hi" if high else "lo"))
+
+        @intrinsic
+        def unpack(typingctx, p):
+            sig = types.float32(types.int32)
+
+            def codegen(context, builder, sig, args):
+                return _asm(builder, f32, [i32], text, "=f,r", [args[0]])
+            return sig, codegen
+        return unpack
+
     return dict(
+        bf16_low_f32=make_bf16_unpack(False), bf16_high_f32=make_bf16_unpack(True),
+        f16_low_f32=make_f16_unpack(False), f16_high_f32=make_f16_unpack(True),
         smem_addr=smem_addr, ldsm_x4=make_ldsm(False), ldsm_x4_trans=make_ldsm(True),
         cp_async16i=cp_async16i, fmax=fmax,
         mma_bf16=make_mma("bf16"), mma_f16=make_mma("f16"),
@@ -446,6 +500,8 @@ if SIMULATED:
     exp2, shfl_xor = _exp2_twin, _shfl_xor_twin
     smem_addr, ldsm_x4, ldsm_x4_trans = _smem_addr_twin, _ldsm_x4_twin, _ldsm_x4_trans_twin
     cp_async16i, fmax = _cp_async16i_twin, _fmax_twin
+    bf16_low_f32, bf16_high_f32 = _bf16_low_f32_twin, _bf16_high_f32_twin
+    f16_low_f32, f16_high_f32 = _f16_low_f32_twin, _f16_high_f32_twin
 else:
     globals().update(_build_intrinsics())
 

@@ -120,12 +120,12 @@ def linear_source(kind, D, BQ, HK):
     e("from numba import cuda, int16, int32, uint64")
     e("from sla_numba.gpu._mma import mma_bf16, pack_bf16x2 as pack, ldsm_x4, "
       "ldsm_x4_trans, smem_addr, shfl_xor, fmax")
-    e("from sla_numba.gpu.marginal_tc import bf16_low_f32 as low_f32, "
+    e("from sla_numba.gpu._mma import bf16_low_f32 as low_f32, "
       "bf16_high_f32 as high_f32")
     if kind == "bf16":
-        e("from sla_numba.gpu.marginal_tc import bf16_low_f32 as in_f32")
+        e("from sla_numba.gpu._mma import bf16_low_f32 as in_f32")
     else:
-        e("from sla_numba.gpu.states_tc import f16_low_f32 as in_f32")
+        e("from sla_numba.gpu._mma import f16_low_f32 as in_f32")
     e("ZERO = np.float32(0.0)")
     e("ONE = np.float32(1.0)")
     e("ZI = np.int32(0)")

@@ -146,52 +146,6 @@ def tc_marginal_supported(states_dtype, device=None):
 
 
 # ---------------------------------------------------------------------------
-# bf16 -> fp32 of one half of a packed pair (for lo = s - hi)
-# ---------------------------------------------------------------------------
-
-def _bf16_low_f32_twin(p):
-    """fp32 value of the bf16 in the low 16 bits of the int32 ``p``."""
-    return np.array([(int(p) & 0xFFFF) << 16], dtype=np.uint32).view(np.float32)[0]
-
-
-def _bf16_high_f32_twin(p):
-    """fp32 value of the bf16 in the high 16 bits of the int32 ``p``."""
-    return np.array([int(p) & 0xFFFF0000], dtype=np.uint32).view(np.float32)[0]
-
-
-def _build_unpack():
-    """Real-GPU versions: a bf16 is the top half of an fp32, so one shift / mask + bitcast."""
-    from llvmlite import ir
-    from numba import types
-    from numba.cuda.extending import intrinsic
-
-    i32, f32 = ir.IntType(32), ir.FloatType()
-
-    def make(high):
-        @intrinsic
-        def unpack(typingctx, p):
-            sig = types.float32(types.int32)
-
-            def codegen(context, builder, sig, args):
-                v = args[0]
-                if high:
-                    bits = builder.and_(v, ir.Constant(i32, -65536))     # 0xFFFF0000
-                else:
-                    bits = builder.shl(v, ir.Constant(i32, 16))
-                return builder.bitcast(bits, f32)
-            return sig, codegen
-        return unpack
-
-    return make(False), make(True)
-
-
-if SIMULATED:
-    bf16_low_f32, bf16_high_f32 = _bf16_low_f32_twin, _bf16_high_f32_twin
-else:
-    bf16_low_f32, bf16_high_f32 = _build_unpack()
-
-
-# ---------------------------------------------------------------------------
 # Code generation
 # ---------------------------------------------------------------------------
 
@@ -271,7 +225,7 @@ def marginal_source(tiles=GPU_TILES):
     e("import numpy as np")
     e("from numba import cuda, int16, int32, uint64")
     e("from sla_numba.gpu._mma import mma_bf16, pack_bf16x2, ldsm_x4, ldsm_x4_trans, smem_addr")
-    e("from sla_numba.gpu.marginal_tc import bf16_low_f32, bf16_high_f32")
+    e("from sla_numba.gpu._mma import bf16_low_f32, bf16_high_f32")
     e("ZERO = np.float32(0.0)")
     e("BF16_ONE_LO = np.int32(0x3F80)          # bf16 1.0 in the low half of a pair")
     e("BF16_ONE_HI = np.int32(0x3F800000)      # ... in the high half")

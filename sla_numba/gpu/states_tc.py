@@ -125,48 +125,6 @@ def geometry(D, BK, tiles):
 
 
 # ---------------------------------------------------------------------------
-# half -> fp32 of one half of a packed pair
-# ---------------------------------------------------------------------------
-
-def _f16_low_f32_twin(p):
-    return np.float32(np.array([int(p) & 0xFFFF], np.uint16).view(np.float16)[0])
-
-
-def _f16_high_f32_twin(p):
-    return np.float32(np.array([(int(p) >> 16) & 0xFFFF], np.uint16).view(np.float16)[0])
-
-
-def _build_f16_unpack():
-    from llvmlite import ir
-    from numba import types
-    from numba.cuda.extending import intrinsic
-
-    i32, f32 = ir.IntType(32), ir.FloatType()
-
-    def make(high):
-        text = ("{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $1; cvt.f32.f16 $0, %s; }"
-                % ("hi" if high else "lo"))
-
-        @intrinsic
-        def unpack(typingctx, p):
-            sig = types.float32(types.int32)
-
-            def codegen(context, builder, sig, args):
-                fnty = ir.FunctionType(f32, [i32])
-                return builder.call(ir.InlineAsm(fnty, text, "=f,r"), [args[0]])
-            return sig, codegen
-        return unpack
-
-    return make(False), make(True)
-
-
-if SIMULATED:
-    f16_low_f32, f16_high_f32 = _f16_low_f32_twin, _f16_high_f32_twin
-else:
-    f16_low_f32, f16_high_f32 = _build_f16_unpack()
-
-
-# ---------------------------------------------------------------------------
 # Code generation
 # ---------------------------------------------------------------------------
 
@@ -202,10 +160,10 @@ def states_source(kind, D, BK, tiles, split=True):
     e(f"from sla_numba.gpu._mma import mma_{kind}, pack_{kind}x2 as pack, "
       "ldsm_x4_trans, smem_addr, shfl_xor, fmax")
     if kind == "bf16":
-        e("from sla_numba.gpu.marginal_tc import bf16_low_f32 as low_f32, "
+        e("from sla_numba.gpu._mma import bf16_low_f32 as low_f32, "
           "bf16_high_f32 as high_f32")
     else:
-        e("from sla_numba.gpu.states_tc import f16_low_f32 as low_f32, "
+        e("from sla_numba.gpu._mma import f16_low_f32 as low_f32, "
           "f16_high_f32 as high_f32")
     e("ZERO = np.float32(0.0)")
     e("ONE = np.float32(1.0)")
