@@ -33,6 +33,12 @@ from ._compat import FASTMATH, cuda, device, kernel
 from ._tiles import make_common, make_mm, smem_sizes
 
 
+def state_rows(tiles, one_pass):
+    """State rows (d1) a thread holds per pass of :func:`make_state_fn`: all DP rows in
+    one pass (``one_pass``), else BQ rows a pass (the dQ kernel's register tile)."""
+    return -(-tiles.DP // tiles.TR) if one_pass else max(1, tiles.BQ // tiles.TR)
+
+
 @functools.lru_cache(maxsize=None)
 def make_state_fn(tiles, one_pass=False):
     """Device function: the linear state of one block of rows, into ``state[b, h, s]``.
@@ -52,7 +58,7 @@ def make_state_fn(tiles, one_pass=False):
     """
     T = tiles
     TR, TC, NT, DP = T.TR, T.TC, T.NT, T.DP
-    RQ = -(-DP // TR) if one_pass else max(1, T.BQ // TR)
+    RQ = state_rows(T, one_pass)
     BR = TR * RQ                      # state rows (d1) per pass
     KC = T.KC                         # rows of x / y staged at a time
     RD = T.RD
@@ -116,7 +122,7 @@ def prep_smem(tiles):
     """Shared-memory size of the prep kernel's ``sa`` buffer."""
     SA = smem_sizes(tiles)[0]
     if prep_one_pass(tiles):
-        SA = max(SA, tiles.KC * (-(-tiles.DP // tiles.TR) * tiles.TR + 1))
+        SA = max(SA, tiles.KC * (state_rows(tiles, True) * tiles.TR + 1))
     return SA
 
 
@@ -126,7 +132,7 @@ def make_prep(tiles):
     T = tiles
     TR, TC, NT = T.TR, T.TC, T.NT
     ONE = prep_one_pass(T)
-    RQ, RD = (-(-T.DP // TR) if ONE else max(1, T.BQ // TR)), T.RD
+    RQ, RD = state_rows(T, ONE), T.RD
     acc_t = T.acc_dtype.type
     _, SB, SP, SRED, SROW = smem_sizes(T)
     SA = prep_smem(T)

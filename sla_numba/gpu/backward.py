@@ -44,7 +44,7 @@ import numpy as np
 from .._params import FEATURE_MAPS, n_blocks
 from ._arrays import DeviceCall
 from ._compat import FASTMATH, SIMULATOR, cuda, kernel
-from ._prep import make_state_fn, prep_one_pass, prep_smem
+from ._prep import make_state_fn, prep_one_pass, prep_smem, state_rows
 from ._tiles import (LOG2E, choose_tiles, make_chain, make_common, make_mm,
                      smem_sizes)
 from ._path import resolve_path
@@ -80,7 +80,7 @@ def make_dq(tiles, sparse=True):
     # kernel of the tensor-core path has them to spare; see make_state_fn)
     ONE = (not SPARSE) and prep_one_pass(T)
     state_block = make_state_fn(T, ONE)
-    RQS = -(-DP // TR) if ONE else RQ
+    RQS = state_rows(T, ONE)
     if ONE:
         SA = max(SA, prep_smem(T))
     ops = make_common(NT, T.acc)
