@@ -22,7 +22,7 @@ if not hasattr(np, "row_stack"):  # numpy 2.5 vs numba-cuda 0.30
 
 from numba import cuda, float32, int16, int32, int64  # noqa: E402
 
-from sla_numba.gpu import backward_tc, forward_tc  # noqa: E402
+from sla_numba.gpu.tc import backward as backward_tc, forward as forward_tc  # noqa: E402
 
 
 def _count(text, word):
@@ -71,7 +71,7 @@ def main():
 def check_marginal():
     """The tensor-core marginal sum (``marginal_tc``), GPU tiles."""
     from numba import int8
-    from sla_numba.gpu import marginal_tc
+    from sla_numba.gpu.tc import marginal as marginal_tc
     tiles = marginal_tc.GPU_TILES
     i8, f32 = int8[::1], float32[::1]
     sig = (i8, int64, int64, int64, int64, int64, f32, int64, f32, int64, int64)
@@ -82,7 +82,7 @@ def check_marginal():
 
 def check_states(quick=False):
     """The tensor-core key-block states (``states_tc``), GPU tiles."""
-    from sla_numba.gpu import states_tc
+    from sla_numba.gpu.tc import states as states_tc
     i16, f32 = int16[::1], float32[::1]
     sig = (i16, i16, f32, int64, int64, int64, int64)
     configs = [("bf16", 128, 64, True), ("f16", 64, 64, True), ("bf16", 128, 64, False)]
@@ -98,7 +98,7 @@ def check_states(quick=False):
 
 def check_linear(quick=False):
     """The tensor-core linear-branch output (``linear_tc``), GPU chunking."""
-    from sla_numba.gpu import linear_tc
+    from sla_numba.gpu.tc import linear as linear_tc
     i16, i32, f32 = int16[::1], int32[::1], float32[::1]
     sig = (i16, f32, i32, f32, int64, int64, int64, int64, float32)
     configs = [("bf16", 128, 64), ("f16", 64, 64), ("bf16", 128, 128)]

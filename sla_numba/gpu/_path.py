@@ -26,7 +26,7 @@ fault, read on every call (:func:`tc_part`).
 """
 import os
 
-from .forward_tc import tc_unsupported_reason
+from .tc.forward import tc_unsupported_reason
 
 PATHS = ("auto", "simt", "tc")
 ENV_VAR = "SLA_NUMBA_GPU_PATH"

@@ -31,8 +31,8 @@ import tempfile
 
 import numpy as np
 
-from ..testing import poisoning
-from ._mma import SIMULATED
+from ...testing import poisoning
+from .ptx import SIMULATED
 
 #: Dynamic shared memory above this needs an explicit opt-in per kernel.
 _DEFAULT_SMEM_LIMIT = 48 * 1024
@@ -135,7 +135,7 @@ def ensure_numpy_compat():
     Use the backend's shim when it exists; otherwise restore the alias here.
     """
     try:  # the SIMT backend's official shim, if present
-        from . import _compat  # noqa: F401
+        from .. import _compat  # noqa: F401
     except ImportError:
         pass
     if not hasattr(np, "row_stack"):
