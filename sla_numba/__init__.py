@@ -21,7 +21,7 @@ __all__ = ["BlockClassification", "classify_blocks", "kernel_path", "sla_attenti
 def __getattr__(name):
     # torch is optional: only importing the module (or the reference) loads it.
     if name == "SparseLinearAttention":
-        from .torch_ops import SparseLinearAttention
+        from .modules import SparseLinearAttention
         return SparseLinearAttention
     if name == "reference":
         import importlib

@@ -43,7 +43,6 @@ compiled with ``sparse=False``) where ``SLA_NUMBA_TC_OFF`` names it; ``"auto"``
 (default) — ``"tc"`` whenever the inputs allow it. Launches with ``"tc"``: prep
 (lists), states, marginal sum, tc sparse, linear (5).
 """
-import numpy as np
 
 from .._params import FEATURE_MAPS, n_blocks
 from ._arrays import DeviceCall

@@ -7,7 +7,6 @@ these kernels add only the linear branch's terms, in place.
 import functools
 import math
 
-import numpy as np
 
 from .._compat import FASTMATH, SIMULATOR, cuda, kernel
 from .states import make_state_fn, prep_one_pass, prep_smem, state_rows

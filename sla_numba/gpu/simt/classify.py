@@ -2,7 +2,6 @@
 orchestration are in ``sla_numba/gpu/classify.py``).
 """
 import functools
-import math
 
 import numpy as np
 

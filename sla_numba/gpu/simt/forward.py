@@ -23,6 +23,7 @@ at a time through shared memory. The products all run through one register-tile
 micro-kernel (``tiles.make_mm``).
 """
 import functools
+import math
 
 import numpy as np
 

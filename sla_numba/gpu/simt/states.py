@@ -27,7 +27,6 @@ Nothing goes back to the host.
 """
 import functools
 
-import numpy as np
 
 from .._compat import FASTMATH, cuda, device, kernel
 from .tiles import make_common, make_mm, smem_sizes

@@ -31,6 +31,7 @@ import tempfile
 
 import numpy as np
 
+from ... import config
 from ...testing import poisoning
 from .ptx import SIMULATED
 
@@ -39,11 +40,7 @@ _DEFAULT_SMEM_LIMIT = 48 * 1024
 
 
 def _cache_dir():
-    root = os.environ.get("SLA_NUMBA_CACHE_DIR")
-    if not root:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(base, "sla_numba")
-    path = os.path.join(root, "tc_kernels_sim" if SIMULATED else "tc_kernels")
+    path = os.path.join(config.cache_root(), "tc_kernels_sim" if SIMULATED else "tc_kernels")
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, ".probe")

@@ -84,11 +84,11 @@ a loop. Under the CUDA simulator the ``_mma`` twins run it (slowly: keep shapes 
 tiles tiny there, ``SIM_TILES``).
 """
 import hashlib
-import os
 from collections import namedtuple
 
 import numpy as np
 
+from ... import config
 from . import build as _tc_build
 from .ptx import SIMULATED
 
@@ -236,7 +236,7 @@ def marginal_source(tiles=GPU_TILES):
     e(f"THREADS = {NT}")
     e("")
     e("")
-    if SIMULATED or os.environ.get("SLA_NUMBA_NO_CACHE", "0") == "1":
+    if SIMULATED or not config.disk_cache():
         e("@cuda.jit")
     else:
         e("@cuda.jit(cache=True)")
