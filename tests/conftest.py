@@ -79,3 +79,15 @@ def backend(request):
     """Every backend there is: "cpu", and "gpu" when importable (simulated without a GPU).
     gpu cases carry the ``gpu`` mark: ``-m "not gpu"`` runs the CPU half alone."""
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _race_check(request):
+    """``SLA_TEST_RACE_CHECK=1``: run every simulated kernel of the test under the
+    race detector (sla_numba.testing_race); a race fails the test."""
+    if os.environ.get("SLA_TEST_RACE_CHECK") != "1" or not simulator_on():
+        yield
+        return
+    from sla_numba.testing_race import detect_races
+    with detect_races(raise_first=True):
+        yield

@@ -103,7 +103,9 @@ class DeviceCall:
         return self._new(shape, dtype, poison=poisoning())
 
     def workspace(self, shape, dtype):
-        return self._new(shape, dtype, poison=False)
+        # poisoned in tests too: a kernel reading a workspace element no kernel wrote
+        # must fail every time, not only when uninitialised memory happens to be NaN
+        return self._new(shape, dtype, poison=poisoning())
 
     def _new(self, shape, dtype, poison):
         dtype = np.dtype(dtype)
