@@ -81,6 +81,10 @@ __all__ = ["sla_attention_ulysses", "classify_blocks_ulysses", "UlyssesSparseLin
 # 1. The group
 # ---------------------------------------------------------------------------
 
+_NOT_A_MEMBER = ("this process is not a member of group: every rank that calls "
+                 "sla_attention_ulysses must belong to the group it passes")
+
+
 def _group_info(group):
     """(group, rank in it, its size); a clear error when there is no usable group."""
     if not dist.is_available() or not dist.is_initialized():
@@ -89,13 +93,14 @@ def _group_info(group):
             "torch.distributed.init_process_group(...) first (or use sla_attention)")
     if group is None:
         group = dist.group.WORLD
+    elif group is dist.GroupMember.NON_GROUP_MEMBER:   # what new_group gives non-members
+        raise ValueError(_NOT_A_MEMBER)
     elif not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed ProcessGroup or None, "
                         f"got {type(group).__name__}")
     rank = dist.get_rank(group)
     if rank < 0:
-        raise ValueError("this process is not a member of group: every rank that calls "
-                         "sla_attention_ulysses must belong to the group it passes")
+        raise ValueError(_NOT_A_MEMBER)
     return group, rank, dist.get_world_size(group)
 
 
