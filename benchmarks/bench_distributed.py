@@ -2,9 +2,10 @@
 
 Launch with torchrun (one process per GPU; NCCL):
 
-    # strong + weak scaling over groups of 1, 2, 4, 8 GPUs inside one 8-GPU launch
-    PYTHONPATH=. torchrun --nproc_per_node 8 benchmarks/bench_distributed.py \\
-        --sizes 1 2 4 8 --json bench_distributed.json
+    # correctness on NCCL, then strong + weak scaling over groups of 1, 2, 4 GPUs
+    PYTHONPATH=. torchrun --nproc_per_node 4 benchmarks/bench_distributed.py \\
+        --check --sizes 1 2 4 --json bench_distributed.json
+    # (H = 12: P must divide 12; on 8 GPUs use --sizes 1 2 3 4 6)
     # the wrapper's overhead on one GPU against plain sla_attention (Wan shape)
     PYTHONPATH=. torchrun --nproc_per_node 1 benchmarks/bench_distributed.py \\
         --overhead --json bench_distributed_overhead.json
@@ -199,6 +200,36 @@ def forced_callables(q, k, v, do, group, sla):
     return dict(forced_fwd=forced_fwd, forced_fwd_bwd=forced_fwd_bwd)
 
 
+# --------------------------------------------------------------------------- correctness
+def check(shape, n_global, group, device, dtype, sla):
+    """Ulysses vs single-process sla_attention on the same global tensors, every rank.
+
+    Returns {name: max |difference|} for o, dq, dk, dv (the slowest rank's), and
+    whether all were bitwise equal on every rank.
+    """
+    from sla_numba import sla_attention, sla_attention_ulysses
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    g = torch.Generator(device=device).manual_seed(1234)   # the same tensors on every rank
+    B, H, D = shape["B"], shape["H"], shape["D"]
+    q, k, v, do = (torch.randn(B, H, n_global, D, generator=g, device=device, dtype=dtype)
+                   for _ in range(4))
+    counts = [n_global // size + (r < n_global % size) for r in range(size)]
+    lo, n = sum(counts[:rank]), counts[rank]
+    full = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    o_ref = sla_attention(*full, **sla)
+    o_ref.backward(do)
+    mine = [x[:, :, lo:lo + n].clone().requires_grad_(True) for x in (q, k, v)]
+    o = sla_attention_ulysses(*mine, group=group, **sla)
+    o.backward(do[:, :, lo:lo + n])
+    pairs = [("o", o, o_ref)] + [(f"d{c}", m.grad, f.grad) for c, m, f in zip("qkv", mine, full)]
+    diffs = torch.tensor([(a.float() - b[:, :, lo:lo + n].float()).abs().max().item()
+                          for _, a, b in pairs], dtype=torch.float64, device=device)
+    dist.all_reduce(diffs, op=dist.ReduceOp.MAX, group=group)
+    out = {f"max_abs_diff_{name}": d for (name, _, _), d in zip(pairs, diffs.tolist())}
+    out["bitwise"] = bool((diffs == 0).all().item())
+    return out
+
+
 # --------------------------------------------------------------------------- main
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -217,6 +248,9 @@ def main():
     ap.add_argument("--block", type=int, default=None, help="default 64 (tiny: 32)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--check", action="store_true",
+                    help="first compare with single-process sla_attention (N_shape/8 + 1 "
+                         "tokens: uneven shards) at every group size")
     ap.add_argument("--json", default="bench_distributed.json")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -243,7 +277,8 @@ def main():
     def report(row):
         rows.append(row)
         if rank == 0:
-            cells = "  ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))
+            cells = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in row.items() if k not in ("shape", "scaling", "P"))
             print(f"{row['shape']:6s} {row['scaling']:8s} P={row['P']}  {cells}", flush=True)
         save(False)
 
@@ -266,12 +301,23 @@ def main():
                 report(dict(shape=name, scaling="overhead", P=1, N=shape["N"], **t))
             dist.barrier()
             continue
+        for size in sizes if args.check else ():
+            if rank < size and shape["H"] % size == 0:
+                n_check = shape["N"] // 8 + 1
+                res = check(shape, n_check, groups[size], device, dtype, sla)
+                report(dict(shape=name, scaling="check", P=size, N=n_check, **res))
+            dist.barrier()
         plain = {}
         for scaling in args.scaling:
             for size in sizes:
                 n_global = shape["N"] * (size if scaling == "weak" else 1)
                 if scaling == "weak" and size == 1 and "strong" in args.scaling:
                     continue   # the same case as strong P = 1
+                if shape["H"] % size:
+                    if rank == 0:
+                        print(f"{name}: P={size} skipped, {shape['H']} heads do not split "
+                              f"over {size} ranks")
+                    continue
                 if rank < size:
                     group = groups[size]
                     q, k, v, do = shards(shape, n_global, size, rank, device, dtype)
