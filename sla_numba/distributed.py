@@ -368,7 +368,7 @@ def sla_attention_ulysses(q, k, v, *, group=None, topk=0.05, skip=0.10, block_q=
     q : (B, H, nq_r, D);  k, v : (B, H, nk_r, D)   torch tensors
         This rank's tokens of every head. B, H, D, dtype and device type must
         agree on all ranks; the token counts nq_r, nk_r may differ between ranks
-        (N need not be divisible by P; no padding). H must be a multiple of the
+        (N need not be divisible by P; no padding; n_r >= 1). H must be a multiple of the
         group size P. gloo: CPU tensors; NCCL: CUDA tensors.
     group : torch.distributed.ProcessGroup, default the world group.
     topk, skip, block_q, block_k, feature_map, scale, proj_weight, proj_bias,
@@ -462,6 +462,17 @@ def classify_blocks_ulysses(q, k, *, group=None, topk=0.05, skip=0.10, block_q=6
         return classify_blocks(qh, kh, **kwargs)
 
 
+class _SharedGroup:
+    """Holds a process group. ``copy.deepcopy`` of a module (an EMA copy, say) shares
+    it: a communicator is not data, and torch cannot copy one."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class UlyssesSparseLinearAttention(SparseLinearAttention):
     """:class:`sla_numba.SparseLinearAttention` over a sequence split across ranks.
 
@@ -487,7 +498,16 @@ class UlyssesSparseLinearAttention(SparseLinearAttention):
 
     def __init__(self, head_dim, *, group=None, **kwargs):
         super().__init__(head_dim, **kwargs)
-        self.group = group
+        self._group = _SharedGroup(group)
+
+    @property
+    def group(self):
+        """The process group (None: the world group)."""
+        return self._group.group
+
+    @group.setter
+    def group(self, group):
+        self._group = _SharedGroup(group)
 
     def forward(self, q, k, v, block_map=None):
         return sla_attention_ulysses(

@@ -8,6 +8,7 @@ failure inside a rank is written to ``<out>/rank<r>.err`` and the rank exits wit
 Nothing here imports Numba at module level: the thread counts below must be set
 before it loads (2 cores, 2-3 ranks: one thread each).
 """
+import copy
 import datetime
 import os
 import sys
@@ -121,10 +122,12 @@ def scenario_two(rank, size):
     # training, DDP and FSDP2: proj starts from W, two SGD steps on sum(O_r * G_r)
     def train(wrap):
         torch.manual_seed(0)
-        attn = sla_numba.UlyssesSparseLinearAttention(SHAPE2["D"], **KW)
+        attn = sla_numba.UlyssesSparseLinearAttention(SHAPE2["D"], group=dist.group.WORLD, **KW)
         with torch.no_grad():
             attn.proj.weight.copy_(W)
             attn.proj.bias.copy_(b)
+        twin = copy.deepcopy(attn)   # as for an EMA model: the group is shared, not copied
+        res["deepcopy_shares_group"] = twin.group is attn.group is dist.group.WORLD
         model = wrap(attn)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         losses = []

@@ -159,6 +159,7 @@ def test_training_equals_single_process(two, wrapper):
         torch.testing.assert_close(got["losses"], losses[:, r], rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(got["weight"], weight, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got["bias"], bias, rtol=1e-5, atol=1e-6)
+    assert all(rank["deepcopy_shares_group"] for rank in two)
     # the two SGD steps moved the projection (a test that cannot pass by standing still)
     _, _, _, Wt, _, _ = W.inputs(0, **W.SHAPE2)
     assert (weight - Wt).abs().max() > 1e-2
