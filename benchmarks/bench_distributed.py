@@ -13,9 +13,9 @@ Launch with torchrun (one process per GPU; NCCL):
     PYTHONPATH=. python benchmarks/bench_distributed.py --device cpu --shape tiny
     PYTHONPATH=. torchrun --nproc_per_node 2 benchmarks/bench_distributed.py --device cpu --shape tiny
 
-Shapes: ``wan`` B=1, H=12, N=32760, D=128 (Wan2.1-1.3B attention; the default),
-``wan2x`` N=65520, ``tiny`` B=1, H=4, N=510, D=32 (CPU). bf16 on the GPU, fp32 on the
-CPU; topk 0.05, skip 0.10, block 64 (tiny: 32).
+Shapes: ``wan`` B=1, H=12, N=32760, D=128 (Wan2.1-1.3B attention) and ``wan2x``
+N=65520 (both by default on the GPU), ``tiny`` B=1, H=4, N=510, D=32 (CPU).
+bf16 on the GPU, fp32 on the CPU; topk 0.05, skip 0.10, block 64 (tiny: 32).
 
 For every group size P in ``--sizes`` (subgroups of the first P ranks; the others wait):
 
@@ -235,7 +235,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--shape", nargs="+", default=None, choices=list(SHAPES),
-                    help="default: wan on cuda, tiny on cpu")
+                    help="default: wan and wan2x on cuda (wan alone with --overhead), tiny on cpu")
     ap.add_argument("--sizes", nargs="+", type=int, default=None,
                     help="group sizes to measure (default: the world size)")
     ap.add_argument("--scaling", nargs="+", choices=["strong", "weak"], default=["strong", "weak"])
@@ -257,7 +257,8 @@ def main():
         raise SystemExit("no CUDA GPU: use --device cpu --shape tiny")
     device = init(args.device)
     rank, world = dist.get_rank(), dist.get_world_size()
-    shapes = args.shape or (["wan"] if args.device == "cuda" else ["tiny"])
+    shapes = args.shape or (["tiny"] if args.device == "cpu" else
+                            ["wan"] if args.overhead else ["wan", "wan2x"])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     sizes = [1] if args.overhead else (args.sizes or [world])

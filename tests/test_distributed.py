@@ -12,7 +12,6 @@ are a sum over ranks (each rank's GEMM covers its heads; then a sum or DDP/FSDP
 average), so their float32 summation order differs from the single call: rtol 1e-5.
 """
 import multiprocessing
-import os
 import socket
 import time
 
