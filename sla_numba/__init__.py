@@ -28,7 +28,7 @@ _DISTRIBUTED = ("sla_attention_ulysses", "classify_blocks_ulysses",
 def __getattr__(name):
     # torch is optional: only importing the module (or the reference) loads it.
     if name == "SparseLinearAttention":
-        from .torch_ops import SparseLinearAttention
+        from .modules import SparseLinearAttention
         return SparseLinearAttention
     if name in _DISTRIBUTED:
         from . import distributed

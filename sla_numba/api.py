@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import _params
+from ._backends import compute_dtype, load_backend
 from ._kinds import FLOAT_DTYPES, array_kind, device_of, dtype_name, is_on_gpu
 
 
@@ -97,16 +98,6 @@ def _gpu_simulated():
     except ImportError:  # pragma: no cover - numba is a hard dependency
         return False
     return bool(config.ENABLE_CUDASIM)
-
-
-def load_backend(name):
-    """Import ``sla_numba.cpu`` or ``sla_numba.gpu``; a clear error if it cannot be used."""
-    try:
-        return importlib.import_module(f"sla_numba.{name}")
-    except ImportError as err:
-        raise RuntimeError(
-            f"backend={name!r} is not available: {err}. The gpu backend needs "
-            "numba-cuda with its CUDA libraries: pip install 'sla-numba[cuda]'") from err
 
 
 def _check_block_map(block_map, q, kind, shape):
@@ -260,11 +251,6 @@ def classify_blocks(q, k, *, topk=0.05, skip=0.10, block_q=64, block_k=64,
 # ---------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------
-
-def compute_dtype(dtype_str):
-    """Kernels compute in float64 for float64 input, float32 for everything else."""
-    return np.float64 if dtype_str == "float64" else np.float32
-
 
 def _host_inputs(kind, backend, *arrays):
     """numpy/CuPy arrays as the backend wants them: C-contiguous; for the CPU

@@ -72,7 +72,7 @@ import torch.distributed as dist
 
 from . import _params
 from .api import _check_proj, _check_qkv, classify_blocks, sla_attention
-from .torch_ops import SparseLinearAttention
+from .modules import SparseLinearAttention
 
 __all__ = ["sla_attention_ulysses", "classify_blocks_ulysses", "UlyssesSparseLinearAttention"]
 

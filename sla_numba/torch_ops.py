@@ -7,9 +7,12 @@ Three layers, as in FlashAttention's interface:
    ``torch.compile(fullgraph=True)`` sees through them and ``opcheck`` passes;
 2. ``register_autograd`` on the forward op: it saves exactly what the backward
    kernel needs (q, k, v, the map, O_s, O_l and the LSE);
-3. the public :func:`sla_numba.sla_attention` (in :mod:`sla_numba.api`) and
-   :class:`SparseLinearAttention`, which add the projection ``O_l Wᵀ + b`` in
-   plain torch, so autograd gives dW and db and passes ``dO_l = dO · W`` on.
+3. :func:`sla_attention` below, which the public :func:`sla_numba.sla_attention`
+   (in :mod:`sla_numba.api`) calls for torch tensors: it adds the projection
+   ``O_l Wᵀ + b`` in plain torch, so autograd gives dW and db and passes
+   ``dO_l = dO · W`` on. The ``nn.Module`` is in :mod:`sla_numba.modules`.
+
+Imports run one way: api -> torch_ops -> backends (this module never imports the API).
 
 The ops take ``backend`` ("cpu" or "gpu") as an argument; the API has already
 resolved it. The cpu backend reads numpy views of the tensors (fp16/bf16 are
@@ -18,8 +21,7 @@ converted to fp32 first); the gpu backend takes torch CUDA tensors directly.
 import numpy as np
 import torch
 
-from . import _params
-from .api import compute_dtype, load_backend, sla_attention as _sla_attention
+from ._backends import compute_dtype, load_backend
 
 
 def _to_numpy(t, dtype=None):
@@ -152,51 +154,3 @@ def sla_attention(q, k, v, block_map, n_crit, n_skip, block_q, block_k, scale,
         o_l = torch.nn.functional.linear(
             o_l.to(proj_weight.dtype), proj_weight, proj_bias).to(q.dtype)
     return o_s + o_l
-
-
-class SparseLinearAttention(torch.nn.Module):
-    """SLA as a drop-in attention layer with its learnable projection.
-
-    ``forward(q, k, v)`` takes (B, H, N, D) tensors and returns
-    ``O_s + proj(O_l)``. ``proj`` is an fp32 ``nn.Linear(head_dim, head_dim)``
-    shared by all heads and zero-initialised, so an untrained layer computes
-    block-sparse attention exactly; fine-tuning teaches it to use O_l.
-
-    Example
-    -------
-    >>> import torch, sla_numba
-    >>> attn = sla_numba.SparseLinearAttention(32, topk=0.25, block_q=16, block_k=16)
-    >>> q, k, v = (torch.randn(1, 2, 100, 32, requires_grad=True) for _ in range(3))
-    >>> out = attn(q, k, v)
-    >>> out.sum().backward()
-    >>> out.shape, attn.proj.weight.grad.shape
-    (torch.Size([1, 2, 100, 32]), torch.Size([32, 32]))
-    """
-
-    def __init__(self, head_dim, *, topk=0.05, skip=0.10, block_q=64, block_k=64,
-                 feature_map="softmax", scale=None, backend="auto"):
-        super().__init__()
-        _params.check_block_size("head_dim", head_dim)
-        _params.check_topk_skip(topk, skip)
-        _params.check_block_size("block_q", block_q)
-        _params.check_block_size("block_k", block_k)
-        _params.check_feature_map(feature_map)
-        _params.check_backend(backend)
-        self.head_dim, self.topk, self.skip = head_dim, topk, skip
-        self.block_q, self.block_k = block_q, block_k
-        self.feature_map, self.scale, self.backend = feature_map, scale, backend
-        self.proj = torch.nn.Linear(head_dim, head_dim, dtype=torch.float32)
-        torch.nn.init.zeros_(self.proj.weight)
-        torch.nn.init.zeros_(self.proj.bias)
-
-    def forward(self, q, k, v, block_map=None):
-        return _sla_attention(
-            q, k, v, topk=self.topk, skip=self.skip, block_q=self.block_q,
-            block_k=self.block_k, feature_map=self.feature_map, scale=self.scale,
-            block_map=block_map, proj_weight=self.proj.weight, proj_bias=self.proj.bias,
-            backend=self.backend)
-
-    def extra_repr(self):
-        return (f"head_dim={self.head_dim}, topk={self.topk}, skip={self.skip}, "
-                f"block_q={self.block_q}, block_k={self.block_k}, "
-                f"feature_map={self.feature_map!r}")

@@ -74,7 +74,7 @@ def main():
     a = ap.parse_args()
     if a.variants:
         return compare(a)
-    from sla_numba.gpu import backward_tc, forward_tc
+    from sla_numba.gpu.tc import backward as backward_tc, forward as forward_tc
 
     B, H, N, D, bq, bk = 1, a.heads, a.n, a.d, a.block_q, a.block_k
     mq, mk = -(-N // bq), -(-N // bk)
@@ -129,7 +129,7 @@ def main():
 
 def compare(a):
     import os
-    from sla_numba.gpu import backward_tc, forward_tc
+    from sla_numba.gpu.tc import backward as backward_tc, forward as forward_tc
     B, H, N, D, bq, bk = 1, a.heads, a.n, a.d, a.block_q, a.block_k
     mq, mk = -(-N // bq), -(-N // bk)
     n_crit = min(mk, max(1, math.floor(a.topk * mk)))

@@ -32,13 +32,13 @@ from numba.cuda import types as nt  # noqa: E402
 
 import importlib  # noqa: E402
 
-# the package exports functions with the modules' names: fetch the modules themselves
-classify, forward, backward = (importlib.import_module(f"sla_numba.gpu.{m}")
+# the SIMT kernel modules (the package's classify/forward/backward are functions)
+classify, forward, backward = (importlib.import_module(f"sla_numba.gpu.simt.{m}")
                                for m in ("classify", "forward", "backward"))
 from sla_numba.gpu._compat import FASTMATH, SIMULATOR  # noqa: E402
-from sla_numba.gpu._marginal import make_marginal_sum  # noqa: E402
-from sla_numba.gpu._prep import make_prep  # noqa: E402
-from sla_numba.gpu._tiles import choose_tiles, smem_bytes  # noqa: E402
+from sla_numba.gpu.simt.marginal import make_marginal_sum  # noqa: E402
+from sla_numba.gpu.simt.states import make_prep  # noqa: E402
+from sla_numba.gpu.simt.tiles import choose_tiles, smem_bytes  # noqa: E402
 
 
 class _TargetDevice:

@@ -6,7 +6,12 @@ For every configuration: counts ``mma.sync`` / ``ldmatrix`` / ``cp.async`` in th
 PTX against the number the generator wrote (the inline asm of mma is pure, so
 LLVM could merge identical chains: the counts must match exactly) and reports
 ``.local`` usage (spills happen later, in ptxas; this catches local arrays).
+Also links the PTX for sm_90 with nvJitLink (``cuda.bindings``, part of the cu13
+wheels) and reports ptxas's register count and spill bytes.
 Exit status 1 on a mismatch.
+
+``--only NAME[,NAME]`` checks only some kernels (forward, backward, marginal, states,
+linear).
 """
 import os
 import re
@@ -22,16 +27,40 @@ if not hasattr(np, "row_stack"):  # numpy 2.5 vs numba-cuda 0.30
 
 from numba import cuda, float32, int16, int32, int64  # noqa: E402
 
-from sla_numba.gpu import backward_tc, forward_tc  # noqa: E402
+from sla_numba.gpu.tc import backward as backward_tc, forward as forward_tc  # noqa: E402
 
 
 def _count(text, word):
     return len(re.findall(re.escape(word), text))
 
 
+def ptxas_info(ptx):
+    """(registers, spill store bytes, spill load bytes) of the PTX's kernel, from
+    ptxas's verbose log through nvJitLink (None when nvJitLink is not installed)."""
+    try:
+        from cuda.bindings import nvjitlink
+    except ImportError:
+        return None
+    data = ptx.encode()
+    handle = nvjitlink.create(2, ["-arch=sm_90", "-verbose"])
+    try:
+        nvjitlink.add_data(handle, nvjitlink.InputType.PTX, data, len(data), "kernel")
+        nvjitlink.complete(handle)
+        log = bytearray(nvjitlink.get_info_log_size(handle))
+        nvjitlink.get_info_log(handle, log)
+    finally:
+        nvjitlink.destroy(handle)
+    text = log.decode(errors="replace")
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return (int(regs.group(1)) if regs else -1,
+            int(spill.group(1)) if spill else -1, int(spill.group(2)) if spill else -1)
+
+
 def check(name, fn, sig, source):
     t0 = time.time()
     ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
+    info = ptxas_info(ptx)
     want_mma = len(re.findall(r"= mma_(?:bf16|f16)\(", source))
     want_ld = len(re.findall(r"(?:ldmatrix|ldsm)_x4(?:_trans)?\(smem", source))
     got_mma = _count(ptx, "mma.sync.aligned")
@@ -40,38 +69,48 @@ def check(name, fn, sig, source):
     ok = got_mma == want_mma and got_ld == want_ld
     print(f"{name:38s} mma {got_mma:4d}/{want_mma:<4d} ldmatrix {got_ld:4d}/{want_ld:<4d} "
           f"cp.async {_count(ptx, 'cp.async.cg'):3d} .local {local:2d} "
-          f"{time.time() - t0:5.1f}s {'ok' if ok else 'MISMATCH'}")
+          + (f"regs {info[0]:3d} spill {info[1]:3d}/{info[2]:<3d} " if info else "")
+          + f"{time.time() - t0:5.1f}s {'ok' if ok else 'MISMATCH'}")
     return ok
 
 
 def main():
     quick = "--quick" in sys.argv
+    only = None
+    if "--only" in sys.argv:
+        only = set(sys.argv[sys.argv.index("--only") + 1].split(","))
+
+    def wanted(part):
+        return only is None or part in only
     i16, i32, f32 = int16[::1], int32[::1], float32[::1]
     ok = True
     fwd_sig = (i16, i16, i16, i32, i32, f32, f32, int64, int64, int64, int64, float32)
     configs = [(128, 64, 128, "bf16"), (64, 64, 128, "bf16"), (128, 64, 64, "f16")]
     if quick:
         configs = configs[:1]
-    for D, bk, bq, kind in configs:
+    for D, bk, bq, kind in configs if wanted("forward") else []:
         src = forward_tc.forward_source(D, bk, bq, kind)
         mod = forward_tc.get_forward_kernel(D, bk, bq, kind)
         ok &= check(f"forward D={D} bk={bk} bq={bq} {kind}", mod.sla_fwd_tc, fwd_sig, src)
-    for D, bk, bq, kind in configs:
+    for D, bk, bq, kind in configs if wanted("backward") else []:
         for which in backward_tc.KERNELS:
             src, mod = backward_tc.kernel_source_and_module(which, D, bk, bq, kind)
             fn = getattr(mod, backward_tc.KERNEL_NAMES[which])
             ok &= check(f"backward {which} D={D} bk={bk} bq={bq} {kind}", fn,
                         backward_tc.signature(which), src)
-    ok &= check_marginal()
-    ok &= check_states(quick)
-    ok &= check_linear(quick)
+    if wanted("marginal"):
+        ok &= check_marginal()
+    if wanted("states"):
+        ok &= check_states(quick)
+    if wanted("linear"):
+        ok &= check_linear(quick)
     sys.exit(0 if ok else 1)
 
 
 def check_marginal():
     """The tensor-core marginal sum (``marginal_tc``), GPU tiles."""
     from numba import int8
-    from sla_numba.gpu import marginal_tc
+    from sla_numba.gpu.tc import marginal as marginal_tc
     tiles = marginal_tc.GPU_TILES
     i8, f32 = int8[::1], float32[::1]
     sig = (i8, int64, int64, int64, int64, int64, f32, int64, f32, int64, int64)
@@ -82,7 +121,7 @@ def check_marginal():
 
 def check_states(quick=False):
     """The tensor-core key-block states (``states_tc``), GPU tiles."""
-    from sla_numba.gpu import states_tc
+    from sla_numba.gpu.tc import states as states_tc
     i16, f32 = int16[::1], float32[::1]
     sig = (i16, i16, f32, int64, int64, int64, int64)
     configs = [("bf16", 128, 64, True), ("f16", 64, 64, True), ("bf16", 128, 64, False)]
@@ -98,7 +137,7 @@ def check_states(quick=False):
 
 def check_linear(quick=False):
     """The tensor-core linear-branch output (``linear_tc``), GPU chunking."""
-    from sla_numba.gpu import linear_tc
+    from sla_numba.gpu.tc import linear as linear_tc
     i16, i32, f32 = int16[::1], int32[::1], float32[::1]
     sig = (i16, f32, i32, f32, int64, int64, int64, int64, float32)
     configs = [("bf16", 128, 64), ("f16", 64, 64), ("bf16", 128, 128)]

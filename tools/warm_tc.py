@@ -16,7 +16,7 @@ def _one(variant, D, bk, bq, kind, which):
     if not hasattr(np, "row_stack"):
         np.row_stack = np.vstack
     import torch
-    from sla_numba.gpu import _tc_build, backward_tc, forward_tc
+    from sla_numba.gpu.tc import backward as backward_tc, build as _tc_build, forward as forward_tc
     dt = torch.bfloat16 if kind == "bf16" else torch.float16
     q = torch.zeros(1, 1, bq, D, dtype=dt, device="cuda")
     lut = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device="cuda")

@@ -16,7 +16,7 @@ def _compile(job):
     if not hasattr(np, "row_stack"):
         np.row_stack = np.vstack
     from numba import float32, int16, int32, int64
-    from sla_numba.gpu import backward_tc, forward_tc
+    from sla_numba.gpu.tc import backward as backward_tc, forward as forward_tc
     which, D, bq, bk, kind = job
     t0 = time.time()
     if which == "fwd":

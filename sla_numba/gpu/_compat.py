@@ -24,7 +24,6 @@ Three things live here so that no kernel module has to care about them:
      fastmath (checked in PTX), and classification must give the CPU backend's bits.
 """
 import hashlib
-import os
 
 import numpy as np
 
@@ -40,6 +39,8 @@ def ensure_numpy_aliases():
 ensure_numpy_aliases()
 
 import numba  # noqa: E402  (after the alias, on purpose)
+
+from .. import config  # noqa: E402
 from numba import cuda  # noqa: E402
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
@@ -70,7 +71,7 @@ def kernel(**options):
     if SIMULATOR:
         keep = {k: v for k, v in options.items() if k in ("device", "inline")}
         return cuda.jit(**keep)
-    if not options.get("device") and os.environ.get("SLA_NUMBA_NO_CACHE", "0") != "1":
+    if not options.get("device") and config.disk_cache():
         options.setdefault("cache", True)
     return cuda.jit(**options)
 

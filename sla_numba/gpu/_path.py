@@ -24,36 +24,26 @@ the sums over marginal blocks) and ``linear`` (``linear_tc``: the forward's O_l)
 SIMT kernels: a switch for measuring what each part is worth and for isolating a
 fault, read on every call (:func:`tc_part`).
 """
-import os
+from .. import config
+from .tc.forward import tc_unsupported_reason
 
-from .forward_tc import tc_unsupported_reason
-
-PATHS = ("auto", "simt", "tc")
-ENV_VAR = "SLA_NUMBA_GPU_PATH"
-TC_PARTS = ("states", "marginal", "linear")
-TC_OFF_VAR = "SLA_NUMBA_TC_OFF"
+PATHS = config.GPU_PATHS
+ENV_VAR = config.GPU_PATH_VAR
+TC_PARTS = config.TC_PARTS
+TC_OFF_VAR = config.TC_OFF_VAR
 
 
 def tc_part(name):
     """Whether the tensor-core path runs part ``name`` (one of ``TC_PARTS``) on tensor
     cores: yes unless ``SLA_NUMBA_TC_OFF`` lists it (an unknown name there is a
     ``ValueError``)."""
-    raw = os.environ.get(TC_OFF_VAR, "")
-    off = {p.strip().lower() for p in raw.split(",") if p.strip()}
-    unknown = off - set(TC_PARTS)
-    if unknown:
-        raise ValueError(f"{TC_OFF_VAR}={raw!r}: unknown part(s) {sorted(unknown)}; "
-                         f"parts are {TC_PARTS}")
+    off = config.tc_parts_off()
     return name not in off
 
 
 def env_path():
     """The value of ``SLA_NUMBA_GPU_PATH`` ('auto' when unset or empty)."""
-    raw = os.environ.get(ENV_VAR, "")
-    val = raw.strip().lower() or "auto"
-    if val not in PATHS:
-        raise ValueError(f"{ENV_VAR}={raw!r}: must be one of {PATHS}")
-    return val
+    return config.gpu_path()
 
 
 def resolve_path(path, dtype, head_dim, block_q, block_k, device=None):

@@ -26,8 +26,8 @@ from sla_numba.reference import sla_reference
 
 gpu = pytest.importorskip("sla_numba.gpu")
 gpu_path = importlib.import_module("sla_numba.gpu._path")
-forward_tc = importlib.import_module("sla_numba.gpu.forward_tc")
-backward_tc = importlib.import_module("sla_numba.gpu.backward_tc")
+forward_tc = importlib.import_module("sla_numba.gpu.tc.forward")
+backward_tc = importlib.import_module("sla_numba.gpu.tc.backward")
 
 pytestmark = pytest.mark.gpu
 SIM = bool(config.ENABLE_CUDASIM)

@@ -22,7 +22,7 @@ from sla_numba.testing import poisoned
 gpu = pytest.importorskip("sla_numba.gpu")
 gpu_classify = importlib.import_module("sla_numba.gpu.classify")
 gpu_forward = importlib.import_module("sla_numba.gpu.forward")
-gpu_tiles = importlib.import_module("sla_numba.gpu._tiles")
+gpu_tiles = importlib.import_module("sla_numba.gpu.simt.tiles")
 gpu_compat = importlib.import_module("sla_numba.gpu._compat")
 
 try:

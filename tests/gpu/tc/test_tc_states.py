@@ -1,4 +1,4 @@
-"""Tensor-core key-block states (``sla_numba.gpu.states_tc``) against float64 numpy.
+"""Tensor-core key-block states (``sla_numba.gpu.tc.states``) against float64 numpy.
 
 For each key block j: ``h_j = φ(K_j)ᵀ V_j`` (D x D) and ``z_j = Σ_r φ(K_j)`` over the
 block's valid rows, in ``state[b, h, j] = [vec(h_j), z_j]``. The reference is float64
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from numba import config
 
-from sla_numba.gpu import states_tc
-from sla_numba.gpu._mma import bf16_bits_to_f32, f32_to_bf16_bits
+from sla_numba.gpu.tc import states as states_tc
+from sla_numba.gpu.tc.ptx import bf16_bits_to_f32, f32_to_bf16_bits
 
 SIM = bool(config.ENABLE_CUDASIM)
 
@@ -94,8 +94,8 @@ def simt_states(k64, v64, block_k, fm):
     """The SIMT prep kernel's states (fp32 tiles) for the same values, as numpy
     (B, H, Mk, W): ``forward.launch_prep`` on fp32 copies (exact: half values)."""
     from sla_numba.gpu._arrays import DeviceCall
-    from sla_numba.gpu._tiles import choose_tiles
-    from sla_numba.gpu.forward import launch_prep
+    from sla_numba.gpu.simt.tiles import choose_tiles
+    from sla_numba.gpu._launch import launch_prep
     B, H, Nk, D = k64.shape
     Mk = -(-Nk // block_k)
     k32, v32 = k64.astype(np.float32), v64.astype(np.float32)
@@ -253,8 +253,8 @@ def test_gpu_timing_large(kind):
     from numba import cuda
 
     from sla_numba.gpu._arrays import DeviceCall
-    from sla_numba.gpu._tiles import choose_tiles
-    from sla_numba.gpu.forward import launch_prep
+    from sla_numba.gpu.simt.tiles import choose_tiles
+    from sla_numba.gpu._launch import launch_prep
     B, H, Nk, D, bk, fm = 1, 12, 16384, 128, 64, 0
     kb, vb, k64, v64 = _inputs(kind, B, H, Nk, D, seed=7)
     Mk = Nk // bk

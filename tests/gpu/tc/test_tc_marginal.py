@@ -1,4 +1,4 @@
-"""Tensor-core marginal sums (``sla_numba.gpu.marginal_tc``) against a float64 product.
+"""Tensor-core marginal sums (``sla_numba.gpu.tc.marginal``) against a float64 product.
 
 ``out[b, h, r] = Σ_c M[r, c] · S[b, h, c]`` with ``M = (block map == 0)`` (or its
 transpose) and fp32 states S. The kernel splits S into bf16 hi + lo, so per element
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from numba import config
 
-from sla_numba.gpu import marginal_tc
+from sla_numba.gpu.tc import marginal as marginal_tc
 
 SIM = bool(config.ENABLE_CUDASIM)
 
@@ -97,7 +97,7 @@ def _check(out, bmap, states, transposed, n_out, n_in):
 
 def _simt_error(out, bmap, states, transposed, n_out, n_in):
     """max |out - out_simt| / (M·|S|) with the fp32 SIMT kernel (same launch arguments)."""
-    _marginal = pytest.importorskip("sla_numba.gpu._marginal")
+    _marginal = pytest.importorskip("sla_numba.gpu.simt.marginal")
     simt = np.full_like(out, np.nan)
     _marginal.launch_marginal_sum(0, bmap, transposed, n_out, n_in, states, simt)
     _, mag = _reference(bmap, states, transposed, n_out, n_in)
@@ -183,7 +183,7 @@ def _gpu_run(bmap, states, out, transposed, n_out, n_in, simt=False):
     from numba import cuda
     d_map, d_s, d_out = (cuda.to_device(x) for x in (bmap, states, out))
     if simt:
-        from sla_numba.gpu._marginal import launch_marginal_sum as launch
+        from sla_numba.gpu.simt.marginal import launch_marginal_sum as launch
     else:
         launch = marginal_tc.launch_marginal_sum_tc
     launch(0, d_map, transposed, n_out, n_in, d_s, d_out)
@@ -199,7 +199,7 @@ def test_gpu_matches_float64_and_simt(B, H, Mq, Mk, W, n_out, n_in, transposed):
     rel = _check(got, bmap, states, transposed, n_out, n_in)
     again = _gpu_run(bmap, states, out, transposed, n_out, n_in)
     assert np.array_equal(got.view(np.uint32), again.view(np.uint32)), "not deterministic"
-    pytest.importorskip("sla_numba.gpu._marginal")
+    pytest.importorskip("sla_numba.gpu.simt.marginal")
     simt = _gpu_run(bmap, states, out, transposed, n_out, n_in, simt=True)
     _, mag = _reference(bmap, states, transposed, n_out, n_in)
     d = np.abs(got[:, :, :n_out].astype(np.float64) - simt[:, :, :n_out])
@@ -251,7 +251,7 @@ def test_gpu_wan_shape(transposed):
     msg = f"\nWan shape transposed={transposed}: tc {t_tc:.3f} ms " \
           f"({2 * B * H * R * R * W / t_tc / 1e9:.0f} TFLOP/s useful), error {rel:.2e} x M|S|"
     try:
-        from sla_numba.gpu._marginal import launch_marginal_sum
+        from sla_numba.gpu.simt.marginal import launch_marginal_sum
         msg += f", SIMT {timed(launch_marginal_sum):.3f} ms"
     except ImportError:
         pass

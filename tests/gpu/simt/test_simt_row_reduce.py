@@ -7,7 +7,7 @@ import importlib
 import numpy as np
 import pytest
 
-gpu_tiles = importlib.import_module("sla_numba.gpu._tiles")
+gpu_tiles = importlib.import_module("sla_numba.gpu.simt.tiles")
 compat = importlib.import_module("sla_numba.gpu._compat")
 cuda = compat.cuda
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._compat import SIMULATOR, cuda, device, to_acc_fn
+from .._compat import SIMULATOR, cuda, device, to_acc_fn
 
 #: Static shared memory a block may use without the driver opt-in (48 KiB).
 SMEM_LIMIT = 48 * 1024

@@ -27,10 +27,9 @@ Nothing goes back to the host.
 """
 import functools
 
-import numpy as np
 
-from ._compat import FASTMATH, cuda, device, kernel
-from ._tiles import make_common, make_mm, smem_sizes
+from .._compat import FASTMATH, cuda, device, kernel
+from .tiles import make_common, make_mm, smem_sizes
 
 
 def state_rows(tiles, one_pass):

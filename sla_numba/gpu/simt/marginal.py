@@ -26,8 +26,8 @@ import functools
 
 import numpy as np
 
-from ._compat import FASTMATH, SIMULATOR, cuda, kernel
-from ._tiles import U, make_mm
+from .._compat import FASTMATH, SIMULATOR, cuda, kernel
+from .tiles import U, make_mm
 
 #: (TR, TC, RR, RW, KT): 256 threads, 128 x 128 outputs a block, 16 states a stage.
 #: Simulator: 4 threads, 4 x 4 outputs, 2 states a stage.

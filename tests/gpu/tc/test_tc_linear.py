@@ -1,4 +1,4 @@
-"""Tensor-core linear-branch output (``sla_numba.gpu.linear_tc``) against float64 numpy.
+"""Tensor-core linear-branch output (``sla_numba.gpu.tc.linear``) against float64 numpy.
 
 ``O_l[r] = φ(q_r)·H_i / (φ(q_r)·Z_i + eps)`` for the rows r of query block i with
 ``n_marg[b, h, i] > 0``, zeros otherwise. The reference is float64 on the same inputs
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from numba import config
 
-from sla_numba.gpu import linear_tc
-from sla_numba.gpu._mma import bf16_bits_to_f32, f32_to_bf16_bits
+from sla_numba.gpu.tc import linear as linear_tc
+from sla_numba.gpu.tc.ptx import bf16_bits_to_f32, f32_to_bf16_bits
 
 SIM = bool(config.ENABLE_CUDASIM)
 
@@ -187,8 +187,9 @@ def simt_pieces(q32, k32, v32, bmap, block_q, block_k, fm):
     """The SIMT forward's o_l and the lstate / n_marg it used (numpy): ``forward`` with
     path="simt", and ``launch_prep`` + ``row_states`` again for its row states."""
     from sla_numba.gpu._arrays import DeviceCall
-    from sla_numba.gpu._tiles import choose_tiles
-    from sla_numba.gpu.forward import forward, launch_prep, row_states
+    from sla_numba.gpu.simt.tiles import choose_tiles
+    from sla_numba.gpu._launch import launch_prep, row_states
+    from sla_numba.gpu.forward import forward
     B, H, Nq, D = q32.shape
     Nk = k32.shape[2]
     Mq, Mk = bmap.shape[2], bmap.shape[3]

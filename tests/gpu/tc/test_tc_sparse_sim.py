@@ -37,7 +37,7 @@ def _inputs(dtype, D, bq, bk, Nq, Nk, seed):
 
 @pytest.mark.parametrize("dtype,D,bq,bk,Nq,Nk,tol", CASES)
 def test_forward_and_backward_match_float64(dtype, D, bq, bk, Nq, Nk, tol):
-    from sla_numba.gpu import backward_tc, forward_tc
+    from sla_numba.gpu.tc import backward as backward_tc, forward as forward_tc
     q, k, v, do, lut, counts = _inputs(dtype, D, bq, bk, Nq, Nk, seed=D + Nq)
     assert (counts == 0).any() and (counts > 0).any()
     scale = D ** -0.5
@@ -65,7 +65,7 @@ def test_forward_and_backward_match_float64(dtype, D, bq, bk, Nq, Nk, tol):
 
 
 def test_reverse_index_numpy_and_torch_agree():
-    from sla_numba.gpu.backward_tc import reverse_index
+    from sla_numba.gpu.tc.backward import reverse_index
     lut, counts = random_lut(2, 3, 5, 7, 3, seed=1)
     rt, ct = reverse_index(lut, counts, 7)
     rn, cn = reverse_index(lut.numpy(), counts.numpy(), 7)
@@ -78,7 +78,7 @@ def test_reverse_index_numpy_and_torch_agree():
 
 
 def test_tc_supported_rules():
-    from sla_numba.gpu.forward_tc import tc_supported
+    from sla_numba.gpu.tc.forward import tc_supported
     assert tc_supported("bfloat16", 128, 128, 64)
     assert tc_supported(torch.float16, 64, 64, 64)
     assert not tc_supported(torch.float32, 64, 64, 64)
@@ -89,7 +89,7 @@ def test_tc_supported_rules():
 
 
 def test_twins_pack_round_to_nearest_even():
-    from sla_numba.gpu import _mma
+    from sla_numba.gpu.tc import ptx as _mma
     # 1 + 2^-8 is halfway between two bf16 values: ties to even (1.0)
     bits = _mma.f32_to_bf16_bits(np.array([1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, -2.5],
                                           np.float32))

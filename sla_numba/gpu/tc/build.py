@@ -31,19 +31,16 @@ import tempfile
 
 import numpy as np
 
-from ..testing import poisoning
-from ._mma import SIMULATED
+from ... import config
+from ...testing import poisoning
+from .ptx import SIMULATED
 
 #: Dynamic shared memory above this needs an explicit opt-in per kernel.
 _DEFAULT_SMEM_LIMIT = 48 * 1024
 
 
 def _cache_dir():
-    root = os.environ.get("SLA_NUMBA_CACHE_DIR")
-    if not root:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(base, "sla_numba")
-    path = os.path.join(root, "tc_kernels_sim" if SIMULATED else "tc_kernels")
+    path = os.path.join(config.cache_root(), "tc_kernels_sim" if SIMULATED else "tc_kernels")
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, ".probe")
@@ -135,7 +132,7 @@ def ensure_numpy_compat():
     Use the backend's shim when it exists; otherwise restore the alias here.
     """
     try:  # the SIMT backend's official shim, if present
-        from . import _compat  # noqa: F401
+        from .. import _compat  # noqa: F401
     except ImportError:
         pass
     if not hasattr(np, "row_stack"):

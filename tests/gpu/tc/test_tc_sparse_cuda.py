@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU with c
 
 
 def _run(q, k, v, do, lut, counts, bq, bk, scale):
-    from sla_numba.gpu import backward_tc, forward_tc
+    from sla_numba.gpu.tc import backward as backward_tc, forward as forward_tc
     o, lse = forward_tc.sparse_forward_tc(q, k, v, lut, counts, bq, bk, scale)
     rev, rcnt = backward_tc.reverse_index(lut, counts, -(-k.shape[2] // bk))
     grads = backward_tc.sparse_backward_tc(q, k, v, o, lse, do, lut, counts, rev, rcnt,
@@ -104,7 +104,7 @@ def test_deterministic_and_on_current_stream():
 
 
 def test_kernels_do_not_spill():
-    from sla_numba.gpu import backward_tc, forward_tc
+    from sla_numba.gpu.tc import backward as backward_tc, forward as forward_tc
     for D, bq in ((128, 128), (64, 64)):
         mods = [(forward_tc.get_forward_kernel(D, 64, bq, "bf16"), "sla_fwd_tc")]
         for which in backward_tc.KERNELS:

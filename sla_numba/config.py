@@ -1,0 +1,68 @@
+"""Every environment switch of sla_numba, read in one place.
+
+All names start with ``SLA_NUMBA_``; each is read when it is used (on every call),
+so a test or a notebook can set it with ``os.environ`` at any time. An invalid value
+is a ``ValueError`` naming the variable; unset or empty means the default.
+
+==========================  ===========================================================
+``SLA_NUMBA_GPU_PATH``      ``auto`` (default) | ``simt`` | ``tc``: which GPU kernels do
+                            the sparse branch when the caller asked for ``path="auto"``
+                            (docs/internals.md, "GPU kernel paths"). A forced ``tc`` on
+                            inputs the tensor cores cannot take is a ``ValueError``.
+``SLA_NUMBA_TC_OFF``        comma-separated tensor-core parts (``states``, ``marginal``,
+                            ``linear``) sent back to their SIMT twins (ablation, fault
+                            isolation).
+``SLA_NUMBA_NO_CACHE``      ``1``: compile GPU kernels without Numba's disk cache.
+``SLA_NUMBA_CACHE_DIR``     folder of the package's own on-disk files (default
+                            ``$XDG_CACHE_HOME/sla_numba`` or ``~/.cache/sla_numba``).
+==========================  ===========================================================
+
+Numba's own variables (``NUMBA_CACHE_DIR``, ``NUMBA_ENABLE_CUDASIM``,
+``NUMBA_NUM_THREADS``, ...) keep their Numba names and meaning.
+"""
+import os
+
+GPU_PATHS = ("auto", "simt", "tc")
+TC_PARTS = ("states", "marginal", "linear")
+
+GPU_PATH_VAR = "SLA_NUMBA_GPU_PATH"
+TC_OFF_VAR = "SLA_NUMBA_TC_OFF"
+NO_CACHE_VAR = "SLA_NUMBA_NO_CACHE"
+CACHE_DIR_VAR = "SLA_NUMBA_CACHE_DIR"
+
+
+def gpu_path():
+    """``SLA_NUMBA_GPU_PATH``: 'auto' (unset or empty), 'simt' or 'tc'."""
+    raw = os.environ.get(GPU_PATH_VAR, "")
+    val = raw.strip().lower() or "auto"
+    if val not in GPU_PATHS:
+        raise ValueError(f"{GPU_PATH_VAR}={raw!r}: must be one of {GPU_PATHS}")
+    return val
+
+
+def tc_parts_off():
+    """``SLA_NUMBA_TC_OFF``: the set of tensor-core parts switched off."""
+    raw = os.environ.get(TC_OFF_VAR, "")
+    off = {p.strip().lower() for p in raw.split(",") if p.strip()}
+    unknown = off - set(TC_PARTS)
+    if unknown:
+        raise ValueError(f"{TC_OFF_VAR}={raw!r}: unknown part(s) {sorted(unknown)}; "
+                         f"parts are {TC_PARTS}")
+    return off
+
+
+def disk_cache():
+    """Whether GPU kernels use Numba's disk cache (``SLA_NUMBA_NO_CACHE`` != '1')."""
+    raw = os.environ.get(NO_CACHE_VAR, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"{NO_CACHE_VAR}={raw!r}: must be 0 or 1")
+    return raw != "1"
+
+
+def cache_root():
+    """``SLA_NUMBA_CACHE_DIR``, or the per-user default cache folder."""
+    root = os.environ.get(CACHE_DIR_VAR, "").strip()
+    if root:
+        return root
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sla_numba")

@@ -1,0 +1,117 @@
+"""Launch helpers shared by the GPU orchestrators (``forward.py``, ``backward.py``).
+
+They decide, per call, which kernel of a twin pair runs a stage (``simt/`` or ``tc/``),
+allocate its workspaces through the call's :class:`~._arrays.DeviceCall` and enqueue it
+on the call's stream. No kernel code lives here.
+"""
+import numpy as np
+
+from ._path import tc_part
+from .simt.marginal import launch_marginal_sum
+from .simt.states import make_prep
+
+
+def compute_dtype(in_dtype):
+    """float64 for float64 input, float32 for everything else (fp16, bf16, fp32)."""
+    return np.dtype(np.float64) if in_dtype == np.dtype(np.float64) else np.dtype(np.float32)
+
+
+def launch_prep(call, tiles, x, y, n_rows, block, n_state, bmap, mq, mk, fm, want_cols,
+                delta_of=None, tc_kind=None):
+    """Launch ``prep``; returns the device buffers (states, lists, counts).
+
+    ``tc_kind`` ("bf16" / "f16", the tensor-core path): the states come from the
+    tensor-core kernel (``states_tc``, one more launch) and ``prep`` builds only the
+    lists (and delta).
+
+    ``info`` arrays are (2, B, H, M) (see ``_prep``): ``row_info[0]`` / ``col_info[0]``
+    are the critical counts per row / column, ``[1]`` the marginal counts.
+    ``delta_of=(o_s, do_s)`` (backward, tensor-core path) also fills ``delta``
+    (B, H, Nq) = rowsum(o_s * do_s).
+    """
+    B, H = x.shape[0], x.shape[1]
+    acc = tiles.acc_dtype
+    width = tiles.DP * tiles.DP + tiles.DP
+    _, state = call.workspace((B, H, n_state, width), acc)
+    _, dummy = call.workspace((1, 1, 1), acc)
+    _, row_crit = call.workspace((B, H, mq, max(mk, 1)), np.int32)
+    _, row_info = call.workspace((2, B, H, mq), np.int32)
+    if want_cols:
+        _, col_crit = call.workspace((B, H, mk, max(mq, 1)), np.int32)
+        _, col_info = call.workspace((2, B, H, mk), np.int32)
+        n_lists = mq + mk
+    else:
+        col_crit = col_info = row_info
+        n_lists = mq
+    nt = tiles.NT
+    n_list_blocks = -(-n_lists // nt)
+    if delta_of is not None:
+        o_s, do_s = delta_of
+        nq = o_s.shape[2]
+        _, delta = call.workspace((B, H, nq), acc)
+        n_delta_blocks = -(-nq // nt)
+    else:
+        o_s = do_s = call.workspace((1, 1, 1, 1), acc)[1]
+        delta, nq, n_delta_blocks = dummy, 0, 0
+    tc_states = False
+    if tc_kind is not None and tc_part("states"):
+        from .tc.states import launch_states_tc, states_tc_supported
+        tc_states = states_tc_supported(x.shape[3], block)
+    n_simt = 0 if tc_states else n_state          # state blocks the SIMT prep computes
+    grid = (n_simt + n_list_blocks + n_delta_blocks, H, B)
+    make_prep(tiles)[grid, nt, call.stream](
+        x, y, n_rows, block, n_simt, state, fm, dummy,
+        bmap, mq, mk, 1 if want_cols else 0,
+        row_crit, row_info, col_crit, col_info,
+        n_list_blocks, o_s, do_s, delta, nq)
+    if tc_states:
+        launch_states_tc(tc_kind, half_bits(x), half_bits(y), flat(state), B, H, n_rows,
+                         x.shape[3], block, fm, call.stream)
+    return dict(state=state, dummy=dummy, row_crit=row_crit, row_info=row_info,
+                col_crit=col_crit, col_info=col_info, delta=delta)
+
+
+def marginal_sum(call, bmap, transposed, n_out, n_in, states, out, tc):
+    """``out = M · states`` (``_marginal``), on tensor cores (``marginal_tc``: bf16
+    hi + lo products, fp32 accumulation) when ``tc`` (the tensor-core path) and the
+    states are fp32; the SIMT product otherwise."""
+    if tc and np.dtype(states.dtype) == np.float32 and tc_part("marginal"):
+        from .tc.marginal import launch_marginal_sum_tc
+        launch_marginal_sum_tc(call.stream, bmap, transposed, n_out, n_in, states, out)
+    else:
+        launch_marginal_sum(call.stream, bmap, transposed, n_out, n_in, states, out)
+
+
+def row_states(call, bmap, state, mq, mk, tc=False):
+    """(B, H, Mq, W) workspace: row i holds [vec(H_i), Z_i], the sum of ``state``
+    over row i's marginal key blocks (:func:`marginal_sum`)."""
+    B, H, _, W = state.shape
+    _, out = call.workspace((B, H, mq, W), state.dtype)
+    marginal_sum(call, bmap, False, mq, mk, state, out, tc)
+    return out
+
+
+def flat(x):
+    """A flat (1-D) view of a C-contiguous device array."""
+    return x.reshape(int(np.prod(x.shape)))
+
+
+def half_bits(x):
+    """Flat int16 view of an fp16 / bf16 device array (bf16 already arrives as int16)."""
+    x = flat(x)
+    return x if x.dtype == np.int16 else x.view(np.int16)
+
+
+def half_kind(call, x):
+    return "bf16" if call.in_dtype(x) == "bfloat16" else "f16"
+
+
+def linear_supported(D, block_q):
+    """Whether ``linear_tc`` takes this head dim and query block (imported lazily)."""
+    from .tc.linear import linear_tc_supported
+    return linear_tc_supported(D, block_q)
+
+
+def call_device(call):
+    """The device for ``tc_supported`` (None: the current one)."""
+    return call.device_index
