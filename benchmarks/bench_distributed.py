@@ -288,6 +288,12 @@ def main():
         shape = SHAPES[name]
         block = args.block or (32 if name == "tiny" else 64)
         sla = dict(topk=args.topk, skip=args.skip, block_q=block, block_k=block)
+        for size in sizes if args.check else ():
+            if rank < size and shape["H"] % size == 0:
+                n_check = shape["N"] // 8 + 1
+                res = check(shape, n_check, groups[size], device, dtype, sla)
+                report(dict(shape=name, scaling="check", P=size, N=n_check, **res))
+            dist.barrier()
         if args.overhead:
             if rank == 0:
                 q, k, v, do = shards(shape, shape["N"], 1, 0, device, dtype)
@@ -302,12 +308,6 @@ def main():
                 report(dict(shape=name, scaling="overhead", P=1, N=shape["N"], **t))
             dist.barrier()
             continue
-        for size in sizes if args.check else ():
-            if rank < size and shape["H"] % size == 0:
-                n_check = shape["N"] // 8 + 1
-                res = check(shape, n_check, groups[size], device, dtype, sla)
-                report(dict(shape=name, scaling="check", P=size, N=n_check, **res))
-            dist.barrier()
         plain = {}
         for scaling in args.scaling:
             for size in sizes:
