@@ -6,6 +6,8 @@ classify_blocks(q, k, ...)      -> BlockClassification (.map, .lut)
 sla_attention(q, k, v, ...)     -> O  (numpy, torch or CuPy; torch is differentiable)
 kernel_path(q, ...)             -> "cpu" | "gpu:simt" | "gpu:tc": which kernels run
 SparseLinearAttention(head_dim) -> torch.nn.Module with the learnable projection
+sla_attention_ulysses(q, k, v, group=...)  -> SLA on a sequence split over ranks
+UlyssesSparseLinearAttention(head_dim)     -> its nn.Module (sla_numba.distributed)
 reference                       -> the dense float64 oracle (teaching code)
 
 Shapes are (B, H, N, D) throughout. See docs/algorithm.md for the exact semantics.
@@ -15,7 +17,12 @@ from .api import BlockClassification, classify_blocks, kernel_path, sla_attentio
 __version__ = "0.1.0"
 
 __all__ = ["BlockClassification", "classify_blocks", "kernel_path", "sla_attention",
-           "SparseLinearAttention", "reference", "__version__"]
+           "SparseLinearAttention", "reference", "__version__",
+           "sla_attention_ulysses", "classify_blocks_ulysses", "UlyssesSparseLinearAttention"]
+
+#: Names loaded on first use from sla_numba.distributed (torch.distributed).
+_DISTRIBUTED = ("sla_attention_ulysses", "classify_blocks_ulysses",
+                "UlyssesSparseLinearAttention")
 
 
 def __getattr__(name):
@@ -23,6 +30,9 @@ def __getattr__(name):
     if name == "SparseLinearAttention":
         from .modules import SparseLinearAttention
         return SparseLinearAttention
+    if name in _DISTRIBUTED:
+        from . import distributed
+        return getattr(distributed, name)
     if name == "reference":
         import importlib
         return importlib.import_module(".reference", __name__)
