@@ -453,3 +453,46 @@ def plot_linear_branch(h_blocks, marg, H_i, i, terms, err, title=""):
         ax.axis("off")
     fig.suptitle(title)
     return fig
+
+
+def plot_row_and_column(block_map, i, j, title=""):
+    """The map read two ways: by row i (forward, dQ) and by column j (dK / dV).
+
+    block_map (Mq, Mk) int8. Left: row i outlined, its critical blocks (the LUT) and
+    marginal blocks listed; right: column j outlined, with the query blocks that mark
+    key block j critical (the reverse index) and marginal (the sum dH_j = Σ QO_i).
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    bm = np.asarray(block_map)
+    mq, mk = bm.shape
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 5.4), layout="constrained")
+    for ax in axes:
+        _class_image(ax, bm)
+        ax.set_xlabel("key block j")
+        ax.set_ylabel("query block i")
+
+    def names(idx):
+        return ", ".join(str(int(x)) for x in idx) or "none"
+
+    def veil(ax, x, y, w, h):                          # fade what the CUDA block does not read
+        if w > 0 and h > 0:
+            ax.add_patch(Rectangle((x, y), w, h, fc="white", alpha=0.6, ec="none", zorder=4))
+
+    ax = axes[0]
+    veil(ax, -0.5, -0.5, mk, i)
+    veil(ax, -0.5, i + 0.5, mk, mq - i - 1)
+    ax.add_patch(Rectangle((-0.5, i - 0.5), mk, 1, fill=False, lw=2.5, ec="black", zorder=5))
+    ax.set_title(f"forward and dQ: one CUDA block per row, e.g. i = {i}\n"
+                 f"critical (LUT): {names(np.flatnonzero(bm[i] == 1))}   "
+                 f"marginal (H_{i}): {names(np.flatnonzero(bm[i] == 0))}", fontsize=10)
+    ax = axes[1]
+    veil(ax, -0.5, -0.5, j, mq)
+    veil(ax, j + 0.5, -0.5, mk - j - 1, mq)
+    ax.add_patch(Rectangle((j - 0.5, -0.5), 1, mq, fill=False, lw=2.5, ec="black", zorder=5))
+    ax.set_title(f"dK, dV: one CUDA block per column, e.g. j = {j}\n"
+                 f"critical (reverse index): {names(np.flatnonzero(bm[:, j] == 1))}   "
+                 f"marginal (dH_{j}): {names(np.flatnonzero(bm[:, j] == 0))}", fontsize=10)
+    class_legend(fig, loc="outside lower center")
+    fig.suptitle(title)
+    return fig
