@@ -288,3 +288,211 @@ def show_grid(ax, images, nrow):
     ax.imshow(np.clip(canvas, 0, 1), interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+# --------------------------------------------------------------------------- figures of notebook 02
+#: One colour per block class of the block map (1 critical, 0 marginal, -1 negligible).
+CLASS_STYLE = {1: ("critical: sparse branch", "#d1495b"),
+               0: ("marginal: linear branch", "#66a5ad"),
+               -1: ("negligible: skipped", "#e4e4e4")}
+
+
+def _class_image(ax, classes):
+    """Draw an int8 array of block classes (rows, cols) with the colours of CLASS_STYLE."""
+    from matplotlib.colors import ListedColormap
+    cmap = ListedColormap([CLASS_STYLE[c][1] for c in (-1, 0, 1)])
+    ax.imshow(np.asarray(classes) + 1, cmap=cmap, vmin=-0.5, vmax=2.5, interpolation="nearest")
+    rows, cols = np.asarray(classes).shape
+    ax.set_xticks(range(cols))
+    ax.set_yticks(range(rows))
+    ax.set_xticks(np.arange(cols + 1) - 0.5, minor=True)
+    ax.set_yticks(np.arange(rows + 1) - 0.5, minor=True)
+    ax.grid(which="minor", color="white", linewidth=1.5)
+    ax.tick_params(which="minor", length=0)
+
+
+def class_legend(fig, **kw):
+    """A figure legend with the three block classes."""
+    from matplotlib.patches import Patch
+    handles = [Patch(facecolor=col, edgecolor="0.6", label=name)
+               for name, col in (CLASS_STYLE[c] for c in (1, 0, -1))]
+    fig.legend(handles=handles, ncol=3, frameon=False, **kw)
+
+
+def plot_block_map(scores, block_map, lut, title=""):
+    """Pooled scores → block map → LUT, for one head.
+
+    scores (Mq, Mk) float, block_map (Mq, Mk) int8, lut (Mq, n_crit) int (the critical
+    key blocks of each row, ascending). Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+    mq, mk = block_map.shape
+    n_crit = lut.shape[1]
+    fig, (ax_s, ax_m, ax_l) = plt.subplots(
+        1, 3, figsize=(12.5, 4.8), layout="constrained",
+        gridspec_kw=dict(width_ratios=[mk, mk, n_crit + 0.5]))
+    im = ax_s.imshow(scores, cmap="viridis", interpolation="nearest")
+    fig.colorbar(im, ax=ax_s, fraction=0.046, pad=0.03)
+    ax_s.set_title("pooled score  S[i, j] = scale · q̄ᵢ · k̄ⱼ")
+    _class_image(ax_m, block_map)
+    ax_m.set_title("block map: each row ranks its key blocks")
+    for ax in (ax_s, ax_m):
+        ax.set_xlabel("key block j")
+        ax.set_ylabel("query block i")
+    # the LUT: one row per query block, its critical key blocks in ascending order
+    _class_image(ax_l, np.ones((mq, n_crit), np.int8))
+    for i in range(mq):
+        for c in range(n_crit):
+            ax_l.text(c, i, str(int(lut[i, c])), ha="center", va="center", color="white",
+                      fontsize=11, fontweight="bold")
+    ax_l.set_xticks(range(n_crit))
+    ax_l.set_xlabel("position c in lut[i, c]")
+    ax_l.set_ylabel("query block i")
+    ax_l.set_title("LUT (sparse loop)")
+    for side in ("top", "right"):
+        ax_l.spines[side].set_visible(False)
+    class_legend(fig, loc="outside lower center")
+    fig.suptitle(title)
+    return fig
+
+
+def plot_online_softmax(row_classes, lut, trace, contrib, row, title=""):
+    """One query block's walk over its critical key blocks (the sparse branch).
+
+    row_classes (Mk,) int8: the block's row of the map; lut (n,) its critical key blocks,
+    in visiting order; trace: list of (m, l, alpha) after each step, each (nr,) over the
+    block's query rows; contrib (nr, n): share of each visited block in the final
+    softmax sum of each row; ``row``: the query row (within the block) highlighted.
+    """
+    import matplotlib.pyplot as plt
+    n = len(lut)
+    m = np.array([t[0] for t in trace])        # (n, nr)
+    l = np.array([t[1] for t in trace])
+    alpha = np.array([t[2] for t in trace])
+    fig = plt.figure(figsize=(13, 6.4), layout="constrained")
+    gs = fig.add_gridspec(2, 3, height_ratios=[1, 4.2])
+    ax_row = fig.add_subplot(gs[0, :])
+    _class_image(ax_row, np.asarray(row_classes)[None, :])
+    ax_row.set_yticks([])
+    ax_row.set_xlabel("key block j")
+    for step, j in enumerate(lut):
+        ax_row.text(j, 0, f"step {step + 1}", ha="center", va="center", color="white",
+                    fontsize=9, fontweight="bold")
+    ax_row.set_title("the query block's row of the map; its LUT is the visiting order")
+    steps = np.arange(1, n + 1)
+    labels = [f"{s}: j={j}" for s, j in zip(steps, lut)]
+    ax_m = fig.add_subplot(gs[1, 0])
+    ax_l = fig.add_subplot(gs[1, 1])
+    for ax, y, name in ((ax_m, m, "running max m"), (ax_l, l, "running sum l")):
+        ax.plot(steps, y, color="0.8", lw=0.8)
+        ax.plot([], [], color="0.8", lw=0.8, label="every row of the block")
+        ax.plot(steps, y[:, row], "o-", color=CLASS_STYLE[1][1], lw=2, label=f"query row {row}")
+        ax.set_xticks(steps)
+        ax.set_xticklabels(labels)
+        ax.set_xlabel("after step: key block j")
+        ax.set_title(name)
+        ax.legend(loc="best", fontsize=8)
+    for s in range(1, n):
+        if alpha[s, row] < 1:
+            ax_l.annotate(f"α = {alpha[s, row]:.2f}", (steps[s], l[s, row]),
+                          textcoords="offset points", xytext=(6, -12), fontsize=8)
+    ax_c = fig.add_subplot(gs[1, 2])
+    bottom = np.zeros(contrib.shape[0])
+    shades = plt.cm.Reds(np.linspace(0.35, 0.9, n))
+    for c in range(n):
+        ax_c.bar(np.arange(contrib.shape[0]), contrib[:, c], bottom=bottom, width=1.0,
+                 color=shades[c], label=f"j = {lut[c]}")
+        bottom += contrib[:, c]
+    ax_c.plot([row], [1.0], "v", color=CLASS_STYLE[1][1], markersize=9, clip_on=False)
+    ax_c.set_xlim(-0.5, contrib.shape[0] - 0.5)
+    ax_c.set_ylim(0, 1)
+    ax_c.set_xlabel(f"query row of the block (▼: row {row})")
+    ax_c.set_title("share of each visited block in the softmax")
+    ax_c.legend(fontsize=8, loc="lower right", framealpha=0.9)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_linear_branch(h_blocks, marg, H_i, i, terms, err, title=""):
+    """The linear branch of query block ``i`` and the combination of the two branches.
+
+    h_blocks: the D x D states h_j of the marginal key blocks ``marg``; H_i their sum.
+    terms: (O_s, O_l Wᵀ + b, O) of the block's rows, each (nr, D); err: |O − reference|.
+    """
+    import matplotlib.pyplot as plt
+    n = len(marg)
+    cols = max(n + 1, 4)
+    fig, axes = plt.subplots(2, cols, figsize=(2.7 * cols, 6.6), layout="constrained",
+                             gridspec_kw=dict(height_ratios=[1, 1.35]))
+    lim = max(np.abs(H_i).max(), max(np.abs(h).max() for h in h_blocks))
+    for c, (ax, h) in enumerate(zip(axes[0], list(h_blocks) + [H_i])):
+        im = ax.imshow(h, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        name = f"= H_{i}" if c == n else (f"+ h_{marg[c]}" if c else f"h_{marg[c]}")
+        ax.set_title(name, color="black" if c == n else CLASS_STYLE[0][1], fontweight="bold")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[0, n + 1:]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("h_j = φ(K_j)ᵀ V_j\n(D × D)")
+    fig.colorbar(im, ax=axes[0, n], shrink=0.9)
+    lim = max(np.abs(t).max() for t in terms)
+    names = ("O_s (sparse)", "+ O_l Wᵀ + b (linear, projected)", "= O")
+    for ax, t, name in zip(axes[1], terms, names):
+        im = ax.imshow(t, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto",
+                       interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("d")
+    axes[1, 0].set_ylabel("query row of the block")
+    fig.colorbar(im, ax=axes[1, 2])
+    ax = axes[1, 3]
+    im = ax.imshow(err, cmap="Greys", aspect="auto", interpolation="nearest")
+    fig.colorbar(im, ax=ax, format="%.1e")
+    ax.set_title(f"|O − reference|, max {err.max():.1e}", fontsize=10)
+    ax.set_xlabel("d")
+    for ax in axes[1, 4:]:
+        ax.axis("off")
+    fig.suptitle(title)
+    return fig
+
+
+def plot_row_and_column(block_map, i, j, title=""):
+    """The map read two ways: by row i (forward, dQ) and by column j (dK / dV).
+
+    block_map (Mq, Mk) int8. Left: row i outlined, its critical blocks (the LUT) and
+    marginal blocks listed; right: column j outlined, with the query blocks that mark
+    key block j critical (the reverse index) and marginal (the sum dH_j = Σ QO_i).
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    bm = np.asarray(block_map)
+    mq, mk = bm.shape
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 5.4), layout="constrained")
+    for ax in axes:
+        _class_image(ax, bm)
+        ax.set_xlabel("key block j")
+        ax.set_ylabel("query block i")
+
+    def names(idx):
+        return ", ".join(str(int(x)) for x in idx) or "none"
+
+    def veil(ax, x, y, w, h):                          # fade what the CUDA block does not read
+        if w > 0 and h > 0:
+            ax.add_patch(Rectangle((x, y), w, h, fc="white", alpha=0.6, ec="none", zorder=4))
+
+    ax = axes[0]
+    veil(ax, -0.5, -0.5, mk, i)
+    veil(ax, -0.5, i + 0.5, mk, mq - i - 1)
+    ax.add_patch(Rectangle((-0.5, i - 0.5), mk, 1, fill=False, lw=2.5, ec="black", zorder=5))
+    ax.set_title(f"forward and dQ: one CUDA block per row, e.g. i = {i}\n"
+                 f"critical (LUT): {names(np.flatnonzero(bm[i] == 1))}   "
+                 f"marginal (H_{i}): {names(np.flatnonzero(bm[i] == 0))}", fontsize=10)
+    ax = axes[1]
+    veil(ax, -0.5, -0.5, j, mq)
+    veil(ax, j + 0.5, -0.5, mk - j - 1, mq)
+    ax.add_patch(Rectangle((j - 0.5, -0.5), 1, mq, fill=False, lw=2.5, ec="black", zorder=5))
+    ax.set_title(f"dK, dV: one CUDA block per column, e.g. j = {j}\n"
+                 f"critical (reverse index): {names(np.flatnonzero(bm[:, j] == 1))}   "
+                 f"marginal (dH_{j}): {names(np.flatnonzero(bm[:, j] == 0))}", fontsize=10)
+    class_legend(fig, loc="outside lower center")
+    fig.suptitle(title)
+    return fig
