@@ -86,9 +86,13 @@ def _attend(sla, q, k, v):
     """SLA on diffusers' (B, N, H, D) layout; returns (B, N, H, D).
 
     ``sla`` is the layer's :class:`SparseLinearAttention`, which takes (B, H, N, D).
+    The transposed inputs are made contiguous: the kernels copy them to contiguous
+    arrays anyway, and under ``torch.compile`` the custom op's fake kernel (as of this
+    writing) gives its outputs the strides of a non-contiguous q while the real op
+    returns contiguous ones, which breaks later views of the output.
     """
-    out = sla(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+    q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    return sla(q, k, v).transpose(1, 2)
 
 
 def _wan_rotary(x, freqs_cos, freqs_sin):
