@@ -5,6 +5,8 @@ a Wan2.1 ``WanTransformer3DModel`` (2 blocks, 2 heads of dim 12, 32 video tokens
 its I2V variant (image keys in the cross-attention) and a PixArt-α
 ``PixArtTransformer2DModel`` (diffusers' generic ``Attention``).
 """
+import doctest
+
 import pytest
 import torch
 
@@ -146,6 +148,8 @@ def test_wan_training_step_updates_projection_and_q():
 # --------------------------------------------------------------------------- save / load
 
 def test_save_pretrained_round_trip(tmp_path):
+    # diffusers' from_pretrained of Wan needs accelerate (part of the [diffusers] extra)
+    pytest.importorskip("accelerate", reason="accelerate is not installed (pip install 'sla-numba[diffusers]')")
     model, inputs = make_wan(), wan_inputs()
     apply_sla(model, topk=0.25, skip=0.25, block_q=BLOCK, block_k=BLOCK, feature_map="elu")
     with torch.no_grad():     # trained-looking projections, so the round trip carries values
@@ -250,3 +254,10 @@ def test_bad_use_raises_clear_errors():
         attn(h, None, torch.ones(1, 32, 32, dtype=torch.bool))
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         attn(h, torch.randn(1, 5, 24))
+
+
+def test_docstring_examples():
+    import sla_numba.integrations.diffusers as mod
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0, f"{result.failed} docstring example(s) failed"
