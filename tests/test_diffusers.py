@@ -145,6 +145,38 @@ def test_wan_training_step_updates_projection_and_q():
     assert (model.blocks[0].attn1.to_q.weight - q_before).abs().max() > 0
 
 
+def test_wan_gradient_checkpointing_gives_the_same_gradients():
+    """Fine-tuning large Wan models uses gradient checkpointing: the recomputed
+    forward (same block classification) gives the gradients of the plain one."""
+    grads = []
+    for checkpointing in (False, True):
+        model, inputs = make_wan(), wan_inputs()
+        apply_sla(model, topk=0.25, block_q=BLOCK, block_k=BLOCK)
+        model.train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        run(model, inputs).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_wan_bf16_model():
+    """Wan runs in bf16: the SLA layers take bf16 q, k, v (computed in fp32 inside)
+    and keep their fp32 projection; at topk = 1 the output matches the dense bf16
+    model to bf16 rounding."""
+    model, inputs = make_wan().to(torch.bfloat16), wan_inputs()
+    inputs = (inputs[0].bfloat16(), inputs[1], inputs[2].bfloat16())
+    with torch.no_grad():
+        dense = run(model, inputs)
+        apply_sla(model, topk=1.0, block_q=BLOCK, block_k=BLOCK)
+        sla = run(model, inputs)
+    assert model.blocks[0].attn1.sla.proj.weight.dtype == torch.float32
+    assert sla.dtype == torch.bfloat16
+    torch.testing.assert_close(sla.float(), dense.float(), rtol=0, atol=2e-2)   # 1 bf16 ulp at 2.0 is 7.8e-3
+
+
 # --------------------------------------------------------------------------- save / load
 
 def test_save_pretrained_round_trip(tmp_path):

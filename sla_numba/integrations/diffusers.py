@@ -42,7 +42,9 @@ or, for a model that is already loaded (e.g. a pipeline's transformer)::
 
 Both read the settings from ``d/config.json`` and the projections from the local
 checkpoint files (safetensors or ``.bin``, sharded or not). A Hub repository must be
-downloaded first (``huggingface_hub.snapshot_download``).
+downloaded first (``huggingface_hub.snapshot_download``). A plain ``from_pretrained``
+gives the dense model; its config still carries the ``"_sla_numba"`` entry (diffusers
+copies ``_`` keys over), so ask :func:`sla_layers` what actually runs SLA.
 
 Layout
 ------
