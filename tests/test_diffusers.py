@@ -179,19 +179,29 @@ def test_wan_bf16_model():
 
 # --------------------------------------------------------------------------- save / load
 
-def test_save_pretrained_round_trip(tmp_path):
+SAVE_FORMATS = {"safetensors": {},
+                "bin": dict(safe_serialization=False),
+                "safetensors_sharded_variant": dict(max_shard_size="30KB", variant="v1")}
+
+
+@pytest.mark.parametrize("fmt", SAVE_FORMATS)
+def test_save_pretrained_round_trip(tmp_path, fmt):
     # diffusers' from_pretrained of Wan needs accelerate (part of the [diffusers] extra)
     pytest.importorskip("accelerate", reason="accelerate is not installed (pip install 'sla-numba[diffusers]')")
+    save_kw = SAVE_FORMATS[fmt]
+    load_kw = {"variant": save_kw["variant"]} if "variant" in save_kw else {}
     model, inputs = make_wan(), wan_inputs()
     apply_sla(model, topk=0.25, skip=0.25, block_q=BLOCK, block_k=BLOCK, feature_map="elu")
     with torch.no_grad():     # trained-looking projections, so the round trip carries values
         for i, p in enumerate(p for n, p in model.named_parameters() if ".sla." in n):
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
         expected = run(model, inputs)
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, **save_kw)
+    if "max_shard_size" in save_kw:
+        assert len([f for f in tmp_path.iterdir() if "index" not in f.name and f.suffix != ".json"]) > 1
 
     # 1. the one-call path
-    loaded = load_sla_pretrained(diffusers.WanTransformer3DModel, tmp_path).eval()
+    loaded = load_sla_pretrained(diffusers.WanTransformer3DModel, tmp_path, **load_kw).eval()
     assert sla_layers(loaded) == sla_layers(model)
     sla = loaded.blocks[1].attn1.sla
     assert (sla.topk, sla.skip, sla.block_q, sla.block_k, sla.feature_map) == (0.25, 0.25, BLOCK, BLOCK, "elu")
@@ -204,9 +214,9 @@ def test_save_pretrained_round_trip(tmp_path):
     assert not any("sla" in p for p in diffusers.WanTransformer3DModel._keys_to_ignore_on_load_unexpected)
 
     # 2. a dense from_pretrained (as a pipeline does), then load_sla
-    dense = diffusers.WanTransformer3DModel.from_pretrained(tmp_path).eval()
+    dense = diffusers.WanTransformer3DModel.from_pretrained(tmp_path, **load_kw).eval()
     assert sla_layers(dense) == []
-    load_sla(dense, tmp_path)
+    load_sla(dense, tmp_path, **load_kw)
     with torch.no_grad():
         torch.testing.assert_close(run(dense, inputs), expected, rtol=0, atol=0)
 
