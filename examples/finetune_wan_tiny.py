@@ -15,7 +15,8 @@ What it does, top to bottom:
 
 The SLA projections are zero at the start (the model then computes block-sparse
 attention) and get their own, larger learning rate, as in notebook 03.
-Runs on CPU (Numba kernels) or on a CUDA GPU when there is one.
+Runs on CPU (Numba kernels) or on a CUDA GPU when there is one. The first run of a
+fresh checkout also compiles the Numba kernels (once; they are cached on disk).
 """
 import os
 import sys

@@ -233,6 +233,7 @@ def test_load_sla_refuses_a_dense_checkpoint(tmp_path):
 
 # --------------------------------------------------------------------------- compile
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager():
     """Forward and backward of the whole patched model under torch.compile, one graph
     (one block keeps the tracing time short; both blocks are traced the same way)."""

@@ -93,6 +93,8 @@ def _attend(sla, q, k, v):
     writing) gives its outputs the strides of a non-contiguous q while the real op
     returns contiguous ones, which breaks later views of the output.
     """
+    # When sla_attention / SparseLinearAttention take layout="BNHD", this function
+    # becomes: return sla(q, k, v, layout="BNHD")
     q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     return sla(q, k, v).transpose(1, 2)
 
