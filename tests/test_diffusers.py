@@ -2,8 +2,8 @@
 
 The models are built from small configs (no download, well under a second each):
 a Wan2.1 ``WanTransformer3DModel`` (2 blocks, 2 heads of dim 12, 32 video tokens),
-its I2V variant (image keys in the cross-attention) and a PixArt-α
-``PixArtTransformer2DModel`` (diffusers' generic ``Attention``).
+its I2V variant (image keys in the cross-attention), and a PixArt-α and a DiT
+transformer (diffusers' generic ``Attention``).
 """
 import doctest
 
@@ -99,24 +99,43 @@ def test_wan_i2v_cross_attention_and_image_path_left_alone():
     torch.testing.assert_close(sla, dense, rtol=0, atol=1e-6)
 
 
-def test_pixart_generic_attention():
-    """A second model family: PixArt-α blocks use diffusers' generic Attention with
-    AttnProcessor2_0; self-attention (attn1) gets SLA, cross-attention (attn2) not."""
-    torch.manual_seed(0)
+def _pixart():
     model = diffusers.PixArtTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
         num_layers=2, cross_attention_dim=16, sample_size=8, patch_size=2,
-        caption_channels=12, use_additional_conditions=False).eval()
+        caption_channels=12, use_additional_conditions=False)
     g = torch.Generator().manual_seed(1)
-    kw = dict(encoder_hidden_states=torch.randn(1, 5, 12, generator=g), timestep=torch.tensor([500]))
-    x = torch.randn(1, 4, 8, 8, generator=g)          # 4x4 patches = 16 tokens
+    return model, dict(encoder_hidden_states=torch.randn(1, 5, 12, generator=g),
+                       timestep=torch.tensor([500]))
+
+
+def _dit():
+    model = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        num_layers=2, sample_size=8, patch_size=2)
+    return model, dict(timestep=torch.tensor([10]), class_labels=torch.tensor([3]))
+
+
+@pytest.mark.parametrize("build", [_pixart, _dit], ids=["pixart_alpha", "dit"])
+def test_generic_attention_models(build):
+    """Other model families: PixArt-α and DiT blocks use diffusers' generic Attention
+    with AttnProcessor2_0; self-attention (attn1) gets SLA, PixArt's cross-attention
+    (attn2) keeps its processor; topk = 1 equals the dense model, remove_sla restores it."""
+    torch.manual_seed(0)
+    model, kw = build()
+    model.eval()
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))   # 4x4 patches = 16 tokens
     before = processors(model)
+    assert ("transformer_blocks.0.attn2" in before) == (build is _pixart)
     with torch.no_grad():
         dense = model(x, **kw).sample
         apply_sla(model, topk=1.0, block_q=4, block_k=4)
         sla = model(x, **kw).sample
         assert sla_layers(model) == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
-        assert processors(model)["transformer_blocks.0.attn2"] is before["transformer_blocks.0.attn2"]
+        for name, proc in processors(model).items():
+            if not name.endswith("attn1"):
+                assert proc is before[name], name
+        assert dense.abs().max() > 0.1
         torch.testing.assert_close(sla, dense, rtol=0, atol=1e-6)
         remove_sla(model)
         assert torch.equal(model(x, **kw).sample, dense)

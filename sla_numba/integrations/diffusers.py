@@ -63,7 +63,7 @@ except ImportError as err:  # pragma: no cover - exercised only without diffuser
         "sla_numba.integrations.diffusers needs diffusers: "
         "pip install 'sla-numba[diffusers]' (or pip install diffusers)") from err
 
-try:  # Wan is in diffusers >= 0.33; older versions simply have no Wan layers to patch.
+try:  # WanAttnProcessor as in diffusers 0.42 (tested); without it there are no Wan layers to patch
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 except ImportError:  # pragma: no cover - depends on the diffusers version
     WanAttnProcessor = None
