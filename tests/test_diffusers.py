@@ -109,6 +109,14 @@ def _pixart():
                        timestep=torch.tensor([500]))
 
 
+def _pixart_legacy_processor():
+    """PixArt with the pre-SDPA AttnProcessor (it scales by attn.scale)."""
+    from diffusers.models.attention_processor import AttnProcessor
+    model, kw = _pixart()
+    model.set_attn_processor(AttnProcessor())
+    return model, kw
+
+
 def _dit():
     model = diffusers.DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
@@ -116,7 +124,8 @@ def _dit():
     return model, dict(timestep=torch.tensor([10]), class_labels=torch.tensor([3]))
 
 
-@pytest.mark.parametrize("build", [_pixart, _dit], ids=["pixart_alpha", "dit"])
+@pytest.mark.parametrize("build", [_pixart, _pixart_legacy_processor, _dit],
+                         ids=["pixart_alpha", "pixart_attnprocessor", "dit"])
 def test_generic_attention_models(build):
     """Other model families: PixArt-α and DiT blocks use diffusers' generic Attention
     with AttnProcessor2_0; self-attention (attn1) gets SLA, PixArt's cross-attention
@@ -126,7 +135,7 @@ def test_generic_attention_models(build):
     model.eval()
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))   # 4x4 patches = 16 tokens
     before = processors(model)
-    assert ("transformer_blocks.0.attn2" in before) == (build is _pixart)
+    assert ("transformer_blocks.0.attn2" in before) == (build is not _dit)
     with torch.no_grad():
         dense = model(x, **kw).sample
         apply_sla(model, topk=1.0, block_q=4, block_k=4)
