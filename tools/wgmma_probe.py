@@ -84,11 +84,20 @@ THREADS = 256               # two warpgroups
 LAYOUTS = ("sw128", "inter", "inter_swapped")
 
 REPORT = {"steps": []}
+JSON_PATH = []          # set by main(); the report is rewritten after every step
+
+
+def save_report():
+    if JSON_PATH:
+        with open(JSON_PATH[0], "w") as fh:
+            json.dump(REPORT, fh, indent=1, default=str)
 
 
 def log(step, ok, **info):
-    """Print one step and record it in the JSON report."""
+    """Print one step and record it in the JSON report (written at once, so a run
+    that hangs or dies later still leaves everything before it)."""
     REPORT["steps"].append(dict(step=step, ok=bool(ok), **info))
+    save_report()
     extra = " ".join("%s=%s" % (k, v) for k, v in info.items() if k != "trace")
     print("[%s] %-28s %s" % ("ok" if ok else "FAIL", step, extra), flush=True)
     if not ok and "trace" in info:
@@ -319,7 +328,8 @@ def build_intrinsics():
                         packed = asm(builder, i32, [f32, f32], "cvt.rn.bf16x2.f32 $0, $1, $2;",
                                      "=r,f,f", [hi, lo], side_effect=False)
                         addr = builder.add(rb, ir.Constant(i64, 16 * j))
-                        asm(builder, ir.VoidType(), [i64, i32], "st.global.b32 [$0], $1;",
+                        asm(builder, ir.VoidType(), [i64, i32],
+                            "{ .reg .u64 ga; cvta.to.global.u64 ga, $0; st.global.b32 [ga], $1; }",
                             "l,r,~{memory}", [addr, packed])
                 return context.get_dummy_value()
             return sig, codegen
@@ -737,7 +747,8 @@ def main(argv=None):
                    help="no GPU: PTX + nvJitLink for every configuration")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--bn", type=int, nargs="+", default=[128, 256], choices=[128, 256])
-    p.add_argument("--stages", type=int, default=4)
+    p.add_argument("--stages", type=int, nargs="+", default=[4, 3],
+                   help="cp.async ring depths to try (sw128 only; the first one elsewhere)")
     p.add_argument("--layout", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     p.add_argument("--paths", nargs="+", default=["jit", "retarget"],
                    choices=["jit", "retarget"])
@@ -745,15 +756,18 @@ def main(argv=None):
     p.add_argument("--check-size", type=int, nargs=3, default=[256, 512, 384],
                    metavar=("M", "N", "K"))
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--budget", type=float, default=110.0,
+    p.add_argument("--budget", type=float, default=95.0,
                    help="seconds after which no new configuration is started")
     p.add_argument("--twin", action="store_true", help="also run the numpy layout twin")
     args = p.parse_args(argv)
-    if args.stages < 3 or smem_bytes(max(args.bn), args.stages) > 227 * 1024:
+    if min(args.stages) < 3 or smem_bytes(max(args.bn), max(args.stages)) > 227 * 1024:
         p.error("--stages: need >= 3 and the ring must fit 227 KiB of shared memory")
     t_start = time.time()
     deadline = t_start + args.budget
     REPORT["argv"] = sys.argv[1:] if argv is None else list(argv)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        JSON_PATH[:] = [args.json]
     try:
         import numba
         import numba_cuda
@@ -768,8 +782,12 @@ def main(argv=None):
 
     # sw128 (the fast layout) in every block width; the no-swizzle layouts only as
     # correctness diagnostics, at the smallest width.
-    configs = [(bn, args.stages, lay) for lay in args.layout
-               for bn in (sorted(args.bn) if lay == "sw128" else [min(args.bn)])]
+    configs = []
+    for lay in args.layout:
+        if lay == "sw128":
+            configs += [(bn, st, lay) for st in args.stages for bn in sorted(args.bn)]
+        else:
+            configs.append((min(args.bn), args.stages[0], lay))
     gpu = (args.check or args.bench) and not args.ptx_only
     cubins = {}
     for i, cfg in enumerate(configs if not gpu else configs[:1]):
@@ -785,10 +803,7 @@ def main(argv=None):
             log("gpu stage", False, error=repr(e), trace=traceback.format_exc())
     REPORT["seconds"] = round(time.time() - t_start, 1)
     REPORT["ok"] = all(s["ok"] for s in REPORT["steps"])
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(REPORT, fh, indent=1, default=str)
+    save_report()
     print("done in %.1f s; all steps ok: %s" % (REPORT["seconds"], REPORT["ok"]), flush=True)
     return 0 if REPORT["ok"] else 1
 
