@@ -353,12 +353,17 @@ def build_intrinsics():
 # The kernel (Python source for Numba), specialised by closure constants
 # ---------------------------------------------------------------------------
 
-def make_kernel_pyfunc(bn, stages, layout):
+def make_kernel_pyfunc(bn, stages, layout, mma_only=False):
     """Return the Python function of the GEMM kernel for one configuration.
 
     Arguments at launch (all int64): a_ptr, bt_ptr, c_ptr (device addresses of
     bf16 A (M, K), Bt (N, K), C (M, N), row-major), M, N, K. Grid (N // bn, M // 128),
     block 256, dynamic shared memory ``smem_bytes(bn, stages)``.
+
+    ``mma_only=True`` is a ceiling measurement, not a GEMM: only the prologue copies
+    data, then every k-tile runs the same wgmma sequence on whatever the ring holds
+    (the result is meaningless; the time is what the wgmma issue loop costs without
+    the global -> shared traffic).
     """
     from numba import cuda, int32
     from sla_numba.gpu.tc.ptx import smem_addr
@@ -427,7 +432,7 @@ def make_kernel_pyfunc(bn, stages, layout):
             wgmma_commit()
             acc = wwait(acc, 1)
             nxt = kt + PREF
-            if nxt < KT:
+            if nxt < KT and not mma_only:
                 load_tile(sbase, a_ptr, b_ptr, m0, n0, K, nxt, nxt % stages, rsub, chunk)
             cp_async_commit()
         acc = wwait(acc, 0)
@@ -478,12 +483,12 @@ def nvjitlink_assemble(ptx, arch):
     return bytes(cubin), info.decode(errors="replace").strip("\x00")
 
 
-def ptx_stage(bn, stages, layout, negative_control=False):
+def ptx_stage(bn, stages, layout, mma_only=False, negative_control=False):
     """Compile to PTX for sm_90a and sm_90, retarget, assemble. Returns the sm_90a
     PTX (or None) and records every step."""
     from numba import cuda
-    tag = "bn%d_s%d_%s" % (bn, stages, layout)
-    fn = make_kernel_pyfunc(bn, stages, layout)
+    tag = tag_of((bn, stages, layout, mma_only))
+    fn = make_kernel_pyfunc(bn, stages, layout, mma_only)
     t0 = time.time()
     try:
         ptx_a, _ = cuda.compile_ptx(fn, kernel_sig(), cc=(9, 0, "a"))
@@ -511,8 +516,8 @@ def ptx_stage(bn, stages, layout, negative_control=False):
         cubin, info = nvjitlink_assemble(ptx, "sm_90a")
         regs = re.search(r"Used (\d+) registers", info)
         spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
-        warn = [ln.strip() for ln in info.splitlines() if "warning" in ln.lower()
-                or "wgmma" in ln.lower()]
+        warn = [ln.strip() for ln in info.splitlines()    # e.g. wgmma serialization advice
+                if re.search(r"warning|serializ|performance", ln, re.I)]
         log("nvjitlink sm_90a", True, config=tag, cubin_bytes=len(cubin),
             registers=int(regs.group(1)) if regs else -1,
             spill=spill.group(0) if spill else "?", warnings=warn[:6])
@@ -553,10 +558,10 @@ class JitLauncher:
     """Path 1: plain ``@cuda.jit``; numba-cuda builds for the current device (sm_90a)."""
     name = "jit"
 
-    def __init__(self, bn, stages, layout):
+    def __init__(self, bn, stages, layout, mma_only=False):
         from numba import cuda
         self.bn, self.smem = bn, smem_bytes(bn, stages)
-        self.kernel = cuda.jit(kernel_sig())(make_kernel_pyfunc(bn, stages, layout))
+        self.kernel = cuda.jit(kernel_sig())(make_kernel_pyfunc(bn, stages, layout, mma_only))
         lib = next(iter(self.kernel.overloads.values())).library
         ptx = lib.get_asm_str()
         self.target = re.search(r"\.target\s+(\S+)", ptx).group(1)
@@ -578,11 +583,11 @@ class RetargetLauncher:
     and launched with cuda.core."""
     name = "retarget"
 
-    def __init__(self, bn, stages, layout, cubin):
+    def __init__(self, bn, stages, layout, mma_only=False, cubin=None):
         from cuda.core import Device, ObjectCode
         from numba import cuda
         self.bn, self.smem = bn, smem_bytes(bn, stages)
-        fn = make_kernel_pyfunc(bn, stages, layout)
+        fn = make_kernel_pyfunc(bn, stages, layout, mma_only)
         ptx, _ = cuda.compile_ptx(fn, kernel_sig(), cc=(9, 0))
         self.entry = re.search(r"\.entry\s+(\S+?)\(", ptx).group(1)
         if cubin is None:
@@ -645,13 +650,15 @@ def gpu_plan(configs, paths):
     plan = [(cfg, "jit") for cfg in configs if "jit" in paths]
     if "retarget" in paths:
         plan.insert(min(len(plan), 2), (configs[0], "retarget"))
+    plan.sort(key=lambda item: item[0][2] != "sw128")     # stable: diagnostics last
     return plan
 
 
 def _try_load(cfg, path, cubins):
     t0 = time.time()
     try:
-        L = JitLauncher(*cfg) if path == "jit" else RetargetLauncher(*cfg, cubins.get(cfg))
+        L = (JitLauncher(*cfg) if path == "jit"
+             else RetargetLauncher(*cfg, cubin=cubins.get(cfg)))
         log("load " + path, True, config=tag_of(cfg), target=L.target, wgmma_in_ptx=L.wgmma,
             registers=L.regs, smem=L.smem, seconds=round(time.time() - t0, 1))
         return L
@@ -700,6 +707,8 @@ def gpu_stage(args, configs, cubins, deadline):
             continue
         rec = dict(config=tag, path=path, loaded=True, registers=L.regs)
         try:
+            if cfg[3]:
+                raise _Ceiling()
             ms, ns, ks = args.check_size
             check_sizes(ms, ns, ks, cfg[0])
             max_err, tol, nans = gpu_check(L, ms, ns, ks)
@@ -707,19 +716,22 @@ def gpu_stage(args, configs, cubins, deadline):
             rec.update(check_ok=ok, max_err=max_err, tol=tol, nan=nans)
             log("check " + path, ok, config=tag, size="%dx%dx%d" % (ms, ns, ks),
                 max_err="%.4g" % max_err, tol="%.3g" % tol, nan=nans)
+        except _Ceiling:
+            rec.update(check_ok=None, note="mma-only ceiling: result meaningless, not checked")
         except Exception as e:
             rec.update(check_ok=False, error=repr(e)[:500])
             log("check " + path, False, config=tag, error=repr(e)[:500],
                 trace=traceback.format_exc())
             results.append(rec)
             continue
-        if args.bench and rec["check_ok"]:
+        if args.bench and rec["check_ok"] is not False:
             try:
                 check_sizes(n, n, n, cfg[0])
                 t_ours = bench(lambda: L(a_b, bt_b, c_b), args.reps)
                 rec.update(size=n, ours_tflops=flops / t_ours / 1e12,
-                           torch_tflops=flops / torch_t / 1e12, torch_over_ours=t_torch_ratio(torch_t, t_ours))
-                log("bench " + path, True, config=tag, size=n,
+                           torch_tflops=flops / torch_t / 1e12,
+                           torch_over_ours=torch_t / t_ours)
+                log(("ceiling " if cfg[3] else "bench ") + path, True, config=tag, size=n,
                     ours_tflops="%.1f" % rec["ours_tflops"],
                     torch_tflops="%.1f" % rec["torch_tflops"],
                     ours_speed_vs_torch="%.3f" % rec["torch_over_ours"])
@@ -730,13 +742,13 @@ def gpu_stage(args, configs, cubins, deadline):
     REPORT["results"] = results
 
 
-def t_torch_ratio(t_torch, t_ours):
-    """Speed of ours relative to torch (> 1: ours faster)."""
-    return t_torch / t_ours
+class _Ceiling(Exception):
+    """Raised to skip the correctness check of an mma-only configuration."""
 
 
 def tag_of(cfg):
-    return "bn%d_s%d_%s" % cfg
+    """(bn, stages, layout, mma_only) -> a short name."""
+    return "bn%d_s%d_%s%s" % (cfg[0], cfg[1], cfg[2], "_mmaonly" if cfg[3] else "")
 
 
 def main(argv=None):
@@ -759,6 +771,8 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=95.0,
                    help="seconds after which no new configuration is started")
     p.add_argument("--twin", action="store_true", help="also run the numpy layout twin")
+    p.add_argument("--no-ceiling", dest="ceiling", action="store_false",
+                   help="skip the mma-only (no global loads) ceiling configurations")
     args = p.parse_args(argv)
     if min(args.stages) < 3 or smem_bytes(max(args.bn), max(args.stages)) > 227 * 1024:
         p.error("--stages: need >= 3 and the ring must fit 227 KiB of shared memory")
@@ -785,9 +799,11 @@ def main(argv=None):
     configs = []
     for lay in args.layout:
         if lay == "sw128":
-            configs += [(bn, st, lay) for st in args.stages for bn in sorted(args.bn)]
+            configs += [(bn, st, lay, False) for st in args.stages for bn in sorted(args.bn)]
+            if args.ceiling:
+                configs += [(bn, args.stages[0], lay, True) for bn in sorted(args.bn)]
         else:
-            configs.append((min(args.bn), args.stages[0], lay))
+            configs.append((min(args.bn), args.stages[0], lay, False))
     gpu = (args.check or args.bench) and not args.ptx_only
     cubins = {}
     for i, cfg in enumerate(configs if not gpu else configs[:1]):

@@ -84,3 +84,16 @@ def test_ptx_is_sm90a_and_assembles(tmp_path):
     link = steps["nvjitlink sm_90a"]
     assert link["ok"] and link["cubin_bytes"] > 0 and link["registers"] > 0
     assert steps["nvjitlink sm_90 refuses wgmma"]["ok"]
+
+
+def test_gpu_plan_order():
+    """The fast layout runs first and the fallback path early; the no-swizzle
+    diagnostics (the ones that may fault and poison the context) run last."""
+    w = _load_probe()
+    cfgs = [(128, 4, "sw128", False), (256, 4, "sw128", False), (128, 4, "inter", False),
+            (128, 4, "inter_swapped", False), (128, 4, "sw128", True)]
+    plan = [(w.tag_of(c), p) for c, p in w.gpu_plan(cfgs, ["jit", "retarget"])]
+    assert plan[:3] == [("bn128_s4_sw128", "jit"), ("bn256_s4_sw128", "jit"),
+                        ("bn128_s4_sw128", "retarget")]
+    assert plan[3] == ("bn128_s4_sw128_mmaonly", "jit")
+    assert [t for t, _ in plan[4:]] == ["bn128_s4_inter", "bn128_s4_inter_swapped"]
