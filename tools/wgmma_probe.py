@@ -47,6 +47,19 @@ bytes. Layouts (``--layout``):
             8-row groups 1024. Descriptor LBO = 128 (K direction), SBO = 1024.
 ``inter_swapped``  the same with LBO and SBO exchanged (in case the reading of
             the ISA is the other way round; the check says which one is right).
+``tma``     the sw128 layout filled by TMA (``cp.async.bulk.tensor.2d`` with
+            128-byte-swizzle tensor maps from ``cuTensorMapEncodeTiled``, kept in
+            device memory) and one mbarrier a stage; thread 0 issues the copies.
+
+Also measured: ``_mmaonly`` ceilings (the wgmma loop with no global -> shared
+traffic after the prologue; meaningless result, only the time), which separate
+"Numba's wgmma issue loop is slow" from "the copy pipeline is slow".
+
+Order on the GPU (``gpu_plan``): sw128 jit at N = 128 and 256, the retarget
+fallback, the ceilings, TMA (only if a sw128 check passed), other ring depths, the
+no-swizzle diagnostics last (a fault there poisons the CUDA context). Every step is
+printed and appended to the JSON report at once; nothing new starts after
+``--budget`` seconds.
 
 Matrix descriptor (PTX ISA, "Matrix Descriptor Format"): bits 0-13 start address
 >> 4, 16-29 leading-dimension byte offset >> 4, 32-45 stride-dimension byte offset
@@ -81,7 +94,7 @@ if not hasattr(np, "row_stack"):  # numpy 2.5 removed it; numba-cuda 0.30 still 
 
 BM, BK = 128, 64            # block tile rows, k-tile depth (64 bf16 = one 128-byte row)
 THREADS = 256               # two warpgroups
-LAYOUTS = ("sw128", "inter", "inter_swapped")
+LAYOUTS = ("sw128", "inter", "inter_swapped", "tma")   # "tma": sw128 fed by TMA
 
 REPORT = {"steps": []}
 JSON_PATH = []          # set by main(); the report is rewritten after every step
@@ -335,7 +348,57 @@ def build_intrinsics():
             return sig, codegen
         return store_acc_bf16
 
-    fns = dict(cp_async16=cp_async16, cp_async_wait=cp_async_wait,
+    def generic_asm(text, argtys, cons):
+        """Intrinsic with int arguments (cast to ``argtys``: 32 or 64) and no result."""
+        nt = {32: types.int32, 64: types.int64}
+
+        def typer(*args):
+            sig = types.void(*args)
+
+            def codegen(context, builder, sig, vals):
+                vals = [as_int(context, builder, v, t, nt[w])
+                        for v, t, w in zip(vals, sig.args, argtys)]
+                asm(builder, ir.VoidType(), [ir.IntType(w) for w in argtys], text, cons, vals)
+                return context.get_dummy_value()
+            return sig, codegen
+        # @intrinsic needs a fixed arity (no *args)
+        if len(argtys) == 1:
+            return intrinsic(lambda typingctx, a0: typer(a0))
+        if len(argtys) == 2:
+            return intrinsic(lambda typingctx, a0, a1: typer(a0, a1))
+        if len(argtys) == 5:
+            return intrinsic(lambda typingctx, a0, a1, a2, a3, a4: typer(a0, a1, a2, a3, a4))
+        raise ValueError("unsupported arity %d" % len(argtys))
+
+    @intrinsic
+    def mbar_try_wait(typingctx, addr, parity):
+        """1 once the mbarrier at shared address ``addr`` completed phase ``parity``."""
+        sig = types.int32(addr, parity)
+
+        def codegen(context, builder, sig, args):
+            a = as_int(context, builder, args[0], sig.args[0], types.int32)
+            ph = as_int(context, builder, args[1], sig.args[1], types.int32)
+            return asm(builder, i32, [i32, i32],
+                       "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [$1], $2; "
+                       "selp.u32 $0, 1, 0, p; }", "=r,r,r,~{memory}", [a, ph])
+        return sig, codegen
+
+    fns = dict(
+        mbar_init=generic_asm("mbarrier.init.shared::cta.b64 [$0], $1;", (32, 32),
+                              "r,r,~{memory}"),
+        mbar_expect_tx=generic_asm("mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;",
+                                   (32, 32), "r,r,~{memory}"),
+        mbar_try_wait=mbar_try_wait,
+        fence_mbar_init=void_asm("fence.mbarrier_init.release.cluster;"),
+        tmap_acquire=generic_asm("fence.proxy.tensormap::generic.acquire.gpu [$0], 128;",
+                                 (64,), "l,~{memory}"),
+        tma_load_2d=generic_asm(
+            "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+            " [$0], [$1, {$2, $3}], [$4];", (32, 64, 32, 32, 32), "r,l,r,r,r,~{memory}"),
+        st_u32=generic_asm("{ .reg .u64 ga; cvta.to.global.u64 ga, $0; st.global.u32 [ga], $1; }",
+                           (64, 32), "l,r,~{memory}"),
+    )
+    fns.update(cp_async16=cp_async16, cp_async_wait=cp_async_wait,
                cp_async_commit=void_asm("cp.async.commit_group;"),
                fence_proxy_async=void_asm("fence.proxy.async.shared::cta;"),
                wgmma_commit=void_asm("wgmma.commit_group.sync.aligned;"))
@@ -446,7 +509,119 @@ def make_kernel_pyfunc(bn, stages, layout, mma_only=False):
 
 
 def smem_bytes(bn, stages):
-    return stages * (BM + bn) * 128 + 1024      # + alignment slack
+    return stages * (BM + bn) * 128 + 1024 + 8 * stages   # + alignment slack + mbarriers
+
+
+def make_tma_kernel_pyfunc(bn, stages, spin_limit=1 << 20):
+    """The same GEMM with TMA instead of cp.async (sw128 layout only).
+
+    Arguments (int64): ta, tb (device addresses of the two 128-byte CUtensorMaps,
+    A boxes 64 x 128 and Bt boxes 64 x bn, 128B swizzle), c_ptr, M, N, K, err_ptr.
+    Thread 0 arms stage s's mbarrier with the byte count and issues both tile copies;
+    every thread waits on the mbarrier's phase ``(kt // stages) & 1``. Waits are
+    bounded (``spin_limit`` polls): on a timeout the thread stops waiting, finishes
+    with garbage and writes 1 to ``err_ptr`` (so a wrong setup cannot hang the run).
+    """
+    from numba import cuda, int32
+    from sla_numba.gpu.tc.ptx import smem_addr
+    f = build_intrinsics()
+    mbar_init, mbar_expect_tx, mbar_try_wait = f["mbar_init"], f["mbar_expect_tx"], f["mbar_try_wait"]
+    fence_mbar_init, tmap_acquire, tma_load_2d = f["fence_mbar_init"], f["tmap_acquire"], f["tma_load_2d"]
+    st_u32 = f["st_u32"]
+    wgmma, wgmma_commit = f["wgmma_%d" % bn], f["wgmma_commit"]
+    zero_acc, store_acc = f["zero_%d" % bn], f["store_%d" % bn]
+    wfence, wwait = f["wfence_%d" % bn], f["wwait_%d" % bn]
+    lbo, sbo, swz, kstep = layout_desc_fields("sw128")
+    desc_hi = (lbo >> 4) << 16 | (sbo >> 4) << 32 | swz << 62
+    STAGE = (BM + bn) * 128
+    B_OFF = BM * 128
+    LIMIT = spin_limit
+
+    @cuda.jit(device=True, inline="always")
+    def issue(sbase, bars, ta, tb, m0, n0, kt, st):
+        bar = bars + 8 * st
+        mbar_expect_tx(bar, STAGE)
+        sa = sbase + st * STAGE
+        tma_load_2d(sa, ta, kt * BK, m0, bar)
+        tma_load_2d(sa + B_OFF, tb, kt * BK, n0, bar)
+
+    def gemm_tma(ta, tb, c_ptr, M, N, K, err_ptr):
+        smem = cuda.shared.array(0, int32)
+        sbase = (smem_addr(smem) + 1023) & ~1023
+        bars = sbase + stages * STAGE
+        tid = cuda.threadIdx.x
+        wg = tid >> 7
+        m0 = cuda.blockIdx.y * BM
+        n0 = cuda.blockIdx.x * bn
+        KT = K // BK
+        if tid == 0:
+            tmap_acquire(ta)
+            tmap_acquire(tb)
+            for s in range(stages):
+                mbar_init(bars + 8 * s, 1)
+            fence_mbar_init()
+        cuda.syncthreads()
+        if tid == 0:
+            for s in range(stages - 1):
+                if s < KT:
+                    issue(sbase, bars, ta, tb, m0, n0, s, s)
+        acc = zero_acc()
+        bad = 0
+        for kt in range(KT):
+            st = kt % stages
+            parity = (kt // stages) & 1
+            polls = 0
+            while bad == 0 and mbar_try_wait(bars + 8 * st, parity) == 0:
+                polls += 1
+                if polls > LIMIT:
+                    bad = 1
+            sa = sbase + st * STAGE
+            a_start = sa + wg * (64 * 128)
+            b_start = sa + B_OFF
+            acc = wfence(acc, 0)
+            for kk in range(BK // 16):
+                da = (((a_start + kk * kstep) & 0x3FFFF) >> 4) | desc_hi
+                db = (((b_start + kk * kstep) & 0x3FFFF) >> 4) | desc_hi
+                acc = wgmma(acc, da, db, 1)
+            wgmma_commit()
+            acc = wwait(acc, 1)
+            cuda.syncthreads()          # every warpgroup is done with tile kt-1's stage
+            nxt = kt + stages - 1
+            if tid == 0 and nxt < KT:
+                issue(sbase, bars, ta, tb, m0, n0, nxt, nxt % stages)
+        acc = wwait(acc, 0)
+        if bad != 0:
+            st_u32(err_ptr, 1)
+        q = (tid & 127) >> 5
+        lane = tid & 31
+        row = m0 + wg * 64 + q * 16 + (lane >> 2)
+        col = n0 + 2 * (lane & 3)
+        store_acc(acc, c_ptr + (row * N + col) * 2, N * 2)
+
+    return gemm_tma
+
+
+def tma_kernel_sig():
+    from numba import int64, void
+    return void(int64, int64, int64, int64, int64, int64, int64)
+
+
+def encode_tmap(ptr, rows, K, box_rows):
+    """128-byte CUtensorMap of a row-major bf16 (rows, K) matrix, boxes of
+    ``box_rows`` x 64, 128-byte swizzle (the ``sw128`` shared layout)."""
+    import ctypes
+    from cuda.bindings import driver as drv
+    err, tm = drv.cuTensorMapEncodeTiled(
+        drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, ptr,
+        [drv.cuuint64_t(K), drv.cuuint64_t(rows)], [drv.cuuint64_t(K * 2)],
+        [drv.cuuint32_t(BK), drv.cuuint32_t(box_rows)], [drv.cuuint32_t(1), drv.cuuint32_t(1)],
+        drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+        drv.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+        drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+    if int(err) != 0:
+        raise RuntimeError("cuTensorMapEncodeTiled failed: %r" % (err,))
+    return ctypes.string_at(tm.getPtr(), 128)
 
 
 def kernel_sig():
@@ -488,21 +663,25 @@ def ptx_stage(bn, stages, layout, mma_only=False, negative_control=False):
     PTX (or None) and records every step."""
     from numba import cuda
     tag = tag_of((bn, stages, layout, mma_only))
-    fn = make_kernel_pyfunc(bn, stages, layout, mma_only)
+    if layout == "tma":
+        fn, sig = make_tma_kernel_pyfunc(bn, stages), tma_kernel_sig()
+    else:
+        fn, sig = make_kernel_pyfunc(bn, stages, layout, mma_only), kernel_sig()
     t0 = time.time()
     try:
-        ptx_a, _ = cuda.compile_ptx(fn, kernel_sig(), cc=(9, 0, "a"))
+        ptx_a, _ = cuda.compile_ptx(fn, sig, cc=(9, 0, "a"))
         tgt = re.search(r"\.target\s+(\S+)", ptx_a).group(1)
         log("ptx sm_90a (cc=(9,0,'a'))", tgt == "sm_90a", config=tag, target=tgt,
             version=re.search(r"\.version\s+(\S+)", ptx_a).group(1),
             wgmma=count(ptx_a, "wgmma.mma_async"), expected_wgmma=BK // 16,
+            tma=count(ptx_a, "cp.async.bulk.tensor"),
             local=count(ptx_a, ".local"), seconds=round(time.time() - t0, 1))
     except Exception as e:
         log("ptx sm_90a (cc=(9,0,'a'))", False, config=tag, error=repr(e),
             trace=traceback.format_exc())
         ptx_a = None
     try:
-        ptx_90, _ = cuda.compile_ptx(fn, kernel_sig(), cc=(9, 0))
+        ptx_90, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
         retarget = re.sub(r"\.target\s+sm_90\b", ".target sm_90a", ptx_90)
         log("ptx sm_90 + retarget", ".target sm_90a" in retarget, config=tag,
             wgmma=count(retarget, "wgmma.mma_async"))
@@ -578,6 +757,42 @@ class JitLauncher:
                                                  M, N, K)
 
 
+class TmaLauncher:
+    """The TMA variant through plain ``@cuda.jit`` (tensor maps live in device memory)."""
+    name = "jit"
+
+    def __init__(self, bn, stages):
+        import torch
+        from numba import cuda
+        self.bn, self.smem = bn, smem_bytes(bn, stages)
+        self.kernel = cuda.jit(tma_kernel_sig())(make_tma_kernel_pyfunc(bn, stages))
+        lib = next(iter(self.kernel.overloads.values())).library
+        ptx = lib.get_asm_str()
+        self.target = re.search(r"\.target\s+(\S+)", ptx).group(1)
+        self.wgmma = count(ptx, "wgmma.mma_async")
+        cufunc = lib.get_cufunc()
+        self.regs = cufunc.attrs.regs
+        _set_max_dyn_smem(cufunc.handle, self.smem, cuda.get_current_device().id)
+        self.err = torch.zeros(1, dtype=torch.int32, device="cuda")
+        self._maps = {}
+
+    def __call__(self, a, bt, c):
+        import torch
+        M, K = a.shape
+        N = bt.shape[0]
+        key = (a.data_ptr(), bt.data_ptr(), M, N, K)
+        if key not in self._maps:
+            raw = encode_tmap(a.data_ptr(), M, K, BM) + encode_tmap(bt.data_ptr(), N, K, self.bn)
+            self._maps[key] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).cuda()
+        maps = self._maps[key]
+        grid = (N // self.bn, M // BM)
+        self.kernel[grid, THREADS, 0, self.smem](maps.data_ptr(), maps.data_ptr() + 128,
+                                                 c.data_ptr(), M, N, K, self.err.data_ptr())
+
+    def timed_out(self):
+        return int(self.err.item()) != 0
+
+
 class RetargetLauncher:
     """Path 2: Numba PTX for sm_90 retargeted to sm_90a, assembled by nvJitLink, loaded
     and launched with cuda.core."""
@@ -645,20 +860,35 @@ def bench(fn, reps):
 
 
 def gpu_plan(configs, paths):
-    """(config, path) pairs in the order they run: the fast layout first, so that a
-    fault in a diagnostic layout (which poisons the CUDA context) comes last."""
-    plan = [(cfg, "jit") for cfg in configs if "jit" in paths]
+    """(config, path) pairs in the order they run: the main sw128 GEMMs and the
+    fallback path first, then the mma-only ceilings, the TMA variant, other ring
+    depths, and the no-swizzle diagnostics last (a fault poisons the CUDA context)."""
+    first_stage = configs[0][1]
+
+    def rank(cfg):
+        bn, st, lay, ceiling = cfg
+        if lay == "sw128" and not ceiling and st == first_stage:
+            return 0
+        if ceiling:
+            return 1
+        if lay == "tma":
+            return 2
+        return 3 if lay == "sw128" else 4
+    plan = [(cfg, "jit") for cfg in sorted(configs, key=rank)] if "jit" in paths else []
     if "retarget" in paths:
         plan.insert(min(len(plan), 2), (configs[0], "retarget"))
-    plan.sort(key=lambda item: item[0][2] != "sw128")     # stable: diagnostics last
     return plan
 
 
 def _try_load(cfg, path, cubins):
     t0 = time.time()
     try:
-        L = (JitLauncher(*cfg) if path == "jit"
-             else RetargetLauncher(*cfg, cubin=cubins.get(cfg)))
+        if cfg[2] == "tma":
+            L = TmaLauncher(cfg[0], cfg[1])
+        elif path == "jit":
+            L = JitLauncher(*cfg)
+        else:
+            L = RetargetLauncher(*cfg, cubin=cubins.get(cfg))
         log("load " + path, True, config=tag_of(cfg), target=L.target, wgmma_in_ptx=L.wgmma,
             registers=L.regs, smem=L.smem, seconds=round(time.time() - t0, 1))
         return L
@@ -699,6 +929,10 @@ def gpu_stage(args, configs, cubins, deadline):
         if time.time() > deadline:
             log("budget", False, error="time budget spent; skipped %s %s" % (tag, path))
             continue
+        if cfg[2] == "tma" and not any(r.get("check_ok") and "sw128" in r["config"]
+                                       for r in results):
+            log("skip " + tag, False, error="no sw128 configuration passed its check")
+            continue
         L = _try_load(cfg, path, cubins)
         if L is None:
             if path == "jit" and "retarget" in args.paths:
@@ -713,6 +947,9 @@ def gpu_stage(args, configs, cubins, deadline):
             check_sizes(ms, ns, ks, cfg[0])
             max_err, tol, nans = gpu_check(L, ms, ns, ks)
             ok = max_err <= tol and nans == 0
+            if isinstance(L, TmaLauncher) and L.timed_out():
+                ok = False
+                log("tma mbarrier wait", False, config=tag, error="timed out (TMA never landed)")
             rec.update(check_ok=ok, max_err=max_err, tol=tol, nan=nans)
             log("check " + path, ok, config=tag, size="%dx%dx%d" % (ms, ns, ks),
                 max_err="%.4g" % max_err, tol="%.3g" % tol, nan=nans)
@@ -802,8 +1039,9 @@ def main(argv=None):
             configs += [(bn, st, lay, False) for st in args.stages for bn in sorted(args.bn)]
             if args.ceiling:
                 configs += [(bn, args.stages[0], lay, True) for bn in sorted(args.bn)]
-        else:
-            configs.append((min(args.bn), args.stages[0], lay, False))
+        else:       # TMA in every width; the no-swizzle diagnostics at the smallest
+            bns = sorted(args.bn) if lay == "tma" else [min(args.bn)]
+            configs += [(bn, args.stages[0], lay, False) for bn in bns]
     gpu = (args.check or args.bench) and not args.ptx_only
     cubins = {}
     for i, cfg in enumerate(configs if not gpu else configs[:1]):

@@ -87,13 +87,14 @@ def test_ptx_is_sm90a_and_assembles(tmp_path):
 
 
 def test_gpu_plan_order():
-    """The fast layout runs first and the fallback path early; the no-swizzle
+    """The main sw128 GEMMs run first and the fallback path early; the no-swizzle
     diagnostics (the ones that may fault and poison the context) run last."""
     w = _load_probe()
-    cfgs = [(128, 4, "sw128", False), (256, 4, "sw128", False), (128, 4, "inter", False),
-            (128, 4, "inter_swapped", False), (128, 4, "sw128", True)]
+    cfgs = [(128, 4, "sw128", False), (256, 4, "sw128", False), (128, 3, "sw128", False),
+            (128, 4, "sw128", True), (128, 4, "inter", False),
+            (128, 4, "inter_swapped", False), (128, 4, "tma", False)]
     plan = [(w.tag_of(c), p) for c, p in w.gpu_plan(cfgs, ["jit", "retarget"])]
-    assert plan[:3] == [("bn128_s4_sw128", "jit"), ("bn256_s4_sw128", "jit"),
-                        ("bn128_s4_sw128", "retarget")]
-    assert plan[3] == ("bn128_s4_sw128_mmaonly", "jit")
-    assert [t for t, _ in plan[4:]] == ["bn128_s4_inter", "bn128_s4_inter_swapped"]
+    assert plan == [("bn128_s4_sw128", "jit"), ("bn256_s4_sw128", "jit"),
+                    ("bn128_s4_sw128", "retarget"), ("bn128_s4_sw128_mmaonly", "jit"),
+                    ("bn128_s4_tma", "jit"), ("bn128_s3_sw128", "jit"),
+                    ("bn128_s4_inter", "jit"), ("bn128_s4_inter_swapped", "jit")]
