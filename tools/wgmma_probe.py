@@ -51,12 +51,16 @@ bytes. Layouts (``--layout``):
             128-byte-swizzle tensor maps from ``cuTensorMapEncodeTiled``, kept in
             device memory) and one mbarrier a stage; thread 0 issues the copies.
 
+``ws``      TMA + warp specialisation: warpgroup 0 produces (one thread issues
+            TMA), warpgroups 1-2 consume; ``full``/``empty`` mbarriers, no
+            block-wide barrier in the main loop (384 threads).
+
 Also measured: ``_mmaonly`` ceilings (the wgmma loop with no global -> shared
 traffic after the prologue; meaningless result, only the time), which separate
 "Numba's wgmma issue loop is slow" from "the copy pipeline is slow".
 
 Order on the GPU (``gpu_plan``): sw128 jit at N = 128 and 256, the retarget
-fallback, the ceilings, TMA (only if a sw128 check passed), other ring depths, the
+fallback, the ceilings, TMA and ws (only if a sw128 check passed), other ring depths, the
 no-swizzle diagnostics last (a fault there poisons the CUDA context). Every step is
 printed and appended to the JSON report at once; nothing new starts after
 ``--budget`` seconds.
@@ -94,7 +98,8 @@ if not hasattr(np, "row_stack"):  # numpy 2.5 removed it; numba-cuda 0.30 still 
 
 BM, BK = 128, 64            # block tile rows, k-tile depth (64 bf16 = one 128-byte row)
 THREADS = 256               # two warpgroups
-LAYOUTS = ("sw128", "inter", "inter_swapped", "tma")   # "tma": sw128 fed by TMA
+# "tma": sw128 fed by TMA; "ws": the same, warp-specialised (producer + 2 consumers)
+LAYOUTS = ("sw128", "inter", "inter_swapped", "tma", "ws")
 
 REPORT = {"steps": []}
 JSON_PATH = []          # set by main(); the report is rewritten after every step
@@ -389,6 +394,8 @@ def build_intrinsics():
         mbar_expect_tx=generic_asm("mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;",
                                    (32, 32), "r,r,~{memory}"),
         mbar_try_wait=mbar_try_wait,
+        mbar_arrive=generic_asm("mbarrier.arrive.shared::cta.b64 _, [$0];", (32,),
+                                "r,~{memory}"),
         fence_mbar_init=void_asm("fence.mbarrier_init.release.cluster;"),
         tmap_acquire=generic_asm("fence.proxy.tensormap::generic.acquire.gpu [$0], 128;",
                                  (64,), "l,~{memory}"),
@@ -509,7 +516,7 @@ def make_kernel_pyfunc(bn, stages, layout, mma_only=False):
 
 
 def smem_bytes(bn, stages):
-    return stages * (BM + bn) * 128 + 1024 + 8 * stages   # + alignment slack + mbarriers
+    return stages * (BM + bn) * 128 + 1024 + 16 * stages  # + alignment slack + mbarriers
 
 
 def make_tma_kernel_pyfunc(bn, stages, spin_limit=1 << 20):
@@ -602,6 +609,101 @@ def make_tma_kernel_pyfunc(bn, stages, spin_limit=1 << 20):
     return gemm_tma
 
 
+def make_ws_kernel_pyfunc(bn, stages, spin_limit=1 << 20):
+    """Warp-specialised TMA GEMM: 3 warpgroups (384 threads). Warpgroup 0 is the
+    producer (its thread 0 issues the TMA copies, the rest exit); warpgroups 1 and 2
+    are consumers (rows 0-63 and 64-127 of the tile). Two mbarriers a stage: ``full``
+    (TMA bytes landed; phase = fill number & 1) and ``empty`` (all 256 consumer
+    threads finished the tile that was in it). No block-wide barrier in the loop, so
+    the producer runs up to ``stages`` tiles ahead. Same kernel arguments as the
+    ``tma`` variant; waits are bounded the same way."""
+    from numba import cuda, int32
+    from sla_numba.gpu.tc.ptx import smem_addr
+    f = build_intrinsics()
+    mbar_init, mbar_expect_tx = f["mbar_init"], f["mbar_expect_tx"]
+    mbar_try_wait, fence_mbar_init = f["mbar_try_wait"], f["fence_mbar_init"]
+    tmap_acquire, tma_load_2d, mbar_arrive = f["tmap_acquire"], f["tma_load_2d"], f["mbar_arrive"]
+    st_u32 = f["st_u32"]
+    wgmma, wgmma_commit = f["wgmma_%d" % bn], f["wgmma_commit"]
+    zero_acc, store_acc = f["zero_%d" % bn], f["store_%d" % bn]
+    wfence, wwait = f["wfence_%d" % bn], f["wwait_%d" % bn]
+    lbo, sbo, swz, kstep = layout_desc_fields("sw128")
+    desc_hi = (lbo >> 4) << 16 | (sbo >> 4) << 32 | swz << 62
+    STAGE = (BM + bn) * 128
+    B_OFF = BM * 128
+    LIMIT = spin_limit
+
+    @cuda.jit(device=True, inline="always")
+    def wait(bar, parity, bad):
+        polls = 0
+        while bad == 0 and mbar_try_wait(bar, parity) == 0:
+            polls += 1
+            if polls > LIMIT:
+                bad = 1
+        return bad
+
+    def gemm_ws(ta, tb, c_ptr, M, N, K, err_ptr):
+        smem = cuda.shared.array(0, int32)
+        sbase = (smem_addr(smem) + 1023) & ~1023
+        full = sbase + stages * STAGE           # stages x 8 bytes
+        empty = full + 8 * stages               # stages x 8 bytes
+        tid = cuda.threadIdx.x
+        wg = tid >> 7
+        m0 = cuda.blockIdx.y * BM
+        n0 = cuda.blockIdx.x * bn
+        KT = K // BK
+        if tid == 0:
+            tmap_acquire(ta)
+            tmap_acquire(tb)
+            for s in range(stages):
+                mbar_init(full + 8 * s, 1)
+                mbar_init(empty + 8 * s, 256)
+            fence_mbar_init()
+        cuda.syncthreads()
+        bad = 0
+        if wg == 0:
+            if tid == 0:                        # producer
+                for kt in range(KT):
+                    st = kt % stages
+                    if kt >= stages:
+                        bad = wait(empty + 8 * st, ((kt // stages) - 1) & 1, bad)
+                    bar = full + 8 * st
+                    mbar_expect_tx(bar, STAGE)
+                    sa = sbase + st * STAGE
+                    tma_load_2d(sa, ta, kt * BK, m0, bar)
+                    tma_load_2d(sa + B_OFF, tb, kt * BK, n0, bar)
+                if bad != 0:
+                    st_u32(err_ptr, 2)
+            return
+        cw = wg - 1                             # consumer warpgroup 0 / 1
+        acc = zero_acc()
+        for kt in range(KT):
+            st = kt % stages
+            bad = wait(full + 8 * st, (kt // stages) & 1, bad)
+            sa = sbase + st * STAGE
+            a_start = sa + cw * (64 * 128)
+            b_start = sa + B_OFF
+            acc = wfence(acc, 0)
+            for kk in range(BK // 16):
+                da = (((a_start + kk * kstep) & 0x3FFFF) >> 4) | desc_hi
+                db = (((b_start + kk * kstep) & 0x3FFFF) >> 4) | desc_hi
+                acc = wgmma(acc, da, db, 1)
+            wgmma_commit()
+            acc = wwait(acc, 1)                 # tile kt-1 is done: release its stage
+            if kt > 0:
+                mbar_arrive(empty + 8 * ((kt - 1) % stages))
+        acc = wwait(acc, 0)
+        if bad != 0:
+            st_u32(err_ptr, 1)
+        q = (tid & 127) >> 5
+        lane = tid & 31
+        row = m0 + cw * 64 + q * 16 + (lane >> 2)
+        col = n0 + 2 * (lane & 3)
+        store_acc(acc, c_ptr + (row * N + col) * 2, N * 2)
+
+    return gemm_ws
+
+
 def tma_kernel_sig():
     from numba import int64, void
     return void(int64, int64, int64, int64, int64, int64, int64)
@@ -664,8 +766,9 @@ def ptx_stage(bn, stages, layout, mma_only=False, negative_control=False):
     PTX (or None) and records every step."""
     from numba import cuda
     tag = tag_of((bn, stages, layout, mma_only))
-    if layout == "tma":
-        fn, sig = make_tma_kernel_pyfunc(bn, stages), tma_kernel_sig()
+    if layout in ("tma", "ws"):
+        make = make_tma_kernel_pyfunc if layout == "tma" else make_ws_kernel_pyfunc
+        fn, sig = make(bn, stages), tma_kernel_sig()
     else:
         fn, sig = make_kernel_pyfunc(bn, stages, layout, mma_only), kernel_sig()
     t0 = time.time()
@@ -759,14 +862,16 @@ class JitLauncher:
 
 
 class TmaLauncher:
-    """The TMA variant through plain ``@cuda.jit`` (tensor maps live in device memory)."""
+    """The TMA variants through plain ``@cuda.jit`` (tensor maps live in device memory)."""
     name = "jit"
 
-    def __init__(self, bn, stages):
+    def __init__(self, bn, stages, ws=False):
         import torch
         from numba import cuda
         self.bn, self.smem = bn, smem_bytes(bn, stages)
-        self.kernel = cuda.jit(tma_kernel_sig())(make_tma_kernel_pyfunc(bn, stages))
+        self.threads = THREADS + 128 if ws else THREADS
+        make = make_ws_kernel_pyfunc if ws else make_tma_kernel_pyfunc
+        self.kernel = cuda.jit(tma_kernel_sig())(make(bn, stages))
         lib = next(iter(self.kernel.overloads.values())).library
         ptx = lib.get_asm_str()
         self.target = re.search(r"\.target\s+(\S+)", ptx).group(1)
@@ -787,7 +892,7 @@ class TmaLauncher:
             self._maps[key] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).cuda()
         maps = self._maps[key]
         grid = (N // self.bn, M // BM)
-        self.kernel[grid, THREADS, 0, self.smem](maps.data_ptr(), maps.data_ptr() + 128,
+        self.kernel[grid, self.threads, 0, self.smem](maps.data_ptr(), maps.data_ptr() + 128,
                                                  c.data_ptr(), M, N, K, self.err.data_ptr())
 
     def timed_out(self):
@@ -872,7 +977,7 @@ def gpu_plan(configs, paths):
             return 0
         if ceiling:
             return 1
-        if lay == "tma":
+        if lay in ("tma", "ws"):
             return 2
         return 3 if lay == "sw128" else 4
     plan = [(cfg, "jit") for cfg in sorted(configs, key=rank)] if "jit" in paths else []
@@ -884,8 +989,8 @@ def gpu_plan(configs, paths):
 def _try_load(cfg, path, cubins):
     t0 = time.time()
     try:
-        if cfg[2] == "tma":
-            L = TmaLauncher(cfg[0], cfg[1])
+        if cfg[2] in ("tma", "ws"):
+            L = TmaLauncher(cfg[0], cfg[1], ws=cfg[2] == "ws")
         elif path == "jit":
             L = JitLauncher(*cfg)
         else:
@@ -931,7 +1036,7 @@ def gpu_stage(args, configs, cubins, deadline):
         if time.time() > deadline:
             log("budget", False, error="time budget spent; skipped %s %s" % (tag, path))
             continue
-        if cfg[2] == "tma" and not any(r.get("check_ok") and "sw128" in r["config"]
+        if cfg[2] in ("tma", "ws") and not any(r.get("check_ok") and "sw128" in r["config"]
                                        for r in results):
             log("skip " + tag, False, error="no sw128 configuration passed its check")
             continue
@@ -1046,7 +1151,7 @@ def main(argv=None):
             if args.ceiling:
                 configs += [(bn, args.stages[0], lay, True) for bn in sorted(args.bn)]
         else:       # TMA in every width; the no-swizzle diagnostics at the smallest
-            bns = sorted(args.bn) if lay == "tma" else [min(args.bn)]
+            bns = sorted(args.bn) if lay in ("tma", "ws") else [min(args.bn)]
             configs += [(bn, args.stages[0], lay, False) for bn in bns]
     gpu = (args.check or args.bench) and not args.ptx_only
     cubins = {}
@@ -1085,7 +1190,7 @@ def run_twin(args):
     ref = bf16_bits_to_f32(a).astype(np.float64) @ bf16_bits_to_f32(bt).astype(np.float64).T
     for layout in args.layout:
         # TMA with CU_TENSOR_MAP_SWIZZLE_128B writes the sw128 layout (our assumption)
-        got = twin_gemm(a, bt, "sw128" if layout == "tma" else layout, bn)
+        got = twin_gemm(a, bt, "sw128" if layout in ("tma", "ws") else layout, bn)
         err = float(np.abs(got - ref).max()) if not np.isnan(got).any() else float("nan")
         agree = err < 1e-3
         expect = layout != "inter_swapped"

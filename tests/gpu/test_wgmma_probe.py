@@ -92,9 +92,9 @@ def test_gpu_plan_order():
     w = _load_probe()
     cfgs = [(128, 4, "sw128", False), (256, 4, "sw128", False), (128, 3, "sw128", False),
             (128, 4, "sw128", True), (128, 4, "inter", False),
-            (128, 4, "inter_swapped", False), (128, 4, "tma", False)]
+            (128, 4, "inter_swapped", False), (128, 4, "tma", False), (256, 4, "ws", False)]
     plan = [(w.tag_of(c), p) for c, p in w.gpu_plan(cfgs, ["jit", "retarget"])]
     assert plan == [("bn128_s4_sw128", "jit"), ("bn256_s4_sw128", "jit"),
                     ("bn128_s4_sw128", "retarget"), ("bn128_s4_sw128_mmaonly", "jit"),
-                    ("bn128_s4_tma", "jit"), ("bn128_s3_sw128", "jit"),
+                    ("bn128_s4_tma", "jit"), ("bn256_s4_ws", "jit"), ("bn128_s3_sw128", "jit"),
                     ("bn128_s4_inter", "jit"), ("bn128_s4_inter_swapped", "jit")]
