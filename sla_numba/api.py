@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import _params
+from ._compile_log import describe, notice
 from ._backends import compute_dtype, load_backend
 from ._kinds import FLOAT_DTYPES, array_kind, device_of, dtype_name, is_on_gpu
 
@@ -242,8 +243,9 @@ def classify_blocks(q, k, *, topk=0.05, skip=0.10, block_q=64, block_k=64,
         block_map = torch_ops.classify(q, k, n_crit, n_skip, block_q, block_k, scale, backend)
     else:
         mod = load_backend(backend)
-        block_map = mod.classify(*_host_inputs(kind, backend, q, k),
-                                 n_crit, n_skip, block_q, block_k, scale)
+        with notice(describe("classify", int(q.shape[-1]), dtype_name(q, kind), backend)):
+            block_map = mod.classify(*_host_inputs(kind, backend, q, k),
+                                     n_crit, n_skip, block_q, block_k, scale)
     return BlockClassification(block_map, critical_lut(block_map, n_crit),
                                n_crit, n_skip, block_q, block_k)
 
@@ -337,11 +339,12 @@ def sla_attention(q, k, v, *, topk=0.05, skip=0.10, block_q=64, block_k=64,
 
     mod = load_backend(backend)
     qc, kc, vc = _host_inputs(kind, backend, q, k, v)
-    if block_map is None:
-        block_map = mod.classify(qc, kc, n_crit, n_skip, block_q, block_k, scale)
-    xp = np if kind == "numpy" else importlib.import_module("cupy")
-    block_map = xp.ascontiguousarray(block_map.astype(np.int8, copy=False))
-    o_s, o_l, _ = mod.forward(qc, kc, vc, block_map, block_q, block_k, scale, fm, eps)
+    with notice(describe("forward", D, dtype_name(q, kind), backend)):
+        if block_map is None:
+            block_map = mod.classify(qc, kc, n_crit, n_skip, block_q, block_k, scale)
+        xp = np if kind == "numpy" else importlib.import_module("cupy")
+        block_map = xp.ascontiguousarray(block_map.astype(np.int8, copy=False))
+        o_s, o_l, _ = mod.forward(qc, kc, vc, block_map, block_q, block_k, scale, fm, eps)
     out_dtype = q.dtype
     if return_parts:
         return o_s.astype(out_dtype), o_l.astype(out_dtype)

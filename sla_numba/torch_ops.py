@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ._backends import compute_dtype, load_backend
+from ._compile_log import describe, notice
 
 
 def _to_numpy(t, dtype=None):
@@ -37,15 +38,18 @@ def _run(backend, fn_name, tensors, *args):
     """Call ``backend.fn_name`` on tensors; returns torch tensors on q's device."""
     device = tensors[0].device
     mod = load_backend(backend)
+    label = describe(fn_name, tensors[0].shape[-1], str(tensors[0].dtype).replace("torch.", ""),
+                     backend)
     if device.type == "cuda":
         # The gpu backend reads torch CUDA tensors directly (any float dtype),
         # launches on torch's current stream and allocates with torch.
-        outs = getattr(mod, fn_name)(*[t.contiguous() for t in tensors], *args)
-        return outs
+        with notice(label):
+            return getattr(mod, fn_name)(*[t.contiguous() for t in tensors], *args)
     # Host tensors: numpy views. With backend="gpu" this only happens under the
     # CUDA simulator (the API refuses it otherwise); the gpu backend then copies.
     arrays = [_to_numpy(t, np.int8 if t.dtype == torch.int8 else None) for t in tensors]
-    outs = getattr(mod, fn_name)(*arrays, *args)
+    with notice(label):
+        outs = getattr(mod, fn_name)(*arrays, *args)
     if isinstance(outs, tuple):
         return tuple(torch.from_numpy(np.asarray(o)) for o in outs)
     return torch.from_numpy(np.asarray(outs))
