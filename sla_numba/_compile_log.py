@@ -10,7 +10,8 @@ half-minute looks like a hang, so every backend call runs inside :func:`notice`:
 
 How we know that a compile (and not a disk-cache load or a long run) is happening:
 Numba fires the event ``"numba:compile"`` around every real compilation (a cache
-hit does not fire it). A listener registered once for that event announces the
+hit does not fire it); numba-cuda fires ``"numba-cuda:run_pass"`` for every
+compiler pass (none on a cache hit). A listener registered once for that event announces the
 first compile that starts inside a :func:`notice` block on the same thread; the
 block logs the total time when it ends. The CUDA simulator compiles nothing, so it
 logs nothing.
@@ -56,19 +57,22 @@ def _on_compile_start(event):
 
 
 def _event_modules():
-    """numba.core.event, and numba-cuda's own copy of it when numba-cuda is loaded."""
+    """(event module, event kind) pairs to listen to: numba's "numba:compile" and, when
+    numba-cuda is loaded, its own event module's "numba-cuda:run_pass" (numba-cuda
+    fires no compile event for kernels, but every compiler pass is an event; a disk
+    cache hit runs no pass)."""
     from numba.core import event
-    mods = [event]
+    mods = [(event, "numba:compile")]
     cuda_event = sys.modules.get("numba.cuda.core.event")
     if cuda_event is not None:
-        mods.append(cuda_event)
+        mods.append((cuda_event, "numba-cuda:run_pass"))
     return mods
 
 
 def _ensure_listening():
     """Register our listener (once) with every Numba event module now loaded."""
     with _register_lock:
-        for mod in _event_modules():
+        for mod, kind in _event_modules():
             if mod.__name__ in _registered:
                 continue
 
@@ -79,7 +83,7 @@ def _ensure_listening():
                 def on_end(self, event):
                     pass
 
-            mod.register("numba:compile", _Listener())
+            mod.register(kind, _Listener())
             _registered.add(mod.__name__)
 
 
@@ -104,3 +108,17 @@ def notice(label):
 def describe(stage, head_dim, dtype, backend):
     """The label of a call, e.g. 'for D=64 float32 (cpu, forward)'."""
     return f"for D={head_dim} {dtype} ({backend}, {stage})"
+
+
+@contextlib.contextmanager
+def quiet():
+    """Calls inside say nothing (:func:`sla_numba.warmup` shows its own progress)."""
+    outer = getattr(_state, "label", None)
+    if outer is not None:
+        yield
+        return
+    _state.label, _state.announced = "", True
+    try:
+        yield
+    finally:
+        _state.label = None

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _params
 from ._compile_log import describe, notice
+from ._gpu_check import require_gpu
 from ._backends import compute_dtype, load_backend
 from ._kinds import FLOAT_DTYPES, array_kind, device_of, dtype_name, is_on_gpu
 
@@ -90,6 +91,8 @@ def _resolve_backend(backend, q, kind):
                 "move the inputs with .cuda() or use backend='cpu'")
         # numpy arrays are copied to the device and back by the gpu backend
         # (and under the CUDA simulator, torch CPU tensors too, for tests).
+        # No device, no driver, no numba-cuda: one RuntimeError saying which.
+        require_gpu()
     return backend
 
 
@@ -110,7 +113,7 @@ def _check_block_map(block_map, q, kind, shape):
         raise ValueError(
             f"block_map must have shape (B, H, Mq, Mk) = {shape}, got {tuple(block_map.shape)}")
     dt = dtype_name(block_map, k)
-    if not dt.startswith("int"):
+    if not (dt.startswith("int") or dt.startswith("uint")):
         raise TypeError(f"block_map must be an integer array (int8), got {dt}")
     if device_of(block_map, k) != device_of(q, kind):
         raise ValueError(f"block_map is on {device_of(block_map, k)} but q is on {device_of(q, kind)}")
@@ -187,8 +190,8 @@ def critical_lut(block_map, n_crit):
 
 def _prepare_params(q, k, topk, skip, block_q, block_k, scale):
     topk, skip = _params.check_topk_skip(topk, skip)
-    block_q = _params.check_block_size("block_q", block_q)
-    block_k = _params.check_block_size("block_k", block_k)
+    block_q = _params.effective_block(_params.check_block_size("block_q", block_q), int(q.shape[2]))
+    block_k = _params.effective_block(_params.check_block_size("block_k", block_k), int(k.shape[2]))
     scale = _params.check_scale(scale, int(q.shape[-1]))
     mk = _params.n_blocks(int(k.shape[2]), block_k)
     n_crit, n_skip = _params.block_counts(mk, topk, skip)

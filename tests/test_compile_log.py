@@ -66,3 +66,30 @@ def test_sla_attention_announces_a_compile(caplog, monkeypatch):
     lines = [r.getMessage() for r in caplog.records if r.name == "sla_numba"]
     assert len(lines) == 2, lines
     assert "for D=8 float32 (cpu, forward)" in lines[0] and "ready in" in lines[1]
+
+
+def test_a_cuda_compile_is_announced_too():
+    """numba-cuda fires no "numba:compile" event; its compiler passes are what we hear.
+    Compiling PTX needs no GPU, but not the simulator: run it in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import sla_numba.gpu\n"
+        "from sla_numba import _compile_log as c\n"
+        "from numba import cuda, types\n"
+        "def kern(x):\n"
+        "    x[0] = 1\n"
+        "with c.notice('for D=8 bfloat16 (gpu, forward)'):\n"
+        "    cuda.compile_ptx(kern, (types.float32[::1],), cc=(8, 0))\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+        + [p for p in [env.get("PYTHONPATH")] if p])
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("sla_numba: ")]
+    assert len(lines) == 2, res.stderr
+    assert "compiling SLA kernels for D=8 bfloat16 (gpu, forward)" in lines[0]
+    assert "ready in" in lines[1]
