@@ -23,6 +23,7 @@ them without setting anything up; once the program configures logging, its
 configuration decides (``logging.getLogger("sla_numba").setLevel(logging.INFO)``
 shows them, ``...setLevel(logging.WARNING)`` silences them in both cases).
 """
+
 import contextlib
 import logging
 import sys
@@ -31,8 +32,8 @@ import time
 
 logger = logging.getLogger("sla_numba")
 
-_state = threading.local()       # .label, .start, .announced of the innermost notice
-_registered = set()              # event modules we listen to (numba core, numba-cuda)
+_state = threading.local()  # .label, .start, .announced of the innermost notice
+_registered = set()  # event modules we listen to (numba core, numba-cuda)
 _register_lock = threading.Lock()
 
 
@@ -62,6 +63,7 @@ def _event_modules():
     fires no compile event for kernels, but every compiler pass is an event; a disk
     cache hit runs no pass)."""
     from numba.core import event
+
     mods = [(event, "numba:compile")]
     cuda_event = sys.modules.get("numba.cuda.core.event")
     if cuda_event is not None:
@@ -91,7 +93,7 @@ def _ensure_listening():
 def notice(label):
     """Run a backend call; log once if it compiles, and its duration when it ends."""
     outer = getattr(_state, "label", None)
-    if outer is not None:            # nested (warmup around a call): the outer one reports
+    if outer is not None:  # nested (warmup around a call): the outer one reports
         yield
         return
     _ensure_listening()

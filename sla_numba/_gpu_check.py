@@ -4,12 +4,13 @@ Numba reports a missing driver or device as a ``CudaSupportError`` with a long
 traceback from deep inside its driver layer. The API asks :func:`gpu_problem`
 first and raises a ``RuntimeError`` that says what is missing instead.
 """
+
 import importlib.util
 import os
 
-
-NO_NUMBA_CUDA = ("numba-cuda is not installed (the gpu backend needs it: "
-                 "pip install 'sla-numba[cuda]')")
+NO_NUMBA_CUDA = (
+    "numba-cuda is not installed (the gpu backend needs it: pip install 'sla-numba[cuda]')"
+)
 
 
 def numba_cuda_installed():
@@ -21,6 +22,7 @@ def numba_cuda_installed():
 
 def _simulated():
     from numba import config
+
     return bool(config.ENABLE_CUDASIM)
 
 
@@ -30,6 +32,7 @@ def gpu_problem():
     if not numba_cuda_installed():
         return NO_NUMBA_CUDA
     from numba import cuda
+
     if _simulated():
         return None
     try:
@@ -37,9 +40,10 @@ def gpu_problem():
             return None
         # is_available() swallows the reason; the driver keeps it
         from numba.cuda.cudadrv import driver
+
         err = getattr(driver.driver, "initialization_error", None)
         if err is None:
-            cuda.current_context()   # raises with the reason
+            cuda.current_context()  # raises with the reason
             return None
         reason = str(err)
     except Exception as exc:  # noqa: BLE001 - every failure here means "no usable GPU"
@@ -64,5 +68,6 @@ def require_gpu():
         raise RuntimeError(
             f"backend='gpu' cannot run here: {problem}. Use backend='cpu' (or 'auto'), or run "
             "the GPU kernels in Numba's CUDA simulator with NUMBA_ENABLE_CUDASIM=1 "
-            "set before numba is imported (slow; for tests)")
+            "set before numba is imported (slow; for tests)"
+        )
     return "cpu" if _simulated() else "cuda"

@@ -26,6 +26,7 @@ This has to happen before Numba starts its threads, i.e. before the first parall
 kernel of the process runs; if the program already ran Numba parallel code, the
 layer it got stays (then ``sla_numba`` is as fork-safe as that layer).
 """
+
 import functools
 import os
 import threading
@@ -45,6 +46,7 @@ if hasattr(os, "register_at_fork"):
 def choose_threading_layer():
     """Ask Numba for a fork-safe threading layer unless the user chose one."""
     from numba import config
+
     if os.environ.get("NUMBA_THREADING_LAYER", "").strip():
         return config.THREADING_LAYER
     if config.THREADING_LAYER == "default":
@@ -54,8 +56,10 @@ def choose_threading_layer():
 
 def serialized(fn):
     """``fn`` (a CPU backend entry point) called under :data:`KERNEL_LOCK`."""
+
     @functools.wraps(fn)
     def call(*args, **kwargs):
         with KERNEL_LOCK:
             return fn(*args, **kwargs)
+
     return call

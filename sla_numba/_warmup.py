@@ -14,6 +14,7 @@ marginal, one negligible, and a partial last block) -- so whatever those calls
 compile is compiled, and nothing is imitated. Run it once after installing (or in
 a container build step); later processes load the kernels from the disk cache.
 """
+
 import sys
 import time
 
@@ -24,10 +25,18 @@ from ._compile_log import quiet
 
 #: accepted dtype spellings -> the canonical name
 DTYPE_NAMES = {
-    "float32": "float32", "fp32": "float32", "f32": "float32",
-    "float64": "float64", "fp64": "float64", "f64": "float64",
-    "float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float32": "float32",
+    "fp32": "float32",
+    "f32": "float32",
+    "float64": "float64",
+    "fp64": "float64",
+    "f64": "float64",
+    "float16": "float16",
+    "fp16": "float16",
+    "f16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
 }
 
 
@@ -40,8 +49,10 @@ def canonical_dtype(dtype):
         except TypeError:
             pass
     if name not in DTYPE_NAMES:
-        raise ValueError(f"dtypes: unknown dtype {dtype!r}; use one of "
-                         "float32, float64, float16, bfloat16 (or fp32, fp64, fp16, bf16)")
+        raise ValueError(
+            f"dtypes: unknown dtype {dtype!r}; use one of "
+            "float32, float64, float16, bfloat16 (or fp32, fp64, fp16, bf16)"
+        )
     return DTYPE_NAMES[name]
 
 
@@ -72,11 +83,17 @@ def _progress(steps, enabled):
     return tqdm(steps, desc="sla_numba warmup", unit="step", file=sys.stderr), "tqdm"
 
 
-def warmup(head_dim: "int | list[int]" = 64,
-           dtypes: "str | list[str]" = ("float32",),
-           backend: str = "auto", *, block_q: int = 64, block_k: int = 64,
-           feature_map: str = "softmax", backward: bool = True,
-           progress: bool = True) -> "list[dict]":
+def warmup(
+    head_dim: "int | list[int]" = 64,
+    dtypes: "str | list[str]" = ("float32",),
+    backend: str = "auto",
+    *,
+    block_q: int = 64,
+    block_k: int = 64,
+    feature_map: str = "softmax",
+    backward: bool = True,
+    progress: bool = True,
+) -> "list[dict]":
     """Compile the SLA kernels for these configurations now (first calls then run at speed).
 
     Parameters
@@ -123,18 +140,27 @@ def warmup(head_dim: "int | list[int]" = 64,
     except ImportError:
         torch = None
     if torch is None and (backward or "bfloat16" in dtypes):
-        raise RuntimeError("warmup of the backward kernels and of bfloat16 needs torch; "
-                           "pass backward=False and numpy dtypes, or install torch")
+        raise RuntimeError(
+            "warmup of the backward kernels and of bfloat16 needs torch; "
+            "pass backward=False and numpy dtypes, or install torch"
+        )
 
     if backend == "auto":
         backend = "gpu" if torch is not None and torch.cuda.is_available() else "cpu"
     device = "cpu"
     if backend == "gpu":
         from ._gpu_check import require_gpu
-        device = require_gpu()      # "cuda", or "cpu" under the CUDA simulator
 
-    kw = dict(topk=0.25, skip=0.25, block_q=block_q, block_k=block_k,
-              feature_map=feature_map, backend=backend)
+        device = require_gpu()  # "cuda", or "cpu" under the CUDA simulator
+
+    kw = dict(
+        topk=0.25,
+        skip=0.25,
+        block_q=block_q,
+        block_k=block_k,
+        feature_map=feature_map,
+        backend=backend,
+    )
     steps, mode = _progress(_steps(head_dims, dtypes, backward), progress)
     n_steps = len(_steps(head_dims, dtypes, backward))
     done = []
@@ -143,15 +169,16 @@ def warmup(head_dim: "int | list[int]" = 64,
         if mode == "tqdm":
             steps.set_postfix_str(label)
         t0 = time.perf_counter()
-        with quiet():          # the bar says it; no "compiling ..." lines in between
+        with quiet():  # the bar says it; no "compiling ..." lines in between
             if torch is None:
                 rng = np.random.default_rng(0)
                 q = rng.standard_normal((1, 1, 2 * block_q - 1, d)).astype(dtype)
                 kv = rng.standard_normal((1, 1, 4 * block_k - 1, d)).astype(dtype)
                 sla_attention(q, kv, kv, **kw)
             else:
-                q, k, v = _tiny_inputs(torch, d, dtype, block_q, block_k, device,
-                                       grad=stage == "backward")
+                q, k, v = _tiny_inputs(
+                    torch, d, dtype, block_q, block_k, device, grad=stage == "backward"
+                )
                 if stage == "forward":
                     with torch.no_grad():
                         sla_attention(q, k, v, **kw)
@@ -160,11 +187,13 @@ def warmup(head_dim: "int | list[int]" = 64,
                 if device == "cuda":
                     torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        done.append(dict(head_dim=d, dtype=dtype, stage=stage, backend=backend,
-                         seconds=seconds))
+        done.append(dict(head_dim=d, dtype=dtype, stage=stage, backend=backend, seconds=seconds))
         if mode == "lines":
-            print(f"sla_numba warmup [{i}/{n_steps}] {label}: {seconds:.1f} s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"sla_numba warmup [{i}/{n_steps}] {label}: {seconds:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     if mode == "tqdm":
         steps.close()
     return done

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from . import _params
+from ._backends import compute_dtype, load_backend
 from ._compile_log import describe, notice
 from ._gpu_check import require_gpu
-from ._backends import compute_dtype, load_backend
 from ._kinds import FLOAT_DTYPES, array_kind, device_of, dtype_name, is_on_gpu
 
 

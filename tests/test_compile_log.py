@@ -1,8 +1,8 @@
 """Waits say what they are: a call that compiles logs one line before and one after."""
+
 import logging
 
 import numpy as np
-import pytest
 from numba import njit
 
 import sla_numba
@@ -11,9 +11,11 @@ from sla_numba import _compile_log
 
 def _fresh_function():
     """A Numba function that has never been compiled (a new closure each time; no disk cache)."""
+
     @njit
     def add_one(x):
         return x + 1
+
     return add_one
 
 
@@ -32,7 +34,7 @@ def test_notice_logs_a_compile_and_its_duration(caplog):
 
 def test_notice_is_silent_without_a_compile(caplog):
     fn = _fresh_function()
-    fn(1)                                            # compiled outside the block
+    fn(1)  # compiled outside the block
     with caplog.at_level(logging.INFO, logger="sla_numba"):
         with _compile_log.notice("for D=8 float32 (cpu, forward)"):
             fn(2)
@@ -53,6 +55,7 @@ def test_sla_attention_announces_a_compile(caplog, monkeypatch):
     """The public call is wrapped: a kernel compiling inside it is announced, with D,
     dtype, backend and stage (a fresh Numba function stands in for a cold kernel)."""
     import sla_numba.cpu as cpu
+
     fn, real = _fresh_function(), cpu.forward
 
     def cold_forward(*args):
@@ -74,6 +77,7 @@ def test_a_cuda_compile_is_announced_too():
     import os
     import subprocess
     import sys
+
     code = (
         "import sla_numba.gpu\n"
         "from sla_numba import _compile_log as c\n"
@@ -81,13 +85,16 @@ def test_a_cuda_compile_is_announced_too():
         "def kern(x):\n"
         "    x[0] = 1\n"
         "with c.notice('for D=8 bfloat16 (gpu, forward)'):\n"
-        "    cuda.compile_ptx(kern, (types.float32[::1],), cc=(8, 0))\n")
+        "    cuda.compile_ptx(kern, (types.float32[::1],), cc=(8, 0))\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     env["PYTHONPATH"] = os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-        + [p for p in [env.get("PYTHONPATH")] if p])
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, timeout=300)
+        + [p for p in [env.get("PYTHONPATH")] if p]
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("sla_numba: ")]
     assert len(lines) == 2, res.stderr

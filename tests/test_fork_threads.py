@@ -4,6 +4,7 @@ threads can call it at once (sla_numba/_threads.py says how).
 Each case runs in a fresh interpreter (the threading layer is chosen once per process,
 and a failure here kills or hangs a process), with a timeout: a hang fails the test.
 """
+
 import os
 import subprocess
 import sys
@@ -31,11 +32,18 @@ def attend(seed):
 def _run(body, env=None, timeout=420):
     code = COMMON + textwrap.dedent(body)
     full_env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
-    full_env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [full_env.get("PYTHONPATH")] if p])
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        [ROOT] + [p for p in [full_env.get("PYTHONPATH")] if p]
+    )
     full_env.update(env or {})
     try:
-        res = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
-                             text=True, timeout=timeout)
+        res = subprocess.run(
+            [sys.executable, "-c", code],
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"hung for more than {timeout} s")
     assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout}\n{res.stderr}"
@@ -65,7 +73,8 @@ def test_forked_children_can_use_it_after_the_parent():
 def test_two_threads_at_once(layer):
     """Two threads calling at the same time; under ``workqueue`` (not thread-safe in
     Numba) this aborted the process before the kernel lock."""
-    out = _run("""
+    out = _run(
+        """
         import threading
         expect = {s: attend(s) for s in (1, 2)}
         errors, barrier = [], threading.Barrier(2)
@@ -84,7 +93,9 @@ def test_two_threads_at_once(layer):
         assert errors == [], errors
         import numba
         print("ok", numba.threading_layer())
-    """, env={"NUMBA_THREADING_LAYER": layer} if layer else None)
+    """,
+        env={"NUMBA_THREADING_LAYER": layer} if layer else None,
+    )
     assert out.startswith("ok"), out
     if layer:
         assert out.split()[1] == layer
