@@ -65,9 +65,9 @@ def require_gpu():
     """'cuda' when a device is usable, 'cpu' under the CUDA simulator; else RuntimeError."""
     problem = gpu_problem()
     if problem is not None:
-        raise RuntimeError(
-            f"backend='gpu' cannot run here: {problem}. Use backend='cpu' (or 'auto'), or run "
-            "the GPU kernels in Numba's CUDA simulator with NUMBA_ENABLE_CUDASIM=1 "
-            "set before numba is imported (slow; for tests)"
-        )
+        hint = "Use backend='cpu' (or 'auto')"
+        if numba_cuda_installed():
+            hint += (", or run the GPU kernels in Numba's CUDA simulator with "
+                     "NUMBA_ENABLE_CUDASIM=1 set before numba is imported (slow; for tests)")
+        raise RuntimeError(f"backend='gpu' cannot run here: {problem}. {hint}")
     return "cpu" if _simulated() else "cuda"

@@ -16,6 +16,9 @@ import dataclasses
 import importlib
 from typing import Any
 
+#: numpy array, torch tensor or CuPy array (torch and CuPy are optional imports)
+Array = Any
+
 import numpy as np
 
 from . import _params
@@ -198,8 +201,9 @@ def _prepare_params(q, k, topk, skip, block_q, block_k, scale):
     return block_q, block_k, scale, n_crit, n_skip
 
 
-def classify_blocks(q, k, *, topk=0.05, skip=0.10, block_q=64, block_k=64,
-                    scale=None, backend="auto"):
+def classify_blocks(q: Array, k: Array, *, topk: float = 0.05, skip: float = 0.10,
+                    block_q: int = 64, block_k: int = 64, scale: "float | None" = None,
+                    backend: str = "auto") -> BlockClassification:
     """Sort key blocks, per query block, into critical / marginal / negligible.
 
     Query and key blocks are mean-pooled; the block score is
@@ -269,10 +273,12 @@ def _host_inputs(kind, backend, *arrays):
     return [np.ascontiguousarray(a, dtype=compute_dtype(np.dtype(a.dtype).name)) for a in arrays]
 
 
-def sla_attention(q, k, v, *, topk=0.05, skip=0.10, block_q=64, block_k=64,
-                  feature_map="softmax", scale=None, block_map=None,
-                  proj_weight=None, proj_bias=None, return_parts=False,
-                  backend="auto", eps=_params.EPS):
+def sla_attention(q: Array, k: Array, v: Array, *, topk: float = 0.05, skip: float = 0.10,
+                  block_q: int = 64, block_k: int = 64, feature_map: str = "softmax",
+                  scale: "float | None" = None, block_map: "Array | None" = None,
+                  proj_weight: "Array | None" = None, proj_bias: "Array | None" = None,
+                  return_parts: bool = False, backend: str = "auto",
+                  eps: float = _params.EPS) -> "Array | tuple[Array, Array]":
     """Sparse-Linear Attention: ``O = O_s + O_l Wᵀ + b``.
 
     Per query block, the critical key blocks get exact softmax attention (O_s),
@@ -359,7 +365,8 @@ def sla_attention(q, k, v, *, topk=0.05, skip=0.10, block_q=64, block_k=64,
     return o_s.astype(out_dtype, copy=False)
 
 
-def kernel_path(q, *, block_q=64, block_k=64, backend="auto"):
+def kernel_path(q: Array, *, block_q: int = 64, block_k: int = 64,
+                backend: str = "auto") -> str:
     """Which kernels :func:`sla_attention` runs for inputs like ``q``.
 
     Returns ``"cpu"`` (Numba CPU kernels), ``"gpu:simt"`` (Numba CUDA kernels on
