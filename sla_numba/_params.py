@@ -83,12 +83,22 @@ def check_block_size(name, value):
     return value
 
 
+#: Blocks up to this size are passed to the kernels as given.
+LARGE_BLOCK = 4096
+
+
 def effective_block(block, n):
-    """The block size the kernels get for ``n`` tokens: ``block``, or, when one block
-    covers all tokens anyway, the smallest power of two >= n (same blocks, same result;
-    buffers sized by the block stay small however large ``block`` is)."""
-    cover = 1 << max(n - 1, 0).bit_length()
-    return min(block, cover)
+    """The block size the kernels get for ``n`` tokens.
+
+    A block larger than both ``n`` and :data:`LARGE_BLOCK` covers all tokens in one
+    block, exactly as the smallest power of two >= n (at least 16) does: same map,
+    same result. The kernels get that one instead, so buffers sized by the block stay
+    small (``block_q=2**31`` used to fail with ``SystemError``). Ordinary block sizes
+    are never changed, so the GPU kernel path and tile configuration stay as chosen.
+    """
+    if block <= max(n, LARGE_BLOCK):
+        return block
+    return max(16, 1 << max(n - 1, 0).bit_length())
 
 
 def check_scale(scale, head_dim):
