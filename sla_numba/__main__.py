@@ -251,7 +251,7 @@ def run(args, out=sys.stdout):
         ("input (B, H, N, D), fp32", f"{shape}: {args.frames} x {args.height} x {args.width} "
                                      "video-latent tokens"),
         ("kernel path", f"{path} (backend={args.backend!r})"),
-        ("key blocks per query block", f"{n_rows_blocks} of {args.block} tokens: "
+        ("key blocks per query block", f"{n_rows_blocks} blocks of {args.block} tokens: "
                                        f"{counts[0]} critical, {counts[1]} marginal, "
                                        f"{counts[2]} negligible"),
         ("error vs dense: sparse-only (critical blocks exact, rest dropped)",

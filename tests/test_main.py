@@ -29,7 +29,7 @@ def test_main_job_table_is_consistent():
     text = out.getvalue()
     # 128 tokens in blocks of 16: Mk = 8, n_crit = 2, n_skip = 2
     assert rows["key blocks per query block"] == (
-        "8 of 16 tokens: 2 critical, 4 marginal, 2 negligible")
+        "8 blocks of 16 tokens: 2 critical, 4 marginal, 2 negligible")
     assert rows["kernel path"] == "cpu (backend='cpu')"
     errs = {k: float(v) for k, v in rows.items() if k.startswith("error vs dense")}
     assert len(errs) == 6 and all(np.isfinite(e) and e >= 0 for e in errs.values())
