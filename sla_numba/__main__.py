@@ -402,7 +402,7 @@ def warmup_main(argv):
                    block_k=args.block_k, feature_map=args.feature_map,
                    backward=not args.no_backward)
     total = sum(s["seconds"] for s in steps)
-    print(f"sla_numba warmup: {len(steps)} steps in {total:.1f} s "
+    print(f"sla_numba warmup: {len(steps)} step{'s' * (len(steps) != 1)} in {total:.1f} s "
           f"({steps[0]['backend'] if steps else args.backend}); kernels cached on disk")
     return 0
 

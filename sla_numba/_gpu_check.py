@@ -67,7 +67,9 @@ def require_gpu():
     if problem is not None:
         hint = "Use backend='cpu' (or 'auto')"
         if numba_cuda_installed():
-            hint += (", or run the GPU kernels in Numba's CUDA simulator with "
-                     "NUMBA_ENABLE_CUDASIM=1 set before numba is imported (slow; for tests)")
+            hint += (
+                ", or run the GPU kernels in Numba's CUDA simulator with "
+                "NUMBA_ENABLE_CUDASIM=1 set before numba is imported (slow; for tests)"
+            )
         raise RuntimeError(f"backend='gpu' cannot run here: {problem}. {hint}")
     return "cpu" if _simulated() else "cuda"

@@ -134,3 +134,10 @@ def test_fit_projection_recovers_a_known_projection():
     w_fit, b_fit = main_job.fit_projection(o_s, o_l, target, ridge=0.0)
     np.testing.assert_allclose(w_fit, w, atol=1e-8)
     np.testing.assert_allclose(b_fit, b, atol=1e-8)
+
+
+def test_warmup_command_compiles_and_reports(capsys):
+    assert main_job.main(["warmup", "--head-dim", "8", "--dtype", "fp32", "--backend", "cpu",
+                          "--block-q", "16", "--block-k", "16", "--no-backward"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("sla_numba warmup: 1 step in ") and "(cpu)" in out
