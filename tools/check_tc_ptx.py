@@ -153,18 +153,19 @@ def check_marginal():
 
 
 def check_states(quick=False):
-    """The tensor-core key-block states (``states_tc``), GPU tiles."""
+    """The tensor-core key-block states (``tc.states``), GPU tiles; a whole key block
+    (its BK/16 k-steps are unrolled)."""
     from sla_numba.gpu.tc import states as states_tc
     i16, f32 = int16[::1], float32[::1]
     sig = (i16, i16, f32, int64, int64, int64, int64)
-    configs = [("bf16", 128, 64, True), ("f16", 64, 64, True), ("bf16", 128, 64, False)]
+    configs = [("bf16", 128, 64, True, 144, 32), ("f16", 64, 64, True, 80, 24),
+               ("bf16", 128, 64, False, 72, 24)]
     ok = True
-    for kind, D, bk, split in configs[:1] if quick else configs:
+    for kind, D, bk, split, mma, ld in configs[:1] if quick else configs:
         tiles = states_tc.choose_tiles(D, states_tc.GPU_MAX_WARPS)
-        src = states_tc.states_source(kind, D, bk, tiles, split)
-        mod = states_tc.get_states_kernel(kind, D, bk, tiles, split)
-        ok &= check(f"states_tc {kind} D={D} bk={bk} tiles={tuple(tiles)} split={split}",
-                    mod.states_tc, sig, src)
+        kern = states_tc.make_states_kernel(kind, D, bk, tiles, split).kernel
+        ok &= check_expected(f"states_tc {kind} D={D} bk={bk} tiles={tuple(tiles)} "
+                             f"split={split}", kern, sig, mma, ld)
     return ok
 
 
