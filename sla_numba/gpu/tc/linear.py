@@ -129,6 +129,27 @@ def ops_per_chunk(D, HK):
 LinearKernel = namedtuple("LinearKernel", "kernel smem_bytes threads")
 
 
+# Device helpers live at module level, not in the factory: the kernel reaches them as
+# globals, so they are not part of its closure, whose pickle keys Numba's disk cache
+# (a pickled device function would carry the intrinsics' per-process random uuids, and
+# the cache would never hit). ``f16`` is a constant once inlined: one branch remains.
+
+@_compat.device(**_DEV)
+def _in_f32(bits, f16):
+    """fp32 of one input value (its 16 bits in the low half of an int32)."""
+    if f16:
+        return f16_low_f32(bits)
+    return bf16_low_f32(bits)
+
+
+@_compat.device(**_DEV)
+def _mma_tile(acc, n, af, k, b0, b1):
+    """acc[n] += A(af[k]) · B(b0, b1)."""
+    acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3] = mma_bf16(
+        af[k, 0], af[k, 1], af[k, 2], af[k, 3], b0, b1,
+        acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3])
+
+
 def make_linear_kernel(kind, D, BQ, HK):
     """Build ``linear_tc(q, lstate, n_marg, o_l, H, Nq, Mq, fm, eps)`` (module doc).
 
@@ -155,20 +176,6 @@ def make_linear_kernel(kind, D, BQ, HK):
     KS = HK // 16                    # k-steps per chunk
     IN_F16 = kind == "f16"
     ALIGNED = not SIMULATED          # the simulator rejects alignment=
-
-    @_compat.device(**_DEV)
-    def in_f32(bits):
-        """fp32 of one input value (its 16 bits in the low half of an int32)."""
-        if IN_F16:
-            return f16_low_f32(bits)
-        return bf16_low_f32(bits)
-
-    @_compat.device(**_DEV)
-    def mma_tile(acc, n, af, k, b0, b1):
-        """acc[n] += A(af[k]) · B(b0, b1)."""
-        acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3] = mma_bf16(
-            af[k, 0], af[k, 1], af[k, 2], af[k, 3], b0, b1,
-            acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3])
 
     @_compat.kernel(fastmath=FASTMATH)
     def linear_tc(q, lstate, n_marg, o_l, H, Nq, Mq, fm, eps):
@@ -202,7 +209,7 @@ def make_linear_kernel(kind, D, BQ, HK):
         ok = r < nrows
         gq = ob + r * D + li * C
         for c in range(C):
-            xs[c] = in_f32(int32(q[u64(gq + c)])) if ok else ZERO
+            xs[c] = _in_f32(int32(q[u64(gq + c)]), IN_F16) if ok else ZERO
         if fm == 0:
             # softmax over the row (both lanes shuffle: warp-uniform)
             mx = xs[0]
@@ -282,15 +289,15 @@ def make_linear_kernel(kind, D, BQ, HK):
                         h0, h1, h2, h3 = ldsm_x4_trans(smem, lb + ko, 0)
                         l0, l1, l2, l3 = ldsm_x4_trans(smem, lb + ko + HK * SW * 2, 0)
                         # φhi·Hhi + φlo·Hhi + φhi·Hlo (φlo·Hlo, ~2^-16, dropped)
-                        mma_tile(acc, 2 * p2, af, 0, h0, h1)
-                        mma_tile(acc, 2 * p2, af, 1, h0, h1)
-                        mma_tile(acc, 2 * p2, af, 0, l0, l1)
-                        mma_tile(acc, 2 * p2 + 1, af, 0, h2, h3)
-                        mma_tile(acc, 2 * p2 + 1, af, 1, h2, h3)
-                        mma_tile(acc, 2 * p2 + 1, af, 0, l2, l3)
+                        _mma_tile(acc, 2 * p2, af, 0, h0, h1)
+                        _mma_tile(acc, 2 * p2, af, 1, h0, h1)
+                        _mma_tile(acc, 2 * p2, af, 0, l0, l1)
+                        _mma_tile(acc, 2 * p2 + 1, af, 0, h2, h3)
+                        _mma_tile(acc, 2 * p2 + 1, af, 1, h2, h3)
+                        _mma_tile(acc, 2 * p2 + 1, af, 0, l2, l3)
                     z0, z1, z2, z3 = ldsm_x4_trans(smem, lz + ks * 16 * SW * 2, 0)
-                    mma_tile(z, 0, af, 0, z0, z1)
-                    mma_tile(z, 0, af, 1, z0, z1)
+                    _mma_tile(z, 0, af, 0, z0, z1)
+                    _mma_tile(z, 0, af, 1, z0, z1)
         # --- 4. epilogue: den of rows g, g + 8 = Σ over the Z tile's columns (t = 0..3)
         d0 = z[0, 0] + z[0, 1]
         d1 = z[0, 2] + z[0, 3]

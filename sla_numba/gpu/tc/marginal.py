@@ -194,6 +194,44 @@ def ops_per_kstep(tiles):
 MarginalKernel = namedtuple("MarginalKernel", "kernel smem_bytes threads")
 
 
+# Device helpers live at module level, not in the factory: the kernel reaches them as
+# globals, so they are not part of its closure, whose pickle keys Numba's disk cache
+# (a pickled device function would carry the intrinsics' per-process random uuids, and
+# the cache would never hit). Their loop bounds are arguments, constants once inlined.
+
+@_compat.device(**_INLINE)
+def _mma_tile(acc, af, mt, n, b0, b1):
+    """acc[mt, n] += A(af[mt]) · B(b0, b1): one mma.sync into the D fragment."""
+    acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3] = mma_bf16(
+        af[mt, 0], af[mt, 1], af[mt, 2], af[mt, 3], b0, b1,
+        acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3])
+
+
+@_compat.device(**_INLINE)
+def _prefetch(xs, ys, states, bmap, cn, W, s_lane, srow, sok0, sok1, n_in, n_out,
+              mo, mr, mc, r0, rs, cs, npass, rpp, nmp, rg):
+    """Load k-step ``cn``'s S values into xs (zero past n_in / W) and its map bytes
+    into ys (not marginal outside the n_out x n_in window)."""
+    # S rows cn + srow + rpp*p, columns sw, sw + 1
+    gs = s_lane + cn * W
+    for p in range(npass):
+        ok = cn + srow + p * rpp < n_in
+        xs[p, 0] = states[u64(gs)] if ok and sok0 else ZERO
+        xs[p, 1] = states[u64(gs + 1)] if ok and sok1 else ZERO
+        gs += rpp * W
+    # M[mr + 8i, mc + 8j], M[.., mc + 8j + 1] with (i, j) = (p % rg, p // rg)
+    gm = mo + cn * cs
+    for p in range(nmp):
+        i = p % rg
+        j = p // rg
+        mv = r0 + mr + 8 * i < n_out
+        off = gm + i * 8 * rs + j * 8 * cs
+        ok0 = mv and cn + mc + 8 * j < n_in
+        ok1 = mv and cn + mc + 8 * j + 1 < n_in
+        ys[p, 0] = int32(bmap[u64(off)]) if ok0 else NOT_MARGINAL
+        ys[p, 1] = int32(bmap[u64(off + cs)]) if ok1 else NOT_MARGINAL
+
+
 def make_marginal_kernel(tiles=GPU_TILES):
     """Build the kernel ``marginal_sum_tc`` for ``tiles`` (see the module doc).
 
@@ -217,37 +255,6 @@ def make_marginal_kernel(tiles=GPU_TILES):
     PASS32 = RPP * SW // 2                       # int32 between two staging passes
     TILE32 = TILE // 2
     ALIGNED = not SIMULATED                      # the simulator rejects alignment=
-
-    @_compat.device(**_INLINE)
-    def mma_tile(acc, af, mt, n, b0, b1):
-        """acc[mt, n] += A(af[mt]) · B(b0, b1): one mma.sync into the D fragment."""
-        acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3] = mma_bf16(
-            af[mt, 0], af[mt, 1], af[mt, 2], af[mt, 3], b0, b1,
-            acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3])
-
-    @_compat.device(**_INLINE)
-    def prefetch(xs, ys, states, bmap, cn, W, s_lane, srow, sok0, sok1, n_in, n_out,
-                 mo, mr, mc, r0, rs, cs):
-        """Load k-step ``cn``'s S values into xs (zero past n_in / W) and its map bytes
-        into ys (not marginal outside the n_out x n_in window)."""
-        # S rows cn + srow + RPP*p, columns sw, sw + 1
-        gs = s_lane + cn * W
-        for p in range(NPASS):
-            ok = cn + srow + p * RPP < n_in
-            xs[p, 0] = states[u64(gs)] if ok and sok0 else ZERO
-            xs[p, 1] = states[u64(gs + 1)] if ok and sok1 else ZERO
-            gs += RPP * W
-        # M[mr + 8i, mc + 8j], M[.., mc + 8j + 1] with (i, j) = (p % RG, p // RG)
-        gm = mo + cn * cs
-        for p in range(NMP):
-            i = p % RG
-            j = p // RG
-            mv = r0 + mr + 8 * i < n_out
-            off = gm + i * 8 * rs + j * 8 * cs
-            ok0 = mv and cn + mc + 8 * j < n_in
-            ok1 = mv and cn + mc + 8 * j + 1 < n_in
-            ys[p, 0] = int32(bmap[u64(off)]) if ok0 else NOT_MARGINAL
-            ys[p, 1] = int32(bmap[u64(off + cs)]) if ok1 else NOT_MARGINAL
 
     @_compat.kernel()
     def marginal_sum_tc(bmap, m_size, rs, cs, n_out, n_in, states, s_rows, out, o_rows, W):
@@ -303,8 +310,8 @@ def make_marginal_kernel(tiles=GPU_TILES):
                 for e in range(4):
                     acc[mt, n, e] = ZERO
         nk = (n_in + 15) // 16
-        prefetch(xs, ys, states, bmap, 0, W, s_lane, srow, sok0, sok1, n_in, n_out,
-                 mo, mr, mc, r0, rs, cs)
+        _prefetch(xs, ys, states, bmap, 0, W, s_lane, srow, sok0, sok1, n_in, n_out,
+                  mo, mr, mc, r0, rs, cs, NPASS, RPP, NMP, RG)
         for it in range(nk):
             # 1. store the prefetched k-step into stage it & 1: S split into bf16 hi / lo,
             #    M as bf16 1.0 where marginal, else 0
@@ -321,8 +328,8 @@ def make_marginal_kernel(tiles=GPU_TILES):
                                          | (BF16_ONE_HI if ys[p, 1] == 0 else ZI))
             cuda.syncthreads()
             # 2. prefetch the next k-step (masked: nothing is read past n_in)
-            prefetch(xs, ys, states, bmap, it * 16 + 16, W, s_lane, srow, sok0, sok1,
-                     n_in, n_out, mo, mr, mc, r0, rs, cs)
+            _prefetch(xs, ys, states, bmap, it * 16 + 16, W, s_lane, srow, sok0, sok1,
+                      n_in, n_out, mo, mr, mc, r0, rs, cs, NPASS, RPP, NMP, RG)
             # 3. tensor cores: A fragments of the warp's m-tiles; per n16 pair, B fragments
             #    of hi and lo (two n8 tiles each), then 4 mma per m-tile
             sb = (it & 1) * STAGE_BYTES
@@ -338,10 +345,10 @@ def make_marginal_kernel(tiles=GPU_TILES):
                 h0, h1, h2, h3 = ldsm_x4_trans(smem, lbk + 32 * j, 0)
                 l0, l1, l2, l3 = ldsm_x4_trans(smem, lbk + LO_BYTES + 32 * j, 0)
                 for mt in range(MT):
-                    mma_tile(acc, af, mt, 2 * j, h0, h1)
-                    mma_tile(acc, af, mt, 2 * j + 1, h2, h3)
-                    mma_tile(acc, af, mt, 2 * j, l0, l1)
-                    mma_tile(acc, af, mt, 2 * j + 1, l2, l3)
+                    _mma_tile(acc, af, mt, 2 * j, h0, h1)
+                    _mma_tile(acc, af, mt, 2 * j + 1, h2, h3)
+                    _mma_tile(acc, af, mt, 2 * j, l0, l1)
+                    _mma_tile(acc, af, mt, 2 * j + 1, l2, l3)
         # epilogue: lane (g, t) holds rows g, g + 8 x columns 8n + 2t, 8n + 2t + 1
         g = lane >> 2
         t2 = (lane & 3) * 2

@@ -180,6 +180,49 @@ def ops_per_block(D, BK, tiles, split=True):
 StatesKernel = namedtuple("StatesKernel", "kernel smem_bytes threads")
 
 
+# Device helpers live at module level, not in the factory: the kernel reaches them as
+# globals, so they are not part of its closure, whose pickle keys Numba's disk cache
+# (a pickled device function would carry the intrinsics' per-process random uuids, and
+# the cache would never hit). ``f16`` (the input type) is a constant once inlined: one
+# branch remains.
+
+@_compat.device(**_DEV)
+def _low_f32(p, f16):
+    """fp32 of the low 16-bit value of p."""
+    if f16:
+        return f16_low_f32(p)
+    return bf16_low_f32(p)
+
+
+@_compat.device(**_DEV)
+def _high_f32(p, f16):
+    """fp32 of the high 16-bit value of p."""
+    if f16:
+        return f16_high_f32(p)
+    return bf16_high_f32(p)
+
+
+@_compat.device(**_DEV)
+def _pack(lo, hi, f16):
+    """Round two fp32 to the input type, packed (lo in the low half)."""
+    if f16:
+        return pack_f16x2(lo, hi)
+    return pack_bf16x2(lo, hi)
+
+
+@_compat.device(**_DEV)
+def _mma_acc(acc, mt, n, a, pt, b0, b1, f16):
+    """acc[mt, n] += A(a[pt, mt]) · B(b0, b1)."""
+    if f16:
+        acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3] = mma_f16(
+            a[pt, mt, 0], a[pt, mt, 1], a[pt, mt, 2], a[pt, mt, 3], b0, b1,
+            acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3])
+    else:
+        acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3] = mma_bf16(
+            a[pt, mt, 0], a[pt, mt, 1], a[pt, mt, 2], a[pt, mt, 3], b0, b1,
+            acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3])
+
+
 def make_states_kernel(kind, D, BK, tiles, split=True):
     """Build ``states_tc(k, v, state, H, Nk, Mk, fm)`` (module doc).
 
@@ -206,40 +249,6 @@ def make_states_kernel(kind, D, BK, tiles, split=True):
     IS_F16 = kind == "f16"
     ONES_PAIR = ONES[kind]
     ALIGNED = not SIMULATED            # the simulator rejects alignment=
-
-    # --- the input type's instructions (IS_F16 is a constant: one branch remains)
-    @_compat.device(**_DEV)
-    def low_f32(p):
-        """fp32 of the low 16-bit value of p."""
-        if IS_F16:
-            return f16_low_f32(p)
-        return bf16_low_f32(p)
-
-    @_compat.device(**_DEV)
-    def high_f32(p):
-        """fp32 of the high 16-bit value of p."""
-        if IS_F16:
-            return f16_high_f32(p)
-        return bf16_high_f32(p)
-
-    @_compat.device(**_DEV)
-    def pack(lo, hi):
-        """Round two fp32 to the input type, packed (lo in the low half)."""
-        if IS_F16:
-            return pack_f16x2(lo, hi)
-        return pack_bf16x2(lo, hi)
-
-    @_compat.device(**_DEV)
-    def mma_acc(acc, mt, n, a, pt, b0, b1):
-        """acc[mt, n] += A(a[pt, mt]) · B(b0, b1)."""
-        if IS_F16:
-            acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3] = mma_f16(
-                a[pt, mt, 0], a[pt, mt, 1], a[pt, mt, 2], a[pt, mt, 3], b0, b1,
-                acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3])
-        else:
-            acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3] = mma_bf16(
-                a[pt, mt, 0], a[pt, mt, 1], a[pt, mt, 2], a[pt, mt, 3], b0, b1,
-                acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3])
 
     @_compat.kernel(fastmath=FASTMATH)
     def states_tc(k, v, state, H, Nk, Mk, fm):
@@ -271,7 +280,7 @@ def make_states_kernel(kind, D, BK, tiles, split=True):
             ok = r < nrows
             gk = kb + r * D + li * C
             for c in range(C):
-                xs[c] = low_f32(int32(k[u64(gk + c)])) if ok else ZERO
+                xs[c] = _low_f32(int32(k[u64(gk + c)]), IS_F16) if ok else ZERO
             if fm == 0:
                 # softmax over the row: max and Σ exp over this lane's columns, then the
                 # row's L lanes (shuffles run in every lane: warp-uniform)
@@ -299,11 +308,12 @@ def make_states_kernel(kind, D, BK, tiles, split=True):
             if r < BK:
                 si = (r * SW + li * C) >> 1             # int32 index of the pair (r, li*C)
                 for c2 in range(C // 2):
-                    p = pack(xs[2 * c2], xs[2 * c2 + 1]) if ok else ZI
+                    p = _pack(xs[2 * c2], xs[2 * c2 + 1], IS_F16) if ok else ZI
                     smem32[si + c2] = p
                     if SPLIT:                           # lo = half(φ - hi)
-                        smem32[si + (LOFF >> 1) + c2] = pack(
-                            xs[2 * c2] - low_f32(p), xs[2 * c2 + 1] - high_f32(p)) if ok else ZI
+                        lo0 = xs[2 * c2] - _low_f32(p, IS_F16)
+                        lo1 = xs[2 * c2 + 1] - _high_f32(p, IS_F16)
+                        smem32[si + (LOFF >> 1) + c2] = _pack(lo0, lo1, IS_F16) if ok else ZI
         # --- 2. V rows (bits), pairs of columns, zeros past nrows
         for qi in range(tid, BK * D // 2, NT):
             r = qi // (D // 2)
@@ -344,13 +354,13 @@ def make_states_kernel(kind, D, BK, tiles, split=True):
                     b0, b1, b2, b3 = ldsm_x4_trans(smem, lb + p2 * 32 + ko, 0)
                     for mt in range(MT):
                         for pt in range(PARTS):
-                            mma_acc(acc, mt, 2 * p2, a, pt, b0, b1)
-                            mma_acc(acc, mt, 2 * p2 + 1, a, pt, b2, b3)
+                            _mma_acc(acc, mt, 2 * p2, a, pt, b0, b1, IS_F16)
+                            _mma_acc(acc, mt, 2 * p2 + 1, a, pt, b2, b3, IS_F16)
                 if wc == 0:
                     # z = φᵀ · ones
                     for mt in range(MT):
                         for pt in range(PARTS):
-                            mma_acc(z, mt, 0, a, pt, ONES_PAIR, ONES_PAIR)
+                            _mma_acc(z, mt, 0, a, pt, ONES_PAIR, ONES_PAIR, IS_F16)
         # --- 4. epilogue: lane (g, t) holds d1 = g, g + 8 x e = 2t, 2t + 1 of each tile
         g = lane >> 2
         t2 = (lane & 3) * 2
