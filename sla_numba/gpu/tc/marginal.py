@@ -41,6 +41,10 @@ tiles, ``4·MT·2·NP`` fp32 accumulators per lane. The GPU default (2, 2, 2, 4)
 16 rows x 128 columns would hold as many accumulators but use every S fragment for
 one m-tile only: twice the ldmatrix traffic per mma.)
 
+Fragment ownership (``ptx`` doc; g = lane >> 2, t = lane & 3): lane (g, t) of warp
+(wr, wc) holds ``acc[mt, n] = out[r, w : w + 2]`` (elements 0, 1) and row r + 8
+(elements 2, 3), r = r0 + wr·16·MT + 16·mt + g, w = w0 + wc·16·NP + 8·n + 2t.
+
 Grid: (ceil(n_out / RT), ceil(W / WT), B*H). Row tiles vary fastest, so the CTAs
 that read the same column panel of S run at about the same time and S comes from
 DRAM about once (L2 serves the other row tiles).
@@ -88,6 +92,16 @@ addresses are one per-lane base (``la`` / ``lb``, plus the stage) and compile-ti
 constant byte offsets, which ptxas folds into the instruction's immediate. Under
 the CUDA simulator the ``ptx`` twins run the same function (slowly: keep shapes
 and tiles tiny there, ``SIM_TILES``).
+
+Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
+
+    import numpy as np
+    from sla_numba.gpu.tc.marginal import launch_marginal_sum_tc
+    bmap = np.array([[[[0, 1], [0, 0]]]], np.int8)            # (B, H, Mq, Mk) = (1, 1, 2, 2)
+    states = np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3)  # (B, H, Mk, W)
+    out = np.empty((1, 1, 2, 3), np.float32)
+    launch_marginal_sum_tc(0, bmap, False, 2, 2, states, out)
+    # out[0, 0] = [[0, 1, 2], [3, 5, 7]]: row 0 sums state 0, row 1 states 0 and 1
 """
 from collections import namedtuple
 
