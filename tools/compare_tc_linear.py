@@ -8,12 +8,12 @@ Usage (H200, from the project root)::
 Each tree is a folder holding ``sla_numba/`` (e.g. ``git worktree add /tmp/old <commit>``).
 Every measurement runs in subprocesses with that folder first on ``sys.path``:
 
-1. compile: for each tree, a fresh process with empty temporary ``NUMBA_CACHE_DIR`` and
-   ``SLA_NUMBA_CACHE_DIR`` times the first call (compile + launch + synchronize) of
-   ``launch_states_tc``, ``launch_marginal_sum_tc``, ``launch_linear_forward_tc`` on a
-   small problem of the Wan configuration (bf16, D = 128, block 64), in that order; a
-   second fresh process with the same folders times them again (disk-cache hits should
-   make those far shorter).
+1. compile: for each tree (old and new side by side), a fresh process with empty
+   temporary ``NUMBA_CACHE_DIR`` and ``SLA_NUMBA_CACHE_DIR`` times the first call
+   (compile + launch + synchronize) of ``launch_states_tc``, ``launch_marginal_sum_tc``,
+   ``launch_linear_forward_tc`` on a small problem of the Wan configuration (bf16,
+   D = 128, block 64), in that order; a second fresh process with the same folders
+   times them again (disk-cache hits should make those far shorter).
 2. time: one long-lived worker per tree builds the Wan-shape inputs (B 1, H 12,
    N 32760, D 128, bf16, block 64, a random block map with 5 % critical and 10 %
    negligible blocks; same seed, so both trees get identical inputs), then the parent
@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 KERNELS = ("states", "marginal", "linear")
 PROTO = "@@"                     # prefix of a worker's protocol lines on stdout
@@ -294,11 +295,16 @@ def main():
                   "fresh process on the same caches")
             print(f"{'kernel':10s} {'old cold':>9s} {'old warm':>9s} {'new cold':>9s} "
                   f"{'new warm':>9s}")
-            res = {}
-            for tag, tree in trees.items():
-                cache = os.path.join(tmp, "cache_" + tag)
-                res[tag] = (_run_once(args, tree, "compile", cache, timeout=600),
-                            _run_once(args, tree, "compile", cache, timeout=600))
+            # old and new side by side (each compile is one thread; the GPU host has
+            # cores to spare), cold first, then warm
+            res = {tag: [] for tag in trees}
+            for _ in ("cold", "warm"):
+                with ThreadPoolExecutor(2) as pool:
+                    futs = {tag: pool.submit(_run_once, args, tree, "compile",
+                                             os.path.join(tmp, "cache_" + tag), 600)
+                            for tag, tree in trees.items()}
+                    for tag in trees:
+                        res[tag].append(futs[tag].result())
             for name in KERNELS:
                 print(f"{name:10s} " + " ".join(f"{res[t][i][name]:9.2f}" for t in trees
                                                for i in (0, 1)))
