@@ -21,11 +21,10 @@ def _compile(job):
     t0 = time.time()
     if which == "fwd":
         i16, i32, f32 = int16[::1], int32[::1], float32[::1]
-        kern = forward_tc.get_forward_kernel(D, bk, bq, kind).sla_fwd_tc
+        kern = forward_tc.make_sparse_forward(D, bk, bq, kind).kernel
         sig = (i16, i16, i16, i32, i32, f32, f32, int64, int64, int64, int64, float32)
     else:
-        mod = backward_tc.kernel_source_and_module(which, D, bk, bq, kind)[1]
-        kern = getattr(mod, backward_tc.KERNEL_NAMES[which])
+        kern = backward_tc.make_sparse_backward(which, D, bk, bq, kind).kernel
         sig = backward_tc.signature(which)
     compiled = kern.compile(sig)
     return f"{which} D={D} bq={bq} bk={bk} {kind}: {time.time() - t0:.1f}s " \

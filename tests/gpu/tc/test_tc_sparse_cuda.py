@@ -106,12 +106,10 @@ def test_deterministic_and_on_current_stream():
 def test_kernels_do_not_spill():
     from sla_numba.gpu.tc import backward as backward_tc, forward as forward_tc
     for D, bq in ((128, 128), (64, 64)):
-        mods = [(forward_tc.get_forward_kernel(D, 64, bq, "bf16"), "sla_fwd_tc")]
+        kernels = [("fwd", forward_tc.make_sparse_forward(D, 64, bq, "bf16").kernel)]
         for which in backward_tc.KERNELS:
-            mods.append((backward_tc.kernel_source_and_module(which, D, 64, bq, "bf16")[1],
-                         backward_tc.KERNEL_NAMES[which]))
-        for mod, name in mods:
-            kern = getattr(mod, name)
+            kernels.append((which, backward_tc.make_sparse_backward(which, D, 64, bq, "bf16").kernel))
+        for name, kern in kernels:
             for compiled in kern.overloads.values():
                 local = compiled.local_mem_per_thread
                 assert local <= 64, (name, D, bq, local)
