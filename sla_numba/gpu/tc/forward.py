@@ -338,6 +338,17 @@ def sparse_forward_tc(q, k, v, lut, counts, block_q, block_k, scale):
     (o_s, lse): float32 (B, H, Nq, D) and float32 (B, H, Nq), natural-log lse;
     rows of query blocks with ``counts == 0``: o_s = 0, lse = LSE_EMPTY.
     Launched on torch's (CuPy's) current stream; no synchronisation.
+
+    Example (a GPU; or CPU tensors with ``NUMBA_ENABLE_CUDASIM=1``, slowly)::
+
+        >>> import torch
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"
+        >>> q, k, v = (torch.randn(1, 1, 64, 64, device=dev).bfloat16() for _ in range(3))
+        >>> lut = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=dev)  # block 0 -> key block 0
+        >>> counts = torch.ones(1, 1, 1, dtype=torch.int32, device=dev)
+        >>> o, lse = sparse_forward_tc(q, k, v, lut, counts, 64, 64, 64 ** -0.5)
+        >>> tuple(o.shape), tuple(lse.shape)
+        ((1, 1, 64, 64), (1, 1, 64))
     """
     kind = _tc_build.half_kind(q)
     B, H, Nq, D = (int(s) for s in q.shape)
