@@ -120,9 +120,9 @@ def make_sparse_dq(D, block_k, block_q, kind):
 
         # Lane addresses: the warp's Q / dO rows (A), K / V rows as B of K^T / V^T,
         # K rows as B of K (transposed load).
-        a_rows = sa + (warp * 16 * SD + frag_rows_a(lane, SD)) * 2
-        bt_rows = sa + frag_rows_bt(lane, SD) * 2
-        b_rows = sa + frag_rows_a(lane, SD) * 2
+        a_rows = int32(sa + (warp * 16 * SD + frag_rows_a(lane, SD)) * 2)
+        bt_rows = int32(sa + frag_rows_bt(lane, SD) * 2)
+        b_rows = int32(sa + frag_rows_a(lane, SD) * 2)
         for r in range(2):
             ra = row0 + warp * 16 + g + 8 * r
             ls[r] = lse[bh * nq + ra] * log2e if ra < nq else ZERO
@@ -255,9 +255,9 @@ def make_sparse_dkv(D, block_k, block_q, kind):
 
         # Lane addresses: the warp's K / V rows (A), Q / dO rows as B of Q^T / dO^T,
         # Q / dO rows as B of Q / dO (transposed load).
-        a_rows = sa + (warp * 16 * SD + frag_rows_a(lane, SD)) * 2
-        bt_rows = sa + frag_rows_bt(lane, SD) * 2
-        b_rows = sa + frag_rows_a(lane, SD) * 2
+        a_rows = int32(sa + (warp * 16 * SD + frag_rows_a(lane, SD)) * 2)
+        bt_rows = int32(sa + frag_rows_bt(lane, SD) * 2)
+        b_rows = int32(sa + frag_rows_a(lane, SD) * 2)
         for n in range(NDT):
             for e in range(4):
                 acc_k[0, n, e] = ZERO
@@ -278,13 +278,15 @@ def make_sparse_dkv(D, block_k, block_q, kind):
             # P^T = 2^(S^T c2 - lse2[col]), dS^T = P^T (dP^T - delta[col]); the lane's
             # columns are the chunk's queries 8n + 2t and 8n + 2t + 1
             for n in range(NQT):
-                for x in range(2):
-                    l2 = smf[FOFF + 8 * n + 2 * t + x]
-                    de = smf[FOFF + QC + 8 * n + 2 * t + x]
-                    for r in range(2):
-                        p = exp2(st[0, n, 2 * r + x] * c2 - l2)
-                        st[0, n, 2 * r + x] = p
-                        dpt[0, n, 2 * r + x] = p * (dpt[0, n, 2 * r + x] - de)
+                c = 8 * n + 2 * t
+                l2_0 = smf[FOFF + c]
+                l2_1 = smf[FOFF + c + 1]
+                de_0 = smf[FOFF + QC + c]
+                de_1 = smf[FOFF + QC + c + 1]
+                for e in range(4):      # column c + (e & 1)
+                    p = exp2(st[0, n, e] * c2 - (l2_1 if e & 1 else l2_0))
+                    st[0, n, e] = p
+                    dpt[0, n, e] = p * (dpt[0, n, e] - (de_1 if e & 1 else de_0))
             for kk in range(PK):
                 pack_a(pt, kk, st, 0, kk)
             for kk in range(PK):

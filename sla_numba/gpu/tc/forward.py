@@ -203,9 +203,9 @@ def make_sparse_forward(D, block_k, block_q, kind):
         # This lane's ldmatrix row addresses: Q rows of its warp (A), K rows (B of
         # K^T, non-transposed), V rows (B of V, transposed). Every load below adds
         # a compile-time constant to one of these.
-        q_addr = sa + (QOFF + warp * ROWS * SD + frag_rows_a(lane, SD)) * 2
-        k_addr = sa + (KOFF + frag_rows_bt(lane, SD)) * 2
-        v_addr = sa + (VOFF + frag_rows_a(lane, SD)) * 2
+        q_addr = int32(sa + (QOFF + warp * ROWS * SD + frag_rows_a(lane, SD)) * 2)
+        k_addr = int32(sa + (KOFF + frag_rows_bt(lane, SD)) * 2)
+        v_addr = int32(sa + (VOFF + frag_rows_a(lane, SD)) * 2)
 
         for mt in range(MT):
             for r in range(2):

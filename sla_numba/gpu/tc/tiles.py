@@ -37,6 +37,8 @@ import collections
 import functools
 
 import numpy as np
+from numba import int32
+
 from .._compat import FASTMATH, SIMULATOR, device
 from .ptx import (cp_async16, cp_async16i, fmax, ldsm_x4, ldsm_x4_trans, mma_bf16, mma_f16,
                   pack_bf16x2, pack_f16x2)
@@ -215,12 +217,14 @@ def make_tile_loader(D, nrows, NT):
         if nvalid >= nrows:
             # a full tile (all but a sequence's last): thread tid copies chunk
             # tid % CPR of rows tid // CPR + RPP*p, one straight-line cp.async a pass
+            # (the thread's part of both addresses is written the same way at every
+            # call site, so the compiler computes it once; tile offsets are constants)
             lr = tid // CPR
             lc = (tid - lr * CPR) * 8
-            s_addr = sa + (dst + lr * SD + lc) * 2
-            g = base + (row0 + lr) * D + lc
+            s_thread = int32(sa + (lr * SD + lc) * 2)
+            g = base + row0 * D + (lr * D + lc)
             for p in range(PASSES):
-                cp_async16i(smem, s_addr + p * RPP * SD * 2, 0, src, g + p * RPP * D)
+                cp_async16i(smem, s_thread + (dst + p * RPP * SD) * 2, 0, src, g + p * RPP * D)
         else:
             load_slow(smem, dst, src, base, row0, nvalid, tid)
 
