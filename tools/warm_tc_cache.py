@@ -2,7 +2,8 @@
 
 Usage: PYTHONPATH=. python tools/warm_tc_cache.py [D:block_q:block_k:kind ...]
 Default: the configurations the tests and the benchmark use. Each kernel compiles
-in its own process (5-40 s each); later launches load the cubins from the cache.
+in its own process; later launches load the cubins from the cache. Run it twice:
+the second run must say "(disk cache)" for every kernel.
 """
 import multiprocessing as mp
 import sys
@@ -27,7 +28,9 @@ def _compile(job):
         kern = backward_tc.make_sparse_backward(which, D, bk, bq, kind).kernel
         sig = backward_tc.signature(which)
     compiled = kern.compile(sig)
-    return f"{which} D={D} bq={bq} bk={bk} {kind}: {time.time() - t0:.1f}s " \
+    compiled._codelibrary.get_cufunc()          # the cubin (ptxas) is part of the cost
+    how = "disk cache" if sum(kern._cache_hits.values()) else "compiled"
+    return f"{which} D={D} bq={bq} bk={bk} {kind}: {time.time() - t0:.1f}s ({how}) " \
            f"regs {compiled.regs_per_thread} local {compiled.local_mem_per_thread}"
 
 
