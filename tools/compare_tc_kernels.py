@@ -203,7 +203,8 @@ class Client:
         env.pop("PYTHONPATH", None)
         if sim:
             env["NUMBA_ENABLE_CUDASIM"] = "1"
-        args = [sys.executable, os.path.abspath(__file__), "--worker", root, "--outdir", self.outdir]
+        args = [sys.executable, os.path.abspath(__file__), "--worker", root,
+                "--outdir", self.outdir]
         if sim:
             args.append("--sim")
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -295,7 +296,8 @@ def main():
             for key in ("o", "lse", "dq", "dk", "dv"):
                 x, y = (np.load(r["paths"][key]) for r in res)
                 finite = bool(np.isfinite(x).all() and np.isfinite(y).all())
-                diffs.append(f"{key} {float(np.abs(x - y).max()):.2e}" + ("" if finite else " (NON-FINITE)"))
+                note = "" if finite else " (NON-FINITE)"
+                diffs.append(f"{key} {float(np.abs(x - y).max()):.2e}{note}")
             print(f"  {case[0]:9s} n_crit {res[1]['n_crit']}/{res[1]['mk']}: " + "  ".join(diffs))
 
         times = {}
