@@ -230,12 +230,42 @@ def ddim_sample(model, n, steps=25, seed=0, size=32):
     return x.clamp(-1, 1).cpu()
 
 
+class _Progress:
+    """A progress bar for a training loop: tqdm when installed (the notebooks extra has
+    it), else one printed line at every quarter of the run. ``desc=None``: silent."""
+
+    def __init__(self, desc, total):
+        self.desc, self.total, self.bar, self.t0 = desc, total, None, time.perf_counter()
+        if desc is None:
+            return
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return
+        self.bar = tqdm(total=total, desc=desc, unit="step", leave=False)
+
+    def update(self, step, loss):
+        if self.desc is None:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        elif step % max(1, self.total // 4) == 0 or step == self.total:
+            print(f"  {self.desc}: step {step}/{self.total}, loss {loss:.4f}, "
+                  f"{time.perf_counter() - self.t0:.0f} s", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
 def train(model, data, steps, *, lr=1e-3, batch=32, seed=0, teacher=None, params=None,
-          log_every=25, warmup=20):
+          log_every=25, warmup=20, desc=None):
     """AdamW on the diffusion loss, or on the distance to ``teacher``'s predictions.
 
     ``params``: optional list of parameter groups (dicts, as for torch optimisers),
     e.g. to give new parameters their own learning rate; default all trainable ones.
+    ``desc``: show progress under this name (a tqdm bar, or a line per quarter).
 
     Returns the list of (step, training loss). Batches and noise come from ``seed``,
     so two runs with the same seed see exactly the same examples.
@@ -250,6 +280,7 @@ def train(model, data, steps, *, lr=1e-3, batch=32, seed=0, teacher=None, params
     model.train()
     log, run = [], []
     t0 = time.perf_counter()
+    progress = _Progress(desc, steps)
     for step in range(1, steps + 1):
         idx = torch.randint(0, data.shape[0], (batch,), generator=g)
         x0 = data[idx].to(device)
@@ -269,9 +300,11 @@ def train(model, data, steps, *, lr=1e-3, batch=32, seed=0, teacher=None, params
         opt.step()
         sched.step()
         run.append(loss.item())
+        progress.update(step, run[-1])
         if step % log_every == 0 or step == steps:
             log.append((step, float(np.mean(run))))
             run = []
+    progress.close()
     model.eval()
     return log, time.perf_counter() - t0
 

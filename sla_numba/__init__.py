@@ -5,6 +5,7 @@ Public API
 classify_blocks(q, k, ...)      -> BlockClassification (.map, .lut)
 sla_attention(q, k, v, ...)     -> O  (numpy, torch or CuPy; torch is differentiable)
 kernel_path(q, ...)             -> "cpu" | "gpu:simt" | "gpu:tc": which kernels run
+warmup(head_dim, dtypes, ...)   -> compile the kernels ahead of time (first calls compile)
 SparseLinearAttention(head_dim) -> torch.nn.Module with the learnable projection
 sla_attention_ulysses(q, k, v, group=...)  -> SLA on a sequence split over ranks
 UlyssesSparseLinearAttention(head_dim)     -> its nn.Module (sla_numba.distributed)
@@ -12,12 +13,13 @@ reference                       -> the dense float64 oracle (teaching code)
 
 Shapes are (B, H, N, D) throughout. See docs/algorithm.md for the exact semantics.
 """
+from ._warmup import warmup
 from .api import BlockClassification, classify_blocks, kernel_path, sla_attention
 
 __version__ = "0.1.0"
 
 __all__ = ["BlockClassification", "classify_blocks", "kernel_path", "sla_attention",
-           "SparseLinearAttention", "reference", "__version__",
+           "warmup", "SparseLinearAttention", "reference", "__version__",
            "sla_attention_ulysses", "classify_blocks_ulysses", "UlyssesSparseLinearAttention"]
 
 #: Names loaded on first use from sla_numba.distributed (torch.distributed).

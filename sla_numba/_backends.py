@@ -10,6 +10,10 @@ import numpy as np
 
 def load_backend(name):
     """Import ``sla_numba.cpu`` or ``sla_numba.gpu``; a clear error if it cannot be used."""
+    if name == "gpu":
+        from ._gpu_check import NO_NUMBA_CUDA, numba_cuda_installed
+        if not numba_cuda_installed():
+            raise RuntimeError(f"backend='gpu' is not available: {NO_NUMBA_CUDA}")
     try:
         return importlib.import_module(f"sla_numba.{name}")
     except ImportError as err:

@@ -5,6 +5,10 @@ before any kernel runs, so a bad argument is reported by name and never
 reaches a kernel.
 """
 import math
+import numbers
+import operator
+
+import numpy as np
 
 #: Feature maps phi, applied per token along D, and their integer codes for kernels.
 FEATURE_MAPS = {"softmax": 0, "elu": 1, "relu": 2}
@@ -27,7 +31,7 @@ def n_blocks(n, block):
 
 def check_fraction(name, value, *, low, high, low_open, high_open):
     """Raise ValueError unless ``value`` is a real number in the given interval."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _is_real(value):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
     if math.isnan(value):
@@ -59,19 +63,49 @@ def block_counts(mk, topk, skip):
     return n_crit, n_skip
 
 
+def _is_real(value):
+    """A real number: Python int / float or a numpy scalar (np.float32(0.5), np.int64(3)),
+    not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def check_block_size(name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
+    """A positive integer; numpy integers are accepted (``operator.index``) and returned
+    as a Python int."""
+    if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return value
+
+
+#: Blocks up to this size are passed to the kernels as given.
+LARGE_BLOCK = 4096
+
+
+def effective_block(block, n):
+    """The block size the kernels get for ``n`` tokens.
+
+    A block larger than both ``n`` and :data:`LARGE_BLOCK` covers all tokens in one
+    block, exactly as the smallest power of two >= n (at least 16) does: same map,
+    same result. The kernels get that one instead, so buffers sized by the block stay
+    small (``block_q=2**31`` used to fail with ``SystemError``). Ordinary block sizes
+    are never changed, so the GPU kernel path and tile configuration stay as chosen.
+    """
+    if block <= max(n, LARGE_BLOCK):
+        return block
+    return max(16, 1 << max(n - 1, 0).bit_length())
 
 
 def check_scale(scale, head_dim):
     """Default 1/sqrt(D); otherwise a finite positive-or-negative non-zero float."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if not _is_real(scale):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     scale = float(scale)
     if not math.isfinite(scale) or scale <= 0.0:

@@ -16,10 +16,15 @@ import dataclasses
 import importlib
 from typing import Any
 
+#: numpy array, torch tensor or CuPy array (torch and CuPy are optional imports)
+Array = Any
+
 import numpy as np
 
 from . import _params
 from ._backends import compute_dtype, load_backend
+from ._compile_log import describe, notice
+from ._gpu_check import require_gpu
 from ._kinds import FLOAT_DTYPES, array_kind, device_of, dtype_name, is_on_gpu
 
 
@@ -89,6 +94,8 @@ def _resolve_backend(backend, q, kind):
                 "move the inputs with .cuda() or use backend='cpu'")
         # numpy arrays are copied to the device and back by the gpu backend
         # (and under the CUDA simulator, torch CPU tensors too, for tests).
+        # No device, no driver, no numba-cuda: one RuntimeError saying which.
+        require_gpu()
     return backend
 
 
@@ -109,7 +116,7 @@ def _check_block_map(block_map, q, kind, shape):
         raise ValueError(
             f"block_map must have shape (B, H, Mq, Mk) = {shape}, got {tuple(block_map.shape)}")
     dt = dtype_name(block_map, k)
-    if not dt.startswith("int"):
+    if not (dt.startswith("int") or dt.startswith("uint")):
         raise TypeError(f"block_map must be an integer array (int8), got {dt}")
     if device_of(block_map, k) != device_of(q, kind):
         raise ValueError(f"block_map is on {device_of(block_map, k)} but q is on {device_of(q, kind)}")
@@ -186,16 +193,17 @@ def critical_lut(block_map, n_crit):
 
 def _prepare_params(q, k, topk, skip, block_q, block_k, scale):
     topk, skip = _params.check_topk_skip(topk, skip)
-    block_q = _params.check_block_size("block_q", block_q)
-    block_k = _params.check_block_size("block_k", block_k)
+    block_q = _params.effective_block(_params.check_block_size("block_q", block_q), int(q.shape[2]))
+    block_k = _params.effective_block(_params.check_block_size("block_k", block_k), int(k.shape[2]))
     scale = _params.check_scale(scale, int(q.shape[-1]))
     mk = _params.n_blocks(int(k.shape[2]), block_k)
     n_crit, n_skip = _params.block_counts(mk, topk, skip)
     return block_q, block_k, scale, n_crit, n_skip
 
 
-def classify_blocks(q, k, *, topk=0.05, skip=0.10, block_q=64, block_k=64,
-                    scale=None, backend="auto"):
+def classify_blocks(q: Array, k: Array, *, topk: float = 0.05, skip: float = 0.10,
+                    block_q: int = 64, block_k: int = 64, scale: "float | None" = None,
+                    backend: str = "auto") -> BlockClassification:
     """Sort key blocks, per query block, into critical / marginal / negligible.
 
     Query and key blocks are mean-pooled; the block score is
@@ -242,8 +250,9 @@ def classify_blocks(q, k, *, topk=0.05, skip=0.10, block_q=64, block_k=64,
         block_map = torch_ops.classify(q, k, n_crit, n_skip, block_q, block_k, scale, backend)
     else:
         mod = load_backend(backend)
-        block_map = mod.classify(*_host_inputs(kind, backend, q, k),
-                                 n_crit, n_skip, block_q, block_k, scale)
+        with notice(describe("classify", int(q.shape[-1]), dtype_name(q, kind), backend)):
+            block_map = mod.classify(*_host_inputs(kind, backend, q, k),
+                                     n_crit, n_skip, block_q, block_k, scale)
     return BlockClassification(block_map, critical_lut(block_map, n_crit),
                                n_crit, n_skip, block_q, block_k)
 
@@ -264,10 +273,12 @@ def _host_inputs(kind, backend, *arrays):
     return [np.ascontiguousarray(a, dtype=compute_dtype(np.dtype(a.dtype).name)) for a in arrays]
 
 
-def sla_attention(q, k, v, *, topk=0.05, skip=0.10, block_q=64, block_k=64,
-                  feature_map="softmax", scale=None, block_map=None,
-                  proj_weight=None, proj_bias=None, return_parts=False,
-                  backend="auto", eps=_params.EPS):
+def sla_attention(q: Array, k: Array, v: Array, *, topk: float = 0.05, skip: float = 0.10,
+                  block_q: int = 64, block_k: int = 64, feature_map: str = "softmax",
+                  scale: "float | None" = None, block_map: "Array | None" = None,
+                  proj_weight: "Array | None" = None, proj_bias: "Array | None" = None,
+                  return_parts: bool = False, backend: str = "auto",
+                  eps: float = _params.EPS) -> "Array | tuple[Array, Array]":
     """Sparse-Linear Attention: ``O = O_s + O_l Wᵀ + b``.
 
     Per query block, the critical key blocks get exact softmax attention (O_s),
@@ -337,11 +348,12 @@ def sla_attention(q, k, v, *, topk=0.05, skip=0.10, block_q=64, block_k=64,
 
     mod = load_backend(backend)
     qc, kc, vc = _host_inputs(kind, backend, q, k, v)
-    if block_map is None:
-        block_map = mod.classify(qc, kc, n_crit, n_skip, block_q, block_k, scale)
-    xp = np if kind == "numpy" else importlib.import_module("cupy")
-    block_map = xp.ascontiguousarray(block_map.astype(np.int8, copy=False))
-    o_s, o_l, _ = mod.forward(qc, kc, vc, block_map, block_q, block_k, scale, fm, eps)
+    with notice(describe("forward", D, dtype_name(q, kind), backend)):
+        if block_map is None:
+            block_map = mod.classify(qc, kc, n_crit, n_skip, block_q, block_k, scale)
+        xp = np if kind == "numpy" else importlib.import_module("cupy")
+        block_map = xp.ascontiguousarray(block_map.astype(np.int8, copy=False))
+        o_s, o_l, _ = mod.forward(qc, kc, vc, block_map, block_q, block_k, scale, fm, eps)
     out_dtype = q.dtype
     if return_parts:
         return o_s.astype(out_dtype), o_l.astype(out_dtype)
@@ -353,7 +365,8 @@ def sla_attention(q, k, v, *, topk=0.05, skip=0.10, block_q=64, block_k=64,
     return o_s.astype(out_dtype, copy=False)
 
 
-def kernel_path(q, *, block_q=64, block_k=64, backend="auto"):
+def kernel_path(q: Array, *, block_q: int = 64, block_k: int = 64,
+                backend: str = "auto") -> str:
     """Which kernels :func:`sla_attention` runs for inputs like ``q``.
 
     Returns ``"cpu"`` (Numba CPU kernels), ``"gpu:simt"`` (Numba CUDA kernels on

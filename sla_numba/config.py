@@ -13,8 +13,6 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             ``linear``) sent back to their SIMT twins (ablation, fault
                             isolation).
 ``SLA_NUMBA_NO_CACHE``      ``1``: compile GPU kernels without Numba's disk cache.
-``SLA_NUMBA_CACHE_DIR``     folder of the package's own on-disk files (default
-                            ``$XDG_CACHE_HOME/sla_numba`` or ``~/.cache/sla_numba``).
 ==========================  ===========================================================
 
 Numba's own variables (``NUMBA_CACHE_DIR``, ``NUMBA_ENABLE_CUDASIM``,
@@ -28,7 +26,6 @@ TC_PARTS = ("states", "marginal", "linear")
 GPU_PATH_VAR = "SLA_NUMBA_GPU_PATH"
 TC_OFF_VAR = "SLA_NUMBA_TC_OFF"
 NO_CACHE_VAR = "SLA_NUMBA_NO_CACHE"
-CACHE_DIR_VAR = "SLA_NUMBA_CACHE_DIR"
 
 
 def gpu_path():
@@ -57,12 +54,3 @@ def disk_cache():
     if raw not in ("", "0", "1"):
         raise ValueError(f"{NO_CACHE_VAR}={raw!r}: must be 0 or 1")
     return raw != "1"
-
-
-def cache_root():
-    """``SLA_NUMBA_CACHE_DIR``, or the per-user default cache folder."""
-    root = os.environ.get(CACHE_DIR_VAR, "").strip()
-    if root:
-        return root
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "sla_numba")

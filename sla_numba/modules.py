@@ -24,13 +24,14 @@ class SparseLinearAttention(torch.nn.Module):
     (torch.Size([1, 2, 100, 32]), torch.Size([32, 32]))
     """
 
-    def __init__(self, head_dim, *, topk=0.05, skip=0.10, block_q=64, block_k=64,
-                 feature_map="softmax", scale=None, backend="auto"):
+    def __init__(self, head_dim: int, *, topk: float = 0.05, skip: float = 0.10,
+                 block_q: int = 64, block_k: int = 64, feature_map: str = "softmax",
+                 scale: "float | None" = None, backend: str = "auto") -> None:
         super().__init__()
-        _params.check_block_size("head_dim", head_dim)
-        _params.check_topk_skip(topk, skip)
-        _params.check_block_size("block_q", block_q)
-        _params.check_block_size("block_k", block_k)
+        head_dim = _params.check_block_size("head_dim", head_dim)
+        block_q = _params.check_block_size("block_q", block_q)
+        block_k = _params.check_block_size("block_k", block_k)
+        topk, skip = _params.check_topk_skip(topk, skip)
         _params.check_feature_map(feature_map)
         _params.check_backend(backend)
         self.head_dim, self.topk, self.skip = head_dim, topk, skip
@@ -40,7 +41,13 @@ class SparseLinearAttention(torch.nn.Module):
         torch.nn.init.zeros_(self.proj.weight)
         torch.nn.init.zeros_(self.proj.bias)
 
-    def forward(self, q, k, v, block_map=None):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                block_map: "torch.Tensor | None" = None) -> torch.Tensor:
+        if q.ndim == 4 and int(q.shape[-1]) != self.head_dim:
+            raise ValueError(
+                f"q has head_dim {int(q.shape[-1])} but this SparseLinearAttention was built "
+                f"with head_dim={self.head_dim} (its proj is Linear({self.head_dim}, "
+                f"{self.head_dim}))")
         return sla_attention(
             q, k, v, topk=self.topk, skip=self.skip, block_q=self.block_q,
             block_k=self.block_k, feature_map=self.feature_map, scale=self.scale,

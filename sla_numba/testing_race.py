@@ -195,6 +195,32 @@ class _Tracked(np.ndarray):
         super().__setitem__(idx, value)
 
 
+class _TrackedLocal(np.ndarray):
+    """A thread's local array that knows which elements were written: reading one
+    that was not is reported (local memory starts undefined, and in the simulator as
+    whatever ``np.empty`` returns: NaN left over from a poisoned buffer, say)."""
+
+    def __getitem__(self, idx):
+        out = super().__getitem__(idx)
+        mask = getattr(self, "_sla_written", None)
+        if mask is not None and (not isinstance(out, np.ndarray) or out.ndim == 0):
+            if not mask[idx] and _state is not None:
+                _, block, tid, epoch = _thread()
+                msg = (f"local-array read of element {idx} of a {self.dtype} array "
+                       f"{self.shape} before any write (block {block} thread {tid}, at "
+                       f"{_where()}): local memory starts undefined")
+                _state.races.append(msg)
+                if _state.raise_first:
+                    raise DataRace(msg)
+        return out
+
+    def __setitem__(self, idx, value):
+        mask = getattr(self, "_sla_written", None)
+        if mask is not None:
+            mask[idx] = True
+        super().__setitem__(idx, value)
+
+
 @contextlib.contextmanager
 def detect_races(raise_first=True):
     """Record the memory accesses of simulated kernels launched inside the block.
@@ -209,6 +235,7 @@ def detect_races(raise_first=True):
     from numba.cuda.simulator.cudadrv import devicearray
 
     shared_array = kernelapi.FakeCUDAShared.array
+    local_array = kernelapi.FakeCUDALocal.array
     syncthreads = sim_kernel.BlockThread.syncthreads
     inner = devicearray.FakeWithinKernelCUDAArray
     get_item, set_item = inner.__getitem__, inner.__setitem__
@@ -228,6 +255,11 @@ def detect_races(raise_first=True):
             arr = allocations[caller] = np.empty(shape, dtype)
         return arr.view(_Tracked)
 
+    def tracked_local(self, shape, dtype, alignment=None):
+        arr = local_array(self, shape, dtype, alignment).view(_TrackedLocal)
+        arr._sla_written = np.zeros(arr.shape, np.bool_)
+        return arr
+
     def counted_syncthreads(self):
         syncthreads(self)
         self._sla_epoch = getattr(self, "_sla_epoch", 0) + 1
@@ -246,12 +278,14 @@ def detect_races(raise_first=True):
 
     _state = _State(raise_first)
     kernelapi.FakeCUDAShared.array = tracked_array
+    kernelapi.FakeCUDALocal.array = tracked_local
     sim_kernel.BlockThread.syncthreads = counted_syncthreads
     inner.__getitem__, inner.__setitem__ = global_get, global_set
     try:
         yield _state.races
     finally:
         kernelapi.FakeCUDAShared.array = shared_array
+        kernelapi.FakeCUDALocal.array = local_array
         sim_kernel.BlockThread.syncthreads = syncthreads
         inner.__getitem__, inner.__setitem__ = get_item, set_item
         _state = None

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ._backends import compute_dtype, load_backend
+from ._compile_log import describe, notice
 
 
 def _to_numpy(t, dtype=None):
@@ -37,15 +38,18 @@ def _run(backend, fn_name, tensors, *args):
     """Call ``backend.fn_name`` on tensors; returns torch tensors on q's device."""
     device = tensors[0].device
     mod = load_backend(backend)
+    label = describe(fn_name, tensors[0].shape[-1], str(tensors[0].dtype).replace("torch.", ""),
+                     backend)
     if device.type == "cuda":
         # The gpu backend reads torch CUDA tensors directly (any float dtype),
         # launches on torch's current stream and allocates with torch.
-        outs = getattr(mod, fn_name)(*[t.contiguous() for t in tensors], *args)
-        return outs
+        with notice(label):
+            return getattr(mod, fn_name)(*[t.contiguous() for t in tensors], *args)
     # Host tensors: numpy views. With backend="gpu" this only happens under the
     # CUDA simulator (the API refuses it otherwise); the gpu backend then copies.
     arrays = [_to_numpy(t, np.int8 if t.dtype == torch.int8 else None) for t in tensors]
-    outs = getattr(mod, fn_name)(*arrays, *args)
+    with notice(label):
+        outs = getattr(mod, fn_name)(*arrays, *args)
     if isinstance(outs, tuple):
         return tuple(torch.from_numpy(np.asarray(o)) for o in outs)
     return torch.from_numpy(np.asarray(outs))
@@ -129,6 +133,22 @@ def _backward(ctx, grad_o_s, grad_o_l, _grad_lse):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "sla_numba: double backward (a gradient of SLA's gradient, e.g. torch.autograd.grad "
+        "with create_graph=True followed by another backward) is not supported; the "
+        "backward kernels compute first-order gradients only")
+
+
+def _setup_backward_context(ctx, inputs, output):
+    pass
+
+
+# First-order backward with create_graph=True still works; only differentiating the
+# backward itself raises, with the sentence above instead of "no autograd formula".
+_backward_op.register_autograd(_no_double_backward, setup_context=_setup_backward_context)
+
+
 # ---------------------------------------------------------------------------
 # 3. What the API and the module call
 # ---------------------------------------------------------------------------
@@ -141,7 +161,16 @@ def classify(q, k, n_crit, n_skip, block_q, block_k, scale, backend):
 
 def sla_attention(q, k, v, block_map, n_crit, n_skip, block_q, block_k, scale,
                   feature_map, eps, proj_weight, proj_bias, return_parts, backend):
-    """torch path of :func:`sla_numba.sla_attention` (arguments already validated)."""
+    """torch path of :func:`sla_numba.sla_attention` (arguments already validated).
+
+    Under ``torch.autocast`` float32 inputs are cast to the autocast dtype first (as
+    autocast does for SDPA), so the output has that dtype and, on a GPU, bf16/fp16
+    take the tensor-core path; float64 inputs are left alone, as autocast does.
+    """
+    dev = q.device.type
+    if q.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        low = torch.get_autocast_dtype(dev)
+        q, k, v = (x.to(low) for x in (q, k, v))
     if block_map is None:
         block_map = classify(q, k, n_crit, n_skip, block_q, block_k, scale, backend)
     else:

@@ -6,7 +6,7 @@ import pytest
 
 
 @pytest.mark.parametrize("module", ["sla_numba.reference", "sla_numba.api",
-                                    "sla_numba.modules"])
+                                    "sla_numba.modules", "sla_numba._warmup"])
 def test_docstring_examples(module):
     mod = importlib.import_module(module)
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

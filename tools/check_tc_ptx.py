@@ -3,9 +3,13 @@
 Usage:  python tools/check_tc_ptx.py [--quick]
 Needs numba-cuda with its CUDA wheels (``pip install 'numba-cuda[cu13]'``).
 For every configuration: counts ``mma.sync`` / ``ldmatrix`` / ``cp.async`` in the
-PTX against the number the generator wrote (the inline asm of mma is pure, so
-LLVM could merge identical chains: the counts must match exactly) and reports
-``.local`` usage (spills happen later, in ptxas; this catches local arrays).
+PTX against the expected number (the inline asm of mma is pure, so LLVM could
+merge identical chains: the counts must match exactly) and reports ``.local``
+usage (spills happen later, in ptxas; this catches local arrays that were not
+turned into registers, e.g. a loop LLVM did not unroll). The tensor-core kernels
+are plain ``@cuda.jit`` factories: their expected counts are the
+constants in ``SPARSE_EXPECTED`` and in the check_* functions below (those of the
+generated kernels they replaced). Kernels compile with their own fast-math flags.
 Also links the PTX for sm_90 with nvJitLink (``cuda.bindings``, part of the cu13
 wheels) and reports ptxas's register count and spill bytes.
 Exit status 1 on a mismatch.
@@ -57,20 +61,51 @@ def ptxas_info(ptx):
             int(spill.group(1)) if spill else -1, int(spill.group(2)) if spill else -1)
 
 
-def check(name, fn, sig, source):
-    t0 = time.time()
-    ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
+#: (kernel, D, block_k, block_q, kind) -> (mma.sync, ldmatrix) per kernel, as counted in
+#: the generated kernels these replaced (this tool at commit 3856a2d).
+SPARSE_EXPECTED = {
+    ("forward", 128, 64, 128, "bf16"): (256, 80),
+    ("forward", 64, 64, 128, "bf16"): (128, 40),
+    ("forward", 128, 64, 64, "f16"): (128, 72),
+    ("dq", 128, 64, 128, "bf16"): (192, 112),
+    ("dkv", 128, 64, 128, "bf16"): (256, 144),
+    ("dq", 64, 64, 128, "bf16"): (96, 56),
+    ("dkv", 64, 64, 128, "bf16"): (128, 72),
+    ("dq", 128, 64, 64, "f16"): (192, 112),
+    ("dkv", 128, 64, 64, "f16"): (256, 144),
+}
+
+
+def _pretend_sm90():
+    """Device functions called from a kernel are typed for the current device's
+    compute capability; without a GPU, answer sm_90 (compile_ptx targets it)."""
+    import numba.cuda.dispatcher as disp
+
+    class _Dev:
+        compute_capability = (9, 0)
+    try:
+        cuda.get_current_device()
+    except Exception:  # noqa: BLE001 - no driver / no GPU here
+        disp.get_current_device = lambda: _Dev()
+
+
+def check(name, fn, sig, want):
+    """Compile ``fn`` (a kernel, with its own fast-math flags) for sm_90 and compare its
+    mma.sync / ldmatrix counts with ``want``; no ``.local`` allowed."""
+    t0, c0 = time.time(), time.process_time()
+    fastmath = getattr(fn, "targetoptions", {}).get("fastmath", False)
+    ptx, _ = cuda.compile_ptx(getattr(fn, "py_func", fn), sig, cc=(9, 0), fastmath=fastmath)
     info = ptxas_info(ptx)
-    want_mma = len(re.findall(r"= mma_(?:bf16|f16)\(", source))
-    want_ld = len(re.findall(r"(?:ldmatrix|ldsm)_x4(?:_trans)?\(smem", source))
+    want_mma, want_ld = want
     got_mma = _count(ptx, "mma.sync.aligned")
     got_ld = _count(ptx, "ldmatrix.sync")
     local = _count(ptx, ".local")
-    ok = got_mma == want_mma and got_ld == want_ld
+    ok = got_mma == want_mma and got_ld == want_ld and local == 0
     print(f"{name:38s} mma {got_mma:4d}/{want_mma:<4d} ldmatrix {got_ld:4d}/{want_ld:<4d} "
           f"cp.async {_count(ptx, 'cp.async.cg'):3d} .local {local:2d} "
           + (f"regs {info[0]:3d} spill {info[1]:3d}/{info[2]:<3d} " if info else "")
-          + f"{time.time() - t0:5.1f}s {'ok' if ok else 'MISMATCH'}")
+          + f"{time.time() - t0:5.1f}s (cpu {time.process_time() - c0:5.1f}s) "
+          f"{'ok' if ok else 'MISMATCH'}")
     return ok
 
 
@@ -88,16 +123,16 @@ def main():
     configs = [(128, 64, 128, "bf16"), (64, 64, 128, "bf16"), (128, 64, 64, "f16")]
     if quick:
         configs = configs[:1]
+    _pretend_sm90()
     for D, bk, bq, kind in configs if wanted("forward") else []:
-        src = forward_tc.forward_source(D, bk, bq, kind)
-        mod = forward_tc.get_forward_kernel(D, bk, bq, kind)
-        ok &= check(f"forward D={D} bk={bk} bq={bq} {kind}", mod.sla_fwd_tc, fwd_sig, src)
+        kern = forward_tc.make_sparse_forward(D, bk, bq, kind).kernel
+        ok &= check(f"forward D={D} bk={bk} bq={bq} {kind}", kern, fwd_sig,
+                    SPARSE_EXPECTED["forward", D, bk, bq, kind])
     for D, bk, bq, kind in configs if wanted("backward") else []:
         for which in backward_tc.KERNELS:
-            src, mod = backward_tc.kernel_source_and_module(which, D, bk, bq, kind)
-            fn = getattr(mod, backward_tc.KERNEL_NAMES[which])
-            ok &= check(f"backward {which} D={D} bk={bk} bq={bq} {kind}", fn,
-                        backward_tc.signature(which), src)
+            kern = backward_tc.make_sparse_backward(which, D, bk, bq, kind).kernel
+            ok &= check(f"backward {which} D={D} bk={bk} bq={bq} {kind}", kern,
+                        backward_tc.signature(which), SPARSE_EXPECTED[which, D, bk, bq, kind])
     if wanted("marginal"):
         ok &= check_marginal()
     if wanted("states"):
@@ -108,45 +143,46 @@ def main():
 
 
 def check_marginal():
-    """The tensor-core marginal sum (``marginal_tc``), GPU tiles."""
+    """The tensor-core marginal sum (``tc.marginal``), GPU tiles: 32 mma, 10 ldmatrix."""
     from numba import int8
     from sla_numba.gpu.tc import marginal as marginal_tc
     tiles = marginal_tc.GPU_TILES
     i8, f32 = int8[::1], float32[::1]
     sig = (i8, int64, int64, int64, int64, int64, f32, int64, f32, int64, int64)
-    mod = marginal_tc.get_marginal_kernel(tiles)
-    return check(f"marginal_sum_tc tiles={tuple(tiles)}", mod.marginal_sum_tc, sig,
-                 marginal_tc.marginal_source(tiles))
+    kern = marginal_tc.make_marginal_kernel(tiles).kernel
+    return check(f"marginal_sum_tc tiles={tuple(tiles)}", kern, sig, (32, 10))
 
 
 def check_states(quick=False):
-    """The tensor-core key-block states (``states_tc``), GPU tiles."""
+    """The tensor-core key-block states (``tc.states``), GPU tiles; a whole key block
+    (its BK/16 k-steps are unrolled)."""
     from sla_numba.gpu.tc import states as states_tc
     i16, f32 = int16[::1], float32[::1]
     sig = (i16, i16, f32, int64, int64, int64, int64)
-    configs = [("bf16", 128, 64, True), ("f16", 64, 64, True), ("bf16", 128, 64, False)]
+    configs = [("bf16", 128, 64, True, 144, 32), ("f16", 64, 64, True, 80, 24),
+               ("bf16", 128, 64, False, 72, 24)]
     ok = True
-    for kind, D, bk, split in configs[:1] if quick else configs:
+    for kind, D, bk, split, mma, ld in configs[:1] if quick else configs:
         tiles = states_tc.choose_tiles(D, states_tc.GPU_MAX_WARPS)
-        src = states_tc.states_source(kind, D, bk, tiles, split)
-        mod = states_tc.get_states_kernel(kind, D, bk, tiles, split)
+        kern = states_tc.make_states_kernel(kind, D, bk, tiles, split).kernel
         ok &= check(f"states_tc {kind} D={D} bk={bk} tiles={tuple(tiles)} split={split}",
-                    mod.states_tc, sig, src)
+                    kern, sig, (mma, ld))
     return ok
 
 
 def check_linear(quick=False):
-    """The tensor-core linear-branch output (``linear_tc``), GPU chunking."""
+    """The tensor-core linear-branch output (``tc.linear``), GPU chunking. The counts are
+    those of one chunk of H_i (the chunk loop stays a loop)."""
     from sla_numba.gpu.tc import linear as linear_tc
     i16, i32, f32 = int16[::1], int32[::1], float32[::1]
     sig = (i16, f32, i32, f32, int64, int64, int64, int64, float32)
-    configs = [("bf16", 128, 64), ("f16", 64, 64), ("bf16", 128, 128)]
+    configs = [("bf16", 128, 64, 100, 38), ("f16", 64, 64, 52, 22),
+               ("bf16", 128, 128, 100, 38)]
     ok = True
-    for kind, D, bq in configs[:1] if quick else configs:
+    for kind, D, bq, mma, ld in configs[:1] if quick else configs:
         hk = linear_tc.chunk_rows(D, linear_tc.GPU_HK)
-        src = linear_tc.linear_source(kind, D, bq, hk)
-        mod = linear_tc.get_linear_kernel(kind, D, bq, hk)
-        ok &= check(f"linear_tc {kind} D={D} bq={bq} hk={hk}", mod.linear_tc, sig, src)
+        kern = linear_tc.make_linear_kernel(kind, D, bq, hk).kernel
+        ok &= check(f"linear_tc {kind} D={D} bq={bq} hk={hk}", kern, sig, (mma, ld))
     return ok
 
 

@@ -1,8 +1,8 @@
 """How long a new user waits: the first SLA call of a fresh process, cold and warm cache.
 
 Runs each case in a NEW Python process (so nothing is compiled or imported yet):
-  cold  -- empty Numba and sla_numba caches (``NUMBA_CACHE_DIR`` / ``SLA_NUMBA_CACHE_DIR``
-           pointed at a new temporary folder): what a user sees on a fresh machine;
+  cold  -- an empty Numba cache (``NUMBA_CACHE_DIR`` pointed at a new temporary
+           folder): what a user sees on a fresh machine;
   warm  -- the same folders again, now filled by the cold run: a new process later.
 In each process it times, with the GPU synchronised: ``import sla_numba``, the first
 forward (classification included), the first backward, and a second forward (the
@@ -56,8 +56,7 @@ print(json.dumps(dict(torch_import_s=t_torch, import_s=t_import, first_forward_s
 
 
 def run_child(shape, dtype, cache):
-    env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(cache, "numba"),
-               SLA_NUMBA_CACHE_DIR=os.path.join(cache, "sla"), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(cache, "numba"), PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", CHILD, shape, dtype], env=env,
                          capture_output=True, text=True, timeout=600)

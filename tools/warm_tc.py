@@ -1,17 +1,15 @@
 """Compile tensor-core kernel configurations in parallel processes (fills Numba's disk cache).
 
-Usage: PYTHONPATH=. python tools/warm_tc.py VARIANT:D:BK:BQ:KIND [...]   (e.g. v2:128:64:128:bf16)
+Usage: PYTHONPATH=. python tools/warm_tc.py D:BK:BQ:KIND [...]   (e.g. 128:64:128:bf16)
 Each configuration's three kernels (forward, dQ, dK/dV) compile in separate processes, so a
 later test or benchmark run loads them from the cache instead of compiling one by one.
 """
-import os
 import subprocess
 import sys
 import time
 
 
-def _one(variant, D, bk, bq, kind, which):
-    os.environ["SLA_TC_VARIANT"] = variant
+def _one(D, bk, bq, kind, which):
     import numpy as np
     if not hasattr(np, "row_stack"):
         np.row_stack = np.vstack
@@ -35,8 +33,8 @@ def _one(variant, D, bk, bq, kind, which):
 
 def main():
     if sys.argv[1] == "--one":
-        v, D, bk, bq, kind, which = sys.argv[2:8]
-        _one(v, int(D), int(bk), int(bq), kind, which)
+        D, bk, bq, kind, which = sys.argv[2:7]
+        _one(int(D), int(bk), int(bq), kind, which)
         return
     t0 = time.time()
     procs = []

@@ -2,7 +2,8 @@
 
 Usage: PYTHONPATH=. python tools/warm_tc_cache.py [D:block_q:block_k:kind ...]
 Default: the configurations the tests and the benchmark use. Each kernel compiles
-in its own process (5-40 s each); later launches load the cubins from the cache.
+in its own process; later launches load the cubins from the cache. Run it twice:
+the second run must say "(disk cache)" for every kernel.
 """
 import multiprocessing as mp
 import sys
@@ -21,14 +22,15 @@ def _compile(job):
     t0 = time.time()
     if which == "fwd":
         i16, i32, f32 = int16[::1], int32[::1], float32[::1]
-        kern = forward_tc.get_forward_kernel(D, bk, bq, kind).sla_fwd_tc
+        kern = forward_tc.make_sparse_forward(D, bk, bq, kind).kernel
         sig = (i16, i16, i16, i32, i32, f32, f32, int64, int64, int64, int64, float32)
     else:
-        mod = backward_tc.kernel_source_and_module(which, D, bk, bq, kind)[1]
-        kern = getattr(mod, backward_tc.KERNEL_NAMES[which])
+        kern = backward_tc.make_sparse_backward(which, D, bk, bq, kind).kernel
         sig = backward_tc.signature(which)
     compiled = kern.compile(sig)
-    return f"{which} D={D} bq={bq} bk={bk} {kind}: {time.time() - t0:.1f}s " \
+    compiled._codelibrary.get_cufunc()          # the cubin (ptxas) is part of the cost
+    how = "disk cache" if sum(kern._cache_hits.values()) else "compiled"
+    return f"{which} D={D} bq={bq} bk={bk} {kind}: {time.time() - t0:.1f}s ({how}) " \
            f"regs {compiled.regs_per_thread} local {compiled.local_mem_per_thread}"
 
 

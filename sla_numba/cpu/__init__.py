@@ -19,8 +19,14 @@ source file only. After editing ``_common.py``, delete the cached ``*.nbi``/``*.
 files (``__pycache__`` here, or ``NUMBA_CACHE_DIR``), or the kernels in
 ``forward.py``/``backward.py`` keep the old helpers.
 """
-from .backward import backward
-from .classify import classify
-from .forward import forward
+from .._threads import choose_threading_layer, serialized
+from .backward import backward as _backward
+from .classify import classify as _classify
+from .forward import forward as _forward
+
+# Fork- and thread-safety (see sla_numba/_threads.py): a fork-safe threading layer
+# unless the user chose one, and one kernel call at a time across threads.
+choose_threading_layer()
+backward, classify, forward = serialized(_backward), serialized(_classify), serialized(_forward)
 
 __all__ = ["classify", "forward", "backward"]

@@ -5,7 +5,7 @@ Three functions, the backend contract of docs/internals.md:
 * :func:`classify` (``classify.py``) — pooled block scores → int8 block map,
   bit-identical to the CPU backend's (2 launches);
 * :func:`forward` (``forward.py``) — linear states per key block, their sums over
-  each row's marginal blocks (one matrix product, ``_marginal.py``), then one fused
+  each row's marginal blocks (one matrix product, ``simt/marginal.py``), then one fused
   kernel per (b, h, query block): sparse FlashAttention over the critical blocks
   and the linear branch (3 launches);
 * :func:`backward` (``backward.py``) — dQ per query block over its critical list,
@@ -14,8 +14,8 @@ Three functions, the backend contract of docs/internals.md:
 
 Kernel paths (``_path.py``): ``forward`` / ``backward`` take ``path="auto"``
 (default) | ``"simt"`` | ``"tc"``. With ``"tc"`` the tensor-core kernels
-(``forward_tc.py`` / ``backward_tc.py``: fp16 / bf16 ``mma.sync``) do the sparse
-branch, ``states_tc.py`` / ``marginal_tc.py`` / ``linear_tc.py`` the linear branch's
+(``tc/forward.py`` / ``tc/backward.py``: fp16 / bf16 ``mma.sync``) do the sparse
+branch, ``tc/states.py`` / ``tc/marginal.py`` / ``tc/linear.py`` the linear branch's
 states, their marginal sums and the forward's O_l, and SIMT kernels the backward's
 linear terms; ``"auto"`` picks ``"tc"`` whenever
 :func:`select_path` says so (fp16 / bf16, D a multiple of 16 up to 128, supported
@@ -26,9 +26,9 @@ Inputs: torch CUDA tensors, CuPy arrays, numba device arrays or numpy arrays
 (copied to the device and back: this is how CI runs the kernels under the CUDA
 simulator). Outputs are the same kind as ``q`` (see ``_arrays.py``), in float32
 (float64 for float64 input). Kernels compile lazily on first use, so importing
-this package needs no GPU. Shared pieces: ``_tiles.py`` (tile configs, the
-register-tile micro-kernel, loaders, feature maps), ``_prep.py`` (block lists and
-linear states), ``_marginal.py`` (sums of states over marginal blocks), ``_compat.py`` (numpy 2.5 / simulator / bf16 shims).
+this package needs no GPU. Shared pieces: ``simt/tiles.py`` (tile configs, the
+register-tile micro-kernel, loaders, feature maps), ``simt/states.py`` (block lists and
+linear states), ``simt/marginal.py`` (sums of states over marginal blocks), ``_compat.py`` (numpy 2.5 / simulator / bf16 shims).
 """
 from . import _compat  # noqa: F401  (restores np.row_stack before numba.cuda compiles)
 from .backward import backward

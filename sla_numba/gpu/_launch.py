@@ -21,10 +21,10 @@ def launch_prep(call, tiles, x, y, n_rows, block, n_state, bmap, mq, mk, fm, wan
     """Launch ``prep``; returns the device buffers (states, lists, counts).
 
     ``tc_kind`` ("bf16" / "f16", the tensor-core path): the states come from the
-    tensor-core kernel (``states_tc``, one more launch) and ``prep`` builds only the
+    tensor-core kernel (``tc/states.py``, one more launch) and ``prep`` builds only the
     lists (and delta).
 
-    ``info`` arrays are (2, B, H, M) (see ``_prep``): ``row_info[0]`` / ``col_info[0]``
+    ``info`` arrays are (2, B, H, M) (see ``simt/states.py``): ``row_info[0]`` / ``col_info[0]``
     are the critical counts per row / column, ``[1]`` the marginal counts.
     ``delta_of=(o_s, do_s)`` (backward, tensor-core path) also fills ``delta``
     (B, H, Nq) = rowsum(o_s * do_s).
@@ -72,7 +72,7 @@ def launch_prep(call, tiles, x, y, n_rows, block, n_state, bmap, mq, mk, fm, wan
 
 
 def marginal_sum(call, bmap, transposed, n_out, n_in, states, out, tc):
-    """``out = M · states`` (``_marginal``), on tensor cores (``marginal_tc``: bf16
+    """``out = M · states`` (``simt/marginal.py``), on tensor cores (``tc/marginal.py``: bf16
     hi + lo products, fp32 accumulation) when ``tc`` (the tensor-core path) and the
     states are fp32; the SIMT product otherwise."""
     if tc and np.dtype(states.dtype) == np.float32 and tc_part("marginal"):
@@ -107,7 +107,7 @@ def half_kind(call, x):
 
 
 def linear_supported(D, block_q):
-    """Whether ``linear_tc`` takes this head dim and query block (imported lazily)."""
+    """Whether ``tc/linear.py`` takes this head dim and query block (imported lazily)."""
     from .tc.linear import linear_tc_supported
     return linear_tc_supported(D, block_q)
 

@@ -4,10 +4,10 @@
 
 * ``"simt"`` — the fused SIMT kernels do both branches (any dtype, any D, any
   block sizes; fp32 or fp64 arithmetic);
-* ``"tc"`` — the tensor-core kernels (``forward_tc`` / ``backward_tc``: fp16 /
+* ``"tc"`` — the tensor-core kernels (``tc/forward.py`` / ``tc/backward.py``: fp16 /
   bf16 ``mma.sync``, fp32 accumulation) do the sparse branch; the SIMT kernels,
   compiled without their sparse loops, do only the linear branch;
-* ``"auto"`` — ``"tc"`` when :func:`forward_tc.tc_supported` holds for the inputs
+* ``"auto"`` — ``"tc"`` when :func:`tc.forward.tc_supported` holds for the inputs
   (fp16 / bf16, D a multiple of 16 up to 128, block_q in {16, 32, 64, 128},
   block_k in {16, 32, 64}, compute capability >= 8.0), else ``"simt"``.
 
@@ -18,8 +18,8 @@ kernels everywhere, ``tc`` forces the tensor cores and, like an explicit
 There is never a silent fallback from a forced path.
 
 On the ``"tc"`` path the linear branch's heavy products run on tensor cores too:
-``states`` (``states_tc``: h_j, z_j per key block), ``marginal`` (``marginal_tc``:
-the sums over marginal blocks) and ``linear`` (``linear_tc``: the forward's O_l).
+``states`` (``tc/states.py``: h_j, z_j per key block), ``marginal`` (``tc/marginal.py``:
+the sums over marginal blocks) and ``linear`` (``tc/linear.py``: the forward's O_l).
 ``SLA_NUMBA_TC_OFF`` (comma-separated part names) sends named parts back to their
 SIMT kernels: a switch for measuring what each part is worth and for isolating a
 fault, read on every call (:func:`tc_part`).

@@ -2,11 +2,11 @@
 
 Given dO_s (= dO) and dO_l (= dO·W), five launches on the caller's stream:
 
-1. ``prep`` (``_prep.py``): per key block the linear state h_j, z_j again, and
+1. ``prep`` (``simt/states.py``): per key block the linear state h_j, z_j again, and
    the block lists of the map: per query-block row its critical list, per
    key-block column the *reverse index* (query blocks that mark the column
    critical), with counts.
-2. ``marginal_sum`` (``_marginal.py``): H_i, Z_i of every query-block row.
+2. ``marginal_sum`` (``simt/marginal.py``): H_i, Z_i of every query-block row.
 3. ``dq`` — one CUDA block per (b, h, query block i), BQ rows at a time:
    - per row: ``δs = O_s·dO_s``, ``δl = O_l·dO_l``, ``den = φ(q)·Z_i + eps``
      (kept in small workspaces for steps 3c and 5);
@@ -29,7 +29,7 @@ Every output element is written by exactly one thread: same input, same bits.
 
 Path "tc" (``_path.py``; fp16 / bf16 on compute capability >= 8.0): ``prep`` also
 computes ``delta = O_s·dO_s`` per query row; the tensor-core kernels
-(``backward_tc``) then write the sparse dQ, dK, dV, reading the prep kernel's
+(``tc/backward.py``) then write the sparse dQ, dK, dV, reading the prep kernel's
 critical lists (row_crit + row_info[0]) and reverse index (col_crit +
 col_info[0]) straight from the device; finally ``dq`` / column sum / ``dkdv``,
 compiled with ``sparse=False``, *add* the linear contributions in place (7

@@ -4,10 +4,10 @@ Shapes: q (B, H, Nq, D); k, v (B, H, Nk, D); block_map int8 (B, H, Mq, Mk).
 
 Three launches, all on the caller's stream:
 
-1. ``prep`` (``_prep.py``): per key block j, the linear state
+1. ``prep`` (``simt/states.py``): per key block j, the linear state
    ``h_j = φ(K_j)ᵀ V_j`` (D x D) and ``z_j = Σ_rows φ(K_j)`` (D); in the same
    launch, per query-block row i, its critical list C_i and counts.
-2. ``marginal_sum`` (``_marginal.py``): for every row i at once,
+2. ``marginal_sum`` (``simt/marginal.py``): for every row i at once,
    ``H_i = Σ_{j marginal} h_j`` and ``Z_i`` likewise, as one matrix product
    (block mask x states), summed in j order.
 3. the fused kernel below, one CUDA block per (b, h, query block i), walking
@@ -30,15 +30,15 @@ Three launches, all on the caller's stream:
 
    H_i (from launch 2) is staged DC rows at a time through shared memory.
 
-The products all run through one register-tile micro-kernel (``_tiles.make_mm``).
+The products all run through one register-tile micro-kernel (``simt/tiles.make_mm``).
 
 ``path`` (``_path.py``) selects who does the sparse branch: ``"simt"`` — the fused
 kernel above does both branches; ``"tc"`` — the tensor-core kernel
-(``forward_tc``, fp16 / bf16 ``mma.sync``) writes O_s and lse, reading the prep
+(``tc/forward.py``, fp16 / bf16 ``mma.sync``) writes O_s and lse, reading the prep
 kernel's critical lists as its LUT (``row_crit`` + ``row_info[0]``: no host work,
 no sync); the linear branch runs on tensor cores too (docs/internals.md): the
-states from ``states_tc``, their marginal sums from ``marginal_tc``, O_l from
-``linear_tc`` — each sent back to its SIMT kernel (for O_l: the fused kernel
+states from ``tc/states.py``, their marginal sums from ``tc/marginal.py``, O_l from
+``tc/linear.py`` — each sent back to its SIMT kernel (for O_l: the fused kernel
 compiled with ``sparse=False``) where ``SLA_NUMBA_TC_OFF`` names it; ``"auto"``
 (default) — ``"tc"`` whenever the inputs allow it. Launches with ``"tc"``: prep
 (lists), states, marginal sum, tc sparse, linear (5).

@@ -4,7 +4,9 @@ Under the CUDA simulator a missing ``syncthreads`` shows only as a result that c
 now and then (a flaky test). Here each kernel path runs on awkward tiny shapes with the
 detector on, which fails at the first pair of unordered accesses to one element (one a
 write), at the first read of shared memory the block never wrote, and at two blocks
-touching one element. Simulator only: on a GPU the real hardware decides.
+touching one element, and at a read of a local-array element the thread never wrote
+(local and shared memory start undefined; in the simulator as whatever ``np.empty``
+returns, which changes from run to run). Simulator only: on a GPU the real hardware decides.
 
 A detector that cannot fail would prove nothing, so the first tests feed it kernels
 with a planted race / uninitialised read / two writers and check that it reports each.
@@ -52,6 +54,13 @@ def _uninitialised(out):
 
 
 @cuda.jit
+def _unwritten_local(out):
+    acc = cuda.local.array(2, np.float32)
+    acc[0] = 1.0                      # acc[1] is never written
+    out[cuda.threadIdx.x] = acc[0] + acc[1]
+
+
+@cuda.jit
 def _two_blocks_one_element(out):
     if cuda.threadIdx.x == 0:
         out[0] = cuda.blockIdx.x      # every block writes element 0
@@ -74,6 +83,12 @@ def test_detector_reports_an_uninitialised_shared_read():
     with pytest.raises(DataRace, match="no thread of block"):
         with detect_races():
             _run(_uninitialised, np.zeros(4, np.float32))
+
+
+def test_detector_reports_an_unwritten_local_read():
+    with pytest.raises(DataRace, match="local-array read"):
+        with detect_races():
+            _run(_unwritten_local, np.zeros(4, np.float32))
 
 
 def test_detector_reports_two_blocks_writing_one_element():

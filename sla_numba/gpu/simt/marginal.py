@@ -20,7 +20,7 @@ block order, the same bits on every run.
 
 Tiles: a CUDA block computes RT x WT outputs (RT = TR·RR rows, WT = TC·RW columns),
 TR x TC threads, each thread an RR x RW register tile; the inner dimension is staged
-KT rows at a time through shared memory (``_tiles.make_mm`` does the arithmetic).
+KT rows at a time through shared memory (``simt/tiles.make_mm`` does the arithmetic).
 """
 import functools
 

@@ -21,7 +21,7 @@
      sparse backward reads before the SIMT kernels run.
 
 The sums of states over each row's marginal blocks are the next launch
-(``_marginal.py``: one matrix product for all rows).
+(``simt/marginal.py``: one matrix product for all rows).
 
 Nothing goes back to the host.
 """

@@ -378,7 +378,7 @@ def make_common(NT, acc_name):
     def load_state(dst, off, ld, transpose, state, e0, R, C, W, t):
         """One R x C window of a linear state: element (r, c) is ``state[e0 + r*W + c]``.
 
-        ``state`` is one flat state row (``_marginal``'s output for one block: vec(H)
+        ``state`` is one flat state row (``marginal.py``'s output for one block: vec(H)
         then Z). The window goes to dst[off + r*ld + c], or dst[off + c*ld + r] when
         ``transpose``.
         """

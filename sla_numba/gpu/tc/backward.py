@@ -8,7 +8,8 @@ atomics): every output element is owned by exactly one warp.
     dP  = dO V^T          dS = P * (dP - delta)
     dQ  = scale * dS K    dK = scale * dS^T Q    dV = P^T dO
 
-Two kernels (generated straight-line tile code, like ``forward_tc``):
+Two kernels, plain ``@cuda.jit`` factories like the forward's (``tc/forward.py``;
+fragment layouts and shared tiles in ``tc/tiles.py``):
 
 ``sla_bwd_dq_tc`` — one CTA per query block (``block_q / 16`` warps x 16 rows),
 over its LUT. Shared memory: Q and dO [block_q x D] staged once, one K and one
@@ -31,368 +32,301 @@ kernel (P = 0); queries past Nq get lse2 = +inf in the dK/dV kernel (P = 0) and
 zero Q / dO. Rows past N are never written; a query (key) block with no LUT
 (reverse) entry gets dQ (dK, dV) = 0.
 
+Fragment ownership: warp ``w`` owns 16 M-side rows (query rows in dQ, key rows in
+dK/dV), the lane rows ``g`` and ``g + 8`` of them (``g = lane >> 2``, ``t = lane & 3``);
+``acc[0, n, e]`` is row ``g + 8*(e >> 1)``, column ``8n + 2t + (e & 1)`` of a 16 x 8*NTILE
+accumulator; every accumulator is a ``cuda.local.array`` indexed by fully unrolled
+loops (registers).
+
 Outputs are float32 (the backend contract's compute dtype).
 """
+import functools
+
 import numpy as np
+from numba import float32, int16, int32
 
+from .._compat import cuda, kernel
 from . import build as _tc_build
-from .ptx import LOG2E
-from .forward import _load_tile_lines, kernel_variant, load_prelude_lines, tile_load_lines
-
-#: Code style of the generator run in progress: 'v2' (immediate-offset ldmatrix,
-#: straight-line tile loads, dK/dV with dP^T first) or 'v1' (the first version).
-_STYLE = {"v2": True}
-
-
-def _split_off(expr):
-    """'1234 + var' / 'var' -> (var, 1234 / 0)."""
-    parts = [x.strip() for x in expr.split("+")]
-    const = sum(int(x) for x in parts if x.isdigit())
-    names = [x for x in parts if not x.isdigit()]
-    assert len(names) == 1, expr
-    return names[0], const
-
-
-def _ld(trans, expr, extra):
-    """An ldmatrix call at element offset ``expr + extra``."""
-    if not _STYLE["v2"]:
-        fn = "ldmatrix_x4_trans" if trans else "ldmatrix_x4"
-        return f"{fn}(smem, {expr} + {extra})"
-    var, const = _split_off(expr)
-    fn = "ldsm_x4_trans" if trans else "ldsm_x4"
-    return f"{fn}(smem, {var}_b, {(const + extra) * 2})"
-
-
-def _tile(ind, dst, src, base, row0, nrows, nvalid, D, SD, NT):
-    if _STYLE["v2"]:
-        return tile_load_lines(ind, dst, src, base, row0, nrows, nvalid, D, SD, NT)
-    return _load_tile_lines(ind, dst, src, base, row0, nrows, nvalid, D, SD, NT)
-
-
-def _byte_addrs(e, ind, names):
-    if _STYLE["v2"]:
-        for n in names:
-            e(ind + f"{n}_b = sa + {n} * 2")
+from .ptx import LOG2E, cp_async_commit, cp_async_wait_all, exp2, smem_addr
+from .tiles import (NEG_INF, POS_INF, SMEM_ALIGN, TC_FASTMATH, ZERO, TCKernel, frag_rows_a,
+                    frag_rows_bt, make_mma, make_tile_loader, make_warp_gemm, smem_stride)
 
 KERNELS = ("dq", "dkv")
-KERNEL_NAMES = {"dq": "sla_bwd_dq_tc", "dkv": "sla_bwd_dkv_tc"}
 
 
-def _lane_offsets(e, ind):
-    """Per-lane ldmatrix row/column offsets (the two patterns of ``_mma``).
+@functools.lru_cache(maxsize=None)
+def make_sparse_dq(D, block_k, block_q, kind):
+    """The dQ kernel for one configuration, as a :class:`~.tiles.TCKernel`.
 
-    ``p1``: rows ((lane>>3)&1)*8 + (lane&7), column (lane>>4)*8 -- A fragments of
-    row-major tiles, and B fragments by ``ldmatrix.trans`` of [k x n] row-major tiles.
-    ``p2``: rows (lane>>4)*8 + (lane&7), column ((lane>>3)&1)*8 -- B fragments of
-    ``X^T`` by non-transposed ``ldmatrix`` of [n x k] row-major tiles.
+    Launch: grid ``(Mq, B*H)``; arguments ``(q, k, v, do, lse, delta, lut, counts, dq,
+    nq, nk, mq, n_lut, c2, scale)``: q, do (B, H, Nq, D) and k, v (B, H, Nk, D) as
+    flat int16 bits; lse, delta (B, H, Nq) flat float32; lut (B, H, Mq, n_lut),
+    counts (B, H, Mq) flat int32; dq (B, H, Nq, D) flat float32 output.
     """
-    e(ind + "p1r = ((lane >> 3) & 1) * 8 + (lane & 7)")
-    e(ind + "p1c = (lane >> 4) * 8")
-    e(ind + "p2r = (lane >> 4) * 8 + (lane & 7)")
-    e(ind + "p2c = ((lane >> 3) & 1) * 8")
-
-
-def _gemm(e, ind, mma, acc, n_tiles, k_steps, a_from, b_from, SD, zero_init):
-    """Emit acc[16 x 8*n_tiles] (+)= A[16 x 16*k_steps] . B.
-
-    acc(n) -> the 4 accumulator names of n-tile n.
-    a_from: ("smem", offset_expr) -- ldmatrix of row-major A rows at offset + 16*ks;
-            ("regs", fn) -- fn(ks) -> 4 names already packed.
-    b_from: ("nk", offset_expr) -- B = X^T, X [n x k] row-major: ldmatrix at
-                                   offset + np*16*SD + ks*16;
-            ("kn", offset_expr) -- B = X, X [k x n] row-major: ldmatrix.trans at
-                                   offset + ks*16*SD + np*16.
-    """
-    for ks in range(k_steps):
-        if a_from[0] == "smem":
-            e(ind + f"a0, a1, a2, a3 = {_ld(False, a_from[1], ks * 16)}")
-            a = ("a0", "a1", "a2", "a3")
-        else:
-            a = a_from[1](ks)
-        for np_ in range(n_tiles // 2):
-            if b_from[0] == "nk":
-                e(ind + f"b0, b1, b2, b3 = {_ld(False, b_from[1], np_ * 16 * SD + ks * 16)}")
-            else:
-                e(ind + f"b0, b1, b2, b3 = {_ld(True, b_from[1], ks * 16 * SD + np_ * 16)}")
-            for h, (x, y) in enumerate((("b0", "b1"), ("b2", "b3"))):
-                names = acc(2 * np_ + h)
-                cin = "ZERO, ZERO, ZERO, ZERO" if (zero_init and ks == 0) else ", ".join(names)
-                e(ind + f"{', '.join(names)} = {mma}({', '.join(a)}, {x}, {y}, {cin})")
-
-
-def _pack_lines(e, ind, pack, src, dst, k_steps):
-    """Pack fp32 C-layout tiles src(n) into A fragments dst_ks_0..3 (see _mma)."""
-    for kk in range(k_steps):
-        a, b = src(2 * kk), src(2 * kk + 1)
-        e(ind + f"{dst}{kk}_0 = {pack}({a[0]}, {a[1]})")
-        e(ind + f"{dst}{kk}_1 = {pack}({a[2]}, {a[3]})")
-        e(ind + f"{dst}{kk}_2 = {pack}({b[0]}, {b[1]})")
-        e(ind + f"{dst}{kk}_3 = {pack}({b[2]}, {b[3]})")
-
-
-def _header(e, doc, kind):
-    e('"""%s\nDo not edit: generated by sla_numba.gpu.tc.backward."""' % doc)
-    e("import math")
-    e("import numpy as np")
-    e("from numba import cuda, int16, float32")
-    e("from sla_numba.gpu.tc.ptx import (mma_%s, pack_%sx2, ldmatrix_x4, ldmatrix_x4_trans,"
-      % (kind, kind))
-    e("    cp_async16, cp_async_commit, cp_async_wait_all, exp2, smem_addr, ldsm_x4, ldsm_x4_trans,")
-    e("    cp_async16i)")
-    e("ZERO = np.float32(0.0)")
-    e("NEG_INF = np.float32(-np.inf)")
-    e("POS_INF = np.float32(np.inf)")
-    e("LOG2E = np.float32(%r)" % LOG2E)
-
-
-def _prelude(e, L, ind, D, SD, NT):
-    if _STYLE["v2"]:
-        e(ind + "sa = smem_addr(smem)")
-        L.extend(load_prelude_lines(ind, D, SD, NT))
-
-
-def dq_source(D, block_k, block_q, kind):
-    BK, BQ = block_k, block_q
-    NW, NT = BQ // 16, BQ // 16 * 32
-    SD = D + 8
+    BQ, BK = block_q, block_k
+    NT = BQ // 16 * 32                  # one warp per 16 query rows
+    SD = smem_stride(D)
     QOFF, DOFF, KOFF, VOFF = 0, BQ * SD, 2 * BQ * SD, (2 * BQ + BK) * SD
-    NKT, NDT = BK // 8, D // 8
-    mma, pack = "mma_" + kind, "pack_%sx2" % kind
-    L = []
-    e = L.append
-    _header(e, "dQ kernel: D=%d block_k=%d block_q=%d %s." % (D, BK, BQ, kind), kind)
-    e("SMEM_BYTES = %d" % ((2 * BQ + 2 * BK) * SD * 2))
-    e("THREADS = %d" % NT)
-    e("")
-    e("")
-    e(_tc_build.jit_decorator())
-    e("def sla_bwd_dq_tc(q, k, v, do, lse, delta, lut, counts, dq, nq, nk, mq, n_lut, c2, scale):")
-    I, J = "    ", "        "
-    e(I + _tc_build.smem_decl())
-    for line in ("tid = cuda.threadIdx.x", "lane = tid & 31", "warp = tid >> 5", "g = lane >> 2",
-                 "t = lane & 3", "qb = cuda.blockIdx.x", "bh = cuda.blockIdx.y",
-                 "row0 = qb * %d" % BQ, "q_base = bh * nq * %d" % D,
-                 "kv_base = bh * nk * %d" % D, "cnt = counts[bh * mq + qb]"):
-        e(I + line)
-    e(I + "if cnt == 0:")
-    e(I + "    for idx in range(tid, %d, %d):" % (BQ * D, NT))
-    e(I + "        r = row0 + idx // %d" % D)
-    e(I + "        if r < nq:")
-    e(I + "            dq[q_base + r * %d + idx %% %d] = ZERO" % (D, D))
-    e(I + "    return")
-    _prelude(e, L, I, D, SD, NT)
-    e(I + "lut_base = (bh * mq + qb) * n_lut")
-    e(I + "kb = lut[lut_base]")
-    L.extend(_tile(I, QOFF, "q", "q_base", "row0", BQ, "nq - row0", D, SD, NT))
-    L.extend(_tile(I, DOFF, "do", "q_base", "row0", BQ, "nq - row0", D, SD, NT))
-    L.extend(_tile(I, KOFF, "k", "kv_base", "kb * %d" % BK, BK, "nk - kb * %d" % BK, D, SD, NT))
-    L.extend(_tile(I, VOFF, "v", "kv_base", "kb * %d" % BK, BK, "nk - kb * %d" % BK, D, SD, NT))
-    e(I + "cp_async_commit()")
-    _lane_offsets(e, I)
-    e(I + "aoff = (warp * 16 + p1r) * %d + p1c" % SD)
-    e(I + "bn = p2r * %d + p2c" % SD)
-    e(I + "bt = p1r * %d + p1c" % SD)
-    _byte_addrs(e, I, ("aoff", "bn", "bt"))
-    for r in range(2):
-        e(I + f"ra = row0 + warp * 16 + g + {8 * r}")
-        e(I + f"ls_{r} = lse[bh * nq + ra] * LOG2E if ra < nq else ZERO")
-        e(I + f"dl_{r} = delta[bh * nq + ra] if ra < nq else ZERO")
-    for d in range(NDT):
-        e(I + " = ".join(f"q_{d}_{x}" for x in range(4)) + " = ZERO")
-    e(I + "for it in range(cnt):")
-    e(J + "cp_async_wait_all()")
-    e(J + "cuda.syncthreads()")
-    e(J + "# S = Q K^T, dP = dO V^T")
-    _gemm(e, J, mma, lambda n: [f"s_{n}_{x}" for x in range(4)], NKT, D // 16,
-          ("smem", "aoff"), ("nk", f"{KOFF} + bn"), SD, True)
-    _gemm(e, J, mma, lambda n: [f"p_{n}_{x}" for x in range(4)], NKT, D // 16,
-          ("smem", f"{DOFF} + aoff"), ("nk", f"{VOFF} + bn"), SD, True)
-    e(J + "nvalid = nk - kb * %d" % BK)
-    e(J + "if nvalid < %d:" % BK)
-    e(J + "    c0 = 2 * t")
-    for n in range(NKT):
-        for odd in range(2):
-            e(J + f"    if c0 + {8 * n + odd} >= nvalid:")
-            e(J + f"        s_{n}_{odd} = s_{n}_{odd + 2} = NEG_INF")
-    e(J + "# P = 2^(S c - lse2), dS = P (dP - delta)")
-    for n in range(NKT):
-        for x in range(4):
-            r = x >> 1
-            e(J + f"s_{n}_{x} = exp2(s_{n}_{x} * c2 - ls_{r})")
-            e(J + f"s_{n}_{x} = s_{n}_{x} * (p_{n}_{x} - dl_{r})")
-    _pack_lines(e, J, pack, lambda n: [f"s_{n}_{x}" for x in range(4)], "ds", BK // 16)
-    e(J + "# dQ += dS K")
-    _gemm(e, J, mma, lambda n: [f"q_{n}_{x}" for x in range(4)], NDT, BK // 16,
-          ("regs", lambda kk: [f"ds{kk}_{x}" for x in range(4)]), ("kn", f"{KOFF} + bt"), SD, False)
-    e(J + "cuda.syncthreads()")
-    e(J + "if it + 1 < cnt:")
-    e(J + "    kb = lut[lut_base + it + 1]")
-    L.extend(_tile(J + I, KOFF, "k", "kv_base", "kb * %d" % BK, BK, "nk - kb * %d" % BK, D, SD, NT))
-    L.extend(_tile(J + I, VOFF, "v", "kv_base", "kb * %d" % BK, BK, "nk - kb * %d" % BK, D, SD, NT))
-    e(J + "    cp_async_commit()")
-    for r in range(2):
-        e(I + f"ra = row0 + warp * 16 + g + {8 * r}")
-        e(I + "if ra < nq:")
-        e(I + "    ob = q_base + ra * %d + 2 * t" % D)
-        for d in range(NDT):
-            e(I + f"    dq[ob + {8 * d}] = q_{d}_{2 * r} * scale")
-            e(I + f"    dq[ob + {8 * d + 1}] = q_{d}_{2 * r + 1} * scale")
-    return "\n".join(L) + "\n"
+    NKT = BK // 8                       # n-tiles of S and dP (key columns)
+    NDT = D // 8                        # n-tiles of dQ (head-dim columns)
+    PK = BK // 16                       # k-steps of dQ += dS K
+    SMEM_BYTES = (2 * BQ + 2 * BK) * SD * 2
+    load_q = make_tile_loader(D, BQ, NT)
+    load_kv = make_tile_loader(D, BK, NT)
+    _, pack_a = make_mma(kind)
+    gemm_qk, _ = make_warp_gemm(kind, SD, NKT, D // 16, False)     # S = Q K^T, dP = dO V^T
+    _, gemm_dsk = make_warp_gemm(kind, SD, NDT, PK, True)          # dQ += dS K
+    log2e = np.float32(LOG2E)
+
+    @kernel(fastmath=TC_FASTMATH)
+    def sla_bwd_dq_tc(q, k, v, do, lse, delta, lut, counts, dq, nq, nk, mq, n_lut, c2, scale):
+        smem = cuda.shared.array(0, int16, alignment=SMEM_ALIGN)
+        s = cuda.local.array((1, NKT, 4), float32)      # S, then P, then dS
+        dp = cuda.local.array((1, NKT, 4), float32)     # dP = dO V^T
+        acc = cuda.local.array((1, NDT, 4), float32)    # dQ / scale
+        af = cuda.local.array((1, 4), int32)            # A fragments read from smem
+        ds = cuda.local.array((PK, 4), int32)           # dS packed as A fragments
+        ls = cuda.local.array(2, float32)               # lse * log2(e) of rows g, g + 8
+        dl = cuda.local.array(2, float32)               # delta of rows g, g + 8
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        warp = tid >> 5
+        g = lane >> 2
+        t = lane & 3
+        qb = cuda.blockIdx.x
+        bh = cuda.blockIdx.y
+        row0 = qb * BQ
+        q_base = bh * nq * D
+        kv_base = bh * nk * D
+        cnt = counts[bh * mq + qb]
+
+        # A query block without critical key blocks: dQ = 0.
+        if cnt == 0:
+            for idx in range(tid, BQ * D, NT):
+                r = row0 + idx // D
+                if r < nq:
+                    dq[q_base + r * D + idx % D] = ZERO
+            return
+
+        # Stage Q and dO once, K and V of the first critical block.
+        sa = smem_addr(smem)
+        lut_base = (bh * mq + qb) * n_lut
+        kb = lut[lut_base]
+        load_q(smem, sa, QOFF, q, q_base, row0, nq - row0, tid)
+        load_q(smem, sa, DOFF, do, q_base, row0, nq - row0, tid)
+        load_kv(smem, sa, KOFF, k, kv_base, kb * BK, nk - kb * BK, tid)
+        load_kv(smem, sa, VOFF, v, kv_base, kb * BK, nk - kb * BK, tid)
+        cp_async_commit()
+
+        # Lane addresses: the warp's Q / dO rows (A), K / V rows as B of K^T / V^T,
+        # K rows as B of K (transposed load).
+        a_rows = int32(sa + (warp * 16 * SD + frag_rows_a(lane, SD)) * 2)
+        bt_rows = int32(sa + frag_rows_bt(lane, SD) * 2)
+        b_rows = int32(sa + frag_rows_a(lane, SD) * 2)
+        for r in range(2):
+            ra = row0 + warp * 16 + g + 8 * r
+            ls[r] = lse[bh * nq + ra] * log2e if ra < nq else ZERO
+            dl[r] = delta[bh * nq + ra] if ra < nq else ZERO
+        for n in range(NDT):
+            for e in range(4):
+                acc[0, n, e] = ZERO
+
+        for it in range(cnt):
+            cp_async_wait_all()
+            cuda.syncthreads()          # K, V of this block landed
+
+            # S = Q K^T and dP = dO V^T
+            for n in range(NKT):
+                for e in range(4):
+                    s[0, n, e] = ZERO
+                    dp[0, n, e] = ZERO
+            gemm_qk(s, smem, a_rows + QOFF * 2, bt_rows + KOFF * 2, af)
+            gemm_qk(dp, smem, a_rows + DOFF * 2, bt_rows + VOFF * 2, af)
+            nvalid = nk - kb * BK
+            if nvalid < BK:             # keys past Nk: P = 0
+                for n in range(NKT):
+                    for odd in range(2):
+                        if 8 * n + 2 * t + odd >= nvalid:
+                            s[0, n, odd] = NEG_INF
+                            s[0, n, odd + 2] = NEG_INF
+
+            # P = 2^(S c2 - lse2), dS = P (dP - delta), packed as A fragments
+            for n in range(NKT):
+                for e in range(4):
+                    p = exp2(s[0, n, e] * c2 - ls[e >> 1])
+                    s[0, n, e] = p * (dp[0, n, e] - dl[e >> 1])
+            for kk in range(PK):
+                pack_a(ds, kk, s, 0, kk)
+
+            # dQ += dS K
+            gemm_dsk(acc, ds, smem, b_rows + KOFF * 2)
+
+            cuda.syncthreads()          # everyone is done with K, V
+            if it + 1 < cnt:
+                kb = lut[lut_base + it + 1]
+                load_kv(smem, sa, KOFF, k, kv_base, kb * BK, nk - kb * BK, tid)
+                load_kv(smem, sa, VOFF, v, kv_base, kb * BK, nk - kb * BK, tid)
+                cp_async_commit()
+
+        for r in range(2):
+            ra = row0 + warp * 16 + g + 8 * r
+            if ra < nq:
+                ob = q_base + ra * D + 2 * t
+                for n in range(NDT):
+                    dq[ob + 8 * n] = acc[0, n, 2 * r] * scale
+                    dq[ob + 8 * n + 1] = acc[0, n, 2 * r + 1] * scale
+
+    return TCKernel(sla_bwd_dq_tc, NT, SMEM_BYTES)
 
 
-def dkv_source(D, block_k, block_q, kind):
+@functools.lru_cache(maxsize=None)
+def make_sparse_dkv(D, block_k, block_q, kind):
+    """The dK/dV kernel for one configuration, as a :class:`~.tiles.TCKernel`.
+
+    Launch: grid ``(Mk, B*H)``; arguments ``(q, k, v, do, lse, delta, rev, rev_counts,
+    dk, dv, nq, nk, mk, n_rev, c2, scale)``: as the dQ kernel's, with the reverse
+    index rev (B, H, Mk, n_rev) / rev_counts (B, H, Mk) flat int32 and dk, dv
+    (B, H, Nk, D) flat float32 outputs.
+    """
     BK, BQ = block_k, block_q
-    QC = min(BQ, 64)
-    CPB = BQ // QC
-    NT = BK // 16 * 32
-    SD = D + 8
+    QC = min(BQ, 64)                    # queries staged at a time
+    CPB = BQ // QC                      # chunks per query block
+    NT = BK // 16 * 32                  # one warp per 16 key rows
+    SD = smem_stride(D)
     KOFF, VOFF, QOFF, DOFF = 0, BK * SD, 2 * BK * SD, (2 * BK + QC) * SD
-    FOFF = (2 * BK + 2 * QC) * SD // 2          # float32 index of lse2[QC], delta[QC]
-    NQT, NDT = QC // 8, D // 8
-    mma, pack = "mma_" + kind, "pack_%sx2" % kind
-    L = []
-    e = L.append
-    _header(e, "dK/dV kernel: D=%d block_k=%d block_q=%d %s." % (D, BK, BQ, kind), kind)
-    e("SMEM_BYTES = %d" % ((2 * BK + 2 * QC) * SD * 2 + 2 * QC * 4))
-    e("THREADS = %d" % NT)
-    e("")
-    e("")
-    e(_tc_build.jit_decorator())
-    e("def sla_bwd_dkv_tc(q, k, v, do, lse, delta, rev, rev_counts, dk, dv, nq, nk, mk, n_rev, c2, scale):")
-    I, J, K_ = "    ", "        ", "            "
-    e(I + _tc_build.smem_decl())
-    e(I + _tc_build.smem_decl("smf").replace("int16", "float32"))
-    for line in ("tid = cuda.threadIdx.x", "lane = tid & 31", "warp = tid >> 5", "g = lane >> 2",
-                 "t = lane & 3", "kb = cuda.blockIdx.x", "bh = cuda.blockIdx.y",
-                 "krow0 = kb * %d" % BK, "q_base = bh * nq * %d" % D,
-                 "kv_base = bh * nk * %d" % D, "rcnt = rev_counts[bh * mk + kb]"):
-        e(I + line)
-    e(I + "if rcnt == 0:")
-    e(I + "    for idx in range(tid, %d, %d):" % (BK * D, NT))
-    e(I + "        r = krow0 + idx // %d" % D)
-    e(I + "        if r < nk:")
-    e(I + "            dk[kv_base + r * %d + idx %% %d] = ZERO" % (D, D))
-    e(I + "            dv[kv_base + r * %d + idx %% %d] = ZERO" % (D, D))
-    e(I + "    return")
-    _prelude(e, L, I, D, SD, NT)
-    e(I + "rev_base = (bh * mk + kb) * n_rev")
-    L.extend(_tile(I, KOFF, "k", "kv_base", "krow0", BK, "nk - krow0", D, SD, NT))
-    L.extend(_tile(I, VOFF, "v", "kv_base", "krow0", BK, "nk - krow0", D, SD, NT))
+    FOFF = (2 * BK + 2 * QC) * SD // 2  # float32 index of lse2[QC], then delta[QC]
+    NQT = QC // 8                       # n-tiles of S^T and dP^T (query columns)
+    NDT = D // 8                        # n-tiles of dK, dV (head-dim columns)
+    PK = QC // 16                       # k-steps of dV += P^T dO, dK += dS^T Q
+    SMEM_BYTES = (2 * BK + 2 * QC) * SD * 2 + 2 * QC * 4
+    load_kv = make_tile_loader(D, BK, NT)
+    load_q = make_tile_loader(D, QC, NT)
+    _, pack_a = make_mma(kind)
+    gemm_kq, _ = make_warp_gemm(kind, SD, NQT, D // 16, False)     # S^T = K Q^T, dP^T = V dO^T
+    _, gemm_pq = make_warp_gemm(kind, SD, NDT, PK, True)           # dV += P^T dO, dK += dS^T Q
+    log2e = np.float32(LOG2E)
 
-    def stage_chunk(ind, ci):
-        e(ind + f"q0 = rev[rev_base + {ci} // {CPB}] * {BQ} + ({ci} % {CPB}) * {QC}")
-        L.extend(_tile(ind, QOFF, "q", "q_base", "q0", QC, "nq - q0", D, SD, NT))
-        L.extend(_tile(ind, DOFF, "do", "q_base", "q0", QC, "nq - q0", D, SD, NT))
-        e(ind + f"for idx in range(tid, {QC}, {NT}):")
-        e(ind + "    r = q0 + idx")
-        e(ind + "    if r < nq:")
-        e(ind + f"        smf[{FOFF} + idx] = lse[bh * nq + r] * LOG2E")
-        e(ind + f"        smf[{FOFF + QC} + idx] = delta[bh * nq + r]")
-        e(ind + "    else:")
-        e(ind + f"        smf[{FOFF} + idx] = POS_INF")
-        e(ind + f"        smf[{FOFF + QC} + idx] = ZERO")
-        e(ind + "cp_async_commit()")
+    @kernel(fastmath=TC_FASTMATH)
+    def sla_bwd_dkv_tc(q, k, v, do, lse, delta, rev, rev_counts, dk, dv, nq, nk, mk, n_rev,
+                       c2, scale):
+        smem = cuda.shared.array(0, int16, alignment=SMEM_ALIGN)
+        smf = cuda.shared.array(0, float32, alignment=SMEM_ALIGN)   # same memory, as fp32
+        st = cuda.local.array((1, NQT, 4), float32)     # S^T, then P^T
+        dpt = cuda.local.array((1, NQT, 4), float32)    # dP^T, then dS^T
+        acc_k = cuda.local.array((1, NDT, 4), float32)  # dK / scale
+        acc_v = cuda.local.array((1, NDT, 4), float32)  # dV
+        af = cuda.local.array((1, 4), int32)            # A fragments read from smem
+        pt = cuda.local.array((PK, 4), int32)           # P^T packed as A fragments
+        dst = cuda.local.array((PK, 4), int32)          # dS^T packed as A fragments
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        warp = tid >> 5
+        t = lane & 3
+        g = lane >> 2
+        kb = cuda.blockIdx.x
+        bh = cuda.blockIdx.y
+        krow0 = kb * BK
+        q_base = bh * nq * D
+        kv_base = bh * nk * D
+        rcnt = rev_counts[bh * mk + kb]
 
-    stage_chunk(I, "0")
-    _lane_offsets(e, I)
-    e(I + "aoff = (warp * 16 + p1r) * %d + p1c" % SD)
-    e(I + "bn = p2r * %d + p2c" % SD)
-    e(I + "bt = p1r * %d + p1c" % SD)
-    _byte_addrs(e, I, ("aoff", "bn", "bt"))
-    for d in range(NDT):
-        e(I + " = ".join(f"k_{d}_{x}" for x in range(4)) + " = ZERO")
-        e(I + " = ".join(f"v_{d}_{x}" for x in range(4)) + " = ZERO")
-    e(I + "for ci in range(rcnt * %d):" % CPB)
-    e(J + "cp_async_wait_all()")
-    e(J + "cuda.syncthreads()")
-    if not _STYLE["v2"]:
-        e(J + "# S^T = K Q^T, P^T = 2^(S^T c - lse2[col])")
-        _gemm(e, J, mma, lambda n: [f"s_{n}_{x}" for x in range(4)], NQT, D // 16,
-              ("smem", f"{KOFF} + aoff"), ("nk", f"{QOFF} + bn"), SD, True)
-        e(J + "c0 = 2 * t")
-        for n in range(NQT):
-            e(J + f"lsa = smf[{FOFF + 8 * n} + c0]")
-            e(J + f"lsb = smf[{FOFF + 8 * n + 1} + c0]")
-            for x in range(4):
-                e(J + f"s_{n}_{x} = exp2(s_{n}_{x} * c2 - {'lsb' if x & 1 else 'lsa'})")
-        _pack_lines(e, J, pack, lambda n: [f"s_{n}_{x}" for x in range(4)], "pt", QC // 16)
-        e(J + "# dV += P^T dO")
-        _gemm(e, J, mma, lambda n: [f"v_{n}_{x}" for x in range(4)], NDT, QC // 16,
-              ("regs", lambda kk: [f"pt{kk}_{x}" for x in range(4)]), ("kn", f"{DOFF} + bt"), SD, False)
-        e(J + "# dP^T = V dO^T, dS^T = P^T (dP^T - delta[col])")
-        _gemm(e, J, mma, lambda n: [f"p_{n}_{x}" for x in range(4)], NQT, D // 16,
-              ("smem", f"{VOFF} + aoff"), ("nk", f"{DOFF} + bn"), SD, True)
-        for n in range(NQT):
-            e(J + f"dla = smf[{FOFF + QC + 8 * n} + c0]")
-            e(J + f"dlb = smf[{FOFF + QC + 8 * n + 1} + c0]")
-            for x in range(4):
-                e(J + f"s_{n}_{x} = s_{n}_{x} * (p_{n}_{x} - {'dlb' if x & 1 else 'dla'})")
-        _pack_lines(e, J, pack, lambda n: [f"s_{n}_{x}" for x in range(4)], "dst", QC // 16)
-        e(J + "# dK += dS^T Q")
-    else:
-        # v2: dP^T first, then S^T -> P^T and dS^T in place; both packed before the two
-        # gemms that consume them, so fewer fp32 tiles are live at once.
-        e(J + "# dP^T = V dO^T")
-        _gemm(e, J, mma, lambda n: [f"p_{n}_{x}" for x in range(4)], NQT, D // 16,
-              ("smem", f"{VOFF} + aoff"), ("nk", f"{DOFF} + bn"), SD, True)
-        e(J + "# S^T = K Q^T, P^T = 2^(S^T c - lse2[col]), dS^T = P^T (dP^T - delta[col])")
-        _gemm(e, J, mma, lambda n: [f"s_{n}_{x}" for x in range(4)], NQT, D // 16,
-              ("smem", f"{KOFF} + aoff"), ("nk", f"{QOFF} + bn"), SD, True)
-        e(J + "c0 = 2 * t")
-        for n in range(NQT):
-            e(J + f"lsa = smf[{FOFF + 8 * n} + c0]")
-            e(J + f"lsb = smf[{FOFF + 8 * n + 1} + c0]")
-            e(J + f"dla = smf[{FOFF + QC + 8 * n} + c0]")
-            e(J + f"dlb = smf[{FOFF + QC + 8 * n + 1} + c0]")
-            for x in range(4):
-                e(J + f"s_{n}_{x} = exp2(s_{n}_{x} * c2 - {'lsb' if x & 1 else 'lsa'})")
-                e(J + f"p_{n}_{x} = s_{n}_{x} * (p_{n}_{x} - {'dlb' if x & 1 else 'dla'})")
-        _pack_lines(e, J, pack, lambda n: [f"s_{n}_{x}" for x in range(4)], "pt", QC // 16)
-        _pack_lines(e, J, pack, lambda n: [f"p_{n}_{x}" for x in range(4)], "dst", QC // 16)
-        e(J + "# dV += P^T dO")
-        _gemm(e, J, mma, lambda n: [f"v_{n}_{x}" for x in range(4)], NDT, QC // 16,
-              ("regs", lambda kk: [f"pt{kk}_{x}" for x in range(4)]), ("kn", f"{DOFF} + bt"), SD, False)
-        e(J + "# dK += dS^T Q")
-    _gemm(e, J, mma, lambda n: [f"k_{n}_{x}" for x in range(4)], NDT, QC // 16,
-          ("regs", lambda kk: [f"dst{kk}_{x}" for x in range(4)]), ("kn", f"{QOFF} + bt"), SD, False)
-    e(J + "cuda.syncthreads()")
-    e(J + "if ci + 1 < rcnt * %d:" % CPB)
-    stage_chunk(K_, "(ci + 1)")
-    for r in range(2):
-        e(I + f"ra = krow0 + warp * 16 + g + {8 * r}")
-        e(I + "if ra < nk:")
-        e(I + "    ob = kv_base + ra * %d + 2 * t" % D)
-        for d in range(NDT):
-            e(I + f"    dk[ob + {8 * d}] = k_{d}_{2 * r} * scale")
-            e(I + f"    dk[ob + {8 * d + 1}] = k_{d}_{2 * r + 1} * scale")
-            e(I + f"    dv[ob + {8 * d}] = v_{d}_{2 * r}")
-            e(I + f"    dv[ob + {8 * d + 1}] = v_{d}_{2 * r + 1}")
-    return "\n".join(L) + "\n"
+        # A key block no query block marks critical: dK = dV = 0.
+        if rcnt == 0:
+            for idx in range(tid, BK * D, NT):
+                r = krow0 + idx // D
+                if r < nk:
+                    dk[kv_base + r * D + idx % D] = ZERO
+                    dv[kv_base + r * D + idx % D] = ZERO
+            return
 
+        # Stage K, V once and the first query chunk (Q, dO, lse2, delta).
+        sa = smem_addr(smem)
+        rev_base = (bh * mk + kb) * n_rev
+        load_kv(smem, sa, KOFF, k, kv_base, krow0, nk - krow0, tid)
+        load_kv(smem, sa, VOFF, v, kv_base, krow0, nk - krow0, tid)
+        q0 = rev[rev_base] * BQ
+        load_q(smem, sa, QOFF, q, q_base, q0, nq - q0, tid)
+        load_q(smem, sa, DOFF, do, q_base, q0, nq - q0, tid)
+        for idx in range(tid, QC, NT):
+            r = q0 + idx
+            smf[FOFF + idx] = lse[bh * nq + r] * log2e if r < nq else POS_INF
+            smf[FOFF + QC + idx] = delta[bh * nq + r] if r < nq else ZERO
+        cp_async_commit()
 
-_SOURCES = {"dq": dq_source, "dkv": dkv_source}
-_kernels = {}
+        # Lane addresses: the warp's K / V rows (A), Q / dO rows as B of Q^T / dO^T,
+        # Q / dO rows as B of Q / dO (transposed load).
+        a_rows = int32(sa + (warp * 16 * SD + frag_rows_a(lane, SD)) * 2)
+        bt_rows = int32(sa + frag_rows_bt(lane, SD) * 2)
+        b_rows = int32(sa + frag_rows_a(lane, SD) * 2)
+        for n in range(NDT):
+            for e in range(4):
+                acc_k[0, n, e] = ZERO
+                acc_v[0, n, e] = ZERO
 
+        for ci in range(rcnt * CPB):
+            cp_async_wait_all()
+            cuda.syncthreads()          # the chunk landed
 
-def kernel_source(which, D, block_k, block_q, kind, variant=None):
-    """Generated source of one backward kernel; ``variant`` 'v2' (default) or 'v1'."""
-    _STYLE["v2"] = (variant or kernel_variant()) != "v1"
-    try:
-        return _SOURCES[which](D, block_k, block_q, kind)
-    finally:
-        _STYLE["v2"] = True
+            # dP^T = V dO^T first, then S^T = K Q^T; P^T and dS^T in place and packed
+            # before the two products that read them (fewer fp32 tiles live at once).
+            for n in range(NQT):
+                for e in range(4):
+                    st[0, n, e] = ZERO
+                    dpt[0, n, e] = ZERO
+            gemm_kq(dpt, smem, a_rows + VOFF * 2, bt_rows + DOFF * 2, af)
+            gemm_kq(st, smem, a_rows + KOFF * 2, bt_rows + QOFF * 2, af)
+            # P^T = 2^(S^T c2 - lse2[col]), dS^T = P^T (dP^T - delta[col]); the lane's
+            # columns are the chunk's queries 8n + 2t and 8n + 2t + 1
+            for n in range(NQT):
+                c = 8 * n + 2 * t
+                l2_0 = smf[FOFF + c]
+                l2_1 = smf[FOFF + c + 1]
+                de_0 = smf[FOFF + QC + c]
+                de_1 = smf[FOFF + QC + c + 1]
+                for e in range(4):      # column c + (e & 1)
+                    p = exp2(st[0, n, e] * c2 - (l2_1 if e & 1 else l2_0))
+                    st[0, n, e] = p
+                    dpt[0, n, e] = p * (dpt[0, n, e] - (de_1 if e & 1 else de_0))
+            for kk in range(PK):
+                pack_a(pt, kk, st, 0, kk)
+            for kk in range(PK):
+                pack_a(dst, kk, dpt, 0, kk)
+
+            gemm_pq(acc_v, pt, smem, b_rows + DOFF * 2)      # dV += P^T dO
+            gemm_pq(acc_k, dst, smem, b_rows + QOFF * 2)     # dK += dS^T Q
+
+            cuda.syncthreads()          # everyone is done with the chunk
+            if ci + 1 < rcnt * CPB:
+                c = ci + 1
+                q0 = rev[rev_base + c // CPB] * BQ + (c % CPB) * QC
+                load_q(smem, sa, QOFF, q, q_base, q0, nq - q0, tid)
+                load_q(smem, sa, DOFF, do, q_base, q0, nq - q0, tid)
+                for idx in range(tid, QC, NT):
+                    r = q0 + idx
+                    smf[FOFF + idx] = lse[bh * nq + r] * log2e if r < nq else POS_INF
+                    smf[FOFF + QC + idx] = delta[bh * nq + r] if r < nq else ZERO
+                cp_async_commit()
+
+        for r in range(2):
+            ra = krow0 + warp * 16 + g + 8 * r
+            if ra < nk:
+                ob = kv_base + ra * D + 2 * t
+                for n in range(NDT):
+                    dk[ob + 8 * n] = acc_k[0, n, 2 * r] * scale
+                    dk[ob + 8 * n + 1] = acc_k[0, n, 2 * r + 1] * scale
+                    dv[ob + 8 * n] = acc_v[0, n, 2 * r]
+                    dv[ob + 8 * n + 1] = acc_v[0, n, 2 * r + 1]
+
+    return TCKernel(sla_bwd_dkv_tc, NT, SMEM_BYTES)
 
 
-def kernel_source_and_module(which, D, block_k, block_q, kind):
-    """(generated source, imported module) of one backward kernel configuration."""
-    key = (which, D, block_k, block_q, kind, kernel_variant())
-    hit = _kernels.get(key)
-    if hit is None:
-        _tc_build.ensure_numpy_compat()
-        src = kernel_source(*key)
-        hit = (src, _tc_build.load_generated("bwd_%s_d%d_k%d_q%d_%s_%s" % key, src))
-        _kernels[key] = hit
-    return hit
+def make_sparse_backward(which, D, block_k, block_q, kind):
+    """The backward kernel ``which`` ('dq' or 'dkv') as a :class:`~.tiles.TCKernel`."""
+    if which == "dq":
+        return make_sparse_dq(D, block_k, block_q, kind)
+    if which == "dkv":
+        return make_sparse_dkv(D, block_k, block_q, kind)
+    raise ValueError(f"which: 'dq' or 'dkv', not {which!r}")
 
 
 def signature(which):
@@ -466,12 +400,12 @@ def launch_sparse_backward(kind, q, k, v, do, lse, delta, lut, counts, rev, rev_
     c2, sc = np.float32(scale * LOG2E), np.float32(scale)
     if n_lut == 0:
         lut = counts
-    _, mod = kernel_source_and_module("dq", D, block_k, block_q, kind)
-    _tc_build.launch(mod.sla_bwd_dq_tc, (mq, B * H), mod.THREADS, mod.SMEM_BYTES, stream,
+    kern = make_sparse_dq(D, block_k, block_q, kind)
+    _tc_build.launch(kern.kernel, (mq, B * H), kern.threads, kern.smem_bytes, stream,
                      (q, k, v, do, lse, delta, lut, counts, dq,
                       Nq, Nk, mq, max(n_lut, 1), c2, sc))
-    _, mod = kernel_source_and_module("dkv", D, block_k, block_q, kind)
-    _tc_build.launch(mod.sla_bwd_dkv_tc, (mk, B * H), mod.THREADS, mod.SMEM_BYTES, stream,
+    kern = make_sparse_dkv(D, block_k, block_q, kind)
+    _tc_build.launch(kern.kernel, (mk, B * H), kern.threads, kern.smem_bytes, stream,
                      (q, k, v, do, lse, delta, rev, rev_counts, dk, dv, Nq, Nk, mk,
                       max(n_rev, 1), c2, sc))
 
@@ -508,19 +442,19 @@ def sparse_backward_tc(q, k, v, o_s, lse, do, lut, counts, rev, rev_counts,
     stream = ad.stream()
 
     dq = ad.empty((B, H, Nq, D), np.float32)
-    _, mod = kernel_source_and_module("dq", D, block_k, block_q, kind)
+    kern = make_sparse_dq(D, block_k, block_q, kind)
     lut_f, counts_f = ad.flat(lut, np.int32), ad.flat(counts, np.int32)
     n_lut = int(lut.shape[-1])
     if n_lut == 0:
         lut_f = counts_f
-    _tc_build.launch(mod.sla_bwd_dq_tc, (mq, B * H), mod.THREADS, mod.SMEM_BYTES, stream,
+    _tc_build.launch(kern.kernel, (mq, B * H), kern.threads, kern.smem_bytes, stream,
                      (qb, kb_, vb, dob, lse_f, delta_f, lut_f, counts_f, dq,
                       Nq, Nk, mq, max(n_lut, 1), c2, sc))
 
     dk = ad.empty((B, H, Nk, D), np.float32)
     dv = ad.empty((B, H, Nk, D), np.float32)
-    _, mod = kernel_source_and_module("dkv", D, block_k, block_q, kind)
-    _tc_build.launch(mod.sla_bwd_dkv_tc, (mk, B * H), mod.THREADS, mod.SMEM_BYTES, stream,
+    kern = make_sparse_dkv(D, block_k, block_q, kind)
+    _tc_build.launch(kern.kernel, (mk, B * H), kern.threads, kern.smem_bytes, stream,
                      (qb, kb_, vb, dob, lse_f, delta_f, ad.flat(rev, np.int32),
                       ad.flat(rev_counts, np.int32), dk, dv, Nq, Nk, mk,
                       int(rev.shape[-1]), c2, sc))

@@ -1,19 +1,12 @@
-"""Plumbing shared by the tensor-core kernels: code generation, caching, launching.
+"""Plumbing shared by the tensor-core kernels: launching and array views.
 
-Why generated source
---------------------
-A warp's accumulators (up to 2 m-tiles x 16 n-tiles x 4 fp32 for D = 128) must
-live in registers. Numba has no ``#pragma unroll``; local arrays indexed in
-loops end up in local memory as soon as LLVM declines to unroll. So the inner
-tile loops are *written out* as straight-line code with one scalar per register
-(``o_1_15_3``) by small Python generators in ``forward_tc`` / ``backward_tc``.
-The outer loops (over LUT entries, over staging chunks) stay ordinary loops.
-
-The generated text is written once to a per-user cache folder and imported as
-a normal module, so ``@cuda.jit(cache=True)`` works (Numba's disk cache keys
-on the source file) and tracebacks point at real lines. Nothing is compiled at
-import time; a kernel compiles at its first launch (5-15 s), then loads from
-the disk cache.
+The kernels themselves are ordinary ``@cuda.jit`` closures made by factories
+(``forward.make_sparse_forward``, ``backward.make_sparse_dq`` / ``make_sparse_dkv``,
+``states.make_states_kernel``, ``marginal.make_marginal_kernel``,
+``linear.make_linear_kernel``): constants come from the closure, accumulators are
+``cuda.local.array``\ s indexed by constant-trip loops that LLVM unrolls into registers.
+Numba's disk cache keeps them between processes (the intrinsics in ``ptx.py`` have
+fixed ids, so a closure's cache key is the same in every process).
 
 Arrays
 ------
@@ -23,76 +16,14 @@ arrays or Numba device arrays (and, under the simulator, numpy arrays or torch
 CPU tensors) into such views, allocates outputs with the same library and
 hands back the stream to launch on (torch's / CuPy's current stream).
 """
-import hashlib
-import importlib.util
-import os
-import sys
-import tempfile
 
 import numpy as np
 
-from ... import config
 from ...testing import poisoning
 from .ptx import SIMULATED
 
 #: Dynamic shared memory above this needs an explicit opt-in per kernel.
 _DEFAULT_SMEM_LIMIT = 48 * 1024
-
-
-def _cache_dir():
-    path = os.path.join(config.cache_root(), "tc_kernels_sim" if SIMULATED else "tc_kernels")
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".probe")
-        with open(probe, "w"):
-            pass
-        return path
-    except OSError:
-        path = os.path.join(tempfile.gettempdir(), "sla_numba_tc_%d" % os.getuid())
-        os.makedirs(path, exist_ok=True)
-        return path
-
-
-_modules = {}
-
-
-def load_generated(stem, source):
-    """Import generated ``source`` as a module (file written only when it changed)."""
-    digest = hashlib.sha1(source.encode()).hexdigest()[:12]
-    name = "sla_numba_tc_%s_%s" % (stem, digest)
-    mod = _modules.get(name)
-    if mod is not None:
-        return mod
-    path = os.path.join(_cache_dir(), name + ".py")
-    old = None
-    if os.path.exists(path):
-        with open(path) as f:
-            old = f.read()
-    if old != source:
-        tmp = path + ".%d.tmp" % os.getpid()
-        with open(tmp, "w") as f:
-            f.write(source)
-        os.replace(tmp, path)
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    _modules[name] = mod
-    return mod
-
-
-def jit_decorator():
-    """The decorator line used by generated kernels."""
-    if SIMULATED:
-        return "@cuda.jit"
-    # No nnan / ninf: masking relies on -inf.
-    return "@cuda.jit(fastmath={'contract', 'arcp', 'afn', 'nsz'}, cache=True)"
-
-
-def smem_decl(name="smem"):
-    if SIMULATED:
-        return "%s = cuda.shared.array(0, int16)" % name
-    return "%s = cuda.shared.array(0, int16, alignment=16)" % name
 
 
 _opted_in = set()
@@ -124,19 +55,6 @@ def launch(kernel, grid, block, smem_bytes, stream, args):
             driver.cuKernelSetAttribute(attr, int(smem_bytes), handle, dev)
             _opted_in.add(key)
     kernel[grid, block, stream, smem_bytes](*args)
-
-
-def ensure_numpy_compat():
-    """numpy 2.5 removed ``np.row_stack``, which numba-cuda 0.30 still references.
-
-    Use the backend's shim when it exists; otherwise restore the alias here.
-    """
-    try:  # the SIMT backend's official shim, if present
-        from .. import _compat  # noqa: F401
-    except ImportError:
-        pass
-    if not hasattr(np, "row_stack"):
-        np.row_stack = np.vstack
 
 
 # ---------------------------------------------------------------------------

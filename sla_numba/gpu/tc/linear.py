@@ -33,9 +33,8 @@ Algorithm (one CTA per (i, h, b), grid (ceil(Nq/BQ), H, B); NW = BQ/16 warps)
 
         acc += φhi·Hhi + φlo·Hhi + φhi·Hlo        (the φlo·Hlo term, ~2^-16, dropped)
 
-   and for the Z tile ``z += φhi·Zt + φlo·Zt``. The k-steps of a chunk are written
-   out (generated straight-line code, ``_tc_build``); warps whose rows all lie past
-   the block's last row skip them.
+   and for the Z tile ``z += φhi·Zt + φlo·Zt``. The k-steps of a chunk are unrolled
+   loops (see below); warps whose rows all lie past the block's last row skip them.
 4. Epilogue: den = Σ of the Z tile's columns of a row (lanes t = 0..3, two
    ``shfl_xor``) + eps; lane (g, t) stores rows g, g + 8 x columns 2t, 2t + 1 of each
    n8 tile, times 1 / den, straight to global memory.
@@ -50,16 +49,44 @@ Shared memory (16-bit values, rows padded to SW = D + 8 so the 8 rows of an
 ldmatrix fall in different bank groups): [φ hi: BQ x SW][φ lo: BQ x SW]
 [H hi: HK x SW][H lo: HK x SW]; 52 KiB at D = 128, BQ = 64, HK = 32.
 
+Fragment ownership (``ptx`` doc; g = lane >> 2, t = lane & 3): lane (g, t) of warp w
+holds ``acc[n] = O[16w + g, 8n + 2t : +2]`` (elements 0, 1) and row 16w + g + 8
+(elements 2, 3); ``z`` likewise for the Z tile's columns.
+
+How the kernel is written: ``make_linear_kernel`` is an ordinary ``@cuda.jit`` closure
+factory. Sizes are closure constants; the φ values of a lane, the accumulators and the
+A fragments are ``cuda.local.array`` indexed only by counters of constant-trip loops,
+which LLVM unrolls completely, so they live in registers (``tools/check_tc_ptx.py``:
+no ``.local``, mma / ldmatrix counts per chunk). The chunk loop and the staging loops
+stay loops. ldmatrix addresses are one per-lane base plus compile-time constant byte
+offsets (folded by ptxas into the instruction).
+
 Determinism: no atomics; each output is one lane's fixed sequence of operations.
-Under the CUDA simulator the ``_mma`` twins run the same generated code (slowly:
-tiny shapes, BQ = 16, HK = 16).
+Under the CUDA simulator the ``ptx`` twins run the same function (slowly: tiny shapes,
+BQ = 16, HK = 16).
+
+Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
+
+    import numpy as np
+    from sla_numba.gpu.tc.linear import launch_linear_forward_tc
+    B, H, Nq, D, bq = 1, 1, 16, 16, 16
+    q = np.ones((B, H, Nq, D), np.float32).view(np.int32) >> 16   # bf16 1.0 bits
+    lstate = np.ones((B, H, 1, D * D + D), np.float32)
+    o_l = np.empty((B, H, Nq, D), np.float32)
+    launch_linear_forward_tc("bf16", q.astype(np.int16), lstate, np.ones((B, H, 1), np.int32),
+                             o_l, B, H, Nq, D, bq, 2, 1e-6, 0)
+    # relu(1) = 1: every output is D / (D + 1e-6) ~ 1.0
 """
-import hashlib
+import math
+from collections import namedtuple
 
 import numpy as np
+from numba import cuda, float32, int16, int32, uint64
 
+from .. import _compat
 from . import build as _tc_build
-from .ptx import SIMULATED
+from .ptx import (SIMULATED, bf16_high_f32, bf16_low_f32, f16_low_f32, fmax, ldsm_x4,
+                  ldsm_x4_trans, mma_bf16, pack_bf16x2, shfl_xor, smem_addr)
 
 KINDS = ("bf16", "f16")
 BLOCKS = (16, 32, 64, 128)
@@ -67,8 +94,13 @@ PAD = 8
 GPU_HK = 32
 SIM_HK = 16
 
-with open(__file__, "rb") as _f:
-    _SOURCE_HASH = hashlib.sha1(_f.read()).hexdigest()[:12]
+ZERO = np.float32(0.0)
+ONE = np.float32(1.0)
+ZI = np.int32(0)
+u64 = uint64                            # unsigned indices: no wraparound checks
+#: Fast-math of the kernel (no nnan / ninf). Device helpers are inlined.
+FASTMATH = {"contract", "arcp", "afn", "nsz"}
+_DEV = {} if SIMULATED else {"forceinline": True, "fastmath": FASTMATH}
 
 
 def linear_tc_supported(D, block_q):
@@ -86,13 +118,45 @@ def chunk_rows(D, hk=None):
     return hk
 
 
-def _plus(k):
-    return f" + {k}" if k else ""
+def ops_per_chunk(D, HK):
+    """(mma, ldmatrix) one warp issues per staged chunk of H_i (HK/16 k-steps of
+    3·D/8 + 2 mma and 2 + D/8 + 1 ldmatrix); ``tools/check_tc_ptx.py`` counts them."""
+    ks = HK // 16
+    return ks * (3 * (D // 8) + 2), ks * (2 + D // 8 + 1)
 
 
-def linear_source(kind, D, BQ, HK):
-    """Source text of the generated module (kernel ``linear_tc``, SMEM_BYTES, THREADS,
-    MMA_PER_KSTEP)."""
+#: The compiled kernel of one configuration and its launch sizes.
+LinearKernel = namedtuple("LinearKernel", "kernel smem_bytes threads")
+
+
+# Device helpers live at module level, not in the factory: the kernel reaches them as
+# globals, so they are not part of its closure, whose pickle keys Numba's disk cache
+# (a pickled device function would carry the intrinsics' per-process random uuids, and
+# the cache would never hit). ``f16`` is a constant once inlined: one branch remains.
+
+@_compat.device(**_DEV)
+def _in_f32(bits, f16):
+    """fp32 of one input value (its 16 bits in the low half of an int32)."""
+    if f16:
+        return f16_low_f32(bits)
+    return bf16_low_f32(bits)
+
+
+@_compat.device(**_DEV)
+def _mma_tile(acc, n, af, k, b0, b1):
+    """acc[n] += A(af[k]) · B(b0, b1)."""
+    acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3] = mma_bf16(
+        af[k, 0], af[k, 1], af[k, 2], af[k, 3], b0, b1,
+        acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3])
+
+
+def make_linear_kernel(kind, D, BQ, HK):
+    """Build ``linear_tc(q, lstate, n_marg, o_l, H, Nq, Mq, fm, eps)`` (module doc).
+
+    Flat arrays: q int16 bits (B, H, Nq, D) of ``kind``, lstate fp32 (B, H, Mq, D*D + D),
+    n_marg int32 (B, H, Mq), o_l fp32 (B, H, Nq, D). Grid (ceil(Nq/BQ), H, B), BQ/16
+    warps; HK rows of H_i staged at a time. Returns a :class:`LinearKernel`.
+    """
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: 'bf16' or 'f16'")
     if not linear_tc_supported(D, BQ):
@@ -102,187 +166,172 @@ def linear_source(kind, D, BQ, HK):
     NW = BQ // 16
     NT = 32 * NW
     C = D // 2                       # columns of a row per lane in the φ phase
-    SW = D + PAD
+    SW = D + PAD                     # shared row stride (16-bit values)
     PLO = BQ * SW                    # φ lo tile offset (16-bit values)
     HHI = 2 * BQ * SW                # H hi tile
     HLO = HHI + HK * SW              # H lo tile
     SMEM = (HLO + HK * SW) * 2
     NN = D // 8                      # n8 output tiles
-    W = D * D + D
-    L_ = []
-    e = L_.append
-    I, J, K = "    ", "        ", "            "
-    e('"""Generated by sla_numba.gpu.tc.linear.linear_source(%r, %d, %d, %d)' % (kind, D, BQ, HK))
-    e('(generator %s). Do not edit: see linear_tc for the algorithm and names."""'
-      % _SOURCE_HASH)
-    e("import math")
-    e("import numpy as np")
-    e("from numba import cuda, int16, int32, uint64")
-    e("from sla_numba.gpu.tc.ptx import mma_bf16, pack_bf16x2 as pack, ldsm_x4, "
-      "ldsm_x4_trans, smem_addr, shfl_xor, fmax")
-    e("from sla_numba.gpu.tc.ptx import bf16_low_f32 as low_f32, "
-      "bf16_high_f32 as high_f32")
-    if kind == "bf16":
-        e("from sla_numba.gpu.tc.ptx import bf16_low_f32 as in_f32")
-    else:
-        e("from sla_numba.gpu.tc.ptx import f16_low_f32 as in_f32")
-    e("ZERO = np.float32(0.0)")
-    e("ONE = np.float32(1.0)")
-    e("ZI = np.int32(0)")
-    e("u64 = uint64")
-    e(f"SMEM_BYTES = {SMEM}")
-    e(f"THREADS = {NT}")
-    e(f"MMA_PER_KSTEP = {3 * NN + 2}          # per warp")
-    e("")
-    e("")
-    e(_tc_build.jit_decorator())
-    e("def linear_tc(q, lstate, n_marg, o_l, H, Nq, Mq, fm, eps):")
-    e(I + '"""o_l rows of query block i = φ(Q_i)·H_i / (φ(Q_i)·Z_i + eps); flat arrays,')
-    e(I + f'q int16 bits (B, H, Nq, {D}), lstate fp32 (B, H, Mq, {W}), n_marg int32 (B, H, Mq),')
-    e(I + f'o_l fp32 (B, H, Nq, {D}). Grid (ceil(Nq/{BQ}), H, B), {NT} threads."""')
-    if SIMULATED:
-        e(I + "smem = cuda.shared.array(0, int16)")
-        e(I + "smem32 = cuda.shared.array(0, int32)")
-    else:
-        e(I + "smem = cuda.shared.array(0, int16, alignment=16)")
-        e(I + "smem32 = cuda.shared.array(0, int32, alignment=16)")
-    e(I + "tid = cuda.threadIdx.x")
-    e(I + "lane = tid & 31")
-    e(I + "warp = tid >> 5")
-    e(I + "i = cuda.blockIdx.x")
-    e(I + "h = cuda.blockIdx.y")
-    e(I + "b = cuda.blockIdx.z")
-    e(I + "bh = b * H + h")
-    e(I + f"r0 = i * {BQ}")
-    e(I + f"nrows = min(Nq - r0, {BQ})")
-    e(I + f"ob = (bh * Nq + r0) * {D}             # first output value of the block (int64)")
-    e(I + "if n_marg[u64(bh * Mq + i)] <= 0:      # no marginal key block: zeros")
-    e(J + f"for x in range(tid, nrows * {D}, {NT}):")
-    e(K + "o_l[u64(ob + x)] = ZERO")
-    e(J + "return")
-    e(I + f"# --- 1. φ rows: row tid >> 1, lane li = tid & 1 owns columns li*{C} ..")
-    e(I + "r = tid >> 1")
-    e(I + "li = tid & 1")
-    e(I + "ok = r < nrows")
-    e(I + f"gq = ob + r * {D} + li * {C}")
-    for c in range(C):
-        e(I + f"x{c} = in_f32(int32(q[u64(gq{_plus(c)})])) if ok else ZERO")
-    e(I + "if fm == 0:")
-    e(J + "# softmax over the row (both lanes shuffle: warp-uniform)")
-    e(J + "mx = x0")
-    for c in range(1, C):
-        e(J + f"mx = fmax(mx, x{c})")
-    e(J + "mx = fmax(mx, shfl_xor(mx, 1))")
-    for c in range(C):
-        e(J + f"x{c} = math.exp(x{c} - mx)")
-    e(J + "sm = " + " + ".join(f"x{c}" for c in range(C)))
-    e(J + "sm += shfl_xor(sm, 1)")
-    e(J + "inv = ONE / sm")
-    for c in range(C):
-        e(J + f"x{c} = x{c} * inv")
-    e(I + "elif fm == 1:")
-    for c in range(C):
-        e(J + f"x{c} = x{c} + ONE if x{c} > ZERO else math.exp(x{c})")
-    e(I + "else:")
-    for c in range(C):
-        e(J + f"x{c} = x{c} if x{c} > ZERO else ZERO")
-    e(I + f"si = (r * {SW} + li * {C}) >> 1          # int32 index of the pair (r, li*{C})")
-    for c in range(0, C, 2):
-        e(I + f"p = pack(x{c}, x{c + 1}) if ok else ZI")
-        e(I + f"smem32[si{_plus(c // 2)}] = p")
-        e(I + f"smem32[si + {(PLO + c) // 2}] = "
-          f"pack(x{c} - low_f32(p), x{c + 1} - high_f32(p)) if ok else ZI")
-    e(I + "# --- 3. fragment addresses (bytes). A = φ [r][d1], matrix m = lane >> 3 at rows")
-    e(I + "# 8(m & 1).., columns 8(m >> 1)..; B = H [d1][e] (.trans), same pattern: matrices")
-    e(I + "# 0, 1 = k rows 0-7, 8-15 of n8 tile 2p, matrices 2, 3 those of tile 2p + 1")
-    e(I + "sa = smem_addr(smem)")
-    e(I + "lrow = (lane & 7) + ((lane >> 3) & 1) * 8")
-    e(I + f"la = sa + ((warp * 16 + lrow) * {SW} + (lane >> 4) * 8) * 2")
-    e(I + f"lb = sa + (lrow * {SW} + (lane >> 4) * 8 + {HHI}) * 2")
-    e(I + f"lz = sa + (lrow * {SW} + {D + HHI}) * 2       # the Z tile (all lanes: columns D..)")
-    e(I + "busy = warp * 16 < nrows")
-    for n in range(NN):
-        e(I + " = ".join(f"acc_{n}_{x}" for x in range(4)) + " = ZERO")
-    e(I + " = ".join(f"z_{x}" for x in range(4)) + " = ZERO")
-    e(I + f"sb = (bh * Mq + i) * {W}                 # lstate row (int64)")
-    e(I + f"for kc in range({D // HK}):")
-    e(J + "cuda.syncthreads()                     # φ written / previous chunk consumed")
-    e(J + f"# --- 2. H rows kc*{HK} .. + {HK - 1}: bf16 hi / lo pairs; Z in columns D, D+1")
-    e(J + f"hb = sb + kc * {HK * D}")
-    e(J + f"for x in range(tid, {HK * D // 2}, {NT}):")
-    e(K + f"rr = x // {D // 2}")
-    e(K + f"c = (x - rr * {D // 2}) * 2")
-    e(K + "g = hb + rr * %d + c" % D)
-    e(K + "y0 = lstate[u64(g)]")
-    e(K + "y1 = lstate[u64(g + 1)]")
-    e(K + "p = pack(y0, y1)")
-    e(K + f"s = (rr * {SW} + c + {HHI}) >> 1")
-    e(K + "smem32[s] = p")
-    e(K + f"smem32[s + {HK * SW // 2}] = pack(y0 - low_f32(p), y1 - high_f32(p))")
-    e(J + f"if tid < {HK}:")
-    e(K + f"zv = lstate[u64(sb + {D * D} + kc * {HK} + tid)]")
-    e(K + "zh = low_f32(pack(zv, zv))")
-    e(K + f"s = (tid * {SW} + {D + HHI}) >> 1")
-    e(K + "smem32[s] = pack(zh, zv - zh)")
-    e(K + "smem32[s + 1] = ZI")
-    e(K + "smem32[s + 2] = ZI")
-    e(K + "smem32[s + 3] = ZI")
-    e(J + "cuda.syncthreads()")
-    e(J + "if busy:")
-    e(K + f"lk = la + kc * {HK * 2}")
-    L4 = K + I
-    for ks in range(HK // 16):
-        e(K + f"# k-step {ks}: d1 = kc*{HK} + {16 * ks} ..")
-        e(K + f"ah0, ah1, ah2, ah3 = ldsm_x4(smem, lk, {ks * 32})")
-        e(K + f"al0, al1, al2, al3 = ldsm_x4(smem, lk, {ks * 32 + PLO * 2})")
-        AH, AL = "ah0, ah1, ah2, ah3", "al0, al1, al2, al3"
-        ko = ks * 16 * SW
-        for p in range(NN // 2):
-            e(K + f"bh0, bh1, bh2, bh3 = ldsm_x4_trans(smem, lb, {(ko + 16 * p) * 2})")
-            e(K + f"bl0, bl1, bl2, bl3 = ldsm_x4_trans(smem, lb, {(ko + 16 * p + HK * SW) * 2})")
-            for n, BH, BL in ((2 * p, "bh0, bh1", "bl0, bl1"), (2 * p + 1, "bh2, bh3", "bl2, bl3")):
-                acc = ", ".join(f"acc_{n}_{x}" for x in range(4))
-                e(K + f"{acc} = mma_bf16({AH}, {BH}, {acc})")
-                e(K + f"{acc} = mma_bf16({AL}, {BH}, {acc})")
-                e(K + f"{acc} = mma_bf16({AH}, {BL}, {acc})")
-        e(K + f"zb0, zb1, zb2, zb3 = ldsm_x4_trans(smem, lz, {ko * 2})")
-        e(K + f"z_0, z_1, z_2, z_3 = mma_bf16({AH}, zb0, zb1, z_0, z_1, z_2, z_3)")
-        e(K + f"z_0, z_1, z_2, z_3 = mma_bf16({AL}, zb0, zb1, z_0, z_1, z_2, z_3)")
-    del L4
-    e(I + "# --- 4. epilogue: den of rows g, g + 8 = Σ over the Z tile's columns (t = 0..3)")
-    e(I + "d0 = z_0 + z_1")
-    e(I + "d1 = z_2 + z_3")
-    e(I + "d0 += shfl_xor(d0, 1)")
-    e(I + "d1 += shfl_xor(d1, 1)")
-    e(I + "d0 += shfl_xor(d0, 2)")
-    e(I + "d1 += shfl_xor(d1, 2)")
-    e(I + "inv0 = ONE / (d0 + eps)")
-    e(I + "inv1 = ONE / (d1 + eps)")
-    e(I + "ra = warp * 16 + (lane >> 2)")
-    e(I + f"oa = ob + ra * {D} + (lane & 3) * 2")
-    e(I + "if ra < nrows:")
-    for n in range(NN):
-        for x in range(2):
-            e(J + f"o_l[u64(oa{_plus(8 * n + x)})] = acc_{n}_{x} * inv0")
-    e(I + "if ra + 8 < nrows:")
-    for n in range(NN):
-        for x in range(2):
-            e(J + f"o_l[u64(oa + {8 * D + 8 * n + x})] = acc_{n}_{2 + x} * inv1")
-    return "\n".join(L_) + "\n"
+    W = D * D + D                    # lstate row: vec(H_i), Z_i
+    KS = HK // 16                    # k-steps per chunk
+    IN_F16 = kind == "f16"
+    ALIGNED = not SIMULATED          # the simulator rejects alignment=
+
+    @_compat.kernel(fastmath=FASTMATH)
+    def linear_tc(q, lstate, n_marg, o_l, H, Nq, Mq, fm, eps):
+        if ALIGNED:
+            smem = cuda.shared.array(0, int16, alignment=16)
+            smem32 = cuda.shared.array(0, int32, alignment=16)
+        else:
+            smem = cuda.shared.array(0, int16)
+            smem32 = cuda.shared.array(0, int32)
+        xs = cuda.local.array(C, float32)        # this lane's φ values
+        acc = cuda.local.array((NN, 4), float32)  # D fragments of the output tiles
+        z = cuda.local.array((1, 4), float32)     # ... of the Z tile
+        af = cuda.local.array((2, 4), int32)      # A fragments: φ hi, φ lo
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        warp = tid >> 5
+        i = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        bh = b * H + h
+        r0 = i * BQ
+        nrows = min(Nq - r0, BQ)
+        ob = (bh * Nq + r0) * D             # first output value of the block (int64)
+        if n_marg[u64(bh * Mq + i)] <= 0:   # no marginal key block: zeros
+            for x in range(tid, nrows * D, NT):
+                o_l[u64(ob + x)] = ZERO
+            return
+        # --- 1. φ rows: row tid >> 1, lane li = tid & 1 owns columns li*C ..
+        r = tid >> 1
+        li = tid & 1
+        ok = r < nrows
+        gq = ob + r * D + li * C
+        for c in range(C):
+            xs[c] = _in_f32(int32(q[u64(gq + c)]), IN_F16) if ok else ZERO
+        if fm == 0:
+            # softmax over the row (both lanes shuffle: warp-uniform)
+            mx = xs[0]
+            for c in range(1, C):
+                mx = fmax(mx, xs[c])
+            mx = fmax(mx, shfl_xor(mx, 1))
+            for c in range(C):
+                xs[c] = math.exp(xs[c] - mx)
+            sm = xs[0]
+            for c in range(1, C):
+                sm += xs[c]
+            sm += shfl_xor(sm, 1)
+            inv = ONE / sm
+            for c in range(C):
+                xs[c] = xs[c] * inv
+        elif fm == 1:
+            for c in range(C):
+                xs[c] = xs[c] + ONE if xs[c] > ZERO else math.exp(xs[c])
+        else:
+            for c in range(C):
+                xs[c] = xs[c] if xs[c] > ZERO else ZERO
+        # φ split: hi = bf16(φ) in the φ hi tile, lo = bf16(φ - hi) in the φ lo tile
+        si = (r * SW + li * C) >> 1          # int32 index of the pair (r, li*C)
+        for c2 in range(C // 2):
+            p = pack_bf16x2(xs[2 * c2], xs[2 * c2 + 1]) if ok else ZI
+            smem32[si + c2] = p
+            smem32[si + (PLO >> 1) + c2] = pack_bf16x2(
+                xs[2 * c2] - bf16_low_f32(p), xs[2 * c2 + 1] - bf16_high_f32(p)) if ok else ZI
+        # --- 3. fragment addresses (bytes). A = φ [r][d1], matrix m = lane >> 3 at rows
+        # 8(m & 1).., columns 8(m >> 1)..; B = H [d1][e] (.trans), same pattern: matrices
+        # 0, 1 = k rows 0-7, 8-15 of n8 tile 2p, matrices 2, 3 those of tile 2p + 1
+        sa = smem_addr(smem)
+        lrow = (lane & 7) + ((lane >> 3) & 1) * 8
+        la = sa + ((warp * 16 + lrow) * SW + (lane >> 4) * 8) * 2
+        lb = sa + (lrow * SW + (lane >> 4) * 8 + HHI) * 2
+        lz = sa + (lrow * SW + D + HHI) * 2       # the Z tile (all lanes: columns D..)
+        busy = warp * 16 < nrows
+        for n in range(NN):
+            for e in range(4):
+                acc[n, e] = ZERO
+        for e in range(4):
+            z[0, e] = ZERO
+        sb = (bh * Mq + i) * W                  # lstate row (int64)
+        for kc in range(D // HK):
+            cuda.syncthreads()                  # φ written / previous chunk consumed
+            # --- 2. H rows kc*HK .. + HK - 1: bf16 hi / lo pairs; Z in columns D, D + 1
+            hb = sb + kc * (HK * D)
+            for x in range(tid, HK * D // 2, NT):
+                rr = x // (D // 2)
+                c = (x - rr * (D // 2)) * 2
+                g = hb + rr * D + c
+                y0 = lstate[u64(g)]
+                y1 = lstate[u64(g + 1)]
+                p = pack_bf16x2(y0, y1)
+                s = (rr * SW + c + HHI) >> 1
+                smem32[s] = p
+                smem32[s + (HK * SW // 2)] = pack_bf16x2(y0 - bf16_low_f32(p),
+                                                         y1 - bf16_high_f32(p))
+            if tid < HK:
+                zv = lstate[u64(sb + D * D + kc * HK + tid)]
+                zh = bf16_low_f32(pack_bf16x2(zv, zv))
+                s = (tid * SW + D + HHI) >> 1
+                smem32[s] = pack_bf16x2(zh, zv - zh)
+                smem32[s + 1] = ZI
+                smem32[s + 2] = ZI
+                smem32[s + 3] = ZI
+            cuda.syncthreads()
+            if busy:
+                lk = la + kc * (HK * 2)
+                for ks in range(KS):            # d1 = kc*HK + 16 ks ..
+                    a0, a1, a2, a3 = ldsm_x4(smem, lk + ks * 32, 0)
+                    af[0, 0], af[0, 1], af[0, 2], af[0, 3] = a0, a1, a2, a3
+                    a0, a1, a2, a3 = ldsm_x4(smem, lk + ks * 32 + PLO * 2, 0)
+                    af[1, 0], af[1, 1], af[1, 2], af[1, 3] = a0, a1, a2, a3
+                    for p2 in range(NN // 2):
+                        ko = (ks * 16 * SW + 16 * p2) * 2
+                        h0, h1, h2, h3 = ldsm_x4_trans(smem, lb + ko, 0)
+                        l0, l1, l2, l3 = ldsm_x4_trans(smem, lb + ko + HK * SW * 2, 0)
+                        # φhi·Hhi + φlo·Hhi + φhi·Hlo (φlo·Hlo, ~2^-16, dropped)
+                        _mma_tile(acc, 2 * p2, af, 0, h0, h1)
+                        _mma_tile(acc, 2 * p2, af, 1, h0, h1)
+                        _mma_tile(acc, 2 * p2, af, 0, l0, l1)
+                        _mma_tile(acc, 2 * p2 + 1, af, 0, h2, h3)
+                        _mma_tile(acc, 2 * p2 + 1, af, 1, h2, h3)
+                        _mma_tile(acc, 2 * p2 + 1, af, 0, l2, l3)
+                    z0, z1, z2, z3 = ldsm_x4_trans(smem, lz + ks * 16 * SW * 2, 0)
+                    _mma_tile(z, 0, af, 0, z0, z1)
+                    _mma_tile(z, 0, af, 1, z0, z1)
+        # --- 4. epilogue: den of rows g, g + 8 = Σ over the Z tile's columns (t = 0..3)
+        d0 = z[0, 0] + z[0, 1]
+        d1 = z[0, 2] + z[0, 3]
+        d0 += shfl_xor(d0, 1)
+        d1 += shfl_xor(d1, 1)
+        d0 += shfl_xor(d0, 2)
+        d1 += shfl_xor(d1, 2)
+        inv0 = ONE / (d0 + eps)
+        inv1 = ONE / (d1 + eps)
+        ra = warp * 16 + (lane >> 2)
+        oa = ob + ra * D + (lane & 3) * 2
+        if ra < nrows:
+            for n in range(NN):
+                for x in range(2):
+                    o_l[u64(oa + 8 * n + x)] = acc[n, x] * inv0
+        if ra + 8 < nrows:
+            for n in range(NN):
+                for x in range(2):
+                    o_l[u64(oa + 8 * D + 8 * n + x)] = acc[n, 2 + x] * inv1
+
+    return LinearKernel(linear_tc, SMEM, NT)
 
 
 _kernels = {}
 
 
 def get_linear_kernel(kind, D, BQ, hk=None):
-    """The generated module (kernel ``linear_tc``, SMEM_BYTES, THREADS, MMA_PER_KSTEP)."""
+    """The :class:`LinearKernel` for (kind, D, BQ, chunk_rows(D, hk)), built once."""
     HK = chunk_rows(D, hk)
     key = (kind, int(D), int(BQ), HK)
-    mod = _kernels.get(key)
-    if mod is None:
-        mod = _kernels[key] = _tc_build.load_generated(
-            "linear_%s_%d_%d_%d" % (kind, D, BQ, HK), linear_source(kind, D, BQ, HK))
-    return mod
+    k = _kernels.get(key)
+    if k is None:
+        k = _kernels[key] = make_linear_kernel(kind, int(D), int(BQ), HK)
+    return k
 
 
 # ---------------------------------------------------------------------------
@@ -337,7 +386,7 @@ def launch_linear_forward_tc(kind, q_bits, lstate, n_marg, o_l, B, H, Nq, D, blo
         raise ValueError("launch_linear_forward_tc: q / o_l smaller than B*H*Nq*D")
     if H > 65535 or B > 65535:
         raise ValueError("launch_linear_forward_tc: H or B too large for the grid")
-    mod = get_linear_kernel(kind, D, block_q, hk)
-    _tc_build.launch(mod.linear_tc, (nblk, H, B), mod.THREADS, mod.SMEM_BYTES, stream,
+    kern = get_linear_kernel(kind, D, block_q, hk)
+    _tc_build.launch(kern.kernel, (nblk, H, B), kern.threads, kern.smem_bytes, stream,
                      (_flat(q_bits), _flat(lstate), _flat(n_marg), _flat(o_l), H, Nq, Mq, fm,
                       np.float32(eps)))

@@ -22,7 +22,7 @@ bf16 keeps 8 significant bits, so ``|s - hi| <= 2^-8 |s|`` (exact in fp32) and
 ``|s - hi - lo| <= 2^-8 |s - hi| <= 2^-16 |s|``: ``M·hi + M·lo`` (two mma per tile into
 the same fp32 accumulator) carries ~16 significant bits per term. Bound per output:
 ``|out - M·S| <= (2^-16 + 2·ceil(n_in/16)·2^-23) · (M·|S|)``; measured ~6e-6 · (M·|S|)
-(tests/gpu/test_marginal_tc.py; the brief asked for <= 1e-4 against fp32).
+(tests/gpu/tc/test_tc_marginal.py; the brief asked for <= 1e-4 against fp32).
 
 Where the split happens: while staging. Each k-step, the threads load a 16 x WT fp32
 tile of S from global memory into registers, split every value pair into a hi pair
@@ -41,6 +41,10 @@ tiles, ``4·MT·2·NP`` fp32 accumulators per lane. The GPU default (2, 2, 2, 4)
 16 rows x 128 columns would hold as many accumulators but use every S fragment for
 one m-tile only: twice the ldmatrix traffic per mma.)
 
+Fragment ownership (``ptx`` doc; g = lane >> 2, t = lane & 3): lane (g, t) of warp
+(wr, wc) holds ``acc[mt, n] = out[r, w : w + 2]`` (elements 0, 1) and row r + 8
+(elements 2, 3), r = r0 + wr·16·MT + 16·mt + g, w = w0 + wc·16·NP + 8·n + 2t.
+
 Grid: (ceil(n_out / RT), ceil(W / WT), B*H). Row tiles vary fastest, so the CTAs
 that read the same column panel of S run at about the same time and S comes from
 DRAM about once (L2 serves the other row tiles).
@@ -58,7 +62,7 @@ Per k-step (16 values of c):
    registers: global loads in flight during the mma below;
 3. per warp: the A fragments of its m-tiles with ``ldmatrix.x4`` from the M tile
    (a0 = M[g, 2t:2t+2], a1 = M[g+8, ..], a2 = M[g, 2t+8:..], a3 = M[g+8, 2t+8:..],
-   see ``_mma``); per pair of n8 tiles, ``ldmatrix.x4.trans`` of the hi tile and of
+   see ``ptx``); per pair of n8 tiles, ``ldmatrix.x4.trans`` of the hi tile and of
    the lo tile give the B fragments (k = c, n = w) of both; then 4 mma per m-tile.
 
 Two stages and one barrier per step: a warp writing stage s in step i + 1 has passed
@@ -75,22 +79,39 @@ lane per k-step, held across the mma block: 184 registers (2 CTAs per SM) agains
 
 Determinism: no atomics; every output is one lane's fixed sequence of mma.
 
-Code generation
----------------
-The accumulators must stay in registers. As in ``forward_tc``, the tile loops are
-written out as straight-line code (``acc_<mt>_<n>_<e>`` scalars) by
-``marginal_source``, imported through ``_tc_build.load_generated``; the k-loop stays
-a loop. Under the CUDA simulator the ``_mma`` twins run it (slowly: keep shapes and
-tiles tiny there, ``SIM_TILES``).
+How the kernel is written
+-------------------------
+``make_marginal_kernel(tiles)`` is an ordinary ``@cuda.jit`` closure factory: the tile
+sizes are closure constants, the accumulators ``acc[mt, n, e]`` (D fragment element e
+of m-tile mt, n8 tile n), the A fragments and the prefetched values are
+``cuda.local.array`` indexed only by loop counters of constant trip count. LLVM
+unrolls those loops completely, every index becomes a constant and the arrays
+become registers (``tools/check_tc_ptx.py`` checks: no ``.local`` in the PTX, and
+the mma / ldmatrix counts of one k-step). The k-loop stays a loop. ldmatrix
+addresses are one per-lane base (``la`` / ``lb``, plus the stage) and compile-time
+constant byte offsets, which ptxas folds into the instruction's immediate. Under
+the CUDA simulator the ``ptx`` twins run the same function (slowly: keep shapes
+and tiles tiny there, ``SIM_TILES``).
+
+Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
+
+    import numpy as np
+    from sla_numba.gpu.tc.marginal import launch_marginal_sum_tc
+    bmap = np.array([[[[0, 1], [0, 0]]]], np.int8)            # (B, H, Mq, Mk) = (1, 1, 2, 2)
+    states = np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3)  # (B, H, Mk, W)
+    out = np.empty((1, 1, 2, 3), np.float32)
+    launch_marginal_sum_tc(0, bmap, False, 2, 2, states, out)
+    # out[0, 0] = [[0, 1, 2], [3, 5, 7]]: row 0 sums state 0, row 1 states 0 and 1
 """
-import hashlib
 from collections import namedtuple
 
 import numpy as np
+from numba import cuda, float32, int16, int32, uint64
 
-from ... import config
+from .. import _compat
 from . import build as _tc_build
-from .ptx import SIMULATED
+from .ptx import (SIMULATED, bf16_high_f32, bf16_low_f32, ldsm_x4, ldsm_x4_trans, mma_bf16,
+                  pack_bf16x2, smem_addr)
 
 Tiles = namedtuple("Tiles", "WR WC MT NP")
 
@@ -103,8 +124,14 @@ TILES = SIM_TILES if SIMULATED else GPU_TILES
 KSTEP = 16          # c values per k-step (the mma's k)
 PAD = 8             # bf16 pad per shared-memory row
 
-with open(__file__, "rb") as _f:
-    _SOURCE_HASH = hashlib.sha1(_f.read()).hexdigest()[:12]
+ZERO = np.float32(0.0)
+ZI = np.int32(0)
+BF16_ONE_LO = np.int32(0x3F80)          # bf16 1.0 in the low half of a pair
+BF16_ONE_HI = np.int32(0x3F800000)      # ... in the high half
+NOT_MARGINAL = np.int32(1)              # a map value that is not 0
+u64 = uint64                            # unsigned indices: no wraparound checks
+#: Device helpers are inlined into the kernel (the simulator takes no such option).
+_INLINE = {} if SIMULATED else {"forceinline": True}
 
 
 # ---------------------------------------------------------------------------
@@ -146,7 +173,7 @@ def tc_marginal_supported(states_dtype, device=None):
 
 
 # ---------------------------------------------------------------------------
-# Code generation
+# The kernel
 # ---------------------------------------------------------------------------
 
 def geometry(tiles):
@@ -170,195 +197,199 @@ def geometry(tiles):
                 NMP=NMP, RG=RG, TILE=TILE, STAGE=STAGE, SMEM_BYTES=2 * STAGE * 2)
 
 
-def _plus(k):
-    """'' or ' + k': offsets in generated expressions."""
-    return f" + {k}" if k else ""
+def ops_per_kstep(tiles):
+    """(mma, ldmatrix) one CTA warp issues per k-step: MT·2NP·2 mma (hi and lo), MT A
+    loads + 2·NP B loads (hi and lo). ``tools/check_tc_ptx.py`` counts them in the PTX."""
+    WR, WC, MT, NP = tiles
+    return MT * 2 * NP * 2, MT + 2 * NP
 
 
-def _m_units(tiles):
-    """(i, j) per M staging pass: rows mr + 8i, columns mc + 8j of this warp's 8 x 8 unit."""
-    G = geometry(tiles)
-    RG = G["RG"]
-    return [(p % RG, p // RG) for p in range(G["NMP"])]
+#: The compiled kernel of one tile configuration and its launch sizes.
+MarginalKernel = namedtuple("MarginalKernel", "kernel smem_bytes threads")
 
 
-def _prefetch_lines(ind, tiles, c0):
-    """Lines loading k-step ``c0``'s S values (x_<p>_<0|1>) and map bytes (y_<p>_<0|1>)."""
-    G = geometry(tiles)
-    L = [f"{ind}cn = {c0}",
-         f"{ind}# S rows cn + srow + RPP*p, columns sw, sw + 1 (zero past n_in / W)",
-         f"{ind}gs = s_lane + cn * W"]
-    for p in range(G["NPASS"]):
-        row = f"srow + {p * G['RPP']}" if p else "srow"
-        L.append(f"{ind}ok = cn + {row} < n_in")
-        L.append(f"{ind}x_{p}_0 = states[u64(gs)] if ok and sok0 else ZERO")
-        L.append(f"{ind}x_{p}_1 = states[u64(gs + 1)] if ok and sok1 else ZERO")
-        if p + 1 < G["NPASS"]:
-            L.append(f"{ind}gs += rpp_w")
-    L.append(f"{ind}# map bytes of M[mr + 8i, mc + 8j], M[.., mc + 8j + 1] (not marginal outside")
-    L.append(f"{ind}# the n_out x n_in window)")
-    L.append(f"{ind}gm = mo + cn * cs")
-    for dc in sorted({j for _, j in _m_units(tiles)}):
-        L.append(f"{ind}cv{dc}_0 = cn + mc{_plus(8 * dc)} < n_in")
-        L.append(f"{ind}cv{dc}_1 = cn + mc{_plus(8 * dc + 1)} < n_in")
-    for p, (i, j) in enumerate(_m_units(tiles)):
-        off = "gm" + (f" + {i} * rs8" if i > 1 else " + rs8" if i else "") \
-            + (" + cs8" if j else "")
-        L.append(f"{ind}y_{p}_0 = bmap[u64({off})] if mv{i} and cv{j}_0 else NOT_MARGINAL")
-        L.append(f"{ind}y_{p}_1 = bmap[u64({off} + cs)] if mv{i} and cv{j}_1 else NOT_MARGINAL")
-    return L
+# Device helpers live at module level, not in the factory: the kernel reaches them as
+# globals, so they are not part of its closure, whose pickle keys Numba's disk cache
+# (a pickled device function would carry the intrinsics' per-process random uuids, and
+# the cache would never hit). Their loop bounds are arguments, constants once inlined.
+
+@_compat.device(**_INLINE)
+def _mma_tile(acc, af, mt, n, b0, b1):
+    """acc[mt, n] += A(af[mt]) · B(b0, b1): one mma.sync into the D fragment."""
+    acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3] = mma_bf16(
+        af[mt, 0], af[mt, 1], af[mt, 2], af[mt, 3], b0, b1,
+        acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3])
 
 
-def marginal_source(tiles=GPU_TILES):
-    """Source text of the generated module (kernel ``marginal_sum_tc``, SMEM_BYTES, THREADS)."""
+@_compat.device(**_INLINE)
+def _prefetch(xs, ys, states, bmap, cn, W, s_lane, srow, sok0, sok1, n_in, n_out,
+              mo, mr, mc, r0, rs, cs, npass, rpp, nmp, rg):
+    """Load k-step ``cn``'s S values into xs (zero past n_in / W) and its map bytes
+    into ys (not marginal outside the n_out x n_in window)."""
+    # S rows cn + srow + rpp*p, columns sw, sw + 1
+    gs = s_lane + cn * W
+    for p in range(npass):
+        ok = cn + srow + p * rpp < n_in
+        xs[p, 0] = states[u64(gs)] if ok and sok0 else ZERO
+        xs[p, 1] = states[u64(gs + 1)] if ok and sok1 else ZERO
+        gs += rpp * W
+    # M[mr + 8i, mc + 8j], M[.., mc + 8j + 1] with (i, j) = (p % rg, p // rg)
+    gm = mo + cn * cs
+    for p in range(nmp):
+        i = p % rg
+        j = p // rg
+        mv = r0 + mr + 8 * i < n_out
+        off = gm + i * 8 * rs + j * 8 * cs
+        ok0 = mv and cn + mc + 8 * j < n_in
+        ok1 = mv and cn + mc + 8 * j + 1 < n_in
+        ys[p, 0] = int32(bmap[u64(off)]) if ok0 else NOT_MARGINAL
+        ys[p, 1] = int32(bmap[u64(off + cs)]) if ok1 else NOT_MARGINAL
+
+
+def make_marginal_kernel(tiles=GPU_TILES):
+    """Build the kernel ``marginal_sum_tc`` for ``tiles`` (see the module doc).
+
+    ``marginal_sum_tc(bmap, m_size, rs, cs, n_out, n_in, states, s_rows, out, o_rows, W)``:
+    flat arrays bmap int8 (B*H*m_size), states fp32 (B*H, s_rows, W), out fp32
+    (B*H, o_rows, W); ``out[bh, r, w] = Σ_c M[r, c] states[bh, c, w]`` for r < n_out,
+    c < n_in, w < W, with ``M[r, c] = (bmap[bh*m_size + r*rs + c*cs] == 0)``.
+    Grid (ceil(n_out / RT), ceil(W / WT), B*H), ``threads`` threads, ``smem_bytes`` of
+    dynamic shared memory. Returns a :class:`MarginalKernel`.
+    """
     tiles = Tiles(*tiles)
     WR, WC, MT, NP = tiles
     G = geometry(tiles)
     RT, WT, NT, SW, MW, HP, RPP = (G[k] for k in ("RT", "WT", "NT", "SW", "MW", "HP", "RPP"))
-    TILE, STAGE = G["TILE"], G["STAGE"]
+    NPASS, NMP, RG, TILE, STAGE = (G[k] for k in ("NPASS", "NMP", "RG", "TILE", "STAGE"))
+    NN = 2 * NP                                  # n8 tiles of a warp
     MOFF = 2 * TILE                              # M tile offset in a stage (bf16)
-    L = []
-    e = L.append
-    e('"""Generated by sla_numba.gpu.tc.marginal.marginal_source(%r)' % (tuple(tiles),))
-    e('(generator %s). Do not edit: see marginal_tc for the algorithm and names."""'
-      % _SOURCE_HASH)
-    e("import numpy as np")
-    e("from numba import cuda, int16, int32, uint64")
-    e("from sla_numba.gpu.tc.ptx import mma_bf16, pack_bf16x2, ldsm_x4, ldsm_x4_trans, smem_addr")
-    e("from sla_numba.gpu.tc.ptx import bf16_low_f32, bf16_high_f32")
-    e("ZERO = np.float32(0.0)")
-    e("BF16_ONE_LO = np.int32(0x3F80)          # bf16 1.0 in the low half of a pair")
-    e("BF16_ONE_HI = np.int32(0x3F800000)      # ... in the high half")
-    e("ZI = np.int32(0)")
-    e("NOT_MARGINAL = np.int8(1)")
-    e("u64 = uint64")
-    e(f"SMEM_BYTES = {G['SMEM_BYTES']}")
-    e(f"THREADS = {NT}")
-    e("")
-    e("")
-    if SIMULATED or not config.disk_cache():
-        e("@cuda.jit")
-    else:
-        e("@cuda.jit(cache=True)")
-    e("def marginal_sum_tc(bmap, m_size, rs, cs, n_out, n_in, states, s_rows, out, o_rows, W):")
-    I = "    "
-    e(I + '"""out[bh, r, w] = sum_c M[r, c] states[bh, c, w] for r < n_out, c < n_in, w < W,')
-    e(I + "M[r, c] = (bmap[bh*m_size + r*rs + c*cs] == 0). Flat arrays: bmap int8,")
-    e(I + "states fp32 (B*H, s_rows, W), out fp32 (B*H, o_rows, W).\"\"\"")
-    e(I + "# two views of the dynamic shared memory (they alias): bf16 bits for ldmatrix,")
-    e(I + "# int32 to store packed pairs. 2 stages of")
-    e(I + f"# [S hi: 16 x {SW}][S lo: 16 x {SW}][M: {RT} x {MW}] (bf16, row-major)")
-    if SIMULATED:
-        e(I + "smem = cuda.shared.array(0, int16)")
-        e(I + "smem32 = cuda.shared.array(0, int32)")
-    else:
-        e(I + "smem = cuda.shared.array(0, int16, alignment=16)")
-        e(I + "smem32 = cuda.shared.array(0, int32, alignment=16)")
-    e(I + "tid = cuda.threadIdx.x")
-    e(I + "lane = tid & 31")
-    e(I + "warp = tid >> 5")
-    e(I + f"wr = warp // {WC}")
-    e(I + f"wc = warp - wr * {WC}")
-    e(I + "r0 = cuda.blockIdx.x * %d" % RT)
-    e(I + "w0 = cuda.blockIdx.y * %d" % WT)
-    e(I + "bh = cuda.blockIdx.z")
-    e(I + "# --- S staging role: column pair (sw, sw + 1), rows srow + RPP*p of each k-step")
-    e(I + f"srow = tid // {HP}")
-    e(I + f"sc = (tid - srow * {HP}) * 2")
-    e(I + "sw = w0 + sc")
-    e(I + "sok0 = sw < W")
-    e(I + "sok1 = sw + 1 < W")
-    e(I + "s_lane = (bh * s_rows + srow) * W + sw      # global offset of (c = srow, sw); int64")
-    e(I + f"rpp_w = {RPP} * W")
-    e(I + f"st_lane = (srow * {SW} + sc) >> 1          # int32 index in the hi tile")
-    e(I + "# --- M staging role: the RT x 16 tile is (RT/8) x 2 units of 8 rows x 8 columns;")
-    e(I + f"# warp w stages units w*{G['NMP']} .. (row group first). In a unit, lane (i, j) =")
-    e(I + "# (lane & 7, lane >> 3) takes the pair M[i, 2j], M[i, 2j + 1]: 8 consecutive bytes")
-    e(I + "# of a bmap row either way (row or column sums), 32 int32 stores in 32 banks.")
-    e(I + f"u = warp * {G['NMP']}")
-    e(I + f"mr = (u % {G['RG']}) * 8 + (lane & 7)")
-    e(I + f"mc = (u // {G['RG']}) * 8 + (lane >> 3) * 2")
-    for i in sorted({i for i, _ in _m_units(tiles)}):
-        e(I + f"mv{i} = r0 + mr{_plus(8 * i)} < n_out")
-    e(I + "mo = bh * m_size + (r0 + mr) * rs + mc * cs      # bmap offset of M[mr, mc] at c = 0")
-    e(I + "rs8 = 8 * rs")
-    e(I + "cs8 = 8 * cs")
-    e(I + f"ms = (mr * {MW} + mc + {MOFF}) >> 1                # int32 index in the M tile")
-    e(I + "# --- fragment roles (see _mma): ldmatrix.x4 row addresses of this lane. Matrix")
-    e(I + "# i = lane >> 3 covers rows 8*(i & 1).. and columns 8*(i >> 1).. of a 16 x 16 block:")
-    e(I + "# A (M, [r][c], non-transposed load) and B (S, [c][w], transposed load).")
-    e(I + "fr = (lane & 7) + ((lane >> 3) & 1) * 8")
-    e(I + "fc = (lane >> 4) * 8")
-    e(I + "sa = smem_addr(smem)")
-    e(I + f"la = sa + ({MOFF} + (wr * {16 * MT} + fr) * {MW} + fc) * 2")
-    e(I + f"lb = sa + (fr * {SW} + wc * {16 * NP} + fc) * 2")
-    e(I + "# --- accumulators: acc_<mt>_<n>_<e> = D fragment element e of m-tile mt, n8 tile n")
-    for mt in range(MT):
-        for n in range(2 * NP):
-            e(I + " = ".join(f"acc_{mt}_{n}_{x}" for x in range(4)) + " = ZERO")
-    e(I + "nk = (n_in + 15) // 16")
-    e(I + "# prefetch k-step 0")
-    L.extend(_prefetch_lines(I, tiles, "0"))
-    e(I + "for it in range(nk):")
-    J = I * 2
-    e(J + "# 1. store the prefetched k-step into stage it & 1: S split into bf16 hi / lo,")
-    e(J + "#    M as bf16 1.0 where marginal, else 0")
-    e(J + f"st = (it & 1) * {STAGE // 2}")
-    for p in range(G["NPASS"]):
-        off = p * RPP * SW // 2
-        e(J + f"hi = pack_bf16x2(x_{p}_0, x_{p}_1)")
-        e(J + f"smem32[st + st_lane{_plus(off)}] = hi")
-        e(J + f"smem32[st + st_lane + {off + TILE // 2}] = "
-          f"pack_bf16x2(x_{p}_0 - bf16_low_f32(hi), x_{p}_1 - bf16_high_f32(hi))")
-    for p, (i, j) in enumerate(_m_units(tiles)):
-        off = (8 * i * MW + 8 * j) // 2
-        e(J + f"smem32[st + ms{_plus(off)}] = int32((BF16_ONE_LO if y_{p}_0 == 0 else ZI) | "
-          f"(BF16_ONE_HI if y_{p}_1 == 0 else ZI))")
-    e(J + "cuda.syncthreads()")
-    e(J + "# 2. prefetch the next k-step (masked: nothing is read past n_in)")
-    L.extend(_prefetch_lines(J, tiles, "it * 16 + 16"))
-    e(J + "# 3. tensor cores: A fragments of the warp's m-tiles; per n16 pair, B fragments")
-    e(J + "#    of hi and lo (two n8 tiles each), then 4 mma per m-tile")
-    e(J + f"sb = (it & 1) * {STAGE * 2}")
-    for mt in range(MT):
-        e(J + f"a_{mt}_0, a_{mt}_1, a_{mt}_2, a_{mt}_3 = "
-          f"ldsm_x4(smem, la + sb, {mt * 16 * MW * 2})")
-    for j in range(NP):
-        e(J + f"h0, h1, h2, h3 = ldsm_x4_trans(smem, lb + sb, {16 * j * 2})")
-        e(J + f"l0, l1, l2, l3 = ldsm_x4_trans(smem, lb + sb, {(TILE + 16 * j) * 2})")
+    A_STEP = 16 * MW * 2                         # bytes between a warp's m-tiles (M tile)
+    LO_BYTES = TILE * 2                          # bytes from the hi to the lo S tile
+    STAGE32, STAGE_BYTES = STAGE // 2, STAGE * 2
+    PASS32 = RPP * SW // 2                       # int32 between two staging passes
+    TILE32 = TILE // 2
+    ALIGNED = not SIMULATED                      # the simulator rejects alignment=
+
+    @_compat.kernel()
+    def marginal_sum_tc(bmap, m_size, rs, cs, n_out, n_in, states, s_rows, out, o_rows, W):
+        # two views of the dynamic shared memory (they alias): bf16 bits for ldmatrix,
+        # int32 to store packed pairs. 2 stages of [S hi: 16 x SW][S lo: 16 x SW]
+        # [M: RT x MW] (bf16, row-major)
+        if ALIGNED:
+            smem = cuda.shared.array(0, int16, alignment=16)
+            smem32 = cuda.shared.array(0, int32, alignment=16)
+        else:
+            smem = cuda.shared.array(0, int16)
+            smem32 = cuda.shared.array(0, int32)
+        acc = cuda.local.array((MT, NN, 4), float32)    # D fragments
+        af = cuda.local.array((MT, 4), int32)           # A fragments of a k-step
+        xs = cuda.local.array((NPASS, 2), float32)      # prefetched S pairs
+        ys = cuda.local.array((NMP, 2), int32)          # prefetched map bytes
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        warp = tid >> 5
+        wr = warp // WC
+        wc = warp - wr * WC
+        r0 = cuda.blockIdx.x * RT
+        w0 = cuda.blockIdx.y * WT
+        bh = cuda.blockIdx.z
+        # --- S staging role: column pair (sw, sw + 1), rows srow + RPP*p of each k-step
+        srow = tid // HP
+        sc = (tid - srow * HP) * 2
+        sw = w0 + sc
+        sok0 = sw < W
+        sok1 = sw + 1 < W
+        s_lane = (bh * s_rows + srow) * W + sw      # global offset of (c = srow, sw); int64
+        st_lane = (srow * SW + sc) >> 1             # int32 index in the hi tile
+        # --- M staging role: the RT x 16 tile is (RT/8) x 2 units of 8 rows x 8 columns;
+        # warp w stages units w*NMP .. (row group first). In a unit, lane (i, j) =
+        # (lane & 7, lane >> 3) takes the pair M[i, 2j], M[i, 2j + 1]: 8 consecutive bytes
+        # of a bmap row either way (row or column sums), 32 int32 stores in 32 banks.
+        # Pass p covers rows mr + 8*(p % RG), columns mc + 8*(p // RG).
+        u = warp * NMP
+        mr = (u % RG) * 8 + (lane & 7)
+        mc = (u // RG) * 8 + (lane >> 3) * 2
+        mo = bh * m_size + (r0 + mr) * rs + mc * cs     # bmap offset of M[mr, mc] at c = 0
+        ms = (mr * MW + mc + MOFF) >> 1                 # int32 index in the M tile
+        # --- fragment roles (see ptx): ldmatrix.x4 row addresses of this lane. Matrix
+        # i = lane >> 3 covers rows 8*(i & 1).. and columns 8*(i >> 1).. of a 16 x 16 block:
+        # A (M, [r][c], non-transposed load) and B (S, [c][w], transposed load).
+        fr = (lane & 7) + ((lane >> 3) & 1) * 8
+        fc = (lane >> 4) * 8
+        sa = smem_addr(smem)
+        la = sa + (MOFF + (wr * 16 * MT + fr) * MW + fc) * 2
+        lb = sa + (fr * SW + wc * 16 * NP + fc) * 2
         for mt in range(MT):
-            A = ", ".join(f"a_{mt}_{k}" for k in range(4))
-            for n, b0, b1 in ((2 * j, "h0", "h1"), (2 * j + 1, "h2", "h3"),
-                              (2 * j, "l0", "l1"), (2 * j + 1, "l2", "l3")):
-                acc = ", ".join(f"acc_{mt}_{n}_{x}" for x in range(4))
-                e(J + f"{acc} = mma_bf16({A}, {b0}, {b1}, {acc})")
-    e(I + "# epilogue: lane (g, t) holds rows g, g + 8 x columns 8n + 2t, 8n + 2t + 1")
-    e(I + "g = lane >> 2")
-    e(I + "t2 = (lane & 3) * 2")
-    e(I + f"wl = W - (w0 + wc * {16 * NP} + t2)          # columns left from this lane's first")
-    for mt in range(MT):
-        for h in range(2):
-            e(I + f"r = r0 + wr * {16 * MT}{_plus(16 * mt + 8 * h)} + g")
-            e(I + "if r < n_out:")
-            e(I + f"    ob = (bh * o_rows + r) * W + w0 + wc * {16 * NP} + t2")
-            for n in range(2 * NP):
-                for x in range(2):
-                    e(I + f"    if {8 * n + x} < wl:")
-                    e(I + f"        out[u64(ob{_plus(8 * n + x)})] = acc_{mt}_{n}_{2 * h + x}")
-    return "\n".join(L) + "\n"
+            for n in range(NN):
+                for e in range(4):
+                    acc[mt, n, e] = ZERO
+        nk = (n_in + 15) // 16
+        _prefetch(xs, ys, states, bmap, 0, W, s_lane, srow, sok0, sok1, n_in, n_out,
+                  mo, mr, mc, r0, rs, cs, NPASS, RPP, NMP, RG)
+        for it in range(nk):
+            # 1. store the prefetched k-step into stage it & 1: S split into bf16 hi / lo,
+            #    M as bf16 1.0 where marginal, else 0
+            st = (it & 1) * STAGE32 + st_lane
+            for p in range(NPASS):
+                hi = pack_bf16x2(xs[p, 0], xs[p, 1])
+                smem32[st + p * PASS32] = hi
+                smem32[st + p * PASS32 + TILE32] = pack_bf16x2(
+                    xs[p, 0] - bf16_low_f32(hi), xs[p, 1] - bf16_high_f32(hi))
+            sm = (it & 1) * STAGE32 + ms
+            for p in range(NMP):
+                off = (8 * (p % RG) * MW + 8 * (p // RG)) // 2
+                smem32[sm + off] = int32((BF16_ONE_LO if ys[p, 0] == 0 else ZI)
+                                         | (BF16_ONE_HI if ys[p, 1] == 0 else ZI))
+            cuda.syncthreads()
+            # 2. prefetch the next k-step (masked: nothing is read past n_in)
+            _prefetch(xs, ys, states, bmap, it * 16 + 16, W, s_lane, srow, sok0, sok1,
+                      n_in, n_out, mo, mr, mc, r0, rs, cs, NPASS, RPP, NMP, RG)
+            # 3. tensor cores: A fragments of the warp's m-tiles; per n16 pair, B fragments
+            #    of hi and lo (two n8 tiles each), then 4 mma per m-tile
+            sb = (it & 1) * STAGE_BYTES
+            lak = la + sb
+            lbk = lb + sb
+            for mt in range(MT):
+                a0, a1, a2, a3 = ldsm_x4(smem, lak + mt * A_STEP, 0)
+                af[mt, 0] = a0
+                af[mt, 1] = a1
+                af[mt, 2] = a2
+                af[mt, 3] = a3
+            for j in range(NP):
+                h0, h1, h2, h3 = ldsm_x4_trans(smem, lbk + 32 * j, 0)
+                l0, l1, l2, l3 = ldsm_x4_trans(smem, lbk + LO_BYTES + 32 * j, 0)
+                for mt in range(MT):
+                    _mma_tile(acc, af, mt, 2 * j, h0, h1)
+                    _mma_tile(acc, af, mt, 2 * j + 1, h2, h3)
+                    _mma_tile(acc, af, mt, 2 * j, l0, l1)
+                    _mma_tile(acc, af, mt, 2 * j + 1, l2, l3)
+        # epilogue: lane (g, t) holds rows g, g + 8 x columns 8n + 2t, 8n + 2t + 1
+        g = lane >> 2
+        t2 = (lane & 3) * 2
+        wl = W - (w0 + wc * 16 * NP + t2)          # columns left from this lane's first
+        for mt in range(MT):
+            for h in range(2):
+                r = r0 + wr * 16 * MT + 16 * mt + 8 * h + g
+                if r < n_out:
+                    ob = (bh * o_rows + r) * W + w0 + wc * 16 * NP + t2
+                    for n in range(NN):
+                        for x in range(2):
+                            if 8 * n + x < wl:
+                                out[u64(ob + 8 * n + x)] = acc[mt, n, 2 * h + x]
+
+    return MarginalKernel(marginal_sum_tc, G["SMEM_BYTES"], NT)
 
 
 _kernels = {}
 
 
 def get_marginal_kernel(tiles=TILES):
-    """The generated module for ``tiles`` (kernel ``marginal_sum_tc``, SMEM_BYTES, THREADS)."""
+    """The :class:`MarginalKernel` for ``tiles`` (built once per process)."""
     tiles = Tiles(*tiles)
-    mod = _kernels.get(tiles)
-    if mod is None:
-        stem = "marginal_%d_%d_%d_%d" % tuple(tiles)
-        mod = _kernels[tiles] = _tc_build.load_generated(stem, marginal_source(tiles))
-    return mod
+    k = _kernels.get(tiles)
+    if k is None:
+        k = _kernels[tiles] = make_marginal_kernel(tiles)
+    return k
 
 
 # ---------------------------------------------------------------------------
@@ -392,7 +423,7 @@ def launch_marginal_sum_tc(stream, bmap, transposed, n_out, n_in, states, out, t
         raise ValueError("launch_marginal_sum_tc: n_out / n_in exceed the arrays")
     if n_out <= 0 or W <= 0 or B * H <= 0:
         return
-    mod = get_marginal_kernel(tiles)
+    kern = get_marginal_kernel(tiles)
     G = geometry(Tiles(*tiles))
     grid = (-(-n_out // G["RT"]), -(-W // G["WT"]), B * H)
     if grid[1] > 65535 or grid[2] > 65535:
@@ -400,4 +431,4 @@ def launch_marginal_sum_tc(stream, bmap, transposed, n_out, n_in, states, out, t
     rs, cs = (1, Mk) if transposed else (Mk, 1)
     args = (_flat(bmap), Mq * Mk, rs, cs, n_out, n_in, _flat(states), s_rows,
             _flat(out), o_rows, W)
-    _tc_build.launch(mod.marginal_sum_tc, grid, mod.THREADS, mod.SMEM_BYTES, stream, args)
+    _tc_build.launch(kern.kernel, grid, kern.threads, kern.smem_bytes, stream, args)

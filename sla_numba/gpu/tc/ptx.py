@@ -503,7 +503,25 @@ if SIMULATED:
     bf16_low_f32, bf16_high_f32 = _bf16_low_f32_twin, _bf16_high_f32_twin
     f16_low_f32, f16_high_f32 = _f16_low_f32_twin, _f16_high_f32_twin
 else:
-    globals().update(_build_intrinsics())
+    def _pin_uuids(intrinsics):
+        """Deterministic uuids for the intrinsics (Numba draws random ones).
+
+        Numba keys the disk cache of a closure kernel on its pickled closure
+        variables; device functions pickle by value with the intrinsics they call,
+        and an intrinsic pickles with its uuid. Random uuids would give every
+        process a new key (a cache that never hits). The hash of this file makes an
+        edit of the inline PTX a new key."""
+        import hashlib
+        with open(__file__, "rb") as f:
+            digest = hashlib.sha1(f.read()).hexdigest()[:12]
+        for name, fn in intrinsics.items():
+            try:
+                fn._set_uuid(f"sla_numba.gpu.tc.ptx.{name}.{digest}")
+            except Exception:  # noqa: BLE001 - private API; the cache just misses then
+                pass
+        return intrinsics
+
+    globals().update(_pin_uuids(_build_intrinsics()))
 
 LOG2E = 1.4426950408889634
 LN2 = math.log(2.0)

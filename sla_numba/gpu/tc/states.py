@@ -43,10 +43,10 @@ Algorithm (one CTA per (j, h, b), grid (ceil(Nk/BK), H, B))
    that h sums.
    Warps form a WR x WC grid over the D x D output: warp (wr, wc) owns MT = D/16/WR
    m-tiles (d1) x NP = D/16/WC pairs of n8 tiles (e): 8·MT·NP fp32 accumulators per
-   lane, written out as scalars (``_tc_build``: straight-line generated code). GPU
-   default: at most 64 accumulators with >= 4 warps if possible (D = 128: 8 warps
-   as 4 x 2; D = 64: 4 warps as 2 x 2). The BK/16 k-steps are written out, each
-   skipped when it starts past the valid rows.
+   lane (``acc[mt, n, e]``, registers: see below). GPU default: at most 64
+   accumulators with >= 4 warps if possible (D = 128: 8 warps as 4 x 2; D = 64: 4
+   warps as 2 x 2). The BK/16 k-steps are an unrolled loop, each step skipped when
+   it starts past the valid rows.
 4. Epilogue: lane (g, t) stores rows g, g + 8 x columns 2t, 2t + 1 of each tile
    straight to global memory (pairs of consecutive floats); lanes t == 0 of the
    column-0 warps store z.
@@ -55,17 +55,48 @@ Shared memory: [φ hi: BK x (D+8)][φ lo: BK x (D+8)][V: BK x (D+8)] 16-bit, 8 v
 of padding per row (the 8 rows of an ldmatrix land in 8 different bank groups):
 52 KiB at D = 128, BK = 64 (``_tc_build.launch`` opts in above 48 KiB).
 
+Fragment ownership (``ptx`` doc; g = lane >> 2, t = lane & 3): lane (g, t) of warp
+(wr, wc) holds ``acc[mt, n] = h_j[d1, e]`` for d1 = wr·16·MT + 16 mt + g (elements 0,
+1) and d1 + 8 (elements 2, 3), e = wc·16·NP + 8 n + 2t, +1; ``z[mt]`` the same rows of
+φᵀ·ones (all its columns equal z_j[d1]).
+
+Why the hi / lo split: the mma takes 16-bit operands. V is exact in its own type, φ
+(fp32, computed) is not: one half value keeps 8 (bf16) or 11 (fp16) significant bits,
+hi + lo keeps ~16 / ~22, for two mma instead of one.
+
+How the kernel is written: ``make_states_kernel`` is an ordinary ``@cuda.jit`` closure
+factory. Sizes are closure constants; a lane's φ values, the accumulators and the A
+fragments are ``cuda.local.array`` indexed only by counters of constant-trip loops,
+which LLVM unrolls completely, so they live in registers (``tools/check_tc_ptx.py``:
+no ``.local``; mma / ldmatrix counts those of the generated kernel it replaced).
+ldmatrix addresses are one per-lane base plus compile-time constant byte offsets,
+folded by ptxas into the instruction.
+
 Determinism: no atomics; every output is one lane's fixed sequence of mma.
-Under the CUDA simulator the ``_mma`` twins run the same generated code (slowly: use
+Under the CUDA simulator the ``ptx`` twins run the same function (slowly: use
 1-warp tiles and tiny shapes there, ``SIM_MAX_WARPS``).
+
+Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
+
+    import numpy as np
+    from sla_numba.gpu.tc.states import launch_states_tc
+    B, H, Nk, D, bk = 1, 1, 16, 16, 16
+    ones = (np.ones((B, H, Nk, D), np.float32).view(np.int32) >> 16).astype(np.int16)
+    state = np.empty((B, H, 1, D * D + D), np.float32)
+    launch_states_tc("bf16", ones, ones, state, B, H, Nk, D, bk, 2, 0)
+    # relu(1) = 1: h_j = 16 everywhere, z_j = 16
 """
-import hashlib
+import math
 from collections import namedtuple
 
 import numpy as np
+from numba import cuda, float32, int16, int32, uint64
 
+from .. import _compat
 from . import build as _tc_build
-from .ptx import SIMULATED
+from .ptx import (SIMULATED, bf16_high_f32, bf16_low_f32, f16_high_f32, f16_low_f32, fmax,
+                  ldsm_x4_trans, mma_bf16, mma_f16, pack_bf16x2, pack_f16x2, shfl_xor,
+                  smem_addr)
 
 Tiles = namedtuple("Tiles", "WR WC")
 
@@ -75,8 +106,15 @@ PAD = 8
 KINDS = ("bf16", "f16")
 BLOCKS = (16, 32, 64)
 
-with open(__file__, "rb") as _f:
-    _SOURCE_HASH = hashlib.sha1(_f.read()).hexdigest()[:12]
+ZERO = np.float32(0.0)
+ONE = np.float32(1.0)
+ZI = np.int32(0)
+#: A pair of 1.0 in the input's type (the B operand of z = φᵀ · ones).
+ONES = {"bf16": np.int32(0x3F803F80), "f16": np.int32(0x3C003C00)}
+u64 = uint64                            # unsigned indices: no wraparound checks
+#: Fast-math of the kernel (no nnan / ninf). Device helpers are inlined.
+FASTMATH = {"contract", "arcp", "afn", "nsz"}
+_DEV = {} if SIMULATED else {"forceinline": True, "fastmath": FASTMATH}
 
 
 # ---------------------------------------------------------------------------
@@ -125,16 +163,72 @@ def geometry(D, BK, tiles):
 
 
 # ---------------------------------------------------------------------------
-# Code generation
+# The kernel
 # ---------------------------------------------------------------------------
 
-def _plus(k):
-    return f" + {k}" if k else ""
+def ops_per_block(D, BK, tiles, split=True):
+    """(mma, ldmatrix) a warp of the column-0 warps issues for a full key block: per
+    k-step MT·2NP + MT mma (h and z) and NP + MT ldmatrix, the A parts doubled by the
+    split. ``tools/check_tc_ptx.py`` counts them in the PTX."""
+    G = geometry(D, BK, tiles)
+    MT, NP, parts = G["MT"], G["NP"], 2 if split else 1
+    ks = BK // 16
+    return ks * (MT * 2 * NP + MT) * parts, ks * (NP + MT * parts)
 
 
-def states_source(kind, D, BK, tiles, split=True):
-    """Source text of the generated module (kernel ``states_tc``, SMEM_BYTES, THREADS,
-    MMA_PER_KSTEP)."""
+#: The compiled kernel of one configuration and its launch sizes.
+StatesKernel = namedtuple("StatesKernel", "kernel smem_bytes threads")
+
+
+# Device helpers live at module level, not in the factory: the kernel reaches them as
+# globals, so they are not part of its closure, whose pickle keys Numba's disk cache
+# (a pickled device function would carry the intrinsics' per-process random uuids, and
+# the cache would never hit). ``f16`` (the input type) is a constant once inlined: one
+# branch remains.
+
+@_compat.device(**_DEV)
+def _low_f32(p, f16):
+    """fp32 of the low 16-bit value of p."""
+    if f16:
+        return f16_low_f32(p)
+    return bf16_low_f32(p)
+
+
+@_compat.device(**_DEV)
+def _high_f32(p, f16):
+    """fp32 of the high 16-bit value of p."""
+    if f16:
+        return f16_high_f32(p)
+    return bf16_high_f32(p)
+
+
+@_compat.device(**_DEV)
+def _pack(lo, hi, f16):
+    """Round two fp32 to the input type, packed (lo in the low half)."""
+    if f16:
+        return pack_f16x2(lo, hi)
+    return pack_bf16x2(lo, hi)
+
+
+@_compat.device(**_DEV)
+def _mma_acc(acc, mt, n, a, pt, b0, b1, f16):
+    """acc[mt, n] += A(a[pt, mt]) · B(b0, b1)."""
+    if f16:
+        acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3] = mma_f16(
+            a[pt, mt, 0], a[pt, mt, 1], a[pt, mt, 2], a[pt, mt, 3], b0, b1,
+            acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3])
+    else:
+        acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3] = mma_bf16(
+            a[pt, mt, 0], a[pt, mt, 1], a[pt, mt, 2], a[pt, mt, 3], b0, b1,
+            acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3])
+
+
+def make_states_kernel(kind, D, BK, tiles, split=True):
+    """Build ``states_tc(k, v, state, H, Nk, Mk, fm)`` (module doc).
+
+    k, v flat int16 bits (B, H, Nk, D) of ``kind``; state flat fp32 (B, H, Mk, D*D + D).
+    Grid (ceil(Nk/BK), H, B), 32·WR·WC threads. Returns a :class:`StatesKernel`.
+    """
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: 'bf16' or 'f16'")
     if not states_tc_supported(D, BK):
@@ -142,187 +236,162 @@ def states_source(kind, D, BK, tiles, split=True):
     tiles = Tiles(*tiles)
     WR, WC = tiles
     G = geometry(D, BK, tiles)
-    NT, MT, NP, L, C, RP, SW, TILE = (G[k] for k in
-                                      ("NT", "MT", "NP", "L", "C", "RP", "SW", "TILE"))
-    NTILES = 3 if split else 2
-    VOFF = (NTILES - 1) * TILE                    # V tile offset (16-bit values)
-    LOFF = TILE                                   # φ lo tile offset
-    ONES = "0x3F803F80" if kind == "bf16" else "0x3C003C00"
-    L_ = []
-    e = L_.append
-    e('"""Generated by sla_numba.gpu.tc.states.states_source(%r, %d, %d, %r, split=%r)'
-      % (kind, D, BK, tuple(tiles), split))
-    e('(generator %s). Do not edit: see states_tc for the algorithm and names."""'
-      % _SOURCE_HASH)
-    e("import math")
-    e("import numpy as np")
-    e("from numba import cuda, int16, int32, uint64")
-    e(f"from sla_numba.gpu.tc.ptx import mma_{kind}, pack_{kind}x2 as pack, "
-      "ldsm_x4_trans, smem_addr, shfl_xor, fmax")
-    if kind == "bf16":
-        e("from sla_numba.gpu.tc.ptx import bf16_low_f32 as low_f32, "
-          "bf16_high_f32 as high_f32")
-    else:
-        e("from sla_numba.gpu.tc.ptx import f16_low_f32 as low_f32, "
-          "f16_high_f32 as high_f32")
-    e("ZERO = np.float32(0.0)")
-    e("ONE = np.float32(1.0)")
-    e("ZI = np.int32(0)")
-    e(f"ONES = np.int32({ONES})            # a pair of 1.0 in the input's type")
-    e("u64 = uint64")
-    e(f"SMEM_BYTES = {NTILES * TILE * 2}")
-    e(f"THREADS = {NT}")
-    e(f"MMA_PER_KSTEP = {(WR * WC * MT * 2 * NP + WR * MT) * (2 if split else 1)}")
-    e("")
-    e("")
-    e(_tc_build.jit_decorator())
-    e("def states_tc(k, v, state, H, Nk, Mk, fm):")
-    I = "    "
-    e(I + '"""state[b, h, j] = [vec(φ(K_j)ᵀ V_j), colsum φ(K_j)]; k, v flat int16 bits')
-    e(I + f'(B, H, Nk, {D}), state flat fp32 (B, H, Mk, W). Grid (ceil(Nk/{BK}), H, B)."""')
-    e(I + f"# shared: [φ hi][φ lo][V], each {BK} x {SW} 16-bit values, row-major")
-    if SIMULATED:
-        e(I + "smem = cuda.shared.array(0, int16)")
-        e(I + "smem32 = cuda.shared.array(0, int32)")
-    else:
-        e(I + "smem = cuda.shared.array(0, int16, alignment=16)")
-        e(I + "smem32 = cuda.shared.array(0, int32, alignment=16)")
-    e(I + "tid = cuda.threadIdx.x")
-    e(I + "lane = tid & 31")
-    e(I + "warp = tid >> 5")
-    e(I + "j = cuda.blockIdx.x")
-    e(I + "h = cuda.blockIdx.y")
-    e(I + "b = cuda.blockIdx.z")
-    e(I + f"r0 = j * {BK}")
-    e(I + "nrows = min(Nk - r0, %d)" % BK)
-    e(I + f"kb = ((b * H + h) * Nk + r0) * {D}            # first value of the block (int64)")
-    e(I + f"# --- 1. φ rows: row slot tid // {L}, lane li owns columns li*{C} .. li*{C} + {C - 1}")
-    e(I + f"slot = tid // {L}")
-    e(I + f"li = tid - slot * {L}")
-    e(I + f"for ps in range({G['NPASS']}):")
-    J = I * 2
-    e(J + f"r = ps * {RP} + slot")
-    e(J + "ok = r < nrows")
-    e(J + f"gk = kb + r * {D} + li * {C}")
-    for c in range(C):
-        e(J + f"x{c} = low_f32(int32(k[u64(gk{_plus(c)})])) if ok else ZERO")
-    e(J + "if fm == 0:")
-    K = J + I
-    e(K + "# softmax over the row: max and Σ exp over this lane's columns, then the")
-    e(K + f"# row's {L} lanes (shuffles run in every lane: warp-uniform)")
-    e(K + "mx = x0")
-    for c in range(1, C):
-        e(K + f"mx = fmax(mx, x{c})")
-    s = 1
-    while s < L:
-        e(K + f"mx = fmax(mx, shfl_xor(mx, {s}))")
-        s *= 2
-    for c in range(C):
-        e(K + f"x{c} = math.exp(x{c} - mx)")
-    e(K + "sm = " + " + ".join(f"x{c}" for c in range(C)))
-    s = 1
-    while s < L:
-        e(K + f"sm += shfl_xor(sm, {s})")
-        s *= 2
-    e(K + "inv = ONE / sm")
-    for c in range(C):
-        e(K + f"x{c} = x{c} * inv")
-    e(J + "elif fm == 1:")
-    for c in range(C):
-        e(K + f"x{c} = x{c} + ONE if x{c} > ZERO else math.exp(x{c})")
-    e(J + "else:")
-    for c in range(C):
-        e(K + f"x{c} = x{c} if x{c} > ZERO else ZERO")
-    e(J + f"if r < {BK}:")
-    e(K + f"si = (r * {SW} + li * {C}) >> 1          # int32 index of the pair (r, li*C)")
-    for c in range(0, C, 2):
-        e(K + f"p = pack(x{c}, x{c + 1}) if ok else ZI")
-        e(K + f"smem32[si{_plus(c // 2)}] = p")
-        if split:
-            e(K + f"smem32[si + {(LOFF + c) // 2}] = "
-              f"pack(x{c} - low_f32(p), x{c + 1} - high_f32(p)) if ok else ZI")
-    e(I + "# --- 2. V rows (bits), pairs of columns, zeros past nrows")
-    e(I + f"for q in range(tid, {BK * D // 2}, {NT}):")
-    e(J + f"r = q // {D // 2}")
-    e(J + f"c = (q - r * {D // 2}) * 2")
-    e(J + "p = ZI")
-    e(J + "if r < nrows:")
-    e(K + f"gv = kb + r * {D} + c")
-    e(K + "p = int32((int32(v[u64(gv)]) & 0xFFFF) | (int32(v[u64(gv + 1)]) << 16))")
-    e(J + f"smem32[(r * {SW} + c + {VOFF}) >> 1] = p")
-    e(I + "cuda.syncthreads()")
-    e(I + f"# --- 3. tensor cores: warp (wr, wc) owns d1 in wr*{16 * MT} + [0, {16 * MT}),")
-    e(I + f"# e in wc*{16 * NP} + [0, {16 * NP})")
-    e(I + f"wr = warp // {WC}")
-    e(I + f"wc = warp - wr * {WC}")
-    e(I + "sa = smem_addr(smem)")
-    e(I + "# A = φᵀ: matrix i = lane >> 3 at rows r 8(i >> 1).., columns d1 8(i & 1)..")
-    e(I + f"la = sa + (((lane & 7) + (lane >> 4) * 8) * {SW} + ((lane >> 3) & 1) * 8"
-      f" + wr * {16 * MT}) * 2")
-    e(I + "# B = V: matrix i at rows r 8(i & 1).., columns e 8(i >> 1)..")
-    e(I + f"lb = sa + (((lane & 7) + ((lane >> 3) & 1) * 8) * {SW} + (lane >> 4) * 8"
-      f" + wc * {16 * NP} + {VOFF}) * 2")
-    for mt in range(MT):
-        for n in range(2 * NP):
-            e(I + " = ".join(f"acc_{mt}_{n}_{x}" for x in range(4)) + " = ZERO")
-        e(I + " = ".join(f"z_{mt}_{x}" for x in range(4)) + " = ZERO")
-    e(I + f"# k-steps of 16 rows, written out (each guarded: none past the valid rows)")
-    parts = ("h", "l") if split else ("h",)
-    for ks in range(BK // 16):
-        e(I + f"if nrows > {16 * ks}:")
-        ko = ks * 16 * SW * 2
+    NT, MT, NP, L, C, RP, NPASS, SW, TILE = (
+        G[k] for k in ("NT", "MT", "NP", "L", "C", "RP", "NPASS", "SW", "TILE"))
+    SPLIT = bool(split)
+    PARTS = 2 if SPLIT else 1          # φ hi (and lo)
+    NTILES = PARTS + 1
+    VOFF = PARTS * TILE                # V tile offset (16-bit values)
+    LOFF = TILE                        # φ lo tile offset
+    LOG2L = L.bit_length() - 1         # shuffle steps over a row's L lanes
+    KSTEPS = BK // 16
+    NN = 2 * NP
+    IS_F16 = kind == "f16"
+    ONES_PAIR = ONES[kind]
+    ALIGNED = not SIMULATED            # the simulator rejects alignment=
+
+    @_compat.kernel(fastmath=FASTMATH)
+    def states_tc(k, v, state, H, Nk, Mk, fm):
+        # shared: [φ hi][φ lo][V], each BK x SW 16-bit values, row-major
+        if ALIGNED:
+            smem = cuda.shared.array(0, int16, alignment=16)
+            smem32 = cuda.shared.array(0, int32, alignment=16)
+        else:
+            smem = cuda.shared.array(0, int16)
+            smem32 = cuda.shared.array(0, int32)
+        xs = cuda.local.array(C, float32)               # this lane's φ values of a row
+        acc = cuda.local.array((MT, NN, 4), float32)    # h fragments
+        z = cuda.local.array((MT, 1, 4), float32)       # z fragments (φᵀ · ones)
+        a = cuda.local.array((PARTS, MT, 4), int32)     # A fragments of a k-step
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        warp = tid >> 5
+        j = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        r0 = j * BK
+        nrows = min(Nk - r0, BK)
+        kb = ((b * H + h) * Nk + r0) * D            # first value of the block (int64)
+        # --- 1. φ rows: row slot tid // L, lane li owns columns li*C .. li*C + C - 1
+        slot = tid // L
+        li = tid - slot * L
+        for ps in range(NPASS):
+            r = ps * RP + slot
+            ok = r < nrows
+            gk = kb + r * D + li * C
+            for c in range(C):
+                xs[c] = _low_f32(int32(k[u64(gk + c)]), IS_F16) if ok else ZERO
+            if fm == 0:
+                # softmax over the row: max and Σ exp over this lane's columns, then the
+                # row's L lanes (shuffles run in every lane: warp-uniform)
+                mx = xs[0]
+                for c in range(1, C):
+                    mx = fmax(mx, xs[c])
+                for st in range(LOG2L):
+                    mx = fmax(mx, shfl_xor(mx, 1 << st))
+                for c in range(C):
+                    xs[c] = math.exp(xs[c] - mx)
+                sm = xs[0]
+                for c in range(1, C):
+                    sm += xs[c]
+                for st in range(LOG2L):
+                    sm += shfl_xor(sm, 1 << st)
+                inv = ONE / sm
+                for c in range(C):
+                    xs[c] = xs[c] * inv
+            elif fm == 1:
+                for c in range(C):
+                    xs[c] = xs[c] + ONE if xs[c] > ZERO else math.exp(xs[c])
+            else:
+                for c in range(C):
+                    xs[c] = xs[c] if xs[c] > ZERO else ZERO
+            if r < BK:
+                si = (r * SW + li * C) >> 1             # int32 index of the pair (r, li*C)
+                for c2 in range(C // 2):
+                    p = _pack(xs[2 * c2], xs[2 * c2 + 1], IS_F16) if ok else ZI
+                    smem32[si + c2] = p
+                    if SPLIT:                           # lo = half(φ - hi)
+                        lo0 = xs[2 * c2] - _low_f32(p, IS_F16)
+                        lo1 = xs[2 * c2 + 1] - _high_f32(p, IS_F16)
+                        smem32[si + (LOFF >> 1) + c2] = _pack(lo0, lo1, IS_F16) if ok else ZI
+        # --- 2. V rows (bits), pairs of columns, zeros past nrows
+        for qi in range(tid, BK * D // 2, NT):
+            r = qi // (D // 2)
+            c = (qi - r * (D // 2)) * 2
+            p = ZI
+            if r < nrows:
+                gv = kb + r * D + c
+                p = int32((int32(v[u64(gv)]) & 0xFFFF) | (int32(v[u64(gv + 1)]) << 16))
+            smem32[(r * SW + c + VOFF) >> 1] = p
+        cuda.syncthreads()
+        # --- 3. tensor cores: warp (wr, wc) owns d1 in wr*16*MT + [0, 16*MT),
+        # e in wc*16*NP + [0, 16*NP)
+        wr = warp // WC
+        wc = warp - wr * WC
+        sa = smem_addr(smem)
+        # A = φᵀ: matrix i = lane >> 3 at rows r 8(i >> 1).., columns d1 8(i & 1)..
+        la = sa + (((lane & 7) + (lane >> 4) * 8) * SW + ((lane >> 3) & 1) * 8
+                   + wr * 16 * MT) * 2
+        # B = V: matrix i at rows r 8(i & 1).., columns e 8(i >> 1)..
+        lb = sa + (((lane & 7) + ((lane >> 3) & 1) * 8) * SW + (lane >> 4) * 8
+                   + wc * 16 * NP + VOFF) * 2
         for mt in range(MT):
-            for pt in parts:
-                off = (mt * 16 + (LOFF if pt == "l" else 0)) * 2 + ko
-                e(J + f"a{pt}_{mt}_0, a{pt}_{mt}_1, a{pt}_{mt}_2, a{pt}_{mt}_3 = "
-                  f"ldsm_x4_trans(smem, la, {off})")
-        for p in range(NP):
-            e(J + f"b0, b1, b2, b3 = ldsm_x4_trans(smem, lb, {p * 16 * 2 + ko})")
+            for n in range(NN):
+                for e in range(4):
+                    acc[mt, n, e] = ZERO
+            for e in range(4):
+                z[mt, 0, e] = ZERO
+        # k-steps of 16 rows (each guarded: none past the valid rows)
+        for ks in range(KSTEPS):
+            if nrows > 16 * ks:
+                ko = ks * 16 * SW * 2                   # bytes: 16 rows down
+                for mt in range(MT):
+                    for pt in range(PARTS):
+                        a0, a1, a2, a3 = ldsm_x4_trans(smem, la + (mt * 16 + pt * LOFF) * 2 + ko,
+                                                       0)
+                        a[pt, mt, 0], a[pt, mt, 1], a[pt, mt, 2], a[pt, mt, 3] = a0, a1, a2, a3
+                for p2 in range(NP):
+                    b0, b1, b2, b3 = ldsm_x4_trans(smem, lb + p2 * 32 + ko, 0)
+                    for mt in range(MT):
+                        for pt in range(PARTS):
+                            _mma_acc(acc, mt, 2 * p2, a, pt, b0, b1, IS_F16)
+                            _mma_acc(acc, mt, 2 * p2 + 1, a, pt, b2, b3, IS_F16)
+                if wc == 0:
+                    # z = φᵀ · ones
+                    for mt in range(MT):
+                        for pt in range(PARTS):
+                            _mma_acc(z, mt, 0, a, pt, ONES_PAIR, ONES_PAIR, IS_F16)
+        # --- 4. epilogue: lane (g, t) holds d1 = g, g + 8 x e = 2t, 2t + 1 of each tile
+        g = lane >> 2
+        t2 = (lane & 3) * 2
+        sb = ((b * H + h) * Mk + j) * (D * D + D)      # state row (int64)
+        ob = sb + (wr * 16 * MT + g) * D + wc * 16 * NP + t2
+        for mt in range(MT):
+            for hh in range(2):
+                for n in range(NN):
+                    for x in range(2):
+                        state[u64(ob + (16 * mt + 8 * hh) * D + 8 * n + x)] = \
+                            acc[mt, n, 2 * hh + x]
+        if wc == 0 and t2 == 0:
+            zb = sb + D * D + wr * 16 * MT + g
             for mt in range(MT):
-                for pt in parts:
-                    A = ", ".join(f"a{pt}_{mt}_{x}" for x in range(4))
-                    for n, B in ((2 * p, "b0, b1"), (2 * p + 1, "b2, b3")):
-                        acc = ", ".join(f"acc_{mt}_{n}_{x}" for x in range(4))
-                        e(J + f"{acc} = mma_{kind}({A}, {B}, {acc})")
-        e(J + "if wc == 0:")
-        e(K + "# z = φᵀ · ones")
-        for mt in range(MT):
-            for pt in parts:
-                A = ", ".join(f"a{pt}_{mt}_{x}" for x in range(4))
-                zs = ", ".join(f"z_{mt}_{x}" for x in range(4))
-                e(K + f"{zs} = mma_{kind}({A}, ONES, ONES, {zs})")
-    e(I + "# --- 4. epilogue: lane (g, t) holds d1 = g, g + 8 x e = 2t, 2t + 1 of each tile")
-    e(I + "g = lane >> 2")
-    e(I + "t2 = (lane & 3) * 2")
-    e(I + f"sb = ((b * H + h) * Mk + j) * {D * D + D}      # state row (int64)")
-    e(I + f"ob = sb + (wr * {16 * MT} + g) * {D} + wc * {16 * NP} + t2")
-    for mt in range(MT):
-        for hh in range(2):
-            for n in range(2 * NP):
-                for x in range(2):
-                    off = (16 * mt + 8 * hh) * D + 8 * n + x
-                    e(I + f"state[u64(ob{_plus(off)})] = acc_{mt}_{n}_{2 * hh + x}")
-    e(I + "if wc == 0 and t2 == 0:")
-    e(J + f"zb = sb + {D * D} + wr * {16 * MT} + g")
-    for mt in range(MT):
-        e(J + f"state[u64(zb{_plus(16 * mt)})] = z_{mt}_0")
-        e(J + f"state[u64(zb + {16 * mt + 8})] = z_{mt}_2")
-    return "\n".join(L_) + "\n"
+                state[u64(zb + 16 * mt)] = z[mt, 0, 0]
+                state[u64(zb + 16 * mt + 8)] = z[mt, 0, 2]
+
+    return StatesKernel(states_tc, NTILES * TILE * 2, NT)
 
 
 _kernels = {}
 
 
 def get_states_kernel(kind, D, BK, tiles=None, split=True):
-    """The generated module (kernel ``states_tc``, SMEM_BYTES, THREADS, MMA_PER_KSTEP)."""
+    """The :class:`StatesKernel` for (kind, D, BK, tiles or ``choose_tiles(D)``, split)."""
     tiles = choose_tiles(D) if tiles is None else Tiles(*tiles)
     key = (kind, int(D), int(BK), tiles, bool(split))
-    mod = _kernels.get(key)
-    if mod is None:
-        stem = "states_%s_%d_%d_%d_%d_%d" % (kind, D, BK, tiles.WR, tiles.WC, int(split))
-        mod = _kernels[key] = _tc_build.load_generated(
-            stem, states_source(kind, D, BK, tiles, split))
-    return mod
+    kern = _kernels.get(key)
+    if kern is None:
+        kern = _kernels[key] = make_states_kernel(kind, int(D), int(BK), tiles, split)
+    return kern
 
 
 # ---------------------------------------------------------------------------
@@ -371,6 +440,6 @@ def launch_states_tc(kind, k_bits, v_bits, state, B, H, Nk, D, block_k, fm, stre
         raise ValueError("launch_states_tc: k / v smaller than B*H*Nk*D")
     if H > 65535 or B > 65535:
         raise ValueError("launch_states_tc: H or B too large for the grid")
-    mod = get_states_kernel(kind, D, block_k, tiles, split)
-    _tc_build.launch(mod.states_tc, (n_blocks, H, B), mod.THREADS, mod.SMEM_BYTES, stream,
+    kern = get_states_kernel(kind, D, block_k, tiles, split)
+    _tc_build.launch(kern.kernel, (n_blocks, H, B), kern.threads, kern.smem_bytes, stream,
                      (k, v, _flat(state), H, Nk, Mk, fm))

@@ -133,10 +133,15 @@ def test_supported_and_source():
     assert linear_tc.chunk_rows(128, 32) == 32
     assert linear_tc.chunk_rows(48, 32) == 16
     assert linear_tc.chunk_rows(16, 32) == 16
+    assert linear_tc.ops_per_chunk(128, 32) == (100, 38)     # tools/check_tc_ptx.py
     for D in range(16, 129, 16):
         for bq in linear_tc.BLOCKS:
-            src = linear_tc.linear_source("bf16", D, bq, linear_tc.chunk_rows(D, 32))
-            compile(src, "<generated>", "exec")
+            k = linear_tc.make_linear_kernel("bf16", D, bq, linear_tc.chunk_rows(D, 32))
+            assert k.threads == 2 * bq and k.smem_bytes <= 227 * 1024
+    with pytest.raises(ValueError):
+        linear_tc.make_linear_kernel("bf16", 64, 64, 48)       # 48 does not divide 64
+    with pytest.raises(ValueError):
+        linear_tc.make_linear_kernel("fp8", 64, 64, 32)
 
 
 # --------------------------------------------------------------------------- simulator

@@ -5,10 +5,10 @@ transpose) and fp32 states S. The kernel splits S into bf16 hi + lo, so per elem
 
     |out - M·S| <= (2^-16 + 2·ceil(n_in/16)·2^-23) · (M·|S|)          (``_bound``)
 
-(marginal_tc's docstring derives it); that is what is asserted against the float64
+(``tc.marginal``'s docstring derives it); that is what is asserted against the float64
 product, and ``1e-4 · (M·|S|)`` against the fp32 SIMT kernel ``_marginal``.
 
-Simulator (NUMBA_ENABLE_CUDASIM=1, CI): the ``_mma`` twins run the kernel with the
+Simulator (NUMBA_ENABLE_CUDASIM=1, CI): the ``ptx`` twins run the kernel with the
 1-warp 16 x 16 tiles (``SIM_TILES``; every warp-wide op costs 10-50 ms there), on
 shapes with tails in every dimension; a few seconds. The GPU tiles under the
 simulator take ~30 s per CTA: ``SLA_NUMBA_SIM_FULL=1`` opts in.
@@ -106,15 +106,16 @@ def _simt_error(out, bmap, states, transposed, n_out, n_in):
 
 
 # --------------------------------------------------------------------------- everywhere
-def test_generated_source_counts_and_geometry():
-    """The GPU kernel's straight-line body: 32 mma (2 m-tiles x 8 n8 tiles x hi/lo) and
-    10 ldmatrix (2 A + 4 x (hi, lo) B) per k-step; shared memory within 48 KiB."""
-    src = marginal_tc.marginal_source(marginal_tc.GPU_TILES)
-    assert src.count("= mma_bf16(") == 32
-    assert src.count("= ldsm_x4(smem") == 2 and src.count("= ldsm_x4_trans(smem") == 8
+def test_geometry_and_ops_per_kstep():
+    """GPU tiles: 32 mma (2 m-tiles x 8 n8 tiles x hi/lo) and 10 ldmatrix (2 A + 4 x (hi,
+    lo) B) per k-step (tools/check_tc_ptx.py finds these in the PTX); shared memory within
+    48 KiB; tiles the staging cannot cover are refused."""
+    assert marginal_tc.ops_per_kstep(marginal_tc.GPU_TILES) == (32, 10)
     G = marginal_tc.geometry(marginal_tc.GPU_TILES)
     assert (G["RT"], G["WT"], G["NT"]) == (64, 128, 128)
     assert G["SMEM_BYTES"] == 2 * (2 * 16 * 136 + 64 * 24) * 2 <= 48 * 1024
+    k = marginal_tc.make_marginal_kernel(marginal_tc.GPU_TILES)
+    assert (k.threads, k.smem_bytes) == (128, G["SMEM_BYTES"])
     with pytest.raises(ValueError):
         marginal_tc.geometry((1, 1, 1, 8))          # 32 threads cannot stage 64 pairs a row
 

@@ -106,12 +106,41 @@ def test_deterministic_and_on_current_stream():
 def test_kernels_do_not_spill():
     from sla_numba.gpu.tc import backward as backward_tc, forward as forward_tc
     for D, bq in ((128, 128), (64, 64)):
-        mods = [(forward_tc.get_forward_kernel(D, 64, bq, "bf16"), "sla_fwd_tc")]
+        kernels = [("fwd", forward_tc.make_sparse_forward(D, 64, bq, "bf16").kernel)]
         for which in backward_tc.KERNELS:
-            mods.append((backward_tc.kernel_source_and_module(which, D, 64, bq, "bf16")[1],
-                         backward_tc.KERNEL_NAMES[which]))
-        for mod, name in mods:
-            kern = getattr(mod, name)
+            kern = backward_tc.make_sparse_backward(which, D, 64, bq, "bf16").kernel
+            kernels.append((which, kern))
+        for name, kern in kernels:
             for compiled in kern.overloads.values():
                 local = compiled.local_mem_per_thread
                 assert local <= 64, (name, D, bq, local)
+
+
+_CACHE_PROBE = """
+import sys
+import numpy as np
+if not hasattr(np, "row_stack"):
+    np.row_stack = np.vstack
+from sla_numba.gpu.tc import backward as backward_tc
+kern = backward_tc.make_sparse_backward("dq", 64, 64, 64, "f16").kernel
+kern.compile(backward_tc.signature("dq"))
+print("hits", sum(kern._cache_hits.values()), "misses", sum(kern._cache_misses.values()))
+"""
+
+
+def test_factory_kernels_hit_the_disk_cache_across_processes(tmp_path):
+    """A closure kernel's cache key hashes its pickled closure (device functions and the
+    intrinsics they call): the pinned intrinsic uuids make it the same in every process."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), SLA_NUMBA_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=root)
+    env.pop("SLA_NUMBA_NO_CACHE", None)
+    runs = [subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, capture_output=True,
+                           text=True, timeout=600) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    assert runs[0].stdout.split()[-4:] == ["hits", "0", "misses", "1"], runs[0].stdout
+    assert runs[1].stdout.split()[-4:] == ["hits", "1", "misses", "0"], runs[1].stdout

@@ -129,8 +129,13 @@ def test_supported_and_tiles():
         WR, WC = states_tc.choose_tiles(D, 8)
         G = states_tc.geometry(D, 64, (WR, WC))
         assert 8 * G["MT"] * G["NP"] <= 64 and G["C"] % 2 == 0
-        src = states_tc.states_source("bf16", D, 64, (WR, WC))
-        compile(src, "<generated>", "exec")
+        kern = states_tc.make_states_kernel("bf16", D, 64, (WR, WC))
+        assert (kern.threads, kern.smem_bytes) == (G["NT"], 3 * 64 * (D + 8) * 2)
+    # tools/check_tc_ptx.py finds these counts in the PTX (those of the generated kernel)
+    assert states_tc.ops_per_block(128, 64, (4, 2)) == (144, 32)
+    assert states_tc.ops_per_block(128, 64, (4, 2), split=False) == (72, 24)
+    with pytest.raises(ValueError):
+        states_tc.make_states_kernel("bf16", 64, 64, (3, 1))    # 3 does not divide 64/16
 
 
 # --------------------------------------------------------------------------- simulator

@@ -1,0 +1,47 @@
+"""The linear-branch tensor-core kernels hit Numba's disk cache in a new process.
+
+They are closures made by factories (``make_states_kernel``, ``make_marginal_kernel``,
+``make_linear_kernel``) with ``cache=True``. Numba keys a closure's cache entry on the
+pickle of its closure cells, so those must pickle to the same bytes in every process:
+a cell holding a device function pickles it by value, with the ``ptx`` intrinsics'
+per-process random uuids, and the cache would never hit (and only grow). This test
+builds the real-GPU variants (no simulator; nothing is compiled, no GPU needed) in two
+fresh processes and compares the hashes.
+"""
+import os
+import subprocess
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
+
+_SCRIPT = """
+import hashlib
+import numpy as np
+if not hasattr(np, "row_stack"):
+    np.row_stack = np.vstack
+from numba.cuda.serialize import dumps
+from sla_numba.gpu.tc import linear, marginal, states
+kernels = [marginal.make_marginal_kernel(marginal.GPU_TILES).kernel,
+           linear.make_linear_kernel("f16", 64, 64, 32).kernel,
+           states.make_states_kernel("bf16", 32, 64, (2, 1)).kernel]
+for k in kernels:
+    cells = tuple(c.cell_contents for c in k.py_func.__closure__)
+    print(k.__name__, hashlib.sha256(dumps(cells)).hexdigest())
+"""
+
+
+def _hashes():
+    env = dict(os.environ)
+    env.pop("NUMBA_ENABLE_CUDASIM", None)          # the GPU variants (helpers forceinline)
+    env["PYTHONPATH"] = _ROOT
+    out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()
+
+
+def test_closure_pickle_is_the_same_in_two_processes():
+    first, second = _hashes(), _hashes()
+    assert len(first) == 6                          # 3 kernels: name, hash
+    assert first == second
