@@ -19,6 +19,15 @@ EPS = 1e-6
 
 BACKENDS = ("auto", "cpu", "gpu")
 
+#: Which key blocks the linear branch attends to, and their integer codes for kernels:
+#: "marginal" (the paper, SLA-1: the blocks the map marks 0) or "global" (the
+#: published thu-ml/SLA main branch: every key block of the row).
+LINEAR_SCOPES = {"marginal": 0, "global": 1}
+
+#: Axis orders of q, k, v (and of the output): "BHND" as torch's SDPA,
+#: "BNHD" as a DiT's ``view(B, N, H, D)`` and flash_attn.
+LAYOUTS = ("BHND", "BNHD")
+
 
 def n_blocks(n, block):
     """Number of blocks of size ``block`` covering ``n`` tokens (last one may be partial)."""
@@ -84,6 +93,19 @@ def check_feature_map(feature_map):
         raise ValueError(
             f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
     return FEATURE_MAPS[feature_map]
+
+
+def check_linear_scope(linear_scope):
+    if not isinstance(linear_scope, str) or linear_scope not in LINEAR_SCOPES:
+        raise ValueError(
+            f"linear_scope must be one of {sorted(LINEAR_SCOPES)}, got {linear_scope!r}")
+    return LINEAR_SCOPES[linear_scope]
+
+
+def check_layout(layout):
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
 
 
 def check_backend(backend):
