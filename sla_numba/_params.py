@@ -39,7 +39,7 @@ def check_fraction(name, value, *, low, high, low_open, high_open):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
-    if math.isnan(value):
+    if value != value:  # NaN (not math.isnan: under torch.compile value may be symbolic)
         raise ValueError(f"{name} must not be NaN")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 import sla_numba
 import sla_numba.torch_ops  # noqa: F401  (registers the sla_numba:: ops)
@@ -58,14 +59,17 @@ def test_dit_attention_compiles_with_dynamic_sequence_length(compiler, layout):
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend(compiler)
     compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
+    compiles = []
     for n in (37, 53):             # two lengths, neither a multiple of the block
         x = torch.randn(2, n, H * D)
         y_eager, g_eager = _run(model, x)
         y, g = _run(compiled, x)
+        compiles.append(counter.frame_count)
         torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-5)
         for a, b in zip(g, g_eager):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} compiles"
+    # the first call compiles; the second length must reuse that symbolic-N graph
+    assert compiles[0] >= 1 and compiles[1] == compiles[0], f"recompiled: {compiles}"
 
 
 def test_block_counts_inside_the_op_follow_the_rule():
