@@ -126,7 +126,7 @@ def test_lse_of_the_forward_op(backend):
         scale = 1 / math.sqrt(sh.d)
         fm = _params.FEATURE_MAPS[case.feature_map]
         _, _, lse = torch.ops.sla_numba.forward(*args, sh.block_q, sh.block_k, scale, fm,
-                                                _params.EPS, backend)
+                                                _params.EPS, 0, backend)
         _, _, e_lse = blockwise.forward(q, k, v, case.block_map, sh.block_q, sh.block_k,
                                         case.feature_map, scale, _params.EPS)
         empty = e_lse == _params.LSE_EMPTY
