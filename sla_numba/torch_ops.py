@@ -25,13 +25,20 @@ from ._backends import compute_dtype, load_backend
 from ._params import block_counts, n_blocks
 
 
+_TORCH_DTYPE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
+                np.dtype(np.int8): torch.int8}
+
+
 def _to_numpy(t, dtype=None):
-    """A C-contiguous numpy array of a CPU tensor (fp16/bf16 → fp32)."""
+    """A C-contiguous numpy array of a CPU tensor (fp16/bf16 → fp32).
+
+    A non-contiguous tensor (the transposed view of a DiT's q, k, v) is copied
+    here, once, by torch (multi-threaded, together with any dtype conversion);
+    a contiguous one in the compute dtype is shared, not copied.
+    """
     if dtype is None:
         dtype = compute_dtype(str(t.dtype).replace("torch.", ""))
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
-        t = t.float()
-    return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=dtype)
+    return t.detach().cpu().to(_TORCH_DTYPE[np.dtype(dtype)]).contiguous().numpy()
 
 
 def _run(backend, fn_name, tensors, *args):
