@@ -23,6 +23,15 @@ EPS = 1e-6
 
 BACKENDS = ("auto", "cpu", "gpu")
 
+#: Which key blocks the linear branch attends to, and their integer codes for kernels:
+#: "marginal" (the paper, SLA-1: the blocks the map marks 0) or "global" (the
+#: published thu-ml/SLA main branch: every key block of the row).
+LINEAR_SCOPES = {"marginal": 0, "global": 1}
+
+#: Axis orders of q, k, v (and of the output): "BHND" as torch's SDPA,
+#: "BNHD" as a DiT's ``view(B, N, H, D)`` and flash_attn.
+LAYOUTS = ("BHND", "BNHD")
+
 
 def n_blocks(n, block):
     """Number of blocks of size ``block`` covering ``n`` tokens (last one may be partial)."""
@@ -34,7 +43,7 @@ def check_fraction(name, value, *, low, high, low_open, high_open):
     if not _is_real(value):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
-    if math.isnan(value):
+    if value != value:  # NaN (not math.isnan: under torch.compile value may be symbolic)
         raise ValueError(f"{name} must not be NaN")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
@@ -118,6 +127,19 @@ def check_feature_map(feature_map):
         raise ValueError(
             f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
     return FEATURE_MAPS[feature_map]
+
+
+def check_linear_scope(linear_scope):
+    if not isinstance(linear_scope, str) or linear_scope not in LINEAR_SCOPES:
+        raise ValueError(
+            f"linear_scope must be one of {sorted(LINEAR_SCOPES)}, got {linear_scope!r}")
+    return LINEAR_SCOPES[linear_scope]
+
+
+def check_layout(layout):
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
 
 
 def check_backend(backend):

@@ -45,7 +45,7 @@ def _check_tensor(name, x, kind=None):
     if x.ndim != 4:
         raise ValueError(
             f"{name} must have 4 dimensions (B, H, N, D), got shape {tuple(x.shape)}")
-    if any(int(s) == 0 for s in x.shape):
+    if any(s == 0 for s in x.shape):  # no int(): sizes may be symbolic under torch.compile
         raise ValueError(f"{name} must not have an empty axis, got shape {tuple(x.shape)}")
     dt = dtype_name(x, k)
     if dt not in FLOAT_DTYPES:
@@ -58,15 +58,15 @@ def _check_qkv(q, k, v):
     kind = _check_tensor("q", q)
     _check_tensor("k", k, kind)
     _check_tensor("v", v, kind)
-    B, H, _, D = (int(s) for s in q.shape)
+    B, H, _, D = q.shape
     for name, x in (("k", k), ("v", v)):
-        b, h, _, d = (int(s) for s in x.shape)
-        if (b, h) != (B, H):
+        b, h, _, d = x.shape
+        if b != B or h != H:
             raise ValueError(f"{name} has batch/heads {(b, h)} but q has {(B, H)}")
         if d != D:
             raise ValueError(f"{name} has head_dim {d} but q has {D}")
-    if int(k.shape[2]) != int(v.shape[2]):
-        raise ValueError(f"v has {int(v.shape[2])} tokens but k has {int(k.shape[2])}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"v has {v.shape[2]} tokens but k has {k.shape[2]}")
     dq = dtype_name(q, kind)
     for name, x in (("k", k), ("v", v)):
         if dtype_name(x, kind) != dq:
@@ -75,6 +75,13 @@ def _check_qkv(q, k, v):
             raise ValueError(
                 f"{name} is on {device_of(x, kind)} but q is on {device_of(q, kind)}")
     return kind
+
+
+def _to_bhnd(name, x, layout):
+    """``x`` in the (B, H, N, D) axis order: a view (no copy) for layout "BNHD"."""
+    if layout == "BHND" or array_kind(x) is None or x.ndim != 4:
+        return x  # nothing to swap; _check_tensor reports what is wrong
+    return x.swapaxes(1, 2)
 
 
 def _resolve_backend(backend, q, kind):
@@ -191,19 +198,23 @@ def critical_lut(block_map, n_crit):
     return xp.ascontiguousarray(order[..., :n_crit].astype(np.int32))
 
 
-def _prepare_params(q, k, topk, skip, block_q, block_k, scale):
+def _prepare_params(q, topk, skip, block_q, block_k, scale):
     topk, skip = _params.check_topk_skip(topk, skip)
     block_q = _params.effective_block(_params.check_block_size("block_q", block_q), int(q.shape[2]))
     block_k = _params.effective_block(_params.check_block_size("block_k", block_k), int(k.shape[2]))
     scale = _params.check_scale(scale, int(q.shape[-1]))
-    mk = _params.n_blocks(int(k.shape[2]), block_k)
-    n_crit, n_skip = _params.block_counts(mk, topk, skip)
-    return block_q, block_k, scale, n_crit, n_skip
+    return topk, skip, block_q, block_k, scale
+
+
+def _counts(k, topk, skip, block_k):
+    """(n_crit, n_skip) for keys k (B, H, Nk, D); concrete sizes only (the torch
+    path leaves this to its classify op, so a symbolic Nk compiles)."""
+    return _params.block_counts(_params.n_blocks(int(k.shape[2]), block_k), topk, skip)
 
 
 def classify_blocks(q: Array, k: Array, *, topk: float = 0.05, skip: float = 0.10,
                     block_q: int = 64, block_k: int = 64, scale: "float | None" = None,
-                    backend: str = "auto") -> BlockClassification:
+                    backend: str = "auto", layout: str = "BHND") -> BlockClassification:
     """Sort key blocks, per query block, into critical / marginal / negligible.
 
     Query and key blocks are mean-pooled; the block score is
@@ -218,6 +229,8 @@ def classify_blocks(q: Array, k: Array, *, topk: float = 0.05, skip: float = 0.1
     topk : float in (0, 1];  skip : float in [0, 1).
     block_q, block_k : int >= 1; scale : float, default 1/sqrt(D).
     backend : "auto" | "cpu" | "gpu".
+    layout : "BHND" (default) | "BNHD" (q, k given as (B, N, H, D)); the map is
+        (B, H, Mq, Mk) either way.
 
     Returns
     -------
@@ -232,6 +245,8 @@ def classify_blocks(q: Array, k: Array, *, topk: float = 0.05, skip: float = 0.1
     >>> c.map.shape, c.lut.shape, int((c.map == 1).sum(-1).max())
     ((1, 2, 4, 4), (1, 2, 4, 1), 1)
     """
+    _params.check_layout(layout)
+    q, k = _to_bhnd("q", q, layout), _to_bhnd("k", k, layout)
     kind = _check_tensor("q", q)
     _check_tensor("k", k, kind)
     if tuple(int(s) for s in k.shape[:2]) != tuple(int(s) for s in q.shape[:2]):
@@ -242,12 +257,12 @@ def classify_blocks(q: Array, k: Array, *, topk: float = 0.05, skip: float = 0.1
         raise TypeError(f"k has dtype {dtype_name(k, kind)} but q has {dtype_name(q, kind)}")
     if device_of(k, kind) != device_of(q, kind):
         raise ValueError(f"k is on {device_of(k, kind)} but q is on {device_of(q, kind)}")
-    block_q, block_k, scale, n_crit, n_skip = _prepare_params(
-        q, k, topk, skip, block_q, block_k, scale)
+    topk, skip, block_q, block_k, scale = _prepare_params(q, topk, skip, block_q, block_k, scale)
+    n_crit, n_skip = _counts(k, topk, skip, block_k)
     backend = _resolve_backend(backend, q, kind)
     if kind == "torch":
         from . import torch_ops
-        block_map = torch_ops.classify(q, k, n_crit, n_skip, block_q, block_k, scale, backend)
+        block_map = torch_ops.classify(q, k, topk, skip, block_q, block_k, scale, backend)
     else:
         mod = load_backend(backend)
         with notice(describe("classify", int(q.shape[-1]), dtype_name(q, kind), backend)):
@@ -278,7 +293,8 @@ def sla_attention(q: Array, k: Array, v: Array, *, topk: float = 0.05, skip: flo
                   scale: "float | None" = None, block_map: "Array | None" = None,
                   proj_weight: "Array | None" = None, proj_bias: "Array | None" = None,
                   return_parts: bool = False, backend: str = "auto",
-                  eps: float = _params.EPS) -> "Array | tuple[Array, Array]":
+                  eps: float = _params.EPS, linear_scope: str = "marginal",
+                  layout: str = "BHND") -> "Array | tuple[Array, Array]":
     """Sparse-Linear Attention: ``O = O_s + O_l Wᵀ + b``.
 
     Per query block, the critical key blocks get exact softmax attention (O_s),
@@ -310,10 +326,19 @@ def sla_attention(q: Array, k: Array, v: Array, *, topk: float = 0.05, skip: flo
         replaced by another backend.
     eps : float
         Guard of the linear branch's denominator.
+    linear_scope : "marginal" | "global"
+        Key blocks of the linear branch: the marginal ones (default, the paper)
+        or all of them (the published thu-ml/SLA code; docs/algorithm.md).
+    layout : "BHND" | "BNHD"
+        Axis order of q, k, v and of the output: (B, H, N, D) (default, as SDPA)
+        or (B, N, H, D) (as ``x.view(B, N, H, D)`` in a DiT, and flash_attn).
+        "BNHD" inputs are read as transposed views and O is returned as one;
+        ``block_map`` is (B, H, Mq, Mk) in both.
 
     Returns
     -------
-    O (B, H, Nq, D), or (O_s, O_l); same library, device and dtype as ``q``.
+    O (B, H, Nq, D) (or (B, Nq, H, D) with layout="BNHD"), or (O_s, O_l); same
+    library, device and dtype as ``q``.
     torch outputs are differentiable w.r.t. q, k, v, proj_weight, proj_bias.
 
     Example
@@ -325,13 +350,15 @@ def sla_attention(q: Array, k: Array, v: Array, *, topk: float = 0.05, skip: flo
     >>> o.shape, o.dtype
     ((1, 2, 200, 32), dtype('float32'))
     """
+    _params.check_layout(layout)
+    q, k, v = (_to_bhnd(n, x, layout) for n, x in (("q", q), ("k", k), ("v", v)))
     kind = _check_qkv(q, k, v)
-    B, H, Nq, D = (int(s) for s in q.shape)
-    Nk = int(k.shape[2])
+    B, H, Nq, D = q.shape     # not int(): sizes may be symbolic under torch.compile
+    Nk = k.shape[2]
     fm = _params.check_feature_map(feature_map)
+    scope = _params.check_linear_scope(linear_scope)
     eps = _params.check_fraction("eps", eps, low=0.0, high=1.0, low_open=True, high_open=False)
-    block_q, block_k, scale, n_crit, n_skip = _prepare_params(
-        q, k, topk, skip, block_q, block_k, scale)
+    topk, skip, block_q, block_k, scale = _prepare_params(q, topk, skip, block_q, block_k, scale)
     if not isinstance(return_parts, bool):
         raise TypeError(f"return_parts must be a bool, got {type(return_parts).__name__}")
     backend = _resolve_backend(backend, q, kind)
@@ -342,18 +369,30 @@ def sla_attention(q: Array, k: Array, v: Array, *, topk: float = 0.05, skip: flo
 
     if kind == "torch":
         from . import torch_ops
-        return torch_ops.sla_attention(
-            q, k, v, block_map, n_crit, n_skip, block_q, block_k, scale, fm, eps,
+        out = torch_ops.sla_attention(
+            q, k, v, block_map, topk, skip, block_q, block_k, scale, fm, eps, scope,
             proj_weight, proj_bias, return_parts, backend)
+    else:
+        out = _sla_host(kind, backend, q, k, v, block_map, topk, skip, block_q, block_k,
+                        scale, fm, eps, scope, proj_weight, proj_bias, return_parts)
+    if layout == "BNHD":  # back to the caller's axis order (a view)
+        return tuple(o.swapaxes(1, 2) for o in out) if return_parts else out.swapaxes(1, 2)
+    return out
 
+
+def _sla_host(kind, backend, q, k, v, block_map, topk, skip, block_q, block_k, scale,
+              fm, eps, scope, proj_weight, proj_bias, return_parts):
+    """numpy / CuPy path of :func:`sla_attention` (arguments already validated)."""
     mod = load_backend(backend)
     qc, kc, vc = _host_inputs(kind, backend, q, k, v)
-    with notice(describe("forward", D, dtype_name(q, kind), backend)):
+    with notice(describe("forward", int(q.shape[-1]), dtype_name(q, kind), backend)):
         if block_map is None:
+            n_crit, n_skip = _counts(k, topk, skip, block_k)
             block_map = mod.classify(qc, kc, n_crit, n_skip, block_q, block_k, scale)
         xp = np if kind == "numpy" else importlib.import_module("cupy")
         block_map = xp.ascontiguousarray(block_map.astype(np.int8, copy=False))
-        o_s, o_l, _ = mod.forward(qc, kc, vc, block_map, block_q, block_k, scale, fm, eps)
+        o_s, o_l, _ = mod.forward(qc, kc, vc, block_map, block_q, block_k, scale, fm, eps,
+                                  scope)
     out_dtype = q.dtype
     if return_parts:
         return o_s.astype(out_dtype), o_l.astype(out_dtype)

@@ -158,7 +158,8 @@ def feature_map_fn(name):
 
 
 def sla_reference(q, k, v, block_map, *, block_q=64, block_k=64, feature_map="softmax",
-                  scale=None, eps=_params.EPS, proj_weight=None, proj_bias=None):
+                  scale=None, eps=_params.EPS, proj_weight=None, proj_bias=None,
+                  linear_scope="marginal"):
     """Dense SLA forward (SLA_SPEC §5) -> ``(o, o_s, o_l)``, each (B, H, Nq, D).
 
     q: (B, H, Nq, D); k, v: (B, H, Nk, D); block_map: (B, H, Mq, Mk) in {1, 0, -1};
@@ -167,7 +168,9 @@ def sla_reference(q, k, v, block_map, *, block_q=64, block_k=64, feature_map="so
     - ``o_s``: softmax of ``scale · q kᵀ`` over the critical tokens of each row,
       times V; a row with no critical token gives 0.
     - ``o_l``: ``A = (φ(Q) φ(K)ᵀ) ⊙ marginal``, ``o_l = A V / (rowsum(A) + eps)``;
-      a row with no marginal token gives 0 (0 / eps).
+      a row with no marginal token gives 0 (0 / eps). With
+      ``linear_scope="global"`` every token counts as marginal here (the published
+      thu-ml/SLA code); the sparse branch is unchanged.
     - ``o = o_s + o_l Wᵀ + b`` (``o_s + o_l`` without a projection).
 
     Torch tensors keep their dtype (pass float64 for an oracle, with autograd);
@@ -189,6 +192,8 @@ def sla_reference(q, k, v, block_map, *, block_q=64, block_k=64, feature_map="so
     bm, _ = _as_torch(block_map)
     tok = expand_block_map(bm.to(q.device), nq, nk, block_q, block_k)   # (B, H, Nq, Nk)
     crit, marg = tok == 1, tok == 0
+    if _params.check_linear_scope(linear_scope) == _params.LINEAR_SCOPES["global"]:
+        marg = torch.ones_like(marg)
 
     # Sparse branch: softmax over the critical tokens only.
     s = scale * (q @ k.transpose(-1, -2))
@@ -198,7 +203,7 @@ def sla_reference(q, k, v, block_map, *, block_q=64, block_k=64, feature_map="so
     p = torch.softmax(s, dim=-1).masked_fill(~has_crit, 0.0)
     o_s = p @ v
 
-    # Linear branch: linear attention over the marginal tokens only.
+    # Linear branch: linear attention over the marginal tokens only (all: "global").
     phi = feature_map_fn(feature_map)
     a = phi(q) @ phi(k).transpose(-1, -2)
     a = torch.where(marg, a, torch.zeros((), dtype=a.dtype, device=a.device))

@@ -23,15 +23,23 @@ import torch
 
 from ._backends import compute_dtype, load_backend
 from ._compile_log import describe, notice
+from ._params import block_counts, n_blocks
+
+
+_TORCH_DTYPE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
+                np.dtype(np.int8): torch.int8}
 
 
 def _to_numpy(t, dtype=None):
-    """A C-contiguous numpy array of a CPU tensor (fp16/bf16 → fp32)."""
+    """A C-contiguous numpy array of a CPU tensor (fp16/bf16 → fp32).
+
+    A non-contiguous tensor (the transposed view of a DiT's q, k, v) is copied
+    here, once, by torch (multi-threaded, together with any dtype conversion);
+    a contiguous one in the compute dtype is shared, not copied.
+    """
     if dtype is None:
         dtype = compute_dtype(str(t.dtype).replace("torch.", ""))
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
-        t = t.float()
-    return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=dtype)
+    return t.detach().cpu().to(_TORCH_DTYPE[np.dtype(dtype)]).contiguous().numpy()
 
 
 def _run(backend, fn_name, tensors, *args):
@@ -64,49 +72,59 @@ def _lse_dtype(q):
 # ---------------------------------------------------------------------------
 
 @torch.library.custom_op("sla_numba::classify", mutates_args=())
-def _classify_op(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_skip: int,
+def _classify_op(q: torch.Tensor, k: torch.Tensor, topk: float, skip: float,
                  block_q: int, block_k: int, scale: float, backend: str) -> torch.Tensor:
+    # The block counts are computed here, where the sizes are plain ints: under
+    # torch.compile with dynamic shapes Nk is symbolic outside the op, and
+    # floor(topk * Mk) cannot be taken of a symbol.
+    n_crit, n_skip = block_counts(n_blocks(k.shape[2], block_k), topk, skip)
     return _run(backend, "classify", [q, k], n_crit, n_skip, block_q, block_k, scale)
 
 
 @_classify_op.register_fake
-def _(q, k, n_crit, n_skip, block_q, block_k, scale, backend):
+def _(q, k, topk, skip, block_q, block_k, scale, backend):
     B, H, Nq, _ = q.shape
-    Mq, Mk = -(-Nq // block_q), -(-k.shape[2] // block_k)
+    Mq, Mk = n_blocks(Nq, block_q), n_blocks(k.shape[2], block_k)
     return q.new_empty((B, H, Mq, Mk), dtype=torch.int8)
 
 
 @torch.library.custom_op("sla_numba::forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor,
                 block_q: int, block_k: int, scale: float, feature_map: int, eps: float,
+                linear_scope: int,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     o_s, o_l, lse = _run(backend, "forward", [q, k, v, block_map],
-                         block_q, block_k, scale, feature_map, eps)
+                         block_q, block_k, scale, feature_map, eps, linear_scope)
     return (o_s.to(device=q.device, dtype=q.dtype), o_l.to(device=q.device, dtype=q.dtype),
             lse.to(device=q.device, dtype=_lse_dtype(q)))
 
 
+# The fake kernels describe the real outputs exactly, strides included: the real
+# ops return fresh C-contiguous tensors whatever the strides of their inputs (a
+# transposed q is read through a contiguous copy), so ``new_empty(shape)``, not
+# ``empty_like`` (which would copy a permuted input's strides).
 @_forward_op.register_fake
-def _(q, k, v, block_map, block_q, block_k, scale, feature_map, eps, backend):
-    return torch.empty_like(q), torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+def _(q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend):
+    return (q.new_empty(q.shape), q.new_empty(q.shape),
+            q.new_empty(q.shape[:3], dtype=_lse_dtype(q)))
 
 
 @torch.library.custom_op("sla_numba::backward", mutates_args=())
 def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_s: torch.Tensor,
                  o_l: torch.Tensor, lse: torch.Tensor, do_s: torch.Tensor, do_l: torch.Tensor,
                  block_map: torch.Tensor, block_q: int, block_k: int, scale: float,
-                 feature_map: int, eps: float,
+                 feature_map: int, eps: float, linear_scope: int,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = _run(backend, "backward", [q, k, v, o_s, o_l, lse, do_s, do_l, block_map],
-                      block_q, block_k, scale, feature_map, eps)
+                      block_q, block_k, scale, feature_map, eps, linear_scope)
     return (dq.to(device=q.device, dtype=q.dtype), dk.to(device=q.device, dtype=k.dtype),
             dv.to(device=q.device, dtype=v.dtype))
 
 
 @_backward_op.register_fake
 def _(q, k, v, o_s, o_l, lse, do_s, do_l, block_map, block_q, block_k, scale,
-      feature_map, eps, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+      feature_map, eps, linear_scope, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 # ---------------------------------------------------------------------------
@@ -114,10 +132,10 @@ def _(q, k, v, o_s, o_l, lse, do_s, do_l, block_map, block_q, block_k, scale,
 # ---------------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, block_map, block_q, block_k, scale, feature_map, eps, backend = inputs
+    q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend = inputs
     o_s, o_l, lse = output
     ctx.save_for_backward(q, k, v, block_map, o_s, o_l, lse)
-    ctx.params = (block_q, block_k, scale, feature_map, eps, backend)
+    ctx.params = (block_q, block_k, scale, feature_map, eps, linear_scope, backend)
 
 
 def _backward(ctx, grad_o_s, grad_o_l, _grad_lse):
@@ -127,7 +145,7 @@ def _backward(ctx, grad_o_s, grad_o_l, _grad_lse):
     grad_o_l = torch.zeros_like(o_l) if grad_o_l is None else grad_o_l.contiguous()
     dq, dk, dv = torch.ops.sla_numba.backward(
         q, k, v, o_s, o_l, lse, grad_o_s, grad_o_l, block_map, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -153,15 +171,17 @@ _backward_op.register_autograd(_no_double_backward, setup_context=_setup_backwar
 # 3. What the API and the module call
 # ---------------------------------------------------------------------------
 
-def classify(q, k, n_crit, n_skip, block_q, block_k, scale, backend):
-    """Block map of torch tensors q, k (validated by the API)."""
-    return torch.ops.sla_numba.classify(q.detach(), k.detach(), n_crit, n_skip,
+def classify(q, k, topk, skip, block_q, block_k, scale, backend):
+    """Block map of torch tensors q, k (B, H, N, D) (validated by the API)."""
+    return torch.ops.sla_numba.classify(q.detach(), k.detach(), topk, skip,
                                         block_q, block_k, scale, backend)
 
 
-def sla_attention(q, k, v, block_map, n_crit, n_skip, block_q, block_k, scale,
-                  feature_map, eps, proj_weight, proj_bias, return_parts, backend):
-    """torch path of :func:`sla_numba.sla_attention` (arguments already validated).
+def sla_attention(q, k, v, block_map, topk, skip, block_q, block_k, scale,
+                  feature_map, eps, linear_scope, proj_weight, proj_bias, return_parts,
+                  backend):
+    """torch path of :func:`sla_numba.sla_attention` (arguments already validated;
+    q, k, v in the (B, H, N, D) axis order, any strides).
 
     Under ``torch.autocast`` float32 inputs are cast to the autocast dtype first (as
     autocast does for SDPA), so the output has that dtype and, on a GPU, bf16/fp16
@@ -172,11 +192,11 @@ def sla_attention(q, k, v, block_map, n_crit, n_skip, block_q, block_k, scale,
         low = torch.get_autocast_dtype(dev)
         q, k, v = (x.to(low) for x in (q, k, v))
     if block_map is None:
-        block_map = classify(q, k, n_crit, n_skip, block_q, block_k, scale, backend)
+        block_map = classify(q, k, topk, skip, block_q, block_k, scale, backend)
     else:
         block_map = block_map.to(torch.int8).contiguous()
     o_s, o_l, _ = torch.ops.sla_numba.forward(
-        q, k, v, block_map, block_q, block_k, scale, feature_map, eps, backend)
+        q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend)
     if return_parts:
         return o_s, o_l
     if proj_weight is not None:

@@ -114,12 +114,12 @@ def backend_err(actual, expected):
     return rel_rms(a, expected)
 
 
-def reference_grads(q, k, v, bm, bq, bk, scale, fm, do_s, do_l):
+def reference_grads(q, k, v, bm, bq, bk, scale, fm, do_s, do_l, linear_scope="marginal"):
     """dq, dk, dv (numpy, float64) of the dense reference for upstream grads do_s, do_l."""
     from sla_numba.reference import sla_reference
     tq, tk, tv = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (q, k, v))
     _, o_s, o_l = sla_reference(tq, tk, tv, torch.from_numpy(bm), block_q=bq, block_k=bk,
-                                feature_map=fm, scale=scale)
+                                feature_map=fm, scale=scale, linear_scope=linear_scope)
     loss = (o_s * torch.from_numpy(do_s.astype(np.float64))).sum() \
         + (o_l * torch.from_numpy(do_l.astype(np.float64))).sum()
     loss.backward()

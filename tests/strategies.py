@@ -99,6 +99,13 @@ topks = st.one_of(st.sampled_from([0.05, 0.1, 0.25, 0.5, 1.0]),
 skips = st.one_of(st.sampled_from([0.0, 0.1, 0.3]),
                   st.floats(0.0, 1.0, exclude_max=True))
 feature_maps = st.sampled_from(sorted(_params.FEATURE_MAPS))
+linear_scopes = st.sampled_from(sorted(_params.LINEAR_SCOPES))
+layouts = st.sampled_from(_params.LAYOUTS)
+
+
+def to_layout(x, layout):
+    """(B, H, N, D) array or tensor as the API reads it in ``layout``: a view."""
+    return x if layout == "BHND" else x.swapaxes(1, 2)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ def _grads(outputs, inputs, upstream):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_gradients_match_reference(backend, dtype):
-    """dq, dk, dv, dW, db of O = O_s + O_l Wᵀ + b on random maps and shapes, every φ.
+    """dq, dk, dv, dW, db of O = O_s + O_l Wᵀ + b on random maps and shapes, every φ,
+    both linear scopes, both layouts.
 
     float64: tight. float32: within 1e-4, or within 2x the error of the same reference run
     in float32 by torch where the problem is worse conditioned (large logits); the relative
@@ -35,6 +36,7 @@ def test_gradients_match_reference(backend, dtype):
     def prop(case, data):
         sh = case.shape
         w, b = data.draw(S.projections(sh.d))
+        scope, layout = data.draw(S.linear_scopes), data.draw(S.layouts)
         w = np.eye(sh.d) + 0.5 * np.random.default_rng(case.seed).standard_normal(
             (sh.d, sh.d)) if w is None else w       # a weight always: dO_l = dO·W differs
         b = np.zeros(sh.d) if b is None else b
@@ -42,21 +44,25 @@ def test_gradients_match_reference(backend, dtype):
                   for x in (*case.inputs(), w, b)]
         bm = make(case.block_map, "torch", backend)
         do = torch.from_numpy(np.random.default_rng(case.seed + 1).standard_normal(sh.q_shape))
-        o = sla_numba.sla_attention(*leaves[:3], block_q=sh.block_q, block_k=sh.block_k,
+        o = sla_numba.sla_attention(*(S.to_layout(x, layout) for x in leaves[:3]),
+                                    block_q=sh.block_q, block_k=sh.block_k,
                                     feature_map=case.feature_map, block_map=bm,
-                                    proj_weight=leaves[3], proj_bias=leaves[4], backend=backend)
+                                    proj_weight=leaves[3], proj_bias=leaves[4], backend=backend,
+                                    linear_scope=scope, layout=layout)
+        o = S.to_layout(o, layout)
         got = _grads([o], leaves, [do.to(o)])
         ref = [x.detach().cpu().double().requires_grad_() for x in leaves]
         e, _, _ = sla_reference(*ref[:3], bm.cpu(), block_q=sh.block_q, block_k=sh.block_k,
                                 feature_map=case.feature_map, proj_weight=ref[3],
-                                proj_bias=ref[4])
+                                proj_bias=ref[4], linear_scope=scope)
         expect = _grads([e], ref, [do])
         same = expect
         if dtype != torch.float64:       # the reference in the kernel's precision
             ref32 = [x.detach().cpu().requires_grad_() for x in leaves]
             e32, _, _ = sla_reference(*ref32[:3], bm.cpu(), block_q=sh.block_q,
                                       block_k=sh.block_k, feature_map=case.feature_map,
-                                      proj_weight=ref32[3], proj_bias=ref32[4])
+                                      proj_weight=ref32[3], proj_bias=ref32[4],
+                                      linear_scope=scope)
             same = _grads([e32], ref32, [do.to(e32)])
         for name, g, x, s in zip(NAMES, got, expect, same):
             assert g.dtype == dtype

@@ -16,21 +16,22 @@ from sla_numba.reference import classify_reference, sla_reference
 KINDS = ["numpy", "torch"]
 
 
-def _reference(inputs, block_map, sh, feature_map, w=None, b=None):
+def _reference(inputs, block_map, sh, feature_map, w=None, b=None, linear_scope="marginal"):
     """The float64 reference (numpy) of whatever arrays the API was given."""
     q, k, v = (to_f64(x) for x in inputs)
     return sla_reference(q, k, v, to_f64(block_map).astype(np.int8), block_q=sh.block_q,
                          block_k=sh.block_k, feature_map=feature_map,
                          proj_weight=None if w is None else to_f64(w),
-                         proj_bias=None if b is None else to_f64(b))
+                         proj_bias=None if b is None else to_f64(b), linear_scope=linear_scope)
 
 
-def _check_empty_rows_exact(o_s, o_l, block_map, sh):
-    """Rows with no critical block: O_s exactly 0; no marginal block: O_l exactly 0."""
+def _check_empty_rows_exact(o_s, o_l, block_map, sh, linear_scope="marginal"):
+    """Rows with no critical block: O_s exactly 0; no marginal block: O_l exactly 0
+    (with linear_scope="global" every row has linear blocks)."""
     o_s, o_l = to_f64(o_s), to_f64(o_l)
     row_block = np.arange(sh.nq) // sh.block_q
     no_crit = ~(block_map == 1).any(-1)[:, :, row_block]        # (B, H, Nq)
-    no_marg = ~(block_map == 0).any(-1)[:, :, row_block]
+    no_marg = ~(block_map == 0).any(-1)[:, :, row_block] & (linear_scope == "marginal")
     assert (o_s[no_crit] == 0).all(), "O_s of a row with no critical block is not exactly 0"
     assert (o_l[no_marg] == 0).all(), "O_l of a row with no marginal block is not exactly 0"
 
@@ -39,7 +40,8 @@ def _check_empty_rows_exact(o_s, o_l, block_map, sh):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 def test_forward_matches_reference_on_random_maps(backend, kind, dtype):
     """User-given maps (rows with no critical / no marginal block), every φ, with and
-    without projection, awkward shapes; float64 tight, float32 within 1e-4."""
+    without projection, both linear scopes and layouts, awkward shapes; float64
+    tight, float32 within 1e-4."""
     tol = 1e-9 if dtype == np.float64 else 1e-4
 
     @for_backend(backend)
@@ -47,24 +49,28 @@ def test_forward_matches_reference_on_random_maps(backend, kind, dtype):
     def prop(case, data):
         sh = case.shape
         w, b = data.draw(S.projections(sh.d, dtype))
+        scope, layout = data.draw(S.linear_scopes), data.draw(S.layouts)
         inputs = [make(x, kind, backend, dtype) for x in case.inputs()]
         bm = make(case.block_map, kind, backend)
         pw = None if w is None else make(w, kind, backend)
         pb = None if b is None else make(b, kind, backend)
         kw = dict(block_q=sh.block_q, block_k=sh.block_k, feature_map=case.feature_map,
-                  block_map=bm, backend=backend)
-        o = sla_numba.sla_attention(*inputs, proj_weight=pw, proj_bias=pb, **kw)
-        o_s, o_l = sla_numba.sla_attention(*inputs, return_parts=True, **kw)
+                  block_map=bm, backend=backend, linear_scope=scope, layout=layout)
+        given_ = [S.to_layout(x, layout) for x in inputs]       # (B, N, H, D) views
+        o = S.to_layout(sla_numba.sla_attention(*given_, proj_weight=pw, proj_bias=pb, **kw),
+                        layout)
+        o_s, o_l = (S.to_layout(x, layout) for x in
+                    sla_numba.sla_attention(*given_, return_parts=True, **kw))
         for out in (o, o_s, o_l):
             assert type(out) is type(inputs[0])
             assert out.dtype == inputs[0].dtype and tuple(out.shape) == sh.q_shape
         if kind == "torch":
             assert o.device == inputs[0].device
-        e, e_s, e_l = _reference(inputs, case.block_map, sh, case.feature_map, pw, pb)
+        e, e_s, e_l = _reference(inputs, case.block_map, sh, case.feature_map, pw, pb, scope)
         assert_close_rms(o_s, e_s, tol, "O_s")
         assert_close_rms(o_l, e_l, tol, "O_l")
         assert_close_rms(o, e, tol, "O")
-        _check_empty_rows_exact(o_s, o_l, case.block_map, sh)
+        _check_empty_rows_exact(o_s, o_l, case.block_map, sh, scope)
 
     prop()
 
@@ -120,7 +126,7 @@ def test_lse_of_the_forward_op(backend):
         scale = 1 / math.sqrt(sh.d)
         fm = _params.FEATURE_MAPS[case.feature_map]
         _, _, lse = torch.ops.sla_numba.forward(*args, sh.block_q, sh.block_k, scale, fm,
-                                                _params.EPS, backend)
+                                                _params.EPS, 0, backend)
         _, _, e_lse = blockwise.forward(q, k, v, case.block_map, sh.block_q, sh.block_k,
                                         case.feature_map, scale, _params.EPS)
         empty = e_lse == _params.LSE_EMPTY

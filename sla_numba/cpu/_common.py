@@ -416,6 +416,16 @@ def sum_marginal(mats, vecs, tot_m, tot_v, use_totals, classes, out_m, out_v):
     return n_marg
 
 
+def linear_map(block_map, linear_scope):
+    """The map the linear branch reads its blocks from (class 0 = in the linear branch).
+
+    ``linear_scope`` 0 ("marginal"): ``block_map`` itself. 1 ("global", the
+    published thu-ml/SLA code): an all-zero map, every key block linear, while the
+    sparse branch still reads the critical blocks from ``block_map``.
+    """
+    return block_map if linear_scope == 0 else np.zeros_like(block_map)
+
+
 def linear_states(k, v, block_k, phi):
     """The linear branch's per-key-block states, for forward and backward alike.
 

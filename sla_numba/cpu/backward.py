@@ -47,8 +47,8 @@ from numba import njit, prange
 
 from .._arrays import np_empty
 from ._common import (KERNEL_OPTIONS, block_totals, blocks_in_row, column_index, fast_exp,
-                      feature_map_grad_acc, feature_map_row, fill2d, gemm_acc, linear_states,
-                      sum_marginal, transpose_into)
+                      feature_map_grad_acc, feature_map_row, fill2d, gemm_acc, linear_map,
+                      linear_states, sum_marginal, transpose_into)
 
 
 @njit(**KERNEL_OPTIONS)
@@ -165,7 +165,7 @@ def _linear_dq_block(qh, kv, classes, do_l, delta_l, r0, nr, phi, eps, dqb, qo, 
 
 
 @njit(parallel=True, **KERNEL_OPTIONS)
-def _dq_kernel(q, k, v, o_s, o_l, lse, do_s, do_l, delta_s, delta_l, block_map,
+def _dq_kernel(q, k, v, o_s, o_l, lse, do_s, do_l, delta_s, delta_l, block_map, linear_map,
                block_q, block_k, scale, phi, eps, kv_h, kv_z, tot_h, tot_z, finite,
                dq, qo, qd):
     B, H, Nq, D = q.shape
@@ -189,7 +189,7 @@ def _dq_kernel(q, k, v, o_s, o_l, lse, do_s, do_l, delta_s, delta_l, block_map,
         _sparse_dq_block(q[b, h], k[b, h], v[b, h], do_s[b, h], lse[b, h], delta_s[b, h],
                          r0, nr, blocks, n_crit, block_k, sc, dqb)
         kv = (kv_h[b, h], kv_z[b, h], tot_h[b, h], tot_z[b, h], finite[b, h])
-        _linear_dq_block(q[b, h], kv, block_map[b, h, i], do_l[b, h], delta_l[b, h],
+        _linear_dq_block(q[b, h], kv, linear_map[b, h, i], do_l[b, h], delta_l[b, h],
                          r0, nr, phi, ep, dqb, qo[b, h, i], qd[b, h, i])
 
 
@@ -271,7 +271,7 @@ def _linear_dkdv_block(kh, vh, qstates, classes, c0, nk, phi, dkb, dvb):
 
 
 @njit(parallel=True, **KERNEL_OPTIONS)
-def _dkdv_kernel(q, k, v, lse, do_s, delta_s, block_map, block_q, block_k, scale, phi,
+def _dkdv_kernel(q, k, v, lse, do_s, delta_s, block_map, linear_map, block_q, block_k, scale, phi,
                  crit_ptr, crit_idx, qo, qd, tot_qo, tot_qd, finite, dk, dv):
     B, H, Nk, D = k.shape
     Mk = -(-Nk // block_k)
@@ -292,13 +292,15 @@ def _dkdv_kernel(q, k, v, lse, do_s, delta_s, block_map, block_q, block_k, scale
                            c0, nk, crit_idx[crit_ptr[t]:crit_ptr[t + 1]], block_q, sc,
                            dkb, dvb)
         qstates = (qo[b, h], qd[b, h], tot_qo[b, h], tot_qd[b, h], finite[b, h])
-        _linear_dkdv_block(k[b, h], v[b, h], qstates, block_map[b, h, :, j], c0, nk, phi,
+        _linear_dkdv_block(k[b, h], v[b, h], qstates, linear_map[b, h, :, j], c0, nk, phi,
                            dkb, dvb)
 
 
 def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map, block_q, block_k, scale,
-             feature_map, eps):
-    """SLA backward: ``(dq, dk, dv)`` shaped like q (B, H, Nq, D), k and v (B, H, Nk, D)."""
+             feature_map, eps, linear_scope=0):
+    """SLA backward: ``(dq, dk, dv)`` shaped like q (B, H, Nq, D), k and v (B, H, Nk, D).
+
+    ``linear_scope`` 1 ("global"): the linear branch took every key block."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     Mq, Mk = block_map.shape[2], block_map.shape[3]
@@ -310,12 +312,13 @@ def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map, block_q, block_k, sc
     delta_l = np_empty((B, H, Nq), dtype)
     kv = linear_states(k, v, block_k, phi)
     crit_ptr, crit_idx = column_index(block_map, 1)
+    lin_map = linear_map(block_map, linear_scope)
 
     # 1. dQ (and the per-query-block linear terms QO_i, QD_i)
     dq = np_empty((B, H, Nq, D), dtype)
     qo = np_empty((B, H, Mq, D, D), dtype)
     qd = np_empty((B, H, Mq, D), dtype)
-    _dq_kernel(q, k, v, o_s, o_l, lse, do_s, do_l, delta_s, delta_l, block_map,
+    _dq_kernel(q, k, v, o_s, o_l, lse, do_s, do_l, delta_s, delta_l, block_map, lin_map,
                block_q, block_k, scale, phi, eps, *kv, dq, qo, qd)
 
     # 2. dK, dV
@@ -325,6 +328,6 @@ def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map, block_q, block_k, sc
     block_totals(qo, qd, tot_qo, tot_qd, q_finite)
     dk = np_empty((B, H, Nk, D), dtype)
     dv = np_empty((B, H, Nk, D), dtype)
-    _dkdv_kernel(q, k, v, lse, do_s, delta_s, block_map, block_q, block_k, scale, phi,
+    _dkdv_kernel(q, k, v, lse, do_s, delta_s, block_map, lin_map, block_q, block_k, scale, phi,
                  crit_ptr, crit_idx, qo, qd, tot_qo, tot_qd, q_finite, dk, dv)
     return dq, dk, dv

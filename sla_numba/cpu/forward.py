@@ -43,7 +43,7 @@ from numba import njit, prange
 from .._arrays import np_empty
 from .._params import LSE_EMPTY
 from ._common import (KERNEL_OPTIONS, blocks_in_row, fast_exp, feature_map_row, fill2d, gemm_acc,
-                      linear_states, sum_marginal, transpose_into)
+                      linear_map, linear_states, sum_marginal, transpose_into)
 
 
 @njit(**KERNEL_OPTIONS)
@@ -152,7 +152,7 @@ def _linear_block(qh, kv, classes, r0, nr, phi, eps, o):
 
 
 @njit(parallel=True, **KERNEL_OPTIONS)
-def _forward_kernel(q, k, v, block_map, block_q, block_k, scale, phi, eps,
+def _forward_kernel(q, k, v, block_map, linear_map, block_q, block_k, scale, phi, eps,
                     kv_h, kv_z, tot_h, tot_z, finite, o_s, o_l, lse):
     B, H, Nq, D = q.shape
     Mq, Mk = block_map.shape[2], block_map.shape[3]
@@ -170,20 +170,21 @@ def _forward_kernel(q, k, v, block_map, block_q, block_k, scale, phi, eps,
         _sparse_block(q[b, h], k[b, h], v[b, h], r0, nr, blocks, n_crit, block_k, sc,
                       o_s[b, h], lse[b, h])
         kv = (kv_h[b, h], kv_z[b, h], tot_h[b, h], tot_z[b, h], finite[b, h])
-        _linear_block(q[b, h], kv, block_map[b, h, i], r0, nr, phi, ep, o_l[b, h])
+        _linear_block(q[b, h], kv, linear_map[b, h, i], r0, nr, phi, ep, o_l[b, h])
 
 
-def forward(q, k, v, block_map, block_q, block_k, scale, feature_map, eps):
+def forward(q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope=0):
     """SLA forward: ``(o_s, o_l, lse)`` for q (B, H, Nq, D), k/v (B, H, Nk, D).
 
     ``block_map`` (B, H, Mq, Mk) int8 is the authority on which key blocks are
     critical (1), marginal (0) or negligible (−1) for each query block.
+    ``linear_scope`` 1 ("global"): the linear branch takes every key block.
     """
     B, H, Nq, D = q.shape
     kv = linear_states(k, v, block_k, int(feature_map))
     o_s = np_empty((B, H, Nq, D), q.dtype)
     o_l = np_empty((B, H, Nq, D), q.dtype)
     lse = np_empty((B, H, Nq), q.dtype)
-    _forward_kernel(q, k, v, block_map, block_q, block_k, float(scale), int(feature_map),
+    _forward_kernel(q, k, v, block_map, linear_map(block_map, linear_scope), block_q, block_k, float(scale), int(feature_map),
                     float(eps), *kv, o_s, o_l, lse)
     return o_s, o_l, lse

@@ -91,6 +91,33 @@ def row_states(call, bmap, state, mq, mk, tc=False):
     return out
 
 
+def set_all(call, x, key, value):
+    """``x[key] = value`` on the device, in the call's stream order (numba's assign
+    kernel; the simulator's arrays have no ``setitem``)."""
+    if hasattr(x, "setitem"):
+        x.setitem(key, value, stream=call.stream)
+    else:
+        x[key] = value
+
+
+def linear_scope_global(call, ws, bmap, want_cols):
+    """Make the linear-branch stages see every key block (``linear_scope="global"``).
+
+    The sparse stages keep the real map (critical lists, ``info[0]``). The linear
+    stages get an all-zero map -- every block marginal -- for their sums
+    (:func:`row_states`, the backward's column sums), and ``info[1]``, the
+    marginal count they test, becomes the full count (Mk per row, Mq per column).
+    Returns the map the linear stages read.
+    """
+    B, H, mq, mk = bmap.shape
+    _, lin_map = call.workspace((B, H, mq, mk), np.int8)
+    set_all(call, lin_map, Ellipsis, 0)
+    set_all(call, ws["row_info"], 1, mk)
+    if want_cols:
+        set_all(call, ws["col_info"], 1, mq)
+    return lin_map
+
+
 def flat(x):
     """A flat (1-D) view of a C-contiguous device array."""
     return x.reshape(int(np.prod(x.shape)))

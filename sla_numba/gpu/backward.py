@@ -41,7 +41,7 @@ import numpy as np
 from .._params import FEATURE_MAPS, n_blocks
 from ._arrays import DeviceCall
 from ._launch import (call_device, compute_dtype, flat, half_bits, half_kind, launch_prep,
-                      marginal_sum, row_states)
+                      linear_scope_global, marginal_sum, row_states)
 from ._path import resolve_path
 from ._stages import mark
 from .simt.backward import make_dkdv, make_dq
@@ -60,7 +60,8 @@ def _like_dtype(call, x, like):
 
 
 def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map,
-             block_q, block_k, scale, feature_map, eps, *, path="auto", tiles=None):
+             block_q, block_k, scale, feature_map, eps, linear_scope=0, *, path="auto",
+             tiles=None):
     """SLA backward. Returns ``(dq, dk, dv)`` of the same array kind as ``q``.
 
     dq like q, dk / dv like k / v, float64 for float64 q, float32 otherwise.
@@ -70,7 +71,8 @@ def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map,
     tensor-core dQ and dK/dV over the prep kernel's critical lists and reverse index
     (written first), then the SIMT dq / column sums / dkdv compiled without their sparse
     loops, which *add* the linear contributions in place (the column sums between
-    dq and dkdv). Deterministic either way.
+    dq and dkdv). Deterministic either way. ``linear_scope`` 1 ("global"): the
+    linear branch took every key block (``_launch.linear_scope_global``).
     """
     if isinstance(feature_map, str):
         feature_map = FEATURE_MAPS[feature_map]
@@ -93,8 +95,9 @@ def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map,
         ws = launch_prep(call, T, dk_, dv_, Nk, block_k, Mk, bmap, Mq, Mk, fm, want_cols=True,
                          delta_of=(os_, dos_) if tc else None,
                          tc_kind=half_kind(call, q) if tc else None)
+        lin_map = linear_scope_global(call, ws, bmap, True) if linear_scope else bmap
         mark("bwd prep")
-        lstate = row_states(call, bmap, ws["state"], Mq, Mk, tc=tc)
+        lstate = row_states(call, lin_map, ws["state"], Mq, Mk, tc=tc)
         mark("bwd marginal sum (rows)")
         h_dq, dq = call.output((B, H, Nq, D), acc)
         h_dk, dk = call.output((B, H, Nk, D), acc)
@@ -124,7 +127,7 @@ def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map,
             Nq, Nk, block_q, block_k, float(scale), fm, float(eps),
             dq, w_inv_den, w_dl, w_ds, qstate)
         mark("bwd linear dq" if tc else "bwd simt dq")
-        marginal_sum(call, bmap, True, Mk, Mq, qstate, dh, tc)
+        marginal_sum(call, lin_map, True, Mk, Mq, qstate, dh, tc)
         mark("bwd marginal sum (columns)")
         make_dkdv(T, not tc)[(Mk, H, B), T.NT, call.stream](
             dq_, dk_, dv_, lse_, dos_, ws["col_crit"], ws["col_info"],

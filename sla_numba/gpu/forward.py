@@ -47,14 +47,14 @@ compiled with ``sparse=False``) where ``SLA_NUMBA_TC_OFF`` names it; ``"auto"``
 from .._params import FEATURE_MAPS, n_blocks
 from ._arrays import DeviceCall
 from ._launch import (call_device, compute_dtype, flat, half_bits, half_kind, launch_prep,
-                      linear_supported, row_states)
+                      linear_scope_global, linear_supported, row_states)
 from ._path import resolve_path, tc_part
 from ._stages import mark
 from .simt.forward import make_forward_simt
 from .simt.tiles import choose_tiles
 
 
-def forward(q, k, v, block_map, block_q, block_k, scale, feature_map, eps, *,
+def forward(q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope=0, *,
             path="auto", tiles=None):
     """SLA forward. Returns ``(o_s, o_l, lse)`` of the same array kind as ``q``.
 
@@ -62,7 +62,8 @@ def forward(q, k, v, block_map, block_q, block_k, scale, feature_map, eps, *,
     otherwise. ``feature_map`` is the int code of ``_params.FEATURE_MAPS`` (a name
     is accepted too). ``path``: "auto" | "simt" | "tc" (``_path.py``; "tc" on
     inputs the tensor cores cannot take is a ``ValueError``). ``tiles`` overrides
-    the SIMT tile configuration (tests).
+    the SIMT tile configuration (tests). ``linear_scope`` 1 ("global"): the linear
+    branch takes every key block (``_launch.linear_scope_global``).
     """
     if isinstance(feature_map, str):
         feature_map = FEATURE_MAPS[feature_map]
@@ -79,8 +80,9 @@ def forward(q, k, v, block_map, block_q, block_k, scale, feature_map, eps, *,
         ws = launch_prep(call, T, dk, dv, Nk, block_k, Mk, dmap, Mq, Mk,
                          int(feature_map), want_cols=False,
                          tc_kind=half_kind(call, q) if path == "tc" else None)
+        lin_map = linear_scope_global(call, ws, dmap, False) if linear_scope else dmap
         mark("fwd prep")
-        lstate = row_states(call, dmap, ws["state"], Mq, Mk, tc=path == "tc")
+        lstate = row_states(call, lin_map, ws["state"], Mq, Mk, tc=path == "tc")
         mark("fwd marginal sum")
         h_os, o_s = call.output((B, H, Nq, D), acc)
         h_ol, o_l = call.output((B, H, Nq, D), acc)

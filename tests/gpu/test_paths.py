@@ -106,10 +106,11 @@ def test_forced_tc_on_fp32_raises_and_bad_path(spy):
 
 
 # --------------------------------------------------------------------------- simulator
-# B, H, Nq, Nk, D, bq, bk, feature map, path asked for "tc" (explicit or auto)
+# B, H, Nq, Nk, D, bq, bk, feature map, path asked for "tc" (explicit or auto), linear scope
 SIM_CASES = [
-    (1, 1, 40, 37, 16, 16, 16, "softmax", "tc"),     # tails on both axes, Nq != Nk
-    (1, 1, 40, 37, 32, 32, 16, "elu", "auto"),       # two m-tiles a warp; auto picks tc
+    (1, 1, 40, 37, 16, 16, 16, "softmax", "tc", 0),     # tails on both axes, Nq != Nk
+    (1, 1, 40, 37, 32, 32, 16, "elu", "auto", 0),       # two m-tiles a warp; auto picks tc
+    (1, 1, 40, 37, 16, 16, 16, "relu", "tc", 1),        # linear_scope="global"
 ]
 
 
@@ -128,8 +129,8 @@ def _map(mq, mk, seed):
 
 
 @pytest.mark.skipif(not SIM, reason="simulator twins of the tensor-core kernels")
-@pytest.mark.parametrize("B,H,Nq,Nk,D,bq,bk,fm,path", SIM_CASES)
-def test_tc_vs_simt_vs_reference_simulated(spy, B, H, Nq, Nk, D, bq, bk, fm, path):
+@pytest.mark.parametrize("B,H,Nq,Nk,D,bq,bk,fm,path,scope", SIM_CASES)
+def test_tc_vs_simt_vs_reference_simulated(spy, B, H, Nq, Nk, D, bq, bk, fm, path, scope):
     rng = np.random.default_rng(D + Nq)
     q, k, v = (rng.standard_normal((B, H, n, D)).astype(np.float16) for n in (Nq, Nk, Nk))
     do_s, do_l = (rng.standard_normal((B, H, Nq, D)).astype(np.float16) for _ in range(2))
@@ -138,11 +139,13 @@ def test_tc_vs_simt_vs_reference_simulated(spy, B, H, Nq, Nk, D, bq, bk, fm, pat
     scale = 0.9 / math.sqrt(D)
     code = _params.FEATURE_MAPS[fm]
 
-    f_tc = gpu.forward(q, k, v, bm, bq, bk, scale, code, 1e-6, path=path)
+    scope_name = "global" if scope else "marginal"
+    f_tc = gpu.forward(q, k, v, bm, bq, bk, scale, code, 1e-6, scope, path=path)
     assert spy["fwd"] == 1
-    f_simt = gpu.forward(q, k, v, bm, bq, bk, scale, code, 1e-6, path="simt")
+    f_simt = gpu.forward(q, k, v, bm, bq, bk, scale, code, 1e-6, scope, path="simt")
     assert spy["fwd"] == 1
-    _, r_s, r_l = sla_reference(q, k, v, bm, block_q=bq, block_k=bk, feature_map=fm, scale=scale)
+    _, r_s, r_l = sla_reference(q, k, v, bm, block_q=bq, block_k=bk, feature_map=fm, scale=scale,
+                                linear_scope=scope_name)
     assert all(x.dtype == np.float32 for x in f_tc)
     assert _err(f_tc[0], r_s) < 2e-3 and _err(f_simt[0], r_s) < 1e-5
     np.testing.assert_array_equal(f_tc[0][0, 0, :bq], 0.0)        # row without critical block
@@ -150,15 +153,17 @@ def test_tc_vs_simt_vs_reference_simulated(spy, B, H, Nq, Nk, D, bq, bk, fm, pat
     # marginal blocks on tensor cores (bf16 hi + lo, ~2^-16 relative a term)
     assert _err(f_tc[1], r_l) < 1e-5
     np.testing.assert_allclose(f_tc[1], f_simt[1], rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(f_tc[1][0, 0, bq:2 * bq], 0.0)   # row without marginal block
+    if not scope:
+        np.testing.assert_array_equal(f_tc[1][0, 0, bq:2 * bq], 0.0)   # row without marginal block
     np.testing.assert_allclose(f_tc[2], f_simt[2], rtol=1e-4, atol=1e-4)
 
-    g_tc = gpu.backward(q, k, v, *f_tc, do_s, do_l, bm, bq, bk, scale, code, 1e-6, path=path)
+    g_tc = gpu.backward(q, k, v, *f_tc, do_s, do_l, bm, bq, bk, scale, code, 1e-6, scope,
+                        path=path)
     assert spy["bwd"] == 1
-    g_simt = gpu.backward(q, k, v, *f_simt, do_s, do_l, bm, bq, bk, scale, code, 1e-6,
+    g_simt = gpu.backward(q, k, v, *f_simt, do_s, do_l, bm, bq, bk, scale, code, 1e-6, scope,
                           path="simt")
     assert spy["bwd"] == 1
-    ref = _reference_grads(q, k, v, bm, bq, bk, scale, fm, do_s, do_l)
+    ref = _reference_grads(q, k, v, bm, bq, bk, scale, fm, do_s, do_l, scope_name)
     for a, s, r in zip(g_tc, g_simt, ref):
         assert a.dtype == np.float32
         assert _err(s, r) < 1e-5
@@ -166,7 +171,8 @@ def test_tc_vs_simt_vs_reference_simulated(spy, B, H, Nq, Nk, D, bq, bk, fm, pat
     if D > 16:
         return
     # determinism of the combined path
-    g2 = gpu.backward(q, k, v, *f_tc, do_s, do_l, bm, bq, bk, scale, code, 1e-6, path=path)
+    g2 = gpu.backward(q, k, v, *f_tc, do_s, do_l, bm, bq, bk, scale, code, 1e-6, scope,
+                      path=path)
     for a, b in zip(g_tc, g2):
         np.testing.assert_array_equal(a, b)
 

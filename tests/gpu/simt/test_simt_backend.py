@@ -261,6 +261,26 @@ def test_backward_matches_reference(B, H, Nq, Nk, D, bq, bk, fm):
         assert _err(dq, cq) < 1e-5 and _err(dk, ck) < 1e-5 and _err(dv, cv) < 1e-5
 
 
+@pytest.mark.parametrize("B,H,Nq,Nk,D,bq,bk,fm", BWD_CASES[:2])
+def test_global_linear_scope_forward_backward(B, H, Nq, Nk, D, bq, bk, fm):
+    """linear_scope=1 ("global"): O_l and its gradients over every key block, against
+    the reference; the sparse branch is that of the map (rows with no critical or no
+    marginal block included)."""
+    q, k, v = _rng_inputs(31, B, H, Nq, Nk, D)
+    bm = _random_map(31, B, H, _params.n_blocks(Nq, bq), _params.n_blocks(Nk, bk))
+    rng = np.random.default_rng(4)
+    do_s, do_l = (rng.standard_normal(q.shape).astype(np.float32) for _ in range(2))
+    scale, code = 0.8 / math.sqrt(D), _params.FEATURE_MAPS[fm]
+    o_s, o_l, lse = gpu.forward(q, k, v, bm, bq, bk, scale, code, 1e-6, 1)
+    _, r_s, r_l = sla_reference(q, k, v, bm, block_q=bq, block_k=bk, feature_map=fm, scale=scale,
+                                linear_scope="global")
+    assert _err(o_s, r_s) < 1e-5 and _err(o_l, r_l) < 1e-5
+    grads = gpu.backward(q, k, v, o_s, o_l, lse, do_s, do_l, bm, bq, bk, scale, code, 1e-6, 1)
+    ref = _reference_grads(q, k, v, bm, bq, bk, scale, fm, do_s, do_l, "global")
+    for g, r in zip(grads, ref):
+        assert _err(g, r) < 1e-5
+
+
 def test_backward_is_deterministic_and_float64():
     q, k, v = _rng_inputs(5, 1, 1, 8, 8, 4, np.float64)
     bm = np.array([[[[1, 0], [0, -1]]]], np.int8)

@@ -1,0 +1,116 @@
+"""torch.compile and opcheck on the attention code of a DiT.
+
+A DiT makes q, k, v from one Linear and ``view(B, N, H, D).transpose(1, 2)``:
+non-contiguous tensors, and a sequence length that changes between calls. The
+custom ops must compile there (fake kernels with the real strides; block counts
+computed inside the op, so a symbolic N needs no Python arithmetic), forward and
+backward, with ``fullgraph=True``, equal to eager.
+"""
+import math
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+import sla_numba
+import sla_numba.torch_ops  # noqa: F401  (registers the sla_numba:: ops)
+
+H, D, BLOCK = 2, 8, 4
+KW = dict(topk=0.3, skip=0.2, block_q=BLOCK, block_k=BLOCK, feature_map="elu")
+
+
+class DiTAttention(torch.nn.Module):
+    """The attention of a DiT block: qkv Linear -> heads -> SLA -> out Linear."""
+
+    def __init__(self, layout):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = torch.nn.Linear(H * D, 3 * H * D)
+        self.out = torch.nn.Linear(H * D, H * D)
+        self.attn = sla_numba.SparseLinearAttention(D, layout=layout, **KW)
+        with torch.no_grad():                    # a "fine-tuned" projection: O_l counts
+            self.attn.proj.weight.copy_(0.5 * torch.randn(D, D))
+        self.layout = layout
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if self.layout == "BHND":      # (B, N, H, D) -> transposed view (B, H, N, D)
+            q, k, v = (t.view(B, N, H, D).transpose(1, 2) for t in (q, k, v))
+            o = self.attn(q, k, v).transpose(1, 2)
+        else:                          # (B, N, H, D) views as they are
+            q, k, v = (t.view(B, N, H, D) for t in (q, k, v))
+            o = self.attn(q, k, v)
+        return self.out(o.reshape(B, N, H * D))
+
+
+def _run(model, x):
+    x = x.detach().requires_grad_()
+    y = model(x)
+    grads = torch.autograd.grad(y.square().sum(), [x, *model.parameters()])
+    return y, grads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiler,layout", [("aot_eager", "BHND"), ("aot_eager", "BNHD"),
+                                             ("inductor", "BHND")])
+def test_dit_attention_compiles_with_dynamic_sequence_length(compiler, layout):
+    model = DiTAttention(layout)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend(compiler)
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
+    compiles = []
+    for n in (37, 53):             # two lengths, neither a multiple of the block
+        x = torch.randn(2, n, H * D)
+        y_eager, g_eager = _run(model, x)
+        y, g = _run(compiled, x)
+        compiles.append(counter.frame_count)
+        torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-5)
+        for a, b in zip(g, g_eager):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the first call compiles; the second length must reuse that symbolic-N graph
+    assert compiles[0] >= 1 and compiles[1] == compiles[0], f"recompiled: {compiles}"
+
+
+def test_block_counts_inside_the_op_follow_the_rule():
+    """The classify op takes topk / skip and derives the counts from the concrete Mk
+    (so a symbolic N compiles): at every Mk the map must have exactly
+    ``n_crit = min(Mk, max(1, floor(topk·Mk)))`` critical and
+    ``n_skip = min(Mk − n_crit, floor(skip·Mk))`` negligible blocks per row, the
+    float product floored as before."""
+    q = torch.randn(1, 1, 8, 4)
+    for topk, skip in [(0.05, 0.10), (0.3, 0.2), (0.29, 0.7), (1.0, 0.0), (0.999, 0.001)]:
+        for mk in range(1, 41):
+            k = torch.randn(1, 1, 2 * mk - 1, 4)            # last key block partial
+            m = torch.ops.sla_numba.classify(q, k, topk, skip, 2, 2, 0.5, "cpu")
+            n_crit = min(mk, max(1, math.floor(topk * mk)))
+            n_skip = min(mk - n_crit, math.floor(skip * mk))
+            assert m.shape[-1] == mk
+            assert ((m == 1).sum(-1) == n_crit).all(), (topk, mk)
+            assert ((m == -1).sum(-1) == n_skip).all(), (skip, mk)
+
+
+def _noncontiguous_qkv(nq=9, nk=7, requires_grad=False):
+    """q, k, v as a DiT makes them: (B, N, H, D) storage seen as (B, H, N, D)."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, n, 2, 4).transpose(1, 2) for n in (nq, nk, nk))
+    assert not q.is_contiguous()
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def test_opcheck_on_non_contiguous_inputs():
+    """opcheck each custom op with transposed-view inputs (fake vs real strides,
+    schema, autograd registration)."""
+    q, k, v = _noncontiguous_qkv(requires_grad=True)
+    bm = torch.ops.sla_numba.classify(q.detach(), k.detach(), 0.5, 0.25, 2, 2, 0.5, "cpu")
+    torch.library.opcheck(torch.ops.sla_numba.classify.default,
+                          (q.detach(), k.detach(), 0.5, 0.25, 2, 2, 0.5, "cpu"))
+    for scope in (0, 1):
+        fwd_args = (q, k, v, bm, 2, 2, 0.5, 1, 1e-6, scope, "cpu")
+        torch.library.opcheck(torch.ops.sla_numba.forward.default, fwd_args)
+        o_s, o_l, lse = torch.ops.sla_numba.forward(*fwd_args)
+        do_s, do_l = (torch.randn(1, 9, 2, 4).transpose(1, 2) for _ in range(2))
+        torch.library.opcheck(
+            torch.ops.sla_numba.backward.default,
+            (q.detach(), k.detach(), v.detach(), o_s.detach(), o_l.detach(), lse.detach(),
+             do_s, do_l, bm, 2, 2, 0.5, 1, 1e-6, scope, "cpu"))
