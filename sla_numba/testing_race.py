@@ -234,6 +234,8 @@ def detect_races(raise_first=True):
     from numba.cuda.simulator import kernelapi
     from numba.cuda.simulator.cudadrv import devicearray
 
+    from .gpu._compat import simulator_shared_array
+
     shared_array = kernelapi.FakeCUDAShared.array
     local_array = kernelapi.FakeCUDALocal.array
     syncthreads = sim_kernel.BlockThread.syncthreads
@@ -241,19 +243,9 @@ def detect_races(raise_first=True):
     get_item, set_item = inner.__getitem__, inner.__setitem__
 
     def tracked_array(self, shape, dtype, alignment=None):
-        if shape == 0:                   # dynamic shared memory: one buffer for all
-            return shared_array(self, shape, dtype, alignment).view(_Tracked)
-        # The simulator keys static shared arrays by the (file, line) of the call, so
-        # look the caller up here (calling the original would key them all on this line).
-        caller = traceback.extract_stack(sys._getframe())[-2][0:2]
-        allocations = self.__dict__.setdefault("_sla_allocations", {})
-        arr = allocations.get(caller)
-        if arr is None:
-            if not isinstance(dtype, np.dtype) and hasattr(dtype, "name"):
-                from numba.np import numpy_support
-                dtype = numpy_support.as_dtype(dtype)
-            arr = allocations[caller] = np.empty(shape, dtype)
-        return arr.view(_Tracked)
+        # the package's thread-safe allocation (sla_numba.gpu._compat), keyed by the
+        # kernel line two frames up (this function sits between)
+        return simulator_shared_array(self, shape, dtype, alignment, depth=2).view(_Tracked)
 
     def tracked_local(self, shape, dtype, alignment=None):
         arr = local_array(self, shape, dtype, alignment).view(_TrackedLocal)

@@ -24,6 +24,8 @@ Three things live here so that no kernel module has to care about them:
      fastmath (checked in PTX), and classification must give the CPU backend's bits.
 """
 import hashlib
+import sys
+import threading
 
 import numpy as np
 
@@ -82,7 +84,43 @@ def device(fn=None, **options):
     return deco if fn is None else deco(fn)
 
 
+# --- 2. The simulator's shared arrays, made thread-safe. Numba-cuda's simulator
+# (0.30.4) keys each static ``cuda.shared.array`` by the (file, line) of the call and
+# creates it on first use with a check-then-store that takes no lock. Every CUDA
+# thread is a Python thread there, so two threads reaching the line together can each
+# create their own array: the block then has no shared memory, and the kernel
+# computes garbage now and then (this was the test suite's rare "failed on the first
+# call, passed on re-run"). The replacement below does the same under a lock.
+_SHARED_LOCK = threading.Lock()
+
+
+def simulator_shared_array(self, shape, dtype, alignment=None, *, depth=1):
+    """``FakeCUDAShared.array`` with its lookup-or-create under a lock (``depth``:
+    how many frames up the kernel line that declares the array is)."""
+    from numba.np import numpy_support
+    if alignment is not None:
+        raise RuntimeError("Array alignment is not supported in cudasim")
+    if not isinstance(dtype, np.dtype) and not isinstance(dtype, type):
+        dtype = numpy_support.as_dtype(dtype)
+    dtype = np.dtype(dtype)
+    if shape == 0:   # dynamic shared memory: views of one buffer made per launch
+        count = self._dynshared_size // dtype.itemsize
+        return np.frombuffer(self._dynshared.data, dtype=dtype, count=count)
+    frame = sys._getframe(depth)
+    caller = (frame.f_code.co_filename, frame.f_lineno)
+    with _SHARED_LOCK:
+        res = self._allocations.get(caller)
+        if res is None:
+            res = self._allocations[caller] = np.empty(shape, dtype)
+    return res
+
+
 if SIMULATOR:
+    from numba.cuda.simulator import kernelapi as _kernelapi
+    #: numba-cuda's own version, kept for the test that shows its race
+    UNLOCKED_SHARED_ARRAY = _kernelapi.FakeCUDAShared.array
+    _kernelapi.FakeCUDAShared.array = simulator_shared_array
+
     def to_f32(x):
         return np.float32(x)
 

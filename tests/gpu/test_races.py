@@ -97,6 +97,53 @@ def test_detector_reports_two_blocks_writing_one_element():
             _run(_two_blocks_one_element, np.zeros(1, np.float32), blocks=2)
 
 
+# --------------------------------------------------------------------------- the simulator
+@cuda.jit
+def _block_sum(out):
+    s = cuda.shared.array(8, np.float32)
+    t = cuda.threadIdx.x
+    s[t] = 1.0
+    cuda.syncthreads()
+    acc = 0.0
+    for i in range(8):
+        acc += s[i]
+    out[t] = acc
+
+
+def _slow_empty(monkeypatch, module):
+    """Make ``np.empty`` in ``module`` slow, as a loaded machine can: threads reaching a
+    ``cuda.shared.array`` line together then overlap in its lookup-or-create."""
+    import time
+    import types
+    slow = types.SimpleNamespace(**{n: getattr(np, n) for n in dir(np) if not n.startswith("__")})
+
+    def empty(*a, **kw):
+        time.sleep(0.02)
+        return np.empty(*a, **kw)
+    slow.empty = empty
+    monkeypatch.setattr(module, "np", slow)
+
+
+def test_simulator_shared_arrays_are_shared_when_threads_race(monkeypatch):
+    """numba-cuda's simulator creates a shared array without a lock, so threads that
+    reach the line together can get different arrays (the suite's old rare flake);
+    sla_numba.gpu._compat installs a locked version. Both are run here with the race
+    window widened: the original must show the bug (else this test proves nothing),
+    the installed one must not."""
+    from numba.cuda.simulator import kernelapi
+
+    from sla_numba.gpu import _compat
+    _slow_empty(monkeypatch, kernelapi)
+    _slow_empty(monkeypatch, _compat)
+    out = np.zeros(8, np.float32)
+    monkeypatch.setattr(kernelapi.FakeCUDAShared, "array", _compat.UNLOCKED_SHARED_ARRAY)
+    _block_sum[1, 8](out)
+    assert not (out == 8).all(), "the unlocked original did not race: the test is void"
+    monkeypatch.setattr(kernelapi.FakeCUDAShared, "array", _compat.simulator_shared_array)
+    _block_sum[1, 8](out)
+    assert (out == 8).all(), out
+
+
 # --------------------------------------------------------------------------- the kernels
 def _inputs(nq, nk, d, dtype, seed=0):
     rng = np.random.default_rng(seed)
