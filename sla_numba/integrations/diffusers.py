@@ -68,7 +68,7 @@ try:  # WanAttnProcessor as in diffusers 0.42 (tested); without it there are no 
 except ImportError:  # pragma: no cover - depends on the diffusers version
     WanAttnProcessor = None
 
-from ..torch_ops import SparseLinearAttention
+from ..modules import SparseLinearAttention
 
 __all__ = ["apply_sla", "remove_sla", "sla_layers", "load_sla", "load_sla_pretrained",
            "SLA_CONFIG_KEY"]
