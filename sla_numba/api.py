@@ -198,10 +198,21 @@ def critical_lut(block_map, n_crit):
     return xp.ascontiguousarray(order[..., :n_crit].astype(np.int32))
 
 
-def _prepare_params(q, topk, skip, block_q, block_k, scale):
+def _block(name, block, n):
+    """A checked block size, made small when it exceeds both the tokens and
+    ``_params.LARGE_BLOCK`` (``_params.effective_block``). Only such huge blocks look at
+    the token count, so ordinary ones stay plain ints under torch.compile's symbolic
+    sizes."""
+    block = _params.check_block_size(name, block)
+    if block > _params.LARGE_BLOCK:
+        block = _params.effective_block(block, int(n))
+    return block
+
+
+def _prepare_params(q, k, topk, skip, block_q, block_k, scale):
     topk, skip = _params.check_topk_skip(topk, skip)
-    block_q = _params.effective_block(_params.check_block_size("block_q", block_q), int(q.shape[2]))
-    block_k = _params.effective_block(_params.check_block_size("block_k", block_k), int(k.shape[2]))
+    block_q = _block("block_q", block_q, q.shape[2])
+    block_k = _block("block_k", block_k, k.shape[2])
     scale = _params.check_scale(scale, int(q.shape[-1]))
     return topk, skip, block_q, block_k, scale
 
@@ -257,7 +268,7 @@ def classify_blocks(q: Array, k: Array, *, topk: float = 0.05, skip: float = 0.1
         raise TypeError(f"k has dtype {dtype_name(k, kind)} but q has {dtype_name(q, kind)}")
     if device_of(k, kind) != device_of(q, kind):
         raise ValueError(f"k is on {device_of(k, kind)} but q is on {device_of(q, kind)}")
-    topk, skip, block_q, block_k, scale = _prepare_params(q, topk, skip, block_q, block_k, scale)
+    topk, skip, block_q, block_k, scale = _prepare_params(q, k, topk, skip, block_q, block_k, scale)
     n_crit, n_skip = _counts(k, topk, skip, block_k)
     backend = _resolve_backend(backend, q, kind)
     if kind == "torch":
@@ -358,7 +369,7 @@ def sla_attention(q: Array, k: Array, v: Array, *, topk: float = 0.05, skip: flo
     fm = _params.check_feature_map(feature_map)
     scope = _params.check_linear_scope(linear_scope)
     eps = _params.check_fraction("eps", eps, low=0.0, high=1.0, low_open=True, high_open=False)
-    topk, skip, block_q, block_k, scale = _prepare_params(q, topk, skip, block_q, block_k, scale)
+    topk, skip, block_q, block_k, scale = _prepare_params(q, k, topk, skip, block_q, block_k, scale)
     if not isinstance(return_parts, bool):
         raise TypeError(f"return_parts must be a bool, got {type(return_parts).__name__}")
     backend = _resolve_backend(backend, q, kind)
