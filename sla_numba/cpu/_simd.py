@@ -68,13 +68,9 @@ def tile_cols(itemsize):
     return TILE_VECTORS * VECTOR_BYTES // itemsize
 
 
-@intrinsic
-def tile_fma(typingctx, a, b, c, i0, j0, kk):
-    """``c[i0:i0+TILE_M, j0:j0+TN] += a[i0:i0+TILE_M, :kk] @ b[:kk, j0:j0+TN]``.
-
-    a, b, c: 2-D C-contiguous arrays of one float dtype; TN = ``tile_cols(itemsize)``.
-    No bounds checks: the caller keeps the tile inside all three arrays.
-    """
+def _tile_fma_impl(a, b, c, a_transposed):
+    """Typing and code generation of ``tile_fma`` (``a_transposed`` False) and
+    ``tile_fma_tn`` (True: A is stored transposed, its rows are the reduction)."""
     arrays = (a, b, c)
     if not all(isinstance(x, types.Array) and x.ndim == 2 and x.layout == "C"
                for x in arrays):
@@ -126,7 +122,8 @@ def tile_fma(typingctx, a, b, c, i0, j0, kk):
             p = loop.index
             b_row = [builder.load(vector_ptr(bb, p, col), align=itemsize) for col in cols]
             for r, row in enumerate(rows):
-                a_rp = builder.load(scalar_ptr(aa, row, p))
+                a_rp = builder.load(scalar_ptr(aa, p, row) if a_transposed else
+                                    scalar_ptr(aa, row, p))
                 a_vec = builder.shuffle_vector(builder.insert_element(undef, a_rp, const(0)),
                                                undef, zeros)            # broadcast a[row, p]
                 for v in range(TILE_VECTORS):
@@ -138,3 +135,24 @@ def tile_fma(typingctx, a, b, c, i0, j0, kk):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+
+@intrinsic
+def tile_fma(typingctx, a, b, c, i0, j0, kk):
+    """``c[i0:i0+TILE_M, j0:j0+TN] += a[i0:i0+TILE_M, :kk] @ b[:kk, j0:j0+TN]``.
+
+    a, b, c: 2-D C-contiguous arrays of one float dtype; TN = ``tile_cols(itemsize)``.
+    No bounds checks: the caller keeps the tile inside all three arrays.
+    """
+    return _tile_fma_impl(a, b, c, False)
+
+
+@intrinsic
+def tile_fma_tn(typingctx, a, b, c, i0, j0, kk):
+    """``tile_fma`` with A stored transposed:
+    ``c[i0:i0+TILE_M, j0:j0+TN] += a[:kk, i0:i0+TILE_M].T @ b[:kk, j0:j0+TN]``.
+
+    The broadcast scalars of one reduction step then come from one row of ``a``.
+    """
+    return _tile_fma_impl(a, b, c, True)
