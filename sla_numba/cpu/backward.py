@@ -46,21 +46,9 @@ import numpy as np
 from numba import njit, prange
 
 from .._arrays import np_empty
-from ._common import (
-    KERNEL_OPTIONS,
-    block_totals,
-    blocks_in_row,
-    column_index,
-    fast_exp,
-    feature_map_grad_acc,
-    feature_map_row,
-    fill2d,
-    gemm_acc,
-    gemm_tn_acc,
-    linear_states,
-    sum_marginal,
-    transpose_into,
-)
+from ._common import (KERNEL_OPTIONS, block_totals, blocks_in_row, column_index, fast_exp,
+                      feature_map_grad_acc, feature_map_row, fill2d, gemm_acc, gemm_tn_acc,
+                      linear_states, sum_marginal, transpose_into)
 
 
 @njit(**KERNEL_OPTIONS)

@@ -43,17 +43,8 @@ from numba import njit, prange
 
 from .._arrays import np_empty
 from .._params import LSE_EMPTY
-from ._common import (
-    KERNEL_OPTIONS,
-    blocks_in_row,
-    fast_exp,
-    feature_map_block_t,
-    fill2d,
-    gemm_acc,
-    gemm_tn_acc,
-    linear_states,
-    sum_marginal,
-)
+from ._common import (KERNEL_OPTIONS, blocks_in_row, fast_exp, feature_map_block_t, fill2d,
+                      gemm_acc, gemm_tn_acc, linear_states, sum_marginal)
 
 
 @njit(**KERNEL_OPTIONS)
