@@ -13,14 +13,16 @@ so a busy machine slows all cases alike):
 * ``SDPA forward`` / ``SDPA fwd+bwd`` — ``torch.nn.functional.scaled_dot_product_attention``;
 * kernel rows ``cpu.classify`` / ``cpu.forward`` / ``cpu.backward`` — the backend alone.
 
-Reported: median, min and max wall time over ``--repeats`` (warm-up excluded), the
-first call's time separately (for the SLA rows: Numba compilation, or loading
-from Numba's on-disk cache when the kernels were compiled before; torch set-up),
-and the peak memory of one call: the rise of the process's peak RSS over its RSS
-before the call, measured in a fresh subprocess per case (Linux only; the probe
+Reported: median, min and max wall time over ``--repeats`` (warm-up excluded); the
+median process CPU time of a call (all threads: on a machine shared with other work
+it is less disturbed than wall time, though not immune, as caches and clocks are
+shared too); the first call's time separately (for the SLA rows: Numba compilation,
+or loading from Numba's on-disk cache when the kernels were compiled before; torch
+set-up); and the peak memory of one call: the rise of the process's peak RSS over its
+RSS before the call, measured in a fresh subprocess per case (Linux only; the probe
 resets the peak through /proc/self/clear_refs and sets MALLOC_MMAP_THRESHOLD_ so
-freed buffers go back to the OS). Both libraries use ``--threads`` threads
-(default: all cores).
+freed buffers go back to the OS). Both libraries use ``--threads`` threads (default:
+all cores).
 
 The machine is printed (and written to the JSON under ``machine``): CPU model and
 the ISA flags that matter (AVX2, FMA, AVX-512F), the CPU LLVM compiles for, the
@@ -315,11 +317,14 @@ def main(argv=None):
     for fn in cases.values():                         # warm-up
         fn()
     times = {name: [] for name in cases}
+    cpu_times = {name: [] for name in cases}
     for _ in range(args.repeats):                     # interleaved repeats
         for name, fn in cases.items():
+            c0 = time.process_time()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+            cpu_times[name].append(time.process_time() - c0)
     load_end = _loadavg()
 
     memory = {name: (None if args.no_memory or not sys.platform.startswith("linux")
@@ -329,11 +334,12 @@ def main(argv=None):
     machine = machine_info()
     machine["loadavg_start"], machine["loadavg_end"] = load_start, load_end
     rows = {name: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t),
-                   "max_ms": 1e3 * max(t), "first_call_s": first[name], "peak_mib": memory[name]}
+                   "max_ms": 1e3 * max(t), "cpu_median_ms": 1e3 * statistics.median(cpu_times[name]),
+                   "first_call_s": first[name], "peak_mib": memory[name]}
             for name, t in times.items()}
     ratios = {f"{what}_speedup{suffix}": rows[f"SDPA {case}"][stat] / rows[f"SLA {case}"][stat]
               for what, case in (("forward", "forward"), ("fwd_bwd", "fwd+bwd"))
-              for suffix, stat in (("", "median_ms"), ("_min", "min_ms"))}
+              for suffix, stat in (("", "median_ms"), ("_min", "min_ms"), ("_cpu", "cpu_median_ms"))}
 
     print(f"B={args.batch} H={args.heads} N={args.n} D={args.dim} float32, "
           f"topk={args.topk} skip={args.skip} block={args.block} phi={args.feature_map}, "
@@ -341,15 +347,17 @@ def main(argv=None):
           f"{args.repeats} repeats, SLA via "
           f"{'sla_numba.sla_attention' if via_api else 'the cpu backend directly'}")
     print_machine(machine)
-    print(f"{'case':<14} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'first call s':>13} "
-          f"{'peak MiB':>9}")
+    print(f"{'case':<14} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'CPU ms':>9} "
+          f"{'first call s':>13} {'peak MiB':>9}")
     for name, r in rows.items():
         mem = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
         print(f"{name:<14} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} {r['max_ms']:>9.2f} "
-              f"{r['first_call_s']:>13.3f} {mem:>9}")
+              f"{r['cpu_median_ms']:>9.2f} {r['first_call_s']:>13.3f} {mem:>9}")
     print(f"speed-up over SDPA (medians): forward {ratios['forward_speedup']:.2f}x, "
           f"forward+backward {ratios['fwd_bwd_speedup']:.2f}x   (mins: "
-          f"{ratios['forward_speedup_min']:.2f}x, {ratios['fwd_bwd_speedup_min']:.2f}x)")
+          f"{ratios['forward_speedup_min']:.2f}x, {ratios['fwd_bwd_speedup_min']:.2f}x; "
+          f"process CPU time: {ratios['forward_speedup_cpu']:.2f}x, "
+          f"{ratios['fwd_bwd_speedup_cpu']:.2f}x)")
 
     if args.json:
         with open(args.json, "w") as f:

@@ -26,8 +26,7 @@ AVX2 has). No re-association: the result does not depend on the vector width, on
 the tile shape or on which thread runs it — the same bits on an AVX2 and an
 AVX-512 machine with FMA.
 
-Widths chosen at import from the CPU Numba compiles for (``NUMBA_CPU_FEATURES`` if
-set, else the host): AVX-512F → 64-byte vectors, an 8 × 32 float32 tile (16 of
+Widths chosen at import from the CPU Numba compiles for (``cpu_features``): AVX-512F → 64-byte vectors, an 8 × 32 float32 tile (16 of
 the 32 vector registers); AVX/AVX2 → 32-byte vectors, a 4 × 16 float32 tile (8 of
 16); otherwise 16-byte SSE vectors. float64 tiles have the same shape in vectors
 (half the columns). Numba's on-disk cache is keyed on the CPU, so a cached kernel
@@ -41,9 +40,16 @@ from numba.extending import intrinsic
 
 
 def cpu_features():
-    """The set of CPU features Numba compiles for (``NUMBA_CPU_FEATURES`` or the host's)."""
-    if config.CPU_FEATURES:
+    """The set of CPU features Numba compiles for.
+
+    ``NUMBA_CPU_FEATURES`` if set; none if only ``NUMBA_CPU_NAME`` names a CPU (e.g.
+    ``generic`` for a portable cache: then Numba compiles without the host's
+    features); else the host's.
+    """
+    if config.CPU_FEATURES is not None:
         return {f[1:] for f in config.CPU_FEATURES.split(",") if f.startswith("+")}
+    if config.CPU_NAME not in (None, "host"):
+        return set()
     return {name for name, on in llvm_binding.get_host_cpu_features().items() if on}
 
 
