@@ -9,13 +9,15 @@ Three functions, the backend contract of docs/internals.md:
   (through a reverse index of the map), deterministic, no atomics.
 
 Shared building blocks (small matrix products, feature maps, block lists, the
-linear branch's per-key-block states) live in ``_common.py``. Inputs are
+linear branch's per-key-block states) live in ``_common.py``; the register-tiled
+micro-kernel under every matrix product in ``_simd.py``. Inputs are
 C-contiguous numpy arrays, (B, H, N, D), float32 or float64; everything is computed
 in the input dtype. Kernels are compiled on first use (tens of seconds) and cached
 on disk (``cache=True``; ``NUMBA_CACHE_DIR`` moves the cache).
 
 Note for developers: Numba's cache of a kernel is keyed on the kernel's own
-source file only. After editing ``_common.py``, delete the cached ``*.nbi``/``*.nbc``
+source file only. After editing ``_common.py`` or ``_simd.py`` (the products'
+micro-kernel), delete the cached ``*.nbi``/``*.nbc``
 files (``__pycache__`` here, or ``NUMBA_CACHE_DIR``), or the kernels in
 ``forward.py``/``backward.py`` keep the old helpers.
 """

@@ -15,10 +15,14 @@ What lives here, and why
   (Q Kᵀ, P V, φ(K)ᵀ V, dO Vᵀ, dSᵀ Q, ...) is one call, with the operands staged so
   that ``B``'s rows run along the output columns (``transpose_into`` copies a block
   transposed when needed). The copies cost O(block·D), the product O(block²·D).
+  The product's inner loop is the register-tiled micro-kernel of ``_simd.py``.
 * ``fast_exp`` — exp for float32 that LLVM can vectorise (Numba's ``math.exp`` is a
   scalar libm call, which made the exponentials cost as much as the matrix
   products); float64 keeps ``math.exp``.
-* ``feature_map_row`` / ``feature_map_grad_acc`` — φ and its chain rule, per token.
+* ``feature_map_row`` / ``feature_map_grad_acc`` — φ and its chain rule, per token;
+  ``feature_map_block_t`` — φ of a block of tokens, stored transposed (vectorised
+  over tokens: the forward's φ(Q_i) and φ(K_j) come from it).
+* ``gemm_tn_acc`` — ``C += Aᵀ B`` for an A that is at hand transposed.
 * ``blocks_in_row`` / ``column_index`` — the critical key blocks of a query-block
   row (a row of the map is contiguous: scanning it is cheap), and the reverse
   index: for every key block, the query blocks that mark it critical (a column is
@@ -44,6 +48,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from .._arrays import np_empty
+from ._simd import TILE_M, TILE_VECTORS, VECTOR_BYTES, tile_fma, tile_fma_tn
 
 #: fast-math flags for the attention kernels (never used by classification).
 #: Everything except nnan / ninf: NaN and Inf must propagate.
@@ -61,62 +66,71 @@ PHI_SOFTMAX, PHI_ELU, PHI_RELU = 0, 1, 2
 # --------------------------------------------------------------------------- small dense products
 @njit(**KERNEL_OPTIONS)
 def gemm_acc(a, b, c, m, n, kk):
-    """``c[:m, :n] += a[:m, :kk] @ b[:kk, :n]`` (all 2-D with contiguous rows).
+    """``c[:m, :n] += a[:m, :kk] @ b[:kk, :n]`` (all 2-D, C-contiguous, one dtype).
 
-    Register tile: 4 rows of ``c`` × 4 steps of the reduction index p. Each element
-    of ``c`` is loaded and stored once per 4 FMAs, and each element of ``b`` feeds 4
-    rows: with the 16 scalars of ``a`` in registers the inner loop (over a
-    contiguous row, vectorised by LLVM) is bound by FMAs, not by memory.
+    The bulk of C goes through the register-tiled micro-kernel ``_simd.tile_fma``
+    (``TILE_M`` rows × ``tile_cols`` columns at a time, C kept in vector registers
+    over the whole reduction); the columns and rows left over at the right and
+    bottom edges through ``_gemm_edge`` (plain loops). For the 64 × 64 tiles of
+    the default block size with D = 64 everything is micro-kernel work.
     """
+    tn = TILE_VECTORS * VECTOR_BYTES // c.itemsize      # = _simd.tile_cols(itemsize)
     i = 0
-    while i + 4 <= m:
-        c0 = c[i]
-        c1 = c[i + 1]
-        c2 = c[i + 2]
-        c3 = c[i + 3]
-        ar0 = a[i]
-        ar1 = a[i + 1]
-        ar2 = a[i + 2]
-        ar3 = a[i + 3]
-        p = 0
-        while p + 4 <= kk:
-            b0 = b[p]
-            b1 = b[p + 1]
-            b2 = b[p + 2]
-            b3 = b[p + 3]
-            a00, a01, a02, a03 = ar0[p], ar0[p + 1], ar0[p + 2], ar0[p + 3]
-            a10, a11, a12, a13 = ar1[p], ar1[p + 1], ar1[p + 2], ar1[p + 3]
-            a20, a21, a22, a23 = ar2[p], ar2[p + 1], ar2[p + 2], ar2[p + 3]
-            a30, a31, a32, a33 = ar3[p], ar3[p + 1], ar3[p + 2], ar3[p + 3]
-            for j in range(n):
-                x0 = b0[j]
-                x1 = b1[j]
-                x2 = b2[j]
-                x3 = b3[j]
-                c0[j] += a00 * x0 + a01 * x1 + a02 * x2 + a03 * x3
-                c1[j] += a10 * x0 + a11 * x1 + a12 * x2 + a13 * x3
-                c2[j] += a20 * x0 + a21 * x1 + a22 * x2 + a23 * x3
-                c3[j] += a30 * x0 + a31 * x1 + a32 * x2 + a33 * x3
-            p += 4
-        while p < kk:                    # leftover reduction steps
-            bp = b[p]
-            a00, a10, a20, a30 = ar0[p], ar1[p], ar2[p], ar3[p]
-            for j in range(n):
-                x = bp[j]
-                c0[j] += a00 * x
-                c1[j] += a10 * x
-                c2[j] += a20 * x
-                c3[j] += a30 * x
-            p += 1
-        i += 4
-    while i < m:                         # leftover rows
-        c0 = c[i]
+    while i + TILE_M <= m:
+        j = 0
+        while j + tn <= n:
+            tile_fma(a, b, c, i, j, kk)
+            j += tn
+        _gemm_edge(a, b, c, i, i + TILE_M, j, n, kk)
+        i += TILE_M
+    _gemm_edge(a, b, c, i, m, 0, n, kk)
+
+
+@njit(**KERNEL_OPTIONS)
+def _gemm_edge(a, b, c, i0, i1, j0, j1, kk):
+    """``c[i0:i1, j0:j1] += a[i0:i1, :kk] @ b[:kk, j0:j1]``, plain loops (p in order)."""
+    if j0 >= j1:
+        return
+    for i in range(i0, i1):
+        ci = c[i]
         for p in range(kk):
-            a00 = a[i, p]
+            aip = a[i, p]
             bp = b[p]
-            for j in range(n):
-                c0[j] += a00 * bp[j]
-        i += 1
+            for j in range(j0, j1):
+                ci[j] += aip * bp[j]
+
+
+@njit(**KERNEL_OPTIONS)
+def gemm_tn_acc(a, b, c, m, n, kk):
+    """``c[:m, :n] += a[:kk, :m].T @ b[:kk, :n]``: ``gemm_acc`` with A stored transposed.
+
+    Saves the transposed copy of A where a tile is at hand the other way round
+    (Pᵀ, dSᵀ, φ(Q)ᵀ held with queries along the contiguous axis).
+    """
+    tn = TILE_VECTORS * VECTOR_BYTES // c.itemsize
+    i = 0
+    while i + TILE_M <= m:
+        j = 0
+        while j + tn <= n:
+            tile_fma_tn(a, b, c, i, j, kk)
+            j += tn
+        _gemm_tn_edge(a, b, c, i, i + TILE_M, j, n, kk)
+        i += TILE_M
+    _gemm_tn_edge(a, b, c, i, m, 0, n, kk)
+
+
+@njit(**KERNEL_OPTIONS)
+def _gemm_tn_edge(a, b, c, i0, i1, j0, j1, kk):
+    """``c[i0:i1, j0:j1] += a[:kk, i0:i1].T @ b[:kk, j0:j1]``, plain loops (p in order)."""
+    if j0 >= j1:
+        return
+    for i in range(i0, i1):
+        ci = c[i]
+        for p in range(kk):
+            api = a[p, i]
+            bp = b[p]
+            for j in range(j0, j1):
+                ci[j] += api * bp[j]
 
 
 @njit(**KERNEL_OPTIONS)
@@ -221,6 +235,59 @@ def feature_map_row(x, y, phi):
 
 
 @njit(**KERNEL_OPTIONS)
+def feature_map_block_t(x, r0, nr, yt, phi):
+    """``yt[:, :nr] = φ(x[r0:r0+nr])ᵀ``: φ of nr tokens of x (N, D), stored transposed (D, ≥nr).
+
+    Same arithmetic per token as ``feature_map_row`` except that softmax's sum runs
+    over d in order. With the tokens along the contiguous axis, softmax's running max
+    and sum over D are element-wise loops over tokens, which LLVM vectorises (a max
+    *reduction* along a row does not vectorise without the ``nnan`` flag we leave
+    out); this costs one transposed copy of the block.
+    """
+    D = x.shape[1]
+    dt = yt.dtype.type
+    zero = dt(0)
+    one = dt(1)
+    transpose_into(x[r0:r0 + nr], yt, nr, D)
+    if phi == PHI_SOFTMAX:
+        mx = np.empty(nr, yt.dtype)
+        tot = np.zeros(nr, yt.dtype)
+        y0 = yt[0]
+        for r in range(nr):
+            mx[r] = y0[r]
+        for d in range(1, D):
+            yd = yt[d]
+            for r in range(nr):
+                xr = yd[r]
+                m = mx[r]
+                mx[r] = xr if xr > m else m
+        for d in range(D):
+            yd = yt[d]
+            for r in range(nr):
+                e = fast_exp(yd[r] - mx[r])
+                yd[r] = e
+                tot[r] += e
+        for r in range(nr):
+            tot[r] = one / tot[r]
+        for d in range(D):
+            yd = yt[d]
+            for r in range(nr):
+                yd[r] *= tot[r]
+    elif phi == PHI_ELU:
+        for d in range(D):
+            yd = yt[d]
+            for r in range(nr):
+                xr = yd[r]
+                yd[r] = xr + one if xr > zero else fast_exp(xr)
+    else:
+        for d in range(D):
+            yd = yt[d]
+            for r in range(nr):
+                xr = yd[r]
+                yd[r] = zero if xr <= zero else xr      # NaN stays NaN
+
+
+@njit(**KERNEL_OPTIONS)
 def feature_map_grad_acc(x, y, dy, dx, phi):
     """``dx += (∂φ/∂x)ᵀ dy`` for one token, with ``y = φ(x)`` already computed.
 
@@ -307,16 +374,15 @@ def key_block_states(k, v, block_k, phi, kv_h, kv_z):
         j = t % Mk
         c0 = j * block_k
         nk = min(block_k, Nk - c0)
-        y = np.empty(D, k.dtype)                     # φ(k_c)
         yt = np.empty((D, nk), k.dtype)              # φ(K_j)ᵀ
+        feature_map_block_t(k[b, h], c0, nk, yt, phi)
         zj = kv_z[b, h, j]
-        for d in range(D):
-            zj[d] = zero
-        for c in range(nk):
-            feature_map_row(k[b, h, c0 + c], y, phi)
-            for d in range(D):
-                yt[d, c] = y[d]
-                zj[d] += y[d]
+        for d in range(D):                           # z_j = Σ_c φ(k_c)
+            acc = zero
+            ytd = yt[d]
+            for c in range(nk):
+                acc += ytd[c]
+            zj[d] = acc
         hj = kv_h[b, h, j]
         fill2d(hj, D, D, zero)
         gemm_acc(yt, v[b, h, c0:c0 + nk], hj, D, D, nk)

@@ -47,7 +47,8 @@ from numba import njit, prange
 
 from .._arrays import np_empty
 from ._common import (KERNEL_OPTIONS, block_totals, blocks_in_row, column_index, fast_exp,
-                      feature_map_grad_acc, feature_map_row, fill2d, gemm_acc, linear_map,
+                      feature_map_grad_acc, feature_map_row, fill2d, gemm_acc, gemm_tn_acc,
+                      linear_map,
                       linear_states, sum_marginal, transpose_into)
 
 
@@ -82,7 +83,7 @@ def _sparse_dq_block(qh, kh, vh, do_s, lse, delta_s, r0, nr, crit, n_crit, block
     """``dqb += scale · Σ_c dS_c K_c`` over the critical key blocks of one query block.
 
     Tiles are transposed (keys along rows, queries contiguous), as in the forward:
-    Sᵀ = K_c (scale·Q_i)ᵀ, dPᵀ = V_c dO_iᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ − δs), dQ_iᵀ += K_cᵀ dSᵀ.
+    Sᵀ = K_c (scale·Q_i)ᵀ, dPᵀ = V_c dO_iᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ − δs), dQ_i += (dSᵀ)ᵀ K_c.
     """
     Nk, D = kh.shape
     dt = qh.dtype.type
@@ -93,10 +94,9 @@ def _sparse_dq_block(qh, kh, vh, do_s, lse, delta_s, r0, nr, crit, n_crit, block
     _rows_transposed(qh, r0, nr, scale, qst)
     dot = np.empty((D, nr), qh.dtype)            # dO_iᵀ
     _rows_transposed(do_s, r0, nr, dt(1), dot)
-    kt = np.empty((D, block_k), qh.dtype)        # K_cᵀ
     st = np.empty((block_k, nr), qh.dtype)       # Sᵀ
     dst = np.empty((block_k, nr), qh.dtype)      # dPᵀ, then dSᵀ
-    acc = np.zeros((D, nr), qh.dtype)            # Σ K_cᵀ dSᵀ, scaled at the end
+    acc = np.zeros((nr, D), qh.dtype)            # Σ dS K_c, scaled at the end
     lr = lse[r0:r0 + nr]
     dr = delta_s[r0:r0 + nr]
     for n in range(n_crit):
@@ -112,12 +112,12 @@ def _sparse_dq_block(qh, kh, vh, do_s, lse, delta_s, r0, nr, crit, n_crit, block
             for r in range(nr):
                 p = fast_exp(sc[r] - lr[r])
                 dc[r] = p * (dc[r] - dr[r])               # dSᵀ
-        transpose_into(kh[c0:c0 + nk], kt, nk, D)
-        gemm_acc(kt, dst, acc, D, nr, nk)                 # dQᵀ += K_cᵀ dSᵀ
+        gemm_tn_acc(dst, kh[c0:c0 + nk], acc, nr, D, nk)  # dQ += dS K_c
     for r in range(nr):
         dq_r = dqb[r]
+        acc_r = acc[r]
         for d in range(D):
-            dq_r[d] += scale * acc[d, r]
+            dq_r[d] += scale * acc_r[d]
 
 
 @njit(**KERNEL_OPTIONS)

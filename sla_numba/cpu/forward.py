@@ -16,8 +16,9 @@ Step by step
      S   = (scale·Q_i) K_cᵀ                      (nr, nk)
      m'  = max(m, rowmax S);  α = exp(m − m');  P = exp(S − m')
      l   = α·l + rowsum P;    O = α·O + P V_c;  m = m'
-   finally ``O_s = O / l`` and ``lse = m + log l``. (The code keeps S, P and O
-   transposed — queries along the contiguous axis — see ``_sparse_block``.)
+   finally ``O_s = O / l`` and ``lse = m + log l``. (The code keeps S and P
+   transposed — queries along the contiguous axis — see ``_sparse_block``; O is
+   built in place in the output rows.)
    A query block with no critical key block gets ``O_s = 0``, ``lse = LSE_EMPTY``.
 3. Linear branch (``_linear_block``): with Mg_i the marginal key blocks of row i,
      H_i = Σ_{j∈Mg_i} h_j,  Z_i = Σ_{j∈Mg_i} z_j        (``_common.sum_marginal``)
@@ -42,8 +43,8 @@ from numba import njit, prange
 
 from .._arrays import np_empty
 from .._params import LSE_EMPTY
-from ._common import (KERNEL_OPTIONS, blocks_in_row, fast_exp, feature_map_row, fill2d, gemm_acc,
-                      linear_map, linear_states, sum_marginal, transpose_into)
+from ._common import (KERNEL_OPTIONS, blocks_in_row, fast_exp, feature_map_block_t, fill2d,
+                      gemm_acc, gemm_tn_acc, linear_map, linear_states, sum_marginal)
 
 
 @njit(**KERNEL_OPTIONS)
@@ -73,8 +74,7 @@ def _sparse_block(qh, kh, vh, r0, nr, crit, n_crit, block_k, scale, o, lse):
         for d in range(D):
             qst[d, r] = qh[r0 + r, d] * scale
     st = np.empty((block_k, nr), qh.dtype)       # Sᵀ, then Pᵀ
-    vt = np.empty((D, block_k), qh.dtype)        # V_cᵀ
-    ot = np.zeros((D, nr), qh.dtype)             # O_iᵀ, unnormalised
+    fill2d(ob, nr, D, zero)                      # O_i, unnormalised, built in place
     m = np.full(nr, -np.inf, qh.dtype)           # running max per query
     l = np.zeros(nr, qh.dtype)                   # running sum of exp per query
     m_new = np.empty(nr, qh.dtype)
@@ -103,18 +103,18 @@ def _sparse_block(qh, kh, vh, r0, nr, crit, n_crit, block_k, scale, o, lse):
                 p = fast_exp(sc[r] - m[r])
                 sc[r] = p
                 l[r] += p
-        for d in range(D):                                # Oᵀ ← α Oᵀ + V_cᵀ Pᵀ
-            od = ot[d]
-            for r in range(nr):
-                od[r] *= alpha[r]
-        transpose_into(vh[c0:c0 + nk], vt, nk, D)
-        gemm_acc(vt, st, ot, D, nr, nk)
+        for r in range(nr):                               # O ← α O + P V_c
+            orow = ob[r]
+            a = alpha[r]
+            for d in range(D):
+                orow[d] *= a
+        gemm_tn_acc(st, vh[c0:c0 + nk], ob, nr, D, nk)
 
     for r in range(nr):                                   # O_s = O / l, lse = m + log l
         inv = one / l[r]
         orow = ob[r]
         for d in range(D):
-            orow[d] = ot[d, r] * inv
+            orow[d] *= inv
         lse[r0 + r] = m[r] + math.log(l[r])
 
 
@@ -137,15 +137,17 @@ def _linear_block(qh, kv, classes, r0, nr, phi, eps, o):
     zs = np.empty(D, qh.dtype)                   # Z_i
     if sum_marginal(kv_h, kv_z, tot_h, tot_z, finite, classes, hs, zs) == 0:
         return                                   # no marginal block: O_l = 0
-    fq = np.empty((nr, D), qh.dtype)             # φ(Q_i)
+    fqt = np.empty((D, nr), qh.dtype)            # φ(Q_i)ᵀ
+    feature_map_block_t(qh, r0, nr, fqt, phi)
+    gemm_tn_acc(fqt, hs, ob, nr, D, D)           # numerator φ(Q_i) H_i
+    den = np.zeros(nr, qh.dtype)                 # φ(q_r)·Z_i, d in order
+    for d in range(D):
+        fd = fqt[d]
+        zd = zs[d]
+        for r in range(nr):
+            den[r] += fd[r] * zd
     for r in range(nr):
-        feature_map_row(qh[r0 + r], fq[r], phi)
-    gemm_acc(fq, hs, ob, nr, D, D)               # numerator φ(Q_i) H_i
-    for r in range(nr):
-        den = zero
-        for d in range(D):
-            den += fq[r, d] * zs[d]
-        inv = one / (den + eps)
+        inv = one / (den[r] + eps)
         orow = ob[r]
         for d in range(D):
             orow[d] *= inv
