@@ -65,6 +65,11 @@ def run_child(shape, dtype, cache):
         raise RuntimeError(f"child failed ({out.returncode}):\n{out.stderr[-3000:]}")
     res = json.loads(out.stdout.strip().splitlines()[-1])
     res["process_wall_s"] = wall
+    # the package's compile notices (logger "sla_numba") and, with NUMBA_DEBUG_CACHE=1,
+    # Numba's cache misses: what the process compiled instead of loading
+    res["stderr_notes"] = [ln for ln in out.stderr.splitlines()
+                           if "compiling" in ln or "ready in" in ln or "[cache]" in ln
+                           and "index" not in ln][:80]
     return res
 
 
@@ -83,6 +88,8 @@ def main():
               f"(forward+backward {r['first_forward_s'] + r['first_backward_s']:.2f} s), "
               f"second forward {r['second_forward_s'] * 1e3:.1f} ms; path {r['path']}; "
               f"whole process {r['process_wall_s']:.1f} s", flush=True)
+        for line in r["stderr_notes"]:
+            print("   ", line[:200])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(shape=args.shape, dtype=args.dtype, **results), f, indent=1)
