@@ -7,6 +7,7 @@ on the call's stream. No kernel code lives here.
 import numpy as np
 
 from ._path import tc_part
+from .simt.fill import FILL_THREADS, fill
 from .simt.marginal import launch_marginal_sum
 from .simt.states import make_prep
 
@@ -91,13 +92,13 @@ def row_states(call, bmap, state, mq, mk, tc=False):
     return out
 
 
-def set_all(call, x, key, value):
-    """``x[key] = value`` on the device, in the call's stream order (numba's assign
-    kernel; the simulator's arrays have no ``setitem``)."""
-    if hasattr(x, "setitem"):
-        x.setitem(key, value, stream=call.stream)
-    else:
-        x[key] = value
+def fill_on_device(call, x, value):
+    """Every element of the C-contiguous device array ``x`` set to ``value``, on the
+    call's stream (one small kernel: numba device arrays have no ``fill``)."""
+    n = int(np.prod(x.shape))
+    if n:
+        blocks = min(-(-n // FILL_THREADS), 1024)
+        fill[blocks, FILL_THREADS, call.stream](flat(x), x.dtype.type(value))
 
 
 def linear_scope_global(call, ws, bmap, want_cols):
@@ -111,10 +112,10 @@ def linear_scope_global(call, ws, bmap, want_cols):
     """
     B, H, mq, mk = bmap.shape
     _, lin_map = call.workspace((B, H, mq, mk), np.int8)
-    set_all(call, lin_map, Ellipsis, 0)
-    set_all(call, ws["row_info"], 1, mk)
+    fill_on_device(call, lin_map, 0)
+    fill_on_device(call, ws["row_info"][1], mk)
     if want_cols:
-        set_all(call, ws["col_info"], 1, mq)
+        fill_on_device(call, ws["col_info"][1], mq)
     return lin_map
 
 

@@ -282,6 +282,11 @@ def _build_intrinsics():
         lit_intrinsic = intrinsic
 
     i32, f32 = ir.IntType(32), ir.FloatType()
+    # llvmlite caches a type's text in the object on first use (str()); the intrinsics
+    # below hold these two in their closures, and Numba's disk-cache key pickles those
+    # closures: fill the cache now, or a kernel's key would change once it has compiled
+    # (the first process would store it under a key no later process computes).
+    str(i32), str(f32)
 
     def _asm(builder, ret, argtys, text, constraints, args, side_effect=False):
         fnty = ir.FunctionType(ret, argtys)
