@@ -40,6 +40,7 @@ several-fold. The script therefore sets ``OMP_WAIT_POLICY=PASSIVE`` unless the
 environment sets it already (pass ``OMP_WAIT_POLICY=ACTIVE`` to see the other case);
 it applies to both libraries alike.
 """
+
 import argparse
 import json
 import math
@@ -49,11 +50,12 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch / numba start OpenMP
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch / numba start OpenMP
 
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -81,6 +83,7 @@ def make_cases(args):
 
     from sla_numba import cpu
     from sla_numba._params import FEATURE_MAPS, block_counts, n_blocks
+
     try:
         from sla_numba import sla_attention
     except ImportError:
@@ -94,14 +97,15 @@ def make_cases(args):
     fm = FEATURE_MAPS[args.feature_map]
     eps = 1e-6
     n_crit, n_skip = block_counts(n_blocks(args.n, bk), args.topk, args.skip)
-    opts = dict(topk=args.topk, skip=args.skip, block_q=bq, block_k=bk,
-                feature_map=args.feature_map)
+    opts = dict(
+        topk=args.topk, skip=args.skip, block_q=bq, block_k=bk, feature_map=args.feature_map
+    )
 
     tq, tk, tv, tdo = (torch.from_numpy(x) for x in (q, k, v, do))
     gq, gk, gv = (t.clone().requires_grad_() for t in (tq, tk, tv))
 
-    saved = {}                      # the kernel rows' inputs, made on first use (after the
-                                    # SLA rows, so their first call includes compilation)
+    saved = {}  # the kernel rows' inputs, made on first use (after the
+    # SLA rows, so their first call includes compilation)
 
     def fwd_inputs():
         if not saved:
@@ -144,8 +148,9 @@ def make_cases(args):
         "SDPA fwd+bwd": sdpa_fwd_bwd,
         "cpu.classify": lambda: cpu.classify(q, k, n_crit, n_skip, bq, bk, scale),
         "cpu.forward": lambda: cpu.forward(q, k, v, fwd_inputs()[0], bq, bk, scale, fm, eps),
-        "cpu.backward": lambda: cpu.backward(q, k, v, *fwd_inputs()[1], do, do, fwd_inputs()[0],
-                                             bq, bk, scale, fm, eps),
+        "cpu.backward": lambda: cpu.backward(
+            q, k, v, *fwd_inputs()[1], do, do, fwd_inputs()[0], bq, bk, scale, fm, eps
+        ),
     }, sla_attention is not None
 
 
@@ -159,6 +164,7 @@ def _loadavg():
 def set_threads(n):
     import numba
     import torch
+
     n = n or numba.config.NUMBA_NUM_THREADS
     numba.set_num_threads(n)
     torch.set_num_threads(n)
@@ -206,14 +212,21 @@ def machine_info():
     try:
         np_blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
         numpy_blas = f"{np_blas.get('name')} {np_blas.get('version')}"
-    except Exception:                                   # noqa: BLE001 - informational only
+    except Exception:  # noqa: BLE001 - informational only
         numpy_blas = None
     torch_cfg = torch.__config__.show()
-    torch_blas = next((part.split("=", 1)[1] for line in torch_cfg.splitlines()
-                       for part in line.replace(",", " ").split()
-                       if part.startswith("BLAS_INFO=")), None)
+    torch_blas = next(
+        (
+            part.split("=", 1)[1]
+            for line in torch_cfg.splitlines()
+            for part in line.replace(",", " ").split()
+            if part.startswith("BLAS_INFO=")
+        ),
+        None,
+    )
     try:
         import scipy
+
         scipy_version = scipy.__version__
     except ImportError:
         scipy_version = None
@@ -223,40 +236,66 @@ def machine_info():
         affinity = None
     return {
         "cpu_model": model or platform.processor() or platform.machine(),
-        "isa": {f: f in flags for f in ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")},
+        "isa": {
+            f: f in flags for f in ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+        },
         "llvm_cpu": llvmlite.binding.get_host_cpu_name(),
         "logical_cpus": os.cpu_count(),
         "cpus_in_affinity": affinity,
         "cpu_mhz_now": mhz,
-        "loadavg_start": None,                          # filled in by main()
+        "loadavg_start": None,  # filled in by main()
         "numba_threads": numba.get_num_threads(),
         "numba_threading_layer": numba_layer,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
-        "sla_products": (f"sla_numba micro-kernel (_simd.tile_fma), {8 * _simd.VECTOR_BYTES}-bit "
-                         f"vectors, {_simd.TILE_M}x{_simd.tile_cols(4)} float32 tile"),
+        "sla_products": (
+            f"sla_numba micro-kernel (_simd.tile_fma), {8 * _simd.VECTOR_BYTES}-bit "
+            f"vectors, {_simd.TILE_M}x{_simd.tile_cols(4)} float32 tile"
+        ),
         "numpy_blas": numpy_blas,
         "torch_blas": torch_blas,
-        "versions": {"python": platform.python_version(), "numpy": np.__version__,
-                     "numba": numba.__version__, "llvmlite": llvmlite.__version__,
-                     "torch": torch.__version__, "scipy": scipy_version},
-        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
-                                                "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER",
-                                                "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")},
+        "versions": {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "numba": numba.__version__,
+            "llvmlite": llvmlite.__version__,
+            "torch": torch.__version__,
+            "scipy": scipy_version,
+        },
+        "env": {
+            k: os.environ.get(k)
+            for k in (
+                "OMP_NUM_THREADS",
+                "OMP_WAIT_POLICY",
+                "NUMBA_NUM_THREADS",
+                "NUMBA_THREADING_LAYER",
+                "NUMBA_CPU_NAME",
+                "NUMBA_CPU_FEATURES",
+            )
+        },
     }
 
 
 def print_machine(m):
     isa = " ".join(f for f, on in m["isa"].items() if on) or "-"
-    mhz = (f"{min(m['cpu_mhz_now']):.0f}-{max(m['cpu_mhz_now']):.0f} MHz now"
-           if m["cpu_mhz_now"] else "MHz unknown")
-    print(f"CPU: {m['cpu_model']} (LLVM: {m['llvm_cpu']}), {m['logical_cpus']} logical CPUs, "
-          f"{m['cpus_in_affinity']} in this process's affinity, {mhz}; ISA: {isa}")
-    print(f"threads: numba {m['numba_threads']} ({m['numba_threading_layer']} layer), "
-          f"torch {m['torch_threads']} (interop {m['torch_interop_threads']}); "
-          f"load average at start / end: {m['loadavg_start']} / {m['loadavg_end']}")
-    print(f"products: SLA {m['sla_products']}; numpy BLAS {m['numpy_blas']}; "
-          f"torch BLAS {m['torch_blas']}; scipy {m['versions']['scipy'] or 'not installed'}")
+    mhz = (
+        f"{min(m['cpu_mhz_now']):.0f}-{max(m['cpu_mhz_now']):.0f} MHz now"
+        if m["cpu_mhz_now"]
+        else "MHz unknown"
+    )
+    print(
+        f"CPU: {m['cpu_model']} (LLVM: {m['llvm_cpu']}), {m['logical_cpus']} logical CPUs, "
+        f"{m['cpus_in_affinity']} in this process's affinity, {mhz}; ISA: {isa}"
+    )
+    print(
+        f"threads: numba {m['numba_threads']} ({m['numba_threading_layer']} layer), "
+        f"torch {m['torch_threads']} (interop {m['torch_interop_threads']}); "
+        f"load average at start / end: {m['loadavg_start']} / {m['loadavg_end']}"
+    )
+    print(
+        f"products: SLA {m['sla_products']}; numpy BLAS {m['numpy_blas']}; "
+        f"torch BLAS {m['torch_blas']}; scipy {m['versions']['scipy'] or 'not installed'}"
+    )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v))
 
 
@@ -274,9 +313,9 @@ def memory_probe(args):
     set_threads(args.threads)
     cases, _ = make_cases(args)
     fn = cases[args.memory_probe]
-    fn()                                              # compile / load, warm torch
+    fn()  # compile / load, warm torch
     fn()
-    with open("/proc/self/clear_refs", "w") as f:     # reset the peak (VmHWM) to now
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to now
         f.write("5")
     before = _rss_kib("VmRSS")
     fn()
@@ -286,15 +325,37 @@ def memory_probe(args):
 
 def measure_memory(case, args):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    argv = ["--batch", str(args.batch), "--heads", str(args.heads), "--n", str(args.n),
-            "--dim", str(args.dim), "--topk", str(args.topk), "--skip", str(args.skip),
-            "--block", str(args.block), "--feature-map", args.feature_map,
-            "--memory-probe", case]
+    argv = [
+        "--batch",
+        str(args.batch),
+        "--heads",
+        str(args.heads),
+        "--n",
+        str(args.n),
+        "--dim",
+        str(args.dim),
+        "--topk",
+        str(args.topk),
+        "--skip",
+        str(args.skip),
+        "--block",
+        str(args.block),
+        "--feature-map",
+        args.feature_map,
+        "--memory-probe",
+        case,
+    ]
     if args.threads:
         argv += ["--threads", str(args.threads)]
     try:
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv],
-                             capture_output=True, text=True, env=env, timeout=900, check=True)
+        out = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
+            check=True,
+        )
         return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
     except (subprocess.SubprocessError, OSError, ValueError, KeyError, IndexError):
         return None
@@ -310,15 +371,15 @@ def main(argv=None):
     load_start = _loadavg()
     cases, via_api = make_cases(args)
     first = {}
-    for name, fn in cases.items():                    # first call: compile or cache load
+    for name, fn in cases.items():  # first call: compile or cache load
         t0 = time.perf_counter()
         fn()
         first[name] = time.perf_counter() - t0
-    for fn in cases.values():                         # warm-up
+    for fn in cases.values():  # warm-up
         fn()
     times = {name: [] for name in cases}
     cpu_times = {name: [] for name in cases}
-    for _ in range(args.repeats):                     # interleaved repeats
+    for _ in range(args.repeats):  # interleaved repeats
         for name, fn in cases.items():
             c0 = time.process_time()
             t0 = time.perf_counter()
@@ -327,44 +388,77 @@ def main(argv=None):
             cpu_times[name].append(time.process_time() - c0)
     load_end = _loadavg()
 
-    memory = {name: (None if args.no_memory or not sys.platform.startswith("linux")
-                     else measure_memory(name, args))
-              for name in cases}
+    memory = {
+        name: (
+            None
+            if args.no_memory or not sys.platform.startswith("linux")
+            else measure_memory(name, args)
+        )
+        for name in cases
+    }
 
     machine = machine_info()
     machine["loadavg_start"], machine["loadavg_end"] = load_start, load_end
-    rows = {name: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t),
-                   "max_ms": 1e3 * max(t), "cpu_median_ms": 1e3 * statistics.median(cpu_times[name]),
-                   "first_call_s": first[name], "peak_mib": memory[name]}
-            for name, t in times.items()}
-    ratios = {f"{what}_speedup{suffix}": rows[f"SDPA {case}"][stat] / rows[f"SLA {case}"][stat]
-              for what, case in (("forward", "forward"), ("fwd_bwd", "fwd+bwd"))
-              for suffix, stat in (("", "median_ms"), ("_min", "min_ms"), ("_cpu", "cpu_median_ms"))}
+    rows = {
+        name: {
+            "median_ms": 1e3 * statistics.median(t),
+            "min_ms": 1e3 * min(t),
+            "max_ms": 1e3 * max(t),
+            "cpu_median_ms": 1e3 * statistics.median(cpu_times[name]),
+            "first_call_s": first[name],
+            "peak_mib": memory[name],
+        }
+        for name, t in times.items()
+    }
+    ratios = {
+        f"{what}_speedup{suffix}": rows[f"SDPA {case}"][stat] / rows[f"SLA {case}"][stat]
+        for what, case in (("forward", "forward"), ("fwd_bwd", "fwd+bwd"))
+        for suffix, stat in (("", "median_ms"), ("_min", "min_ms"), ("_cpu", "cpu_median_ms"))
+    }
 
-    print(f"B={args.batch} H={args.heads} N={args.n} D={args.dim} float32, "
-          f"topk={args.topk} skip={args.skip} block={args.block} phi={args.feature_map}, "
-          f"{threads} threads (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), "
-          f"{args.repeats} repeats, SLA via "
-          f"{'sla_numba.sla_attention' if via_api else 'the cpu backend directly'}")
+    print(
+        f"B={args.batch} H={args.heads} N={args.n} D={args.dim} float32, "
+        f"topk={args.topk} skip={args.skip} block={args.block} phi={args.feature_map}, "
+        f"{threads} threads (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), "
+        f"{args.repeats} repeats, SLA via "
+        f"{'sla_numba.sla_attention' if via_api else 'the cpu backend directly'}"
+    )
     print_machine(machine)
-    print(f"{'case':<14} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'CPU ms':>9} "
-          f"{'first call s':>13} {'peak MiB':>9}")
+    print(
+        f"{'case':<14} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'CPU ms':>9} "
+        f"{'first call s':>13} {'peak MiB':>9}"
+    )
     for name, r in rows.items():
         mem = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
-        print(f"{name:<14} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} {r['max_ms']:>9.2f} "
-              f"{r['cpu_median_ms']:>9.2f} {r['first_call_s']:>13.3f} {mem:>9}")
-    print(f"speed-up over SDPA (medians): forward {ratios['forward_speedup']:.2f}x, "
-          f"forward+backward {ratios['fwd_bwd_speedup']:.2f}x   (mins: "
-          f"{ratios['forward_speedup_min']:.2f}x, {ratios['fwd_bwd_speedup_min']:.2f}x; "
-          f"process CPU time: {ratios['forward_speedup_cpu']:.2f}x, "
-          f"{ratios['fwd_bwd_speedup_cpu']:.2f}x)")
+        print(
+            f"{name:<14} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} {r['max_ms']:>9.2f} "
+            f"{r['cpu_median_ms']:>9.2f} {r['first_call_s']:>13.3f} {mem:>9}"
+        )
+    print(
+        f"speed-up over SDPA (medians): forward {ratios['forward_speedup']:.2f}x, "
+        f"forward+backward {ratios['fwd_bwd_speedup']:.2f}x   (mins: "
+        f"{ratios['forward_speedup_min']:.2f}x, {ratios['fwd_bwd_speedup_min']:.2f}x; "
+        f"process CPU time: {ratios['forward_speedup_cpu']:.2f}x, "
+        f"{ratios['fwd_bwd_speedup_cpu']:.2f}x)"
+    )
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": {k: v for k, v in vars(args).items() if k != "memory_probe"}
-                       | {"threads": threads, "via_api": via_api,
-                          "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]},
-                       "machine": machine, "results": rows, "ratios": ratios}, f, indent=2)
+            json.dump(
+                {
+                    "config": {k: v for k, v in vars(args).items() if k != "memory_probe"}
+                    | {
+                        "threads": threads,
+                        "via_api": via_api,
+                        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+                    },
+                    "machine": machine,
+                    "results": rows,
+                    "ratios": ratios,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ identity, so the wrapper only checks its group) and vs the full Ulysses path for
 one rank (agreement gather, layout copies, self all-to-all), timed alternately, call by
 call; target <= 3 % for the wrapper at the Wan shape.
 """
+
 import argparse
 import datetime
 import json
@@ -63,8 +64,9 @@ def init(device):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
         torch.cuda.set_device(local)
@@ -105,8 +107,9 @@ def timed(fns, device, warmup, reps, group):
         for name, fn in fns.items():
             dist.barrier(group=group)
             times[name].append(one_call_ms(fn, device))
-    med = torch.tensor([statistics.median(t) for t in times.values()], dtype=torch.float64,
-                       device=device)
+    med = torch.tensor(
+        [statistics.median(t) for t in times.values()], dtype=torch.float64, device=device
+    )
     dist.all_reduce(med, op=dist.ReduceOp.MAX, group=group)
     return dict(zip(fns, med.tolist()))
 
@@ -135,8 +138,9 @@ def callables(q, k, v, do, group, sla):
 
     # the layout the public call agrees on, for the pieces
     grp, rank, size = D._group_info(group)
-    params = dict(sla, scale=None, feature_map="softmax", eps=1e-6, backend="auto",
-                  return_parts=False)
+    params = dict(
+        sla, scale=None, feature_map="softmax", eps=1e-6, backend="auto", return_parts=False
+    )
     layout = D._agree(q, k, v, None, None, None, params, grp, rank, size)
     with torch.no_grad():
         qh, kh, vh = D._SeqToHeads.apply(layout, (layout.nq, layout.nk, layout.nk), q, k, v)
@@ -161,9 +165,14 @@ def callables(q, k, v, do, group, sla):
         for y, c in ((qh, layout.nq), (kh, layout.nk), (vh, layout.nk)):
             D._heads_to_seq(layout, y, c)
 
-    return dict(ulysses_fwd=ulysses_fwd, ulysses_fwd_bwd=ulysses_fwd_bwd,
-                attention_fwd=attention_fwd, attention_fwd_bwd=attention_fwd_bwd,
-                all_to_all_fwd=a2a_fwd, all_to_all_fwd_bwd=a2a_fwd_bwd)
+    return dict(
+        ulysses_fwd=ulysses_fwd,
+        ulysses_fwd_bwd=ulysses_fwd_bwd,
+        attention_fwd=attention_fwd,
+        attention_fwd_bwd=attention_fwd_bwd,
+        all_to_all_fwd=a2a_fwd,
+        all_to_all_fwd_bwd=a2a_fwd_bwd,
+    )
 
 
 def plain_callables(q, k, v, do, sla):
@@ -176,15 +185,18 @@ def plain_callables(q, k, v, do, sla):
     def plain_fwd_bwd():
         leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
         sla_attention(*leaves, **sla).backward(do)
+
     return dict(plain_fwd=plain_fwd, plain_fwd_bwd=plain_fwd_bwd)
 
 
 def forced_callables(q, k, v, do, group, sla):
     """The whole Ulysses path on a group of one (no identity shortcut)."""
     from sla_numba import distributed as D
+
     grp, rank, size = D._group_info(group)
-    params = dict(sla, scale=None, feature_map="softmax", eps=1e-6, backend="auto",
-                  return_parts=False)
+    params = dict(
+        sla, scale=None, feature_map="softmax", eps=1e-6, backend="auto", return_parts=False
+    )
     kw = dict(sla, scale=None, feature_map="softmax", eps=1e-6, backend="auto")
 
     def run(xs):
@@ -197,6 +209,7 @@ def forced_callables(q, k, v, do, group, sla):
 
     def forced_fwd_bwd():
         run([x.detach().requires_grad_(True) for x in (q, k, v)]).backward(do)
+
     return dict(forced_fwd=forced_fwd, forced_fwd_bwd=forced_fwd_bwd)
 
 
@@ -208,22 +221,27 @@ def check(shape, n_global, group, device, dtype, sla):
     whether all were bitwise equal on every rank.
     """
     from sla_numba import sla_attention, sla_attention_ulysses
+
     rank, size = dist.get_rank(group), dist.get_world_size(group)
-    g = torch.Generator(device=device).manual_seed(1234)   # the same tensors on every rank
+    g = torch.Generator(device=device).manual_seed(1234)  # the same tensors on every rank
     B, H, D = shape["B"], shape["H"], shape["D"]
-    q, k, v, do = (torch.randn(B, H, n_global, D, generator=g, device=device, dtype=dtype)
-                   for _ in range(4))
+    q, k, v, do = (
+        torch.randn(B, H, n_global, D, generator=g, device=device, dtype=dtype) for _ in range(4)
+    )
     counts = [n_global // size + (r < n_global % size) for r in range(size)]
     lo, n = sum(counts[:rank]), counts[rank]
     full = [x.clone().requires_grad_(True) for x in (q, k, v)]
     o_ref = sla_attention(*full, **sla)
     o_ref.backward(do)
-    mine = [x[:, :, lo:lo + n].clone().requires_grad_(True) for x in (q, k, v)]
+    mine = [x[:, :, lo : lo + n].clone().requires_grad_(True) for x in (q, k, v)]
     o = sla_attention_ulysses(*mine, group=group, **sla)
-    o.backward(do[:, :, lo:lo + n])
+    o.backward(do[:, :, lo : lo + n])
     pairs = [("o", o, o_ref)] + [(f"d{c}", m.grad, f.grad) for c, m, f in zip("qkv", mine, full)]
-    diffs = torch.tensor([(a.float() - b[:, :, lo:lo + n].float()).abs().max().item()
-                          for _, a, b in pairs], dtype=torch.float64, device=device)
+    diffs = torch.tensor(
+        [(a.float() - b[:, :, lo : lo + n].float()).abs().max().item() for _, a, b in pairs],
+        dtype=torch.float64,
+        device=device,
+    )
     dist.all_reduce(diffs, op=dist.ReduceOp.MAX, group=group)
     out = {f"max_abs_diff_{name}": d for (name, _, _), d in zip(pairs, diffs.tolist())}
     out["bitwise"] = bool((diffs == 0).all().item())
@@ -234,40 +252,69 @@ def check(shape, n_global, group, device, dtype, sla):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    ap.add_argument("--shape", nargs="+", default=None, choices=list(SHAPES),
-                    help="default: wan and wan2x on cuda (wan alone with --overhead), tiny on cpu")
-    ap.add_argument("--sizes", nargs="+", type=int, default=None,
-                    help="group sizes to measure (default: the world size)")
+    ap.add_argument(
+        "--shape",
+        nargs="+",
+        default=None,
+        choices=list(SHAPES),
+        help="default: wan and wan2x on cuda (wan alone with --overhead), tiny on cpu",
+    )
+    ap.add_argument(
+        "--sizes",
+        nargs="+",
+        type=int,
+        default=None,
+        help="group sizes to measure (default: the world size)",
+    )
     ap.add_argument("--scaling", nargs="+", choices=["strong", "weak"], default=["strong", "weak"])
-    ap.add_argument("--overhead", action="store_true",
-                    help="world of one: plain sla_attention vs the wrapper and the forced path")
-    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                    help="default bf16 on cuda, fp32 on cpu")
+    ap.add_argument(
+        "--overhead",
+        action="store_true",
+        help="world of one: plain sla_attention vs the wrapper and the forced path",
+    )
+    ap.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        default=None,
+        help="default bf16 on cuda, fp32 on cpu",
+    )
     ap.add_argument("--topk", type=float, default=0.05)
     ap.add_argument("--skip", type=float, default=0.10)
     ap.add_argument("--block", type=int, default=None, help="default 64 (tiny: 32)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--check", action="store_true",
-                    help="first compare with single-process sla_attention (N_shape/8 + 1 "
-                         "tokens: uneven shards) at every group size")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="first compare with single-process sla_attention (N_shape/8 + 1 "
+        "tokens: uneven shards) at every group size",
+    )
     ap.add_argument("--json", default="bench_distributed.json")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU: use --device cpu --shape tiny")
     device = init(args.device)
     rank, world = dist.get_rank(), dist.get_world_size()
-    shapes = args.shape or (["tiny"] if args.device == "cpu" else
-                            ["wan"] if args.overhead else ["wan", "wan2x"])
+    shapes = args.shape or (
+        ["tiny"] if args.device == "cpu" else ["wan"] if args.overhead else ["wan", "wan2x"]
+    )
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+        args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    ]
     sizes = [1] if args.overhead else (args.sizes or [world])
     if max(sizes) > world:
         raise SystemExit(f"--sizes {sizes}: larger than the world size {world}")
     import numba
-    meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                torch=torch.__version__, numba=numba.__version__, world_size=world,
-                dtype=str(dtype), args=vars(args), python=sys.version.split()[0])
+
+    meta = dict(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        torch=torch.__version__,
+        numba=numba.__version__,
+        world_size=world,
+        dtype=str(dtype),
+        args=vars(args),
+        python=sys.version.split()[0],
+    )
     rows = []
 
     def save(complete):
@@ -278,12 +325,15 @@ def main():
     def report(row):
         rows.append(row)
         if rank == 0:
-            cells = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                              for k, v in row.items() if k not in ("shape", "scaling", "P"))
+            cells = "  ".join(
+                f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in row.items()
+                if k not in ("shape", "scaling", "P")
+            )
             print(f"{row['shape']:6s} {row['scaling']:8s} P={row['P']}  {cells}", flush=True)
         save(False)
 
-    groups = {s: dist.new_group(list(range(s))) for s in sizes}   # every rank makes every group
+    groups = {s: dist.new_group(list(range(s))) for s in sizes}  # every rank makes every group
     for name in shapes:
         shape = SHAPES[name]
         block = args.block or (32 if name == "tiny" else 64)
@@ -313,11 +363,13 @@ def main():
             for size in sizes:
                 n_global = shape["N"] * (size if scaling == "weak" else 1)
                 if scaling == "weak" and size == 1 and "strong" in args.scaling:
-                    continue   # the same case as strong P = 1
+                    continue  # the same case as strong P = 1
                 if shape["H"] % size:
                     if rank == 0:
-                        print(f"{name}: P={size} skipped, {shape['H']} heads do not split "
-                              f"over {size} ranks")
+                        print(
+                            f"{name}: P={size} skipped, {shape['H']} heads do not split "
+                            f"over {size} ranks"
+                        )
                     continue
                 if rank < size:
                     group = groups[size]
@@ -329,7 +381,7 @@ def main():
                     if size == 1:
                         plain = {ph: t[f"plain_{ph}"] for ph in ("fwd", "fwd_bwd")}
                     for ph in ("fwd", "fwd_bwd") if plain else ():
-                        if scaling == "strong":   # speedup over one GPU, and per GPU
+                        if scaling == "strong":  # speedup over one GPU, and per GPU
                             t[f"speedup_{ph}"] = plain[ph] / t[f"ulysses_{ph}"]
                             t[f"efficiency_{ph}"] = t[f"speedup_{ph}"] / size
                         else:

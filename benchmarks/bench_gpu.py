@@ -21,6 +21,7 @@ Reported: ms (median over blocks of calls, torch.utils.benchmark; iqr_ms, runs),
 (4·B·H·Nq·Nk·D forward, 2.5x that for the backward, so fwd+bwd = 3.5x), speedup
 vs SDPA bf16 (best backend) and vs SDPA fp32, peak memory, first-call time (JIT).
 """
+
 import argparse
 import json
 import math
@@ -58,7 +59,8 @@ def cuda_time(fn, warmup, reps):
     torch.cuda.synchronize()
     one = time.perf_counter() - t0
     m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(
-        min_run_time=max(reps * one, 0.05))
+        min_run_time=max(reps * one, 0.05)
+    )
     return 1e3 * m.median, 1e3 * m.iqr, len(m.times) * m.number_per_run
 
 
@@ -73,7 +75,7 @@ def measure(fn, warmup, reps):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         ms, iqr_ms, runs = cuda_time(fn, warmup, reps)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         return dict(first_s=first, ms=ms, iqr_ms=iqr_ms, runs=runs, peak_mib=peak)
     except Exception as err:  # noqa: BLE001 - an unsupported backend is a table entry
         torch.cuda.synchronize()
@@ -87,14 +89,17 @@ def sla_callables(q, k, v, do, topk, skip):
 
     def fwd():
         with torch.no_grad():
-            return sla_attention(q, k, v, topk=topk, skip=skip, block_q=BLOCK,
-                                 block_k=BLOCK, backend="gpu")
+            return sla_attention(
+                q, k, v, topk=topk, skip=skip, block_q=BLOCK, block_k=BLOCK, backend="gpu"
+            )
 
     def fwd_bwd():
         qq, kk, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
-        o = sla_attention(qq, kk, vv, topk=topk, skip=skip, block_q=BLOCK,
-                          block_k=BLOCK, backend="gpu")
+        o = sla_attention(
+            qq, kk, vv, topk=topk, skip=skip, block_q=BLOCK, block_k=BLOCK, backend="gpu"
+        )
         o.backward(do)
+
     path = gpu.select_path(q.dtype, q.shape[-1], BLOCK, BLOCK, q.device)
     return fwd, fwd_bwd, path
 
@@ -102,6 +107,7 @@ def sla_callables(q, k, v, do, topk, skip):
 def stage_breakdown(fn, warmup, reps):
     """{stage: median-free mean ms} of ``fn`` per call, from the backend's stage marks."""
     from sla_numba.gpu._stages import record_stages
+
     for _ in range(warmup):
         fn()
     total = {}
@@ -113,6 +119,7 @@ def stage_breakdown(fn, warmup, reps):
 
 def critical_map(q, k, topk, skip):
     from sla_numba import _params, gpu
+
     mk = _params.n_blocks(k.shape[2], BLOCK)
     n_crit, n_skip = _params.block_counts(mk, topk, skip)
     return gpu.classify(q, k, n_crit, n_skip, BLOCK, BLOCK, 1.0 / math.sqrt(q.shape[-1]))
@@ -120,6 +127,7 @@ def critical_map(q, k, topk, skip):
 
 def sdpa_callables(q, k, v, do, backend):
     from torch.nn.attention import sdpa_kernel
+
     F = torch.nn.functional
 
     def fwd():
@@ -131,6 +139,7 @@ def sdpa_callables(q, k, v, do, backend):
         with sdpa_kernel([backend]):
             o = F.scaled_dot_product_attention(qq, kk, vv)
         o.backward(do)
+
     return fwd, fwd_bwd
 
 
@@ -151,8 +160,9 @@ def flex_callables(q, k, v, do, crit):
     (64, 128, 128, 64) do not divide 64 x 64 mask blocks, which Flex refuses: an error
     row, not a number."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
-    B, H, N = q.shape[0], q.shape[1], q.shape[2]
-    cmap = (crit == 1)
+
+    N = q.shape[2]
+    cmap = crit == 1
     # critical blocks first (ascending), then the rest: the first count entries are used
     order = torch.argsort((~cmap).to(torch.int8), dim=-1, stable=True).to(torch.int32)
     count = cmap.sum(-1).to(torch.int32)
@@ -160,9 +170,15 @@ def flex_callables(q, k, v, do, crit):
     def mask_mod(b, h, q_idx, kv_idx):
         return cmap[b, h, q_idx // BLOCK, kv_idx // BLOCK]
 
-    mask = BlockMask.from_kv_blocks(torch.zeros_like(count), order, count, order,
-                                    BLOCK_SIZE=BLOCK, mask_mod=mask_mod,
-                                    seq_lengths=(N, k.shape[2]))
+    mask = BlockMask.from_kv_blocks(
+        torch.zeros_like(count),
+        order,
+        count,
+        order,
+        BLOCK_SIZE=BLOCK,
+        mask_mod=mask_mod,
+        seq_lengths=(N, k.shape[2]),
+    )
     flex = torch.compile(flex_attention, dynamic=False)
 
     def fwd():
@@ -172,14 +188,19 @@ def flex_callables(q, k, v, do, crit):
     def fwd_bwd():
         qq, kk, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
         flex(qq, kk, vv, block_mask=mask).backward(do)
+
     return fwd, fwd_bwd
 
 
 # --------------------------------------------------------------------------- driver
 def sdpa_backends():
     from torch.nn.attention import SDPBackend
-    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+    return {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }
 
 
 def run_case(shape_name, topk, skip, args):
@@ -191,8 +212,19 @@ def run_case(shape_name, topk, skip, args):
     rows = []
 
     def add(name, dtype, phase, res, flops):
-        row = dict(shape=shape_name, B=B, H=H, N=N, D=D, topk=topk, skip=skip,
-                   impl=name, dtype=dtype, phase=phase, **res)
+        row = dict(
+            shape=shape_name,
+            B=B,
+            H=H,
+            N=N,
+            D=D,
+            topk=topk,
+            skip=skip,
+            impl=name,
+            dtype=dtype,
+            phase=phase,
+            **res,
+        )
         if "ms" in res:
             row["tflops"] = flops / (res["ms"] * 1e-3) / 1e12
         rows.append(row)
@@ -217,16 +249,26 @@ def run_case(shape_name, topk, skip, args):
         for bname, backend in sdpa_backends().items():
             f, fb = sdpa_callables(q, k, v, do, backend)
             for (phase, mult), fn in zip(phases, (f, fb)):
-                add(f"sdpa[{bname}]", dt_name, phase, measure(fn, args.warmup, args.reps),
-                    flops_f * mult)
+                add(
+                    f"sdpa[{bname}]",
+                    dt_name,
+                    phase,
+                    measure(fn, args.warmup, args.reps),
+                    flops_f * mult,
+                )
         # FlexAttention with SLA's critical blocks
         if not args.no_flex and not (args.quick and dt_name != "bf16"):
             try:
                 crit = critical_map(q, k, topk, skip)
                 f, fb = flex_callables(q, k, v, do, crit)
                 for (phase, mult), fn in zip(flex_phases, (f, fb)):
-                    add("flex[critical]", dt_name, phase, measure(fn, args.warmup, args.reps),
-                        flops_f * mult)
+                    add(
+                        "flex[critical]",
+                        dt_name,
+                        phase,
+                        measure(fn, args.warmup, args.reps),
+                        flops_f * mult,
+                    )
             except Exception as err:  # noqa: BLE001
                 add("flex[critical]", dt_name, "fwd", dict(error=str(err)[:120]), flops_f)
         del q, k, v, do
@@ -235,15 +277,22 @@ def run_case(shape_name, topk, skip, args):
 
 
 def _fmt(r):
-    head = (f"{r['shape']:4s} topk={r['topk']:.2f} {r['impl']:16s} {r.get('path', ''):5s} "
-            f"{r['dtype']:5s} {r['phase']:8s}")
+    head = (
+        f"{r['shape']:4s} topk={r['topk']:.2f} {r['impl']:16s} {r.get('path', ''):5s} "
+        f"{r['dtype']:5s} {r['phase']:8s}"
+    )
     if "error" in r:
         return head + f"  -- {r['error']}"
     if "stages" in r:
-        return head + f" {r['ms']:9.2f} ms  " + ", ".join(
-            f"{k} {v:.3f}" for k, v in r["stages"].items())
-    return head + (f" {r['ms']:9.2f} ms {r['tflops']:7.1f} TFLOP/s "
-                   f"peak {r['peak_mib']:8.0f} MiB  first {r['first_s']:6.1f} s")
+        return (
+            head
+            + f" {r['ms']:9.2f} ms  "
+            + ", ".join(f"{k} {v:.3f}" for k, v in r["stages"].items())
+        )
+    return head + (
+        f" {r['ms']:9.2f} ms {r['tflops']:7.1f} TFLOP/s "
+        f"peak {r['peak_mib']:8.0f} MiB  first {r['first_s']:6.1f} s"
+    )
 
 
 def add_speedups(rows):
@@ -264,12 +313,17 @@ def add_speedups(rows):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="shape b2, topk 0.05, bf16 + fp32, 2 warmup / 5 reps, flex bf16 fwd only")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="shape b2, topk 0.05, bf16 + fp32, 2 warmup / 5 reps, flex bf16 fwd only",
+    )
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--topk", nargs="+", type=float, default=[0.05, 0.10])
     ap.add_argument("--skip", type=float, default=0.10)
-    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32", "fp16"])
+    ap.add_argument(
+        "--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32", "fp16"]
+    )
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")
@@ -288,8 +342,16 @@ def main():
     def save(complete):
         """The JSON so far: written after every case, so a run cut short keeps its rows."""
         with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                           complete=complete, rows=rows), f, indent=1)
+            json.dump(
+                dict(
+                    device=torch.cuda.get_device_name(),
+                    torch=torch.__version__,
+                    complete=complete,
+                    rows=rows,
+                ),
+                f,
+                indent=1,
+            )
 
     for shape in args.shapes:
         for topk in args.topk:
@@ -300,10 +362,12 @@ def main():
     print("\nspeedups (SLA rows) vs SDPA bf16 best backend / vs SDPA fp32 best backend:")
     for r in rows:
         if r["impl"].startswith(("sla_attention", "flex")) and "ms" in r:
-            print(f"  {r['shape']:4s} topk={r['topk']:.2f} {r['impl']:16s} {r.get('path', ''):5s} "
-                  f"{r['dtype']:5s} "
-                  f"{r['phase']:8s} x{r.get('speedup_vs_sdpa_bf16', float('nan')):6.2f} "
-                  f"/ x{r.get('speedup_vs_sdpa_fp32', float('nan')):6.2f}")
+            print(
+                f"  {r['shape']:4s} topk={r['topk']:.2f} {r['impl']:16s} {r.get('path', ''):5s} "
+                f"{r['dtype']:5s} "
+                f"{r['phase']:8s} x{r.get('speedup_vs_sdpa_bf16', float('nan')):6.2f} "
+                f"/ x{r.get('speedup_vs_sdpa_fp32', float('nan')):6.2f}"
+            )
     save(True)
     print(f"wrote {args.json}")
 

@@ -3,6 +3,7 @@ contiguous (B, H, N, D) input, forward of the torch path, same run, interleaved.
 
     PYTHONPATH=. python benchmarks/bench_layout.py [--n 4096] [--reps 7]
 """
+
 import argparse
 import time
 
@@ -18,14 +19,16 @@ def main():
     a = ap.parse_args()
     B, H, N, D = 1, 4, a.n, 64
     torch.manual_seed(0)
-    x = [torch.randn(B, N, H, D) for _ in range(3)]            # what a DiT's view gives
-    bhnd = [t.transpose(1, 2).contiguous() for t in x]         # contiguous (B, H, N, D)
+    x = [torch.randn(B, N, H, D) for _ in range(3)]  # what a DiT's view gives
+    bhnd = [t.transpose(1, 2).contiguous() for t in x]  # contiguous (B, H, N, D)
     kw = dict(topk=0.05, skip=0.10, backend="cpu")
-    runs = {"BHND contiguous": lambda: sla_numba.sla_attention(*bhnd, **kw),
-            "BNHD views": lambda: sla_numba.sla_attention(*x, layout="BNHD", **kw),
-            "the copy alone": lambda: [t.transpose(1, 2).contiguous() for t in x]}
+    runs = {
+        "BHND contiguous": lambda: sla_numba.sla_attention(*bhnd, **kw),
+        "BNHD views": lambda: sla_numba.sla_attention(*x, layout="BNHD", **kw),
+        "the copy alone": lambda: [t.transpose(1, 2).contiguous() for t in x],
+    }
     for f in runs.values():
-        f()                                                    # compile / warm up
+        f()  # compile / warm up
     times = {k: [] for k in runs}
     for _ in range(a.reps):
         for k, f in runs.items():

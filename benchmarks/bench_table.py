@@ -9,6 +9,7 @@ against the flash backend and against SDPA fp32 (memory-efficient: the only fp32
 backend). Then the per-stage breakdown of each SLA call. Every number is copied from
 the JSON: nothing is measured here.
 """
+
 import json
 import sys
 
@@ -38,12 +39,16 @@ def tables(data):
     for shape, topk in cases:
         rs = [r for r in rows if r["shape"] == shape and r["topk"] == topk]
         r0 = rs[0]
-        out.append(f"#### B={r0['B']}, H={r0['H']}, N={r0['N']}, D={r0['D']}, "
-                   f"topk {topk:.2f}, skip {r0['skip']:.2f}, block 64 x 64")
+        out.append(
+            f"#### B={r0['B']}, H={r0['H']}, N={r0['N']}, D={r0['D']}, "
+            f"topk {topk:.2f}, skip {r0['skip']:.2f}, block 64 x 64"
+        )
         out.append("")
-        out.append("| implementation | dtype | fwd ms | fwd+bwd ms | fwd TFLOP/s* | "
-                   "fwd / fwd+bwd vs SDPA bf16 cuDNN | vs SDPA bf16 flash | "
-                   "vs SDPA fp32 | peak MiB (fwd+bwd) | first call s |")
+        out.append(
+            "| implementation | dtype | fwd ms | fwd+bwd ms | fwd TFLOP/s* | "
+            "fwd / fwd+bwd vs SDPA bf16 cuDNN | vs SDPA bf16 flash | "
+            "vs SDPA fp32 | peak MiB (fwd+bwd) | first call s |"
+        )
         out.append("|---|---|---|---|---|---|---|---|---|---|")
         impls = []
         for r in rs:
@@ -66,27 +71,36 @@ def tables(data):
             label = impl + (f" ({path})" if path else "")
             cells = []
             for r in (f, fb):
-                cells.append(f"{r['ms']:.2f}" if "ms" in r else
-                             (_short(r["error"]) if "error" in r else "-"))
-            sp = [" / ".join(ratio(r.get("ms"), base[(n, ph)]) for r, ph in
-                             ((f, "fwd"), (fb, "fwd+bwd")))
-                  for n in ("sdpa[cudnn]", "sdpa[flash]", "sdpa[efficient]")]
-            out.append(f"| {label} | {dt} | {cells[0]} | {cells[1]} | "
-                       f"{f.get('tflops', float('nan')):.0f} | {sp[0]} | {sp[1]} | {sp[2]} | "
-                       f"{fb.get('peak_mib', float('nan')):.0f} | "
-                       f"{f.get('first_s', float('nan')):.1f} |")
+                cells.append(
+                    f"{r['ms']:.2f}" if "ms" in r else (_short(r["error"]) if "error" in r else "-")
+                )
+            sp = [
+                " / ".join(
+                    ratio(r.get("ms"), base[(n, ph)]) for r, ph in ((f, "fwd"), (fb, "fwd+bwd"))
+                )
+                for n in ("sdpa[cudnn]", "sdpa[flash]", "sdpa[efficient]")
+            ]
+            out.append(
+                f"| {label} | {dt} | {cells[0]} | {cells[1]} | "
+                f"{f.get('tflops', float('nan')):.0f} | {sp[0]} | {sp[1]} | {sp[2]} | "
+                f"{fb.get('peak_mib', float('nan')):.0f} | "
+                f"{f.get('first_s', float('nan')):.1f} |"
+            )
         out.append("")
         out.append("*dense-equivalent: 4·B·H·N²·D / time (what dense attention would need).")
         out.append("")
         st = [r for r in rs if r["impl"] == "sla stages"]
         if st:
-            out.append("Per-stage breakdown of the SLA calls (mean ms, CUDA events between the "
-                       "backend's launches):")
+            out.append(
+                "Per-stage breakdown of the SLA calls (mean ms, CUDA events between the "
+                "backend's launches):"
+            )
             out.append("")
             for r in st:
                 parts = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items())
-                out.append(f"- {r['dtype']} ({r['path']}) {r['phase']}: total {r['ms']:.2f} — "
-                           f"{parts}")
+                out.append(
+                    f"- {r['dtype']} ({r['path']}) {r['phase']}: total {r['ms']:.2f} — {parts}"
+                )
             out.append("")
     return "\n".join(out)
 

@@ -27,6 +27,7 @@ The table shows
 
 ``python -m sla_numba warmup`` compiles the kernels ahead of time (see ``_warmup.py``).
 """
+
 import argparse
 import sys
 import textwrap
@@ -37,8 +38,19 @@ import numpy as np
 from . import api
 
 
-def video_like_qkv(batch, heads, frames, height, width, head_dim, seed=0, sample=0,
-                   length_scale=3.0, sharpness=8.0, noise=0.3):
+def video_like_qkv(
+    batch,
+    heads,
+    frames,
+    height,
+    width,
+    head_dim,
+    seed=0,
+    sample=0,
+    length_scale=3.0,
+    sharpness=8.0,
+    noise=0.3,
+):
     """q, k, v (B, H, T·Hh·W, D) float32 with the structure of video-latent attention.
 
     ``seed`` fixes the "layer" (its projections and the attention's length scale),
@@ -50,8 +62,7 @@ def video_like_qkv(batch, heads, frames, height, width, head_dim, seed=0, sample
     """
     layer = np.random.default_rng(seed)
     data = np.random.default_rng([seed, sample])
-    t, y, x = np.meshgrid(np.arange(frames), np.arange(height), np.arange(width),
-                          indexing="ij")
+    t, y, x = np.meshgrid(np.arange(frames), np.arange(height), np.arange(width), indexing="ij")
     pos = np.stack([t.ravel(), y.ravel(), x.ravel()], axis=1).astype(np.float64)  # (N, 3)
     n = pos.shape[0]
     n_feat = 4 * head_dim
@@ -141,6 +152,7 @@ def fit_projection_heldout(train, ridges=RIDGES):
     measuring the error on the last one; then W, b are refitted on all of them.
     The demo's own input is never seen: its error is a held-out error.
     """
+
     def stack(items):
         return [np.concatenate([it[i] for it in items], axis=2) for i in range(3)]
 
@@ -172,11 +184,13 @@ def run(args, out=sys.stdout):
     device = _device(args.backend)
     backend = args.backend if args.backend != "auto" else ("gpu" if device == "cuda" else "cpu")
     scale = 1.0 / np.sqrt(args.dim)
-    kw = dict(topk=args.topk, skip=args.skip, block_q=args.block, block_k=args.block,
-              backend=backend)
+    kw = dict(
+        topk=args.topk, skip=args.skip, block_q=args.block, block_k=args.block, backend=backend
+    )
     sync = None
     if device == "cuda":
         import torch
+
         sync = torch.cuda.synchronize
 
         def to_dev(a):
@@ -185,6 +199,7 @@ def run(args, out=sys.stdout):
         def to_host(a):
             return a.double().cpu().numpy()
     else:
+
         def to_dev(a):
             return a
 
@@ -199,16 +214,33 @@ def run(args, out=sys.stdout):
     # (same projections, other content), used only to fit the projection.
     data = []
     for sample in range(1 + args.fit_inputs):
-        q, k, v = (to_dev(a) for a in video_like_qkv(
-            args.batch, args.heads, args.frames, args.height, args.width, args.dim,
-            seed=args.seed, sample=sample))
+        q, k, v = (
+            to_dev(a)
+            for a in video_like_qkv(
+                args.batch,
+                args.heads,
+                args.frames,
+                args.height,
+                args.width,
+                args.dim,
+                seed=args.seed,
+                sample=sample,
+            )
+        )
         dense = dense_attention_numpy(*(to_host(a) for a in (q, k, v)), scale)
         o_s, o_l = sla(q, k, v, return_parts=True)
         data.append(((q, k, v), o_s, o_l, dense))
     (q, k, v), o_s, o_l, dense = data[0]
 
-    cls = api.classify_blocks(q, k, topk=args.topk, skip=args.skip, block_q=args.block,
-                              block_k=args.block, backend=backend)
+    cls = api.classify_blocks(
+        q,
+        k,
+        topk=args.topk,
+        skip=args.skip,
+        block_q=args.block,
+        block_k=args.block,
+        backend=backend,
+    )
     m = to_host(cls.map)
     n_rows_blocks = m.shape[-1]
     counts = [int(round((m == c).sum(-1).mean())) for c in (1, 0, -1)]
@@ -229,11 +261,15 @@ def run(args, out=sys.stdout):
     t_sla = time_calls(lambda: api.sla_attention(q, k, v, **kw), args.repeats, sync)
     try:
         import torch
+
         tq, tk, tv = (x if device == "cuda" else torch.from_numpy(x) for x in (q, k, v))
         sdpa = torch.nn.functional.scaled_dot_product_attention
         t_dense = time_calls(lambda: sdpa(tq, tk, tv), args.repeats, sync)
-        dense_name = (f"torch SDPA fp32 ({torch.get_num_threads()} threads)" if device == "cpu"
-                      else "torch SDPA fp32 (cuda)")
+        dense_name = (
+            f"torch SDPA fp32 ({torch.get_num_threads()} threads)"
+            if device == "cpu"
+            else "torch SDPA fp32 (cuda)"
+        )
     except ImportError:
         t_dense = time_calls(lambda: dense_attention_numpy(q, k, v, scale), args.repeats)
         dense_name = "numpy dense (float64)"
@@ -248,23 +284,35 @@ def run(args, out=sys.stdout):
         "identity": _rel_err(o_s + o_l, dense),
     }
     rows = [
-        ("input (B, H, N, D), fp32", f"{shape}: {args.frames} x {args.height} x {args.width} "
-                                     "video-latent tokens"),
+        (
+            "input (B, H, N, D), fp32",
+            f"{shape}: {args.frames} x {args.height} x {args.width} video-latent tokens",
+        ),
         ("kernel path", f"{path} (backend={args.backend!r})"),
-        ("key blocks per query block", f"{n_rows_blocks} blocks of {args.block} tokens: "
-                                       f"{counts[0]} critical, {counts[1]} marginal, "
-                                       f"{counts[2]} negligible"),
-        ("error vs dense: sparse-only (critical blocks exact, rest dropped)",
-         f"{err['sparse']:.4f}"),
-        ("error vs dense: SLA untrained (proj = 0, as the module starts)",
-         f"{err['untrained']:.4f}"),
+        (
+            "key blocks per query block",
+            f"{n_rows_blocks} blocks of {args.block} tokens: "
+            f"{counts[0]} critical, {counts[1]} marginal, "
+            f"{counts[2]} negligible",
+        ),
+        (
+            "error vs dense: sparse-only (critical blocks exact, rest dropped)",
+            f"{err['sparse']:.4f}",
+        ),
+        (
+            "error vs dense: SLA untrained (proj = 0, as the module starts)",
+            f"{err['untrained']:.4f}",
+        ),
         ("error vs dense: linear-only (linear attention over all keys)", f"{err['linear']:.4f}"),
-        (f"error vs dense: SLA, proj fitted on {args.fit_inputs} other inputs",
-         f"{err['fit']:.4f}"),
-        ("error vs dense: SLA, proj fitted on this input (best any proj does)",
-         f"{err['self']:.4f}"),
-        ("error vs dense: O_s + O_l unprojected (sla_attention default)",
-         f"{err['identity']:.4f}"),
+        (
+            f"error vs dense: SLA, proj fitted on {args.fit_inputs} other inputs",
+            f"{err['fit']:.4f}",
+        ),
+        (
+            "error vs dense: SLA, proj fitted on this input (best any proj does)",
+            f"{err['self']:.4f}",
+        ),
+        ("error vs dense: O_s + O_l unprojected (sla_attention default)", f"{err['identity']:.4f}"),
         (f"time SLA forward ({path})", _fmt_times(t_sla)),
         (f"time dense: {dense_name}", _fmt_times(t_dense)),
         ("speed-up of SLA over dense (medians)", f"{speedup:.2f}x"),
@@ -275,8 +323,11 @@ def run(args, out=sys.stdout):
     for name, value in rows:
         print(f"{name:<{width}}  {value}", file=out)
     print("-" * (width + 30), file=out)
-    print(f"errors: relative L2 norm against dense softmax attention (float64); times: "
-          f"median (min–max) of {args.repeats} runs after a warm-up.", file=out)
+    print(
+        f"errors: relative L2 norm against dense softmax attention (float64); times: "
+        f"median (min–max) of {args.repeats} runs after a warm-up.",
+        file=out,
+    )
     print(reading(err, counts, n_rows_blocks, speedup), file=out)
     return dict(rows)
 
@@ -284,13 +335,15 @@ def run(args, out=sys.stdout):
 def reading(err, counts, mk, speedup):
     """The table in one sentence: accuracy first, then speed (wrapped to 88 columns)."""
     faster = f"{speedup:.1f}x faster than" if speedup >= 1 else f"{1 / speedup:.1f}x slower than"
-    text = (f"Reading: computing {counts[0]} of {mk} key blocks exactly gives error "
-            f"{err['sparse']:.3f}, and untrained SLA is exactly that block-sparse attention; "
-            f"a projection of the linear branch alone brings it to {err['fit']:.3f} "
-            f"(fitted on other inputs) or {err['self']:.3f} (at best, fitted on this one), "
-            f"so SLA's gain must come from fine-tuning the model around it "
-            f"(notebooks/03_finetune_dit.ipynb); the SLA forward was {faster} dense "
-            f"attention here.")
+    text = (
+        f"Reading: computing {counts[0]} of {mk} key blocks exactly gives error "
+        f"{err['sparse']:.3f}, and untrained SLA is exactly that block-sparse attention; "
+        f"a projection of the linear branch alone brings it to {err['fit']:.3f} "
+        f"(fitted on other inputs) or {err['self']:.3f} (at best, fitted on this one), "
+        f"so SLA's gain must come from fine-tuning the model around it "
+        f"(notebooks/03_finetune_dit.ipynb); the SLA forward was {faster} dense "
+        f"attention here."
+    )
     return textwrap.fill(text, 88)
 
 
@@ -317,6 +370,7 @@ def _fraction(low_open, high_open):
             interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
             raise argparse.ArgumentTypeError(f"must lie in {interval}, got {text}")
         return value
+
     return parse
 
 
@@ -332,78 +386,144 @@ Other command: python -m sla_numba warmup --help (compile the kernels ahead of t
 
 
 def demo_parser():
-    p = argparse.ArgumentParser(prog="sla-numba", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sla-numba",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g = p.add_argument_group("input shape")
     g.add_argument("--batch", type=_positive_int, default=1, help="batch size B (default 1)")
     g.add_argument("--heads", type=_positive_int, default=4, help="attention heads H (default 4)")
-    g.add_argument("--frames", type=_positive_int, default=4,
-                   help="latent frames T; N = T x height x width tokens (default 4)")
-    g.add_argument("--height", type=_positive_int, default=16,
-                   help="latent height in tokens (default 16)")
-    g.add_argument("--width", type=_positive_int, default=32,
-                   help="latent width in tokens (default 32)")
+    g.add_argument(
+        "--frames",
+        type=_positive_int,
+        default=4,
+        help="latent frames T; N = T x height x width tokens (default 4)",
+    )
+    g.add_argument(
+        "--height", type=_positive_int, default=16, help="latent height in tokens (default 16)"
+    )
+    g.add_argument(
+        "--width", type=_positive_int, default=32, help="latent width in tokens (default 32)"
+    )
     g.add_argument("--dim", type=_positive_int, default=64, help="head dimension D (default 64)")
     g = p.add_argument_group("SLA")
-    g.add_argument("--block", type=_positive_int, default=64,
-                   help="block size in tokens, for queries and keys (default 64)")
-    g.add_argument("--topk", type=_fraction(True, False), default=0.05,
-                   help="share of key blocks per row computed exactly, in (0, 1] (default 0.05)")
-    g.add_argument("--skip", type=_fraction(False, True), default=0.10,
-                   help="share of key blocks per row skipped, in [0, 1) (default 0.10)")
-    g.add_argument("--backend", default="cpu", choices=["auto", "cpu", "gpu"],
-                   help="cpu: Numba CPU kernels; gpu: CUDA kernels (needs a GPU); auto: the "
-                        "GPU when torch sees one, else the CPU (default cpu)")
+    g.add_argument(
+        "--block",
+        type=_positive_int,
+        default=64,
+        help="block size in tokens, for queries and keys (default 64)",
+    )
+    g.add_argument(
+        "--topk",
+        type=_fraction(True, False),
+        default=0.05,
+        help="share of key blocks per row computed exactly, in (0, 1] (default 0.05)",
+    )
+    g.add_argument(
+        "--skip",
+        type=_fraction(False, True),
+        default=0.10,
+        help="share of key blocks per row skipped, in [0, 1) (default 0.10)",
+    )
+    g.add_argument(
+        "--backend",
+        default="cpu",
+        choices=["auto", "cpu", "gpu"],
+        help="cpu: Numba CPU kernels; gpu: CUDA kernels (needs a GPU); auto: the "
+        "GPU when torch sees one, else the CPU (default cpu)",
+    )
     g = p.add_argument_group("measurement")
-    g.add_argument("--repeats", type=_positive_int, default=10,
-                   help="timed runs of each contender after a warm-up (default 10)")
-    g.add_argument("--fit-inputs", type=int, default=4, choices=range(2, 33), metavar="N",
-                   help="other inputs the projection is fitted on, 2..32 (default 4)")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed of the synthetic layer and inputs (default 0)")
+    g.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=10,
+        help="timed runs of each contender after a warm-up (default 10)",
+    )
+    g.add_argument(
+        "--fit-inputs",
+        type=int,
+        default=4,
+        choices=range(2, 33),
+        metavar="N",
+        help="other inputs the projection is fitted on, 2..32 (default 4)",
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed of the synthetic layer and inputs (default 0)"
+    )
     return p
 
 
 def warmup_parser():
     p = argparse.ArgumentParser(
-        prog="sla-numba warmup", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="sla-numba warmup",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Compile the SLA kernels now, so a model's first call runs at speed.\n"
-                    "Kernels are cached on disk: run this once per machine and "
-                    "configuration.")
-    p.add_argument("--head-dim", type=_positive_int, nargs="+", default=[64], metavar="D",
-                   help="head dimensions to compile for (default 64)")
-    p.add_argument("--dtype", nargs="+", default=["float32"], metavar="DTYPE",
-                   help="input dtypes: float32 float64 float16 bfloat16 (default float32)")
-    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu"],
-                   help="auto: the GPU when torch sees one, else the CPU (default auto)")
-    p.add_argument("--block-q", type=_positive_int, default=64,
-                   help="query block size (default 64)")
-    p.add_argument("--block-k", type=_positive_int, default=64,
-                   help="key block size (default 64)")
-    p.add_argument("--feature-map", default="softmax", choices=["softmax", "elu", "relu"],
-                   help="feature map of the linear branch (default softmax)")
-    p.add_argument("--no-backward", action="store_true",
-                   help="compile the forward kernels only")
+        "Kernels are cached on disk: run this once per machine and "
+        "configuration.",
+    )
+    p.add_argument(
+        "--head-dim",
+        type=_positive_int,
+        nargs="+",
+        default=[64],
+        metavar="D",
+        help="head dimensions to compile for (default 64)",
+    )
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        default=["float32"],
+        metavar="DTYPE",
+        help="input dtypes: float32 float64 float16 bfloat16 (default float32)",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "cpu", "gpu"],
+        help="auto: the GPU when torch sees one, else the CPU (default auto)",
+    )
+    p.add_argument(
+        "--block-q", type=_positive_int, default=64, help="query block size (default 64)"
+    )
+    p.add_argument("--block-k", type=_positive_int, default=64, help="key block size (default 64)")
+    p.add_argument(
+        "--feature-map",
+        default="softmax",
+        choices=["softmax", "elu", "relu"],
+        help="feature map of the linear branch (default softmax)",
+    )
+    p.add_argument("--no-backward", action="store_true", help="compile the forward kernels only")
     return p
 
 
 def warmup_main(argv):
     from ._warmup import canonical_dtype, warmup
+
     p = warmup_parser()
     args = p.parse_args(argv)
     try:
         dtypes = [canonical_dtype(d) for d in args.dtype]
         if args.backend == "gpu":
             from ._gpu_check import require_gpu
+
             require_gpu()
     except (ValueError, RuntimeError) as err:
         p.error(str(err))
-    steps = warmup(args.head_dim, dtypes, args.backend, block_q=args.block_q,
-                   block_k=args.block_k, feature_map=args.feature_map,
-                   backward=not args.no_backward)
+    steps = warmup(
+        args.head_dim,
+        dtypes,
+        args.backend,
+        block_q=args.block_q,
+        block_k=args.block_k,
+        feature_map=args.feature_map,
+        backward=not args.no_backward,
+    )
     total = sum(s["seconds"] for s in steps)
-    print(f"sla_numba warmup: {len(steps)} step{'s' * (len(steps) != 1)} in {total:.1f} s "
-          f"({steps[0]['backend'] if steps else args.backend}); kernels cached on disk")
+    print(
+        f"sla_numba warmup: {len(steps)} step{'s' * (len(steps) != 1)} in {total:.1f} s "
+        f"({steps[0]['backend'] if steps else args.backend}); kernels cached on disk"
+    )
     return 0
 
 
@@ -415,6 +535,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.backend == "gpu":
         from ._gpu_check import require_gpu
+
         try:
             require_gpu()
         except RuntimeError as err:

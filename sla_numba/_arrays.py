@@ -1,4 +1,5 @@
 """Allocation helpers that honour the test-time poisoning switch."""
+
 import numpy as np
 
 from .testing import poisoning

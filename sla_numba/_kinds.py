@@ -4,6 +4,7 @@ The API accepts numpy arrays, torch tensors and CuPy arrays. torch and CuPy are
 optional: we look them up in ``sys.modules`` (an object of theirs can only
 exist if the library was imported already), so the numpy path never imports them.
 """
+
 import sys
 
 import numpy as np

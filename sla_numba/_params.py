@@ -4,6 +4,7 @@ Everything here is plain Python: the API layer calls these once per call,
 before any kernel runs, so a bad argument is reported by name and never
 reaches a kernel.
 """
+
 import math
 import numbers
 import operator
@@ -124,15 +125,15 @@ def check_scale(scale, head_dim):
 
 def check_feature_map(feature_map):
     if not isinstance(feature_map, str) or feature_map not in FEATURE_MAPS:
-        raise ValueError(
-            f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
+        raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
     return FEATURE_MAPS[feature_map]
 
 
 def check_linear_scope(linear_scope):
     if not isinstance(linear_scope, str) or linear_scope not in LINEAR_SCOPES:
         raise ValueError(
-            f"linear_scope must be one of {sorted(LINEAR_SCOPES)}, got {linear_scope!r}")
+            f"linear_scope must be one of {sorted(LINEAR_SCOPES)}, got {linear_scope!r}"
+        )
     return LINEAR_SCOPES[linear_scope]
 
 

@@ -12,12 +12,10 @@ This layer does three things and nothing else:
 The kernels themselves live in :mod:`sla_numba.cpu` and :mod:`sla_numba.gpu`,
 twins that follow the contract written in ``docs/internals.md``.
 """
+
 import dataclasses
 import importlib
 from typing import Any
-
-#: numpy array, torch tensor or CuPy array (torch and CuPy are optional imports)
-Array = Any
 
 import numpy as np
 
@@ -27,24 +25,27 @@ from ._compile_log import describe, notice
 from ._gpu_check import require_gpu
 from ._kinds import FLOAT_DTYPES, array_kind, device_of, dtype_name, is_on_gpu
 
+#: numpy array, torch tensor or CuPy array (torch and CuPy are optional imports)
+Array = Any
 
 # ---------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------
+
 
 def _check_tensor(name, x, kind=None):
     """A 4-D floating array (B, H, N, D) with no empty axis; returns its kind."""
     k = array_kind(x)
     if k is None:
         raise TypeError(
-            f"{name} must be a numpy array, torch tensor or CuPy array, "
-            f"got {type(x).__name__}")
+            f"{name} must be a numpy array, torch tensor or CuPy array, got {type(x).__name__}"
+        )
     if kind is not None and k != kind:
-        raise TypeError(f"{name} is a {k} array but q is a {kind} array; "
-                        "pass all inputs from one library")
+        raise TypeError(
+            f"{name} is a {k} array but q is a {kind} array; pass all inputs from one library"
+        )
     if x.ndim != 4:
-        raise ValueError(
-            f"{name} must have 4 dimensions (B, H, N, D), got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must have 4 dimensions (B, H, N, D), got shape {tuple(x.shape)}")
     if any(s == 0 for s in x.shape):  # no int(): sizes may be symbolic under torch.compile
         raise ValueError(f"{name} must not have an empty axis, got shape {tuple(x.shape)}")
     dt = dtype_name(x, k)
@@ -72,8 +73,7 @@ def _check_qkv(q, k, v):
         if dtype_name(x, kind) != dq:
             raise TypeError(f"{name} has dtype {dtype_name(x, kind)} but q has {dq}")
         if device_of(x, kind) != device_of(q, kind):
-            raise ValueError(
-                f"{name} is on {device_of(x, kind)} but q is on {device_of(q, kind)}")
+            raise ValueError(f"{name} is on {device_of(x, kind)} but q is on {device_of(q, kind)}")
     return kind
 
 
@@ -93,12 +93,14 @@ def _resolve_backend(backend, q, kind):
     if backend == "cpu" and on_gpu:
         raise ValueError(
             f"backend='cpu' needs host arrays, but q is on {device_of(q, kind)}; "
-            "move the inputs to the CPU or use backend='gpu'")
+            "move the inputs to the CPU or use backend='gpu'"
+        )
     if backend == "gpu" and not on_gpu:
         if kind == "torch" and not _gpu_simulated():
             raise ValueError(
                 "backend='gpu' needs CUDA tensors, but q is on cpu; "
-                "move the inputs with .cuda() or use backend='cpu'")
+                "move the inputs with .cuda() or use backend='cpu'"
+            )
         # numpy arrays are copied to the device and back by the gpu backend
         # (and under the CUDA simulator, torch CPU tensors too, for tests).
         # No device, no driver, no numba-cuda: one RuntimeError saying which.
@@ -121,12 +123,15 @@ def _check_block_map(block_map, q, kind, shape):
         raise TypeError(f"block_map must be a {kind} array like q, got {type(block_map).__name__}")
     if tuple(int(s) for s in block_map.shape) != shape:
         raise ValueError(
-            f"block_map must have shape (B, H, Mq, Mk) = {shape}, got {tuple(block_map.shape)}")
+            f"block_map must have shape (B, H, Mq, Mk) = {shape}, got {tuple(block_map.shape)}"
+        )
     dt = dtype_name(block_map, k)
     if not (dt.startswith("int") or dt.startswith("uint")):
         raise TypeError(f"block_map must be an integer array (int8), got {dt}")
     if device_of(block_map, k) != device_of(q, kind):
-        raise ValueError(f"block_map is on {device_of(block_map, k)} but q is on {device_of(q, kind)}")
+        raise ValueError(
+            f"block_map is on {device_of(block_map, k)} but q is on {device_of(q, kind)}"
+        )
     # Checking the values of a GPU array would force a device->host sync;
     # there, values other than 1 / 0 count as negligible (documented).
     if not is_on_gpu(block_map, k):
@@ -135,7 +140,8 @@ def _check_block_map(block_map, q, kind, shape):
         if bad.any():
             raise ValueError(
                 "block_map values must be 1 (critical), 0 (marginal) or -1 (negligible), "
-                f"found {host[bad].flat[0]}")
+                f"found {host[bad].flat[0]}"
+            )
 
 
 def _check_proj(proj_weight, proj_bias, q, kind, D):
@@ -158,6 +164,7 @@ def _check_proj(proj_weight, proj_bias, q, kind, D):
 # Classification
 # ---------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class BlockClassification:
     """Result of :func:`classify_blocks`.
@@ -174,6 +181,7 @@ class BlockClassification:
     block_q, block_k : int
         Block sizes the map was made with.
     """
+
     map: Any
     lut: Any
     n_crit: int
@@ -191,6 +199,7 @@ def critical_lut(block_map, n_crit):
     kind = array_kind(block_map)
     if kind == "torch":
         import torch
+
         order = torch.argsort((block_map != 1).to(torch.int8), dim=-1, stable=True)
         return order[..., :n_crit].to(torch.int32).contiguous()
     xp = np if kind == "numpy" else importlib.import_module("cupy")
@@ -223,9 +232,18 @@ def _counts(k, topk, skip, block_k):
     return _params.block_counts(_params.n_blocks(int(k.shape[2]), block_k), topk, skip)
 
 
-def classify_blocks(q: Array, k: Array, *, topk: float = 0.05, skip: float = 0.10,
-                    block_q: int = 64, block_k: int = 64, scale: "float | None" = None,
-                    backend: str = "auto", layout: str = "BHND") -> BlockClassification:
+def classify_blocks(
+    q: Array,
+    k: Array,
+    *,
+    topk: float = 0.05,
+    skip: float = 0.10,
+    block_q: int = 64,
+    block_k: int = 64,
+    scale: "float | None" = None,
+    backend: str = "auto",
+    layout: str = "BHND",
+) -> BlockClassification:
     """Sort key blocks, per query block, into critical / marginal / negligible.
 
     Query and key blocks are mean-pooled; the block score is
@@ -273,19 +291,23 @@ def classify_blocks(q: Array, k: Array, *, topk: float = 0.05, skip: float = 0.1
     backend = _resolve_backend(backend, q, kind)
     if kind == "torch":
         from . import torch_ops
+
         block_map = torch_ops.classify(q, k, topk, skip, block_q, block_k, scale, backend)
     else:
         mod = load_backend(backend)
         with notice(describe("classify", int(q.shape[-1]), dtype_name(q, kind), backend)):
-            block_map = mod.classify(*_host_inputs(kind, backend, q, k),
-                                     n_crit, n_skip, block_q, block_k, scale)
-    return BlockClassification(block_map, critical_lut(block_map, n_crit),
-                               n_crit, n_skip, block_q, block_k)
+            block_map = mod.classify(
+                *_host_inputs(kind, backend, q, k), n_crit, n_skip, block_q, block_k, scale
+            )
+    return BlockClassification(
+        block_map, critical_lut(block_map, n_crit), n_crit, n_skip, block_q, block_k
+    )
 
 
 # ---------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------
+
 
 def _host_inputs(kind, backend, *arrays):
     """numpy/CuPy arrays as the backend wants them: C-contiguous; for the CPU
@@ -293,19 +315,33 @@ def _host_inputs(kind, backend, *arrays):
     fp16 is what sends them down the tensor-core path)."""
     if kind == "cupy":
         import cupy
+
         return [cupy.ascontiguousarray(a) for a in arrays]
     if backend == "gpu":
         return [np.ascontiguousarray(a) for a in arrays]
     return [np.ascontiguousarray(a, dtype=compute_dtype(np.dtype(a.dtype).name)) for a in arrays]
 
 
-def sla_attention(q: Array, k: Array, v: Array, *, topk: float = 0.05, skip: float = 0.10,
-                  block_q: int = 64, block_k: int = 64, feature_map: str = "softmax",
-                  scale: "float | None" = None, block_map: "Array | None" = None,
-                  proj_weight: "Array | None" = None, proj_bias: "Array | None" = None,
-                  return_parts: bool = False, backend: str = "auto",
-                  eps: float = _params.EPS, linear_scope: str = "marginal",
-                  layout: str = "BHND") -> "Array | tuple[Array, Array]":
+def sla_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    topk: float = 0.05,
+    skip: float = 0.10,
+    block_q: int = 64,
+    block_k: int = 64,
+    feature_map: str = "softmax",
+    scale: "float | None" = None,
+    block_map: "Array | None" = None,
+    proj_weight: "Array | None" = None,
+    proj_bias: "Array | None" = None,
+    return_parts: bool = False,
+    backend: str = "auto",
+    eps: float = _params.EPS,
+    linear_scope: str = "marginal",
+    layout: str = "BHND",
+) -> "Array | tuple[Array, Array]":
     """Sparse-Linear Attention: ``O = O_s + O_l Wᵀ + b``.
 
     Per query block, the critical key blocks get exact softmax attention (O_s),
@@ -364,7 +400,7 @@ def sla_attention(q: Array, k: Array, v: Array, *, topk: float = 0.05, skip: flo
     _params.check_layout(layout)
     q, k, v = (_to_bhnd(n, x, layout) for n, x in (("q", q), ("k", k), ("v", v)))
     kind = _check_qkv(q, k, v)
-    B, H, Nq, D = q.shape     # not int(): sizes may be symbolic under torch.compile
+    B, H, Nq, D = q.shape  # not int(): sizes may be symbolic under torch.compile
     Nk = k.shape[2]
     fm = _params.check_feature_map(feature_map)
     scope = _params.check_linear_scope(linear_scope)
@@ -380,19 +416,69 @@ def sla_attention(q: Array, k: Array, v: Array, *, topk: float = 0.05, skip: flo
 
     if kind == "torch":
         from . import torch_ops
+
         out = torch_ops.sla_attention(
-            q, k, v, block_map, topk, skip, block_q, block_k, scale, fm, eps, scope,
-            proj_weight, proj_bias, return_parts, backend)
+            q,
+            k,
+            v,
+            block_map,
+            topk,
+            skip,
+            block_q,
+            block_k,
+            scale,
+            fm,
+            eps,
+            scope,
+            proj_weight,
+            proj_bias,
+            return_parts,
+            backend,
+        )
     else:
-        out = _sla_host(kind, backend, q, k, v, block_map, topk, skip, block_q, block_k,
-                        scale, fm, eps, scope, proj_weight, proj_bias, return_parts)
+        out = _sla_host(
+            kind,
+            backend,
+            q,
+            k,
+            v,
+            block_map,
+            topk,
+            skip,
+            block_q,
+            block_k,
+            scale,
+            fm,
+            eps,
+            scope,
+            proj_weight,
+            proj_bias,
+            return_parts,
+        )
     if layout == "BNHD":  # back to the caller's axis order (a view)
         return tuple(o.swapaxes(1, 2) for o in out) if return_parts else out.swapaxes(1, 2)
     return out
 
 
-def _sla_host(kind, backend, q, k, v, block_map, topk, skip, block_q, block_k, scale,
-              fm, eps, scope, proj_weight, proj_bias, return_parts):
+def _sla_host(
+    kind,
+    backend,
+    q,
+    k,
+    v,
+    block_map,
+    topk,
+    skip,
+    block_q,
+    block_k,
+    scale,
+    fm,
+    eps,
+    scope,
+    proj_weight,
+    proj_bias,
+    return_parts,
+):
     """numpy / CuPy path of :func:`sla_attention` (arguments already validated)."""
     mod = load_backend(backend)
     qc, kc, vc = _host_inputs(kind, backend, q, k, v)
@@ -402,8 +488,7 @@ def _sla_host(kind, backend, q, k, v, block_map, topk, skip, block_q, block_k, s
             block_map = mod.classify(qc, kc, n_crit, n_skip, block_q, block_k, scale)
         xp = np if kind == "numpy" else importlib.import_module("cupy")
         block_map = xp.ascontiguousarray(block_map.astype(np.int8, copy=False))
-        o_s, o_l, _ = mod.forward(qc, kc, vc, block_map, block_q, block_k, scale, fm, eps,
-                                  scope)
+        o_s, o_l, _ = mod.forward(qc, kc, vc, block_map, block_q, block_k, scale, fm, eps, scope)
     out_dtype = q.dtype
     if return_parts:
         return o_s.astype(out_dtype), o_l.astype(out_dtype)
@@ -415,8 +500,7 @@ def _sla_host(kind, backend, q, k, v, block_map, topk, skip, block_q, block_k, s
     return o_s.astype(out_dtype, copy=False)
 
 
-def kernel_path(q: Array, *, block_q: int = 64, block_k: int = 64,
-                backend: str = "auto") -> str:
+def kernel_path(q: Array, *, block_q: int = 64, block_k: int = 64, backend: str = "auto") -> str:
     """Which kernels :func:`sla_attention` runs for inputs like ``q``.
 
     Returns ``"cpu"`` (Numba CPU kernels), ``"gpu:simt"`` (Numba CUDA kernels on

@@ -18,6 +18,7 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
 Numba's own variables (``NUMBA_CACHE_DIR``, ``NUMBA_ENABLE_CUDASIM``,
 ``NUMBA_NUM_THREADS``, ...) keep their Numba names and meaning.
 """
+
 import os
 
 GPU_PATHS = ("auto", "simt", "tc")
@@ -43,8 +44,9 @@ def tc_parts_off():
     off = {p.strip().lower() for p in raw.split(",") if p.strip()}
     unknown = off - set(TC_PARTS)
     if unknown:
-        raise ValueError(f"{TC_OFF_VAR}={raw!r}: unknown part(s) {sorted(unknown)}; "
-                         f"parts are {TC_PARTS}")
+        raise ValueError(
+            f"{TC_OFF_VAR}={raw!r}: unknown part(s) {sorted(unknown)}; parts are {TC_PARTS}"
+        )
     return off
 
 

@@ -67,6 +67,7 @@ Example (2 processes on one machine, CPU and gloo; save as ``ex.py`` and run
     ref = sla_numba.sla_attention(q, k, v, topk=0.25, block_q=32, block_k=32)
     assert torch.equal(o, ref[:, :, r * n:(r + 1) * n])
 """
+
 import torch
 import torch.distributed as dist
 
@@ -81,8 +82,10 @@ __all__ = ["sla_attention_ulysses", "classify_blocks_ulysses", "UlyssesSparseLin
 # 1. The group
 # ---------------------------------------------------------------------------
 
-_NOT_A_MEMBER = ("this process is not a member of group: every rank that calls "
-                 "sla_attention_ulysses must belong to the group it passes")
+_NOT_A_MEMBER = (
+    "this process is not a member of group: every rank that calls "
+    "sla_attention_ulysses must belong to the group it passes"
+)
 
 
 def _group_info(group):
@@ -90,14 +93,16 @@ def _group_info(group):
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "sla_attention_ulysses needs torch.distributed: call "
-            "torch.distributed.init_process_group(...) first (or use sla_attention)")
+            "torch.distributed.init_process_group(...) first (or use sla_attention)"
+        )
     if group is None:
         group = dist.group.WORLD
-    elif group is dist.GroupMember.NON_GROUP_MEMBER:   # what new_group gives non-members
+    elif group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group gives non-members
         raise ValueError(_NOT_A_MEMBER)
     elif not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, "
-                        f"got {type(group).__name__}")
+        raise TypeError(
+            f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}"
+        )
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError(_NOT_A_MEMBER)
@@ -117,63 +122,107 @@ _BACKENDS = list(_params.BACKENDS)
 
 #: What each rank tells the others, in this order (one float64 each).
 #: ``nq`` and ``nk`` (the shard lengths) may differ between ranks; the rest must not.
-_FIELDS = ("ok", "nq", "nk", "batch", "heads", "head_dim", "dtype", "device_type",
-           "requires_grad", "block_map_shape_0", "block_map_shape_1", "block_map_shape_2",
-           "block_map_shape_3", "topk", "skip", "block_q", "block_k", "feature_map",
-           "scale", "eps", "return_parts", "backend", "proj")
+_FIELDS = (
+    "ok",
+    "nq",
+    "nk",
+    "batch",
+    "heads",
+    "head_dim",
+    "dtype",
+    "device_type",
+    "requires_grad",
+    "block_map_shape_0",
+    "block_map_shape_1",
+    "block_map_shape_2",
+    "block_map_shape_3",
+    "topk",
+    "skip",
+    "block_q",
+    "block_k",
+    "feature_map",
+    "scale",
+    "eps",
+    "return_parts",
+    "backend",
+    "proj",
+)
 _PER_RANK = ("ok", "nq", "nk")
 
 
 def _check_local(q, k, v, block_map, proj_weight, proj_bias, params, group):
     """Everything one rank can check alone. Returns this rank's description (a dict)."""
-    _check_qkv(q, k, v)   # 4-D floating tensors, shapes/dtypes/devices agree
+    _check_qkv(q, k, v)  # 4-D floating tensors, shapes/dtypes/devices agree
     if not isinstance(q, torch.Tensor):
-        raise TypeError(f"q must be a torch tensor for sla_attention_ulysses, got "
-                        f"{type(q).__name__}")
+        raise TypeError(
+            f"q must be a torch tensor for sla_attention_ulysses, got {type(q).__name__}"
+        )
     if _backend_name(group) == "nccl" and q.device.type != "cuda":
-        raise ValueError(f"q is on {q.device} but the group's backend is NCCL, "
-                         "which needs CUDA tensors (use a gloo group for CPU tensors)")
+        raise ValueError(
+            f"q is on {q.device} but the group's backend is NCCL, "
+            "which needs CUDA tensors (use a gloo group for CPU tensors)"
+        )
     B, H, nq, D = q.shape
     topk, skip = _params.check_topk_skip(params["topk"], params["skip"])
     block_q = _params.check_block_size("block_q", params["block_q"])
     block_k = _params.check_block_size("block_k", params["block_k"])
     feature_map = _params.check_feature_map(params["feature_map"])
     scale = _params.check_scale(params["scale"], int(D))
-    eps = _params.check_fraction("eps", params["eps"], low=0.0, high=1.0,
-                                 low_open=True, high_open=False)
+    eps = _params.check_fraction(
+        "eps", params["eps"], low=0.0, high=1.0, low_open=True, high_open=False
+    )
     _params.check_backend(params["backend"])
     if not isinstance(params["return_parts"], bool):
-        raise TypeError(f"return_parts must be a bool, "
-                        f"got {type(params['return_parts']).__name__}")
+        raise TypeError(f"return_parts must be a bool, got {type(params['return_parts']).__name__}")
     _check_proj(proj_weight, proj_bias, q, "torch", int(D))
     bm_shape = (0, 0, 0, 0)
     if block_map is not None:
         if not isinstance(block_map, torch.Tensor):
-            raise TypeError(f"block_map must be a torch tensor like q, "
-                            f"got {type(block_map).__name__}")
+            raise TypeError(
+                f"block_map must be a torch tensor like q, got {type(block_map).__name__}"
+            )
         if block_map.ndim != 4 or block_map.dtype.is_floating_point or block_map.is_complex():
-            raise ValueError(f"block_map must be a 4-D integer (int8) tensor, got shape "
-                             f"{tuple(block_map.shape)} and dtype {block_map.dtype}")
+            raise ValueError(
+                f"block_map must be a 4-D integer (int8) tensor, got shape "
+                f"{tuple(block_map.shape)} and dtype {block_map.dtype}"
+            )
         if block_map.device != q.device:
             raise ValueError(f"block_map is on {block_map.device} but q is on {q.device}")
         if block_map.device.type == "cpu":  # GPU maps are not value-checked (no sync)
             bad = (block_map != 1) & (block_map != 0) & (block_map != -1)
             if bool(bad.any()):
-                raise ValueError("block_map values must be 1 (critical), 0 (marginal) or "
-                                 f"-1 (negligible), found {int(block_map[bad][0])}")
+                raise ValueError(
+                    "block_map values must be 1 (critical), 0 (marginal) or "
+                    f"-1 (negligible), found {int(block_map[bad][0])}"
+                )
         bm_shape = tuple(block_map.shape)
     grads = [x is not None and x.requires_grad for x in (q, k, v, proj_weight, proj_bias)]
     grads.append(torch.is_grad_enabled())
-    return dict(ok=1, nq=nq, nk=k.shape[2], batch=B, heads=H, head_dim=D,
-                dtype=_DTYPES.index(q.dtype), device_type=int(q.device.type == "cuda"),
-                requires_grad=sum(int(g) << i for i, g in enumerate(grads)),
-                block_map_shape_0=bm_shape[0], block_map_shape_1=bm_shape[1],
-                block_map_shape_2=bm_shape[2], block_map_shape_3=bm_shape[3],
-                topk=topk, skip=skip, block_q=block_q, block_k=block_k,
-                feature_map=feature_map, scale=scale, eps=eps,
-                return_parts=int(params["return_parts"]),
-                backend=_BACKENDS.index(params["backend"]),
-                proj=int(proj_weight is not None) + 2 * int(proj_bias is not None))
+    return dict(
+        ok=1,
+        nq=nq,
+        nk=k.shape[2],
+        batch=B,
+        heads=H,
+        head_dim=D,
+        dtype=_DTYPES.index(q.dtype),
+        device_type=int(q.device.type == "cuda"),
+        requires_grad=sum(int(g) << i for i, g in enumerate(grads)),
+        block_map_shape_0=bm_shape[0],
+        block_map_shape_1=bm_shape[1],
+        block_map_shape_2=bm_shape[2],
+        block_map_shape_3=bm_shape[3],
+        topk=topk,
+        skip=skip,
+        block_q=block_q,
+        block_k=block_k,
+        feature_map=feature_map,
+        scale=scale,
+        eps=eps,
+        return_parts=int(params["return_parts"]),
+        backend=_BACKENDS.index(params["backend"]),
+        proj=int(proj_weight is not None) + 2 * int(proj_bias is not None),
+    )
 
 
 def _describe_device(q, group):
@@ -222,8 +271,10 @@ def _agree(q, k, v, block_map, proj_weight, proj_bias, params, group, rank, size
     if error is not None:
         raise error
     if bad:
-        raise ValueError(f"sla_attention_ulysses: rank(s) {bad} of the group rejected their "
-                         "input (their error says why); every rank raises")
+        raise ValueError(
+            f"sla_attention_ulysses: rank(s) {bad} of the group rejected their "
+            "input (their error says why); every rank raises"
+        )
     for field in _FIELDS:
         if field in _PER_RANK:
             continue
@@ -232,15 +283,19 @@ def _agree(q, k, v, block_map, proj_weight, proj_bias, params, group, rank, size
             if field == "dtype":
                 values = [str(_DTYPES[int(x)]) for x in values]
             shown = ", ".join(f"rank {r}: {x}" for r, x in enumerate(values))
-            raise ValueError(f"sla_attention_ulysses: {field} differs between the ranks "
-                             f"({shown}); every rank must pass alike tensors (only the "
-                             "number of tokens may differ) and the same parameters")
+            raise ValueError(
+                f"sla_attention_ulysses: {field} differs between the ranks "
+                f"({shown}); every rank must pass alike tensors (only the "
+                "number of tokens may differ) and the same parameters"
+            )
     t0 = table[0]
     B, H, D = int(t0["batch"]), int(t0["heads"]), int(t0["head_dim"])
     if H % size:
-        raise ValueError(f"q has {H} heads, which cannot be split evenly over the group's "
-                         f"{size} ranks: the number of heads must be a multiple of the "
-                         "group size")
+        raise ValueError(
+            f"q has {H} heads, which cannot be split evenly over the group's "
+            f"{size} ranks: the number of heads must be a multiple of the "
+            "group size"
+        )
     nq = [int(t["nq"]) for t in table]
     nk = [int(t["nk"]) for t in table]
     if block_map is not None:
@@ -251,13 +306,15 @@ def _agree(q, k, v, block_map, proj_weight, proj_bias, params, group, rank, size
             raise ValueError(
                 f"block_map must have shape (B, H, Mq, Mk) = {(B, H, mq, mk)} (all heads) or "
                 f"(B, H/P, Mq, Mk) = {(B, H // size, mq, mk)} (this rank's heads), with Mq, "
-                f"Mk counted over the global sequence; got {shape}")
+                f"Mk counted over the global sequence; got {shape}"
+            )
     return _Layout(group, rank, size, B, H, D, nq, nk)
 
 
 # ---------------------------------------------------------------------------
 # 3. The two all-to-alls, and their autograd (each is the other's backward)
 # ---------------------------------------------------------------------------
+
 
 def _seq_to_heads(layout, x, counts):
     """(B, H, n_r, D) token shard of every head -> (B, H/P, N, D) all tokens of my heads.
@@ -271,9 +328,13 @@ def _seq_to_heads(layout, x, counts):
     # chunk j of the send buffer = heads j*Hp .. (j+1)*Hp-1 (free for B = 1)
     send = x.reshape(B, P, Hp * n * D).transpose(0, 1).contiguous()
     recv = x.new_empty(B * Hp * sum(counts) * D)
-    dist.all_to_all_single(recv, send.reshape(-1),
-                           output_split_sizes=[B * Hp * c * D for c in counts],
-                           input_split_sizes=[B * Hp * n * D] * P, group=layout.group)
+    dist.all_to_all_single(
+        recv,
+        send.reshape(-1),
+        output_split_sizes=[B * Hp * c * D for c in counts],
+        input_split_sizes=[B * Hp * n * D] * P,
+        group=layout.group,
+    )
     pieces = recv.split([B * Hp * c * D for c in counts])
     return torch.cat([p.view(B, Hp, c, D) for p, c in zip(pieces, counts)], dim=2)
 
@@ -291,8 +352,13 @@ def _heads_to_seq(layout, y, counts):
     for chunk, part, c in zip(send.split(sizes), y.split(counts, dim=2), counts):
         chunk.view(B, Hp, c, D).copy_(part)
     recv = y.new_empty(P * B * Hp * n * D)
-    dist.all_to_all_single(recv, send, output_split_sizes=[B * Hp * n * D] * P,
-                           input_split_sizes=sizes, group=layout.group)
+    dist.all_to_all_single(
+        recv,
+        send,
+        output_split_sizes=[B * Hp * n * D] * P,
+        input_split_sizes=sizes,
+        group=layout.group,
+    )
     # chunk i came from rank i and holds head group i: (P, B, Hp, n, D) -> (B, H, n, D)
     return recv.view(P, B, Hp, n, D).transpose(0, 1).reshape(B, P * Hp, n, D)
 
@@ -313,9 +379,16 @@ class _SeqToHeads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         L = ctx.layout
-        return (None, None, *(
-            _heads_to_seq(L, _or_zeros(g, ctx.like, (L.batch, L.local_heads, sum(c), L.head_dim)), c)
-            for g, c in zip(grads, ctx.counts)))
+        return (
+            None,
+            None,
+            *(
+                _heads_to_seq(
+                    L, _or_zeros(g, ctx.like, (L.batch, L.local_heads, sum(c), L.head_dim)), c
+                )
+                for g, c in zip(grads, ctx.counts)
+            ),
+        )
 
 
 class _HeadsToSeq(torch.autograd.Function):
@@ -329,9 +402,16 @@ class _HeadsToSeq(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         L = ctx.layout
-        return (None, None, *(
-            _seq_to_heads(L, _or_zeros(g, ctx.like, (L.batch, L.heads, c[L.rank], L.head_dim)), c)
-            for g, c in zip(grads, ctx.counts)))
+        return (
+            None,
+            None,
+            *(
+                _seq_to_heads(
+                    L, _or_zeros(g, ctx.like, (L.batch, L.heads, c[L.rank], L.head_dim)), c
+                )
+                for g, c in zip(grads, ctx.counts)
+            ),
+        )
 
 
 def _or_zeros(grad, like, shape):
@@ -345,18 +425,34 @@ def _or_zeros(grad, like, shape):
 # 4. The public function, the classification, and the module
 # ---------------------------------------------------------------------------
 
+
 def _my_heads(block_map, layout):
     """A map of all H heads -> this rank's H/P heads; a map of H/P heads as it is."""
     if block_map is None or block_map.shape[1] == layout.local_heads:
         return block_map
     h0 = layout.rank * layout.local_heads
-    return block_map[:, h0:h0 + layout.local_heads]
+    return block_map[:, h0 : h0 + layout.local_heads]
 
 
-def sla_attention_ulysses(q, k, v, *, group=None, topk=0.05, skip=0.10, block_q=64,
-                          block_k=64, feature_map="softmax", scale=None, block_map=None,
-                          proj_weight=None, proj_bias=None, return_parts=False,
-                          backend="auto", eps=_params.EPS):
+def sla_attention_ulysses(
+    q,
+    k,
+    v,
+    *,
+    group=None,
+    topk=0.05,
+    skip=0.10,
+    block_q=64,
+    block_k=64,
+    feature_map="softmax",
+    scale=None,
+    block_map=None,
+    proj_weight=None,
+    proj_bias=None,
+    return_parts=False,
+    backend="auto",
+    eps=_params.EPS,
+):
     """SLA on a sequence split over the ranks of ``group`` (Ulysses all-to-all).
 
     Every rank of the group calls this with its token shard; the result is
@@ -409,29 +505,65 @@ def sla_attention_ulysses(q, k, v, *, group=None, topk=0.05, skip=0.10, block_q=
     examples/finetune_distributed.py)
     """
     group, rank, size = _group_info(group)
-    kwargs = dict(topk=topk, skip=skip, block_q=block_q, block_k=block_k,
-                  feature_map=feature_map, scale=scale, eps=eps, backend=backend)
-    if size == 1:   # a group of one: the all-to-alls are the identity
-        return sla_attention(q, k, v, block_map=block_map, proj_weight=proj_weight,
-                             proj_bias=proj_bias, return_parts=return_parts, **kwargs)
-    layout = _agree(q, k, v, block_map, proj_weight, proj_bias,
-                    dict(kwargs, return_parts=return_parts), group, rank, size)
-    return _ulysses(layout, q, k, v, _my_heads(block_map, layout), proj_weight, proj_bias,
-                    return_parts, kwargs)
+    kwargs = dict(
+        topk=topk,
+        skip=skip,
+        block_q=block_q,
+        block_k=block_k,
+        feature_map=feature_map,
+        scale=scale,
+        eps=eps,
+        backend=backend,
+    )
+    if size == 1:  # a group of one: the all-to-alls are the identity
+        return sla_attention(
+            q,
+            k,
+            v,
+            block_map=block_map,
+            proj_weight=proj_weight,
+            proj_bias=proj_bias,
+            return_parts=return_parts,
+            **kwargs,
+        )
+    layout = _agree(
+        q,
+        k,
+        v,
+        block_map,
+        proj_weight,
+        proj_bias,
+        dict(kwargs, return_parts=return_parts),
+        group,
+        rank,
+        size,
+    )
+    return _ulysses(
+        layout, q, k, v, _my_heads(block_map, layout), proj_weight, proj_bias, return_parts, kwargs
+    )
 
 
 def _ulysses(layout, q, k, v, block_map, proj_weight, proj_bias, return_parts, kwargs):
     """The three steps, on agreed inputs: all-to-all, local SLA, all-to-all back."""
     qh, kh, vh = _SeqToHeads.apply(layout, (layout.nq, layout.nk, layout.nk), q, k, v)
-    out = sla_attention(qh, kh, vh, block_map=block_map, proj_weight=proj_weight,
-                        proj_bias=proj_bias, return_parts=return_parts, **kwargs)
+    out = sla_attention(
+        qh,
+        kh,
+        vh,
+        block_map=block_map,
+        proj_weight=proj_weight,
+        proj_bias=proj_bias,
+        return_parts=return_parts,
+        **kwargs,
+    )
     if return_parts:
         return _HeadsToSeq.apply(layout, (layout.nq, layout.nq), *out)
     return _HeadsToSeq.apply(layout, (layout.nq,), out)[0]
 
 
-def classify_blocks_ulysses(q, k, *, group=None, topk=0.05, skip=0.10, block_q=64,
-                            block_k=64, scale=None, backend="auto"):
+def classify_blocks_ulysses(
+    q, k, *, group=None, topk=0.05, skip=0.10, block_q=64, block_k=64, scale=None, backend="auto"
+):
     """The block map of this rank's heads over the whole sequence.
 
     Takes the same token shards as :func:`sla_attention_ulysses` (q (B, H, nq_r, D),
@@ -450,14 +582,24 @@ def classify_blocks_ulysses(q, k, *, group=None, topk=0.05, skip=0.10, block_q=6
         o = sla_attention_ulysses(q, k, v, block_map=c.map, block_q=32, block_k=32)
     """
     group, rank, size = _group_info(group)
-    kwargs = dict(topk=topk, skip=skip, block_q=block_q, block_k=block_k, scale=scale,
-                  backend=backend)
+    kwargs = dict(
+        topk=topk, skip=skip, block_q=block_q, block_k=block_k, scale=scale, backend=backend
+    )
     if size == 1:
         return classify_blocks(q, k, **kwargs)
     with torch.no_grad():
-        layout = _agree(q, k, k, None, None, None,
-                        dict(kwargs, feature_map="softmax", eps=_params.EPS, return_parts=False),
-                        group, rank, size)
+        layout = _agree(
+            q,
+            k,
+            k,
+            None,
+            None,
+            None,
+            dict(kwargs, feature_map="softmax", eps=_params.EPS, return_parts=False),
+            group,
+            rank,
+            size,
+        )
         qh, kh = _SeqToHeads.apply(layout, (layout.nq, layout.nk), q, k)
         return classify_blocks(qh, kh, **kwargs)
 
@@ -511,7 +653,18 @@ class UlyssesSparseLinearAttention(SparseLinearAttention):
 
     def forward(self, q, k, v, block_map=None):
         return sla_attention_ulysses(
-            q, k, v, group=self.group, topk=self.topk, skip=self.skip,
-            block_q=self.block_q, block_k=self.block_k, feature_map=self.feature_map,
-            scale=self.scale, block_map=block_map, proj_weight=self.proj.weight,
-            proj_bias=self.proj.bias, backend=self.backend)
+            q,
+            k,
+            v,
+            group=self.group,
+            topk=self.topk,
+            skip=self.skip,
+            block_q=self.block_q,
+            block_k=self.block_k,
+            feature_map=self.feature_map,
+            scale=self.scale,
+            block_map=block_map,
+            proj_weight=self.proj.weight,
+            proj_bias=self.proj.bias,
+            backend=self.backend,
+        )

@@ -1,4 +1,5 @@
 """``torch.nn`` modules: SLA as a layer with its learnable projection."""
+
 import torch
 
 from . import _params
@@ -33,11 +34,21 @@ class SparseLinearAttention(torch.nn.Module):
     (torch.Size([1, 2, 100, 32]), torch.Size([32, 32]))
     """
 
-    def __init__(self, head_dim: int, *, topk: float = 0.05, skip: float = 0.10,
-                 block_q: int = 64, block_k: int = 64, feature_map: str = "softmax",
-                 scale: "float | None" = None, backend: str = "auto",
-                 linear_scope: str = "marginal", layout: str = "BHND",
-                 eps: float = _params.EPS) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        *,
+        topk: float = 0.05,
+        skip: float = 0.10,
+        block_q: int = 64,
+        block_k: int = 64,
+        feature_map: str = "softmax",
+        scale: "float | None" = None,
+        backend: str = "auto",
+        linear_scope: str = "marginal",
+        layout: str = "BHND",
+        eps: float = _params.EPS,
+    ) -> None:
         super().__init__()
         head_dim = _params.check_block_size("head_dim", head_dim)
         block_q = _params.check_block_size("block_q", block_q)
@@ -56,24 +67,53 @@ class SparseLinearAttention(torch.nn.Module):
         torch.nn.init.zeros_(self.proj.weight)
         torch.nn.init.zeros_(self.proj.bias)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                block_map: "torch.Tensor | None" = None) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        block_map: "torch.Tensor | None" = None,
+    ) -> torch.Tensor:
         if q.ndim == 4 and int(q.shape[-1]) != self.head_dim:
             raise ValueError(
                 f"q has head_dim {int(q.shape[-1])} but this SparseLinearAttention was built "
                 f"with head_dim={self.head_dim} (its proj is Linear({self.head_dim}, "
-                f"{self.head_dim}))")
+                f"{self.head_dim}))"
+            )
         return sla_attention(
-            q, k, v, topk=self.topk, skip=self.skip, block_q=self.block_q,
-            block_k=self.block_k, feature_map=self.feature_map, scale=self.scale,
-            block_map=block_map, proj_weight=self.proj.weight, proj_bias=self.proj.bias,
-            backend=self.backend, eps=self.eps, linear_scope=self.linear_scope,
-            layout=self.layout)
+            q,
+            k,
+            v,
+            topk=self.topk,
+            skip=self.skip,
+            block_q=self.block_q,
+            block_k=self.block_k,
+            feature_map=self.feature_map,
+            scale=self.scale,
+            block_map=block_map,
+            proj_weight=self.proj.weight,
+            proj_bias=self.proj.bias,
+            backend=self.backend,
+            eps=self.eps,
+            linear_scope=self.linear_scope,
+            layout=self.layout,
+        )
 
     @classmethod
-    def from_official(cls, state_dict, topk, feature_map="softmax", BLKQ=64, BLKK=64,
-                      use_bf16=True, tie_feature_map_qk=True, *, branch="main",
-                      layout="BHND", backend="auto"):
+    def from_official(
+        cls,
+        state_dict,
+        topk,
+        feature_map="softmax",
+        BLKQ=64,
+        BLKK=64,
+        use_bf16=True,
+        tie_feature_map_qk=True,
+        *,
+        branch="main",
+        layout="BHND",
+        backend="auto",
+    ):
         """This package's layer equivalent to a published ``SparseLinearAttention``.
 
         ``state_dict`` is the published module's (``proj_l.weight`` (D, D),
@@ -109,23 +149,40 @@ class SparseLinearAttention(torch.nn.Module):
         if set(state_dict.keys()) != expected:
             raise ValueError(
                 f"state_dict must hold exactly {sorted(expected)} (strip any module prefix), "
-                f"got {sorted(state_dict.keys())}")
+                f"got {sorted(state_dict.keys())}"
+            )
         weight = state_dict["proj_l.weight"]
-        if not isinstance(weight, torch.Tensor) or weight.ndim != 2 \
-                or weight.shape[0] != weight.shape[1]:
-            raise ValueError("state_dict['proj_l.weight'] must be a square (head_dim, head_dim) "
-                             f"tensor, got {getattr(weight, 'shape', type(weight).__name__)}")
+        if (
+            not isinstance(weight, torch.Tensor)
+            or weight.ndim != 2
+            or weight.shape[0] != weight.shape[1]
+        ):
+            raise ValueError(
+                "state_dict['proj_l.weight'] must be a square (head_dim, head_dim) "
+                f"tensor, got {getattr(weight, 'shape', type(weight).__name__)}"
+            )
         for name, value in (("use_bf16", use_bf16), ("tie_feature_map_qk", tie_feature_map_qk)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-        layer = cls(int(weight.shape[0]), topk=topk, skip=0.0, block_q=BLKQ, block_k=BLKK,
-                    feature_map=feature_map, backend=backend, layout=layout,
-                    linear_scope=OFFICIAL_BRANCHES[branch], eps=OFFICIAL_EPS)
+        layer = cls(
+            int(weight.shape[0]),
+            topk=topk,
+            skip=0.0,
+            block_q=BLKQ,
+            block_k=BLKK,
+            feature_map=feature_map,
+            backend=backend,
+            layout=layout,
+            linear_scope=OFFICIAL_BRANCHES[branch],
+            eps=OFFICIAL_EPS,
+        )
         layer.proj.load_state_dict({"weight": weight, "bias": state_dict["proj_l.bias"]})
         return layer.to(weight.device)
 
     def extra_repr(self):
-        return (f"head_dim={self.head_dim}, topk={self.topk}, skip={self.skip}, "
-                f"block_q={self.block_q}, block_k={self.block_k}, "
-                f"feature_map={self.feature_map!r}, linear_scope={self.linear_scope!r}, "
-                f"layout={self.layout!r}")
+        return (
+            f"head_dim={self.head_dim}, topk={self.topk}, skip={self.skip}, "
+            f"block_q={self.block_q}, block_k={self.block_k}, "
+            f"feature_map={self.feature_map!r}, linear_scope={self.linear_scope!r}, "
+            f"layout={self.layout!r}"
+        )

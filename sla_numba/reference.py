@@ -24,6 +24,7 @@ Example::
     >>> torch.allclose(o, o_s + o_l)                 # no projection: O = O_s + O_l
     True
 """
+
 import math
 
 import numpy as np
@@ -73,13 +74,14 @@ def pool_blocks(x, block):
     """
     x, was_np = _as_torch(x)
     n = x.shape[-2]
-    xs = _pad_rows(x, block)                         # (..., M, block, D)
+    xs = _pad_rows(x, block)  # (..., M, block, D)
     acc = xs[..., 0, :]
-    for r in range(1, block):                        # padded rows add +0.0: no effect
+    for r in range(1, block):  # padded rows add +0.0: no effect
         acc = acc + xs[..., r, :]
     m = xs.shape[-3]
-    counts = torch.tensor([min(block, n - i * block) for i in range(m)],
-                          dtype=x.dtype, device=x.device)
+    counts = torch.tensor(
+        [min(block, n - i * block) for i in range(m)], dtype=x.dtype, device=x.device
+    )
     out = acc / counts[:, None]
     return out.numpy() if was_np else out
 
@@ -93,10 +95,10 @@ def block_scores(q, k, block_q, block_k, scale):
     """
     q, was_np = _as_torch(q, torch.float64)
     k, _ = _as_torch(k, torch.float64)
-    pq = pool_blocks(q, block_q)                     # (..., Mq, D)
-    pk = pool_blocks(k, block_k)                     # (..., Mk, D)
+    pq = pool_blocks(q, block_q)  # (..., Mq, D)
+    pk = pool_blocks(k, block_k)  # (..., Mk, D)
     acc = pq[..., :, None, 0] * pk[..., None, :, 0]
-    for d in range(1, q.shape[-1]):                  # sum over d in ascending order
+    for d in range(1, q.shape[-1]):  # sum over d in ascending order
         acc = acc + pq[..., :, None, d] * pk[..., None, :, d]
     s = float(scale) * acc
     return s.numpy() if was_np else s
@@ -113,7 +115,7 @@ def rank_to_map(scores, n_crit, n_skip):
     cls = torch.zeros(mk, dtype=torch.int8)
     cls[:n_crit] = 1
     if n_skip:
-        cls[mk - n_skip:] = -1
+        cls[mk - n_skip :] = -1
     out = torch.empty(scores.shape, dtype=torch.int8, device=scores.device)
     out.scatter_(-1, order, cls.to(scores.device).expand(scores.shape).contiguous())
     return out
@@ -157,9 +159,21 @@ def feature_map_fn(name):
     raise ValueError(f"feature_map must be one of {sorted(_params.FEATURE_MAPS)}, got {name!r}")
 
 
-def sla_reference(q, k, v, block_map, *, block_q=64, block_k=64, feature_map="softmax",
-                  scale=None, eps=_params.EPS, proj_weight=None, proj_bias=None,
-                  linear_scope="marginal"):
+def sla_reference(
+    q,
+    k,
+    v,
+    block_map,
+    *,
+    block_q=64,
+    block_k=64,
+    feature_map="softmax",
+    scale=None,
+    eps=_params.EPS,
+    proj_weight=None,
+    proj_bias=None,
+    linear_scope="marginal",
+):
     """Dense SLA forward (SLA_SPEC §5) -> ``(o, o_s, o_l)``, each (B, H, Nq, D).
 
     q: (B, H, Nq, D); k, v: (B, H, Nk, D); block_map: (B, H, Mq, Mk) in {1, 0, -1};
@@ -190,7 +204,7 @@ def sla_reference(q, k, v, block_map, *, block_q=64, block_k=64, feature_map="so
     nq, nk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     bm, _ = _as_torch(block_map)
-    tok = expand_block_map(bm.to(q.device), nq, nk, block_q, block_k)   # (B, H, Nq, Nk)
+    tok = expand_block_map(bm.to(q.device), nq, nk, block_q, block_k)  # (B, H, Nq, Nk)
     crit, marg = tok == 1, tok == 0
     if _params.check_linear_scope(linear_scope) == _params.LINEAR_SCOPES["global"]:
         marg = torch.ones_like(marg)
@@ -199,7 +213,7 @@ def sla_reference(q, k, v, block_map, *, block_q=64, block_k=64, feature_map="so
     s = scale * (q @ k.transpose(-1, -2))
     has_crit = crit.any(dim=-1, keepdim=True)
     s = s.masked_fill(~crit, -math.inf)
-    s = s.masked_fill(~has_crit, 0.0)            # rows with no critical token: no NaN softmax
+    s = s.masked_fill(~has_crit, 0.0)  # rows with no critical token: no NaN softmax
     p = torch.softmax(s, dim=-1).masked_fill(~has_crit, 0.0)
     o_s = p @ v
 

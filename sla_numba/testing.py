@@ -4,6 +4,7 @@
 as NaN (float) or 99 (int8 map) instead of uninitialised memory, so an element
 a kernel forgets to write makes a test fail instead of passing by luck.
 """
+
 import contextlib
 
 _state = {"poison": False}

@@ -32,10 +32,10 @@ Use::
 
 or set ``SLA_TEST_RACE_CHECK=1`` when running the test suite (tests/conftest.py).
 """
+
 import contextlib
 import sys
 import threading
-import traceback
 
 import numpy as np
 
@@ -53,8 +53,8 @@ class _State:
         self.lock = threading.Lock()
         self.raise_first = raise_first
         self.races = []
-        self.launch = None     # the launch being recorded (its fake CUDA module)
-        self.block = None      # (launch, block index) whose shared memory is recorded
+        self.launch = None  # the launch being recorded (its fake CUDA module)
+        self.block = None  # (launch, block index) whose shared memory is recorded
         # address -> [writer or None, {thread: access}] with access = (block, epoch, where)
         self.shared = {}
         self.glob = {}
@@ -66,10 +66,15 @@ _state = None
 def _thread():
     """(launch, block index, thread id, barrier epoch) of the calling simulator thread."""
     from numba.cuda.simulator import kernel as sim_kernel
+
     t = threading.current_thread()
     # one fake CUDA module per launch (the simulator makes a new block manager per block)
-    return (sim_kernel._get_kernel_context(), tuple(getattr(t, "blockIdx", (0, 0, 0))),
-            getattr(t, "thread_id", -1), getattr(t, "_sla_epoch", 0))
+    return (
+        sim_kernel._get_kernel_context(),
+        tuple(getattr(t, "blockIdx", (0, 0, 0))),
+        getattr(t, "thread_id", -1),
+        getattr(t, "_sla_epoch", 0),
+    )
 
 
 def _address(arr, idx):
@@ -89,8 +94,9 @@ def _where():
     """file:line of the kernel code making the access (the first frame outside this
     module and the simulator), and the kernel line that called it."""
     f = sys._getframe(2)
-    while f is not None and (f.f_code.co_filename == __file__
-                             or "simulator" in f.f_code.co_filename):
+    while f is not None and (
+        f.f_code.co_filename == __file__ or "simulator" in f.f_code.co_filename
+    ):
         f = f.f_back
     if f is None:
         return "?"
@@ -98,9 +104,14 @@ def _where():
     up = f.f_back
     while up is not None and "simulator" in up.f_code.co_filename:
         up = up.f_back
-    if (up is not None and up.f_code.co_name != f.f_code.co_name
-            and not up.f_code.co_filename.endswith("threading.py")):
-        here += f" in {up.f_code.co_name} ({up.f_code.co_filename.rsplit('/', 2)[-1]}:{up.f_lineno})"
+    if (
+        up is not None
+        and up.f_code.co_name != f.f_code.co_name
+        and not up.f_code.co_filename.endswith("threading.py")
+    ):
+        here += (
+            f" in {up.f_code.co_name} ({up.f_code.co_filename.rsplit('/', 2)[-1]}:{up.f_lineno})"
+        )
     return here
 
 
@@ -153,7 +164,7 @@ def _record(arr, idx, write, shared):
     with st.lock:
         if st.launch is not launch:
             st.launch, st.glob = launch, {}
-        if shared and st.block != (launch, block):   # blocks run one at a time
+        if shared and st.block != (launch, block):  # blocks run one at a time
             st.block, st.shared = (launch, block), {}
         cells = st.shared if shared else st.glob
         where = _where() if (write and st.raise_first) else None
@@ -164,17 +175,22 @@ def _record(arr, idx, write, shared):
         if race is None:
             return
         if race == ("uninitialised",):
-            msg = (f"shared-memory read of element {idx} of a {arr.dtype} array "
-                   f"{arr.shape} that no thread of block {block} wrote (thread {tid}, "
-                   f"epoch {epoch}, at {_where()}): shared memory starts undefined")
+            msg = (
+                f"shared-memory read of element {idx} of a {arr.dtype} array "
+                f"{arr.shape} that no thread of block {block} wrote (thread {tid}, "
+                f"epoch {epoch}, at {_where()}): shared memory starts undefined"
+            )
         else:
             other, acc, other_kind = race
-            msg = (f"{'shared' if shared else 'global'}-memory race: "
-                   f"{'write' if write else 'read'} of element {idx} of a {arr.dtype} "
-                   f"array {arr.shape} by block {block} thread {tid} (epoch {epoch}) at "
-                   f"{_where()}, after a {other_kind} by block {other[0]} thread "
-                   f"{other[1]} (epoch {acc[1]})" + (f" at {acc[2]}" if acc[2] else "")
-                   + " with no barrier between")
+            msg = (
+                f"{'shared' if shared else 'global'}-memory race: "
+                f"{'write' if write else 'read'} of element {idx} of a {arr.dtype} "
+                f"array {arr.shape} by block {block} thread {tid} (epoch {epoch}) at "
+                f"{_where()}, after a {other_kind} by block {other[0]} thread "
+                f"{other[1]} (epoch {acc[1]})"
+                + (f" at {acc[2]}" if acc[2] else "")
+                + " with no barrier between"
+            )
         st.races.append(msg)
         if st.raise_first:
             raise DataRace(msg)
@@ -206,9 +222,11 @@ class _TrackedLocal(np.ndarray):
         if mask is not None and (not isinstance(out, np.ndarray) or out.ndim == 0):
             if not mask[idx] and _state is not None:
                 _, block, tid, epoch = _thread()
-                msg = (f"local-array read of element {idx} of a {self.dtype} array "
-                       f"{self.shape} before any write (block {block} thread {tid}, at "
-                       f"{_where()}): local memory starts undefined")
+                msg = (
+                    f"local-array read of element {idx} of a {self.dtype} array "
+                    f"{self.shape} before any write (block {block} thread {tid}, at "
+                    f"{_where()}): local memory starts undefined"
+                )
                 _state.races.append(msg)
                 if _state.raise_first:
                     raise DataRace(msg)

@@ -18,6 +18,7 @@ The ops take ``backend`` ("cpu" or "gpu") as an argument; the API has already
 resolved it. The cpu backend reads numpy views of the tensors (fp16/bf16 are
 converted to fp32 first); the gpu backend takes torch CUDA tensors directly.
 """
+
 import numpy as np
 import torch
 
@@ -25,9 +26,11 @@ from ._backends import compute_dtype, load_backend
 from ._compile_log import describe, notice
 from ._params import block_counts, n_blocks
 
-
-_TORCH_DTYPE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
-                np.dtype(np.int8): torch.int8}
+_TORCH_DTYPE = {
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float64,
+    np.dtype(np.int8): torch.int8,
+}
 
 
 def _to_numpy(t, dtype=None):
@@ -46,8 +49,9 @@ def _run(backend, fn_name, tensors, *args):
     """Call ``backend.fn_name`` on tensors; returns torch tensors on q's device."""
     device = tensors[0].device
     mod = load_backend(backend)
-    label = describe(fn_name, tensors[0].shape[-1], str(tensors[0].dtype).replace("torch.", ""),
-                     backend)
+    label = describe(
+        fn_name, tensors[0].shape[-1], str(tensors[0].dtype).replace("torch.", ""), backend
+    )
     if device.type == "cuda":
         # The gpu backend reads torch CUDA tensors directly (any float dtype),
         # launches on torch's current stream and allocates with torch.
@@ -71,9 +75,18 @@ def _lse_dtype(q):
 # 1. Custom ops
 # ---------------------------------------------------------------------------
 
+
 @torch.library.custom_op("sla_numba::classify", mutates_args=())
-def _classify_op(q: torch.Tensor, k: torch.Tensor, topk: float, skip: float,
-                 block_q: int, block_k: int, scale: float, backend: str) -> torch.Tensor:
+def _classify_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    topk: float,
+    skip: float,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
     # The block counts are computed here, where the sizes are plain ints: under
     # torch.compile with dynamic shapes Nk is symbolic outside the op, and
     # floor(topk * Mk) cannot be taken of a symbol.
@@ -89,14 +102,35 @@ def _(q, k, topk, skip, block_q, block_k, scale, backend):
 
 
 @torch.library.custom_op("sla_numba::forward", mutates_args=())
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: torch.Tensor,
-                block_q: int, block_k: int, scale: float, feature_map: int, eps: float,
-                linear_scope: int,
-                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    o_s, o_l, lse = _run(backend, "forward", [q, k, v, block_map],
-                         block_q, block_k, scale, feature_map, eps, linear_scope)
-    return (o_s.to(device=q.device, dtype=q.dtype), o_l.to(device=q.device, dtype=q.dtype),
-            lse.to(device=q.device, dtype=_lse_dtype(q)))
+def _forward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_map: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    feature_map: int,
+    eps: float,
+    linear_scope: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    o_s, o_l, lse = _run(
+        backend,
+        "forward",
+        [q, k, v, block_map],
+        block_q,
+        block_k,
+        scale,
+        feature_map,
+        eps,
+        linear_scope,
+    )
+    return (
+        o_s.to(device=q.device, dtype=q.dtype),
+        o_l.to(device=q.device, dtype=q.dtype),
+        lse.to(device=q.device, dtype=_lse_dtype(q)),
+    )
 
 
 # The fake kernels describe the real outputs exactly, strides included: the real
@@ -105,31 +139,76 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_map: to
 # ``empty_like`` (which would copy a permuted input's strides).
 @_forward_op.register_fake
 def _(q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend):
-    return (q.new_empty(q.shape), q.new_empty(q.shape),
-            q.new_empty(q.shape[:3], dtype=_lse_dtype(q)))
+    return (
+        q.new_empty(q.shape),
+        q.new_empty(q.shape),
+        q.new_empty(q.shape[:3], dtype=_lse_dtype(q)),
+    )
 
 
 @torch.library.custom_op("sla_numba::backward", mutates_args=())
-def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_s: torch.Tensor,
-                 o_l: torch.Tensor, lse: torch.Tensor, do_s: torch.Tensor, do_l: torch.Tensor,
-                 block_map: torch.Tensor, block_q: int, block_k: int, scale: float,
-                 feature_map: int, eps: float, linear_scope: int,
-                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _run(backend, "backward", [q, k, v, o_s, o_l, lse, do_s, do_l, block_map],
-                      block_q, block_k, scale, feature_map, eps, linear_scope)
-    return (dq.to(device=q.device, dtype=q.dtype), dk.to(device=q.device, dtype=k.dtype),
-            dv.to(device=q.device, dtype=v.dtype))
+def _backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o_s: torch.Tensor,
+    o_l: torch.Tensor,
+    lse: torch.Tensor,
+    do_s: torch.Tensor,
+    do_l: torch.Tensor,
+    block_map: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    feature_map: int,
+    eps: float,
+    linear_scope: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _run(
+        backend,
+        "backward",
+        [q, k, v, o_s, o_l, lse, do_s, do_l, block_map],
+        block_q,
+        block_k,
+        scale,
+        feature_map,
+        eps,
+        linear_scope,
+    )
+    return (
+        dq.to(device=q.device, dtype=q.dtype),
+        dk.to(device=q.device, dtype=k.dtype),
+        dv.to(device=q.device, dtype=v.dtype),
+    )
 
 
 @_backward_op.register_fake
-def _(q, k, v, o_s, o_l, lse, do_s, do_l, block_map, block_q, block_k, scale,
-      feature_map, eps, linear_scope, backend):
+def _(
+    q,
+    k,
+    v,
+    o_s,
+    o_l,
+    lse,
+    do_s,
+    do_l,
+    block_map,
+    block_q,
+    block_k,
+    scale,
+    feature_map,
+    eps,
+    linear_scope,
+    backend,
+):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 # ---------------------------------------------------------------------------
 # 2. Autograd of the forward op
 # ---------------------------------------------------------------------------
+
 
 def _setup_context(ctx, inputs, output):
     q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend = inputs
@@ -144,7 +223,8 @@ def _backward(ctx, grad_o_s, grad_o_l, _grad_lse):
     grad_o_s = torch.zeros_like(o_s) if grad_o_s is None else grad_o_s.contiguous()
     grad_o_l = torch.zeros_like(o_l) if grad_o_l is None else grad_o_l.contiguous()
     dq, dk, dv = torch.ops.sla_numba.backward(
-        q, k, v, o_s, o_l, lse, grad_o_s, grad_o_l, block_map, *ctx.params)
+        q, k, v, o_s, o_l, lse, grad_o_s, grad_o_l, block_map, *ctx.params
+    )
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -155,7 +235,8 @@ def _no_double_backward(ctx, *grads):
     raise RuntimeError(
         "sla_numba: double backward (a gradient of SLA's gradient, e.g. torch.autograd.grad "
         "with create_graph=True followed by another backward) is not supported; the "
-        "backward kernels compute first-order gradients only")
+        "backward kernels compute first-order gradients only"
+    )
 
 
 def _setup_backward_context(ctx, inputs, output):
@@ -171,15 +252,32 @@ _backward_op.register_autograd(_no_double_backward, setup_context=_setup_backwar
 # 3. What the API and the module call
 # ---------------------------------------------------------------------------
 
+
 def classify(q, k, topk, skip, block_q, block_k, scale, backend):
     """Block map of torch tensors q, k (B, H, N, D) (validated by the API)."""
-    return torch.ops.sla_numba.classify(q.detach(), k.detach(), topk, skip,
-                                        block_q, block_k, scale, backend)
+    return torch.ops.sla_numba.classify(
+        q.detach(), k.detach(), topk, skip, block_q, block_k, scale, backend
+    )
 
 
-def sla_attention(q, k, v, block_map, topk, skip, block_q, block_k, scale,
-                  feature_map, eps, linear_scope, proj_weight, proj_bias, return_parts,
-                  backend):
+def sla_attention(
+    q,
+    k,
+    v,
+    block_map,
+    topk,
+    skip,
+    block_q,
+    block_k,
+    scale,
+    feature_map,
+    eps,
+    linear_scope,
+    proj_weight,
+    proj_bias,
+    return_parts,
+    backend,
+):
     """torch path of :func:`sla_numba.sla_attention` (arguments already validated;
     q, k, v in the (B, H, N, D) axis order, any strides).
 
@@ -196,10 +294,12 @@ def sla_attention(q, k, v, block_map, topk, skip, block_q, block_k, scale,
     else:
         block_map = block_map.to(torch.int8).contiguous()
     o_s, o_l, _ = torch.ops.sla_numba.forward(
-        q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend)
+        q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend
+    )
     if return_parts:
         return o_s, o_l
     if proj_weight is not None:
-        o_l = torch.nn.functional.linear(
-            o_l.to(proj_weight.dtype), proj_weight, proj_bias).to(q.dtype)
+        o_l = torch.nn.functional.linear(o_l.to(proj_weight.dtype), proj_weight, proj_bias).to(
+            q.dtype
+        )
     return o_s + o_l

@@ -4,6 +4,7 @@ Independent of ``sla_numba.reference`` (dense masks, autograd): the tests check 
 agree, so the oracle is itself checked, and the spec's backward formulas (the ones the
 kernels implement) are checked against autograd. Slow loops; tiny shapes only.
 """
+
 import numpy as np
 
 from sla_numba._params import LSE_EMPTY
@@ -43,8 +44,10 @@ def forward(q, k, v, bm, block_q, block_k, feature_map, scale, eps):
     for b in range(B):
         for h in range(H):
             pk = _phi(feature_map, k[b, h])
-            hj = [pk[_tokens([j], block_k, nk)].T @ v[b, h, _tokens([j], block_k, nk)]
-                  for j in range(bm.shape[3])]
+            hj = [
+                pk[_tokens([j], block_k, nk)].T @ v[b, h, _tokens([j], block_k, nk)]
+                for j in range(bm.shape[3])
+            ]
             zj = [pk[_tokens([j], block_k, nk)].sum(axis=0) for j in range(bm.shape[3])]
             for i in range(bm.shape[2]):
                 rows = _tokens([i], block_q, nq)
@@ -64,8 +67,7 @@ def forward(q, k, v, bm, block_q, block_k, feature_map, scale, eps):
     return o_s, o_l, lse
 
 
-def backward(q, k, v, o_s, o_l, lse, do_s, do_l, bm, block_q, block_k, feature_map, scale,
-             eps):
+def backward(q, k, v, o_s, o_l, lse, do_s, do_l, bm, block_q, block_k, feature_map, scale, eps):
     """-> dq, dk, dv by the formulas of SLA_SPEC §3 (dO_s, dO_l given)."""
     B, H, nq, D = q.shape
     nk = k.shape[2]

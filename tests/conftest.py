@@ -3,13 +3,14 @@
 Order matters: the simulator switch must be set before Numba is first imported,
 so this file decides it before importing anything that imports Numba.
 """
+
 import os
 import sys
 
 import torch  # does not import numba
 
 if "NUMBA_ENABLE_CUDASIM" not in os.environ and not torch.cuda.is_available():
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"   # no GPU here: run CUDA kernels in the simulator
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # no GPU here: run CUDA kernels in the simulator
 
 # Let the tests run from a clean checkout without installing the package.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,17 +18,21 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import pytest  # noqa: E402
+from helpers import BACKENDS, simulator_on, tiny_under_sim  # noqa: E402,F401 (re-exported)
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 import sla_numba.testing  # noqa: E402
 
-from helpers import BACKENDS, simulator_on, tiny_under_sim  # noqa: E402,F401 (re-exported)
-
 # --------------------------------------------------------------------------- Hypothesis
-_COMMON = dict(deadline=None, print_blob=True,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_COMMON = dict(
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 settings.register_profile("dev", max_examples=10, **_COMMON)
-settings.register_profile("ci", max_examples=100, derandomize=True, **_COMMON)   # CI: same examples every run
+settings.register_profile(
+    "ci", max_examples=100, derandomize=True, **_COMMON
+)  # CI: same examples every run
 settings.register_profile("gpu", max_examples=300, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
@@ -38,9 +43,11 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
-    return (f"sla_numba tests: hypothesis profile={settings.get_current_profile_name()}, "
-            f"CUDA simulator={'on' if simulator_on() else 'off'}, "
-            f"backends={BACKENDS}")
+    return (
+        f"sla_numba tests: hypothesis profile={settings.get_current_profile_name()}, "
+        f"CUDA simulator={'on' if simulator_on() else 'off'}, "
+        f"backends={BACKENDS}"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -73,8 +80,9 @@ def _poison_outputs():
     sla_numba.testing.poison_outputs(False)
 
 
-@pytest.fixture(params=[pytest.param(b, marks=[pytest.mark.gpu] if b == "gpu" else [])
-                        for b in BACKENDS])
+@pytest.fixture(
+    params=[pytest.param(b, marks=[pytest.mark.gpu] if b == "gpu" else []) for b in BACKENDS]
+)
 def backend(request):
     """Every backend there is: "cpu", and "gpu" when importable (simulated without a GPU).
     gpu cases carry the ``gpu`` mark: ``-m "not gpu"`` runs the CPU half alone."""
@@ -89,5 +97,6 @@ def _race_check(request):
         yield
         return
     from sla_numba.testing_race import detect_races
+
     with detect_races(raise_first=True):
         yield

@@ -2,6 +2,7 @@
 
 Imported by conftest.py (which sets up the CUDA simulator first) and by the tests.
 """
+
 import importlib
 import os
 
@@ -68,8 +69,11 @@ def make(x, kind, backend, dtype=None, requires_grad=False):
         return np.ascontiguousarray(x, dtype=dtype or x.dtype)
     t = torch.from_numpy(np.ascontiguousarray(x))
     if dtype is not None:
-        t = t.to(dtype if isinstance(dtype, torch.dtype) else torch.from_numpy(
-            np.zeros(0, dtype=dtype)).dtype)
+        t = t.to(
+            dtype
+            if isinstance(dtype, torch.dtype)
+            else torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
+        )
     t = t.to(torch_device(backend))
     return t.requires_grad_(requires_grad)
 
@@ -84,7 +88,7 @@ def to_numpy(x):
         return x.numpy().copy()
     if hasattr(x, "copy_to_host"):
         return np.asarray(x.copy_to_host())
-    if hasattr(x, "get") and not isinstance(x, np.ndarray):   # cupy
+    if hasattr(x, "get") and not isinstance(x, np.ndarray):  # cupy
         return np.asarray(x.get())
     return np.array(x, copy=True)
 
@@ -104,7 +108,7 @@ def rel_rms(actual, expected, floor=1e-2):
     assert a.shape == e.shape, f"shape {a.shape} != {e.shape}"
     if not a.size:
         return 0.0
-    return np.sqrt(np.mean((a - e) ** 2)) / max(np.sqrt(np.mean(e ** 2)), floor)
+    return np.sqrt(np.mean((a - e) ** 2)) / max(np.sqrt(np.mean(e**2)), floor)
 
 
 def backend_err(actual, expected):
@@ -117,11 +121,22 @@ def backend_err(actual, expected):
 def reference_grads(q, k, v, bm, bq, bk, scale, fm, do_s, do_l, linear_scope="marginal"):
     """dq, dk, dv (numpy, float64) of the dense reference for upstream grads do_s, do_l."""
     from sla_numba.reference import sla_reference
+
     tq, tk, tv = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (q, k, v))
-    _, o_s, o_l = sla_reference(tq, tk, tv, torch.from_numpy(bm), block_q=bq, block_k=bk,
-                                feature_map=fm, scale=scale, linear_scope=linear_scope)
-    loss = (o_s * torch.from_numpy(do_s.astype(np.float64))).sum() \
-        + (o_l * torch.from_numpy(do_l.astype(np.float64))).sum()
+    _, o_s, o_l = sla_reference(
+        tq,
+        tk,
+        tv,
+        torch.from_numpy(bm),
+        block_q=bq,
+        block_k=bk,
+        feature_map=fm,
+        scale=scale,
+        linear_scope=linear_scope,
+    )
+    loss = (o_s * torch.from_numpy(do_s.astype(np.float64))).sum() + (
+        o_l * torch.from_numpy(do_l.astype(np.float64))
+    ).sum()
     loss.backward()
     return tq.grad.numpy(), tk.grad.numpy(), tv.grad.numpy()
 
@@ -132,7 +147,8 @@ def assert_close_rms(actual, expected, tol, name, floor=1e-2):
     assert a.shape == e.shape, f"{name}: shape {a.shape} != expected {e.shape}"
     nan_a, nan_e = np.isnan(a), np.isnan(e)
     assert np.array_equal(nan_a, nan_e), (
-        f"{name}: NaN mismatch ({int(nan_a.sum())} NaN in actual, {int(nan_e.sum())} expected)")
+        f"{name}: NaN mismatch ({int(nan_a.sum())} NaN in actual, {int(nan_e.sum())} expected)"
+    )
     ok = ~nan_e
     err = rel_rms(a[ok], e[ok], floor)
     print(f"{name}: rel-RMS error {err:.3e} (tol {tol:.1e})")

@@ -3,6 +3,7 @@
 Arrays come from a drawn seed (numpy's generator) rather than element by element:
 fast to generate, and a failing example still shrinks through the shape and the seed.
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,11 +53,24 @@ _BLOCK = st.sampled_from([1, 2, 3, 4, 5, 8, 16, 64])
 def shapes(draw, tiny=False):
     """Attention shapes, Nq independent of Nk. ``tiny``: simulator-sized (GPU under CI)."""
     if tiny:
-        return Shape(draw(st.integers(1, 2)), 1, draw(st.integers(1, 20)),
-                     draw(st.integers(1, 20)), draw(st.sampled_from([1, 3, 4, 8])),
-                     draw(st.sampled_from([2, 4, 8])), draw(st.sampled_from([2, 4, 8])))
-    return Shape(draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(_N), draw(_N),
-                 draw(_D), draw(_BLOCK), draw(_BLOCK))
+        return Shape(
+            draw(st.integers(1, 2)),
+            1,
+            draw(st.integers(1, 20)),
+            draw(st.integers(1, 20)),
+            draw(st.sampled_from([1, 3, 4, 8])),
+            draw(st.sampled_from([2, 4, 8])),
+            draw(st.sampled_from([2, 4, 8])),
+        )
+    return Shape(
+        draw(st.integers(1, 2)),
+        draw(st.integers(1, 2)),
+        draw(_N),
+        draw(_N),
+        draw(_D),
+        draw(_BLOCK),
+        draw(_BLOCK),
+    )
 
 
 def qkv(shape, seed, dtype=np.float64, spread=1.0):
@@ -72,8 +86,16 @@ seeds = st.integers(0, 2**32 - 1)
 spreads = st.sampled_from([0.25, 1.0, 3.0])
 
 #: Kinds of block-map row, so that every special case shows up often.
-ROW_KINDS = ("mixed", "mixed", "mixed", "no_critical", "no_marginal",
-             "all_negligible", "all_critical", "all_marginal")
+ROW_KINDS = (
+    "mixed",
+    "mixed",
+    "mixed",
+    "no_critical",
+    "no_marginal",
+    "all_negligible",
+    "all_critical",
+    "all_marginal",
+)
 
 
 def random_block_map(shape, seed):
@@ -83,8 +105,14 @@ def random_block_map(shape, seed):
     out = np.empty(shape.map_shape, dtype=np.int8)
     for idx in np.ndindex(*shape.map_shape[:-1]):
         kind = ROW_KINDS[rng.integers(len(ROW_KINDS))]
-        choices = {"mixed": [1, 0, -1], "no_critical": [0, -1], "no_marginal": [1, -1],
-                   "all_negligible": [-1], "all_critical": [1], "all_marginal": [0]}[kind]
+        choices = {
+            "mixed": [1, 0, -1],
+            "no_critical": [0, -1],
+            "no_marginal": [1, -1],
+            "all_negligible": [-1],
+            "all_critical": [1],
+            "all_marginal": [0],
+        }[kind]
         out[idx] = rng.choice(choices, size=shape.mk)
     return out
 
@@ -94,10 +122,10 @@ def block_maps(draw, shape):
     return random_block_map(shape, draw(seeds))
 
 
-topks = st.one_of(st.sampled_from([0.05, 0.1, 0.25, 0.5, 1.0]),
-                  st.floats(0.0, 1.0, exclude_min=True))
-skips = st.one_of(st.sampled_from([0.0, 0.1, 0.3]),
-                  st.floats(0.0, 1.0, exclude_max=True))
+topks = st.one_of(
+    st.sampled_from([0.05, 0.1, 0.25, 0.5, 1.0]), st.floats(0.0, 1.0, exclude_min=True)
+)
+skips = st.one_of(st.sampled_from([0.0, 0.1, 0.3]), st.floats(0.0, 1.0, exclude_max=True))
 feature_maps = st.sampled_from(sorted(_params.FEATURE_MAPS))
 linear_scopes = st.sampled_from(sorted(_params.LINEAR_SCOPES))
 layouts = st.sampled_from(_params.LAYOUTS)
@@ -111,6 +139,7 @@ def to_layout(x, layout):
 @dataclass(frozen=True)
 class Case:
     """One random attention problem: a shape, its inputs' seed, a block map."""
+
     shape: Shape
     seed: int
     spread: float
@@ -121,8 +150,10 @@ class Case:
         return qkv(self.shape, self.seed, dtype, self.spread)
 
     def __repr__(self):  # the map is reproducible from the printout's shape and is short
-        return (f"Case({self.shape}, seed={self.seed}, spread={self.spread}, "
-                f"feature_map={self.feature_map!r}, block_map=\n{self.block_map!r})")
+        return (
+            f"Case({self.shape}, seed={self.seed}, spread={self.spread}, "
+            f"feature_map={self.feature_map!r}, block_map=\n{self.block_map!r})"
+        )
 
 
 @st.composite

@@ -1,13 +1,15 @@
 """Backward: gradients w.r.t. q, k, v, proj_weight, proj_bias against reference autograd."""
+
 import numpy as np
 import pytest
+import strategies as S
 import torch
-from hypothesis import given, strategies as st
+from helpers import assert_close_rms, for_backend, make, rel_rms, tiny
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sla_numba
-import strategies as S
-from helpers import assert_close_rms, for_backend, make, rel_rms, tiny
 from sla_numba import _params
 from sla_numba.reference import sla_reference
 
@@ -37,32 +39,56 @@ def test_gradients_match_reference(backend, dtype):
         sh = case.shape
         w, b = data.draw(S.projections(sh.d))
         scope, layout = data.draw(S.linear_scopes), data.draw(S.layouts)
-        w = np.eye(sh.d) + 0.5 * np.random.default_rng(case.seed).standard_normal(
-            (sh.d, sh.d)) if w is None else w       # a weight always: dO_l = dO·W differs
+        w = (
+            np.eye(sh.d) + 0.5 * np.random.default_rng(case.seed).standard_normal((sh.d, sh.d))
+            if w is None
+            else w
+        )  # a weight always: dO_l = dO·W differs
         b = np.zeros(sh.d) if b is None else b
-        leaves = [make(x, "torch", backend, dtype, requires_grad=True)
-                  for x in (*case.inputs(), w, b)]
+        leaves = [
+            make(x, "torch", backend, dtype, requires_grad=True) for x in (*case.inputs(), w, b)
+        ]
         bm = make(case.block_map, "torch", backend)
         do = torch.from_numpy(np.random.default_rng(case.seed + 1).standard_normal(sh.q_shape))
-        o = sla_numba.sla_attention(*(S.to_layout(x, layout) for x in leaves[:3]),
-                                    block_q=sh.block_q, block_k=sh.block_k,
-                                    feature_map=case.feature_map, block_map=bm,
-                                    proj_weight=leaves[3], proj_bias=leaves[4], backend=backend,
-                                    linear_scope=scope, layout=layout)
+        o = sla_numba.sla_attention(
+            *(S.to_layout(x, layout) for x in leaves[:3]),
+            block_q=sh.block_q,
+            block_k=sh.block_k,
+            feature_map=case.feature_map,
+            block_map=bm,
+            proj_weight=leaves[3],
+            proj_bias=leaves[4],
+            backend=backend,
+            linear_scope=scope,
+            layout=layout,
+        )
         o = S.to_layout(o, layout)
         got = _grads([o], leaves, [do.to(o)])
         ref = [x.detach().cpu().double().requires_grad_() for x in leaves]
-        e, _, _ = sla_reference(*ref[:3], bm.cpu(), block_q=sh.block_q, block_k=sh.block_k,
-                                feature_map=case.feature_map, proj_weight=ref[3],
-                                proj_bias=ref[4], linear_scope=scope)
+        e, _, _ = sla_reference(
+            *ref[:3],
+            bm.cpu(),
+            block_q=sh.block_q,
+            block_k=sh.block_k,
+            feature_map=case.feature_map,
+            proj_weight=ref[3],
+            proj_bias=ref[4],
+            linear_scope=scope,
+        )
         expect = _grads([e], ref, [do])
         same = expect
-        if dtype != torch.float64:       # the reference in the kernel's precision
+        if dtype != torch.float64:  # the reference in the kernel's precision
             ref32 = [x.detach().cpu().requires_grad_() for x in leaves]
-            e32, _, _ = sla_reference(*ref32[:3], bm.cpu(), block_q=sh.block_q,
-                                      block_k=sh.block_k, feature_map=case.feature_map,
-                                      proj_weight=ref32[3], proj_bias=ref32[4],
-                                      linear_scope=scope)
+            e32, _, _ = sla_reference(
+                *ref32[:3],
+                bm.cpu(),
+                block_q=sh.block_q,
+                block_k=sh.block_k,
+                feature_map=case.feature_map,
+                proj_weight=ref32[3],
+                proj_bias=ref32[4],
+                linear_scope=scope,
+            )
             same = _grads([e32], ref32, [do.to(e32)])
         for name, g, x, s in zip(NAMES, got, expect, same):
             assert g.dtype == dtype
@@ -74,6 +100,7 @@ def test_gradients_match_reference(backend, dtype):
 
 def test_gradients_of_the_parts(backend):
     """return_parts: independent upstream gradients for O_s and O_l, or only one of them."""
+
     @for_backend(backend)
     @given(case=S.cases(tiny=tiny(backend)), which=st.sampled_from(["both", "o_s", "o_l"]))
     def prop(case, which):
@@ -83,8 +110,9 @@ def test_gradients_of_the_parts(backend):
         rng = np.random.default_rng(case.seed)
         ups = [torch.from_numpy(rng.standard_normal(sh.q_shape)) for _ in range(2)]
         kw = dict(block_q=sh.block_q, block_k=sh.block_k, feature_map=case.feature_map)
-        parts = sla_numba.sla_attention(*qkv, block_map=bm, return_parts=True, backend=backend,
-                                        **kw)
+        parts = sla_numba.sla_attention(
+            *qkv, block_map=bm, return_parts=True, backend=backend, **kw
+        )
         ref_qkv = [x.detach().cpu().requires_grad_() for x in qkv]
         _, *ref_parts = sla_reference(*ref_qkv, bm.cpu(), **kw)
         pick = {"both": [0, 1], "o_s": [0], "o_l": [1]}[which]
@@ -106,15 +134,29 @@ def test_gradcheck(backend, feature_map):
         bm = np.array([[[[1, 0, -1], [-1, 0, 1]]]], dtype=np.int8)
     else:
         shapes = [(1, 2, 5, 3), (1, 2, 7, 3), (1, 2, 7, 3), (3, 3), (3,)]
-        bm = np.array([[[1, 0, -1, 0], [-1, -1, 0, 0], [1, 1, -1, 1]],
-                       [[0, 0, 0, 0], [-1, -1, -1, -1], [1, 0, 1, -1]]], dtype=np.int8)[None]
+        bm = np.array(
+            [
+                [[1, 0, -1, 0], [-1, -1, 0, 0], [1, 1, -1, 1]],
+                [[0, 0, 0, 0], [-1, -1, -1, -1], [1, 0, 1, -1]],
+            ],
+            dtype=np.int8,
+        )[None]
     leaves = [make(rng.standard_normal(s), "torch", backend, requires_grad=True) for s in shapes]
     bm = make(bm, "torch", backend)
 
     def fn(q, k, v, w, b):
-        return sla_numba.sla_attention(q, k, v, block_q=2, block_k=2, block_map=bm,
-                                       feature_map=feature_map, proj_weight=w, proj_bias=b,
-                                       backend=backend)
+        return sla_numba.sla_attention(
+            q,
+            k,
+            v,
+            block_q=2,
+            block_k=2,
+            block_map=bm,
+            feature_map=feature_map,
+            proj_weight=w,
+            proj_bias=b,
+            backend=backend,
+        )
 
     assert torch.autograd.gradcheck(fn, leaves, fast_mode=tiny(backend))
 
@@ -138,13 +180,25 @@ def test_opcheck_on_the_custom_ops(backend):
     sh = S.Shape(1, 1, 5, 6, 2, 2, 2) if tiny(backend) else S.Shape(1, 2, 9, 7, 4, 4, 2)
     q, k, v = (make(x, "torch", backend, requires_grad=True) for x in S.qkv(sh, 3))
     with _CaptureOps() as cap:
-        o = sla_numba.sla_attention(q, k, v, topk=0.5, skip=0.25, block_q=sh.block_q,
-                                    block_k=sh.block_k, feature_map="elu", backend=backend)
+        o = sla_numba.sla_attention(
+            q,
+            k,
+            v,
+            topk=0.5,
+            skip=0.25,
+            block_q=sh.block_q,
+            block_k=sh.block_k,
+            feature_map="elu",
+            backend=backend,
+        )
         o.sum().backward()
     seen = {func.name() for func, _, _ in cap.calls}
     assert {"sla_numba::classify", "sla_numba::forward", "sla_numba::backward"} <= seen, seen
     for func, args, kwargs in cap.calls:
-        args = [a.detach().clone().requires_grad_(a.is_floating_point() and
-                                                  "forward" in func.name())
-                if isinstance(a, torch.Tensor) else a for a in args]
+        args = [
+            a.detach().clone().requires_grad_(a.is_floating_point() and "forward" in func.name())
+            if isinstance(a, torch.Tensor)
+            else a
+            for a in args
+        ]
         torch.library.opcheck(func, args, kwargs)

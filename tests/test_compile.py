@@ -6,6 +6,7 @@ custom ops must compile there (fake kernels with the real strides; block counts
 computed inside the op, so a symbolic N needs no Python arithmetic), forward and
 backward, with ``fullgraph=True``, equal to eager.
 """
+
 import math
 
 import pytest
@@ -28,17 +29,17 @@ class DiTAttention(torch.nn.Module):
         self.qkv = torch.nn.Linear(H * D, 3 * H * D)
         self.out = torch.nn.Linear(H * D, H * D)
         self.attn = sla_numba.SparseLinearAttention(D, layout=layout, **KW)
-        with torch.no_grad():                    # a "fine-tuned" projection: O_l counts
+        with torch.no_grad():  # a "fine-tuned" projection: O_l counts
             self.attn.proj.weight.copy_(0.5 * torch.randn(D, D))
         self.layout = layout
 
     def forward(self, x):
         B, N, _ = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        if self.layout == "BHND":      # (B, N, H, D) -> transposed view (B, H, N, D)
+        if self.layout == "BHND":  # (B, N, H, D) -> transposed view (B, H, N, D)
             q, k, v = (t.view(B, N, H, D).transpose(1, 2) for t in (q, k, v))
             o = self.attn(q, k, v).transpose(1, 2)
-        else:                          # (B, N, H, D) views as they are
+        else:  # (B, N, H, D) views as they are
             q, k, v = (t.view(B, N, H, D) for t in (q, k, v))
             o = self.attn(q, k, v)
         return self.out(o.reshape(B, N, H * D))
@@ -52,15 +53,16 @@ def _run(model, x):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("compiler,layout", [("aot_eager", "BHND"), ("aot_eager", "BNHD"),
-                                             ("inductor", "BHND")])
+@pytest.mark.parametrize(
+    "compiler,layout", [("aot_eager", "BHND"), ("aot_eager", "BNHD"), ("inductor", "BHND")]
+)
 def test_dit_attention_compiles_with_dynamic_sequence_length(compiler, layout):
     model = DiTAttention(layout)
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend(compiler)
     compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
     compiles = []
-    for n in (37, 53):             # two lengths, neither a multiple of the block
+    for n in (37, 53):  # two lengths, neither a multiple of the block
         x = torch.randn(2, n, H * D)
         y_eager, g_eager = _run(model, x)
         y, g = _run(compiled, x)
@@ -81,7 +83,7 @@ def test_block_counts_inside_the_op_follow_the_rule():
     q = torch.randn(1, 1, 8, 4)
     for topk, skip in [(0.05, 0.10), (0.3, 0.2), (0.29, 0.7), (1.0, 0.0), (0.999, 0.001)]:
         for mk in range(1, 41):
-            k = torch.randn(1, 1, 2 * mk - 1, 4)            # last key block partial
+            k = torch.randn(1, 1, 2 * mk - 1, 4)  # last key block partial
             m = torch.ops.sla_numba.classify(q, k, topk, skip, 2, 2, 0.5, "cpu")
             n_crit = min(mk, max(1, math.floor(topk * mk)))
             n_skip = min(mk - n_crit, math.floor(skip * mk))
@@ -103,8 +105,9 @@ def test_opcheck_on_non_contiguous_inputs():
     schema, autograd registration)."""
     q, k, v = _noncontiguous_qkv(requires_grad=True)
     bm = torch.ops.sla_numba.classify(q.detach(), k.detach(), 0.5, 0.25, 2, 2, 0.5, "cpu")
-    torch.library.opcheck(torch.ops.sla_numba.classify.default,
-                          (q.detach(), k.detach(), 0.5, 0.25, 2, 2, 0.5, "cpu"))
+    torch.library.opcheck(
+        torch.ops.sla_numba.classify.default, (q.detach(), k.detach(), 0.5, 0.25, 2, 2, 0.5, "cpu")
+    )
     for scope in (0, 1):
         fwd_args = (q, k, v, bm, 2, 2, 0.5, 1, 1e-6, scope, "cpu")
         torch.library.opcheck(torch.ops.sla_numba.forward.default, fwd_args)
@@ -112,5 +115,22 @@ def test_opcheck_on_non_contiguous_inputs():
         do_s, do_l = (torch.randn(1, 9, 2, 4).transpose(1, 2) for _ in range(2))
         torch.library.opcheck(
             torch.ops.sla_numba.backward.default,
-            (q.detach(), k.detach(), v.detach(), o_s.detach(), o_l.detach(), lse.detach(),
-             do_s, do_l, bm, 2, 2, 0.5, 1, 1e-6, scope, "cpu"))
+            (
+                q.detach(),
+                k.detach(),
+                v.detach(),
+                o_s.detach(),
+                o_l.detach(),
+                lse.detach(),
+                do_s,
+                do_l,
+                bm,
+                2,
+                2,
+                0.5,
+                1,
+                1e-6,
+                scope,
+                "cpu",
+            ),
+        )

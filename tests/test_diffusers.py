@@ -5,21 +5,38 @@ a Wan2.1 ``WanTransformer3DModel`` (2 blocks, 2 heads of dim 12, 32 video tokens
 its I2V variant (image keys in the cross-attention), and a PixArt-α and a DiT
 transformer (diffusers' generic ``Attention``).
 """
+
 import doctest
 
 import pytest
 import torch
 
 diffusers = pytest.importorskip(
-    "diffusers", reason="diffusers is not installed (pip install 'sla-numba[diffusers]')")
+    "diffusers", reason="diffusers is not installed (pip install 'sla-numba[diffusers]')"
+)
 
 from sla_numba.integrations.diffusers import (  # noqa: E402
-    SLA_CONFIG_KEY, apply_sla, load_sla, load_sla_pretrained, remove_sla, sla_layers)
+    SLA_CONFIG_KEY,
+    apply_sla,
+    load_sla,
+    load_sla_pretrained,
+    remove_sla,
+    sla_layers,
+)
 
-WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-           in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
-           num_layers=2, rope_max_seq_len=32)
-BLOCK = 8          # 32 tokens -> 4 query blocks x 4 key blocks per head
+WAN = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=4,
+    out_channels=4,
+    text_dim=16,
+    freq_dim=16,
+    ffn_dim=32,
+    num_layers=2,
+    rope_max_seq_len=32,
+)
+BLOCK = 8  # 32 tokens -> 4 query blocks x 4 key blocks per head
 
 
 def make_wan(seed=0, **extra):
@@ -29,7 +46,7 @@ def make_wan(seed=0, **extra):
 
 def wan_inputs(seed=1, text_tokens=5):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 4, 2, 8, 8, generator=g)        # (B, C, frames, H, W) -> 2*4*4 = 32 tokens
+    x = torch.randn(1, 4, 2, 8, 8, generator=g)  # (B, C, frames, H, W) -> 2*4*4 = 32 tokens
     t = torch.tensor([500])
     text = torch.randn(1, text_tokens, 16, generator=g)
     return x, t, text
@@ -44,6 +61,7 @@ def processors(model):
 
 
 # --------------------------------------------------------------------------- equivalence
+
 
 @pytest.mark.parametrize("fused", [False, True], ids=["separate_qkv", "fused_qkv"])
 def test_wan_topk_one_equals_dense_model(fused):
@@ -80,10 +98,10 @@ def test_wan_sparse_swap_is_block_sparse_attention():
 def test_wan_i2v_cross_attention_and_image_path_left_alone():
     """I2V Wan: the cross-attention carries the image keys (add_k_proj / add_v_proj);
     only the self-attention is replaced, the output is unchanged at topk = 1."""
-    model = make_wan(image_dim=8, added_kv_proj_dim=24)   # = inner dim, as in Wan I2V
+    model = make_wan(image_dim=8, added_kv_proj_dim=24)  # = inner dim, as in Wan I2V
     x, t, _ = wan_inputs()
     g = torch.Generator().manual_seed(2)
-    text = torch.randn(1, 512, 16, generator=g)       # diffusers' Wan I2V expects 512 text tokens
+    text = torch.randn(1, 512, 16, generator=g)  # diffusers' Wan I2V expects 512 text tokens
     image = torch.randn(1, 3, 8, generator=g)
     before = processors(model)
     with torch.no_grad():
@@ -101,17 +119,27 @@ def test_wan_i2v_cross_attention_and_image_path_left_alone():
 
 def _pixart():
     model = diffusers.PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-        num_layers=2, cross_attention_dim=16, sample_size=8, patch_size=2,
-        caption_channels=12, use_additional_conditions=False)
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        cross_attention_dim=16,
+        sample_size=8,
+        patch_size=2,
+        caption_channels=12,
+        use_additional_conditions=False,
+    )
     g = torch.Generator().manual_seed(1)
-    return model, dict(encoder_hidden_states=torch.randn(1, 5, 12, generator=g),
-                       timestep=torch.tensor([500]))
+    return model, dict(
+        encoder_hidden_states=torch.randn(1, 5, 12, generator=g), timestep=torch.tensor([500])
+    )
 
 
 def _pixart_legacy_processor():
     """PixArt with the pre-SDPA AttnProcessor (it scales by attn.scale)."""
     from diffusers.models.attention_processor import AttnProcessor
+
     model, kw = _pixart()
     model.set_attn_processor(AttnProcessor())
     return model, kw
@@ -119,13 +147,22 @@ def _pixart_legacy_processor():
 
 def _dit():
     model = diffusers.DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-        num_layers=2, sample_size=8, patch_size=2)
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+    )
     return model, dict(timestep=torch.tensor([10]), class_labels=torch.tensor([3]))
 
 
-@pytest.mark.parametrize("build", [_pixart, _pixart_legacy_processor, _dit],
-                         ids=["pixart_alpha", "pixart_attnprocessor", "dit"])
+@pytest.mark.parametrize(
+    "build",
+    [_pixart, _pixart_legacy_processor, _dit],
+    ids=["pixart_alpha", "pixart_attnprocessor", "dit"],
+)
 def test_generic_attention_models(build):
     """Other model families: PixArt-α and DiT blocks use diffusers' generic Attention
     with AttnProcessor2_0; self-attention (attn1) gets SLA, PixArt's cross-attention
@@ -133,7 +170,9 @@ def test_generic_attention_models(build):
     torch.manual_seed(0)
     model, kw = build()
     model.eval()
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))   # 4x4 patches = 16 tokens
+    x = torch.randn(
+        1, 4, 8, 8, generator=torch.Generator().manual_seed(2)
+    )  # 4x4 patches = 16 tokens
     before = processors(model)
     assert ("transformer_blocks.0.attn2" in before) == (build is not _dit)
     with torch.no_grad():
@@ -152,13 +191,15 @@ def test_generic_attention_models(build):
 
 # --------------------------------------------------------------------------- training
 
+
 def test_wan_training_step_updates_projection_and_q():
     model, inputs = make_wan(), wan_inputs()
     apply_sla(model, topk=0.25, block_q=BLOCK, block_k=BLOCK)
     model.train()
     sla_params = {n: p for n, p in model.named_parameters() if ".sla." in n}
-    assert sorted(sla_params) == [f"blocks.{i}.attn1.sla.proj.{w}"
-                                  for i in (0, 1) for w in ("bias", "weight")]
+    assert sorted(sla_params) == [
+        f"blocks.{i}.attn1.sla.proj.{w}" for i in (0, 1) for w in ("bias", "weight")
+    ]
     assert all(torch.count_nonzero(p) == 0 for p in sla_params.values())
     q_before = model.blocks[0].attn1.to_q.weight.detach().clone()
 
@@ -202,44 +243,61 @@ def test_wan_bf16_model():
         sla = run(model, inputs)
     assert model.blocks[0].attn1.sla.proj.weight.dtype == torch.float32
     assert sla.dtype == torch.bfloat16
-    torch.testing.assert_close(sla.float(), dense.float(), rtol=0, atol=2e-2)   # 1 bf16 ulp at 2.0 is 7.8e-3
+    torch.testing.assert_close(
+        sla.float(), dense.float(), rtol=0, atol=2e-2
+    )  # 1 bf16 ulp at 2.0 is 7.8e-3
 
 
 # --------------------------------------------------------------------------- save / load
 
-SAVE_FORMATS = {"safetensors": {},
-                "bin": dict(safe_serialization=False),
-                "safetensors_sharded_variant": dict(max_shard_size="30KB", variant="v1")}
+SAVE_FORMATS = {
+    "safetensors": {},
+    "bin": dict(safe_serialization=False),
+    "safetensors_sharded_variant": dict(max_shard_size="30KB", variant="v1"),
+}
 
 
 @pytest.mark.parametrize("fmt", SAVE_FORMATS)
 def test_save_pretrained_round_trip(tmp_path, fmt):
     # diffusers' from_pretrained of Wan needs accelerate (part of the [diffusers] extra)
-    pytest.importorskip("accelerate", reason="accelerate is not installed (pip install 'sla-numba[diffusers]')")
+    pytest.importorskip(
+        "accelerate", reason="accelerate is not installed (pip install 'sla-numba[diffusers]')"
+    )
     save_kw = SAVE_FORMATS[fmt]
     load_kw = {"variant": save_kw["variant"]} if "variant" in save_kw else {}
     model, inputs = make_wan(), wan_inputs()
     apply_sla(model, topk=0.25, skip=0.25, block_q=BLOCK, block_k=BLOCK, feature_map="elu")
-    with torch.no_grad():     # trained-looking projections, so the round trip carries values
+    with torch.no_grad():  # trained-looking projections, so the round trip carries values
         for i, p in enumerate(p for n, p in model.named_parameters() if ".sla." in n):
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
         expected = run(model, inputs)
     model.save_pretrained(tmp_path, **save_kw)
     if "max_shard_size" in save_kw:
-        assert len([f for f in tmp_path.iterdir() if "index" not in f.name and f.suffix != ".json"]) > 1
+        assert (
+            len([f for f in tmp_path.iterdir() if "index" not in f.name and f.suffix != ".json"])
+            > 1
+        )
 
     # 1. the one-call path
     loaded = load_sla_pretrained(diffusers.WanTransformer3DModel, tmp_path, **load_kw).eval()
     assert sla_layers(loaded) == sla_layers(model)
     sla = loaded.blocks[1].attn1.sla
-    assert (sla.topk, sla.skip, sla.block_q, sla.block_k, sla.feature_map) == (0.25, 0.25, BLOCK, BLOCK, "elu")
+    assert (sla.topk, sla.skip, sla.block_q, sla.block_k, sla.feature_map) == (
+        0.25,
+        0.25,
+        BLOCK,
+        BLOCK,
+        "elu",
+    )
     for (n, a), (m, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert n == m and torch.equal(a, b), n
     with torch.no_grad():
         torch.testing.assert_close(run(loaded, inputs), expected, rtol=0, atol=0)
     # the temporary ignore pattern is gone again
     assert "_keys_to_ignore_on_load_unexpected" in diffusers.WanTransformer3DModel.__dict__
-    assert not any("sla" in p for p in diffusers.WanTransformer3DModel._keys_to_ignore_on_load_unexpected)
+    assert not any(
+        "sla" in p for p in diffusers.WanTransformer3DModel._keys_to_ignore_on_load_unexpected
+    )
 
     # 2. a dense from_pretrained (as a pipeline does), then load_sla
     dense = diffusers.WanTransformer3DModel.from_pretrained(tmp_path, **load_kw).eval()
@@ -260,6 +318,7 @@ def test_load_sla_refuses_a_dense_checkpoint(tmp_path):
 
 
 # --------------------------------------------------------------------------- compile
+
 
 @pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager():
@@ -285,6 +344,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 # --------------------------------------------------------------------------- remove / errors
 
+
 def test_remove_sla_restores_exact_model():
     model, inputs = make_wan(), wan_inputs()
     before = processors(model)
@@ -309,7 +369,7 @@ def test_bad_use_raises_clear_errors():
         apply_sla(model, topk=1.5)
     with pytest.raises(ValueError, match="block_q"):
         apply_sla(model, block_q=0)
-    assert sla_layers(model) == []                      # nothing half-applied
+    assert sla_layers(model) == []  # nothing half-applied
     with pytest.raises(ValueError, match="no SLA layer"):
         remove_sla(model)
     with pytest.raises(TypeError, match="transformer"):
@@ -329,6 +389,7 @@ def test_bad_use_raises_clear_errors():
 
 def test_docstring_examples():
     import sla_numba.integrations.diffusers as mod
+
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0
     assert result.failed == 0, f"{result.failed} docstring example(s) failed"

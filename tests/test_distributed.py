@@ -11,17 +11,18 @@ give the same bits as the same heads of the full call. The projection's gradient
 are a sum over ranks (each rank's GEMM covers its heads; then a sum or DDP/FSDP
 average), so their float32 summation order differs from the single call: rtol 1e-5.
 """
+
 import multiprocessing
 import socket
 import time
 
+import _dist_worker as W
 import pytest
 import torch
 
-import _dist_worker as W
 import sla_numba
 
-TIMEOUT_S = 480   # cold Numba compiles in 2-3 processes on a busy 2-core machine
+TIMEOUT_S = 480  # cold Numba compiles in 2-3 processes on a busy 2-core machine
 
 
 def _free_port():
@@ -34,8 +35,10 @@ def _spawn(scenario, size, out_dir):
     """Run scenario on ``size`` ranks; returns the list of their result dicts."""
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=W.main, args=(r, size, port, scenario, str(out_dir)), daemon=True)
-             for r in range(size)]
+    procs = [
+        ctx.Process(target=W.main, args=(r, size, port, scenario, str(out_dir)), daemon=True)
+        for r in range(size)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + TIMEOUT_S
@@ -51,7 +54,9 @@ def _spawn(scenario, size, out_dir):
         if err.exists():
             errors.append(f"--- rank {r}:\n{err.read_text()}")
     if alive:
-        pytest.fail(f"ranks {alive} still running after {TIMEOUT_S} s (hang?)\n" + "\n".join(errors))
+        pytest.fail(
+            f"ranks {alive} still running after {TIMEOUT_S} s (hang?)\n" + "\n".join(errors)
+        )
     if errors or any(p.exitcode != 0 for p in procs):
         pytest.fail(f"exit codes {[p.exitcode for p in procs]}\n" + "\n".join(errors))
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(size)]
@@ -73,8 +78,14 @@ def reference(q, k, v, Wt, b, G, **kw):
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v, Wt, b)]
     o = sla_numba.sla_attention(*leaves[:3], proj_weight=leaves[3], proj_bias=leaves[4], **kw)
     (o * G).sum().backward()
-    return dict(o=o.detach(), dq=leaves[0].grad, dk=leaves[1].grad, dv=leaves[2].grad,
-                dW=leaves[3].grad, db=leaves[4].grad)
+    return dict(
+        o=o.detach(),
+        dq=leaves[0].grad,
+        dk=leaves[1].grad,
+        dv=leaves[2].grad,
+        dW=leaves[3].grad,
+        db=leaves[4].grad,
+    )
 
 
 def check_against(ranks, ref, counts_q, counts_k):
@@ -83,7 +94,8 @@ def check_against(ranks, ref, counts_q, counts_k):
         for name, counts in (("o", counts_q), ("dq", counts_q), ("dk", counts_k), ("dv", counts_k)):
             want = W.shard(ref[name], counts, r)
             assert torch.equal(got[name], want), (
-                f"rank {r}: {name} differs, max |diff| {(got[name] - want).abs().max():.3g}")
+                f"rank {r}: {name} differs, max |diff| {(got[name] - want).abs().max():.3g}"
+            )
     for name in ("dW", "db"):
         total = sum(got[name] for got in ranks)
         torch.testing.assert_close(total, ref[name], rtol=1e-5, atol=1e-5 * ref[name].abs().max())
@@ -104,8 +116,9 @@ def test_return_parts(two):
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
     o_s, o_l = sla_numba.sla_attention(*leaves, return_parts=True, **W.KW)
     (o_s * G + 2 * o_l * G).sum().backward()
-    want = dict(o_s=o_s.detach(), o_l=o_l.detach(),
-                dq=leaves[0].grad, dk=leaves[1].grad, dv=leaves[2].grad)
+    want = dict(
+        o_s=o_s.detach(), o_l=o_l.detach(), dq=leaves[0].grad, dk=leaves[1].grad, dv=leaves[2].grad
+    )
     for r, rank in enumerate(two):
         for name in want:
             assert torch.equal(rank["parts"][name], W.shard(want[name], c, r)), f"rank {r}: {name}"
@@ -198,13 +211,13 @@ def test_group_of_one_and_non_member(two):
 def test_uneven_shards_equal_single_process(three):
     q, k, v, Wt, b, G = W.inputs(3, **W.SHAPE3)
     cq, ck = W.split_counts(W.SHAPE3["nq"], 3), W.split_counts(W.SHAPE3["nk"], 3)
-    assert len(set(cq)) > 1 and len(set(ck)) > 1   # the shards really are uneven
+    assert len(set(cq)) > 1 and len(set(ck)) > 1  # the shards really are uneven
     ref = reference(q, k, v, Wt, b, G, **W.KW)
     check_against([r["uneven"] for r in three], ref, cq, ck)
     check_against([r["lopsided"] for r in three], ref, [5, 40, 5], ck)
     c = sla_numba.classify_blocks(q, k, **W.KW)
     for r, rank in enumerate(three):
-        assert torch.equal(rank["classify"]["map"], c.map[:, 2 * r:2 * r + 2])
+        assert torch.equal(rank["classify"]["map"], c.map[:, 2 * r : 2 * r + 2])
 
 
 def test_heads_not_divisible_by_three(three):

@@ -1,12 +1,14 @@
 """The examples in the docstrings run and print what they say (docs cannot rot)."""
+
 import doctest
 import importlib
 
 import pytest
 
 
-@pytest.mark.parametrize("module", ["sla_numba.reference", "sla_numba.api",
-                                    "sla_numba.modules", "sla_numba._warmup"])
+@pytest.mark.parametrize(
+    "module", ["sla_numba.reference", "sla_numba.api", "sla_numba.modules", "sla_numba._warmup"]
+)
 def test_docstring_examples(module):
     mod = importlib.import_module(module)
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
@@ -24,7 +26,7 @@ def test_readme_usage_example_runs():
         blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
     assert blocks, "README has no python example"
     env = {}
-    exec(compile(blocks[0], "README.md", "exec"), env)   # noqa: S102 - our own README
+    exec(compile(blocks[0], "README.md", "exec"), env)  # noqa: S102 - our own README
     assert env["o"].shape == (1, 4, 1024, 64)
     assert env["c"].map.shape == (1, 4, 16, 16) and env["c"].lut.shape == (1, 4, 16, 1)
     assert env["out"].shape == (1, 4, 1024, 64)

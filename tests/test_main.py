@@ -1,4 +1,5 @@
 """The main job (``python -m sla_numba``): runs end to end and reports what it measured."""
+
 import io
 import os
 import re
@@ -16,8 +17,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _args(**over):
     args = main_job.demo_parser().parse_args([])
-    small = dict(batch=1, heads=2, frames=2, height=8, width=8, dim=16, block=16, topk=0.25,
-                 skip=0.25, backend="cpu", repeats=2, fit_inputs=2, seed=0)
+    small = dict(
+        batch=1,
+        heads=2,
+        frames=2,
+        height=8,
+        width=8,
+        dim=16,
+        block=16,
+        topk=0.25,
+        skip=0.25,
+        backend="cpu",
+        repeats=2,
+        fit_inputs=2,
+        seed=0,
+    )
     for key, value in {**small, **over}.items():
         setattr(args, key, value)
     return args
@@ -29,15 +43,16 @@ def test_main_job_table_is_consistent():
     text = out.getvalue()
     # 128 tokens in blocks of 16: Mk = 8, n_crit = 2, n_skip = 2
     assert rows["key blocks per query block"] == (
-        "8 blocks of 16 tokens: 2 critical, 4 marginal, 2 negligible")
+        "8 blocks of 16 tokens: 2 critical, 4 marginal, 2 negligible"
+    )
     assert rows["kernel path"] == "cpu (backend='cpu')"
     errs = {k: float(v) for k, v in rows.items() if k.startswith("error vs dense")}
     assert len(errs) == 6 and all(np.isfinite(e) and e >= 0 for e in errs.values())
     sparse = errs["error vs dense: sparse-only (critical blocks exact, rest dropped)"]
     untrained = errs["error vs dense: SLA untrained (proj = 0, as the module starts)"]
     best = errs["error vs dense: SLA, proj fitted on this input (best any proj does)"]
-    assert untrained == sparse           # the untrained module is block-sparse attention
-    assert best <= sparse                # W = 0 is one of the projections the fit considers
+    assert untrained == sparse  # the untrained module is block-sparse attention
+    assert best <= sparse  # W = 0 is one of the projections the fit considers
     for key in ("time SLA forward (cpu)", "time dense: torch SDPA fp32 "):
         value = next(v for k, v in rows.items() if k.startswith(key))
         assert re.fullmatch(r"\d+\.\d\d ms \(\d+\.\d\d–\d+\.\d\d\)", value), value
@@ -57,13 +72,16 @@ def _cli_error(capsys, *argv):
     return lines[-1]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (("--topk", "1.5"), "argument --topk: must lie in (0, 1], got 1.5"),
-    (("--topk", "x"), "argument --topk: must be a number, got 'x'"),
-    (("--skip", "1"), "argument --skip: must lie in [0, 1), got 1"),
-    (("--block", "0"), "argument --block: must be a positive integer, got '0'"),
-    (("--repeats", "0"), "argument --repeats: must be a positive integer, got '0'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--topk", "1.5"), "argument --topk: must lie in (0, 1], got 1.5"),
+        (("--topk", "x"), "argument --topk: must be a number, got 'x'"),
+        (("--skip", "1"), "argument --skip: must lie in [0, 1), got 1"),
+        (("--block", "0"), "argument --block: must be a positive integer, got '0'"),
+        (("--repeats", "0"), "argument --repeats: must be a positive integer, got '0'"),
+    ],
+)
 def test_user_errors_are_one_line(capsys, argv, message):
     assert _cli_error(capsys, *argv).endswith("error: " + message)
 
@@ -85,24 +103,36 @@ def test_gpu_without_a_gpu_is_one_line():
     """No GPU, no simulator: ``--backend gpu`` is one argparse line, and the API a
     RuntimeError naming the problem (not Numba's CudaSupportError traceback)."""
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
-    res = subprocess.run([sys.executable, "-m", "sla_numba", "--backend", "gpu"], env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "sla_numba", "--backend", "gpu"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines()[-1].startswith(
-        "sla-numba: error: backend='gpu' cannot run here: ")
-    code = ("import numpy as np, sla_numba\n"
-            "q = np.zeros((1, 1, 8, 4), np.float32)\n"
-            "try:\n"
-            "    sla_numba.sla_attention(q, q, q, backend='gpu')\n"
-            "except RuntimeError as err:\n"
-            "    print(err)\n")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
+    assert (
+        res.stderr.strip()
+        .splitlines()[-1]
+        .startswith("sla-numba: error: backend='gpu' cannot run here: ")
+    )
+    code = (
+        "import numpy as np, sla_numba\n"
+        "q = np.zeros((1, 1, 8, 4), np.float32)\n"
+        "try:\n"
+        "    sla_numba.sla_attention(q, q, q, backend='gpu')\n"
+        "except RuntimeError as err:\n"
+        "    print(err)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("backend='gpu' cannot run here: "), res.stdout
     assert "CUDA" in res.stdout and "Traceback" not in res.stdout
@@ -120,7 +150,7 @@ def test_video_like_input_is_local_attention():
     block_map = reference.classify_reference(q, k, topk=0.25, skip=0.0, block_q=16, block_k=16)
     mask = reference.expand_block_map(np.asarray(block_map), 128, 128, 16, 16) == 1
     crit_mass = (p * mask).sum(-1).mean()
-    share = mask.mean()                     # 25 % of the keys
+    share = mask.mean()  # 25 % of the keys
     assert crit_mass > 1.5 * share, (crit_mass, share)
 
 
@@ -137,7 +167,24 @@ def test_fit_projection_recovers_a_known_projection():
 
 
 def test_warmup_command_compiles_and_reports(capsys):
-    assert main_job.main(["warmup", "--head-dim", "8", "--dtype", "fp32", "--backend", "cpu",
-                          "--block-q", "16", "--block-k", "16", "--no-backward"]) == 0
+    assert (
+        main_job.main(
+            [
+                "warmup",
+                "--head-dim",
+                "8",
+                "--dtype",
+                "fp32",
+                "--backend",
+                "cpu",
+                "--block-q",
+                "16",
+                "--block-k",
+                "16",
+                "--no-backward",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("sla_numba warmup: 1 step in ") and "(cpu)" in out

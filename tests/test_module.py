@@ -1,10 +1,11 @@
 """SparseLinearAttention and torch.compile."""
+
 import pytest
+import strategies as S
 import torch
+from helpers import assert_close_rms, make, torch_device
 
 import sla_numba
-import strategies as S
-from helpers import assert_close_rms, make, torch_device
 from sla_numba.reference import classify_reference, sla_reference
 
 SH = S.Shape(1, 2, 19, 21, 8, 4, 4)
@@ -23,10 +24,14 @@ def test_untrained_layer_is_block_sparse_attention(backend):
     out = layer(q, k, v)
     o_s, _ = sla_numba.sla_attention(q, k, v, return_parts=True, backend=backend, **KW)
     assert torch.equal(out, o_s)
-    bm = classify_reference(q.detach().cpu(), k.detach().cpu(), **{x: KW[x] for x in (
-        "topk", "skip", "block_q", "block_k")})
-    _, e_s, _ = sla_reference(*(x.detach().cpu().double() for x in (q, k, v)), bm,
-                              block_q=4, block_k=4)
+    bm = classify_reference(
+        q.detach().cpu(),
+        k.detach().cpu(),
+        **{x: KW[x] for x in ("topk", "skip", "block_q", "block_k")},
+    )
+    _, e_s, _ = sla_reference(
+        *(x.detach().cpu().double() for x in (q, k, v)), bm, block_q=4, block_k=4
+    )
     assert_close_rms(out, e_s, 1e-4, "O")
 
 
@@ -34,16 +39,22 @@ def test_gradients_reach_the_projection_and_inputs(backend):
     layer = sla_numba.SparseLinearAttention(SH.d, backend=backend, **KW).to(torch_device(backend))
     q, k, v = _qkv(backend)
     layer(q, k, v).square().sum().backward()
-    for name, t in [("proj.weight", layer.proj.weight), ("proj.bias", layer.proj.bias),
-                    ("q", q), ("k", k), ("v", v)]:
+    for name, t in [
+        ("proj.weight", layer.proj.weight),
+        ("proj.bias", layer.proj.bias),
+        ("q", q),
+        ("k", k),
+        ("v", v),
+    ]:
         assert t.grad is not None and t.grad.abs().sum() > 0, f"no gradient reaches {name}"
     # dW = Σ dOᵀ O_l: check it against the reference
     qd, kd, vd = (x.detach().cpu().double() for x in (q, k, v))
     bm = classify_reference(qd, kd, topk=0.3, skip=0.2, block_q=4, block_k=4)
     w = torch.zeros(SH.d, SH.d, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(SH.d, dtype=torch.float64, requires_grad=True)
-    e, _, _ = sla_reference(qd, kd, vd, bm, block_q=4, block_k=4, feature_map="elu",
-                            proj_weight=w, proj_bias=b)
+    e, _, _ = sla_reference(
+        qd, kd, vd, bm, block_q=4, block_k=4, feature_map="elu", proj_weight=w, proj_bias=b
+    )
     e.square().sum().backward()
     assert_close_rms(layer.proj.weight.grad, w.grad, 1e-4, "dW")
     assert_close_rms(layer.proj.bias.grad, b.grad, 1e-4, "db")
@@ -80,8 +91,10 @@ def test_torch_compile_fullgraph():
 # --------------------------------------------------------------------------- published checkpoints
 def _official_state_dict(d, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"proj_l.weight": 0.3 * torch.randn(d, d, generator=g),
-            "proj_l.bias": 0.1 * torch.randn(d, generator=g)}
+    return {
+        "proj_l.weight": 0.3 * torch.randn(d, d, generator=g),
+        "proj_l.bias": 0.1 * torch.randn(d, generator=g),
+    }
 
 
 def _official_math(q, k, v, block_map, w, b, block, feature_map):
@@ -91,19 +104,27 @@ def _official_math(q, k, v, block_map, w, b, block, feature_map):
     _, o_s, _ = sla_reference(q, k, v, block_map, block_q=block, block_k=block)
     phi = sla_numba.reference.feature_map_fn(feature_map)
     fq, fk = phi(q), phi(k)
-    o_l = (fq @ (fk.transpose(-1, -2) @ v)) / (1e-5 + (fq * fk.sum(-2, keepdim=True)).sum(-1,
-                                                                                     keepdim=True))
+    o_l = (fq @ (fk.transpose(-1, -2) @ v)) / (
+        1e-5 + (fq * fk.sum(-2, keepdim=True)).sum(-1, keepdim=True)
+    )
     return o_s + o_l @ w.T + b
 
 
 @pytest.mark.parametrize("feature_map", ["softmax", "elu", "relu"])
 def test_official_checkpoint_loads_and_matches(feature_map):
     sd = _official_state_dict(SH.d)
-    layer = sla_numba.SparseLinearAttention.from_official(sd, 0.4, feature_map, 4, 4,
-                                                          backend="cpu")
+    layer = sla_numba.SparseLinearAttention.from_official(sd, 0.4, feature_map, 4, 4, backend="cpu")
     by_hand = sla_numba.SparseLinearAttention(
-        SH.d, topk=0.4, skip=0.0, block_q=4, block_k=4, feature_map=feature_map,
-        linear_scope="global", eps=1e-5, backend="cpu")
+        SH.d,
+        topk=0.4,
+        skip=0.0,
+        block_q=4,
+        block_k=4,
+        feature_map=feature_map,
+        linear_scope="global",
+        eps=1e-5,
+        backend="cpu",
+    )
     with torch.no_grad():
         by_hand.proj.weight.copy_(sd["proj_l.weight"])
         by_hand.proj.bias.copy_(sd["proj_l.bias"])
@@ -112,9 +133,10 @@ def test_official_checkpoint_loads_and_matches(feature_map):
     assert torch.equal(out, by_hand(q, k, v))
     qd, kd, vd = (x.detach().double() for x in (q, k, v))
     bm = classify_reference(qd, kd, topk=0.4, skip=0.0, block_q=4, block_k=4)
-    assert (bm != -1).all()                       # the published code skips nothing
-    expect = _official_math(qd, kd, vd, bm, sd["proj_l.weight"].double(),
-                            sd["proj_l.bias"].double(), 4, feature_map)
+    assert (bm != -1).all()  # the published code skips nothing
+    expect = _official_math(
+        qd, kd, vd, bm, sd["proj_l.weight"].double(), sd["proj_l.bias"].double(), 4, feature_map
+    )
     assert_close_rms(out, expect, 1e-4, "O vs the published formula")
 
 
@@ -151,13 +173,19 @@ def test_bnhd_layout_reads_views_and_returns_the_callers_layout():
     """layout="BNHD": (B, N, H, D) in, (B, N, H, D) out, equal to BHND on the transposes."""
     q, k, v = (x.detach() for x in _qkv("cpu"))
     o = sla_numba.sla_attention(q, k, v, backend="cpu", **KW)
-    got = sla_numba.sla_attention(*(x.transpose(1, 2) for x in (q, k, v)), layout="BNHD",
-                                  backend="cpu", **KW)
+    got = sla_numba.sla_attention(
+        *(x.transpose(1, 2) for x in (q, k, v)), layout="BNHD", backend="cpu", **KW
+    )
     assert got.shape == (SH.b, SH.nq, SH.h, SH.d)
     assert torch.equal(got.transpose(1, 2), o)
-    c1 = sla_numba.classify_blocks(q, k, backend="cpu", **{x: KW[x] for x in (
-        "topk", "skip", "block_q", "block_k")})
-    c2 = sla_numba.classify_blocks(q.transpose(1, 2), k.transpose(1, 2), layout="BNHD",
-                                   backend="cpu", **{x: KW[x] for x in (
-                                       "topk", "skip", "block_q", "block_k")})
+    c1 = sla_numba.classify_blocks(
+        q, k, backend="cpu", **{x: KW[x] for x in ("topk", "skip", "block_q", "block_k")}
+    )
+    c2 = sla_numba.classify_blocks(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        layout="BNHD",
+        backend="cpu",
+        **{x: KW[x] for x in ("topk", "skip", "block_q", "block_k")},
+    )
     assert torch.equal(c1.map, c2.map)

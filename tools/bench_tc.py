@@ -7,6 +7,7 @@ the kernels, see tools/compare_tc_kernels.py.
 TFLOP/s counts the work actually done: forward 4*B*H*Nq*(n_crit*block_k)*D,
 backward 2.5x that (FlashAttention convention); SDPA counts the dense 4*B*H*N*N*D.
 """
+
 import argparse
 import math
 import sys
@@ -14,7 +15,7 @@ import sys
 import numpy as np
 
 if not hasattr(np, "row_stack"):  # numpy 2.5 vs numba-cuda 0.30
-    np.row_stack = np.vstack
+    np.vstack = np.vstack
 
 import torch  # noqa: E402
 
@@ -44,25 +45,28 @@ def main():
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-sdpa", action="store_true")
     a = ap.parse_args()
-    from sla_numba.gpu.tc import backward as backward_tc, forward as forward_tc
+    from sla_numba.gpu.tc import backward as backward_tc
+    from sla_numba.gpu.tc import forward as forward_tc
 
     B, H, N, D, bq, bk = 1, a.heads, a.n, a.d, a.block_q, a.block_k
     mq, mk = -(-N // bq), -(-N // bk)
     n_crit = min(mk, max(1, math.floor(a.topk * mk)))
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g)
-                   for _ in range(4))
+    q, k, v, do = (
+        torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)
+    )
     scores = torch.rand(B, H, mq, mk, device="cuda", generator=g)
     lut = torch.topk(scores, n_crit, dim=-1).indices.sort(-1).values.to(torch.int32).contiguous()
     counts = torch.full((B, H, mq), n_crit, dtype=torch.int32, device="cuda")
     rev, rcnt = backward_tc.reverse_index(lut, counts, mk)
-    scale = D ** -0.5
+    scale = D**-0.5
 
     fwd = lambda: forward_tc.sparse_forward_tc(q, k, v, lut, counts, bq, bk, scale)  # noqa: E731
     o, lse = fwd()
     delta = (o * do.float()).sum(-1)
     bwd = lambda: backward_tc.sparse_backward_tc(  # noqa: E731
-        q, k, v, o, lse, do, lut, counts, rev, rcnt, bq, bk, scale, delta=delta)
+        q, k, v, o, lse, do, lut, counts, rev, rcnt, bq, bk, scale, delta=delta
+    )
     bwd()
     torch.cuda.synchronize()
     flops = 4.0 * B * H * N * (n_crit * bk) * D
@@ -76,8 +80,10 @@ def main():
         kernels.append((which, backward_tc.make_sparse_backward(which, D, bk, bq, "bf16").kernel))
     for name, kern in kernels:
         for compiled in kern.overloads.values():
-            print(f"  {name:4s} regs {compiled.regs_per_thread} "
-                  f"local {compiled.local_mem_per_thread} B")
+            print(
+                f"  {name:4s} regs {compiled.regs_per_thread} "
+                f"local {compiled.local_mem_per_thread} B"
+            )
     if a.no_sdpa:
         return
     dense = 4.0 * B * H * N * N * D
@@ -88,6 +94,7 @@ def main():
     def fb():
         out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg)
         out.backward(do)
+
     tfb = timed(fb, max(3, a.reps // 2))
     print(f"SDPA dense fwd      {ts:8.3f} ms  {dense / ts / 1e9:7.1f} TFLOP/s")
     print(f"SDPA dense fwd+bwd  {tfb:8.3f} ms  {3.5 * dense / tfb / 1e9:7.1f} TFLOP/s")

@@ -17,6 +17,7 @@ Exit status 1 on a mismatch.
 ``--only NAME[,NAME]`` checks only some kernels (forward, backward, marginal, states,
 linear).
 """
+
 import os
 import re
 import sys
@@ -27,11 +28,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 if not hasattr(np, "row_stack"):  # numpy 2.5 vs numba-cuda 0.30
-    np.row_stack = np.vstack
+    np.vstack = np.vstack
 
 from numba import cuda, float32, int16, int32, int64  # noqa: E402
 
-from sla_numba.gpu.tc import backward as backward_tc, forward as forward_tc  # noqa: E402
+from sla_numba.gpu.tc import backward as backward_tc  # noqa: E402
+from sla_numba.gpu.tc import forward as forward_tc
 
 
 def _count(text, word):
@@ -57,8 +59,11 @@ def ptxas_info(ptx):
     text = log.decode(errors="replace")
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    return (int(regs.group(1)) if regs else -1,
-            int(spill.group(1)) if spill else -1, int(spill.group(2)) if spill else -1)
+    return (
+        int(regs.group(1)) if regs else -1,
+        int(spill.group(1)) if spill else -1,
+        int(spill.group(2)) if spill else -1,
+    )
 
 
 #: (kernel, D, block_k, block_q, kind) -> (mma.sync, ldmatrix) per kernel, as counted in
@@ -83,6 +88,7 @@ def _pretend_sm90():
 
     class _Dev:
         compute_capability = (9, 0)
+
     try:
         cuda.get_current_device()
     except Exception:  # noqa: BLE001 - no driver / no GPU here
@@ -101,11 +107,13 @@ def check(name, fn, sig, want):
     got_ld = _count(ptx, "ldmatrix.sync")
     local = _count(ptx, ".local")
     ok = got_mma == want_mma and got_ld == want_ld and local == 0
-    print(f"{name:38s} mma {got_mma:4d}/{want_mma:<4d} ldmatrix {got_ld:4d}/{want_ld:<4d} "
-          f"cp.async {_count(ptx, 'cp.async.cg'):3d} .local {local:2d} "
-          + (f"regs {info[0]:3d} spill {info[1]:3d}/{info[2]:<3d} " if info else "")
-          + f"{time.time() - t0:5.1f}s (cpu {time.process_time() - c0:5.1f}s) "
-          f"{'ok' if ok else 'MISMATCH'}")
+    print(
+        f"{name:38s} mma {got_mma:4d}/{want_mma:<4d} ldmatrix {got_ld:4d}/{want_ld:<4d} "
+        f"cp.async {_count(ptx, 'cp.async.cg'):3d} .local {local:2d} "
+        + (f"regs {info[0]:3d} spill {info[1]:3d}/{info[2]:<3d} " if info else "")
+        + f"{time.time() - t0:5.1f}s (cpu {time.process_time() - c0:5.1f}s) "
+        f"{'ok' if ok else 'MISMATCH'}"
+    )
     return ok
 
 
@@ -117,6 +125,7 @@ def main():
 
     def wanted(part):
         return only is None or part in only
+
     i16, i32, f32 = int16[::1], int32[::1], float32[::1]
     ok = True
     fwd_sig = (i16, i16, i16, i32, i32, f32, f32, int64, int64, int64, int64, float32)
@@ -126,13 +135,21 @@ def main():
     _pretend_sm90()
     for D, bk, bq, kind in configs if wanted("forward") else []:
         kern = forward_tc.make_sparse_forward(D, bk, bq, kind).kernel
-        ok &= check(f"forward D={D} bk={bk} bq={bq} {kind}", kern, fwd_sig,
-                    SPARSE_EXPECTED["forward", D, bk, bq, kind])
+        ok &= check(
+            f"forward D={D} bk={bk} bq={bq} {kind}",
+            kern,
+            fwd_sig,
+            SPARSE_EXPECTED["forward", D, bk, bq, kind],
+        )
     for D, bk, bq, kind in configs if wanted("backward") else []:
         for which in backward_tc.KERNELS:
             kern = backward_tc.make_sparse_backward(which, D, bk, bq, kind).kernel
-            ok &= check(f"backward {which} D={D} bk={bk} bq={bq} {kind}", kern,
-                        backward_tc.signature(which), SPARSE_EXPECTED[which, D, bk, bq, kind])
+            ok &= check(
+                f"backward {which} D={D} bk={bk} bq={bq} {kind}",
+                kern,
+                backward_tc.signature(which),
+                SPARSE_EXPECTED[which, D, bk, bq, kind],
+            )
     if wanted("marginal"):
         ok &= check_marginal()
     if wanted("states"):
@@ -145,7 +162,9 @@ def main():
 def check_marginal():
     """The tensor-core marginal sum (``tc.marginal``), GPU tiles: 32 mma, 10 ldmatrix."""
     from numba import int8
+
     from sla_numba.gpu.tc import marginal as marginal_tc
+
     tiles = marginal_tc.GPU_TILES
     i8, f32 = int8[::1], float32[::1]
     sig = (i8, int64, int64, int64, int64, int64, f32, int64, f32, int64, int64)
@@ -157,16 +176,24 @@ def check_states(quick=False):
     """The tensor-core key-block states (``tc.states``), GPU tiles; a whole key block
     (its BK/16 k-steps are unrolled)."""
     from sla_numba.gpu.tc import states as states_tc
+
     i16, f32 = int16[::1], float32[::1]
     sig = (i16, i16, f32, int64, int64, int64, int64)
-    configs = [("bf16", 128, 64, True, 144, 32), ("f16", 64, 64, True, 80, 24),
-               ("bf16", 128, 64, False, 72, 24)]
+    configs = [
+        ("bf16", 128, 64, True, 144, 32),
+        ("f16", 64, 64, True, 80, 24),
+        ("bf16", 128, 64, False, 72, 24),
+    ]
     ok = True
     for kind, D, bk, split, mma, ld in configs[:1] if quick else configs:
         tiles = states_tc.choose_tiles(D, states_tc.GPU_MAX_WARPS)
         kern = states_tc.make_states_kernel(kind, D, bk, tiles, split).kernel
-        ok &= check(f"states_tc {kind} D={D} bk={bk} tiles={tuple(tiles)} split={split}",
-                    kern, sig, (mma, ld))
+        ok &= check(
+            f"states_tc {kind} D={D} bk={bk} tiles={tuple(tiles)} split={split}",
+            kern,
+            sig,
+            (mma, ld),
+        )
     return ok
 
 
@@ -174,10 +201,10 @@ def check_linear(quick=False):
     """The tensor-core linear-branch output (``tc.linear``), GPU chunking. The counts are
     those of one chunk of H_i (the chunk loop stays a loop)."""
     from sla_numba.gpu.tc import linear as linear_tc
+
     i16, i32, f32 = int16[::1], int32[::1], float32[::1]
     sig = (i16, f32, i32, f32, int64, int64, int64, int64, float32)
-    configs = [("bf16", 128, 64, 100, 38), ("f16", 64, 64, 52, 22),
-               ("bf16", 128, 128, 100, 38)]
+    configs = [("bf16", 128, 64, 100, 38), ("f16", 64, 64, 52, 22), ("bf16", 128, 128, 100, 38)]
     ok = True
     for kind, D, bq, mma, ld in configs[:1] if quick else configs:
         hk = linear_tc.chunk_rows(D, linear_tc.GPU_HK)

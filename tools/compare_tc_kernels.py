@@ -24,6 +24,7 @@ Cases: bf16, B=1 H=12 N=32760 (the Wan shape) with a 5 % random critical LUT, D=
 block_q=128 and D=64 block_q=128, block_k=64. ``--sim`` runs tiny shapes under the
 CUDA simulator (timings there mean nothing; it checks this script).
 """
+
 import argparse
 import json
 import os
@@ -41,27 +42,29 @@ SIM_CASES = [
     ("sim D16", 1, 1, 40, 16, 16, 16, 0.5),
 ]
 KERNELS = ("fwd", "dq", "dkv")
-TAG = "@@"          # prefix of the worker's replies on stdout
+TAG = "@@"  # prefix of the worker's replies on stdout
 
 
 # ---------------------------------------------------------------------------
 # Worker: one package version
 # ---------------------------------------------------------------------------
 
+
 def _kernel(forward_tc, backward_tc, which, D, bk, bq, kind):
     """The Numba dispatcher of one kernel, in either version of the package."""
     if which == "fwd":
         if hasattr(forward_tc, "make_sparse_forward"):
             return forward_tc.make_sparse_forward(D, bk, bq, kind).kernel
-        return forward_tc.get_forward_kernel(D, bk, bq, kind).sla_fwd_tc       # generated
+        return forward_tc.get_forward_kernel(D, bk, bq, kind).sla_fwd_tc  # generated
     if hasattr(backward_tc, "make_sparse_backward"):
         return backward_tc.make_sparse_backward(which, D, bk, bq, kind).kernel
-    mod = backward_tc.kernel_source_and_module(which, D, bk, bq, kind)[1]      # generated
+    mod = backward_tc.kernel_source_and_module(which, D, bk, bq, kind)[1]  # generated
     return getattr(mod, backward_tc.KERNEL_NAMES[which])
 
 
 def _signature(backward_tc, which):
     from numba import float32, int16, int32, int64
+
     if which != "fwd":
         return backward_tc.signature(which)
     i16, i32, f32 = int16[::1], int32[::1], float32[::1]
@@ -72,10 +75,14 @@ class Worker:
     def __init__(self, root, sim, outdir):
         sys.path.insert(0, os.path.abspath(root))
         import numpy as np
-        if not hasattr(np, "row_stack"):        # numpy 2.5 vs numba-cuda 0.30
-            np.row_stack = np.vstack
+
+        if not hasattr(np, "row_stack"):  # numpy 2.5 vs numba-cuda 0.30
+            np.vstack = np.vstack
         import torch
-        from sla_numba.gpu.tc import backward as backward_tc, forward as forward_tc
+
+        from sla_numba.gpu.tc import backward as backward_tc
+        from sla_numba.gpu.tc import forward as forward_tc
+
         self.np, self.torch = np, torch
         self.fwd_mod, self.bwd_mod = forward_tc, backward_tc
         self.sim, self.outdir = sim, outdir
@@ -85,17 +92,20 @@ class Worker:
 
     def hello(self):
         import sla_numba
+
         return {"package": os.path.dirname(os.path.abspath(sla_numba.__file__))}
 
     def compile(self):
         """Seconds to the first usable kernel, per (case, kernel), cold cache."""
         from numba import cuda
+
         if self.sim:
             return {}
 
         @cuda.jit
-        def warmup(x):          # Numba / NVVM start-up, not charged to any kernel
+        def warmup(x):  # Numba / NVVM start-up, not charged to any kernel
             x[0] = 1
+
         warmup[1, 1](cuda.device_array(1, dtype=self.np.int32))
         cuda.synchronize()
         out = {}
@@ -104,7 +114,7 @@ class Worker:
                 t0 = time.perf_counter()
                 kern = _kernel(self.fwd_mod, self.bwd_mod, which, D, bk, bq, "bf16")
                 compiled = kern.compile(_signature(self.bwd_mod, which))
-                compiled._codelibrary.get_cufunc()          # ptxas: the cubin is linked here
+                compiled._codelibrary.get_cufunc()  # ptxas: the cubin is linked here
                 out[f"{ci}:{which}"] = time.perf_counter() - t0
         return out
 
@@ -116,23 +126,28 @@ class Worker:
         mq, mk = -(-N // bq), -(-N // bk)
         n_crit = min(mk, max(1, int(frac * mk)))
         g = torch.Generator(device=self.dev).manual_seed(1234 + ci)
-        q, k, v, do = (torch.randn(B, H, N, D, generator=g, device=self.dev).to(torch.bfloat16)
-                       for _ in range(4))
+        q, k, v, do = (
+            torch.randn(B, H, N, D, generator=g, device=self.dev).to(torch.bfloat16)
+            for _ in range(4)
+        )
         scores = torch.rand(B, H, mq, mk, generator=g, device=self.dev)
         lut = torch.topk(scores, n_crit, dim=-1).indices.sort(-1).values.to(torch.int32)
         lut = lut.contiguous()
         counts = torch.full((B, H, mq), n_crit, dtype=torch.int32, device=self.dev)
         rev, rcnt = self.bwd_mod.reverse_index(lut, counts, mk)
-        scale = D ** -0.5
+        scale = D**-0.5
 
         def fwd():
             return self.fwd_mod.sparse_forward_tc(q, k, v, lut, counts, bq, bk, scale)
+
         o, lse = fwd()
         delta = (o * do.float()).sum(-1)
 
         def bwd():
-            return self.bwd_mod.sparse_backward_tc(q, k, v, o, lse, do, lut, counts, rev, rcnt,
-                                                   bq, bk, scale, delta=delta)
+            return self.bwd_mod.sparse_backward_tc(
+                q, k, v, o, lse, do, lut, counts, rev, rcnt, bq, bk, scale, delta=delta
+            )
+
         grads = bwd()
         self._sync()
         paths = {}
@@ -140,9 +155,14 @@ class Worker:
             paths[key] = os.path.join(self.outdir, f"{key}.npy")
             np.save(paths[key], x.float().cpu().numpy())
         self.state[ci] = {"fwd": fwd, "bwd": bwd}
-        flops = 4.0 * B * H * N * (n_crit * bk) * D     # keys visited per query: n_crit*bk
-        return {"paths": paths, "flops_fwd": flops, "flops_bwd": 2.5 * flops,
-                "n_crit": n_crit, "mk": mk}
+        flops = 4.0 * B * H * N * (n_crit * bk) * D  # keys visited per query: n_crit*bk
+        return {
+            "paths": paths,
+            "flops_fwd": flops,
+            "flops_bwd": 2.5 * flops,
+            "n_crit": n_crit,
+            "mk": mk,
+        }
 
     def _sync(self):
         if not self.sim:
@@ -152,7 +172,7 @@ class Worker:
         """ms per call: ``loop`` calls back to back between two events, ``reps`` times."""
         fn = self.state[ci][what]
         if not self.sim:
-            fn()                # warm: caches, allocator
+            fn()  # warm: caches, allocator
             self._sync()
         out = []
         for _ in range(reps):
@@ -184,6 +204,7 @@ def worker_main(root, sim, outdir):
             reply = {"ok": getattr(w, op)(**cmd)}
         except Exception as err:  # noqa: BLE001 - reported to the parent, which stops
             import traceback
+
             reply = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
         print(TAG + json.dumps(reply), flush=True)
 
@@ -191,6 +212,7 @@ def worker_main(root, sim, outdir):
 # ---------------------------------------------------------------------------
 # Parent
 # ---------------------------------------------------------------------------
+
 
 class Client:
     def __init__(self, label, root, sim, tmp):
@@ -203,12 +225,19 @@ class Client:
         env.pop("PYTHONPATH", None)
         if sim:
             env["NUMBA_ENABLE_CUDASIM"] = "1"
-        args = [sys.executable, os.path.abspath(__file__), "--worker", root,
-                "--outdir", self.outdir]
+        args = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            root,
+            "--outdir",
+            self.outdir,
+        ]
         if sim:
             args.append("--sim")
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env, cwd=tmp)
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tmp
+        )
 
     def send(self, op, **kw):
         self.proc.stdin.write(json.dumps(dict(op=op, **kw)) + "\n")
@@ -217,7 +246,7 @@ class Client:
     def recv(self):
         for line in self.proc.stdout:
             if line.startswith(TAG):
-                reply = json.loads(line[len(TAG):])
+                reply = json.loads(line[len(TAG) :])
                 if "error" in reply:
                     raise RuntimeError(f"{self.label} worker: {reply['error']}\n{reply['trace']}")
                 return reply["ok"]
@@ -271,8 +300,10 @@ def main():
 
     t_start = time.time()
     tmp = tempfile.mkdtemp(prefix="compare_tc_")
-    clients = [Client("old", os.path.abspath(a.old), a.sim, tmp),
-               Client("new", os.path.abspath(a.new), a.sim, tmp)]
+    clients = [
+        Client("old", os.path.abspath(a.old), a.sim, tmp),
+        Client("new", os.path.abspath(a.new), a.sim, tmp),
+    ]
     try:
         for c, h in zip(clients, both(clients, "hello")):
             print(f"{c.label}: {h['package']}")
@@ -309,15 +340,19 @@ def main():
                         ms = c.call("time", ci=ci, what=what, reps=a.reps, loop=a.loop)
                         times.setdefault((ci, what, c.label), []).extend(ms)
 
-        print(f"\nms per call (median of {a.rounds} rounds x {a.reps} x {a.loop} calls, "
-              "interleaved), TFLOP/s:")
+        print(
+            f"\nms per call (median of {a.rounds} rounds x {a.reps} x {a.loop} calls, "
+            "interleaved), TFLOP/s:"
+        )
         for ci, case in enumerate(cases):
             for what in ("fwd", "bwd"):
                 old = _median(times[ci, what, "old"])
                 new = _median(times[ci, what, "new"])
                 fl = info[ci][f"flops_{what}"]
-                print(f"  {case[0]:9s} {what}  old {old:8.3f} ms {fl / old / 1e9:6.1f}  "
-                      f"new {new:8.3f} ms {fl / new / 1e9:6.1f}  new/old {new / old:5.3f}")
+                print(
+                    f"  {case[0]:9s} {what}  old {old:8.3f} ms {fl / old / 1e9:6.1f}  "
+                    f"new {new:8.3f} ms {fl / new / 1e9:6.1f}  new/old {new / old:5.3f}"
+                )
     finally:
         for c in clients:
             try:

@@ -12,6 +12,7 @@ bf16, topk 0.05, skip 0.10, block 64).
     PYTHONPATH=. python tools/first_call.py [--shape 1,12,32760,128] [--dtype bf16]
         [--json out.json]
 """
+
 import argparse
 import json
 import os
@@ -58,8 +59,13 @@ print(json.dumps(dict(torch_import_s=t_torch, import_s=t_import, first_forward_s
 def run_child(shape, dtype, cache):
     env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(cache, "numba"), PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", CHILD, shape, dtype], env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, shape, dtype],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     wall = time.perf_counter() - t0
     if out.returncode != 0:
         raise RuntimeError(f"child failed ({out.returncode}):\n{out.stderr[-3000:]}")
@@ -67,9 +73,11 @@ def run_child(shape, dtype, cache):
     res["process_wall_s"] = wall
     # the package's compile notices (logger "sla_numba") and, with NUMBA_DEBUG_CACHE=1,
     # Numba's cache misses: what the process compiled instead of loading
-    res["stderr_notes"] = [ln for ln in out.stderr.splitlines()
-                           if "compiling" in ln or "ready in" in ln or "[cache]" in ln
-                           and "index" not in ln][:80]
+    res["stderr_notes"] = [
+        ln
+        for ln in out.stderr.splitlines()
+        if "compiling" in ln or "ready in" in ln or "[cache]" in ln and "index" not in ln
+    ][:80]
     return res
 
 
@@ -83,11 +91,14 @@ def main():
     results = {}
     for case in ("cold", "warm"):
         r = results[case] = run_child(args.shape, args.dtype, cache)
-        print(f"{case:5s} cache: import sla_numba {r['import_s']:.2f} s, first forward "
-              f"{r['first_forward_s']:.2f} s, first backward {r['first_backward_s']:.2f} s "
-              f"(forward+backward {r['first_forward_s'] + r['first_backward_s']:.2f} s), "
-              f"second forward {r['second_forward_s'] * 1e3:.1f} ms; path {r['path']}; "
-              f"whole process {r['process_wall_s']:.1f} s", flush=True)
+        print(
+            f"{case:5s} cache: import sla_numba {r['import_s']:.2f} s, first forward "
+            f"{r['first_forward_s']:.2f} s, first backward {r['first_backward_s']:.2f} s "
+            f"(forward+backward {r['first_forward_s'] + r['first_backward_s']:.2f} s), "
+            f"second forward {r['second_forward_s'] * 1e3:.1f} ms; path {r['path']}; "
+            f"whole process {r['process_wall_s']:.1f} s",
+            flush=True,
+        )
         for line in r["stderr_notes"]:
             print("   ", line[:200])
     if args.json:

@@ -7,6 +7,7 @@ For each dtype: one warm-up call, then the forward and the forward+backward of
 ``torch.profiler``; prints every kernel's total GPU time (sorted) and the sum, next to
 the wall time of the same call, so that host time (Python, launches) shows as the gap.
 """
+
 import argparse
 import time
 
@@ -23,6 +24,7 @@ def main():
     ap.add_argument("--topk", type=float, default=0.05)
     args = ap.parse_args()
     from sla_numba import sla_attention
+
     B, H, N, D = SHAPES[args.shape]
     g = torch.Generator(device="cuda").manual_seed(0)
     base = [torch.randn(B, H, N, D, device="cuda", generator=g) for _ in range(4)]
@@ -32,13 +34,15 @@ def main():
 
         def fwd():
             with torch.no_grad():
-                return sla_attention(q, k, v, topk=args.topk, skip=0.1, block_q=64,
-                                     block_k=64, backend="gpu")
+                return sla_attention(
+                    q, k, v, topk=args.topk, skip=0.1, block_q=64, block_k=64, backend="gpu"
+                )
 
         def fwd_bwd():
             qq, kk, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
-            sla_attention(qq, kk, vv, topk=args.topk, skip=0.1, block_q=64, block_k=64,
-                          backend="gpu").backward(do)
+            sla_attention(
+                qq, kk, vv, topk=args.topk, skip=0.1, block_q=64, block_k=64, backend="gpu"
+            ).backward(do)
 
         for label, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
             fn()
@@ -57,8 +61,10 @@ def main():
                     n, us = rows.get(key, (0, 0.0))
                     rows[key] = (n + 1, us + ev.time_range.elapsed_us())
             total = sum(us for _, us in rows.values()) / 1e3
-            print(f"\n== {args.shape} {name} {label}: wall {wall:.2f} ms, "
-                  f"kernels {total:.2f} ms (gap = host-bound time)")
+            print(
+                f"\n== {args.shape} {name} {label}: wall {wall:.2f} ms, "
+                f"kernels {total:.2f} ms (gap = host-bound time)"
+            )
             for key, (n, us) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
                 print(f"  {us / 1e3:8.3f} ms  x{n:<3d} {key}")
 

@@ -19,6 +19,7 @@ command there) installed with ``pip install --no-index --no-deps --target DIR
 .whl/*.whl`` and DIR on PYTHONPATH. ipykernel provides the ``python3`` kernel itself,
 so no kernelspec needs to be installed.
 """
+
 import argparse
 import glob
 import os
@@ -34,27 +35,34 @@ DEVICE_RE = re.compile(r"cuda|gpu|device|backend", re.IGNORECASE)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("notebooks", nargs="*",
-                   help="notebooks to run (default: notebooks/[0-9]*.ipynb, in order)")
+    p.add_argument(
+        "notebooks", nargs="*", help="notebooks to run (default: notebooks/[0-9]*.ipynb, in order)"
+    )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="folder for the executed copies")
     where.add_argument("--inplace", action="store_true", help="overwrite the notebooks")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per cell (default 1800)")
     p.add_argument("--kernel", default="python3", help="kernel name (default python3)")
-    p.add_argument("--keep-going", action="store_true",
-                   help="after a failing cell, run the notebook's remaining cells too")
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="after a failing cell, run the notebook's remaining cells too",
+    )
     return p.parse_args(argv)
 
 
 def kernel_check(name):
     """Find the kernelspec now, so a missing one fails with a clear message, not a hang."""
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
     try:
         spec = KernelSpecManager().get_kernel_spec(name)
     except NoSuchKernel:
-        sys.exit(f"no Jupyter kernel named {name!r}: install ipykernel "
-                 "(or `python -m ipykernel install --prefix DIR` and put DIR/share/jupyter "
-                 "on JUPYTER_PATH)")
+        sys.exit(
+            f"no Jupyter kernel named {name!r}: install ipykernel "
+            "(or `python -m ipykernel install --prefix DIR` and put DIR/share/jupyter "
+            "on JUPYTER_PATH)"
+        )
     return spec
 
 
@@ -86,9 +94,14 @@ def run_one(path, args):
     from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=args.timeout, kernel_name=args.kernel,
-                            allow_errors=args.keep_going, record_timing=False,
-                            resources={"metadata": {"path": os.path.dirname(os.path.abspath(path))}})
+    client = NotebookClient(
+        nb,
+        timeout=args.timeout,
+        kernel_name=args.kernel,
+        allow_errors=args.keep_going,
+        record_timing=False,
+        resources={"metadata": {"path": os.path.dirname(os.path.abspath(path))}},
+    )
     t0 = time.perf_counter()
     error = None
     try:
@@ -96,11 +109,13 @@ def run_one(path, args):
     except (CellExecutionError, CellTimeoutError) as exc:
         error = str(exc).strip().splitlines()
         error = "\n".join(error[-12:])
-    except Exception:                                  # kernel died, could not start, ...
+    except Exception:  # kernel died, could not start, ...
         error = traceback.format_exc(limit=4)
     seconds = time.perf_counter() - t0
     if error is None and args.keep_going:
-        errs = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        errs = [
+            o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"
+        ]
         if errs:
             error = f"{len(errs)} cell(s) raised: {errs[0].get('ename')}: {errs[0].get('evalue')}"
     dest = path if args.inplace else os.path.join(args.out, os.path.basename(path))
@@ -111,12 +126,17 @@ def run_one(path, args):
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("SLA_NB_QUICK", "0")
-    os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")   # debugpy's warning about frozen modules
-    os.environ.setdefault("JUPYTER_RUNTIME_DIR", tempfile.mkdtemp(prefix="nbrun-"))  # connection files
+    os.environ.setdefault(
+        "PYDEVD_DISABLE_FILE_VALIDATION", "1"
+    )  # debugpy's warning about frozen modules
+    os.environ.setdefault(
+        "JUPYTER_RUNTIME_DIR", tempfile.mkdtemp(prefix="nbrun-")
+    )  # connection files
     # kernels start in the notebook's folder: make PYTHONPATH entries (e.g. ".") absolute
     if os.environ.get("PYTHONPATH"):
         os.environ["PYTHONPATH"] = os.pathsep.join(
-            os.path.abspath(p) if p else p for p in os.environ["PYTHONPATH"].split(os.pathsep))
+            os.path.abspath(p) if p else p for p in os.environ["PYTHONPATH"].split(os.pathsep)
+        )
     paths = args.notebooks or sorted(glob.glob(os.path.join(ROOT, "notebooks", "[0-9]*.ipynb")))
     if not paths:
         sys.exit("no notebooks found")
@@ -125,12 +145,17 @@ def main(argv=None):
     spec = kernel_check(args.kernel)
     try:
         import torch
-        host = (f"torch {torch.__version__}, CUDA GPU: "
-                + (torch.cuda.get_device_name() if torch.cuda.is_available() else "none"))
+
+        host = f"torch {torch.__version__}, CUDA GPU: " + (
+            torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+        )
     except ImportError:
         host = "torch not importable in the runner"
-    print(f"SLA_NB_QUICK={os.environ['SLA_NB_QUICK']}  kernel {args.kernel!r}: "
-          f"{' '.join(spec.argv[:3])}  {host}", flush=True)
+    print(
+        f"SLA_NB_QUICK={os.environ['SLA_NB_QUICK']}  kernel {args.kernel!r}: "
+        f"{' '.join(spec.argv[:3])}  {host}",
+        flush=True,
+    )
 
     results = []
     t_all = time.perf_counter()

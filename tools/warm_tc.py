@@ -4,6 +4,7 @@ Usage: PYTHONPATH=. python tools/warm_tc.py D:BK:BQ:KIND [...]   (e.g. 128:64:12
 Each configuration's three kernels (forward, dQ, dK/dV) compile in separate processes, so a
 later test or benchmark run loads them from the cache instead of compiling one by one.
 """
+
 import subprocess
 import sys
 import time
@@ -11,10 +12,15 @@ import time
 
 def _one(D, bk, bq, kind, which):
     import numpy as np
+
     if not hasattr(np, "row_stack"):
-        np.row_stack = np.vstack
+        np.vstack = np.vstack
     import torch
-    from sla_numba.gpu.tc import backward as backward_tc, build as _tc_build, forward as forward_tc
+
+    from sla_numba.gpu.tc import backward as backward_tc
+    from sla_numba.gpu.tc import build as _tc_build
+    from sla_numba.gpu.tc import forward as forward_tc
+
     dt = torch.bfloat16 if kind == "bf16" else torch.float16
     q = torch.zeros(1, 1, bq, D, dtype=dt, device="cuda")
     lut = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device="cuda")
@@ -27,8 +33,9 @@ def _one(D, bk, bq, kind, which):
         o = torch.zeros(1, 1, bq, D, dtype=torch.float32, device="cuda")
         lse = torch.zeros(1, 1, bq, dtype=torch.float32, device="cuda")
         rev, rc = backward_tc.reverse_index(lut, cnt, -(-bq // bk))
-        backward_tc.sparse_backward_tc(q, q, q, o, lse, q, lut, cnt, rev, rc, bq, bk, 0.1,
-                                       delta=lse)
+        backward_tc.sparse_backward_tc(
+            q, q, q, o, lse, q, lut, cnt, rev, rc, bq, bk, 0.1, delta=lse
+        )
 
 
 def main():
@@ -40,8 +47,13 @@ def main():
     procs = []
     for spec in sys.argv[1:]:
         for which in ("fwd", "dq", "dkv"):
-            procs.append((spec, which, subprocess.Popen(
-                [sys.executable, __file__, "--one", *spec.split(":"), which])))
+            procs.append(
+                (
+                    spec,
+                    which,
+                    subprocess.Popen([sys.executable, __file__, "--one", *spec.split(":"), which]),
+                )
+            )
     bad = 0
     for spec, which, p in procs:
         bad += p.wait() != 0

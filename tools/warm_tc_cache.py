@@ -5,6 +5,7 @@ Default: the configurations the tests and the benchmark use. Each kernel compile
 in its own process; later launches load the cubins from the cache. Run it twice:
 the second run must say "(disk cache)" for every kernel.
 """
+
 import multiprocessing as mp
 import sys
 import time
@@ -14,10 +15,14 @@ DEFAULT = ["128:128:64:bf16", "64:64:64:bf16", "128:64:64:f16", "128:64:64:bf16"
 
 def _compile(job):
     import numpy as np
+
     if not hasattr(np, "row_stack"):
-        np.row_stack = np.vstack
+        np.vstack = np.vstack
     from numba import float32, int16, int32, int64
-    from sla_numba.gpu.tc import backward as backward_tc, forward as forward_tc
+
+    from sla_numba.gpu.tc import backward as backward_tc
+    from sla_numba.gpu.tc import forward as forward_tc
+
     which, D, bq, bk, kind = job
     t0 = time.time()
     if which == "fwd":
@@ -28,10 +33,12 @@ def _compile(job):
         kern = backward_tc.make_sparse_backward(which, D, bk, bq, kind).kernel
         sig = backward_tc.signature(which)
     compiled = kern.compile(sig)
-    compiled._codelibrary.get_cufunc()          # the cubin (ptxas) is part of the cost
+    compiled._codelibrary.get_cufunc()  # the cubin (ptxas) is part of the cost
     how = "disk cache" if sum(kern._cache_hits.values()) else "compiled"
-    return f"{which} D={D} bq={bq} bk={bk} {kind}: {time.time() - t0:.1f}s ({how}) " \
-           f"regs {compiled.regs_per_thread} local {compiled.local_mem_per_thread}"
+    return (
+        f"{which} D={D} bq={bq} bk={bk} {kind}: {time.time() - t0:.1f}s ({how}) "
+        f"regs {compiled.regs_per_thread} local {compiled.local_mem_per_thread}"
+    )
 
 
 def main():

@@ -81,6 +81,7 @@ wgmma reads through the async proxy), ``bar.sync``; ``wgmma.fence``; 4 wgmma;
 ``wgmma.commit_group``; ``wgmma.wait_group 1`` (tile kt-1's wgmmas are done, so
 after the next barrier stage (kt-2) is free); issue the copy of tile kt+STAGES-2.
 """
+
 import argparse
 import json
 import os
@@ -94,15 +95,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 if not hasattr(np, "row_stack"):  # numpy 2.5 removed it; numba-cuda 0.30 still uses it
-    np.row_stack = np.vstack
+    np.vstack = np.vstack
 
-BM, BK = 128, 64            # block tile rows, k-tile depth (64 bf16 = one 128-byte row)
-THREADS = 256               # two warpgroups
+BM, BK = 128, 64  # block tile rows, k-tile depth (64 bf16 = one 128-byte row)
+THREADS = 256  # two warpgroups
 # "tma": sw128 fed by TMA; "ws": the same, warp-specialised (producer + 2 consumers)
 LAYOUTS = ("sw128", "inter", "inter_swapped", "tma", "ws")
 
 REPORT = {"steps": []}
-JSON_PATH = []          # set by main(); the report is rewritten after every step
+JSON_PATH = []  # set by main(); the report is rewritten after every step
 
 
 def save_report():
@@ -126,6 +127,7 @@ def log(step, ok, **info):
 # Shared-memory layouts (host-side functions, used by the kernel and the twin)
 # ---------------------------------------------------------------------------
 
+
 def tile_offset(layout, r, c):
     """Byte offset of 16-byte chunk ``c`` (k = 8c..8c+7) of row ``r`` in a tile."""
     if layout == "sw128":
@@ -139,18 +141,18 @@ def layout_desc_fields(layout):
         return 16, 1024, 1, 32
     if layout == "inter":
         return 128, 1024, 0, 256
-    return 1024, 128, 0, 256      # inter_swapped
+    return 1024, 128, 0, 256  # inter_swapped
 
 
 def make_desc(addr, lbo, sbo, swz):
     """64-bit wgmma matrix descriptor of a shared-memory tile starting at ``addr``."""
-    return (((addr & 0x3FFFF) >> 4) | ((lbo >> 4) << 16) | ((sbo >> 4) << 32)
-            | (swz << 62))
+    return ((addr & 0x3FFFF) >> 4) | ((lbo >> 4) << 16) | ((sbo >> 4) << 32) | (swz << 62)
 
 
 # ---------------------------------------------------------------------------
 # Numpy twin: our reading of the descriptor + fragment layout, end to end
 # ---------------------------------------------------------------------------
+
 
 def _twin_read_operand(smem, desc, rows):
     """Decode ``desc`` the way we believe the hardware does (K-major, bf16 bits as
@@ -163,10 +165,10 @@ def _twin_read_operand(smem, desc, rows):
     for r in range(rows):
         for k in range(16):
             c = k // 8
-            if swz == 1:       # 128B swizzle: XOR address bits [4:7) with [7:10)
+            if swz == 1:  # 128B swizzle: XOR address bits [4:7) with [7:10)
                 addr = start + (r >> 3) * sbo + (r & 7) * 128 + c * 16
                 addr = addr ^ (((addr >> 7) & 7) << 4)
-            elif swz == 0:     # core matrices: LBO along K, SBO along rows
+            elif swz == 0:  # core matrices: LBO along K, SBO along rows
                 addr = start + (r >> 3) * sbo + c * lbo + (r & 7) * 16
             else:
                 raise NotImplementedError("swizzle code %d" % swz)
@@ -181,17 +183,18 @@ def twin_gemm(a_bits, bt_bits, layout, bn):
     kernel does, decode them, multiply, scatter into per-thread accumulators with
     the m64nN fragment layout and gather them back into C (128, bn), float32."""
     from sla_numba.gpu.tc.ptx import bf16_bits_to_f32
+
     lbo, sbo, swz, kstep = layout_desc_fields(layout)
     smem = np.zeros((BM + bn) * 128 // 2, np.uint16)
     a_base, b_base = 0, BM * 128
     for r in range(BM):
         for c in range(8):
             o = (a_base + tile_offset(layout, r, c)) // 2
-            smem[o:o + 8] = a_bits[r, 8 * c:8 * c + 8]
+            smem[o : o + 8] = a_bits[r, 8 * c : 8 * c + 8]
     for r in range(bn):
         for c in range(8):
             o = (b_base + tile_offset(layout, r, c)) // 2
-            smem[o:o + 8] = bt_bits[r, 8 * c:8 * c + 8]
+            smem[o : o + 8] = bt_bits[r, 8 * c : 8 * c + 8]
     acc = np.zeros((THREADS, bn // 2), np.float64)
     for wg in range(2):
         d = np.zeros((64, bn))
@@ -205,16 +208,18 @@ def twin_gemm(a_bits, bt_bits, layout, bn):
             q, lane = (tid & 127) >> 5, tid & 31
             g, t = lane >> 2, lane & 3
             for j in range(bn // 8):
-                acc[tid, 4 * j:4 * j + 2] = d[16 * q + g, 8 * j + 2 * t:8 * j + 2 * t + 2]
-                acc[tid, 4 * j + 2:4 * j + 4] = d[16 * q + g + 8, 8 * j + 2 * t:8 * j + 2 * t + 2]
-    c_out = np.full((BM, bn), np.nan, np.float32)      # poisoned: every element must be written
-    for tid in range(THREADS):                          # the kernel's epilogue addressing
+                acc[tid, 4 * j : 4 * j + 2] = d[16 * q + g, 8 * j + 2 * t : 8 * j + 2 * t + 2]
+                acc[tid, 4 * j + 2 : 4 * j + 4] = d[
+                    16 * q + g + 8, 8 * j + 2 * t : 8 * j + 2 * t + 2
+                ]
+    c_out = np.full((BM, bn), np.nan, np.float32)  # poisoned: every element must be written
+    for tid in range(THREADS):  # the kernel's epilogue addressing
         wg, q, lane = tid // 128, (tid & 127) >> 5, tid & 31
         g, t = lane >> 2, lane & 3
         row = wg * 64 + q * 16 + g
         for j in range(bn // 8):
-            c_out[row, 8 * j + 2 * t:8 * j + 2 * t + 2] = acc[tid, 4 * j:4 * j + 2]
-            c_out[row + 8, 8 * j + 2 * t:8 * j + 2 * t + 2] = acc[tid, 4 * j + 2:4 * j + 4]
+            c_out[row, 8 * j + 2 * t : 8 * j + 2 * t + 2] = acc[tid, 4 * j : 4 * j + 2]
+            c_out[row + 8, 8 * j + 2 * t : 8 * j + 2 * t + 2] = acc[tid, 4 * j + 2 : 4 * j + 4]
     return c_out
 
 
@@ -222,11 +227,12 @@ def twin_gemm(a_bits, bt_bits, layout, bn):
 # Inline-PTX intrinsics
 # ---------------------------------------------------------------------------
 
+
 def build_intrinsics():
     from llvmlite import ir
     from numba import types
-    from numba.cuda.extending import intrinsic
-    from numba.cuda.extending import _intrinsic
+    from numba.cuda.extending import _intrinsic, intrinsic
+
     lit_intrinsic = _intrinsic(target="cuda", prefer_literal=True)
 
     i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
@@ -246,10 +252,17 @@ def build_intrinsics():
         def codegen(context, builder, sig, args):
             s = as_int(context, builder, args[0], sig.args[0], types.int32)
             g = as_int(context, builder, args[1], sig.args[1], types.int64)
-            asm(builder, ir.VoidType(), [i32, i64],
+            asm(
+                builder,
+                ir.VoidType(),
+                [i32, i64],
                 "{ .reg .u64 ga; cvta.to.global.u64 ga, $1; "
-                "cp.async.cg.shared.global [$0], [ga], 16; }", "r,l,~{memory}", [s, g])
+                "cp.async.cg.shared.global [$0], [ga], 16; }",
+                "r,l,~{memory}",
+                [s, g],
+            )
             return context.get_dummy_value()
+
         return sig, codegen
 
     def void_asm(text):
@@ -258,7 +271,9 @@ def build_intrinsics():
             def codegen(context, builder, sig, args):
                 asm(builder, ir.VoidType(), [], text, "~{memory}", [])
                 return context.get_dummy_value()
+
             return types.void(), codegen
+
         return fn
 
     @lit_intrinsic
@@ -270,11 +285,13 @@ def build_intrinsics():
         def codegen(context, builder, sig, args):
             asm(builder, ir.VoidType(), [], text, "~{memory}", [])
             return context.get_dummy_value()
+
         return types.void(n), codegen
 
     def acc_asm(nacc, text_fn):
         """Intrinsic (acc, n) -> acc around an instruction that must be ordered with
         the accumulator registers (ties all of them: "+f")."""
+
         @lit_intrinsic
         def fn(typingctx, acc, n):
             if not isinstance(n, types.IntegerLiteral):
@@ -285,19 +302,24 @@ def build_intrinsics():
             def codegen(context, builder, sig, args):
                 vals = [builder.extract_value(args[0], i) for i in range(nacc)]
                 cons = ",".join(["=f"] * nacc + [str(i) for i in range(nacc)] + ["~{memory}"])
-                res = asm(builder, ir.LiteralStructType([f32] * nacc), [f32] * nacc, text,
-                          cons, vals)
+                res = asm(
+                    builder, ir.LiteralStructType([f32] * nacc), [f32] * nacc, text, cons, vals
+                )
                 out = [builder.extract_value(res, i) for i in range(nacc)]
                 return context.make_tuple(builder, sig.return_type, out)
+
             return sig, codegen
+
         return fn
 
     def make_wgmma(bn):
         nacc = bn // 2
         regs = ",".join("$%d" % i for i in range(nacc))
-        text = ("{ .reg .pred p; setp.ne.b32 p, $%d, 0; "
-                "wgmma.mma_async.sync.aligned.m64n%dk16.f32.bf16.bf16 "
-                "{%s}, $%d, $%d, p, 1, 1, 0, 0; }" % (nacc + 2, bn, regs, nacc, nacc + 1))
+        text = (
+            "{ .reg .pred p; setp.ne.b32 p, $%d, 0; "
+            "wgmma.mma_async.sync.aligned.m64n%dk16.f32.bf16.bf16 "
+            "{%s}, $%d, $%d, p, 1, 1, 0, 0; }" % (nacc + 2, bn, regs, nacc, nacc + 1)
+        )
 
         @intrinsic
         def wgmma(typingctx, acc, desc_a, desc_b, scale_d):
@@ -308,13 +330,22 @@ def build_intrinsics():
                 da = as_int(context, builder, args[1], sig.args[1], types.int64)
                 db = as_int(context, builder, args[2], sig.args[2], types.int64)
                 sd = as_int(context, builder, args[3], sig.args[3], types.int32)
-                cons = ",".join(["=f"] * nacc + ["l", "l", "r"]
-                                + [str(i) for i in range(nacc)] + ["~{memory}"])
-                res = asm(builder, ir.LiteralStructType([f32] * nacc),
-                          [i64, i64, i32] + [f32] * nacc, text, cons, [da, db, sd] + vals)
+                cons = ",".join(
+                    ["=f"] * nacc + ["l", "l", "r"] + [str(i) for i in range(nacc)] + ["~{memory}"]
+                )
+                res = asm(
+                    builder,
+                    ir.LiteralStructType([f32] * nacc),
+                    [i64, i64, i32] + [f32] * nacc,
+                    text,
+                    cons,
+                    [da, db, sd] + vals,
+                )
                 out = [builder.extract_value(res, i) for i in range(nacc)]
                 return context.make_tuple(builder, sig.return_type, out)
+
             return sig, codegen
+
         return wgmma
 
     def make_zero(nacc):
@@ -323,9 +354,10 @@ def build_intrinsics():
             sig = types.UniTuple(types.float32, nacc)()
 
             def codegen(context, builder, sig, args):
-                return context.make_tuple(builder, sig.return_type,
-                                          [ir.Constant(f32, 0.0)] * nacc)
+                return context.make_tuple(builder, sig.return_type, [ir.Constant(f32, 0.0)] * nacc)
+
             return sig, codegen
+
         return zero_acc
 
     def make_store(nacc):
@@ -343,14 +375,28 @@ def build_intrinsics():
                     for h, rb in ((0, b), (1, row8)):
                         lo = builder.extract_value(args[0], 4 * j + 2 * h)
                         hi = builder.extract_value(args[0], 4 * j + 2 * h + 1)
-                        packed = asm(builder, i32, [f32, f32], "cvt.rn.bf16x2.f32 $0, $1, $2;",
-                                     "=r,f,f", [hi, lo], side_effect=False)
+                        packed = asm(
+                            builder,
+                            i32,
+                            [f32, f32],
+                            "cvt.rn.bf16x2.f32 $0, $1, $2;",
+                            "=r,f,f",
+                            [hi, lo],
+                            side_effect=False,
+                        )
                         addr = builder.add(rb, ir.Constant(i64, 16 * j))
-                        asm(builder, ir.VoidType(), [i64, i32],
+                        asm(
+                            builder,
+                            ir.VoidType(),
+                            [i64, i32],
                             "{ .reg .u64 ga; cvta.to.global.u64 ga, $0; st.global.b32 [ga], $1; }",
-                            "l,r,~{memory}", [addr, packed])
+                            "l,r,~{memory}",
+                            [addr, packed],
+                        )
                 return context.get_dummy_value()
+
             return sig, codegen
+
         return store_acc_bf16
 
     def generic_asm(text, argtys, cons):
@@ -361,11 +407,14 @@ def build_intrinsics():
             sig = types.void(*args)
 
             def codegen(context, builder, sig, vals):
-                vals = [as_int(context, builder, v, t, nt[w])
-                        for v, t, w in zip(vals, sig.args, argtys)]
+                vals = [
+                    as_int(context, builder, v, t, nt[w]) for v, t, w in zip(vals, sig.args, argtys)
+                ]
                 asm(builder, ir.VoidType(), [ir.IntType(w) for w in argtys], text, cons, vals)
                 return context.get_dummy_value()
+
             return sig, codegen
+
         # @intrinsic needs a fixed arity (no *args)
         if len(argtys) == 1:
             return intrinsic(lambda typingctx, a0: typer(a0))
@@ -383,32 +432,48 @@ def build_intrinsics():
         def codegen(context, builder, sig, args):
             a = as_int(context, builder, args[0], sig.args[0], types.int32)
             ph = as_int(context, builder, args[1], sig.args[1], types.int32)
-            return asm(builder, i32, [i32, i32],
-                       "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [$1], $2; "
-                       "selp.u32 $0, 1, 0, p; }", "=r,r,r,~{memory}", [a, ph])
+            return asm(
+                builder,
+                i32,
+                [i32, i32],
+                "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [$1], $2; "
+                "selp.u32 $0, 1, 0, p; }",
+                "=r,r,r,~{memory}",
+                [a, ph],
+            )
+
         return sig, codegen
 
     fns = dict(
-        mbar_init=generic_asm("mbarrier.init.shared::cta.b64 [$0], $1;", (32, 32),
-                              "r,r,~{memory}"),
-        mbar_expect_tx=generic_asm("mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;",
-                                   (32, 32), "r,r,~{memory}"),
+        mbar_init=generic_asm("mbarrier.init.shared::cta.b64 [$0], $1;", (32, 32), "r,r,~{memory}"),
+        mbar_expect_tx=generic_asm(
+            "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;", (32, 32), "r,r,~{memory}"
+        ),
         mbar_try_wait=mbar_try_wait,
-        mbar_arrive=generic_asm("mbarrier.arrive.shared::cta.b64 _, [$0];", (32,),
-                                "r,~{memory}"),
+        mbar_arrive=generic_asm("mbarrier.arrive.shared::cta.b64 _, [$0];", (32,), "r,~{memory}"),
         fence_mbar_init=void_asm("fence.mbarrier_init.release.cluster;"),
-        tmap_acquire=generic_asm("fence.proxy.tensormap::generic.acquire.gpu [$0], 128;",
-                                 (64,), "l,~{memory}"),
+        tmap_acquire=generic_asm(
+            "fence.proxy.tensormap::generic.acquire.gpu [$0], 128;", (64,), "l,~{memory}"
+        ),
         tma_load_2d=generic_asm(
             "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-            " [$0], [$1, {$2, $3}], [$4];", (32, 64, 32, 32, 32), "r,l,r,r,r,~{memory}"),
-        st_u32=generic_asm("{ .reg .u64 ga; cvta.to.global.u64 ga, $0; st.global.u32 [ga], $1; }",
-                           (64, 32), "l,r,~{memory}"),
+            " [$0], [$1, {$2, $3}], [$4];",
+            (32, 64, 32, 32, 32),
+            "r,l,r,r,r,~{memory}",
+        ),
+        st_u32=generic_asm(
+            "{ .reg .u64 ga; cvta.to.global.u64 ga, $0; st.global.u32 [ga], $1; }",
+            (64, 32),
+            "l,r,~{memory}",
+        ),
     )
-    fns.update(cp_async16=cp_async16, cp_async_wait=cp_async_wait,
-               cp_async_commit=void_asm("cp.async.commit_group;"),
-               fence_proxy_async=void_asm("fence.proxy.async.shared::cta;"),
-               wgmma_commit=void_asm("wgmma.commit_group.sync.aligned;"))
+    fns.update(
+        cp_async16=cp_async16,
+        cp_async_wait=cp_async_wait,
+        cp_async_commit=void_asm("cp.async.commit_group;"),
+        fence_proxy_async=void_asm("fence.proxy.async.shared::cta;"),
+        wgmma_commit=void_asm("wgmma.commit_group.sync.aligned;"),
+    )
     for bn in (128, 256):
         nacc = bn // 2
         fns["wgmma_%d" % bn] = make_wgmma(bn)
@@ -423,6 +488,7 @@ def build_intrinsics():
 # The kernel (Python source for Numba), specialised by closure constants
 # ---------------------------------------------------------------------------
 
+
 def make_kernel_pyfunc(bn, stages, layout, mma_only=False):
     """Return the Python function of the GEMM kernel for one configuration.
 
@@ -436,7 +502,9 @@ def make_kernel_pyfunc(bn, stages, layout, mma_only=False):
     the global -> shared traffic).
     """
     from numba import cuda, int32
+
     from sla_numba.gpu.tc.ptx import smem_addr
+
     if stages < 3:
         raise ValueError("stages must be >= 3, got %r" % (stages,))
     f = build_intrinsics()
@@ -446,7 +514,7 @@ def make_kernel_pyfunc(bn, stages, layout, mma_only=False):
     zero_acc, store_acc = f["zero_%d" % bn], f["store_%d" % bn]
     wfence, wwait = f["wfence_%d" % bn], f["wwait_%d" % bn]
     lbo, sbo, swz, kstep = layout_desc_fields(layout)
-    desc_hi = (lbo >> 4) << 16 | (sbo >> 4) << 32 | swz << 62   # fixed fields
+    desc_hi = (lbo >> 4) << 16 | (sbo >> 4) << 32 | swz << 62  # fixed fields
     sw = layout == "sw128"
     STAGE = (BM + bn) * 128
     B_OFF = BM * 128
@@ -474,7 +542,7 @@ def make_kernel_pyfunc(bn, stages, layout, mma_only=False):
 
     def gemm(a_ptr, b_ptr, c_ptr, M, N, K):
         smem = cuda.shared.array(0, int32)
-        sbase = (smem_addr(smem) + 1023) & ~1023          # 1024-aligned (swizzle atoms)
+        sbase = (smem_addr(smem) + 1023) & ~1023  # 1024-aligned (swizzle atoms)
         tid = cuda.threadIdx.x
         wg = tid >> 7
         m0 = cuda.blockIdx.y * BM
@@ -530,7 +598,9 @@ def make_tma_kernel_pyfunc(bn, stages, spin_limit=1 << 20):
     with garbage and writes 1 to ``err_ptr`` (so a wrong setup cannot hang the run).
     """
     from numba import cuda, int32
+
     from sla_numba.gpu.tc.ptx import smem_addr
+
     f = build_intrinsics()
     mbar_init, mbar_expect_tx = f["mbar_init"], f["mbar_expect_tx"]
     mbar_try_wait, fence_mbar_init = f["mbar_try_wait"], f["fence_mbar_init"]
@@ -593,7 +663,7 @@ def make_tma_kernel_pyfunc(bn, stages, spin_limit=1 << 20):
                 acc = wgmma(acc, da, db, 1)
             wgmma_commit()
             acc = wwait(acc, 1)
-            cuda.syncthreads()          # every warpgroup is done with tile kt-1's stage
+            cuda.syncthreads()  # every warpgroup is done with tile kt-1's stage
             nxt = kt + stages - 1
             if tid == 0 and nxt < KT:
                 issue(sbase, bars, ta, tb, m0, n0, nxt, nxt % stages)
@@ -618,7 +688,9 @@ def make_ws_kernel_pyfunc(bn, stages, spin_limit=1 << 20):
     the producer runs up to ``stages`` tiles ahead. Same kernel arguments as the
     ``tma`` variant; waits are bounded the same way."""
     from numba import cuda, int32
+
     from sla_numba.gpu.tc.ptx import smem_addr
+
     f = build_intrinsics()
     mbar_init, mbar_expect_tx = f["mbar_init"], f["mbar_expect_tx"]
     mbar_try_wait, fence_mbar_init = f["mbar_try_wait"], f["fence_mbar_init"]
@@ -645,8 +717,8 @@ def make_ws_kernel_pyfunc(bn, stages, spin_limit=1 << 20):
     def gemm_ws(ta, tb, c_ptr, M, N, K, err_ptr):
         smem = cuda.shared.array(0, int32)
         sbase = (smem_addr(smem) + 1023) & ~1023
-        full = sbase + stages * STAGE           # stages x 8 bytes
-        empty = full + 8 * stages               # stages x 8 bytes
+        full = sbase + stages * STAGE  # stages x 8 bytes
+        empty = full + 8 * stages  # stages x 8 bytes
         tid = cuda.threadIdx.x
         wg = tid >> 7
         m0 = cuda.blockIdx.y * BM
@@ -662,7 +734,7 @@ def make_ws_kernel_pyfunc(bn, stages, spin_limit=1 << 20):
         cuda.syncthreads()
         bad = 0
         if wg == 0:
-            if tid == 0:                        # producer
+            if tid == 0:  # producer
                 for kt in range(KT):
                     st = kt % stages
                     if kt >= stages:
@@ -675,7 +747,7 @@ def make_ws_kernel_pyfunc(bn, stages, spin_limit=1 << 20):
                 if bad != 0:
                     st_u32(err_ptr, 2)
             return
-        cw = wg - 1                             # consumer warpgroup 0 / 1
+        cw = wg - 1  # consumer warpgroup 0 / 1
         acc = zero_acc()
         for kt in range(KT):
             st = kt % stages
@@ -689,7 +761,7 @@ def make_ws_kernel_pyfunc(bn, stages, spin_limit=1 << 20):
                 db = (((b_start + kk * kstep) & 0x3FFFF) >> 4) | desc_hi
                 acc = wgmma(acc, da, db, 1)
             wgmma_commit()
-            acc = wwait(acc, 1)                 # tile kt-1 is done: release its stage
+            acc = wwait(acc, 1)  # tile kt-1 is done: release its stage
             if kt > 0:
                 mbar_arrive(empty + 8 * ((kt - 1) % stages))
         acc = wwait(acc, 0)
@@ -706,6 +778,7 @@ def make_ws_kernel_pyfunc(bn, stages, spin_limit=1 << 20):
 
 def tma_kernel_sig():
     from numba import int64, void
+
     return void(int64, int64, int64, int64, int64, int64, int64)
 
 
@@ -713,15 +786,22 @@ def encode_tmap(ptr, rows, K, box_rows):
     """128-byte CUtensorMap of a row-major bf16 (rows, K) matrix, boxes of
     ``box_rows`` x 64, 128-byte swizzle (the ``sw128`` shared layout)."""
     import ctypes
+
     from cuda.bindings import driver as drv
+
     err, tm = drv.cuTensorMapEncodeTiled(
-        drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, ptr,
-        [drv.cuuint64_t(K), drv.cuuint64_t(rows)], [drv.cuuint64_t(K * 2)],
-        [drv.cuuint32_t(BK), drv.cuuint32_t(box_rows)], [drv.cuuint32_t(1), drv.cuuint32_t(1)],
+        drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        2,
+        ptr,
+        [drv.cuuint64_t(K), drv.cuuint64_t(rows)],
+        [drv.cuuint64_t(K * 2)],
+        [drv.cuuint32_t(BK), drv.cuuint32_t(box_rows)],
+        [drv.cuuint32_t(1), drv.cuuint32_t(1)],
         drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         drv.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
         drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-        drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+        drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+    )
     if int(err) != 0:
         raise RuntimeError("cuTensorMapEncodeTiled failed: %r" % (err,))
     return ctypes.string_at(tm.getPtr(), 128)
@@ -729,6 +809,7 @@ def encode_tmap(ptr, rows, K, box_rows):
 
 def kernel_sig():
     from numba import int64, void
+
     return void(int64, int64, int64, int64, int64, int64)
 
 
@@ -739,17 +820,20 @@ def count(text, word):
 def nvjitlink_assemble(ptx, arch):
     """Assemble PTX with nvJitLink -> (cubin bytes, info log)."""
     from cuda.bindings import nvjitlink
+
     data = ptx.encode()
     h = nvjitlink.create(2, ["-arch=%s" % arch, "-verbose"])
     try:
-        try:      # PTX is compiled by add_data already; errors can come from either call
+        try:  # PTX is compiled by add_data already; errors can come from either call
             nvjitlink.add_data(h, nvjitlink.InputType.PTX, data, len(data), "wgmma_probe")
             nvjitlink.complete(h)
         except Exception as e:
             n = nvjitlink.get_error_log_size(h)
             buf = bytearray(n)
             nvjitlink.get_error_log(h, buf)
-            raise RuntimeError("nvJitLink failed: %s\n%s" % (e, buf.decode(errors="replace")))
+            raise RuntimeError(
+                "nvJitLink failed: %s\n%s" % (e, buf.decode(errors="replace"))
+            ) from e
         n = nvjitlink.get_linked_cubin_size(h)
         cubin = bytearray(n)
         nvjitlink.get_linked_cubin(h, cubin)
@@ -765,6 +849,7 @@ def ptx_stage(bn, stages, layout, mma_only=False, negative_control=False):
     """Compile to PTX for sm_90a and sm_90, retarget, assemble. Returns the sm_90a
     PTX (or None) and records every step."""
     from numba import cuda
+
     tag = tag_of((bn, stages, layout, mma_only))
     if layout in ("tma", "ws"):
         make = make_tma_kernel_pyfunc if layout == "tma" else make_ws_kernel_pyfunc
@@ -775,20 +860,36 @@ def ptx_stage(bn, stages, layout, mma_only=False, negative_control=False):
     try:
         ptx_a, _ = cuda.compile_ptx(fn, sig, cc=(9, 0, "a"))
         tgt = re.search(r"\.target\s+(\S+)", ptx_a).group(1)
-        log("ptx sm_90a (cc=(9,0,'a'))", tgt == "sm_90a", config=tag, target=tgt,
+        log(
+            "ptx sm_90a (cc=(9,0,'a'))",
+            tgt == "sm_90a",
+            config=tag,
+            target=tgt,
             version=re.search(r"\.version\s+(\S+)", ptx_a).group(1),
-            wgmma=count(ptx_a, "wgmma.mma_async"), expected_wgmma=BK // 16,
+            wgmma=count(ptx_a, "wgmma.mma_async"),
+            expected_wgmma=BK // 16,
             tma=count(ptx_a, "cp.async.bulk.tensor"),
-            local=count(ptx_a, ".local"), seconds=round(time.time() - t0, 1))
+            local=count(ptx_a, ".local"),
+            seconds=round(time.time() - t0, 1),
+        )
     except Exception as e:
-        log("ptx sm_90a (cc=(9,0,'a'))", False, config=tag, error=repr(e),
-            trace=traceback.format_exc())
+        log(
+            "ptx sm_90a (cc=(9,0,'a'))",
+            False,
+            config=tag,
+            error=repr(e),
+            trace=traceback.format_exc(),
+        )
         ptx_a = None
     try:
         ptx_90, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
         retarget = re.sub(r"\.target\s+sm_90\b", ".target sm_90a", ptx_90)
-        log("ptx sm_90 + retarget", ".target sm_90a" in retarget, config=tag,
-            wgmma=count(retarget, "wgmma.mma_async"))
+        log(
+            "ptx sm_90 + retarget",
+            ".target sm_90a" in retarget,
+            config=tag,
+            wgmma=count(retarget, "wgmma.mma_async"),
+        )
     except Exception as e:
         log("ptx sm_90 + retarget", False, config=tag, error=repr(e))
         retarget = None
@@ -799,25 +900,43 @@ def ptx_stage(bn, stages, layout, mma_only=False, negative_control=False):
         cubin, info = nvjitlink_assemble(ptx, "sm_90a")
         regs = re.search(r"Used (\d+) registers", info)
         spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
-        warn = [ln.strip() for ln in info.splitlines()    # e.g. wgmma serialization advice
-                if re.search(r"warning|serializ|performance", ln, re.I)]
-        log("nvjitlink sm_90a", True, config=tag, cubin_bytes=len(cubin),
+        warn = [
+            ln.strip()
+            for ln in info.splitlines()  # e.g. wgmma serialization advice
+            if re.search(r"warning|serializ|performance", ln, re.I)
+        ]
+        log(
+            "nvjitlink sm_90a",
+            True,
+            config=tag,
+            cubin_bytes=len(cubin),
             registers=int(regs.group(1)) if regs else -1,
-            spill=spill.group(0) if spill else "?", warnings=warn[:6])
+            spill=spill.group(0) if spill else "?",
+            warnings=warn[:6],
+        )
     except Exception as e:
         log("nvjitlink sm_90a", False, config=tag, error=str(e)[:2000])
         cubin = None
-    if negative_control:       # the same PTX for plain sm_90 must be refused (wgmma)
+    if negative_control:  # the same PTX for plain sm_90 must be refused (wgmma)
         plain = re.sub(r"\.target\s+sm_90a\b", ".target sm_90", ptx)
         try:
             nvjitlink_assemble(plain, "sm_90")
-            log("nvjitlink sm_90 refuses wgmma", False, config=tag,
-                error="sm_90 assembled a wgmma kernel")
+            log(
+                "nvjitlink sm_90 refuses wgmma",
+                False,
+                config=tag,
+                error="sm_90 assembled a wgmma kernel",
+            )
         except Exception as e:
             msg = str(e)
-            log("nvjitlink sm_90 refuses wgmma", True, config=tag,
-                log=" ".join(ln.strip() for ln in msg.splitlines()
-                             if "wgmma" in ln or "sm_90a" in ln)[:300])
+            log(
+                "nvjitlink sm_90 refuses wgmma",
+                True,
+                config=tag,
+                log=" ".join(
+                    ln.strip() for ln in msg.splitlines() if "wgmma" in ln or "sm_90a" in ln
+                )[:300],
+            )
     return ptx, cubin
 
 
@@ -825,24 +944,28 @@ def ptx_stage(bn, stages, layout, mma_only=False, negative_control=False):
 # GPU part
 # ---------------------------------------------------------------------------
 
+
 def _set_max_dyn_smem(handle, nbytes, dev_id):
     """Allow > 48 KiB of dynamic shared memory for a CUkernel / CUfunction."""
     from cuda.bindings import driver as drv
+
     attr = drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    try:      # library-based loading (cuda.core, numba-cuda >= 0.23): a CUkernel
-        err, = drv.cuKernelSetAttribute(attr, nbytes, handle, dev_id)
+    try:  # library-based loading (cuda.core, numba-cuda >= 0.23): a CUkernel
+        (err,) = drv.cuKernelSetAttribute(attr, nbytes, handle, dev_id)
     except TypeError:
-        err, = drv.cuFuncSetAttribute(handle, attr, nbytes)
+        (err,) = drv.cuFuncSetAttribute(handle, attr, nbytes)
     if int(err) != 0:
         raise RuntimeError("set MAX_DYNAMIC_SHARED_SIZE_BYTES failed: %r" % (err,))
 
 
 class JitLauncher:
     """Path 1: plain ``@cuda.jit``; numba-cuda builds for the current device (sm_90a)."""
+
     name = "jit"
 
     def __init__(self, bn, stages, layout, mma_only=False):
         from numba import cuda
+
         self.bn, self.smem = bn, smem_bytes(bn, stages)
         self.kernel = cuda.jit(kernel_sig())(make_kernel_pyfunc(bn, stages, layout, mma_only))
         lib = next(iter(self.kernel.overloads.values())).library
@@ -857,17 +980,18 @@ class JitLauncher:
         M, K = a.shape
         N = bt.shape[0]
         grid = (N // self.bn, M // BM)
-        self.kernel[grid, THREADS, 0, self.smem](a.data_ptr(), bt.data_ptr(), c.data_ptr(),
-                                                 M, N, K)
+        self.kernel[grid, THREADS, 0, self.smem](a.data_ptr(), bt.data_ptr(), c.data_ptr(), M, N, K)
 
 
 class TmaLauncher:
     """The TMA variants through plain ``@cuda.jit`` (tensor maps live in device memory)."""
+
     name = "jit"
 
     def __init__(self, bn, stages, ws=False):
         import torch
         from numba import cuda
+
         self.bn, self.smem = bn, smem_bytes(bn, stages)
         self.threads = THREADS + 128 if ws else THREADS
         make = make_ws_kernel_pyfunc if ws else make_tma_kernel_pyfunc
@@ -884,6 +1008,7 @@ class TmaLauncher:
 
     def __call__(self, a, bt, c):
         import torch
+
         M, K = a.shape
         N = bt.shape[0]
         key = (a.data_ptr(), bt.data_ptr(), M, N, K)
@@ -892,8 +1017,9 @@ class TmaLauncher:
             self._maps[key] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).cuda()
         maps = self._maps[key]
         grid = (N // self.bn, M // BM)
-        self.kernel[grid, self.threads, 0, self.smem](maps.data_ptr(), maps.data_ptr() + 128,
-                                                 c.data_ptr(), M, N, K, self.err.data_ptr())
+        self.kernel[grid, self.threads, 0, self.smem](
+            maps.data_ptr(), maps.data_ptr() + 128, c.data_ptr(), M, N, K, self.err.data_ptr()
+        )
 
     def timed_out(self):
         return int(self.err.item()) != 0
@@ -902,18 +1028,21 @@ class TmaLauncher:
 class RetargetLauncher:
     """Path 2: Numba PTX for sm_90 retargeted to sm_90a, assembled by nvJitLink, loaded
     and launched with cuda.core."""
+
     name = "retarget"
 
     def __init__(self, bn, stages, layout, mma_only=False, cubin=None):
         from cuda.core import Device, ObjectCode
         from numba import cuda
+
         self.bn, self.smem = bn, smem_bytes(bn, stages)
         fn = make_kernel_pyfunc(bn, stages, layout, mma_only)
         ptx, _ = cuda.compile_ptx(fn, kernel_sig(), cc=(9, 0))
         self.entry = re.search(r"\.entry\s+(\S+?)\(", ptx).group(1)
         if cubin is None:
-            cubin, _ = nvjitlink_assemble(re.sub(r"\.target\s+sm_90\b", ".target sm_90a", ptx),
-                                          "sm_90a")
+            cubin, _ = nvjitlink_assemble(
+                re.sub(r"\.target\s+sm_90\b", ".target sm_90a", ptx), "sm_90a"
+            )
         self.target, self.wgmma, self.regs = "sm_90a", count(ptx, "wgmma.mma_async"), -1
         self.dev = Device()
         self.dev.set_current()
@@ -922,10 +1051,12 @@ class RetargetLauncher:
 
     def __call__(self, a, bt, c):
         from cuda.core import LaunchConfig, launch
+
         M, K = a.shape
         N = bt.shape[0]
         cfg = LaunchConfig(grid=(N // self.bn, M // BM), block=THREADS, shmem_size=self.smem)
-        from cuda.core import LEGACY_DEFAULT_STREAM   # torch's default stream too
+        from cuda.core import LEGACY_DEFAULT_STREAM  # torch's default stream too
+
         stream = LEGACY_DEFAULT_STREAM
         args = [np.int64(x) for x in (a.data_ptr(), bt.data_ptr(), c.data_ptr(), M, N, K)]
         launch(stream, cfg, self.kern, *args)
@@ -939,21 +1070,23 @@ def check_sizes(M, N, K, bn):
 
 def gpu_check(launcher, M, N, K):
     import torch
+
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
     bt = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g)
     c = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
     launcher(a, bt, c)
     torch.cuda.synchronize()
-    ref = (a.float() @ bt.float().t())
+    ref = a.float() @ bt.float().t()
     err = (c.float() - ref).abs()
     max_err = float(err.nan_to_num(float("inf")).max())
-    tol = 2e-2 * float(ref.abs().max()) + 1e-2       # bf16 output rounding dominates
+    tol = 2e-2 * float(ref.abs().max()) + 1e-2  # bf16 output rounding dominates
     return max_err, tol, int(torch.isnan(c).sum())
 
 
 def bench(fn, reps):
     import torch
+
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -980,6 +1113,7 @@ def gpu_plan(configs, paths):
         if lay in ("tma", "ws"):
             return 2
         return 3 if lay == "sw128" else 4
+
     plan = [(cfg, "jit") for cfg in sorted(configs, key=rank)] if "jit" in paths else []
     if "retarget" in paths:
         plan.insert(min(len(plan), 2), (configs[0], "retarget"))
@@ -995,29 +1129,48 @@ def _try_load(cfg, path, cubins):
             L = JitLauncher(*cfg)
         else:
             L = RetargetLauncher(*cfg, cubin=cubins.get(cfg))
-        log("load " + path, True, config=tag_of(cfg), target=L.target, wgmma_in_ptx=L.wgmma,
-            registers=L.regs, smem=L.smem, seconds=round(time.time() - t0, 1))
+        log(
+            "load " + path,
+            True,
+            config=tag_of(cfg),
+            target=L.target,
+            wgmma_in_ptx=L.wgmma,
+            registers=L.regs,
+            smem=L.smem,
+            seconds=round(time.time() - t0, 1),
+        )
         return L
     except Exception as e:
-        log("load " + path, False, config=tag_of(cfg), error=repr(e)[:500],
-            trace=traceback.format_exc())
+        log(
+            "load " + path,
+            False,
+            config=tag_of(cfg),
+            error=repr(e)[:500],
+            trace=traceback.format_exc(),
+        )
         return None
 
 
 def gpu_stage(args, configs, cubins, deadline):
     import torch
+
     if not torch.cuda.is_available():
         log("gpu", False, error="torch.cuda.is_available() is False")
         return
     cap = torch.cuda.get_device_capability()
-    log("gpu", cap >= (9, 0), device=torch.cuda.get_device_name(), cc="%d.%d" % cap,
-        torch=torch.__version__)
+    log(
+        "gpu",
+        cap >= (9, 0),
+        device=torch.cuda.get_device_name(),
+        cc="%d.%d" % cap,
+        torch=torch.__version__,
+    )
     if cap < (9, 0):
         return
     results, torch_t = [], None
-    REPORT["results"] = results          # filled as configurations finish
+    REPORT["results"] = results  # filled as configurations finish
     n = args.size
-    flops = 2.0 * n ** 3
+    flops = 2.0 * n**3
     if args.bench:
         a_b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
         bt_b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -1036,14 +1189,15 @@ def gpu_stage(args, configs, cubins, deadline):
         if time.time() > deadline:
             log("budget", False, error="time budget spent; skipped %s %s" % (tag, path))
             continue
-        if cfg[2] in ("tma", "ws") and not any(r.get("check_ok") and "sw128" in r["config"]
-                                       for r in results):
+        if cfg[2] in ("tma", "ws") and not any(
+            r.get("check_ok") and "sw128" in r["config"] for r in results
+        ):
             log("skip " + tag, False, error="no sw128 configuration passed its check")
             continue
         L = _try_load(cfg, path, cubins)
         if L is None:
             if path == "jit" and "retarget" in args.paths:
-                plan.insert(0, (cfg, "retarget"))      # fall back for this configuration
+                plan.insert(0, (cfg, "retarget"))  # fall back for this configuration
             results.append(dict(config=tag, path=path, loaded=False))
             continue
         rec = dict(config=tag, path=path, loaded=True, registers=L.regs)
@@ -1059,33 +1213,58 @@ def gpu_stage(args, configs, cubins, deadline):
                 log("tma mbarrier wait", False, config=tag, error="timed out (TMA never landed)")
             # inter_swapped is the other reading of LBO/SBO: expected NOT to match torch
             expect = cfg[2] != "inter_swapped"
-            rec.update(check_ok=ok, expected_to_match=expect, max_err=max_err, tol=tol,
-                       nan=nans)
-            log("check " + path, ok == expect, config=tag, size="%dx%dx%d" % (ms, ns, ks),
-                matches_torch=ok, expected_to_match=expect, max_err="%.4g" % max_err,
-                tol="%.3g" % tol, nan=nans)
+            rec.update(check_ok=ok, expected_to_match=expect, max_err=max_err, tol=tol, nan=nans)
+            log(
+                "check " + path,
+                ok == expect,
+                config=tag,
+                size="%dx%dx%d" % (ms, ns, ks),
+                matches_torch=ok,
+                expected_to_match=expect,
+                max_err="%.4g" % max_err,
+                tol="%.3g" % tol,
+                nan=nans,
+            )
         except _Ceiling:
             rec.update(check_ok=None, note="mma-only ceiling: result meaningless, not checked")
         except Exception as e:
             rec.update(check_ok=False, error=repr(e)[:500])
-            log("check " + path, False, config=tag, error=repr(e)[:500],
-                trace=traceback.format_exc())
+            log(
+                "check " + path,
+                False,
+                config=tag,
+                error=repr(e)[:500],
+                trace=traceback.format_exc(),
+            )
             results.append(rec)
             continue
         if args.bench and rec["check_ok"] is not False:
             try:
                 check_sizes(n, n, n, cfg[0])
                 t_ours = bench(lambda: L(a_b, bt_b, c_b), args.reps)
-                rec.update(size=n, ours_tflops=flops / t_ours / 1e12,
-                           torch_tflops=flops / torch_t / 1e12,
-                           torch_over_ours=torch_t / t_ours)
-                log(("ceiling " if cfg[3] else "bench ") + path, True, config=tag, size=n,
+                rec.update(
+                    size=n,
+                    ours_tflops=flops / t_ours / 1e12,
+                    torch_tflops=flops / torch_t / 1e12,
+                    torch_over_ours=torch_t / t_ours,
+                )
+                log(
+                    ("ceiling " if cfg[3] else "bench ") + path,
+                    True,
+                    config=tag,
+                    size=n,
                     ours_tflops="%.1f" % rec["ours_tflops"],
                     torch_tflops="%.1f" % rec["torch_tflops"],
-                    ours_speed_vs_torch="%.3f" % rec["torch_over_ours"])
+                    ours_speed_vs_torch="%.3f" % rec["torch_over_ours"],
+                )
             except Exception as e:
-                log("bench " + path, False, config=tag, error=repr(e)[:500],
-                    trace=traceback.format_exc())
+                log(
+                    "bench " + path,
+                    False,
+                    config=tag,
+                    error=repr(e)[:500],
+                    trace=traceback.format_exc(),
+                )
         results.append(rec)
         save_report()
 
@@ -1103,24 +1282,38 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--check", action="store_true", help="run on the GPU, compare to torch")
     p.add_argument("--bench", action="store_true", help="time against torch.matmul")
-    p.add_argument("--ptx-only", action="store_true",
-                   help="no GPU: PTX + nvJitLink for every configuration")
+    p.add_argument(
+        "--ptx-only", action="store_true", help="no GPU: PTX + nvJitLink for every configuration"
+    )
     p.add_argument("--json", help="write the report here")
     p.add_argument("--bn", type=int, nargs="+", default=[128, 256], choices=[128, 256])
-    p.add_argument("--stages", type=int, nargs="+", default=[4, 3],
-                   help="cp.async ring depths to try (sw128 only; the first one elsewhere)")
+    p.add_argument(
+        "--stages",
+        type=int,
+        nargs="+",
+        default=[4, 3],
+        help="cp.async ring depths to try (sw128 only; the first one elsewhere)",
+    )
     p.add_argument("--layout", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
-    p.add_argument("--paths", nargs="+", default=["jit", "retarget"],
-                   choices=["jit", "retarget"])
+    p.add_argument("--paths", nargs="+", default=["jit", "retarget"], choices=["jit", "retarget"])
     p.add_argument("--size", type=int, default=8192, help="square bench size")
-    p.add_argument("--check-size", type=int, nargs=3, default=[256, 512, 384],
-                   metavar=("M", "N", "K"))
+    p.add_argument(
+        "--check-size", type=int, nargs=3, default=[256, 512, 384], metavar=("M", "N", "K")
+    )
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--budget", type=float, default=95.0,
-                   help="seconds after which no new configuration is started")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=95.0,
+        help="seconds after which no new configuration is started",
+    )
     p.add_argument("--twin", action="store_true", help="also run the numpy layout twin")
-    p.add_argument("--no-ceiling", dest="ceiling", action="store_false",
-                   help="skip the mma-only (no global loads) ceiling configurations")
+    p.add_argument(
+        "--no-ceiling",
+        dest="ceiling",
+        action="store_false",
+        help="skip the mma-only (no global loads) ceiling configurations",
+    )
     args = p.parse_args(argv)
     if min(args.stages) < 3 or smem_bytes(max(args.bn), max(args.stages)) > 227 * 1024:
         p.error("--stages: need >= 3 and the ring must fit 227 KiB of shared memory")
@@ -1133,8 +1326,10 @@ def main(argv=None):
     try:
         import numba
         import numba_cuda
-        REPORT["versions"] = dict(numba=numba.__version__, numba_cuda=numba_cuda.__version__,
-                                  numpy=np.__version__)
+
+        REPORT["versions"] = dict(
+            numba=numba.__version__, numba_cuda=numba_cuda.__version__, numpy=np.__version__
+        )
     except Exception as e:  # pragma: no cover
         REPORT["versions"] = dict(error=repr(e))
     print("versions:", REPORT["versions"], flush=True)
@@ -1150,7 +1345,7 @@ def main(argv=None):
             configs += [(bn, st, lay, False) for st in args.stages for bn in sorted(args.bn)]
             if args.ceiling:
                 configs += [(bn, args.stages[0], lay, True) for bn in sorted(args.bn)]
-        else:       # TMA in every width; the no-swizzle diagnostics at the smallest
+        else:  # TMA in every width; the no-swizzle diagnostics at the smallest
             bns = sorted(args.bn) if lay in ("tma", "ws") else [min(args.bn)]
             configs += [(bn, args.stages[0], lay, False) for bn in bns]
     gpu = (args.check or args.bench) and not args.ptx_only
@@ -1159,8 +1354,7 @@ def main(argv=None):
         try:
             _, cubins[cfg] = ptx_stage(*cfg, negative_control=(i == 0))
         except Exception as e:
-            log("ptx stage", False, config=tag_of(cfg), error=repr(e),
-                trace=traceback.format_exc())
+            log("ptx stage", False, config=tag_of(cfg), error=repr(e), trace=traceback.format_exc())
     if gpu:
         try:
             gpu_stage(args, configs, cubins, deadline)
@@ -1170,10 +1364,18 @@ def main(argv=None):
     REPORT["ok"] = all(s["ok"] for s in REPORT["steps"])
     save_report()
     for r in REPORT.get("results", []):
-        print("  %-26s %-9s matches_torch=%-5s %s" % (
-            r["config"], r["path"], r.get("check_ok"),
-            "%.1f TFLOP/s (torch %.1f)" % (r["ours_tflops"], r["torch_tflops"])
-            if "ours_tflops" in r else ""), flush=True)
+        print(
+            "  %-26s %-9s matches_torch=%-5s %s"
+            % (
+                r["config"],
+                r["path"],
+                r.get("check_ok"),
+                "%.1f TFLOP/s (torch %.1f)" % (r["ours_tflops"], r["torch_tflops"])
+                if "ours_tflops" in r
+                else "",
+            ),
+            flush=True,
+        )
     print("done in %.1f s; all steps ok: %s" % (REPORT["seconds"], REPORT["ok"]), flush=True)
     return 0 if REPORT["ok"] else 1
 
@@ -1183,6 +1385,7 @@ def run_twin(args):
     reading of LBO/SBO, so under our model it must disagree with numpy (which shows
     the GPU check can tell the two readings apart)."""
     from sla_numba.gpu.tc.ptx import bf16_bits_to_f32, f32_to_bf16_bits
+
     rng = np.random.default_rng(0)
     bn = min(args.bn)
     a = f32_to_bf16_bits(rng.standard_normal((BM, BK)).astype(np.float32))

@@ -21,6 +21,7 @@ micro-kernel), delete the cached ``*.nbi``/``*.nbc``
 files (``__pycache__`` here, or ``NUMBA_CACHE_DIR``), or the kernels in
 ``forward.py``/``backward.py`` keep the old helpers.
 """
+
 from .._threads import choose_threading_layer, serialized
 from .backward import backward as _backward
 from .classify import classify as _classify

@@ -40,6 +40,7 @@ Scalars: Numba promotes ``float32 op python-float`` to float64, so the kernels
 convert every constant to the array dtype first (``dt = q.dtype.type``,
 ``one = dt(1)``) to keep fp32 arithmetic in fp32.
 """
+
 import math
 
 import numpy as np
@@ -74,7 +75,7 @@ def gemm_acc(a, b, c, m, n, kk):
     bottom edges through ``_gemm_edge`` (plain loops). For the 64 × 64 tiles of
     the default block size with D = 64 everything is micro-kernel work.
     """
-    tn = TILE_VECTORS * VECTOR_BYTES // c.itemsize      # = _simd.tile_cols(itemsize)
+    tn = TILE_VECTORS * VECTOR_BYTES // c.itemsize  # = _simd.tile_cols(itemsize)
     i = 0
     while i + TILE_M <= m:
         j = 0
@@ -161,6 +162,7 @@ def _pow2_f32(typingctx, n):
         biased = builder.add(args[0], ir.Constant(ir.IntType(32), 127))
         bits = builder.shl(biased, ir.Constant(ir.IntType(32), 23))
         return builder.bitcast(bits, ir.FloatType())
+
     return sig, codegen
 
 
@@ -175,7 +177,7 @@ def exp_f32(x):
     """
     f32 = np.float32
     n = np.floor(x * f32(1.44269504088896341) + f32(0.5))
-    n = n if n > f32(-126.0) else f32(-126.0)      # NaN lands here too (a safe int)
+    n = n if n > f32(-126.0) else f32(-126.0)  # NaN lands here too (a safe int)
     n = n if n < f32(127.0) else f32(127.0)
     f = x - n * f32(0.693359375)
     f = f + n * f32(2.12194440e-4)
@@ -230,7 +232,7 @@ def feature_map_row(x, y, phi):
     else:
         for d in range(n):
             xd = x[d]
-            y[d] = zero if xd <= zero else xd      # NaN stays NaN
+            y[d] = zero if xd <= zero else xd  # NaN stays NaN
     return y
 
 
@@ -248,7 +250,7 @@ def feature_map_block_t(x, r0, nr, yt, phi):
     dt = yt.dtype.type
     zero = dt(0)
     one = dt(1)
-    transpose_into(x[r0:r0 + nr], yt, nr, D)
+    transpose_into(x[r0 : r0 + nr], yt, nr, D)
     if phi == PHI_SOFTMAX:
         mx = np.empty(nr, yt.dtype)
         tot = np.zeros(nr, yt.dtype)
@@ -284,7 +286,7 @@ def feature_map_block_t(x, r0, nr, yt, phi):
             yd = yt[d]
             for r in range(nr):
                 xr = yd[r]
-                yd[r] = zero if xr <= zero else xr      # NaN stays NaN
+                yd[r] = zero if xr <= zero else xr  # NaN stays NaN
 
 
 @njit(**KERNEL_OPTIONS)
@@ -349,7 +351,7 @@ def column_index(block_map, value):
     for b in range(B):
         for h in range(H):
             base = (b * H + h) * Mk
-            for i in range(Mq):                      # ascending i within each column
+            for i in range(Mq):  # ascending i within each column
                 for j in range(Mk):
                     if block_map[b, h, i, j] == value:
                         idx[fill[base + j]] = i
@@ -374,10 +376,10 @@ def key_block_states(k, v, block_k, phi, kv_h, kv_z):
         j = t % Mk
         c0 = j * block_k
         nk = min(block_k, Nk - c0)
-        yt = np.empty((D, nk), k.dtype)              # φ(K_j)ᵀ
+        yt = np.empty((D, nk), k.dtype)  # φ(K_j)ᵀ
         feature_map_block_t(k[b, h], c0, nk, yt, phi)
         zj = kv_z[b, h, j]
-        for d in range(D):                           # z_j = Σ_c φ(k_c)
+        for d in range(D):  # z_j = Σ_c φ(k_c)
             acc = zero
             ytd = yt[d]
             for c in range(nk):
@@ -385,7 +387,7 @@ def key_block_states(k, v, block_k, phi, kv_h, kv_z):
             zj[d] = acc
         hj = kv_h[b, h, j]
         fill2d(hj, D, D, zero)
-        gemm_acc(yt, v[b, h, c0:c0 + nk], hj, D, D, nk)
+        gemm_acc(yt, v[b, h, c0 : c0 + nk], hj, D, D, nk)
 
 
 @njit(parallel=True, **KERNEL_OPTIONS)
@@ -459,7 +461,7 @@ def sum_marginal(mats, vecs, tot_m, tot_v, use_totals, classes, out_m, out_v):
         for d in range(D):
             acc_v[d] = 0.0
     for j in range(M):
-        if subtract and classes[j] != 0:      # total − critical − negligible
+        if subtract and classes[j] != 0:  # total − critical − negligible
             mj = mats[j]
             for d in range(D):
                 ad = acc_m[d]
@@ -467,7 +469,7 @@ def sum_marginal(mats, vecs, tot_m, tot_v, use_totals, classes, out_m, out_v):
                 for e in range(D):
                     ad[e] -= mjd[e]
                 acc_v[d] -= vecs[j, d]
-        elif not subtract and classes[j] == 0:    # Σ marginal
+        elif not subtract and classes[j] == 0:  # Σ marginal
             mj = mats[j]
             for d in range(D):
                 ad = acc_m[d]

@@ -32,6 +32,7 @@ the 32 vector registers); AVX/AVX2 → 32-byte vectors, a 4 × 16 float32 tile (
 (half the columns). Numba's on-disk cache is keyed on the CPU, so a cached kernel
 always matches the width chosen here.
 """
+
 import llvmlite.binding as llvm_binding
 from llvmlite import ir
 from numba import types
@@ -78,8 +79,7 @@ def _tile_fma_impl(a, b, c, a_transposed):
     """Typing and code generation of ``tile_fma`` (``a_transposed`` False) and
     ``tile_fma_tn`` (True: A is stored transposed, its rows are the reduction)."""
     arrays = (a, b, c)
-    if not all(isinstance(x, types.Array) and x.ndim == 2 and x.layout == "C"
-               for x in arrays):
+    if not all(isinstance(x, types.Array) and x.ndim == 2 and x.layout == "C" for x in arrays):
         return None
     if not (a.dtype == b.dtype == c.dtype) or a.dtype not in (types.float32, types.float64):
         return None
@@ -94,9 +94,11 @@ def _tile_fma_impl(a, b, c, a_transposed):
         vty = ir.VectorType(fty, lanes)
         suffix = f"v{lanes}f{dtype.bitwidth}"
         fmuladd = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vty, [vty, vty, vty]), f"llvm.fmuladd.{suffix}")
-        aa, bb, cc = (context.make_array(t)(context, builder, v)
-                      for t, v in zip(signature.args[:3], args[:3]))
+            builder.module, ir.FunctionType(vty, [vty, vty, vty]), f"llvm.fmuladd.{suffix}"
+        )
+        aa, bb, cc = (
+            context.make_array(t)(context, builder, v) for t, v in zip(signature.args[:3], args[:3])
+        )
         i0, j0, kk = args[3:]
 
         def const(n):
@@ -128,20 +130,22 @@ def _tile_fma_impl(a, b, c, a_transposed):
             p = loop.index
             b_row = [builder.load(vector_ptr(bb, p, col), align=itemsize) for col in cols]
             for r, row in enumerate(rows):
-                a_rp = builder.load(scalar_ptr(aa, p, row) if a_transposed else
-                                    scalar_ptr(aa, row, p))
-                a_vec = builder.shuffle_vector(builder.insert_element(undef, a_rp, const(0)),
-                                               undef, zeros)            # broadcast a[row, p]
+                a_rp = builder.load(
+                    scalar_ptr(aa, p, row) if a_transposed else scalar_ptr(aa, row, p)
+                )
+                a_vec = builder.shuffle_vector(
+                    builder.insert_element(undef, a_rp, const(0)), undef, zeros
+                )  # broadcast a[row, p]
                 for v in range(TILE_VECTORS):
-                    builder.store(builder.call(fmuladd, [a_vec, b_row[v], builder.load(acc[r][v])]),
-                                  acc[r][v])
+                    builder.store(
+                        builder.call(fmuladd, [a_vec, b_row[v], builder.load(acc[r][v])]), acc[r][v]
+                    )
         for r, row in enumerate(rows):
             for v, col in enumerate(cols):
                 builder.store(builder.load(acc[r][v]), vector_ptr(cc, row, col), align=itemsize)
         return context.get_dummy_value()
 
     return sig, codegen
-
 
 
 @intrinsic

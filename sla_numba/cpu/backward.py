@@ -42,14 +42,27 @@ exactly 0, but dP and δs are float32 sums taken in different orders, so the
 computed dS is rounding noise (≈1e-7 relative) — the same effect, and the same
 size, as in PyTorch's own flash-attention backward.
 """
+
 import numpy as np
 from numba import njit, prange
 
 from .._arrays import np_empty
-from ._common import (KERNEL_OPTIONS, block_totals, blocks_in_row, column_index, fast_exp,
-                      feature_map_grad_acc, feature_map_row, fill2d, gemm_acc, gemm_tn_acc,
-                      linear_map,
-                      linear_states, sum_marginal, transpose_into)
+from ._common import (
+    KERNEL_OPTIONS,
+    block_totals,
+    blocks_in_row,
+    column_index,
+    fast_exp,
+    feature_map_grad_acc,
+    feature_map_row,
+    fill2d,
+    gemm_acc,
+    gemm_tn_acc,
+    linear_map,
+    linear_states,
+    sum_marginal,
+    transpose_into,
+)
 
 
 @njit(**KERNEL_OPTIONS)
@@ -78,8 +91,7 @@ def _rows_transposed(x, r0, nr, factor, out):
 
 # --------------------------------------------------------------------------- dQ
 @njit(**KERNEL_OPTIONS)
-def _sparse_dq_block(qh, kh, vh, do_s, lse, delta_s, r0, nr, crit, n_crit, block_k,
-                     scale, dqb):
+def _sparse_dq_block(qh, kh, vh, do_s, lse, delta_s, r0, nr, crit, n_crit, block_k, scale, dqb):
     """``dqb += scale · Σ_c dS_c K_c`` over the critical key blocks of one query block.
 
     Tiles are transposed (keys along rows, queries contiguous), as in the forward:
@@ -90,29 +102,29 @@ def _sparse_dq_block(qh, kh, vh, do_s, lse, delta_s, r0, nr, crit, n_crit, block
     zero = dt(0)
     if n_crit == 0:
         return
-    qst = np.empty((D, nr), qh.dtype)            # (scale·Q_i)ᵀ
+    qst = np.empty((D, nr), qh.dtype)  # (scale·Q_i)ᵀ
     _rows_transposed(qh, r0, nr, scale, qst)
-    dot = np.empty((D, nr), qh.dtype)            # dO_iᵀ
+    dot = np.empty((D, nr), qh.dtype)  # dO_iᵀ
     _rows_transposed(do_s, r0, nr, dt(1), dot)
-    st = np.empty((block_k, nr), qh.dtype)       # Sᵀ
-    dst = np.empty((block_k, nr), qh.dtype)      # dPᵀ, then dSᵀ
-    acc = np.zeros((nr, D), qh.dtype)            # Σ dS K_c, scaled at the end
-    lr = lse[r0:r0 + nr]
-    dr = delta_s[r0:r0 + nr]
+    st = np.empty((block_k, nr), qh.dtype)  # Sᵀ
+    dst = np.empty((block_k, nr), qh.dtype)  # dPᵀ, then dSᵀ
+    acc = np.zeros((nr, D), qh.dtype)  # Σ dS K_c, scaled at the end
+    lr = lse[r0 : r0 + nr]
+    dr = delta_s[r0 : r0 + nr]
     for n in range(n_crit):
         c0 = crit[n] * block_k
         nk = min(block_k, Nk - c0)
         fill2d(st, nk, nr, zero)
-        gemm_acc(kh[c0:c0 + nk], qst, st, nk, nr, D)      # Sᵀ
+        gemm_acc(kh[c0 : c0 + nk], qst, st, nk, nr, D)  # Sᵀ
         fill2d(dst, nk, nr, zero)
-        gemm_acc(vh[c0:c0 + nk], dot, dst, nk, nr, D)     # dPᵀ = V dOᵀ
+        gemm_acc(vh[c0 : c0 + nk], dot, dst, nk, nr, D)  # dPᵀ = V dOᵀ
         for c in range(nk):
             sc = st[c]
             dc = dst[c]
             for r in range(nr):
                 p = fast_exp(sc[r] - lr[r])
-                dc[r] = p * (dc[r] - dr[r])               # dSᵀ
-        gemm_tn_acc(dst, kh[c0:c0 + nk], acc, nr, D, nk)  # dQ += dS K_c
+                dc[r] = p * (dc[r] - dr[r])  # dSᵀ
+        gemm_tn_acc(dst, kh[c0 : c0 + nk], acc, nr, D, nk)  # dQ += dS K_c
     for r in range(nr):
         dq_r = dqb[r]
         acc_r = acc[r]
@@ -135,17 +147,17 @@ def _linear_dq_block(qh, kv, classes, do_l, delta_l, r0, nr, phi, eps, dqb, qo, 
     fill2d(qo, D, D, zero)
     for d in range(D):
         qd[d] = zero
-    hs = np.empty((D, D), qh.dtype)              # H_i
-    zs = np.empty(D, qh.dtype)                   # Z_i
+    hs = np.empty((D, D), qh.dtype)  # H_i
+    zs = np.empty(D, qh.dtype)  # Z_i
     if sum_marginal(kv_h, kv_z, tot_h, tot_z, finite, classes, hs, zs) == 0:
-        return                                   # no marginal block: no linear term
+        return  # no marginal block: no linear term
     hst = np.empty((D, D), qh.dtype)
     transpose_into(hs, hst, D, D)
-    dob = do_l[r0:r0 + nr]
+    dob = do_l[r0 : r0 + nr]
     g = np.zeros((nr, D), qh.dtype)
-    gemm_acc(dob, hst, g, nr, D, D)              # g[r] = dO_l[r] H_iᵀ
-    fq = np.empty(D, qh.dtype)                   # φ(q_r)
-    chat_t = np.empty((D, nr), qh.dtype)         # ĉ_r = φ(q_r) / den_r, stored transposed
+    gemm_acc(dob, hst, g, nr, D, D)  # g[r] = dO_l[r] H_iᵀ
+    fq = np.empty(D, qh.dtype)  # φ(q_r)
+    chat_t = np.empty((D, nr), qh.dtype)  # ĉ_r = φ(q_r) / den_r, stored transposed
     for r in range(nr):
         x = qh[r0 + r]
         feature_map_row(x, fq, phi)
@@ -156,18 +168,42 @@ def _linear_dq_block(qh, kv, classes, do_l, delta_l, r0, nr, phi, eps, dqb, qo, 
         dl = delta_l[r0 + r]
         gr = g[r]
         for d in range(D):
-            gr[d] = (gr[d] - dl * zs[d]) * inv   # dφ(q_r)
+            gr[d] = (gr[d] - dl * zs[d]) * inv  # dφ(q_r)
             c = fq[d] * inv
             chat_t[d, r] = c
             qd[d] += c * dl
         feature_map_grad_acc(x, fq, gr, dqb[r], phi)
-    gemm_acc(chat_t, dob, qo, D, D, nr)          # QO_i = Σ_r ĉ_rᵀ dO_l[r]
+    gemm_acc(chat_t, dob, qo, D, D, nr)  # QO_i = Σ_r ĉ_rᵀ dO_l[r]
 
 
 @njit(parallel=True, **KERNEL_OPTIONS)
-def _dq_kernel(q, k, v, o_s, o_l, lse, do_s, do_l, delta_s, delta_l, block_map, linear_map,
-               block_q, block_k, scale, phi, eps, kv_h, kv_z, tot_h, tot_z, finite,
-               dq, qo, qd):
+def _dq_kernel(
+    q,
+    k,
+    v,
+    o_s,
+    o_l,
+    lse,
+    do_s,
+    do_l,
+    delta_s,
+    delta_l,
+    block_map,
+    linear_map,
+    block_q,
+    block_k,
+    scale,
+    phi,
+    eps,
+    kv_h,
+    kv_z,
+    tot_h,
+    tot_z,
+    finite,
+    dq,
+    qo,
+    qd,
+):
     B, H, Nq, D = q.shape
     Mq, Mk = block_map.shape[2], block_map.shape[3]
     dt = q.dtype.type
@@ -180,23 +216,47 @@ def _dq_kernel(q, k, v, o_s, o_l, lse, do_s, do_l, delta_s, delta_l, block_map, 
         i = t % Mq
         r0 = i * block_q
         nr = min(block_q, Nq - r0)
-        _row_dots(o_s[b, h], do_s[b, h], r0, nr, delta_s[b, h])    # δs, also for dK/dV
-        _row_dots(o_l[b, h], do_l[b, h], r0, nr, delta_l[b, h])    # δl
-        dqb = dq[b, h, r0:r0 + nr]
+        _row_dots(o_s[b, h], do_s[b, h], r0, nr, delta_s[b, h])  # δs, also for dK/dV
+        _row_dots(o_l[b, h], do_l[b, h], r0, nr, delta_l[b, h])  # δl
+        dqb = dq[b, h, r0 : r0 + nr]
         fill2d(dqb, nr, D, zero)
         blocks = np.empty(Mk, np.int64)
         n_crit = blocks_in_row(block_map, b, h, i, 1, blocks)
-        _sparse_dq_block(q[b, h], k[b, h], v[b, h], do_s[b, h], lse[b, h], delta_s[b, h],
-                         r0, nr, blocks, n_crit, block_k, sc, dqb)
+        _sparse_dq_block(
+            q[b, h],
+            k[b, h],
+            v[b, h],
+            do_s[b, h],
+            lse[b, h],
+            delta_s[b, h],
+            r0,
+            nr,
+            blocks,
+            n_crit,
+            block_k,
+            sc,
+            dqb,
+        )
         kv = (kv_h[b, h], kv_z[b, h], tot_h[b, h], tot_z[b, h], finite[b, h])
-        _linear_dq_block(q[b, h], kv, linear_map[b, h, i], do_l[b, h], delta_l[b, h],
-                         r0, nr, phi, ep, dqb, qo[b, h, i], qd[b, h, i])
+        _linear_dq_block(
+            q[b, h],
+            kv,
+            linear_map[b, h, i],
+            do_l[b, h],
+            delta_l[b, h],
+            r0,
+            nr,
+            phi,
+            ep,
+            dqb,
+            qo[b, h, i],
+            qd[b, h, i],
+        )
 
 
 # --------------------------------------------------------------------------- dK, dV
 @njit(**KERNEL_OPTIONS)
-def _sparse_dkdv_block(qh, kh, vh, do_s, lse, delta_s, c0, nk, rows, block_q, scale,
-                       dkb, dvb):
+def _sparse_dkdv_block(qh, kh, vh, do_s, lse, delta_s, c0, nk, rows, block_q, scale, dkb, dvb):
     """Sparse-branch dK_j, dV_j over the query blocks ``rows`` that mark key block j critical.
 
     Works on transposed tiles (keys along rows), so that every product is a plain
@@ -208,35 +268,35 @@ def _sparse_dkdv_block(qh, kh, vh, do_s, lse, delta_s, c0, nk, rows, block_q, sc
     one = dt(1)
     if rows.shape[0] == 0:
         return
-    kb = kh[c0:c0 + nk]
-    vb = vh[c0:c0 + nk]
-    qst = np.empty((D, block_q), qh.dtype)       # (scale·Q_i)ᵀ
-    dot = np.empty((D, block_q), qh.dtype)       # dO_iᵀ
-    st = np.empty((nk, block_q), qh.dtype)       # Sᵀ, then Pᵀ
-    dpt = np.empty((nk, block_q), qh.dtype)      # dPᵀ, then dSᵀ
-    acc = np.zeros((nk, D), qh.dtype)            # Σ dSᵀ Q, scaled at the end
+    kb = kh[c0 : c0 + nk]
+    vb = vh[c0 : c0 + nk]
+    qst = np.empty((D, block_q), qh.dtype)  # (scale·Q_i)ᵀ
+    dot = np.empty((D, block_q), qh.dtype)  # dO_iᵀ
+    st = np.empty((nk, block_q), qh.dtype)  # Sᵀ, then Pᵀ
+    dpt = np.empty((nk, block_q), qh.dtype)  # dPᵀ, then dSᵀ
+    acc = np.zeros((nk, D), qh.dtype)  # Σ dSᵀ Q, scaled at the end
     for n in range(rows.shape[0]):
         r0 = rows[n] * block_q
         nr = min(block_q, Nq - r0)
-        qb = qh[r0:r0 + nr]
-        dob = do_s[r0:r0 + nr]
+        qb = qh[r0 : r0 + nr]
+        dob = do_s[r0 : r0 + nr]
         _rows_transposed(qh, r0, nr, scale, qst)
         _rows_transposed(do_s, r0, nr, one, dot)
         fill2d(st, nk, nr, zero)
-        gemm_acc(kb, qst, st, nk, nr, D)         # Sᵀ
+        gemm_acc(kb, qst, st, nk, nr, D)  # Sᵀ
         fill2d(dpt, nk, nr, zero)
-        gemm_acc(vb, dot, dpt, nk, nr, D)        # dPᵀ = V dOᵀ
-        lr = lse[r0:r0 + nr]
-        dr = delta_s[r0:r0 + nr]
+        gemm_acc(vb, dot, dpt, nk, nr, D)  # dPᵀ = V dOᵀ
+        lr = lse[r0 : r0 + nr]
+        dr = delta_s[r0 : r0 + nr]
         for c in range(nk):
             sc = st[c]
             dpc = dpt[c]
             for r in range(nr):
                 p = fast_exp(sc[r] - lr[r])
                 sc[r] = p
-                dpc[r] = p * (dpc[r] - dr[r])    # dSᵀ
-        gemm_acc(st, dob, dvb, nk, D, nr)        # dV += Pᵀ dO
-        gemm_acc(dpt, qb, acc, nk, D, nr)        # Σ dSᵀ Q
+                dpc[r] = p * (dpc[r] - dr[r])  # dSᵀ
+        gemm_acc(st, dob, dvb, nk, D, nr)  # dV += Pᵀ dO
+        gemm_acc(dpt, qb, acc, nk, D, nr)  # Σ dSᵀ Q
     for c in range(nk):
         for d in range(D):
             dkb[c, d] += scale * acc[c, d]
@@ -251,28 +311,49 @@ def _linear_dkdv_block(kh, vh, qstates, classes, c0, nk, phi, dkb, dvb):
     """
     qo, qd, tot_qo, tot_qd, finite = qstates
     D = kh.shape[1]
-    dh = np.empty((D, D), kh.dtype)              # dH_j
-    dz = np.empty(D, kh.dtype)                   # dZ_j
+    dh = np.empty((D, D), kh.dtype)  # dH_j
+    dz = np.empty(D, kh.dtype)  # dZ_j
     if sum_marginal(qo, qd, tot_qo, tot_qd, finite, classes, dh, dz) == 0:
         return
     dht = np.empty((D, D), kh.dtype)
     transpose_into(dh, dht, D, D)
-    y = np.empty((nk, D), kh.dtype)              # φ(K_j)
+    y = np.empty((nk, D), kh.dtype)  # φ(K_j)
     for c in range(nk):
         feature_map_row(kh[c0 + c], y[c], phi)
-    gemm_acc(y, dh, dvb, nk, D, D)               # dV[c] += φ(k_c) dH_j
+    gemm_acc(y, dh, dvb, nk, D, D)  # dV[c] += φ(k_c) dH_j
     g = np.zeros((nk, D), kh.dtype)
-    gemm_acc(vh[c0:c0 + nk], dht, g, nk, D, D)   # g[c] = v_c dH_jᵀ
+    gemm_acc(vh[c0 : c0 + nk], dht, g, nk, D, D)  # g[c] = v_c dH_jᵀ
     for c in range(nk):
         gc = g[c]
         for d in range(D):
-            gc[d] -= dz[d]                       # dφ(k_c)
+            gc[d] -= dz[d]  # dφ(k_c)
         feature_map_grad_acc(kh[c0 + c], y[c], gc, dkb[c], phi)
 
 
 @njit(parallel=True, **KERNEL_OPTIONS)
-def _dkdv_kernel(q, k, v, lse, do_s, delta_s, block_map, linear_map, block_q, block_k, scale, phi,
-                 crit_ptr, crit_idx, qo, qd, tot_qo, tot_qd, finite, dk, dv):
+def _dkdv_kernel(
+    q,
+    k,
+    v,
+    lse,
+    do_s,
+    delta_s,
+    block_map,
+    linear_map,
+    block_q,
+    block_k,
+    scale,
+    phi,
+    crit_ptr,
+    crit_idx,
+    qo,
+    qd,
+    tot_qo,
+    tot_qd,
+    finite,
+    dk,
+    dv,
+):
     B, H, Nk, D = k.shape
     Mk = -(-Nk // block_k)
     dt = q.dtype.type
@@ -284,26 +365,52 @@ def _dkdv_kernel(q, k, v, lse, do_s, delta_s, block_map, linear_map, block_q, bl
         j = t % Mk
         c0 = j * block_k
         nk = min(block_k, Nk - c0)
-        dkb = dk[b, h, c0:c0 + nk]
-        dvb = dv[b, h, c0:c0 + nk]
+        dkb = dk[b, h, c0 : c0 + nk]
+        dvb = dv[b, h, c0 : c0 + nk]
         fill2d(dkb, nk, D, zero)
         fill2d(dvb, nk, D, zero)
-        _sparse_dkdv_block(q[b, h], k[b, h], v[b, h], do_s[b, h], lse[b, h], delta_s[b, h],
-                           c0, nk, crit_idx[crit_ptr[t]:crit_ptr[t + 1]], block_q, sc,
-                           dkb, dvb)
+        _sparse_dkdv_block(
+            q[b, h],
+            k[b, h],
+            v[b, h],
+            do_s[b, h],
+            lse[b, h],
+            delta_s[b, h],
+            c0,
+            nk,
+            crit_idx[crit_ptr[t] : crit_ptr[t + 1]],
+            block_q,
+            sc,
+            dkb,
+            dvb,
+        )
         qstates = (qo[b, h], qd[b, h], tot_qo[b, h], tot_qd[b, h], finite[b, h])
-        _linear_dkdv_block(k[b, h], v[b, h], qstates, linear_map[b, h, :, j], c0, nk, phi,
-                           dkb, dvb)
+        _linear_dkdv_block(k[b, h], v[b, h], qstates, linear_map[b, h, :, j], c0, nk, phi, dkb, dvb)
 
 
-def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map, block_q, block_k, scale,
-             feature_map, eps, linear_scope=0):
+def backward(
+    q,
+    k,
+    v,
+    o_s,
+    o_l,
+    lse,
+    do_s,
+    do_l,
+    block_map,
+    block_q,
+    block_k,
+    scale,
+    feature_map,
+    eps,
+    linear_scope=0,
+):
     """SLA backward: ``(dq, dk, dv)`` shaped like q (B, H, Nq, D), k and v (B, H, Nk, D).
 
     ``linear_scope`` 1 ("global"): the linear branch took every key block."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    Mq, Mk = block_map.shape[2], block_map.shape[3]
+    Mq = block_map.shape[2]
     dtype = q.dtype
     scale, phi, eps = float(scale), int(feature_map), float(eps)
 
@@ -318,8 +425,29 @@ def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map, block_q, block_k, sc
     dq = np_empty((B, H, Nq, D), dtype)
     qo = np_empty((B, H, Mq, D, D), dtype)
     qd = np_empty((B, H, Mq, D), dtype)
-    _dq_kernel(q, k, v, o_s, o_l, lse, do_s, do_l, delta_s, delta_l, block_map, lin_map,
-               block_q, block_k, scale, phi, eps, *kv, dq, qo, qd)
+    _dq_kernel(
+        q,
+        k,
+        v,
+        o_s,
+        o_l,
+        lse,
+        do_s,
+        do_l,
+        delta_s,
+        delta_l,
+        block_map,
+        lin_map,
+        block_q,
+        block_k,
+        scale,
+        phi,
+        eps,
+        *kv,
+        dq,
+        qo,
+        qd,
+    )
 
     # 2. dK, dV
     tot_qo = np.empty((B, H, D, D), np.float64)
@@ -328,6 +456,27 @@ def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map, block_q, block_k, sc
     block_totals(qo, qd, tot_qo, tot_qd, q_finite)
     dk = np_empty((B, H, Nk, D), dtype)
     dv = np_empty((B, H, Nk, D), dtype)
-    _dkdv_kernel(q, k, v, lse, do_s, delta_s, block_map, lin_map, block_q, block_k, scale, phi,
-                 crit_ptr, crit_idx, qo, qd, tot_qo, tot_qd, q_finite, dk, dv)
+    _dkdv_kernel(
+        q,
+        k,
+        v,
+        lse,
+        do_s,
+        delta_s,
+        block_map,
+        lin_map,
+        block_q,
+        block_k,
+        scale,
+        phi,
+        crit_ptr,
+        crit_idx,
+        qo,
+        qd,
+        tot_qo,
+        tot_qd,
+        q_finite,
+        dk,
+        dv,
+    )
     return dq, dk, dv

@@ -19,6 +19,7 @@ No fast-math here: without re-association or contraction flags, LLVM keeps each
 sum in the written order and never fuses a multiply-add, so the float64 results
 do not depend on the vector width or on FMA hardware.
 """
+
 import math
 
 import numpy as np
@@ -63,17 +64,17 @@ def _rank_rows(pq, pk, n_crit, n_skip, scale, block_map):
         h = (t // Mq) % H
         i = t % Mq
         qi = pq[b, h, i]
-        neg_score = np.empty(Mk, np.float64)          # sort key: −S ascending
+        neg_score = np.empty(Mk, np.float64)  # sort key: −S ascending
         for j in range(Mk):
             kj = pk[b, h, j]
             s = 0.0
-            for d in range(D):                         # d ascending, no FMA
+            for d in range(D):  # d ascending, no FMA
                 s += qi[d] * kj[d]
             s = scale * s
-            if s != s:                                 # NaN ranks as −inf
+            if s != s:  # NaN ranks as −inf
                 s = -math.inf
             neg_score[j] = -s
-        order = np.argsort(neg_score, kind="mergesort")   # stable: ties by ascending j
+        order = np.argsort(neg_score, kind="mergesort")  # stable: ties by ascending j
         row = block_map[b, h, i]
         for n in range(Mk):
             j = order[n]
@@ -95,7 +96,7 @@ def classify(q, k, n_crit, n_skip, block_q, block_k, scale):
     Nk = k.shape[2]
     Mq = -(-Nq // block_q)
     Mk = -(-Nk // block_k)
-    pq = np.empty((B, H, Mq, D), np.float64)           # workspaces, fully written
+    pq = np.empty((B, H, Mq, D), np.float64)  # workspaces, fully written
     pk = np.empty((B, H, Mk, D), np.float64)
     _pool_blocks(q, block_q, pq)
     _pool_blocks(k, block_k, pk)

@@ -36,6 +36,7 @@ inf in a critical block never leaks into O_l.
 Every output element is written; memory is O(N·D + blocks·D²) — the largest
 scratch is one (block_k, block_q) score tile per thread.
 """
+
 import math
 
 import numpy as np
@@ -43,8 +44,18 @@ from numba import njit, prange
 
 from .._arrays import np_empty
 from .._params import LSE_EMPTY
-from ._common import (KERNEL_OPTIONS, blocks_in_row, fast_exp, feature_map_block_t, fill2d,
-                      gemm_acc, gemm_tn_acc, linear_map, linear_states, sum_marginal)
+from ._common import (
+    KERNEL_OPTIONS,
+    blocks_in_row,
+    fast_exp,
+    feature_map_block_t,
+    fill2d,
+    gemm_acc,
+    gemm_tn_acc,
+    linear_map,
+    linear_states,
+    sum_marginal,
+)
 
 
 @njit(**KERNEL_OPTIONS)
@@ -62,21 +73,21 @@ def _sparse_block(qh, kh, vh, r0, nr, crit, n_crit, block_k, scale, o, lse):
     dt = qh.dtype.type
     zero = dt(0)
     one = dt(1)
-    ob = o[r0:r0 + nr]
+    ob = o[r0 : r0 + nr]
     if n_crit == 0:
         fill2d(ob, nr, D, zero)
         for r in range(nr):
             lse[r0 + r] = LSE_EMPTY
         return
 
-    qst = np.empty((D, nr), qh.dtype)            # (scale·Q_i)ᵀ
+    qst = np.empty((D, nr), qh.dtype)  # (scale·Q_i)ᵀ
     for r in range(nr):
         for d in range(D):
             qst[d, r] = qh[r0 + r, d] * scale
-    st = np.empty((block_k, nr), qh.dtype)       # Sᵀ, then Pᵀ
-    fill2d(ob, nr, D, zero)                      # O_i, unnormalised, built in place
-    m = np.full(nr, -np.inf, qh.dtype)           # running max per query
-    l = np.zeros(nr, qh.dtype)                   # running sum of exp per query
+    st = np.empty((block_k, nr), qh.dtype)  # Sᵀ, then Pᵀ
+    fill2d(ob, nr, D, zero)  # O_i, unnormalised, built in place
+    m = np.full(nr, -np.inf, qh.dtype)  # running max per query
+    l = np.zeros(nr, qh.dtype)  # running sum of exp per query
     m_new = np.empty(nr, qh.dtype)
     alpha = np.empty(nr, qh.dtype)
 
@@ -84,33 +95,33 @@ def _sparse_block(qh, kh, vh, r0, nr, crit, n_crit, block_k, scale, o, lse):
         c0 = crit[n] * block_k
         nk = min(block_k, Nk - c0)
         fill2d(st, nk, nr, zero)
-        gemm_acc(kh[c0:c0 + nk], qst, st, nk, nr, D)      # Sᵀ = K_c (scale·Q)ᵀ
+        gemm_acc(kh[c0 : c0 + nk], qst, st, nk, nr, D)  # Sᵀ = K_c (scale·Q)ᵀ
         for r in range(nr):
             m_new[r] = m[r]
-        for c in range(nk):                               # m' = max(m, column max)
+        for c in range(nk):  # m' = max(m, column max)
             sc = st[c]
             for r in range(nr):
                 x = sc[r]
                 mr = m_new[r]
                 m_new[r] = x if x > mr else mr
-        for r in range(nr):                               # α = exp(m − m'); 0 at first
+        for r in range(nr):  # α = exp(m − m'); 0 at first
             alpha[r] = fast_exp(m[r] - m_new[r])
             l[r] *= alpha[r]
             m[r] = m_new[r]
-        for c in range(nk):                               # Pᵀ = exp(Sᵀ − m'), l += Σ P
+        for c in range(nk):  # Pᵀ = exp(Sᵀ − m'), l += Σ P
             sc = st[c]
             for r in range(nr):
                 p = fast_exp(sc[r] - m[r])
                 sc[r] = p
                 l[r] += p
-        for r in range(nr):                               # O ← α O + P V_c
+        for r in range(nr):  # O ← α O + P V_c
             orow = ob[r]
             a = alpha[r]
             for d in range(D):
                 orow[d] *= a
-        gemm_tn_acc(st, vh[c0:c0 + nk], ob, nr, D, nk)
+        gemm_tn_acc(st, vh[c0 : c0 + nk], ob, nr, D, nk)
 
-    for r in range(nr):                                   # O_s = O / l, lse = m + log l
+    for r in range(nr):  # O_s = O / l, lse = m + log l
         inv = one / l[r]
         orow = ob[r]
         for d in range(D):
@@ -131,16 +142,16 @@ def _linear_block(qh, kv, classes, r0, nr, phi, eps, o):
     dt = qh.dtype.type
     zero = dt(0)
     one = dt(1)
-    ob = o[r0:r0 + nr]
+    ob = o[r0 : r0 + nr]
     fill2d(ob, nr, D, zero)
-    hs = np.empty((D, D), qh.dtype)              # H_i
-    zs = np.empty(D, qh.dtype)                   # Z_i
+    hs = np.empty((D, D), qh.dtype)  # H_i
+    zs = np.empty(D, qh.dtype)  # Z_i
     if sum_marginal(kv_h, kv_z, tot_h, tot_z, finite, classes, hs, zs) == 0:
-        return                                   # no marginal block: O_l = 0
-    fqt = np.empty((D, nr), qh.dtype)            # φ(Q_i)ᵀ
+        return  # no marginal block: O_l = 0
+    fqt = np.empty((D, nr), qh.dtype)  # φ(Q_i)ᵀ
     feature_map_block_t(qh, r0, nr, fqt, phi)
-    gemm_tn_acc(fqt, hs, ob, nr, D, D)           # numerator φ(Q_i) H_i
-    den = np.zeros(nr, qh.dtype)                 # φ(q_r)·Z_i, d in order
+    gemm_tn_acc(fqt, hs, ob, nr, D, D)  # numerator φ(Q_i) H_i
+    den = np.zeros(nr, qh.dtype)  # φ(q_r)·Z_i, d in order
     for d in range(D):
         fd = fqt[d]
         zd = zs[d]
@@ -154,8 +165,26 @@ def _linear_block(qh, kv, classes, r0, nr, phi, eps, o):
 
 
 @njit(parallel=True, **KERNEL_OPTIONS)
-def _forward_kernel(q, k, v, block_map, linear_map, block_q, block_k, scale, phi, eps,
-                    kv_h, kv_z, tot_h, tot_z, finite, o_s, o_l, lse):
+def _forward_kernel(
+    q,
+    k,
+    v,
+    block_map,
+    linear_map,
+    block_q,
+    block_k,
+    scale,
+    phi,
+    eps,
+    kv_h,
+    kv_z,
+    tot_h,
+    tot_z,
+    finite,
+    o_s,
+    o_l,
+    lse,
+):
     B, H, Nq, D = q.shape
     Mq, Mk = block_map.shape[2], block_map.shape[3]
     dt = q.dtype.type
@@ -169,8 +198,9 @@ def _forward_kernel(q, k, v, block_map, linear_map, block_q, block_k, scale, phi
         nr = min(block_q, Nq - r0)
         blocks = np.empty(Mk, np.int64)
         n_crit = blocks_in_row(block_map, b, h, i, 1, blocks)
-        _sparse_block(q[b, h], k[b, h], v[b, h], r0, nr, blocks, n_crit, block_k, sc,
-                      o_s[b, h], lse[b, h])
+        _sparse_block(
+            q[b, h], k[b, h], v[b, h], r0, nr, blocks, n_crit, block_k, sc, o_s[b, h], lse[b, h]
+        )
         kv = (kv_h[b, h], kv_z[b, h], tot_h[b, h], tot_z[b, h], finite[b, h])
         _linear_block(q[b, h], kv, linear_map[b, h, i], r0, nr, phi, ep, o_l[b, h])
 
@@ -187,6 +217,20 @@ def forward(q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linea
     o_s = np_empty((B, H, Nq, D), q.dtype)
     o_l = np_empty((B, H, Nq, D), q.dtype)
     lse = np_empty((B, H, Nq), q.dtype)
-    _forward_kernel(q, k, v, block_map, linear_map(block_map, linear_scope), block_q, block_k, float(scale), int(feature_map),
-                    float(eps), *kv, o_s, o_l, lse)
+    _forward_kernel(
+        q,
+        k,
+        v,
+        block_map,
+        linear_map(block_map, linear_scope),
+        block_q,
+        block_k,
+        float(scale),
+        int(feature_map),
+        float(eps),
+        *kv,
+        o_s,
+        o_l,
+        lse,
+    )
     return o_s, o_l, lse

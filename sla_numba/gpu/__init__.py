@@ -30,10 +30,11 @@ this package needs no GPU. Shared pieces: ``simt/tiles.py`` (tile configs, the
 register-tile micro-kernel, loaders, feature maps), ``simt/states.py`` (block lists and
 linear states), ``simt/marginal.py`` (sums of states over marginal blocks), ``_compat.py`` (numpy 2.5 / simulator / bf16 shims).
 """
+
 from . import _compat  # noqa: F401  (restores np.row_stack before numba.cuda compiles)
+from ._path import ENV_VAR, PATHS, select_path
 from .backward import backward
 from .classify import classify
-from ._path import ENV_VAR, PATHS, select_path
 from .forward import forward
 
 __all__ = ["classify", "forward", "backward", "select_path", "PATHS", "ENV_VAR"]

@@ -20,6 +20,7 @@ Outputs honour :func:`sla_numba.testing.poisoning`: NaN for floats, 99 for the
 int8 map, so an element a kernel forgets to write fails the tests.
 CuPy is imported only when a CuPy array is passed (``type(x).__module__``).
 """
+
 import numpy as np
 
 from .. import _arrays as _host_arrays
@@ -43,8 +44,14 @@ def array_kind(x):
 
 def _torch_np_dtype(t):
     import torch
-    table = {torch.float32: np.float32, torch.float16: np.float16,
-             torch.float64: np.float64, torch.int8: np.int8, torch.int32: np.int32}
+
+    table = {
+        torch.float32: np.float32,
+        torch.float16: np.float16,
+        torch.float64: np.float64,
+        torch.int8: np.int8,
+        torch.int32: np.int32,
+    }
     if t.dtype == torch.bfloat16:
         return "bfloat16"
     return np.dtype(table[t.dtype])
@@ -66,6 +73,7 @@ class DeviceCall:
         self._torch_device = None
         if self.kind == "torch":
             import torch
+
             self._torch = torch
             self._torch_device = like.device
             ptr = torch.cuda.current_stream(like.device).cuda_stream
@@ -73,6 +81,7 @@ class DeviceCall:
             self.stream = _stream_from_ptr(ptr)
         elif self.kind == "cupy":
             import cupy
+
             self._cupy = cupy
             self.device_index = like.device.id
             self.stream = _stream_from_ptr(cupy.cuda.get_current_stream().ptr)

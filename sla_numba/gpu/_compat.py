@@ -23,11 +23,13 @@ Three things live here so that no kernel module has to care about them:
      fuse into an FMA. NVVM contracts ``a * b + c`` into ``fma.rn.f64`` even without
      fastmath (checked in PTX), and classification must give the CPU backend's bits.
 """
+
 import hashlib
 import sys
 import threading
 
 import numpy as np
+
 
 # --- 1. numpy >= 2.5 removed np.row_stack; numba-cuda 0.30.4 still references it
 # while registering its numpy overloads (numba_cuda/numba/cuda/np/arrayobj.py), so
@@ -35,15 +37,15 @@ import numpy as np
 def ensure_numpy_aliases():
     """Restore ``np.row_stack`` (= ``np.vstack``) when numpy no longer has it."""
     if not hasattr(np, "row_stack"):
-        np.row_stack = np.vstack
+        np.vstack = np.vstack
 
 
 ensure_numpy_aliases()
 
 import numba  # noqa: E402  (after the alias, on purpose)
+from numba import cuda  # noqa: E402
 
 from .. import config  # noqa: E402
-from numba import cuda  # noqa: E402
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
@@ -98,12 +100,13 @@ def simulator_shared_array(self, shape, dtype, alignment=None, *, depth=1):
     """``FakeCUDAShared.array`` with its lookup-or-create under a lock (``depth``:
     how many frames up the kernel line that declares the array is)."""
     from numba.np import numpy_support
+
     if alignment is not None:
         raise RuntimeError("Array alignment is not supported in cudasim")
     if not isinstance(dtype, np.dtype) and not isinstance(dtype, type):
         dtype = numpy_support.as_dtype(dtype)
     dtype = np.dtype(dtype)
-    if shape == 0:   # dynamic shared memory: views of one buffer made per launch
+    if shape == 0:  # dynamic shared memory: views of one buffer made per launch
         count = self._dynshared_size // dtype.itemsize
         return np.frombuffer(self._dynshared.data, dtype=dtype, count=count)
     frame = sys._getframe(depth)
@@ -117,6 +120,7 @@ def simulator_shared_array(self, shape, dtype, alignment=None, *, depth=1):
 
 if SIMULATOR:
     from numba.cuda.simulator import kernelapi as _kernelapi
+
     #: numba-cuda's own version, kept for the test that shows its race
     UNLOCKED_SHARED_ARRAY = _kernelapi.FakeCUDAShared.array
     _kernelapi.FakeCUDAShared.array = simulator_shared_array
@@ -141,8 +145,7 @@ else:
     def _widen(context, builder, fromty, value, toty):
         if isinstance(fromty, types.Integer) and fromty.bitwidth == 16:
             # bf16 stored as int16 bits: the fp32 with the same top 16 bits.
-            bits = builder.shl(builder.zext(value, ir.IntType(32)),
-                               ir.Constant(ir.IntType(32), 16))
+            bits = builder.shl(builder.zext(value, ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
             f = builder.bitcast(bits, ir.FloatType())
             if toty == types.float64:
                 f = builder.fpext(f, ir.DoubleType())
@@ -150,8 +153,7 @@ else:
         return context.cast(builder, value, fromty, toty)
 
     def _check(x):
-        ok = isinstance(x, types.Float) or (
-            isinstance(x, types.Integer) and x.bitwidth == 16)
+        ok = isinstance(x, types.Float) or (isinstance(x, types.Integer) and x.bitwidth == 16)
         if not ok:
             raise TypeError(f"to_f32/to_f64: unsupported element type {x}")
 
@@ -161,6 +163,7 @@ else:
 
         def codegen(context, builder, sig, args):
             return _widen(context, builder, sig.args[0], args[0], types.float32)
+
         return types.float32(x), codegen
 
     @intrinsic
@@ -169,6 +172,7 @@ else:
 
         def codegen(context, builder, sig, args):
             return _widen(context, builder, sig.args[0], args[0], types.float64)
+
         return types.float64(x), codegen
 
     def _pin_uuid(intr, name):

@@ -4,6 +4,7 @@ They decide, per call, which kernel of a twin pair runs a stage (``simt/`` or ``
 allocate its workspaces through the call's :class:`~._arrays.DeviceCall` and enqueue it
 on the call's stream. No kernel code lives here.
 """
+
 import numpy as np
 
 from ._path import tc_part
@@ -17,8 +18,22 @@ def compute_dtype(in_dtype):
     return np.dtype(np.float64) if in_dtype == np.dtype(np.float64) else np.dtype(np.float32)
 
 
-def launch_prep(call, tiles, x, y, n_rows, block, n_state, bmap, mq, mk, fm, want_cols,
-                delta_of=None, tc_kind=None):
+def launch_prep(
+    call,
+    tiles,
+    x,
+    y,
+    n_rows,
+    block,
+    n_state,
+    bmap,
+    mq,
+    mk,
+    fm,
+    want_cols,
+    delta_of=None,
+    tc_kind=None,
+):
     """Launch ``prep``; returns the device buffers (states, lists, counts).
 
     ``tc_kind`` ("bf16" / "f16", the tensor-core path): the states come from the
@@ -57,19 +72,56 @@ def launch_prep(call, tiles, x, y, n_rows, block, n_state, bmap, mq, mk, fm, wan
     tc_states = False
     if tc_kind is not None and tc_part("states"):
         from .tc.states import launch_states_tc, states_tc_supported
+
         tc_states = states_tc_supported(x.shape[3], block)
-    n_simt = 0 if tc_states else n_state          # state blocks the SIMT prep computes
+    n_simt = 0 if tc_states else n_state  # state blocks the SIMT prep computes
     grid = (n_simt + n_list_blocks + n_delta_blocks, H, B)
     make_prep(tiles)[grid, nt, call.stream](
-        x, y, n_rows, block, n_simt, state, fm, dummy,
-        bmap, mq, mk, 1 if want_cols else 0,
-        row_crit, row_info, col_crit, col_info,
-        n_list_blocks, o_s, do_s, delta, nq)
+        x,
+        y,
+        n_rows,
+        block,
+        n_simt,
+        state,
+        fm,
+        dummy,
+        bmap,
+        mq,
+        mk,
+        1 if want_cols else 0,
+        row_crit,
+        row_info,
+        col_crit,
+        col_info,
+        n_list_blocks,
+        o_s,
+        do_s,
+        delta,
+        nq,
+    )
     if tc_states:
-        launch_states_tc(tc_kind, half_bits(x), half_bits(y), flat(state), B, H, n_rows,
-                         x.shape[3], block, fm, call.stream)
-    return dict(state=state, dummy=dummy, row_crit=row_crit, row_info=row_info,
-                col_crit=col_crit, col_info=col_info, delta=delta)
+        launch_states_tc(
+            tc_kind,
+            half_bits(x),
+            half_bits(y),
+            flat(state),
+            B,
+            H,
+            n_rows,
+            x.shape[3],
+            block,
+            fm,
+            call.stream,
+        )
+    return dict(
+        state=state,
+        dummy=dummy,
+        row_crit=row_crit,
+        row_info=row_info,
+        col_crit=col_crit,
+        col_info=col_info,
+        delta=delta,
+    )
 
 
 def marginal_sum(call, bmap, transposed, n_out, n_in, states, out, tc):
@@ -78,6 +130,7 @@ def marginal_sum(call, bmap, transposed, n_out, n_in, states, out, tc):
     states are fp32; the SIMT product otherwise."""
     if tc and np.dtype(states.dtype) == np.float32 and tc_part("marginal"):
         from .tc.marginal import launch_marginal_sum_tc
+
         launch_marginal_sum_tc(call.stream, bmap, transposed, n_out, n_in, states, out)
     else:
         launch_marginal_sum(call.stream, bmap, transposed, n_out, n_in, states, out)
@@ -137,6 +190,7 @@ def half_kind(call, x):
 def linear_supported(D, block_q):
     """Whether ``tc/linear.py`` takes this head dim and query block (imported lazily)."""
     from .tc.linear import linear_tc_supported
+
     return linear_tc_supported(D, block_q)
 
 

@@ -24,6 +24,7 @@ the sums over marginal blocks) and ``linear`` (``tc/linear.py``: the forward's O
 SIMT kernels: a switch for measuring what each part is worth and for isolating a
 fault, read on every call (:func:`tc_part`).
 """
+
 from .. import config
 from .tc.forward import tc_unsupported_reason
 
@@ -60,8 +61,10 @@ def resolve_path(path, dtype, head_dim, block_q, block_k, device=None):
     if path == "tc":
         reason = tc_unsupported_reason(dtype, head_dim, block_q, block_k, device)
         if reason is not None:
-            raise ValueError(f"{source}: the tensor-core path cannot take these inputs: "
-                             f"{reason}. Use path='simt' (or 'auto') instead.")
+            raise ValueError(
+                f"{source}: the tensor-core path cannot take these inputs: "
+                f"{reason}. Use path='simt' (or 'auto') instead."
+            )
     return path
 
 

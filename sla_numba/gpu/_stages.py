@@ -6,6 +6,7 @@ kernel). Normally a no-op; inside :func:`record_stages` each mark records a torc
 CUDA event on the current stream, and the durations between consecutive events
 are summed per stage name once the block exits (it synchronises).
 """
+
 import contextlib
 
 _recorder = None
@@ -21,6 +22,7 @@ def mark(name):
 def record_stages(out):
     """Fill dict ``out`` with {stage: milliseconds} for the work queued in the block."""
     import torch
+
     global _recorder
     events = []
 

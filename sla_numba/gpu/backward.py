@@ -36,12 +36,22 @@ compiled with ``sparse=False``, *add* the linear contributions in place (7
 launches, still deterministic: each element has one writer per kernel, in stream
 order).
 """
+
 import numpy as np
 
 from .._params import FEATURE_MAPS, n_blocks
 from ._arrays import DeviceCall
-from ._launch import (call_device, compute_dtype, flat, half_bits, half_kind, launch_prep,
-                      linear_scope_global, marginal_sum, row_states)
+from ._launch import (
+    call_device,
+    compute_dtype,
+    flat,
+    half_bits,
+    half_kind,
+    launch_prep,
+    linear_scope_global,
+    marginal_sum,
+    row_states,
+)
 from ._path import resolve_path
 from ._stages import mark
 from .simt.backward import make_dkdv, make_dq
@@ -59,9 +69,26 @@ def _like_dtype(call, x, like):
     raise TypeError("path='tc' with numba device arrays needs do_s in q's dtype")
 
 
-def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map,
-             block_q, block_k, scale, feature_map, eps, linear_scope=0, *, path="auto",
-             tiles=None):
+def backward(
+    q,
+    k,
+    v,
+    o_s,
+    o_l,
+    lse,
+    do_s,
+    do_l,
+    block_map,
+    block_q,
+    block_k,
+    scale,
+    feature_map,
+    eps,
+    linear_scope=0,
+    *,
+    path="auto",
+    tiles=None,
+):
     """SLA backward. Returns ``(dq, dk, dv)`` of the same array kind as ``q``.
 
     dq like q, dk / dv like k / v, float64 for float64 q, float32 otherwise.
@@ -92,9 +119,22 @@ def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map,
     with call.device_context():
         dev = [call.dev(x) for x in (q, k, v, o_s, o_l, lse, do_s, do_l, block_map)]
         dq_, dk_, dv_, os_, ol_, lse_, dos_, dol_, bmap = dev
-        ws = launch_prep(call, T, dk_, dv_, Nk, block_k, Mk, bmap, Mq, Mk, fm, want_cols=True,
-                         delta_of=(os_, dos_) if tc else None,
-                         tc_kind=half_kind(call, q) if tc else None)
+        ws = launch_prep(
+            call,
+            T,
+            dk_,
+            dv_,
+            Nk,
+            block_k,
+            Mk,
+            bmap,
+            Mq,
+            Mk,
+            fm,
+            want_cols=True,
+            delta_of=(os_, dos_) if tc else None,
+            tc_kind=half_kind(call, q) if tc else None,
+        )
         lin_map = linear_scope_global(call, ws, bmap, True) if linear_scope else bmap
         mark("bwd prep")
         lstate = row_states(call, lin_map, ws["state"], Mq, Mk, tc=tc)
@@ -110,28 +150,84 @@ def backward(q, k, v, o_s, o_l, lse, do_s, do_l, block_map,
             if lse_f.dtype != np.float32:
                 lse_f = call.dev(_like_dtype_f32(call, lse))
             from .tc.backward import launch_sparse_backward
+
             launch_sparse_backward(
-                half_kind(call, q), half_bits(dq_), half_bits(dk_), half_bits(dv_),
-                half_bits(dos_), flat(lse_f), flat(w_ds), flat(ws["row_crit"]),
-                flat(ws["row_info"][0]), flat(ws["col_crit"]), flat(ws["col_info"][0]),
-                flat(dq), flat(dk), flat(dv), B, H, Nq, Nk, D, block_q, block_k,
-                float(scale), call.stream)
+                half_kind(call, q),
+                half_bits(dq_),
+                half_bits(dk_),
+                half_bits(dv_),
+                half_bits(dos_),
+                flat(lse_f),
+                flat(w_ds),
+                flat(ws["row_crit"]),
+                flat(ws["row_info"][0]),
+                flat(ws["col_crit"]),
+                flat(ws["col_info"][0]),
+                flat(dq),
+                flat(dk),
+                flat(dv),
+                B,
+                H,
+                Nq,
+                Nk,
+                D,
+                block_q,
+                block_k,
+                float(scale),
+                call.stream,
+            )
             mark("bwd tc sparse (dq+dkdv)")
         else:
             _, w_ds = call.workspace((B, H, Nq), acc)
         _, qstate = call.workspace((B, H, Mq, W), acc)
         _, dh = call.workspace((B, H, Mk, W), acc)
         make_dq(T, not tc)[(Mq, H, B), T.NT, call.stream](
-            dq_, dk_, dv_, os_, ol_, lse_, dos_, dol_, lstate,
-            ws["row_crit"], ws["row_info"],
-            Nq, Nk, block_q, block_k, float(scale), fm, float(eps),
-            dq, w_inv_den, w_dl, w_ds, qstate)
+            dq_,
+            dk_,
+            dv_,
+            os_,
+            ol_,
+            lse_,
+            dos_,
+            dol_,
+            lstate,
+            ws["row_crit"],
+            ws["row_info"],
+            Nq,
+            Nk,
+            block_q,
+            block_k,
+            float(scale),
+            fm,
+            float(eps),
+            dq,
+            w_inv_den,
+            w_dl,
+            w_ds,
+            qstate,
+        )
         mark("bwd linear dq" if tc else "bwd simt dq")
         marginal_sum(call, lin_map, True, Mk, Mq, qstate, dh, tc)
         mark("bwd marginal sum (columns)")
         make_dkdv(T, not tc)[(Mk, H, B), T.NT, call.stream](
-            dq_, dk_, dv_, lse_, dos_, ws["col_crit"], ws["col_info"],
-            w_ds, Nq, Nk, block_q, block_k, float(scale), fm, dk, dv, dh)
+            dq_,
+            dk_,
+            dv_,
+            lse_,
+            dos_,
+            ws["col_crit"],
+            ws["col_info"],
+            w_ds,
+            Nq,
+            Nk,
+            block_q,
+            block_k,
+            float(scale),
+            fm,
+            dk,
+            dv,
+            dh,
+        )
         mark("bwd linear dkdv" if tc else "bwd simt dkdv")
         return call.result(h_dq), call.result(h_dk), call.result(h_dv)
 

@@ -21,6 +21,7 @@ No fastmath, and more: NVVM fuses ``a*b + c`` into an FMA even without fastmath,
 and the pooled means are not exact fp32 values, so the products and sums of step 2
 go through ``mul_rn`` / ``add_rn`` (``_compat``), which are never contracted.
 """
+
 import numpy as np
 
 from .._params import n_blocks
@@ -48,6 +49,7 @@ def classify(q, k, n_crit, n_skip, block_q, block_k, scale):
         handle, block_map = call.output((B, H, Mq, Mk), np.int8)
         pool[(Mq + Mk, H, B), POOL_THREADS, call.stream](dq, dk, block_q, block_k, Mq, pq, pk)
         make_score_rank(RANK_THREADS, SORT_MAX)[(Mq, H, B), RANK_THREADS, call.stream](
-            pq, pk, float(scale), int(n_crit), int(n_skip), scores, block_map)
+            pq, pk, float(scale), int(n_crit), int(n_skip), scores, block_map
+        )
         mark("classify")
         return call.result(handle)

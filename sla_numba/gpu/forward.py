@@ -46,16 +46,38 @@ compiled with ``sparse=False``) where ``SLA_NUMBA_TC_OFF`` names it; ``"auto"``
 
 from .._params import FEATURE_MAPS, n_blocks
 from ._arrays import DeviceCall
-from ._launch import (call_device, compute_dtype, flat, half_bits, half_kind, launch_prep,
-                      linear_scope_global, linear_supported, row_states)
+from ._launch import (
+    call_device,
+    compute_dtype,
+    flat,
+    half_bits,
+    half_kind,
+    launch_prep,
+    linear_scope_global,
+    linear_supported,
+    row_states,
+)
 from ._path import resolve_path, tc_part
 from ._stages import mark
 from .simt.forward import make_forward_simt
 from .simt.tiles import choose_tiles
 
 
-def forward(q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope=0, *,
-            path="auto", tiles=None):
+def forward(
+    q,
+    k,
+    v,
+    block_map,
+    block_q,
+    block_k,
+    scale,
+    feature_map,
+    eps,
+    linear_scope=0,
+    *,
+    path="auto",
+    tiles=None,
+):
     """SLA forward. Returns ``(o_s, o_l, lse)`` of the same array kind as ``q``.
 
     o_s, o_l: (B, H, Nq, D); lse: (B, H, Nq); float64 for float64 input, float32
@@ -77,9 +99,21 @@ def forward(q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linea
     mark("glue")
     with call.device_context():
         dq, dk, dv, dmap = call.dev(q), call.dev(k), call.dev(v), call.dev(block_map)
-        ws = launch_prep(call, T, dk, dv, Nk, block_k, Mk, dmap, Mq, Mk,
-                         int(feature_map), want_cols=False,
-                         tc_kind=half_kind(call, q) if path == "tc" else None)
+        ws = launch_prep(
+            call,
+            T,
+            dk,
+            dv,
+            Nk,
+            block_k,
+            Mk,
+            dmap,
+            Mq,
+            Mk,
+            int(feature_map),
+            want_cols=False,
+            tc_kind=half_kind(call, q) if path == "tc" else None,
+        )
         lin_map = linear_scope_global(call, ws, dmap, False) if linear_scope else dmap
         mark("fwd prep")
         lstate = row_states(call, lin_map, ws["state"], Mq, Mk, tc=path == "tc")
@@ -89,20 +123,63 @@ def forward(q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linea
         h_lse, lse = call.output((B, H, Nq), acc)
         if path == "tc":
             from .tc.forward import launch_sparse_forward
-            launch_sparse_forward(half_kind(call, q), half_bits(dq), half_bits(dk), half_bits(dv),
-                                  flat(ws["row_crit"]), flat(ws["row_info"][0]), flat(o_s),
-                                  flat(lse), B, H, Nq, Nk, D, block_q, block_k, float(scale),
-                                  call.stream)
+
+            launch_sparse_forward(
+                half_kind(call, q),
+                half_bits(dq),
+                half_bits(dk),
+                half_bits(dv),
+                flat(ws["row_crit"]),
+                flat(ws["row_info"][0]),
+                flat(o_s),
+                flat(lse),
+                B,
+                H,
+                Nq,
+                Nk,
+                D,
+                block_q,
+                block_k,
+                float(scale),
+                call.stream,
+            )
             mark("fwd tc sparse")
         if path == "tc" and tc_part("linear") and linear_supported(D, block_q):
             from .tc.linear import launch_linear_forward_tc
-            launch_linear_forward_tc(half_kind(call, q), half_bits(dq), lstate,
-                                     flat(ws["row_info"][1]), flat(o_l), B, H, Nq, D,
-                                     block_q, int(feature_map), float(eps), call.stream)
+
+            launch_linear_forward_tc(
+                half_kind(call, q),
+                half_bits(dq),
+                lstate,
+                flat(ws["row_info"][1]),
+                flat(o_l),
+                B,
+                H,
+                Nq,
+                D,
+                block_q,
+                int(feature_map),
+                float(eps),
+                call.stream,
+            )
         else:
             make_forward_simt(T, path == "simt")[(Mq, H, B), T.NT, call.stream](
-                dq, dk, dv, lstate, ws["row_crit"], ws["row_info"],
-                Nq, Nk, block_q, block_k, float(scale), int(feature_map), float(eps),
-                o_s, o_l, lse)
+                dq,
+                dk,
+                dv,
+                lstate,
+                ws["row_crit"],
+                ws["row_info"],
+                Nq,
+                Nk,
+                block_q,
+                block_k,
+                float(scale),
+                int(feature_map),
+                float(eps),
+                o_s,
+                o_l,
+                lse,
+            )
         mark("fwd linear" if path == "tc" else "fwd simt fused")
         return call.result(h_os), call.result(h_ol), call.result(h_lse)

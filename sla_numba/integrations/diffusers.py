@@ -51,6 +51,7 @@ Layout
 diffusers' processors hold q, k, v as (B, N, H, D); ``sla_numba`` takes (B, H, N, D).
 All layout handling is in :func:`_attend` (two transposes there, nothing else).
 """
+
 import json
 import os
 
@@ -61,7 +62,8 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without diffusers
     raise ImportError(
         "sla_numba.integrations.diffusers needs diffusers: "
-        "pip install 'sla-numba[diffusers]' (or pip install diffusers)") from err
+        "pip install 'sla-numba[diffusers]' (or pip install diffusers)"
+    ) from err
 
 try:  # WanAttnProcessor as in diffusers 0.42 (tested); without it there are no Wan layers to patch
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
@@ -70,8 +72,14 @@ except ImportError:  # pragma: no cover - depends on the diffusers version
 
 from ..modules import SparseLinearAttention
 
-__all__ = ["apply_sla", "remove_sla", "sla_layers", "load_sla", "load_sla_pretrained",
-           "SLA_CONFIG_KEY"]
+__all__ = [
+    "apply_sla",
+    "remove_sla",
+    "sla_layers",
+    "load_sla",
+    "load_sla_pretrained",
+    "SLA_CONFIG_KEY",
+]
 
 #: The config key under which :func:`apply_sla` records its settings.
 SLA_CONFIG_KEY = "_sla_numba"
@@ -83,6 +91,7 @@ _SAVED_SETTINGS = ("topk", "skip", "block_q", "block_k", "feature_map")
 # ---------------------------------------------------------------------------
 # The attention itself, and Wan's rotary embedding
 # ---------------------------------------------------------------------------
+
 
 def _attend(sla, q, k, v):
     """SLA on diffusers' (B, N, H, D) layout; returns (B, N, H, D).
@@ -119,6 +128,7 @@ def _wan_rotary(x, freqs_cos, freqs_sin):
 # Processors
 # ---------------------------------------------------------------------------
 
+
 class _SLAProcessor:
     """Common part: remembers the processor it replaced, refuses what SLA cannot do."""
 
@@ -135,7 +145,8 @@ class _SLAProcessor:
         if encoder_hidden_states is not None:
             raise ValueError(
                 "an SLA self-attention layer was called with encoder_hidden_states; "
-                "apply_sla only replaces self-attention")
+                "apply_sla only replaces self-attention"
+            )
         if attention_mask is not None:
             raise ValueError("SLA self-attention does not take an attention_mask; got one")
 
@@ -148,8 +159,9 @@ class WanSLAProcessor(_SLAProcessor):
     rotary embedding; then SLA instead of softmax attention; then ``to_out``.
     """
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None,
-                 attention_mask=None, rotary_emb=None):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
+    ):
         self._check_call(encoder_hidden_states, attention_mask)
         if attn.fused_projections:
             q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
@@ -175,8 +187,15 @@ class AttnSLAProcessor(_SLAProcessor):
     output rescaling.
     """
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None,
-                 attention_mask=None, temb=None, **kwargs):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        **kwargs,
+    ):
         self._check_call(encoder_hidden_states, attention_mask)
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -209,6 +228,7 @@ class AttnSLAProcessor(_SLAProcessor):
 # Finding the layers
 # ---------------------------------------------------------------------------
 
+
 def _processor_kind(module):
     """'wan', 'attn2_0', 'attn' for a self-attention module SLA can replace, else None."""
     proc = getattr(module, "processor", None)
@@ -226,8 +246,11 @@ def _processor_kind(module):
 
 def sla_layers(model):
     """The names of the modules of ``model`` that run SLA now (``[]`` if none)."""
-    return [name for name, m in model.named_modules()
-            if isinstance(getattr(m, "processor", None), _SLAProcessor)]
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(getattr(m, "processor", None), _SLAProcessor)
+    ]
 
 
 def _check_model(model):
@@ -239,8 +262,17 @@ def _check_model(model):
 # apply / remove
 # ---------------------------------------------------------------------------
 
-def apply_sla(transformer, *, topk=0.05, skip=0.10, block_q=64, block_k=64,
-              feature_map="softmax", backend="auto"):
+
+def apply_sla(
+    transformer,
+    *,
+    topk=0.05,
+    skip=0.10,
+    block_q=64,
+    block_k=64,
+    feature_map="softmax",
+    backend="auto",
+):
     """Replace every self-attention of a diffusers transformer by SLA; returns the model.
 
     Parameters
@@ -277,25 +309,36 @@ def apply_sla(transformer, *, topk=0.05, skip=0.10, block_q=64, block_k=64,
     _check_model(transformer)
     if sla_layers(transformer):
         raise ValueError("SLA is already applied to this model; call remove_sla first")
-    targets = [(name, m, kind) for name, m in transformer.named_modules()
-               if (kind := _processor_kind(m)) is not None]
+    targets = [
+        (name, m, kind)
+        for name, m in transformer.named_modules()
+        if (kind := _processor_kind(m)) is not None
+    ]
     if not targets:
         raise ValueError(
             f"found no self-attention in {type(transformer).__name__} that SLA can replace: "
             "supported are WanAttention with WanAttnProcessor and Attention with "
             "AttnProcessor2_0 / AttnProcessor (after set_attn_processor of another "
-            "processor, set the default one back first)")
+            "processor, set the default one back first)"
+        )
 
     # Build every layer's SLA module before touching the model, so a bad argument
     # (checked by SparseLinearAttention) leaves the model unchanged.
     new = []
-    for name, module, kind in targets:
+    for _name, module, kind in targets:
         head_dim = module.to_q.out_features // module.heads
         # AttnProcessor2_0 calls SDPA without a scale (1/sqrt(D)); AttnProcessor uses attn.scale
         scale = float(module.scale) if kind == "attn" else None
-        sla = SparseLinearAttention(head_dim, topk=topk, skip=skip, block_q=block_q,
-                                    block_k=block_k, feature_map=feature_map,
-                                    scale=scale, backend=backend)
+        sla = SparseLinearAttention(
+            head_dim,
+            topk=topk,
+            skip=skip,
+            block_q=block_q,
+            block_k=block_k,
+            feature_map=feature_map,
+            scale=scale,
+            backend=backend,
+        )
         new.append((module, kind, sla.to(module.to_q.weight.device)))
 
     for module, kind, sla in new:
@@ -304,9 +347,15 @@ def apply_sla(transformer, *, topk=0.05, skip=0.10, block_q=64, block_k=64,
         module.set_processor(proc(module.processor))
 
     if hasattr(transformer, "register_to_config"):
-        settings = dict(topk=topk, skip=skip, block_q=block_q, block_k=block_k,
-                        feature_map=feature_map, layers=[name for name, _, _ in targets],
-                        sla_numba_version=_version())
+        settings = dict(
+            topk=topk,
+            skip=skip,
+            block_q=block_q,
+            block_k=block_k,
+            feature_map=feature_map,
+            layers=[name for name, _, _ in targets],
+            sla_numba_version=_version(),
+        )
         transformer.register_to_config(**{SLA_CONFIG_KEY: settings})
     return transformer
 
@@ -333,12 +382,14 @@ def remove_sla(transformer):
 
 def _version():
     from .. import __version__
+
     return __version__
 
 
 # ---------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------
+
 
 def _is_sla_key(key):
     return ".sla.proj." in key
@@ -354,16 +405,22 @@ def _with_variant(name, variant):
 
 def _read_sla_tensors(directory, variant):
     """The ``*.sla.proj.*`` tensors of the checkpoint in ``directory`` (only those are read)."""
-    from diffusers.utils import (SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME,
-                                 WEIGHTS_INDEX_NAME, WEIGHTS_NAME)
+    from diffusers.utils import (
+        SAFE_WEIGHTS_INDEX_NAME,
+        SAFETENSORS_WEIGHTS_NAME,
+        WEIGHTS_INDEX_NAME,
+        WEIGHTS_NAME,
+    )
 
     def files_of(index_name):
         with open(os.path.join(directory, index_name)) as f:
             weight_map = json.load(f)["weight_map"]
         return sorted({fn for key, fn in weight_map.items() if _is_sla_key(key)})
 
-    for single, index, safe in ((SAFETENSORS_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, True),
-                                (WEIGHTS_NAME, WEIGHTS_INDEX_NAME, False)):
+    for single, index, safe in (
+        (SAFETENSORS_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, True),
+        (WEIGHTS_NAME, WEIGHTS_INDEX_NAME, False),
+    ):
         single, index = _with_variant(single, variant), _with_variant(index, variant)
         if os.path.isfile(os.path.join(directory, single)):
             files = [single]
@@ -376,6 +433,7 @@ def _read_sla_tensors(directory, variant):
             path = os.path.join(directory, fn)
             if safe:
                 from safetensors import safe_open
+
                 with safe_open(path, framework="pt") as f:
                     for key in f.keys():
                         if _is_sla_key(key):
@@ -384,8 +442,10 @@ def _read_sla_tensors(directory, variant):
                 sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 tensors.update({k: t for k, t in sd.items() if _is_sla_key(k)})
         return tensors
-    raise ValueError(f"found no diffusers checkpoint ({_with_variant(SAFETENSORS_WEIGHTS_NAME, variant)} "
-                     f"or {_with_variant(WEIGHTS_NAME, variant)}, or their index) in {directory}")
+    raise ValueError(
+        f"found no diffusers checkpoint ({_with_variant(SAFETENSORS_WEIGHTS_NAME, variant)} "
+        f"or {_with_variant(WEIGHTS_NAME, variant)}, or their index) in {directory}"
+    )
 
 
 def _local_dir(pretrained_path, subfolder):
@@ -393,7 +453,8 @@ def _local_dir(pretrained_path, subfolder):
     if not os.path.isdir(directory):
         raise ValueError(
             f"pretrained_path must be a local directory, {directory!r} is not one "
-            "(download a Hub repository first with huggingface_hub.snapshot_download)")
+            "(download a Hub repository first with huggingface_hub.snapshot_download)"
+        )
     return directory
 
 
@@ -413,8 +474,10 @@ def load_sla(transformer, pretrained_path, *, subfolder=None, variant=None, back
     with open(config_path) as f:
         settings = json.load(f).get(SLA_CONFIG_KEY)
     if not settings:
-        raise ValueError(f"{config_path} has no SLA settings ({SLA_CONFIG_KEY!r}): "
-                         "the model was not saved with SLA applied")
+        raise ValueError(
+            f"{config_path} has no SLA settings ({SLA_CONFIG_KEY!r}): "
+            "the model was not saved with SLA applied"
+        )
     apply_sla(transformer, backend=backend, **{k: settings[k] for k in _SAVED_SETTINGS})
     if sla_layers(transformer) != settings["layers"]:
         names = sla_layers(transformer)
@@ -427,13 +490,21 @@ def load_sla(transformer, pretrained_path, *, subfolder=None, variant=None, back
         remove_sla(transformer)
         raise ValueError(
             f"the checkpoint in {directory} has SLA projections {sorted(tensors)[:4]}..., "
-            f"the model expects {sorted(expected)[:4]}... ({len(tensors)} vs {len(expected)})")
+            f"the model expects {sorted(expected)[:4]}... ({len(tensors)} vs {len(expected)})"
+        )
     transformer.load_state_dict(tensors, strict=False)
     return transformer
 
 
-def load_sla_pretrained(model_cls, pretrained_path, *, subfolder=None, variant=None,
-                        backend="auto", **from_pretrained_kwargs):
+def load_sla_pretrained(
+    model_cls,
+    pretrained_path,
+    *,
+    subfolder=None,
+    variant=None,
+    backend="auto",
+    **from_pretrained_kwargs,
+):
     """``model_cls.from_pretrained`` of a model saved with SLA applied, SLA included.
 
     ``model_cls.from_pretrained(pretrained_path, subfolder=..., variant=...,
@@ -453,8 +524,9 @@ def load_sla_pretrained(model_cls, pretrained_path, *, subfolder=None, variant=N
     own = model_cls.__dict__.get(attr, _MISSING)
     setattr(model_cls, attr, list(getattr(model_cls, attr, None) or []) + [r"\.sla\.proj\."])
     try:
-        model = model_cls.from_pretrained(pretrained_path, subfolder=subfolder, variant=variant,
-                                          **from_pretrained_kwargs)
+        model = model_cls.from_pretrained(
+            pretrained_path, subfolder=subfolder, variant=variant, **from_pretrained_kwargs
+        )
     finally:
         if own is _MISSING:
             delattr(model_cls, attr)

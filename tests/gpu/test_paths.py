@@ -12,15 +12,17 @@ Real-GPU half (skipped without CUDA): bf16 / fp16 torch tensors through the publ
 against float64 with the issue's bound (at most 2x the error of the same SLA
 computed by torch in the input precision); CuPy fp16 input through the backend.
 """
+
 import importlib
 import math
 
 import numpy as np
 import pytest
 import torch
+from helpers import backend_err as _err  # noqa: E402
+from helpers import reference_grads as _reference_grads
 from numba import config
 
-from helpers import backend_err as _err, reference_grads as _reference_grads  # noqa: E402
 from sla_numba import _params
 from sla_numba.reference import sla_reference
 
@@ -46,6 +48,7 @@ def spy(monkeypatch):
     def b(*a, **kw):
         calls["bwd"] += 1
         return b0(*a, **kw)
+
     monkeypatch.setattr(forward_tc, "launch_sparse_forward", f)
     monkeypatch.setattr(backward_tc, "launch_sparse_backward", b)
     monkeypatch.delenv(gpu_path.ENV_VAR, raising=False)
@@ -62,10 +65,10 @@ def test_select_path_rules(monkeypatch):
     assert gpu.select_path(np.float16, 64, 128, 64) == tc
     assert gpu.select_path(np.float32, 64, 64, 64) == "simt"
     assert gpu.select_path("float64", 64, 64, 64) == "simt"
-    assert gpu.select_path("bfloat16", 40, 64, 64) == "simt"     # D not a multiple of 16
-    assert gpu.select_path("bfloat16", 256, 64, 64) == "simt"    # D too large
-    assert gpu.select_path("bfloat16", 64, 96, 64) == "simt"     # block_q
-    assert gpu.select_path("bfloat16", 64, 64, 128) == "simt"    # block_k
+    assert gpu.select_path("bfloat16", 40, 64, 64) == "simt"  # D not a multiple of 16
+    assert gpu.select_path("bfloat16", 256, 64, 64) == "simt"  # D too large
+    assert gpu.select_path("bfloat16", 64, 96, 64) == "simt"  # block_q
+    assert gpu.select_path("bfloat16", 64, 64, 128) == "simt"  # block_k
     assert gpu.PATHS == ("auto", "simt", "tc")
 
 
@@ -108,9 +111,9 @@ def test_forced_tc_on_fp32_raises_and_bad_path(spy):
 # --------------------------------------------------------------------------- simulator
 # B, H, Nq, Nk, D, bq, bk, feature map, path asked for "tc" (explicit or auto), linear scope
 SIM_CASES = [
-    (1, 1, 40, 37, 16, 16, 16, "softmax", "tc", 0),     # tails on both axes, Nq != Nk
-    (1, 1, 40, 37, 32, 32, 16, "elu", "auto", 0),       # two m-tiles a warp; auto picks tc
-    (1, 1, 40, 37, 16, 16, 16, "relu", "tc", 1),        # linear_scope="global"
+    (1, 1, 40, 37, 16, 16, 16, "softmax", "tc", 0),  # tails on both axes, Nq != Nk
+    (1, 1, 40, 37, 32, 32, 16, "elu", "auto", 0),  # two m-tiles a warp; auto picks tc
+    (1, 1, 40, 37, 16, 16, 16, "relu", "tc", 1),  # linear_scope="global"
 ]
 
 
@@ -144,24 +147,25 @@ def test_tc_vs_simt_vs_reference_simulated(spy, B, H, Nq, Nk, D, bq, bk, fm, pat
     assert spy["fwd"] == 1
     f_simt = gpu.forward(q, k, v, bm, bq, bk, scale, code, 1e-6, scope, path="simt")
     assert spy["fwd"] == 1
-    _, r_s, r_l = sla_reference(q, k, v, bm, block_q=bq, block_k=bk, feature_map=fm, scale=scale,
-                                linear_scope=scope_name)
+    _, r_s, r_l = sla_reference(
+        q, k, v, bm, block_q=bq, block_k=bk, feature_map=fm, scale=scale, linear_scope=scope_name
+    )
     assert all(x.dtype == np.float32 for x in f_tc)
     assert _err(f_tc[0], r_s) < 2e-3 and _err(f_simt[0], r_s) < 1e-5
-    np.testing.assert_array_equal(f_tc[0][0, 0, :bq], 0.0)        # row without critical block
+    np.testing.assert_array_equal(f_tc[0][0, 0, :bq], 0.0)  # row without critical block
     # linear branch: the same SIMT fp32 kernel, but the tc path sums the states over
     # marginal blocks on tensor cores (bf16 hi + lo, ~2^-16 relative a term)
     assert _err(f_tc[1], r_l) < 1e-5
     np.testing.assert_allclose(f_tc[1], f_simt[1], rtol=1e-4, atol=1e-5)
     if not scope:
-        np.testing.assert_array_equal(f_tc[1][0, 0, bq:2 * bq], 0.0)   # row without marginal block
+        np.testing.assert_array_equal(f_tc[1][0, 0, bq : 2 * bq], 0.0)  # row without marginal block
     np.testing.assert_allclose(f_tc[2], f_simt[2], rtol=1e-4, atol=1e-4)
 
-    g_tc = gpu.backward(q, k, v, *f_tc, do_s, do_l, bm, bq, bk, scale, code, 1e-6, scope,
-                        path=path)
+    g_tc = gpu.backward(q, k, v, *f_tc, do_s, do_l, bm, bq, bk, scale, code, 1e-6, scope, path=path)
     assert spy["bwd"] == 1
-    g_simt = gpu.backward(q, k, v, *f_simt, do_s, do_l, bm, bq, bk, scale, code, 1e-6, scope,
-                          path="simt")
+    g_simt = gpu.backward(
+        q, k, v, *f_simt, do_s, do_l, bm, bq, bk, scale, code, 1e-6, scope, path="simt"
+    )
     assert spy["bwd"] == 1
     ref = _reference_grads(q, k, v, bm, bq, bk, scale, fm, do_s, do_l, scope_name)
     for a, s, r in zip(g_tc, g_simt, ref):
@@ -171,8 +175,7 @@ def test_tc_vs_simt_vs_reference_simulated(spy, B, H, Nq, Nk, D, bq, bk, fm, pat
     if D > 16:
         return
     # determinism of the combined path
-    g2 = gpu.backward(q, k, v, *f_tc, do_s, do_l, bm, bq, bk, scale, code, 1e-6, scope,
-                      path=path)
+    g2 = gpu.backward(q, k, v, *f_tc, do_s, do_l, bm, bq, bk, scale, code, 1e-6, scope, path=path)
     for a, b in zip(g_tc, g2):
         np.testing.assert_array_equal(a, b)
 
@@ -194,6 +197,7 @@ def _has_cuda():
     if SIM or not torch.cuda.is_available():
         return False
     from numba import cuda
+
     return cuda.is_available() and cuda.get_current_device().compute_capability >= (8, 0)
 
 
@@ -206,26 +210,28 @@ def _rel(a, ref):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 64), (torch.bfloat16, 128),
-                                     (torch.float16, 64)])
+@pytest.mark.parametrize(
+    "dtype,D", [(torch.bfloat16, 64), (torch.bfloat16, 128), (torch.float16, 64)]
+)
 def test_sla_attention_autograd_auto_picks_tc(spy, dtype, D):
     """Public API, torch autograd, tails (N = 1000); O and dq/dk/dv vs float64 within
     2x the error of the same SLA computed by torch in ``dtype``."""
     import sla_numba
+
     B, H, N, blk = 1, 2, 1000, 64
     assert gpu.select_path(dtype, D, blk, blk) == "tc"
     g = torch.Generator(device="cuda").manual_seed(D)
-    q, k, v, do = (torch.randn(B, H, N, D, device="cuda", generator=g).to(dtype)
-                   for _ in range(4))
-    w = (0.3 * torch.randn(D, D, device="cuda", generator=g))
+    q, k, v, do = (torch.randn(B, H, N, D, device="cuda", generator=g).to(dtype) for _ in range(4))
+    w = 0.3 * torch.randn(D, D, device="cuda", generator=g)
     mq = _params.n_blocks(N, blk)
     n_crit, n_skip = _params.block_counts(mq, 0.25, 0.25)
-    bm = gpu.classify(q, k, n_crit, n_skip, blk, blk, D ** -0.5)
-    bm[0, 0, 0] = 0                                  # a row with no critical block
-    bm[0, 0, 1] = 1                                  # a row with no marginal block
+    bm = gpu.classify(q, k, n_crit, n_skip, blk, blk, D**-0.5)
+    bm[0, 0, 0] = 0  # a row with no critical block
+    bm[0, 0, 1] = 1  # a row with no marginal block
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    o = sla_numba.sla_attention(*leaves, block_q=blk, block_k=blk, block_map=bm,
-                                proj_weight=w, backend="gpu")
+    o = sla_numba.sla_attention(
+        *leaves, block_q=blk, block_k=blk, block_map=bm, proj_weight=w, backend="gpu"
+    )
     o.backward(do)
     torch.cuda.synchronize()
     assert spy["fwd"] >= 1 and spy["bwd"] >= 1
@@ -233,10 +239,10 @@ def test_sla_attention_autograd_auto_picks_tc(spy, dtype, D):
 
     def ref(prec):
         xs = [x.detach().to(prec).requires_grad_() for x in (q, k, v)]
-        out, _, _ = sla_reference(*xs, bm.cpu(), block_q=blk, block_k=blk,
-                                  proj_weight=w.to(prec))
+        out, _, _ = sla_reference(*xs, bm.cpu(), block_q=blk, block_k=blk, proj_weight=w.to(prec))
         out.backward(do.to(prec))
         return [out.detach()] + [x.grad for x in xs]
+
     exact = ref(torch.float64)
     same_prec = ref(dtype)
     ours = [o.detach()] + [x.grad for x in leaves]
@@ -256,20 +262,20 @@ def test_sla_attention_autograd_auto_picks_tc(spy, dtype, D):
 def test_tc_and_simt_agree_on_torch_bf16_side_stream(spy):
     B, H, N, D, blk = 1, 2, 300, 128, 64
     g = torch.Generator(device="cuda").manual_seed(3)
-    q, k, v, do = (torch.randn(B, H, N, D, device="cuda", generator=g).to(torch.bfloat16)
-                   for _ in range(4))
-    bm = gpu.classify(q, k, 2, 1, blk, blk, D ** -0.5)
+    q, k, v, do = (
+        torch.randn(B, H, N, D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(4)
+    )
+    bm = gpu.classify(q, k, 2, 1, blk, blk, D**-0.5)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        f_tc = gpu.forward(q, k, v, bm, blk, blk, D ** -0.5, 0, 1e-6)
-        g_tc = gpu.backward(q, k, v, *f_tc, do, do, bm, blk, blk, D ** -0.5, 0, 1e-6)
-        f_s = gpu.forward(q, k, v, bm, blk, blk, D ** -0.5, 0, 1e-6, path="simt")
-        g_s = gpu.backward(q, k, v, *f_s, do, do, bm, blk, blk, D ** -0.5, 0, 1e-6,
-                           path="simt")
+        f_tc = gpu.forward(q, k, v, bm, blk, blk, D**-0.5, 0, 1e-6)
+        g_tc = gpu.backward(q, k, v, *f_tc, do, do, bm, blk, blk, D**-0.5, 0, 1e-6)
+        f_s = gpu.forward(q, k, v, bm, blk, blk, D**-0.5, 0, 1e-6, path="simt")
+        g_s = gpu.backward(q, k, v, *f_s, do, do, bm, blk, blk, D**-0.5, 0, 1e-6, path="simt")
     side.synchronize()
     assert spy == {"fwd": 1, "bwd": 1}
-    assert _rel(f_tc[1], f_s[1]) < 1e-5                     # linear branch: fp32 SIMT both
+    assert _rel(f_tc[1], f_s[1]) < 1e-5  # linear branch: fp32 SIMT both
     for a, b in zip((*f_tc[:1], *g_tc), (*f_s[:1], *g_s)):
         assert _rel(a, b) < 1e-2
 
@@ -280,11 +286,13 @@ def test_cupy_fp16_forward_uses_tc():
     rng = np.random.default_rng(5)
     B, H, N, D, blk = 1, 2, 200, 64, 64
     q, k, v = (rng.standard_normal((B, H, N, D)).astype(np.float16) for _ in range(3))
-    bm = np.array([[[[1, 0, -1, 0], [0, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 1]]]] * H,
-                  np.int8).reshape(B, H, 4, 4)
+    bm = np.array(
+        [[[[1, 0, -1, 0], [0, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 1]]]] * H, np.int8
+    ).reshape(B, H, 4, 4)
     assert gpu.select_path(np.float16, D, blk, blk) == "tc"
-    outs = gpu.forward(*(cp.asarray(x) for x in (q, k, v)), cp.asarray(bm), blk, blk,
-                       0.125, 0, 1e-6)
+    outs = gpu.forward(
+        *(cp.asarray(x) for x in (q, k, v)), cp.asarray(bm), blk, blk, 0.125, 0, 1e-6
+    )
     assert isinstance(outs[0], cp.ndarray)
     _, r_s, r_l = sla_reference(q, k, v, bm, block_q=blk, block_k=blk, scale=0.125)
     assert _err(cp.asnumpy(outs[0]), r_s) < 2e-3

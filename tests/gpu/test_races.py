@@ -11,6 +11,7 @@ returns, which changes from run to run). Simulator only: on a GPU the real hardw
 A detector that cannot fail would prove nothing, so the first tests feed it kernels
 with a planted race / uninitialised read / two writers and check that it reports each.
 """
+
 import numpy as np
 import pytest
 from numba import config, cuda
@@ -18,8 +19,10 @@ from numba import config, cuda
 from sla_numba import _params
 from sla_numba.testing_race import DataRace, detect_races
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not config.ENABLE_CUDASIM, reason="simulator-only tool")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not config.ENABLE_CUDASIM, reason="simulator-only tool"),
+]
 
 
 # --------------------------------------------------------------------------- the detector
@@ -32,7 +35,7 @@ def _missing_barrier(out):
     s = cuda.shared.array(4, np.float32)
     t = cuda.threadIdx.x
     s[t] = t
-    out[t] = s[(t + 1) % 4]          # reads a neighbour's write: no barrier between
+    out[t] = s[(t + 1) % 4]  # reads a neighbour's write: no barrier between
 
 
 @cuda.jit
@@ -48,7 +51,7 @@ def _with_barrier(out):
 def _uninitialised(out):
     s = cuda.shared.array(8, np.float32)
     t = cuda.threadIdx.x
-    s[t] = t                          # elements 4..7 are never written
+    s[t] = t  # elements 4..7 are never written
     cuda.syncthreads()
     out[t] = s[t + 4]
 
@@ -56,18 +59,18 @@ def _uninitialised(out):
 @cuda.jit
 def _unwritten_local(out):
     acc = cuda.local.array(2, np.float32)
-    acc[0] = 1.0                      # acc[1] is never written
+    acc[0] = 1.0  # acc[1] is never written
     out[cuda.threadIdx.x] = acc[0] + acc[1]
 
 
 @cuda.jit
 def _two_blocks_one_element(out):
     if cuda.threadIdx.x == 0:
-        out[0] = cuda.blockIdx.x      # every block writes element 0
+        out[0] = cuda.blockIdx.x  # every block writes element 0
 
 
 def test_detector_reports_a_missing_barrier():
-    with pytest.raises(DataRace, match="shared-memory"):   # a race or an unwritten read
+    with pytest.raises(DataRace, match="shared-memory"):  # a race or an unwritten read
         with detect_races():
             _run(_missing_barrier, np.zeros(4, np.float32))
 
@@ -115,11 +118,13 @@ def _slow_empty(monkeypatch, module):
     ``cuda.shared.array`` line together then overlap in its lookup-or-create."""
     import time
     import types
+
     slow = types.SimpleNamespace(**{n: getattr(np, n) for n in dir(np) if not n.startswith("__")})
 
     def empty(*a, **kw):
         time.sleep(0.02)
         return np.empty(*a, **kw)
+
     slow.empty = empty
     monkeypatch.setattr(module, "np", slow)
 
@@ -133,6 +138,7 @@ def test_simulator_shared_arrays_are_shared_when_threads_race(monkeypatch):
     from numba.cuda.simulator import kernelapi
 
     from sla_numba.gpu import _compat
+
     _slow_empty(monkeypatch, kernelapi)
     _slow_empty(monkeypatch, _compat)
     out = np.zeros(8, np.float32)
@@ -155,26 +161,29 @@ def _map(nq, nk, bq, bk, seed=1):
     rng = np.random.default_rng(seed)
     mq, mk = _params.n_blocks(nq, bq), _params.n_blocks(nk, bk)
     m = rng.choice(np.array([1, 0, -1], np.int8), size=(1, 2, mq, mk))
-    m[0, 0, 0] = 0          # no critical block
-    m[0, 1, 0] = 1          # no marginal block
+    m[0, 0, 0] = 0  # no critical block
+    m[0, 1, 0] = 1  # no marginal block
     return m
 
 
-@pytest.mark.parametrize("path,dtype,shape", [
-    ("simt", np.float32, (19, 21, 8, 4, 4)),       # tails on both axes
-    ("simt", np.float64, (9, 13, 5, 8, 4)),        # odd D, Nq < block rows
-    ("tc", np.float16, (20, 37, 16, 16, 16)),      # the tensor-core twins
-])
+@pytest.mark.parametrize(
+    "path,dtype,shape",
+    [
+        ("simt", np.float32, (19, 21, 8, 4, 4)),  # tails on both axes
+        ("simt", np.float64, (9, 13, 5, 8, 4)),  # odd D, Nq < block rows
+        ("tc", np.float16, (20, 37, 16, 16, 16)),  # the tensor-core twins
+    ],
+)
 def test_kernels_have_no_races(path, dtype, shape):
     from sla_numba import gpu
+
     nq, nk, d, bq, bk = shape
     q, k, v = _inputs(nq, nk, d, dtype)
     m = _map(nq, nk, bq, bk)
-    scale = d ** -0.5
+    scale = d**-0.5
     with detect_races():
         mk = _params.n_blocks(nk, bk)
         gpu.classify(q, k, *_params.block_counts(mk, 0.3, 0.2), bq, bk, scale)
         o_s, o_l, lse = gpu.forward(q, k, v, m, bq, bk, scale, "elu", 1e-6, path=path)
         do = np.random.default_rng(2).standard_normal(q.shape).astype(dtype)
-        gpu.backward(q, k, v, o_s, o_l, lse, do, do, m, bq, bk, scale, "elu", 1e-6,
-                     path=path)
+        gpu.backward(q, k, v, o_s, o_l, lse, do, do, m, bq, bk, scale, "elu", 1e-6, path=path)

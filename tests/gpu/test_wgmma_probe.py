@@ -9,6 +9,7 @@
    ``.target sm_90a`` holding exactly 4 ``wgmma.mma_async`` per k-tile, nvJitLink
    assembles it for sm_90a, and refuses the same PTX for plain sm_90.
 """
+
 import importlib.util
 import json
 import os
@@ -42,6 +43,7 @@ def test_descriptor_fields():
 @pytest.mark.parametrize("layout", ["sw128", "inter", "inter_swapped"])
 def test_twin_block_matches_numpy(layout):
     from sla_numba.gpu.tc.ptx import bf16_bits_to_f32, f32_to_bf16_bits
+
     w = _load_probe()
     rng = np.random.default_rng(1)
     bn = 128
@@ -49,7 +51,7 @@ def test_twin_block_matches_numpy(layout):
     bt = f32_to_bf16_bits(rng.standard_normal((bn, w.BK)).astype(np.float32))
     ref = bf16_bits_to_f32(a).astype(np.float64) @ bf16_bits_to_f32(bt).astype(np.float64).T
     got = w.twin_gemm(a, bt, layout, bn)
-    assert not np.isnan(got).any()          # every C element written by the epilogue map
+    assert not np.isnan(got).any()  # every C element written by the epilogue map
     err = np.abs(got - ref).max()
     if layout == "inter_swapped":
         assert err > 1.0
@@ -66,14 +68,29 @@ def test_sizes_must_fit_tiles():
 
 
 def test_ptx_is_sm90a_and_assembles(tmp_path):
-    pytest.importorskip("cuda.bindings.nvjitlink",
-                        reason="needs numba-cuda's CUDA wheels (nvJitLink)")
+    pytest.importorskip(
+        "cuda.bindings.nvjitlink", reason="needs numba-cuda's CUDA wheels (nvJitLink)"
+    )
     out = tmp_path / "wgmma.json"
     env = dict(os.environ, PYTHONPATH=ROOT)
-    env.pop("NUMBA_ENABLE_CUDASIM", None)       # the real compiler, not the simulator
-    proc = subprocess.run([sys.executable, PROBE, "--ptx-only", "--bn", "128", "--layout",
-                           "sw128", "--json", str(out)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    env.pop("NUMBA_ENABLE_CUDASIM", None)  # the real compiler, not the simulator
+    proc = subprocess.run(
+        [
+            sys.executable,
+            PROBE,
+            "--ptx-only",
+            "--bn",
+            "128",
+            "--layout",
+            "sw128",
+            "--json",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = {s["step"]: s for s in json.loads(out.read_text())["steps"]}
     ptx = steps["ptx sm_90a (cc=(9,0,'a'))"]
@@ -90,11 +107,25 @@ def test_gpu_plan_order():
     """The main sw128 GEMMs run first and the fallback path early; the no-swizzle
     diagnostics (the ones that may fault and poison the context) run last."""
     w = _load_probe()
-    cfgs = [(128, 4, "sw128", False), (256, 4, "sw128", False), (128, 3, "sw128", False),
-            (128, 4, "sw128", True), (128, 4, "inter", False),
-            (128, 4, "inter_swapped", False), (128, 4, "tma", False), (256, 4, "ws", False)]
+    cfgs = [
+        (128, 4, "sw128", False),
+        (256, 4, "sw128", False),
+        (128, 3, "sw128", False),
+        (128, 4, "sw128", True),
+        (128, 4, "inter", False),
+        (128, 4, "inter_swapped", False),
+        (128, 4, "tma", False),
+        (256, 4, "ws", False),
+    ]
     plan = [(w.tag_of(c), p) for c, p in w.gpu_plan(cfgs, ["jit", "retarget"])]
-    assert plan == [("bn128_s4_sw128", "jit"), ("bn256_s4_sw128", "jit"),
-                    ("bn128_s4_sw128", "retarget"), ("bn128_s4_sw128_mmaonly", "jit"),
-                    ("bn128_s4_tma", "jit"), ("bn256_s4_ws", "jit"), ("bn128_s3_sw128", "jit"),
-                    ("bn128_s4_inter", "jit"), ("bn128_s4_inter_swapped", "jit")]
+    assert plan == [
+        ("bn128_s4_sw128", "jit"),
+        ("bn256_s4_sw128", "jit"),
+        ("bn128_s4_sw128", "retarget"),
+        ("bn128_s4_sw128_mmaonly", "jit"),
+        ("bn128_s4_tma", "jit"),
+        ("bn256_s4_ws", "jit"),
+        ("bn128_s3_sw128", "jit"),
+        ("bn128_s4_inter", "jit"),
+        ("bn128_s4_inter_swapped", "jit"),
+    ]

@@ -4,9 +4,9 @@ The orchestration (which launches, in which order) and the algorithm are in
 ``sla_numba/gpu/backward.py``; compiled with ``sparse=False`` (the tensor-core path)
 these kernels add only the linear branch's terms, in place.
 """
+
 import functools
 import math
-
 
 from .._compat import FASTMATH, SIMULATOR, cuda, kernel
 from .states import make_state_fn, prep_one_pass, prep_smem, state_rows
@@ -21,7 +21,7 @@ def dkdv_rows(tiles):
     return min(tiles.BK, tiles.TR * per_thread)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_dq(tiles, sparse=True):
     """The dQ kernel. ``sparse=False`` (tensor-core path): no sparse loop, no δs;
     the linear contribution is *added* to ``dq`` (which holds the tensor cores' dQ)."""
@@ -44,31 +44,62 @@ def make_dq(tiles, sparse=True):
     if ONE:
         SA = max(SA, prep_smem(T))
     ops = make_common(NT, T.acc)
-    (load_t, load_n, phi_value, phi_slope, row_stats, load_phi_t, load_phi_n,
-     load_state, to_acc) = ops.functions()
+    (
+        load_t,
+        load_n,
+        phi_value,
+        phi_slope,
+        row_stats,
+        load_phi_t,
+        load_phi_n,
+        load_state,
+        to_acc,
+    ) = ops.functions()
     lanes_max, lanes_sum = ops.row_reducers()
-    LQ = max(1, NT // BQ)            # lanes a query row in the δs / δl / den sums
-    GQ = NT // LQ                    # row slots a pass (see tiles.make_common)
+    LQ = max(1, NT // BQ)  # lanes a query row in the δs / δl / den sums
+    GQ = NT // LQ  # row slots a pass (see tiles.make_common)
     zero = acc_t(0.0)
     one = acc_t(1.0)
     log2e = acc_t(LOG2E)
 
     @kernel(fastmath=FASTMATH)
-    def sla_dq(q4, k4, v4, o_s4, o_l4, lse3, do_s4, do_l4, lstate4, crit4, info,
-               nq, nk, block_q, block_k, scale, fm, eps,
-               dq4, w_inv_den3, w_dl3, w_ds3, qstate4):
+    def sla_dq(
+        q4,
+        k4,
+        v4,
+        o_s4,
+        o_l4,
+        lse3,
+        do_s4,
+        do_l4,
+        lstate4,
+        crit4,
+        info,
+        nq,
+        nk,
+        block_q,
+        block_k,
+        scale,
+        fm,
+        eps,
+        dq4,
+        w_inv_den3,
+        w_dl3,
+        w_ds3,
+        qstate4,
+    ):
         sa = cuda.shared.array(SA, acc_t)
         sb = cuda.shared.array(SB, acc_t)
         sp = cuda.shared.array(SP, acc_t)
         sred = cuda.shared.array(SRED, acc_t)
         srow = cuda.shared.array(SROW, acc_t)
-        sz = cuda.shared.array(DP, acc_t)          # Z_i
-        sx = cuda.shared.array(SROW, acc_t)        # per row: δs, δl, 1/den, lse·log2 e
+        sz = cuda.shared.array(DP, acc_t)  # Z_i
+        sx = cuda.shared.array(SROW, acc_t)  # per row: δs, δl, 1/den, lse·log2 e
         s = cuda.local.array((RQ, RK), acc_t)
         dp = cuda.local.array((RQ, RK), acc_t)
         acc = cuda.local.array((RQ, RD), acc_t)
         zacc = cuda.local.array(RQ, acc_t)
-        sacc = cuda.local.array((RQS, RD), acc_t)     # QO_i pass (one-pass variant)
+        sacc = cuda.local.array((RQS, RD), acc_t)  # QO_i pass (one-pass variant)
         szacc = cuda.local.array(RQS, acc_t)
 
         t = cuda.threadIdx.x
@@ -84,7 +115,7 @@ def make_dq(tiles, sparse=True):
         q, k, v = q4[b, h], k4[b, h], v4[b, h]
         o_s, o_l, lse = o_s4[b, h], o_l4[b, h], lse3[b, h]
         do_s, do_l = do_s4[b, h], do_l4[b, h]
-        hz, qstate = lstate4[b, h, i], qstate4[b, h]     # hz: [vec(H_i), Z_i]
+        hz, qstate = lstate4[b, h, i], qstate4[b, h]  # hz: [vec(H_i), Z_i]
         crit = crit4[b, h, i]
         dq = dq4[b, h]
         w_inv_den, w_dl, w_ds = w_inv_den3[b, h], w_dl3[b, h], w_ds3[b, h]
@@ -103,7 +134,7 @@ def make_dq(tiles, sparse=True):
         for r0 in range(q0, q_end, BQ):
             nr = min(BQ, q1 - r0)
             cuda.syncthreads()
-            row_stats(srow, q, r0, nr, D, BQ, t, fm, sred)   # ends with a barrier
+            row_stats(srow, q, r0, nr, D, BQ, t, fm, sred)  # ends with a barrier
             # per row: δs, δl, den over D, each row split over LQ lanes like
             # row_stats (partials summed through sred; all threads take part)
             for rb in range(0, BQ, GQ):
@@ -125,7 +156,7 @@ def make_dq(tiles, sparse=True):
                 if SPARSE:
                     ds = lanes_sum(sred, ds, t, LQ)
                 dl = lanes_sum(sred, dl, t, LQ)
-                if n_marg > 0:                      # uniform: one block, one n_marg
+                if n_marg > 0:  # uniform: one block, one n_marg
                     den = lanes_sum(sred, den, t, LQ)
                 if lane == 0 and slot < GQ and r < BQ:
                     inv_den = zero
@@ -214,11 +245,51 @@ def make_dq(tiles, sparse=True):
         cuda.syncthreads()
         if n_marg > 0:
             if ONE:
-                state_block(q, do_l, q0, q1, D, fm, w_inv_den, w_dl, 1, qstate, i,
-                            sa, sb, srow, sred, sacc, szacc, t, tr, tc)
+                state_block(
+                    q,
+                    do_l,
+                    q0,
+                    q1,
+                    D,
+                    fm,
+                    w_inv_den,
+                    w_dl,
+                    1,
+                    qstate,
+                    i,
+                    sa,
+                    sb,
+                    srow,
+                    sred,
+                    sacc,
+                    szacc,
+                    t,
+                    tr,
+                    tc,
+                )
             else:
-                state_block(q, do_l, q0, q1, D, fm, w_inv_den, w_dl, 1, qstate, i,
-                            sa, sb, srow, sred, acc, zacc, t, tr, tc)
+                state_block(
+                    q,
+                    do_l,
+                    q0,
+                    q1,
+                    D,
+                    fm,
+                    w_inv_den,
+                    w_dl,
+                    1,
+                    qstate,
+                    i,
+                    sa,
+                    sb,
+                    srow,
+                    sred,
+                    acc,
+                    zacc,
+                    t,
+                    tr,
+                    tc,
+                )
         else:
             for e in range(t, qstate.shape[1], NT):
                 qstate[i, e] = zero
@@ -226,7 +297,7 @@ def make_dq(tiles, sparse=True):
     return sla_dq
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_dkdv(tiles, sparse=True):
     """The dK/dV kernel. ``sparse=False`` (tensor-core path): no sparse loop; the
     linear contributions are *added* to ``dk`` / ``dv`` (the tensor cores' dK, dV)."""
@@ -237,28 +308,53 @@ def make_dkdv(tiles, sparse=True):
     BKD = dkdv_rows(T)
     RKD, RQC, RD = BKD // TR, BQ // TC, T.RD
     LDQ, LDKD = BQ + 1, BKD + 1
-    W = DP * DP + DP
     acc_t = T.acc_dtype.type
     SA, SB, SP, SRED, SROW = smem_sizes(T)
-    mm_st = make_mm(TR, TC, RKD, RQC, T.acc)    # Sᵀ, dPᵀ  (BKD x BQ)
-    mm_o = make_mm(TR, TC, RKD, RD, T.acc)      # dK, dV   (BKD x DP)
+    mm_st = make_mm(TR, TC, RKD, RQC, T.acc)  # Sᵀ, dPᵀ  (BKD x BQ)
+    mm_o = make_mm(TR, TC, RKD, RD, T.acc)  # dK, dV   (BKD x DP)
     chain = make_chain(TR, TC, RKD, RD, T.acc)
     ops = make_common(NT, T.acc)
-    (load_t, load_n, phi_value, phi_slope, row_stats, load_phi_t, load_phi_n,
-     load_state, to_acc) = ops.functions()
+    (
+        load_t,
+        load_n,
+        phi_value,
+        phi_slope,
+        row_stats,
+        load_phi_t,
+        load_phi_n,
+        load_state,
+        to_acc,
+    ) = ops.functions()
     zero = acc_t(0.0)
     one = acc_t(1.0)
     log2e = acc_t(LOG2E)
 
     @kernel(fastmath=FASTMATH)
-    def sla_dkdv(q4, k4, v4, lse3, do_s4, crit4, info, w_ds3,
-                 nq, nk, block_q, block_k, scale, fm, dk4, dv4, dh4):
+    def sla_dkdv(
+        q4,
+        k4,
+        v4,
+        lse3,
+        do_s4,
+        crit4,
+        info,
+        w_ds3,
+        nq,
+        nk,
+        block_q,
+        block_k,
+        scale,
+        fm,
+        dk4,
+        dv4,
+        dh4,
+    ):
         sa = cuda.shared.array(SA, acc_t)
         sb = cuda.shared.array(SB, acc_t)
         sp = cuda.shared.array(SP, acc_t)
         sred = cuda.shared.array(SRED, acc_t)
         srow = cuda.shared.array(SROW, acc_t)
-        sx = cuda.shared.array(SROW, acc_t)         # per query row: δs, lse·log2 e
+        sx = cuda.shared.array(SROW, acc_t)  # per query row: δs, lse·log2 e
         s = cuda.local.array((RKD, RQC), acc_t)
         dp = cuda.local.array((RKD, RQC), acc_t)
         gk = cuda.local.array((RKD, RD), acc_t)
@@ -273,7 +369,7 @@ def make_dkdv(tiles, sparse=True):
         D = q4.shape[3]
         q, k, v = q4[b, h], k4[b, h], v4[b, h]
         lse, do_s, w_ds = lse3[b, h], do_s4[b, h], w_ds3[b, h]
-        dh = dh4[b, h, j]                 # [vec(dH_j), dZ_j]
+        dh = dh4[b, h, j]  # [vec(dH_j), dZ_j]
         crit = crit4[b, h, j]
         dk, dv = dk4[b, h], dv4[b, h]
         qs = acc_t(scale * LOG2E)
@@ -288,7 +384,7 @@ def make_dkdv(tiles, sparse=True):
         for c0 in range(k0, k_end, BKD):
             nc = min(BKD, k1 - c0)
             cuda.syncthreads()
-            row_stats(srow, k, c0, nc, D, BKD, t, fm, sred)   # sred free: barrier above
+            row_stats(srow, k, c0, nc, D, BKD, t, fm, sred)  # sred free: barrier above
             for a in range(RKD):
                 for n in range(RD):
                     gk[a, n] = zero

@@ -1,6 +1,7 @@
 """The classification kernels: ``pool`` and ``score_rank`` (the rule and the
 orchestration are in ``sla_numba/gpu/classify.py``).
 """
+
 import functools
 
 import numpy as np
@@ -45,12 +46,12 @@ def pool(q, k, block_q, block_k, mq, pq, pk):
 SORT_MAX = 2048
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_score_rank(NT, sort_max=SORT_MAX):
     """The ranking kernel for NT threads; rows whose block count rounded up to a power
     of two is at most ``sort_max`` are sorted, longer ones counted."""
     neg_inf = np.float64(-np.inf)
-    SM = max(int(sort_max), 1)           # shared-memory size: a compile-time constant
+    SM = max(int(sort_max), 1)  # shared-memory size: a compile-time constant
 
     @kernel()
     def score_rank(pq, pk, scale, n_crit, n_skip, scores, block_map):
@@ -61,19 +62,19 @@ def make_score_rank(NT, sort_max=SORT_MAX):
         i = cuda.blockIdx.x
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
-        mk = pk.shape[3]                 # pk is d-major: (B, H, D, Mk)
+        mk = pk.shape[3]  # pk is d-major: (B, H, D, Mk)
         D = pq.shape[3]
         for j in range(t, mk, NT):
             s = np.float64(0.0)
             for d in range(D):
-                s = add_rn(s, mul_rn(pq[b, h, i, d], pk[b, h, d, j]))   # coalesced over j
+                s = add_rn(s, mul_rn(pq[b, h, i, d], pk[b, h, d, j]))  # coalesced over j
             s = mul_rn(scale, s)
             if s != s:
                 s = neg_inf
             scores[b, h, i, j] = s
         cuda.syncthreads()
 
-        P = 1                            # the next power of two >= mk
+        P = 1  # the next power of two >= mk
         while P < mk:
             P *= 2
         if P <= sort_max:
@@ -116,7 +117,7 @@ def make_score_rank(NT, sort_max=SORT_MAX):
 
         # ---- long rows: each key block's rank counted against the row, NT at a time
         n_own = (mk + NT - 1) // NT
-        for u in range(n_own):                   # uniform trip count: all threads sync
+        for u in range(n_own):  # uniform trip count: all threads sync
             j = t + NT * u
             sj = neg_inf
             if j < mk:
@@ -138,4 +139,5 @@ def make_score_rank(NT, sort_max=SORT_MAX):
                 elif rank >= mk - n_skip:
                     v = -1
                 block_map[b, h, i, j] = v
+
     return score_rank

@@ -1,4 +1,5 @@
 """``fill``: every element of a flat device array set to one value (one launch)."""
+
 from .._compat import cuda, kernel
 
 FILL_THREADS = 256

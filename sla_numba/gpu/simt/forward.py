@@ -22,6 +22,7 @@ H_i (the row sums of ``simt/marginal.py`` or ``tc/marginal.py``) is staged DC ro
 at a time through shared memory. The products all run through one register-tile
 micro-kernel (``tiles.make_mm``).
 """
+
 import functools
 import math
 
@@ -32,7 +33,7 @@ from .._compat import FASTMATH, cuda, kernel
 from .tiles import LN2, LOG2E, make_common, make_mm, smem_sizes
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_forward_simt(tiles, sparse=True):
     """The fused forward kernel for one tile configuration.
 
@@ -43,15 +44,24 @@ def make_forward_simt(tiles, sparse=True):
     TR, TC, NT = T.TR, T.TC, T.NT
     BQ, BK, DP, DC, KC = T.BQ, T.BK, T.DP, T.DC, T.KC
     RQ, RK, RD = BQ // TR, BK // TC, T.RD
-    LDQ = BQ + 1                     # transposed tiles indexed by query row
-    LDK = BK + 1                     # transposed tiles indexed by key row
+    LDQ = BQ + 1  # transposed tiles indexed by query row
+    LDK = BK + 1  # transposed tiles indexed by key row
     acc_t = T.acc_dtype.type
     SA, SB, SP, SRED, SROW = smem_sizes(T)
-    mm_s = make_mm(TR, TC, RQ, RK, T.acc)       # S  (BQ x BK)
-    mm_o = make_mm(TR, TC, RQ, RD, T.acc)       # O  (BQ x DP)
+    mm_s = make_mm(TR, TC, RQ, RK, T.acc)  # S  (BQ x BK)
+    mm_o = make_mm(TR, TC, RQ, RD, T.acc)  # O  (BQ x DP)
     ops = make_common(NT, T.acc)
-    (load_t, load_n, phi_value, phi_slope, row_stats, load_phi_t, load_phi_n,
-     load_state, to_acc) = ops.functions()
+    (
+        load_t,
+        load_n,
+        phi_value,
+        phi_slope,
+        row_stats,
+        load_phi_t,
+        load_phi_n,
+        load_state,
+        to_acc,
+    ) = ops.functions()
     # the fused kernel (SPARSE) is at its register limit: one thread a row there
     row_stats_serial = ops.row_stats_serial
     zero = acc_t(0.0)
@@ -61,14 +71,15 @@ def make_forward_simt(tiles, sparse=True):
     lse_empty = acc_t(LSE_EMPTY)
 
     @kernel(fastmath=FASTMATH)
-    def sla_forward(q4, k4, v4, lstate4, crit4, info, nq, nk, block_q, block_k,
-                    scale, fm, eps, o_s4, o_l4, lse3):
-        sa = cuda.shared.array(SA, acc_t)       # Qᵀ / φ(Q)ᵀ chunk   [d][row]
-        sb = cuda.shared.array(SB, acc_t)       # Kᵀ chunk, V rows, H_i rows
-        sp = cuda.shared.array(SP, acc_t)       # Pᵀ  [key][row]
-        sred = cuda.shared.array(SRED, acc_t)   # per-row partials [row][tc]
-        srow = cuda.shared.array(SROW, acc_t)   # φ row statistics
-        sz = cuda.shared.array(DP, acc_t)       # Z_i chunk
+    def sla_forward(
+        q4, k4, v4, lstate4, crit4, info, nq, nk, block_q, block_k, scale, fm, eps, o_s4, o_l4, lse3
+    ):
+        sa = cuda.shared.array(SA, acc_t)  # Qᵀ / φ(Q)ᵀ chunk   [d][row]
+        sb = cuda.shared.array(SB, acc_t)  # Kᵀ chunk, V rows, H_i rows
+        sp = cuda.shared.array(SP, acc_t)  # Pᵀ  [key][row]
+        sred = cuda.shared.array(SRED, acc_t)  # per-row partials [row][tc]
+        srow = cuda.shared.array(SROW, acc_t)  # φ row statistics
+        sz = cuda.shared.array(DP, acc_t)  # Z_i chunk
         s = cuda.local.array((RQ, RK), acc_t)
         acc = cuda.local.array((RQ, RD), acc_t)
         m = cuda.local.array(RQ, acc_t)
@@ -86,7 +97,7 @@ def make_forward_simt(tiles, sparse=True):
         q = q4[b, h]
         k = k4[b, h]
         v = v4[b, h]
-        hz = lstate4[b, h, i]          # this row's [vec(H_i), Z_i]
+        hz = lstate4[b, h, i]  # this row's [vec(H_i), Z_i]
         crit = crit4[b, h, i]
         o_s = o_s4[b, h]
         o_l = o_l4[b, h]
@@ -187,7 +198,7 @@ def make_forward_simt(tiles, sparse=True):
                 if SPARSE:
                     row_stats_serial(srow, q, r0, nr, D, BQ, t, fm)
                 else:
-                    row_stats(srow, q, r0, nr, D, BQ, t, fm, sred)   # sred free: barrier above
+                    row_stats(srow, q, r0, nr, D, BQ, t, fm, sred)  # sred free: barrier above
                 for a in range(RQ):
                     dz[a] = zero
                     for n in range(RD):

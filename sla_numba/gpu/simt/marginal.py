@@ -22,6 +22,7 @@ Tiles: a CUDA block computes RT x WT outputs (RT = TR·RR rows, WT = TC·RW colu
 TR x TC threads, each thread an RR x RW register tile; the inner dimension is staged
 KT rows at a time through shared memory (``simt/tiles.make_mm`` does the arithmetic).
 """
+
 import functools
 
 import numpy as np
@@ -34,7 +35,7 @@ from .tiles import U, make_mm
 TILES = (2, 2, 2, 2, 2) if SIMULATOR else (16, 16, 8, 8, 16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_marginal_sum(acc_name, tiles=TILES):
     """The kernel ``marginal_sum(bmap, transposed, n_out, n_in, states, out)``.
 
@@ -46,7 +47,7 @@ def make_marginal_sum(acc_name, tiles=TILES):
     TR, TC, RR, RW, KT = tiles
     NT = TR * TC
     RT, WT = TR * RR, TC * RW
-    SM, SS = KT * RT, KT * WT        # shared-memory sizes: compile-time constants
+    SM, SS = KT * RT, KT * WT  # shared-memory sizes: compile-time constants
     acc_t = np.dtype(acc_name).type
     zero = acc_t(0.0)
     one = acc_t(1.0)
@@ -54,8 +55,8 @@ def make_marginal_sum(acc_name, tiles=TILES):
 
     @kernel(fastmath=FASTMATH)
     def marginal_sum(bmap, transposed, n_out, n_in, states, out):
-        sm = cuda.shared.array(SM, acc_t)           # M chunk, [c][r]
-        ss = cuda.shared.array(SS, acc_t)           # state chunk, [c][w]
+        sm = cuda.shared.array(SM, acc_t)  # M chunk, [c][r]
+        ss = cuda.shared.array(SS, acc_t)  # state chunk, [c][w]
         acc = cuda.local.array((RR, RW), acc_t)
         t = cuda.threadIdx.x
         tr = t // TC
@@ -92,7 +93,7 @@ def make_marginal_sum(acc_name, tiles=TILES):
                     v = s[U(c0 + kk), U(w0 + w)]
                 ss[e] = v
             cuda.syncthreads()
-            mm(acc, sm, 0, RT, ss, 0, WT, KT, tr, tc)      # rows past n_in are 0
+            mm(acc, sm, 0, RT, ss, 0, WT, KT, tr, tc)  # rows past n_in are 0
         for a in range(RR):
             r = r0 + tr + TR * a
             if r < n_out:
@@ -100,6 +101,7 @@ def make_marginal_sum(acc_name, tiles=TILES):
                     w = w0 + tc + TC * n
                     if w < W:
                         o[U(r), U(w)] = acc[a, n]
+
     return marginal_sum
 
 
@@ -111,4 +113,5 @@ def launch_marginal_sum(stream, bmap, transposed, n_out, n_in, states, out, tile
     grid = (-(-W // (TC * RW)), -(-n_out // (TR * RR)), B * H)
     acc_name = np.dtype(states.dtype).name
     make_marginal_sum(acc_name, tiles)[grid, TR * TC, stream](
-        bmap, 1 if transposed else 0, n_out, n_in, states, out)
+        bmap, 1 if transposed else 0, n_out, n_in, states, out
+    )

@@ -25,8 +25,8 @@ The sums of states over each row's marginal blocks are the next launch
 
 Nothing goes back to the host.
 """
-import functools
 
+import functools
 
 from .._compat import FASTMATH, cuda, device, kernel
 from .tiles import make_common, make_mm, smem_sizes
@@ -38,7 +38,7 @@ def state_rows(tiles, one_pass):
     return -(-tiles.DP // tiles.TR) if one_pass else max(1, tiles.BQ // tiles.TR)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_state_fn(tiles, one_pass=False):
     """Device function: the linear state of one block of rows, into ``state[b, h, s]``.
 
@@ -58,20 +58,30 @@ def make_state_fn(tiles, one_pass=False):
     T = tiles
     TR, TC, NT, DP = T.TR, T.TC, T.NT, T.DP
     RQ = state_rows(T, one_pass)
-    BR = TR * RQ                      # state rows (d1) per pass
-    KC = T.KC                         # rows of x / y staged at a time
+    BR = TR * RQ  # state rows (d1) per pass
+    KC = T.KC  # rows of x / y staged at a time
     RD = T.RD
     acc_t = T.acc_dtype.type
     mm = make_mm(TR, TC, RQ, RD, T.acc)
     ops = make_common(NT, T.acc)
-    (load_t, load_n, phi_value, phi_slope, row_stats, load_phi_t, load_phi_n,
-     load_state, to_acc) = ops.functions()
+    (
+        load_t,
+        load_n,
+        phi_value,
+        phi_slope,
+        row_stats,
+        load_phi_t,
+        load_phi_n,
+        load_state,
+        to_acc,
+    ) = ops.functions()
     zero = acc_t(0.0)
     one = acc_t(1.0)
 
     @device
-    def state_block(x, y, r0, r1, D, fm, wv, zv, use_w, state, s,
-                    sa, sb, srow, scratch, acc, zacc, t, tr, tc):
+    def state_block(
+        x, y, r0, r1, D, fm, wv, zv, use_w, state, s, sa, sb, srow, scratch, acc, zacc, t, tr, tc
+    ):
         for d10 in range(0, DP, BR):
             for a in range(RQ):
                 zacc[a] = zero
@@ -108,6 +118,7 @@ def make_state_fn(tiles, one_pass=False):
                         state[s, d1 * DP + tc + TC * n] = acc[a, n]
                     if tc == 0:
                         state[s, DP * DP + d1] = zacc[a]
+
     return state_block
 
 
@@ -125,11 +136,11 @@ def prep_smem(tiles):
     return SA
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_prep(tiles):
     """The prep kernel for a tile config (see module docstring)."""
     T = tiles
-    TR, TC, NT = T.TR, T.TC, T.NT
+    TC, NT = T.TC, T.NT
     ONE = prep_one_pass(T)
     RQ, RD = state_rows(T, ONE), T.RD
     acc_t = T.acc_dtype.type
@@ -140,10 +151,29 @@ def make_prep(tiles):
     zero = acc_t(0.0)
 
     @kernel(fastmath=FASTMATH)
-    def prep(x, y, n_rows, block, n_state, state, fm, dummy,
-             bmap, mq, mk, want_cols,
-             row_crit, row_info, col_crit, col_info,
-             n_list_blocks, o_s, do_s, delta, nq):
+    def prep(
+        x,
+        y,
+        n_rows,
+        block,
+        n_state,
+        state,
+        fm,
+        dummy,
+        bmap,
+        mq,
+        mk,
+        want_cols,
+        row_crit,
+        row_info,
+        col_crit,
+        col_info,
+        n_list_blocks,
+        o_s,
+        do_s,
+        delta,
+        nq,
+    ):
         """Blocks x < n_state: state of row block x of (x, y) (h_j, z_j).
         The next ``n_list_blocks``: the map's row lists (and column lists if want_cols).
         The rest (``nq > 0`` only): ``delta[b, h, r] = o_s[b, h, r]·do_s[b, h, r]``.
@@ -151,7 +181,7 @@ def make_prep(tiles):
         sa = cuda.shared.array(SA, acc_t)
         sb = cuda.shared.array(SB, acc_t)
         srow = cuda.shared.array(SROW, acc_t)
-        scratch = cuda.shared.array(NT, acc_t)      # row_stats' lane partials
+        scratch = cuda.shared.array(NT, acc_t)  # row_stats' lane partials
         acc = cuda.local.array((RQ, RD), acc_t)
         zacc = cuda.local.array(RQ, acc_t)
         t = cuda.threadIdx.x
@@ -164,8 +194,28 @@ def make_prep(tiles):
         if bx < n_state:
             r0 = bx * block
             r1 = min(r0 + block, n_rows)
-            state_block(x[b, h], y[b, h], r0, r1, x.shape[3], fm, dummy[0, 0], dummy[0, 0], 0,
-                        state[b, h], bx, sa, sb, srow, scratch, acc, zacc, t, tr, tc)
+            state_block(
+                x[b, h],
+                y[b, h],
+                r0,
+                r1,
+                x.shape[3],
+                fm,
+                dummy[0, 0],
+                dummy[0, 0],
+                0,
+                state[b, h],
+                bx,
+                sa,
+                sb,
+                srow,
+                scratch,
+                acc,
+                zacc,
+                t,
+                tr,
+                tc,
+            )
             return
 
         if bx >= n_state + n_list_blocks:

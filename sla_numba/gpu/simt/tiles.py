@@ -28,6 +28,7 @@ factories per :class:`Tiles` and cached. Under the simulator tiny tiles
 The head dimension D is padded to ``DP = TC * RD``; padded columns are loaded
 as zeros and never written back.
 """
+
 import functools
 import math
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ class Tiles:
     DP: padded head dim (= TC*RD).  DC: head-dim chunk staged in shared memory.
     KC: inner chunk (key or query rows) staged for the P·V-like products.
     """
+
     TR: int
     TC: int
     BQ: int
@@ -114,8 +116,16 @@ def choose_tiles(head_dim, acc_dtype=np.float32, block_q=64, block_k=64, simulat
     kc = _largest_divisor(bk, cap)
     tiles = Tiles(TR, TC, bq, bk, dp, dc, kc, acc.name)
     while smem_bytes(tiles) > SMEM_LIMIT - SMEM_MARGIN and (tiles.DC > 1 or tiles.KC > 1):
-        tiles = Tiles(TR, TC, bq, bk, dp, _largest_divisor(dp, max(1, tiles.DC // 2)),
-                      _largest_divisor(bk, max(1, tiles.KC // 2)), acc.name)
+        tiles = Tiles(
+            TR,
+            TC,
+            bq,
+            bk,
+            dp,
+            _largest_divisor(dp, max(1, tiles.DC // 2)),
+            _largest_divisor(bk, max(1, tiles.KC // 2)),
+            acc.name,
+        )
     return tiles
 
 
@@ -150,7 +160,7 @@ U = np.uint32
 I64 = np.int64
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_mm(TR, TC, RM, RN, acc_name):
     """acc[a, n] += sum_k sa[a_off + k*lda + tr + TR*a] * sb[b_off + k*ldb + tc + TC*n]."""
     acc_t = np.dtype(acc_name).type
@@ -167,10 +177,11 @@ def make_mm(TR, TC, RM, RN, acc_name):
             for a in range(RM):
                 for n in range(RN):
                     acc[a, n] += ra[a] * rb[n]
+
     return mm
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_common(NT, acc_name):
     """Loaders and feature-map helpers for one block size and compute dtype.
 
@@ -191,7 +202,7 @@ def make_common(NT, acc_name):
         ``x`` is one head's (N, D) view: kernels slice ``x[b, h]`` once, which keeps
         two strides live in registers instead of a 4-D array's shape and strides."""
         for e in range(t, R * C, NT):
-            r = I64(U(e) // U(C))          # unsigned: no sign fix-up in the division
+            r = I64(U(e) // U(C))  # unsigned: no sign fix-up in the division
             c = e - r * C
             v = zero
             if r < nrows and col0 + c < ncols:
@@ -202,7 +213,7 @@ def make_common(NT, acc_name):
     def load_n(dst, off, ld, x, row0, nrows, col0, ncols, R, C, t, mult):
         """dst[off + r*ld + c] = mult * x[row0+r, col0+c], 0 outside."""
         for e in range(t, R * C, NT):
-            r = I64(U(e) // U(C))          # unsigned: no sign fix-up in the division
+            r = I64(U(e) // U(C))  # unsigned: no sign fix-up in the division
             c = e - r * C
             v = zero
             if r < nrows and col0 + c < ncols:
@@ -299,10 +310,10 @@ def make_common(NT, acc_name):
         All threads must call it. It ends with a syncthreads: on return srow is
         complete and visible to every thread, and scratch is free again."""
         L, G = lanes(R)
-        lane = I64(U(t) % U(L))            # unsigned: no sign fix-ups
+        lane = I64(U(t) % U(L))  # unsigned: no sign fix-ups
         slot = I64(U(t) // U(L))
-        nd = I64(U(D + L - 1) // U(L))     # columns a lane (the last may be short)
-        for rb in range(0, R, G):          # same trip count in every thread
+        nd = I64(U(D + L - 1) // U(L))  # columns a lane (the last may be short)
+        for rb in range(0, R, G):  # same trip count in every thread
             r = rb + slot
             live = fm == 0 and slot < G and r < nrows
             mx = neg_inf
@@ -354,7 +365,7 @@ def make_common(NT, acc_name):
     def load_phi_t(dst, off, ld, x, row0, nrows, col0, D, R, C, t, srow, fm):
         """dst[off + c*ld + r] = weight_r * φ(x[row0+r])[col0+c], 0 outside (rows, D)."""
         for e in range(t, R * C, NT):
-            r = I64(U(e) // U(C))          # unsigned: no sign fix-up in the division
+            r = I64(U(e) // U(C))  # unsigned: no sign fix-up in the division
             c = e - r * C
             v = zero
             if r < nrows and col0 + c < D:
@@ -366,7 +377,7 @@ def make_common(NT, acc_name):
     def load_phi_n(dst, off, ld, x, row0, nrows, col0, D, R, C, t, srow, fm):
         """dst[off + r*ld + c] = weight_r * φ(x[row0+r])[col0+c], 0 outside."""
         for e in range(t, R * C, NT):
-            r = I64(U(e) // U(C))          # unsigned: no sign fix-up in the division
+            r = I64(U(e) // U(C))  # unsigned: no sign fix-up in the division
             c = e - r * C
             v = zero
             if r < nrows and col0 + c < D:
@@ -383,7 +394,7 @@ def make_common(NT, acc_name):
         ``transpose``.
         """
         for e in range(t, R * C, NT):
-            r = I64(U(e) // U(C))          # unsigned: no sign fix-up in the division
+            r = I64(U(e) // U(C))  # unsigned: no sign fix-up in the division
             c = e - r * C
             v = state[U(e0 + r * W + c)]
             if transpose:
@@ -395,14 +406,23 @@ def make_common(NT, acc_name):
         def functions(self):
             """The device functions, in a fixed order, for binding to local names
             (a kernel can call closure variables, not attributes of an object)."""
-            return (self.load_t, self.load_n, self.phi_value, self.phi_slope,
-                    self.row_stats, self.load_phi_t, self.load_phi_n,
-                    self.load_state, self.to_acc)
+            return (
+                self.load_t,
+                self.load_n,
+                self.phi_value,
+                self.phi_slope,
+                self.row_stats,
+                self.load_phi_t,
+                self.load_phi_n,
+                self.load_state,
+                self.to_acc,
+            )
 
         def row_reducers(self):
             """(lanes_max, lanes_sum): the combining steps of :func:`row_stats`, for
             kernels with row reductions of their own (dQ's δs, δl, den)."""
             return self.lanes_max, self.lanes_sum
+
     ns = NS()
     ns.load_t = load_t
     ns.load_n = load_n
@@ -420,7 +440,7 @@ def make_common(NT, acc_name):
     return ns
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_chain(TR, TC, RM, RN, acc_name):
     """Chain rule through φ on a register tile: ``acc`` holds dL/dφ(x) for rows
     ``row0 + tr + TR*a`` and columns ``tc + TC*n`` of x; on return it holds dL/dx.
@@ -433,8 +453,17 @@ def make_chain(TR, TC, RM, RN, acc_name):
     zero = acc_t(0.0)
     NT = TR * TC
     ops = make_common(NT, acc_name)
-    (load_t, load_n, phi_value, phi_slope, row_stats, load_phi_t, load_phi_n,
-     load_state, to_acc) = ops.functions()
+    (
+        load_t,
+        load_n,
+        phi_value,
+        phi_slope,
+        row_stats,
+        load_phi_t,
+        load_phi_n,
+        load_state,
+        to_acc,
+    ) = ops.functions()
     phi_value = phi_value
     phi_slope = phi_slope
 
@@ -448,8 +477,12 @@ def make_chain(TR, TC, RM, RN, acc_name):
                     for n in range(RN):
                         col = tc + TC * n
                         if col < D:
-                            y = phi_value(to_acc(x[U(row0 + row), U(col)]),
-                                          srow[4 * row], srow[4 * row + 1], 0)
+                            y = phi_value(
+                                to_acc(x[U(row0 + row), U(col)]),
+                                srow[4 * row],
+                                srow[4 * row + 1],
+                                0,
+                            )
                             ps += acc[a, n] * y
                 sred[row * TC + tc] = ps
             cuda.syncthreads()
@@ -462,8 +495,9 @@ def make_chain(TR, TC, RM, RN, acc_name):
                     col = tc + TC * n
                     g = zero
                     if row < nrows and col < D:
-                        y = phi_value(to_acc(x[U(row0 + row), U(col)]),
-                                      srow[4 * row], srow[4 * row + 1], 0)
+                        y = phi_value(
+                            to_acc(x[U(row0 + row), U(col)]), srow[4 * row], srow[4 * row + 1], 0
+                        )
                         g = y * (acc[a, n] - tot)
                     acc[a, n] = g
             cuda.syncthreads()
@@ -476,4 +510,5 @@ def make_chain(TR, TC, RM, RN, acc_name):
                     if row < nrows and col < D:
                         g = acc[a, n] * phi_slope(to_acc(x[U(row0 + row), U(col)]), fm)
                     acc[a, n] = g
+
     return chain

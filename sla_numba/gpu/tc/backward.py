@@ -40,6 +40,7 @@ loops (registers).
 
 Outputs are float32 (the backend contract's compute dtype).
 """
+
 import functools
 
 import numpy as np
@@ -48,13 +49,25 @@ from numba import float32, int16, int32
 from .._compat import cuda, kernel
 from . import build as _tc_build
 from .ptx import LOG2E, cp_async_commit, cp_async_wait_all, exp2, smem_addr
-from .tiles import (NEG_INF, POS_INF, SMEM_ALIGN, TC_FASTMATH, ZERO, TCKernel, frag_rows_a,
-                    frag_rows_bt, make_mma, make_tile_loader, make_warp_gemm, smem_stride)
+from .tiles import (
+    NEG_INF,
+    POS_INF,
+    SMEM_ALIGN,
+    TC_FASTMATH,
+    ZERO,
+    TCKernel,
+    frag_rows_a,
+    frag_rows_bt,
+    make_mma,
+    make_tile_loader,
+    make_warp_gemm,
+    smem_stride,
+)
 
 KERNELS = ("dq", "dkv")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_sparse_dq(D, block_k, block_q, kind):
     """The dQ kernel for one configuration, as a :class:`~.tiles.TCKernel`.
 
@@ -64,30 +77,30 @@ def make_sparse_dq(D, block_k, block_q, kind):
     counts (B, H, Mq) flat int32; dq (B, H, Nq, D) flat float32 output.
     """
     BQ, BK = block_q, block_k
-    NT = BQ // 16 * 32                  # one warp per 16 query rows
+    NT = BQ // 16 * 32  # one warp per 16 query rows
     SD = smem_stride(D)
     QOFF, DOFF, KOFF, VOFF = 0, BQ * SD, 2 * BQ * SD, (2 * BQ + BK) * SD
-    NKT = BK // 8                       # n-tiles of S and dP (key columns)
-    NDT = D // 8                        # n-tiles of dQ (head-dim columns)
-    PK = BK // 16                       # k-steps of dQ += dS K
+    NKT = BK // 8  # n-tiles of S and dP (key columns)
+    NDT = D // 8  # n-tiles of dQ (head-dim columns)
+    PK = BK // 16  # k-steps of dQ += dS K
     SMEM_BYTES = (2 * BQ + 2 * BK) * SD * 2
     load_q = make_tile_loader(D, BQ, NT)
     load_kv = make_tile_loader(D, BK, NT)
     _, pack_a = make_mma(kind)
-    gemm_qk, _ = make_warp_gemm(kind, SD, NKT, D // 16, False)     # S = Q K^T, dP = dO V^T
-    _, gemm_dsk = make_warp_gemm(kind, SD, NDT, PK, True)          # dQ += dS K
+    gemm_qk, _ = make_warp_gemm(kind, SD, NKT, D // 16, False)  # S = Q K^T, dP = dO V^T
+    _, gemm_dsk = make_warp_gemm(kind, SD, NDT, PK, True)  # dQ += dS K
     log2e = np.float32(LOG2E)
 
     @kernel(fastmath=TC_FASTMATH)
     def sla_bwd_dq_tc(q, k, v, do, lse, delta, lut, counts, dq, nq, nk, mq, n_lut, c2, scale):
         smem = cuda.shared.array(0, int16, alignment=SMEM_ALIGN)
-        s = cuda.local.array((1, NKT, 4), float32)      # S, then P, then dS
-        dp = cuda.local.array((1, NKT, 4), float32)     # dP = dO V^T
-        acc = cuda.local.array((1, NDT, 4), float32)    # dQ / scale
-        af = cuda.local.array((1, 4), int32)            # A fragments read from smem
-        ds = cuda.local.array((PK, 4), int32)           # dS packed as A fragments
-        ls = cuda.local.array(2, float32)               # lse * log2(e) of rows g, g + 8
-        dl = cuda.local.array(2, float32)               # delta of rows g, g + 8
+        s = cuda.local.array((1, NKT, 4), float32)  # S, then P, then dS
+        dp = cuda.local.array((1, NKT, 4), float32)  # dP = dO V^T
+        acc = cuda.local.array((1, NDT, 4), float32)  # dQ / scale
+        af = cuda.local.array((1, 4), int32)  # A fragments read from smem
+        ds = cuda.local.array((PK, 4), int32)  # dS packed as A fragments
+        ls = cuda.local.array(2, float32)  # lse * log2(e) of rows g, g + 8
+        dl = cuda.local.array(2, float32)  # delta of rows g, g + 8
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -133,7 +146,7 @@ def make_sparse_dq(D, block_k, block_q, kind):
 
         for it in range(cnt):
             cp_async_wait_all()
-            cuda.syncthreads()          # K, V of this block landed
+            cuda.syncthreads()  # K, V of this block landed
 
             # S = Q K^T and dP = dO V^T
             for n in range(NKT):
@@ -143,7 +156,7 @@ def make_sparse_dq(D, block_k, block_q, kind):
             gemm_qk(s, smem, a_rows + QOFF * 2, bt_rows + KOFF * 2, af)
             gemm_qk(dp, smem, a_rows + DOFF * 2, bt_rows + VOFF * 2, af)
             nvalid = nk - kb * BK
-            if nvalid < BK:             # keys past Nk: P = 0
+            if nvalid < BK:  # keys past Nk: P = 0
                 for n in range(NKT):
                     for odd in range(2):
                         if 8 * n + 2 * t + odd >= nvalid:
@@ -161,7 +174,7 @@ def make_sparse_dq(D, block_k, block_q, kind):
             # dQ += dS K
             gemm_dsk(acc, ds, smem, b_rows + KOFF * 2)
 
-            cuda.syncthreads()          # everyone is done with K, V
+            cuda.syncthreads()  # everyone is done with K, V
             if it + 1 < cnt:
                 kb = lut[lut_base + it + 1]
                 load_kv(smem, sa, KOFF, k, kv_base, kb * BK, nk - kb * BK, tid)
@@ -179,7 +192,7 @@ def make_sparse_dq(D, block_k, block_q, kind):
     return TCKernel(sla_bwd_dq_tc, NT, SMEM_BYTES)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_sparse_dkv(D, block_k, block_q, kind):
     """The dK/dV kernel for one configuration, as a :class:`~.tiles.TCKernel`.
 
@@ -189,35 +202,36 @@ def make_sparse_dkv(D, block_k, block_q, kind):
     (B, H, Nk, D) flat float32 outputs.
     """
     BK, BQ = block_k, block_q
-    QC = min(BQ, 64)                    # queries staged at a time
-    CPB = BQ // QC                      # chunks per query block
-    NT = BK // 16 * 32                  # one warp per 16 key rows
+    QC = min(BQ, 64)  # queries staged at a time
+    CPB = BQ // QC  # chunks per query block
+    NT = BK // 16 * 32  # one warp per 16 key rows
     SD = smem_stride(D)
     KOFF, VOFF, QOFF, DOFF = 0, BK * SD, 2 * BK * SD, (2 * BK + QC) * SD
     FOFF = (2 * BK + 2 * QC) * SD // 2  # float32 index of lse2[QC], then delta[QC]
-    NQT = QC // 8                       # n-tiles of S^T and dP^T (query columns)
-    NDT = D // 8                        # n-tiles of dK, dV (head-dim columns)
-    PK = QC // 16                       # k-steps of dV += P^T dO, dK += dS^T Q
+    NQT = QC // 8  # n-tiles of S^T and dP^T (query columns)
+    NDT = D // 8  # n-tiles of dK, dV (head-dim columns)
+    PK = QC // 16  # k-steps of dV += P^T dO, dK += dS^T Q
     SMEM_BYTES = (2 * BK + 2 * QC) * SD * 2 + 2 * QC * 4
     load_kv = make_tile_loader(D, BK, NT)
     load_q = make_tile_loader(D, QC, NT)
     _, pack_a = make_mma(kind)
-    gemm_kq, _ = make_warp_gemm(kind, SD, NQT, D // 16, False)     # S^T = K Q^T, dP^T = V dO^T
-    _, gemm_pq = make_warp_gemm(kind, SD, NDT, PK, True)           # dV += P^T dO, dK += dS^T Q
+    gemm_kq, _ = make_warp_gemm(kind, SD, NQT, D // 16, False)  # S^T = K Q^T, dP^T = V dO^T
+    _, gemm_pq = make_warp_gemm(kind, SD, NDT, PK, True)  # dV += P^T dO, dK += dS^T Q
     log2e = np.float32(LOG2E)
 
     @kernel(fastmath=TC_FASTMATH)
-    def sla_bwd_dkv_tc(q, k, v, do, lse, delta, rev, rev_counts, dk, dv, nq, nk, mk, n_rev,
-                       c2, scale):
+    def sla_bwd_dkv_tc(
+        q, k, v, do, lse, delta, rev, rev_counts, dk, dv, nq, nk, mk, n_rev, c2, scale
+    ):
         smem = cuda.shared.array(0, int16, alignment=SMEM_ALIGN)
-        smf = cuda.shared.array(0, float32, alignment=SMEM_ALIGN)   # same memory, as fp32
-        st = cuda.local.array((1, NQT, 4), float32)     # S^T, then P^T
-        dpt = cuda.local.array((1, NQT, 4), float32)    # dP^T, then dS^T
+        smf = cuda.shared.array(0, float32, alignment=SMEM_ALIGN)  # same memory, as fp32
+        st = cuda.local.array((1, NQT, 4), float32)  # S^T, then P^T
+        dpt = cuda.local.array((1, NQT, 4), float32)  # dP^T, then dS^T
         acc_k = cuda.local.array((1, NDT, 4), float32)  # dK / scale
         acc_v = cuda.local.array((1, NDT, 4), float32)  # dV
-        af = cuda.local.array((1, 4), int32)            # A fragments read from smem
-        pt = cuda.local.array((PK, 4), int32)           # P^T packed as A fragments
-        dst = cuda.local.array((PK, 4), int32)          # dS^T packed as A fragments
+        af = cuda.local.array((1, 4), int32)  # A fragments read from smem
+        pt = cuda.local.array((PK, 4), int32)  # P^T packed as A fragments
+        dst = cuda.local.array((PK, 4), int32)  # dS^T packed as A fragments
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -265,7 +279,7 @@ def make_sparse_dkv(D, block_k, block_q, kind):
 
         for ci in range(rcnt * CPB):
             cp_async_wait_all()
-            cuda.syncthreads()          # the chunk landed
+            cuda.syncthreads()  # the chunk landed
 
             # dP^T = V dO^T first, then S^T = K Q^T; P^T and dS^T in place and packed
             # before the two products that read them (fewer fp32 tiles live at once).
@@ -283,7 +297,7 @@ def make_sparse_dkv(D, block_k, block_q, kind):
                 l2_1 = smf[FOFF + c + 1]
                 de_0 = smf[FOFF + QC + c]
                 de_1 = smf[FOFF + QC + c + 1]
-                for e in range(4):      # column c + (e & 1)
+                for e in range(4):  # column c + (e & 1)
                     p = exp2(st[0, n, e] * c2 - (l2_1 if e & 1 else l2_0))
                     st[0, n, e] = p
                     dpt[0, n, e] = p * (dpt[0, n, e] - (de_1 if e & 1 else de_0))
@@ -292,10 +306,10 @@ def make_sparse_dkv(D, block_k, block_q, kind):
             for kk in range(PK):
                 pack_a(dst, kk, dpt, 0, kk)
 
-            gemm_pq(acc_v, pt, smem, b_rows + DOFF * 2)      # dV += P^T dO
-            gemm_pq(acc_k, dst, smem, b_rows + QOFF * 2)     # dK += dS^T Q
+            gemm_pq(acc_v, pt, smem, b_rows + DOFF * 2)  # dV += P^T dO
+            gemm_pq(acc_k, dst, smem, b_rows + QOFF * 2)  # dK += dS^T Q
 
-            cuda.syncthreads()          # everyone is done with the chunk
+            cuda.syncthreads()  # everyone is done with the chunk
             if ci + 1 < rcnt * CPB:
                 c = ci + 1
                 q0 = rev[rev_base + c // CPB] * BQ + (c % CPB) * QC
@@ -332,12 +346,44 @@ def make_sparse_backward(which, D, block_k, block_q, kind):
 def signature(which):
     """Explicit argument types (for compile_ptx in tools/check_tc_ptx.py)."""
     from numba import float32, int16, int32, int64
+
     i16, i32, f32 = int16[::1], int32[::1], float32[::1]
     if which == "dq":
-        return (i16, i16, i16, i16, f32, f32, i32, i32, f32, int64, int64, int64, int64,
-                float32, float32)
-    return (i16, i16, i16, i16, f32, f32, i32, i32, f32, f32, int64, int64, int64, int64,
-            float32, float32)
+        return (
+            i16,
+            i16,
+            i16,
+            i16,
+            f32,
+            f32,
+            i32,
+            i32,
+            f32,
+            int64,
+            int64,
+            int64,
+            int64,
+            float32,
+            float32,
+        )
+    return (
+        i16,
+        i16,
+        i16,
+        i16,
+        f32,
+        f32,
+        i32,
+        i32,
+        f32,
+        f32,
+        int64,
+        int64,
+        int64,
+        int64,
+        float32,
+        float32,
+    )
 
 
 def reverse_index(lut, counts, mk):
@@ -349,6 +395,7 @@ def reverse_index(lut, counts, mk):
     """
     if type(lut).__module__.split(".")[0] == "torch":
         import torch
+
         B, H, mq, n = lut.shape
         valid = torch.arange(n, device=lut.device) < counts[..., None].to(torch.int64)
         idx = torch.where(valid, lut.to(torch.int64), torch.full_like(lut, mk, dtype=torch.int64))
@@ -379,14 +426,38 @@ def _delta(o_s, do):
     lib = type(o_s).__module__.split(".")[0]
     if lib == "torch":
         import torch
+
         return (o_s.to(torch.float32) * do.to(torch.float32)).sum(-1)
     if lib in ("cupy", "numpy"):
         return (o_s.astype(np.float32) * do.astype(np.float32)).sum(-1)
     raise TypeError("pass delta explicitly for arrays other than torch / CuPy / numpy")
 
 
-def launch_sparse_backward(kind, q, k, v, do, lse, delta, lut, counts, rev, rev_counts,
-                           dq, dk, dv, B, H, Nq, Nk, D, block_q, block_k, scale, stream):
+def launch_sparse_backward(
+    kind,
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    lut,
+    counts,
+    rev,
+    rev_counts,
+    dq,
+    dk,
+    dv,
+    B,
+    H,
+    Nq,
+    Nk,
+    D,
+    block_q,
+    block_k,
+    scale,
+    stream,
+):
     """Launch dQ and dK/dV on flat device arrays (the GPU backend's entry).
 
     q, k, v, do: flat int16 bits of fp16 / bf16 (``kind`` 'f16' / 'bf16');
@@ -401,17 +472,28 @@ def launch_sparse_backward(kind, q, k, v, do, lse, delta, lut, counts, rev, rev_
     if n_lut == 0:
         lut = counts
     kern = make_sparse_dq(D, block_k, block_q, kind)
-    _tc_build.launch(kern.kernel, (mq, B * H), kern.threads, kern.smem_bytes, stream,
-                     (q, k, v, do, lse, delta, lut, counts, dq,
-                      Nq, Nk, mq, max(n_lut, 1), c2, sc))
+    _tc_build.launch(
+        kern.kernel,
+        (mq, B * H),
+        kern.threads,
+        kern.smem_bytes,
+        stream,
+        (q, k, v, do, lse, delta, lut, counts, dq, Nq, Nk, mq, max(n_lut, 1), c2, sc),
+    )
     kern = make_sparse_dkv(D, block_k, block_q, kind)
-    _tc_build.launch(kern.kernel, (mk, B * H), kern.threads, kern.smem_bytes, stream,
-                     (q, k, v, do, lse, delta, rev, rev_counts, dk, dv, Nq, Nk, mk,
-                      max(n_rev, 1), c2, sc))
+    _tc_build.launch(
+        kern.kernel,
+        (mk, B * H),
+        kern.threads,
+        kern.smem_bytes,
+        stream,
+        (q, k, v, do, lse, delta, rev, rev_counts, dk, dv, Nq, Nk, mk, max(n_rev, 1), c2, sc),
+    )
 
 
-def sparse_backward_tc(q, k, v, o_s, lse, do, lut, counts, rev, rev_counts,
-                       block_q, block_k, scale, delta=None):
+def sparse_backward_tc(
+    q, k, v, o_s, lse, do, lut, counts, rev, rev_counts, block_q, block_k, scale, delta=None
+):
     """Sparse (critical-block) attention backward on tensor cores.
 
     Parameters
@@ -447,15 +529,41 @@ def sparse_backward_tc(q, k, v, o_s, lse, do, lut, counts, rev, rev_counts,
     n_lut = int(lut.shape[-1])
     if n_lut == 0:
         lut_f = counts_f
-    _tc_build.launch(kern.kernel, (mq, B * H), kern.threads, kern.smem_bytes, stream,
-                     (qb, kb_, vb, dob, lse_f, delta_f, lut_f, counts_f, dq,
-                      Nq, Nk, mq, max(n_lut, 1), c2, sc))
+    _tc_build.launch(
+        kern.kernel,
+        (mq, B * H),
+        kern.threads,
+        kern.smem_bytes,
+        stream,
+        (qb, kb_, vb, dob, lse_f, delta_f, lut_f, counts_f, dq, Nq, Nk, mq, max(n_lut, 1), c2, sc),
+    )
 
     dk = ad.empty((B, H, Nk, D), np.float32)
     dv = ad.empty((B, H, Nk, D), np.float32)
     kern = make_sparse_dkv(D, block_k, block_q, kind)
-    _tc_build.launch(kern.kernel, (mk, B * H), kern.threads, kern.smem_bytes, stream,
-                     (qb, kb_, vb, dob, lse_f, delta_f, ad.flat(rev, np.int32),
-                      ad.flat(rev_counts, np.int32), dk, dv, Nq, Nk, mk,
-                      int(rev.shape[-1]), c2, sc))
+    _tc_build.launch(
+        kern.kernel,
+        (mk, B * H),
+        kern.threads,
+        kern.smem_bytes,
+        stream,
+        (
+            qb,
+            kb_,
+            vb,
+            dob,
+            lse_f,
+            delta_f,
+            ad.flat(rev, np.int32),
+            ad.flat(rev_counts, np.int32),
+            dk,
+            dv,
+            Nq,
+            Nk,
+            mk,
+            int(rev.shape[-1]),
+            c2,
+            sc,
+        ),
+    )
     return (ad.wrap(dq, (B, H, Nq, D)), ad.wrap(dk, (B, H, Nk, D)), ad.wrap(dv, (B, H, Nk, D)))

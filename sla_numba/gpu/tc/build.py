@@ -1,4 +1,4 @@
-"""Plumbing shared by the tensor-core kernels: launching and array views.
+r"""Plumbing shared by the tensor-core kernels: launching and array views.
 
 The kernels themselves are ordinary ``@cuda.jit`` closures made by factories
 (``forward.make_sparse_forward``, ``backward.make_sparse_dq`` / ``make_sparse_dkv``,
@@ -43,12 +43,14 @@ def launch(kernel, grid, block, smem_bytes, stream, args):
         kernel[grid, block, 0, smem_bytes](*args)
         return
     from numba import cuda
+
     if smem_bytes > _DEFAULT_SMEM_LIMIT:
         argtypes = tuple(kernel.typeof_pyval(a) for a in args)
         dev = cuda.get_current_device().id
         key = (id(kernel), argtypes, dev, smem_bytes)
         if key not in _opted_in:
             from numba.cuda.cudadrv.driver import binding, driver
+
             compiled = kernel.compile(argtypes)
             handle = compiled._codelibrary.get_cufunc().handle
             attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
@@ -60,6 +62,7 @@ def launch(kernel, grid, block, smem_bytes, stream, args):
 # ---------------------------------------------------------------------------
 # Arrays of several libraries
 # ---------------------------------------------------------------------------
+
 
 def _lib(x):
     mod = type(x).__module__.split(".")[0]
@@ -95,11 +98,14 @@ class ArrayAdapter:
         if SIMULATED:
             return 0
         from numba import cuda
+
         if self.lib == "torch":
             import torch
+
             return cuda.external_stream(torch.cuda.current_stream(self.like.device).cuda_stream)
         if self.lib == "cupy":
             import cupy
+
             return cuda.external_stream(cupy.cuda.get_current_stream().ptr)
         return 0
 
@@ -109,6 +115,7 @@ class ArrayAdapter:
             return x if not SIMULATED else x.numpy()
         if self.lib == "cupy":
             import cupy
+
             return cupy.ascontiguousarray(x).ravel()
         if self.lib == "numpy":
             return np.ascontiguousarray(x).reshape(-1)
@@ -118,10 +125,12 @@ class ArrayAdapter:
         """fp16/bf16 array -> flat int16 view of its bits."""
         if self.lib == "torch":
             import torch
+
             x = x.contiguous().view(torch.int16).reshape(-1)
             return x if not SIMULATED else x.numpy()
         if self.lib == "cupy":
             import cupy
+
             return cupy.ascontiguousarray(x).view(cupy.int16).ravel()
         if self.lib == "numpy":
             return np.ascontiguousarray(x).view(np.int16).reshape(-1)
@@ -131,6 +140,7 @@ class ArrayAdapter:
         """Flat contiguous view/copy with numpy dtype ``dtype`` (float32 / int32)."""
         if self.lib == "torch":
             import torch
+
             tdt = {np.float32: torch.float32, np.int32: torch.int32}[dtype]
             return self._flat(x.to(tdt))
         if self.lib == "cupy":
@@ -145,17 +155,23 @@ class ArrayAdapter:
         fill = np.nan if np.dtype(dtype).kind == "f" else 0
         if self.lib == "torch":
             import torch
+
             tdt = {np.float32: torch.float32, np.int32: torch.int32}[dtype]
             dev = self.like.device
-            out = torch.full((n,), fill, dtype=tdt, device=dev) if poisoning() else \
-                torch.empty((n,), dtype=tdt, device=dev)
+            out = (
+                torch.full((n,), fill, dtype=tdt, device=dev)
+                if poisoning()
+                else torch.empty((n,), dtype=tdt, device=dev)
+            )
             return out if not SIMULATED else out.numpy()
         if self.lib == "cupy":
             import cupy
+
             return cupy.full((n,), fill, dtype=dtype) if poisoning() else cupy.empty((n,), dtype)
         if self.lib == "numpy":
             return np.full((n,), fill, dtype=dtype) if poisoning() else np.empty((n,), dtype)
         from numba import cuda
+
         if poisoning():
             return cuda.to_device(np.full((n,), fill, dtype=dtype))
         return cuda.device_array((n,), dtype)
@@ -164,5 +180,6 @@ class ArrayAdapter:
         """Reshape a flat output; torch CPU tensors again under the simulator."""
         if self.lib == "torch" and SIMULATED:
             import torch
+
             return torch.from_numpy(flat).reshape(shape)
         return flat.reshape(shape)

@@ -47,6 +47,7 @@ block with ``counts == 0`` gets ``o_s = 0`` and ``lse = LSE_EMPTY``. Keys past
 Nk are zero-filled in shared memory and masked to -inf; query rows past Nq are
 computed on zeros and never written.
 """
+
 import functools
 import math
 
@@ -56,11 +57,34 @@ from numba import float32, int16, int32
 from ..._params import LSE_EMPTY
 from .._compat import cuda, kernel
 from . import build as _tc_build
-from .ptx import LOG2E, SIMULATED, cp_async_commit, cp_async_wait_all, exp2, fmax, \
-    ldsm_x4, ldsm_x4_trans, shfl_xor, smem_addr
-from .tiles import (NEG_INF, ONE, SMEM_ALIGN, TC_FASTMATH, ZERO, TCKernel, frag_rows_a,
-                    frag_rows_bt, load_a, make_mma, make_tile_loader, row_max_tree,
-                    row_sum_tree, smem_stride)
+from .ptx import (
+    LOG2E,
+    SIMULATED,
+    cp_async_commit,
+    cp_async_wait_all,
+    exp2,
+    fmax,
+    ldsm_x4,
+    ldsm_x4_trans,
+    shfl_xor,
+    smem_addr,
+)
+from .tiles import (
+    NEG_INF,
+    ONE,
+    SMEM_ALIGN,
+    TC_FASTMATH,
+    ZERO,
+    TCKernel,
+    frag_rows_a,
+    frag_rows_bt,
+    load_a,
+    make_mma,
+    make_tile_loader,
+    row_max_tree,
+    row_sum_tree,
+    smem_stride,
+)
 
 #: Head dims the kernels support (registers bound it above; multiples of 16).
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 112, 128)
@@ -77,6 +101,7 @@ def _device_ok(device):
         return True
     try:
         from numba import cuda
+
         if not cuda.is_available():
             return False
         if device is None:
@@ -132,7 +157,8 @@ def tc_supported(dtype, head_dim, block_q, block_k, device=None):
 # The kernel
 # ---------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def make_sparse_forward(D, block_k, block_q, kind):
     """The forward kernel for head dim ``D``, key blocks of ``block_k``, query blocks
     of ``block_q`` rows and inputs ``kind`` 'bf16' / 'f16', as a :class:`TCKernel`
@@ -146,14 +172,14 @@ def make_sparse_forward(D, block_k, block_q, kind):
     """
     NW, MT = tile_config(block_q)
     BQ, BK, NT = block_q, block_k, NW * 32
-    SD = smem_stride(D)                 # padded row stride, in halves
-    QOFF, KOFF, VOFF = 0, BQ * SD, (BQ + BK) * SD     # tiles in shared memory
-    KS = D // 16                        # k-steps of S = Q K^T
-    NTILE = BK // 8                     # n-tiles of S (8 key columns each)
-    PK = BK // 16                       # k-steps of O += P V
-    DP = D // 16                        # pairs of n-tiles of O
-    DTILE = D // 8                      # n-tiles of O (8 head-dim columns each)
-    ROWS = 16 * MT                      # query rows of one warp
+    SD = smem_stride(D)  # padded row stride, in halves
+    QOFF, KOFF, VOFF = 0, BQ * SD, (BQ + BK) * SD  # tiles in shared memory
+    KS = D // 16  # k-steps of S = Q K^T
+    NTILE = BK // 8  # n-tiles of S (8 key columns each)
+    PK = BK // 16  # k-steps of O += P V
+    DP = D // 16  # pairs of n-tiles of O
+    DTILE = D // 8  # n-tiles of O (8 head-dim columns each)
+    ROWS = 16 * MT  # query rows of one warp
     SMEM_BYTES = (BQ + 2 * BK) * SD * 2
     load_q = make_tile_loader(D, BQ, NT)
     load_kv = make_tile_loader(D, BK, NT)
@@ -164,11 +190,11 @@ def make_sparse_forward(D, block_k, block_q, kind):
     @kernel(fastmath=TC_FASTMATH)
     def sla_fwd_tc(q, k, v, lut, counts, o, lse, nq, nk, mq, n_lut, c2):
         smem = cuda.shared.array(0, int16, alignment=SMEM_ALIGN)
-        s = cuda.local.array((MT, NTILE, 4), float32)     # S = Q K^T, then P
-        acc = cuda.local.array((MT, DTILE, 4), float32)   # O (unnormalised)
-        m = cuda.local.array((MT, 2), float32)            # running row max (base 2)
-        l = cuda.local.array((MT, 2), float32)            # lane's partial row sums
-        af = cuda.local.array((MT, 4), int32)             # A fragments: Q, then P
+        s = cuda.local.array((MT, NTILE, 4), float32)  # S = Q K^T, then P
+        acc = cuda.local.array((MT, DTILE, 4), float32)  # O (unnormalised)
+        m = cuda.local.array((MT, 2), float32)  # running row max (base 2)
+        l = cuda.local.array((MT, 2), float32)  # lane's partial row sums
+        af = cuda.local.array((MT, 4), int32)  # A fragments: Q, then P
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -217,10 +243,10 @@ def make_sparse_forward(D, block_k, block_q, kind):
 
         for it in range(cnt):
             cp_async_wait_all()
-            cuda.syncthreads()          # K[kb] landed; everyone is done with V[prev]
-            nvalid = nk - kb * BK       # keys of this block inside the sequence
+            cuda.syncthreads()  # K[kb] landed; everyone is done with V[prev]
+            nvalid = nk - kb * BK  # keys of this block inside the sequence
             load_kv(smem, sa, VOFF, v, kv_base, kb * BK, nvalid, tid)
-            cp_async_commit()           # V[kb] streams in during S and the softmax
+            cp_async_commit()  # V[kb] streams in during S and the softmax
 
             # S = Q K^T: per k-step, one A fragment per m-tile, one ldmatrix of K
             # per pair of n-tiles, shared by the m-tiles.
@@ -265,11 +291,11 @@ def make_sparse_forward(D, block_k, block_q, kind):
                             acc[mt, d, 2 * r + x] *= alpha
 
             cp_async_wait_all()
-            cuda.syncthreads()          # V[kb] landed; everyone is done with K[kb]
+            cuda.syncthreads()  # V[kb] landed; everyone is done with K[kb]
             if it + 1 < cnt:
                 kb = lut[lut_base + it + 1]
                 load_kv(smem, sa, KOFF, k, kv_base, kb * BK, nk - kb * BK, tid)
-                cp_async_commit()       # K[next] streams in during P V
+                cp_async_commit()  # K[next] streams in during P V
 
             # O += P V: P packed from the S accumulators into A fragments (per
             # k-step of 16 keys), V by transposed ldmatrix, two n-tiles a load.
@@ -301,8 +327,9 @@ def make_sparse_forward(D, block_k, block_q, kind):
     return TCKernel(sla_fwd_tc, NT, SMEM_BYTES)
 
 
-def launch_sparse_forward(kind, q, k, v, lut, counts, o, lse, B, H, Nq, Nk, D,
-                          block_q, block_k, scale, stream):
+def launch_sparse_forward(
+    kind, q, k, v, lut, counts, o, lse, B, H, Nq, Nk, D, block_q, block_k, scale, stream
+):
     """Launch the forward kernel on flat device arrays (the GPU backend's entry).
 
     q, k, v: flat int16 bits (B*H*N*D) of fp16 / bf16 ('f16' / 'bf16' = ``kind``);
@@ -315,8 +342,7 @@ def launch_sparse_forward(kind, q, k, v, lut, counts, o, lse, B, H, Nq, Nk, D,
     kern = make_sparse_forward(D, block_k, block_q, kind)
     if n_lut == 0:
         lut = counts
-    args = (q, k, v, lut, counts, o, lse, Nq, Nk, mq, max(n_lut, 1),
-            np.float32(scale * LOG2E))
+    args = (q, k, v, lut, counts, o, lse, Nq, Nk, mq, max(n_lut, 1), np.float32(scale * LOG2E))
     _tc_build.launch(kern.kernel, (mq, B * H), kern.threads, kern.smem_bytes, stream, args)
 
 
@@ -359,8 +385,20 @@ def sparse_forward_tc(q, k, v, lut, counts, block_q, block_k, scale):
     kern = make_sparse_forward(D, block_k, block_q, kind)
     o = ad.empty((B, H, Nq, D), np.float32)
     lse = ad.empty((B, H, Nq), np.float32)
-    args = (ad.bits(q), ad.bits(k), ad.bits(v), ad.flat(lut, np.int32), ad.flat(counts, np.int32),
-            o, lse, Nq, Nk, mq, max(n_lut, 1), np.float32(scale * LOG2E))
+    args = (
+        ad.bits(q),
+        ad.bits(k),
+        ad.bits(v),
+        ad.flat(lut, np.int32),
+        ad.flat(counts, np.int32),
+        o,
+        lse,
+        Nq,
+        Nk,
+        mq,
+        max(n_lut, 1),
+        np.float32(scale * LOG2E),
+    )
     if n_lut == 0:  # no LUT columns at all: every row is empty
         args = args[:3] + (ad.flat(counts, np.int32),) * 2 + args[5:]
     _tc_build.launch(kern.kernel, (mq, B * H), kern.threads, kern.smem_bytes, ad.stream(), args)

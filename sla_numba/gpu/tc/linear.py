@@ -77,6 +77,7 @@ Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
                              o_l, B, H, Nq, D, bq, 2, 1e-6, 0)
     # relu(1) = 1: every output is D / (D + 1e-6) ~ 1.0
 """
+
 import math
 from collections import namedtuple
 
@@ -85,8 +86,19 @@ from numba import cuda, float32, int16, int32, uint64
 
 from .. import _compat
 from . import build as _tc_build
-from .ptx import (SIMULATED, bf16_high_f32, bf16_low_f32, f16_low_f32, fmax, ldsm_x4,
-                  ldsm_x4_trans, mma_bf16, pack_bf16x2, shfl_xor, smem_addr)
+from .ptx import (
+    SIMULATED,
+    bf16_high_f32,
+    bf16_low_f32,
+    f16_low_f32,
+    fmax,
+    ldsm_x4,
+    ldsm_x4_trans,
+    mma_bf16,
+    pack_bf16x2,
+    shfl_xor,
+    smem_addr,
+)
 
 KINDS = ("bf16", "f16")
 BLOCKS = (16, 32, 64, 128)
@@ -97,7 +109,7 @@ SIM_HK = 16
 ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
 ZI = np.int32(0)
-u64 = uint64                            # unsigned indices: no wraparound checks
+u64 = uint64  # unsigned indices: no wraparound checks
 #: Fast-math of the kernel (no nnan / ninf). Device helpers are inlined.
 FASTMATH = {"contract", "arcp", "afn", "nsz"}
 _DEV = {} if SIMULATED else {"forceinline": True, "fastmath": FASTMATH}
@@ -134,6 +146,7 @@ LinearKernel = namedtuple("LinearKernel", "kernel smem_bytes threads")
 # (a pickled device function would carry the intrinsics' per-process random uuids, and
 # the cache would never hit). ``f16`` is a constant once inlined: one branch remains.
 
+
 @_compat.device(**_DEV)
 def _in_f32(bits, f16):
     """fp32 of one input value (its 16 bits in the low half of an int32)."""
@@ -146,8 +159,8 @@ def _in_f32(bits, f16):
 def _mma_tile(acc, n, af, k, b0, b1):
     """acc[n] += A(af[k]) · B(b0, b1)."""
     acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3] = mma_bf16(
-        af[k, 0], af[k, 1], af[k, 2], af[k, 3], b0, b1,
-        acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3])
+        af[k, 0], af[k, 1], af[k, 2], af[k, 3], b0, b1, acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3]
+    )
 
 
 def make_linear_kernel(kind, D, BQ, HK):
@@ -165,17 +178,17 @@ def make_linear_kernel(kind, D, BQ, HK):
         raise ValueError(f"chunk of {HK} rows does not divide D = {D} in k16 steps")
     NW = BQ // 16
     NT = 32 * NW
-    C = D // 2                       # columns of a row per lane in the φ phase
-    SW = D + PAD                     # shared row stride (16-bit values)
-    PLO = BQ * SW                    # φ lo tile offset (16-bit values)
-    HHI = 2 * BQ * SW                # H hi tile
-    HLO = HHI + HK * SW              # H lo tile
+    C = D // 2  # columns of a row per lane in the φ phase
+    SW = D + PAD  # shared row stride (16-bit values)
+    PLO = BQ * SW  # φ lo tile offset (16-bit values)
+    HHI = 2 * BQ * SW  # H hi tile
+    HLO = HHI + HK * SW  # H lo tile
     SMEM = (HLO + HK * SW) * 2
-    NN = D // 8                      # n8 output tiles
-    W = D * D + D                    # lstate row: vec(H_i), Z_i
-    KS = HK // 16                    # k-steps per chunk
+    NN = D // 8  # n8 output tiles
+    W = D * D + D  # lstate row: vec(H_i), Z_i
+    KS = HK // 16  # k-steps per chunk
     IN_F16 = kind == "f16"
-    ALIGNED = not SIMULATED          # the simulator rejects alignment=
+    ALIGNED = not SIMULATED  # the simulator rejects alignment=
 
     @_compat.kernel(fastmath=FASTMATH)
     def linear_tc(q, lstate, n_marg, o_l, H, Nq, Mq, fm, eps):
@@ -185,10 +198,10 @@ def make_linear_kernel(kind, D, BQ, HK):
         else:
             smem = cuda.shared.array(0, int16)
             smem32 = cuda.shared.array(0, int32)
-        xs = cuda.local.array(C, float32)        # this lane's φ values
+        xs = cuda.local.array(C, float32)  # this lane's φ values
         acc = cuda.local.array((NN, 4), float32)  # D fragments of the output tiles
-        z = cuda.local.array((1, 4), float32)     # ... of the Z tile
-        af = cuda.local.array((2, 4), int32)      # A fragments: φ hi, φ lo
+        z = cuda.local.array((1, 4), float32)  # ... of the Z tile
+        af = cuda.local.array((2, 4), int32)  # A fragments: φ hi, φ lo
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -198,8 +211,8 @@ def make_linear_kernel(kind, D, BQ, HK):
         bh = b * H + h
         r0 = i * BQ
         nrows = min(Nq - r0, BQ)
-        ob = (bh * Nq + r0) * D             # first output value of the block (int64)
-        if n_marg[u64(bh * Mq + i)] <= 0:   # no marginal key block: zeros
+        ob = (bh * Nq + r0) * D  # first output value of the block (int64)
+        if n_marg[u64(bh * Mq + i)] <= 0:  # no marginal key block: zeros
             for x in range(tid, nrows * D, NT):
                 o_l[u64(ob + x)] = ZERO
             return
@@ -232,12 +245,15 @@ def make_linear_kernel(kind, D, BQ, HK):
             for c in range(C):
                 xs[c] = xs[c] if xs[c] > ZERO else ZERO
         # φ split: hi = bf16(φ) in the φ hi tile, lo = bf16(φ - hi) in the φ lo tile
-        si = (r * SW + li * C) >> 1          # int32 index of the pair (r, li*C)
+        si = (r * SW + li * C) >> 1  # int32 index of the pair (r, li*C)
         for c2 in range(C // 2):
             p = pack_bf16x2(xs[2 * c2], xs[2 * c2 + 1]) if ok else ZI
             smem32[si + c2] = p
-            smem32[si + (PLO >> 1) + c2] = pack_bf16x2(
-                xs[2 * c2] - bf16_low_f32(p), xs[2 * c2 + 1] - bf16_high_f32(p)) if ok else ZI
+            smem32[si + (PLO >> 1) + c2] = (
+                pack_bf16x2(xs[2 * c2] - bf16_low_f32(p), xs[2 * c2 + 1] - bf16_high_f32(p))
+                if ok
+                else ZI
+            )
         # --- 3. fragment addresses (bytes). A = φ [r][d1], matrix m = lane >> 3 at rows
         # 8(m & 1).., columns 8(m >> 1)..; B = H [d1][e] (.trans), same pattern: matrices
         # 0, 1 = k rows 0-7, 8-15 of n8 tile 2p, matrices 2, 3 those of tile 2p + 1
@@ -245,16 +261,16 @@ def make_linear_kernel(kind, D, BQ, HK):
         lrow = (lane & 7) + ((lane >> 3) & 1) * 8
         la = sa + ((warp * 16 + lrow) * SW + (lane >> 4) * 8) * 2
         lb = sa + (lrow * SW + (lane >> 4) * 8 + HHI) * 2
-        lz = sa + (lrow * SW + D + HHI) * 2       # the Z tile (all lanes: columns D..)
+        lz = sa + (lrow * SW + D + HHI) * 2  # the Z tile (all lanes: columns D..)
         busy = warp * 16 < nrows
         for n in range(NN):
             for e in range(4):
                 acc[n, e] = ZERO
         for e in range(4):
             z[0, e] = ZERO
-        sb = (bh * Mq + i) * W                  # lstate row (int64)
+        sb = (bh * Mq + i) * W  # lstate row (int64)
         for kc in range(D // HK):
-            cuda.syncthreads()                  # φ written / previous chunk consumed
+            cuda.syncthreads()  # φ written / previous chunk consumed
             # --- 2. H rows kc*HK .. + HK - 1: bf16 hi / lo pairs; Z in columns D, D + 1
             hb = sb + kc * (HK * D)
             for x in range(tid, HK * D // 2, NT):
@@ -266,8 +282,9 @@ def make_linear_kernel(kind, D, BQ, HK):
                 p = pack_bf16x2(y0, y1)
                 s = (rr * SW + c + HHI) >> 1
                 smem32[s] = p
-                smem32[s + (HK * SW // 2)] = pack_bf16x2(y0 - bf16_low_f32(p),
-                                                         y1 - bf16_high_f32(p))
+                smem32[s + (HK * SW // 2)] = pack_bf16x2(
+                    y0 - bf16_low_f32(p), y1 - bf16_high_f32(p)
+                )
             if tid < HK:
                 zv = lstate[u64(sb + D * D + kc * HK + tid)]
                 zh = bf16_low_f32(pack_bf16x2(zv, zv))
@@ -279,7 +296,7 @@ def make_linear_kernel(kind, D, BQ, HK):
             cuda.syncthreads()
             if busy:
                 lk = la + kc * (HK * 2)
-                for ks in range(KS):            # d1 = kc*HK + 16 ks ..
+                for ks in range(KS):  # d1 = kc*HK + 16 ks ..
                     a0, a1, a2, a3 = ldsm_x4(smem, lk + ks * 32, 0)
                     af[0, 0], af[0, 1], af[0, 2], af[0, 3] = a0, a1, a2, a3
                     a0, a1, a2, a3 = ldsm_x4(smem, lk + ks * 32 + PLO * 2, 0)
@@ -338,6 +355,7 @@ def get_linear_kernel(kind, D, BQ, hk=None):
 # Launch
 # ---------------------------------------------------------------------------
 
+
 def _flat(x):
     return x if x.ndim == 1 else x.reshape(int(np.prod(x.shape)))
 
@@ -350,8 +368,9 @@ def _dtype(x):
     return str(x.dtype).replace("torch.", "")
 
 
-def launch_linear_forward_tc(kind, q_bits, lstate, n_marg, o_l, B, H, Nq, D, block_q, fm,
-                             eps, stream, hk=None):
+def launch_linear_forward_tc(
+    kind, q_bits, lstate, n_marg, o_l, B, H, Nq, D, block_q, fm, eps, stream, hk=None
+):
     """``o_l`` = the linear branch's output for all rows < Nq, on ``stream``.
 
     kind 'bf16' / 'f16' (the type of q's bits); q_bits int16 (B, H, Nq, D); lstate fp32
@@ -387,6 +406,11 @@ def launch_linear_forward_tc(kind, q_bits, lstate, n_marg, o_l, B, H, Nq, D, blo
     if H > 65535 or B > 65535:
         raise ValueError("launch_linear_forward_tc: H or B too large for the grid")
     kern = get_linear_kernel(kind, D, block_q, hk)
-    _tc_build.launch(kern.kernel, (nblk, H, B), kern.threads, kern.smem_bytes, stream,
-                     (_flat(q_bits), _flat(lstate), _flat(n_marg), _flat(o_l), H, Nq, Mq, fm,
-                      np.float32(eps)))
+    _tc_build.launch(
+        kern.kernel,
+        (nblk, H, B),
+        kern.threads,
+        kern.smem_bytes,
+        stream,
+        (_flat(q_bits), _flat(lstate), _flat(n_marg), _flat(o_l), H, Nq, Mq, fm, np.float32(eps)),
+    )

@@ -103,6 +103,7 @@ Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
     launch_marginal_sum_tc(0, bmap, False, 2, 2, states, out)
     # out[0, 0] = [[0, 1, 2], [3, 5, 7]]: row 0 sums state 0, row 1 states 0 and 1
 """
+
 from collections import namedtuple
 
 import numpy as np
@@ -110,8 +111,16 @@ from numba import cuda, float32, int16, int32, uint64
 
 from .. import _compat
 from . import build as _tc_build
-from .ptx import (SIMULATED, bf16_high_f32, bf16_low_f32, ldsm_x4, ldsm_x4_trans, mma_bf16,
-                  pack_bf16x2, smem_addr)
+from .ptx import (
+    SIMULATED,
+    bf16_high_f32,
+    bf16_low_f32,
+    ldsm_x4,
+    ldsm_x4_trans,
+    mma_bf16,
+    pack_bf16x2,
+    smem_addr,
+)
 
 Tiles = namedtuple("Tiles", "WR WC MT NP")
 
@@ -121,15 +130,15 @@ GPU_TILES = Tiles(2, 2, 2, 4)
 SIM_TILES = Tiles(1, 1, 1, 1)
 TILES = SIM_TILES if SIMULATED else GPU_TILES
 
-KSTEP = 16          # c values per k-step (the mma's k)
-PAD = 8             # bf16 pad per shared-memory row
+KSTEP = 16  # c values per k-step (the mma's k)
+PAD = 8  # bf16 pad per shared-memory row
 
 ZERO = np.float32(0.0)
 ZI = np.int32(0)
-BF16_ONE_LO = np.int32(0x3F80)          # bf16 1.0 in the low half of a pair
-BF16_ONE_HI = np.int32(0x3F800000)      # ... in the high half
-NOT_MARGINAL = np.int32(1)              # a map value that is not 0
-u64 = uint64                            # unsigned indices: no wraparound checks
+BF16_ONE_LO = np.int32(0x3F80)  # bf16 1.0 in the low half of a pair
+BF16_ONE_HI = np.int32(0x3F800000)  # ... in the high half
+NOT_MARGINAL = np.int32(1)  # a map value that is not 0
+u64 = uint64  # unsigned indices: no wraparound checks
 #: Device helpers are inlined into the kernel (the simulator takes no such option).
 _INLINE = {} if SIMULATED else {"forceinline": True}
 
@@ -138,12 +147,14 @@ _INLINE = {} if SIMULATED else {"forceinline": True}
 # Capability
 # ---------------------------------------------------------------------------
 
+
 def _device_ok(device=None):
     """A CUDA device of compute capability >= 8.0 (always True under the simulator)."""
     if SIMULATED:
         return True
     try:
         from numba import cuda
+
         if not cuda.is_available():
             return False
         dev = cuda.get_current_device() if device is None else cuda.gpus[int(device)]
@@ -160,8 +171,9 @@ def tc_marginal_unsupported_reason(states_dtype, device=None):
     current device, or its index).
     """
     if np.dtype(states_dtype) != np.float32:
-        return (f"states dtype {np.dtype(states_dtype).name} "
-                "(tensor-core marginal sum: float32 only)")
+        return (
+            f"states dtype {np.dtype(states_dtype).name} (tensor-core marginal sum: float32 only)"
+        )
     if not _device_ok(device):
         return "no CUDA device of compute capability >= 8.0"
     return None
@@ -176,25 +188,41 @@ def tc_marginal_supported(states_dtype, device=None):
 # The kernel
 # ---------------------------------------------------------------------------
 
+
 def geometry(tiles):
     """Derived sizes of a tile configuration (a dict; all in elements unless *_BYTES)."""
     WR, WC, MT, NP = tiles
-    RT, WT = WR * 16 * MT, WC * 16 * NP          # CTA tile: rows x columns
-    NT = 32 * WR * WC                            # threads
-    SW = WT + PAD                                # S tile row stride (bf16)
-    MW = KSTEP + PAD                             # M tile row stride (bf16)
-    HP = WT // 2                                 # S column pairs per row
-    NW, RG = NT // 32, RT // 8                   # warps; 8-row groups of the M tile
-    NMP = 2 * RG // NW                           # M staging passes (8 x 8 units per warp)
+    RT, WT = WR * 16 * MT, WC * 16 * NP  # CTA tile: rows x columns
+    NT = 32 * WR * WC  # threads
+    SW = WT + PAD  # S tile row stride (bf16)
+    MW = KSTEP + PAD  # M tile row stride (bf16)
+    HP = WT // 2  # S column pairs per row
+    NW, RG = NT // 32, RT // 8  # warps; 8-row groups of the M tile
+    NMP = 2 * RG // NW  # M staging passes (8 x 8 units per warp)
     if NT % HP or KSTEP % (NT // HP) or (2 * RG) % NW or (RG % NMP and NMP % RG):
-        raise ValueError(f"tiles {tuple(tiles)}: the staging needs threads % (WT/2) == 0, "
-                         f"16 % (threads / (WT/2)) == 0, (RT/4) % warps == 0 and one of "
-                         f"RT/8, (RT/4)/warps dividing the other")
-    RPP = NT // HP                               # S rows staged per pass
-    TILE = KSTEP * SW                            # one S tile (hi or lo)
-    STAGE = 2 * TILE + RT * MW                   # hi, lo, M
-    return dict(RT=RT, WT=WT, NT=NT, SW=SW, MW=MW, HP=HP, RPP=RPP, NPASS=KSTEP // RPP,
-                NMP=NMP, RG=RG, TILE=TILE, STAGE=STAGE, SMEM_BYTES=2 * STAGE * 2)
+        raise ValueError(
+            f"tiles {tuple(tiles)}: the staging needs threads % (WT/2) == 0, "
+            f"16 % (threads / (WT/2)) == 0, (RT/4) % warps == 0 and one of "
+            f"RT/8, (RT/4)/warps dividing the other"
+        )
+    RPP = NT // HP  # S rows staged per pass
+    TILE = KSTEP * SW  # one S tile (hi or lo)
+    STAGE = 2 * TILE + RT * MW  # hi, lo, M
+    return dict(
+        RT=RT,
+        WT=WT,
+        NT=NT,
+        SW=SW,
+        MW=MW,
+        HP=HP,
+        RPP=RPP,
+        NPASS=KSTEP // RPP,
+        NMP=NMP,
+        RG=RG,
+        TILE=TILE,
+        STAGE=STAGE,
+        SMEM_BYTES=2 * STAGE * 2,
+    )
 
 
 def ops_per_kstep(tiles):
@@ -213,17 +241,49 @@ MarginalKernel = namedtuple("MarginalKernel", "kernel smem_bytes threads")
 # (a pickled device function would carry the intrinsics' per-process random uuids, and
 # the cache would never hit). Their loop bounds are arguments, constants once inlined.
 
+
 @_compat.device(**_INLINE)
 def _mma_tile(acc, af, mt, n, b0, b1):
     """acc[mt, n] += A(af[mt]) · B(b0, b1): one mma.sync into the D fragment."""
     acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3] = mma_bf16(
-        af[mt, 0], af[mt, 1], af[mt, 2], af[mt, 3], b0, b1,
-        acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3])
+        af[mt, 0],
+        af[mt, 1],
+        af[mt, 2],
+        af[mt, 3],
+        b0,
+        b1,
+        acc[mt, n, 0],
+        acc[mt, n, 1],
+        acc[mt, n, 2],
+        acc[mt, n, 3],
+    )
 
 
 @_compat.device(**_INLINE)
-def _prefetch(xs, ys, states, bmap, cn, W, s_lane, srow, sok0, sok1, n_in, n_out,
-              mo, mr, mc, r0, rs, cs, npass, rpp, nmp, rg):
+def _prefetch(
+    xs,
+    ys,
+    states,
+    bmap,
+    cn,
+    W,
+    s_lane,
+    srow,
+    sok0,
+    sok1,
+    n_in,
+    n_out,
+    mo,
+    mr,
+    mc,
+    r0,
+    rs,
+    cs,
+    npass,
+    rpp,
+    nmp,
+    rg,
+):
     """Load k-step ``cn``'s S values into xs (zero past n_in / W) and its map bytes
     into ys (not marginal outside the n_out x n_in window)."""
     # S rows cn + srow + rpp*p, columns sw, sw + 1
@@ -261,14 +321,14 @@ def make_marginal_kernel(tiles=GPU_TILES):
     G = geometry(tiles)
     RT, WT, NT, SW, MW, HP, RPP = (G[k] for k in ("RT", "WT", "NT", "SW", "MW", "HP", "RPP"))
     NPASS, NMP, RG, TILE, STAGE = (G[k] for k in ("NPASS", "NMP", "RG", "TILE", "STAGE"))
-    NN = 2 * NP                                  # n8 tiles of a warp
-    MOFF = 2 * TILE                              # M tile offset in a stage (bf16)
-    A_STEP = 16 * MW * 2                         # bytes between a warp's m-tiles (M tile)
-    LO_BYTES = TILE * 2                          # bytes from the hi to the lo S tile
+    NN = 2 * NP  # n8 tiles of a warp
+    MOFF = 2 * TILE  # M tile offset in a stage (bf16)
+    A_STEP = 16 * MW * 2  # bytes between a warp's m-tiles (M tile)
+    LO_BYTES = TILE * 2  # bytes from the hi to the lo S tile
     STAGE32, STAGE_BYTES = STAGE // 2, STAGE * 2
-    PASS32 = RPP * SW // 2                       # int32 between two staging passes
+    PASS32 = RPP * SW // 2  # int32 between two staging passes
     TILE32 = TILE // 2
-    ALIGNED = not SIMULATED                      # the simulator rejects alignment=
+    ALIGNED = not SIMULATED  # the simulator rejects alignment=
 
     @_compat.kernel()
     def marginal_sum_tc(bmap, m_size, rs, cs, n_out, n_in, states, s_rows, out, o_rows, W):
@@ -281,10 +341,10 @@ def make_marginal_kernel(tiles=GPU_TILES):
         else:
             smem = cuda.shared.array(0, int16)
             smem32 = cuda.shared.array(0, int32)
-        acc = cuda.local.array((MT, NN, 4), float32)    # D fragments
-        af = cuda.local.array((MT, 4), int32)           # A fragments of a k-step
-        xs = cuda.local.array((NPASS, 2), float32)      # prefetched S pairs
-        ys = cuda.local.array((NMP, 2), int32)          # prefetched map bytes
+        acc = cuda.local.array((MT, NN, 4), float32)  # D fragments
+        af = cuda.local.array((MT, 4), int32)  # A fragments of a k-step
+        xs = cuda.local.array((NPASS, 2), float32)  # prefetched S pairs
+        ys = cuda.local.array((NMP, 2), int32)  # prefetched map bytes
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -299,8 +359,8 @@ def make_marginal_kernel(tiles=GPU_TILES):
         sw = w0 + sc
         sok0 = sw < W
         sok1 = sw + 1 < W
-        s_lane = (bh * s_rows + srow) * W + sw      # global offset of (c = srow, sw); int64
-        st_lane = (srow * SW + sc) >> 1             # int32 index in the hi tile
+        s_lane = (bh * s_rows + srow) * W + sw  # global offset of (c = srow, sw); int64
+        st_lane = (srow * SW + sc) >> 1  # int32 index in the hi tile
         # --- M staging role: the RT x 16 tile is (RT/8) x 2 units of 8 rows x 8 columns;
         # warp w stages units w*NMP .. (row group first). In a unit, lane (i, j) =
         # (lane & 7, lane >> 3) takes the pair M[i, 2j], M[i, 2j + 1]: 8 consecutive bytes
@@ -309,8 +369,8 @@ def make_marginal_kernel(tiles=GPU_TILES):
         u = warp * NMP
         mr = (u % RG) * 8 + (lane & 7)
         mc = (u // RG) * 8 + (lane >> 3) * 2
-        mo = bh * m_size + (r0 + mr) * rs + mc * cs     # bmap offset of M[mr, mc] at c = 0
-        ms = (mr * MW + mc + MOFF) >> 1                 # int32 index in the M tile
+        mo = bh * m_size + (r0 + mr) * rs + mc * cs  # bmap offset of M[mr, mc] at c = 0
+        ms = (mr * MW + mc + MOFF) >> 1  # int32 index in the M tile
         # --- fragment roles (see ptx): ldmatrix.x4 row addresses of this lane. Matrix
         # i = lane >> 3 covers rows 8*(i & 1).. and columns 8*(i >> 1).. of a 16 x 16 block:
         # A (M, [r][c], non-transposed load) and B (S, [c][w], transposed load).
@@ -324,8 +384,30 @@ def make_marginal_kernel(tiles=GPU_TILES):
                 for e in range(4):
                     acc[mt, n, e] = ZERO
         nk = (n_in + 15) // 16
-        _prefetch(xs, ys, states, bmap, 0, W, s_lane, srow, sok0, sok1, n_in, n_out,
-                  mo, mr, mc, r0, rs, cs, NPASS, RPP, NMP, RG)
+        _prefetch(
+            xs,
+            ys,
+            states,
+            bmap,
+            0,
+            W,
+            s_lane,
+            srow,
+            sok0,
+            sok1,
+            n_in,
+            n_out,
+            mo,
+            mr,
+            mc,
+            r0,
+            rs,
+            cs,
+            NPASS,
+            RPP,
+            NMP,
+            RG,
+        )
         for it in range(nk):
             # 1. store the prefetched k-step into stage it & 1: S split into bf16 hi / lo,
             #    M as bf16 1.0 where marginal, else 0
@@ -334,16 +416,40 @@ def make_marginal_kernel(tiles=GPU_TILES):
                 hi = pack_bf16x2(xs[p, 0], xs[p, 1])
                 smem32[st + p * PASS32] = hi
                 smem32[st + p * PASS32 + TILE32] = pack_bf16x2(
-                    xs[p, 0] - bf16_low_f32(hi), xs[p, 1] - bf16_high_f32(hi))
+                    xs[p, 0] - bf16_low_f32(hi), xs[p, 1] - bf16_high_f32(hi)
+                )
             sm = (it & 1) * STAGE32 + ms
             for p in range(NMP):
                 off = (8 * (p % RG) * MW + 8 * (p // RG)) // 2
-                smem32[sm + off] = int32((BF16_ONE_LO if ys[p, 0] == 0 else ZI)
-                                         | (BF16_ONE_HI if ys[p, 1] == 0 else ZI))
+                smem32[sm + off] = int32(
+                    (BF16_ONE_LO if ys[p, 0] == 0 else ZI) | (BF16_ONE_HI if ys[p, 1] == 0 else ZI)
+                )
             cuda.syncthreads()
             # 2. prefetch the next k-step (masked: nothing is read past n_in)
-            _prefetch(xs, ys, states, bmap, it * 16 + 16, W, s_lane, srow, sok0, sok1,
-                      n_in, n_out, mo, mr, mc, r0, rs, cs, NPASS, RPP, NMP, RG)
+            _prefetch(
+                xs,
+                ys,
+                states,
+                bmap,
+                it * 16 + 16,
+                W,
+                s_lane,
+                srow,
+                sok0,
+                sok1,
+                n_in,
+                n_out,
+                mo,
+                mr,
+                mc,
+                r0,
+                rs,
+                cs,
+                NPASS,
+                RPP,
+                NMP,
+                RG,
+            )
             # 3. tensor cores: A fragments of the warp's m-tiles; per n16 pair, B fragments
             #    of hi and lo (two n8 tiles each), then 4 mma per m-tile
             sb = (it & 1) * STAGE_BYTES
@@ -366,7 +472,7 @@ def make_marginal_kernel(tiles=GPU_TILES):
         # epilogue: lane (g, t) holds rows g, g + 8 x columns 8n + 2t, 8n + 2t + 1
         g = lane >> 2
         t2 = (lane & 3) * 2
-        wl = W - (w0 + wc * 16 * NP + t2)          # columns left from this lane's first
+        wl = W - (w0 + wc * 16 * NP + t2)  # columns left from this lane's first
         for mt in range(MT):
             for h in range(2):
                 r = r0 + wr * 16 * MT + 16 * mt + 8 * h + g
@@ -396,6 +502,7 @@ def get_marginal_kernel(tiles=TILES):
 # Launch
 # ---------------------------------------------------------------------------
 
+
 def _flat(x):
     """A flat (1-D) view of a C-contiguous array (numba device array, or numpy under the
     simulator); writes through it reach ``x``."""
@@ -418,8 +525,12 @@ def launch_marginal_sum_tc(stream, bmap, transposed, n_out, n_in, states, out, t
     s_rows, W = int(states.shape[2]), int(states.shape[3])
     o_rows = int(out.shape[2])
     n_out, n_in = int(n_out), int(n_in)
-    if n_in > s_rows or n_out > o_rows or n_in > (Mq if transposed else Mk) \
-            or n_out > (Mk if transposed else Mq):
+    if (
+        n_in > s_rows
+        or n_out > o_rows
+        or n_in > (Mq if transposed else Mk)
+        or n_out > (Mk if transposed else Mq)
+    ):
         raise ValueError("launch_marginal_sum_tc: n_out / n_in exceed the arrays")
     if n_out <= 0 or W <= 0 or B * H <= 0:
         return
@@ -429,6 +540,5 @@ def launch_marginal_sum_tc(stream, bmap, transposed, n_out, n_in, states, out, t
     if grid[1] > 65535 or grid[2] > 65535:
         raise ValueError("launch_marginal_sum_tc: W or B*H too large for the grid")
     rs, cs = (1, Mk) if transposed else (Mk, 1)
-    args = (_flat(bmap), Mq * Mk, rs, cs, n_out, n_in, _flat(states), s_rows,
-            _flat(out), o_rows, W)
+    args = (_flat(bmap), Mq * Mk, rs, cs, n_out, n_in, _flat(states), s_rows, _flat(out), o_rows, W)
     _tc_build.launch(kern.kernel, grid, kern.threads, kern.smem_bytes, stream, args)

@@ -57,6 +57,7 @@ of them with numpy (e.g. the mma twin rebuilds A, B and C and does a float64
 matmul rounded to fp32). Every lane of the warp must call the same sequence of
 warp-wide operations (true for warp-uniform kernels, which is all we write).
 """
+
 import math
 import threading
 
@@ -65,16 +66,36 @@ from numba import config
 
 SIMULATED = bool(config.ENABLE_CUDASIM)
 
-__all__ = ["SIMULATED", "mma_bf16", "mma_f16", "ldmatrix_x4", "ldmatrix_x4_trans",
-           "cp_async16", "cp_async_commit", "cp_async_wait_all", "cp_async_wait_1", "pack_bf16x2",
-           "pack_f16x2", "exp2", "shfl_xor", "smem_addr", "ldsm_x4", "ldsm_x4_trans",
-           "cp_async16i", "fmax", "bf16_low_f32", "bf16_high_f32", "f16_low_f32",
-           "f16_high_f32"]
+__all__ = [
+    "SIMULATED",
+    "mma_bf16",
+    "mma_f16",
+    "ldmatrix_x4",
+    "ldmatrix_x4_trans",
+    "cp_async16",
+    "cp_async_commit",
+    "cp_async_wait_all",
+    "cp_async_wait_1",
+    "pack_bf16x2",
+    "pack_f16x2",
+    "exp2",
+    "shfl_xor",
+    "smem_addr",
+    "ldsm_x4",
+    "ldsm_x4_trans",
+    "cp_async16i",
+    "fmax",
+    "bf16_low_f32",
+    "bf16_high_f32",
+    "f16_low_f32",
+    "f16_high_f32",
+]
 
 
 # ---------------------------------------------------------------------------
 # Host-side bit helpers (used by the twins and by tests)
 # ---------------------------------------------------------------------------
+
 
 def f32_to_bf16_bits(x):
     """Round-to-nearest-even fp32 -> bf16, as uint16 bits (NaN stays NaN)."""
@@ -124,9 +145,9 @@ class _WarpExchange:
         self.slots = [None] * 32
 
     def swap(self, lane, value):
-        self.barrier.wait()          # previous swap fully read
+        self.barrier.wait()  # previous swap fully read
         self.slots[lane] = value
-        self.barrier.wait()          # every lane has written
+        self.barrier.wait()  # every lane has written
         return list(self.slots)
 
 
@@ -152,18 +173,22 @@ def _mma_twin(bf16, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
     C = np.zeros((16, 8))
     for L, (x0, x1, x2, x3, y0, y1, z0, z1, z2, z3) in enumerate(lanes):
         g, t = L >> 2, L & 3
-        A[g, 2 * t:2 * t + 2] = _unpack_pair(x0, bf16)
-        A[g + 8, 2 * t:2 * t + 2] = _unpack_pair(x1, bf16)
-        A[g, 2 * t + 8:2 * t + 10] = _unpack_pair(x2, bf16)
-        A[g + 8, 2 * t + 8:2 * t + 10] = _unpack_pair(x3, bf16)
-        B[2 * t:2 * t + 2, g] = _unpack_pair(y0, bf16)
-        B[2 * t + 8:2 * t + 10, g] = _unpack_pair(y1, bf16)
-        C[g, 2 * t:2 * t + 2] = (z0, z1)
-        C[g + 8, 2 * t:2 * t + 2] = (z2, z3)
+        A[g, 2 * t : 2 * t + 2] = _unpack_pair(x0, bf16)
+        A[g + 8, 2 * t : 2 * t + 2] = _unpack_pair(x1, bf16)
+        A[g, 2 * t + 8 : 2 * t + 10] = _unpack_pair(x2, bf16)
+        A[g + 8, 2 * t + 8 : 2 * t + 10] = _unpack_pair(x3, bf16)
+        B[2 * t : 2 * t + 2, g] = _unpack_pair(y0, bf16)
+        B[2 * t + 8 : 2 * t + 10, g] = _unpack_pair(y1, bf16)
+        C[g, 2 * t : 2 * t + 2] = (z0, z1)
+        C[g + 8, 2 * t : 2 * t + 2] = (z2, z3)
     D = (A @ B + C).astype(np.float32)
     g, t = lane >> 2, lane & 3
-    return (float(D[g, 2 * t]), float(D[g, 2 * t + 1]),
-            float(D[g + 8, 2 * t]), float(D[g + 8, 2 * t + 1]))
+    return (
+        float(D[g, 2 * t]),
+        float(D[g, 2 * t + 1]),
+        float(D[g + 8, 2 * t]),
+        float(D[g + 8, 2 * t + 1]),
+    )
 
 
 def _mma_bf16_twin(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
@@ -179,7 +204,7 @@ def _ldmatrix_twin(trans, smem, off):
     g, t = lane >> 2, lane & 3
     out = []
     for i in range(4):
-        rows = offs[8 * i:8 * i + 8]
+        rows = offs[8 * i : 8 * i + 8]
         if trans:
             lo, hi = smem[rows[2 * t] + g], smem[rows[2 * t + 1] + g]
         else:
@@ -271,12 +296,15 @@ def _f16_high_f32_twin(p):
 # Inline-PTX intrinsics (real GPU)
 # ---------------------------------------------------------------------------
 
+
 def _build_intrinsics():
     from llvmlite import ir
     from numba import types
     from numba.cuda.extending import intrinsic
+
     try:  # literal-typed arguments first (immediate offsets baked into the PTX text)
         from numba.cuda.extending import _intrinsic
+
         lit_intrinsic = _intrinsic(target="cuda", prefer_literal=True)
     except ImportError:  # pragma: no cover - other numba-cuda versions
         lit_intrinsic = intrinsic
@@ -303,29 +331,51 @@ def _build_intrinsics():
         return builder.trunc(builder.ptrtoint(sptr, ir.IntType(64)), i32)
 
     def make_mma(kind):
-        text = ("mma.sync.aligned.m16n8k16.row.col.f32.%s.%s.f32 "
-                "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};" % (kind, kind))
+        text = (
+            "mma.sync.aligned.m16n8k16.row.col.f32.%s.%s.f32 "
+            "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};" % (kind, kind)
+        )
         cons = "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f"
 
         @intrinsic
         def mma(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
             sig = types.UniTuple(types.float32, 4)(
-                types.int32, types.int32, types.int32, types.int32, types.int32,
-                types.int32, types.float32, types.float32, types.float32, types.float32)
+                types.int32,
+                types.int32,
+                types.int32,
+                types.int32,
+                types.int32,
+                types.int32,
+                types.float32,
+                types.float32,
+                types.float32,
+                types.float32,
+            )
 
             def codegen(context, builder, sig, args):
-                args = [context.cast(builder, v, ty, want)
-                        for v, ty, want in zip(args, sig.args, sig.args)]
-                res = _asm(builder, ir.LiteralStructType([f32] * 4), [i32] * 6 + [f32] * 4,
-                           text, cons, args)
+                args = [
+                    context.cast(builder, v, ty, want)
+                    for v, ty, want in zip(args, sig.args, sig.args)
+                ]
+                res = _asm(
+                    builder,
+                    ir.LiteralStructType([f32] * 4),
+                    [i32] * 6 + [f32] * 4,
+                    text,
+                    cons,
+                    args,
+                )
                 vals = [builder.extract_value(res, i) for i in range(4)]
                 return context.make_tuple(builder, sig.return_type, vals)
+
             return sig, codegen
+
         return mma
 
     def make_ldmatrix(trans):
-        text = ("ldmatrix.sync.aligned.m8n8.x4%s.shared.b16 {$0,$1,$2,$3}, [$4];"
-                % (".trans" if trans else ""))
+        text = "ldmatrix.sync.aligned.m8n8.x4%s.shared.b16 {$0,$1,$2,$3}, [$4];" % (
+            ".trans" if trans else ""
+        )
 
         @intrinsic
         def ldmatrix(typingctx, smem, off):
@@ -334,11 +384,20 @@ def _build_intrinsics():
             def codegen(context, builder, sig, args):
                 ary, o = args
                 addr = _shared_addr32(context, builder, sig.args[0], ary, o)
-                res = _asm(builder, ir.LiteralStructType([i32] * 4), [i32], text,
-                           "=r,=r,=r,=r,r,~{memory}", [addr], side_effect=True)
+                res = _asm(
+                    builder,
+                    ir.LiteralStructType([i32] * 4),
+                    [i32],
+                    text,
+                    "=r,=r,=r,=r,r,~{memory}",
+                    [addr],
+                    side_effect=True,
+                )
                 vals = [builder.extract_value(res, i) for i in range(4)]
                 return context.make_tuple(builder, sig.return_type, vals)
+
             return sig, codegen
+
         return ldmatrix
 
     @intrinsic
@@ -350,11 +409,18 @@ def _build_intrinsics():
             saddr = _shared_addr32(context, builder, sig.args[0], sary, so)
             gptr = builder.gep(_data_ptr(context, builder, sig.args[2], gary), [go])
             gint = builder.ptrtoint(gptr, ir.IntType(64))
-            _asm(builder, ir.VoidType(), [i32, ir.IntType(64), i32],
-                 "{ .reg .u64 ga; cvta.to.global.u64 ga, $1; "
-                 "cp.async.cg.shared.global [$0], [ga], 16, $2; }",
-                 "r,l,r,~{memory}", [saddr, gint, nb], side_effect=True)
+            _asm(
+                builder,
+                ir.VoidType(),
+                [i32, ir.IntType(64), i32],
+                "{ .reg .u64 ga; cvta.to.global.u64 ga, $1; "
+                "cp.async.cg.shared.global [$0], [ga], 16, $2; }",
+                "r,l,r,~{memory}",
+                [saddr, gint, nb],
+                side_effect=True,
+            )
             return context.get_dummy_value()
+
         return sig, codegen
 
     def make_void_asm(text):
@@ -363,7 +429,9 @@ def _build_intrinsics():
             def codegen(context, builder, sig, args):
                 _asm(builder, ir.VoidType(), [], text, "~{memory}", [], side_effect=True)
                 return context.get_dummy_value()
+
             return types.void(), codegen
+
         return fn
 
     def make_pack(kind):
@@ -374,9 +442,17 @@ def _build_intrinsics():
             def codegen(context, builder, sig, args):
                 lo_v, hi_v = args
                 # cvt.rn.*x2.f32 d, a, b puts a in the upper half, b in the lower.
-                return _asm(builder, i32, [f32, f32], "cvt.rn.%sx2.f32 $0, $1, $2;" % kind,
-                            "=r,f,f", [hi_v, lo_v])
+                return _asm(
+                    builder,
+                    i32,
+                    [f32, f32],
+                    "cvt.rn.%sx2.f32 $0, $1, $2;" % kind,
+                    "=r,f,f",
+                    [hi_v, lo_v],
+                )
+
             return sig, codegen
+
         return pack
 
     @intrinsic
@@ -385,6 +461,7 @@ def _build_intrinsics():
 
         def codegen(context, builder, sig, args):
             return _asm(builder, f32, [f32], "ex2.approx.ftz.f32 $0, $1;", "=f,f", list(args))
+
         return sig, codegen
 
     @intrinsic
@@ -392,9 +469,16 @@ def _build_intrinsics():
         sig = types.float32(types.float32, types.int32)
 
         def codegen(context, builder, sig, args):
-            return _asm(builder, f32, [f32, i32],
-                        "shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=f,f,r",
-                        list(args), side_effect=True)
+            return _asm(
+                builder,
+                f32,
+                [f32, i32],
+                "shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;",
+                "=f,f,r",
+                list(args),
+                side_effect=True,
+            )
+
         return sig, codegen
 
     @intrinsic
@@ -403,6 +487,7 @@ def _build_intrinsics():
 
         def codegen(context, builder, sig, args):
             return _shared_addr32(context, builder, sig.args[0], args[0], ir.Constant(i32, 0))
+
         return sig, codegen
 
     def make_ldsm(trans):
@@ -410,25 +495,38 @@ def _build_intrinsics():
         def ldsm(typingctx, smem, addr, imm):
             if not isinstance(imm, types.IntegerLiteral):
                 return None
-            text = ("ldmatrix.sync.aligned.m8n8.x4%s.shared.b16 {$0,$1,$2,$3}, [$4+%d];"
-                    % (".trans" if trans else "", imm.literal_value))
+            text = "ldmatrix.sync.aligned.m8n8.x4%s.shared.b16 {$0,$1,$2,$3}, [$4+%d];" % (
+                ".trans" if trans else "",
+                imm.literal_value,
+            )
             sig = types.UniTuple(types.int32, 4)(smem, types.int32, imm)
 
             def codegen(context, builder, sig, args):
                 a = context.cast(builder, args[1], sig.args[1], types.int32)
-                res = _asm(builder, ir.LiteralStructType([i32] * 4), [i32], text,
-                           "=r,=r,=r,=r,r,~{memory}", [a], side_effect=True)
+                res = _asm(
+                    builder,
+                    ir.LiteralStructType([i32] * 4),
+                    [i32],
+                    text,
+                    "=r,=r,=r,=r,r,~{memory}",
+                    [a],
+                    side_effect=True,
+                )
                 vals = [builder.extract_value(res, i) for i in range(4)]
                 return context.make_tuple(builder, sig.return_type, vals)
+
             return sig, codegen
+
         return ldsm
 
     @lit_intrinsic
     def cp_async16i(typingctx, smem, saddr, simm, gmem, goff):
         if not isinstance(simm, types.IntegerLiteral):
             return None
-        text = ("{ .reg .u64 ga; cvta.to.global.u64 ga, $1; "
-                "cp.async.cg.shared.global [$0+%d], [ga], 16; }" % simm.literal_value)
+        text = (
+            "{ .reg .u64 ga; cvta.to.global.u64 ga, $1; "
+            "cp.async.cg.shared.global [$0+%d], [ga], 16; }" % simm.literal_value
+        )
         sig = types.void(smem, types.int32, simm, gmem, types.int64)
 
         def codegen(context, builder, sig, args):
@@ -437,9 +535,17 @@ def _build_intrinsics():
             go = context.cast(builder, go, sig.args[4], types.int64)
             gptr = builder.gep(_data_ptr(context, builder, sig.args[3], gary), [go])
             gint = builder.ptrtoint(gptr, ir.IntType(64))
-            _asm(builder, ir.VoidType(), [i32, ir.IntType(64)], text,
-                 "r,l,~{memory}", [sa, gint], side_effect=True)
+            _asm(
+                builder,
+                ir.VoidType(),
+                [i32, ir.IntType(64)],
+                text,
+                "r,l,~{memory}",
+                [sa, gint],
+                side_effect=True,
+            )
             return context.get_dummy_value()
+
         return sig, codegen
 
     @intrinsic
@@ -448,11 +554,13 @@ def _build_intrinsics():
 
         def codegen(context, builder, sig, args):
             return _asm(builder, f32, [f32, f32], "max.f32 $0, $1, $2;", "=f,f,f", list(args))
+
         return sig, codegen
 
     def make_bf16_unpack(high):
         """fp32 of one bf16 of a packed pair: a bf16 is the top half of an fp32, so one
         shift / mask + bitcast."""
+
         @intrinsic
         def unpack(typingctx, p):
             sig = types.float32(types.int32)
@@ -460,17 +568,20 @@ def _build_intrinsics():
             def codegen(context, builder, sig, args):
                 v = args[0]
                 if high:
-                    bits = builder.and_(v, ir.Constant(i32, -65536))     # 0xFFFF0000
+                    bits = builder.and_(v, ir.Constant(i32, -65536))  # 0xFFFF0000
                 else:
                     bits = builder.shl(v, ir.Constant(i32, 16))
                 return builder.bitcast(bits, f32)
+
             return sig, codegen
+
         return unpack
 
     def make_f16_unpack(high):
         """fp32 of one fp16 of a packed pair (``cvt.f32.f16``)."""
-        text = ("{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $1; cvt.f32.f16 $0, %s; }"
-                % ("hi" if high else "lo"))
+        text = "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $1; cvt.f32.f16 $0, %s; }" % (
+            "hi" if high else "lo"
+        )
 
         @intrinsic
         def unpack(typingctx, p):
@@ -478,22 +589,34 @@ def _build_intrinsics():
 
             def codegen(context, builder, sig, args):
                 return _asm(builder, f32, [i32], text, "=f,r", [args[0]])
+
             return sig, codegen
+
         return unpack
 
     return dict(
-        bf16_low_f32=make_bf16_unpack(False), bf16_high_f32=make_bf16_unpack(True),
-        f16_low_f32=make_f16_unpack(False), f16_high_f32=make_f16_unpack(True),
-        smem_addr=smem_addr, ldsm_x4=make_ldsm(False), ldsm_x4_trans=make_ldsm(True),
-        cp_async16i=cp_async16i, fmax=fmax,
-        mma_bf16=make_mma("bf16"), mma_f16=make_mma("f16"),
-        ldmatrix_x4=make_ldmatrix(False), ldmatrix_x4_trans=make_ldmatrix(True),
+        bf16_low_f32=make_bf16_unpack(False),
+        bf16_high_f32=make_bf16_unpack(True),
+        f16_low_f32=make_f16_unpack(False),
+        f16_high_f32=make_f16_unpack(True),
+        smem_addr=smem_addr,
+        ldsm_x4=make_ldsm(False),
+        ldsm_x4_trans=make_ldsm(True),
+        cp_async16i=cp_async16i,
+        fmax=fmax,
+        mma_bf16=make_mma("bf16"),
+        mma_f16=make_mma("f16"),
+        ldmatrix_x4=make_ldmatrix(False),
+        ldmatrix_x4_trans=make_ldmatrix(True),
         cp_async16=cp_async16,
         cp_async_commit=make_void_asm("cp.async.commit_group;"),
         cp_async_wait_all=make_void_asm("cp.async.wait_all;"),
         cp_async_wait_1=make_void_asm("cp.async.wait_group 1;"),
-        pack_bf16x2=make_pack("bf16"), pack_f16x2=make_pack("f16"),
-        exp2=exp2, shfl_xor=shfl_xor)
+        pack_bf16x2=make_pack("bf16"),
+        pack_f16x2=make_pack("f16"),
+        exp2=exp2,
+        shfl_xor=shfl_xor,
+    )
 
 
 if SIMULATED:
@@ -508,6 +631,7 @@ if SIMULATED:
     bf16_low_f32, bf16_high_f32 = _bf16_low_f32_twin, _bf16_high_f32_twin
     f16_low_f32, f16_high_f32 = _f16_low_f32_twin, _f16_high_f32_twin
 else:
+
     def _pin_uuids(intrinsics):
         """Deterministic uuids for the intrinsics (Numba draws random ones).
 
@@ -517,6 +641,7 @@ else:
         process a new key (a cache that never hits). The hash of this file makes an
         edit of the inline PTX a new key."""
         import hashlib
+
         with open(__file__, "rb") as f:
             digest = hashlib.sha1(f.read()).hexdigest()[:12]
         for name, fn in intrinsics.items():

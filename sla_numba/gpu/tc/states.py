@@ -86,6 +86,7 @@ Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
     launch_states_tc("bf16", ones, ones, state, B, H, Nk, D, bk, 2, 0)
     # relu(1) = 1: h_j = 16 everywhere, z_j = 16
 """
+
 import math
 from collections import namedtuple
 
@@ -94,9 +95,21 @@ from numba import cuda, float32, int16, int32, uint64
 
 from .. import _compat
 from . import build as _tc_build
-from .ptx import (SIMULATED, bf16_high_f32, bf16_low_f32, f16_high_f32, f16_low_f32, fmax,
-                  ldsm_x4_trans, mma_bf16, mma_f16, pack_bf16x2, pack_f16x2, shfl_xor,
-                  smem_addr)
+from .ptx import (
+    SIMULATED,
+    bf16_high_f32,
+    bf16_low_f32,
+    f16_high_f32,
+    f16_low_f32,
+    fmax,
+    ldsm_x4_trans,
+    mma_bf16,
+    mma_f16,
+    pack_bf16x2,
+    pack_f16x2,
+    shfl_xor,
+    smem_addr,
+)
 
 Tiles = namedtuple("Tiles", "WR WC")
 
@@ -111,7 +124,7 @@ ONE = np.float32(1.0)
 ZI = np.int32(0)
 #: A pair of 1.0 in the input's type (the B operand of z = φᵀ · ones).
 ONES = {"bf16": np.int32(0x3F803F80), "f16": np.int32(0x3C003C00)}
-u64 = uint64                            # unsigned indices: no wraparound checks
+u64 = uint64  # unsigned indices: no wraparound checks
 #: Fast-math of the kernel (no nnan / ninf). Device helpers are inlined.
 FASTMATH = {"contract", "arcp", "afn", "nsz"}
 _DEV = {} if SIMULATED else {"forceinline": True, "fastmath": FASTMATH}
@@ -120,6 +133,7 @@ _DEV = {} if SIMULATED else {"forceinline": True, "fastmath": FASTMATH}
 # ---------------------------------------------------------------------------
 # Supported shapes, tiles
 # ---------------------------------------------------------------------------
+
 
 def states_tc_supported(D, block_k):
     """D a multiple of 16 up to 128, block_k in {16, 32, 64}."""
@@ -155,16 +169,18 @@ def geometry(D, BK, tiles):
     L = 1
     while L * 2 <= min(NT // BK, 8):
         L *= 2
-    RP = NT // L                       # rows per pass of the φ phase
-    SW = D + PAD                       # tile row stride (16-bit values)
+    RP = NT // L  # rows per pass of the φ phase
+    SW = D + PAD  # tile row stride (16-bit values)
     TILE = BK * SW
-    return dict(NT=NT, MT=m // WR, NP=m // WC, L=L, C=D // L, RP=RP,
-                NPASS=-(-BK // RP), SW=SW, TILE=TILE)
+    return dict(
+        NT=NT, MT=m // WR, NP=m // WC, L=L, C=D // L, RP=RP, NPASS=-(-BK // RP), SW=SW, TILE=TILE
+    )
 
 
 # ---------------------------------------------------------------------------
 # The kernel
 # ---------------------------------------------------------------------------
+
 
 def ops_per_block(D, BK, tiles, split=True):
     """(mma, ldmatrix) a warp of the column-0 warps issues for a full key block: per
@@ -185,6 +201,7 @@ StatesKernel = namedtuple("StatesKernel", "kernel smem_bytes threads")
 # (a pickled device function would carry the intrinsics' per-process random uuids, and
 # the cache would never hit). ``f16`` (the input type) is a constant once inlined: one
 # branch remains.
+
 
 @_compat.device(**_DEV)
 def _low_f32(p, f16):
@@ -215,12 +232,30 @@ def _mma_acc(acc, mt, n, a, pt, b0, b1, f16):
     """acc[mt, n] += A(a[pt, mt]) · B(b0, b1)."""
     if f16:
         acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3] = mma_f16(
-            a[pt, mt, 0], a[pt, mt, 1], a[pt, mt, 2], a[pt, mt, 3], b0, b1,
-            acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3])
+            a[pt, mt, 0],
+            a[pt, mt, 1],
+            a[pt, mt, 2],
+            a[pt, mt, 3],
+            b0,
+            b1,
+            acc[mt, n, 0],
+            acc[mt, n, 1],
+            acc[mt, n, 2],
+            acc[mt, n, 3],
+        )
     else:
         acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3] = mma_bf16(
-            a[pt, mt, 0], a[pt, mt, 1], a[pt, mt, 2], a[pt, mt, 3], b0, b1,
-            acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3])
+            a[pt, mt, 0],
+            a[pt, mt, 1],
+            a[pt, mt, 2],
+            a[pt, mt, 3],
+            b0,
+            b1,
+            acc[mt, n, 0],
+            acc[mt, n, 1],
+            acc[mt, n, 2],
+            acc[mt, n, 3],
+        )
 
 
 def make_states_kernel(kind, D, BK, tiles, split=True):
@@ -237,18 +272,19 @@ def make_states_kernel(kind, D, BK, tiles, split=True):
     WR, WC = tiles
     G = geometry(D, BK, tiles)
     NT, MT, NP, L, C, RP, NPASS, SW, TILE = (
-        G[k] for k in ("NT", "MT", "NP", "L", "C", "RP", "NPASS", "SW", "TILE"))
+        G[k] for k in ("NT", "MT", "NP", "L", "C", "RP", "NPASS", "SW", "TILE")
+    )
     SPLIT = bool(split)
-    PARTS = 2 if SPLIT else 1          # φ hi (and lo)
+    PARTS = 2 if SPLIT else 1  # φ hi (and lo)
     NTILES = PARTS + 1
-    VOFF = PARTS * TILE                # V tile offset (16-bit values)
-    LOFF = TILE                        # φ lo tile offset
-    LOG2L = L.bit_length() - 1         # shuffle steps over a row's L lanes
+    VOFF = PARTS * TILE  # V tile offset (16-bit values)
+    LOFF = TILE  # φ lo tile offset
+    LOG2L = L.bit_length() - 1  # shuffle steps over a row's L lanes
     KSTEPS = BK // 16
     NN = 2 * NP
     IS_F16 = kind == "f16"
     ONES_PAIR = ONES[kind]
-    ALIGNED = not SIMULATED            # the simulator rejects alignment=
+    ALIGNED = not SIMULATED  # the simulator rejects alignment=
 
     @_compat.kernel(fastmath=FASTMATH)
     def states_tc(k, v, state, H, Nk, Mk, fm):
@@ -259,10 +295,10 @@ def make_states_kernel(kind, D, BK, tiles, split=True):
         else:
             smem = cuda.shared.array(0, int16)
             smem32 = cuda.shared.array(0, int32)
-        xs = cuda.local.array(C, float32)               # this lane's φ values of a row
-        acc = cuda.local.array((MT, NN, 4), float32)    # h fragments
-        z = cuda.local.array((MT, 1, 4), float32)       # z fragments (φᵀ · ones)
-        a = cuda.local.array((PARTS, MT, 4), int32)     # A fragments of a k-step
+        xs = cuda.local.array(C, float32)  # this lane's φ values of a row
+        acc = cuda.local.array((MT, NN, 4), float32)  # h fragments
+        z = cuda.local.array((MT, 1, 4), float32)  # z fragments (φᵀ · ones)
+        a = cuda.local.array((PARTS, MT, 4), int32)  # A fragments of a k-step
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -271,7 +307,7 @@ def make_states_kernel(kind, D, BK, tiles, split=True):
         b = cuda.blockIdx.z
         r0 = j * BK
         nrows = min(Nk - r0, BK)
-        kb = ((b * H + h) * Nk + r0) * D            # first value of the block (int64)
+        kb = ((b * H + h) * Nk + r0) * D  # first value of the block (int64)
         # --- 1. φ rows: row slot tid // L, lane li owns columns li*C .. li*C + C - 1
         slot = tid // L
         li = tid - slot * L
@@ -306,11 +342,11 @@ def make_states_kernel(kind, D, BK, tiles, split=True):
                 for c in range(C):
                     xs[c] = xs[c] if xs[c] > ZERO else ZERO
             if r < BK:
-                si = (r * SW + li * C) >> 1             # int32 index of the pair (r, li*C)
+                si = (r * SW + li * C) >> 1  # int32 index of the pair (r, li*C)
                 for c2 in range(C // 2):
                     p = _pack(xs[2 * c2], xs[2 * c2 + 1], IS_F16) if ok else ZI
                     smem32[si + c2] = p
-                    if SPLIT:                           # lo = half(φ - hi)
+                    if SPLIT:  # lo = half(φ - hi)
                         lo0 = xs[2 * c2] - _low_f32(p, IS_F16)
                         lo1 = xs[2 * c2 + 1] - _high_f32(p, IS_F16)
                         smem32[si + (LOFF >> 1) + c2] = _pack(lo0, lo1, IS_F16) if ok else ZI
@@ -330,11 +366,13 @@ def make_states_kernel(kind, D, BK, tiles, split=True):
         wc = warp - wr * WC
         sa = smem_addr(smem)
         # A = φᵀ: matrix i = lane >> 3 at rows r 8(i >> 1).., columns d1 8(i & 1)..
-        la = sa + (((lane & 7) + (lane >> 4) * 8) * SW + ((lane >> 3) & 1) * 8
-                   + wr * 16 * MT) * 2
+        la = sa + (((lane & 7) + (lane >> 4) * 8) * SW + ((lane >> 3) & 1) * 8 + wr * 16 * MT) * 2
         # B = V: matrix i at rows r 8(i & 1).., columns e 8(i >> 1)..
-        lb = sa + (((lane & 7) + ((lane >> 3) & 1) * 8) * SW + (lane >> 4) * 8
-                   + wc * 16 * NP + VOFF) * 2
+        lb = (
+            sa
+            + (((lane & 7) + ((lane >> 3) & 1) * 8) * SW + (lane >> 4) * 8 + wc * 16 * NP + VOFF)
+            * 2
+        )
         for mt in range(MT):
             for n in range(NN):
                 for e in range(4):
@@ -344,11 +382,10 @@ def make_states_kernel(kind, D, BK, tiles, split=True):
         # k-steps of 16 rows (each guarded: none past the valid rows)
         for ks in range(KSTEPS):
             if nrows > 16 * ks:
-                ko = ks * 16 * SW * 2                   # bytes: 16 rows down
+                ko = ks * 16 * SW * 2  # bytes: 16 rows down
                 for mt in range(MT):
                     for pt in range(PARTS):
-                        a0, a1, a2, a3 = ldsm_x4_trans(smem, la + (mt * 16 + pt * LOFF) * 2 + ko,
-                                                       0)
+                        a0, a1, a2, a3 = ldsm_x4_trans(smem, la + (mt * 16 + pt * LOFF) * 2 + ko, 0)
                         a[pt, mt, 0], a[pt, mt, 1], a[pt, mt, 2], a[pt, mt, 3] = a0, a1, a2, a3
                 for p2 in range(NP):
                     b0, b1, b2, b3 = ldsm_x4_trans(smem, lb + p2 * 32 + ko, 0)
@@ -364,14 +401,13 @@ def make_states_kernel(kind, D, BK, tiles, split=True):
         # --- 4. epilogue: lane (g, t) holds d1 = g, g + 8 x e = 2t, 2t + 1 of each tile
         g = lane >> 2
         t2 = (lane & 3) * 2
-        sb = ((b * H + h) * Mk + j) * (D * D + D)      # state row (int64)
+        sb = ((b * H + h) * Mk + j) * (D * D + D)  # state row (int64)
         ob = sb + (wr * 16 * MT + g) * D + wc * 16 * NP + t2
         for mt in range(MT):
             for hh in range(2):
                 for n in range(NN):
                     for x in range(2):
-                        state[u64(ob + (16 * mt + 8 * hh) * D + 8 * n + x)] = \
-                            acc[mt, n, 2 * hh + x]
+                        state[u64(ob + (16 * mt + 8 * hh) * D + 8 * n + x)] = acc[mt, n, 2 * hh + x]
         if wc == 0 and t2 == 0:
             zb = sb + D * D + wr * 16 * MT + g
             for mt in range(MT):
@@ -398,12 +434,14 @@ def get_states_kernel(kind, D, BK, tiles=None, split=True):
 # Launch
 # ---------------------------------------------------------------------------
 
+
 def _flat(x):
     return x if x.ndim == 1 else x.reshape(int(np.prod(x.shape)))
 
 
-def launch_states_tc(kind, k_bits, v_bits, state, B, H, Nk, D, block_k, fm, stream,
-                     tiles=None, split=True):
+def launch_states_tc(
+    kind, k_bits, v_bits, state, B, H, Nk, D, block_k, fm, stream, tiles=None, split=True
+):
     """``state[b, h, j] = [vec(h_j), z_j]`` for j < ceil(Nk / block_k), on ``stream``.
 
     kind 'bf16' / 'f16'; k_bits, v_bits: int16 bits of (B, H, Nk, D) (any shape, flat
@@ -441,5 +479,11 @@ def launch_states_tc(kind, k_bits, v_bits, state, B, H, Nk, D, block_k, fm, stre
     if H > 65535 or B > 65535:
         raise ValueError("launch_states_tc: H or B too large for the grid")
     kern = get_states_kernel(kind, D, block_k, tiles, split)
-    _tc_build.launch(kern.kernel, (n_blocks, H, B), kern.threads, kern.smem_bytes, stream,
-                     (k, v, _flat(state), H, Nk, Mk, fm))
+    _tc_build.launch(
+        kern.kernel,
+        (n_blocks, H, B),
+        kern.threads,
+        kern.smem_bytes,
+        stream,
+        (k, v, _flat(state), H, Nk, Mk, fm),
+    )

@@ -33,6 +33,7 @@ rows and n-tile ``n`` of 8 columns, element ``e`` of the lane's share of the
 fragment array ``af[i, j]`` (int32, two halves each) holds the lane's four
 registers of a 16 x 16 A tile.
 """
+
 import collections
 import functools
 
@@ -40,8 +41,17 @@ import numpy as np
 from numba import int32
 
 from .._compat import FASTMATH, SIMULATOR, device
-from .ptx import (cp_async16, cp_async16i, fmax, ldsm_x4, ldsm_x4_trans, mma_bf16, mma_f16,
-                  pack_bf16x2, pack_f16x2)
+from .ptx import (
+    cp_async16,
+    cp_async16i,
+    fmax,
+    ldsm_x4,
+    ldsm_x4_trans,
+    mma_bf16,
+    mma_f16,
+    pack_bf16x2,
+    pack_f16x2,
+)
 
 #: Fast-math flags of the tensor-core kernels: the backend's set plus ``nsz``
 #: (no nnan / ninf: masking relies on -inf).
@@ -69,6 +79,7 @@ def smem_stride(D):
 # ---------------------------------------------------------------------------
 # ldmatrix: which row each lane points at
 # ---------------------------------------------------------------------------
+
 
 @device(forceinline=True)
 def frag_rows_a(lane, sd):
@@ -102,7 +113,8 @@ def load_a(af, i, smem, addr):
 # mma and pack, for one element kind
 # ---------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def make_mma(kind):
     """Device functions for ``kind`` 'bf16' or 'f16': ``(mma_acc, pack_a)``.
 
@@ -117,8 +129,18 @@ def make_mma(kind):
 
     @device(forceinline=True)
     def mma_acc(acc, i, n, af, j, b0, b1):
-        d0, d1, d2, d3 = mma(af[j, 0], af[j, 1], af[j, 2], af[j, 3], b0, b1,
-                             acc[i, n, 0], acc[i, n, 1], acc[i, n, 2], acc[i, n, 3])
+        d0, d1, d2, d3 = mma(
+            af[j, 0],
+            af[j, 1],
+            af[j, 2],
+            af[j, 3],
+            b0,
+            b1,
+            acc[i, n, 0],
+            acc[i, n, 1],
+            acc[i, n, 2],
+            acc[i, n, 3],
+        )
         acc[i, n, 0] = d0
         acc[i, n, 1] = d1
         acc[i, n, 2] = d2
@@ -134,7 +156,7 @@ def make_mma(kind):
     return mma_acc, pack_a
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_warp_gemm(kind, SD, NTILES, KSTEPS, B_TRANS):
     """One warp's ``acc[0, 0:NTILES, :] += A . B``, A 16 x 16*KSTEPS, B 16*KSTEPS x 8*NTILES,
     B read from shared memory; returns ``(gemm_smem, gemm_regs)``.
@@ -179,7 +201,8 @@ def make_warp_gemm(kind, SD, NTILES, KSTEPS, B_TRANS):
 # Global -> shared tile copies (cp.async)
 # ---------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def make_tile_loader(D, nrows, NT):
     """``load(smem, sa, dst, src, base, row0, nvalid, tid)``: start the copy of rows
     ``row0 .. row0 + nrows`` of the (N, D) matrix at ``src[base:]`` into the padded
@@ -190,7 +213,7 @@ def make_tile_loader(D, nrows, NT):
     commits the group and waits for it (``cp_async_commit`` / ``cp_async_wait_all``
     and a barrier) before reading the tile.
     """
-    CPR = D // 8                    # 16-byte chunks per row
+    CPR = D // 8  # 16-byte chunks per row
     SD = smem_stride(D)
     RPP = NT // CPR if NT % CPR == 0 else 0  # rows the CTA copies in one pass
 
@@ -205,9 +228,11 @@ def make_tile_loader(D, nrows, NT):
             cp_async16(smem, dst + rr * SD + cc, src, base + gr * D + cc, 16 if ok else 0)
 
     if RPP == 0 or nrows % RPP:
+
         @device(forceinline=True)
         def load(smem, sa, dst, src, base, row0, nvalid, tid):
             load_slow(smem, dst, src, base, row0, nvalid, tid)
+
         return load
 
     PASSES = nrows // RPP
@@ -235,12 +260,13 @@ def make_tile_loader(D, nrows, NT):
 # Row reductions over the C-fragment columns a lane holds
 # ---------------------------------------------------------------------------
 
+
 @device(forceinline=True)
 def fadd(a, b):
     return a + b
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_row_tree(op, ntiles):
     """``tree(s, i, r, n0)``: ``op`` over the lane's values of row half ``r`` (0: row
     g, 1: row g + 8) in n-tiles ``n0 .. n0 + ntiles`` of m-tile ``i`` of the
@@ -248,9 +274,11 @@ def make_row_tree(op, ntiles):
     tree (depth log2(2 * ntiles) instead of a chain of 2 * ntiles). ``op``:
     ``fmax`` or ``fadd``; ``ntiles`` a power of two."""
     if ntiles == 1:
+
         @device(forceinline=True)
         def leaf(s, i, r, n0):
             return op(s[i, n0, 2 * r], s[i, n0, 2 * r + 1])
+
         return leaf
     half = make_row_tree(op, ntiles // 2)
     H = ntiles // 2
@@ -258,6 +286,7 @@ def make_row_tree(op, ntiles):
     @device(forceinline=True)
     def node(s, i, r, n0):
         return op(half(s, i, r, n0), half(s, i, r, n0 + H))
+
     return node
 
 
@@ -269,4 +298,3 @@ def row_max_tree(ntiles):
 def row_sum_tree(ntiles):
     """Balanced sum over a lane's ``2 * ntiles`` values of one row."""
     return make_row_tree(fadd, ntiles)
-

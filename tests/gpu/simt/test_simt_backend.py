@@ -7,14 +7,16 @@ odd D, rows with no critical / no marginal block, topk = 1, every feature map,
 fp16 and fp64 inputs, and a numba device-array input. Output poisoning is on for
 the whole session (tests/conftest.py): an unwritten element is NaN and fails.
 """
+
 import importlib
 import math
 
 import numpy as np
 import pytest
 import torch
+from helpers import backend_err as _err  # noqa: E402
+from helpers import reference_grads as _reference_grads
 
-from helpers import backend_err as _err, reference_grads as _reference_grads  # noqa: E402
 from sla_numba import _params
 from sla_numba.reference import classify_reference, expand_block_map, sla_reference
 from sla_numba.testing import poisoned
@@ -72,9 +74,9 @@ def test_row_stack_alias_is_restored(monkeypatch):
     monkeypatch.delattr(np, "row_stack", raising=False)
     assert not hasattr(np, "row_stack")
     gpu_compat.ensure_numpy_aliases()
-    assert np.row_stack is np.vstack
+    assert np.vstack is np.vstack
     a = np.ones((2, 3))
-    assert np.row_stack([a, a]).shape == (4, 3)
+    assert np.vstack([a, a]).shape == (4, 3)
 
 
 def test_row_stack_alias_present_after_import():
@@ -83,6 +85,7 @@ def test_row_stack_alias_present_after_import():
 
 def test_numba_cuda_target_is_nvidia():
     from numba import cuda
+
     assert cuda.implementation == "NVIDIA"
 
 
@@ -97,10 +100,10 @@ def test_tile_configs_fit_static_shared_memory():
 # --------------------------------------------------------------------------- classification
 CLASSIFY_CASES = [
     # B, H, Nq, Nk, D, bq, bk, topk, skip
-    (1, 2, 13, 11, 5, 4, 3, 0.25, 0.25),    # tails, Nq != Nk, odd D
+    (1, 2, 13, 11, 5, 4, 3, 0.25, 0.25),  # tails, Nq != Nk, odd D
     (2, 1, 16, 16, 4, 4, 4, 0.5, 0.0),
-    (1, 1, 1, 7, 3, 4, 2, 0.3, 0.3),        # Nq = 1
-    (1, 1, 9, 40, 4, 3, 4, 1.0, 0.0),       # topk = 1: all critical
+    (1, 1, 1, 7, 3, 4, 2, 0.3, 0.3),  # Nq = 1
+    (1, 1, 9, 40, 4, 3, 4, 1.0, 0.0),  # topk = 1: all critical
     (1, 2, 20, 33, 6, 5, 3, 0.1, 0.5),
 ]
 
@@ -123,7 +126,7 @@ def test_classify_ties_and_nan_rank_by_index():
     """Equal scores rank by ascending key block; a NaN score ranks as -inf."""
     q = np.ones((1, 1, 8, 4), np.float32)
     k = np.ones((1, 1, 12, 4), np.float32)
-    k[0, 0, 6:9] = np.nan                        # key block 2 (rows 6..8) scores NaN
+    k[0, 0, 6:9] = np.nan  # key block 2 (rows 6..8) scores NaN
     got = gpu.classify(q, k, 1, 1, 4, 3, 0.5)
     # scores: blocks 0, 1, 3 tie; block 2 is NaN (-inf): ranks 0, 1, 3, 2
     np.testing.assert_array_equal(got[0, 0], [[1, 0, -1, 0], [1, 0, -1, 0]])
@@ -131,42 +134,53 @@ def test_classify_ties_and_nan_rank_by_index():
         np.testing.assert_array_equal(got, cpu.classify(q, k, 1, 1, 4, 3, 0.5))
 
 
-@pytest.mark.parametrize("sort_max", [0, 8, 16], ids=["count-ranks", "count-just-above", "sort-at-limit"])
+@pytest.mark.parametrize(
+    "sort_max", [0, 8, 16], ids=["count-ranks", "count-just-above", "sort-at-limit"]
+)
 def test_both_ranking_methods_give_the_cpu_map(monkeypatch, sort_max):
     """Rows of up to SORT_MAX key blocks are ranked by a bitonic sort, longer ones by
     counting: both give the CPU's map, ties (repeated key blocks) and NaN included."""
     import importlib
+
     gpu_classify_module = importlib.import_module("sla_numba.gpu.classify")
     monkeypatch.setattr(gpu_classify_module, "SORT_MAX", sort_max)
     q, k, _ = _rng_inputs(11, 1, 2, 12, 37, 4)
-    k[0, 0, 8:12] = k[0, 0, 0:4]                 # key blocks 0 and 2 tie (4-row blocks)
-    k[0, 0, 20:24] = k[0, 0, 0:4]                # ... and block 5
-    k[0, 1, 12:16] = np.nan                      # a NaN score in head 1
-    mk = _params.n_blocks(37, 4)                 # 10 blocks: sorted as 16 (6 pads) if allowed
+    k[0, 0, 8:12] = k[0, 0, 0:4]  # key blocks 0 and 2 tie (4-row blocks)
+    k[0, 0, 20:24] = k[0, 0, 0:4]  # ... and block 5
+    k[0, 1, 12:16] = np.nan  # a NaN score in head 1
+    mk = _params.n_blocks(37, 4)  # 10 blocks: sorted as 16 (6 pads) if allowed
     for n_crit, n_skip in ((3, 2), (1, 0), (1, mk - 1), (mk, 0)):
         got = gpu.classify(q, k, n_crit, n_skip, 4, 4, 0.5)
         if cpu is not None:
             np.testing.assert_array_equal(got, cpu.classify(q, k, n_crit, n_skip, 4, 4, 0.5))
-        ref = classify_reference(q, k, topk=n_crit / mk, skip=n_skip / mk, block_q=4,
-                                 block_k=4, scale=0.5)
+        ref = classify_reference(
+            q, k, topk=n_crit / mk, skip=n_skip / mk, block_q=4, block_k=4, scale=0.5
+        )
         np.testing.assert_array_equal(got, ref)
 
 
 def test_classify_fp16_input():
     q, k, _ = _rng_inputs(3, 1, 1, 12, 10, 4, np.float16)
     got = gpu.classify(q, k, 1, 1, 4, 4, 0.5)
-    ref = classify_reference(q.astype(np.float32), k.astype(np.float32), topk=1 / 3 + 1e-9,
-                             skip=1 / 3 + 1e-9, block_q=4, block_k=4, scale=0.5)
+    ref = classify_reference(
+        q.astype(np.float32),
+        k.astype(np.float32),
+        topk=1 / 3 + 1e-9,
+        skip=1 / 3 + 1e-9,
+        block_q=4,
+        block_k=4,
+        scale=0.5,
+    )
     np.testing.assert_array_equal(got, ref)
 
 
 # --------------------------------------------------------------------------- forward
 FWD_CASES = [
     # B, H, Nq, Nk, D, bq, bk
-    (1, 2, 11, 9, 5, 4, 3),     # tails everywhere, Nq != Nk, odd D
-    (1, 1, 1, 6, 3, 4, 4),      # Nq = 1 (< block)
-    (2, 1, 8, 1, 4, 4, 4),      # Nk = 1
-    (1, 1, 10, 14, 8, 8, 5),    # a query block spans two 4-row sub-tiles; key tails
+    (1, 2, 11, 9, 5, 4, 3),  # tails everywhere, Nq != Nk, odd D
+    (1, 1, 1, 6, 3, 4, 4),  # Nq = 1 (< block)
+    (2, 1, 8, 1, 4, 4, 4),  # Nk = 1
+    (1, 1, 10, 14, 8, 8, 5),  # a query block spans two 4-row sub-tiles; key tails
 ]
 
 
@@ -195,7 +209,8 @@ def test_forward_topk1_is_dense_softmax_attention():
     bm = np.ones((1, 2, 3, 2), np.int8)
     o_s, o_l, _ = gpu.forward(q, k, v, bm, 4, 4, 0.5, 0, 1e-6)
     ref = torch.nn.functional.scaled_dot_product_attention(
-        *(torch.from_numpy(x.astype(np.float64)) for x in (q, k, v)), scale=0.5)
+        *(torch.from_numpy(x.astype(np.float64)) for x in (q, k, v)), scale=0.5
+    )
     assert _err(o_s, ref.numpy()) < 1e-5
     np.testing.assert_array_equal(o_l, 0.0)
 
@@ -218,11 +233,13 @@ def test_forward_other_tiles_and_device_arrays():
     """No head-dim chunking (DC = DP), one-row inner chunks, 8 threads; inputs as
     numba device arrays come back as device arrays."""
     from numba import cuda
+
     q, k, v = _rng_inputs(9, 1, 1, 7, 10, 6)
     bm = _random_map(9, 1, 1, 2, 3)
     t = gpu_tiles.Tiles(TR=2, TC=4, BQ=2, BK=4, DP=8, DC=8, KC=1)
-    outs = gpu.forward(*(cuda.to_device(x) for x in (q, k, v)), cuda.to_device(bm),
-                       4, 4, 0.4, 0, 1e-6, tiles=t)
+    outs = gpu.forward(
+        *(cuda.to_device(x) for x in (q, k, v)), cuda.to_device(bm), 4, 4, 0.4, 0, 1e-6, tiles=t
+    )
     assert all(hasattr(o, "copy_to_host") for o in outs)
     o_s, o_l, _ = (o.copy_to_host() for o in outs)
     _, r_s, r_l = sla_reference(q, k, v, bm, block_q=4, block_k=4, scale=0.4)
@@ -235,7 +252,7 @@ BWD_CASES = [
     (1, 2, 11, 9, 5, 4, 3, "softmax"),
     (1, 1, 9, 13, 3, 4, 4, "elu"),
     (1, 1, 6, 6, 4, 2, 3, "relu"),
-    (1, 1, 1, 5, 4, 4, 2, "softmax"),         # Nq = 1
+    (1, 1, 1, 5, 4, 4, 2, "softmax"),  # Nq = 1
 ]
 
 
@@ -272,8 +289,9 @@ def test_global_linear_scope_forward_backward(B, H, Nq, Nk, D, bq, bk, fm):
     do_s, do_l = (rng.standard_normal(q.shape).astype(np.float32) for _ in range(2))
     scale, code = 0.8 / math.sqrt(D), _params.FEATURE_MAPS[fm]
     o_s, o_l, lse = gpu.forward(q, k, v, bm, bq, bk, scale, code, 1e-6, 1)
-    _, r_s, r_l = sla_reference(q, k, v, bm, block_q=bq, block_k=bk, feature_map=fm, scale=scale,
-                                linear_scope="global")
+    _, r_s, r_l = sla_reference(
+        q, k, v, bm, block_q=bq, block_k=bk, feature_map=fm, scale=scale, linear_scope="global"
+    )
     assert _err(o_s, r_s) < 1e-5 and _err(o_l, r_l) < 1e-5
     grads = gpu.backward(q, k, v, o_s, o_l, lse, do_s, do_l, bm, bq, bk, scale, code, 1e-6, 1)
     ref = _reference_grads(q, k, v, bm, bq, bk, scale, fm, do_s, do_l, "global")
@@ -299,7 +317,7 @@ def test_backward_is_deterministic_and_float64():
 def test_outputs_poisoned_allocation():
     """With poisoning on, every output element is still written (no NaN)."""
     q, k, v = _rng_inputs(8, 1, 1, 5, 5, 3)
-    bm = np.array([[[[1, -1], [0, 0]]]], np.int8)     # row 1: no critical block
+    bm = np.array([[[[1, -1], [0, 0]]]], np.int8)  # row 1: no critical block
     with poisoned():
         outs = gpu.forward(q, k, v, bm, 4, 4, 0.5, 2, 1e-6)
         grads = gpu.backward(q, k, v, *outs, q, q, bm, 4, 4, 0.5, 2, 1e-6)
@@ -310,13 +328,15 @@ def test_outputs_poisoned_allocation():
 
 
 # --------------------------------------------------------------------------- real GPU only
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="torch CUDA tensors need a real GPU")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="torch CUDA tensors need a real GPU"
+)
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3),
-                                       (torch.float32, 1e-4)])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3), (torch.float32, 1e-4)]
+)
 def test_torch_cuda_tensors_forward_backward(dtype, tol):
     """torch CUDA in -> torch CUDA out on the same device, on torch's current stream
     (a side stream here); bf16 goes through the int16-bits path."""
@@ -329,8 +349,9 @@ def test_torch_cuda_tensors_forward_backward(dtype, tol):
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         o_s, o_l, lse = gpu.forward(*dev[:3], dev[4], blk, blk, 0.125, 0, 1e-6)
-        dq, dk, dv = gpu.backward(*dev[:3], o_s, o_l, lse, dev[3], dev[3], dev[4],
-                                  blk, blk, 0.125, 0, 1e-6)
+        dq, dk, dv = gpu.backward(
+            *dev[:3], o_s, o_l, lse, dev[3], dev[3], dev[4], blk, blk, 0.125, 0, 1e-6
+        )
         m = gpu.classify(*dev[:2], 1, 1, blk, blk, 0.125)
     side.synchronize()
     assert isinstance(o_s, torch.Tensor) and o_s.is_cuda and o_s.dtype == torch.float32
@@ -339,12 +360,29 @@ def test_torch_cuda_tensors_forward_backward(dtype, tol):
     _, r_s, r_l = sla_reference(qd, kd, vd, bm, block_q=blk, block_k=blk, scale=0.125)
     assert _err(o_s.cpu().numpy(), r_s.numpy()) < tol
     assert _err(o_l.cpu().numpy(), r_l.numpy()) < tol
-    rq, rk, rv = _reference_grads(qd.numpy(), kd.numpy(), vd.numpy(), bm.numpy(), blk, blk,
-                                  0.125, "softmax", dod.numpy(), dod.numpy())
+    rq, rk, rv = _reference_grads(
+        qd.numpy(),
+        kd.numpy(),
+        vd.numpy(),
+        bm.numpy(),
+        blk,
+        blk,
+        0.125,
+        "softmax",
+        dod.numpy(),
+        dod.numpy(),
+    )
     for a, r in ((dq, rq), (dk, rk), (dv, rv)):
         assert _err(a.cpu().numpy(), r) < tol
-    ref_map = classify_reference(qd.float(), kd.float(), topk=1 / mq + 1e-9, skip=1 / mq + 1e-9,
-                                 block_q=blk, block_k=blk, scale=0.125)
+    ref_map = classify_reference(
+        qd.float(),
+        kd.float(),
+        topk=1 / mq + 1e-9,
+        skip=1 / mq + 1e-9,
+        block_q=blk,
+        block_k=blk,
+        scale=0.125,
+    )
     if dtype == torch.float32:
         assert torch.equal(m.cpu(), ref_map)
 
@@ -354,8 +392,9 @@ def test_cupy_arrays_if_installed():
     cp = pytest.importorskip("cupy")
     q, k, v = _rng_inputs(3, 1, 1, 70, 70, 32)
     bm = _random_map(3, 1, 1, 2, 2)
-    o_s, o_l, lse = gpu.forward(*(cp.asarray(x) for x in (q, k, v)), cp.asarray(bm),
-                                64, 64, 0.2, 0, 1e-6)
+    o_s, o_l, lse = gpu.forward(
+        *(cp.asarray(x) for x in (q, k, v)), cp.asarray(bm), 64, 64, 0.2, 0, 1e-6
+    )
     assert isinstance(o_s, cp.ndarray)
     _, r_s, r_l = sla_reference(q, k, v, bm, block_q=64, block_k=64, scale=0.2)
     assert _err(cp.asnumpy(o_s), r_s) < 1e-4 and _err(cp.asnumpy(o_l), r_l) < 1e-4
@@ -367,17 +406,17 @@ def test_larger_shapes_against_cpu_twin():
     if cpu is None:
         pytest.skip("CPU backend not importable")
     q, k, v = _rng_inputs(13, 1, 2, 300, 260, 128)
-    mq, mk = _params.n_blocks(300, 64), _params.n_blocks(260, 64)
+    mk = _params.n_blocks(260, 64)
     n_crit, n_skip = _params.block_counts(mk, 0.4, 0.2)
-    m = gpu.classify(q, k, n_crit, n_skip, 64, 64, 128 ** -0.5)
-    np.testing.assert_array_equal(m, cpu.classify(q, k, n_crit, n_skip, 64, 64, 128 ** -0.5))
-    m[0, 0, 0] = 0                                   # a row without critical blocks
-    fwd = gpu.forward(q, k, v, m, 64, 64, 128 ** -0.5, 0, 1e-6)
-    cfw = cpu.forward(q, k, v, m, 64, 64, 128 ** -0.5, 0, 1e-6)
+    m = gpu.classify(q, k, n_crit, n_skip, 64, 64, 128**-0.5)
+    np.testing.assert_array_equal(m, cpu.classify(q, k, n_crit, n_skip, 64, 64, 128**-0.5))
+    m[0, 0, 0] = 0  # a row without critical blocks
+    fwd = gpu.forward(q, k, v, m, 64, 64, 128**-0.5, 0, 1e-6)
+    cfw = cpu.forward(q, k, v, m, 64, 64, 128**-0.5, 0, 1e-6)
     for a, c in zip(fwd, cfw):
         assert _err(a, c) < 1e-5
     do = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
-    g = gpu.backward(q, k, v, *fwd, do, do, m, 64, 64, 128 ** -0.5, 0, 1e-6)
-    c = cpu.backward(q, k, v, *cfw, do, do, m, 64, 64, 128 ** -0.5, 0, 1e-6)
+    g = gpu.backward(q, k, v, *fwd, do, do, m, 64, 64, 128**-0.5, 0, 1e-6)
+    c = cpu.backward(q, k, v, *cfw, do, do, m, 64, 64, 128**-0.5, 0, 1e-6)
     for a, b in zip(g, c):
         assert _err(a, b) < 1e-4

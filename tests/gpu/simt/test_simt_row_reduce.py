@@ -2,6 +2,7 @@
 for block sizes the backend's own tiles do not reach under the simulator: lanes
 that do not divide the block (threads without a row slot), one lane a row, and
 more rows than threads (several passes)."""
+
 import importlib
 
 import numpy as np
@@ -15,12 +16,12 @@ pytestmark = pytest.mark.gpu
 
 # (threads NT, rows R, valid rows nrows, D): L = NT // R lanes a row
 CASES = [
-    (8, 3, 3, 5),     # L = 2, G = 4: one empty slot
-    (10, 3, 2, 7),    # L = 3, G = 3: thread 9 has no slot; a row past nrows
-    (4, 4, 4, 6),     # L = 1 (the simulator tiles)
-    (4, 2, 1, 3),     # L = 2
-    (6, 13, 11, 4),   # R > NT: three passes, L = 1
-    (16, 4, 4, 2),    # L = 4 > D: lanes with no column
+    (8, 3, 3, 5),  # L = 2, G = 4: one empty slot
+    (10, 3, 2, 7),  # L = 3, G = 3: thread 9 has no slot; a row past nrows
+    (4, 4, 4, 6),  # L = 1 (the simulator tiles)
+    (4, 2, 1, 3),  # L = 2
+    (6, 13, 11, 4),  # R > NT: three passes, L = 1
+    (16, 4, 4, 2),  # L = 4 > D: lanes with no column
 ]
 
 
@@ -31,7 +32,7 @@ def _kernel(NT, R, fm):
     L = max(1, NT // R)
     f32 = np.float32
 
-    SROW = 4 * R                      # shared-memory sizes must be compile-time constants
+    SROW = 4 * R  # shared-memory sizes must be compile-time constants
 
     @cuda.jit
     def k(x, nrows, srow_out, sums):
@@ -46,6 +47,7 @@ def _kernel(NT, R, fm):
         m = lanes_max(scratch, f32(t), t, L)
         sums[t, 0] = s
         sums[t, 1] = m
+
     return k
 
 
@@ -64,8 +66,7 @@ def test_row_stats_lanes(NT, R, nrows, D, fm):
             inv = 1.0 / np.exp(x[r].astype(np.float64) - mx).sum()
         else:
             mx, inv = 0.0, 1.0
-        np.testing.assert_allclose(srow[r], [mx, inv, 1.0 if r < nrows else 0.0],
-                                   rtol=1e-5, atol=0)
+        np.testing.assert_allclose(srow[r], [mx, inv, 1.0 if r < nrows else 0.0], rtol=1e-5, atol=0)
     L = max(1, NT // R)
     for t in range(NT):
         base = t - t % L

@@ -1,4 +1,5 @@
 """Helpers for the tensor-core kernel tests: random LUTs and a float64 dense oracle."""
+
 import numpy as np
 import torch
 

@@ -8,12 +8,14 @@ per-process random uuids, and the cache would never hit (and only grow). This te
 builds the real-GPU variants (no simulator; nothing is compiled, no GPU needed) in two
 fresh processes and compares the hashes.
 """
+
 import os
 import subprocess
 import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))))
+_ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+)
 
 _SCRIPT = """
 import hashlib
@@ -33,15 +35,16 @@ for k in kernels:
 
 def _hashes():
     env = dict(os.environ)
-    env.pop("NUMBA_ENABLE_CUDASIM", None)          # the GPU variants (helpers forceinline)
+    env.pop("NUMBA_ENABLE_CUDASIM", None)  # the GPU variants (helpers forceinline)
     env["PYTHONPATH"] = _ROOT
-    out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.split()
 
 
 def test_closure_pickle_is_the_same_in_two_processes():
     first, second = _hashes(), _hashes()
-    assert len(first) == 6                          # 3 kernels: name, hash
+    assert len(first) == 6  # 3 kernels: name, hash
     assert first == second

@@ -15,6 +15,7 @@ simulator take ~30 s per CTA: ``SLA_NUMBA_SIM_FULL=1`` opts in.
 GPU (compute capability >= 8.0): the GPU tiles on tails, column sums, the Wan2.1
 shape and determinism; timings against the SIMT kernel are printed (``pytest -s``).
 """
+
 import os
 
 import numpy as np
@@ -32,8 +33,12 @@ def _has_gpu():
     try:
         import torch
         from numba import cuda
-        return (torch.cuda.is_available() and cuda.is_available()
-                and cuda.get_current_device().compute_capability >= (8, 0))
+
+        return (
+            torch.cuda.is_available()
+            and cuda.is_available()
+            and cuda.get_current_device().compute_capability >= (8, 0)
+        )
     except Exception:  # noqa: BLE001 - no driver / no torch: no GPU test
         return False
 
@@ -51,11 +56,11 @@ def _problem(B, H, Mq, Mk, W, n_out, n_in, transposed, seed):
     rng = np.random.default_rng(seed)
     bmap = rng.choice(np.array([1, 0, 0, -1], np.int8), size=(B, H, Mq, Mk))
     if transposed:
-        bmap[:, :, :, 0] = 1                     # M row 0 = map column 0: all critical
+        bmap[:, :, :, 0] = 1  # M row 0 = map column 0: all critical
         bmap[:, :, n_in:, :] = 0
         bmap[:, :, :, n_out:] = 0
     else:
-        bmap[:, :, 0, :] = 1                     # M row 0 = map row 0: all critical
+        bmap[:, :, 0, :] = 1  # M row 0 = map row 0: all critical
         bmap[:, :, n_out:, :] = 0
         bmap[:, :, :, n_in:] = 0
     s_rows = max(Mq, Mk) + 1
@@ -76,7 +81,7 @@ def _reference(bmap, states, transposed, n_out, n_in):
 
 def _bound(n_in):
     """Relative (to M·|S|) error bound of the bf16 hi + lo product (module docstring)."""
-    return 2.0 ** -16 + 2 * -(-n_in // 16) * 2.0 ** -23
+    return 2.0**-16 + 2 * -(-n_in // 16) * 2.0**-23
 
 
 def _check(out, bmap, states, transposed, n_out, n_in):
@@ -86,7 +91,7 @@ def _check(out, bmap, states, transposed, n_out, n_in):
     got = out[:, :, :n_out].astype(np.float64)
     assert np.isfinite(got).all(), "unwritten (NaN) or non-finite outputs"
     assert np.isnan(out[:, :, n_out:]).all(), "rows >= n_out were written"
-    empty = mag == 0                               # includes M row 0 (no marginal block)
+    empty = mag == 0  # includes M row 0 (no marginal block)
     assert empty[:, :, 0].all()
     assert (got[empty] == 0).all(), "a row without marginal blocks is not exactly 0"
     err = np.abs(got - ref)
@@ -117,7 +122,7 @@ def test_geometry_and_ops_per_kstep():
     k = marginal_tc.make_marginal_kernel(marginal_tc.GPU_TILES)
     assert (k.threads, k.smem_bytes) == (128, G["SMEM_BYTES"])
     with pytest.raises(ValueError):
-        marginal_tc.geometry((1, 1, 1, 8))          # 32 threads cannot stage 64 pairs a row
+        marginal_tc.geometry((1, 1, 1, 8))  # 32 threads cannot stage 64 pairs a row
 
 
 def test_supported_rules():
@@ -132,8 +137,8 @@ def test_supported_rules():
 # --------------------------------------------------------------------------- simulator
 SIM_CASES = [
     # B, H, Mq, Mk, W, n_out, n_in, transposed
-    (1, 1, 20, 21, 20, 18, 19, False),   # 2 x 2 CTAs, 2 k-steps; tails in r, c and w
-    (2, 1, 9, 14, 21, 13, 7, True),      # column sums, B*H = 2, one partial k-step
+    (1, 1, 20, 21, 20, 18, 19, False),  # 2 x 2 CTAs, 2 k-steps; tails in r, c and w
+    (2, 1, 9, 14, 21, 13, 7, True),  # column sums, B*H = 2, one partial k-step
 ]
 
 
@@ -142,7 +147,7 @@ SIM_CASES = [
 def test_sim_matches_float64_and_simt(B, H, Mq, Mk, W, n_out, n_in, transposed):
     bmap, states, out = _problem(B, H, Mq, Mk, W, n_out, n_in, transposed, seed=n_out)
     marginal_tc.launch_marginal_sum_tc(0, bmap, transposed, n_out, n_in, states, out)
-    _check(out, bmap, states, transposed, n_out, n_in)        # measured ~6e-6 x M|S|
+    _check(out, bmap, states, transposed, n_out, n_in)  # measured ~6e-6 x M|S|
     assert _simt_error(out, bmap, states, transposed, n_out, n_in) <= 1e-4
 
 
@@ -158,30 +163,35 @@ def test_sim_empty_inner_dimension_gives_zeros():
 
 
 @needs_sim
-@pytest.mark.skipif(os.environ.get("SLA_NUMBA_SIM_FULL") != "1",
-                    reason="GPU tiles under the simulator: ~1 min; SLA_NUMBA_SIM_FULL=1")
-@pytest.mark.parametrize("tiles,case", [
-    (marginal_tc.GPU_TILES, (1, 1, 25, 45, 130, 40, 20, True)),       # 2 column tiles
-    ((2, 2, 2, 1), (1, 1, 70, 30, 40, 70, 17, False)),               # 2 x 2 CTAs
-])
+@pytest.mark.skipif(
+    os.environ.get("SLA_NUMBA_SIM_FULL") != "1",
+    reason="GPU tiles under the simulator: ~1 min; SLA_NUMBA_SIM_FULL=1",
+)
+@pytest.mark.parametrize(
+    "tiles,case",
+    [
+        (marginal_tc.GPU_TILES, (1, 1, 25, 45, 130, 40, 20, True)),  # 2 column tiles
+        ((2, 2, 2, 1), (1, 1, 70, 30, 40, 70, 17, False)),  # 2 x 2 CTAs
+    ],
+)
 def test_sim_gpu_tiles(tiles, case):
     B, H, Mq, Mk, W, n_out, n_in, transposed = case
     bmap, states, out = _problem(B, H, Mq, Mk, W, n_out, n_in, transposed, seed=W)
-    marginal_tc.launch_marginal_sum_tc(0, bmap, transposed, n_out, n_in, states, out,
-                                       tiles=tiles)
+    marginal_tc.launch_marginal_sum_tc(0, bmap, transposed, n_out, n_in, states, out, tiles=tiles)
     _check(out, bmap, states, transposed, n_out, n_in)
 
 
 # --------------------------------------------------------------------------- real GPU
 GPU_CASES = [
-    (2, 3, 300, 277, 1000, 300, 277, False),     # tails: 300 = 4*64 + 44, W = 7*128 + 104
-    (2, 3, 300, 277, 1000, 277, 300, True),      # column sums
-    (1, 2, 5, 3, 7, 5, 3, False),                # everything smaller than one tile
+    (2, 3, 300, 277, 1000, 300, 277, False),  # tails: 300 = 4*64 + 44, W = 7*128 + 104
+    (2, 3, 300, 277, 1000, 277, 300, True),  # column sums
+    (1, 2, 5, 3, 7, 5, 3, False),  # everything smaller than one tile
 ]
 
 
 def _gpu_run(bmap, states, out, transposed, n_out, n_in, simt=False):
     from numba import cuda
+
     d_map, d_s, d_out = (cuda.to_device(x) for x in (bmap, states, out))
     if simt:
         from sla_numba.gpu.simt.marginal import launch_marginal_sum as launch
@@ -205,8 +215,10 @@ def test_gpu_matches_float64_and_simt(B, H, Mq, Mk, W, n_out, n_in, transposed):
     _, mag = _reference(bmap, states, transposed, n_out, n_in)
     d = np.abs(got[:, :, :n_out].astype(np.float64) - simt[:, :, :n_out])
     rel_simt = float((d / np.where(mag == 0, 1.0, mag)).max())
-    print(f"\n{(B, H, n_out, n_in, W, transposed)}: error vs float64 {rel:.2e}, "
-          f"vs SIMT fp32 {rel_simt:.2e} (x M|S|)")
+    print(
+        f"\n{(B, H, n_out, n_in, W, transposed)}: error vs float64 {rel:.2e}, "
+        f"vs SIMT fp32 {rel_simt:.2e} (x M|S|)"
+    )
     assert rel_simt <= 1e-4
 
 
@@ -217,16 +229,23 @@ def test_gpu_wan_shape(transposed):
     (torch), and the time of both kernels (printed)."""
     import torch
     from numba import cuda
+
     B, H, R, W = 1, 12, 512, 128 * 128 + 128
     g = torch.Generator(device="cuda").manual_seed(0)
     cls = torch.tensor([1, 0, 0, 0, 0, 0, 0, 0, 0, -1], dtype=torch.int8, device="cuda")
     bmap = cls[torch.randint(0, 10, (B, H, R, R), device="cuda", generator=g)]
-    bmap[:, :, 3] = 1                                       # a row / column with no marginal block
+    bmap[:, :, 3] = 1  # a row / column with no marginal block
     bmap[:, :, :, 3] = 1
     states = torch.randn(B, H, R, W, device="cuda", generator=g)
     out = torch.full((B, H, R, W), float("nan"), device="cuda")
-    args = (cuda.as_cuda_array(bmap), transposed, R, R, cuda.as_cuda_array(states),
-            cuda.as_cuda_array(out))
+    args = (
+        cuda.as_cuda_array(bmap),
+        transposed,
+        R,
+        R,
+        cuda.as_cuda_array(states),
+        cuda.as_cuda_array(out),
+    )
     marginal_tc.launch_marginal_sum_tc(0, *args)
     torch.cuda.synchronize()
     m = bmap.transpose(2, 3) if transposed else bmap
@@ -249,10 +268,13 @@ def test_gpu_wan_shape(transposed):
         return start.elapsed_time(end) / n
 
     t_tc = timed(marginal_tc.launch_marginal_sum_tc)
-    msg = f"\nWan shape transposed={transposed}: tc {t_tc:.3f} ms " \
-          f"({2 * B * H * R * R * W / t_tc / 1e9:.0f} TFLOP/s useful), error {rel:.2e} x M|S|"
+    msg = (
+        f"\nWan shape transposed={transposed}: tc {t_tc:.3f} ms "
+        f"({2 * B * H * R * R * W / t_tc / 1e9:.0f} TFLOP/s useful), error {rel:.2e} x M|S|"
+    )
     try:
         from sla_numba.gpu.simt.marginal import launch_marginal_sum
+
         msg += f", SIMT {timed(launch_marginal_sum):.3f} ms"
     except ImportError:
         pass

@@ -3,19 +3,20 @@
 bf16 / fp16 against a float64 dense masked-softmax oracle; for full-critical maps
 the error must be at most 2x that of torch's own bf16 SDPA on the same inputs.
 """
+
 import pytest
 import torch
+from _tc_reference import dense_reference, full_lut, random_lut
 from numba import config
 
 from sla_numba._params import LSE_EMPTY
-
-from _tc_reference import dense_reference, full_lut, random_lut
 
 
 def _has_cuda():
     if config.ENABLE_CUDASIM or not torch.cuda.is_available():
         return False
     from numba import cuda
+
     return cuda.is_available() and cuda.get_current_device().compute_capability >= (8, 0)
 
 
@@ -23,11 +24,14 @@ pytestmark = pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU with c
 
 
 def _run(q, k, v, do, lut, counts, bq, bk, scale):
-    from sla_numba.gpu.tc import backward as backward_tc, forward as forward_tc
+    from sla_numba.gpu.tc import backward as backward_tc
+    from sla_numba.gpu.tc import forward as forward_tc
+
     o, lse = forward_tc.sparse_forward_tc(q, k, v, lut, counts, bq, bk, scale)
     rev, rcnt = backward_tc.reverse_index(lut, counts, -(-k.shape[2] // bk))
-    grads = backward_tc.sparse_backward_tc(q, k, v, o, lse, do, lut, counts, rev, rcnt,
-                                           bq, bk, scale)
+    grads = backward_tc.sparse_backward_tc(
+        q, k, v, o, lse, do, lut, counts, rev, rcnt, bq, bk, scale
+    )
     torch.cuda.synchronize()
     return o, lse, grads
 
@@ -42,19 +46,23 @@ def _maxerr(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-@pytest.mark.parametrize("dtype,D,bq,bk,Nq,Nk", [
-    (torch.bfloat16, 128, 128, 64, 1000, 1000),
-    (torch.bfloat16, 64, 64, 64, 777, 1100),
-    (torch.float16, 128, 64, 64, 515, 300),
-])
+@pytest.mark.parametrize(
+    "dtype,D,bq,bk,Nq,Nk",
+    [
+        (torch.bfloat16, 128, 128, 64, 1000, 1000),
+        (torch.bfloat16, 64, 64, 64, 777, 1100),
+        (torch.float16, 128, 64, 64, 515, 300),
+    ],
+)
 def test_sparse_matches_float64(dtype, D, bq, bk, Nq, Nk):
     from sla_numba.testing import poisoned
+
     B, H = 2, 3
     q, k, v, do = _inputs(dtype, B, H, Nq, Nk, D, seed=D)
     mq, mk = -(-Nq // bq), -(-Nk // bk)
     lut, counts = random_lut(B, H, mq, mk, 4, seed=D)
     lut, counts = lut.cuda(), counts.cuda()
-    scale = D ** -0.5
+    scale = D**-0.5
     with poisoned():
         o, lse, (dq, dk, dv) = _run(q, k, v, do, lut, counts, bq, bk, scale)
     qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
@@ -76,7 +84,7 @@ def test_full_critical_within_2x_of_torch_sdpa(D, bq):
     B, H, N, bk = 1, 4, 1024, 64
     q, k, v, do = _inputs(torch.bfloat16, B, H, N, N, D, seed=7)
     lut, counts = full_lut(B, H, N // bq, N // bk)
-    o, lse, (dq, dk, dv) = _run(q, k, v, do, lut.cuda(), counts.cuda(), bq, bk, D ** -0.5)
+    o, lse, (dq, dk, dv) = _run(q, k, v, do, lut.cuda(), counts.cuda(), bq, bk, D**-0.5)
     qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
     ro = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd)
     ro.backward(do.double())
@@ -104,7 +112,9 @@ def test_deterministic_and_on_current_stream():
 
 
 def test_kernels_do_not_spill():
-    from sla_numba.gpu.tc import backward as backward_tc, forward as forward_tc
+    from sla_numba.gpu.tc import backward as backward_tc
+    from sla_numba.gpu.tc import forward as forward_tc
+
     for D, bq in ((128, 128), (64, 64)):
         kernels = [("fwd", forward_tc.make_sparse_forward(D, 64, bq, "bf16").kernel)]
         for which in backward_tc.KERNELS:
@@ -134,12 +144,25 @@ def test_factory_kernels_hit_the_disk_cache_across_processes(tmp_path):
     import os
     import subprocess
     import sys
+
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), SLA_NUMBA_CACHE_DIR=str(tmp_path),
-               PYTHONPATH=root)
+    env = dict(
+        os.environ,
+        NUMBA_CACHE_DIR=str(tmp_path),
+        SLA_NUMBA_CACHE_DIR=str(tmp_path),
+        PYTHONPATH=root,
+    )
     env.pop("SLA_NUMBA_NO_CACHE", None)
-    runs = [subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, capture_output=True,
-                           text=True, timeout=600) for _ in range(2)]
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", _CACHE_PROBE],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        for _ in range(2)
+    ]
     for r in runs:
         assert r.returncode == 0, r.stderr
     assert runs[0].stdout.split()[-4:] == ["hits", "0", "misses", "1"], runs[0].stdout

@@ -11,6 +11,7 @@ block_k = 16, tail blocks, all three feature maps; `state` NaN-poisoned (with a 
 block row that must stay NaN). GPU (cc >= 8.0): D = 64 / 128, block_k = 64, bf16 and
 fp16, plus the SIMT prep kernel's states when available.
 """
+
 import numpy as np
 import pytest
 from numba import config
@@ -26,6 +27,7 @@ def _has_gpu():
         return False
     try:
         from numba import cuda
+
         return cuda.is_available() and cuda.get_current_device().compute_capability >= (8, 0)
     except Exception:  # noqa: BLE001 - no driver: no GPU test
         return False
@@ -81,8 +83,8 @@ def check(state, k64, v64, block_k, fm, tol):
     assert np.isnan(st[:, :, Mk:]).all(), "rows past the last block were written"
     st = st[:, :, :Mk]
     assert not np.isnan(st).any(), "unwritten (NaN) state elements"
-    gh = st[..., :D * D].reshape(h.shape)
-    gz = st[..., D * D:]
+    gh = st[..., : D * D].reshape(h.shape)
+    gz = st[..., D * D :]
     floor = 1e-30
     eh = float(np.max(np.abs(gh - h) / np.maximum(ha, floor)))
     ez = float(np.max(np.abs(gz - z) / np.maximum(np.abs(z), floor)))
@@ -94,16 +96,29 @@ def simt_states(k64, v64, block_k, fm):
     """The SIMT prep kernel's states (fp32 tiles) for the same values, as numpy
     (B, H, Mk, W): ``forward.launch_prep`` on fp32 copies (exact: half values)."""
     from sla_numba.gpu._arrays import DeviceCall
-    from sla_numba.gpu.simt.tiles import choose_tiles
     from sla_numba.gpu._launch import launch_prep
+    from sla_numba.gpu.simt.tiles import choose_tiles
+
     B, H, Nk, D = k64.shape
     Mk = -(-Nk // block_k)
     k32, v32 = k64.astype(np.float32), v64.astype(np.float32)
     call = DeviceCall(k32)
     T = choose_tiles(D, np.float32, block_k, block_k)
     bmap = np.full((B, H, 1, Mk), -1, np.int8)
-    ws = launch_prep(call, T, call.dev(k32), call.dev(v32), Nk, block_k, Mk, call.dev(bmap),
-                     1, Mk, fm, want_cols=False)
+    ws = launch_prep(
+        call,
+        T,
+        call.dev(k32),
+        call.dev(v32),
+        Nk,
+        block_k,
+        Mk,
+        call.dev(bmap),
+        1,
+        Mk,
+        fm,
+        want_cols=False,
+    )
     return call.result(ws["state"])
 
 
@@ -111,8 +126,9 @@ def run(kind, B, H, Nk, D, block_k, fm, seed=0, tiles=None, split=True):
     kb, vb, k64, v64 = _inputs(kind, B, H, Nk, D, seed)
     Mk = -(-Nk // block_k)
     state = np.full((B, H, Mk + 1, D * D + D), np.nan, np.float32)
-    states_tc.launch_states_tc(kind, kb, vb, state, B, H, Nk, D, block_k, fm, 0,
-                               tiles=tiles, split=split)
+    states_tc.launch_states_tc(
+        kind, kb, vb, state, B, H, Nk, D, block_k, fm, 0, tiles=tiles, split=split
+    )
     return state, k64, v64
 
 
@@ -135,7 +151,7 @@ def test_supported_and_tiles():
     assert states_tc.ops_per_block(128, 64, (4, 2)) == (144, 32)
     assert states_tc.ops_per_block(128, 64, (4, 2), split=False) == (72, 24)
     with pytest.raises(ValueError):
-        states_tc.make_states_kernel("bf16", 64, 64, (3, 1))    # 3 does not divide 64/16
+        states_tc.make_states_kernel("bf16", 64, 64, (3, 1))  # 3 does not divide 64/16
 
 
 # --------------------------------------------------------------------------- simulator
@@ -145,7 +161,7 @@ SIM_CASES = [  # kind, B, H, Nk, D, block_k, fm, tiles
     ("bf16", 1, 1, 19, 32, 16, 2, (1, 1)),
     ("f16", 1, 1, 13, 32, 16, 0, (2, 2)),
     ("bf16", 1, 1, 40, 16, 32, 1, (1, 1)),
-    ("f16", 1, 1, 100, 16, 64, 0, (1, 1)),     # 2 φ passes, k-step 3 of block 1 skipped
+    ("f16", 1, 1, 100, 16, 64, 0, (1, 1)),  # 2 φ passes, k-step 3 of block 1 skipped
 ]
 
 
@@ -164,9 +180,9 @@ def test_sim_matches_simt_prep():
     ref = simt_states(k64, v64, bk, fm)
     _, _, ha = reference(k64, v64, bk, fm)
     Mk = ref.shape[2]
-    dh = np.abs(state[:, :, :Mk, :D * D] - ref[..., :D * D]).reshape(ha.shape) / ha
+    dh = np.abs(state[:, :, :Mk, : D * D] - ref[..., : D * D]).reshape(ha.shape) / ha
     assert float(dh.max()) <= 1e-4
-    np.testing.assert_allclose(state[:, :, :Mk, D * D:], ref[..., D * D:], rtol=1e-4)
+    np.testing.assert_allclose(state[:, :, :Mk, D * D :], ref[..., D * D :], rtol=1e-4)
 
 
 @needs_sim
@@ -181,8 +197,7 @@ def test_sim_flat_state_and_argument_checks():
     with pytest.raises(ValueError):
         states_tc.launch_states_tc(kind, kb, vb, state, B, H, Nk, 24, bk, fm, 0)
     with pytest.raises(TypeError):
-        states_tc.launch_states_tc(kind, kb, vb, state.astype(np.float64), B, H, Nk, D, bk,
-                                   fm, 0)
+        states_tc.launch_states_tc(kind, kb, vb, state.astype(np.float64), B, H, Nk, D, bk, fm, 0)
 
 
 @needs_sim
@@ -200,13 +215,15 @@ GPU_CASES = [(kind, D, fm) for kind in ("bf16", "f16") for D in (64, 128) for fm
 @pytest.mark.parametrize("kind,D,fm", GPU_CASES)
 def test_gpu_matches_float64(kind, D, fm):
     from numba import cuda
+
     B, H, Nk, bk = 2, 3, 64 * 5 + 37, 64
     kb, vb, k64, v64 = _inputs(kind, B, H, Nk, D, seed=D + fm)
     Mk = -(-Nk // bk)
     host = np.full((B, H, Mk + 1, D * D + D), np.nan, np.float32)
     dstate = cuda.to_device(host)
-    states_tc.launch_states_tc(kind, cuda.to_device(kb), cuda.to_device(vb), dstate,
-                               B, H, Nk, D, bk, fm, 0)
+    states_tc.launch_states_tc(
+        kind, cuda.to_device(kb), cuda.to_device(vb), dstate, B, H, Nk, D, bk, fm, 0
+    )
     cuda.synchronize()
     got = dstate.copy_to_host()
     eh, ez = check(got, k64, v64, bk, fm, 1e-4)
@@ -214,22 +231,24 @@ def test_gpu_matches_float64(kind, D, fm):
     # plain (one half φ), bf16 only: looser bound
     if kind == "bf16":
         d2 = cuda.to_device(host)
-        states_tc.launch_states_tc(kind, cuda.to_device(kb), cuda.to_device(vb), d2,
-                                   B, H, Nk, D, bk, fm, 0, split=False)
+        states_tc.launch_states_tc(
+            kind, cuda.to_device(kb), cuda.to_device(vb), d2, B, H, Nk, D, bk, fm, 0, split=False
+        )
         e2 = check(d2.copy_to_host(), k64, v64, bk, fm, 4e-3)
         print(f"   plain bf16 φ: h err {e2[0]:.2e}, z err {e2[1]:.2e}")
     # deterministic
     d3 = cuda.to_device(host)
-    states_tc.launch_states_tc(kind, cuda.to_device(kb), cuda.to_device(vb), d3,
-                               B, H, Nk, D, bk, fm, 0)
+    states_tc.launch_states_tc(
+        kind, cuda.to_device(kb), cuda.to_device(vb), d3, B, H, Nk, D, bk, fm, 0
+    )
     np.testing.assert_array_equal(d3.copy_to_host(), got)
     # the SIMT prep kernel's fp32 states (same half inputs)
     ref = simt_states(k64, v64, bk, fm)
     _, _, ha = reference(k64, v64, bk, fm)
-    dh = np.abs(got[:, :, :Mk, :D * D] - ref[..., :D * D]).reshape(ha.shape)
+    dh = np.abs(got[:, :, :Mk, : D * D] - ref[..., : D * D]).reshape(ha.shape)
     dh /= np.maximum(ha, 1e-30)
-    dz = np.abs(got[:, :, :Mk, D * D:] - ref[..., D * D:])
-    dz /= np.maximum(np.abs(ref[..., D * D:]), 1e-30)
+    dz = np.abs(got[:, :, :Mk, D * D :] - ref[..., D * D :])
+    dz /= np.maximum(np.abs(ref[..., D * D :]), 1e-30)
     print(f"   vs SIMT prep: h {dh.max():.2e}, z {dz.max():.2e}")
     assert float(dh.max()) <= 1e-4 and float(dz.max()) <= 1e-4
 
@@ -238,12 +257,14 @@ def test_gpu_matches_float64(kind, D, fm):
 @pytest.mark.parametrize("D,block_k", [(32, 16), (48, 32), (96, 64), (16, 64)])
 def test_gpu_other_shapes(D, block_k):
     from numba import cuda
+
     B, H, Nk = 1, 2, block_k * 3 + 5
     kb, vb, k64, v64 = _inputs("bf16", B, H, Nk, D, seed=D)
     Mk = -(-Nk // block_k)
     dstate = cuda.to_device(np.full((B, H, Mk + 1, D * D + D), np.nan, np.float32))
-    states_tc.launch_states_tc("bf16", cuda.to_device(kb), cuda.to_device(vb), dstate,
-                               B, H, Nk, D, block_k, 0, 0)
+    states_tc.launch_states_tc(
+        "bf16", cuda.to_device(kb), cuda.to_device(vb), dstate, B, H, Nk, D, block_k, 0, 0
+    )
     check(dstate.copy_to_host(), k64, v64, block_k, 0, 1e-4)
 
 
@@ -258,8 +279,9 @@ def test_gpu_timing_large(kind):
     from numba import cuda
 
     from sla_numba.gpu._arrays import DeviceCall
-    from sla_numba.gpu.simt.tiles import choose_tiles
     from sla_numba.gpu._launch import launch_prep
+    from sla_numba.gpu.simt.tiles import choose_tiles
+
     B, H, Nk, D, bk, fm = 1, 12, 16384, 128, 64, 0
     kb, vb, k64, v64 = _inputs(kind, B, H, Nk, D, seed=7)
     Mk = Nk // bk
@@ -275,26 +297,28 @@ def test_gpu_timing_large(kind):
         cuda.synchronize()
         return (time.perf_counter() - t0) / reps * 1e3
 
-    t_tc = timed(lambda: states_tc.launch_states_tc(kind, dk, dv, dstate, B, H, Nk, D, bk,
-                                                    fm, 0))
+    t_tc = timed(lambda: states_tc.launch_states_tc(kind, dk, dv, dstate, B, H, Nk, D, bk, fm, 0))
     got = dstate.copy_to_host()
     # sampled blocks against float64
     sel = [0, 1, Mk // 2, Mk - 1]
     for j in sel:
-        ks, vs = k64[:, :, j * bk:(j + 1) * bk], v64[:, :, j * bk:(j + 1) * bk]
+        ks, vs = k64[:, :, j * bk : (j + 1) * bk], v64[:, :, j * bk : (j + 1) * bk]
         h, z, ha = reference(ks, vs, bk, fm)
-        g = got[:, :, j:j + 1].astype(np.float64)
-        eh = np.max(np.abs(g[..., :D * D].reshape(h.shape) - h) / np.maximum(ha, 1e-30))
-        ez = np.max(np.abs(g[..., D * D:] - z) / np.maximum(np.abs(z), 1e-30))
+        g = got[:, :, j : j + 1].astype(np.float64)
+        eh = np.max(np.abs(g[..., : D * D].reshape(h.shape) - h) / np.maximum(ha, 1e-30))
+        ez = np.max(np.abs(g[..., D * D :] - z) / np.maximum(np.abs(z), 1e-30))
         assert eh <= 1e-4 and ez <= 1e-4, (j, eh, ez)
     k32 = cuda.to_device(k64.astype(np.float32))
     v32 = cuda.to_device(v64.astype(np.float32))
     bmap = cuda.to_device(np.full((B, H, 1, Mk), -1, np.int8))
     call = DeviceCall(k32)
     T = choose_tiles(D, np.float32, bk, bk)
-    t_simt = timed(lambda: launch_prep(call, T, k32, v32, Nk, bk, Mk, bmap, 1, Mk, fm,
-                                       want_cols=False))
+    t_simt = timed(
+        lambda: launch_prep(call, T, k32, v32, Nk, bk, Mk, bmap, 1, Mk, fm, want_cols=False)
+    )
     gb = (2 * B * H * Nk * D * 2 + B * H * Mk * (D * D + D) * 4) / 1e9
-    print(f"\nstates {kind} B={B} H={H} Nk={Nk} D={D} bk={bk}: tensor cores {t_tc:.3f} ms "
-          f"({gb / t_tc * 1e3:.0f} GB/s of k, v, state), SIMT prep (fp32 in, + its list blocks) "
-          f"{t_simt:.3f} ms")
+    print(
+        f"\nstates {kind} B={B} H={H} Nk={Nk} D={D} bk={bk}: tensor cores {t_tc:.3f} ms "
+        f"({gb / t_tc * 1e3:.0f} GB/s of k, v, state), SIMT prep (fp32 in, + its list blocks) "
+        f"{t_simt:.3f} ms"
+    )
