@@ -25,6 +25,23 @@ def tiny_under_sim():
     return simulator_on()
 
 
+def cuda_compiler_available():
+    """NVVM and NVRTC can be loaded (``pip install "numba-cuda[cu13]"``): real PTX can be
+    compiled without a GPU. CI's venv has the bare numba-cuda (simulator only)."""
+    try:
+        from cuda.pathfinder import load_nvidia_dynamic_lib
+
+        load_nvidia_dynamic_lib("nvrtc")
+        load_nvidia_dynamic_lib("nvvm")
+    except Exception:  # noqa: BLE001 - any failure: no compiler libraries
+        return False
+    return True
+
+
+#: Skip mark for tests that compile real PTX (no GPU needed, but the CUDA compilers).
+needs_cuda_compiler = None  # set below, once pytest is importable
+
+
 def gpu_importable():
     """The gpu backend package imports and offers the three contract functions."""
     try:
@@ -171,3 +188,15 @@ def tol_for(dtype):
     if isinstance(dtype, torch.dtype):
         dtype = torch.empty((), dtype=dtype).numpy().dtype
     return TOL[np.dtype(dtype).type]
+
+
+def _needs_cuda_compiler_mark():
+    import pytest
+
+    return pytest.mark.skipif(
+        not cuda_compiler_available(),
+        reason='compiles real PTX: needs NVVM/NVRTC (pip install "numba-cuda[cu13]")',
+    )
+
+
+needs_cuda_compiler = _needs_cuda_compiler_mark()

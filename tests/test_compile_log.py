@@ -3,6 +3,7 @@
 import logging
 
 import numpy as np
+from helpers import needs_cuda_compiler
 from numba import njit
 
 import sla_numba
@@ -71,6 +72,7 @@ def test_sla_attention_announces_a_compile(caplog, monkeypatch):
     assert "for D=8 float32 (cpu, forward)" in lines[0] and "ready in" in lines[1]
 
 
+@needs_cuda_compiler
 def test_a_cuda_compile_is_announced_too():
     """numba-cuda fires no "numba:compile" event; its compiler passes are what we hear.
     Compiling PTX needs no GPU, but not the simulator: run it in a fresh process."""

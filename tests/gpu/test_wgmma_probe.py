@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import needs_cuda_compiler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROBE = os.path.join(ROOT, "tools", "wgmma_probe.py")
@@ -67,6 +68,7 @@ def test_sizes_must_fit_tiles():
         w.check_sizes(128, 128, 64, 256)
 
 
+@needs_cuda_compiler
 def test_ptx_is_sm90a_and_assembles(tmp_path):
     pytest.importorskip(
         "cuda.bindings.nvjitlink", reason="needs numba-cuda's CUDA wheels (nvJitLink)"
