@@ -27,7 +27,7 @@ intrinsics, whose simulator twins synchronise themselves).
 Use::
 
     from sla_numba.testing_race import detect_races
-    with detect_races():             # raises SharedMemoryRace at the first race
+    with detect_races():             # raises DataRace at the first race
         gpu.forward(...)
 
 or set ``SLA_TEST_RACE_CHECK=1`` when running the test suite (tests/conftest.py).
@@ -42,10 +42,6 @@ import numpy as np
 
 class DataRace(AssertionError):
     """Two accesses to one element, at least one a write, that nothing orders."""
-
-
-#: Old name, kept for readability in tests that only look at shared memory.
-SharedMemoryRace = DataRace
 
 
 class _State:
@@ -299,7 +295,3 @@ def detect_races(raise_first=True):
         sim_kernel.BlockThread.syncthreads = syncthreads
         inner.__getitem__, inner.__setitem__ = get_item, set_item
         _state = None
-
-
-#: Old name of :func:`detect_races`.
-detect_shared_races = detect_races

@@ -28,17 +28,9 @@ _DEFAULT_SMEM_LIMIT = 48 * 1024
 
 _opted_in = set()
 
-#: Tooling hook (tools/warm_tc.py): when a set of kernel names, ``launch`` only compiles
-#: (filling the disk cache) the kernels named in it and launches nothing.
-COMPILE_ONLY = None
-
 
 def launch(kernel, grid, block, smem_bytes, stream, args):
     """Launch ``kernel`` with ``smem_bytes`` of dynamic shared memory on ``stream``."""
-    if COMPILE_ONLY is not None:
-        if not SIMULATED and kernel.__name__ in COMPILE_ONLY:
-            kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
-        return
     if SIMULATED:
         kernel[grid, block, 0, smem_bytes](*args)
         return
