@@ -412,7 +412,7 @@ def make_wan_bf16(device, seed=0):
     the modules Wan keeps in fp32 (``_keep_in_fp32_modules``: time embedder, norms,
     rope ...) stay fp32, every other parameter is bf16."""
     model = make_wan(seed, **WAN_GPU).to(device)
-    keep = set(model._keep_in_fp32_modules or ())
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     for name, p in model.named_parameters():
         if not keep.intersection(name.split(".")):
             p.data = p.data.to(torch.bfloat16)
