@@ -54,6 +54,16 @@ def real_cuda_gpu():
 needs_real_gpu = None  # set below, once pytest is importable
 
 
+def assert_tensor_core_path(dtype, head_dim, block_q, block_k):
+    """On a real GPU: inputs of this kind take the tensor-core kernels (unless
+    ``SLA_NUMBA_GPU_PATH`` forces a path on purpose)."""
+    from sla_numba.gpu._path import env_path, select_path
+
+    if env_path() == "auto":
+        path = select_path(dtype, head_dim, block_q, block_k)
+        assert path == "tc", f"{dtype}, D={head_dim}, blocks {block_q}/{block_k}: {path}"
+
+
 def gpu_importable():
     """The gpu backend package imports and offers the three contract functions."""
     try:

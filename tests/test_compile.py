@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch._dynamo.testing
-from helpers import needs_real_gpu
+from helpers import assert_tensor_core_path, needs_real_gpu
 
 import sla_numba
 import sla_numba.torch_ops  # noqa: F401  (registers the sla_numba:: ops)
@@ -169,6 +169,7 @@ def test_dit_attention_compiles_on_cuda_bf16(layout):
     (e.g. the out Linear's bias add fused into the following square, rounded to bf16
     at another point than cuBLAS's epilogue), so a few elements differ by an ulp. A
     wrong stride, block count or gradient moves the result by O(1)."""
+    assert_tensor_core_path(torch.bfloat16, GPU_D, 64, 64)
     model = _dit_bf16_cuda(layout)
     assert model.attn.proj.weight.dtype == torch.float32
     torch._dynamo.reset()
@@ -197,6 +198,7 @@ def test_dit_attention_compiles_on_cuda_bf16(layout):
 def test_opcheck_on_cuda_bf16_non_contiguous_inputs():
     """opcheck each custom op with CUDA bf16 transposed views, D = 64, 64-token blocks
     (the tensor-core path), Nq = 100 and Nk = 130 (partial last blocks)."""
+    assert_tensor_core_path(torch.bfloat16, GPU_D, 64, 64)
     torch.manual_seed(1)
     q, k, v = (
         torch.randn(1, n, 2, GPU_D, device="cuda").to(torch.bfloat16).transpose(1, 2)

@@ -11,7 +11,7 @@ import doctest
 
 import pytest
 import torch
-from helpers import needs_real_gpu
+from helpers import assert_tensor_core_path, needs_real_gpu
 
 diffusers = pytest.importorskip(
     "diffusers", reason="diffusers is not installed (pip install 'sla-numba[diffusers]')"
@@ -439,13 +439,6 @@ def rel_err(a, ref):
     return ((a - ref).square().mean().sqrt() / ref.square().mean().sqrt()).item()
 
 
-def _assert_tensor_core_path():
-    from sla_numba.gpu._path import env_path, select_path
-
-    if env_path() == "auto":  # SLA_NUMBA_GPU_PATH may force a path on purpose
-        assert select_path(torch.bfloat16, 64, GPU_BLOCK, GPU_BLOCK) == "tc"
-
-
 @pytest.mark.gpu
 @needs_real_gpu
 def test_wan_bf16_cuda_topk_one_matches_dense_model():
@@ -454,7 +447,7 @@ def test_wan_bf16_cuda_topk_one_matches_dense_model():
     most 2x that of the plain bf16 model (SDPA) + 1e-3; with 1e-3 absolute slack on
     top of bf16's 3.9e-3 unit roundoff it cannot pass by accident: a wrong key block,
     head or token moves the output by O(1)."""
-    _assert_tensor_core_path()
+    assert_tensor_core_path(torch.bfloat16, 64, GPU_BLOCK, GPU_BLOCK)
     model, inputs = make_wan_bf16("cuda"), wan_inputs_bf16("cuda")
     ref_model, ref_inputs = _f64(model, inputs)
     with torch.no_grad():
