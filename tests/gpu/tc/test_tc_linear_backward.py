@@ -167,7 +167,9 @@ def _err(got, base, inc, scale):
     """Largest |got - (base + inc)| relative to the increment's scale."""
     got = np.asarray(got, np.float64)
     assert not np.isnan(got).any(), "NaN: an element was not written / poisoned input read"
-    return float(np.max(np.abs(got - (base.astype(np.float64) + inc)) / (scale + 1e-6 * np.abs(base))))
+    return float(
+        np.max(np.abs(got - (base.astype(np.float64) + inc)) / (scale + 1e-6 * np.abs(base)))
+    )
 
 
 # --------------------------------------------------------------------------- runs
@@ -260,7 +262,9 @@ def test_supported_and_argument_checks():
     with pytest.raises(ValueError, match="blocks"):
         lb.launch_dq_linear_tc("bf16", q, f, f, st, nm, f, st.copy(), B, H, 40, D, 16, 0, EPS, 0)
     with pytest.raises(TypeError, match="float32"):
-        lb.launch_dkdv_linear_tc("bf16", q, q, st.astype(np.float64), nm, f, f, B, H, N, D, 16, 0, 0)
+        lb.launch_dkdv_linear_tc(
+            "bf16", q, q, st.astype(np.float64), nm, f, f, B, H, N, D, 16, 0, 0
+        )
     with pytest.raises(ValueError, match="not supported"):
         lb.launch_dkdv_linear_tc("bf16", q, q, st, nm, f, f, B, H, N, D, 48, 0, 0)
 
