@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 if not hasattr(np, "row_stack"):  # numpy 2.5 vs numba-cuda 0.30
-    np.vstack = np.vstack
+    np.row_stack = np.vstack
 
 from numba import cuda, float32, int16, int32, int64  # noqa: E402
 
