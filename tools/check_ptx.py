@@ -169,6 +169,33 @@ def main():
             False,
             exact=True,
         )
+    for dtn, dt in (("f32", nt.float32), ("bf16", nt.int16)):
+        ok &= compile_one(
+            f"classify.make_pool {dtn}",
+            classify.make_pool(classify.POOL_THREADS, 16),
+            (arr(dt, 4), arr(dt, 4), I64, I64, I64, arr(F64, 4), arr(F64, 4)),
+            False,
+            False,
+            exact=True,
+        )
+    for d, rq, cpt, epl in ((128, 16, 4, 16), (64, 16, 1, 4), (128, 16, 4, 64)):
+        ok &= compile_one(
+            f"classify.score_select D{d} RQ{rq} CPT{cpt} EPL{epl}",
+            classify.make_score_select(d, rq, cpt, epl),
+            (
+                arr(F64, 4),
+                arr(F64, 4),
+                F64,
+                I64,
+                I64,
+                arr(F64, 4),
+                arr(nt.uint64, 4),
+                arr(nt.int8, 4),
+            ),
+            False,
+            False,
+            exact=True,
+        )
     sr = classify.make_score_rank(classify.RANK_THREADS)
     ok &= compile_one(
         "classify.score_rank",

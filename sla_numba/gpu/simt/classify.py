@@ -1,5 +1,22 @@
-"""The classification kernels: ``pool`` and ``score_rank`` (the rule and the
-orchestration are in ``sla_numba/gpu/classify.py``).
+"""The classification kernels (the rule and the orchestration are in
+``sla_numba/gpu/classify.py``).
+
+Two launches, the fast path:
+
+* ``make_pool(NT, U)`` — pooled means of query and key blocks, rows read U at a
+  time so that many loads are in flight (the sum still adds rows in order);
+* ``make_score_select(...)`` — a block of ``RQ`` query-block rows: their scores
+  against every key block (a register tile of RQ x CPT float64 accumulators per
+  thread), then one lane group (a warp) per row finds the ``n_crit``-th largest and
+  the ``n_skip``-th smallest score by a bitwise search over the scores'
+  order-preserving integer images, and writes the row's map.
+
+The reference pair, simpler and slower, kept as the readable statement of the
+same computation and for rows longer than the fast path takes:
+
+* ``pool`` — the same means, one row at a time;
+* ``make_score_rank(NT)`` — one block per row: scores, then a bitonic sort of the
+  (score, j) pairs in shared memory (or, for long rows, counting each rank).
 """
 
 import functools
@@ -7,6 +24,7 @@ import functools
 import numpy as np
 
 from .._compat import SIMULATOR, add_rn, cuda, kernel, mul_rn, to_f64
+from .lanes import lane_scan, lane_sum
 
 POOL_THREADS = 4 if SIMULATOR else 128
 RANK_THREADS = 4 if SIMULATOR else 128
@@ -141,3 +159,237 @@ def make_score_rank(NT, sort_max=SORT_MAX):
                 block_map[b, h, i, j] = v
 
     return score_rank
+
+
+# =========================================================================== fast path
+#: Threads of the fast kernels: on a GPU a warp is a lane group; the simulator runs
+#: every thread as a Python thread, so it gets 2 groups of 4 lanes.
+FAST_THREADS = 8 if SIMULATOR else 128
+FAST_LANES = 4 if SIMULATOR else 32
+#: Query-block rows per block of the score/select kernel (each thread keeps an
+#: RQ x CPT tile of scores): more rows, fewer re-reads of the pooled keys.
+FAST_ROWS = 3 if SIMULATOR else 16
+#: Most key blocks a lane keeps in registers while ranking (EPL): rows of up to
+#: FAST_LANES * SELECT_MAX_EPL key blocks take the fast path.
+SELECT_MAX_EPL = 64
+
+
+@functools.cache
+def make_pool(NT, U):
+    """``pool``'s twin that reads U rows before adding them: U loads in flight per
+    thread instead of one (pooling is a pure read of q and k, so it is bound by how
+    many bytes are on their way). The sum still adds the rows in row order."""
+
+    @kernel(device=True)
+    def pool_one(x, b, h, blk, block, n, out, d_major):
+        r0 = blk * block
+        r1 = min(r0 + block, n)
+        count = np.float64(r1 - r0)
+        vals = cuda.local.array(U, np.float64)
+        for d in range(cuda.threadIdx.x, x.shape[3], NT):
+            s = np.float64(0.0)
+            r = r0
+            while r + U <= r1:
+                for u in range(U):  # U independent loads ...
+                    vals[u] = to_f64(x[b, h, r + u, d])
+                for u in range(U):  # ... then the sum, in row order
+                    s += vals[u]
+                r += U
+            while r < r1:  # the tail of a short block
+                s += to_f64(x[b, h, r, d])
+                r += 1
+            if d_major:
+                out[b, h, d, blk] = s / count
+            else:
+                out[b, h, blk, d] = s / count
+
+    @kernel()
+    def pool_rows(q, k, block_q, block_k, mq, pq, pk):
+        """Blocks x < mq pool query block x; the others key block x - mq."""
+        x = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        if x < mq:
+            pool_one(q, b, h, x, block_q, q.shape[2], pq, False)
+        else:
+            pool_one(k, b, h, x - mq, block_k, k.shape[2], pk, True)
+
+    return pool_rows
+
+
+@functools.cache
+def make_score_select(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
+    """The score-and-select kernel for head dim D, RQ query-block rows per block,
+    CPT key blocks per thread per pass, EPL key blocks per lane when ranking.
+
+    Launch: grid (ceil(Mq / RQ), H, B), NT threads. Arguments: ``pq`` (B, H, Mq, D),
+    ``pk`` (B, H, D, Mk) float64; ``scale``; ``n_crit``, ``n_skip`` in [0, Mk];
+    ``scores`` (B, H, Mq, Mk) float64 scratch and ``sbits``, the same memory viewed
+    as uint64; ``block_map`` (B, H, Mq, Mk) int8. Needs Mk <= LANES * EPL.
+
+    Ranking without sorting. Map each score to an unsigned integer with the same
+    order (``key``: flip all bits of a negative double, set the sign bit of a
+    non-negative one; a NaN score is -inf and -0 is +0 before, so equal scores have
+    equal keys). The critical set is the n_crit first blocks in the order (key
+    descending, j ascending). Its threshold T, the n_crit-th largest key, is found
+    bit by bit from the top: T gets bit b when at least n_crit keys are >= T | 2^b
+    (one count over the row per bit). The search stops early once exactly n_crit
+    keys are >= T: those are the critical blocks. Otherwise T is an exact key
+    shared by several blocks, the blocks above T are critical and the tied ones
+    are taken in ascending j until n_crit. The negligible set is the same search
+    on the complemented keys (the n_skip smallest scores; among ties the highest
+    j go first, as they come last in the order).
+    """
+    NG = NT // LANES  # lane groups: each ranks rows g, g + NG, ...
+    NQ = RQ * D  # the staged query rows (a compile-time size)
+    NACC = RQ * CPT
+    ZERO = np.uint64(0)
+    ONE = np.uint64(1)
+    TOP = np.uint64(1 << 63)
+    neg_inf = np.float64(-np.inf)
+
+    @kernel(device=True)
+    def oriented(x, flip):
+        """The key as the search sees it: ``~x`` when searching from the bottom;
+        pads (0, no key block) stay 0, below every real key in both searches."""
+        if flip and x != ZERO:
+            return ~x
+        return x
+
+    @kernel(device=True)
+    def count_ge(key, flip, c):
+        """How many keys of the row are >= c (all lanes get the count)."""
+        n = 0
+        for m in range(EPL):
+            if oriented(key[m], flip) >= c:
+                n += 1
+        return lane_sum(n, LANES)
+
+    @kernel(device=True)
+    def kth_largest(key, flip, k):
+        """(T, #{keys >= T}) for T the k-th largest key (1 <= k <= row length),
+        or the first T found with exactly k keys >= T."""
+        t_lo = ZERO
+        n_lo = EPL * LANES  # every slot is >= 0
+        bit = 63
+        while bit >= 0 and n_lo != k:
+            c = t_lo | (ONE << np.uint64(bit))
+            n = count_ge(key, flip, c)
+            if n >= k:
+                t_lo = c
+                n_lo = n
+            bit -= 1
+        return t_lo, n_lo
+
+    @kernel()
+    def score_select(pq, pk, scale, n_crit, n_skip, scores, sbits, block_map):
+        pq_s = cuda.shared.array(NQ, np.float64)
+        t = cuda.threadIdx.x
+        i0 = cuda.blockIdx.x * RQ
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        mq = pq.shape[2]
+        mk = pk.shape[3]  # pk is d-major: (B, H, D, Mk)
+
+        # ---- 1. the block's RQ pooled query rows, to shared memory
+        for e in range(t, NQ, NT):
+            r = e // D
+            pq_s[e] = pq[b, h, i0 + r, e - r * D] if i0 + r < mq else 0.0
+        cuda.syncthreads()
+
+        # ---- 2. scores: thread t owns key blocks j0 + t + NT*c (c < CPT) of every row
+        acc = cuda.local.array(NACC, np.float64)
+        kv = cuda.local.array(CPT, np.float64)
+        kn = cuda.local.array(CPT, np.float64)
+        for j0 in range(0, mk, NT * CPT):
+            for x in range(NACC):
+                acc[x] = 0.0
+            for c in range(CPT):
+                j = j0 + t + NT * c
+                kn[c] = pk[b, h, 0, j] if j < mk else 0.0
+            for d in range(D):
+                for c in range(CPT):
+                    kv[c] = kn[c]
+                if d + 1 < D:  # the next d's keys are loading while this d computes
+                    for c in range(CPT):
+                        j = j0 + t + NT * c
+                        if j < mk:
+                            kn[c] = pk[b, h, d + 1, j]
+                for r in range(RQ):
+                    p = pq_s[r * D + d]
+                    for c in range(CPT):  # d ascending, every op rounded on its own
+                        acc[r * CPT + c] = add_rn(acc[r * CPT + c], mul_rn(p, kv[c]))
+            for r in range(RQ):
+                if i0 + r < mq:
+                    for c in range(CPT):
+                        j = j0 + t + NT * c
+                        if j < mk:
+                            s = mul_rn(scale, acc[r * CPT + c])
+                            if s != s:
+                                s = neg_inf
+                            if s == 0.0:
+                                s = 0.0  # -0 == +0 (a tie): give both one key
+                            scores[b, h, i0 + r, j] = s
+        cuda.syncthreads()  # the block's scores are visible to all its threads
+
+        # ---- 3. per row, one lane group: thresholds, then the row's map
+        lane = t % LANES
+        key = cuda.local.array(EPL, np.uint64)
+        for r in range(t // LANES, RQ, NG):
+            i = i0 + r
+            if i >= mq:
+                break
+            for m in range(EPL):  # lane holds key blocks lane + LANES*m
+                j = lane + LANES * m
+                x = ZERO
+                if j < mk:
+                    x = sbits[b, h, i, j]
+                    x = ~x if x >= TOP else x | TOP
+                key[m] = x
+            t_c, n_c = ZERO, 0
+            need_c = 0
+            if n_crit > 0:
+                t_c, n_c = kth_largest(key, False, n_crit)
+                if n_c != n_crit:  # ties at t_c: take n_crit - #{key > t_c} of them
+                    need_c = n_crit - count_ge(key, False, t_c + ONE)
+            t_s, n_s = ZERO, 0
+            need_s = 0
+            tied_s = 0
+            if n_skip > 0:
+                t_s, n_s = kth_largest(key, True, n_skip)
+                if n_s != n_skip:
+                    above = count_ge(key, True, t_s + ONE)
+                    need_s = n_skip - above
+                    tied_s = n_s - above
+            base_c = 0  # tied blocks at lower j (over the previous m)
+            base_s = 0
+            for m in range(EPL):
+                j = lane + LANES * m
+                xc = key[m]
+                xs = oriented(xc, True)
+                crit = False
+                if n_crit > 0:
+                    if need_c > 0:
+                        lower, tot = lane_scan(xc == t_c, LANES)
+                        crit = xc > t_c or (xc == t_c and base_c + lower < need_c)
+                        base_c += tot
+                    else:
+                        crit = xc >= t_c
+                neg = False
+                if n_skip > 0:
+                    if need_s > 0:
+                        lower, tot = lane_scan(xs == t_s, LANES)
+                        higher = tied_s - 1 - (base_s + lower)  # tied blocks at higher j
+                        neg = xs > t_s or (xs == t_s and higher < need_s)
+                        base_s += tot
+                    else:
+                        neg = xs >= t_s
+                if j < mk:
+                    v = 0
+                    if crit:
+                        v = 1
+                    elif neg:
+                        v = -1
+                    block_map[b, h, i, j] = v
+
+    return score_select
