@@ -62,18 +62,23 @@ from .simt.classify import (
 POOL_BATCH = 4 if POOL_THREADS < 32 else 16
 
 
-def fast_config(mk, d):
-    """(RQ, CPT, EPL) of the fast score/select kernel for Mk key blocks and head
-    dim d, or None when the row is too long for it (the reference kernel then)."""
+def fast_config(mk, d, rows=None, cols=None, threads=None):
+    """(RQ, CPT, EPL, NT) of the fast score/select kernel for Mk key blocks and head
+    dim d, or None when the row is too long for it (the reference kernel then).
+
+    RQ query-block rows per block, CPT key blocks per thread and pass, EPL key
+    blocks per lane when ranking, NT threads. ``rows``, ``cols``, ``threads``
+    override the defaults (tools/bench_classify.py --sweep tries some)."""
+    nt = threads or FAST_THREADS
     epl = -(-mk // FAST_LANES)
     epl = -(-epl // 4) * 4  # multiples of 4: fewer compiled variants
-    if epl > SELECT_MAX_EPL:
+    if epl > SELECT_MAX_EPL or nt % FAST_LANES:
         return None
-    rq = FAST_ROWS if d <= 256 else max(1, FAST_ROWS // 2)
+    rq = rows or (FAST_ROWS if d <= 256 else max(1, FAST_ROWS // 2))
     if rq * d * 8 > 40 * 1024:  # the staged query rows must fit static shared memory
         return None
-    cpt = max(1, min(4, -(-mk // FAST_THREADS)))
-    return rq, cpt, epl
+    cpt = cols or max(1, min(4, -(-mk // nt)))
+    return rq, cpt, epl, nt
 
 
 def classify(q, k, n_crit, n_skip, block_q, block_k, scale):
@@ -91,14 +96,14 @@ def classify_by_sorting(q, k, n_crit, n_skip, block_q, block_k, scale):
     return _classify(q, k, n_crit, n_skip, block_q, block_k, scale, fast=False)
 
 
-def _classify(q, k, n_crit, n_skip, block_q, block_k, scale, fast):
+def _classify(q, k, n_crit, n_skip, block_q, block_k, scale, fast, tiles=None):
     call = DeviceCall(q)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     Mq, Mk = n_blocks(Nq, block_q), n_blocks(Nk, block_k)
     n_crit = min(max(int(n_crit), 0), Mk)
     n_skip = min(max(int(n_skip), 0), Mk)
-    config = fast_config(Mk, D) if fast else None
+    config = fast_config(Mk, D, *(tiles or ())) if fast else None
     mark("glue")
     with call.device_context():
         dq, dk = call.dev(q), call.dev(k)
@@ -112,12 +117,12 @@ def _classify(q, k, n_crit, n_skip, block_q, block_k, scale, fast):
                 pq, pk, float(scale), n_crit, n_skip, scores, block_map
             )
         else:
-            rq, cpt, epl = config
+            rq, cpt, epl, nt = config
             make_pool(POOL_THREADS, POOL_BATCH)[(Mq + Mk, H, B), POOL_THREADS, call.stream](
                 dq, dk, block_q, block_k, Mq, pq, pk
             )
-            kern = make_score_select(D, rq, cpt, epl, FAST_THREADS, FAST_LANES)
-            kern[(-(-Mq // rq), H, B), FAST_THREADS, call.stream](
+            kern = make_score_select(D, rq, cpt, epl, nt, FAST_LANES)
+            kern[(-(-Mq // rq), H, B), nt, call.stream](
                 pq, pk, float(scale), n_crit, n_skip, scores, scores.view(np.uint64), block_map
             )
         mark("classify")
