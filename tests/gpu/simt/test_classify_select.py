@@ -75,7 +75,13 @@ def test_fast_config_covers_the_shapes_used_here():
 def test_maps_equal_the_cpu_map(fn, B, H, Nq, Nk, D, bq, bk):
     mk = _params.n_blocks(Nk, bk)
     q, k = _inputs(B * 100 + Nk, B, H, Nq, Nk, D)
-    for n_crit, n_skip in (_params.block_counts(mk, 0.3, 0.2), (0, 0), (mk, 0), (0, mk), (2, mk - 2)):
+    for n_crit, n_skip in (
+        _params.block_counts(mk, 0.3, 0.2),
+        (0, 0),
+        (mk, 0),
+        (0, mk),
+        (2, mk - 2),
+    ):
         _check(fn, q, k, n_crit, n_skip, bq, bk, D**-0.5)
 
 
@@ -167,7 +173,9 @@ def test_lane_sum_and_scan():
 def test_kernels_compile_to_ptx_without_fma_or_local_memory():
     """The real compiler (the simulator never type-checks): the classification kernels
     build for sm_90 with no fma.rn.f64 (bit-exact rule) and no local-memory arrays."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    root = os.path.dirname(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    )
     env = dict(os.environ, PYTHONPATH=root)
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     proc = subprocess.run(
