@@ -231,14 +231,16 @@ def make_score_select(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
     order (``key``: flip all bits of a negative double, set the sign bit of a
     non-negative one; a NaN score is -inf and -0 is +0 before, so equal scores have
     equal keys). The critical set is the n_crit first blocks in the order (key
-    descending, j ascending). Its threshold T, the n_crit-th largest key, is found
-    bit by bit from the top: T gets bit b when at least n_crit keys are >= T | 2^b
-    (one count over the row per bit). The search stops early once exactly n_crit
-    keys are >= T: those are the critical blocks. Otherwise T is an exact key
-    shared by several blocks, the blocks above T are critical and the tied ones
-    are taken in ascending j until n_crit. The negligible set is the same search
-    on the complemented keys (the n_skip smallest scores; among ties the highest
-    j go first, as they come last in the order).
+    descending, j ascending). Its threshold t_c, the n_crit-th largest key, is
+    found bit by bit from the top: t_c gets bit b when at least n_crit keys are
+    >= t_c | 2^b (one count over the row per bit). The search stops early once
+    exactly n_crit keys are >= t_c: those are the critical blocks. Otherwise t_c
+    is a key shared by several blocks; the blocks above it are critical and the
+    tied ones are taken in ascending j until n_crit. The negligible set is the
+    same search over the complemented keys (the n_skip smallest scores; among
+    ties the highest j go first, as they come last in the order). Both searches
+    run in one loop and share one lane reduction per bit (two 16-bit counts in
+    one int).
     """
     NG = NT // LANES  # lane groups: each ranks rows g, g + NG, ...
     NQ = RQ * D  # the staged query rows (a compile-time size)
@@ -246,40 +248,53 @@ def make_score_select(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
     ZERO = np.uint64(0)
     ONE = np.uint64(1)
     TOP = np.uint64(1 << 63)
+    PACK = 1 << 16
     neg_inf = np.float64(-np.inf)
 
     @kernel(device=True)
-    def oriented(x, flip):
-        """The key as the search sees it: ``~x`` when searching from the bottom;
-        pads (0, no key block) stay 0, below every real key in both searches."""
-        if flip and x != ZERO:
-            return ~x
-        return x
-
-    @kernel(device=True)
-    def count_ge(key, flip, c):
-        """How many keys of the row are >= c (all lanes get the count)."""
+    def count2(key, c_hi, c_lo):
+        """#{keys >= c_hi} + 2^16 · #{slots <= c_lo} over the row, on every lane (the
+        two searches share one reduction; counts <= 2048 fit 16 bits)."""
         n = 0
         for m in range(EPL):
-            if oriented(key[m], flip) >= c:
+            x = key[m]
+            if x >= c_hi:
                 n += 1
+            if x <= c_lo:
+                n += PACK
         return lane_sum(n, LANES)
 
     @kernel(device=True)
-    def kth_largest(key, flip, k):
-        """(T, #{keys >= T}) for T the k-th largest key (1 <= k <= row length),
-        or the first T found with exactly k keys >= T."""
-        t_lo = ZERO
-        n_lo = EPL * LANES  # every slot is >= 0
+    def thresholds(key, n_crit, n_skip, n_pad):
+        """Both searches at once, bit by bit from the top.
+
+        Returns (t_c, n_c, t_s, n_s): t_c the largest value with n_c = #{key >= t_c}
+        >= n_crit and n_c == n_crit if any value gives exactly n_crit (then the
+        search stopped there); likewise t_s over the complemented keys ~key of the
+        real blocks (pads excluded: they are the n_pad slots holding 0)."""
+        t_c = ZERO
+        t_s = ZERO
+        n_c = EPL * LANES  # every slot is >= 0
+        n_s = EPL * LANES - n_pad
+        if n_crit == 0:  # nothing to find (the caller tests n_crit > 0)
+            n_c = 0
+        if n_skip == 0:
+            n_s = 0
         bit = 63
-        while bit >= 0 and n_lo != k:
-            c = t_lo | (ONE << np.uint64(bit))
-            n = count_ge(key, flip, c)
-            if n >= k:
-                t_lo = c
-                n_lo = n
+        while bit >= 0 and (n_c != n_crit or n_s != n_skip):
+            c_c = t_c | (ONE << np.uint64(bit))
+            c_s = t_s | (ONE << np.uint64(bit))
+            n = count2(key, c_c, ~c_s)  # ~key >= c_s  <=>  key <= ~c_s
+            n_hi = n % PACK
+            n_lo = n // PACK - n_pad
+            if n_c != n_crit and n_hi >= n_crit:
+                t_c = c_c
+                n_c = n_hi
+            if n_s != n_skip and n_lo >= n_skip:
+                t_s = c_s
+                n_s = n_lo
             bit -= 1
-        return t_lo, n_lo
+        return t_c, n_c, t_s, n_s
 
     @kernel()
     def score_select(pq, pk, scale, n_crit, n_skip, scores, sbits, block_map):
@@ -346,44 +361,37 @@ def make_score_select(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
                     x = sbits[b, h, i, j]
                     x = ~x if x >= TOP else x | TOP
                 key[m] = x
-            t_c, n_c = ZERO, 0
-            need_c = 0
-            if n_crit > 0:
-                t_c, n_c = kth_largest(key, False, n_crit)
-                if n_c != n_crit:  # ties at t_c: take n_crit - #{key > t_c} of them
-                    need_c = n_crit - count_ge(key, False, t_c + ONE)
-            t_s, n_s = ZERO, 0
-            need_s = 0
+            t_c, n_c, t_s, n_s = thresholds(key, n_crit, n_skip, EPL * LANES - mk)
+            u_s = ~t_s  # the skip threshold as a key: ~key >= t_s  <=>  key <= u_s
+            need_c = 0  # > 0: t_c is tied, take need_c of its blocks in ascending j
+            need_s = 0  # > 0: u_s is tied, take need_s of its blocks in descending j
             tied_s = 0
-            if n_skip > 0:
-                t_s, n_s = kth_largest(key, True, n_skip)
+            if n_c != n_crit or n_s != n_skip:
+                n = count2(key, t_c + ONE, ~(t_s + ONE))
+                if n_c != n_crit:
+                    need_c = n_crit - n % PACK
                 if n_s != n_skip:
-                    above = count_ge(key, True, t_s + ONE)
+                    above = n // PACK - (EPL * LANES - mk)
                     need_s = n_skip - above
                     tied_s = n_s - above
             base_c = 0  # tied blocks at lower j (over the previous m)
             base_s = 0
             for m in range(EPL):
                 j = lane + LANES * m
-                xc = key[m]
-                xs = oriented(xc, True)
-                crit = False
-                if n_crit > 0:
-                    if need_c > 0:
-                        lower, tot = lane_scan(xc == t_c, LANES)
-                        crit = xc > t_c or (xc == t_c and base_c + lower < need_c)
-                        base_c += tot
-                    else:
-                        crit = xc >= t_c
-                neg = False
-                if n_skip > 0:
-                    if need_s > 0:
-                        lower, tot = lane_scan(xs == t_s, LANES)
-                        higher = tied_s - 1 - (base_s + lower)  # tied blocks at higher j
-                        neg = xs > t_s or (xs == t_s and higher < need_s)
-                        base_s += tot
-                    else:
-                        neg = xs >= t_s
+                x = key[m]
+                if need_c > 0:
+                    lower, tot = lane_scan(x == t_c, LANES)
+                    crit = x > t_c or (x == t_c and base_c + lower < need_c)
+                    base_c += tot
+                else:
+                    crit = n_crit > 0 and x >= t_c
+                if need_s > 0:
+                    lower, tot = lane_scan(x == u_s, LANES)
+                    higher = tied_s - 1 - (base_s + lower)  # tied blocks at higher j
+                    neg = x < u_s or (x == u_s and higher < need_s)
+                    base_s += tot
+                else:
+                    neg = n_skip > 0 and x <= u_s
                 if j < mk:
                     v = 0
                     if crit:
