@@ -171,10 +171,10 @@ def main():
             False,
             exact=True,
         )
-    for dtn, dt in (("f32", nt.float32), ("bf16", nt.int16)):
+    for dtn, dt in (("f32", nt.float32), ("bf16", nt.int16), ("f64", nt.float64)):
         ok &= compile_one(
             f"classify.make_pool {dtn}",
-            classify.make_pool(classify.POOL_THREADS, 16),
+            classify.make_pool(classify.POOL_THREADS, 16, dtn == "f64"),
             (arr(dt, 4), arr(dt, 4), I64, I64, I64, arr(F64, 4), arr(F64, 4)),
             False,
             False,

@@ -118,7 +118,8 @@ def _classify(q, k, n_crit, n_skip, block_q, block_k, scale, fast, tiles=None):
             )
         else:
             rq, cpt, epl, nt = config
-            make_pool(POOL_THREADS, POOL_BATCH)[(Mq + Mk, H, B), POOL_THREADS, call.stream](
+            wide = call.in_dtype(q) == np.float64 or call.in_dtype(k) == np.float64
+            make_pool(POOL_THREADS, POOL_BATCH, wide)[(Mq + Mk, H, B), POOL_THREADS, call.stream](
                 dq, dk, block_q, block_k, Mq, pq, pk
             )
             kern = make_score_select(D, rq, cpt, epl, nt, FAST_LANES)

@@ -23,7 +23,7 @@ import functools
 
 import numpy as np
 
-from .._compat import SIMULATOR, add_rn, cuda, kernel, mul_rn, to_f64
+from .._compat import SIMULATOR, add_rn, cuda, kernel, mul_rn, to_f32, to_f64
 from .lanes import lane_scan, lane_sum
 
 POOL_THREADS = 4 if SIMULATOR else 128
@@ -175,25 +175,29 @@ SELECT_MAX_EPL = 64
 
 
 @functools.cache
-def make_pool(NT, U):
+def make_pool(NT, U, wide=False):
     """``pool``'s twin that reads U rows before adding them: U loads in flight per
     thread instead of one (pooling is a pure read of q and k, so it is bound by how
-    many bytes are on their way). The sum still adds the rows in row order."""
+    many bytes are on their way). The sum still adds the rows in row order. The U
+    values wait as float32 (exact for bf16 / fp16 / fp32 input, half the
+    registers); ``wide`` keeps them float64, for float64 input."""
+    STAGE = np.float64 if wide else np.float32
+    load = to_f64 if wide else to_f32
 
     @kernel(device=True)
     def pool_one(x, b, h, blk, block, n, out, d_major):
         r0 = blk * block
         r1 = min(r0 + block, n)
         count = np.float64(r1 - r0)
-        vals = cuda.local.array(U, np.float64)
+        vals = cuda.local.array(U, STAGE)
         for d in range(cuda.threadIdx.x, x.shape[3], NT):
             s = np.float64(0.0)
             r = r0
             while r + U <= r1:
                 for u in range(U):  # U independent loads ...
-                    vals[u] = to_f64(x[b, h, r + u, d])
+                    vals[u] = load(x[b, h, r + u, d])
                 for u in range(U):  # ... then the sum, in row order
-                    s += vals[u]
+                    s += np.float64(vals[u])
                 r += U
             while r < r1:  # the tail of a short block
                 s += to_f64(x[b, h, r, d])

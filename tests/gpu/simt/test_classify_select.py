@@ -129,6 +129,19 @@ def test_nan_scores_rank_as_minus_inf(fn):
         _check(fn, q, k, n_crit, n_skip, 4, 4, 0.5)
 
 
+def test_float64_input_is_not_rounded_to_float32():
+    """Key block 1 is key block 0 times (1 + 2^-40): equal in fp32, larger in float64.
+    Pooled from float64 values it is the one critical block; rounded, 0 would be."""
+    rng = np.random.default_rng(8)
+    q = np.abs(rng.standard_normal((1, 1, 4, 3))) + 1.0
+    v = np.abs(rng.standard_normal((1, 1, 8, 3))) + 1.0  # blocks of 8: batched loads
+    k = np.concatenate([v, v * (1 + 2.0**-40), v / 4], axis=2)
+    with poisoned():
+        got = gpu_classify.classify(q, k, 1, 1, 4, 8, 0.5)
+    np.testing.assert_array_equal(got[0, 0], [[0, 1, -1]])
+    np.testing.assert_array_equal(got, cpu.classify(q, k, 1, 1, 4, 8, 0.5))
+
+
 def test_long_rows_take_the_reference_kernel(monkeypatch):
     """Rows longer than the fast kernel's registers hold go to the sorting kernels."""
     monkeypatch.setattr(gpu_classify, "SELECT_MAX_EPL", 4)
@@ -188,7 +201,7 @@ def test_kernels_compile_to_ptx_without_fma_or_local_memory():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "ALL OK" in out, out[-3000:]
     lines = [ln for ln in out.splitlines() if ln.startswith("classify.")]
-    assert len(lines) == 8, out[-3000:]
+    assert len(lines) == 9, out[-3000:]
     for ln in lines:
         assert "local    0 B" in ln and "calls  0" in ln, ln
     for ln in lines:
