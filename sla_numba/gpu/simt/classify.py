@@ -190,12 +190,13 @@ def make_pool(NT, U, wide=False):
         r1 = min(r0 + block, n)
         count = np.float64(r1 - r0)
         vals = cuda.local.array(U, STAGE)
+        xbh = x[b, h]  # (N, D); unsigned indices below: no negative-index wraparound code
         for d in range(cuda.threadIdx.x, x.shape[3], NT):
             s = np.float64(0.0)
             r = r0
             while r + U <= r1:
                 for u in range(U):  # U independent loads ...
-                    vals[u] = load(x[b, h, r + u, d])
+                    vals[u] = load(xbh[np.uint64(r + u), np.uint64(d)])
                 for u in range(U):  # ... then the sum, in row order
                     s += np.float64(vals[u])
                 r += U
@@ -318,6 +319,7 @@ def make_score_select(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
 
         # ---- 2. scores: thread t owns key blocks j0 + t + NT*c (c < CPT) of every row
         acc = cuda.local.array(NACC, np.float64)
+        pkbh = pk[b, h]  # (D, Mk)
         kv = cuda.local.array(CPT, np.float64)
         kn = cuda.local.array(CPT, np.float64)
         for j0 in range(0, mk, NT * CPT):
@@ -332,10 +334,10 @@ def make_score_select(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
                 if d + 1 < D:  # the next d's keys are loading while this d computes
                     for c in range(CPT):
                         j = j0 + t + NT * c
-                        if j < mk:
-                            kn[c] = pk[b, h, d + 1, j]
+                        if j < mk:  # (unsigned indices: no negative-index code)
+                            kn[c] = pkbh[np.uint64(d + 1), np.uint64(j)]
                 for r in range(RQ):
-                    p = pq_s[r * D + d]
+                    p = pq_s[np.uint64(r * D + d)]
                     for c in range(CPT):  # d ascending, every op rounded on its own
                         acc[r * CPT + c] = add_rn(acc[r * CPT + c], mul_rn(p, kv[c]))
             for r in range(RQ):
