@@ -119,7 +119,10 @@ def _classify(q, k, n_crit, n_skip, block_q, block_k, scale, fast, tiles=None):
         else:
             rq, cpt, epl, nt = config
             wide = call.in_dtype(q) == np.float64 or call.in_dtype(k) == np.float64
-            make_pool(POOL_THREADS, POOL_BATCH, wide)[(Mq + Mk, H, B), POOL_THREADS, call.stream](
+            nt = POOL_THREADS  # threads over d: no idle warps at D = 64
+            while nt > 32 and nt // 2 >= D:
+                nt //= 2
+            make_pool(nt, POOL_BATCH, wide)[(Mq + Mk, H, B), nt, call.stream](
                 dq, dk, block_q, block_k, Mq, pq, pk
             )
             kern = make_score_select(D, rq, cpt, epl, nt, FAST_LANES)

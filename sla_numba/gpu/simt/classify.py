@@ -254,29 +254,33 @@ def make_score_select(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
     ONE = np.uint64(1)
     TOP = np.uint64(1 << 63)
     PACK = 1 << 16
+    HALF = np.uint64(32)
     neg_inf = np.float64(-np.inf)
 
     @kernel(device=True)
     def count2(key, c_hi, c_lo):
         """#{keys >= c_hi} + 2^16 · #{slots <= c_lo} over the row, on every lane (the
         two searches share one reduction; counts <= 2048 fit 16 bits)."""
-        n = 0
+        n = np.int32(0)
         for m in range(EPL):
             x = key[m]
             if x >= c_hi:
-                n += 1
+                n = np.int32(n + 1)
             if x <= c_lo:
-                n += PACK
+                n = np.int32(n + PACK)
         return lane_sum(n, LANES)
 
     @kernel(device=True)
-    def thresholds(key, n_crit, n_skip, n_pad):
+    def thresholds(key, top, n_crit, n_skip, n_pad):
         """Both searches at once, bit by bit from the top.
 
         Returns (t_c, n_c, t_s, n_s): t_c the largest value with n_c = #{key >= t_c}
         >= n_crit and n_c == n_crit if any value gives exactly n_crit (then the
         search stopped there); likewise t_s over the complemented keys ~key of the
-        real blocks (pads excluded: they are the n_pad slots holding 0)."""
+        real blocks (pads excluded: they are the n_pad slots holding 0).
+        While the bit is >= 32 the candidates' low halves are 0 (and those of their
+        complements all ones), so comparing the keys' high halves (``top``, 32-bit
+        compares: half the work) gives the same counts."""
         t_c = ZERO
         t_s = ZERO
         n_c = EPL * LANES  # every slot is >= 0
@@ -289,7 +293,10 @@ def make_score_select(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
         while bit >= 0 and (n_c != n_crit or n_s != n_skip):
             c_c = t_c | (ONE << np.uint64(bit))
             c_s = t_s | (ONE << np.uint64(bit))
-            n = count2(key, c_c, ~c_s)  # ~key >= c_s  <=>  key <= ~c_s
+            if bit >= 32:
+                n = count2(top, np.uint32(c_c >> HALF), np.uint32(~c_s >> HALF))
+            else:
+                n = count2(key, c_c, ~c_s)  # ~key >= c_s  <=>  key <= ~c_s
             n_hi = n % PACK
             n_lo = n // PACK - n_pad
             if n_c != n_crit and n_hi >= n_crit:
@@ -356,6 +363,7 @@ def make_score_select(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
         # ---- 3. per row, one lane group: thresholds, then the row's map
         lane = t % LANES
         key = cuda.local.array(EPL, np.uint64)
+        top = cuda.local.array(EPL, np.uint32)  # the keys' high halves
         for r in range(t // LANES, RQ, NG):
             i = i0 + r
             if i >= mq:
@@ -367,7 +375,8 @@ def make_score_select(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
                     x = sbits[b, h, i, j]
                     x = ~x if x >= TOP else x | TOP
                 key[m] = x
-            t_c, n_c, t_s, n_s = thresholds(key, n_crit, n_skip, EPL * LANES - mk)
+                top[m] = np.uint32(x >> HALF)
+            t_c, n_c, t_s, n_s = thresholds(key, top, n_crit, n_skip, EPL * LANES - mk)
             u_s = ~t_s  # the skip threshold as a key: ~key >= t_s  <=>  key <= u_s
             need_c = 0  # > 0: t_c is tied, take need_c of its blocks in ascending j
             need_s = 0  # > 0: u_s is tied, take need_s of its blocks in descending j
