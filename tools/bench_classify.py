@@ -6,11 +6,16 @@ Usage: PYTHONPATH=. python tools/bench_classify.py [--old] [--sweep] [--reps 50]
 Shapes (bf16 q, k; block 64 x 64, topk 0.05, skip 0.10, scale 1/sqrt(D)):
   wan  B1 H12 N32760 D128  (Mq = Mk = 512)
   b2   B2 H16 N8192  D64   (Mq = Mk = 128)
-For each: milliseconds per call of ``sla_numba.gpu.classify.classify`` (median of
-``--reps`` calls, each between a pair of CUDA events, after a warm-up call that
-compiles), the effective GB/s of its input read (q and k once: 2 bytes per element),
-the pooling launch alone, and whether the map equals ``sla_numba.cpu.classify``'s
-on the same (bf16 -> fp32, exact) inputs.
+For each:
+- "per call": milliseconds of one call of ``sla_numba.gpu.classify.classify``
+  between a pair of CUDA events (median of ``--reps``, after a warm-up call that
+  compiles). This includes the host's launch overhead whenever the GPU waits for
+  the host (workspace allocations, two Numba launches);
+- "kernels": the GPU time of the launches themselves, from torch.profiler (CUPTI
+  records every kernel of the process, Numba's too), per kernel and summed, and
+  the effective GB/s of the input read (q and k once, 2 bytes per element);
+- whether the map equals ``sla_numba.cpu.classify``'s on the same (bf16 -> fp32,
+  exact) inputs.
 --old     also the reference kernels (``classify_by_sorting``: the previous pooling
           and the one-block-per-row sort), same run, with the ratio.
 --sweep   also other tilings of the score/select kernel (rows per block RQ, key
@@ -47,6 +52,44 @@ def timed(fn, reps):
     return float(np.median(times))
 
 
+def kernel_ms(fn, reps):
+    """{kernel name: mean ms per call} and their sum, from torch.profiler's CUDA trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    per = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = getattr(e, "cuda_time_total", 0.0)
+        if t and e.count:
+            per[e.key] = (t / 1e3 / reps, e.count // reps)  # us total -> ms per call
+    return per
+
+
+def short(name):
+    """A readable kernel name out of a mangled Numba one."""
+    for part in ("score_select", "score_rank", "pool_rows", "pool", "fill", "elementwise"):
+        if part in name:
+            return part
+    return name[:40]
+
+
+def report_kernels(label, per, gbytes):
+    """Print each kernel's ms per call; return the sum over the Numba kernels."""
+    total = 0.0
+    for name, (ms, n) in sorted(per.items(), key=lambda kv: -kv[1][0]):
+        total += ms
+        print(f"    {short(name):14s} x{n}  {ms:8.4f} ms")
+    print(f"  {label} kernels total   {total:8.4f} ms  {gbytes / total * 1e3:7.0f} GB/s")
+    return total
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -63,8 +106,6 @@ def main():
     from sla_numba import _params
 
     gc = importlib.import_module("sla_numba.gpu.classify")
-    simt = importlib.import_module("sla_numba.gpu.simt.classify")
-    from numba import cuda
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     ok = True
@@ -89,31 +130,31 @@ def main():
         )
 
         ms = timed(lambda: gc.classify(*args), a.reps)
-        print(f"  classify (2 launches)   {ms:8.4f} ms  {gbytes / ms * 1e3:7.0f} GB/s")
-
-        # the pooling launch alone
-        qd, kd = (cuda.as_cuda_array(x.view(torch.int16)) for x in (q, k))
-        pq = cuda.as_cuda_array(torch.empty(B, H, mq, D, device="cuda", dtype=torch.float64))
-        pk = cuda.as_cuda_array(torch.empty(B, H, D, mk, device="cuda", dtype=torch.float64))
-        stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
-        kpool = simt.make_pool(simt.POOL_THREADS, gc.POOL_BATCH)
-        ms_pool = timed(
-            lambda: kpool[(mq + mk, H, B), simt.POOL_THREADS, stream](qd, kd, bq, bk, mq, pq, pk),
-            a.reps,
-        )
-        print(
-            f"    of which pooling     {ms_pool:8.4f} ms  {gbytes / ms_pool * 1e3:7.0f} GB/s"
-            f"  (score/select ~{ms - ms_pool:.4f} ms)"
-        )
+        print(f"  classify per call       {ms:8.4f} ms  {gbytes / ms * 1e3:7.0f} GB/s")
+        try:
+            fast_k = report_kernels(
+                "classify", kernel_ms(lambda: gc.classify(*args), a.reps), gbytes
+            )
+        except Exception as exc:  # noqa: BLE001 - the profiler is a bonus
+            fast_k = None
+            print(f"  (torch.profiler failed: {exc!r})")
         fast_map = gc.classify(*args)
 
         if a.old:
             ms_old = timed(lambda: gc.classify_by_sorting(*args), a.reps)
             same = torch.equal(gc.classify_by_sorting(*args), fast_map)
             print(
-                f"  reference (sorting)     {ms_old:8.4f} ms  {gbytes / ms_old * 1e3:7.0f} GB/s"
-                f"  -> fast is {ms_old / ms:.2f}x; maps equal: {same}"
+                f"  reference per call      {ms_old:8.4f} ms  {gbytes / ms_old * 1e3:7.0f} GB/s"
+                f"  (per call: fast is {ms_old / ms:.2f}x faster); maps equal: {same}"
             )
+            try:
+                old_k = report_kernels(
+                    "reference", kernel_ms(lambda: gc.classify_by_sorting(*args), a.reps), gbytes
+                )
+                if fast_k:
+                    print(f"  kernels: fast is {old_k / fast_k:.2f}x faster than the reference")
+            except Exception as exc:  # noqa: BLE001
+                print(f"  (torch.profiler failed: {exc!r})")
             ok &= same
 
         if a.sweep:
@@ -121,11 +162,13 @@ def main():
                 if gc.fast_config(mk, D, *tiles) is None:
                     continue
                 run = lambda t=tiles: gc._classify(*args, fast=True, tiles=t)  # noqa: E731
-                ms_t = timed(run, a.reps)
                 same = torch.equal(run(), fast_map)
+                per = kernel_ms(run, a.reps)
+                ms_sel = sum(ms for name, (ms, _) in per.items() if "score_select" in name)
                 print(
-                    f"  tiles RQ{tiles[0]:>2} CPT{tiles[1]} NT{tiles[2]:>3}   {ms_t:8.4f} ms  "
-                    f"{gbytes / ms_t * 1e3:7.0f} GB/s  map equal: {same}"
+                    f"  tiles RQ{tiles[0]:>2} CPT{tiles[1]} NT{tiles[2]:>3}: score_select "
+                    f"{ms_sel:8.4f} ms, all kernels {sum(v[0] for v in per.values()):8.4f} ms;"
+                    f" map equal: {same}"
                 )
                 ok &= same
 

@@ -81,6 +81,14 @@ def fast_config(mk, d, rows=None, cols=None, threads=None):
     return rq, cpt, epl, nt
 
 
+def pool_threads(d):
+    """Threads of the fast pooling kernel (over d): no idle warps at D = 64."""
+    nt = POOL_THREADS
+    while nt > 32 and nt // 2 >= d:
+        nt //= 2
+    return nt
+
+
 def classify(q, k, n_crit, n_skip, block_q, block_k, scale):
     """Block map (B, H, Mq, Mk) int8, same array kind as ``q``.
 
@@ -119,9 +127,7 @@ def _classify(q, k, n_crit, n_skip, block_q, block_k, scale, fast, tiles=None):
         else:
             rq, cpt, epl, nt = config
             wide = call.in_dtype(q) == np.float64 or call.in_dtype(k) == np.float64
-            nt = POOL_THREADS  # threads over d: no idle warps at D = 64
-            while nt > 32 and nt // 2 >= D:
-                nt //= 2
+            nt = pool_threads(D)
             make_pool(nt, POOL_BATCH, wide)[(Mq + Mk, H, B), nt, call.stream](
                 dq, dk, block_q, block_k, Mq, pq, pk
             )
