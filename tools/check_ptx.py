@@ -180,7 +180,7 @@ def main():
             False,
             exact=True,
         )
-    for d, rq, cpt, epl in ((128, 16, 4, 16), (64, 16, 1, 4), (128, 16, 4, 64)):
+    for d, rq, cpt, epl in ((128, 16, 4, 16), (64, 16, 1, 4), (128, 16, 4, 32), (128, 16, 4, 64)):
         ok &= compile_one(
             f"classify.select D{d} R{rq} C{cpt} E{epl}",
             classify.make_score_select(d, rq, cpt, epl),

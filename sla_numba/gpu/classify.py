@@ -70,15 +70,23 @@ def fast_config(mk, d, rows=None, cols=None, threads=None):
     blocks per lane when ranking, NT threads. ``rows``, ``cols``, ``threads``
     override the defaults (tools/bench_classify.py --sweep tries some)."""
     nt = threads or FAST_THREADS
-    epl = -(-mk // FAST_LANES)
-    epl = -(-epl // 4) * 4  # multiples of 4: fewer compiled variants
+    # powers of two: a handful of compiled variants per D (Mk <= 128, 256, 512, ...)
+    epl = max(4, _pow2(-(-mk // FAST_LANES)))
     if epl > SELECT_MAX_EPL or nt % FAST_LANES:
         return None
     rq = rows or (FAST_ROWS if d <= 256 else max(1, FAST_ROWS // 2))
     if rq * d * 8 > 40 * 1024:  # the staged query rows must fit static shared memory
         return None
-    cpt = cols or max(1, min(4, -(-mk // nt)))
+    cpt = cols or min(4, _pow2(-(-mk // nt)))
     return rq, cpt, epl, nt
+
+
+def _pow2(n):
+    """The smallest power of two >= n (n >= 1)."""
+    p = 1
+    while p < n:
+        p *= 2
+    return p
 
 
 def pool_threads(d):
