@@ -11,6 +11,7 @@ For each:
   between a pair of CUDA events (median of ``--reps``, after a warm-up call that
   compiles). This includes the host's launch overhead whenever the GPU waits for
   the host (workspace allocations, two Numba launches);
+- "20 calls back to back": the time of 20 queued calls, divided by 20;
 - "kernels": the GPU time of the launches themselves, from torch.profiler (CUPTI
   records every kernel of the process, Numba's too), per kernel and summed, and
   the effective GB/s of the input read (q and k once, 2 bytes per element);
@@ -49,6 +50,23 @@ def timed(fn, reps):
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def timed_back_to_back(fn, reps, calls=20):
+    """Median over ``reps`` of (time of ``calls`` calls queued back to back) / calls:
+    the GPU's time per call whenever the host queues faster than the GPU runs."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(max(1, reps // 5)):
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
     return float(np.median(times))
 
 
@@ -131,6 +149,8 @@ def main():
 
         ms = timed(lambda: gc.classify(*args), a.reps)
         print(f"  classify per call       {ms:8.4f} ms  {gbytes / ms * 1e3:7.0f} GB/s")
+        ms_b2b = timed_back_to_back(lambda: gc.classify(*args), a.reps)
+        print(f"  20 calls back to back   {ms_b2b:8.4f} ms per call")
         try:
             fast_k = report_kernels(
                 "classify", kernel_ms(lambda: gc.classify(*args), a.reps), gbytes
