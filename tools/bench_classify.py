@@ -184,7 +184,7 @@ def main():
                 run = lambda t=tiles: gc._classify(*args, fast=True, tiles=t)  # noqa: E731
                 same = torch.equal(run(), fast_map)
                 per = kernel_ms(run, a.reps)
-                ms_sel = sum(ms for name, (ms, _) in per.items() if "score_select" in name)
+                ms_sel = sum(t for kname, (t, _) in per.items() if "score_select" in kname)
                 print(
                     f"  tiles RQ{tiles[0]:>2} CPT{tiles[1]} NT{tiles[2]:>3}: score_select "
                     f"{ms_sel:8.4f} ms, all kernels {sum(v[0] for v in per.values()):8.4f} ms;"
