@@ -399,6 +399,10 @@ def sla_attention(
     """
     _params.check_layout(layout)
     q, k, v = (_to_bhnd(n, x, layout) for n, x in (("q", q), ("k", k), ("v", v)))
+    if array_kind(q) == "torch":  # under torch.autocast: fp32 -> autocast dtype, as for SDPA
+        from . import torch_ops
+
+        q, k, v = torch_ops.autocast_inputs(q, k, v)
     kind = _check_qkv(q, k, v)
     B, H, Nq, D = q.shape  # not int(): sizes may be symbolic under torch.compile
     Nk = k.shape[2]

@@ -10,8 +10,8 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             (docs/internals.md, "GPU kernel paths"). A forced ``tc`` on
                             inputs the tensor cores cannot take is a ``ValueError``.
 ``SLA_NUMBA_TC_OFF``        comma-separated tensor-core parts (``states``, ``marginal``,
-                            ``linear``) sent back to their SIMT twins (ablation, fault
-                            isolation).
+                            ``linear``, ``linear_grad``) sent back to their SIMT twins
+                            (ablation, fault isolation).
 ``SLA_NUMBA_NO_CACHE``      ``1``: compile GPU kernels without Numba's disk cache.
 ==========================  ===========================================================
 
@@ -22,7 +22,7 @@ Numba's own variables (``NUMBA_CACHE_DIR``, ``NUMBA_ENABLE_CUDASIM``,
 import os
 
 GPU_PATHS = ("auto", "simt", "tc")
-TC_PARTS = ("states", "marginal", "linear")
+TC_PARTS = ("states", "marginal", "linear", "linear_grad")
 
 GPU_PATH_VAR = "SLA_NUMBA_GPU_PATH"
 TC_OFF_VAR = "SLA_NUMBA_TC_OFF"

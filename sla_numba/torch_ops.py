@@ -260,6 +260,24 @@ def classify(q, k, topk, skip, block_q, block_k, scale, backend):
     )
 
 
+def autocast_inputs(q, k, v):
+    """q, k, v as ``torch.autocast`` hands them to SDPA: under autocast on q's device
+    each float32 tensor is cast to the autocast dtype, the others are left alone.
+
+    Each one on its own, as autocast does: q and k in fp32 next to a bf16 v (on a
+    GPU autocast runs an RMSNorm of q and k, e.g. Wan's, in fp32) meet in bf16.
+    Called by the API before it checks that the dtypes agree.
+    """
+    dev = q.device.type
+    if not torch.is_autocast_enabled(dev):
+        return q, k, v
+    low = torch.get_autocast_dtype(dev)
+    return tuple(
+        x.to(low) if isinstance(x, torch.Tensor) and x.dtype == torch.float32 else x
+        for x in (q, k, v)
+    )
+
+
 def sla_attention(
     q,
     k,
@@ -285,10 +303,7 @@ def sla_attention(
     autocast does for SDPA), so the output has that dtype and, on a GPU, bf16/fp16
     take the tensor-core path; float64 inputs are left alone, as autocast does.
     """
-    dev = q.device.type
-    if q.dtype == torch.float32 and torch.is_autocast_enabled(dev):
-        low = torch.get_autocast_dtype(dev)
-        q, k, v = (x.to(low) for x in (q, k, v))
+    q, k, v = autocast_inputs(q, k, v)
     if block_map is None:
         block_map = classify(q, k, topk, skip, block_q, block_k, scale, backend)
     else:

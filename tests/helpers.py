@@ -42,6 +42,28 @@ def cuda_compiler_available():
 needs_cuda_compiler = None  # set below, once pytest is importable
 
 
+def real_cuda_gpu():
+    """A real CUDA GPU with compute capability >= 8.0 (the tensor-core path's minimum),
+    not the simulator: torch sees it and conftest left the simulator off."""
+    if simulator_on() or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability() >= (8, 0)
+
+
+#: Skip mark for tests of CUDA tensors on a real GPU (the reason of tests/gpu/tc's tests).
+needs_real_gpu = None  # set below, once pytest is importable
+
+
+def assert_tensor_core_path(dtype, head_dim, block_q, block_k):
+    """On a real GPU: inputs of this kind take the tensor-core kernels (unless
+    ``SLA_NUMBA_GPU_PATH`` forces a path on purpose)."""
+    from sla_numba.gpu._path import env_path, select_path
+
+    if env_path() == "auto":
+        path = select_path(dtype, head_dim, block_q, block_k)
+        assert path == "tc", f"{dtype}, D={head_dim}, blocks {block_q}/{block_k}: {path}"
+
+
 def gpu_importable():
     """The gpu backend package imports and offers the three contract functions."""
     try:
@@ -200,3 +222,12 @@ def _needs_cuda_compiler_mark():
 
 
 needs_cuda_compiler = _needs_cuda_compiler_mark()
+
+
+def _needs_real_gpu_mark():
+    import pytest
+
+    return pytest.mark.skipif(not real_cuda_gpu(), reason="needs a CUDA GPU with cc >= 8.0")
+
+
+needs_real_gpu = _needs_real_gpu_mark()

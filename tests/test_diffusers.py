@@ -6,10 +6,12 @@ its I2V variant (image keys in the cross-attention), and a PixArt-α and a DiT
 transformer (diffusers' generic ``Attention``).
 """
 
+import copy
 import doctest
 
 import pytest
 import torch
+from helpers import assert_tensor_core_path, needs_real_gpu
 
 diffusers = pytest.importorskip(
     "diffusers", reason="diffusers is not installed (pip install 'sla-numba[diffusers]')"
@@ -393,3 +395,142 @@ def test_docstring_examples():
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0
     assert result.failed == 0, f"{result.failed} docstring example(s) failed"
+
+
+# --------------------------------------------------------------------------- CUDA tensors
+# The same model family on a real GPU in bf16 (backend "gpu"): head_dim 64 and 64-token
+# blocks, so the tensor-core path runs; 300 video tokens (3 frames of 10x10 patches)
+# make 5 blocks per row, the last one partial. Skipped without a CUDA GPU (the
+# simulator has no bf16 and the tensor cores need cc >= 8.0).
+
+WAN_GPU = dict(WAN, attention_head_dim=64, ffn_dim=64)  # 2 heads of 64 -> inner dim 128
+GPU_BLOCK = 64
+
+
+def make_wan_bf16(device, seed=0):
+    """The tiny Wan in bf16 as ``from_pretrained(torch_dtype=torch.bfloat16)`` makes it:
+    the modules Wan keeps in fp32 (``_keep_in_fp32_modules``: time embedder, norms,
+    rope ...) stay fp32, every other parameter is bf16."""
+    model = make_wan(seed, **WAN_GPU).to(device)
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, p in model.named_parameters():
+        if not keep.intersection(name.split(".")):
+            p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def wan_inputs_bf16(device, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 3, 20, 20, generator=g)  # -> 3 * 10 * 10 = 300 tokens
+    text = torch.randn(1, 5, 16, generator=g)
+    return x.bfloat16().to(device), torch.tensor([500], device=device), text.bfloat16().to(device)
+
+
+def _f64(model, inputs):
+    """The float64 copy of a model and its inputs: the same weights and inputs (bf16
+    values are exact in float64), computed with float64 rounding: the reference."""
+    ref = copy.deepcopy(model).to(torch.float64)
+    return ref, tuple(x.double() if x.is_floating_point() else x for x in inputs)
+
+
+def rel_err(a, ref):
+    """RMS(a - ref) / RMS(ref), in float64."""
+    a, ref = a.double(), ref.double()
+    return ((a - ref).square().mean().sqrt() / ref.square().mean().sqrt()).item()
+
+
+@pytest.mark.gpu
+@needs_real_gpu
+def test_wan_bf16_cuda_topk_one_matches_dense_model():
+    """topk = 1 on CUDA bf16 is exact attention computed in bf16 on tensor cores. Rule:
+    the SLA model's relative RMS error against the float64 model (same weights) is at
+    most 2x that of the plain bf16 model (SDPA) + 1e-3; with 1e-3 absolute slack on
+    top of bf16's 3.9e-3 unit roundoff it cannot pass by accident: a wrong key block,
+    head or token moves the output by O(1)."""
+    assert_tensor_core_path(torch.bfloat16, 64, GPU_BLOCK, GPU_BLOCK)
+    model, inputs = make_wan_bf16("cuda"), wan_inputs_bf16("cuda")
+    ref_model, ref_inputs = _f64(model, inputs)
+    with torch.no_grad():
+        ref = run(ref_model, ref_inputs)
+        dense = run(model, inputs)
+        apply_sla(model, topk=1.0, block_q=GPU_BLOCK, block_k=GPU_BLOCK, backend="gpu")
+        sla = run(model, inputs)
+        assert sla_layers(model) == ["blocks.0.attn1", "blocks.1.attn1"]
+        assert model.blocks[0].attn1.sla.proj.weight.device.type == "cuda"
+        remove_sla(model)
+        restored = run(model, inputs)
+    assert sla.dtype == dense.dtype == torch.bfloat16 and sla.is_cuda
+    assert torch.isfinite(sla).all()
+    assert ref.abs().max() > 0.1
+    err_dense, err_sla = rel_err(dense, ref), rel_err(sla, ref)
+    print(f"rel-RMS error vs float64: dense bf16 {err_dense:.2e}, SLA bf16 {err_sla:.2e}")
+    assert 0 < err_dense < 2e-2  # the bf16 model is a bf16 model, not an exact one
+    assert err_sla <= 2 * err_dense + 1e-3, (err_sla, err_dense)
+    assert torch.equal(restored, dense)  # remove_sla restores the model bit for bit
+
+
+@pytest.mark.gpu
+@needs_real_gpu
+def test_wan_bf16_cuda_topk_one_gradients_match_dense_model():
+    """Backward on CUDA bf16 at topk = 1: gradients of the input and of the attention
+    projections against the float64 model's, by the rule of the forward test
+    (2x the plain bf16 model's error + 2e-3: gradients pass through more bf16 products)."""
+    model, inputs = make_wan_bf16("cuda"), wan_inputs_bf16("cuda")
+    ref_model, ref_inputs = _f64(model, inputs)
+    weight = torch.randn(1, 4, 3, 20, 20, generator=torch.Generator().manual_seed(5))
+    names = [f"blocks.{i}.attn1.to_{p}.weight" for i in (0, 1) for p in "qkv"]
+
+    def grads(m, inp):
+        x = inp[0].detach().requires_grad_()
+        out = run(m, (x, *inp[1:]))
+        (out * weight.to(out)).sum().backward()
+        params = dict(m.named_parameters())
+        got = {"x": x.grad, **{n: params[n].grad for n in names}}
+        m.zero_grad(set_to_none=True)
+        return got
+
+    ref, dense = grads(ref_model, ref_inputs), grads(model, inputs)
+    apply_sla(model, topk=1.0, block_q=GPU_BLOCK, block_k=GPU_BLOCK, backend="gpu")
+    sla = grads(model, inputs)
+    for n in ref:
+        assert sla[n].dtype == torch.bfloat16 and torch.isfinite(sla[n]).all(), n
+        err_dense, err_sla = rel_err(dense[n], ref[n]), rel_err(sla[n], ref[n])
+        print(f"{n}: rel-RMS error vs float64: dense bf16 {err_dense:.2e}, SLA {err_sla:.2e}")
+        assert err_sla <= 2 * err_dense + 2e-3, (n, err_sla, err_dense)
+
+
+@pytest.mark.gpu
+@needs_real_gpu
+@pytest.mark.parametrize("precision", ["bf16_weights", "autocast"])
+def test_wan_cuda_training_step(precision):
+    """One AdamW step of the SLA model on CUDA with all three block kinds (topk 0.4 and
+    skip 0.2 of 5 key blocks: 2 critical, 2 marginal, 1 negligible per row): every
+    gradient is finite, sla.proj and to_q get nonzero gradients and are updated.
+    ``bf16_weights``: the bf16 model; ``autocast``: the fp32 model under
+    ``torch.autocast("cuda", torch.bfloat16)`` (SLA sees bf16 q, k, v)."""
+    if precision == "bf16_weights":
+        model, inputs = make_wan_bf16("cuda"), wan_inputs_bf16("cuda")
+    else:
+        model = make_wan(**WAN_GPU).cuda()
+        inputs = tuple(x.float() if x.is_floating_point() else x for x in wan_inputs_bf16("cuda"))
+    apply_sla(model, topk=0.4, skip=0.2, block_q=GPU_BLOCK, block_k=GPU_BLOCK, backend="gpu")
+    model.train()
+    sla_params = {n: p for n, p in model.named_parameters() if ".sla." in n}
+    assert all(p.is_cuda and p.dtype == torch.float32 for p in sla_params.values())
+    to_q = model.blocks[0].attn1.to_q.weight
+    q_before = to_q.detach().clone()
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with torch.autocast("cuda", torch.bfloat16, enabled=precision == "autocast"):
+        out = run(model, inputs)
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), name
+    for name, p in [*sla_params.items(), ("to_q", to_q)]:
+        assert p.grad is not None and p.grad.abs().max() > 0, name
+    opt.step()
+    for name, p in sla_params.items():
+        assert torch.isfinite(p).all() and p.abs().max() > 0, name
+    assert (to_q - q_before).abs().max() > 0

@@ -118,6 +118,21 @@ def test_autocast_casts_float32_inputs_like_sdpa():
         )
 
 
+def test_autocast_casts_mixed_float32_and_bf16_inputs_like_sdpa():
+    """fp32 q, k next to a bf16 v (Wan under CUDA autocast: its q/k RMSNorm runs in
+    fp32, to_v's Linear gives bf16): autocast casts each fp32 input, as for SDPA, so
+    this is the call on bf16 inputs, not a dtype-mismatch TypeError."""
+    q, k, v = (torch.from_numpy(a) for a in _qkv())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sla_numba.sla_attention(q, k, v.bfloat16(), **KW)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v.bfloat16())
+    assert got.dtype == sdpa.dtype == torch.bfloat16
+    want = sla_numba.sla_attention(*(x.bfloat16() for x in (q, k, v)), **KW)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="v has dtype bfloat16 but q has float32"):
+        sla_numba.sla_attention(q, k, v.bfloat16(), **KW)  # outside autocast: refused
+
+
 def test_missing_numba_cuda_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(_gpu_check, "numba_cuda_installed", lambda: False)
     with pytest.raises(RuntimeError, match=r"numba-cuda is not installed .*sla-numba\[cuda\]"):

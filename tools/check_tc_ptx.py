@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 if not hasattr(np, "row_stack"):  # numpy 2.5 vs numba-cuda 0.30
-    np.vstack = np.vstack
+    np.row_stack = np.vstack
 
 from numba import cuda, float32, int16, int32, int64  # noqa: E402
 
@@ -156,6 +156,8 @@ def main():
         ok &= check_states(quick)
     if wanted("linear"):
         ok &= check_linear(quick)
+    if wanted("linear_grad"):
+        ok &= check_linear_grad(quick)
     sys.exit(0 if ok else 1)
 
 
@@ -210,6 +212,35 @@ def check_linear(quick=False):
         hk = linear_tc.chunk_rows(D, linear_tc.GPU_HK)
         kern = linear_tc.make_linear_kernel(kind, D, bq, hk).kernel
         ok &= check(f"linear_tc {kind} D={D} bq={bq} hk={hk}", kern, sig, (mma, ld))
+    return ok
+
+
+def check_linear_grad(quick=False):
+    """The linear branch's backward (``tc.linear_backward``), GPU chunking. Counts: one
+    chunk of pass 1 (the chunk loop stays a loop) plus one work item of pass 2 (dq) or
+    one chunk of pass 2 (dk / dv): per k-step A loads (1, or 2 when the operand is
+    split) and two B loads per n-tile pair; 4 mma per pair, 6 when A is split. With fp32
+    or fp16 dO_l (split) LLVM keeps dq's pass-2 k-loop a loop: one k-step counted."""
+    from sla_numba.gpu.tc import linear_backward as lb
+
+    i16, i32, f32 = int16[::1], int32[::1], float32[::1]
+    ok = True
+    # kind, D, block, o_l / do_l as half bits, (mma, ldmatrix) of dq, of dkdv
+    configs = [
+        ("bf16", 128, 64, True, (192, 74), (160, 70)),
+        ("bf16", 128, 64, False, (144, 54), None),
+        ("f16", 64, 64, True, (144, 60), (96, 40)),
+    ]
+    for kind, D, blk, half, want_dq, want_kv in configs[:1] if quick else configs:
+        hk = lb.chunk_rows(D)
+        lt = i16 if half else f32
+        sig = (i16, lt, lt, f32, i32, f32, f32, int64, int64, int64, int64, float32)
+        kern = lb.make_dq_linear_kernel(kind, D, blk, hk, half).kernel
+        ok &= check(f"dq_linear {kind} D={D} b={blk} half={half}", kern, sig, want_dq)
+        if want_kv:
+            sig = (i16, i16, f32, i32, f32, f32, int64, int64, int64, int64)
+            kern = lb.make_dkdv_linear_kernel(kind, D, blk, hk).kernel
+            ok &= check(f"dkdv_linear {kind} D={D} b={blk}", kern, sig, want_kv)
     return ok
 
 

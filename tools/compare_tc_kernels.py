@@ -77,7 +77,7 @@ class Worker:
         import numpy as np
 
         if not hasattr(np, "row_stack"):  # numpy 2.5 vs numba-cuda 0.30
-            np.vstack = np.vstack
+            np.row_stack = np.vstack
         import torch
 
         from sla_numba.gpu.tc import backward as backward_tc

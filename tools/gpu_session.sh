@@ -29,9 +29,18 @@ if ls .whl/*.whl > /dev/null 2>&1; then
       --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 run() {  # run NAME LIMIT CMD...: log to /tmp/logs/NAME.log, print its tail
-  local name=$1 limit=$2; shift 2
-  timeout "$limit" "$@" > "/tmp/logs/$name.log" 2>&1
-  el "$name rc=$?"; grep -v -i -E "warn|^\s*$" "/tmp/logs/$name.log" | tail -n "${TAIL:-25}"
+  # The command runs in its own process group, and the whole group is killed at the
+  # limit: pytest-xdist workers outlive a plain `timeout` and would share the GPU with
+  # the next step (a benchmark).
+  local name=$1 limit=$2 pid watcher rc; shift 2
+  setsid "$@" > "/tmp/logs/$name.log" 2>&1 &
+  pid=$!
+  ( sleep "$limit"; kill -TERM -- "-$pid" 2>/dev/null; sleep 5; kill -KILL -- "-$pid" 2>/dev/null ) &
+  watcher=$!
+  wait "$pid"; rc=$?
+  kill "$watcher" 2>/dev/null; wait "$watcher" 2>/dev/null
+  kill -KILL -- "-$pid" 2>/dev/null  # stragglers of a finished run
+  el "$name rc=$rc"; grep -v -i -E "warn|^\s*$" "/tmp/logs/$name.log" | tail -n "${TAIL:-25}"
 }
 for step in "$@"; do
   el "step $step"
@@ -42,7 +51,9 @@ for step in "$@"; do
     wgmma)   run wgmma 130 python tools/wgmma_probe.py --check --bench --json "$OUT/wgmma.json" ;;
     tests)   TAIL=40 run pytest_gpu ${TEST_TIMEOUT:-420} python -m pytest -q -o addopts= \
                  -p no:cacheprovider -n ${NPROC:-8} --timeout 380 --durations=10 -ra \
-                 ${PYTEST_ARGS:--m gpu tests} ;;
+                 --tb=short --junitxml="$OUT/junit.xml" ${PYTEST_ARGS:--m gpu tests}
+             grep -E "(PASSED|FAILED|ERROR)" /tmp/logs/pytest_gpu.log | grep -c PASSED
+             grep -E "^(FAILED|ERROR)|\] (FAILED|ERROR)" /tmp/logs/pytest_gpu.log | head -40 ;;
     dist)    run dist 150 torchrun --nproc_per_node 1 benchmarks/bench_distributed.py \
                  --overhead --check --json "$OUT/bench_distributed.json" ;;
     bench)   TAIL=80 run bench ${BENCH_TIMEOUT:-330} python benchmarks/bench_gpu.py ${BENCH_ARGS:-} \

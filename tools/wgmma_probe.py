@@ -95,7 +95,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 if not hasattr(np, "row_stack"):  # numpy 2.5 removed it; numba-cuda 0.30 still uses it
-    np.vstack = np.vstack
+    np.row_stack = np.vstack
 
 BM, BK = 128, 64  # block tile rows, k-tile depth (64 bf16 = one 128-byte row)
 THREADS = 256  # two warpgroups

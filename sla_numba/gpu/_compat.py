@@ -36,8 +36,10 @@ import numpy as np
 # restore the alias before numba.cuda compiles. It is the same function as vstack.
 def ensure_numpy_aliases():
     """Restore ``np.row_stack`` (= ``np.vstack``) when numpy no longer has it."""
+    # Keep the NPY201 exemption: ruff's "fix" rewrites the alias into
+    # ``np.vstack = np.vstack`` (it did once, and the GPU backend broke on numpy 2.5).
     if not hasattr(np, "row_stack"):
-        np.vstack = np.vstack
+        np.row_stack = np.vstack
 
 
 ensure_numpy_aliases()

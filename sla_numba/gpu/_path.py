@@ -19,7 +19,8 @@ There is never a silent fallback from a forced path.
 
 On the ``"tc"`` path the linear branch's heavy products run on tensor cores too:
 ``states`` (``tc/states.py``: h_j, z_j per key block), ``marginal`` (``tc/marginal.py``:
-the sums over marginal blocks) and ``linear`` (``tc/linear.py``: the forward's O_l).
+the sums over marginal blocks), ``linear`` (``tc/linear.py``: the forward's O_l) and
+``linear_grad`` (``tc/linear_backward.py``: the backward's linear dq, QO / QD, dk, dv).
 ``SLA_NUMBA_TC_OFF`` (comma-separated part names) sends named parts back to their
 SIMT kernels: a switch for measuring what each part is worth and for isolating a
 fault, read on every call (:func:`tc_part`).

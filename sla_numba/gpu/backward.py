@@ -52,10 +52,11 @@ from ._launch import (
     marginal_sum,
     row_states,
 )
-from ._path import resolve_path
+from ._path import resolve_path, tc_part
 from ._stages import mark
 from .simt.backward import make_dkdv, make_dq
 from .simt.tiles import choose_tiles
+from .tc.linear_backward import linear_grad_tc_supported
 
 
 def _like_dtype(call, x, like):
@@ -181,6 +182,38 @@ def backward(
             _, w_ds = call.workspace((B, H, Nq), acc)
         _, qstate = call.workspace((B, H, Mq, W), acc)
         _, dh = call.workspace((B, H, Mk, W), acc)
+        if tc and _linear_grad_tc(D, T, block_q, block_k):
+            _linear_grad_tc_launches(
+                call,
+                q,
+                k,
+                v,
+                o_l,
+                do_l,
+                dq_,
+                dk_,
+                dv_,
+                lstate,
+                lin_map,
+                ws,
+                dq,
+                dk,
+                dv,
+                qstate,
+                dh,
+                B,
+                H,
+                Nq,
+                Nk,
+                D,
+                Mq,
+                Mk,
+                block_q,
+                block_k,
+                fm,
+                eps,
+            )
+            return call.result(h_dq), call.result(h_dk), call.result(h_dv)
         make_dq(T, not tc)[(Mq, H, B), T.NT, call.stream](
             dq_,
             dk_,
@@ -232,8 +265,107 @@ def backward(
         return call.result(h_dq), call.result(h_dk), call.result(h_dv)
 
 
+def _linear_grad_tc(D, T, block_q, block_k):
+    """Whether the tensor-core path does the linear branch's gradients on tensor cores
+    (``tc/linear_backward.py``): shapes it takes, states of width D*D + D, and not
+    switched off by ``SLA_NUMBA_TC_OFF=linear_grad``."""
+    return (
+        tc_part("linear_grad")
+        and T.DP == D
+        and linear_grad_tc_supported(D, block_q)
+        and linear_grad_tc_supported(D, block_k)
+    )
+
+
+def _linear_grad_tc_launches(
+    call,
+    q,
+    k,
+    v,
+    o_l,
+    do_l,
+    dq_,
+    dk_,
+    dv_,
+    lstate,
+    lin_map,
+    ws,
+    dq,
+    dk,
+    dv,
+    qstate,
+    dh,
+    B,
+    H,
+    Nq,
+    Nk,
+    D,
+    Mq,
+    Mk,
+    block_q,
+    block_k,
+    fm,
+    eps,
+):
+    """The linear branch's gradients on tensor cores, added to the sparse branch's
+    dq, dk, dv (three launches): dq + QO/QD per query block, their column sums, dk + dv
+    per key block. o_l and do_l are read as half bits when both are in q's dtype,
+    else as fp32."""
+    from .tc.linear_backward import launch_dkdv_linear_tc, launch_dq_linear_tc
+
+    kind = half_kind(call, q)
+    if call.in_dtype(o_l) == call.in_dtype(q) and call.in_dtype(do_l) == call.in_dtype(q):
+        ol_in, dol_in = half_bits(call.dev(o_l)), half_bits(call.dev(do_l))
+    else:
+        ol_in = call.dev(_like_dtype_f32(call, o_l))
+        dol_in = call.dev(_like_dtype_f32(call, do_l))
+    launch_dq_linear_tc(
+        kind,
+        half_bits(dq_),
+        flat(ol_in),
+        flat(dol_in),
+        flat(lstate),
+        flat(ws["row_info"][1]),
+        flat(dq),
+        flat(qstate),
+        B,
+        H,
+        Nq,
+        D,
+        block_q,
+        fm,
+        eps,
+        call.stream,
+    )
+    mark("bwd linear dq")
+    marginal_sum(call, lin_map, True, Mk, Mq, qstate, dh, True)
+    mark("bwd marginal sum (columns)")
+    launch_dkdv_linear_tc(
+        kind,
+        half_bits(dk_),
+        half_bits(dv_),
+        flat(dh),
+        flat(ws["col_info"][1]),
+        flat(dk),
+        flat(dv),
+        B,
+        H,
+        Nk,
+        D,
+        block_k,
+        fm,
+        call.stream,
+    )
+    mark("bwd linear dkdv")
+
+
 def _like_dtype_f32(call, x):
-    """``x`` as float32 with its own library (the tensor-core kernels read fp32 lse)."""
+    """``x`` as float32 with its own library (the tensor-core kernels read fp32 lse,
+    and fp32 o_l / do_l unless both are in q's dtype)."""
+    if call.in_dtype(x) == np.float32:
+        return x
     if call.kind == "torch":
         return x.float().contiguous()
-    return x.astype(np.float32)
+    if call.kind in ("cupy", "numpy"):
+        return x.astype(np.float32)
+    raise TypeError(f"path='tc' with numba device arrays: {x.dtype} where float32 is read")

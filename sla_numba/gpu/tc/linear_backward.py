@@ -1,0 +1,853 @@
+"""The linear branch's backward on tensor cores (fp16 / bf16 q, k, v; cc >= 8.0).
+
+The forward's linear branch (``tc/linear.py``) is, per query block i and row r,
+``O_l[r] = φ(q_r)·H_i / den_r`` with ``den_r = φ(q_r)·Z_i + eps`` and
+``H_i = Σ_{j marginal} h_j``, ``h_j = φ(K_j)ᵀ V_j``, ``z_j = Σ_rows φ(K_j)``.
+Its gradient needs five products, all GEMM-shaped, done here by two kernels:
+
+``dq_linear`` — one CTA per (query block i, h, b), rows r of the block::
+
+    δl_r     = O_l[r] · dO_l[r]                                      (SIMT, per row)
+    ĉ_r      = φ(q_r) / den_r
+    dφ(q_r)  = (dO_l[r] · H_iᵀ − δl_r Z_i) / den_r                  (pass 1: BQ x D x D)
+    dq[r]   += J_φ(q_r)ᵀ dφ(q_r)                                     (chain rule, in place)
+    QO_i     = Σ_r ĉ_rᵀ dO_l[r]         (D x D)                      (pass 2: D x BQ x D)
+    QD_i     = Σ_r ĉ_r δl_r             (D)                          (SIMT)
+
+``dkdv_linear`` — one CTA per (key block j, h, b), rows c of the block, given
+``dH_j = Σ_{i: j marginal in row i} QO_i`` and ``dZ_j`` likewise from QD (the column
+sums, ``tc/marginal.py``)::
+
+    dφ(k_c)  = v_c · dH_jᵀ − dZ_j                                    (pass 1: BK x D x D)
+    dk[c]   += J_φ(k_c)ᵀ dφ(k_c)
+    dv[c]   += φ(k_c) · dH_j                                         (pass 2: BK x D x D)
+
+The chain rule through φ (``simt/tiles.make_chain``): softmax over the head dim
+``dx = φ ⊙ (dφ − φ·dφ)``; elu + 1 ``dx = dφ · (x > 0 ? 1 : eˣ)``; relu
+``dx = dφ · (x > 0)``. Blocks without marginal partners (``n_marg <= 0``) have no
+linear gradient: ``dq_linear`` writes a zero QO_i / QD_i row and leaves dq alone,
+``dkdv_linear`` returns at once.
+
+Both kernels *add* to dq / dk / dv (fp32), which the tensor-core sparse backward
+(``tc/backward.py``) wrote first: one writer per element per kernel, in stream order,
+no atomics, so the result is bitwise deterministic.
+
+Precision: every product runs as ``mma.sync.m16n8k16.bf16`` with fp32 accumulation.
+Operands that are fp32 values (φ, ĉ, H_i, dH_j, fp32 dO_l) are split into bf16
+``hi = bf16(x)``, ``lo = bf16(x − hi)`` (16 significant bits); a product of two split
+operands is ``hi·hi + lo·hi + hi·lo`` (the lo·lo term, ~2^-16 relative, dropped),
+as in ``tc/linear.py``. Operands that are already bf16 values (bf16 v; bf16 dO_l)
+are exact and take one term: two mma instead of three. fp16 values are not bf16
+values, so they are split like fp32 (fp16's 11 bits fit in hi + lo exactly).
+
+Layout of one kernel (NW = BQ / 16 warps, two lanes per row in the SIMT phases)
+-------------------------------------------------------------------------------
+0. Rows: lane pair (r = tid >> 1, half li = tid & 1) loads its D/2 values of q_r,
+   computes φ (softmax row max / sum over the pair by ``shfl_xor``), den_r (Z_i from
+   global), δl_r; writes ĉ hi / lo and dO_l hi / lo into shared tiles [r][d], and
+   per row (mx, 1/Σ, 1/den, δl) into a small fp32 table. Rows past the sequence:
+   zeros.
+1. Pass 1, ``A · Xᵀ`` with X = H_i (D x D, fp32 in global memory): X is staged HK
+   *columns* at a time (all D rows, hi / lo tiles [d1][e']); warp w owns rows
+   16w .. 16w + 15 x all D output columns (D/8 n8 tiles, 4·D/8 fp32 accumulators a
+   lane); A fragments by ``ldmatrix.x4`` from the row tile, B (= Xᵀ) by a
+   non-transposed ``ldmatrix.x4`` of the [d1][e'] tile. The epilogue subtracts the
+   rank-one term, scales by 1/den, applies the chain rule (softmax's φ·dφ is a sum
+   over the 4 lanes of a quad, two ``shfl_xor``) and adds the result into dq.
+2. Pass 2, ``ĉᵀ · dO_l`` (D x D): work item = one m16 tile of d1 x all D columns,
+   items dealt to warps round-robin; A = ĉᵀ by ``ldmatrix.x4.trans`` of the [r][d1]
+   tile, B = dO_l by ``ldmatrix.x4.trans`` of the [r][e] tile; k = the block's rows.
+   QD by a SIMT loop over the tile (thread per d1).
+
+``dkdv_linear`` has the same phase 0 (φ(k) hi / lo, v as bf16 or hi / lo, dZ_j),
+pass 1 with X = dH_j (then dk), and pass 2 ``φ(K) · dH_j`` with dH_j staged HK *rows*
+at a time (tiles [d1'][e], B by ``ldmatrix.x4.trans``), added into dv.
+
+Inputs: q / k / v int16 bits of ``kind`` (B, H, N, D); o_l, do_l (B, H, Nq, D) either
+both fp32 or both int16 bits of ``kind`` (``l_half``); lstate / qstate / dh fp32
+(B, H, M, W), W = D*D + D, row = [vec(X) row-major X[d1, e], Z]; n_marg int32
+(B, H, M) (``row_info[1]`` / ``col_info[1]``); dq / dk / dv fp32 (B, H, N, D). Flat
+views are accepted. Under the CUDA simulator the ``ptx`` twins run the same code
+(slowly: BQ = 16, tiny D).
+
+Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
+
+    import numpy as np
+    from sla_numba.gpu.tc.linear_backward import launch_dkdv_linear_tc
+    B, H, N, D, bk = 1, 1, 16, 16, 16
+    one = (np.ones((B, H, N, D), np.float32).view(np.int32) >> 16).astype(np.int16)
+    dh = np.zeros((B, H, 1, D * D + D), np.float32); dh[..., :D * D] = 1.0
+    dk = np.zeros((B, H, N, D), np.float32); dv = np.zeros_like(dk)
+    launch_dkdv_linear_tc("bf16", one, one, dh, np.ones((B, H, 1), np.int32), dk, dv,
+                          B, H, N, D, bk, 2, 0)
+    # relu: dv = φ(k)·dH = D everywhere; dk = v·dHᵀ = D everywhere (k > 0)
+"""
+
+import math
+from collections import namedtuple
+
+import numpy as np
+from numba import cuda, float32, int16, int32, uint64
+
+from .. import _compat
+from . import build as _tc_build
+from .linear import _in_f32, _mma_tile, chunk_rows
+from .ptx import (
+    SIMULATED,
+    bf16_high_f32,
+    bf16_low_f32,
+    fmax,
+    ldsm_x4,
+    ldsm_x4_trans,
+    pack_bf16x2,
+    shfl_xor,
+    smem_addr,
+)
+from .tiles import frag_rows_a, frag_rows_bt
+
+KINDS = ("bf16", "f16")
+BLOCKS = (16, 32, 64, 128)
+PAD = 8
+
+ZERO = np.float32(0.0)
+ONE = np.float32(1.0)
+ZI = np.int32(0)
+u64 = uint64  # unsigned indices: no wraparound checks
+FASTMATH = {"contract", "arcp", "afn", "nsz"}
+_DEV = {} if SIMULATED else {"forceinline": True, "fastmath": FASTMATH}
+
+#: A compiled kernel and its launch sizes.
+LinearGradKernel = namedtuple("LinearGradKernel", "kernel smem_bytes threads")
+
+
+def linear_grad_tc_supported(D, block):
+    """D a multiple of 16 up to 128; block (block_q for dq, block_k for dk/dv) in
+    {16, 32, 64, 128}."""
+    D, block = int(D), int(block)
+    return 16 <= D <= 128 and D % 16 == 0 and block in BLOCKS
+
+
+# ---------------------------------------------------------------------------
+# Device helpers (module level: not in the kernels' closures, see tc/linear.py)
+# ---------------------------------------------------------------------------
+
+
+@_compat.device(**_DEV)
+def _split_pair(x0, x1):
+    """(hi, lo) packed bf16 pairs of two fp32 values: hi = bf16(x), lo = bf16(x - hi)."""
+    p = pack_bf16x2(x0, x1)
+    return p, pack_bf16x2(x0 - bf16_low_f32(p), x1 - bf16_high_f32(p))
+
+
+@_compat.device(**_DEV)
+def _phi_of_row(xs, C, fm):
+    """φ of a row held by a lane pair (C values each, ``xs`` in place); returns the
+    softmax's (row max, 1 / Σ exp) — (0, 1) for the element-wise maps. All lanes of
+    the warp must call it (softmax shuffles)."""
+    mx = ZERO
+    inv = ONE
+    if fm == 0:
+        mx = xs[0]
+        for c in range(1, C):
+            mx = fmax(mx, xs[c])
+        mx = fmax(mx, shfl_xor(mx, 1))
+        for c in range(C):
+            xs[c] = math.exp(xs[c] - mx)
+        sm = xs[0]
+        for c in range(1, C):
+            sm += xs[c]
+        sm += shfl_xor(sm, 1)
+        inv = ONE / sm
+        for c in range(C):
+            xs[c] = xs[c] * inv
+    elif fm == 1:
+        for c in range(C):
+            xs[c] = xs[c] + ONE if xs[c] > ZERO else math.exp(xs[c])
+    else:
+        for c in range(C):
+            xs[c] = xs[c] if xs[c] > ZERO else ZERO
+    return mx, inv
+
+
+@_compat.device(**_DEV)
+def _phi_at(x, mx, inv, fm):
+    """φ of one element x of a row whose softmax stats are (mx, inv)."""
+    if fm == 0:
+        return math.exp(x - mx) * inv
+    if fm == 1:
+        return x + ONE if x > ZERO else math.exp(x)
+    return x if x > ZERO else ZERO
+
+
+@_compat.device(**_DEV)
+def _slope_at(x, fm):
+    """dφ/dx of the element-wise maps (elu + 1, relu) at x."""
+    if fm == 1:
+        return ONE if x > ZERO else math.exp(x)
+    return ONE if x > ZERO else ZERO
+
+
+@_compat.device(**_DEV)
+def _stage_cols(smem32, hi, lo, src, base, c0, D, HK, SWC, tid, NT):
+    """Columns c0 .. c0 + HK of the D x D fp32 matrix at ``src[base:]`` (row-major)
+    into the bf16 hi / lo tiles [d1][c'] at 16-bit offsets ``hi`` / ``lo`` (row
+    stride SWC)."""
+    half = HK // 2
+    for x in range(tid, D * half, NT):
+        d1 = x // half
+        c = (x - d1 * half) * 2
+        g = base + d1 * D + c0 + c
+        p, q = _split_pair(src[u64(g)], src[u64(g + 1)])
+        s = (d1 * SWC + c) >> 1
+        smem32[s + (hi >> 1)] = p
+        smem32[s + (lo >> 1)] = q
+
+
+@_compat.device(**_DEV)
+def _stage_rows(smem32, hi, lo, src, base, r0, D, HK, SW, tid, NT):
+    """Rows r0 .. r0 + HK of the D x D fp32 matrix at ``src[base:]`` into the bf16
+    hi / lo tiles [r'][e] at ``hi`` / ``lo`` (row stride SW)."""
+    half = D // 2
+    for x in range(tid, HK * half, NT):
+        rr = x // half
+        c = (x - rr * half) * 2
+        g = base + (r0 + rr) * D + c
+        p, q = _split_pair(src[u64(g)], src[u64(g + 1)])
+        s = (rr * SW + c) >> 1
+        smem32[s + (hi >> 1)] = p
+        smem32[s + (lo >> 1)] = q
+
+
+@_compat.device(**_DEV)
+def _load_a2(af, smem, addr_hi, addr_lo, split):
+    """A fragments of one 16 x 16 tile: af[0] from ``addr_hi``; af[1] from ``addr_lo``
+    when ``split`` (non-transposed ldmatrix, row-major [m][k] tile)."""
+    a0, a1, a2, a3 = ldsm_x4(smem, addr_hi, 0)
+    af[0, 0], af[0, 1], af[0, 2], af[0, 3] = a0, a1, a2, a3
+    if split:
+        a0, a1, a2, a3 = ldsm_x4(smem, addr_lo, 0)
+        af[1, 0], af[1, 1], af[1, 2], af[1, 3] = a0, a1, a2, a3
+
+
+@_compat.device(**_DEV)
+def _pass_xt(acc, af, smem, a_hi, a_lo, a_split, b_hi, b_lo, KS, NP, SWC):
+    """``acc[n] += A · Xᵀ`` over one staged chunk of X's columns: KS k-steps of 16;
+    A row tile lane addresses ``a_hi`` / ``a_lo`` (``frag_rows_a``, already at the
+    chunk's first column), X chunk tile [n][k] lane addresses ``b_hi`` / ``b_lo``
+    (``frag_rows_bt``, row stride SWC). NP pairs of n8 output tiles."""
+    for ks in range(KS):
+        _load_a2(af, smem, a_hi + ks * 32, a_lo + ks * 32, a_split)
+        for p in range(NP):
+            off = (p * 16 * SWC + ks * 16) * 2
+            h0, h1, h2, h3 = ldsm_x4(smem, b_hi + off, 0)
+            l0, l1, l2, l3 = ldsm_x4(smem, b_lo + off, 0)
+            _mma_tile(acc, 2 * p, af, 0, h0, h1)
+            _mma_tile(acc, 2 * p, af, 0, l0, l1)
+            _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
+            _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
+            if a_split:
+                _mma_tile(acc, 2 * p, af, 1, h0, h1)
+                _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
+
+
+@_compat.device(**_DEV)
+def _pass_x(acc, af, smem, a_hi, a_lo, b_hi, b_lo, KS, NP, SW):
+    """``acc[n] += A · X`` over one staged chunk of X's rows (A split in hi / lo,
+    lane addresses ``frag_rows_a`` at the chunk's first column; X tile [k][n] lane
+    addresses ``frag_rows_a``, row stride SW, ``ldmatrix.trans``)."""
+    for ks in range(KS):
+        _load_a2(af, smem, a_hi + ks * 32, a_lo + ks * 32, True)
+        for p in range(NP):
+            off = (ks * 16 * SW + p * 16) * 2
+            h0, h1, h2, h3 = ldsm_x4_trans(smem, b_hi + off, 0)
+            l0, l1, l2, l3 = ldsm_x4_trans(smem, b_lo + off, 0)
+            _mma_tile(acc, 2 * p, af, 0, h0, h1)
+            _mma_tile(acc, 2 * p, af, 1, h0, h1)
+            _mma_tile(acc, 2 * p, af, 0, l0, l1)
+            _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
+            _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
+            _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
+
+
+@_compat.device(**_DEV)
+def _chain(acc, x, xa, row8, mx0, inv0, mx1, inv1, ok0, ok1, fm, f16, NN):
+    """dφ -> dx in place for a lane's two rows of C fragments: row g (elements 0, 1
+    of each n8 tile) and row g + 8 (elements 2, 3); ``x[xa + 8n + e]`` (int16 bits of
+    the input, ``f16`` or bf16) is row g's input at the lane's column 8n + 2t + e,
+    row g + 8's is ``row8`` (= 8·D) further. (mx, inv): the rows' softmax stats. Softmax's φ·dφ
+    is summed over the quad's four lanes (all lanes must call this)."""
+    if fm == 0:
+        s0 = ZERO
+        s1 = ZERO
+        for n in range(NN):
+            for e in range(2):
+                x0 = _in_f32(int32(x[u64(xa + 8 * n + e)]), f16) if ok0 else ZERO
+                x1 = _in_f32(int32(x[u64(xa + row8 + 8 * n + e)]), f16) if ok1 else ZERO
+                s0 += acc[n, e] * _phi_at(x0, mx0, inv0, 0)
+                s1 += acc[n, 2 + e] * _phi_at(x1, mx1, inv1, 0)
+        s0 += shfl_xor(s0, 1)
+        s1 += shfl_xor(s1, 1)
+        s0 += shfl_xor(s0, 2)
+        s1 += shfl_xor(s1, 2)
+        for n in range(NN):
+            for e in range(2):
+                x0 = _in_f32(int32(x[u64(xa + 8 * n + e)]), f16) if ok0 else ZERO
+                x1 = _in_f32(int32(x[u64(xa + row8 + 8 * n + e)]), f16) if ok1 else ZERO
+                acc[n, e] = _phi_at(x0, mx0, inv0, 0) * (acc[n, e] - s0)
+                acc[n, 2 + e] = _phi_at(x1, mx1, inv1, 0) * (acc[n, 2 + e] - s1)
+    else:
+        for n in range(NN):
+            for e in range(2):
+                x0 = _in_f32(int32(x[u64(xa + 8 * n + e)]), f16) if ok0 else ZERO
+                x1 = _in_f32(int32(x[u64(xa + row8 + 8 * n + e)]), f16) if ok1 else ZERO
+                acc[n, e] = acc[n, e] * _slope_at(x0, fm)
+                acc[n, 2 + e] = acc[n, 2 + e] * _slope_at(x1, fm)
+
+
+@_compat.device(**_DEV)
+def _add_rows(out, oa, acc, D, ok0, ok1, NN):
+    """``out[row g / g + 8, lane's columns] += acc`` (fp32, flat; ``oa`` = row g's
+    element at the lane's first column, 2t)."""
+    if ok0:
+        for n in range(NN):
+            for x in range(2):
+                g = u64(oa + 8 * n + x)
+                out[g] = out[g] + acc[n, x]
+    if ok1:
+        for n in range(NN):
+            for x in range(2):
+                g = u64(oa + 8 * D + 8 * n + x)
+                out[g] = out[g] + acc[n, 2 + x]
+
+
+def make_dq_linear_kernel(kind, D, BQ, HK, l_half):
+    """Build ``dq_linear(q, o_l, do_l, lstate, n_marg, dq, qstate, H, Nq, Mq, fm, eps)``
+    (module doc). Grid (ceil(Nq/BQ), H, B), 2·BQ threads. ``l_half``: o_l / do_l are
+    int16 bits of ``kind`` (else fp32). Returns a :class:`LinearGradKernel`."""
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: 'bf16' or 'f16'")
+    if not linear_grad_tc_supported(D, BQ):
+        raise ValueError(f"D = {D}, block_q = {BQ}: not supported")
+    if HK % 16 or D % HK:
+        raise ValueError(f"chunk of {HK} columns does not divide D = {D} in k16 steps")
+    NW = BQ // 16
+    NT = 32 * NW
+    C = D // 2  # values of a row per lane (lane pairs)
+    SW = D + PAD  # row tiles' stride (16-bit values)
+    SWC = HK + PAD  # column-chunk tile stride
+    IN_F16 = kind == "f16"
+    L_HALF = bool(l_half)
+    DO_SPLIT = not (L_HALF and kind == "bf16")  # bf16 dO_l is exact: one term
+    # shared memory, 16-bit offsets: row tiles [BQ][SW], chunk tiles [D][SWC]
+    DOH = 0
+    DOL = BQ * SW
+    CH = 2 * BQ * SW
+    CL = 3 * BQ * SW
+    XH = 4 * BQ * SW
+    XL = XH + D * SWC
+    F32 = (XL + D * SWC) // 2  # fp32 area (32-bit index): rows [BQ][4], then Z [D]
+    ZOFF = F32 + 4 * BQ
+    SMEM = (ZOFF + D) * 4
+    NN = D // 8
+    NP = D // 16
+    W = D * D + D
+    KS1 = HK // 16  # pass-1 k-steps a chunk
+    KS2 = BQ // 16  # pass-2 k-steps (the block's rows)
+    ALIGNED = not SIMULATED
+
+    @_compat.kernel(fastmath=FASTMATH)
+    def dq_linear(q, o_l, do_l, lstate, n_marg, dq, qstate, H, Nq, Mq, fm, eps):
+        if ALIGNED:
+            smem = cuda.shared.array(0, int16, alignment=16)
+            smem32 = cuda.shared.array(0, int32, alignment=16)
+            smemf = cuda.shared.array(0, float32, alignment=16)
+        else:
+            smem = cuda.shared.array(0, int16)
+            smem32 = cuda.shared.array(0, int32)
+            smemf = cuda.shared.array(0, float32)
+        xs = cuda.local.array(C, float32)
+        acc = cuda.local.array((NN, 4), float32)
+        af = cuda.local.array((2, 4), int32)
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        warp = tid >> 5
+        i = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        bh = b * H + h
+        r0 = i * BQ
+        nrows = min(Nq - r0, BQ)
+        ob = (bh * Nq + r0) * D  # first value of the block's rows (int64)
+        sb = (bh * Mq + i) * W  # lstate / qstate row
+        if n_marg[u64(bh * Mq + i)] <= 0:  # no marginal key block: no linear gradient
+            for x in range(tid, W, NT):
+                qstate[u64(sb + x)] = ZERO
+            return
+
+        # --- 0. rows: φ(q_r), den_r, δl_r; ĉ and dO_l into shared tiles
+        r = tid >> 1
+        li = tid & 1
+        ok = r < nrows
+        gq = ob + (r if ok else 0) * D + li * C  # rows past the end read row 0, unused
+        for c in range(C):
+            xs[c] = _in_f32(int32(q[u64(gq + c)]), IN_F16) if ok else ZERO
+        mx, inv = _phi_of_row(xs, C, fm)
+        den = ZERO
+        dl = ZERO
+        for c in range(C):
+            den += xs[c] * lstate[u64(sb + D * D + li * C + c)]
+            if ok:
+                if L_HALF:
+                    dl += _in_f32(int32(o_l[u64(gq + c)]), IN_F16) * _in_f32(
+                        int32(do_l[u64(gq + c)]), IN_F16
+                    )
+                else:
+                    dl += float32(o_l[u64(gq + c)]) * float32(do_l[u64(gq + c)])
+        den += shfl_xor(den, 1)
+        dl += shfl_xor(dl, 1)
+        inv_den = ONE / (den + eps) if ok else ZERO
+        if not ok:
+            dl = ZERO
+        if li == 0:
+            smemf[F32 + 4 * r] = mx
+            smemf[F32 + 4 * r + 1] = inv
+            smemf[F32 + 4 * r + 2] = inv_den
+            smemf[F32 + 4 * r + 3] = dl
+        si = (r * SW + li * C) >> 1  # int32 index of the pair (r, li*C)
+        for c2 in range(C // 2):
+            p, pl = _split_pair(xs[2 * c2] * inv_den, xs[2 * c2 + 1] * inv_den)
+            smem32[si + (CH >> 1) + c2] = p if ok else ZI
+            smem32[si + (CL >> 1) + c2] = pl if ok else ZI
+        for c2 in range(C // 2):
+            g = gq + 2 * c2
+            if L_HALF and not IN_F16:  # bf16 bits: copied as they are
+                p = (int32(do_l[u64(g)]) & 0xFFFF) | (int32(do_l[u64(g + 1)]) << 16)
+                pl = ZI
+            elif L_HALF:
+                p, pl = _split_pair(
+                    _in_f32(int32(do_l[u64(g)]), IN_F16), _in_f32(int32(do_l[u64(g + 1)]), IN_F16)
+                )
+            else:
+                p, pl = _split_pair(float32(do_l[u64(g)]), float32(do_l[u64(g + 1)]))
+            smem32[si + (DOH >> 1) + c2] = p if ok else ZI
+            if DO_SPLIT:
+                smem32[si + (DOL >> 1) + c2] = pl if ok else ZI
+        for x in range(tid, D, NT):
+            smemf[ZOFF + x] = lstate[u64(sb + D * D + x)]
+
+        # --- 1. dφ(q) = (dO_l · H_iᵀ − δl Z_i) / den, H_i staged HK columns at a time
+        sa = smem_addr(smem)
+        a_rows = sa + (warp * 16 * SW + frag_rows_a(lane, SW)) * 2
+        b_rows = sa + frag_rows_bt(lane, SWC) * 2
+        for n in range(NN):
+            for e in range(4):
+                acc[n, e] = ZERO
+        busy = warp * 16 < nrows
+        for kc in range(D // HK):
+            cuda.syncthreads()  # rows written / previous chunk consumed
+            _stage_cols(smem32, XH, XL, lstate, sb, kc * HK, D, HK, SWC, tid, NT)
+            cuda.syncthreads()
+            if busy:
+                a0 = a_rows + kc * HK * 2
+                _pass_xt(
+                    acc,
+                    af,
+                    smem,
+                    a0 + DOH * 2,
+                    a0 + DOL * 2,
+                    DO_SPLIT,
+                    b_rows + XH * 2,
+                    b_rows + XL * 2,
+                    KS1,
+                    NP,
+                    SWC,
+                )
+        # epilogue: rows ra (elements 0, 1) and ra + 8 (2, 3); columns 8n + 2t + x
+        t = lane & 3
+        ra = warp * 16 + (lane >> 2)
+        f0 = F32 + 4 * ra
+        f1 = f0 + 32
+        for n in range(NN):
+            for x in range(2):
+                zc = smemf[ZOFF + 8 * n + 2 * t + x]
+                acc[n, x] = (acc[n, x] - smemf[f0 + 3] * zc) * smemf[f0 + 2]
+                acc[n, 2 + x] = (acc[n, 2 + x] - smemf[f1 + 3] * zc) * smemf[f1 + 2]
+        ok0 = ra < nrows
+        ok1 = ra + 8 < nrows
+        qa = ob + ra * D + 2 * t
+        mx0, iv0, mx1, iv1 = smemf[f0], smemf[f0 + 1], smemf[f1], smemf[f1 + 1]
+        _chain(acc, q, qa, D * 8, mx0, iv0, mx1, iv1, ok0, ok1, fm, IN_F16, NN)
+        _add_rows(dq, qa, acc, D, ok0, ok1, NN)
+
+        # --- 2. QO_i = ĉᵀ · dO_l (D x D): item = m16 tile mt of d1, all D columns
+        a_t = sa + frag_rows_bt(lane, SW) * 2  # ĉᵀ by ldmatrix.trans of [r][d1]
+        b_t = sa + frag_rows_a(lane, SW) * 2  # dO_l by ldmatrix.trans of [r][e]
+        g8 = lane >> 2
+        for mt in range(warp, D // 16, NW):
+            for n in range(NN):
+                for e in range(4):
+                    acc[n, e] = ZERO
+            for ks in range(KS2):
+                ao = (ks * 16 * SW + mt * 16) * 2
+                a0, a1, a2, a3 = ldsm_x4_trans(smem, a_t + CH * 2 + ao, 0)
+                af[0, 0], af[0, 1], af[0, 2], af[0, 3] = a0, a1, a2, a3
+                a0, a1, a2, a3 = ldsm_x4_trans(smem, a_t + CL * 2 + ao, 0)
+                af[1, 0], af[1, 1], af[1, 2], af[1, 3] = a0, a1, a2, a3
+                for p in range(NP):
+                    bo = (ks * 16 * SW + p * 16) * 2
+                    h0, h1, h2, h3 = ldsm_x4_trans(smem, b_t + DOH * 2 + bo, 0)
+                    _mma_tile(acc, 2 * p, af, 0, h0, h1)
+                    _mma_tile(acc, 2 * p, af, 1, h0, h1)
+                    _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
+                    _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
+                    if DO_SPLIT:
+                        l0, l1, l2, l3 = ldsm_x4_trans(smem, b_t + DOL * 2 + bo, 0)
+                        _mma_tile(acc, 2 * p, af, 0, l0, l1)
+                        _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
+            so = sb + (mt * 16 + g8) * D + 2 * t
+            for n in range(NN):
+                for x in range(2):
+                    qstate[u64(so + 8 * n + x)] = acc[n, x]
+                    qstate[u64(so + 8 * D + 8 * n + x)] = acc[n, 2 + x]
+        # QD_i[d1] = Σ_r ĉ[r][d1] · δl_r (rows past the block: ĉ = 0, δl = 0)
+        for d1 in range(tid, D, NT):
+            s = ZERO
+            for rr in range(BQ):
+                pr = smem32[(rr * SW + (d1 & ~1) + CH) >> 1]
+                pl = smem32[(rr * SW + (d1 & ~1) + CL) >> 1]
+                if d1 & 1:
+                    cv = bf16_high_f32(pr) + bf16_high_f32(pl)
+                else:
+                    cv = bf16_low_f32(pr) + bf16_low_f32(pl)
+                s += cv * smemf[F32 + 4 * rr + 3]
+            qstate[u64(sb + D * D + d1)] = s
+
+    return LinearGradKernel(dq_linear, SMEM, NT)
+
+
+def make_dkdv_linear_kernel(kind, D, BK, HK):
+    """Build ``dkdv_linear(k, v, dh, n_marg, dk, dv, H, Nk, Mk, fm)`` (module doc).
+    Grid (ceil(Nk/BK), H, B), 2·BK threads. Returns a :class:`LinearGradKernel`."""
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: 'bf16' or 'f16'")
+    if not linear_grad_tc_supported(D, BK):
+        raise ValueError(f"D = {D}, block_k = {BK}: not supported")
+    if HK % 16 or D % HK:
+        raise ValueError(f"chunk of {HK} rows does not divide D = {D} in k16 steps")
+    NW = BK // 16
+    NT = 32 * NW
+    C = D // 2
+    SW = D + PAD
+    SWC = HK + PAD
+    IN_F16 = kind == "f16"
+    V_SPLIT = IN_F16  # bf16 v is exact: one term
+    # shared memory, 16-bit offsets: φ hi / lo and v hi / lo tiles [BK][SW]; the chunk
+    # area holds either dH's column chunk [D][SWC] (pass 1) or its row chunk [HK][SW]
+    PH = 0
+    PL = BK * SW
+    VH = 2 * BK * SW
+    VL = 3 * BK * SW
+    XH = 4 * BK * SW
+    XSZ = max(D * SWC, HK * SW)
+    XL = XH + XSZ
+    F32 = (XL + XSZ) // 2  # fp32: rows [BK][2] (mx, inv), then dZ [D]
+    ZOFF = F32 + 2 * BK
+    SMEM = (ZOFF + D) * 4
+    NN = D // 8
+    NP = D // 16
+    W = D * D + D
+    KS = HK // 16
+    ALIGNED = not SIMULATED
+
+    @_compat.kernel(fastmath=FASTMATH)
+    def dkdv_linear(k, v, dh, n_marg, dk, dv, H, Nk, Mk, fm):
+        if ALIGNED:
+            smem = cuda.shared.array(0, int16, alignment=16)
+            smem32 = cuda.shared.array(0, int32, alignment=16)
+            smemf = cuda.shared.array(0, float32, alignment=16)
+        else:
+            smem = cuda.shared.array(0, int16)
+            smem32 = cuda.shared.array(0, int32)
+            smemf = cuda.shared.array(0, float32)
+        xs = cuda.local.array(C, float32)
+        acc = cuda.local.array((NN, 4), float32)
+        af = cuda.local.array((2, 4), int32)
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        warp = tid >> 5
+        j = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        bh = b * H + h
+        c0 = j * BK
+        nrows = min(Nk - c0, BK)
+        ob = (bh * Nk + c0) * D
+        sb = (bh * Mk + j) * W
+        if n_marg[u64(bh * Mk + j)] <= 0:  # no query block takes j as marginal
+            return
+
+        # --- 0. rows: φ(k_c) hi / lo, v_c (bits, or hi / lo for fp16), dZ_j
+        r = tid >> 1
+        li = tid & 1
+        ok = r < nrows
+        gk = ob + (r if ok else 0) * D + li * C  # rows past the end read row 0, unused
+        for c in range(C):
+            xs[c] = _in_f32(int32(k[u64(gk + c)]), IN_F16) if ok else ZERO
+        mx, inv = _phi_of_row(xs, C, fm)
+        if li == 0:
+            smemf[F32 + 2 * r] = mx
+            smemf[F32 + 2 * r + 1] = inv
+        si = (r * SW + li * C) >> 1
+        for c2 in range(C // 2):
+            p, pl = _split_pair(xs[2 * c2], xs[2 * c2 + 1])
+            smem32[si + (PH >> 1) + c2] = p if ok else ZI
+            smem32[si + (PL >> 1) + c2] = pl if ok else ZI
+            g = gk + 2 * c2
+            if V_SPLIT:
+                p, pl = _split_pair(
+                    _in_f32(int32(v[u64(g)]), True), _in_f32(int32(v[u64(g + 1)]), True)
+                )
+                smem32[si + (VL >> 1) + c2] = pl if ok else ZI
+            else:
+                p = (int32(v[u64(g)]) & 0xFFFF) | (int32(v[u64(g + 1)]) << 16)
+            smem32[si + (VH >> 1) + c2] = p if ok else ZI
+        for x in range(tid, D, NT):
+            smemf[ZOFF + x] = dh[u64(sb + D * D + x)]
+
+        # --- 1. dφ(k) = v · dH_jᵀ − dZ_j, dH_j staged HK columns at a time
+        sa = smem_addr(smem)
+        a_rows = sa + (warp * 16 * SW + frag_rows_a(lane, SW)) * 2
+        b_cols = sa + frag_rows_bt(lane, SWC) * 2
+        for n in range(NN):
+            for e in range(4):
+                acc[n, e] = ZERO
+        busy = warp * 16 < nrows
+        for kc in range(D // HK):
+            cuda.syncthreads()
+            _stage_cols(smem32, XH, XL, dh, sb, kc * HK, D, HK, SWC, tid, NT)
+            cuda.syncthreads()
+            if busy:
+                a0 = a_rows + kc * HK * 2
+                _pass_xt(
+                    acc,
+                    af,
+                    smem,
+                    a0 + VH * 2,
+                    a0 + VL * 2,
+                    V_SPLIT,
+                    b_cols + XH * 2,
+                    b_cols + XL * 2,
+                    KS,
+                    NP,
+                    SWC,
+                )
+        t = lane & 3
+        ra = warp * 16 + (lane >> 2)
+        for n in range(NN):
+            for x in range(2):
+                zc = smemf[ZOFF + 8 * n + 2 * t + x]
+                acc[n, x] = acc[n, x] - zc
+                acc[n, 2 + x] = acc[n, 2 + x] - zc
+        ok0 = ra < nrows
+        ok1 = ra + 8 < nrows
+        ka = ob + ra * D + 2 * t
+        f0 = F32 + 2 * ra
+        f1 = f0 + 16
+        mx0, iv0, mx1, iv1 = smemf[f0], smemf[f0 + 1], smemf[f1], smemf[f1 + 1]
+        _chain(acc, k, ka, D * 8, mx0, iv0, mx1, iv1, ok0, ok1, fm, IN_F16, NN)
+        _add_rows(dk, ka, acc, D, ok0, ok1, NN)
+
+        # --- 2. dv += φ(K) · dH_j, dH_j staged HK rows at a time
+        b_rows = sa + frag_rows_a(lane, SW) * 2
+        for n in range(NN):
+            for e in range(4):
+                acc[n, e] = ZERO
+        for kc in range(D // HK):
+            cuda.syncthreads()  # previous chunk (of either pass) consumed
+            _stage_rows(smem32, XH, XH + HK * SW, dh, sb, kc * HK, D, HK, SW, tid, NT)
+            cuda.syncthreads()
+            if busy:
+                a0 = a_rows + kc * HK * 2
+                _pass_x(
+                    acc,
+                    af,
+                    smem,
+                    a0 + PH * 2,
+                    a0 + PL * 2,
+                    b_rows + XH * 2,
+                    b_rows + (XH + HK * SW) * 2,
+                    KS,
+                    NP,
+                    SW,
+                )
+        _add_rows(dv, ka, acc, D, ok0, ok1, NN)
+
+    return LinearGradKernel(dkdv_linear, SMEM, NT)
+
+
+_kernels = {}
+
+
+def get_dq_linear_kernel(kind, D, BQ, l_half, hk=None):
+    """The dq kernel for (kind, D, BQ, l_half, chunk_rows(D, hk)), built once."""
+    HK = chunk_rows(D, hk)
+    key = ("dq", kind, int(D), int(BQ), bool(l_half), HK)
+    if key not in _kernels:
+        _kernels[key] = make_dq_linear_kernel(kind, int(D), int(BQ), HK, bool(l_half))
+    return _kernels[key]
+
+
+def get_dkdv_linear_kernel(kind, D, BK, hk=None):
+    """The dk / dv kernel for (kind, D, BK, chunk_rows(D, hk)), built once."""
+    HK = chunk_rows(D, hk)
+    key = ("dkdv", kind, int(D), int(BK), HK)
+    if key not in _kernels:
+        _kernels[key] = make_dkdv_linear_kernel(kind, int(D), int(BK), HK)
+    return _kernels[key]
+
+
+# ---------------------------------------------------------------------------
+# Launch
+# ---------------------------------------------------------------------------
+
+
+def _flat(x):
+    return x if x.ndim == 1 else x.reshape(int(np.prod(x.shape)))
+
+
+def _size(x):
+    return int(np.prod(x.shape))
+
+
+def _dtype(x):
+    return str(x.dtype).replace("torch.", "")
+
+
+def _check_common(who, kind, D, block, fm, B, H):
+    if kind not in KINDS:
+        raise ValueError(f"{who}: kind {kind!r}")
+    if not linear_grad_tc_supported(D, block):
+        raise ValueError(f"{who}: D = {D}, block = {block} not supported")
+    if fm not in (0, 1, 2):
+        raise ValueError(f"{who}: feature map code {fm}")
+    if H > 65535 or B > 65535:
+        raise ValueError(f"{who}: H or B too large for the grid")
+
+
+def _blocks_of(who, state, B, H, W, need):
+    if _dtype(state) != "float32":
+        raise TypeError(f"{who}: states must be float32")
+    if _size(state) % (B * H * W):
+        raise ValueError(f"{who}: state size is not B*H*M*(D*D + D)")
+    M = _size(state) // (B * H * W)
+    if M < need:
+        raise ValueError(f"{who}: state has {M} blocks, {need} needed")
+    return M
+
+
+def launch_dq_linear_tc(
+    kind,
+    q_bits,
+    o_l,
+    do_l,
+    lstate,
+    n_marg,
+    dq,
+    qstate,
+    B,
+    H,
+    Nq,
+    D,
+    block_q,
+    fm,
+    eps,
+    stream,
+    hk=None,
+):
+    """Add the linear branch's dq into ``dq`` and write QO_i / QD_i into ``qstate``.
+
+    kind 'bf16' / 'f16'; q_bits int16 (B, H, Nq, D); o_l, do_l (B, H, Nq, D) both float32
+    or both int16 bits of ``kind``; lstate (rows' H_i, Z_i) and qstate fp32 (B, H, Mq,
+    D*D + D); n_marg int32 (B, H, Mq); dq fp32 (B, H, Nq, D), added to. Flat views
+    accepted; Numba device arrays or torch / CuPy CUDA tensors (numpy under the
+    simulator). ``hk``: columns of H_i staged at a time (tests).
+    """
+    who = "launch_dq_linear_tc"
+    B, H, Nq, D, block_q, fm = (int(x) for x in (B, H, Nq, D, block_q, fm))
+    _check_common(who, kind, D, block_q, fm, B, H)
+    nblk = -(-Nq // block_q)
+    if nblk <= 0 or B * H == 0:
+        return
+    W = D * D + D
+    Mq = _blocks_of(who, lstate, B, H, W, nblk)
+    if _size(qstate) != _size(lstate) or _dtype(qstate) != "float32":
+        raise ValueError(f"{who}: qstate must be float32 of lstate's size")
+    l_types = {_dtype(o_l), _dtype(do_l)}
+    if l_types == {"float32"}:
+        l_half = False
+    elif l_types == {"int16"}:
+        l_half = True
+    else:
+        raise TypeError(f"{who}: o_l and do_l must both be float32 or both int16 bits")
+    if _dtype(dq) != "float32" or _dtype(n_marg) != "int32":
+        raise TypeError(f"{who}: dq must be float32 and n_marg int32")
+    n = B * H * Nq * D
+    if min(_size(q_bits), _size(o_l), _size(do_l), _size(dq)) < n:
+        raise ValueError(f"{who}: q / o_l / do_l / dq smaller than B*H*Nq*D")
+    if _size(n_marg) < B * H * Mq:
+        raise ValueError(f"{who}: n_marg smaller than B*H*Mq")
+    kern = get_dq_linear_kernel(kind, D, block_q, l_half, hk)
+    args = (
+        _flat(q_bits),
+        _flat(o_l),
+        _flat(do_l),
+        _flat(lstate),
+        _flat(n_marg),
+        _flat(dq),
+        _flat(qstate),
+        H,
+        Nq,
+        Mq,
+        fm,
+        np.float32(eps),
+    )
+    _tc_build.launch(kern.kernel, (nblk, H, B), kern.threads, kern.smem_bytes, stream, args)
+
+
+def launch_dkdv_linear_tc(
+    kind, k_bits, v_bits, dh, n_marg, dk, dv, B, H, Nk, D, block_k, fm, stream, hk=None
+):
+    """Add the linear branch's dk, dv into ``dk``, ``dv``.
+
+    kind 'bf16' / 'f16'; k_bits, v_bits int16 (B, H, Nk, D); dh fp32 (B, H, Mk, D*D + D)
+    (rows [vec(dH_j), dZ_j]); n_marg int32 (B, H, Mk) (query blocks that take j as
+    marginal); dk, dv fp32 (B, H, Nk, D), added to. Flat views accepted.
+    """
+    who = "launch_dkdv_linear_tc"
+    B, H, Nk, D, block_k, fm = (int(x) for x in (B, H, Nk, D, block_k, fm))
+    _check_common(who, kind, D, block_k, fm, B, H)
+    nblk = -(-Nk // block_k)
+    if nblk <= 0 or B * H == 0:
+        return
+    Mk = _blocks_of(who, dh, B, H, D * D + D, nblk)
+    if _dtype(dk) != "float32" or _dtype(dv) != "float32" or _dtype(n_marg) != "int32":
+        raise TypeError(f"{who}: dk, dv must be float32 and n_marg int32")
+    n = B * H * Nk * D
+    if min(_size(k_bits), _size(v_bits), _size(dk), _size(dv)) < n:
+        raise ValueError(f"{who}: k / v / dk / dv smaller than B*H*Nk*D")
+    if _size(n_marg) < B * H * Mk:
+        raise ValueError(f"{who}: n_marg smaller than B*H*Mk")
+    kern = get_dkdv_linear_kernel(kind, D, block_k, hk)
+    args = (
+        _flat(k_bits),
+        _flat(v_bits),
+        _flat(dh),
+        _flat(n_marg),
+        _flat(dk),
+        _flat(dv),
+        H,
+        Nk,
+        Mk,
+        fm,
+    )
+    _tc_build.launch(kern.kernel, (nblk, H, B), kern.threads, kern.smem_bytes, stream, args)
