@@ -30,7 +30,7 @@ import sys
 import numpy as np
 
 if not hasattr(np, "row_stack"):  # numpy 2.5 vs numba-cuda 0.30
-    np.vstack = np.vstack
+    np.row_stack = np.vstack
 
 import torch  # noqa: E402
 
