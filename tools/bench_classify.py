@@ -20,7 +20,8 @@ For each:
 --old     also the reference kernels (``classify_by_sorting``: the previous pooling
           and the one-block-per-row sort), same run, with the ratio.
 --sweep   also other tilings of the score/select kernel (rows per block RQ, key
-          blocks per thread CPT, threads NT), each checked against the default map.
+          blocks per thread CPT, threads NT) and pooling batches U, each checked
+          against the default map.
 """
 
 import argparse
@@ -191,6 +192,18 @@ def main():
                     f" map equal: {same}"
                 )
                 ok &= same
+            default_batch = gc.POOL_BATCH
+            for batch in (8, 16, 32, 64):  # rows each pooling thread loads before adding
+                gc.POOL_BATCH = batch
+                per = kernel_ms(lambda: gc.classify(*args), a.reps)
+                ms_pool = sum(t for kname, (t, _) in per.items() if "pool" in kname)
+                same = torch.equal(gc.classify(*args), fast_map)
+                print(
+                    f"  pooling U={batch:>2}: {ms_pool:8.4f} ms  {gbytes / ms_pool * 1e3:7.0f} GB/s;"
+                    f" map equal: {same}"
+                )
+                ok &= same
+            gc.POOL_BATCH = default_batch
 
         if not a.no_check:
             from sla_numba import cpu
