@@ -7,7 +7,14 @@ import pytest
 
 
 @pytest.mark.parametrize(
-    "module", ["sla_numba.reference", "sla_numba.api", "sla_numba.modules", "sla_numba._warmup"]
+    "module",
+    [
+        "sla_numba.reference",
+        "sla_numba.api",
+        "sla_numba.modules",
+        "sla_numba._warmup",
+        "sla_numba.gpu.classify",
+    ],
 )
 def test_docstring_examples(module):
     mod = importlib.import_module(module)

@@ -1,6 +1,7 @@
 """Compile the SIMT GPU kernels to PTX for sm_90 on a machine without a GPU, and check them.
 
 Usage:  python tools/check_ptx.py [--quick] [--dims 64 128] [--dtypes f32 bf16] [--dump DIR]
+        python tools/check_ptx.py --classify     (the classification kernels only)
 
 Needs numba-cuda with its CUDA wheels (``pip install 'numba-cuda[cu13]'``); no
 driver, no GPU. For every kernel, head dim and input dtype it reports:
@@ -152,6 +153,7 @@ def main():
         "--dims", nargs="+", type=int, default=None, help="head dims (default 64 128 80 96)"
     )
     ap.add_argument("--dtypes", nargs="+", default=None, help="subset of f32 bf16 f16 f64")
+    ap.add_argument("--classify", action="store_true", help="the classification kernels only")
     args = ap.parse_args()
     DUMP["dir"] = args.dump
     if SIMULATOR:
@@ -169,6 +171,33 @@ def main():
             False,
             exact=True,
         )
+    for dtn, dt in (("f32", nt.float32), ("bf16", nt.int16), ("f64", nt.float64)):
+        ok &= compile_one(
+            f"classify.make_pool {dtn}",
+            classify.make_pool(classify.POOL_THREADS, 16, dtn == "f64"),
+            (arr(dt, 4), arr(dt, 4), I64, I64, I64, arr(F64, 4), arr(F64, 4)),
+            False,
+            False,
+            exact=True,
+        )
+    for d, rq, cpt, epl in ((128, 16, 4, 16), (64, 16, 1, 4), (128, 16, 4, 32), (128, 16, 4, 64)):
+        ok &= compile_one(
+            f"classify.select D{d} R{rq} C{cpt} E{epl}",
+            classify.make_score_select(d, rq, cpt, epl),
+            (
+                arr(F64, 4),
+                arr(F64, 4),
+                F64,
+                I64,
+                I64,
+                arr(F64, 4),
+                arr(nt.uint64, 4),
+                arr(nt.int8, 4),
+            ),
+            False,
+            False,
+            exact=True,
+        )
     sr = classify.make_score_rank(classify.RANK_THREADS)
     ok &= compile_one(
         "classify.score_rank",
@@ -178,6 +207,9 @@ def main():
         False,
         exact=True,
     )
+    if args.classify:
+        print("ALL OK" if ok else "FAILED")
+        return 0 if ok else 1
 
     for acc_name, A in (("float32", nt.float32), ("float64", nt.float64)):
         ok &= compile_one(

@@ -4,22 +4,39 @@ Input q (B, H, Nq, D), k (B, H, Nk, D); output the int8 map (B, H, Mq, Mk):
 1 critical, 0 marginal, -1 negligible. The rule is docs/internals.md's
 "Classification rule, bit for bit", so the map is identical to the CPU's:
 
-1. ``pool`` — one block per (query or key block, h, b); threads over d.
+1. pool — one block per (query or key block, h, b); threads over d.
    ``pq[b,h,i,d] = (Σ_{valid rows r, in order} x[r, d]) / count`` in float64;
    pooled keys stored d-major, ``pk[b,h,d,j]``, so that step 2's threads (one per
    key block j) read consecutive addresses.
-2. ``score_rank`` — one block per query-block row (i, h, b):
-   ``S[j] = scale · Σ_d pq[i,d]·pk[j,d]`` in float64, d ascending (NaN -> -inf),
-   written to a float64 scratch row; then each key block's rank
-   ``#{j' : S[j'] > S[j] or (S[j'] == S[j] and j' < j)}`` — the position in the
-   order (S descending, j ascending): rows of up to ``SORT_MAX`` blocks sort the
-   (S, j) pairs in shared memory (bitonic sort, O(Mk log² Mk)); longer rows count
-   each rank against the row staged NT scores at a time (O(Mk²)). Rank < n_crit
-   -> 1, rank >= Mk - n_skip -> -1, else 0.
+2. score and rank — ``S[j] = scale · Σ_d pq[i,d]·pk[j,d]`` in float64, d ascending
+   (NaN -> -inf), then each key block's rank
+   ``#{j' : S[j'] > S[j] or (S[j'] == S[j] and j' < j)}`` — its position in the
+   order (S descending, j ascending): rank < n_crit -> 1, rank >= Mk - n_skip -> -1,
+   else 0.
+
+Two implementations of step 2 (``sla_numba/gpu/simt/classify.py``):
+
+* the fast one, ``classify``: a block takes 16 query-block rows (registers hold a
+  16 x 4 tile of scores per thread, so the pooled keys are read once per 16 rows),
+  then a warp per row finds the two thresholds — the n_crit-th largest and the
+  n_skip-th smallest score — by a bitwise search over integer images of the
+  scores, with ties broken by j as the rule says. No sort: the map only needs to
+  know on which side of the two thresholds each block lies. Rows of up to
+  32 * SELECT_MAX_EPL key blocks (2048, i.e. N = 131072 at block 64).
+* the reference, ``classify_by_sorting`` (and ``classify`` for longer rows):
+  one block per row sorts the (S, j) pairs in shared memory (bitonic sort, rows
+  of up to SORT_MAX blocks) or counts each rank against the row (O(Mk²)).
 
 No fastmath, and more: NVVM fuses ``a*b + c`` into an FMA even without fastmath,
 and the pooled means are not exact fp32 values, so the products and sums of step 2
 go through ``mul_rn`` / ``add_rn`` (``_compat``), which are never contracted.
+
+>>> import numpy as np
+>>> from sla_numba.gpu.classify import classify
+>>> q = np.random.default_rng(0).standard_normal((1, 2, 16, 8)).astype(np.float32)
+>>> m = classify(q, q, 1, 1, 4, 4, 8**-0.5)  # block map (1, 2, 4, 4)
+>>> [int(v) for v in (m == 1).sum(-1).ravel()]  # one critical block per row
+[1, 1, 1, 1, 1, 1, 1, 1]
 """
 
 import numpy as np
@@ -27,7 +44,57 @@ import numpy as np
 from .._params import n_blocks
 from ._arrays import DeviceCall
 from ._stages import mark
-from .simt.classify import POOL_THREADS, RANK_THREADS, SORT_MAX, make_score_rank, pool
+from .simt.classify import (
+    FAST_LANES,
+    FAST_ROWS,
+    FAST_THREADS,
+    POOL_THREADS,
+    RANK_THREADS,
+    SELECT_MAX_EPL,
+    SORT_MAX,
+    make_pool,
+    make_score_rank,
+    make_score_select,
+    pool,
+)
+
+#: Rows pooled per batch of loads in the fast pooling kernel.
+POOL_BATCH = 4 if POOL_THREADS < 32 else 16
+
+
+def fast_config(mk, d, rows=None, cols=None, threads=None):
+    """(RQ, CPT, EPL, NT) of the fast score/select kernel for Mk key blocks and head
+    dim d, or None when the row is too long for it (the reference kernel then).
+
+    RQ query-block rows per block, CPT key blocks per thread and pass, EPL key
+    blocks per lane when ranking, NT threads. ``rows``, ``cols``, ``threads``
+    override the defaults (tools/bench_classify.py --sweep tries some)."""
+    nt = threads or FAST_THREADS
+    # powers of two: a handful of compiled variants per D (Mk <= 128, 256, 512, ...)
+    epl = max(4, _pow2(-(-mk // FAST_LANES)))
+    if epl > SELECT_MAX_EPL or nt % FAST_LANES:
+        return None
+    rq = rows or (FAST_ROWS if d <= 256 else max(1, FAST_ROWS // 2))
+    if rq * d * 8 > 40 * 1024:  # the staged query rows must fit static shared memory
+        return None
+    cpt = cols or min(4, _pow2(-(-mk // nt)))
+    return rq, cpt, epl, nt
+
+
+def _pow2(n):
+    """The smallest power of two >= n (n >= 1)."""
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def pool_threads(d):
+    """Threads of the fast pooling kernel (over d): no idle warps at D = 64."""
+    nt = POOL_THREADS
+    while nt > 32 and nt // 2 >= d:
+        nt //= 2
+    return nt
 
 
 def classify(q, k, n_crit, n_skip, block_q, block_k, scale):
@@ -36,10 +103,23 @@ def classify(q, k, n_crit, n_skip, block_q, block_k, scale):
     ``n_crit`` critical and ``n_skip`` negligible key blocks per query-block row,
     ranked by the pooled score (module docstring). Identical to the CPU's map.
     """
+    return _classify(q, k, n_crit, n_skip, block_q, block_k, scale, fast=True)
+
+
+def classify_by_sorting(q, k, n_crit, n_skip, block_q, block_k, scale):
+    """``classify`` with the reference kernels (row-at-a-time pooling, one block
+    per row that sorts or counts ranks): the same map, slower."""
+    return _classify(q, k, n_crit, n_skip, block_q, block_k, scale, fast=False)
+
+
+def _classify(q, k, n_crit, n_skip, block_q, block_k, scale, fast, tiles=None):
     call = DeviceCall(q)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     Mq, Mk = n_blocks(Nq, block_q), n_blocks(Nk, block_k)
+    n_crit = min(max(int(n_crit), 0), Mk)
+    n_skip = min(max(int(n_skip), 0), Mk)
+    config = fast_config(Mk, D, *(tiles or ())) if fast else None
     mark("glue")
     with call.device_context():
         dq, dk = call.dev(q), call.dev(k)
@@ -47,9 +127,21 @@ def classify(q, k, n_crit, n_skip, block_q, block_k, scale):
         _, pk = call.workspace((B, H, D, Mk), np.float64)
         _, scores = call.workspace((B, H, Mq, Mk), np.float64)
         handle, block_map = call.output((B, H, Mq, Mk), np.int8)
-        pool[(Mq + Mk, H, B), POOL_THREADS, call.stream](dq, dk, block_q, block_k, Mq, pq, pk)
-        make_score_rank(RANK_THREADS, SORT_MAX)[(Mq, H, B), RANK_THREADS, call.stream](
-            pq, pk, float(scale), int(n_crit), int(n_skip), scores, block_map
-        )
+        if config is None:
+            pool[(Mq + Mk, H, B), POOL_THREADS, call.stream](dq, dk, block_q, block_k, Mq, pq, pk)
+            make_score_rank(RANK_THREADS, SORT_MAX)[(Mq, H, B), RANK_THREADS, call.stream](
+                pq, pk, float(scale), n_crit, n_skip, scores, block_map
+            )
+        else:
+            rq, cpt, epl, nt = config
+            wide = call.in_dtype(q) == np.float64 or call.in_dtype(k) == np.float64
+            nt = pool_threads(D)
+            make_pool(nt, POOL_BATCH, wide)[(Mq + Mk, H, B), nt, call.stream](
+                dq, dk, block_q, block_k, Mq, pq, pk
+            )
+            kern = make_score_select(D, rq, cpt, epl, nt, FAST_LANES)
+            kern[(-(-Mq // rq), H, B), nt, call.stream](
+                pq, pk, float(scale), n_crit, n_skip, scores, scores.view(np.uint64), block_map
+            )
         mark("classify")
         return call.result(handle)

@@ -140,8 +140,9 @@ def test_classify_ties_and_nan_rank_by_index():
     "sort_max", [0, 8, 16], ids=["count-ranks", "count-just-above", "sort-at-limit"]
 )
 def test_both_ranking_methods_give_the_cpu_map(monkeypatch, sort_max):
-    """Rows of up to SORT_MAX key blocks are ranked by a bitonic sort, longer ones by
-    counting: both give the CPU's map, ties (repeated key blocks) and NaN included."""
+    """The reference kernels (``classify_by_sorting``): rows of up to SORT_MAX key
+    blocks are ranked by a bitonic sort, longer ones by counting; both give the CPU's
+    map, ties (repeated key blocks) and NaN included. The fast kernel too."""
     import importlib
 
     gpu_classify_module = importlib.import_module("sla_numba.gpu.classify")
@@ -152,7 +153,8 @@ def test_both_ranking_methods_give_the_cpu_map(monkeypatch, sort_max):
     k[0, 1, 12:16] = np.nan  # a NaN score in head 1
     mk = _params.n_blocks(37, 4)  # 10 blocks: sorted as 16 (6 pads) if allowed
     for n_crit, n_skip in ((3, 2), (1, 0), (1, mk - 1), (mk, 0)):
-        got = gpu.classify(q, k, n_crit, n_skip, 4, 4, 0.5)
+        got = gpu_classify_module.classify_by_sorting(q, k, n_crit, n_skip, 4, 4, 0.5)
+        np.testing.assert_array_equal(got, gpu.classify(q, k, n_crit, n_skip, 4, 4, 0.5))
         if cpu is not None:
             np.testing.assert_array_equal(got, cpu.classify(q, k, n_crit, n_skip, 4, 4, 0.5))
         ref = classify_reference(
