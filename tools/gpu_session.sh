@@ -12,6 +12,7 @@
 #            the diffusers wheel is carried in .whl/
 #   dist     context-parallel wrapper on one GPU (NCCL, world size 1): overhead vs plain SLA
 #   bench    benchmarks/bench_gpu.py (SLA vs SDPA vs FlexAttention, stage tables)
+#   classify tools/bench_classify.py (new kernels vs the sort reference, map == CPU's)
 #   warmup   sla_numba.warmup on a cold cache, then a new process's first Wan-shape call
 #   cpu      benchmarks/bench_cpu.py on this machine's CPU, 2 threads (taskset)
 set -u
@@ -58,6 +59,8 @@ for step in "$@"; do
                  --overhead --check --json "$OUT/bench_distributed.json" ;;
     bench)   TAIL=80 run bench ${BENCH_TIMEOUT:-330} python benchmarks/bench_gpu.py ${BENCH_ARGS:-} \
                  --json "$OUT/bench_gpu.json" ;;
+    classify) TAIL=60 run classify ${CLASSIFY_TIMEOUT:-150} python tools/bench_classify.py \
+                 ${CLASSIFY_ARGS:---old} ;;
     warmup)  run warmup 200 python tools/check_warmup_gpu.py ;;
     cpu)     run cpu 200 taskset -c 0,1 python benchmarks/bench_cpu.py --threads 2 \
                  --json "$OUT/bench_cpu_device.json" ;;
