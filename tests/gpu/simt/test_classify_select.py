@@ -54,8 +54,13 @@ def _check(fn, q, k, n_crit, n_skip, bq, bk, scale):
     return got
 
 
+@pytest.mark.skipif(
+    not simt_classify.SIMULATOR,
+    reason="about the simulator's kernel configuration (4-lane groups, 8 threads)",
+)
 def test_fast_config_covers_the_shapes_used_here():
-    """The fast kernel takes these shapes (so the tests below test it, not the fallback)."""
+    """Under the simulator the fast kernel takes these shapes with two score passes and
+    padded lanes (so the tests below test those, not the fallback)."""
     assert gpu_classify.fast_config(10, 5) is not None
     assert gpu_classify.fast_config(38, 3) is not None
     rq, cpt, epl, nt = gpu_classify.fast_config(38, 3)
@@ -145,15 +150,19 @@ def test_float64_input_is_not_rounded_to_float32():
 def test_long_rows_take_the_reference_kernel(monkeypatch):
     """Rows longer than the fast kernel's registers hold go to the sorting kernels."""
     monkeypatch.setattr(gpu_classify, "SELECT_MAX_EPL", 4)
-    assert gpu_classify.fast_config(17, 4) is None  # 17 blocks > 4 lanes x 4 slots
-    assert gpu_classify.fast_config(16, 4) is not None
-    q, k = _inputs(4, 1, 1, 8, 34, 4)  # Mk = 17
+    L = simt_classify.FAST_LANES  # 4 under the simulator, 32 on a GPU
+    assert gpu_classify.fast_config(4 * L + 1, 4) is None  # > L lanes x 4 slots
+    assert gpu_classify.fast_config(4 * L, 4) is not None
+    q, k = _inputs(4, 1, 1, 8, 2 * (4 * L + 1), 4)  # Mk = 4L + 1 with block_k 2
     _check(gpu_classify.classify, q, k, 3, 5, 4, 2, 0.5)
 
 
-@pytest.mark.parametrize("tiles", [(1, 1, None), (2, 3, None), (4, 2, 4)], ids=str)
+@pytest.mark.parametrize(
+    "tiles", [(1, 1, None), (2, 3, None), (4, 2, simt_classify.FAST_LANES)], ids=str
+)
 def test_other_tilings_give_the_same_map(tiles):
-    """RQ rows per block, CPT key blocks per thread and pass, NT threads (one group)."""
+    """RQ rows per block, CPT key blocks per thread and pass, NT threads (the last: one
+    lane group)."""
     q, k = _inputs(6, 1, 1, 10, 45, 3, quantize=True)
     mk = _params.n_blocks(45, 4)
     with poisoned():
