@@ -135,8 +135,8 @@ def _classify(q, k, n_crit, n_skip, block_q, block_k, scale, fast, tiles=None):
         else:
             rq, cpt, epl, nt = config
             wide = call.in_dtype(q) == np.float64 or call.in_dtype(k) == np.float64
-            nt = pool_threads(D)
-            make_pool(nt, POOL_BATCH, wide)[(Mq + Mk, H, B), nt, call.stream](
+            pt = pool_threads(D)
+            make_pool(pt, POOL_BATCH, wide)[(Mq + Mk, H, B), pt, call.stream](
                 dq, dk, block_q, block_k, Mq, pq, pk
             )
             kern = make_score_select(D, rq, cpt, epl, nt, FAST_LANES)
