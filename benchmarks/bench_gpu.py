@@ -25,6 +25,7 @@ vs SDPA bf16 (best backend) and vs SDPA fp32, peak memory, first-call time (JIT)
 import argparse
 import json
 import math
+import statistics
 import time
 
 import torch
@@ -115,6 +116,72 @@ def stage_breakdown(fn, warmup, reps):
         with record_stages(total):
             fn()
     return {name: ms / reps for name, ms in total.items()}
+
+
+# --------------------------------------------------------------------------- floors
+#: Which library products each stage of the tensor-core path does (the linear branch's
+#: GEMM-shaped work), named as in ``cublas_floors``: the stage's floor is their sum.
+STAGE_PRODUCTS = {
+    "fwd prep": ["states"],
+    "fwd marginal sum": ["marginal"],
+    "fwd linear": ["o_l"],
+    "bwd prep": ["states"],
+    "bwd marginal sum (rows)": ["marginal"],
+    "bwd linear dq": ["o_l", "states"],
+    "bwd marginal sum (columns)": ["marginal"],
+    "bwd linear dkdv": ["o_l", "o_l"],
+}
+
+
+def cublas_floors(B, H, N, D, dt, reps):
+    """{product: median ms} of one ``torch.bmm`` in dtype ``dt`` per linear-branch
+    product at this shape (block 64, M = ceil(N / 64) blocks a sequence):
+
+    - ``states``: φ(K_j)ᵀ V_j for every key block, (BHM, D, 64) @ (BHM, 64, D); the same
+      shape as the backward's QO_i = ĉᵀ dO_l;
+    - ``marginal``: the block mask times every block's state, (BH, M, M) @ (BH, M, D·D + D);
+    - ``o_l``: φ(Q_i) H_i for every query block, (BHM, 64, D) @ (BHM, D, D); the same shape
+      as dO_l H_iᵀ, V_j dH_jᵀ and φ(K_j) dH_j.
+
+    CUDA events around each call, median of ``reps`` after 3 warm-up calls."""
+    M = -(-N // BLOCK)
+    g = torch.Generator(device="cuda").manual_seed(1)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device="cuda", generator=g).to(dt)
+
+    cases = {
+        "states": (rnd(B * H * M, D, BLOCK), rnd(B * H * M, BLOCK, D)),
+        "marginal": (rnd(B * H, M, M), rnd(B * H, M, D * D + D)),
+        "o_l": (rnd(B * H * M, BLOCK, D), rnd(B * H * M, D, D)),
+    }
+    out = {}
+    for name, (a, b) in cases.items():
+        for _ in range(3):
+            torch.bmm(a, b)
+        times = []
+        for _ in range(reps):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            torch.bmm(a, b)
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1))
+        out[name] = float(statistics.median(times))
+        del a, b
+    torch.cuda.empty_cache()
+    return out
+
+
+def floor_table(stages, floors):
+    """{stage: (ms, floor ms, ratio)} for the stages that have a library floor."""
+    table = {}
+    for name, ms in stages.items():
+        prods = STAGE_PRODUCTS.get(name)
+        if prods and all(p in floors for p in prods):
+            fl = sum(floors[p] for p in prods)
+            table[name] = (ms, fl, ms / fl)
+    return table
 
 
 def critical_map(q, k, topk, skip):
@@ -230,6 +297,7 @@ def run_case(shape_name, topk, skip, args):
         rows.append(row)
         print(_fmt(row), flush=True)
 
+    floors = {}  # dtype name -> {product: ms}
     phases = [("fwd", 1.0)] + ([] if args.no_backward else [("fwd+bwd", 3.5)])
     flex_phases = phases[:1] if args.quick else phases
     for dt_name in args.dtypes:
@@ -245,6 +313,12 @@ def run_case(shape_name, topk, skip, args):
                 st = stage_breakdown(fn, 1, args.reps)
                 res_st = dict(path=path, ms=sum(st.values()), stages=st)
                 add("sla stages", dt_name, phase, res_st, flops_f * mult)
+                if path == "tc" and dt_name != "fp32":
+                    if dt_name not in floors:
+                        floors[dt_name] = cublas_floors(B, H, N, D, dt, max(args.reps, 10))
+                    ft = floor_table(st, floors[dt_name])
+                    res_fl = dict(path=path, ms=sum(v[0] for v in ft.values()), floors=ft)
+                    add("sla vs cublas", dt_name, phase, res_fl, flops_f * mult)
         # SDPA, each backend forced
         for bname, backend in sdpa_backends().items():
             f, fb = sdpa_callables(q, k, v, do, backend)
@@ -283,6 +357,12 @@ def _fmt(r):
     )
     if "error" in r:
         return head + f"  -- {r['error']}"
+    if "floors" in r:
+        return (
+            head
+            + "  stage ms / cuBLAS bmm floor ms (ratio): "
+            + ", ".join(f"{k} {a:.3f}/{b:.3f} ({c:.1f}x)" for k, (a, b, c) in r["floors"].items())
+        )
     if "stages" in r:
         return (
             head
