@@ -31,10 +31,12 @@ Path "tc" (``_path.py``; fp16 / bf16 on compute capability >= 8.0): ``prep`` als
 computes ``delta = O_s·dO_s`` per query row; the tensor-core kernels
 (``tc/backward.py``) then write the sparse dQ, dK, dV, reading the prep kernel's
 critical lists (row_crit + row_info[0]) and reverse index (col_crit +
-col_info[0]) straight from the device; finally ``dq`` / column sum / ``dkdv``,
-compiled with ``sparse=False``, *add* the linear contributions in place (7
-launches, still deterministic: each element has one writer per kernel, in stream
-order).
+col_info[0]) straight from the device; finally the linear branch's gradients are
+*added* in place by the tensor-core kernels of ``tc/linear_backward.py`` (steps 3a/3c
+as ``dq_linear``, the column sums, step 5's linear part as ``dkdv_linear``), or, where
+``SLA_NUMBA_TC_OFF`` names ``linear_grad`` or the shape is not theirs, by ``dq`` /
+``dkdv`` compiled with ``sparse=False``. Seven launches, still deterministic: each
+element has one writer per kernel, in stream order.
 """
 
 import numpy as np

@@ -316,3 +316,38 @@ def test_tc_parts_can_be_sent_back_to_simt(monkeypatch):
     monkeypatch.setenv("SLA_NUMBA_TC_OFF", "states,nonsense")
     with pytest.raises(ValueError, match="SLA_NUMBA_TC_OFF"):
         gpu.forward(q, k, v, bm, bq, bk, 0.25, code, 1e-6, path="tc")
+
+
+@pytest.mark.skipif(not SIM, reason="simulator twins of the tensor-core kernels")
+def test_linear_grad_part_on_and_off_agree(monkeypatch):
+    """The tc path's backward adds the linear gradients with the tensor-core kernels
+    (``tc/linear_backward.py``, both launched once) unless SLA_NUMBA_TC_OFF names
+    ``linear_grad`` (then the SIMT dq / dkdv, neither launched); the two agree to the
+    hi / lo splits' precision."""
+    from sla_numba.gpu.tc import linear_backward as lb
+
+    B, H, Nq, Nk, D, bq, bk = 1, 1, 24, 37, 16, 16, 16
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.standard_normal((B, H, n, D)).astype(np.float16) for n in (Nq, Nk, Nk))
+    bm = _map(_params.n_blocks(Nq, bq), _params.n_blocks(Nk, bk), D)
+    code = _params.FEATURE_MAPS["elu"]
+    o_s, o_l, lse = gpu.forward(q, k, v, bm, bq, bk, 0.25, code, 1e-6, path="tc")
+    do_s = rng.standard_normal(q.shape).astype(np.float16)
+    do_l = rng.standard_normal(q.shape).astype(np.float32)
+    calls = []
+    for name in ("launch_dq_linear_tc", "launch_dkdv_linear_tc"):
+        real = getattr(lb, name)
+        monkeypatch.setattr(
+            lb, name, lambda *a, _r=real, _n=name, **kw: (calls.append(_n), _r(*a, **kw))[1]
+        )
+    args = (q, k, v, o_s, o_l, lse, do_s, do_l, bm, bq, bk, 0.25, code, 1e-6)
+    monkeypatch.setenv("SLA_NUMBA_TC_OFF", "")
+    g_tc = gpu.backward(*args, path="tc")
+    assert calls == ["launch_dq_linear_tc", "launch_dkdv_linear_tc"]
+    monkeypatch.setenv("SLA_NUMBA_TC_OFF", "linear_grad")
+    g_simt = gpu.backward(*args, path="tc")
+    assert len(calls) == 2, "linear_grad switched off, but its kernels ran"
+    for a, b in zip(g_tc, g_simt):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+        assert rel < 1e-4, rel
