@@ -185,36 +185,23 @@ def backward(
         _, qstate = call.workspace((B, H, Mq, W), acc)
         _, dh = call.workspace((B, H, Mk, W), acc)
         if tc and _linear_grad_tc(D, T, block_q, block_k):
-            _linear_grad_tc_launches(
-                call,
-                q,
-                k,
-                v,
-                o_l,
-                do_l,
-                dq_,
-                dk_,
-                dv_,
-                lstate,
-                lin_map,
-                ws,
-                dq,
-                dk,
-                dv,
-                qstate,
-                dh,
-                B,
-                H,
-                Nq,
-                Nk,
-                D,
-                Mq,
-                Mk,
-                block_q,
-                block_k,
-                fm,
-                eps,
-            )
+            # the linear branch's gradients on tensor cores (tc/linear_backward.py)
+            from .tc.linear_backward import launch_dkdv_linear_tc, launch_dq_linear_tc
+
+            kind = half_kind(call, q)
+            ol_in, dol_in = _linear_grad_inputs(call, q, o_l, do_l, ol_, dol_)
+            launch_dq_linear_tc(
+                kind, half_bits(dq_), ol_in, dol_in, flat(lstate), flat(ws["row_info"][1]),
+                flat(dq), flat(qstate), B, H, Nq, D, block_q, fm, eps, call.stream,
+            )  # fmt: skip
+            mark("bwd linear dq")
+            marginal_sum(call, lin_map, True, Mk, Mq, qstate, dh, True)
+            mark("bwd marginal sum (columns)")
+            launch_dkdv_linear_tc(
+                kind, half_bits(dk_), half_bits(dv_), flat(dh), flat(ws["col_info"][1]),
+                flat(dk), flat(dv), B, H, Nk, D, block_k, fm, call.stream,
+            )  # fmt: skip
+            mark("bwd linear dkdv")
             return call.result(h_dq), call.result(h_dk), call.result(h_dv)
         make_dq(T, not tc)[(Mq, H, B), T.NT, call.stream](
             dq_,
@@ -279,86 +266,16 @@ def _linear_grad_tc(D, T, block_q, block_k):
     )
 
 
-def _linear_grad_tc_launches(
-    call,
-    q,
-    k,
-    v,
-    o_l,
-    do_l,
-    dq_,
-    dk_,
-    dv_,
-    lstate,
-    lin_map,
-    ws,
-    dq,
-    dk,
-    dv,
-    qstate,
-    dh,
-    B,
-    H,
-    Nq,
-    Nk,
-    D,
-    Mq,
-    Mk,
-    block_q,
-    block_k,
-    fm,
-    eps,
-):
-    """The linear branch's gradients on tensor cores, added to the sparse branch's
-    dq, dk, dv (three launches): dq + QO/QD per query block, their column sums, dk + dv
-    per key block. o_l and do_l are read as half bits when both are in q's dtype,
-    else as fp32."""
-    from .tc.linear_backward import launch_dkdv_linear_tc, launch_dq_linear_tc
-
-    kind = half_kind(call, q)
+def _linear_grad_inputs(call, q, o_l, do_l, ol_dev, dol_dev):
+    """o_l and do_l as the linear-gradient kernels read them: their half bits (of the
+    device views ``ol_dev``, ``dol_dev``) when both are in q's dtype (the torch path's
+    bf16 / fp16 outputs and gradients), else fp32 copies."""
     if call.in_dtype(o_l) == call.in_dtype(q) and call.in_dtype(do_l) == call.in_dtype(q):
-        ol_in, dol_in = half_bits(call.dev(o_l)), half_bits(call.dev(do_l))
-    else:
-        ol_in = call.dev(_like_dtype_f32(call, o_l))
-        dol_in = call.dev(_like_dtype_f32(call, do_l))
-    launch_dq_linear_tc(
-        kind,
-        half_bits(dq_),
-        flat(ol_in),
-        flat(dol_in),
-        flat(lstate),
-        flat(ws["row_info"][1]),
-        flat(dq),
-        flat(qstate),
-        B,
-        H,
-        Nq,
-        D,
-        block_q,
-        fm,
-        eps,
-        call.stream,
+        return flat(half_bits(ol_dev)), flat(half_bits(dol_dev))
+    return (
+        flat(call.dev(_like_dtype_f32(call, o_l))),
+        flat(call.dev(_like_dtype_f32(call, do_l))),
     )
-    mark("bwd linear dq")
-    marginal_sum(call, lin_map, True, Mk, Mq, qstate, dh, True)
-    mark("bwd marginal sum (columns)")
-    launch_dkdv_linear_tc(
-        kind,
-        half_bits(dk_),
-        half_bits(dv_),
-        flat(dh),
-        flat(ws["col_info"][1]),
-        flat(dk),
-        flat(dv),
-        B,
-        H,
-        Nk,
-        D,
-        block_k,
-        fm,
-        call.stream,
-    )
-    mark("bwd linear dkdv")
 
 
 def _like_dtype_f32(call, x):
