@@ -4,8 +4,8 @@ Every query-block row i of the linear branch needs ``H_i = Σ_{j marginal} h_j``
 (and ``Z_i`` likewise); every key-block column j of its backward needs
 ``dH_j = Σ_{i marginal} QO_i``. Written per row, that is a gather of a few hundred
 D x D states per block — at D = 128 each is 64 KiB, and the gathers of all rows
-read tens of GB from L2 (the first GPU version did exactly that: 44 ms of a 56 ms
-forward on the Wan2.1 shape). Written for all rows at once it is a dense product
+read tens of GB from L2 (the first GPU version did exactly that; BENCHMARKS.md,
+"Lab notes", has what it cost). Written for all rows at once it is a dense product
 
     out[b, h, r, :] = Σ_c  M[r, c] · S[b, h, c, :]        M[r, c] = 1 if marginal else 0
 

@@ -94,10 +94,10 @@ def choose_tiles(head_dim, acc_dtype=np.float32, block_q=64, block_k=64, simulat
 
     Real GPU: 256 threads as 16 x 16; 32 query rows x 64 key rows a tile; the head
     dim in chunks of 32 (16 for fp64) so every kernel's static shared memory stays
-    under 48 KiB. Chosen with tools/check_ptx.py (ptxas via nvJitLink): at D = 128
-    fp32 the forward uses 255 registers with 52 B of spills, dQ / dK-dV none;
-    64-row query tiles spill 300-500 B. Simulator: 2 x 2 threads, 4-row tiles,
-    chunks smaller than D so the chunk loops are exercised.
+    under 48 KiB. Chosen by register and spill counts (``tools/check_ptx.py``, ptxas
+    via nvJitLink; the figures are in BENCHMARKS.md, "Lab notes"): larger query tiles
+    spill. Simulator: 2 x 2 threads, 4-row tiles, chunks smaller than D so the chunk
+    loops are exercised.
     """
     acc = np.dtype(acc_dtype)
     if SIMULATOR if simulated is None else simulated:
