@@ -11,6 +11,9 @@ What lives here, and why
   the attention kernels. Re-association lets LLVM vectorise reductions;
   ``nnan``/``ninf`` are left out on purpose, so NaN/Inf in the inputs propagate to
   the outputs instead of being "assumed away".
+* ``prefer_full_width()`` (from ``_simd.py``) — the first line of every function
+  with element-wise loops: lets LLVM vectorise them at the CPU's full width (512
+  bits on AVX-512, where LLVM would otherwise pick 256).
 * ``gemm_acc`` — ``C += A @ B`` on small blocks. Every product of the algorithm
   (Q Kᵀ, P V, φ(K)ᵀ V, dO Vᵀ, dSᵀ Q, ...) is one call, with the operands staged so
   that ``B``'s rows run along the output columns (``transpose_into`` copies a block
@@ -50,7 +53,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from .._arrays import np_empty
-from ._simd import TILE_M, TILE_VECTORS, VECTOR_BYTES, tile_fma, tile_fma_tn
+from ._simd import TILE_M, TILE_VECTORS, VECTOR_BYTES, prefer_full_width, tile_fma, tile_fma_tn
 
 #: fast-math flags for the attention kernels (never used by classification).
 #: Everything except nnan / ninf: NaN and Inf must propagate.
@@ -91,6 +94,7 @@ def gemm_acc(a, b, c, m, n, kk):
 @njit(**KERNEL_OPTIONS)
 def _gemm_edge(a, b, c, i0, i1, j0, j1, kk):
     """``c[i0:i1, j0:j1] += a[i0:i1, :kk] @ b[:kk, j0:j1]``, plain loops (p in order)."""
+    prefer_full_width()
     if j0 >= j1:
         return
     for i in range(i0, i1):
@@ -124,6 +128,7 @@ def gemm_tn_acc(a, b, c, m, n, kk):
 @njit(**KERNEL_OPTIONS)
 def _gemm_tn_edge(a, b, c, i0, i1, j0, j1, kk):
     """``c[i0:i1, j0:j1] += a[:kk, i0:i1].T @ b[:kk, j0:j1]``, plain loops (p in order)."""
+    prefer_full_width()
     if j0 >= j1:
         return
     for i in range(i0, i1):
@@ -138,6 +143,7 @@ def _gemm_tn_edge(a, b, c, i0, i1, j0, j1, kk):
 @njit(**KERNEL_OPTIONS)
 def transpose_into(src, dst, rows, cols):
     """``dst[:cols, :rows] = src[:rows, :cols].T``."""
+    prefer_full_width()
     for r in range(rows):
         sr = src[r]
         for d in range(cols):
@@ -147,6 +153,7 @@ def transpose_into(src, dst, rows, cols):
 @njit(**KERNEL_OPTIONS)
 def fill2d(x, rows, cols, value):
     """``x[:rows, :cols] = value``."""
+    prefer_full_width()
     for r in range(rows):
         xr = x[r]
         for d in range(cols):
@@ -209,6 +216,7 @@ def _fast_exp_overload(x):
 @njit(**KERNEL_OPTIONS)
 def feature_map_row(x, y, phi):
     """``y = φ(x)`` for one token x (D,): softmax over D, elu(x)+1, or relu."""
+    prefer_full_width()
     dt = y.dtype.type
     zero = dt(0)
     one = dt(1)
@@ -247,6 +255,7 @@ def feature_map_block_t(x, r0, nr, yt, phi):
     *reduction* along a row does not vectorise without the ``nnan`` flag we leave
     out); this costs one transposed copy of the block.
     """
+    prefer_full_width()
     D = x.shape[1]
     dt = yt.dtype.type
     zero = dt(0)
@@ -297,6 +306,7 @@ def feature_map_grad_acc(x, y, dy, dx, phi):
     softmax: ``y ⊙ (dy − ⟨dy, y⟩)``; elu+1: ``dy · (1 if x > 0 else exp(x) = y)``;
     relu: ``dy · [x > 0]``.
     """
+    prefer_full_width()
     zero = y.dtype.type(0)
     n = x.shape[0]
     if phi == PHI_SOFTMAX:
@@ -326,6 +336,7 @@ def feature_map_grad_block_t(yt, gt, nr, phi):
     the right one; for relu, x > 0 exactly when y > 0. NaN fails both tests, as it
     fails x > 0.
     """
+    prefer_full_width()
     D = yt.shape[0]
     dt = yt.dtype.type
     zero = dt(0)
@@ -359,6 +370,7 @@ def feature_map_grad_block_t(yt, gt, nr, phi):
 @njit(**KERNEL_OPTIONS)
 def add_transposed(src_t, dst, nr):
     """``dst[:nr, :] += src_t[:, :nr].T`` for src_t (D, ≥nr), dst (≥nr, D)."""
+    prefer_full_width()
     D = src_t.shape[0]
     for r in range(nr):
         dr = dst[r]
@@ -424,6 +436,7 @@ def key_block_states(k, v, block_k, phi, kv_h, kv_z):
     Mk = kv_h.shape[2]
     zero = k.dtype.type(0)
     for t in prange(B * H * Mk):
+        prefer_full_width()  # the prange body is a function of its own
         b = t // (H * Mk)
         h = (t // Mk) % H
         j = t % Mk
@@ -454,6 +467,7 @@ def block_totals(mats, vecs, tot_m, tot_v, finite):
     """
     B, H, M, D = vecs.shape
     for t in prange(B * H):
+        prefer_full_width()  # the prange body is a function of its own
         b = t // H
         h = t % H
         tm = tot_m[b, h]
@@ -502,6 +516,7 @@ def sum_marginal(mats, vecs, tot_m, tot_v, use_totals, classes, out_m, out_v):
     rounded into ``out_m`` while it is in L1, instead of a (D, D) float64 matrix
     that is written and re-read once per block (it cost two 64³ products per call).
     """
+    prefer_full_width()
     M = classes.shape[0]
     D = out_v.shape[0]
     n_marg = 0

@@ -63,6 +63,7 @@ from ._common import (
     gemm_tn_acc,
     linear_map,
     linear_states,
+    prefer_full_width,
     sum_marginal,
     transpose_into,
 )
@@ -71,6 +72,7 @@ from ._common import (
 @njit(**KERNEL_OPTIONS)
 def _row_dots(x, y, r0, nr, out):
     """``out[r] = x[r] · y[r]`` for rows r0..r0+nr of x, y (N, D); out (N,)."""
+    prefer_full_width()
     D = x.shape[1]
     zero = x.dtype.type(0)
     for r in range(r0, r0 + nr):
@@ -85,6 +87,7 @@ def _row_dots(x, y, r0, nr, out):
 @njit(**KERNEL_OPTIONS)
 def _rows_transposed(x, r0, nr, factor, out):
     """``out[:, :nr] = factor · x[r0:r0+nr].T`` for x (N, D), out (D, ≥nr)."""
+    prefer_full_width()
     D = x.shape[1]
     for r in range(nr):
         xr = x[r0 + r]
@@ -102,6 +105,7 @@ def _sparse_dq_block(qst, dot, kh, vh, lse, delta_s, r0, nr, crit, n_crit, block
     queries contiguous), as in the forward:
     Sᵀ = K_c (scale·Q_i)ᵀ, dPᵀ = V_c dO_iᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ − δs), dQ_i += (dSᵀ)ᵀ K_c.
     """
+    prefer_full_width()
     Nk, D = kh.shape
     dt = kh.dtype.type
     zero = dt(0)
@@ -146,6 +150,7 @@ def _linear_dq_block(qh, kv, classes, do_l, delta_l, r0, nr, phi, eps, dqb, qo, 
     (``_linear_dq_block_reference`` is the per-token form); gᵀ = H_i dO_lᵀ is one
     product, and dQ gets the result through one transposed add.
     """
+    prefer_full_width()
     kv_h, kv_z, tot_h, tot_z, finite = kv
     D = qh.shape[1]
     dt = qh.dtype.type
@@ -267,6 +272,7 @@ def _dq_kernel(
     ep = dt(eps)
     zero = dt(0)
     for t in prange(B * H * Mq):
+        prefer_full_width()  # the prange body is a function of its own
         b = t // (H * Mq)
         h = (t // Mq) % H
         i = t % Mq
@@ -326,6 +332,7 @@ def _sparse_dkdv_block(
     is a plain ``gemm_acc``: Sᵀ = K_j (scale·Q_i)ᵀ, dPᵀ = V_j dO_iᵀ, dV_j += Pᵀ dO_i,
     dK_j += dSᵀ Q_i.
     """
+    prefer_full_width()
     Nq, D = qh.shape
     dt = qh.dtype.type
     zero = dt(0)
@@ -373,6 +380,7 @@ def _linear_dkdv_block(kh, vh, qstates, classes, c0, nk, phi, dkb, dvb):
     the contiguous axis, vectorised over keys); ``_linear_dkdv_block_reference`` is
     the per-key form.
     """
+    prefer_full_width()
     qo, qd, tot_qo, tot_qd, finite = qstates
     D = kh.shape[1]
     dh = np.empty((D, D), kh.dtype)  # dH_j
@@ -453,6 +461,7 @@ def _dkdv_kernel(
     sc = dt(scale)
     zero = dt(0)
     for t in prange(B * H * Mk):
+        prefer_full_width()  # the prange body is a function of its own
         b = t // (H * Mk)
         h = (t // Mk) % H
         j = t % Mk
