@@ -23,6 +23,9 @@ Step by step
    ``den_r = φ(q_r)·Z_i + eps``, ``ĉ_r = φ(q_r) / den_r``:
      dφ(q_r) = (dO_l[r] H_iᵀ − δl_r Z_i) / den_r, chained through φ into dQ_i;
      QO_i = Σ_r ĉ_rᵀ dO_l[r]  (D, D),  QD_i = Σ_r ĉ_r δl_r  (D)   — saved for step 2.
+   It also keeps (scale·Q_i)ᵀ and dO_iᵀ (D, block_q) per query block for step 2,
+   which would otherwise transpose them again for every key block that Q_i marks
+   critical (workspace: twice the size of q).
 2. dK/dV kernel, one iteration per (b, h, key block j):
    sparse, over the query blocks i that mark j critical (reverse index):
      P = exp((scale·Q_i) K_jᵀ − lse_i),  dV_j += Pᵀ dO_s,i,
