@@ -11,6 +11,9 @@ What lives here, and why
   the attention kernels. Re-association lets LLVM vectorise reductions;
   ``nnan``/``ninf`` are left out on purpose, so NaN/Inf in the inputs propagate to
   the outputs instead of being "assumed away".
+* ``prefer_full_width()`` (from ``_simd.py``) — the first line of every function
+  with element-wise loops: lets LLVM vectorise them at the CPU's full width (512
+  bits on AVX-512, where LLVM would otherwise pick 256).
 * ``gemm_acc`` — ``C += A @ B`` on small blocks. Every product of the algorithm
   (Q Kᵀ, P V, φ(K)ᵀ V, dO Vᵀ, dSᵀ Q, ...) is one call, with the operands staged so
   that ``B``'s rows run along the output columns (``transpose_into`` copies a block
@@ -19,9 +22,10 @@ What lives here, and why
 * ``fast_exp`` — exp for float32 that LLVM can vectorise (Numba's ``math.exp`` is a
   scalar libm call, which made the exponentials cost as much as the matrix
   products); float64 keeps ``math.exp``.
-* ``feature_map_row`` / ``feature_map_grad_acc`` — φ and its chain rule, per token;
-  ``feature_map_block_t`` — φ of a block of tokens, stored transposed (vectorised
-  over tokens: the forward's φ(Q_i) and φ(K_j) come from it).
+* ``feature_map_row`` / ``feature_map_grad_acc`` — φ and its chain rule, per token
+  (the readable form); ``feature_map_block_t`` / ``feature_map_grad_block_t`` — the
+  same for a block of tokens stored transposed (vectorised over tokens: every φ and
+  chain rule of the kernels goes through them).
 * ``gemm_tn_acc`` — ``C += Aᵀ B`` for an A that is at hand transposed.
 * ``blocks_in_row`` / ``column_index`` — the critical key blocks of a query-block
   row (a row of the map is contiguous: scanning it is cheap), and the reverse
@@ -49,7 +53,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from .._arrays import np_empty
-from ._simd import TILE_M, TILE_VECTORS, VECTOR_BYTES, tile_fma, tile_fma_tn
+from ._simd import TILE_M, TILE_VECTORS, VECTOR_BYTES, prefer_full_width, tile_fma, tile_fma_tn
 
 #: fast-math flags for the attention kernels (never used by classification).
 #: Everything except nnan / ninf: NaN and Inf must propagate.
@@ -90,6 +94,7 @@ def gemm_acc(a, b, c, m, n, kk):
 @njit(**KERNEL_OPTIONS)
 def _gemm_edge(a, b, c, i0, i1, j0, j1, kk):
     """``c[i0:i1, j0:j1] += a[i0:i1, :kk] @ b[:kk, j0:j1]``, plain loops (p in order)."""
+    prefer_full_width()
     if j0 >= j1:
         return
     for i in range(i0, i1):
@@ -123,6 +128,7 @@ def gemm_tn_acc(a, b, c, m, n, kk):
 @njit(**KERNEL_OPTIONS)
 def _gemm_tn_edge(a, b, c, i0, i1, j0, j1, kk):
     """``c[i0:i1, j0:j1] += a[:kk, i0:i1].T @ b[:kk, j0:j1]``, plain loops (p in order)."""
+    prefer_full_width()
     if j0 >= j1:
         return
     for i in range(i0, i1):
@@ -137,6 +143,7 @@ def _gemm_tn_edge(a, b, c, i0, i1, j0, j1, kk):
 @njit(**KERNEL_OPTIONS)
 def transpose_into(src, dst, rows, cols):
     """``dst[:cols, :rows] = src[:rows, :cols].T``."""
+    prefer_full_width()
     for r in range(rows):
         sr = src[r]
         for d in range(cols):
@@ -146,6 +153,7 @@ def transpose_into(src, dst, rows, cols):
 @njit(**KERNEL_OPTIONS)
 def fill2d(x, rows, cols, value):
     """``x[:rows, :cols] = value``."""
+    prefer_full_width()
     for r in range(rows):
         xr = x[r]
         for d in range(cols):
@@ -208,6 +216,7 @@ def _fast_exp_overload(x):
 @njit(**KERNEL_OPTIONS)
 def feature_map_row(x, y, phi):
     """``y = φ(x)`` for one token x (D,): softmax over D, elu(x)+1, or relu."""
+    prefer_full_width()
     dt = y.dtype.type
     zero = dt(0)
     one = dt(1)
@@ -246,6 +255,7 @@ def feature_map_block_t(x, r0, nr, yt, phi):
     *reduction* along a row does not vectorise without the ``nnan`` flag we leave
     out); this costs one transposed copy of the block.
     """
+    prefer_full_width()
     D = x.shape[1]
     dt = yt.dtype.type
     zero = dt(0)
@@ -296,6 +306,7 @@ def feature_map_grad_acc(x, y, dy, dx, phi):
     softmax: ``y ⊙ (dy − ⟨dy, y⟩)``; elu+1: ``dy · (1 if x > 0 else exp(x) = y)``;
     relu: ``dy · [x > 0]``.
     """
+    prefer_full_width()
     zero = y.dtype.type(0)
     n = x.shape[0]
     if phi == PHI_SOFTMAX:
@@ -311,6 +322,60 @@ def feature_map_grad_acc(x, y, dy, dx, phi):
         for d in range(n):
             if x[d] > zero:
                 dx[d] += dy[d]
+
+
+@njit(**KERNEL_OPTIONS)
+def feature_map_grad_block_t(yt, gt, nr, phi):
+    """``gt[:, :nr] ← (∂φ/∂x)ᵀ gt`` for nr tokens stored transposed, from ``yt = φ(x)ᵀ`` alone.
+
+    yt, gt: (D, ≥nr), tokens along the contiguous axis (as ``feature_map_block_t``
+    leaves them), so every step is an element-wise loop over tokens (vectorised);
+    ``feature_map_grad_acc`` is the per-token form, with the same values. x itself
+    is not needed: for elu+1, x > 0 gives y = x + 1 ≥ 1 and x ≤ 0 gives
+    y = exp(x) ≤ 1, and where y = 1 both rules give dy·1 = dy, so "y > 1" picks
+    the right one; for relu, x > 0 exactly when y > 0. NaN fails both tests, as it
+    fails x > 0.
+    """
+    prefer_full_width()
+    D = yt.shape[0]
+    dt = yt.dtype.type
+    zero = dt(0)
+    one = dt(1)
+    if phi == PHI_SOFTMAX:  # y ⊙ (dy − ⟨dy, y⟩), the inner product over d in order
+        inner = np.zeros(nr, yt.dtype)
+        for d in range(D):
+            yd = yt[d]
+            gd = gt[d]
+            for r in range(nr):
+                inner[r] += gd[r] * yd[r]
+        for d in range(D):
+            yd = yt[d]
+            gd = gt[d]
+            for r in range(nr):
+                gd[r] = yd[r] * (gd[r] - inner[r])
+    elif phi == PHI_ELU:
+        for d in range(D):
+            yd = yt[d]
+            gd = gt[d]
+            for r in range(nr):
+                gd[r] = gd[r] if yd[r] > one else gd[r] * yd[r]
+    else:
+        for d in range(D):
+            yd = yt[d]
+            gd = gt[d]
+            for r in range(nr):
+                gd[r] = gd[r] if yd[r] > zero else zero
+
+
+@njit(**KERNEL_OPTIONS)
+def add_transposed(src_t, dst, nr):
+    """``dst[:nr, :] += src_t[:, :nr].T`` for src_t (D, ≥nr), dst (≥nr, D)."""
+    prefer_full_width()
+    D = src_t.shape[0]
+    for r in range(nr):
+        dr = dst[r]
+        for d in range(D):
+            dr[d] += src_t[d, r]
 
 
 # --------------------------------------------------------------------------- block lists
@@ -371,6 +436,7 @@ def key_block_states(k, v, block_k, phi, kv_h, kv_z):
     Mk = kv_h.shape[2]
     zero = k.dtype.type(0)
     for t in prange(B * H * Mk):
+        prefer_full_width()  # the prange body is a function of its own
         b = t // (H * Mk)
         h = (t // Mk) % H
         j = t % Mk
@@ -401,6 +467,7 @@ def block_totals(mats, vecs, tot_m, tot_v, finite):
     """
     B, H, M, D = vecs.shape
     for t in prange(B * H):
+        prefer_full_width()  # the prange body is a function of its own
         b = t // H
         h = t % H
         tm = tot_m[b, h]
@@ -441,7 +508,65 @@ def sum_marginal(mats, vecs, tot_m, tot_v, use_totals, classes, out_m, out_v):
     subtraction loses nothing to cancellation even for float32 input; it is only
     used when the totals are finite (``use_totals``), so an inf/NaN block can only
     reach the rows where it is marginal — as in the dense reference.
+
+    The reference form is ``sum_marginal_reference``; this one gives the same bits
+    (per element: start value, then the blocks in ascending j), but works one row d
+    at a time: the blocks to read are listed first, and a row's float64 accumulator
+    (D values, a few vector registers) is started, updated by every listed block and
+    rounded into ``out_m`` while it is in L1, instead of a (D, D) float64 matrix
+    that is written and re-read once per block (it cost two 64³ products per call).
     """
+    prefer_full_width()
+    M = classes.shape[0]
+    D = out_v.shape[0]
+    n_marg = 0
+    for j in range(M):
+        if classes[j] == 0:
+            n_marg += 1
+    subtract = use_totals and 2 * n_marg > M
+    listed = np.empty(M, np.int64)  # the blocks read: the non-marginal ones or the marginal ones
+    n = 0
+    for j in range(M):
+        if (classes[j] != 0) == subtract:
+            listed[n] = j
+            n += 1
+    acc = np.empty(D, np.float64)
+    for d in range(D):
+        if subtract:  # total − critical − negligible
+            td = tot_m[d]
+            for e in range(D):
+                acc[e] = td[e]
+            for t in range(n):
+                mjd = mats[listed[t], d]
+                for e in range(D):
+                    acc[e] -= mjd[e]
+        else:  # Σ marginal
+            for e in range(D):
+                acc[e] = 0.0
+            for t in range(n):
+                mjd = mats[listed[t], d]
+                for e in range(D):
+                    acc[e] += mjd[e]
+        od = out_m[d]
+        for e in range(D):
+            od[e] = acc[e]
+    for e in range(D):
+        acc[e] = tot_v[e] if subtract else 0.0
+    for t in range(n):
+        vj = vecs[listed[t]]
+        for e in range(D):
+            if subtract:
+                acc[e] -= vj[e]
+            else:
+                acc[e] += vj[e]
+    for e in range(D):
+        out_v[e] = acc[e]
+    return n_marg
+
+
+@njit(**KERNEL_OPTIONS)
+def sum_marginal_reference(mats, vecs, tot_m, tot_v, use_totals, classes, out_m, out_v):
+    """``sum_marginal`` written plainly: a (D, D) float64 sum, one block at a time."""
     M = classes.shape[0]
     D = out_v.shape[0]
     n_marg = 0
@@ -462,20 +587,14 @@ def sum_marginal(mats, vecs, tot_m, tot_v, use_totals, classes, out_m, out_v):
             acc_v[d] = 0.0
     for j in range(M):
         if subtract and classes[j] != 0:  # total − critical − negligible
-            mj = mats[j]
             for d in range(D):
-                ad = acc_m[d]
-                mjd = mj[d]
                 for e in range(D):
-                    ad[e] -= mjd[e]
+                    acc_m[d, e] -= mats[j, d, e]
                 acc_v[d] -= vecs[j, d]
         elif not subtract and classes[j] == 0:  # Σ marginal
-            mj = mats[j]
             for d in range(D):
-                ad = acc_m[d]
-                mjd = mj[d]
                 for e in range(D):
-                    ad[e] += mjd[e]
+                    acc_m[d, e] += mats[j, d, e]
                 acc_v[d] += vecs[j, d]
     for d in range(D):
         out_v[d] = acc_v[d]

@@ -166,3 +166,34 @@ def tile_fma_tn(typingctx, a, b, c, i0, j0, kk):
     The broadcast scalars of one reduction step then come from one row of ``a``.
     """
     return _tile_fma_impl(a, b, c, True)
+
+
+# --------------------------------------------------------------------------- auto-vectoriser width
+#: the LLVM function attribute that sets the auto-vectoriser's vector width
+_PREFER_WIDTH = f'"prefer-vector-width"="{8 * VECTOR_BYTES}"'
+
+
+@intrinsic
+def prefer_full_width(typingctx):
+    """Let LLVM auto-vectorise the calling function's loops at the full vector width.
+
+    Call it first thing in every ``@njit`` function with element-wise loops (and
+    inside ``prange`` bodies: Numba moves those into a function of their own).
+    Why: on Intel CPUs with AVX-512, LLVM's tuning prefers 256-bit vectors for
+    auto-vectorised loops (``prefer-vector-width``=256), so the exponentials, the
+    feature maps and the float64 sums of the linear states ran on half-width
+    ``ymm`` vectors; the attribute ``"prefer-vector-width"="512"`` on the function
+    lifts that for our kernels only (a 64 × 64 block of ``exp_f32`` went from 3.3 to
+    2.1 µs on the Xeon of BENCHMARKS.md). On AVX2 / SSE machines it names the width
+    LLVM uses anyway. It is a code-generation hint: the arithmetic of each element is
+    unchanged, except that reductions that fast-math lets LLVM re-associate are split
+    into a different number of partial sums (deterministic for a given build).
+    (llvmlite checks function attributes against a fixed list of keywords, which
+    lacks string attributes; the attribute is added to the underlying set directly.)
+    """
+
+    def codegen(context, builder, signature, args):
+        set.add(builder.function.attributes, _PREFER_WIDTH)
+        return context.get_dummy_value()
+
+    return types.void(), codegen

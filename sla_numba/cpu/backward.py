@@ -23,6 +23,9 @@ Step by step
    ``den_r = φ(q_r)·Z_i + eps``, ``ĉ_r = φ(q_r) / den_r``:
      dφ(q_r) = (dO_l[r] H_iᵀ − δl_r Z_i) / den_r, chained through φ into dQ_i;
      QO_i = Σ_r ĉ_rᵀ dO_l[r]  (D, D),  QD_i = Σ_r ĉ_r δl_r  (D)   — saved for step 2.
+   It also keeps (scale·Q_i)ᵀ and dO_iᵀ (D, block_q) per query block for step 2,
+   which would otherwise transpose them again for every key block that Q_i marks
+   critical (workspace: twice the size of q).
 2. dK/dV kernel, one iteration per (b, h, key block j):
    sparse, over the query blocks i that mark j critical (reverse index):
      P = exp((scale·Q_i) K_jᵀ − lse_i),  dV_j += Pᵀ dO_s,i,
@@ -49,17 +52,21 @@ from numba import njit, prange
 from .._arrays import np_empty
 from ._common import (
     KERNEL_OPTIONS,
+    add_transposed,
     block_totals,
     blocks_in_row,
     column_index,
     fast_exp,
+    feature_map_block_t,
     feature_map_grad_acc,
+    feature_map_grad_block_t,
     feature_map_row,
     fill2d,
     gemm_acc,
     gemm_tn_acc,
     linear_map,
     linear_states,
+    prefer_full_width,
     sum_marginal,
     transpose_into,
 )
@@ -68,6 +75,7 @@ from ._common import (
 @njit(**KERNEL_OPTIONS)
 def _row_dots(x, y, r0, nr, out):
     """``out[r] = x[r] · y[r]`` for rows r0..r0+nr of x, y (N, D); out (N,)."""
+    prefer_full_width()
     D = x.shape[1]
     zero = x.dtype.type(0)
     for r in range(r0, r0 + nr):
@@ -82,6 +90,7 @@ def _row_dots(x, y, r0, nr, out):
 @njit(**KERNEL_OPTIONS)
 def _rows_transposed(x, r0, nr, factor, out):
     """``out[:, :nr] = factor · x[r0:r0+nr].T`` for x (N, D), out (D, ≥nr)."""
+    prefer_full_width()
     D = x.shape[1]
     for r in range(nr):
         xr = x[r0 + r]
@@ -91,24 +100,23 @@ def _rows_transposed(x, r0, nr, factor, out):
 
 # --------------------------------------------------------------------------- dQ
 @njit(**KERNEL_OPTIONS)
-def _sparse_dq_block(qh, kh, vh, do_s, lse, delta_s, r0, nr, crit, n_crit, block_k, scale, dqb):
+def _sparse_dq_block(qst, dot, kh, vh, lse, delta_s, r0, nr, crit, n_crit, block_k, scale, dqb):
     """``dqb += scale · Σ_c dS_c K_c`` over the critical key blocks of one query block.
 
-    Tiles are transposed (keys along rows, queries contiguous), as in the forward:
+    qst = (scale·Q_i)ᵀ and dot = dO_iᵀ: (D, ≥nr), made once per query block by the
+    caller (the dK/dV kernel reuses them). Tiles are transposed (keys along rows,
+    queries contiguous), as in the forward:
     Sᵀ = K_c (scale·Q_i)ᵀ, dPᵀ = V_c dO_iᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ − δs), dQ_i += (dSᵀ)ᵀ K_c.
     """
+    prefer_full_width()
     Nk, D = kh.shape
-    dt = qh.dtype.type
+    dt = kh.dtype.type
     zero = dt(0)
     if n_crit == 0:
         return
-    qst = np.empty((D, nr), qh.dtype)  # (scale·Q_i)ᵀ
-    _rows_transposed(qh, r0, nr, scale, qst)
-    dot = np.empty((D, nr), qh.dtype)  # dO_iᵀ
-    _rows_transposed(do_s, r0, nr, dt(1), dot)
-    st = np.empty((block_k, nr), qh.dtype)  # Sᵀ
-    dst = np.empty((block_k, nr), qh.dtype)  # dPᵀ, then dSᵀ
-    acc = np.zeros((nr, D), qh.dtype)  # Σ dS K_c, scaled at the end
+    st = np.empty((block_k, nr), kh.dtype)  # Sᵀ
+    dst = np.empty((block_k, nr), kh.dtype)  # dPᵀ, then dSᵀ
+    acc = np.zeros((nr, D), kh.dtype)  # Σ dS K_c, scaled at the end
     lr = lse[r0 : r0 + nr]
     dr = delta_s[r0 : r0 + nr]
     for n in range(n_crit):
@@ -137,8 +145,15 @@ def _linear_dq_block(qh, kv, classes, do_l, delta_l, r0, nr, phi, eps, dqb, qo, 
     """Linear-branch part of dQ for one query block; also writes QO_i (D, D) and QD_i (D).
 
     kv: this (b, h)'s linear states (``_common.linear_states``); classes: (Mk,) int8,
-    row i of the block map.
+    row i of the block map. Per token r, with ĉ_r = φ(q_r) / den_r:
+        g_r = (dO_l[r] H_iᵀ − δl_r Z_i) / den_r,   dq_r += (∂φ/∂q_r)ᵀ g_r,
+        QO_i = Σ_r ĉ_rᵀ dO_l[r],   QD_i = Σ_r ĉ_r δl_r.
+    Everything per token is held transposed (D, nr), tokens along the contiguous
+    axis, so the element-wise steps and φ's chain rule vectorise over tokens
+    (``_linear_dq_block_reference`` is the per-token form); gᵀ = H_i dO_lᵀ is one
+    product, and dQ gets the result through one transposed add.
     """
+    prefer_full_width()
     kv_h, kv_z, tot_h, tot_z, finite = kv
     D = qh.shape[1]
     dt = qh.dtype.type
@@ -151,13 +166,56 @@ def _linear_dq_block(qh, kv, classes, do_l, delta_l, r0, nr, phi, eps, dqb, qo, 
     zs = np.empty(D, qh.dtype)  # Z_i
     if sum_marginal(kv_h, kv_z, tot_h, tot_z, finite, classes, hs, zs) == 0:
         return  # no marginal block: no linear term
-    hst = np.empty((D, D), qh.dtype)
-    transpose_into(hs, hst, D, D)
-    dob = do_l[r0 : r0 + nr]
-    g = np.zeros((nr, D), qh.dtype)
-    gemm_acc(dob, hst, g, nr, D, D)  # g[r] = dO_l[r] H_iᵀ
+    fqt = np.empty((D, nr), qh.dtype)  # φ(Q_i)ᵀ
+    feature_map_block_t(qh, r0, nr, fqt, phi)
+    inv = np.zeros(nr, qh.dtype)  # den_r = φ(q_r)·Z_i + eps, d in order; then 1/den_r
+    for d in range(D):
+        fd = fqt[d]
+        zd = zs[d]
+        for r in range(nr):
+            inv[r] += fd[r] * zd
+    for r in range(nr):
+        inv[r] = one / (inv[r] + eps)
+    dl = delta_l[r0 : r0 + nr]
+    dolt = np.empty((D, nr), qh.dtype)  # dO_lᵀ
+    _rows_transposed(do_l, r0, nr, one, dolt)
+    gt = np.zeros((D, nr), qh.dtype)
+    gemm_acc(hs, dolt, gt, D, nr, D)  # gᵀ = H_i dO_lᵀ  (g_r = dO_l[r] H_iᵀ)
+    chat_t = np.empty((D, nr), qh.dtype)  # ĉᵀ
+    for d in range(D):
+        gd = gt[d]
+        fd = fqt[d]
+        cd = chat_t[d]
+        zd = zs[d]
+        acc = zero
+        for r in range(nr):
+            gd[r] = (gd[r] - dl[r] * zd) * inv[r]  # dφ(q_r)
+            c = fd[r] * inv[r]
+            cd[r] = c
+            acc += c * dl[r]
+        qd[d] = acc
+    feature_map_grad_block_t(fqt, gt, nr, phi)  # gᵀ ← (∂φ/∂q)ᵀ gᵀ
+    add_transposed(gt, dqb, nr)
+    gemm_acc(chat_t, do_l[r0 : r0 + nr], qo, D, D, nr)  # QO_i = Σ_r ĉ_rᵀ dO_l[r]
+
+
+@njit(**KERNEL_OPTIONS)
+def _linear_dq_block_reference(qh, kv, classes, do_l, delta_l, r0, nr, phi, eps, dqb, qo, qd):
+    """``_linear_dq_block`` token by token (the readable form; tests compare the two)."""
+    kv_h, kv_z, tot_h, tot_z, finite = kv
+    D = qh.shape[1]
+    dt = qh.dtype.type
+    zero = dt(0)
+    one = dt(1)
+    fill2d(qo, D, D, zero)
+    for d in range(D):
+        qd[d] = zero
+    hs = np.empty((D, D), qh.dtype)  # H_i
+    zs = np.empty(D, qh.dtype)  # Z_i
+    if sum_marginal(kv_h, kv_z, tot_h, tot_z, finite, classes, hs, zs) == 0:
+        return
     fq = np.empty(D, qh.dtype)  # φ(q_r)
-    chat_t = np.empty((D, nr), qh.dtype)  # ĉ_r = φ(q_r) / den_r, stored transposed
+    g = np.empty(D, qh.dtype)
     for r in range(nr):
         x = qh[r0 + r]
         feature_map_row(x, fq, phi)
@@ -166,14 +224,18 @@ def _linear_dq_block(qh, kv, classes, do_l, delta_l, r0, nr, phi, eps, dqb, qo, 
             den += fq[d] * zs[d]
         inv = one / (den + eps)
         dl = delta_l[r0 + r]
-        gr = g[r]
+        dor = do_l[r0 + r]
         for d in range(D):
-            gr[d] = (gr[d] - dl * zs[d]) * inv  # dφ(q_r)
+            acc = zero
+            for e in range(D):
+                acc += dor[e] * hs[d, e]
+            g[d] = (acc - dl * zs[d]) * inv  # dφ(q_r)
+        for d in range(D):
             c = fq[d] * inv
-            chat_t[d, r] = c
             qd[d] += c * dl
-        feature_map_grad_acc(x, fq, gr, dqb[r], phi)
-    gemm_acc(chat_t, dob, qo, D, D, nr)  # QO_i = Σ_r ĉ_rᵀ dO_l[r]
+            for e in range(D):
+                qo[d, e] += c * dor[e]
+        feature_map_grad_acc(x, fq, g, dqb[r], phi)
 
 
 @njit(parallel=True, **KERNEL_OPTIONS)
@@ -203,6 +265,8 @@ def _dq_kernel(
     dq,
     qo,
     qd,
+    qt,
+    dot,
 ):
     B, H, Nq, D = q.shape
     Mq, Mk = block_map.shape[2], block_map.shape[3]
@@ -211,6 +275,7 @@ def _dq_kernel(
     ep = dt(eps)
     zero = dt(0)
     for t in prange(B * H * Mq):
+        prefer_full_width()  # the prange body is a function of its own
         b = t // (H * Mq)
         h = (t // Mq) % H
         i = t % Mq
@@ -220,13 +285,17 @@ def _dq_kernel(
         _row_dots(o_l[b, h], do_l[b, h], r0, nr, delta_l[b, h])  # δl
         dqb = dq[b, h, r0 : r0 + nr]
         fill2d(dqb, nr, D, zero)
+        # (scale·Q_i)ᵀ and dO_iᵀ, kept for the dK/dV kernel (which would otherwise
+        # transpose them again for every key block that Q_i marks critical)
+        _rows_transposed(q[b, h], r0, nr, sc, qt[b, h, i])
+        _rows_transposed(do_s[b, h], r0, nr, dt(1), dot[b, h, i])
         blocks = np.empty(Mk, np.int64)
         n_crit = blocks_in_row(block_map, b, h, i, 1, blocks)
         _sparse_dq_block(
-            q[b, h],
+            qt[b, h, i],
+            dot[b, h, i],
             k[b, h],
             v[b, h],
-            do_s[b, h],
             lse[b, h],
             delta_s[b, h],
             r0,
@@ -256,36 +325,37 @@ def _dq_kernel(
 
 # --------------------------------------------------------------------------- dK, dV
 @njit(**KERNEL_OPTIONS)
-def _sparse_dkdv_block(qh, kh, vh, do_s, lse, delta_s, c0, nk, rows, block_q, scale, dkb, dvb):
+def _sparse_dkdv_block(
+    qh, kh, vh, do_s, qt, dot, lse, delta_s, c0, nk, rows, block_q, scale, dkb, dvb
+):
     """Sparse-branch dK_j, dV_j over the query blocks ``rows`` that mark key block j critical.
 
-    Works on transposed tiles (keys along rows), so that every product is a plain
-    ``gemm_acc``: Sᵀ = K_j (scale·Q_i)ᵀ, dPᵀ = V_j dO_iᵀ, dV_j += Pᵀ dO_i, dK_j += dSᵀ Q_i.
+    qt, dot: (Mq, D, block_q), (scale·Q_i)ᵀ and dO_iᵀ per query block (made by the
+    dQ kernel). Works on transposed tiles (keys along rows), so that every product
+    is a plain ``gemm_acc``: Sᵀ = K_j (scale·Q_i)ᵀ, dPᵀ = V_j dO_iᵀ, dV_j += Pᵀ dO_i,
+    dK_j += dSᵀ Q_i.
     """
+    prefer_full_width()
     Nq, D = qh.shape
     dt = qh.dtype.type
     zero = dt(0)
-    one = dt(1)
     if rows.shape[0] == 0:
         return
     kb = kh[c0 : c0 + nk]
     vb = vh[c0 : c0 + nk]
-    qst = np.empty((D, block_q), qh.dtype)  # (scale·Q_i)ᵀ
-    dot = np.empty((D, block_q), qh.dtype)  # dO_iᵀ
     st = np.empty((nk, block_q), qh.dtype)  # Sᵀ, then Pᵀ
     dpt = np.empty((nk, block_q), qh.dtype)  # dPᵀ, then dSᵀ
     acc = np.zeros((nk, D), qh.dtype)  # Σ dSᵀ Q, scaled at the end
     for n in range(rows.shape[0]):
-        r0 = rows[n] * block_q
+        i = rows[n]
+        r0 = i * block_q
         nr = min(block_q, Nq - r0)
         qb = qh[r0 : r0 + nr]
         dob = do_s[r0 : r0 + nr]
-        _rows_transposed(qh, r0, nr, scale, qst)
-        _rows_transposed(do_s, r0, nr, one, dot)
         fill2d(st, nk, nr, zero)
-        gemm_acc(kb, qst, st, nk, nr, D)  # Sᵀ
+        gemm_acc(kb, qt[i], st, nk, nr, D)  # Sᵀ = K_j (scale·Q_i)ᵀ
         fill2d(dpt, nk, nr, zero)
-        gemm_acc(vb, dot, dpt, nk, nr, D)  # dPᵀ = V dOᵀ
+        gemm_acc(vb, dot[i], dpt, nk, nr, D)  # dPᵀ = V_j dO_iᵀ
         lr = lse[r0 : r0 + nr]
         dr = delta_s[r0 : r0 + nr]
         for c in range(nk):
@@ -308,26 +378,58 @@ def _linear_dkdv_block(kh, vh, qstates, classes, c0, nk, phi, dkb, dvb):
 
     qstates: ``(qo, qd, tot_qo, tot_qd, finite)`` of this (b, h) — QO_i, QD_i per
     query block and their float64 totals; classes: (Mq,) int8, column j of the map.
+    Per key c: dV[c] += φ(k_c) dH_j, dk_c += (∂φ/∂k_c)ᵀ (v_c dH_jᵀ − dZ_j). As in
+    ``_linear_dq_block``, φ(K_j) and the chain rule are held transposed (keys along
+    the contiguous axis, vectorised over keys); ``_linear_dkdv_block_reference`` is
+    the per-key form.
     """
+    prefer_full_width()
     qo, qd, tot_qo, tot_qd, finite = qstates
     D = kh.shape[1]
     dh = np.empty((D, D), kh.dtype)  # dH_j
     dz = np.empty(D, kh.dtype)  # dZ_j
     if sum_marginal(qo, qd, tot_qo, tot_qd, finite, classes, dh, dz) == 0:
         return
-    dht = np.empty((D, D), kh.dtype)
-    transpose_into(dh, dht, D, D)
-    y = np.empty((nk, D), kh.dtype)  # φ(K_j)
+    yt = np.empty((D, nk), kh.dtype)  # φ(K_j)ᵀ
+    feature_map_block_t(kh, c0, nk, yt, phi)
+    gemm_tn_acc(yt, dh, dvb, nk, D, D)  # dV[c] += φ(k_c) dH_j
+    vt = np.empty((D, nk), kh.dtype)  # V_jᵀ
+    transpose_into(vh[c0 : c0 + nk], vt, nk, D)
+    gt = np.zeros((D, nk), kh.dtype)
+    gemm_acc(dh, vt, gt, D, nk, D)  # gᵀ = dH_j V_jᵀ  (g_c = v_c dH_jᵀ)
+    for d in range(D):
+        gd = gt[d]
+        zd = dz[d]
+        for c in range(nk):
+            gd[c] -= zd  # dφ(k_c)
+    feature_map_grad_block_t(yt, gt, nk, phi)
+    add_transposed(gt, dkb, nk)
+
+
+@njit(**KERNEL_OPTIONS)
+def _linear_dkdv_block_reference(kh, vh, qstates, classes, c0, nk, phi, dkb, dvb):
+    """``_linear_dkdv_block`` key by key (the readable form; tests compare the two)."""
+    qo, qd, tot_qo, tot_qd, finite = qstates
+    D = kh.shape[1]
+    dh = np.empty((D, D), kh.dtype)  # dH_j
+    dz = np.empty(D, kh.dtype)  # dZ_j
+    if sum_marginal(qo, qd, tot_qo, tot_qd, finite, classes, dh, dz) == 0:
+        return
+    y = np.empty(D, kh.dtype)  # φ(k_c)
+    g = np.empty(D, kh.dtype)
+    zero = kh.dtype.type(0)
     for c in range(nk):
-        feature_map_row(kh[c0 + c], y[c], phi)
-    gemm_acc(y, dh, dvb, nk, D, D)  # dV[c] += φ(k_c) dH_j
-    g = np.zeros((nk, D), kh.dtype)
-    gemm_acc(vh[c0 : c0 + nk], dht, g, nk, D, D)  # g[c] = v_c dH_jᵀ
-    for c in range(nk):
-        gc = g[c]
+        feature_map_row(kh[c0 + c], y, phi)
+        vc = vh[c0 + c]
         for d in range(D):
-            gc[d] -= dz[d]  # dφ(k_c)
-        feature_map_grad_acc(kh[c0 + c], y[c], gc, dkb[c], phi)
+            acc = zero
+            for e in range(D):
+                acc += vc[e] * dh[d, e]
+            g[d] = acc - dz[d]  # dφ(k_c)
+        for d in range(D):
+            for e in range(D):
+                dvb[c, e] += y[d] * dh[d, e]
+        feature_map_grad_acc(kh[c0 + c], y, g, dkb[c], phi)
 
 
 @njit(parallel=True, **KERNEL_OPTIONS)
@@ -351,6 +453,8 @@ def _dkdv_kernel(
     tot_qo,
     tot_qd,
     finite,
+    qt,
+    dot,
     dk,
     dv,
 ):
@@ -360,6 +464,7 @@ def _dkdv_kernel(
     sc = dt(scale)
     zero = dt(0)
     for t in prange(B * H * Mk):
+        prefer_full_width()  # the prange body is a function of its own
         b = t // (H * Mk)
         h = (t // Mk) % H
         j = t % Mk
@@ -374,6 +479,8 @@ def _dkdv_kernel(
             k[b, h],
             v[b, h],
             do_s[b, h],
+            qt[b, h],
+            dot[b, h],
             lse[b, h],
             delta_s[b, h],
             c0,
@@ -425,6 +532,8 @@ def backward(
     dq = np_empty((B, H, Nq, D), dtype)
     qo = np_empty((B, H, Mq, D, D), dtype)
     qd = np_empty((B, H, Mq, D), dtype)
+    qt = np_empty((B, H, Mq, D, block_q), dtype)  # (scale·Q_i)ᵀ per query block
+    dot = np_empty((B, H, Mq, D, block_q), dtype)  # dO_sᵀ per query block
     _dq_kernel(
         q,
         k,
@@ -447,6 +556,8 @@ def backward(
         dq,
         qo,
         qd,
+        qt,
+        dot,
     )
 
     # 2. dK, dV
@@ -476,6 +587,8 @@ def backward(
         tot_qo,
         tot_qd,
         q_finite,
+        qt,
+        dot,
         dk,
         dv,
     )

@@ -54,6 +54,7 @@ from ._common import (
     gemm_tn_acc,
     linear_map,
     linear_states,
+    prefer_full_width,
     sum_marginal,
 )
 
@@ -69,6 +70,7 @@ def _sparse_block(qh, kh, vh, r0, nr, crit, n_crit, block_k, scale, o, lse):
     LLVM vectorises (a max *reduction* along a row would not vectorise without
     the ``nnan`` flag we deliberately leave out).
     """
+    prefer_full_width()
     Nk, D = kh.shape
     dt = qh.dtype.type
     zero = dt(0)
@@ -137,6 +139,7 @@ def _linear_block(qh, kv, classes, r0, nr, phi, eps, o):
     ``_common.linear_states``); classes: (Mk,) int8, row i of the block map;
     o: (Nq, D) output.
     """
+    prefer_full_width()
     kv_h, kv_z, tot_h, tot_z, finite = kv
     D = qh.shape[1]
     dt = qh.dtype.type
@@ -191,6 +194,7 @@ def _forward_kernel(
     sc = dt(scale)
     ep = dt(eps)
     for t in prange(B * H * Mq):
+        prefer_full_width()  # the prange body is a function of its own
         b = t // (H * Mq)
         h = (t // Mq) % H
         i = t % Mq
