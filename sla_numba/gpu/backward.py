@@ -51,6 +51,7 @@ from ._launch import (
     half_kind,
     launch_prep,
     linear_scope_global,
+    linear_supported,
     marginal_sum,
     row_states,
 )
@@ -58,7 +59,6 @@ from ._path import resolve_path, tc_part
 from ._stages import mark
 from .simt.backward import make_dkdv, make_dq
 from .simt.tiles import choose_tiles
-from .tc.linear_backward import linear_grad_tc_supported
 
 
 def _like_dtype(call, x, like):
@@ -256,13 +256,13 @@ def backward(
 
 def _linear_grad_tc(D, T, block_q, block_k):
     """Whether the tensor-core path does the linear branch's gradients on tensor cores
-    (``tc/linear_backward.py``): shapes it takes, states of width D*D + D, and not
-    switched off by ``SLA_NUMBA_TC_OFF=linear_grad``."""
+    (``tc/linear_backward.py``, the same shapes as the forward's ``tc/linear.py``): states
+    of width D*D + D, and not switched off by ``SLA_NUMBA_TC_OFF=linear_grad``."""
     return (
         tc_part("linear_grad")
         and T.DP == D
-        and linear_grad_tc_supported(D, block_q)
-        and linear_grad_tc_supported(D, block_k)
+        and linear_supported(D, block_q)
+        and linear_supported(D, block_k)
     )
 
 

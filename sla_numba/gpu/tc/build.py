@@ -56,6 +56,22 @@ def launch(kernel, grid, block, smem_bytes, stream, args):
 # ---------------------------------------------------------------------------
 
 
+def flat(x):
+    """A flat (1-D) view of a C-contiguous array of any supported library (no copy:
+    writes through it reach ``x``)."""
+    return x if x.ndim == 1 else x.reshape(int(np.prod(x.shape)))
+
+
+def size(x):
+    """Number of elements of an array of any supported library."""
+    return int(np.prod(x.shape))
+
+
+def dtype_name(x):
+    """The dtype's name without a library prefix ('float32', 'int16', 'bfloat16', ...)."""
+    return str(x.dtype).replace("torch.", "")
+
+
 def _lib(x):
     mod = type(x).__module__.split(".")[0]
     if mod == "torch":

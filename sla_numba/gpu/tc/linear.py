@@ -86,6 +86,7 @@ from numba import cuda, float32, int16, int32, uint64
 
 from .. import _compat
 from . import build as _tc_build
+from .build import dtype_name, flat, size
 from .ptx import (
     SIMULATED,
     bf16_high_f32,
@@ -163,6 +164,62 @@ def _mma_tile(acc, n, af, k, b0, b1):
     )
 
 
+@_compat.device(**_DEV)
+def _split_pair(x0, x1):
+    """(hi, lo) packed bf16 pairs of two fp32 values: hi = bf16(x), lo = bf16(x - hi)."""
+    p = pack_bf16x2(x0, x1)
+    return p, pack_bf16x2(x0 - bf16_low_f32(p), x1 - bf16_high_f32(p))
+
+
+@_compat.device(**_DEV)
+def _load_phi_row(xs, x, g, ok, C, fm, f16):
+    """``xs`` = φ of this lane's C values of a row held by a lane pair: inputs
+    ``x[g : g + C]`` (int16 bits, fp16 when ``f16`` else bf16; zeros when not ``ok``,
+    a row past the sequence). Returns the softmax's (row max, 1 / Σ exp) — (0, 1) for
+    the element-wise maps. All lanes of the warp must call it (softmax shuffles)."""
+    for c in range(C):
+        xs[c] = _in_f32(int32(x[u64(g + c)]), f16) if ok else ZERO
+    mx = ZERO
+    inv = ONE
+    if fm == 0:
+        mx = xs[0]
+        for c in range(1, C):
+            mx = fmax(mx, xs[c])
+        mx = fmax(mx, shfl_xor(mx, 1))
+        for c in range(C):
+            xs[c] = math.exp(xs[c] - mx)
+        sm = xs[0]
+        for c in range(1, C):
+            sm += xs[c]
+        sm += shfl_xor(sm, 1)
+        inv = ONE / sm
+        for c in range(C):
+            xs[c] = xs[c] * inv
+    elif fm == 1:
+        for c in range(C):
+            xs[c] = xs[c] + ONE if xs[c] > ZERO else math.exp(xs[c])
+    else:
+        for c in range(C):
+            xs[c] = xs[c] if xs[c] > ZERO else ZERO
+    return mx, inv
+
+
+@_compat.device(**_DEV)
+def _stage_rows(smem32, hi, lo, src, base, r0, D, HK, SW, tid, NT):
+    """Rows r0 .. r0 + HK of the D x D fp32 matrix at ``src[base:]`` (row-major) into
+    the bf16 hi / lo tiles [r'][e] at 16-bit offsets ``hi`` / ``lo`` (row stride SW),
+    by the CTA's NT threads."""
+    half = D // 2
+    for x in range(tid, HK * half, NT):
+        rr = x // half
+        c = (x - rr * half) * 2
+        g = base + (r0 + rr) * D + c
+        p, q = _split_pair(src[u64(g)], src[u64(g + 1)])
+        s = (rr * SW + c) >> 1
+        smem32[s + (hi >> 1)] = p
+        smem32[s + (lo >> 1)] = q
+
+
 def make_linear_kernel(kind, D, BQ, HK):
     """Build ``linear_tc(q, lstate, n_marg, o_l, H, Nq, Mq, fm, eps)`` (module doc).
 
@@ -221,39 +278,13 @@ def make_linear_kernel(kind, D, BQ, HK):
         li = tid & 1
         ok = r < nrows
         gq = ob + r * D + li * C
-        for c in range(C):
-            xs[c] = _in_f32(int32(q[u64(gq + c)]), IN_F16) if ok else ZERO
-        if fm == 0:
-            # softmax over the row (both lanes shuffle: warp-uniform)
-            mx = xs[0]
-            for c in range(1, C):
-                mx = fmax(mx, xs[c])
-            mx = fmax(mx, shfl_xor(mx, 1))
-            for c in range(C):
-                xs[c] = math.exp(xs[c] - mx)
-            sm = xs[0]
-            for c in range(1, C):
-                sm += xs[c]
-            sm += shfl_xor(sm, 1)
-            inv = ONE / sm
-            for c in range(C):
-                xs[c] = xs[c] * inv
-        elif fm == 1:
-            for c in range(C):
-                xs[c] = xs[c] + ONE if xs[c] > ZERO else math.exp(xs[c])
-        else:
-            for c in range(C):
-                xs[c] = xs[c] if xs[c] > ZERO else ZERO
+        _load_phi_row(xs, q, gq, ok, C, fm, IN_F16)  # softmax: the two lanes shuffle
         # φ split: hi = bf16(φ) in the φ hi tile, lo = bf16(φ - hi) in the φ lo tile
         si = (r * SW + li * C) >> 1  # int32 index of the pair (r, li*C)
         for c2 in range(C // 2):
-            p = pack_bf16x2(xs[2 * c2], xs[2 * c2 + 1]) if ok else ZI
-            smem32[si + c2] = p
-            smem32[si + (PLO >> 1) + c2] = (
-                pack_bf16x2(xs[2 * c2] - bf16_low_f32(p), xs[2 * c2 + 1] - bf16_high_f32(p))
-                if ok
-                else ZI
-            )
+            p, pl = _split_pair(xs[2 * c2], xs[2 * c2 + 1])
+            smem32[si + c2] = p if ok else ZI
+            smem32[si + (PLO >> 1) + c2] = pl if ok else ZI
         # --- 3. fragment addresses (bytes). A = φ [r][d1], matrix m = lane >> 3 at rows
         # 8(m & 1).., columns 8(m >> 1)..; B = H [d1][e] (.trans), same pattern: matrices
         # 0, 1 = k rows 0-7, 8-15 of n8 tile 2p, matrices 2, 3 those of tile 2p + 1
@@ -272,19 +303,7 @@ def make_linear_kernel(kind, D, BQ, HK):
         for kc in range(D // HK):
             cuda.syncthreads()  # φ written / previous chunk consumed
             # --- 2. H rows kc*HK .. + HK - 1: bf16 hi / lo pairs; Z in columns D, D + 1
-            hb = sb + kc * (HK * D)
-            for x in range(tid, HK * D // 2, NT):
-                rr = x // (D // 2)
-                c = (x - rr * (D // 2)) * 2
-                g = hb + rr * D + c
-                y0 = lstate[u64(g)]
-                y1 = lstate[u64(g + 1)]
-                p = pack_bf16x2(y0, y1)
-                s = (rr * SW + c + HHI) >> 1
-                smem32[s] = p
-                smem32[s + (HK * SW // 2)] = pack_bf16x2(
-                    y0 - bf16_low_f32(p), y1 - bf16_high_f32(p)
-                )
+            _stage_rows(smem32, HHI, HLO, lstate, sb, kc * HK, D, HK, SW, tid, NT)
             if tid < HK:
                 zv = lstate[u64(sb + D * D + kc * HK + tid)]
                 zh = bf16_low_f32(pack_bf16x2(zv, zv))
@@ -356,18 +375,6 @@ def get_linear_kernel(kind, D, BQ, hk=None):
 # ---------------------------------------------------------------------------
 
 
-def _flat(x):
-    return x if x.ndim == 1 else x.reshape(int(np.prod(x.shape)))
-
-
-def _size(x):
-    return int(np.prod(x.shape))
-
-
-def _dtype(x):
-    return str(x.dtype).replace("torch.", "")
-
-
 def launch_linear_forward_tc(
     kind, q_bits, lstate, n_marg, o_l, B, H, Nq, D, block_q, fm, eps, stream, hk=None
 ):
@@ -386,22 +393,22 @@ def launch_linear_forward_tc(
         raise ValueError(f"launch_linear_forward_tc: D = {D}, block_q = {block_q} not supported")
     if fm not in (0, 1, 2):
         raise ValueError(f"launch_linear_forward_tc: feature map code {fm}")
-    if _dtype(lstate) != "float32" or _dtype(o_l) != "float32":
+    if dtype_name(lstate) != "float32" or dtype_name(o_l) != "float32":
         raise TypeError("launch_linear_forward_tc: lstate and o_l must be float32")
-    if _dtype(n_marg) != "int32":
+    if dtype_name(n_marg) != "int32":
         raise TypeError("launch_linear_forward_tc: n_marg must be int32")
     nblk = -(-Nq // block_q)
     if nblk <= 0 or B * H == 0:
         return
     W = D * D + D
-    if _size(lstate) % (B * H * W):
+    if size(lstate) % (B * H * W):
         raise ValueError("launch_linear_forward_tc: lstate size is not B*H*Mq*(D*D + D)")
-    Mq = _size(lstate) // (B * H * W)
+    Mq = size(lstate) // (B * H * W)
     if Mq < nblk:
         raise ValueError(f"launch_linear_forward_tc: lstate has {Mq} blocks, {nblk} needed")
-    if _size(n_marg) < B * H * Mq:
+    if size(n_marg) < B * H * Mq:
         raise ValueError("launch_linear_forward_tc: n_marg smaller than B*H*Mq")
-    if _size(q_bits) < B * H * Nq * D or _size(o_l) < B * H * Nq * D:
+    if size(q_bits) < B * H * Nq * D or size(o_l) < B * H * Nq * D:
         raise ValueError("launch_linear_forward_tc: q / o_l smaller than B*H*Nq*D")
     if H > 65535 or B > 65535:
         raise ValueError("launch_linear_forward_tc: H or B too large for the grid")
@@ -412,5 +419,15 @@ def launch_linear_forward_tc(
         kern.threads,
         kern.smem_bytes,
         stream,
-        (_flat(q_bits), _flat(lstate), _flat(n_marg), _flat(o_l), H, Nq, Mq, fm, np.float32(eps)),
+        (
+            flat(q_bits),
+            flat(lstate),
+            flat(n_marg),
+            flat(o_l),
+            H,
+            Nq,
+            Mq,
+            fm,
+            np.float32(eps),
+        ),
     )

@@ -87,86 +87,42 @@ import math
 from collections import namedtuple
 
 import numpy as np
-from numba import cuda, float32, int16, int32, uint64
+from numba import cuda, float32, int16, int32
 
 from .. import _compat
 from . import build as _tc_build
-from .linear import _in_f32, _mma_tile, chunk_rows
-from .ptx import (
-    SIMULATED,
-    bf16_high_f32,
-    bf16_low_f32,
-    fmax,
-    ldsm_x4,
-    ldsm_x4_trans,
-    pack_bf16x2,
-    shfl_xor,
-    smem_addr,
+from .build import dtype_name, flat, size
+
+# The forward's linear kernel (tc/linear.py) is this module's twin: its constants,
+# supported shapes and device helpers (input decoding, the bf16 hi / lo split, φ of a
+# row loaded by a lane pair, staging rows of a D x D state) serve both.
+from .linear import (
+    _DEV,
+    FASTMATH,
+    KINDS,
+    ONE,
+    PAD,
+    ZERO,
+    ZI,
+    _in_f32,
+    _load_phi_row,
+    _mma_tile,
+    _split_pair,
+    _stage_rows,
+    chunk_rows,
+    u64,
 )
+from .linear import linear_tc_supported as linear_grad_tc_supported  # same shapes
+from .ptx import SIMULATED, bf16_high_f32, bf16_low_f32, ldsm_x4, ldsm_x4_trans, shfl_xor, smem_addr
 from .tiles import frag_rows_a, frag_rows_bt
-
-KINDS = ("bf16", "f16")
-BLOCKS = (16, 32, 64, 128)
-PAD = 8
-
-ZERO = np.float32(0.0)
-ONE = np.float32(1.0)
-ZI = np.int32(0)
-u64 = uint64  # unsigned indices: no wraparound checks
-FASTMATH = {"contract", "arcp", "afn", "nsz"}
-_DEV = {} if SIMULATED else {"forceinline": True, "fastmath": FASTMATH}
 
 #: A compiled kernel and its launch sizes.
 LinearGradKernel = namedtuple("LinearGradKernel", "kernel smem_bytes threads")
 
 
-def linear_grad_tc_supported(D, block):
-    """D a multiple of 16 up to 128; block (block_q for dq, block_k for dk/dv) in
-    {16, 32, 64, 128}."""
-    D, block = int(D), int(block)
-    return 16 <= D <= 128 and D % 16 == 0 and block in BLOCKS
-
-
 # ---------------------------------------------------------------------------
 # Device helpers (module level: not in the kernels' closures, see tc/linear.py)
 # ---------------------------------------------------------------------------
-
-
-@_compat.device(**_DEV)
-def _split_pair(x0, x1):
-    """(hi, lo) packed bf16 pairs of two fp32 values: hi = bf16(x), lo = bf16(x - hi)."""
-    p = pack_bf16x2(x0, x1)
-    return p, pack_bf16x2(x0 - bf16_low_f32(p), x1 - bf16_high_f32(p))
-
-
-@_compat.device(**_DEV)
-def _phi_of_row(xs, C, fm):
-    """φ of a row held by a lane pair (C values each, ``xs`` in place); returns the
-    softmax's (row max, 1 / Σ exp) — (0, 1) for the element-wise maps. All lanes of
-    the warp must call it (softmax shuffles)."""
-    mx = ZERO
-    inv = ONE
-    if fm == 0:
-        mx = xs[0]
-        for c in range(1, C):
-            mx = fmax(mx, xs[c])
-        mx = fmax(mx, shfl_xor(mx, 1))
-        for c in range(C):
-            xs[c] = math.exp(xs[c] - mx)
-        sm = xs[0]
-        for c in range(1, C):
-            sm += xs[c]
-        sm += shfl_xor(sm, 1)
-        inv = ONE / sm
-        for c in range(C):
-            xs[c] = xs[c] * inv
-    elif fm == 1:
-        for c in range(C):
-            xs[c] = xs[c] + ONE if xs[c] > ZERO else math.exp(xs[c])
-    else:
-        for c in range(C):
-            xs[c] = xs[c] if xs[c] > ZERO else ZERO
-    return mx, inv
 
 
 @_compat.device(**_DEV)
@@ -204,21 +160,6 @@ def _stage_cols(smem32, hi, lo, src, base, c0, D, HK, SWC, tid, NT):
 
 
 @_compat.device(**_DEV)
-def _stage_rows(smem32, hi, lo, src, base, r0, D, HK, SW, tid, NT):
-    """Rows r0 .. r0 + HK of the D x D fp32 matrix at ``src[base:]`` into the bf16
-    hi / lo tiles [r'][e] at ``hi`` / ``lo`` (row stride SW)."""
-    half = D // 2
-    for x in range(tid, HK * half, NT):
-        rr = x // half
-        c = (x - rr * half) * 2
-        g = base + (r0 + rr) * D + c
-        p, q = _split_pair(src[u64(g)], src[u64(g + 1)])
-        s = (rr * SW + c) >> 1
-        smem32[s + (hi >> 1)] = p
-        smem32[s + (lo >> 1)] = q
-
-
-@_compat.device(**_DEV)
 def _load_a2(af, smem, addr_hi, addr_lo, split):
     """A fragments of one 16 x 16 tile: af[0] from ``addr_hi``; af[1] from ``addr_lo``
     when ``split`` (non-transposed ldmatrix, row-major [m][k] tile)."""
@@ -230,43 +171,70 @@ def _load_a2(af, smem, addr_hi, addr_lo, split):
 
 
 @_compat.device(**_DEV)
-def _pass_xt(acc, af, smem, a_hi, a_lo, a_split, b_hi, b_lo, KS, NP, SWC):
-    """``acc[n] += A · Xᵀ`` over one staged chunk of X's columns: KS k-steps of 16;
-    A row tile lane addresses ``a_hi`` / ``a_lo`` (``frag_rows_a``, already at the
-    chunk's first column), X chunk tile [n][k] lane addresses ``b_hi`` / ``b_lo``
-    (``frag_rows_bt``, row stride SWC). NP pairs of n8 output tiles."""
-    for ks in range(KS):
-        _load_a2(af, smem, a_hi + ks * 32, a_lo + ks * 32, a_split)
-        for p in range(NP):
-            off = (p * 16 * SWC + ks * 16) * 2
-            h0, h1, h2, h3 = ldsm_x4(smem, b_hi + off, 0)
-            l0, l1, l2, l3 = ldsm_x4(smem, b_lo + off, 0)
-            _mma_tile(acc, 2 * p, af, 0, h0, h1)
-            _mma_tile(acc, 2 * p, af, 0, l0, l1)
-            _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
-            _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
-            if a_split:
-                _mma_tile(acc, 2 * p, af, 1, h0, h1)
-                _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
+def _times_xt(acc, af, smem, smem32, src, base, a_hi, a_lo, a_split, busy, XH, XL, D, HK, SWC, NP, tid, NT):  # fmt: skip
+    """``acc = A · Xᵀ`` for the warp's 16 rows of A (all D output columns, NP pairs of
+    n8 tiles), X the D x D fp32 matrix at ``src[base:]``, staged HK *columns* at a time
+    into the bf16 hi / lo tiles [d][c'] at 16-bit offsets XH / XL (row stride SWC) by
+    all NT threads (two barriers a chunk; every thread must call this). A: row tile(s)
+    in shared memory, lane addresses ``a_hi`` / ``a_lo`` (``frag_rows_a``), the lo
+    part read only when ``a_split``. B = Xᵀ: non-transposed ldmatrix of the chunk
+    (``frag_rows_bt``). Warps whose rows all lie past the block (not ``busy``) only
+    stage."""
+    for n in range(2 * NP):
+        for e in range(4):
+            acc[n, e] = ZERO
+    sa = smem_addr(smem)
+    b_hi = sa + (XH + frag_rows_bt(cuda.threadIdx.x & 31, SWC)) * 2
+    b_lo = b_hi + (XL - XH) * 2
+    for kc in range(D // HK):
+        cuda.syncthreads()  # tiles written / previous chunk consumed
+        _stage_cols(smem32, XH, XL, src, base, kc * HK, D, HK, SWC, tid, NT)
+        cuda.syncthreads()
+        if busy:
+            a0 = kc * HK * 2  # the chunk's first column, in bytes
+            for ks in range(HK // 16):
+                _load_a2(af, smem, a_hi + a0 + ks * 32, a_lo + a0 + ks * 32, a_split)
+                for p in range(NP):
+                    off = (p * 16 * SWC + ks * 16) * 2
+                    h0, h1, h2, h3 = ldsm_x4(smem, b_hi + off, 0)
+                    l0, l1, l2, l3 = ldsm_x4(smem, b_lo + off, 0)
+                    _mma_tile(acc, 2 * p, af, 0, h0, h1)
+                    _mma_tile(acc, 2 * p, af, 0, l0, l1)
+                    _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
+                    _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
+                    if a_split:
+                        _mma_tile(acc, 2 * p, af, 1, h0, h1)
+                        _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
 
 
 @_compat.device(**_DEV)
-def _pass_x(acc, af, smem, a_hi, a_lo, b_hi, b_lo, KS, NP, SW):
-    """``acc[n] += A · X`` over one staged chunk of X's rows (A split in hi / lo,
-    lane addresses ``frag_rows_a`` at the chunk's first column; X tile [k][n] lane
-    addresses ``frag_rows_a``, row stride SW, ``ldmatrix.trans``)."""
-    for ks in range(KS):
-        _load_a2(af, smem, a_hi + ks * 32, a_lo + ks * 32, True)
-        for p in range(NP):
-            off = (ks * 16 * SW + p * 16) * 2
-            h0, h1, h2, h3 = ldsm_x4_trans(smem, b_hi + off, 0)
-            l0, l1, l2, l3 = ldsm_x4_trans(smem, b_lo + off, 0)
-            _mma_tile(acc, 2 * p, af, 0, h0, h1)
-            _mma_tile(acc, 2 * p, af, 1, h0, h1)
-            _mma_tile(acc, 2 * p, af, 0, l0, l1)
-            _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
-            _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
-            _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
+def _times_x(acc, af, smem, smem32, src, base, a_hi, a_lo, busy, XH, XL, D, HK, SW, NP, tid, NT):  # fmt: skip
+    """``acc = A · X`` likewise, X staged HK *rows* at a time (tiles [d'][e], row
+    stride SW; B by ``ldmatrix.trans``, ``frag_rows_a``), A split in hi / lo."""
+    for n in range(2 * NP):
+        for e in range(4):
+            acc[n, e] = ZERO
+    sa = smem_addr(smem)
+    b_hi = sa + (XH + frag_rows_a(cuda.threadIdx.x & 31, SW)) * 2
+    b_lo = b_hi + (XL - XH) * 2
+    for kc in range(D // HK):
+        cuda.syncthreads()  # previous chunk consumed
+        _stage_rows(smem32, XH, XL, src, base, kc * HK, D, HK, SW, tid, NT)
+        cuda.syncthreads()
+        if busy:
+            a0 = kc * HK * 2
+            for ks in range(HK // 16):
+                _load_a2(af, smem, a_hi + a0 + ks * 32, a_lo + a0 + ks * 32, True)
+                for p in range(NP):
+                    off = (ks * 16 * SW + p * 16) * 2
+                    h0, h1, h2, h3 = ldsm_x4_trans(smem, b_hi + off, 0)
+                    l0, l1, l2, l3 = ldsm_x4_trans(smem, b_lo + off, 0)
+                    _mma_tile(acc, 2 * p, af, 0, h0, h1)
+                    _mma_tile(acc, 2 * p, af, 1, h0, h1)
+                    _mma_tile(acc, 2 * p, af, 0, l0, l1)
+                    _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
+                    _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
+                    _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
 
 
 @_compat.device(**_DEV)
@@ -351,7 +319,6 @@ def make_dq_linear_kernel(kind, D, BQ, HK, l_half):
     NN = D // 8
     NP = D // 16
     W = D * D + D
-    KS1 = HK // 16  # pass-1 k-steps a chunk
     KS2 = BQ // 16  # pass-2 k-steps (the block's rows)
     ALIGNED = not SIMULATED
 
@@ -389,9 +356,7 @@ def make_dq_linear_kernel(kind, D, BQ, HK, l_half):
         li = tid & 1
         ok = r < nrows
         gq = ob + (r if ok else 0) * D + li * C  # rows past the end read row 0, unused
-        for c in range(C):
-            xs[c] = _in_f32(int32(q[u64(gq + c)]), IN_F16) if ok else ZERO
-        mx, inv = _phi_of_row(xs, C, fm)
+        mx, inv = _load_phi_row(xs, q, gq, ok, C, fm, IN_F16)
         den = ZERO
         dl = ZERO
         for c in range(C):
@@ -438,30 +403,9 @@ def make_dq_linear_kernel(kind, D, BQ, HK, l_half):
         # --- 1. dφ(q) = (dO_l · H_iᵀ − δl Z_i) / den, H_i staged HK columns at a time
         sa = smem_addr(smem)
         a_rows = sa + (warp * 16 * SW + frag_rows_a(lane, SW)) * 2
-        b_rows = sa + frag_rows_bt(lane, SWC) * 2
-        for n in range(NN):
-            for e in range(4):
-                acc[n, e] = ZERO
         busy = warp * 16 < nrows
-        for kc in range(D // HK):
-            cuda.syncthreads()  # rows written / previous chunk consumed
-            _stage_cols(smem32, XH, XL, lstate, sb, kc * HK, D, HK, SWC, tid, NT)
-            cuda.syncthreads()
-            if busy:
-                a0 = a_rows + kc * HK * 2
-                _pass_xt(
-                    acc,
-                    af,
-                    smem,
-                    a0 + DOH * 2,
-                    a0 + DOL * 2,
-                    DO_SPLIT,
-                    b_rows + XH * 2,
-                    b_rows + XL * 2,
-                    KS1,
-                    NP,
-                    SWC,
-                )
+        _times_xt(acc, af, smem, smem32, lstate, sb, a_rows + DOH * 2, a_rows + DOL * 2,
+                  DO_SPLIT, busy, XH, XL, D, HK, SWC, NP, tid, NT)  # fmt: skip
         # epilogue: rows ra (elements 0, 1) and ra + 8 (2, 3); columns 8n + 2t + x
         t = lane & 3
         ra = warp * 16 + (lane >> 2)
@@ -556,7 +500,6 @@ def make_dkdv_linear_kernel(kind, D, BK, HK):
     NN = D // 8
     NP = D // 16
     W = D * D + D
-    KS = HK // 16
     ALIGNED = not SIMULATED
 
     @_compat.kernel(fastmath=FASTMATH)
@@ -591,9 +534,7 @@ def make_dkdv_linear_kernel(kind, D, BK, HK):
         li = tid & 1
         ok = r < nrows
         gk = ob + (r if ok else 0) * D + li * C  # rows past the end read row 0, unused
-        for c in range(C):
-            xs[c] = _in_f32(int32(k[u64(gk + c)]), IN_F16) if ok else ZERO
-        mx, inv = _phi_of_row(xs, C, fm)
+        mx, inv = _load_phi_row(xs, k, gk, ok, C, fm, IN_F16)
         if li == 0:
             smemf[F32 + 2 * r] = mx
             smemf[F32 + 2 * r + 1] = inv
@@ -617,30 +558,9 @@ def make_dkdv_linear_kernel(kind, D, BK, HK):
         # --- 1. dφ(k) = v · dH_jᵀ − dZ_j, dH_j staged HK columns at a time
         sa = smem_addr(smem)
         a_rows = sa + (warp * 16 * SW + frag_rows_a(lane, SW)) * 2
-        b_cols = sa + frag_rows_bt(lane, SWC) * 2
-        for n in range(NN):
-            for e in range(4):
-                acc[n, e] = ZERO
         busy = warp * 16 < nrows
-        for kc in range(D // HK):
-            cuda.syncthreads()
-            _stage_cols(smem32, XH, XL, dh, sb, kc * HK, D, HK, SWC, tid, NT)
-            cuda.syncthreads()
-            if busy:
-                a0 = a_rows + kc * HK * 2
-                _pass_xt(
-                    acc,
-                    af,
-                    smem,
-                    a0 + VH * 2,
-                    a0 + VL * 2,
-                    V_SPLIT,
-                    b_cols + XH * 2,
-                    b_cols + XL * 2,
-                    KS,
-                    NP,
-                    SWC,
-                )
+        _times_xt(acc, af, smem, smem32, dh, sb, a_rows + VH * 2, a_rows + VL * 2,
+                  V_SPLIT, busy, XH, XL, D, HK, SWC, NP, tid, NT)  # fmt: skip
         t = lane & 3
         ra = warp * 16 + (lane >> 2)
         for n in range(NN):
@@ -658,28 +578,8 @@ def make_dkdv_linear_kernel(kind, D, BK, HK):
         _add_rows(dk, ka, acc, D, ok0, ok1, NN)
 
         # --- 2. dv += φ(K) · dH_j, dH_j staged HK rows at a time
-        b_rows = sa + frag_rows_a(lane, SW) * 2
-        for n in range(NN):
-            for e in range(4):
-                acc[n, e] = ZERO
-        for kc in range(D // HK):
-            cuda.syncthreads()  # previous chunk (of either pass) consumed
-            _stage_rows(smem32, XH, XH + HK * SW, dh, sb, kc * HK, D, HK, SW, tid, NT)
-            cuda.syncthreads()
-            if busy:
-                a0 = a_rows + kc * HK * 2
-                _pass_x(
-                    acc,
-                    af,
-                    smem,
-                    a0 + PH * 2,
-                    a0 + PL * 2,
-                    b_rows + XH * 2,
-                    b_rows + (XH + HK * SW) * 2,
-                    KS,
-                    NP,
-                    SW,
-                )
+        _times_x(acc, af, smem, smem32, dh, sb, a_rows + PH * 2, a_rows + PL * 2, busy,
+                 XH, XH + HK * SW, D, HK, SW, NP, tid, NT)  # fmt: skip
         _add_rows(dv, ka, acc, D, ok0, ok1, NN)
 
     return LinearGradKernel(dkdv_linear, SMEM, NT)
@@ -711,18 +611,6 @@ def get_dkdv_linear_kernel(kind, D, BK, hk=None):
 # ---------------------------------------------------------------------------
 
 
-def _flat(x):
-    return x if x.ndim == 1 else x.reshape(int(np.prod(x.shape)))
-
-
-def _size(x):
-    return int(np.prod(x.shape))
-
-
-def _dtype(x):
-    return str(x.dtype).replace("torch.", "")
-
-
 def _check_common(who, kind, D, block, fm, B, H):
     if kind not in KINDS:
         raise ValueError(f"{who}: kind {kind!r}")
@@ -735,11 +623,11 @@ def _check_common(who, kind, D, block, fm, B, H):
 
 
 def _blocks_of(who, state, B, H, W, need):
-    if _dtype(state) != "float32":
+    if dtype_name(state) != "float32":
         raise TypeError(f"{who}: states must be float32")
-    if _size(state) % (B * H * W):
+    if size(state) % (B * H * W):
         raise ValueError(f"{who}: state size is not B*H*M*(D*D + D)")
-    M = _size(state) // (B * H * W)
+    M = size(state) // (B * H * W)
     if M < need:
         raise ValueError(f"{who}: state has {M} blocks, {need} needed")
     return M
@@ -780,31 +668,31 @@ def launch_dq_linear_tc(
         return
     W = D * D + D
     Mq = _blocks_of(who, lstate, B, H, W, nblk)
-    if _size(qstate) != _size(lstate) or _dtype(qstate) != "float32":
+    if size(qstate) != size(lstate) or dtype_name(qstate) != "float32":
         raise ValueError(f"{who}: qstate must be float32 of lstate's size")
-    l_types = {_dtype(o_l), _dtype(do_l)}
+    l_types = {dtype_name(o_l), dtype_name(do_l)}
     if l_types == {"float32"}:
         l_half = False
     elif l_types == {"int16"}:
         l_half = True
     else:
         raise TypeError(f"{who}: o_l and do_l must both be float32 or both int16 bits")
-    if _dtype(dq) != "float32" or _dtype(n_marg) != "int32":
+    if dtype_name(dq) != "float32" or dtype_name(n_marg) != "int32":
         raise TypeError(f"{who}: dq must be float32 and n_marg int32")
     n = B * H * Nq * D
-    if min(_size(q_bits), _size(o_l), _size(do_l), _size(dq)) < n:
+    if min(size(q_bits), size(o_l), size(do_l), size(dq)) < n:
         raise ValueError(f"{who}: q / o_l / do_l / dq smaller than B*H*Nq*D")
-    if _size(n_marg) < B * H * Mq:
+    if size(n_marg) < B * H * Mq:
         raise ValueError(f"{who}: n_marg smaller than B*H*Mq")
     kern = get_dq_linear_kernel(kind, D, block_q, l_half, hk)
     args = (
-        _flat(q_bits),
-        _flat(o_l),
-        _flat(do_l),
-        _flat(lstate),
-        _flat(n_marg),
-        _flat(dq),
-        _flat(qstate),
+        flat(q_bits),
+        flat(o_l),
+        flat(do_l),
+        flat(lstate),
+        flat(n_marg),
+        flat(dq),
+        flat(qstate),
         H,
         Nq,
         Mq,
@@ -830,21 +718,21 @@ def launch_dkdv_linear_tc(
     if nblk <= 0 or B * H == 0:
         return
     Mk = _blocks_of(who, dh, B, H, D * D + D, nblk)
-    if _dtype(dk) != "float32" or _dtype(dv) != "float32" or _dtype(n_marg) != "int32":
+    if dtype_name(dk) != "float32" or dtype_name(dv) != "float32" or dtype_name(n_marg) != "int32":
         raise TypeError(f"{who}: dk, dv must be float32 and n_marg int32")
     n = B * H * Nk * D
-    if min(_size(k_bits), _size(v_bits), _size(dk), _size(dv)) < n:
+    if min(size(k_bits), size(v_bits), size(dk), size(dv)) < n:
         raise ValueError(f"{who}: k / v / dk / dv smaller than B*H*Nk*D")
-    if _size(n_marg) < B * H * Mk:
+    if size(n_marg) < B * H * Mk:
         raise ValueError(f"{who}: n_marg smaller than B*H*Mk")
     kern = get_dkdv_linear_kernel(kind, D, block_k, hk)
     args = (
-        _flat(k_bits),
-        _flat(v_bits),
-        _flat(dh),
-        _flat(n_marg),
-        _flat(dk),
-        _flat(dv),
+        flat(k_bits),
+        flat(v_bits),
+        flat(dh),
+        flat(n_marg),
+        flat(dk),
+        flat(dv),
         H,
         Nk,
         Mk,

@@ -111,6 +111,7 @@ from numba import cuda, float32, int16, int32, uint64
 
 from .. import _compat
 from . import build as _tc_build
+from .build import flat
 from .ptx import (
     SIMULATED,
     bf16_high_f32,
@@ -503,12 +504,6 @@ def get_marginal_kernel(tiles=TILES):
 # ---------------------------------------------------------------------------
 
 
-def _flat(x):
-    """A flat (1-D) view of a C-contiguous array (numba device array, or numpy under the
-    simulator); writes through it reach ``x``."""
-    return x.reshape(int(np.prod(x.shape)))
-
-
 def launch_marginal_sum_tc(stream, bmap, transposed, n_out, n_in, states, out, tiles=TILES):
     """``out[b, h, :n_out] = M · states[b, h, :n_in]`` on tensor cores, on ``stream``.
 
@@ -540,5 +535,5 @@ def launch_marginal_sum_tc(stream, bmap, transposed, n_out, n_in, states, out, t
     if grid[1] > 65535 or grid[2] > 65535:
         raise ValueError("launch_marginal_sum_tc: W or B*H too large for the grid")
     rs, cs = (1, Mk) if transposed else (Mk, 1)
-    args = (_flat(bmap), Mq * Mk, rs, cs, n_out, n_in, _flat(states), s_rows, _flat(out), o_rows, W)
+    args = (flat(bmap), Mq * Mk, rs, cs, n_out, n_in, flat(states), s_rows, flat(out), o_rows, W)
     _tc_build.launch(kern.kernel, grid, kern.threads, kern.smem_bytes, stream, args)

@@ -95,6 +95,7 @@ from numba import cuda, float32, int16, int32, uint64
 
 from .. import _compat
 from . import build as _tc_build
+from .build import flat
 from .ptx import (
     SIMULATED,
     bf16_high_f32,
@@ -435,10 +436,6 @@ def get_states_kernel(kind, D, BK, tiles=None, split=True):
 # ---------------------------------------------------------------------------
 
 
-def _flat(x):
-    return x if x.ndim == 1 else x.reshape(int(np.prod(x.shape)))
-
-
 def launch_states_tc(
     kind, k_bits, v_bits, state, B, H, Nk, D, block_k, fm, stream, tiles=None, split=True
 ):
@@ -473,7 +470,7 @@ def launch_states_tc(
         Mk = size // (B * H * W)
     if Mk < n_blocks:
         raise ValueError(f"launch_states_tc: state has {Mk} blocks, {n_blocks} needed")
-    k, v = _flat(k_bits), _flat(v_bits)
+    k, v = flat(k_bits), flat(v_bits)
     if int(k.shape[0]) < B * H * Nk * D or int(v.shape[0]) < B * H * Nk * D:
         raise ValueError("launch_states_tc: k / v smaller than B*H*Nk*D")
     if H > 65535 or B > 65535:
@@ -485,5 +482,5 @@ def launch_states_tc(
         kern.threads,
         kern.smem_bytes,
         stream,
-        (k, v, _flat(state), H, Nk, Mk, fm),
+        (k, v, flat(state), H, Nk, Mk, fm),
     )
