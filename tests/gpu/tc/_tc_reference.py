@@ -1,7 +1,56 @@
-"""Helpers for the tensor-core kernel tests: random LUTs and a float64 dense oracle."""
+"""Helpers for the tensor-core kernel tests: skip marks, exact half inputs, feature
+maps in float64, random LUTs and a float64 dense oracle."""
 
 import numpy as np
+import pytest
 import torch
+from numba import config
+
+from sla_numba.gpu.tc.ptx import bf16_bits_to_f32, f32_to_bf16_bits
+
+#: The CUDA simulator is on (the kernels' pure-Python twins run).
+SIM = bool(config.ENABLE_CUDASIM)
+
+
+def tc_gpu_available():
+    """A real CUDA GPU with compute capability >= 8.0 (not the simulator), seen by
+    Numba and by torch (some tests hand the kernels torch CUDA tensors)."""
+    if SIM:
+        return False
+    try:
+        from numba import cuda
+
+        return (
+            torch.cuda.is_available()
+            and cuda.is_available()
+            and cuda.get_current_device().compute_capability >= (8, 0)
+        )
+    except Exception:  # noqa: BLE001 - no driver: no GPU test
+        return False
+
+
+needs_sim = pytest.mark.skipif(not SIM, reason="needs NUMBA_ENABLE_CUDASIM=1 (simulator twins)")
+needs_gpu = pytest.mark.skipif(not tc_gpu_available(), reason="needs a CUDA GPU with cc >= 8.0")
+
+
+def half_values(x, kind):
+    """(int16 bits, float64 values) of ``x`` rounded to ``kind`` ('bf16' or 'f16')."""
+    x = np.asarray(x, np.float32)
+    if kind == "bf16":
+        bits = f32_to_bf16_bits(x).view(np.int16)
+        return bits, bf16_bits_to_f32(bits).astype(np.float64)
+    bits = x.astype(np.float16).view(np.int16)
+    return bits, bits.view(np.float16).astype(np.float64)
+
+
+def phi64(x, fm):
+    """The feature map ``fm`` (0 softmax over the last axis, 1 elu + 1, 2 relu), numpy."""
+    if fm == 0:
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    if fm == 1:
+        return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+    return np.maximum(x, 0.0)
 
 
 def random_lut(B, H, mq, mk, n, seed, empty_every=3):

@@ -15,59 +15,23 @@ D = 64 / 128, block_q = 64, bf16 and fp16, determinism, SIMT comparison, a timin
 
 import numpy as np
 import pytest
-from numba import config
+from _tc_reference import half_values, needs_gpu, needs_sim, phi64
 
 from sla_numba.gpu.tc import linear as linear_tc
-from sla_numba.gpu.tc.ptx import bf16_bits_to_f32, f32_to_bf16_bits
-
-SIM = bool(config.ENABLE_CUDASIM)
-
-
-def _has_gpu():
-    if SIM:
-        return False
-    try:
-        from numba import cuda
-
-        return cuda.is_available() and cuda.get_current_device().compute_capability >= (8, 0)
-    except Exception:  # noqa: BLE001 - no driver: no GPU test
-        return False
-
-
-needs_sim = pytest.mark.skipif(not SIM, reason="needs NUMBA_ENABLE_CUDASIM=1 (simulator twins)")
-needs_gpu = pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU with cc >= 8.0")
 
 EPS = 1e-6
 
 
 # --------------------------------------------------------------------------- inputs
-def _half(x, kind):
-    """(int16 bits, float64 values) of fp32 ``x`` rounded to ``kind``."""
-    if kind == "bf16":
-        bits = f32_to_bf16_bits(x).view(np.int16)
-        return bits, bf16_bits_to_f32(bits).astype(np.float64)
-    bits = x.astype(np.float16).view(np.int16)
-    return bits, bits.view(np.float16).astype(np.float64)
-
-
-def _phi(x, fm):
-    if fm == 0:
-        e = np.exp(x - x.max(axis=-1, keepdims=True))
-        return e / e.sum(axis=-1, keepdims=True)
-    if fm == 1:
-        return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
-    return np.maximum(x, 0.0)
-
-
 def make_inputs(kind, B, H, Nq, D, block_q, fm, seed, zero_blocks=(1,), nk=24):
     """q bits / float64, lstate fp32 (B, H, Mq, W) built as real states (φ(K)ᵀV, Σφ(K)
     over ``nk`` random keys a block), n_marg int32 (B, H, Mq) with the listed blocks 0."""
     rng = np.random.default_rng(seed)
     Mq = -(-Nq // block_q)
-    qb, q64 = _half((rng.standard_normal((B, H, Nq, D)) * 1.5).astype(np.float32), kind)
+    qb, q64 = half_values((rng.standard_normal((B, H, Nq, D)) * 1.5).astype(np.float32), kind)
     k = rng.standard_normal((B, H, Mq, nk, D)) * 1.5
     v = rng.standard_normal((B, H, Mq, nk, D))
-    pk = _phi(k, fm)
+    pk = phi64(k, fm)
     h = np.einsum("bhjrd,bhjre->bhjde", pk, v).reshape(B, H, Mq, D * D)
     lstate = np.concatenate([h, pk.sum(axis=3)], axis=-1).astype(np.float32)
     n_marg = rng.integers(1, 4, (B, H, Mq)).astype(np.int32)
@@ -85,7 +49,7 @@ def reference(q64, lstate, n_marg, block_q, fm, eps=EPS):
     blk = np.arange(Nq) // block_q
     Hm = ls[..., : D * D].reshape(B, H, -1, D, D)[:, :, blk]  # (B, H, Nq, D, D)
     Z = ls[..., D * D : D * D + D][:, :, blk]  # (B, H, Nq, D)
-    p = _phi(q64, fm)
+    p = phi64(q64, fm)
     den = np.einsum("bhrd,bhrd->bhr", p, Z) + eps
     out = np.einsum("bhrd,bhrde->bhre", p, Hm) / den[..., None]
     scale = np.einsum("bhrd,bhrde->bhre", np.abs(p), np.abs(Hm)) / np.abs(den)[..., None]
@@ -218,9 +182,9 @@ def simt_pieces(q32, k32, v32, bmap, block_q, block_k, fm):
 
 def simt_case(kind, B, H, Nq, Nk, D, block_q, block_k, fm, seed):
     rng = np.random.default_rng(seed)
-    qb, q64 = _half((rng.standard_normal((B, H, Nq, D)) * 1.5).astype(np.float32), kind)
-    _, k64 = _half(rng.standard_normal((B, H, Nk, D)).astype(np.float32), kind)
-    _, v64 = _half(rng.standard_normal((B, H, Nk, D)).astype(np.float32), kind)
+    qb, q64 = half_values((rng.standard_normal((B, H, Nq, D)) * 1.5).astype(np.float32), kind)
+    _, k64 = half_values(rng.standard_normal((B, H, Nk, D)).astype(np.float32), kind)
+    _, v64 = half_values(rng.standard_normal((B, H, Nk, D)).astype(np.float32), kind)
     Mq, Mk = -(-Nq // block_q), -(-Nk // block_k)
     bmap = rng.choice(np.array([-1, 0, 0, 1], np.int8), (B, H, Mq, Mk))
     bmap[:, :, 0, 0] = 1
@@ -351,7 +315,7 @@ def test_gpu_timing_large(kind):
     B, H, Nq, D, bq, fm = 1, 12, 32760, 128, 64, 0
     Mq = -(-Nq // bq)
     rng = np.random.default_rng(1)
-    qb, q64 = _half((rng.standard_normal((B, H, Nq, D)) * 1.5).astype(np.float32), kind)
+    qb, q64 = half_values((rng.standard_normal((B, H, Nq, D)) * 1.5).astype(np.float32), kind)
     # states: a few distinct real ones, tiled (building Mq of them in numpy is slow)
     _, _, ls8, _ = make_inputs(kind, B, H, 8 * bq, D, bq, fm, seed=3, zero_blocks=())
     lstate = np.ascontiguousarray(np.tile(ls8, (1, 1, -(-Mq // 8), 1))[:, :, :Mq])

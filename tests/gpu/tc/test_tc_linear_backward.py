@@ -24,55 +24,19 @@ GPU (cc >= 8.0): D = 64 / 128, block 64 (and 128 / 16), determinism.
 
 import numpy as np
 import pytest
-from numba import config
+from _tc_reference import half_values, needs_gpu, needs_sim, phi64
 
 from sla_numba.gpu.tc import linear_backward as lb
-from sla_numba.gpu.tc.ptx import bf16_bits_to_f32, f32_to_bf16_bits
 
-SIM = bool(config.ENABLE_CUDASIM)
 EPS = 1e-6
 TOL = 1e-4
 
 
-def _has_gpu():
-    if SIM:
-        return False
-    try:
-        from numba import cuda
-
-        return cuda.is_available() and cuda.get_current_device().compute_capability >= (8, 0)
-    except Exception:  # noqa: BLE001 - no driver: no GPU test
-        return False
-
-
-needs_sim = pytest.mark.skipif(not SIM, reason="needs NUMBA_ENABLE_CUDASIM=1 (simulator twins)")
-needs_gpu = pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU with cc >= 8.0")
-
-
 # --------------------------------------------------------------------------- inputs
-def _half(x, kind):
-    """(int16 bits, float64 values) of ``x`` rounded to ``kind``."""
-    x = np.asarray(x, np.float32)
-    if kind == "bf16":
-        bits = f32_to_bf16_bits(x).view(np.int16)
-        return bits, bf16_bits_to_f32(bits).astype(np.float64)
-    bits = x.astype(np.float16).view(np.int16)
-    return bits, bits.view(np.float16).astype(np.float64)
-
-
-def _phi(x, fm):
-    if fm == 0:
-        e = np.exp(x - x.max(axis=-1, keepdims=True))
-        return e / e.sum(axis=-1, keepdims=True)
-    if fm == 1:
-        return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
-    return np.maximum(x, 0.0)
-
-
 def _vjp_phi(x, g, fm):
     """J_φ(x)ᵀ g, row-wise (float64)."""
     if fm == 0:
-        p = _phi(x, 0)
+        p = phi64(x, 0)
         return p * (g - np.sum(p * g, axis=-1, keepdims=True))
     if fm == 1:
         return g * np.where(x > 0, 1.0, np.exp(np.minimum(x, 0.0)))
@@ -83,7 +47,7 @@ def _states(rng, B, H, M, D, fm):
     """fp32 (B, H, M, D*D + D) rows [vec(X), z] built like real states (positive z)."""
     k = rng.standard_normal((B, H, M, 12, D)) * 1.5
     v = rng.standard_normal((B, H, M, 12, D))
-    pk = _phi(k, fm)
+    pk = phi64(k, fm)
     x = np.einsum("bhjrd,bhjre->bhjde", pk, v).reshape(B, H, M, D * D)
     return np.concatenate([x, pk.sum(axis=3)], axis=-1).astype(np.float32)
 
@@ -110,7 +74,7 @@ def ref_dq(q64, ol64, dol64, lstate, n_marg, block_q, fm):
     Hm = _rows_of_blocks(ls[..., : D * D].reshape(B, H, -1, D, D), Nq, block_q)
     Z = _rows_of_blocks(ls[..., D * D :], Nq, block_q)
     live = _rows_of_blocks(n_marg, Nq, block_q) > 0
-    p = _phi(q64, fm)
+    p = phi64(q64, fm)
     den = np.einsum("bhrd,bhrd->bhr", p, Z) + EPS
     dl = np.sum(ol64 * dol64, axis=-1)
     dphi = (np.einsum("bhre,bhrde->bhrd", dol64, Hm) - dl[..., None] * Z) / den[..., None]
@@ -150,7 +114,7 @@ def ref_dkdv(k64, v64, dh, n_marg, block_k, fm):
     dH = _rows_of_blocks(d[..., : D * D].reshape(B, H, -1, D, D), Nk, block_k)
     dZ = _rows_of_blocks(d[..., D * D :], Nk, block_k)
     live = (_rows_of_blocks(n_marg, Nk, block_k) > 0)[..., None]
-    p = _phi(k64, fm)
+    p = phi64(k64, fm)
     dphi = np.einsum("bhce,bhcde->bhcd", v64, dH) - dZ
     dphi_s = np.einsum("bhce,bhcde->bhcd", np.abs(v64), np.abs(dH)) + np.abs(dZ)
     ddk = np.where(live, _vjp_phi(k64, dphi, fm), 0.0)
@@ -191,12 +155,12 @@ def run_dq(kind, l_half, B, H, Nq, D, bq, fm, seed=0, hk=None, zero_blocks=(1,),
     ``dev``: None for numpy arrays (simulator), else ``numba.cuda`` (real GPU)."""
     rng = np.random.default_rng(seed)
     Mq = -(-Nq // bq)
-    qb, q64 = _half(rng.standard_normal((B, H, Nq, D)) * 1.5, kind)
+    qb, q64 = half_values(rng.standard_normal((B, H, Nq, D)) * 1.5, kind)
     ol = rng.standard_normal((B, H, Nq, D)).astype(np.float32)
     dol = rng.standard_normal((B, H, Nq, D)).astype(np.float32)
     if l_half:
-        ol, ol64 = _half(ol, kind)
-        dol, dol64 = _half(dol, kind)
+        ol, ol64 = half_values(ol, kind)
+        dol, dol64 = half_values(dol, kind)
     else:
         ol64, dol64 = ol.astype(np.float64), dol.astype(np.float64)
     lstate = _states(rng, B, H, Mq, D, fm)
@@ -225,8 +189,8 @@ def run_dkdv(kind, B, H, Nk, D, bk, fm, seed=0, hk=None, zero_blocks=(1,), dev=N
     """Launch the dk / dv kernel on fresh random inputs; returns the max errors."""
     rng = np.random.default_rng(seed)
     Mk = -(-Nk // bk)
-    kb, k64 = _half(rng.standard_normal((B, H, Nk, D)) * 1.5, kind)
-    vb, v64 = _half(rng.standard_normal((B, H, Nk, D)), kind)
+    kb, k64 = half_values(rng.standard_normal((B, H, Nk, D)) * 1.5, kind)
+    vb, v64 = half_values(rng.standard_normal((B, H, Nk, D)), kind)
     dh = (rng.standard_normal((B, H, Mk, D * D + D)) * 0.3).astype(np.float32)
     n_marg = _n_marg(rng, B, H, Mk, zero_blocks)
     dk0 = rng.standard_normal((B, H, Nk, D)).astype(np.float32)

@@ -20,31 +20,9 @@ import os
 
 import numpy as np
 import pytest
-from numba import config
+from _tc_reference import SIM, needs_gpu, needs_sim, tc_gpu_available
 
 from sla_numba.gpu.tc import marginal as marginal_tc
-
-SIM = bool(config.ENABLE_CUDASIM)
-
-
-def _has_gpu():
-    if SIM:
-        return False
-    try:
-        import torch
-        from numba import cuda
-
-        return (
-            torch.cuda.is_available()
-            and cuda.is_available()
-            and cuda.get_current_device().compute_capability >= (8, 0)
-        )
-    except Exception:  # noqa: BLE001 - no driver / no torch: no GPU test
-        return False
-
-
-needs_sim = pytest.mark.skipif(not SIM, reason="needs NUMBA_ENABLE_CUDASIM=1 (simulator twins)")
-needs_gpu = pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU with cc >= 8.0")
 
 
 # --------------------------------------------------------------------------- problems
@@ -126,7 +104,7 @@ def test_geometry_and_ops_per_kstep():
 
 
 def test_supported_rules():
-    assert marginal_tc.tc_marginal_supported(np.float32) is (SIM or _has_gpu())
+    assert marginal_tc.tc_marginal_supported(np.float32) is (SIM or tc_gpu_available())
     assert not marginal_tc.tc_marginal_supported(np.float64)
     assert "float32 only" in marginal_tc.tc_marginal_unsupported_reason(np.float64)
     bmap, states, out = _problem(1, 1, 2, 2, 3, 2, 2, False, 0)

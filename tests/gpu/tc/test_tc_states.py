@@ -14,27 +14,10 @@ fp16, plus the SIMT prep kernel's states when available.
 
 import numpy as np
 import pytest
-from numba import config
+from _tc_reference import needs_gpu, needs_sim, phi64
 
 from sla_numba.gpu.tc import states as states_tc
 from sla_numba.gpu.tc.ptx import bf16_bits_to_f32, f32_to_bf16_bits
-
-SIM = bool(config.ENABLE_CUDASIM)
-
-
-def _has_gpu():
-    if SIM:
-        return False
-    try:
-        from numba import cuda
-
-        return cuda.is_available() and cuda.get_current_device().compute_capability >= (8, 0)
-    except Exception:  # noqa: BLE001 - no driver: no GPU test
-        return False
-
-
-needs_sim = pytest.mark.skipif(not SIM, reason="needs NUMBA_ENABLE_CUDASIM=1 (simulator twins)")
-needs_gpu = pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU with cc >= 8.0")
 
 
 # --------------------------------------------------------------------------- reference
@@ -52,20 +35,11 @@ def _inputs(kind, B, H, Nk, D, seed, scale=1.5):
     return kb, vb, k64, v64
 
 
-def _phi(x, fm):
-    if fm == 0:
-        e = np.exp(x - x.max(axis=-1, keepdims=True))
-        return e / e.sum(axis=-1, keepdims=True)
-    if fm == 1:
-        return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
-    return np.maximum(x, 0.0)
-
-
 def reference(k64, v64, block_k, fm):
     """(h, z, h_abs): float64 (B, H, Mk, D, D), (B, H, Mk, D), Σ|φ||v|."""
     B, H, Nk, D = k64.shape
     Mk = -(-Nk // block_k)
-    p = _phi(k64, fm)
+    p = phi64(k64, fm)
     pad = Mk * block_k - Nk
     p = np.concatenate([p, np.zeros((B, H, pad, D))], axis=2).reshape(B, H, Mk, block_k, D)
     v = np.concatenate([v64, np.zeros((B, H, pad, D))], axis=2).reshape(B, H, Mk, block_k, D)
