@@ -25,7 +25,6 @@ vs SDPA bf16 (best backend) and vs SDPA fp32, peak memory, first-call time (JIT)
 import argparse
 import json
 import math
-import statistics
 import time
 
 import torch
@@ -143,7 +142,7 @@ def cublas_floors(B, H, N, D, dt, reps):
     - ``o_l``: φ(Q_i) H_i for every query block, (BHM, 64, D) @ (BHM, D, D); the same shape
       as dO_l H_iᵀ, V_j dH_jᵀ and φ(K_j) dH_j.
 
-    CUDA events around each call, median of ``reps`` after 3 warm-up calls."""
+    Timed like everything else here (:func:`cuda_time`: median, after 3 warm-up calls)."""
     M = -(-N // BLOCK)
     g = torch.Generator(device="cuda").manual_seed(1)
 
@@ -151,23 +150,14 @@ def cublas_floors(B, H, N, D, dt, reps):
         return torch.randn(*shape, device="cuda", generator=g).to(dt)
 
     cases = {
-        "states": (rnd(B * H * M, D, BLOCK), rnd(B * H * M, BLOCK, D)),
-        "marginal": (rnd(B * H, M, M), rnd(B * H, M, D * D + D)),
-        "o_l": (rnd(B * H * M, BLOCK, D), rnd(B * H * M, D, D)),
+        "states": lambda: (rnd(B * H * M, D, BLOCK), rnd(B * H * M, BLOCK, D)),
+        "marginal": lambda: (rnd(B * H, M, M), rnd(B * H, M, D * D + D)),
+        "o_l": lambda: (rnd(B * H * M, BLOCK, D), rnd(B * H * M, D, D)),
     }
     out = {}
-    for name, (a, b) in cases.items():
-        for _ in range(3):
-            torch.bmm(a, b)
-        times = []
-        for _ in range(reps):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            torch.bmm(a, b)
-            e1.record()
-            e1.synchronize()
-            times.append(e0.elapsed_time(e1))
-        out[name] = float(statistics.median(times))
+    for name, make in cases.items():
+        a, b = make()
+        out[name] = cuda_time(lambda a=a, b=b: torch.bmm(a, b), 3, reps)[0]
         del a, b
     torch.cuda.empty_cache()
     return out
