@@ -13,6 +13,11 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             ``linear``, ``linear_grad``) sent back to their SIMT twins
                             (ablation, fault isolation).
 ``SLA_NUMBA_NO_CACHE``      ``1``: compile GPU kernels without Numba's disk cache.
+``SLA_NUMBA_LAUNCH``        ``direct`` (default) | ``numba``: how GPU kernels are
+                            launched: ``direct`` hands the compiled kernel and its
+                            argument list to ``cuda.core`` (``gpu/_launcher.py``);
+                            ``numba`` goes through Numba's dispatcher (slower per
+                            launch; for comparison and fault isolation).
 ==========================  ===========================================================
 
 Numba's own variables (``NUMBA_CACHE_DIR``, ``NUMBA_ENABLE_CUDASIM``,
@@ -27,6 +32,8 @@ TC_PARTS = ("states", "marginal", "linear", "linear_grad")
 GPU_PATH_VAR = "SLA_NUMBA_GPU_PATH"
 TC_OFF_VAR = "SLA_NUMBA_TC_OFF"
 NO_CACHE_VAR = "SLA_NUMBA_NO_CACHE"
+LAUNCH_VAR = "SLA_NUMBA_LAUNCH"
+LAUNCHERS = ("direct", "numba")
 
 
 def gpu_path():
@@ -56,3 +63,12 @@ def disk_cache():
     if raw not in ("", "0", "1"):
         raise ValueError(f"{NO_CACHE_VAR}={raw!r}: must be 0 or 1")
     return raw != "1"
+
+
+def launcher():
+    """``SLA_NUMBA_LAUNCH``: 'direct' (unset or empty) or 'numba'."""
+    raw = os.environ.get(LAUNCH_VAR, "")
+    val = raw.strip().lower() or "direct"
+    if val not in LAUNCHERS:
+        raise ValueError(f"{LAUNCH_VAR}={raw!r}: must be one of {LAUNCHERS}")
+    return val

@@ -5,13 +5,14 @@ same kind:
 
 | input kind                    | how kernels see it                 | outputs / workspaces     | stream                       |
 |-------------------------------|------------------------------------|--------------------------|------------------------------|
-| torch CUDA tensor             | ``cuda.as_cuda_array`` view (no copy) | ``torch.empty`` (caching allocator) | ``torch.cuda.current_stream()`` |
-| CuPy array                    | ``cuda.as_cuda_array`` view        | ``cupy.empty`` (memory pool) | CuPy's current stream      |
+| torch CUDA tensor             | ``DeviceView`` (pointer, no copy)  | ``torch.empty`` (caching allocator) | ``torch.cuda.current_stream()`` |
+| CuPy array                    | ``DeviceView`` (pointer, no copy)  | ``cupy.empty`` (memory pool) | CuPy's current stream      |
 | numba device array            | itself                             | ``cuda.device_array``    | default stream               |
 | numpy array (CI, simulator)   | ``cuda.to_device`` copy            | ``cuda.device_array``, copied back with ``copy_to_host`` | default stream |
 
-On the torch and CuPy paths nothing synchronises with the host: views are made
-with ``sync=False`` and every kernel is launched on the caller's current stream,
+On the torch and CuPy paths nothing synchronises with the host: views are plain
+pointers (a non-contiguous input is first copied by its library, on the current
+stream) and every kernel is launched on the caller's current stream,
 so ordering against the producer of the inputs and the consumer of the outputs is
 the stream's. torch ``bfloat16`` has no CUDA array interface: bf16 tensors are
 viewed as int16 bit patterns and the kernels widen them (``_compat.to_f32``).
@@ -57,6 +58,120 @@ def _torch_np_dtype(t):
     return np.dtype(table[t.dtype])
 
 
+class DeviceView:
+    """A C-contiguous device array as a kernel sees it: address, shape, dtype.
+
+    What the backend hands to :func:`._launcher.launch` instead of a Numba device
+    array on a real GPU. Making one is a few attribute reads (``cuda.as_cuda_array``
+    of a torch tensor costs ~20 µs on the H200 host, BENCHMARKS.md); ``owner`` keeps
+    the memory alive (the torch tensor, CuPy array or Numba array it views).
+
+    It supports what the orchestrators do to their arrays: ``shape``, ``dtype``,
+    ``ndim``, ``size``, ``reshape`` (any shape of the same size), ``view`` (a dtype of
+    the same item size), ``x[i]`` (sub-array ``i`` of the first axis), and it exports
+    ``__cuda_array_interface__`` so that Numba's dispatcher takes it too.
+
+    >>> import numpy as np
+    >>> x = DeviceView(4096, (2, 3, 4), np.float32, owner=None)
+    >>> x[1].ptr - x.ptr, x[1].shape, x.reshape(24).shape, x.view(np.int32).dtype
+    (48, (3, 4), (24,), dtype('int32'))
+    """
+
+    __slots__ = ("ptr", "shape", "dtype", "owner")
+
+    def __init__(self, ptr, shape, dtype, owner):
+        self.ptr = int(ptr)
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.owner = owner
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def size(self):
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def strides(self):
+        """C-order strides in bytes."""
+        out, step = [], self.dtype.itemsize
+        for s in reversed(self.shape):
+            out.append(step)
+            step *= s
+        return tuple(reversed(out))
+
+    def reshape(self, *shape):
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        shape = tuple(int(s) for s in shape)
+        n = 1
+        for s in shape:
+            n *= s
+        if n != self.size:
+            raise ValueError(f"cannot reshape a view of shape {self.shape} to {shape}")
+        return DeviceView(self.ptr, shape, self.dtype, self.owner)
+
+    def view(self, dtype):
+        dtype = np.dtype(dtype)
+        if dtype.itemsize != self.dtype.itemsize:
+            raise ValueError(f"view {self.dtype} as {dtype}: item sizes differ")
+        return DeviceView(self.ptr, self.shape, dtype, self.owner)
+
+    def __getitem__(self, i):
+        if not isinstance(i, (int, np.integer)) or not 0 <= i < self.shape[0]:
+            raise IndexError(f"DeviceView[{i!r}]: an int index in [0, {self.shape[0]})")
+        step = self.strides[0] if self.ndim else 0
+        return DeviceView(self.ptr + int(i) * step, self.shape[1:], self.dtype, self.owner)
+
+    @property
+    def __cuda_array_interface__(self):
+        return {
+            "shape": self.shape,
+            "strides": None,
+            "typestr": self.dtype.str,
+            "data": (self.ptr, False),
+            "version": 3,
+        }
+
+    def __repr__(self):
+        return f"DeviceView(0x{self.ptr:x}, shape={self.shape}, dtype={self.dtype})"
+
+
+def device_view(x):
+    """A :class:`DeviceView` of a C-contiguous torch CUDA tensor, CuPy array or Numba
+    device array, or None when ``x`` is none of these or not C-contiguous."""
+    if isinstance(x, DeviceView):
+        return x
+    mod = type(x).__module__.split(".")[0]
+    if mod == "torch":
+        if not x.is_cuda or not x.is_contiguous():
+            return None
+        try:
+            dt = _torch_np_dtype(x)
+        except KeyError:
+            return None
+        if dt == "bfloat16":
+            dt = np.dtype(np.int16)
+        return DeviceView(x.data_ptr(), x.shape, dt, x)
+    if mod == "cupy":
+        if not x.flags.c_contiguous:
+            return None
+        return DeviceView(x.data.ptr, x.shape, x.dtype, x)
+    cai = getattr(x, "__cuda_array_interface__", None)
+    if cai is None or cai.get("mask") is not None:
+        return None
+    view = DeviceView(cai["data"][0], cai["shape"], np.dtype(cai["typestr"]), x)
+    if cai.get("strides") is not None and view.size > 1:
+        if tuple(cai["strides"]) != view.strides:
+            return None
+    return view
+
+
 class DeviceCall:
     """Everything one backend call needs to know about its arrays.
 
@@ -78,13 +193,13 @@ class DeviceCall:
             self._torch_device = like.device
             ptr = torch.cuda.current_stream(like.device).cuda_stream
             self.device_index = like.device.index or 0
-            self.stream = _stream_from_ptr(ptr)
+            self.stream = _stream_from_ptr(ptr, self.device_index)
         elif self.kind == "cupy":
             import cupy
 
             self._cupy = cupy
             self.device_index = like.device.id
-            self.stream = _stream_from_ptr(cupy.cuda.get_current_stream().ptr)
+            self.stream = _stream_from_ptr(cupy.cuda.get_current_stream().ptr, self.device_index)
         else:
             self.device_index = None
             self.stream = 0
@@ -97,12 +212,14 @@ class DeviceCall:
         return np.dtype(x.dtype)
 
     def dev(self, x):
+        """The device view of an input: a :class:`DeviceView` for torch and CuPy (a
+        non-contiguous input is copied to a contiguous one first, on the stream),
+        Numba device arrays as they are, numpy arrays copied to the device."""
         if self.kind == "torch":
-            if x.dtype == self._torch.bfloat16:
-                x = x.view(self._torch.int16)
-            return cuda.as_cuda_array(x.detach(), sync=False)
+            x = x.detach()
+            return device_view(x if x.is_contiguous() else x.contiguous())
         if self.kind == "cupy":
-            return cuda.as_cuda_array(x, sync=False)
+            return device_view(self._cupy.ascontiguousarray(x))
         if self.kind == "numpy":
             return cuda.to_device(np.ascontiguousarray(x))
         return x
@@ -127,11 +244,11 @@ class DeviceCall:
                 h = torch.full(shape, fill, dtype=tdt, device=self._torch_device)
             else:
                 h = torch.empty(shape, dtype=tdt, device=self._torch_device)
-            return h, cuda.as_cuda_array(h, sync=False)
+            return h, DeviceView(h.data_ptr(), shape, dtype, h)
         if self.kind == "cupy":
             cp = self._cupy
             h = cp.full(shape, fill, dtype=dtype) if poison else cp.empty(shape, dtype=dtype)
-            return h, cuda.as_cuda_array(h, sync=False)
+            return h, DeviceView(h.data.ptr, shape, dtype, h)
         if poison:
             d = cuda.to_device(np.full(shape, fill, dtype=dtype))
         else:
@@ -159,8 +276,19 @@ class _nullcontext:
         return False
 
 
-def _stream_from_ptr(ptr):
-    """A numba stream object for a raw CUDA stream handle (0 = legacy default)."""
+_streams = {}
+
+
+def _stream_from_ptr(ptr, device_index):
+    """A numba stream object for a raw CUDA stream handle (0 = legacy default),
+    kept per (device, handle): making one costs ~8 µs, and a call needs one."""
     if not ptr:
         return cuda.legacy_default_stream()
-    return cuda.external_stream(ptr)
+    key = (device_index, ptr)
+    stream = _streams.get(key)
+    if stream is None:
+        if len(_streams) > 64:
+            _streams.clear()
+        with cuda.gpus[device_index]:
+            stream = _streams[key] = cuda.external_stream(ptr)
+    return stream

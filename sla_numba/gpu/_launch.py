@@ -7,6 +7,7 @@ on the call's stream. No kernel code lives here.
 
 import numpy as np
 
+from ._launcher import launch
 from ._path import tc_part
 from .simt.fill import FILL_THREADS, fill
 from .simt.marginal import launch_marginal_sum
@@ -76,7 +77,7 @@ def launch_prep(
         tc_states = states_tc_supported(x.shape[3], block)
     n_simt = 0 if tc_states else n_state  # state blocks the SIMT prep computes
     grid = (n_simt + n_list_blocks + n_delta_blocks, H, B)
-    make_prep(tiles)[grid, nt, call.stream](
+    args = (
         x,
         y,
         n_rows,
@@ -99,6 +100,7 @@ def launch_prep(
         delta,
         nq,
     )
+    launch(make_prep(tiles), grid, nt, call.stream, args)
     if tc_states:
         launch_states_tc(
             tc_kind,
@@ -151,7 +153,7 @@ def fill_on_device(call, x, value):
     n = int(np.prod(x.shape))
     if n:
         blocks = min(-(-n // FILL_THREADS), 1024)
-        fill[blocks, FILL_THREADS, call.stream](flat(x), x.dtype.type(value))
+        launch(fill, blocks, FILL_THREADS, call.stream, (flat(x), x.dtype.type(value)))
 
 
 def linear_scope_global(call, ws, bmap, want_cols):

@@ -55,6 +55,7 @@ from ._launch import (
     marginal_sum,
     row_states,
 )
+from ._launcher import launch
 from ._path import resolve_path, tc_part
 from ._stages import mark
 from .simt.backward import make_dkdv, make_dq
@@ -203,7 +204,7 @@ def backward(
             )  # fmt: skip
             mark("bwd linear dkdv")
             return call.result(h_dq), call.result(h_dk), call.result(h_dv)
-        make_dq(T, not tc)[(Mq, H, B), T.NT, call.stream](
+        args = (
             dq_,
             dk_,
             dv_,
@@ -228,10 +229,11 @@ def backward(
             w_ds,
             qstate,
         )
+        launch(make_dq(T, not tc), (Mq, H, B), T.NT, call.stream, args)
         mark("bwd linear dq" if tc else "bwd simt dq")
         marginal_sum(call, lin_map, True, Mk, Mq, qstate, dh, tc)
         mark("bwd marginal sum (columns)")
-        make_dkdv(T, not tc)[(Mk, H, B), T.NT, call.stream](
+        args = (
             dq_,
             dk_,
             dv_,
@@ -250,6 +252,7 @@ def backward(
             dv,
             dh,
         )
+        launch(make_dkdv(T, not tc), (Mk, H, B), T.NT, call.stream, args)
         mark("bwd linear dkdv" if tc else "bwd simt dkdv")
         return call.result(h_dq), call.result(h_dk), call.result(h_dv)
 

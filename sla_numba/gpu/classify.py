@@ -43,6 +43,7 @@ import numpy as np
 
 from .._params import n_blocks
 from ._arrays import DeviceCall
+from ._launcher import launch
 from ._stages import mark
 from .simt.classify import (
     FAST_LANES,
@@ -128,20 +129,38 @@ def _classify(q, k, n_crit, n_skip, block_q, block_k, scale, fast, tiles=None):
         _, scores = call.workspace((B, H, Mq, Mk), np.float64)
         handle, block_map = call.output((B, H, Mq, Mk), np.int8)
         if config is None:
-            pool[(Mq + Mk, H, B), POOL_THREADS, call.stream](dq, dk, block_q, block_k, Mq, pq, pk)
-            make_score_rank(RANK_THREADS, SORT_MAX)[(Mq, H, B), RANK_THREADS, call.stream](
-                pq, pk, float(scale), n_crit, n_skip, scores, block_map
+            launch(
+                pool,
+                (Mq + Mk, H, B),
+                POOL_THREADS,
+                call.stream,
+                (dq, dk, block_q, block_k, Mq, pq, pk),
+            )
+            launch(
+                make_score_rank(RANK_THREADS, SORT_MAX),
+                (Mq, H, B),
+                RANK_THREADS,
+                call.stream,
+                (pq, pk, float(scale), n_crit, n_skip, scores, block_map),
             )
         else:
             rq, cpt, epl, nt = config
             wide = call.in_dtype(q) == np.float64 or call.in_dtype(k) == np.float64
             pt = pool_threads(D)
-            make_pool(pt, POOL_BATCH, wide)[(Mq + Mk, H, B), pt, call.stream](
-                dq, dk, block_q, block_k, Mq, pq, pk
+            launch(
+                make_pool(pt, POOL_BATCH, wide),
+                (Mq + Mk, H, B),
+                pt,
+                call.stream,
+                (dq, dk, block_q, block_k, Mq, pq, pk),
             )
             kern = make_score_select(D, rq, cpt, epl, nt, FAST_LANES)
-            kern[(-(-Mq // rq), H, B), nt, call.stream](
-                pq, pk, float(scale), n_crit, n_skip, scores, scores.view(np.uint64), block_map
+            launch(
+                kern,
+                (-(-Mq // rq), H, B),
+                nt,
+                call.stream,
+                (pq, pk, float(scale), n_crit, n_skip, scores, scores.view(np.uint64), block_map),
             )
         mark("classify")
         return call.result(handle)

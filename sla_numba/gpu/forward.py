@@ -57,6 +57,7 @@ from ._launch import (
     linear_supported,
     row_states,
 )
+from ._launcher import launch
 from ._path import resolve_path, tc_part
 from ._stages import mark
 from .simt.forward import make_forward_simt
@@ -163,7 +164,8 @@ def forward(
                 call.stream,
             )
         else:
-            make_forward_simt(T, path == "simt")[(Mq, H, B), T.NT, call.stream](
+            kernel = make_forward_simt(T, path == "simt")
+            args = (
                 dq,
                 dk,
                 dv,
@@ -181,5 +183,6 @@ def forward(
                 o_l,
                 lse,
             )
+            launch(kernel, (Mq, H, B), T.NT, call.stream, args)
         mark("fwd linear" if path == "tc" else "fwd simt fused")
         return call.result(h_os), call.result(h_ol), call.result(h_lse)

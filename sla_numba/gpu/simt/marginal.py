@@ -28,6 +28,7 @@ import functools
 import numpy as np
 
 from .._compat import FASTMATH, SIMULATOR, cuda, kernel
+from .._launcher import launch
 from .tiles import U, make_mm
 
 #: (TR, TC, RR, RW, KT): 256 threads, 128 x 128 outputs a block, 16 states a stage.
@@ -112,6 +113,5 @@ def launch_marginal_sum(stream, bmap, transposed, n_out, n_in, states, out, tile
     W = states.shape[3]
     grid = (-(-W // (TC * RW)), -(-n_out // (TR * RR)), B * H)
     acc_name = np.dtype(states.dtype).name
-    make_marginal_sum(acc_name, tiles)[grid, TR * TC, stream](
-        bmap, 1 if transposed else 0, n_out, n_in, states, out
-    )
+    kernel = make_marginal_sum(acc_name, tiles)
+    launch(kernel, grid, TR * TC, stream, (bmap, 1 if transposed else 0, n_out, n_in, states, out))

@@ -20,35 +20,14 @@ hands back the stream to launch on (torch's / CuPy's current stream).
 import numpy as np
 
 from ...testing import poisoning
+from .. import _launcher
 from .ptx import SIMULATED
-
-#: Dynamic shared memory above this needs an explicit opt-in per kernel.
-_DEFAULT_SMEM_LIMIT = 48 * 1024
-
-
-_opted_in = set()
 
 
 def launch(kernel, grid, block, smem_bytes, stream, args):
-    """Launch ``kernel`` with ``smem_bytes`` of dynamic shared memory on ``stream``."""
-    if SIMULATED:
-        kernel[grid, block, 0, smem_bytes](*args)
-        return
-    from numba import cuda
-
-    if smem_bytes > _DEFAULT_SMEM_LIMIT:
-        argtypes = tuple(kernel.typeof_pyval(a) for a in args)
-        dev = cuda.get_current_device().id
-        key = (id(kernel), argtypes, dev, smem_bytes)
-        if key not in _opted_in:
-            from numba.cuda.cudadrv.driver import binding, driver
-
-            compiled = kernel.compile(argtypes)
-            handle = compiled._codelibrary.get_cufunc().handle
-            attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-            driver.cuKernelSetAttribute(attr, int(smem_bytes), handle, dev)
-            _opted_in.add(key)
-    kernel[grid, block, stream, smem_bytes](*args)
+    """Launch ``kernel`` with ``smem_bytes`` of dynamic shared memory on ``stream``
+    (``gpu/_launcher.py``: direct launch, opt-in above 48 KiB)."""
+    _launcher.launch(kernel, grid, block, 0 if SIMULATED else stream, args, smem_bytes)
 
 
 # ---------------------------------------------------------------------------

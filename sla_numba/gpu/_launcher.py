@@ -1,0 +1,218 @@
+"""Launching a compiled kernel without Numba's dispatcher.
+
+Every kernel of the GPU backend is launched through :func:`launch`. It does what
+``kernel[grid, block, stream, smem](*args)`` does, in a fraction of the host time.
+
+Why (measured on the H200's host, ``tools/host_overhead.py``, BENCHMARKS.md): one
+launch of a kernel with 8 arrays and 2 ints costs **59 µs** through Numba's dispatcher
+with Numba device arrays, **252 µs** with torch tensors (each goes through the CUDA
+array interface and becomes a Numba device array), and **14 µs** when the compiled
+kernel is handed to ``cuda.core.launch`` with its argument list built from pointers.
+A forward is ~8 launches and a backward ~10: at the B2 shape (B2 H16 N8192 D64) the
+whole forward was host-bound (3.4 ms of Python for 0.6 ms of kernels).
+
+What the dispatcher does per launch, and what we keep of it:
+
+1. *type the arguments* (``typeof`` on each) and pick the compiled overload for that
+   signature, compiling it the first time. We do this once per signature: the cache
+   key is the kernel, the device, and a cheap key per argument (dtype and rank of an
+   array, Python type of a scalar).
+2. *marshal the arguments*: a Numba array argument is a struct of ``meminfo``,
+   ``parent``, ``nitems``, ``itemsize``, ``data``, ``shape[ndim]``, ``strides[ndim]``
+   (``meminfo`` and ``parent`` are 0 on the device); a scalar is its C value. We build
+   that list straight from :class:`~._arrays.DeviceView` pointers and shapes.
+3. *launch*: ``cuda.core.launch(stream, LaunchConfig(grid, block, smem), kernel, *args)``.
+   We keep the ``LaunchConfig`` and the ``cuda.core`` stream per value.
+
+Where the direct launch cannot be used it falls back, per launch, to the dispatcher
+(same kernel, same result): under the CUDA simulator; with ``SLA_NUMBA_LAUNCH=numba``;
+for an argument that is not a C-contiguous device array or a plain scalar; on a Numba
+CUDA without ``cuda.core`` launches (numba-cuda < 0.23). :data:`counts` says how many
+launches took each way (tests check that the direct one is taken).
+
+Kernels that ask for more than 48 KiB of dynamic shared memory need an opt-in per
+compiled function and device (``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES``);
+:func:`launch` sets it on first use, for both ways of launching.
+"""
+
+import ctypes
+
+import numpy as np
+
+from .. import config
+from ._arrays import DeviceView, device_view
+from ._compat import SIMULATOR, cuda
+
+#: Dynamic shared memory above this needs an explicit opt-in per kernel.
+DEFAULT_SMEM_LIMIT = 48 * 1024
+
+#: Launches so far, by the way they took: {"direct": n, "numba": n}.
+counts = {"direct": 0, "numba": 0}
+
+try:  # numba-cuda >= 0.23 launches through cuda.core; so do we
+    from cuda.core import LaunchConfig as _LaunchConfig
+    from cuda.core import Stream as _CoreStream
+    from cuda.core import launch as _core_launch
+except ImportError:  # pragma: no cover - older numba-cuda
+    _core_launch = None
+
+_SCALARS = (int, float, bool, np.integer, np.floating, np.bool_)
+
+# ctypes of the scalar kinds Numba's typeof gives (numba-cuda's _prepare_args does the
+# same conversion, by name: c_int64, c_double, ...)
+_CTYPES = {
+    "int8": ctypes.c_int8,
+    "int16": ctypes.c_int16,
+    "int32": ctypes.c_int32,
+    "int64": ctypes.c_int64,
+    "uint8": ctypes.c_uint8,
+    "uint16": ctypes.c_uint16,
+    "uint32": ctypes.c_uint32,
+    "uint64": ctypes.c_uint64,
+    "float32": ctypes.c_float,
+    "float64": ctypes.c_double,
+}
+
+
+class _Compiled:
+    """One (kernel, device, signature): the cuda.core kernel and how to pack each
+    argument (``"array"`` or a ctypes scalar type)."""
+
+    __slots__ = ("kernel", "handle", "packers", "smem_opt_in")
+
+    def __init__(self, kernel, handle, packers):
+        self.kernel = kernel
+        self.handle = handle
+        self.packers = packers
+        self.smem_opt_in = DEFAULT_SMEM_LIMIT
+
+
+_compiled = {}  # (dispatcher, device id, argument keys) -> _Compiled
+_configs = {}  # (grid, block, smem) -> LaunchConfig
+_core_streams = {}  # stream handle -> cuda.core Stream
+
+
+def launch(kernel, grid, block, stream, args, smem=0):
+    """Launch the ``@cuda.jit`` dispatcher ``kernel`` on ``stream``.
+
+    Same meaning as ``kernel[grid, block, stream, smem](*args)``. ``stream`` is a Numba
+    stream (``DeviceCall.stream``) or 0 for the default stream.
+    """
+    if SIMULATOR:
+        kernel[grid, block, stream, smem](*args)
+        return
+    if _core_launch is not None and config.launcher() == "direct":
+        packed = _direct_args(kernel, stream, args)
+        if packed is not None:
+            compiled, kargs = packed
+            if smem > compiled.smem_opt_in:
+                _opt_in(compiled.handle, smem)
+                compiled.smem_opt_in = smem
+            _core_launch(_core_stream(stream), _config(grid, block, smem), compiled.kernel, *kargs)
+            counts["direct"] += 1
+            return
+    if smem > DEFAULT_SMEM_LIMIT:
+        argtypes = tuple(kernel.typeof_pyval(a) for a in args)
+        _opt_in(kernel.compile(argtypes)._codelibrary.get_cufunc().handle, smem)
+    kernel[grid, block, stream, smem](*args)
+    counts["numba"] += 1
+
+
+def _direct_args(kernel, stream, args):
+    """(compiled, argument list) for a direct launch, or None to use the dispatcher."""
+    keys = []
+    values = []
+    for a in args:
+        if isinstance(a, _SCALARS):
+            keys.append(type(a))
+            values.append(a)
+            continue
+        view = a if type(a) is DeviceView else device_view(a)
+        if view is None:
+            return None
+        keys.append((view.dtype, view.ndim))
+        values.append(view)
+    key = (kernel, _device_of(stream), tuple(keys))
+    compiled = _compiled.get(key)
+    if compiled is None:
+        compiled = _compiled[key] = _compile(kernel, values)
+    kargs = []
+    for pack, val in zip(compiled.packers, values):
+        if pack == "array":
+            kargs += (0, 0, val.size, val.dtype.itemsize, val.ptr)
+            kargs += val.shape
+            kargs += val.strides
+        else:
+            kargs.append(pack(val))
+    return compiled, kargs
+
+
+def _compile(kernel, values):
+    """Type the arguments as Numba's dispatcher would, compile (or load from the disk
+    cache) that overload, and note how to pack each argument."""
+    from numba.cuda import types
+    from numba.cuda.np import numpy_support
+
+    argtypes, packers = [], []
+    for val in values:
+        if isinstance(val, DeviceView):
+            # a C-contiguous device array is typed layout 'C' (DeviceNDArray._numba_type_)
+            argtypes.append(types.Array(numpy_support.from_dtype(val.dtype), val.ndim, "C"))
+            packers.append("array")
+            continue
+        ty = kernel.typeof_pyval(val)
+        argtypes.append(ty)
+        if ty == types.boolean:
+            packers.append(bool)
+        elif str(ty) in _CTYPES:
+            packers.append(_CTYPES[str(ty)])
+        else:  # pragma: no cover - no kernel of ours takes other scalars
+            raise TypeError(f"direct launch: unsupported scalar argument type {ty}")
+    compiled = kernel.compile(tuple(argtypes))
+    cufunc = compiled._codelibrary.get_cufunc()
+    return _Compiled(cufunc.kernel, cufunc.handle, packers)
+
+
+def _device_of(stream):
+    """The device a launch on ``stream`` runs on: a non-default stream belongs to one
+    device (its handle says which); for the default streams, the current device."""
+    handle = int(stream.handle or 0) if stream else 0
+    if handle > 2:  # 0, 1, 2: default, legacy default, per-thread default
+        return handle
+    return ("current", cuda.get_current_device().id)
+
+
+def _core_stream(stream):
+    handle = int(stream.handle or 0) if stream else 0
+    core = _core_streams.get(handle)
+    if core is None:
+        if len(_core_streams) > 64:
+            _core_streams.clear()
+        core = _core_streams[handle] = _CoreStream.from_handle(handle)
+    return core
+
+
+def _config(grid, block, smem):
+    key = (grid, block, smem)
+    cfg = _configs.get(key)
+    if cfg is None:
+        if len(_configs) > 4096:
+            _configs.clear()
+        cfg = _configs[key] = _LaunchConfig(grid=grid, block=block, shmem_size=smem)
+    return cfg
+
+
+_opted_in = set()
+
+
+def _opt_in(handle, smem):
+    """Allow ``smem`` bytes of dynamic shared memory for the compiled function."""
+    dev = cuda.get_current_device().id
+    key = (int(handle) if isinstance(handle, int) else id(handle), dev, smem)
+    if key in _opted_in:
+        return
+    from numba.cuda.cudadrv.driver import binding, driver
+
+    attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    driver.cuKernelSetAttribute(attr, int(smem), handle, dev)
+    _opted_in.add(key)
