@@ -15,13 +15,15 @@ inside a round, so these are enqueue costs) of:
   tensors' pointers (what a launcher that skips the dispatcher would do).
 
 Then the host time of whole SLA calls: wall time of N back-to-back calls against the
-GPU time of the same calls (CUDA events), B2 and Wan shapes, bf16, with the launcher
-``SLA_NUMBA_LAUNCH`` selects (``direct`` by default), and a Python profile of 20 B2
-forwards (their host time by function).
+GPU time of the same calls (CUDA events), B2 and Wan shapes, bf16, for each
+``SLA_NUMBA_LAUNCH`` way (``--launchers``; the ways alternate call by call), and a
+Python profile of 20 B2 forwards (their host time by function; the frames under
+torch's custom-op wrappers are mis-attributed by cProfile).
 """
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -65,6 +67,9 @@ def main():
     ap.add_argument("--sla-reps", type=int, default=20)
     ap.add_argument("--json", default=None)
     ap.add_argument("--sla-only", action="store_true", help="skip the per-step costs")
+    ap.add_argument(
+        "--launchers", nargs="+", default=["direct", "numba"], help="SLA_NUMBA_LAUNCH values"
+    )
     args = ap.parse_args()
     R = args.reps
     res = {}
@@ -161,29 +166,39 @@ def sla_calls(args, res):
             sla_attention(qq, kk, vv, topk=0.05, skip=0.1, backend="gpu").backward(do)
 
         for label, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-            fn()
-            torch.cuda.synchronize()
-            enq, tot, gpu = [], [], []
-            for _ in range(args.sla_reps):
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                e0.record()
+            times = {way: ([], [], []) for way in args.launchers}
+            for way in args.launchers:  # compile / warm both ways first
+                os.environ["SLA_NUMBA_LAUNCH"] = way
                 fn()
-                e1.record()
-                t1 = time.perf_counter()
-                torch.cuda.synchronize()
-                t2 = time.perf_counter()
-                enq.append((t1 - t0) * 1e3)
-                tot.append((t2 - t0) * 1e3)
-                gpu.append(e0.elapsed_time(e1))
-            row = {
-                "host enqueue ms": statistics.median(enq),
-                "wall ms": statistics.median(tot),
-                "events ms": statistics.median(gpu),
-            }
-            res[f"sla {name} {label}"] = row
-            print(f"sla {name} {label}: " + ", ".join(f"{a} {b:.3f}" for a, b in row.items()))
+            for _ in range(args.sla_reps):  # the ways alternate: same machine state
+                for way in args.launchers:
+                    os.environ["SLA_NUMBA_LAUNCH"] = way
+                    enq, tot, gpu = times[way]
+                    e0 = torch.cuda.Event(enable_timing=True)
+                    e1 = torch.cuda.Event(enable_timing=True)
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    e0.record()
+                    fn()
+                    e1.record()
+                    t1 = time.perf_counter()
+                    torch.cuda.synchronize()
+                    t2 = time.perf_counter()
+                    enq.append((t1 - t0) * 1e3)
+                    tot.append((t2 - t0) * 1e3)
+                    gpu.append(e0.elapsed_time(e1))
+            for way, (enq, tot, gpu) in times.items():
+                row = {
+                    "host enqueue ms": statistics.median(enq),
+                    "wall ms": statistics.median(tot),
+                    "events ms": statistics.median(gpu),
+                }
+                res[f"sla {name} {label} launch={way}"] = row
+                print(
+                    f"sla {name} {label} launch={way}: "
+                    + ", ".join(f"{a} {b:.3f}" for a, b in row.items())
+                )
+        os.environ["SLA_NUMBA_LAUNCH"] = args.launchers[0]
         if name == "b2":  # where the host time of a forward goes (Python profile)
             import cProfile
             import io

@@ -276,19 +276,27 @@ class _nullcontext:
         return False
 
 
-_streams = {}
+_streams = {}  # (device index, handle) -> numba stream
+_stream_devices = {}  # id(numba stream) -> device index, for the streams of _streams
 
 
 def _stream_from_ptr(ptr, device_index):
-    """A numba stream object for a raw CUDA stream handle (0 = legacy default),
-    kept per (device, handle): making one costs ~8 µs, and a call needs one."""
-    if not ptr:
-        return cuda.legacy_default_stream()
+    """A numba stream object for a raw CUDA stream handle (0: the legacy default
+    stream), kept per (device, handle): making one costs ~8 µs, and a call needs one.
+    :func:`stream_device` then names its device without asking the driver."""
     key = (device_index, ptr)
     stream = _streams.get(key)
     if stream is None:
         if len(_streams) > 64:
             _streams.clear()
+            _stream_devices.clear()
         with cuda.gpus[device_index]:
-            stream = _streams[key] = cuda.external_stream(ptr)
+            stream = cuda.external_stream(ptr) if ptr else cuda.legacy_default_stream()
+        _streams[key] = stream
+        _stream_devices[id(stream)] = device_index
     return stream
+
+
+def stream_device(stream):
+    """The device index of a stream made by a ``DeviceCall``, else None."""
+    return _stream_devices.get(id(stream))
