@@ -199,6 +199,26 @@ def sla_calls(args, res):
                     + ", ".join(f"{a} {b:.3f}" for a, b in row.items())
                 )
         os.environ["SLA_NUMBA_LAUNCH"] = args.launchers[0]
+        if name == "b2":  # what the layers above the backend cost (enqueue only)
+            from sla_numba import gpu
+
+            scale = D**-0.5
+            bm = gpu.classify(q, k, 25, 12, 64, 64, scale)
+            with torch.no_grad():
+                layers = {
+                    "backend gpu.classify": lambda: gpu.classify(q, k, 25, 12, 64, 64, scale),
+                    "backend gpu.forward": lambda: gpu.forward(q, k, v, bm, 64, 64, scale, 0, 1e-6),
+                    "op sla_numba.classify": lambda: torch.ops.sla_numba.classify(
+                        q, k, 0.05, 0.1, 64, 64, scale, "gpu"
+                    ),
+                    "op sla_numba.forward": lambda: torch.ops.sla_numba.forward(
+                        q, k, v, bm, 64, 64, scale, 0, 1e-6, 0, "gpu"
+                    ),
+                    "api sla_attention (no grad)": fwd,
+                }
+                for label, fn in layers.items():
+                    res[f"b2 {label} us"] = us = per_call(fn, 100, rounds=3)
+                    print(f"b2 {label:32s} {us:8.1f} us enqueue")
         if name == "b2":  # where the host time of a forward goes (Python profile)
             import cProfile
             import io

@@ -1,0 +1,100 @@
+"""Tile configurations of the tensor-core marginal sum (``gpu/tc/marginal.py``) on the GPU.
+
+Usage (on a GPU):  PYTHONPATH=. python tools/sweep_marginal.py [--reps 20] [--tiles 2,2,2,4 ...]
+
+At the Wan2.1 shape's sizes (B*H = 12, Mq = Mk = 512 blocks, W = 128*128 + 128 state
+values) with a random block map (5 % critical, 10 % negligible, the rest marginal):
+median time of one ``launch_marginal_sum_tc`` per tile configuration ``(WR, WC, MT, NP)``
+(WR x WC warps, each 16·MT rows x 16·NP columns), its output compared bit for bit with the
+default configuration's (each output is one lane's fixed sequence of mma over the same
+k-steps, so every tiling gives the same bits), and the cuBLAS floor of the same product
+(``torch.bmm`` of the 0/1 matrix and the states in bf16) measured in the same run.
+"""
+
+import argparse
+import statistics
+
+import numpy as np
+import torch
+
+from sla_numba.gpu._arrays import device_view
+from sla_numba.gpu.tc import marginal as tcm
+
+CANDIDATES = [
+    (2, 2, 2, 4),  # the default: 4 warps, CTA 64 x 128
+    (4, 2, 2, 4),  # 8 warps, CTA 128 x 128
+    (2, 4, 2, 4),  # 8 warps, CTA 64 x 256
+    (4, 1, 2, 4),  # 4 warps, CTA 128 x 64
+    (1, 4, 2, 4),  # 4 warps, CTA 32 x 256
+    (2, 2, 4, 4),  # 4 warps, CTA 128 x 128 (128 accumulators a lane)
+    (2, 2, 2, 8),  # 4 warps, CTA 64 x 256 (128 accumulators a lane)
+    (4, 2, 1, 4),  # 8 warps, CTA 64 x 128
+    (2, 2, 1, 8),  # 4 warps, CTA 32 x 256
+]
+
+
+def cuda_time(fn, reps):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1))
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--bh", type=int, default=12)
+    ap.add_argument("--blocks", type=int, default=512)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--tiles", nargs="*", default=None, help="WR,WC,MT,NP ...")
+    args = ap.parse_args()
+    cands = [tuple(int(x) for x in t.split(",")) for t in args.tiles] if args.tiles else CANDIDATES
+    M, W = args.blocks, args.d * args.d + args.d
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = torch.rand(1, args.bh, M, M, device="cuda", generator=g)
+    bmap = torch.zeros(1, args.bh, M, M, dtype=torch.int8, device="cuda")
+    bmap[r < 0.05] = 1
+    bmap[r > 0.90] = -1
+    states = torch.randn(1, args.bh, M, W, device="cuda", generator=g) * 0.1
+    stream = 0
+    outs = {}
+    print(f"B*H={args.bh} Mq=Mk={M} W={W}; marginal fraction {(bmap == 0).float().mean():.3f}")
+    for tiles in cands:
+        try:
+            geo = tcm.geometry(tcm.Tiles(*tiles))
+        except ValueError as e:
+            print(f"tiles {tiles}: skipped ({e})")
+            continue
+        out = torch.full((1, args.bh, M, W), float("nan"), device="cuda")
+        views = [device_view(x) for x in (bmap, states, out)]
+
+        def run(tiles=tiles, views=views):
+            tcm.launch_marginal_sum_tc(stream, views[0], False, M, M, views[1], views[2], tiles)
+
+        try:
+            ms = cuda_time(run, args.reps)
+        except Exception as e:  # noqa: BLE001 - a configuration that does not compile / launch
+            print(f"tiles {tiles}: failed ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        outs[tiles] = out
+        same = "same bits" if torch.equal(out, outs[cands[0]]) else "DIFFERENT"
+        print(
+            f"tiles {tiles}: CTA {geo['RT']}x{geo['WT']}, {geo['NT']} threads, "
+            f"smem {geo['SMEM_BYTES'] / 1024:.1f} KiB: {ms:.3f} ms  ({same} as {cands[0]})"
+        )
+    m16 = (bmap == 0).to(torch.bfloat16).reshape(args.bh, M, M)
+    s16 = states.to(torch.bfloat16).reshape(args.bh, M, W)
+    floor = cuda_time(lambda: torch.bmm(m16, s16), args.reps)
+    print(f"cuBLAS floor torch.bmm bf16 (one product): {floor:.3f} ms")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
