@@ -13,6 +13,11 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             ``linear``, ``linear_grad``) sent back to their SIMT twins
                             (ablation, fault isolation).
 ``SLA_NUMBA_NO_CACHE``      ``1``: compile GPU kernels without Numba's disk cache.
+``SLA_NUMBA_STATES``        ``fp32`` (default) | ``bf16``: the storage of the linear
+                            branch's per-key-block states on the tensor-core path
+                            (``bf16``: half the bytes and one product in the marginal
+                            sums instead of two; O_l then carries ~4e-4 relative
+                            error instead of ~3e-8, ``tools/states_precision.py``).
 ``SLA_NUMBA_LAUNCH``        ``direct`` (default) | ``numba``: how GPU kernels are
                             launched: ``direct`` hands the compiled kernel and its
                             argument list to ``cuda.core`` (``gpu/_launcher.py``);
@@ -33,6 +38,8 @@ GPU_PATH_VAR = "SLA_NUMBA_GPU_PATH"
 TC_OFF_VAR = "SLA_NUMBA_TC_OFF"
 NO_CACHE_VAR = "SLA_NUMBA_NO_CACHE"
 LAUNCH_VAR = "SLA_NUMBA_LAUNCH"
+STATES_VAR = "SLA_NUMBA_STATES"
+STATES_DTYPES = ("fp32", "bf16")
 LAUNCHERS = ("direct", "numba")
 
 
@@ -71,4 +78,13 @@ def launcher():
     val = raw.strip().lower() or "direct"
     if val not in LAUNCHERS:
         raise ValueError(f"{LAUNCH_VAR}={raw!r}: must be one of {LAUNCHERS}")
+    return val
+
+
+def states_dtype():
+    """``SLA_NUMBA_STATES``: 'fp32' (unset or empty) or 'bf16'."""
+    raw = os.environ.get(STATES_VAR, "")
+    val = raw.strip().lower() or "fp32"
+    if val not in STATES_DTYPES:
+        raise ValueError(f"{STATES_VAR}={raw!r}: must be one of {STATES_DTYPES}")
     return val

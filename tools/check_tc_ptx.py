@@ -171,7 +171,12 @@ def check_marginal():
     i8, f32 = int8[::1], float32[::1]
     sig = (i8, int64, int64, int64, int64, int64, f32, int64, f32, int64, int64)
     kern = marginal_tc.make_marginal_kernel(tiles).kernel
-    return check(f"marginal_sum_tc tiles={tuple(tiles)}", kern, sig, (32, 10))
+    ok = check(f"marginal_sum_tc tiles={tuple(tiles)}", kern, sig, (32, 10))
+    # bf16 states (SLA_NUMBA_STATES=bf16): int32 pairs, one product: 16 mma, 6 ldmatrix
+    sig16 = sig[:6] + (int32[::1],) + sig[7:]
+    kern = marginal_tc.make_marginal_kernel(tiles, s_bf16=True).kernel
+    ok &= check(f"marginal_sum_tc tiles={tuple(tiles)} bf16 states", kern, sig16, (16, 6))
+    return ok
 
 
 def check_states(quick=False):
@@ -196,6 +201,15 @@ def check_states(quick=False):
             sig,
             (mma, ld),
         )
+    # bf16 output (SLA_NUMBA_STATES=bf16): same products, int16 stores
+    tiles = states_tc.choose_tiles(128, states_tc.GPU_MAX_WARPS)
+    kern = states_tc.make_states_kernel("bf16", 128, 64, tiles, True, out_bf16=True).kernel
+    ok &= check(
+        f"states_tc bf16 D=128 bk=64 tiles={tuple(tiles)} bf16 output",
+        kern,
+        (i16, i16, i16, int64, int64, int64, int64),
+        (144, 32),
+    )
     return ok
 
 

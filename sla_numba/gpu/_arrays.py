@@ -117,10 +117,15 @@ class DeviceView:
         return DeviceView(self.ptr, shape, self.dtype, self.owner)
 
     def view(self, dtype):
+        """The same bytes as ``dtype``; with another item size the last axis is
+        rescaled (as numpy does), which needs its byte length to divide evenly."""
         dtype = np.dtype(dtype)
-        if dtype.itemsize != self.dtype.itemsize:
-            raise ValueError(f"view {self.dtype} as {dtype}: item sizes differ")
-        return DeviceView(self.ptr, self.shape, dtype, self.owner)
+        if dtype.itemsize == self.dtype.itemsize:
+            return DeviceView(self.ptr, self.shape, dtype, self.owner)
+        last = self.shape[-1] * self.dtype.itemsize if self.shape else 0
+        if not self.shape or last % dtype.itemsize:
+            raise ValueError(f"view {self.dtype} {self.shape} as {dtype}: sizes do not divide")
+        return DeviceView(self.ptr, self.shape[:-1] + (last // dtype.itemsize,), dtype, self.owner)
 
     def __getitem__(self, i):
         if not isinstance(i, (int, np.integer)) or not 0 <= i < self.shape[0]:

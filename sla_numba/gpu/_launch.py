@@ -7,6 +7,7 @@ on the call's stream. No kernel code lives here.
 
 import numpy as np
 
+from .. import config
 from ._launcher import launch
 from ._path import tc_part
 from .simt.fill import FILL_THREADS, fill
@@ -39,7 +40,8 @@ def launch_prep(
 
     ``tc_kind`` ("bf16" / "f16", the tensor-core path): the states come from the
     tensor-core kernel (``tc/states.py``, one more launch) and ``prep`` builds only the
-    lists (and delta).
+    lists (and delta). With ``SLA_NUMBA_STATES=bf16`` (and the tensor-core marginal sum
+    on, the only reader that takes them) they are stored as bf16 bits (int16).
 
     ``info`` arrays are (2, B, H, M) (see ``simt/states.py``): ``row_info[0]`` / ``col_info[0]``
     are the critical counts per row / column, ``[1]`` the marginal counts.
@@ -49,7 +51,13 @@ def launch_prep(
     B, H = x.shape[0], x.shape[1]
     acc = tiles.acc_dtype
     width = tiles.DP * tiles.DP + tiles.DP
-    _, state = call.workspace((B, H, n_state, width), acc)
+    tc_states = False
+    if tc_kind is not None and tc_part("states"):
+        from .tc.states import states_tc_supported
+
+        tc_states = states_tc_supported(x.shape[3], block)
+    bf16_states = tc_states and tc_part("marginal") and config.states_dtype() == "bf16"
+    _, state = call.workspace((B, H, n_state, width), np.int16 if bf16_states else acc)
     _, dummy = call.workspace((1, 1, 1), acc)
     _, row_crit = call.workspace((B, H, mq, max(mk, 1)), np.int32)
     _, row_info = call.workspace((2, B, H, mq), np.int32)
@@ -70,12 +78,10 @@ def launch_prep(
     else:
         o_s = do_s = call.workspace((1, 1, 1, 1), acc)[1]
         delta, nq, n_delta_blocks = dummy, 0, 0
-    tc_states = False
-    if tc_kind is not None and tc_part("states"):
-        from .tc.states import launch_states_tc, states_tc_supported
-
-        tc_states = states_tc_supported(x.shape[3], block)
     n_simt = 0 if tc_states else n_state  # state blocks the SIMT prep computes
+    # the prep kernel's state argument (written only for its n_simt blocks): with bf16
+    # states, a 1-block fp32 stand-in keeps its signature (one compiled prep)
+    prep_state = call.workspace((1, 1, 1, width), acc)[1] if bf16_states else state
     grid = (n_simt + n_list_blocks + n_delta_blocks, H, B)
     args = (
         x,
@@ -83,7 +89,7 @@ def launch_prep(
         n_rows,
         block,
         n_simt,
-        state,
+        prep_state,
         fm,
         dummy,
         bmap,
@@ -102,6 +108,8 @@ def launch_prep(
     )
     launch(make_prep(tiles), grid, nt, call.stream, args)
     if tc_states:
+        from .tc.states import launch_states_tc
+
         launch_states_tc(
             tc_kind,
             half_bits(x),
@@ -128,9 +136,12 @@ def launch_prep(
 
 def marginal_sum(call, bmap, transposed, n_out, n_in, states, out, tc):
     """``out = M · states`` (``simt/marginal.py``), on tensor cores (``tc/marginal.py``: bf16
-    hi + lo products, fp32 accumulation) when ``tc`` (the tensor-core path) and the
-    states are fp32; the SIMT product otherwise."""
-    if tc and np.dtype(states.dtype) == np.float32 and tc_part("marginal"):
+    hi + lo products, fp32 accumulation; one product for bf16 states, int16 bits) when
+    ``tc`` (the tensor-core path) and the states are fp32 or bf16; the SIMT product
+    otherwise (fp32 / fp64 states only)."""
+    if np.dtype(states.dtype) == np.int16 or (
+        tc and np.dtype(states.dtype) == np.float32 and tc_part("marginal")
+    ):
         from .tc.marginal import launch_marginal_sum_tc
 
         launch_marginal_sum_tc(call.stream, bmap, transposed, n_out, n_in, states, out)
@@ -142,7 +153,8 @@ def row_states(call, bmap, state, mq, mk, tc=False):
     """(B, H, Mq, W) workspace: row i holds [vec(H_i), Z_i], the sum of ``state``
     over row i's marginal key blocks (:func:`marginal_sum`)."""
     B, H, _, W = state.shape
-    _, out = call.workspace((B, H, mq, W), state.dtype)
+    dt = np.float32 if np.dtype(state.dtype) == np.int16 else state.dtype  # bf16 states
+    _, out = call.workspace((B, H, mq, W), dt)
     marginal_sum(call, bmap, False, mq, mk, state, out, tc)
     return out
 

@@ -41,6 +41,17 @@ def flat(x):
     return x if x.ndim == 1 else x.reshape(int(np.prod(x.shape)))
 
 
+def int32_pairs(x):
+    """The flat int32 view of a C-contiguous int16 array (pairs of 16-bit values) of
+    any supported library; its size must be even."""
+    x = flat(x)
+    if type(x).__module__.split(".")[0] == "torch":
+        import torch
+
+        return x.view(torch.int32)
+    return x.view(np.int32)
+
+
 def size(x):
     """Number of elements of an array of any supported library."""
     return int(np.prod(x.shape))

@@ -111,7 +111,7 @@ from numba import cuda, float32, int16, int32, uint64
 
 from .. import _compat
 from . import build as _tc_build
-from .build import flat
+from .build import dtype_name, flat, int32_pairs
 from .ptx import (
     SIMULATED,
     bf16_high_f32,
@@ -261,32 +261,8 @@ def _mma_tile(acc, af, mt, n, b0, b1):
 
 
 @_compat.device(**_INLINE)
-def _prefetch(
-    xs,
-    ys,
-    states,
-    bmap,
-    cn,
-    W,
-    s_lane,
-    srow,
-    sok0,
-    sok1,
-    n_in,
-    n_out,
-    mo,
-    mr,
-    mc,
-    r0,
-    rs,
-    cs,
-    npass,
-    rpp,
-    nmp,
-    rg,
-):
-    """Load k-step ``cn``'s S values into xs (zero past n_in / W) and its map bytes
-    into ys (not marginal outside the n_out x n_in window)."""
+def _prefetch_states(xs, states, cn, W, s_lane, srow, sok0, sok1, n_in, npass, rpp):
+    """Load k-step ``cn``'s fp32 S values into xs (zero past n_in / W)."""
     # S rows cn + srow + rpp*p, columns sw, sw + 1
     gs = s_lane + cn * W
     for p in range(npass):
@@ -294,6 +270,12 @@ def _prefetch(
         xs[p, 0] = states[u64(gs)] if ok and sok0 else ZERO
         xs[p, 1] = states[u64(gs + 1)] if ok and sok1 else ZERO
         gs += rpp * W
+
+
+@_compat.device(**_INLINE)
+def _prefetch_map(ys, bmap, cn, n_in, n_out, mo, mr, mc, r0, rs, cs, nmp, rg):
+    """Load k-step ``cn``'s map bytes into ys (not marginal outside the n_out x n_in
+    window)."""
     # M[mr + 8i, mc + 8j], M[.., mc + 8j + 1] with (i, j) = (p % rg, p // rg)
     gm = mo + cn * cs
     for p in range(nmp):
@@ -307,11 +289,23 @@ def _prefetch(
         ys[p, 1] = int32(bmap[u64(off + cs)]) if ok1 else NOT_MARGINAL
 
 
-def make_marginal_kernel(tiles=GPU_TILES):
+@_compat.device(**_INLINE)
+def _prefetch_pairs(xp, states32, cn, W, s_lane, srow, sok0, n_in, npass, rpp):
+    """bf16 states: load k-step ``cn``'s S value pairs (one int32 each, zero past n_in /
+    W) into xp. W is even, so a lane's pair (sw, sw + 1) is one aligned int32."""
+    gs = s_lane + cn * W
+    for p in range(npass):
+        ok = cn + srow + p * rpp < n_in
+        xp[p] = states32[u64(gs >> 1)] if ok and sok0 else ZI
+        gs += rpp * W
+
+
+def make_marginal_kernel(tiles=GPU_TILES, s_bf16=False):
     """Build the kernel ``marginal_sum_tc`` for ``tiles`` (see the module doc).
 
     ``marginal_sum_tc(bmap, m_size, rs, cs, n_out, n_in, states, s_rows, out, o_rows, W)``:
-    flat arrays bmap int8 (B*H*m_size), states fp32 (B*H, s_rows, W), out fp32
+    flat arrays bmap int8 (B*H*m_size), states fp32 (B*H, s_rows, W) (``s_bf16``: bf16
+    bits as int32 pairs, W even: one product per tile, no split), out fp32
     (B*H, o_rows, W); ``out[bh, r, w] = Σ_c M[r, c] states[bh, c, w]`` for r < n_out,
     c < n_in, w < W, with ``M[r, c] = (bmap[bh*m_size + r*rs + c*cs] == 0)``.
     Grid (ceil(n_out / RT), ceil(W / WT), B*H), ``threads`` threads, ``smem_bytes`` of
@@ -330,6 +324,7 @@ def make_marginal_kernel(tiles=GPU_TILES):
     PASS32 = RPP * SW // 2  # int32 between two staging passes
     TILE32 = TILE // 2
     ALIGNED = not SIMULATED  # the simulator rejects alignment=
+    S_BF16 = bool(s_bf16)
 
     @_compat.kernel()
     def marginal_sum_tc(bmap, m_size, rs, cs, n_out, n_in, states, s_rows, out, o_rows, W):
@@ -344,7 +339,8 @@ def make_marginal_kernel(tiles=GPU_TILES):
             smem32 = cuda.shared.array(0, int32)
         acc = cuda.local.array((MT, NN, 4), float32)  # D fragments
         af = cuda.local.array((MT, 4), int32)  # A fragments of a k-step
-        xs = cuda.local.array((NPASS, 2), float32)  # prefetched S pairs
+        xs = cuda.local.array((NPASS, 2), float32)  # prefetched S pairs (fp32 states)
+        xp = cuda.local.array(NPASS, int32)  # prefetched S pairs (bf16 states)
         ys = cuda.local.array((NMP, 2), int32)  # prefetched map bytes
         tid = cuda.threadIdx.x
         lane = tid & 31
@@ -385,40 +381,24 @@ def make_marginal_kernel(tiles=GPU_TILES):
                 for e in range(4):
                     acc[mt, n, e] = ZERO
         nk = (n_in + 15) // 16
-        _prefetch(
-            xs,
-            ys,
-            states,
-            bmap,
-            0,
-            W,
-            s_lane,
-            srow,
-            sok0,
-            sok1,
-            n_in,
-            n_out,
-            mo,
-            mr,
-            mc,
-            r0,
-            rs,
-            cs,
-            NPASS,
-            RPP,
-            NMP,
-            RG,
-        )
+        if S_BF16:
+            _prefetch_pairs(xp, states, 0, W, s_lane, srow, sok0, n_in, NPASS, RPP)
+        else:
+            _prefetch_states(xs, states, 0, W, s_lane, srow, sok0, sok1, n_in, NPASS, RPP)
+        _prefetch_map(ys, bmap, 0, n_in, n_out, mo, mr, mc, r0, rs, cs, NMP, RG)
         for it in range(nk):
             # 1. store the prefetched k-step into stage it & 1: S split into bf16 hi / lo,
             #    M as bf16 1.0 where marginal, else 0
             st = (it & 1) * STAGE32 + st_lane
             for p in range(NPASS):
-                hi = pack_bf16x2(xs[p, 0], xs[p, 1])
-                smem32[st + p * PASS32] = hi
-                smem32[st + p * PASS32 + TILE32] = pack_bf16x2(
-                    xs[p, 0] - bf16_low_f32(hi), xs[p, 1] - bf16_high_f32(hi)
-                )
+                if S_BF16:
+                    smem32[st + p * PASS32] = xp[p]
+                else:
+                    hi = pack_bf16x2(xs[p, 0], xs[p, 1])
+                    smem32[st + p * PASS32] = hi
+                    smem32[st + p * PASS32 + TILE32] = pack_bf16x2(
+                        xs[p, 0] - bf16_low_f32(hi), xs[p, 1] - bf16_high_f32(hi)
+                    )
             sm = (it & 1) * STAGE32 + ms
             for p in range(NMP):
                 off = (8 * (p % RG) * MW + 8 * (p // RG)) // 2
@@ -427,30 +407,13 @@ def make_marginal_kernel(tiles=GPU_TILES):
                 )
             cuda.syncthreads()
             # 2. prefetch the next k-step (masked: nothing is read past n_in)
-            _prefetch(
-                xs,
-                ys,
-                states,
-                bmap,
-                it * 16 + 16,
-                W,
-                s_lane,
-                srow,
-                sok0,
-                sok1,
-                n_in,
-                n_out,
-                mo,
-                mr,
-                mc,
-                r0,
-                rs,
-                cs,
-                NPASS,
-                RPP,
-                NMP,
-                RG,
-            )
+            if S_BF16:
+                _prefetch_pairs(xp, states, it * 16 + 16, W, s_lane, srow, sok0, n_in, NPASS, RPP)
+            else:
+                _prefetch_states(
+                    xs, states, it * 16 + 16, W, s_lane, srow, sok0, sok1, n_in, NPASS, RPP
+                )
+            _prefetch_map(ys, bmap, it * 16 + 16, n_in, n_out, mo, mr, mc, r0, rs, cs, NMP, RG)
             # 3. tensor cores: A fragments of the warp's m-tiles; per n16 pair, B fragments
             #    of hi and lo (two n8 tiles each), then 4 mma per m-tile
             sb = (it & 1) * STAGE_BYTES
@@ -464,12 +427,17 @@ def make_marginal_kernel(tiles=GPU_TILES):
                 af[mt, 3] = a3
             for j in range(NP):
                 h0, h1, h2, h3 = ldsm_x4_trans(smem, lbk + 32 * j, 0)
-                l0, l1, l2, l3 = ldsm_x4_trans(smem, lbk + LO_BYTES + 32 * j, 0)
-                for mt in range(MT):
-                    _mma_tile(acc, af, mt, 2 * j, h0, h1)
-                    _mma_tile(acc, af, mt, 2 * j + 1, h2, h3)
-                    _mma_tile(acc, af, mt, 2 * j, l0, l1)
-                    _mma_tile(acc, af, mt, 2 * j + 1, l2, l3)
+                if S_BF16:  # S exact in bf16: one product
+                    for mt in range(MT):
+                        _mma_tile(acc, af, mt, 2 * j, h0, h1)
+                        _mma_tile(acc, af, mt, 2 * j + 1, h2, h3)
+                else:
+                    l0, l1, l2, l3 = ldsm_x4_trans(smem, lbk + LO_BYTES + 32 * j, 0)
+                    for mt in range(MT):
+                        _mma_tile(acc, af, mt, 2 * j, h0, h1)
+                        _mma_tile(acc, af, mt, 2 * j + 1, h2, h3)
+                        _mma_tile(acc, af, mt, 2 * j, l0, l1)
+                        _mma_tile(acc, af, mt, 2 * j + 1, l2, l3)
         # epilogue: lane (g, t) holds rows g, g + 8 x columns 8n + 2t, 8n + 2t + 1
         g = lane >> 2
         t2 = (lane & 3) * 2
@@ -490,12 +458,13 @@ def make_marginal_kernel(tiles=GPU_TILES):
 _kernels = {}
 
 
-def get_marginal_kernel(tiles=TILES):
-    """The :class:`MarginalKernel` for ``tiles`` (built once per process)."""
-    tiles = Tiles(*tiles)
-    k = _kernels.get(tiles)
+def get_marginal_kernel(tiles=TILES, s_bf16=False):
+    """The :class:`MarginalKernel` for ``tiles`` and the states' storage (built once per
+    process)."""
+    key = (Tiles(*tiles), bool(s_bf16))
+    k = _kernels.get(key)
     if k is None:
-        k = _kernels[tiles] = make_marginal_kernel(tiles)
+        k = _kernels[key] = make_marginal_kernel(*key)
     return k
 
 
@@ -514,8 +483,11 @@ def launch_marginal_sum_tc(stream, bmap, transposed, n_out, n_in, states, out, t
     Same semantics as ``_marginal.launch_marginal_sum``; fp32 states only
     (:func:`tc_marginal_supported`), compute capability >= 8.0.
     """
-    if np.dtype(states.dtype) != np.float32 or np.dtype(out.dtype) != np.float32:
-        raise TypeError("launch_marginal_sum_tc: states and out must be float32")
+    s_dtype = dtype_name(states)
+    if s_dtype not in ("float32", "int16") or dtype_name(out) != "float32":
+        raise TypeError(
+            "launch_marginal_sum_tc: states must be float32 (or int16: bf16 bits), out float32"
+        )
     B, H, Mq, Mk = (int(s) for s in bmap.shape)
     s_rows, W = int(states.shape[2]), int(states.shape[3])
     o_rows = int(out.shape[2])
@@ -529,11 +501,15 @@ def launch_marginal_sum_tc(stream, bmap, transposed, n_out, n_in, states, out, t
         raise ValueError("launch_marginal_sum_tc: n_out / n_in exceed the arrays")
     if n_out <= 0 or W <= 0 or B * H <= 0:
         return
-    kern = get_marginal_kernel(tiles)
+    s_bf16 = s_dtype == "int16"
+    if s_bf16 and W % 2:
+        raise ValueError("launch_marginal_sum_tc: bf16 states need an even row width W")
+    kern = get_marginal_kernel(tiles, s_bf16)
     G = geometry(Tiles(*tiles))
     grid = (-(-n_out // G["RT"]), -(-W // G["WT"]), B * H)
     if grid[1] > 65535 or grid[2] > 65535:
         raise ValueError("launch_marginal_sum_tc: W or B*H too large for the grid")
     rs, cs = (1, Mk) if transposed else (Mk, 1)
-    args = (flat(bmap), Mq * Mk, rs, cs, n_out, n_in, flat(states), s_rows, flat(out), o_rows, W)
+    s_flat = int32_pairs(states) if s_bf16 else flat(states)  # bf16: value pairs
+    args = (flat(bmap), Mq * Mk, rs, cs, n_out, n_in, s_flat, s_rows, flat(out), o_rows, W)
     _tc_build.launch(kern.kernel, grid, kern.threads, kern.smem_bytes, stream, args)

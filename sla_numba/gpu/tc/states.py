@@ -229,6 +229,20 @@ def _pack(lo, hi, f16):
 
 
 @_compat.device(**_DEV)
+def _low16(p):
+    """The low 16 bits of the int32 ``p`` as an int16 (bf16 bits to store)."""
+    x = p & 0xFFFF
+    return int16(x - 65536 if x > 32767 else x)
+
+
+@_compat.device(**_DEV)
+def _high16(p):
+    """The high 16 bits of the int32 ``p`` as an int16."""
+    x = (p >> 16) & 0xFFFF
+    return int16(x - 65536 if x > 32767 else x)
+
+
+@_compat.device(**_DEV)
 def _mma_acc(acc, mt, n, a, pt, b0, b1, f16):
     """acc[mt, n] += A(a[pt, mt]) · B(b0, b1)."""
     if f16:
@@ -259,10 +273,12 @@ def _mma_acc(acc, mt, n, a, pt, b0, b1, f16):
         )
 
 
-def make_states_kernel(kind, D, BK, tiles, split=True):
+def make_states_kernel(kind, D, BK, tiles, split=True, out_bf16=False):
     """Build ``states_tc(k, v, state, H, Nk, Mk, fm)`` (module doc).
 
-    k, v flat int16 bits (B, H, Nk, D) of ``kind``; state flat fp32 (B, H, Mk, D*D + D).
+    k, v flat int16 bits (B, H, Nk, D) of ``kind``; state flat fp32 (B, H, Mk, D*D + D),
+    or with ``out_bf16`` flat int16: the bf16 bits of each fp32 result (rounded to
+    nearest even, whatever ``kind``: bf16 keeps fp32's range).
     Grid (ceil(Nk/BK), H, B), 32·WR·WC threads. Returns a :class:`StatesKernel`.
     """
     if kind not in KINDS:
@@ -285,6 +301,7 @@ def make_states_kernel(kind, D, BK, tiles, split=True):
     NN = 2 * NP
     IS_F16 = kind == "f16"
     ONES_PAIR = ONES[kind]
+    OUT_BF16 = bool(out_bf16)
     ALIGNED = not SIMULATED  # the simulator rejects alignment=
 
     @_compat.kernel(fastmath=FASTMATH)
@@ -407,13 +424,24 @@ def make_states_kernel(kind, D, BK, tiles, split=True):
         for mt in range(MT):
             for hh in range(2):
                 for n in range(NN):
-                    for x in range(2):
-                        state[u64(ob + (16 * mt + 8 * hh) * D + 8 * n + x)] = acc[mt, n, 2 * hh + x]
+                    so = ob + (16 * mt + 8 * hh) * D + 8 * n
+                    if OUT_BF16:  # the pair rounded to bf16, stored as two 16-bit values
+                        p = pack_bf16x2(acc[mt, n, 2 * hh], acc[mt, n, 2 * hh + 1])
+                        state[u64(so)] = _low16(p)
+                        state[u64(so + 1)] = _high16(p)
+                    else:
+                        for x in range(2):
+                            state[u64(so + x)] = acc[mt, n, 2 * hh + x]
         if wc == 0 and t2 == 0:
             zb = sb + D * D + wr * 16 * MT + g
             for mt in range(MT):
-                state[u64(zb + 16 * mt)] = z[mt, 0, 0]
-                state[u64(zb + 16 * mt + 8)] = z[mt, 0, 2]
+                if OUT_BF16:
+                    p = pack_bf16x2(z[mt, 0, 0], z[mt, 0, 2])
+                    state[u64(zb + 16 * mt)] = _low16(p)
+                    state[u64(zb + 16 * mt + 8)] = _high16(p)
+                else:
+                    state[u64(zb + 16 * mt)] = z[mt, 0, 0]
+                    state[u64(zb + 16 * mt + 8)] = z[mt, 0, 2]
 
     return StatesKernel(states_tc, NTILES * TILE * 2, NT)
 
@@ -421,13 +449,14 @@ def make_states_kernel(kind, D, BK, tiles, split=True):
 _kernels = {}
 
 
-def get_states_kernel(kind, D, BK, tiles=None, split=True):
-    """The :class:`StatesKernel` for (kind, D, BK, tiles or ``choose_tiles(D)``, split)."""
+def get_states_kernel(kind, D, BK, tiles=None, split=True, out_bf16=False):
+    """The :class:`StatesKernel` for (kind, D, BK, tiles or ``choose_tiles(D)``, split,
+    out_bf16)."""
     tiles = choose_tiles(D) if tiles is None else Tiles(*tiles)
-    key = (kind, int(D), int(BK), tiles, bool(split))
+    key = (kind, int(D), int(BK), tiles, bool(split), bool(out_bf16))
     kern = _kernels.get(key)
     if kern is None:
-        kern = _kernels[key] = make_states_kernel(kind, int(D), int(BK), tiles, split)
+        kern = _kernels[key] = make_states_kernel(kind, int(D), int(BK), tiles, split, out_bf16)
     return kern
 
 
@@ -447,14 +476,16 @@ def launch_states_tc(
     tensors (numpy arrays under the simulator).
     fm: 0 softmax, 1 elu + 1, 2 relu. ``tiles`` (WR, WC): None for ``choose_tiles``;
     ``split=False``: φ rounded to one half value (no lo part, half the mma).
+    An int16 ``state`` receives bf16 bits (``SLA_NUMBA_STATES=bf16``) instead of fp32.
     """
     B, H, Nk, D, block_k, fm = (int(x) for x in (B, H, Nk, D, block_k, fm))
     if not states_tc_supported(D, block_k):
         raise ValueError(f"launch_states_tc: D = {D}, block_k = {block_k} not supported")
     if fm not in (0, 1, 2):
         raise ValueError(f"launch_states_tc: feature map code {fm}")
-    if str(state.dtype).replace("torch.", "") != "float32":
-        raise TypeError("launch_states_tc: state must be float32")
+    state_dtype = str(state.dtype).replace("torch.", "")
+    if state_dtype not in ("float32", "int16"):
+        raise TypeError("launch_states_tc: state must be float32 (or int16: bf16 bits)")
     W = D * D + D
     n_blocks = -(-Nk // block_k)
     if n_blocks <= 0 or B * H == 0:
@@ -475,7 +506,7 @@ def launch_states_tc(
         raise ValueError("launch_states_tc: k / v smaller than B*H*Nk*D")
     if H > 65535 or B > 65535:
         raise ValueError("launch_states_tc: H or B too large for the grid")
-    kern = get_states_kernel(kind, D, block_k, tiles, split)
+    kern = get_states_kernel(kind, D, block_k, tiles, split, state_dtype == "int16")
     _tc_build.launch(
         kern.kernel,
         (n_blocks, H, B),
