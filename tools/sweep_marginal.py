@@ -8,7 +8,8 @@ median time of one ``launch_marginal_sum_tc`` per tile configuration ``(WR, WC, 
 (WR x WC warps, each 16·MT rows x 16·NP columns), its output compared bit for bit with the
 default configuration's (each output is one lane's fixed sequence of mma over the same
 k-steps, so every tiling gives the same bits), and the cuBLAS floor of the same product
-(``torch.bmm`` of the 0/1 matrix and the states in bf16) measured in the same run.
+(``torch.bmm`` of the 0/1 matrix and the states in bf16) measured in the same run;
+then the default tiles with bf16 states (``SLA_NUMBA_STATES=bf16``: one product a tile).
 """
 
 import argparse
@@ -89,6 +90,16 @@ def main():
             f"tiles {tiles}: CTA {geo['RT']}x{geo['WT']}, {geo['NT']} threads, "
             f"smem {geo['SMEM_BYTES'] / 1024:.1f} KiB: {ms:.3f} ms  ({same} as {cands[0]})"
         )
+    # bf16 states (SLA_NUMBA_STATES=bf16): the default tiles, one product a tile
+    bits = states.to(torch.bfloat16).view(torch.int16)
+    out16 = torch.full((1, args.bh, M, W), float("nan"), device="cuda")
+    v16 = [device_view(x) for x in (bmap, bits, out16)]
+    ms16 = cuda_time(
+        lambda: tcm.launch_marginal_sum_tc(stream, v16[0], False, M, M, v16[1], v16[2]), args.reps
+    )
+    ref = torch.einsum("bhij,bhjw->bhiw", (bmap == 0).double(), bits.view(torch.bfloat16).double())
+    err = ((out16.double() - ref).abs().max() / ref.abs().max()).item()
+    print(f"bf16 states, tiles {cands[0]}: {ms16:.3f} ms (max error / max |ref| {err:.1e})")
     m16 = (bmap == 0).to(torch.bfloat16).reshape(args.bh, M, M)
     s16 = states.to(torch.bfloat16).reshape(args.bh, M, W)
     floor = cuda_time(lambda: torch.bmm(m16, s16), args.reps)
