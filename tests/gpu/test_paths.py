@@ -24,6 +24,7 @@ from helpers import reference_grads as _reference_grads
 from numba import config
 
 from sla_numba import _params
+from sla_numba.config import states_dtype as config_states
 from sla_numba.reference import sla_reference
 
 gpu = pytest.importorskip("sla_numba.gpu")
@@ -154,9 +155,14 @@ def test_tc_vs_simt_vs_reference_simulated(spy, B, H, Nq, Nk, D, bq, bk, fm, pat
     assert _err(f_tc[0], r_s) < 2e-3 and _err(f_simt[0], r_s) < 1e-5
     np.testing.assert_array_equal(f_tc[0][0, 0, :bq], 0.0)  # row without critical block
     # linear branch: the same SIMT fp32 kernel, but the tc path sums the states over
-    # marginal blocks on tensor cores (bf16 hi + lo, ~2^-16 relative a term)
-    assert _err(f_tc[1], r_l) < 1e-5
-    np.testing.assert_allclose(f_tc[1], f_simt[1], rtol=1e-4, atol=1e-5)
+    # marginal blocks on tensor cores (bf16 hi + lo, ~2^-16 relative a term); with
+    # SLA_NUMBA_STATES=bf16 the states themselves are rounded to bf16 (2^-9 a term;
+    # measured up to 1.2e-3 on these few-block maps)
+    if config_states() == "bf16":
+        assert _err(f_tc[1], r_l) < 4e-3
+    else:
+        assert _err(f_tc[1], r_l) < 1e-5
+        np.testing.assert_allclose(f_tc[1], f_simt[1], rtol=1e-4, atol=1e-5)
     if not scope:
         np.testing.assert_array_equal(f_tc[1][0, 0, bq : 2 * bq], 0.0)  # row without marginal block
     np.testing.assert_allclose(f_tc[2], f_simt[2], rtol=1e-4, atol=1e-4)
