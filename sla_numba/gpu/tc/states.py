@@ -49,7 +49,8 @@ Algorithm (one CTA per (j, h, b), grid (ceil(Nk/BK), H, B))
    it starts past the valid rows.
 4. Epilogue: lane (g, t) stores rows g, g + 8 x columns 2t, 2t + 1 of each tile
    straight to global memory (pairs of consecutive floats); lanes t == 0 of the
-   column-0 warps store z.
+   column-0 warps store z. With an int16 state (``SLA_NUMBA_STATES=bf16``) each fp32
+   result is rounded to bf16 (nearest even) and its 16 bits stored instead.
 
 Shared memory: [φ hi: BK x (D+8)][φ lo: BK x (D+8)][V: BK x (D+8)] 16-bit, 8 values
 of padding per row (the 8 rows of an ldmatrix land in 8 different bank groups):
