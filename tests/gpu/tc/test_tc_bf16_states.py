@@ -142,8 +142,8 @@ def test_gpu_marginal_bf16_states(transposed):
     from numba import cuda
 
     B, H, Mq, Mk, W, n_out, n_in = 2, 3, 70, 90, 16512, 67, 85
-    if transposed:
-        Mq, Mk, n_out, n_in = Mk, Mq, n_in, n_out
+    if transposed:  # rows of M are map columns: n_out <= Mk, n_in <= Mq
+        n_out, n_in = n_in, n_out
     bmap, bits, values, out = _bf16_problem(B, H, Mq, Mk, W, n_out, n_in, transposed, 1)
     d_out = cuda.to_device(out)
     marginal_tc.launch_marginal_sum_tc(
