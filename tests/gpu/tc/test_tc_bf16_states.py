@@ -169,7 +169,8 @@ def test_gpu_api_bf16_states_keeps_the_accuracy_rule(monkeypatch, D):
     q, k, v, do = (
         torch.randn(B, H, N, D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(4)
     )
-    bm = sla_numba.gpu.classify(q, k, 4, 2, blk, blk, D**-0.5)
+    gpu = importlib.import_module("sla_numba.gpu")
+    bm = gpu.classify(q, k, 4, 2, blk, blk, D**-0.5)
 
     def ours(states):
         monkeypatch.setenv("SLA_NUMBA_STATES", states)
