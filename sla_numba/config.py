@@ -43,13 +43,19 @@ STATES_DTYPES = ("fp32", "bf16")
 LAUNCHERS = ("direct", "numba")
 
 
+def _choice(var, values):
+    """The value of the switch ``var``, one of ``values`` (case and spaces ignored;
+    unset or empty: ``values[0]``, the default)."""
+    raw = os.environ.get(var, "")
+    val = raw.strip().lower() or values[0]
+    if val not in values:
+        raise ValueError(f"{var}={raw!r}: must be one of {values}")
+    return val
+
+
 def gpu_path():
     """``SLA_NUMBA_GPU_PATH``: 'auto' (unset or empty), 'simt' or 'tc'."""
-    raw = os.environ.get(GPU_PATH_VAR, "")
-    val = raw.strip().lower() or "auto"
-    if val not in GPU_PATHS:
-        raise ValueError(f"{GPU_PATH_VAR}={raw!r}: must be one of {GPU_PATHS}")
-    return val
+    return _choice(GPU_PATH_VAR, GPU_PATHS)
 
 
 def tc_parts_off():
@@ -74,17 +80,9 @@ def disk_cache():
 
 def launcher():
     """``SLA_NUMBA_LAUNCH``: 'direct' (unset or empty) or 'numba'."""
-    raw = os.environ.get(LAUNCH_VAR, "")
-    val = raw.strip().lower() or "direct"
-    if val not in LAUNCHERS:
-        raise ValueError(f"{LAUNCH_VAR}={raw!r}: must be one of {LAUNCHERS}")
-    return val
+    return _choice(LAUNCH_VAR, LAUNCHERS)
 
 
 def states_dtype():
     """``SLA_NUMBA_STATES``: 'fp32' (unset or empty) or 'bf16'."""
-    raw = os.environ.get(STATES_VAR, "")
-    val = raw.strip().lower() or "fp32"
-    if val not in STATES_DTYPES:
-        raise ValueError(f"{STATES_VAR}={raw!r}: must be one of {STATES_DTYPES}")
-    return val
+    return _choice(STATES_VAR, STATES_DTYPES)
