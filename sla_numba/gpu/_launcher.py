@@ -106,14 +106,18 @@ def launch(kernel, grid, block, stream, args, smem=0):
         if packed is not None:
             compiled, kargs = packed
             if smem > compiled.smem_opt_in:
-                _opt_in(compiled.handle, smem)
+                _opt_in(compiled, lambda: compiled.handle, smem)
                 compiled.smem_opt_in = smem
             _core_launch(_core_stream(stream), _config(grid, block, smem), compiled.kernel, *kargs)
             counts["direct"] += 1
             return
     if smem > DEFAULT_SMEM_LIMIT:
         argtypes = tuple(kernel.typeof_pyval(a) for a in args)
-        _opt_in(kernel.compile(argtypes)._codelibrary.get_cufunc().handle, smem)
+        _opt_in(
+            (kernel, argtypes),
+            lambda: kernel.compile(argtypes)._codelibrary.get_cufunc().handle,
+            smem,
+        )
     kernel[grid, block, stream, smem](*args)
     counts["numba"] += 1
 
@@ -214,14 +218,15 @@ def _config(grid, block, smem):
 _opted_in = set()
 
 
-def _opt_in(handle, smem):
-    """Allow ``smem`` bytes of dynamic shared memory for the compiled function."""
-    dev = cuda.get_current_device().id
-    key = (int(handle) if isinstance(handle, int) else id(handle), dev, smem)
+def _opt_in(fn_key, handle_of, smem):
+    """Allow ``smem`` bytes of dynamic shared memory for the compiled function named by
+    ``fn_key`` on the current device, once; ``handle_of()`` gives its handle (called,
+    and for the dispatcher's way the overload looked up, only the first time)."""
+    key = (fn_key, cuda.get_current_device().id, smem)
     if key in _opted_in:
         return
     from numba.cuda.cudadrv.driver import binding, driver
 
     attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    driver.cuKernelSetAttribute(attr, int(smem), handle, dev)
+    driver.cuKernelSetAttribute(attr, int(smem), handle_of(), key[1])
     _opted_in.add(key)

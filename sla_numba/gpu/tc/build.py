@@ -45,7 +45,7 @@ def int32_pairs(x):
     """The flat int32 view of a C-contiguous int16 array (pairs of 16-bit values) of
     any supported library; its size must be even."""
     x = flat(x)
-    if type(x).__module__.split(".")[0] == "torch":
+    if _lib(x) == "torch":
         import torch
 
         return x.view(torch.int32)
