@@ -267,9 +267,18 @@ class DeviceCall:
 
     # -- device selection -------------------------------------------------
     def device_context(self):
-        """Context manager making the inputs' GPU numba's current device."""
+        """Context manager making the inputs' GPU the current device.
+
+        torch / CuPy inputs: their library's device guard (a few µs; Numba's
+        ``cuda.gpus[i]`` pushes and pops its context, and Numba then looks its context
+        up again, uncached, several times a call). The launcher compiles and loads
+        kernels under Numba's own context (``_launcher._compile``)."""
         if self.device_index is None:
             return _nullcontext()
+        if self.kind == "torch":
+            return self._torch.cuda.device(self.device_index)
+        if self.kind == "cupy":
+            return self._cupy.cuda.Device(self.device_index)
         return cuda.gpus[self.device_index]
 
 

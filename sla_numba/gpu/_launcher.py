@@ -136,10 +136,15 @@ def _direct_args(kernel, stream, args):
             return None
         keys.append((view.dtype, view.ndim))
         values.append(view)
-    key = (kernel, _device_of(stream), tuple(keys))
+    device = _device_of(stream)
+    key = (kernel, device, tuple(keys))
     compiled = _compiled.get(key)
     if compiled is None:
-        compiled = _compiled[key] = _compile(kernel, values)
+        if isinstance(device, int):
+            with cuda.gpus[device]:  # load the module under Numba's context of that device
+                compiled = _compiled[key] = _compile(kernel, values)
+        else:
+            compiled = _compiled[key] = _compile(kernel, values)
     kargs = []
     for pack, val in zip(compiled.packers, values):
         if pack == "array":

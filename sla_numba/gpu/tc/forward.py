@@ -96,22 +96,34 @@ def tile_config(block_q):
 
 
 def _device_ok(device):
-    """A CUDA device of compute capability >= 8.0 (always True under the simulator)."""
+    """A CUDA device of compute capability >= 8.0 (always True under the simulator).
+
+    ``device``: None (the current device), an index or a ``torch.device``. The answer
+    for an index is kept: asking Numba costs tens of µs, and a call asks every time.
+    """
     if SIMULATED:
         return True
     try:
         from numba import cuda
 
-        if not cuda.is_available():
-            return False
         if device is None:
-            cc = cuda.get_current_device().compute_capability
+            if not cuda.is_available():
+                return False
+            idx = cuda.get_current_device().id
         else:
             idx = device if isinstance(device, int) else (getattr(device, "index", None) or 0)
-            cc = cuda.gpus[idx].compute_capability
-        return tuple(cc) >= (8, 0)
+        return _index_ok(int(idx))
     except Exception:  # noqa: BLE001 - no driver or no such device: no tensor cores
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def _index_ok(idx):
+    from numba import cuda
+
+    if not cuda.is_available():
+        return False
+    return tuple(cuda.gpus[idx].compute_capability) >= (8, 0)
 
 
 def _dtype_name(dtype):
