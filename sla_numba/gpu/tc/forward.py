@@ -117,7 +117,7 @@ def _device_ok(device):
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _index_ok(idx):
     from numba import cuda
 
