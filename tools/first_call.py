@@ -41,12 +41,21 @@ def sync():
     if dev == "cuda":
         torch.cuda.synchronize()
 
+import os
+prof = None
+if os.environ.get("FIRST_CALL_PROFILE"):
+    import cProfile
+    prof = cProfile.Profile()
+    prof.enable()
 sync(); t0 = time.perf_counter()
 o = sla_numba.sla_attention(q, k, v, **kw)
 sync(); t_fwd = time.perf_counter() - t0
 t0 = time.perf_counter()
 o.float().square().sum().backward()
 sync(); t_bwd = time.perf_counter() - t0
+if prof is not None:
+    prof.disable()
+    prof.dump_stats(os.environ["FIRST_CALL_PROFILE"])
 t0 = time.perf_counter()
 sla_numba.sla_attention(q, k, v, **kw)
 sync(); t_fwd2 = time.perf_counter() - t0
@@ -56,8 +65,10 @@ print(json.dumps(dict(torch_import_s=t_torch, import_s=t_import, first_forward_s
 """
 
 
-def run_child(shape, dtype, cache):
+def run_child(shape, dtype, cache, profile=None):
     env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(cache, "numba"), PYTHONUNBUFFERED="1")
+    if profile:
+        env["FIRST_CALL_PROFILE"] = profile
     t0 = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-c", CHILD, shape, dtype],
@@ -86,6 +97,12 @@ def main():
     ap.add_argument("--shape", default="1,12,32760,128", help="B,H,N,D")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="then run a cold and a warm process again under cProfile (first forward + "
+        "backward), write their stats to DIR and print the top functions",
+    )
     args = ap.parse_args()
     cache = tempfile.mkdtemp(prefix="sla_first_call_")
     results = {}
@@ -104,6 +121,20 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(shape=args.shape, dtype=args.dtype, **results), f, indent=1)
+    if args.profile:
+        import pstats
+
+        os.makedirs(args.profile, exist_ok=True)
+        cache = tempfile.mkdtemp(prefix="sla_first_call_prof_")
+        for case in ("cold", "warm"):
+            path = os.path.join(args.profile, f"first_call_{case}.prof")
+            r = run_child(args.shape, args.dtype, cache, profile=path)
+            print(
+                f"--- {case} process under cProfile: forward {r['first_forward_s']:.2f} s, "
+                f"backward {r['first_backward_s']:.2f} s"
+            )
+            for key in ("cumulative", "tottime"):
+                pstats.Stats(path).sort_stats(key).print_stats(35)
 
 
 if __name__ == "__main__":
