@@ -51,7 +51,10 @@ def _torch_np_dtype(t):
         torch.float16: np.float16,
         torch.float64: np.float64,
         torch.int8: np.int8,
+        torch.int16: np.int16,
         torch.int32: np.int32,
+        torch.int64: np.int64,
+        torch.uint8: np.uint8,
     }
     if t.dtype == torch.bfloat16:
         return "bfloat16"
