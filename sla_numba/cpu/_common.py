@@ -53,7 +53,20 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from .._arrays import np_empty
-from ._simd import TILE_M, TILE_VECTORS, VECTOR_BYTES, prefer_full_width, tile_fma, tile_fma_tn
+from ._simd import (
+    SUM_COLS,
+    TILE_M,
+    TILE_VECTORS,
+    VECTOR_BYTES,
+    prefer_full_width,
+    row_sum_f64,
+    tile_fma,
+    tile_fma_tn,
+    tile_set,
+    tile_set_tn,
+    tile_transpose,
+    tile_transpose_add,
+)
 
 #: fast-math flags for the attention kernels (never used by classification).
 #: Everything except nnan / ninf: NaN and Inf must propagate.
@@ -63,6 +76,13 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 #: division by zero gives inf/NaN (as in NumPy) instead of raising, so a NaN input
 #: propagates instead of aborting a parallel loop, and divisions can be vectorised.
 KERNEL_OPTIONS = dict(fastmath=FASTMATH, error_model="numpy", cache=True)
+
+#: ``KERNEL_OPTIONS`` without re-association, for the float64 sums of the linear
+#: states (``sum_marginal``'s plain-loop parts and its reference): each element is
+#: then summed strictly block after block, as ``_simd.row_sum_f64`` does, so every
+#: path gives the same bits (with re-association LLVM may regroup a float64 chain
+#: ``(t − a) − b`` as ``t − (a + b)``; float32 blocks are summed exactly either way).
+STRICT_SUM_OPTIONS = dict(fastmath=FASTMATH - {"reassoc"}, error_model="numpy", cache=True)
 
 #: feature-map codes (same as sla_numba._params.FEATURE_MAPS)
 PHI_SOFTMAX, PHI_ELU, PHI_RELU = 0, 1, 2
@@ -141,13 +161,90 @@ def _gemm_tn_edge(a, b, c, i0, i1, j0, j1, kk):
 
 
 @njit(**KERNEL_OPTIONS)
-def transpose_into(src, dst, rows, cols):
-    """``dst[:cols, :rows] = src[:rows, :cols].T``."""
+def gemm_set(a, b, c, m, n, kk):
+    """``c[:m, :n] = a[:m, :kk] @ b[:kk, :n]``: ``gemm_acc`` into a C that starts at zero.
+
+    The same bits as ``fill2d(c, m, n, 0)`` followed by ``gemm_acc`` (every element
+    starts at +0.0 and gets the same fused multiply-adds in the same order), but the
+    micro-kernel ``_simd.tile_set`` starts its register tile at zero instead of
+    loading it, so C is neither zero-filled nor read: one pass over C less per product.
+    """
+    tn = TILE_VECTORS * VECTOR_BYTES // c.itemsize
+    zero = c.dtype.type(0)
+    i = 0
+    while i + TILE_M <= m:
+        j = 0
+        while j + tn <= n:
+            tile_set(a, b, c, i, j, kk)
+            j += tn
+        _fill_block(c, i, i + TILE_M, j, n, zero)
+        _gemm_edge(a, b, c, i, i + TILE_M, j, n, kk)
+        i += TILE_M
+    _fill_block(c, i, m, 0, n, zero)
+    _gemm_edge(a, b, c, i, m, 0, n, kk)
+
+
+@njit(**KERNEL_OPTIONS)
+def gemm_tn_set(a, b, c, m, n, kk):
+    """``c[:m, :n] = a[:kk, :m].T @ b[:kk, :n]``: ``gemm_tn_acc`` into a C that starts at zero
+    (see ``gemm_set``)."""
+    tn = TILE_VECTORS * VECTOR_BYTES // c.itemsize
+    zero = c.dtype.type(0)
+    i = 0
+    while i + TILE_M <= m:
+        j = 0
+        while j + tn <= n:
+            tile_set_tn(a, b, c, i, j, kk)
+            j += tn
+        _fill_block(c, i, i + TILE_M, j, n, zero)
+        _gemm_tn_edge(a, b, c, i, i + TILE_M, j, n, kk)
+        i += TILE_M
+    _fill_block(c, i, m, 0, n, zero)
+    _gemm_tn_edge(a, b, c, i, m, 0, n, kk)
+
+
+@njit(**KERNEL_OPTIONS)
+def _fill_block(c, i0, i1, j0, j1, value):
+    """``c[i0:i1, j0:j1] = value``."""
+    for i in range(i0, i1):
+        ci = c[i]
+        for j in range(j0, j1):
+            ci[j] = value
+
+
+@njit(**KERNEL_OPTIONS)
+def transpose_block(src, r0, rows, cols, factor, dst):
+    """``dst[:cols, :rows] = factor · src[r0:r0+rows, :cols].T``.
+
+    Square tiles of the vector width (16 × 16 float32 on AVX-512) go through
+    ``_simd.tile_transpose`` (vector loads, shuffles in registers, vector stores);
+    the rows and columns left over at the edges through plain loops. A transposing
+    loop is what LLVM vectorises worst: one side is strided, so it became one
+    scalar load and one scalar store per element (the transposes cost ~6 % of
+    the forward and ~11 % of the backward before). Each element is ``x · factor``,
+    one rounding (exact for factor 1), as in the plain loop.
+    """
     prefer_full_width()
-    for r in range(rows):
-        sr = src[r]
-        for d in range(cols):
-            dst[d, r] = sr[d]
+    t = VECTOR_BYTES // src.itemsize  # = _simd.tile_t(itemsize)
+    rows_t = rows - rows % t
+    cols_t = cols - cols % t
+    for r in range(0, rows_t, t):
+        for d in range(0, cols_t, t):
+            tile_transpose(src, r0 + r, d, dst, d, r, factor)
+    for r in range(rows):  # right edge (all rows)
+        sr = src[r0 + r]
+        for d in range(cols_t, cols):
+            dst[d, r] = sr[d] * factor
+    for r in range(rows_t, rows):  # bottom edge (columns of the tiles)
+        sr = src[r0 + r]
+        for d in range(cols_t):
+            dst[d, r] = sr[d] * factor
+
+
+@njit(**KERNEL_OPTIONS)
+def transpose_into(src, dst, rows, cols):
+    """``dst[:cols, :rows] = src[:rows, :cols].T`` (``transpose_block``)."""
+    transpose_block(src, 0, rows, cols, src.dtype.type(1), dst)
 
 
 @njit(**KERNEL_OPTIONS)
@@ -260,7 +357,7 @@ def feature_map_block_t(x, r0, nr, yt, phi):
     dt = yt.dtype.type
     zero = dt(0)
     one = dt(1)
-    transpose_into(x[r0 : r0 + nr], yt, nr, D)
+    transpose_block(x, r0, nr, D, one, yt)
     if phi == PHI_SOFTMAX:
         mx = np.empty(nr, yt.dtype)
         tot = np.zeros(nr, yt.dtype)
@@ -369,12 +466,27 @@ def feature_map_grad_block_t(yt, gt, nr, phi):
 
 @njit(**KERNEL_OPTIONS)
 def add_transposed(src_t, dst, nr):
-    """``dst[:nr, :] += src_t[:, :nr].T`` for src_t (D, ≥nr), dst (≥nr, D)."""
+    """``dst[:nr, :] += src_t[:, :nr].T`` for src_t (D, ≥nr), dst (≥nr, D).
+
+    Square tiles through ``_simd.tile_transpose_add`` (see ``transpose_block``),
+    the edges through plain loops; each element gets one addition either way.
+    """
     prefer_full_width()
     D = src_t.shape[0]
-    for r in range(nr):
+    one = src_t.dtype.type(1)
+    t = VECTOR_BYTES // src_t.itemsize
+    nr_t = nr - nr % t
+    D_t = D - D % t
+    for d in range(0, D_t, t):
+        for r in range(0, nr_t, t):
+            tile_transpose_add(src_t, d, r, dst, r, d, one)
+    for r in range(nr):  # columns of dst past the tiles (all rows)
         dr = dst[r]
-        for d in range(D):
+        for d in range(D_t, D):
+            dr[d] += src_t[d, r]
+    for r in range(nr_t, nr):  # rows of dst past the tiles
+        dr = dst[r]
+        for d in range(D_t):
             dr[d] += src_t[d, r]
 
 
@@ -451,9 +563,7 @@ def key_block_states(k, v, block_k, phi, kv_h, kv_z):
             for c in range(nk):
                 acc += ytd[c]
             zj[d] = acc
-        hj = kv_h[b, h, j]
-        fill2d(hj, D, D, zero)
-        gemm_acc(yt, v[b, h, c0 : c0 + nk], hj, D, D, nk)
+        gemm_set(yt, v[b, h, c0 : c0 + nk], kv_h[b, h, j], D, D, nk)
 
 
 @njit(parallel=True, **KERNEL_OPTIONS)
@@ -511,10 +621,12 @@ def sum_marginal(mats, vecs, tot_m, tot_v, use_totals, classes, out_m, out_v):
 
     The reference form is ``sum_marginal_reference``; this one gives the same bits
     (per element: start value, then the blocks in ascending j), but works one row d
-    at a time: the blocks to read are listed first, and a row's float64 accumulator
-    (D values, a few vector registers) is started, updated by every listed block and
-    rounded into ``out_m`` while it is in L1, instead of a (D, D) float64 matrix
-    that is written and re-read once per block (it cost two 64³ products per call).
+    at a time: the blocks to read are listed first, and ``SUM_COLS`` elements of a
+    row (64 on AVX-512) are summed by ``_simd.row_sum_f64``, whose float64
+    accumulators stay in vector registers over all listed blocks and are rounded
+    into ``out_m`` once — instead of a (D, D) float64 matrix written and re-read once
+    per block (it cost two 64³ products per call), or an accumulator row that LLVM
+    loaded and stored once per block (2.5× slower than the registers).
     """
     prefer_full_width()
     M = classes.shape[0]
@@ -530,41 +642,40 @@ def sum_marginal(mats, vecs, tot_m, tot_v, use_totals, classes, out_m, out_v):
         if (classes[j] != 0) == subtract:
             listed[n] = j
             n += 1
-    acc = np.empty(D, np.float64)
+    cols = D - D % SUM_COLS  # the columns row_sum_f64 covers; the rest below
     for d in range(D):
-        if subtract:  # total − critical − negligible
-            td = tot_m[d]
-            for e in range(D):
-                acc[e] = td[e]
-            for t in range(n):
-                mjd = mats[listed[t], d]
-                for e in range(D):
-                    acc[e] -= mjd[e]
-        else:  # Σ marginal
-            for e in range(D):
-                acc[e] = 0.0
-            for t in range(n):
-                mjd = mats[listed[t], d]
-                for e in range(D):
-                    acc[e] += mjd[e]
-        od = out_m[d]
-        for e in range(D):
-            od[e] = acc[e]
-    for e in range(D):
-        acc[e] = tot_v[e] if subtract else 0.0
-    for t in range(n):
-        vj = vecs[listed[t]]
-        for e in range(D):
-            if subtract:
-                acc[e] -= vj[e]
-            else:
-                acc[e] += vj[e]
-    for e in range(D):
-        out_v[e] = acc[e]
+        for e0 in range(0, cols, SUM_COLS):
+            row_sum_f64(mats, listed, n, d, e0, tot_m[d], subtract, out_m[d])
+        if cols < D:
+            _row_sum_tail(mats, listed, n, d, cols, tot_m[d], subtract, out_m[d])
+    vecs3 = vecs.reshape((M, 1, D))  # z: one row, summed the same way
+    for e0 in range(0, cols, SUM_COLS):
+        row_sum_f64(vecs3, listed, n, 0, e0, tot_v, subtract, out_v)
+    if cols < D:
+        _row_sum_tail(vecs3, listed, n, 0, cols, tot_v, subtract, out_v)
     return n_marg
 
 
-@njit(**KERNEL_OPTIONS)
+@njit(**STRICT_SUM_OPTIONS)
+def _row_sum_tail(mats, listed, n, d, e0, start, subtract, out):
+    """``row_sum_f64`` for the elements e0.. of row d past the vector-register part (plain loops)."""
+    prefer_full_width()
+    D = out.shape[0]
+    acc = np.empty(D - e0, np.float64)
+    for e in range(e0, D):
+        acc[e - e0] = start[e] if subtract else 0.0
+    for t in range(n):
+        mjd = mats[listed[t], d]
+        for e in range(e0, D):
+            if subtract:
+                acc[e - e0] -= mjd[e]
+            else:
+                acc[e - e0] += mjd[e]
+    for e in range(e0, D):
+        out[e] = acc[e - e0]
+
+
+@njit(**STRICT_SUM_OPTIONS)
 def sum_marginal_reference(mats, vecs, tot_m, tot_v, use_totals, classes, out_m, out_v):
     """``sum_marginal`` written plainly: a (D, D) float64 sum, one block at a time."""
     M = classes.shape[0]

@@ -39,6 +39,13 @@ from numba import types
 from numba.core import cgutils, config
 from numba.extending import intrinsic
 
+#: fast-math flags of the floating-point instructions written here. Numba adds a
+#: function's fast-math flags (re-association included) to every float instruction
+#: that has none, also to ours once inlined; "arcp" (reciprocals allowed, which
+#: means nothing for +, −, ×) is a flag, so they keep strict IEEE semantics: a chain
+#: of additions stays in its order.
+_EXACT = ("arcp",)
+
 
 def cpu_features():
     """The set of CPU features Numba compiles for.
@@ -75,9 +82,11 @@ def tile_cols(itemsize):
     return TILE_VECTORS * VECTOR_BYTES // itemsize
 
 
-def _tile_fma_impl(a, b, c, a_transposed):
+def _tile_fma_impl(a, b, c, a_transposed, overwrite=False):
     """Typing and code generation of ``tile_fma`` (``a_transposed`` False) and
-    ``tile_fma_tn`` (True: A is stored transposed, its rows are the reduction)."""
+    ``tile_fma_tn`` (True: A is stored transposed, its rows are the reduction);
+    ``overwrite``: ``tile_set`` / ``tile_set_tn``, C = A·B (the accumulators start
+    at +0.0 in registers instead of being loaded from C)."""
     arrays = (a, b, c)
     if not all(isinstance(x, types.Array) and x.ndim == 2 and x.layout == "C" for x in arrays):
         return None
@@ -123,7 +132,12 @@ def _tile_fma_impl(a, b, c, a_transposed):
         acc = [[cgutils.alloca_once(builder, vty) for _ in cols] for _ in rows]
         for r, row in enumerate(rows):
             for v, col in enumerate(cols):
-                builder.store(builder.load(vector_ptr(cc, row, col), align=itemsize), acc[r][v])
+                start = (
+                    ir.Constant(vty, [ir.Constant(fty, 0.0)] * lanes)
+                    if overwrite
+                    else builder.load(vector_ptr(cc, row, col), align=itemsize)
+                )
+                builder.store(start, acc[r][v])
         undef = ir.Constant(vty, ir.Undefined)
         zeros = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
         with cgutils.for_range(builder, kk) as loop:
@@ -166,6 +180,219 @@ def tile_fma_tn(typingctx, a, b, c, i0, j0, kk):
     The broadcast scalars of one reduction step then come from one row of ``a``.
     """
     return _tile_fma_impl(a, b, c, True)
+
+
+@intrinsic
+def tile_set(typingctx, a, b, c, i0, j0, kk):
+    """``tile_fma`` that overwrites: ``c[i0:i0+TILE_M, j0:j0+TN] = a[i0:i0+TILE_M, :kk] @ b[:kk, j0:j0+TN]``.
+
+    The same bits as zero-filling C and calling ``tile_fma`` (every element starts
+    at +0.0, then the same fused multiply-adds in the same order), without the
+    pass that writes the zeros and the loads that read them back.
+    """
+    return _tile_fma_impl(a, b, c, False, True)
+
+
+@intrinsic
+def tile_set_tn(typingctx, a, b, c, i0, j0, kk):
+    """``tile_fma_tn`` that overwrites C (see ``tile_set``)."""
+    return _tile_fma_impl(a, b, c, True, True)
+
+
+# --------------------------------------------------------------------------- transposes
+def _transpose_impl(src, dst, accumulate):
+    """Typing and code generation of ``tile_transpose`` / ``tile_transpose_add``."""
+    if not all(isinstance(x, types.Array) and x.ndim == 2 and x.layout == "C" for x in (src, dst)):
+        return None
+    if src.dtype != dst.dtype or src.dtype not in (types.float32, types.float64):
+        return None
+    sig = types.void(src, types.intp, types.intp, dst, types.intp, types.intp, src.dtype)
+
+    def codegen(context, builder, signature, args):
+        dtype = signature.args[0].dtype
+        intp = context.get_value_type(types.intp)
+        fty = context.get_value_type(dtype)
+        itemsize = dtype.bitwidth // 8
+        lanes = VECTOR_BYTES // itemsize
+        vty = ir.VectorType(fty, lanes)
+        ss = context.make_array(signature.args[0])(context, builder, args[0])
+        dd = context.make_array(signature.args[3])(context, builder, args[3])
+        si, sj, di, dj, factor = args[1], args[2], args[4], args[5], args[6]
+
+        def vector_ptr(arr, row, col):
+            row_stride = builder.extract_value(arr.strides, 0)
+            base = builder.ptrtoint(arr.data, intp)
+            off = builder.add(
+                builder.mul(row, row_stride), builder.mul(col, ir.Constant(intp, itemsize))
+            )
+            return builder.inttoptr(builder.add(base, off), vty.as_pointer())
+
+        def const(n):
+            return ir.Constant(intp, n)
+
+        undef = ir.Constant(vty, ir.Undefined)
+        zeros = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+        splat = builder.shuffle_vector(
+            builder.insert_element(undef, factor, ir.Constant(ir.IntType(32), 0)), undef, zeros
+        )
+        rows = [
+            builder.fmul(
+                builder.load(vector_ptr(ss, builder.add(si, const(r)), sj), align=itemsize),
+                splat,
+                flags=_EXACT,
+            )
+            for r in range(lanes)
+        ]
+        # log2(lanes) rounds of "perfect shuffle": row 2i ← the first halves of rows i and
+        # i + lanes/2 interleaved, row 2i+1 ← their second halves interleaved; after
+        # the last round row r holds column r of the input.
+        half = lanes // 2
+        lo = ir.Constant(
+            ir.VectorType(ir.IntType(32), lanes), [x for e in range(half) for x in (e, lanes + e)]
+        )
+        hi = ir.Constant(
+            ir.VectorType(ir.IntType(32), lanes),
+            [x for e in range(half, lanes) for x in (e, lanes + e)],
+        )
+        n = 1
+        while n < lanes:
+            new = []
+            for r in range(half):
+                new.append(builder.shuffle_vector(rows[r], rows[r + half], lo))
+                new.append(builder.shuffle_vector(rows[r], rows[r + half], hi))
+            rows = new
+            n *= 2
+        for r in range(lanes):
+            ptr = vector_ptr(dd, builder.add(di, const(r)), dj)
+            val = rows[r]
+            if accumulate:
+                val = builder.fadd(builder.load(ptr, align=itemsize), val, flags=_EXACT)
+            builder.store(val, ptr, align=itemsize)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def tile_transpose(typingctx, src, si, sj, dst, di, dj, factor):
+    """``dst[di + c, dj + r] = factor · src[si + r, sj + c]`` for r, c < ``TILE_T``.
+
+    One square tile of the machine's vector width (16 × 16 float32 on AVX-512) is
+    loaded as ``TILE_T`` vectors, transposed in registers by shuffles and stored as
+    ``TILE_T`` vectors — instead of ``TILE_T``² scalar loads and stores, which is
+    what LLVM makes of a transposing loop (one of the two sides is strided). The
+    product by ``factor`` is one rounding, as in ``x * factor``; factor 1 is exact.
+    No bounds checks.
+    """
+    return _transpose_impl(src, dst, False)
+
+
+@intrinsic
+def tile_transpose_add(typingctx, src, si, sj, dst, di, dj, factor):
+    """``dst[di + c, dj + r] += factor · src[si + r, sj + c]`` (see ``tile_transpose``)."""
+    return _transpose_impl(src, dst, True)
+
+
+def tile_t(itemsize):
+    """Side of the square tile of ``tile_transpose`` for elements of ``itemsize`` bytes."""
+    return VECTOR_BYTES // itemsize
+
+
+# --------------------------------------------------------------------------- float64 sums of block rows
+#: vectors of float64 held by ``row_sum_f64`` (its accumulators)
+SUM_VECTORS = 8
+#: elements of a row handled by one ``row_sum_f64`` call (64 on AVX-512, 32 on AVX2)
+SUM_COLS = SUM_VECTORS * VECTOR_BYTES // 8
+
+
+@intrinsic
+def row_sum_f64(typingctx, mats, listed, n, d, e0, start, subtract, out):
+    """``out[e] = start[e] ∓ Σ_t mats[listed[t], d, e]`` in float64 for ``SUM_COLS``
+    elements e = e0, e0+1, ...
+
+    ``subtract`` True: start from ``start`` (float64) and subtract the listed blocks'
+    row d; False: start from +0.0 and add them. Every element is one float64
+    accumulator, updated block after block in the order of ``listed`` (IEEE
+    additions, no re-association) and rounded once into ``out`` (the dtype of
+    ``mats``). The accumulators are ``SUM_VECTORS`` vector registers for the whole
+    loop over blocks; written as a plain loop, LLVM loaded and stored the
+    accumulator row once per block. No bounds checks.
+    """
+    if not (
+        isinstance(mats, types.Array)
+        and mats.ndim == 3
+        and mats.layout == "C"
+        and mats.dtype in (types.float32, types.float64)
+        and isinstance(out, types.Array)
+        and out.dtype == mats.dtype
+        and isinstance(start, types.Array)
+        and start.dtype == types.float64
+        and isinstance(listed, types.Array)
+        and listed.dtype == types.int64
+    ):
+        return None
+    sig = types.void(mats, listed, types.intp, types.intp, types.intp, start, types.boolean, out)
+
+    def codegen(context, builder, signature, args):
+        dtype = signature.args[0].dtype
+        intp = context.get_value_type(types.intp)
+        fty = context.get_value_type(dtype)
+        dty = ir.DoubleType()
+        itemsize = dtype.bitwidth // 8
+        lanes = VECTOR_BYTES // 8
+        vty = ir.VectorType(fty, lanes)
+        vdty = ir.VectorType(dty, lanes)
+        mm, ll, ss, oo = (
+            context.make_array(t)(context, builder, v)
+            for t, v in zip(
+                (signature.args[0], signature.args[1], signature.args[5], signature.args[7]),
+                (args[0], args[1], args[5], args[7]),
+            )
+        )
+        n, d, e0, sub = args[2], args[3], args[4], args[6]
+
+        def const(x):
+            return ir.Constant(intp, x)
+
+        def elem_ptr(arr, offset_bytes, ptr_ty):
+            base = builder.ptrtoint(arr.data, intp)
+            return builder.inttoptr(builder.add(base, offset_bytes), ptr_ty.as_pointer())
+
+        def stride(arr, axis):
+            return builder.extract_value(arr.strides, axis)
+
+        cols = [builder.add(e0, const(v * lanes)) for v in range(SUM_VECTORS)]
+        acc = [cgutils.alloca_once(builder, vdty) for _ in cols]
+        zero = ir.Constant(vdty, [ir.Constant(dty, 0.0)] * lanes)
+        for v, col in enumerate(cols):
+            from_start = builder.load(elem_ptr(ss, builder.mul(col, stride(ss, 0)), vdty), align=8)
+            builder.store(builder.select(sub, from_start, zero), acc[v])
+        row_off = builder.mul(d, stride(mm, 1))
+
+        def loop_over_blocks(op):
+            with cgutils.for_range(builder, n) as loop:
+                j = builder.load(
+                    elem_ptr(ll, builder.mul(loop.index, stride(ll, 0)), ir.IntType(64)), align=8
+                )
+                base = builder.add(builder.mul(j, stride(mm, 0)), row_off)
+                for v, col in enumerate(cols):
+                    off = builder.add(base, builder.mul(col, const(itemsize)))
+                    x = builder.load(elem_ptr(mm, off, vty), align=itemsize)
+                    x = builder.fpext(x, vdty) if itemsize == 4 else x
+                    builder.store(op(builder.load(acc[v]), x, flags=_EXACT), acc[v])
+
+        with builder.if_else(sub) as (then, otherwise):
+            with then:
+                loop_over_blocks(builder.fsub)
+            with otherwise:
+                loop_over_blocks(builder.fadd)
+        for v, col in enumerate(cols):
+            r = builder.load(acc[v])
+            r = builder.fptrunc(r, vty) if itemsize == 4 else r
+            builder.store(r, elem_ptr(oo, builder.mul(col, stride(oo, 0)), vty), align=itemsize)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 # --------------------------------------------------------------------------- auto-vectoriser width

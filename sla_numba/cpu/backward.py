@@ -63,11 +63,14 @@ from ._common import (
     feature_map_row,
     fill2d,
     gemm_acc,
+    gemm_set,
     gemm_tn_acc,
+    gemm_tn_set,
     linear_map,
     linear_states,
     prefer_full_width,
     sum_marginal,
+    transpose_block,
     transpose_into,
 )
 
@@ -90,12 +93,7 @@ def _row_dots(x, y, r0, nr, out):
 @njit(**KERNEL_OPTIONS)
 def _rows_transposed(x, r0, nr, factor, out):
     """``out[:, :nr] = factor · x[r0:r0+nr].T`` for x (N, D), out (D, ≥nr)."""
-    prefer_full_width()
-    D = x.shape[1]
-    for r in range(nr):
-        xr = x[r0 + r]
-        for d in range(D):
-            out[d, r] = xr[d] * factor
+    transpose_block(x, r0, nr, x.shape[1], factor, out)
 
 
 # --------------------------------------------------------------------------- dQ
@@ -110,29 +108,28 @@ def _sparse_dq_block(qst, dot, kh, vh, lse, delta_s, r0, nr, crit, n_crit, block
     """
     prefer_full_width()
     Nk, D = kh.shape
-    dt = kh.dtype.type
-    zero = dt(0)
     if n_crit == 0:
         return
     st = np.empty((block_k, nr), kh.dtype)  # Sᵀ
     dst = np.empty((block_k, nr), kh.dtype)  # dPᵀ, then dSᵀ
-    acc = np.zeros((nr, D), kh.dtype)  # Σ dS K_c, scaled at the end
+    acc = np.empty((nr, D), kh.dtype)  # Σ dS K_c, scaled at the end
     lr = lse[r0 : r0 + nr]
     dr = delta_s[r0 : r0 + nr]
     for n in range(n_crit):
         c0 = crit[n] * block_k
         nk = min(block_k, Nk - c0)
-        fill2d(st, nk, nr, zero)
-        gemm_acc(kh[c0 : c0 + nk], qst, st, nk, nr, D)  # Sᵀ
-        fill2d(dst, nk, nr, zero)
-        gemm_acc(vh[c0 : c0 + nk], dot, dst, nk, nr, D)  # dPᵀ = V dOᵀ
+        gemm_set(kh[c0 : c0 + nk], qst, st, nk, nr, D)  # Sᵀ
+        gemm_set(vh[c0 : c0 + nk], dot, dst, nk, nr, D)  # dPᵀ = V dOᵀ
         for c in range(nk):
             sc = st[c]
             dc = dst[c]
             for r in range(nr):
                 p = fast_exp(sc[r] - lr[r])
                 dc[r] = p * (dc[r] - dr[r])  # dSᵀ
-        gemm_tn_acc(dst, kh[c0 : c0 + nk], acc, nr, D, nk)  # dQ += dS K_c
+        if n == 0:  # acc = dS K_c (the same bits as 0 + dS K_c)
+            gemm_tn_set(dst, kh[c0 : c0 + nk], acc, nr, D, nk)
+        else:  # acc += dS K_c
+            gemm_tn_acc(dst, kh[c0 : c0 + nk], acc, nr, D, nk)
     for r in range(nr):
         dq_r = dqb[r]
         acc_r = acc[r]
@@ -159,12 +156,12 @@ def _linear_dq_block(qh, kv, classes, do_l, delta_l, r0, nr, phi, eps, dqb, qo, 
     dt = qh.dtype.type
     zero = dt(0)
     one = dt(1)
-    fill2d(qo, D, D, zero)
-    for d in range(D):
-        qd[d] = zero
     hs = np.empty((D, D), qh.dtype)  # H_i
     zs = np.empty(D, qh.dtype)  # Z_i
     if sum_marginal(kv_h, kv_z, tot_h, tot_z, finite, classes, hs, zs) == 0:
+        fill2d(qo, D, D, zero)
+        for d in range(D):
+            qd[d] = zero
         return  # no marginal block: no linear term
     fqt = np.empty((D, nr), qh.dtype)  # φ(Q_i)ᵀ
     feature_map_block_t(qh, r0, nr, fqt, phi)
@@ -179,8 +176,8 @@ def _linear_dq_block(qh, kv, classes, do_l, delta_l, r0, nr, phi, eps, dqb, qo, 
     dl = delta_l[r0 : r0 + nr]
     dolt = np.empty((D, nr), qh.dtype)  # dO_lᵀ
     _rows_transposed(do_l, r0, nr, one, dolt)
-    gt = np.zeros((D, nr), qh.dtype)
-    gemm_acc(hs, dolt, gt, D, nr, D)  # gᵀ = H_i dO_lᵀ  (g_r = dO_l[r] H_iᵀ)
+    gt = np.empty((D, nr), qh.dtype)
+    gemm_set(hs, dolt, gt, D, nr, D)  # gᵀ = H_i dO_lᵀ  (g_r = dO_l[r] H_iᵀ)
     chat_t = np.empty((D, nr), qh.dtype)  # ĉᵀ
     for d in range(D):
         gd = gt[d]
@@ -196,7 +193,7 @@ def _linear_dq_block(qh, kv, classes, do_l, delta_l, r0, nr, phi, eps, dqb, qo, 
         qd[d] = acc
     feature_map_grad_block_t(fqt, gt, nr, phi)  # gᵀ ← (∂φ/∂q)ᵀ gᵀ
     add_transposed(gt, dqb, nr)
-    gemm_acc(chat_t, do_l[r0 : r0 + nr], qo, D, D, nr)  # QO_i = Σ_r ĉ_rᵀ dO_l[r]
+    gemm_set(chat_t, do_l[r0 : r0 + nr], qo, D, D, nr)  # QO_i = Σ_r ĉ_rᵀ dO_l[r]
 
 
 @njit(**KERNEL_OPTIONS)
@@ -337,25 +334,21 @@ def _sparse_dkdv_block(
     """
     prefer_full_width()
     Nq, D = qh.shape
-    dt = qh.dtype.type
-    zero = dt(0)
     if rows.shape[0] == 0:
         return
     kb = kh[c0 : c0 + nk]
     vb = vh[c0 : c0 + nk]
     st = np.empty((nk, block_q), qh.dtype)  # Sᵀ, then Pᵀ
     dpt = np.empty((nk, block_q), qh.dtype)  # dPᵀ, then dSᵀ
-    acc = np.zeros((nk, D), qh.dtype)  # Σ dSᵀ Q, scaled at the end
+    acc = np.empty((nk, D), qh.dtype)  # Σ dSᵀ Q, scaled at the end
     for n in range(rows.shape[0]):
         i = rows[n]
         r0 = i * block_q
         nr = min(block_q, Nq - r0)
         qb = qh[r0 : r0 + nr]
         dob = do_s[r0 : r0 + nr]
-        fill2d(st, nk, nr, zero)
-        gemm_acc(kb, qt[i], st, nk, nr, D)  # Sᵀ = K_j (scale·Q_i)ᵀ
-        fill2d(dpt, nk, nr, zero)
-        gemm_acc(vb, dot[i], dpt, nk, nr, D)  # dPᵀ = V_j dO_iᵀ
+        gemm_set(kb, qt[i], st, nk, nr, D)  # Sᵀ = K_j (scale·Q_i)ᵀ
+        gemm_set(vb, dot[i], dpt, nk, nr, D)  # dPᵀ = V_j dO_iᵀ
         lr = lse[r0 : r0 + nr]
         dr = delta_s[r0 : r0 + nr]
         for c in range(nk):
@@ -366,7 +359,10 @@ def _sparse_dkdv_block(
                 sc[r] = p
                 dpc[r] = p * (dpc[r] - dr[r])  # dSᵀ
         gemm_acc(st, dob, dvb, nk, D, nr)  # dV += Pᵀ dO
-        gemm_acc(dpt, qb, acc, nk, D, nr)  # Σ dSᵀ Q
+        if n == 0:  # acc = dSᵀ Q (the same bits as 0 + dSᵀ Q)
+            gemm_set(dpt, qb, acc, nk, D, nr)
+        else:  # acc += dSᵀ Q
+            gemm_acc(dpt, qb, acc, nk, D, nr)
     for c in range(nk):
         for d in range(D):
             dkb[c, d] += scale * acc[c, d]
@@ -395,8 +391,8 @@ def _linear_dkdv_block(kh, vh, qstates, classes, c0, nk, phi, dkb, dvb):
     gemm_tn_acc(yt, dh, dvb, nk, D, D)  # dV[c] += φ(k_c) dH_j
     vt = np.empty((D, nk), kh.dtype)  # V_jᵀ
     transpose_into(vh[c0 : c0 + nk], vt, nk, D)
-    gt = np.zeros((D, nk), kh.dtype)
-    gemm_acc(dh, vt, gt, D, nk, D)  # gᵀ = dH_j V_jᵀ  (g_c = v_c dH_jᵀ)
+    gt = np.empty((D, nk), kh.dtype)
+    gemm_set(dh, vt, gt, D, nk, D)  # gᵀ = dH_j V_jᵀ  (g_c = v_c dH_jᵀ)
     for d in range(D):
         gd = gt[d]
         zd = dz[d]

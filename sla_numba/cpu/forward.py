@@ -50,12 +50,14 @@ from ._common import (
     fast_exp,
     feature_map_block_t,
     fill2d,
-    gemm_acc,
+    gemm_set,
     gemm_tn_acc,
+    gemm_tn_set,
     linear_map,
     linear_states,
     prefer_full_width,
     sum_marginal,
+    transpose_block,
 )
 
 
@@ -83,11 +85,8 @@ def _sparse_block(qh, kh, vh, r0, nr, crit, n_crit, block_k, scale, o, lse):
         return
 
     qst = np.empty((D, nr), qh.dtype)  # (scale·Q_i)ᵀ
-    for r in range(nr):
-        for d in range(D):
-            qst[d, r] = qh[r0 + r, d] * scale
+    transpose_block(qh, r0, nr, D, scale, qst)
     st = np.empty((block_k, nr), qh.dtype)  # Sᵀ, then Pᵀ
-    fill2d(ob, nr, D, zero)  # O_i, unnormalised, built in place
     m = np.full(nr, -np.inf, qh.dtype)  # running max per query
     l = np.zeros(nr, qh.dtype)  # running sum of exp per query
     m_new = np.empty(nr, qh.dtype)
@@ -96,8 +95,7 @@ def _sparse_block(qh, kh, vh, r0, nr, crit, n_crit, block_k, scale, o, lse):
     for n in range(n_crit):
         c0 = crit[n] * block_k
         nk = min(block_k, Nk - c0)
-        fill2d(st, nk, nr, zero)
-        gemm_acc(kh[c0 : c0 + nk], qst, st, nk, nr, D)  # Sᵀ = K_c (scale·Q)ᵀ
+        gemm_set(kh[c0 : c0 + nk], qst, st, nk, nr, D)  # Sᵀ = K_c (scale·Q)ᵀ
         for r in range(nr):
             m_new[r] = m[r]
         for c in range(nk):  # m' = max(m, column max)
@@ -116,11 +114,19 @@ def _sparse_block(qh, kh, vh, r0, nr, crit, n_crit, block_k, scale, o, lse):
                 p = fast_exp(sc[r] - m[r])
                 sc[r] = p
                 l[r] += p
-        for r in range(nr):  # O ← α O + P V_c
-            orow = ob[r]
+        # O ← α O + P V_c. O_i is built in place in the output rows. The first block
+        # writes O = P V_c directly (the same bits as α·0 + P V_c: α is 0 there, or
+        # NaN only where P is NaN too); later blocks skip the rows whose max did not
+        # move (α = 1 exactly: multiplying by 1 changes nothing).
+        if n == 0:
+            gemm_tn_set(st, vh[c0 : c0 + nk], ob, nr, D, nk)
+            continue
+        for r in range(nr):
             a = alpha[r]
-            for d in range(D):
-                orow[d] *= a
+            if a != one:
+                orow = ob[r]
+                for d in range(D):
+                    orow[d] *= a
         gemm_tn_acc(st, vh[c0 : c0 + nk], ob, nr, D, nk)
 
     for r in range(nr):  # O_s = O / l, lse = m + log l
@@ -146,14 +152,14 @@ def _linear_block(qh, kv, classes, r0, nr, phi, eps, o):
     zero = dt(0)
     one = dt(1)
     ob = o[r0 : r0 + nr]
-    fill2d(ob, nr, D, zero)
     hs = np.empty((D, D), qh.dtype)  # H_i
     zs = np.empty(D, qh.dtype)  # Z_i
     if sum_marginal(kv_h, kv_z, tot_h, tot_z, finite, classes, hs, zs) == 0:
+        fill2d(ob, nr, D, zero)
         return  # no marginal block: O_l = 0
     fqt = np.empty((D, nr), qh.dtype)  # φ(Q_i)ᵀ
     feature_map_block_t(qh, r0, nr, fqt, phi)
-    gemm_tn_acc(fqt, hs, ob, nr, D, D)  # numerator φ(Q_i) H_i
+    gemm_tn_set(fqt, hs, ob, nr, D, D)  # numerator φ(Q_i) H_i
     den = np.zeros(nr, qh.dtype)  # φ(q_r)·Z_i, d in order
     for d in range(D):
         fd = fqt[d]

@@ -1,0 +1,89 @@
+"""The CPU kernels' vector-register helpers (``_simd.py``) against plain forms, bit for bit.
+
+* ``gemm_set`` / ``gemm_tn_set`` (C = A·B, accumulators start at zero in registers)
+  vs zero-filling C and calling ``gemm_acc`` / ``gemm_tn_acc``;
+* ``transpose_block`` and ``add_transposed`` (square tiles transposed by shuffles,
+  plain loops at the edges) vs NumPy;
+* ``sum_marginal`` (float64 accumulators in registers, ``_simd.row_sum_f64``) vs
+  ``sum_marginal_reference`` at row lengths D below, at and above the register part.
+
+Shapes straddle the tiles, so the tiled parts, the edges and the corners are all
+checked; outputs start as NaN or random buffers, so an unwritten element fails.
+"""
+
+import numpy as np
+import pytest
+
+from sla_numba.cpu import _common as C
+
+DTYPES = pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+
+
+@DTYPES
+@pytest.mark.parametrize(
+    "m, n, kk", [(64, 64, 64), (1, 1, 1), (13, 45, 7), (64, 60, 33), (3, 70, 64), (40, 5, 0)]
+)
+def test_gemm_set_same_bits_as_fill_then_acc(dtype, m, n, kk):
+    rng = np.random.default_rng(m * 7 + n * 3 + kk)
+    a = rng.standard_normal((m + 2, kk + 3)).astype(dtype)
+    at = np.ascontiguousarray(a[:, :kk].T)  # (kk, m + 2): A stored transposed
+    b = rng.standard_normal((kk + 1, n + 5)).astype(dtype)
+    for set_fn, acc_fn, lhs in ((C.gemm_set, C.gemm_acc, a), (C.gemm_tn_set, C.gemm_tn_acc, at)):
+        big = rng.standard_normal((m + 4, n + 6)).astype(dtype)
+        want = big.copy()
+        want[:m, :n] = 0
+        acc_fn(lhs, b, want, m, n, kk)
+        set_fn(lhs, b, big, m, n, kk)
+        np.testing.assert_array_equal(big, want)
+
+
+@DTYPES
+@pytest.mark.parametrize("rows, cols", [(64, 64), (16, 16), (50, 64), (64, 17), (7, 3), (33, 40)])
+def test_transpose_block(dtype, rows, cols):
+    rng = np.random.default_rng(rows * 100 + cols)
+    src = rng.standard_normal((rows + 5, cols + 2)).astype(dtype)
+    factor = dtype(0.37)
+    dst = np.full((cols + 3, rows + 4), np.nan, dtype)
+    before = dst.copy()
+    C.transpose_block(src, 2, rows, cols, factor, dst)
+    np.testing.assert_array_equal(dst[:cols, :rows], src[2 : 2 + rows, :cols].T * factor)
+    mask = np.ones(dst.shape, bool)
+    mask[:cols, :rows] = False
+    np.testing.assert_array_equal(dst[mask], before[mask])
+
+
+@DTYPES
+@pytest.mark.parametrize("nr, D", [(64, 64), (16, 32), (50, 64), (64, 17), (5, 3)])
+def test_add_transposed(dtype, nr, D):
+    rng = np.random.default_rng(nr * 100 + D)
+    src_t = rng.standard_normal((D, nr + 3)).astype(dtype)
+    dst = rng.standard_normal((nr + 2, D)).astype(dtype)
+    want = dst.copy()
+    want[:nr] += src_t[:, :nr].T
+    C.add_transposed(src_t, dst, nr)
+    np.testing.assert_array_equal(dst, want)
+
+
+@DTYPES
+@pytest.mark.parametrize("D", [24, 64, 72, 128])
+@pytest.mark.parametrize("n_marg", [3, 20], ids=lambda n: f"marg{n}")
+@pytest.mark.parametrize("use_totals", [True, False])
+def test_sum_marginal_register_part_same_bits(dtype, D, n_marg, use_totals):
+    rng = np.random.default_rng(D + n_marg)
+    M = 23
+    mats = rng.standard_normal((M, D, D)).astype(dtype)
+    vecs = rng.standard_normal((M, D)).astype(dtype)
+    tot_m = mats.astype(np.float64).sum(0)
+    tot_v = vecs.astype(np.float64).sum(0)
+    classes = rng.choice(np.array([1, -1], np.int8), M)
+    classes[rng.permutation(M)[:n_marg]] = 0
+    outs = []
+    for fn in (C.sum_marginal, C.sum_marginal_reference):
+        om = np.full((D, D), np.nan, dtype)
+        ov = np.full(D, np.nan, dtype)
+        n = fn(mats, vecs, tot_m, tot_v, use_totals, classes, om, ov)
+        outs.append((n, om, ov))
+    (n1, m1, v1), (n2, m2, v2) = outs
+    assert n1 == n2 == n_marg
+    np.testing.assert_array_equal(m1, m2)
+    np.testing.assert_array_equal(v1, v2)
