@@ -57,6 +57,12 @@ def _on_compile_start(event):
     emit(f"compiling SLA kernels {label} — first call only, cached on disk")
 
 
+def announce():
+    """Say now that the current notice block compiles (as Numba's first compile event
+    would; for compiles that happen in other processes, ``gpu/_precompile.py``)."""
+    _on_compile_start(None)
+
+
 def _event_modules():
     """(event module, event kind) pairs to listen to: numba's "numba:compile" and, when
     numba-cuda is loaded, its own event module's "numba-cuda:run_pass" (numba-cuda

@@ -23,6 +23,11 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             argument list to ``cuda.core`` (``gpu/_launcher.py``);
                             ``numba`` goes through Numba's dispatcher (slower per
                             launch; for comparison and fault isolation).
+``SLA_NUMBA_COMPILE_WORKERS`` how many worker processes compile a call's GPU kernels
+                            side by side the first time (``gpu/_precompile.py``);
+                            ``0`` compiles them one by one in the calling process.
+                            Default: the number of CPUs, at most 8; 0 with fewer
+                            than 4 CPUs.
 ==========================  ===========================================================
 
 Numba's own variables (``NUMBA_CACHE_DIR``, ``NUMBA_ENABLE_CUDASIM``,
@@ -39,6 +44,7 @@ TC_OFF_VAR = "SLA_NUMBA_TC_OFF"
 NO_CACHE_VAR = "SLA_NUMBA_NO_CACHE"
 LAUNCH_VAR = "SLA_NUMBA_LAUNCH"
 STATES_VAR = "SLA_NUMBA_STATES"
+COMPILE_WORKERS_VAR = "SLA_NUMBA_COMPILE_WORKERS"
 STATES_DTYPES = ("fp32", "bf16")
 LAUNCHERS = ("direct", "numba")
 
@@ -86,3 +92,23 @@ def launcher():
 def states_dtype():
     """``SLA_NUMBA_STATES``: 'fp32' (unset or empty) or 'bf16'."""
     return _choice(STATES_VAR, STATES_DTYPES)
+
+
+def compile_workers():
+    """``SLA_NUMBA_COMPILE_WORKERS``: an int >= 0 (unset or empty: the number of CPUs
+    this process may use, at most 8, or 0 when that is below 4: workers would only
+    take the calling process's cores)."""
+    raw = os.environ.get(COMPILE_WORKERS_VAR, "").strip()
+    if not raw:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cpus = os.cpu_count() or 1
+        return min(cpus, 8) if cpus >= 4 else 0
+    try:
+        val = int(raw)
+    except ValueError:
+        val = -1
+    if val < 0:
+        raise ValueError(f"{COMPILE_WORKERS_VAR}={raw!r}: must be an integer >= 0")
+    return val

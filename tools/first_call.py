@@ -29,6 +29,7 @@ t_torch = time.perf_counter() - t0
 t0 = time.perf_counter()
 import sla_numba
 t_import = time.perf_counter() - t0
+from sla_numba.gpu import _precompile as _ahead  # what the first calls compiled ahead
 B, H, N, D = (int(x) for x in sys.argv[1].split(","))
 dtype = getattr(torch, {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}[sys.argv[2]])
 dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -50,9 +51,11 @@ if os.environ.get("FIRST_CALL_PROFILE"):
 sync(); t0 = time.perf_counter()
 o = sla_numba.sla_attention(q, k, v, **kw)
 sync(); t_fwd = time.perf_counter() - t0
+ahead_fwd = dict(_ahead.last)
 t0 = time.perf_counter()
 o.float().square().sum().backward()
 sync(); t_bwd = time.perf_counter() - t0
+ahead_bwd = dict(_ahead.last)
 if prof is not None:
     prof.disable()
     prof.dump_stats(os.environ["FIRST_CALL_PROFILE"])
@@ -61,6 +64,7 @@ sla_numba.sla_attention(q, k, v, **kw)
 sync(); t_fwd2 = time.perf_counter() - t0
 print(json.dumps(dict(torch_import_s=t_torch, import_s=t_import, first_forward_s=t_fwd,
                       first_backward_s=t_bwd, second_forward_s=t_fwd2,
+                      ahead_forward=ahead_fwd, ahead_backward=ahead_bwd,
                       path=sla_numba.kernel_path(q))))
 """
 
@@ -118,6 +122,8 @@ def main():
         )
         for line in r["stderr_notes"]:
             print("   ", line[:200])
+        for stage in ("forward", "backward"):
+            print(f"    compiled ahead ({stage}): {r.get('ahead_' + stage)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(shape=args.shape, dtype=args.dtype, **results), f, indent=1)

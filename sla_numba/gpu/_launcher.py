@@ -30,12 +30,20 @@ for an argument that is not a C-contiguous device array or a plain scalar; on a 
 CUDA without ``cuda.core`` launches (numba-cuda < 0.23). :data:`counts` says how many
 launches took each way (tests check that the direct one is taken).
 
+Two modes serve :mod:`._precompile` (compiling a call's kernels side by side the first
+time): inside :func:`strict` a launch of a kernel this process has not loaded raises
+:class:`Missing`; inside :func:`collecting` nothing is launched and each kernel not yet
+loaded is recorded as a :class:`Job` (kernel, device, argument types), which
+:func:`load` later loads (or compiles).
+
 Kernels that ask for more than 48 KiB of dynamic shared memory need an opt-in per
 compiled function and device (``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES``);
 :func:`launch` sets it on first use, for both ways of launching.
 """
 
+import contextlib
 import ctypes
+import threading
 
 import numpy as np
 
@@ -87,9 +95,52 @@ class _Compiled:
         self.smem_opt_in = DEFAULT_SMEM_LIMIT
 
 
+class Job:
+    """A kernel a call will launch and this process has not loaded: what :func:`load`
+    needs to load or compile it (``argtypes``: Numba's types of its arguments)."""
+
+    __slots__ = ("key", "kernel", "device", "argtypes", "packers")
+
+    def __init__(self, key, kernel, device, argtypes, packers):
+        self.key, self.kernel, self.device = key, kernel, device
+        self.argtypes, self.packers = argtypes, packers
+
+
+class Missing(Exception):
+    """Raised inside :func:`strict` by a launch of a kernel not loaded in this process."""
+
+
 _compiled = {}  # (dispatcher, device id, argument keys) -> _Compiled
 _configs = {}  # (grid, block, smem) -> LaunchConfig
 _core_streams = {}  # stream handle -> cuda.core Stream
+_mode = threading.local()  # .strict: bool; .jobs: dict key -> Job while collecting
+
+
+@contextlib.contextmanager
+def strict():
+    """Launches inside raise :class:`Missing` instead of loading a new kernel."""
+    _mode.strict = True
+    try:
+        yield
+    finally:
+        _mode.strict = False
+
+
+@contextlib.contextmanager
+def collecting():
+    """A dry run: launches inside run nothing; yields a dict, filled with one
+    :class:`Job` per kernel (and signature) not yet loaded in this process."""
+    jobs = _mode.jobs = {}
+    try:
+        yield jobs
+    finally:
+        _mode.jobs = None
+
+
+def direct_launches():
+    """Whether launches go the direct way (not under the simulator, not with
+    ``SLA_NUMBA_LAUNCH=numba``, numba-cuda with cuda.core launches)."""
+    return not SIMULATOR and _core_launch is not None and config.launcher() == "direct"
 
 
 def launch(kernel, grid, block, stream, args, smem=0):
@@ -100,6 +151,10 @@ def launch(kernel, grid, block, stream, args, smem=0):
     """
     if SIMULATOR:
         kernel[grid, block, stream, smem](*args)
+        return
+    jobs = getattr(_mode, "jobs", None)
+    if jobs is not None:  # a dry run (collecting): note the kernel, launch nothing
+        _record(jobs, kernel, stream, args)
         return
     if _core_launch is not None and config.launcher() == "direct":
         packed = _direct_args(kernel, stream, args)
@@ -122,8 +177,9 @@ def launch(kernel, grid, block, stream, args, smem=0):
     counts["numba"] += 1
 
 
-def _direct_args(kernel, stream, args):
-    """(compiled, argument list) for a direct launch, or None to use the dispatcher."""
+def _key_and_values(kernel, stream, args):
+    """(cache key, values) of a direct launch: device views and plain scalars; None
+    when an argument is neither (the dispatcher takes that launch)."""
     keys = []
     values = []
     for a in args:
@@ -137,14 +193,40 @@ def _direct_args(kernel, stream, args):
         keys.append((view.dtype, view.ndim))
         values.append(view)
     device = _device_of(stream)
-    key = (kernel, device, tuple(keys))
+    return (kernel, device, tuple(keys)), values
+
+
+def _record(jobs, kernel, stream, args):
+    """Collecting: note a kernel this process has not loaded (direct launches only;
+    a launch the dispatcher takes compiles when the call runs for real)."""
+    if not direct_launches():
+        return
+    kv = _key_and_values(kernel, stream, args)
+    if kv is None or kv[0] in _compiled or kv[0] in jobs:
+        return
+    key, values = kv
+    argtypes, packers = _argtypes(kernel, values)
+    jobs[key] = Job(key, kernel, key[1], argtypes, packers)
+
+
+def load(job):
+    """Load ``job``'s kernel into this process (from Numba's disk cache, or compiling
+    it), as the first launch would."""
+    if job.key not in _compiled:
+        _compiled[job.key] = _load(job.kernel, job.device, job.argtypes, job.packers)
+
+
+def _direct_args(kernel, stream, args):
+    """(compiled, argument list) for a direct launch, or None to use the dispatcher."""
+    kv = _key_and_values(kernel, stream, args)
+    if kv is None:
+        return None
+    key, values = kv
     compiled = _compiled.get(key)
     if compiled is None:
-        if isinstance(device, int):
-            with cuda.gpus[device]:  # load the module under Numba's context of that device
-                compiled = _compiled[key] = _compile(kernel, values)
-        else:
-            compiled = _compiled[key] = _compile(kernel, values)
+        if getattr(_mode, "strict", False):
+            raise Missing(kernel)
+        compiled = _compiled[key] = _compile(kernel, key[1], values)
     kargs = []
     for pack, val in zip(compiled.packers, values):
         if pack == "array":
@@ -156,9 +238,13 @@ def _direct_args(kernel, stream, args):
     return compiled, kargs
 
 
-def _compile(kernel, values):
-    """Type the arguments as Numba's dispatcher would, compile (or load from the disk
-    cache) that overload, and note how to pack each argument."""
+def _compile(kernel, device, values):
+    """The :class:`_Compiled` of ``kernel`` for these argument values."""
+    return _load(kernel, device, *_argtypes(kernel, values))
+
+
+def _argtypes(kernel, values):
+    """Type the arguments as Numba's dispatcher would; note how to pack each one."""
     from numba.cuda import types
     from numba.cuda.np import numpy_support
 
@@ -177,8 +263,15 @@ def _compile(kernel, values):
             packers.append(_CTYPES[str(ty)])
         else:  # pragma: no cover - no kernel of ours takes other scalars
             raise TypeError(f"direct launch: unsupported scalar argument type {ty}")
-    compiled = kernel.compile(tuple(argtypes))
-    cufunc = compiled._codelibrary.get_cufunc()
+    return tuple(argtypes), packers
+
+
+def _load(kernel, device, argtypes, packers):
+    """Compile (or load from the disk cache) the overload for ``argtypes`` and load its
+    module, under Numba's context of ``device`` (an index; else the current one)."""
+    ctx = cuda.gpus[device] if isinstance(device, int) else contextlib.nullcontext()
+    with ctx:
+        cufunc = kernel.compile(argtypes)._codelibrary.get_cufunc()
     return _Compiled(cufunc.kernel, cufunc.handle, packers)
 
 

@@ -57,6 +57,7 @@ from ._launch import (
 )
 from ._launcher import launch
 from ._path import resolve_path, tc_part
+from ._precompile import ahead
 from ._stages import mark
 from .simt.backward import make_dkdv, make_dq
 from .simt.tiles import choose_tiles
@@ -73,6 +74,7 @@ def _like_dtype(call, x, like):
     raise TypeError("path='tc' with numba device arrays needs do_s in q's dtype")
 
 
+@ahead
 def backward(
     q,
     k,

@@ -44,6 +44,7 @@ import numpy as np
 from .._params import n_blocks
 from ._arrays import DeviceCall
 from ._launcher import launch
+from ._precompile import ahead
 from ._stages import mark
 from .simt.classify import (
     FAST_LANES,
@@ -113,6 +114,7 @@ def classify_by_sorting(q, k, n_crit, n_skip, block_q, block_k, scale):
     return _classify(q, k, n_crit, n_skip, block_q, block_k, scale, fast=False)
 
 
+@ahead
 def _classify(q, k, n_crit, n_skip, block_q, block_k, scale, fast, tiles=None):
     call = DeviceCall(q)
     B, H, Nq, D = q.shape

@@ -59,11 +59,13 @@ from ._launch import (
 )
 from ._launcher import launch
 from ._path import resolve_path, tc_part
+from ._precompile import ahead
 from ._stages import mark
 from .simt.forward import make_forward_simt
 from .simt.tiles import choose_tiles
 
 
+@ahead
 def forward(
     q,
     k,

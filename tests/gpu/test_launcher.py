@@ -76,7 +76,7 @@ class _Stream:
 
 def _fake_compiled(monkeypatch, packers):
     compiled = launcher._Compiled(kernel=None, handle=None, packers=packers)
-    monkeypatch.setattr(launcher, "_compile", lambda kernel, values: compiled)
+    monkeypatch.setattr(launcher, "_compile", lambda kernel, device, values: compiled)
     monkeypatch.setattr(launcher, "_compiled", {})
     return compiled
 
@@ -98,7 +98,7 @@ def test_argument_list_follows_numba_abi(monkeypatch):
 def test_signature_cache_key_separates_dtypes_ranks_and_scalar_types(monkeypatch):
     seen = []
 
-    def fake_compile(kernel, values):
+    def fake_compile(kernel, device, values):
         seen.append(values)
         return launcher._Compiled(
             None, None, ["array" if hasattr(v, "ptr") else int for v in values]

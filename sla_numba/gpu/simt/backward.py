@@ -9,6 +9,7 @@ import functools
 import math
 
 from .._compat import FASTMATH, SIMULATOR, cuda, kernel
+from .._precompile import kernel_factory
 from .states import make_state_fn, prep_one_pass, prep_smem, state_rows
 from .tiles import LOG2E, make_chain, make_common, make_mm, smem_sizes
 
@@ -22,6 +23,7 @@ def dkdv_rows(tiles):
 
 
 @functools.cache
+@kernel_factory
 def make_dq(tiles, sparse=True):
     """The dQ kernel. ``sparse=False`` (tensor-core path): no sparse loop, no δs;
     the linear contribution is *added* to ``dq`` (which holds the tensor cores' dQ)."""
@@ -298,6 +300,7 @@ def make_dq(tiles, sparse=True):
 
 
 @functools.cache
+@kernel_factory
 def make_dkdv(tiles, sparse=True):
     """The dK/dV kernel. ``sparse=False`` (tensor-core path): no sparse loop; the
     linear contributions are *added* to ``dk`` / ``dv`` (the tensor cores' dK, dV)."""

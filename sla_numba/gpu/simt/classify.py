@@ -24,6 +24,7 @@ import functools
 import numpy as np
 
 from .._compat import SIMULATOR, add_rn, cuda, kernel, mul_rn, to_f32, to_f64
+from .._precompile import kernel_factory
 from .lanes import lane_scan, lane_sum
 
 POOL_THREADS = 4 if SIMULATOR else 128
@@ -65,6 +66,7 @@ SORT_MAX = 2048
 
 
 @functools.cache
+@kernel_factory
 def make_score_rank(NT, sort_max=SORT_MAX):
     """The ranking kernel for NT threads; rows whose block count rounded up to a power
     of two is at most ``sort_max`` are sorted, longer ones counted."""
@@ -175,6 +177,7 @@ SELECT_MAX_EPL = 64
 
 
 @functools.cache
+@kernel_factory
 def make_pool(NT, U, wide=False):
     """``pool``'s twin that reads U rows before adding them: U loads in flight per
     thread instead of one (pooling is a pure read of q and k, so it is bound by how
@@ -223,6 +226,7 @@ def make_pool(NT, U, wide=False):
 
 
 @functools.cache
+@kernel_factory
 def make_score_select(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
     """The score-and-select kernel for head dim D, RQ query-block rows per block,
     CPT key blocks per thread per pass, EPL key blocks per lane when ranking.

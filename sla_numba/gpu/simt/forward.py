@@ -30,10 +30,12 @@ import numpy as np
 
 from ..._params import LSE_EMPTY
 from .._compat import FASTMATH, cuda, kernel
+from .._precompile import kernel_factory
 from .tiles import LN2, LOG2E, make_common, make_mm, smem_sizes
 
 
 @functools.cache
+@kernel_factory
 def make_forward_simt(tiles, sparse=True):
     """The fused forward kernel for one tile configuration.
 

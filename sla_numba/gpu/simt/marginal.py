@@ -29,6 +29,7 @@ import numpy as np
 
 from .._compat import FASTMATH, SIMULATOR, cuda, kernel
 from .._launcher import launch
+from .._precompile import kernel_factory
 from .tiles import U, make_mm
 
 #: (TR, TC, RR, RW, KT): 256 threads, 128 x 128 outputs a block, 16 states a stage.
@@ -37,6 +38,7 @@ TILES = (2, 2, 2, 2, 2) if SIMULATOR else (16, 16, 8, 8, 16)
 
 
 @functools.cache
+@kernel_factory
 def make_marginal_sum(acc_name, tiles=TILES):
     """The kernel ``marginal_sum(bmap, transposed, n_out, n_in, states, out)``.
 

@@ -29,6 +29,7 @@ Nothing goes back to the host.
 import functools
 
 from .._compat import FASTMATH, cuda, device, kernel
+from .._precompile import kernel_factory
 from .tiles import make_common, make_mm, smem_sizes
 
 
@@ -39,6 +40,7 @@ def state_rows(tiles, one_pass):
 
 
 @functools.cache
+@kernel_factory
 def make_state_fn(tiles, one_pass=False):
     """Device function: the linear state of one block of rows, into ``state[b, h, s]``.
 
@@ -137,6 +139,7 @@ def prep_smem(tiles):
 
 
 @functools.cache
+@kernel_factory
 def make_prep(tiles):
     """The prep kernel for a tile config (see module docstring)."""
     T = tiles

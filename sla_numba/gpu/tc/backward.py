@@ -47,6 +47,7 @@ import numpy as np
 from numba import float32, int16, int32
 
 from .._compat import cuda, kernel
+from .._precompile import kernel_factory
 from . import build as _tc_build
 from .ptx import LOG2E, cp_async_commit, cp_async_wait_all, exp2, smem_addr
 from .tiles import (
@@ -68,6 +69,7 @@ KERNELS = ("dq", "dkv")
 
 
 @functools.cache
+@kernel_factory
 def make_sparse_dq(D, block_k, block_q, kind):
     """The dQ kernel for one configuration, as a :class:`~.tiles.TCKernel`.
 
@@ -193,6 +195,7 @@ def make_sparse_dq(D, block_k, block_q, kind):
 
 
 @functools.cache
+@kernel_factory
 def make_sparse_dkv(D, block_k, block_q, kind):
     """The dK/dV kernel for one configuration, as a :class:`~.tiles.TCKernel`.
 

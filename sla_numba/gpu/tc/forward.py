@@ -56,6 +56,7 @@ from numba import float32, int16, int32
 
 from ..._params import LSE_EMPTY
 from .._compat import cuda, kernel
+from .._precompile import kernel_factory
 from . import build as _tc_build
 from .ptx import (
     LOG2E,
@@ -171,6 +172,7 @@ def tc_supported(dtype, head_dim, block_q, block_k, device=None):
 
 
 @functools.cache
+@kernel_factory
 def make_sparse_forward(D, block_k, block_q, kind):
     """The forward kernel for head dim ``D``, key blocks of ``block_k``, query blocks
     of ``block_q`` rows and inputs ``kind`` 'bf16' / 'f16', as a :class:`TCKernel`

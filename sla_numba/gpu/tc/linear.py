@@ -85,6 +85,7 @@ import numpy as np
 from numba import cuda, float32, int16, int32, uint64
 
 from .. import _compat
+from .._precompile import kernel_factory
 from . import build as _tc_build
 from .build import dtype_name, flat, size
 from .ptx import (
@@ -220,6 +221,7 @@ def _stage_rows(smem32, hi, lo, src, base, r0, D, HK, SW, tid, NT):
         smem32[s + (lo >> 1)] = q
 
 
+@kernel_factory
 def make_linear_kernel(kind, D, BQ, HK):
     """Build ``linear_tc(q, lstate, n_marg, o_l, H, Nq, Mq, fm, eps)`` (module doc).
 

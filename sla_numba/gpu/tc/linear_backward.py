@@ -90,6 +90,7 @@ import numpy as np
 from numba import cuda, float32, int16, int32
 
 from .. import _compat
+from .._precompile import kernel_factory
 from . import build as _tc_build
 from .build import dtype_name, flat, size
 
@@ -288,6 +289,7 @@ def _add_rows(out, oa, acc, D, ok0, ok1, NN):
                 out[g] = out[g] + acc[n, 2 + x]
 
 
+@kernel_factory
 def make_dq_linear_kernel(kind, D, BQ, HK, l_half):
     """Build ``dq_linear(q, o_l, do_l, lstate, n_marg, dq, qstate, H, Nq, Mq, fm, eps)``
     (module doc). Grid (ceil(Nq/BQ), H, B), 2·BQ threads. ``l_half``: o_l / do_l are
@@ -469,6 +471,7 @@ def make_dq_linear_kernel(kind, D, BQ, HK, l_half):
     return LinearGradKernel(dq_linear, SMEM, NT)
 
 
+@kernel_factory
 def make_dkdv_linear_kernel(kind, D, BK, HK):
     """Build ``dkdv_linear(k, v, dh, n_marg, dk, dv, H, Nk, Mk, fm)`` (module doc).
     Grid (ceil(Nk/BK), H, B), 2·BK threads. Returns a :class:`LinearGradKernel`."""

@@ -117,6 +117,7 @@ import numpy as np
 from numba import cuda, float32, int16, int32, uint64
 
 from .. import _compat
+from .._precompile import kernel_factory
 from . import build as _tc_build
 from .build import dtype_name, flat, int32_pairs
 from .ptx import (
@@ -307,6 +308,7 @@ def _prefetch_pairs(xp, states32, cn, W, s_lane, srow, sok0, n_in, npass, rpp):
         gs += rpp * W
 
 
+@kernel_factory
 def make_marginal_kernel(tiles=GPU_TILES, s_bf16=False):
     """Build the kernel ``marginal_sum_tc`` for ``tiles`` (see the module doc).
 

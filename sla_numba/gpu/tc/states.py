@@ -95,6 +95,7 @@ import numpy as np
 from numba import cuda, float32, int16, int32, uint64
 
 from .. import _compat
+from .._precompile import kernel_factory
 from . import build as _tc_build
 from .build import flat
 from .ptx import (
@@ -274,6 +275,7 @@ def _mma_acc(acc, mt, n, a, pt, b0, b1, f16):
         )
 
 
+@kernel_factory
 def make_states_kernel(kind, D, BK, tiles, split=True, out_bf16=False):
     """Build ``states_tc(k, v, state, H, Nk, Mk, fm)`` (module doc).
 
