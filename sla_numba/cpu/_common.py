@@ -343,6 +343,47 @@ def feature_map_row(x, y, phi):
 
 
 @njit(**KERNEL_OPTIONS)
+def column_max(st, nk, nr, m):
+    """``m[r] = max(m[r], max_c st[c, r])`` for c < nk, r < nr; NaNs are passed over.
+
+    The running max of a softmax whose values are stored transposed (``st``: one
+    row per key — or per feature for φ — and the softmaxes along the contiguous
+    axis). Four rows at a time: their maximum is taken first, then merged into the
+    running max, so ``m`` is read and written once per four rows. Written one row at
+    a time, every row waited for the previous row's store of ``m`` (a chain through
+    memory: 0.54 µs for a 64 × 64 tile, 0.16 µs this way). For finite and infinite
+    values the result is the same maximum. A NaN never enters ``m`` either way, but
+    the pairwise form may then also pass over a number next to it; such a softmax is
+    NaN whatever its max (exp(NaN − m) enters its sum and its output).
+    """
+    prefer_full_width()
+    c = 0
+    while c + 4 <= nk:
+        s0 = st[c]
+        s1 = st[c + 1]
+        s2 = st[c + 2]
+        s3 = st[c + 3]
+        for r in range(nr):
+            a = s0[r]
+            b = s1[r]
+            x = a if a > b else b
+            a = s2[r]
+            b = s3[r]
+            y = a if a > b else b
+            x = x if x > y else y
+            mr = m[r]
+            m[r] = x if x > mr else mr
+        c += 4
+    while c < nk:
+        sc = st[c]
+        for r in range(nr):
+            x = sc[r]
+            mr = m[r]
+            m[r] = x if x > mr else mr
+        c += 1
+
+
+@njit(**KERNEL_OPTIONS)
 def feature_map_block_t(x, r0, nr, yt, phi):
     """``yt[:, :nr] = φ(x[r0:r0+nr])ᵀ``: φ of nr tokens of x (N, D), stored transposed (D, ≥nr).
 
@@ -364,12 +405,7 @@ def feature_map_block_t(x, r0, nr, yt, phi):
         y0 = yt[0]
         for r in range(nr):
             mx[r] = y0[r]
-        for d in range(1, D):
-            yd = yt[d]
-            for r in range(nr):
-                xr = yd[r]
-                m = mx[r]
-                mx[r] = xr if xr > m else m
+        column_max(yt[1:], D - 1, nr, mx)
         for d in range(D):
             yd = yt[d]
             for r in range(nr):

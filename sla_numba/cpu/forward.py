@@ -47,6 +47,7 @@ from .._params import LSE_EMPTY
 from ._common import (
     KERNEL_OPTIONS,
     blocks_in_row,
+    column_max,
     fast_exp,
     feature_map_block_t,
     fill2d,
@@ -98,12 +99,7 @@ def _sparse_block(qh, kh, vh, r0, nr, crit, n_crit, block_k, scale, o, lse):
         gemm_set(kh[c0 : c0 + nk], qst, st, nk, nr, D)  # Sᵀ = K_c (scale·Q)ᵀ
         for r in range(nr):
             m_new[r] = m[r]
-        for c in range(nk):  # m' = max(m, column max)
-            sc = st[c]
-            for r in range(nr):
-                x = sc[r]
-                mr = m_new[r]
-                m_new[r] = x if x > mr else mr
+        column_max(st, nk, nr, m_new)  # m' = max(m, column max)
         for r in range(nr):  # α = exp(m − m'); 0 at first
             alpha[r] = fast_exp(m[r] - m_new[r])
             l[r] *= alpha[r]
