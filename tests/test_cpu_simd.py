@@ -87,3 +87,27 @@ def test_sum_marginal_register_part_same_bits(dtype, D, n_marg, use_totals):
     assert n1 == n2 == n_marg
     np.testing.assert_array_equal(m1, m2)
     np.testing.assert_array_equal(v1, v2)
+
+
+@pytest.mark.parametrize("Mq, Mk, D", [(5, 7, 3), (16, 64, 64), (3, 33, 17)])
+def test_rank_rows_same_map_as_reference(Mq, Mk, D):
+    """classify: the scores vectorised over key blocks give the same map as one at a time,
+    ties and NaN scores included."""
+    import importlib
+
+    cl = importlib.import_module("sla_numba.cpu.classify")
+    rng = np.random.default_rng(Mq * Mk + D)
+    pq = rng.standard_normal((2, 1, Mq, D))
+    pk = rng.standard_normal((2, 1, Mk, D))
+    pk[0, 0, 1] = pk[0, 0, 0]  # a tie
+    pk[1, 0, 2, 0] = np.nan  # a NaN score in every row of (1, 0)
+    n_crit, n_skip = max(1, Mk // 8), Mk // 4
+    maps = []
+    for fn, keys in (
+        (cl._rank_rows, np.ascontiguousarray(np.swapaxes(pk, 2, 3))),
+        (cl._rank_rows_reference, pk),
+    ):
+        m = np.full((2, 1, Mq, Mk), 99, np.int8)
+        fn(pq, keys, n_crit, n_skip, 0.3, m)
+        maps.append(m)
+    np.testing.assert_array_equal(maps[0], maps[1])

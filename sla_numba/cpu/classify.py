@@ -26,6 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from .._arrays import np_empty
+from ._simd import prefer_full_width
 
 
 @njit(parallel=True, cache=True)
@@ -55,8 +56,58 @@ def _pool_blocks(x, block, out):
 
 
 @njit(parallel=True, cache=True)
-def _rank_rows(pq, pk, n_crit, n_skip, scale, block_map):
-    """Scores and ranking, one (b, h, query block) per iteration."""
+def _rank_rows(pq, pkt, n_crit, n_skip, scale, block_map):
+    """Scores and ranking, one (b, h, query block) per iteration.
+
+    pkt: the pooled keys transposed, (B, H, D, Mk). The scores of a row are
+    computed for all key blocks at once, d in the outer loop: each score is still
+    its own sum over d ascending (no re-association, no FMA: the same bits as
+    ``_rank_rows_reference``), but the key blocks run along the contiguous axis,
+    so LLVM vectorises over them. One score at a time, the sum over d was a chain
+    of dependent scalar float64 additions (0.8 of the 1.2 ms a classification
+    took at B1 H4 N4096 D64, one thread).
+    """
+    B, H, Mq, D = pq.shape
+    Mk = pkt.shape[3]
+    for t in prange(B * H * Mq):
+        prefer_full_width()  # the prange body is a function of its own
+        b = t // (H * Mq)
+        h = (t // Mq) % H
+        i = t % Mq
+        qi = pq[b, h, i]
+        s = np.zeros(Mk, np.float64)
+        for d in range(D):  # d ascending, no FMA
+            qd = qi[d]
+            kd = pkt[b, h, d]
+            for j in range(Mk):
+                s[j] += qd * kd[j]
+        neg_score = np.empty(Mk, np.float64)  # sort key: −S ascending
+        for j in range(Mk):
+            sj = scale * s[j]
+            if sj != sj:  # NaN ranks as −inf
+                sj = -math.inf
+            neg_score[j] = -sj
+        _mark_row(neg_score, n_crit, n_skip, block_map[b, h, i])
+
+
+@njit(cache=True)
+def _mark_row(neg_score, n_crit, n_skip, row):
+    """Rank by −S ascending, ties by ascending j (a stable sort); mark the classes."""
+    Mk = neg_score.shape[0]
+    order = np.argsort(neg_score, kind="mergesort")
+    for n in range(Mk):
+        j = order[n]
+        if n < n_crit:
+            row[j] = 1
+        elif n >= Mk - n_skip:
+            row[j] = -1
+        else:
+            row[j] = 0
+
+
+@njit(parallel=True, cache=True)
+def _rank_rows_reference(pq, pk, n_crit, n_skip, scale, block_map):
+    """``_rank_rows`` one score at a time (the readable form; pk not transposed)."""
     B, H, Mq, D = pq.shape
     Mk = pk.shape[2]
     for t in prange(B * H * Mq):
@@ -101,5 +152,6 @@ def classify(q, k, n_crit, n_skip, block_q, block_k, scale):
     _pool_blocks(q, block_q, pq)
     _pool_blocks(k, block_k, pk)
     block_map = np_empty((B, H, Mq, Mk), np.int8)
-    _rank_rows(pq, pk, int(n_crit), int(n_skip), float(scale), block_map)
+    pkt = np.ascontiguousarray(np.swapaxes(pk, 2, 3))  # (B, H, D, Mk)
+    _rank_rows(pq, pkt, int(n_crit), int(n_skip), float(scale), block_map)
     return block_map
