@@ -14,11 +14,20 @@ What lives here, and why
 * ``prefer_full_width()`` (from ``_simd.py``) — the first line of every function
   with element-wise loops: lets LLVM vectorise them at the CPU's full width (512
   bits on AVX-512, where LLVM would otherwise pick 256).
+* ``FASTMATH`` minus re-association (``STRICT_SUM_OPTIONS``) for the float64 sums
+  of the linear states, so that every path sums them in the same order.
 * ``gemm_acc`` — ``C += A @ B`` on small blocks. Every product of the algorithm
   (Q Kᵀ, P V, φ(K)ᵀ V, dO Vᵀ, dSᵀ Q, ...) is one call, with the operands staged so
-  that ``B``'s rows run along the output columns (``transpose_into`` copies a block
-  transposed when needed). The copies cost O(block·D), the product O(block²·D).
-  The product's inner loop is the register-tiled micro-kernel of ``_simd.py``.
+  that ``B``'s rows run along the output columns (``transpose_block`` copies a
+  block transposed when needed). The copies cost O(block·D), the product
+  O(block²·D). The product's inner loop is the register-tiled micro-kernel of
+  ``_simd.py``. ``gemm_set`` / ``gemm_tn_set``: ``C = A @ B`` (same bits as
+  zero-filling C first, without the fill and the loads of C).
+* ``transpose_block`` / ``add_transposed`` — copies and adds of a block transposed,
+  by square register tiles (``_simd.tile_transpose``); a transposing loop becomes
+  one scalar load and store per element otherwise.
+* ``column_max`` — the running max of a softmax stored transposed (scores of the
+  online softmax, softmax φ over D), four rows at a time.
 * ``fast_exp`` — exp for float32 that LLVM can vectorise (Numba's ``math.exp`` is a
   scalar libm call, which made the exponentials cost as much as the matrix
   products); float64 keeps ``math.exp``.
@@ -38,7 +47,8 @@ What lives here, and why
 * ``sum_marginal`` — the linear branch's sums over marginal blocks: H_i, Z_i
   (forward, dQ: h_j, z_j along a row of the map) and dH_j, dZ_j (dK/dV: QO_i,
   QD_i along a column), added up directly or as "total minus the non-marginal
-  blocks", whichever reads fewer blocks, in float64.
+  blocks", whichever reads fewer blocks, in float64 (``_simd.row_sum_f64``: the
+  accumulators of a row stay in vector registers over all blocks).
 
 Scalars: Numba promotes ``float32 op python-float`` to float64, so the kernels
 convert every constant to the array dtype first (``dt = q.dtype.type``,

@@ -31,6 +31,11 @@ the 32 vector registers); AVX/AVX2 → 32-byte vectors, a 4 × 16 float32 tile (
 16); otherwise 16-byte SSE vectors. float64 tiles have the same shape in vectors
 (half the columns). Numba's on-disk cache is keyed on the CPU, so a cached kernel
 always matches the width chosen here.
+
+The other register-level helpers, written the same way where LLVM's own code for
+a plain loop was the bottleneck: ``tile_set`` (the micro-kernel overwriting C),
+``tile_transpose`` / ``tile_transpose_add`` (square tiles transposed by shuffles)
+and ``row_sum_f64`` (float64 sums of block rows with the accumulators in registers).
 """
 
 import llvmlite.binding as llvm_binding
