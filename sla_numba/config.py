@@ -13,11 +13,13 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             ``linear``, ``linear_grad``) sent back to their SIMT twins
                             (ablation, fault isolation).
 ``SLA_NUMBA_NO_CACHE``      ``1``: compile GPU kernels without Numba's disk cache.
-``SLA_NUMBA_STATES``        ``fp32`` (default) | ``bf16``: the storage of the linear
-                            branch's per-key-block states on the tensor-core path
-                            (``bf16``: half the bytes and one product in the marginal
-                            sums instead of two; O_l then carries ~4e-4 relative
-                            error instead of ~3e-8, ``tools/states_precision.py``).
+``SLA_NUMBA_STATES``        ``auto`` (default) | ``fp32`` | ``bf16``: the storage of the
+                            linear branch's per-key-block states on the tensor-core
+                            path. ``bf16``: half the bytes and one product in the
+                            marginal sums instead of two; O_l then carries ~4e-4
+                            relative error instead of ~3e-8 (``tools/states_precision.py``).
+                            ``auto``: bf16 states for bf16 inputs (their own rounding
+                            is coarser), fp32 for fp16 inputs.
 ``SLA_NUMBA_LAUNCH``        ``direct`` (default) | ``numba``: how GPU kernels are
                             launched: ``direct`` hands the compiled kernel and its
                             argument list to ``cuda.core`` (``gpu/_launcher.py``);
@@ -45,7 +47,7 @@ NO_CACHE_VAR = "SLA_NUMBA_NO_CACHE"
 LAUNCH_VAR = "SLA_NUMBA_LAUNCH"
 STATES_VAR = "SLA_NUMBA_STATES"
 COMPILE_WORKERS_VAR = "SLA_NUMBA_COMPILE_WORKERS"
-STATES_DTYPES = ("fp32", "bf16")
+STATES_DTYPES = ("auto", "fp32", "bf16")
 LAUNCHERS = ("direct", "numba")
 
 
@@ -90,8 +92,15 @@ def launcher():
 
 
 def states_dtype():
-    """``SLA_NUMBA_STATES``: 'fp32' (unset or empty) or 'bf16'."""
+    """``SLA_NUMBA_STATES``: 'auto' (unset or empty), 'fp32' or 'bf16'."""
     return _choice(STATES_VAR, STATES_DTYPES)
+
+
+def bf16_states(kind):
+    """Whether the tensor-core path stores the linear states in bf16 for inputs of
+    ``kind`` ("bf16" or "f16"): ``SLA_NUMBA_STATES`` bf16, or auto with bf16 inputs."""
+    mode = states_dtype()
+    return mode == "bf16" or (mode == "auto" and kind == "bf16")
 
 
 def compile_workers():

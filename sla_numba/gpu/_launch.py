@@ -40,8 +40,9 @@ def launch_prep(
 
     ``tc_kind`` ("bf16" / "f16", the tensor-core path): the states come from the
     tensor-core kernel (``tc/states.py``, one more launch) and ``prep`` builds only the
-    lists (and delta). With ``SLA_NUMBA_STATES=bf16`` (and the tensor-core marginal sum
-    on, the only reader that takes them) they are stored as bf16 bits (int16).
+    lists (and delta). With bf16 states (``config.bf16_states``: bf16 inputs by default,
+    ``SLA_NUMBA_STATES``; and the tensor-core marginal sum on, the only reader that takes
+    them) they are stored as bf16 bits (int16).
 
     ``info`` arrays are (2, B, H, M) (see ``simt/states.py``): ``row_info[0]`` / ``col_info[0]``
     are the critical counts per row / column, ``[1]`` the marginal counts.
@@ -56,7 +57,7 @@ def launch_prep(
         from .tc.states import states_tc_supported
 
         tc_states = states_tc_supported(x.shape[3], block)
-    bf16_states = tc_states and tc_part("marginal") and config.states_dtype() == "bf16"
+    bf16_states = tc_states and tc_part("marginal") and config.bf16_states(tc_kind)
     _, state = call.workspace((B, H, n_state, width), np.int16 if bf16_states else acc)
     _, dummy = call.workspace((1, 1, 1), acc)
     _, row_crit = call.workspace((B, H, mq, max(mk, 1)), np.int32)

@@ -127,9 +127,12 @@ def test_switch_values(monkeypatch):
     from sla_numba import config
 
     monkeypatch.setenv("SLA_NUMBA_STATES", "")
-    assert config.states_dtype() == "fp32"
+    assert config.states_dtype() == "auto"
+    assert config.bf16_states("bf16") and not config.bf16_states("f16")
+    monkeypatch.setenv("SLA_NUMBA_STATES", "fp32")
+    assert not config.bf16_states("bf16")
     monkeypatch.setenv("SLA_NUMBA_STATES", "BF16")
-    assert config.states_dtype() == "bf16"
+    assert config.states_dtype() == "bf16" and config.bf16_states("f16")
     monkeypatch.setenv("SLA_NUMBA_STATES", "fp8")
     with pytest.raises(ValueError, match="SLA_NUMBA_STATES"):
         config.states_dtype()
