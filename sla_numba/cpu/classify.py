@@ -125,16 +125,7 @@ def _rank_rows_reference(pq, pk, n_crit, n_skip, scale, block_map):
             if s != s:  # NaN ranks as −inf
                 s = -math.inf
             neg_score[j] = -s
-        order = np.argsort(neg_score, kind="mergesort")  # stable: ties by ascending j
-        row = block_map[b, h, i]
-        for n in range(Mk):
-            j = order[n]
-            if n < n_crit:
-                row[j] = 1
-            elif n >= Mk - n_skip:
-                row[j] = -1
-            else:
-                row[j] = 0
+        _mark_row(neg_score, n_crit, n_skip, block_map[b, h, i])  # the same ranking
 
 
 def classify(q, k, n_crit, n_skip, block_q, block_k, scale):
