@@ -25,6 +25,11 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             argument list to ``cuda.core`` (``gpu/_launcher.py``);
                             ``numba`` goes through Numba's dispatcher (slower per
                             launch; for comparison and fault isolation).
+``SLA_NUMBA_TORCH_OPS``     ``auto`` (default) | ``always``: torch tensors go through
+                            the custom ops ``torch.ops.sla_numba.*`` only where torch
+                            needs them (torch.compile, export, FakeTensor, functorch);
+                            a plain eager call skips that layer (``torch_ops.py``,
+                            section 3). ``always``: every call through the ops.
 ``SLA_NUMBA_COMPILE_WORKERS`` how many worker processes compile a call's GPU kernels
                             side by side the first time (``gpu/_precompile.py``);
                             ``0`` compiles them one by one in the calling process.
@@ -47,6 +52,8 @@ NO_CACHE_VAR = "SLA_NUMBA_NO_CACHE"
 LAUNCH_VAR = "SLA_NUMBA_LAUNCH"
 STATES_VAR = "SLA_NUMBA_STATES"
 COMPILE_WORKERS_VAR = "SLA_NUMBA_COMPILE_WORKERS"
+TORCH_OPS_VAR = "SLA_NUMBA_TORCH_OPS"
+TORCH_OPS = ("auto", "always")
 STATES_DTYPES = ("auto", "fp32", "bf16")
 LAUNCHERS = ("direct", "numba")
 
@@ -121,3 +128,8 @@ def compile_workers():
     if val < 0:
         raise ValueError(f"{COMPILE_WORKERS_VAR}={raw!r}: must be an integer >= 0")
     return val
+
+
+def torch_ops():
+    """``SLA_NUMBA_TORCH_OPS``: 'auto' (unset or empty) or 'always'."""
+    return _choice(TORCH_OPS_VAR, TORCH_OPS)

@@ -22,6 +22,7 @@ converted to fp32 first); the gpu backend takes torch CUDA tensors directly.
 import numpy as np
 import torch
 
+from . import config
 from ._backends import compute_dtype, load_backend
 from ._compile_log import describe, notice
 from ._params import block_counts, n_blocks
@@ -87,6 +88,10 @@ def _classify_op(
     scale: float,
     backend: str,
 ) -> torch.Tensor:
+    return _classify_impl(q, k, topk, skip, block_q, block_k, scale, backend)
+
+
+def _classify_impl(q, k, topk, skip, block_q, block_k, scale, backend):
     # The block counts are computed here, where the sizes are plain ints: under
     # torch.compile with dynamic shapes Nk is symbolic outside the op, and
     # floor(topk * Mk) cannot be taken of a symbol.
@@ -115,6 +120,14 @@ def _forward_op(
     linear_scope: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward_impl(
+        q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend
+    )
+
+
+def _forward_impl(
+    q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend
+):
     o_s, o_l, lse = _run(
         backend,
         "forward",
@@ -165,6 +178,16 @@ def _backward_op(
     linear_scope: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(
+        q, k, v, o_s, o_l, lse, do_s, do_l, block_map,
+        block_q, block_k, scale, feature_map, eps, linear_scope, backend,
+    )  # fmt: skip
+
+
+def _backward_impl(
+    q, k, v, o_s, o_l, lse, do_s, do_l, block_map,
+    block_q, block_k, scale, feature_map, eps, linear_scope, backend,
+):  # fmt: skip
     dq, dk, dv = _run(
         backend,
         "backward",
@@ -217,12 +240,12 @@ def _setup_context(ctx, inputs, output):
     ctx.params = (block_q, block_k, scale, feature_map, eps, linear_scope, backend)
 
 
-def _backward(ctx, grad_o_s, grad_o_l, _grad_lse):
+def _backward(ctx, grad_o_s, grad_o_l, _grad_lse, backward=None):
     q, k, v, block_map, o_s, o_l, lse = ctx.saved_tensors
     # A branch the caller did not use has no gradient: it contributes zero.
     grad_o_s = torch.zeros_like(o_s) if grad_o_s is None else grad_o_s.contiguous()
     grad_o_l = torch.zeros_like(o_l) if grad_o_l is None else grad_o_l.contiguous()
-    dq, dk, dv = torch.ops.sla_numba.backward(
+    dq, dk, dv = (backward or torch.ops.sla_numba.backward)(
         q, k, v, o_s, o_l, lse, grad_o_s, grad_o_l, block_map, *ctx.params
     )
     return dq, dk, dv, None, None, None, None, None, None, None, None
@@ -249,15 +272,61 @@ _backward_op.register_autograd(_no_double_backward, setup_context=_setup_backwar
 
 
 # ---------------------------------------------------------------------------
-# 3. What the API and the module call
+# 3. The eager way: the same kernels without the custom-op layer
+# ---------------------------------------------------------------------------
+# The custom ops are what torch.compile, torch.export, FakeTensor and opcheck need. In a
+# plain eager call they only cost: torch's wrapper of a custom op takes ~120-250 µs a
+# call on the H200 machine's host (tools/host_overhead.py, BENCHMARKS.md), and its very
+# first call imports torch._dynamo (1.2 s on the CI machine, ~4 s on the H200 machine,
+# where torch's site-packages keep no bytecode). So an eager call -- not traced by
+# torch.compile, no dispatch or function mode active (FakeTensor, make_fx, ...), no
+# functorch transform, plain tensors -- runs the same implementations through the
+# autograd.Function below: same kernels, same saved tensors, same gradients (tests
+# compare the two ways bit for bit). ``SLA_NUMBA_TORCH_OPS=always`` sends every call
+# through the custom ops.
+
+
+def _eager(*tensors):
+    """Whether this call may skip the custom-op layer (see above)."""
+    if torch.compiler.is_compiling() or config.torch_ops() == "always":
+        return False  # (is_compiling first: dynamo folds it, and never reads the env)
+    try:
+        if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+            return False
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return False
+    except AttributeError:  # another torch's internals: take the custom ops
+        return False
+    return all(type(t) in _PLAIN for t in tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # no __torch_function__ / dispatch of their own
+
+
+class _EagerForward(torch.autograd.Function):
+    """``sla_numba::forward`` and its autograd (section 2) as one autograd.Function."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_o_s, grad_o_l, grad_lse):
+        return _backward(ctx, grad_o_s, grad_o_l, grad_lse, backward=_backward_impl)
+
+
+# ---------------------------------------------------------------------------
+# 4. What the API and the module call
 # ---------------------------------------------------------------------------
 
 
 def classify(q, k, topk, skip, block_q, block_k, scale, backend):
     """Block map of torch tensors q, k (B, H, N, D) (validated by the API)."""
-    return torch.ops.sla_numba.classify(
-        q.detach(), k.detach(), topk, skip, block_q, block_k, scale, backend
-    )
+    op = _classify_impl if _eager(q, k) else torch.ops.sla_numba.classify
+    return op(q.detach(), k.detach(), topk, skip, block_q, block_k, scale, backend)
 
 
 def autocast_inputs(q, k, v):
@@ -308,7 +377,8 @@ def sla_attention(
         block_map = classify(q, k, topk, skip, block_q, block_k, scale, backend)
     else:
         block_map = block_map.to(torch.int8).contiguous()
-    o_s, o_l, _ = torch.ops.sla_numba.forward(
+    forward = _EagerForward.apply if _eager(q, k, v, block_map) else torch.ops.sla_numba.forward
+    o_s, o_l, _ = forward(
         q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend
     )
     if return_parts:
