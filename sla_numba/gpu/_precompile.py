@@ -251,7 +251,8 @@ def _worker_env():
     Numba's cache folder as this process sees it."""
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    if root not in _site_dirs():  # a source checkout: put it first (an install needs nothing)
+        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
     try:
         from numba.cuda.core import config as numba_config
 
@@ -260,6 +261,15 @@ def _worker_env():
     except ImportError:  # pragma: no cover - other numba-cuda layouts
         pass
     return env
+
+
+def _site_dirs():
+    import site
+
+    try:
+        return set(site.getsitepackages()) | {site.getusersitepackages()}
+    except AttributeError:  # pragma: no cover - virtualenvs without site.getsitepackages
+        return set(sys.path)
 
 
 def _worker_main():
