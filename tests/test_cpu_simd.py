@@ -64,31 +64,6 @@ def test_add_transposed(dtype, nr, D):
     np.testing.assert_array_equal(dst, want)
 
 
-@DTYPES
-@pytest.mark.parametrize("D", [24, 64, 72, 128])
-@pytest.mark.parametrize("n_marg", [3, 20], ids=lambda n: f"marg{n}")
-@pytest.mark.parametrize("use_totals", [True, False])
-def test_sum_marginal_register_part_same_bits(dtype, D, n_marg, use_totals):
-    rng = np.random.default_rng(D + n_marg)
-    M = 23
-    mats = rng.standard_normal((M, D, D)).astype(dtype)
-    vecs = rng.standard_normal((M, D)).astype(dtype)
-    tot_m = mats.astype(np.float64).sum(0)
-    tot_v = vecs.astype(np.float64).sum(0)
-    classes = rng.choice(np.array([1, -1], np.int8), M)
-    classes[rng.permutation(M)[:n_marg]] = 0
-    outs = []
-    for fn in (C.sum_marginal, C.sum_marginal_reference):
-        om = np.full((D, D), np.nan, dtype)
-        ov = np.full(D, np.nan, dtype)
-        n = fn(mats, vecs, tot_m, tot_v, use_totals, classes, om, ov)
-        outs.append((n, om, ov))
-    (n1, m1, v1), (n2, m2, v2) = outs
-    assert n1 == n2 == n_marg
-    np.testing.assert_array_equal(m1, m2)
-    np.testing.assert_array_equal(v1, v2)
-
-
 @pytest.mark.parametrize("Mq, Mk, D", [(5, 7, 3), (16, 64, 64), (3, 33, 17)])
 def test_rank_rows_same_map_as_reference(Mq, Mk, D):
     """classify: the scores vectorised over key blocks give the same map as one at a time,
