@@ -20,6 +20,11 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             relative error instead of ~3e-8 (``tools/states_precision.py``).
                             ``auto``: bf16 states for bf16 inputs (their own rounding
                             is coarser), fp32 for fp16 inputs.
+``SLA_NUMBA_MARGINAL``      ``registers`` (default) | ``pipelined``: the tensor-core
+                            marginal-sum kernel for bf16 states (``gpu/tc/marginal.py``):
+                            the register-staged kernel, or the ``cp.async`` ring of
+                            several k-steps per barrier (same bits; opt-in until
+                            timed on a GPU). fp32 states always take the first.
 ``SLA_NUMBA_LAUNCH``        ``direct`` (default) | ``numba``: how GPU kernels are
                             launched: ``direct`` hands the compiled kernel and its
                             argument list to ``cuda.core`` (``gpu/_launcher.py``);
@@ -51,10 +56,12 @@ TC_OFF_VAR = "SLA_NUMBA_TC_OFF"
 NO_CACHE_VAR = "SLA_NUMBA_NO_CACHE"
 LAUNCH_VAR = "SLA_NUMBA_LAUNCH"
 STATES_VAR = "SLA_NUMBA_STATES"
+MARGINAL_VAR = "SLA_NUMBA_MARGINAL"
 COMPILE_WORKERS_VAR = "SLA_NUMBA_COMPILE_WORKERS"
 TORCH_OPS_VAR = "SLA_NUMBA_TORCH_OPS"
 TORCH_OPS = ("auto", "always")
 STATES_DTYPES = ("auto", "fp32", "bf16")
+MARGINAL_KERNELS = ("registers", "pipelined")
 LAUNCHERS = ("direct", "numba")
 
 
@@ -108,6 +115,11 @@ def bf16_states(kind):
     ``kind`` ("bf16" or "f16"): ``SLA_NUMBA_STATES`` bf16, or auto with bf16 inputs."""
     mode = states_dtype()
     return mode == "bf16" or (mode == "auto" and kind == "bf16")
+
+
+def marginal_kernel():
+    """``SLA_NUMBA_MARGINAL``: 'registers' (unset or empty) or 'pipelined'."""
+    return _choice(MARGINAL_VAR, MARGINAL_KERNELS)
 
 
 def compile_workers():

@@ -95,21 +95,37 @@ def _pretend_sm90():
         disp.get_current_device = lambda: _Dev()
 
 
-def check(name, fn, sig, want):
+def _count_cp_async(text):
+    """cp.async copies (``.cg`` 16-byte and ``.ca`` 4 / 8-byte; not commit / wait)."""
+    return len(re.findall(r"cp\.async\.c[ag]\.", text))
+
+
+def check(name, fn, sig, want, want_cp=None):
     """Compile ``fn`` (a kernel, with its own fast-math flags) for sm_90 and compare its
-    mma.sync / ldmatrix counts with ``want``; no ``.local`` allowed."""
+    mma.sync / ldmatrix counts with ``want`` (and its cp.async copies with ``want_cp``
+    when given); no ``.local`` allowed."""
     t0, c0 = time.time(), time.process_time()
-    fastmath = getattr(fn, "targetoptions", {}).get("fastmath", False)
-    ptx, _ = cuda.compile_ptx(getattr(fn, "py_func", fn), sig, cc=(9, 0), fastmath=fastmath)
+    opts = getattr(fn, "targetoptions", {})
+    ptx, _ = cuda.compile_ptx(
+        getattr(fn, "py_func", fn),
+        sig,
+        cc=(9, 0),
+        fastmath=opts.get("fastmath", False),
+        launch_bounds=opts.get("launch_bounds"),
+    )
     info = ptxas_info(ptx)
     want_mma, want_ld = want
     got_mma = _count(ptx, "mma.sync.aligned")
     got_ld = _count(ptx, "ldmatrix.sync")
     local = _count(ptx, ".local")
+    got_cp = _count_cp_async(ptx)
     ok = got_mma == want_mma and got_ld == want_ld and local == 0
+    ok &= want_cp is None or got_cp == want_cp
     print(
         f"{name:38s} mma {got_mma:4d}/{want_mma:<4d} ldmatrix {got_ld:4d}/{want_ld:<4d} "
-        f"cp.async {_count(ptx, 'cp.async.cg'):3d} .local {local:2d} "
+        f"cp.async {got_cp:3d}"
+        + ("" if want_cp is None else f"/{want_cp:<3d}")
+        + f" .local {local:2d} "
         + (f"regs {info[0]:3d} spill {info[1]:3d}/{info[2]:<3d} " if info else "")
         + f"{time.time() - t0:5.1f}s (cpu {time.process_time() - c0:5.1f}s) "
         f"{'ok' if ok else 'MISMATCH'}"
@@ -162,7 +178,8 @@ def main():
 
 
 def check_marginal():
-    """The tensor-core marginal sum (``tc.marginal``), GPU tiles: 32 mma, 10 ldmatrix."""
+    """The tensor-core marginal sum (``tc.marginal``), GPU tiles: 32 mma, 10 ldmatrix; bf16
+    states: 16 mma, 6 ldmatrix; the pipelined kernel for bf16 states."""
     from numba import int8
 
     from sla_numba.gpu.tc import marginal as marginal_tc
@@ -176,6 +193,28 @@ def check_marginal():
     sig16 = sig[:6] + (int32[::1],) + sig[7:]
     kern = marginal_tc.make_marginal_kernel(tiles, s_bf16=True).kernel
     ok &= check(f"marginal_sum_tc tiles={tuple(tiles)} bf16 states", kern, sig16, (16, 6))
+    # pipelined (SLA_NUMBA_MARGINAL=pipelined), states as int16 bits: one stage's kb/16
+    # k-steps of mma / ldmatrix; cp.async: NPASS chunks at each of the STAGES - 1
+    # prologue issues and the loop's one
+    sigp = sig[:6] + (int16[::1],) + sig[7:]
+    configs = [
+        (marginal_tc.PIPE_KB, marginal_tc.PIPE_STAGES, 16, None),  # the default
+        (marginal_tc.PIPE_KB, marginal_tc.PIPE_STAGES, 4, None),  # W % 8 == 2: 4-byte
+        (64, 3, 16, None),
+        (32, 4, 16, None),
+        (32, 3, 16, 4),  # launch bound: 4 CTAs a SM, 128 registers (ptxas spills a little)
+    ]
+    for kb, stages, chunk, mb in configs:
+        kern = marginal_tc.make_marginal_kernel_pipelined(tiles, kb, stages, chunk, mb).kernel
+        npass = marginal_tc.pipelined_geometry(tiles, kb, stages, chunk)["NPASS"]
+        ok &= check(
+            f"marginal pipelined kb={kb} st={stages} chunk={chunk}"
+            + ("" if mb is None else f" minCTA={mb}"),
+            kern,
+            sigp,
+            marginal_tc.ops_per_stage_pipelined(tiles, kb),
+            want_cp=npass * stages,
+        )
     return ok
 
 

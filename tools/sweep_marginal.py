@@ -9,7 +9,11 @@ median time of one ``launch_marginal_sum_tc`` per tile configuration ``(WR, WC, 
 default configuration's (each output is one lane's fixed sequence of mma over the same
 k-steps, so every tiling gives the same bits), and the cuBLAS floor of the same product
 (``torch.bmm`` of the 0/1 matrix and the states in bf16) measured in the same run;
-then the default tiles with bf16 states (``SLA_NUMBA_STATES=bf16``: one product a tile).
+then the default tiles with bf16 states (``SLA_NUMBA_STATES=bf16``: one product a tile),
+and beside it the pipelined bf16-states kernel (``SLA_NUMBA_MARGINAL=pipelined``: cp.async
+ring, ``kb`` c-values per barrier) for each ``--pipe KB,STAGES[,MIN_CTAS]`` (and for the
+tile configurations of ``--pipe-tiles``), each compared bit for bit with the register
+kernel's output.
 """
 
 import argparse
@@ -55,6 +59,18 @@ def main():
     ap.add_argument("--blocks", type=int, default=512)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--tiles", nargs="*", default=None, help="WR,WC,MT,NP ...")
+    ap.add_argument(
+        "--pipe",
+        nargs="*",
+        default=["32,3", "32,4", "64,3", "64,4", "32,3,4", "64,3,3"],
+        help="pipelined kernel configurations KB,STAGES[,MIN_CTAS_PER_SM] ...",
+    )
+    ap.add_argument(
+        "--pipe-tiles",
+        nargs="*",
+        default=["2,2,2,4", "4,2,2,4", "2,4,2,4"],
+        help="tile configurations WR,WC,MT,NP for the pipelined kernel",
+    )
     args = ap.parse_args()
     cands = [tuple(int(x) for x in t.split(",")) for t in args.tiles] if args.tiles else CANDIDATES
     M, W = args.blocks, args.d * args.d + args.d
@@ -95,11 +111,45 @@ def main():
     out16 = torch.full((1, args.bh, M, W), float("nan"), device="cuda")
     v16 = [device_view(x) for x in (bmap, bits, out16)]
     ms16 = cuda_time(
-        lambda: tcm.launch_marginal_sum_tc(stream, v16[0], False, M, M, v16[1], v16[2]), args.reps
+        lambda: tcm.launch_marginal_sum_tc(
+            stream, v16[0], False, M, M, v16[1], v16[2], pipeline=False
+        ),
+        args.reps,
     )
     ref = torch.einsum("bhij,bhjw->bhiw", (bmap == 0).double(), bits.view(torch.bfloat16).double())
     err = ((out16.double() - ref).abs().max() / ref.abs().max()).item()
     print(f"bf16 states, tiles {cands[0]}: {ms16:.3f} ms (max error / max |ref| {err:.1e})")
+    # the pipelined kernel (bf16 states), same bits as the register kernel of its tiles
+    for ptiles in (tuple(int(x) for x in t.split(",")) for t in args.pipe_tiles):
+        if ptiles == tuple(tcm.TILES):  # out16's tiles
+            ref16 = out16
+        else:  # the register kernel of these tiles (the same bits, but check anyway)
+            ref16 = torch.full_like(out16, float("nan"))
+            tcm.launch_marginal_sum_tc(
+                stream, v16[0], False, M, M, v16[1], device_view(ref16), ptiles, pipeline=False
+            )
+        for spec in args.pipe:
+            pipe = tuple(int(x) for x in spec.split(","))
+            outp = torch.full_like(out16, float("nan"))
+            vp = device_view(outp)
+
+            def runp(pipe=pipe, vp=vp, ptiles=ptiles):
+                tcm.launch_marginal_sum_tc(
+                    stream, v16[0], False, M, M, v16[1], vp, ptiles, pipeline=pipe
+                )
+
+            try:
+                msp = cuda_time(runp, args.reps)
+            except Exception as e:  # noqa: BLE001 - a configuration that does not fit
+                print(f"pipelined {pipe} tiles {ptiles}: failed ({type(e).__name__}: {e})")
+                continue
+            geo = tcm.pipelined_geometry(tcm.Tiles(*ptiles), *pipe[:2])
+            same = "same bits" if torch.equal(outp, ref16) else "DIFFERENT"
+            print(
+                f"pipelined kb,stages[,minCTAs]={pipe} tiles {ptiles}: smem "
+                f"{geo['SMEM_BYTES'] / 1024:.1f} KiB: {msp:.3f} ms ({same} as the register "
+                f"kernel; chunk {tcm.chunk_bytes(bits, W)} B)"
+            )
     m16 = (bmap == 0).to(torch.bfloat16).reshape(args.bh, M, M)
     s16 = states.to(torch.bfloat16).reshape(args.bh, M, W)
     floor = cuda_time(lambda: torch.bmm(m16, s16), args.reps)

@@ -100,6 +100,69 @@ constant byte offsets, which ptxas folds into the instruction's immediate. Under
 the CUDA simulator the ``ptx`` twins run the same function (slowly: keep shapes
 and tiles tiny there, ``SIM_TILES``).
 
+The pipelined kernel (bf16 states, ``SLA_NUMBA_MARGINAL=pipelined``)
+-------------------------------------------------------------------
+Why. On an H200 at the Wan2.1 sizes (B*H = 12, Mq = Mk = 512, W = 16512) the bf16-states
+kernel above takes 1.13 ms where cuBLAS does the same bf16 product in 0.195 ms, and no
+tile shape changes that: the kernel is latency-bound. Each k-step of 16 c-values ends in
+a barrier, and the only loads in flight while a warp runs its 16 mma are those of the
+next k-step (global -> registers -> ``st.shared``): a few hundred cycles of tensor work
+to hide a global load's latency (L2 ~300 cycles, DRAM more), with 3 CTAs (12 warps) per
+SM at 167 registers. The warps spend most of the time waiting at the barrier for the
+slowest load.
+
+What. ``make_marginal_kernel_pipelined(tiles, kb, stages, chunk)`` keeps the work
+decomposition, the fragments and the epilogue of the kernel above and changes how S
+gets into shared memory and how often the CTA meets at a barrier:
+
+- S goes global -> shared with ``cp.async`` (``ptx.cp_async_zfill``): no registers hold
+  it, and a thread can have several stages in flight. Each thread copies chunks of
+  ``chunk`` bytes (16: 8 bf16) at one column position, rows ``srow + RPP·p``. A chunk
+  past W or in a row c >= n_in is issued with source size 0: the hardware reads nothing
+  and writes zeros (so padded rows and columns multiply as 0, as above). cp.async
+  needs ``chunk``-aligned addresses on both sides; a row of S starts at byte
+  ``2·W·row``, so the launcher takes the largest of 16 / 8 / 4 that divides ``2·W``
+  and the array's address (W even: 4 always does). As ``chunk / 2`` then divides W, no
+  chunk straddles W: each is wholly inside or wholly zero-filled.
+- A stage holds ``kb`` c-values (default 32: 2 k-steps) of S, ``kb x (WT + 8)`` bf16, in
+  a ring of ``stages`` (default 3) such slots. Stage j goes to slot ``j % stages``;
+  ``stages - 1`` stages are issued before the loop, and iteration ``it`` issues stage
+  ``it + stages - 1``, so while the warps multiply stage it, up to ``stages - 1``
+  later stages are on their way.
+- One barrier per stage, i.e. per ``kb / 16`` k-steps. Each thread commits one
+  cp.async group per stage (an empty one past n_in, so the count stays regular); at
+  the top of iteration it, ``cp.async.wait_group(stages - 2)`` waits until at most the
+  ``stages - 2`` newest groups are still in flight: this thread's copies of stage it
+  have landed. The ``syncthreads`` after it makes everyone's copies visible, and it
+  also proves that every warp has finished the mma of iteration it - 1, the last
+  reader of slot ``(it - 1) % stages``, which is the slot stage ``it + stages - 1`` is
+  then issued into.
+- The map M keeps the register path of the kernel above (its bytes need no alignment
+  and they are a fifth of S's bytes): the map bytes of stage it + 1 are loaded into
+  registers after the barrier of iteration it and stored, as bf16 0 / 1 pairs, into
+  one of two M buffers (``RT x (kb + 8)`` bf16) at the top of iteration it + 1, before
+  its barrier: one stage of mma (``kb / 16`` k-steps) hides their latency. Buffer
+  ``(it + 1) & 1`` was last read in iteration it - 1, before the barrier of it. (If
+  the map's loads turn out to stall on a GPU, the next step is to stage its raw bytes
+  with 4-byte cp.async where Mk % 4 == 0.)
+
+Per iteration it::
+
+    store the map bytes of stage it (registers) -> M buffer it & 1
+    cp.async.wait_group(stages - 2); syncthreads
+    issue stage it + stages - 1 -> slot (it - 1) % stages; commit
+    load the map bytes of stage it + 1 -> registers
+    for each of the kb / 16 k-steps (those with c < n_in): ldmatrix + mma as above
+
+Same bits: every accumulator receives one mma per k-step, k-steps in ascending c, with
+the same operands (zeros outside the window) as in the register kernel; k-steps of
+the last stage that lie wholly past n_in are skipped, so the mma sequences are equal,
+not just equal up to adding zeros (``tests/gpu/tc/test_tc_marginal_pipelined.py``
+compares the bits). Shared memory for the GPU tiles: (3 x 32 x 136 + 2 x 64 x 40) bf16
+= 35.5 KiB (above 48 KiB the launcher opts in). Under the simulator the cp.async twin
+is deferred (``ptx``): a copy lands only at the wait that covers it, so reading a
+stage before its wait, or waiting on the wrong group count, gives wrong bits there too.
+
 Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
 
     import numpy as np
@@ -116,6 +179,7 @@ from collections import namedtuple
 import numpy as np
 from numba import cuda, float32, int16, int32, uint64
 
+from ... import config
 from .. import _compat
 from .._precompile import kernel_factory
 from . import build as _tc_build
@@ -124,6 +188,9 @@ from .ptx import (
     SIMULATED,
     bf16_high_f32,
     bf16_low_f32,
+    cp_async_commit,
+    cp_async_wait_group,
+    cp_async_zfill,
     ldsm_x4,
     ldsm_x4_trans,
     mma_bf16,
@@ -464,6 +531,255 @@ def make_marginal_kernel(tiles=GPU_TILES, s_bf16=False):
     return MarginalKernel(marginal_sum_tc, G["SMEM_BYTES"], NT)
 
 
+# ---------------------------------------------------------------------------
+# The pipelined kernel (bf16 states; module doc, "The pipelined kernel")
+# ---------------------------------------------------------------------------
+
+#: Defaults of the pipelined kernel: c-values per stage, stages in the ring.
+PIPE_KB = 32
+PIPE_STAGES = 3
+CHUNKS = (16, 8, 4)  # cp.async sizes, bytes
+
+
+def pipelined_geometry(tiles, kb=PIPE_KB, stages=PIPE_STAGES, chunk=16):
+    """Derived sizes of the pipelined kernel (a dict; elements unless *_BYTES)."""
+    WR, WC, MT, NP = tiles
+    RT, WT = WR * 16 * MT, WC * 16 * NP
+    NT = 32 * WR * WC
+    NW, RG = NT // 32, RT // 8
+    if kb % KSTEP or kb <= 0 or stages < 2 or chunk not in CHUNKS:
+        raise ValueError(
+            f"pipelined marginal: kb={kb} must be a positive multiple of 16, stages={stages} "
+            f">= 2, chunk={chunk} one of {CHUNKS}"
+        )
+    V = chunk // 2  # bf16 per chunk
+    CPR = WT // V  # chunks per S row
+    units = RG * (kb // 8)  # 8 x 8 units of the RT x kb M tile
+    NMP = units // NW if units % NW == 0 else 0  # M staging passes (units per warp)
+    if NT % CPR or kb % (NT // CPR) or NMP == 0 or (RG % NMP and NMP % RG):
+        raise ValueError(
+            f"tiles {tuple(tiles)}, kb={kb}, chunk={chunk}: the staging needs "
+            f"threads % (WT/{V}) == 0, kb % (threads / (WT/{V})) == 0, "
+            f"(RT/8)(kb/8) % warps == 0 and one of RT/8, (RT/8)(kb/8)/warps dividing the other"
+        )
+    RPP = NT // CPR  # S rows copied per pass
+    SW = WT + PAD
+    MWK = kb + PAD  # M buffer row stride (bf16)
+    SLOT = kb * SW  # one S stage
+    MBUF = RT * MWK  # one M buffer
+    return dict(
+        RT=RT,
+        WT=WT,
+        NT=NT,
+        SW=SW,
+        MWK=MWK,
+        V=V,
+        CPR=CPR,
+        RPP=RPP,
+        NPASS=kb // RPP,
+        NMP=NMP,
+        RG=RG,
+        KS=kb // KSTEP,
+        SLOT=SLOT,
+        MBUF=MBUF,
+        SMEM_BYTES=(stages * SLOT + 2 * MBUF) * 2,
+    )
+
+
+def ops_per_stage_pipelined(tiles, kb=PIPE_KB):
+    """(mma, ldmatrix) one CTA warp issues per stage of the pipelined kernel: ``kb / 16``
+    k-steps of MT·2NP mma and MT + NP ldmatrix (one product a tile)."""
+    WR, WC, MT, NP = tiles
+    ks = kb // KSTEP
+    return ks * MT * 2 * NP, ks * (MT + NP)
+
+
+@_compat.device(**_INLINE)
+def _issue_stage(smem, st, states, g, c, n_in, wok, W, npass, rpp, pass_bytes, chunk):
+    """cp.async this thread's chunks of one S stage: rows ``c + rpp·p`` (global element
+    offset ``g`` for p = 0, shared byte address ``st``), zero-filled past n_in / W."""
+    for p in range(npass):
+        ok = wok and c + p * rpp < n_in
+        cp_async_zfill(
+            smem,
+            st + p * pass_bytes,
+            chunk,
+            states,
+            g + p * rpp * W if ok else ZI,
+            chunk if ok else ZI,
+        )
+
+
+@kernel_factory
+def make_marginal_kernel_pipelined(
+    tiles=GPU_TILES, kb=PIPE_KB, stages=PIPE_STAGES, chunk=16, min_blocks=None
+):
+    """Build ``marginal_sum_tc_pipelined`` (bf16 states only; module doc, "The pipelined
+    kernel"): ``kb`` c-values per stage, a ring of ``stages`` stages, S copied in
+    ``chunk``-byte cp.async (16, 8 or 4: it must divide ``2·W`` and the states' address).
+    ``min_blocks``: ask ptxas for that many resident CTAs per SM (``launch_bounds``; it
+    caps the registers, e.g. 4 CTAs of 128 threads: 128 registers), None: no bound.
+
+    Same arguments as :func:`make_marginal_kernel`'s kernel except ``states``: the bf16
+    bits as a flat int16 array (B*H, s_rows, W), W even. Same bits as
+    ``make_marginal_kernel(tiles, s_bf16=True)``. Returns a :class:`MarginalKernel`.
+    """
+    tiles = Tiles(*tiles)
+    WR, WC, MT, NP = tiles
+    P = pipelined_geometry(tiles, kb, stages, chunk)
+    RT, WT, NT, SW, MWK, V, CPR = (P[k] for k in ("RT", "WT", "NT", "SW", "MWK", "V", "CPR"))
+    RPP, NPASS, NMP, RG, KS, SLOT, MBUF = (
+        P[k] for k in ("RPP", "NPASS", "NMP", "RG", "KS", "SLOT", "MBUF")
+    )
+    KB, STAGES, CHUNK = int(kb), int(stages), int(chunk)
+    WAIT = STAGES - 2  # cp.async groups that may still be in flight at a stage's wait
+    NN = 2 * NP
+    SLOT_BYTES = SLOT * 2
+    MOFF = STAGES * SLOT  # the two M buffers follow the ring (bf16)
+    MBUF32, MBUF_BYTES = MBUF // 2, MBUF * 2
+    A_STEP = 16 * MWK * 2  # bytes between a warp's m-tiles (M buffer)
+    K_STEP = 16 * SW * 2  # bytes between the k-steps of an S slot
+    PASS_BYTES = RPP * SW * 2  # bytes between a thread's chunks in a slot
+    ALIGNED = not SIMULATED
+    bounds = {} if min_blocks is None else {"launch_bounds": (NT, int(min_blocks))}
+    MINB = 0 if min_blocks is None else int(min_blocks)
+
+    @_compat.kernel(**bounds)
+    def marginal_sum_tc_pipelined(
+        bmap, m_size, rs, cs, n_out, n_in, states, s_rows, out, o_rows, W
+    ):
+        # launch_bounds is not part of Numba's disk-cache key, the closure is: name it
+        _ = MINB
+        # [S ring: STAGES x KB x SW][M: 2 x RT x MWK] bf16 (row-major); int32 view for
+        # the map's packed pairs
+        if ALIGNED:
+            smem = cuda.shared.array(0, int16, alignment=16)
+            smem32 = cuda.shared.array(0, int32, alignment=16)
+        else:
+            smem = cuda.shared.array(0, int16)
+            smem32 = cuda.shared.array(0, int32)
+        acc = cuda.local.array((MT, NN, 4), float32)  # D fragments
+        af = cuda.local.array((MT, 4), int32)  # A fragments of a k-step
+        ys = cuda.local.array((NMP, 2), int32)  # prefetched map bytes (one stage)
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        warp = tid >> 5
+        wr = warp // WC
+        wc = warp - wr * WC
+        r0 = cuda.blockIdx.x * RT
+        w0 = cuda.blockIdx.y * WT
+        bh = cuda.blockIdx.z
+        sa = smem_addr(smem)
+        # --- S copy role: chunk (srow, sc .. sc + V) of every RPP-row pass of a stage
+        srow = tid // CPR
+        sc = (tid - srow * CPR) * V
+        wok = w0 + sc < W  # V divides W: the chunk is wholly inside or wholly outside
+        g_lane = (bh * s_rows + srow) * W + w0 + sc  # element offset at c = 0 (int64)
+        st_lane = sa + (srow * SW + sc) * 2  # shared byte address in slot 0
+        # --- M staging role: as in make_marginal_kernel, over (RT/8) x (KB/8) units
+        u = warp * NMP
+        mr = (u % RG) * 8 + (lane & 7)
+        mc = (u // RG) * 8 + (lane >> 3) * 2
+        mo = bh * m_size + (r0 + mr) * rs + mc * cs
+        ms = (MOFF + mr * MWK + mc) >> 1  # int32 index in M buffer 0
+        # --- fragment roles (see make_marginal_kernel)
+        fr = (lane & 7) + ((lane >> 3) & 1) * 8
+        fc = (lane >> 4) * 8
+        la = sa + (MOFF + (wr * 16 * MT + fr) * MWK + fc) * 2
+        lb = sa + (fr * SW + wc * 16 * NP + fc) * 2
+        for mt in range(MT):
+            for n in range(NN):
+                for e in range(4):
+                    acc[mt, n, e] = ZERO
+        nst = (n_in + KB - 1) // KB
+        # prologue: stages 0 .. STAGES-2 in flight (one group each), map of stage 0
+        for s in range(STAGES - 1):
+            if s * KB < n_in:
+                _issue_stage(
+                    smem,
+                    st_lane + s * SLOT_BYTES,
+                    states,
+                    g_lane + s * KB * W,
+                    s * KB + srow,
+                    n_in,
+                    wok,
+                    W,
+                    NPASS,
+                    RPP,
+                    PASS_BYTES,
+                    CHUNK,
+                )
+            cp_async_commit()
+        _prefetch_map(ys, bmap, 0, n_in, n_out, mo, mr, mc, r0, rs, cs, NMP, RG)
+        rslot = 0  # the slot of stage it
+        wslot = STAGES - 1  # the slot of stage it + STAGES - 1
+        for it in range(nst):
+            # 1. map of stage it -> M buffer it & 1 (bf16 1.0 where marginal, else 0)
+            sm = (it & 1) * MBUF32 + ms
+            for p in range(NMP):
+                off = (8 * (p % RG) * MWK + 8 * (p // RG)) // 2
+                smem32[sm + off] = int32(
+                    (BF16_ONE_LO if ys[p, 0] == 0 else ZI) | (BF16_ONE_HI if ys[p, 1] == 0 else ZI)
+                )
+            # 2. this thread's copies of stage it landed; the barrier: everyone's landed
+            #    and are visible, and every warp is done with iteration it - 1
+            cp_async_wait_group(WAIT)
+            cuda.syncthreads()
+            # 3. refill the slot iteration it - 1 read with stage it + STAGES - 1
+            cn = (it + STAGES - 1) * KB
+            if cn < n_in:
+                _issue_stage(
+                    smem,
+                    st_lane + wslot * SLOT_BYTES,
+                    states,
+                    g_lane + cn * W,
+                    cn + srow,
+                    n_in,
+                    wok,
+                    W,
+                    NPASS,
+                    RPP,
+                    PASS_BYTES,
+                    CHUNK,
+                )
+            cp_async_commit()  # one group per iteration, empty or not
+            wslot = wslot + 1 if wslot + 1 < STAGES else 0
+            # 4. map bytes of stage it + 1 (in flight during the mma below)
+            _prefetch_map(ys, bmap, it * KB + KB, n_in, n_out, mo, mr, mc, r0, rs, cs, NMP, RG)
+            # 5. tensor cores over the KS k-steps of stage it (those with c < n_in)
+            lak = la + (it & 1) * MBUF_BYTES
+            lbk = lb + rslot * SLOT_BYTES
+            for ks in range(KS):
+                if it * KB + ks * KSTEP < n_in:
+                    for mt in range(MT):
+                        a0, a1, a2, a3 = ldsm_x4(smem, lak + mt * A_STEP + ks * 32, 0)
+                        af[mt, 0] = a0
+                        af[mt, 1] = a1
+                        af[mt, 2] = a2
+                        af[mt, 3] = a3
+                    for j in range(NP):
+                        h0, h1, h2, h3 = ldsm_x4_trans(smem, lbk + ks * K_STEP + 32 * j, 0)
+                        for mt in range(MT):
+                            _mma_tile(acc, af, mt, 2 * j, h0, h1)
+                            _mma_tile(acc, af, mt, 2 * j + 1, h2, h3)
+            rslot = rslot + 1 if rslot + 1 < STAGES else 0
+        # epilogue (make_marginal_kernel's): rows g, g + 8 x columns 8n + 2t, 8n + 2t + 1
+        g = lane >> 2
+        t2 = (lane & 3) * 2
+        wl = W - (w0 + wc * 16 * NP + t2)
+        for mt in range(MT):
+            for h in range(2):
+                r = r0 + wr * 16 * MT + 16 * mt + 8 * h + g
+                if r < n_out:
+                    ob = (bh * o_rows + r) * W + w0 + wc * 16 * NP + t2
+                    for n in range(NN):
+                        for x in range(2):
+                            if 8 * n + x < wl:
+                                out[u64(ob + 8 * n + x)] = acc[mt, n, 2 * h + x]
+
+    return MarginalKernel(marginal_sum_tc_pipelined, P["SMEM_BYTES"], NT)
+
+
 _kernels = {}
 
 
@@ -477,12 +793,47 @@ def get_marginal_kernel(tiles=TILES, s_bf16=False):
     return k
 
 
+def get_marginal_kernel_pipelined(
+    tiles=TILES, kb=PIPE_KB, stages=PIPE_STAGES, chunk=16, min_blocks=None
+):
+    """The pipelined :class:`MarginalKernel` (bf16 states; built once per process)."""
+    mb = None if min_blocks is None else int(min_blocks)
+    key = ("pipelined", Tiles(*tiles), int(kb), int(stages), int(chunk), mb)
+    k = _kernels.get(key)
+    if k is None:
+        k = _kernels[key] = make_marginal_kernel_pipelined(*key[1:])
+    return k
+
+
 # ---------------------------------------------------------------------------
 # Launch
 # ---------------------------------------------------------------------------
 
 
-def launch_marginal_sum_tc(stream, bmap, transposed, n_out, n_in, states, out, tiles=TILES):
+def _address(x):
+    """The address of an array's first element (device or host), or None if unknown."""
+    for attr in ("__cuda_array_interface__", "__array_interface__"):
+        iface = getattr(x, attr, None)
+        if iface is not None:
+            return int(iface["data"][0])
+    ptr = getattr(x, "data_ptr", None)  # torch CPU tensors under the simulator
+    return int(ptr()) if callable(ptr) else None
+
+
+def chunk_bytes(states, W):
+    """The pipelined kernel's cp.async size for these bf16 states: the largest of 16 / 8 /
+    4 bytes dividing both a row's ``2·W`` bytes and the array's address (4 when the address
+    is unknown: an int32 view of the states needs 4-byte alignment anyway)."""
+    addr = _address(states)
+    for c in CHUNKS:
+        if (2 * W) % c == 0 and addr is not None and addr % c == 0:
+            return c
+    return CHUNKS[-1]
+
+
+def launch_marginal_sum_tc(
+    stream, bmap, transposed, n_out, n_in, states, out, tiles=TILES, pipeline=None
+):
     """``out[b, h, :n_out] = M · states[b, h, :n_in]`` on tensor cores, on ``stream``.
 
     bmap int8 (B, H, Mq, Mk); states fp32 (B, H, >= n_in, W); out fp32
@@ -491,6 +842,12 @@ def launch_marginal_sum_tc(stream, bmap, transposed, n_out, n_in, states, out, t
     n_in <= Mk); True: ``M[r, c] = bmap[b, h, c, r] == 0`` (n_out <= Mk, n_in <= Mq).
     Same semantics as ``_marginal.launch_marginal_sum``; fp32 states only
     (:func:`tc_marginal_supported`), compute capability >= 8.0.
+
+    bf16 states (int16 bits) take the pipelined kernel when ``pipeline`` asks for it:
+    None follows ``SLA_NUMBA_MARGINAL`` (``pipelined``: default ``kb`` / ``stages``),
+    False / True force the register / pipelined kernel, a pair ``(kb, stages)`` or a
+    triple ``(kb, stages, min_blocks)`` picks the pipelined kernel's stage size, ring
+    depth and launch bound (:func:`make_marginal_kernel_pipelined`). Same bits either way.
     """
     s_dtype = dtype_name(states)
     if s_dtype not in ("float32", "int16") or dtype_name(out) != "float32":
@@ -513,12 +870,21 @@ def launch_marginal_sum_tc(stream, bmap, transposed, n_out, n_in, states, out, t
     s_bf16 = s_dtype == "int16"
     if s_bf16 and W % 2:
         raise ValueError("launch_marginal_sum_tc: bf16 states need an even row width W")
-    kern = get_marginal_kernel(tiles, s_bf16)
+    if pipeline is None:
+        pipeline = config.marginal_kernel() == "pipelined"
+    pipelined = s_bf16 and pipeline is not False
+    if pipelined:
+        kb, stages, *mb = (PIPE_KB, PIPE_STAGES) if pipeline is True else pipeline
+        chunk = chunk_bytes(states, W)
+        kern = get_marginal_kernel_pipelined(tiles, kb, stages, chunk, *mb)
+    else:
+        kern = get_marginal_kernel(tiles, s_bf16)
     G = geometry(Tiles(*tiles))
     grid = (-(-n_out // G["RT"]), -(-W // G["WT"]), B * H)
     if grid[1] > 65535 or grid[2] > 65535:
         raise ValueError("launch_marginal_sum_tc: W or B*H too large for the grid")
     rs, cs = (1, Mk) if transposed else (Mk, 1)
-    s_flat = int32_pairs(states) if s_bf16 else flat(states)  # bf16: value pairs
+    # bf16: value pairs (register kernel) or the int16 bits (pipelined: cp.async chunks)
+    s_flat = (flat(states) if pipelined else int32_pairs(states)) if s_bf16 else flat(states)
     args = (flat(bmap), Mq * Mk, rs, cs, n_out, n_in, s_flat, s_rows, flat(out), o_rows, W)
     _tc_build.launch(kern.kernel, grid, kern.threads, kern.smem_bytes, stream, args)

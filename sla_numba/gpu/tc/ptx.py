@@ -41,8 +41,20 @@ the B fragments of two n8 tiles of ``Kᵀ`` (non-transposed load of K rows) or o
 (8 int16) global → shared that bypasses registers (``cp.async.cg``); ``nbytes``
 (0 or 16) bytes are read and the rest zero-filled, which is how tails load zeros.
 ``cp_async_commit()`` closes a group, ``cp_async_wait_all()`` waits for all of
-this thread's groups, ``cp_async_wait_1()`` for all but the most recent one (a
-``syncthreads`` must follow before other threads read what landed).
+this thread's groups, ``cp_async_wait_1()`` for all but the most recent one,
+``cp_async_wait_group(n)`` (``n`` a literal constant) for all but the ``n`` most recent
+ones (a ``syncthreads`` must follow before other threads read what landed).
+``cp_async_zfill(smem, saddr, size, gmem, goff, nbytes)``: an asynchronous copy of
+``size`` bytes (a literal 4, 8 or 16; ``cp.async.ca``, ``.cg`` for 16) from element
+``goff`` of the int16 array ``gmem`` to shared byte address ``saddr``, of which the
+first ``nbytes`` are read and the rest zero-filled (``nbytes`` 0: nothing is read);
+both addresses must be ``size``-aligned.
+
+Under the simulator ``cp_async16`` / ``cp_async16i`` copy at once, but
+``cp_async_zfill``'s twin is *deferred*: the copy is recorded in the thread's open
+group and lands (source read, destination written) only when a wait covers its group,
+the latest moment a GPU may complete it. A wait on the wrong group count, or a read of
+a stage before its wait, then reads stale shared memory in the simulator too.
 
 ``pack_bf16x2(lo, hi)`` / ``pack_f16x2(lo, hi)``: round two fp32 to nearest and
 pack them (``cvt.rn.bf16x2.f32``). ``exp2(x)``: ``ex2.approx.ftz.f32``.
@@ -76,6 +88,8 @@ __all__ = [
     "cp_async_commit",
     "cp_async_wait_all",
     "cp_async_wait_1",
+    "cp_async_wait_group",
+    "cp_async_zfill",
     "pack_bf16x2",
     "pack_f16x2",
     "exp2",
@@ -226,8 +240,49 @@ def _cp_async16_twin(smem, soff, gmem, goff, nbytes):
         smem[soff + i] = gmem[goff + i] if 2 * i < nbytes else 0
 
 
-def _nop():
-    pass
+# Deferred cp.async (``cp_async_zfill``): per simulated thread, the copies of the group
+# not yet committed and the committed groups not yet waited for, oldest first.
+def _cp_state():
+    th = threading.current_thread()
+    st = getattr(th, "_sla_cp_async", None)
+    if st is None:
+        st = th._sla_cp_async = ([], [])  # (open group, committed groups)
+    return st
+
+
+def _cp_async_zfill_twin(smem, saddr, size, gmem, goff, nbytes):
+    if saddr % size or (2 * goff) % size:  # relative to an aligned array start
+        raise ValueError(f"cp.async of {size} bytes: misaligned {saddr=} {goff=}")
+    _cp_state()[0].append((smem, int(saddr) // 2, int(size) // 2, gmem, int(goff), int(nbytes)))
+
+
+def _cp_land(copies):
+    for smem, dst, n, gmem, goff, nbytes in copies:
+        for i in range(n):
+            smem[dst + i] = gmem[goff + i] if 2 * i < nbytes else 0
+
+
+def _cp_async_commit_twin():
+    open_, groups = _cp_state()
+    groups.append(list(open_))
+    open_.clear()
+
+
+def _cp_async_wait_group_twin(n):
+    _, groups = _cp_state()
+    while len(groups) > n:
+        _cp_land(groups.pop(0))
+
+
+def _cp_async_wait_all_twin():
+    open_, groups = _cp_state()
+    _cp_async_wait_group_twin(0)
+    _cp_land(open_)  # wait_all also covers copies not yet committed
+    open_.clear()
+
+
+def _cp_async_wait_1_twin():
+    _cp_async_wait_group_twin(1)
 
 
 # Byte-address variants: ``smem_addr(smem)`` is the 32-bit shared-window byte address
@@ -423,6 +478,49 @@ def _build_intrinsics():
 
         return sig, codegen
 
+    @lit_intrinsic
+    def cp_async_zfill(typingctx, smem, saddr, size, gmem, goff, nbytes):
+        if not isinstance(size, types.IntegerLiteral) or size.literal_value not in (4, 8, 16):
+            return None
+        n = size.literal_value
+        text = (
+            "{ .reg .u64 ga; cvta.to.global.u64 ga, $1; "
+            "cp.async.%s.shared.global [$0], [ga], %d, $2; }" % ("cg" if n == 16 else "ca", n)
+        )
+        sig = types.void(smem, types.int32, size, gmem, types.int64, types.int32)
+
+        def codegen(context, builder, sig, args):
+            _, sa, _, gary, go, nb = args
+            sa = context.cast(builder, sa, sig.args[1], types.int32)
+            go = context.cast(builder, go, sig.args[4], types.int64)
+            nb = context.cast(builder, nb, sig.args[5], types.int32)
+            gptr = builder.gep(_data_ptr(context, builder, sig.args[3], gary), [go])
+            gint = builder.ptrtoint(gptr, ir.IntType(64))
+            _asm(
+                builder,
+                ir.VoidType(),
+                [i32, ir.IntType(64), i32],
+                text,
+                "r,l,r,~{memory}",
+                [sa, gint, nb],
+                side_effect=True,
+            )
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @lit_intrinsic
+    def cp_async_wait_group(typingctx, n):
+        if not isinstance(n, types.IntegerLiteral):
+            return None
+        text = "cp.async.wait_group %d;" % n.literal_value
+
+        def codegen(context, builder, sig, args):
+            _asm(builder, ir.VoidType(), [], text, "~{memory}", [], side_effect=True)
+            return context.get_dummy_value()
+
+        return types.void(n), codegen
+
     def make_void_asm(text):
         @intrinsic
         def fn(typingctx):
@@ -612,6 +710,8 @@ def _build_intrinsics():
         cp_async_commit=make_void_asm("cp.async.commit_group;"),
         cp_async_wait_all=make_void_asm("cp.async.wait_all;"),
         cp_async_wait_1=make_void_asm("cp.async.wait_group 1;"),
+        cp_async_wait_group=cp_async_wait_group,
+        cp_async_zfill=cp_async_zfill,
         pack_bf16x2=make_pack("bf16"),
         pack_f16x2=make_pack("f16"),
         exp2=exp2,
@@ -622,8 +722,9 @@ def _build_intrinsics():
 if SIMULATED:
     mma_bf16, mma_f16 = _mma_bf16_twin, _mma_f16_twin
     ldmatrix_x4, ldmatrix_x4_trans = _ldmatrix_x4_twin, _ldmatrix_x4_trans_twin
-    cp_async16, cp_async_commit, cp_async_wait_all = _cp_async16_twin, _nop, _nop
-    cp_async_wait_1 = _nop
+    cp_async16, cp_async_commit = _cp_async16_twin, _cp_async_commit_twin
+    cp_async_wait_all, cp_async_wait_1 = _cp_async_wait_all_twin, _cp_async_wait_1_twin
+    cp_async_wait_group, cp_async_zfill = _cp_async_wait_group_twin, _cp_async_zfill_twin
     pack_bf16x2, pack_f16x2 = _pack_bf16x2_twin, _pack_f16x2_twin
     exp2, shfl_xor = _exp2_twin, _shfl_xor_twin
     smem_addr, ldsm_x4, ldsm_x4_trans = _smem_addr_twin, _ldsm_x4_twin, _ldsm_x4_trans_twin
