@@ -313,9 +313,25 @@ class _EagerForward(torch.autograd.Function):
         return output
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_o_s, grad_o_l, grad_lse):
-        return _backward(ctx, grad_o_s, grad_o_l, grad_lse, backward=_backward_impl)
+        grads = _backward(ctx, grad_o_s, grad_o_l, grad_lse, backward=_backward_impl)
+        if torch.is_grad_enabled():  # create_graph=True: dq, dk, dv get a graph node
+            incoming = [g for g in (grad_o_s, grad_o_l) if g is not None]
+            grads = (*_RefuseDoubleBackward.apply(*grads[:3], *incoming), *grads[3:])
+        return grads
+
+
+class _RefuseDoubleBackward(torch.autograd.Function):
+    """dq, dk, dv as a function of the incoming gradients (returned as they are):
+    differentiating them raises, as the autograd of ``sla_numba::backward`` does."""
+
+    @staticmethod
+    def forward(ctx, dq, dk, dv, *incoming):
+        return dq, dk, dv
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _no_double_backward(ctx, *grads)
 
 
 # ---------------------------------------------------------------------------

@@ -90,5 +90,5 @@ def test_eager_way_refuses_double_backward():
     q, k, v = (torch.randn(1, 1, 20, 8, requires_grad=True) for _ in range(3))
     o = sla_numba.sla_attention(q, k, v, topk=0.5, skip=0.0, block_q=8, block_k=8, backend="cpu")
     (gq,) = torch.autograd.grad(o.square().sum(), q, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice|double backward"):
+    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
         gq.sum().backward()
