@@ -24,9 +24,9 @@ the same fp32 accumulator) carries ~16 significant bits per term. Bound per outp
 ``|out - M·S| <= (2^-16 + 2·ceil(n_in/16)·2^-23) · (M·|S|)``; measured ~6e-6 · (M·|S|)
 (tests/gpu/tc/test_tc_marginal.py; the brief asked for <= 1e-4 against fp32).
 
-bf16 states (``SLA_NUMBA_STATES=bf16``, int16 bits): S is already exact in bf16, so there
-is nothing to split: each thread loads its column pair as one int32, stores it as is, and
-each tile takes one product (``make_marginal_kernel(tiles, s_bf16=True)``: 16 mma and 6
+bf16 states (int16 bits; the default for bf16 inputs, ``SLA_NUMBA_STATES``): S is
+already exact in bf16, so there is nothing to split: each thread loads its column pair
+as one int32, stores it as is, and each tile takes one product (``make_marginal_kernel(tiles, s_bf16=True)``: 16 mma and 6
 ldmatrix a k-step instead of 32 and 10). The error left is the fp32 accumulation's,
 ``2·ceil(n_in/16)·2^-23 · (M·|S|)`` against the bf16 values; the rounding of the states
 to bf16 (2^-9) happened in the states kernel (``tests/gpu/tc/test_tc_bf16_states.py``).

@@ -49,7 +49,7 @@ Algorithm (one CTA per (j, h, b), grid (ceil(Nk/BK), H, B))
    it starts past the valid rows.
 4. Epilogue: lane (g, t) stores rows g, g + 8 x columns 2t, 2t + 1 of each tile
    straight to global memory (pairs of consecutive floats); lanes t == 0 of the
-   column-0 warps store z. With an int16 state (``SLA_NUMBA_STATES=bf16``) each fp32
+   column-0 warps store z. With an int16 state (bf16 states, ``SLA_NUMBA_STATES``) each fp32
    result is rounded to bf16 (nearest even) and its 16 bits stored instead.
 
 Shared memory: [φ hi: BK x (D+8)][φ lo: BK x (D+8)][V: BK x (D+8)] 16-bit, 8 values
@@ -479,7 +479,7 @@ def launch_states_tc(
     tensors (numpy arrays under the simulator).
     fm: 0 softmax, 1 elu + 1, 2 relu. ``tiles`` (WR, WC): None for ``choose_tiles``;
     ``split=False``: φ rounded to one half value (no lo part, half the mma).
-    An int16 ``state`` receives bf16 bits (``SLA_NUMBA_STATES=bf16``) instead of fp32.
+    An int16 ``state`` receives bf16 bits (bf16 states: ``config.bf16_states``) instead of fp32.
     """
     B, H, Nk, D, block_k, fm = (int(x) for x in (B, H, Nk, D, block_k, fm))
     if not states_tc_supported(D, block_k):
