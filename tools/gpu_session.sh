@@ -16,6 +16,8 @@
 #   classify tools/bench_classify.py (new kernels vs the sort reference, map == CPU's)
 #   warmup   sla_numba.warmup on a cold cache, then a new process's first Wan-shape call
 #   cpu      benchmarks/bench_cpu.py on this machine's CPU, 2 threads (taskset)
+#   marginal tools/sweep_marginal.py: the marginal-sum kernels' tiles, bf16 states,
+#            the pipelined bf16 kernel (SLA_NUMBA_MARGINAL=pipelined) and the cuBLAS floor
 #   host     host-side costs: tools/host_overhead.py (launch paths, whole calls) and
 #            tools/profile_gpu.py (kernels vs wall), bf16, B2 and Wan shapes
 set -u
@@ -68,6 +70,7 @@ for step in "$@"; do
     warmup)  run warmup 200 python tools/check_warmup_gpu.py ;;
     cpu)     run cpu 200 taskset -c 0,1 python benchmarks/bench_cpu.py --threads 2 \
                  --json "$OUT/bench_cpu_device.json" ;;
+    marginal) TAIL=40 run marginal ${MARGINAL_TIMEOUT:-150} python tools/sweep_marginal.py ;;
     host)    TAIL=40 run host ${HOST_TIMEOUT:-200} python tools/host_overhead.py \
                  --json "$OUT/host_overhead.json"
              TAIL=40 run profile_b2 100 python tools/profile_gpu.py --shape b2 --dtype bf16
