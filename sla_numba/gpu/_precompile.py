@@ -207,21 +207,25 @@ def _compile_in_workers(groups, workers):
     env = _worker_env()
     pending = [groups[k] for k in keys]
     running = []
-    failed = last["failed"]
 
     def start(group):
-        payload = pickle.dumps({"jobs": [(made, job.argtypes, job.device) for job, made in group]})
-        err = tempfile.TemporaryFile()  # a file, not a pipe: a chatty worker never blocks
-        proc = subprocess.Popen(
-            [sys.executable, "-m", WORKER_MODULE],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            env=env,
-        )
-        # the payload is small (recipes and types): it fits the pipe's buffer
-        proc.stdin.write(payload)
-        proc.stdin.close()
+        try:
+            payload = pickle.dumps(
+                {"jobs": [(made, job.argtypes, job.device) for job, made in group]}
+            )
+            err = tempfile.TemporaryFile()  # a file, not a pipe: a chatty worker never blocks
+            proc = subprocess.Popen(
+                [sys.executable, "-m", WORKER_MODULE],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=env,
+            )
+            proc.stdin.write(payload)  # the worker reads it first thing
+            proc.stdin.close()
+        except (OSError, pickle.PicklingError, TypeError, AttributeError) as exc:
+            _report(f"{type(exc).__name__}: {exc}")  # its kernels compile here, on load
+            return
         running.append((proc, err))
         last["workers"] += 1
 
@@ -234,16 +238,19 @@ def _compile_in_workers(groups, workers):
         if proc.wait() != 0:
             err.seek(0)
             lines = err.read().decode(errors="replace").strip().splitlines()
-            failed.append(lines[-1] if lines else f"exit status {proc.returncode}")
-            from .._compile_log import emit
-
-            emit(
-                f"a compile worker failed ({failed[-1][:200]}); "
-                "its kernels are compiled in this process"
-            )
+            _report(lines[-1] if lines else f"exit status {proc.returncode}")
         err.close()
         if pending:
             start(pending.pop())
+
+
+def _report(why):
+    """One line for a worker that could not start or failed; :func:`prepare` then
+    compiles its kernels in this process."""
+    from .._compile_log import emit
+
+    last["failed"].append(why)
+    emit(f"a compile worker failed ({why[:200]}); its kernels are compiled in this process")
 
 
 def _worker_env():

@@ -11,6 +11,7 @@ and without, gives the same bits, and the workers did compile.
 import base64
 import importlib
 import json
+import logging
 import os
 import pickle
 import subprocess
@@ -128,6 +129,49 @@ def test_compile_workers_switch(monkeypatch):
             config.compile_workers()
     monkeypatch.delenv("SLA_NUMBA_COMPILE_WORKERS")
     assert 0 <= config.compile_workers() <= 8
+
+
+class _Job:
+    def __init__(self, name):
+        self.name, self.argtypes, self.device, self.key = name, ("int64",), 0, name
+
+
+def _groups(*names):
+    return {n: [(_Job(n), ("no.such.module", "f", (), {}, None))] for n in names}
+
+
+def test_failing_workers_are_reported_and_their_kernels_stay_for_this_process(monkeypatch, caplog):
+    """A worker that fails (here: its module does not exist) is one logged line and
+    an entry in ``last["failed"]``; the calling process compiles its own share and
+    (in :func:`prepare`, afterwards) everything else on load."""
+    caplog.set_level(logging.INFO, logger="sla_numba")
+    loaded = []
+    monkeypatch.setattr(precompile._launcher, "load", lambda job: loaded.append(job.name))
+    monkeypatch.setattr(precompile, "WORKER_MODULE", "sla_numba.no_such_worker")
+    precompile.last.clear()
+    precompile.last.update(workers=0, failed=[])
+    precompile._compile_in_workers(_groups("a", "b", "c"), workers=2)
+    assert loaded == ["c"]  # this process's share (one group)
+    assert precompile.last["workers"] == 2
+    assert len(precompile.last["failed"]) == 2
+    assert all("no_such_worker" in why for why in precompile.last["failed"])
+    assert caplog.text.count("a compile worker failed") == 2
+
+
+def test_a_worker_that_cannot_start_is_reported(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="sla_numba")
+
+    def no_python(*a, **kw):
+        raise OSError("no interpreter")
+
+    monkeypatch.setattr(precompile._launcher, "load", lambda job: None)
+    monkeypatch.setattr(precompile.subprocess, "Popen", no_python)
+    precompile.last.clear()
+    precompile.last.update(workers=0, failed=[])
+    precompile._compile_in_workers(_groups("a", "b"), workers=4)
+    assert precompile.last["workers"] == 0
+    assert precompile.last["failed"] == ["OSError: no interpreter"]
+    assert "a compile worker failed (OSError: no interpreter)" in caplog.text
 
 
 # Every kernel factory, as the backend calls them (tensor-core and SIMT kernels,
