@@ -375,6 +375,25 @@ def _prefetch_pairs(xp, states32, cn, W, s_lane, srow, sok0, n_in, npass, rpp):
         gs += rpp * W
 
 
+@_compat.device(**_INLINE)
+def _store_out(out, acc, lane, r0, rw, w0, wcol, bh, o_rows, W, n_out, mt_n, nn):
+    """Epilogue: the warp's D fragments to ``out`` (rows r < n_out, columns < W). Lane
+    (g, t) holds rows g, g + 8 of each m-tile x columns 8n + 2t, 8n + 2t + 1; the warp's
+    first row is r0 + rw, its first column w0 + wcol (CTA origin + warp offset)."""
+    g = lane >> 2
+    t2 = (lane & 3) * 2
+    wl = W - (w0 + wcol + t2)  # columns left from this lane's first
+    for mt in range(mt_n):
+        for h in range(2):
+            r = r0 + rw + 16 * mt + 8 * h + g
+            if r < n_out:
+                ob = (bh * o_rows + r) * W + w0 + wcol + t2
+                for n in range(nn):
+                    for x in range(2):
+                        if 8 * n + x < wl:
+                            out[u64(ob + 8 * n + x)] = acc[mt, n, 2 * h + x]
+
+
 @kernel_factory
 def make_marginal_kernel(tiles=GPU_TILES, s_bf16=False):
     """Build the kernel ``marginal_sum_tc`` for ``tiles`` (see the module doc).
@@ -514,19 +533,9 @@ def make_marginal_kernel(tiles=GPU_TILES, s_bf16=False):
                         _mma_tile(acc, af, mt, 2 * j + 1, h2, h3)
                         _mma_tile(acc, af, mt, 2 * j, l0, l1)
                         _mma_tile(acc, af, mt, 2 * j + 1, l2, l3)
-        # epilogue: lane (g, t) holds rows g, g + 8 x columns 8n + 2t, 8n + 2t + 1
-        g = lane >> 2
-        t2 = (lane & 3) * 2
-        wl = W - (w0 + wc * 16 * NP + t2)  # columns left from this lane's first
-        for mt in range(MT):
-            for h in range(2):
-                r = r0 + wr * 16 * MT + 16 * mt + 8 * h + g
-                if r < n_out:
-                    ob = (bh * o_rows + r) * W + w0 + wc * 16 * NP + t2
-                    for n in range(NN):
-                        for x in range(2):
-                            if 8 * n + x < wl:
-                                out[u64(ob + 8 * n + x)] = acc[mt, n, 2 * h + x]
+        _store_out(  # epilogue
+            out, acc, lane, r0, wr * 16 * MT, w0, wc * 16 * NP, bh, o_rows, W, n_out, MT, NN
+        )
 
     return MarginalKernel(marginal_sum_tc, G["SMEM_BYTES"], NT)
 
@@ -763,19 +772,9 @@ def make_marginal_kernel_pipelined(
                             _mma_tile(acc, af, mt, 2 * j, h0, h1)
                             _mma_tile(acc, af, mt, 2 * j + 1, h2, h3)
             rslot = rslot + 1 if rslot + 1 < STAGES else 0
-        # epilogue (make_marginal_kernel's): rows g, g + 8 x columns 8n + 2t, 8n + 2t + 1
-        g = lane >> 2
-        t2 = (lane & 3) * 2
-        wl = W - (w0 + wc * 16 * NP + t2)
-        for mt in range(MT):
-            for h in range(2):
-                r = r0 + wr * 16 * MT + 16 * mt + 8 * h + g
-                if r < n_out:
-                    ob = (bh * o_rows + r) * W + w0 + wc * 16 * NP + t2
-                    for n in range(NN):
-                        for x in range(2):
-                            if 8 * n + x < wl:
-                                out[u64(ob + 8 * n + x)] = acc[mt, n, 2 * h + x]
+        _store_out(  # epilogue
+            out, acc, lane, r0, wr * 16 * MT, w0, wc * 16 * NP, bh, o_rows, W, n_out, MT, NN
+        )
 
     return MarginalKernel(marginal_sum_tc_pipelined, P["SMEM_BYTES"], NT)
 
