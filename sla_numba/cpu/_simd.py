@@ -87,6 +87,15 @@ def tile_cols(itemsize):
     return TILE_VECTORS * VECTOR_BYTES // itemsize
 
 
+def _element_ptr(builder, intp, arr, row, col, itemsize, ty):
+    """A ``ty`` pointer to ``arr[row, col]`` of a 2-D array (row stride from the
+    array, elements contiguous): the address arithmetic of the intrinsics below."""
+    row_stride = builder.extract_value(arr.strides, 0)
+    base = builder.ptrtoint(arr.data, intp)
+    off = builder.add(builder.mul(row, row_stride), builder.mul(col, ir.Constant(intp, itemsize)))
+    return builder.inttoptr(builder.add(base, off), ty.as_pointer())
+
+
 def _tile_fma_impl(a, b, c, a_transposed, overwrite=False):
     """Typing and code generation of ``tile_fma`` (``a_transposed`` False) and
     ``tile_fma_tn`` (True: A is stored transposed, its rows are the reduction);
@@ -118,18 +127,11 @@ def _tile_fma_impl(a, b, c, a_transposed, overwrite=False):
         def const(n):
             return ir.Constant(intp, n)
 
-        def addr(arr, row, col):
-            """Address of arr[row, col] (row stride from the array, elements contiguous)."""
-            row_stride = builder.extract_value(arr.strides, 0)
-            base = builder.ptrtoint(arr.data, intp)
-            off = builder.add(builder.mul(row, row_stride), builder.mul(col, const(itemsize)))
-            return builder.add(base, off)
-
         def vector_ptr(arr, row, col):
-            return builder.inttoptr(addr(arr, row, col), vty.as_pointer())
+            return _element_ptr(builder, intp, arr, row, col, itemsize, vty)
 
         def scalar_ptr(arr, row, col):
-            return builder.inttoptr(addr(arr, row, col), fty.as_pointer())
+            return _element_ptr(builder, intp, arr, row, col, itemsize, fty)
 
         rows = [builder.add(i0, const(r)) for r in range(TILE_M)]
         cols = [builder.add(j0, const(v * lanes)) for v in range(TILE_VECTORS)]
@@ -225,12 +227,7 @@ def _transpose_impl(src, dst, accumulate):
         si, sj, di, dj, factor = args[1], args[2], args[4], args[5], args[6]
 
         def vector_ptr(arr, row, col):
-            row_stride = builder.extract_value(arr.strides, 0)
-            base = builder.ptrtoint(arr.data, intp)
-            off = builder.add(
-                builder.mul(row, row_stride), builder.mul(col, ir.Constant(intp, itemsize))
-            )
-            return builder.inttoptr(builder.add(base, off), vty.as_pointer())
+            return _element_ptr(builder, intp, arr, row, col, itemsize, vty)
 
         def const(n):
             return ir.Constant(intp, n)
