@@ -286,6 +286,9 @@ _backward_op.register_autograd(_no_double_backward, setup_context=_setup_backwar
 # through the custom ops.
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # no __torch_function__ / dispatch of their own
+
+
 def _eager(*tensors):
     """Whether this call may skip the custom-op layer (see above)."""
     if torch.compiler.is_compiling() or config.torch_ops() == "always":
@@ -298,9 +301,6 @@ def _eager(*tensors):
     except AttributeError:  # another torch's internals: take the custom ops
         return False
     return all(type(t) in _PLAIN for t in tensors)
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # no __torch_function__ / dispatch of their own
 
 
 class _EagerForward(torch.autograd.Function):

@@ -156,7 +156,7 @@ def launch(kernel, grid, block, stream, args, smem=0):
     if jobs is not None:  # a dry run (collecting): note the kernel, launch nothing
         _record(jobs, kernel, stream, args)
         return
-    if _core_launch is not None and config.launcher() == "direct":
+    if direct_launches():
         packed = _direct_args(kernel, stream, args)
         if packed is not None:
             compiled, kargs = packed
@@ -268,11 +268,16 @@ def _argtypes(kernel, values):
 
 def _load(kernel, device, argtypes, packers):
     """Compile (or load from the disk cache) the overload for ``argtypes`` and load its
-    module, under Numba's context of ``device`` (an index; else the current one)."""
-    ctx = cuda.gpus[device] if isinstance(device, int) else contextlib.nullcontext()
-    with ctx:
+    module, under Numba's context of ``device``."""
+    with numba_context(device):
         cufunc = kernel.compile(argtypes)._codelibrary.get_cufunc()
     return _Compiled(cufunc.kernel, cufunc.handle, packers)
+
+
+def numba_context(device):
+    """Numba's context of ``device`` (an index) as a context manager; for any other
+    device key (a stream handle), the current context as it is."""
+    return cuda.gpus[device] if isinstance(device, int) else contextlib.nullcontext()
 
 
 def _device_of(stream):

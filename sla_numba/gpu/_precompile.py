@@ -35,7 +35,6 @@ none below 4 CPUs), at least two cache files to compile, direct launches
 line, and its kernels are then compiled in this process.
 """
 
-import contextlib
 import functools
 import importlib
 import os
@@ -168,10 +167,8 @@ def _on_disk(job):
     """True / False: the job's kernel is / is not in Numba's disk cache; None when
     the cache cannot be asked (another numba-cuda's internals, caching off)."""
     kernel = job.kernel
-    dev = job.device
-    ctx = _launcher.cuda.gpus[dev] if isinstance(dev, int) else contextlib.nullcontext()
     try:
-        with ctx:
+        with _launcher.numba_context(job.device):
             cache = kernel._cache
             key = cache._index_key(job.argtypes, kernel.targetctx.codegen())
             return key in cache._cache_file._load_index()
@@ -283,13 +280,8 @@ def _worker_main():
     """A worker: read the pickled jobs from stdin, make each kernel from its recipe
     and compile it for its device (Numba writes the disk cache)."""
     payload = pickle.load(sys.stdin.buffer)
-    from numba import cuda
-
-    from . import _compat  # noqa: F401  (numpy shims before Numba compiles)
-
     for made, argtypes, device in payload["jobs"]:
-        ctx = cuda.gpus[device] if isinstance(device, int) else contextlib.nullcontext()
-        with ctx:
+        with _launcher.numba_context(device):
             rebuild(made).compile(argtypes)
 
 
