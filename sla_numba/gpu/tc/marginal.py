@@ -376,6 +376,30 @@ def _prefetch_pairs(xp, states32, cn, W, s_lane, srow, sok0, n_in, npass, rpp):
 
 
 @_compat.device(**_INLINE)
+def _store_map(smem32, ys, sm, mw, nmp, rg):
+    """The prefetched map bytes ``ys`` as bf16 pairs into the M tile (row stride ``mw``
+    bf16; this lane's int32 index ``sm`` for pass 0): 1.0 where marginal (``bmap ==
+    0``), else 0. Pass p covers rows + 8·(p % rg), columns + 8·(p // rg)."""
+    for p in range(nmp):
+        off = (8 * (p % rg) * mw + 8 * (p // rg)) // 2
+        smem32[sm + off] = int32(
+            (BF16_ONE_LO if ys[p, 0] == 0 else ZI) | (BF16_ONE_HI if ys[p, 1] == 0 else ZI)
+        )
+
+
+@_compat.device(**_INLINE)
+def _load_a(af, smem, la, a_step, mt_n):
+    """The A fragments (M) of the warp's ``mt_n`` m-tiles for one k-step: one
+    ``ldmatrix.x4`` each, from byte address ``la`` + mt·``a_step``."""
+    for mt in range(mt_n):
+        a0, a1, a2, a3 = ldsm_x4(smem, la + mt * a_step, 0)
+        af[mt, 0] = a0
+        af[mt, 1] = a1
+        af[mt, 2] = a2
+        af[mt, 3] = a3
+
+
+@_compat.device(**_INLINE)
 def _store_out(out, acc, lane, r0, rw, w0, wcol, bh, o_rows, W, n_out, mt_n, nn):
     """Epilogue: the warp's D fragments to ``out`` (rows r < n_out, columns < W). Lane
     (g, t) holds rows g, g + 8 of each m-tile x columns 8n + 2t, 8n + 2t + 1; the warp's
@@ -495,11 +519,7 @@ def make_marginal_kernel(tiles=GPU_TILES, s_bf16=False):
                         xs[p, 0] - bf16_low_f32(hi), xs[p, 1] - bf16_high_f32(hi)
                     )
             sm = (it & 1) * STAGE32 + ms
-            for p in range(NMP):
-                off = (8 * (p % RG) * MW + 8 * (p // RG)) // 2
-                smem32[sm + off] = int32(
-                    (BF16_ONE_LO if ys[p, 0] == 0 else ZI) | (BF16_ONE_HI if ys[p, 1] == 0 else ZI)
-                )
+            _store_map(smem32, ys, sm, MW, NMP, RG)
             cuda.syncthreads()
             # 2. prefetch the next k-step (masked: nothing is read past n_in)
             if S_BF16:
@@ -514,12 +534,7 @@ def make_marginal_kernel(tiles=GPU_TILES, s_bf16=False):
             sb = (it & 1) * STAGE_BYTES
             lak = la + sb
             lbk = lb + sb
-            for mt in range(MT):
-                a0, a1, a2, a3 = ldsm_x4(smem, lak + mt * A_STEP, 0)
-                af[mt, 0] = a0
-                af[mt, 1] = a1
-                af[mt, 2] = a2
-                af[mt, 3] = a3
+            _load_a(af, smem, lak, A_STEP, MT)
             for j in range(NP):
                 h0, h1, h2, h3 = ldsm_x4_trans(smem, lbk + 32 * j, 0)
                 if S_BF16:  # S exact in bf16: one product
@@ -725,11 +740,7 @@ def make_marginal_kernel_pipelined(
         for it in range(nst):
             # 1. map of stage it -> M buffer it & 1 (bf16 1.0 where marginal, else 0)
             sm = (it & 1) * MBUF32 + ms
-            for p in range(NMP):
-                off = (8 * (p % RG) * MWK + 8 * (p // RG)) // 2
-                smem32[sm + off] = int32(
-                    (BF16_ONE_LO if ys[p, 0] == 0 else ZI) | (BF16_ONE_HI if ys[p, 1] == 0 else ZI)
-                )
+            _store_map(smem32, ys, sm, MWK, NMP, RG)
             # 2. this thread's copies of stage it landed; the barrier: everyone's landed
             #    and are visible, and every warp is done with iteration it - 1
             cp_async_wait_group(WAIT)
@@ -760,12 +771,7 @@ def make_marginal_kernel_pipelined(
             lbk = lb + rslot * SLOT_BYTES
             for ks in range(KS):
                 if it * KB + ks * KSTEP < n_in:
-                    for mt in range(MT):
-                        a0, a1, a2, a3 = ldsm_x4(smem, lak + mt * A_STEP + ks * 32, 0)
-                        af[mt, 0] = a0
-                        af[mt, 1] = a1
-                        af[mt, 2] = a2
-                        af[mt, 3] = a3
+                    _load_a(af, smem, lak + ks * 32, A_STEP, MT)
                     for j in range(NP):
                         h0, h1, h2, h3 = ldsm_x4_trans(smem, lbk + ks * K_STEP + 32 * j, 0)
                         for mt in range(MT):
