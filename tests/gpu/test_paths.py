@@ -62,7 +62,7 @@ def spy(monkeypatch):
 # --------------------------------------------------------------------------- rules
 def test_select_path_rules(monkeypatch):
     monkeypatch.delenv(gpu_path.ENV_VAR, raising=False)
-    dev_ok = forward_tc._device_ok(None)
+    dev_ok = forward_tc._tc_build.device_ok(None)
     tc = "tc" if dev_ok else "simt"
     assert gpu.select_path("bfloat16", 128, 64, 64) == tc
     assert gpu.select_path(torch.bfloat16, 64, 64, 64) == tc

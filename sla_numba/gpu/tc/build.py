@@ -17,6 +17,8 @@ CPU tensors) into such views, allocates outputs with the same library and
 hands back the stream to launch on (torch's / CuPy's current stream).
 """
 
+import functools
+
 import numpy as np
 
 from ...testing import poisoning
@@ -28,6 +30,37 @@ def launch(kernel, grid, block, smem_bytes, stream, args):
     """Launch ``kernel`` with ``smem_bytes`` of dynamic shared memory on ``stream``
     (``gpu/_launcher.py``: direct launch, opt-in above 48 KiB)."""
     _launcher.launch(kernel, grid, block, 0 if SIMULATED else stream, args, smem_bytes)
+
+
+def device_ok(device=None):
+    """A CUDA device of compute capability >= 8.0 (always True under the simulator).
+
+    ``device``: None (the current device), an index or a ``torch.device``. The answer
+    for an index is kept: asking Numba costs tens of µs, and a call asks every time.
+    """
+    if SIMULATED:
+        return True
+    try:
+        from numba import cuda
+
+        if device is None:
+            if not cuda.is_available():
+                return False
+            idx = cuda.get_current_device().id
+        else:
+            idx = device if isinstance(device, int) else (getattr(device, "index", None) or 0)
+        return _index_ok(int(idx))
+    except Exception:  # noqa: BLE001 - no driver or no such device: no tensor cores
+        return False
+
+
+@functools.cache
+def _index_ok(idx):
+    from numba import cuda
+
+    if not cuda.is_available():
+        return False
+    return tuple(cuda.gpus[idx].compute_capability) >= (8, 0)
 
 
 # ---------------------------------------------------------------------------

@@ -60,7 +60,6 @@ from .._precompile import kernel_factory
 from . import build as _tc_build
 from .ptx import (
     LOG2E,
-    SIMULATED,
     cp_async_commit,
     cp_async_wait_all,
     exp2,
@@ -96,37 +95,6 @@ def tile_config(block_q):
     return {16: (1, 1), 32: (1, 2), 64: (4, 1), 128: (4, 2)}.get(block_q)
 
 
-def _device_ok(device):
-    """A CUDA device of compute capability >= 8.0 (always True under the simulator).
-
-    ``device``: None (the current device), an index or a ``torch.device``. The answer
-    for an index is kept: asking Numba costs tens of µs, and a call asks every time.
-    """
-    if SIMULATED:
-        return True
-    try:
-        from numba import cuda
-
-        if device is None:
-            if not cuda.is_available():
-                return False
-            idx = cuda.get_current_device().id
-        else:
-            idx = device if isinstance(device, int) else (getattr(device, "index", None) or 0)
-        return _index_ok(int(idx))
-    except Exception:  # noqa: BLE001 - no driver or no such device: no tensor cores
-        return False
-
-
-@functools.cache
-def _index_ok(idx):
-    from numba import cuda
-
-    if not cuda.is_available():
-        return False
-    return tuple(cuda.gpus[idx].compute_capability) >= (8, 0)
-
-
 def _dtype_name(dtype):
     """'float16', 'bfloat16', 'float32', ... for numpy / torch / CuPy dtypes or names."""
     name = str(dtype).replace("torch.", "")
@@ -149,7 +117,7 @@ def tc_unsupported_reason(dtype, head_dim, block_q, block_k, device=None):
         return f"block_q {block_q} (supported: 16, 32, 64, 128)"
     if block_k not in (16, 32, 64):
         return f"block_k {block_k} (supported: 16, 32, 64)"
-    if not _device_ok(device):
+    if not _tc_build.device_ok(device):
         return "no CUDA device of compute capability >= 8.0"
     return None
 

@@ -224,21 +224,6 @@ _INLINE = {} if SIMULATED else {"forceinline": True}
 # ---------------------------------------------------------------------------
 
 
-def _device_ok(device=None):
-    """A CUDA device of compute capability >= 8.0 (always True under the simulator)."""
-    if SIMULATED:
-        return True
-    try:
-        from numba import cuda
-
-        if not cuda.is_available():
-            return False
-        dev = cuda.get_current_device() if device is None else cuda.gpus[int(device)]
-        return tuple(dev.compute_capability) >= (8, 0)
-    except Exception:  # noqa: BLE001 - no driver / no such device: no tensor cores
-        return False
-
-
 def tc_marginal_unsupported_reason(states_dtype, device=None):
     """None when ``launch_marginal_sum_tc`` takes states of ``states_dtype``, else why not.
 
@@ -250,7 +235,7 @@ def tc_marginal_unsupported_reason(states_dtype, device=None):
         return (
             f"states dtype {np.dtype(states_dtype).name} (tensor-core marginal sum: float32 only)"
         )
-    if not _device_ok(device):
+    if not _tc_build.device_ok(device):
         return "no CUDA device of compute capability >= 8.0"
     return None
 
