@@ -345,6 +345,18 @@ def classify(q, k, topk, skip, block_q, block_k, scale, backend):
     return op(q.detach(), k.detach(), topk, skip, block_q, block_k, scale, backend)
 
 
+def _together(fn, block_map, q):
+    """``fn(block_map)``: classification and forward, run so that a first call on a
+    GPU compiles the kernels of both side by side (``gpu/_precompile.py``)."""
+    if q.device.type != "cuda" or torch.compiler.is_compiling():
+        return fn(block_map)
+    from .gpu._precompile import run_ahead
+
+    dtype = str(q.dtype).replace("torch.", "")
+    with notice(describe("forward", q.shape[-1], dtype, "gpu")):
+        return run_ahead(fn, block_map)
+
+
 def autocast_inputs(q, k, v):
     """q, k, v as ``torch.autocast`` hands them to SDPA: under autocast on q's device
     each float32 tensor is cast to the autocast dtype, the others are left alone.
@@ -389,14 +401,19 @@ def sla_attention(
     take the tensor-core path; float64 inputs are left alone, as autocast does.
     """
     q, k, v = autocast_inputs(q, k, v)
-    if block_map is None:
-        block_map = classify(q, k, topk, skip, block_q, block_k, scale, backend)
-    else:
-        block_map = block_map.to(torch.int8).contiguous()
-    forward = _EagerForward.apply if _eager(q, k, v, block_map) else torch.ops.sla_numba.forward
-    o_s, o_l, _ = forward(
-        q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend
-    )
+
+    def classify_and_forward(block_map):
+        if block_map is None:
+            block_map = classify(q, k, topk, skip, block_q, block_k, scale, backend)
+        else:
+            block_map = block_map.to(torch.int8).contiguous()
+        eager = _eager(q, k, v, block_map)
+        forward = _EagerForward.apply if eager else torch.ops.sla_numba.forward
+        return forward(
+            q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend
+        )
+
+    o_s, o_l, _ = _together(classify_and_forward, block_map, q)
     if return_parts:
         return o_s, o_l
     if proj_weight is not None:

@@ -5,7 +5,7 @@
 # Steps, in the order given:
 #   first    first SLA call of a fresh process, cold and warm Numba cache (tools/first_call.py;
 #            run it first on a fresh machine; FIRST_PROFILE=1 adds a cold and a warm process
-#            under cProfile, stats in $OUT/first_prof)
+#            under cProfile, stats in logs.tgz, first_prof/)
 #   compare  tensor-core kernels: this tree against the one carried as .old/ (compile time,
 #            outputs, speed): tools/compare_tc_kernels.py and tools/compare_tc_linear.py
 #   wgmma    the wgmma-from-Numba probe (tools/wgmma_probe.py)
@@ -52,7 +52,7 @@ for step in "$@"; do
   el "step $step"
   case $step in
     first)   run first ${FIRST_TIMEOUT:-330} python tools/first_call.py --json "$OUT/first_call.json" \
-                 ${FIRST_PROFILE:+--profile "$OUT/first_prof"} ;;
+                 ${FIRST_PROFILE:+--profile /tmp/logs/first_prof} ;;
     compare) run compare_sparse 240 python tools/compare_tc_kernels.py --old .old --new . --rounds 3
              run compare_linear 200 python tools/compare_tc_linear.py --old .old --new . --rounds 3 ;;
     wgmma)   run wgmma 130 python tools/wgmma_probe.py --check --bench --json "$OUT/wgmma.json" ;;

@@ -137,6 +137,11 @@ def collecting():
         _mode.jobs = None
 
 
+def in_mode():
+    """Whether this thread is inside :func:`strict` or :func:`collecting`."""
+    return getattr(_mode, "strict", False) or getattr(_mode, "jobs", None) is not None
+
+
 def direct_launches():
     """Whether launches go the direct way (not under the simulator, not with
     ``SLA_NUMBA_LAUNCH=numba``, numba-cuda with cuda.core launches)."""

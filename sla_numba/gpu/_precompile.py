@@ -7,8 +7,10 @@ after the other: 13-18 s measured on the H200 machine (BENCHMARKS.md). A process
 compiles one kernel at a time (Numba holds a global compiler lock, and most of the
 time is Python: typing and lowering, so threads would not help). Processes, though,
 share the disk cache. So the backend's entry points (``classify``, ``forward``,
-``backward``) are wrapped by :func:`ahead`, and a call that meets a kernel this
-process has not loaded goes like this:
+``backward``) are wrapped by :func:`ahead` (and the API runs classification and
+forward together through :func:`run_ahead`, so a first forward compiles the kernels
+of both at once), and a call that meets a kernel this process has not loaded goes
+like this:
 
 1. **run**: the call starts as usual, with the launcher in *strict* mode: the first
    launch of a kernel not loaded here raises ``_launcher.Missing`` (launches made
@@ -122,19 +124,29 @@ def ahead(fn):
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        if not enabled():
-            return fn(*args, **kwargs)
-        try:
-            with _launcher.strict():
-                return fn(*args, **kwargs)
-        except _launcher.Missing:
-            pass
-        with _launcher.collecting() as jobs:
-            fn(*args, **kwargs)
-        prepare(list(jobs.values()))
-        return fn(*args, **kwargs)
+        return run_ahead(fn, *args, **kwargs)
 
     return call
+
+
+def run_ahead(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, run by steps 1-4 of the module docstring.
+
+    ``fn`` may call several entry points: the API runs classification and forward
+    this way, so a first forward compiles the kernels of both at once. Calls nest:
+    inside another one's run (strict, or a dry run) an entry point just runs.
+    """
+    if not enabled() or _launcher.in_mode():
+        return fn(*args, **kwargs)
+    try:
+        with _launcher.strict():
+            return fn(*args, **kwargs)
+    except _launcher.Missing:
+        pass
+    with _launcher.collecting() as jobs:
+        fn(*args, **kwargs)
+    prepare(list(jobs.values()))
+    return fn(*args, **kwargs)
 
 
 def prepare(jobs, workers=None):
@@ -153,6 +165,7 @@ def prepare(jobs, workers=None):
     groups = _groups(cold)
     last.clear()
     last.update(jobs=len(jobs), cold=len(cold), groups=len(groups), workers=0, failed=[])
+    last["kernels"] = [_name(job.kernel) for job in jobs]
     if workers > 0 and len(groups) > 1:
         from .._compile_log import announce
 
@@ -161,6 +174,11 @@ def prepare(jobs, workers=None):
     for job in jobs:
         _launcher.load(job)
     last["seconds"] = time.perf_counter() - t0
+
+
+def _name(kernel):
+    fn = getattr(kernel, "py_func", kernel)
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
 def _on_disk(job):

@@ -111,6 +111,38 @@ def test_ahead_runs_strict_then_dry_then_for_real(fake_gpu, monkeypatch):
     assert prepared == [[k1, k2]] and launched == [k1, k2, k1, k2]
 
 
+def test_run_ahead_takes_nested_entry_points_in_one_dry_run(fake_gpu, monkeypatch):
+    """The API runs classification and forward (each an :func:`ahead` entry point)
+    inside one :func:`run_ahead`: one dry run collects the kernels of both, and the
+    inner entry points just run inside the outer one's modes."""
+    launched, _ = fake_gpu
+    k1, k2, k3 = object(), object(), object()
+    prepared = []
+
+    @precompile.ahead
+    def classify():
+        launcher.launch(k1, 1, 32, _Stream(), (_x(),))
+        launcher.launch(k2, 1, 32, _Stream(), (_x(),))
+
+    @precompile.ahead
+    def forward():
+        launcher.launch(k3, 1, 32, _Stream(), (_x(),))
+
+    def fake_prepare(jobs):
+        prepared.append([j.kernel for j in jobs])
+        for j in jobs:
+            launcher._compiled[j.key] = launcher._Compiled(j.kernel, None, ["array"])
+
+    monkeypatch.setattr(precompile, "enabled", lambda: True)
+    monkeypatch.setattr(precompile, "prepare", fake_prepare)
+    precompile.run_ahead(lambda: (classify(), forward()))
+    assert prepared == [[k1, k2, k3]]
+    assert launched == [k1, k2, k3]
+    assert not launcher.in_mode()
+    forward()  # loaded: one plain run, nothing prepared
+    assert prepared == [[k1, k2, k3]] and launched == [k1, k2, k3, k3]
+
+
 def test_ahead_is_a_plain_call_when_disabled(monkeypatch):
     monkeypatch.setenv("SLA_NUMBA_COMPILE_WORKERS", "0")
     assert not precompile.enabled()
@@ -296,5 +328,8 @@ def test_first_call_with_workers_gives_the_same_bits(tmp_path):
     for stage in ("fwd", "bwd"):
         info = with_workers[stage]
         assert info["cold"] >= 2 and info["workers"] >= 1 and info["failed"] == [], info
+    # the first forward compiled classification's kernels together with its own
+    assert any(".classify." in name for name in with_workers["fwd"]["kernels"])
+    assert any(".tc.forward." in name for name in with_workers["fwd"]["kernels"])
     assert alone["fwd"] == {} and alone["bwd"] == {}  # no workers: nothing ahead
     assert with_workers["out"] == alone["out"]
