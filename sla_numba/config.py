@@ -20,11 +20,12 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             relative error instead of ~3e-8 (``tools/states_precision.py``).
                             ``auto``: bf16 states for bf16 inputs (their own rounding
                             is coarser), fp32 for fp16 inputs.
-``SLA_NUMBA_MARGINAL``      ``registers`` (default) | ``pipelined``: the tensor-core
+``SLA_NUMBA_MARGINAL``      ``pipelined`` (default) | ``registers``: the tensor-core
                             marginal-sum kernel for bf16 states (``gpu/tc/marginal.py``):
-                            the register-staged kernel, or the ``cp.async`` ring of
-                            several k-steps per barrier (same bits; opt-in until
-                            timed on a GPU). fp32 states always take the first.
+                            the ``cp.async`` ring of several k-steps per barrier, or
+                            the register-staged kernel (same bits; the first 1.5x
+                            faster on the H200, BENCHMARKS.md). fp32 states always
+                            take the register kernel.
 ``SLA_NUMBA_LAUNCH``        ``direct`` (default) | ``numba``: how GPU kernels are
                             launched: ``direct`` hands the compiled kernel and its
                             argument list to ``cuda.core`` (``gpu/_launcher.py``);
@@ -61,7 +62,7 @@ COMPILE_WORKERS_VAR = "SLA_NUMBA_COMPILE_WORKERS"
 TORCH_OPS_VAR = "SLA_NUMBA_TORCH_OPS"
 TORCH_OPS = ("auto", "always")
 STATES_DTYPES = ("auto", "fp32", "bf16")
-MARGINAL_KERNELS = ("registers", "pipelined")
+MARGINAL_KERNELS = ("pipelined", "registers")
 LAUNCHERS = ("direct", "numba")
 
 
@@ -118,7 +119,7 @@ def bf16_states(kind):
 
 
 def marginal_kernel():
-    """``SLA_NUMBA_MARGINAL``: 'registers' (unset or empty) or 'pipelined'."""
+    """``SLA_NUMBA_MARGINAL``: 'pipelined' (unset or empty) or 'registers'."""
     return _choice(MARGINAL_VAR, MARGINAL_KERNELS)
 
 

@@ -197,22 +197,24 @@ def check_marginal():
     # k-steps of mma / ldmatrix; cp.async: NPASS chunks at each of the STAGES - 1
     # prologue issues and the loop's one
     sigp = sig[:6] + (int16[::1],) + sig[7:]
+    kb0, st0, pipe = marginal_tc.PIPE_KB, marginal_tc.PIPE_STAGES, marginal_tc.GPU_PIPE_TILES
     configs = [
-        (marginal_tc.PIPE_KB, marginal_tc.PIPE_STAGES, 16, None),  # the default
-        (marginal_tc.PIPE_KB, marginal_tc.PIPE_STAGES, 4, None),  # W % 8 == 2: 4-byte
-        (64, 3, 16, None),
-        (32, 4, 16, None),
-        (32, 3, 16, 4),  # launch bound: 4 CTAs a SM, 128 registers (ptxas spills a little)
+        (pipe, kb0, st0, 16, None),  # the default
+        (pipe, kb0, st0, 4, None),  # W % 8 == 2: 4-byte chunks
+        (tiles, kb0, st0, 16, None),  # the register kernel's tiles
+        (tiles, 64, 3, 16, None),
+        (tiles, 32, 4, 16, None),
+        (tiles, 32, 3, 16, 4),  # launch bound: 4 CTAs a SM, 128 registers (spills a little)
     ]
-    for kb, stages, chunk, mb in configs:
-        kern = marginal_tc.make_marginal_kernel_pipelined(tiles, kb, stages, chunk, mb).kernel
-        npass = marginal_tc.pipelined_geometry(tiles, kb, stages, chunk)["NPASS"]
+    for tl, kb, stages, chunk, mb in configs:
+        kern = marginal_tc.make_marginal_kernel_pipelined(tl, kb, stages, chunk, mb).kernel
+        npass = marginal_tc.pipelined_geometry(tl, kb, stages, chunk)["NPASS"]
         ok &= check(
-            f"marginal pipelined kb={kb} st={stages} chunk={chunk}"
+            f"marginal pipelined tiles={tuple(tl)} kb={kb} st={stages} chunk={chunk}"
             + ("" if mb is None else f" minCTA={mb}"),
             kern,
             sigp,
-            marginal_tc.ops_per_stage_pipelined(tiles, kb),
+            marginal_tc.ops_per_stage_pipelined(tl, kb),
             want_cp=npass * stages,
         )
     return ok

@@ -205,6 +205,10 @@ GPU_TILES = Tiles(2, 2, 2, 4)
 #: Simulator default: 1 warp, CTA 16 x 16 (each warp-wide op costs ~10-50 ms there).
 SIM_TILES = Tiles(1, 1, 1, 1)
 TILES = SIM_TILES if SIMULATED else GPU_TILES
+#: The pipelined kernel's GPU default: 8 warps (2 x 4), CTA 64 x 256 (the fastest of
+#: nine shapes timed on the H200 at the Wan2.1 sizes, BENCHMARKS.md).
+GPU_PIPE_TILES = Tiles(2, 4, 2, 4)
+PIPE_TILES = SIM_TILES if SIMULATED else GPU_PIPE_TILES
 
 KSTEP = 16  # c values per k-step (the mma's k)
 PAD = 8  # bf16 pad per shared-memory row
@@ -784,7 +788,7 @@ def get_marginal_kernel(tiles=TILES, s_bf16=False):
 
 
 def get_marginal_kernel_pipelined(
-    tiles=TILES, kb=PIPE_KB, stages=PIPE_STAGES, chunk=16, min_blocks=None
+    tiles=PIPE_TILES, kb=PIPE_KB, stages=PIPE_STAGES, chunk=16, min_blocks=None
 ):
     """The pipelined :class:`MarginalKernel` (bf16 states; built once per process)."""
     mb = None if min_blocks is None else int(min_blocks)
@@ -822,7 +826,7 @@ def chunk_bytes(states, W):
 
 
 def launch_marginal_sum_tc(
-    stream, bmap, transposed, n_out, n_in, states, out, tiles=TILES, pipeline=None
+    stream, bmap, transposed, n_out, n_in, states, out, tiles=None, pipeline=None
 ):
     """``out[b, h, :n_out] = M · states[b, h, :n_in]`` on tensor cores, on ``stream``.
 
@@ -838,6 +842,7 @@ def launch_marginal_sum_tc(
     False / True force the register / pipelined kernel, a pair ``(kb, stages)`` or a
     triple ``(kb, stages, min_blocks)`` picks the pipelined kernel's stage size, ring
     depth and launch bound (:func:`make_marginal_kernel_pipelined`). Same bits either way.
+    ``tiles`` None: ``TILES`` for the register kernel, ``PIPE_TILES`` for the pipelined one.
     """
     s_dtype = dtype_name(states)
     if s_dtype not in ("float32", "int16") or dtype_name(out) != "float32":
@@ -864,10 +869,12 @@ def launch_marginal_sum_tc(
         pipeline = config.marginal_kernel() == "pipelined"
     pipelined = s_bf16 and pipeline is not False
     if pipelined:
+        tiles = PIPE_TILES if tiles is None else tiles
         kb, stages, *mb = (PIPE_KB, PIPE_STAGES) if pipeline is True else pipeline
         chunk = chunk_bytes(states, W)
         kern = get_marginal_kernel_pipelined(tiles, kb, stages, chunk, *mb)
     else:
+        tiles = TILES if tiles is None else tiles
         kern = get_marginal_kernel(tiles, s_bf16)
     G = geometry(Tiles(*tiles))
     grid = (-(-n_out // G["RT"]), -(-W // G["WT"]), B * H)

@@ -77,12 +77,42 @@ def test_chunk_follows_width_and_address():
 
 def test_switch(monkeypatch):
     monkeypatch.delenv(config.MARGINAL_VAR, raising=False)
-    assert config.marginal_kernel() == "registers"
-    monkeypatch.setenv(config.MARGINAL_VAR, " Pipelined ")
     assert config.marginal_kernel() == "pipelined"
+    monkeypatch.setenv(config.MARGINAL_VAR, " Registers ")
+    assert config.marginal_kernel() == "registers"
     monkeypatch.setenv(config.MARGINAL_VAR, "fast")
     with pytest.raises(ValueError, match=config.MARGINAL_VAR):
         config.marginal_kernel()
+
+
+def test_default_kernel_and_tiles_per_states_dtype(monkeypatch):
+    """Unset switch: bf16 states take the pipelined kernel with ``PIPE_TILES``, fp32
+    states the register kernel with ``TILES``; ``registers`` sends bf16 there too."""
+    taken = []
+
+    class _Taken(Exception):
+        pass
+
+    def spy(name):
+        def get(tiles, *args):
+            taken.append((name, tuple(tiles)))
+            raise _Taken
+
+        return get
+
+    monkeypatch.setattr(marginal_tc, "get_marginal_kernel", spy("registers"))
+    monkeypatch.setattr(marginal_tc, "get_marginal_kernel_pipelined", spy("pipelined"))
+    monkeypatch.delenv(config.MARGINAL_VAR, raising=False)
+    bmap, bits, values, out = _bf16_problem(1, 1, 4, 4, 8, 4, 4, False, seed=1)
+    for states, env in ((bits, ""), (values, ""), (bits, "registers")):
+        monkeypatch.setenv(config.MARGINAL_VAR, env)
+        with pytest.raises(_Taken):
+            marginal_tc.launch_marginal_sum_tc(0, bmap, False, 4, 4, states, out)
+    assert taken == [
+        ("pipelined", tuple(marginal_tc.PIPE_TILES)),
+        ("registers", tuple(marginal_tc.TILES)),
+        ("registers", tuple(marginal_tc.TILES)),
+    ]
 
 
 _KEY_SCRIPT = """
@@ -228,9 +258,10 @@ GPU_CASES = [
     (2, 3, 70, 90, 16512, 67, 85, False, True),  # tails in r and c
     (2, 3, 70, 90, 16512, 85, 67, True, True),  # column sums
     (1, 2, 300, 277, 1000, 300, 277, False, True),  # W = 7*128 + 104 (16-byte chunks)
-    (1, 2, 130, 100, 1002, 130, 100, True, True),  # W % 8 == 2: 4-byte chunks
-    (1, 2, 130, 100, 1004, 100, 130, False, (64, 4)),  # 8-byte chunks, kb 64, 4 slots
-    (1, 2, 130, 100, 1000, 100, 130, False, (16, 2)),  # ring of 2
+    # (column sums: n_out <= Mk, n_in <= Mq; row sums: n_out <= Mq, n_in <= Mk)
+    (1, 2, 130, 100, 1002, 100, 130, True, True),  # W % 8 == 2: 4-byte chunks
+    (1, 2, 100, 130, 1004, 100, 130, False, (64, 4)),  # 8-byte chunks, kb 64, 4 slots
+    (1, 2, 100, 130, 1000, 100, 130, False, (16, 2)),  # ring of 2
     (1, 1, 5, 3, 8, 5, 3, False, True),  # smaller than one tile
 ]
 
@@ -255,8 +286,10 @@ def test_gpu_wan_sizes_same_bits(transposed):
     bmap = np.zeros((B, H, R, R), np.int8)
     bmap[u < 0.05] = 1
     bmap[u > 0.90] = -1
-    bits = rng.integers(-(2**15), 2**15, size=(B, H, R, W), dtype=np.int16)
-    bits[(bits & 0x7F80) == 0x7F80] = 0x3F80  # no inf / NaN bit patterns (exponent all 1)
+    # bf16 states of normal magnitudes (random bit patterns would overflow the sums)
+    values = rng.standard_normal((B, H, R, W), dtype=np.float32)
+    bits = (values.view(np.uint32) >> 16).astype(np.uint16).view(np.int16)
+    del values
     out = np.full((B, H, R, W), np.nan, np.float32)
     ref, got, (t_reg, t_pipe) = _gpu_both(bmap, bits, out, transposed, R, R, reps=10)
     assert np.isfinite(got).all()
