@@ -18,8 +18,8 @@
 #   cpu      benchmarks/bench_cpu.py on this machine's CPU, 2 threads (taskset)
 #   marginal tools/sweep_marginal.py: the marginal-sum kernels' tiles, bf16 states,
 #            the pipelined bf16 kernel (SLA_NUMBA_MARGINAL=pipelined) and the cuBLAS floor
-#   host     host-side costs: tools/host_overhead.py (launch paths, whole calls) and
-#            tools/profile_gpu.py (kernels vs wall), bf16, B2 and Wan shapes
+#   host     host-side costs: tools/host_overhead.py (launch paths, whole calls; HOST_ARGS)
+#            and tools/profile_gpu.py (kernels vs wall), bf16, PROFILE_SHAPES (b2 wan)
 set -u
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT" /tmp/logs
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-/tmp/sla_numba_nbcache}
@@ -71,10 +71,11 @@ for step in "$@"; do
     cpu)     run cpu 200 taskset -c 0,1 python benchmarks/bench_cpu.py --threads 2 \
                  --json "$OUT/bench_cpu_device.json" ;;
     marginal) TAIL=40 run marginal ${MARGINAL_TIMEOUT:-150} python tools/sweep_marginal.py ;;
-    host)    TAIL=40 run host ${HOST_TIMEOUT:-200} python tools/host_overhead.py \
+    host)    TAIL=40 run host ${HOST_TIMEOUT:-200} python tools/host_overhead.py ${HOST_ARGS:-} \
                  --json "$OUT/host_overhead.json"
-             TAIL=40 run profile_b2 100 python tools/profile_gpu.py --shape b2 --dtype bf16
-             TAIL=40 run profile_wan 100 python tools/profile_gpu.py --shape wan --dtype bf16 ;;
+             for shape in ${PROFILE_SHAPES:-b2 wan}; do
+               TAIL=40 run profile_$shape 100 python tools/profile_gpu.py --shape $shape --dtype bf16
+             done ;;
     *)       el "unknown step $step" ;;
   esac
 done
