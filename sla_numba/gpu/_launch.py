@@ -12,7 +12,7 @@ from ._launcher import launch
 from ._path import tc_part
 from .simt.fill import FILL_THREADS, fill
 from .simt.marginal import launch_marginal_sum
-from .simt.states import make_prep
+from .simt.states import delta_lanes, make_prep
 
 
 def compute_dtype(in_dtype):
@@ -75,7 +75,7 @@ def launch_prep(
         o_s, do_s = delta_of
         nq = o_s.shape[2]
         _, delta = call.workspace((B, H, nq), acc)
-        n_delta_blocks = -(-nq // nt)
+        n_delta_blocks = -(-nq // (nt // delta_lanes(nt)))
     else:
         o_s = do_s = call.workspace((1, 1, 1, 1), acc)[1]
         delta, nq, n_delta_blocks = dummy, 0, 0
