@@ -273,7 +273,6 @@ def check_linear(quick=False):
         ("bf16", 128, 64, linear_tc.PIPE_HK, True, None),  # the default
         ("bf16", 128, 64, 16, True, None),
         ("bf16", 128, 64, 32, True, 3),  # launch bound: 3 CTAs a SM (168 registers)
-        ("bf16", 128, 64, 64, True, None),
         ("bf16", 128, 64, 32, False, None),  # lstate not 16-byte aligned: scalar loads
         ("f16", 64, 64, 32, True, None),
         ("bf16", 128, 128, 32, True, None),
