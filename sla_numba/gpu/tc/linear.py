@@ -65,6 +65,46 @@ Determinism: no atomics; each output is one lane's fixed sequence of operations.
 Under the CUDA simulator the ``ptx`` twins run the same function (slowly: tiny shapes,
 BQ = 16, HK = 16).
 
+The pipelined kernel (``SLA_NUMBA_LINEAR=pipelined``)
+---------------------------------------------------
+Why. On an H200 at the Wan2.1 sizes (B*H = 12, Nq = 32760, D = 128, block_q = 64) the
+kernel above takes 0.60 ms where its bytes (H_i fp32 406 MB, q 100 MB, o_l 200 MB) need
+~0.15 ms at 4.8 TB/s and cuBLAS does the bf16 product in 0.10 ms: it is latency-bound,
+like the marginal sum was (``marginal`` doc, "The pipelined kernel"). Each chunk is
+loaded with 4-byte loads after a barrier, and the warps then wait for the slowest load
+and meet at a second barrier before their mma: no load of this CTA is in flight while
+its warps run their mma, and only the other CTAs of the SM (3, at 167 registers) hide it.
+
+What. ``make_linear_kernel_pipelined(kind, D, BQ, HK, vec4, min_blocks)`` keeps the φ
+phase, the fragments, the products and the epilogue above and changes how H_i reaches
+shared memory:
+
+- Each thread loads its units of 4 consecutive fp32 of a chunk (the chunk's HK·D values
+  are contiguous in lstate: unit x of chunk kc starts at ``sb + kc·HK·D + 4x``; thread
+  ``tid`` takes x = tid, tid + NT, ...) with one 16-byte ``ld.global.nc.v4.f32``
+  (``ptx.ld_nc_v4_f32``), consecutive threads reading consecutive 16 bytes. That needs
+  lstate 16-byte aligned (row starts then are: W = D(D+1) is a multiple of 4); the
+  launcher checks the address and otherwise builds the same kernel with four 4-byte loads.
+- The units of chunk kc + 1 (and its Z values) are loaded into registers right after the
+  barrier of chunk kc, before the warps run the mma of chunk kc, so they are in flight
+  during those mma; chunk 0 is loaded before the φ phase. At the top of iteration kc + 1
+  they are split (``_split_pair``: the same hi / lo pairs as ``_stage_rows``) and stored
+  into chunk buffer ``(kc + 1) & 1``.
+- Two chunk buffers, one barrier a chunk. Iteration kc: store chunk kc into buffer
+  kc & 1; ``syncthreads``; load chunk kc + 1; mma on buffer kc & 1. Buffer kc & 1 was
+  last read by the mma of chunk kc - 2, which every warp finished before it reached
+  the barrier of chunk kc - 1.
+- Launch bound: ``pipe_min_blocks(BQ)`` CTAs an SM (12 warps). At D = 128, block_q = 64,
+  HK = 32 the kernel takes 215 registers unbounded (2 CTAs an SM), 168 without spills
+  bounded to 3 (``tools/check_tc_ptx.py --only linear``); shared memory (2·BQ + 4·HK) x
+  (D + 8) bf16 = 69.6 KiB, 3 CTAs an SM. HK = 16: 128 registers, 52.2 KiB, 4 CTAs.
+
+Same bits: the mma sequence of every accumulator, its operands and the epilogue are
+those of the kernel above for the same HK (``tests/gpu/tc/test_tc_linear_pipelined.py``
+compares the bits, ``tools/sweep_linear.py`` times both at the Wan sizes); the chunk
+size only changes which barrier a k-step follows, not the k-steps' order, so any HK
+gives the same bits.
+
 Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
 
     import numpy as np
@@ -379,11 +419,17 @@ def get_linear_kernel(kind, D, BQ, hk=None):
 # The pipelined kernel (module doc, "The pipelined kernel")
 # ---------------------------------------------------------------------------
 
-#: The pipelined kernel's GPU defaults: rows of H_i a chunk, and the launch bound (CTAs
-#: an SM; None: none). HK = 32 takes 215 registers unbounded (2 CTAs an SM), 168 without
-#: spills when bounded to 3 CTAs (``tools/check_tc_ptx.py --only linear``).
+#: The pipelined kernel's GPU defaults: rows of H_i a chunk, and the warps an SM its
+#: launch bound asks for (min CTAs = PIPE_SM_WARPS / warps a CTA, at least 1). At D = 128,
+#: block_q = 64, HK = 32 takes 215 registers unbounded (2 CTAs an SM), 168 without spills
+#: bounded to 3 CTAs = 12 warps (``tools/check_tc_ptx.py --only linear``).
 PIPE_HK = 32
-PIPE_MIN_BLOCKS = 3
+PIPE_SM_WARPS = 12
+
+
+def pipe_min_blocks(BQ):
+    """The pipelined kernel's default launch bound for block_q ``BQ`` (CTAs an SM)."""
+    return max(1, PIPE_SM_WARPS // (BQ // 16))
 
 
 def pipelined_smem_bytes(D, BQ, HK):
@@ -590,11 +636,11 @@ def make_linear_kernel_pipelined(kind, D, BQ, HK, vec4=True, min_blocks=None):
 def get_linear_kernel_pipelined(kind, D, BQ, hk=None, vec4=True, min_blocks=None):
     """The pipelined :class:`LinearKernel` for (kind, D, BQ, chunk_rows(D, hk), vec4,
     min_blocks), built once per process. ``hk`` None: ``PIPE_HK`` on a GPU (``SIM_HK``
-    under the simulator); ``min_blocks`` None: ``PIPE_MIN_BLOCKS`` on a GPU (none under
-    the simulator), 0: no launch bound."""
+    under the simulator); ``min_blocks`` None: ``pipe_min_blocks(BQ)`` on a GPU (none
+    under the simulator), 0: no launch bound."""
     HK = chunk_rows(D, PIPE_HK if hk is None and not SIMULATED else hk)
     if min_blocks is None:
-        min_blocks = None if SIMULATED else PIPE_MIN_BLOCKS
+        min_blocks = None if SIMULATED else pipe_min_blocks(BQ)
     mb = int(min_blocks) if min_blocks else None
     key = ("pipelined", kind, int(D), int(BQ), HK, bool(vec4), mb)
     k = _kernels.get(key)
@@ -636,7 +682,7 @@ def launch_linear_forward_tc(
     ``pipeline``: None follows ``SLA_NUMBA_LINEAR`` (default ``registers``), False / True
     force the register-staged / pipelined kernel (same bits; module doc);
     ``min_blocks``: the pipelined kernel's launch bound (CTAs per SM; None: its default
-    ``PIPE_MIN_BLOCKS``, 0: none).
+    ``pipe_min_blocks(block_q)``, 0: none).
     """
     B, H, Nq, D, block_q, fm = (int(x) for x in (B, H, Nq, D, block_q, fm))
     if kind not in KINDS:

@@ -273,3 +273,15 @@ def test_gpu_wan_sizes_same_bits():
         _same_bits(outs[0], got)
     names = ["registers"] + [f"pipelined hk={hk} minCTA={mb}" for hk, mb in GPU_VARIANTS]
     print("\nWan sizes: " + ", ".join(f"{n} {t:.3f} ms" for n, t in zip(names, times)))
+
+
+@needs_sim
+def test_sim_chunk_size_does_not_change_the_bits():
+    """The k-steps run in ascending d1 whatever the chunk: the pipelined kernel with
+    16-row chunks gives the register kernel's bits with 32-row chunks."""
+    kind, B, H, Nq, D, bq, fm = "bf16", 1, 1, 19, 32, 16, 0
+    qb, q64, lstate, n_marg = make_inputs(kind, B, H, Nq, D, bq, fm, seed=7, zero_blocks=())
+    ref = _launch(kind, qb, lstate, n_marg, B, H, Nq, D, bq, fm, 32, False)
+    got = _launch(kind, qb, lstate, n_marg, B, H, Nq, D, bq, fm, 16, True)
+    check(got, q64, lstate, n_marg, bq, fm)
+    _same_bits(ref, got)
