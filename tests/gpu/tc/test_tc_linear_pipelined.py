@@ -58,9 +58,10 @@ def test_shared_memory_and_checks():
     69.6 KiB, three CTAs an SM; HK 16: the register kernel's 52.2 KiB. Bad chunks refused."""
     assert linear_tc.pipelined_smem_bytes(128, 64, 32) == (2 * 64 + 4 * 32) * 136 * 2
     assert 3 * (linear_tc.pipelined_smem_bytes(128, 64, 32) + 1024) <= 228 * 1024
-    assert linear_tc.pipelined_smem_bytes(128, 64, 16) == linear_tc.make_linear_kernel(
-        "bf16", 128, 64, 32
-    ).smem_bytes
+    assert (
+        linear_tc.pipelined_smem_bytes(128, 64, 16)
+        == linear_tc.make_linear_kernel("bf16", 128, 64, 32).smem_bytes
+    )
     for D in range(16, 129, 16):
         for bq in linear_tc.BLOCKS:
             k = linear_tc.make_linear_kernel_pipelined("bf16", D, bq, linear_tc.chunk_rows(D, 32))
@@ -262,8 +263,10 @@ def test_gpu_wan_sizes_same_bits():
     Mq = -(-Nq // bq)
     rng = np.random.default_rng(1)
     qb = (
-        (rng.standard_normal((B, H, Nq, D), dtype=np.float32) * 1.5).view(np.uint32) >> 16
-    ).astype(np.uint16).view(np.int16)
+        ((rng.standard_normal((B, H, Nq, D), dtype=np.float32) * 1.5).view(np.uint32) >> 16)
+        .astype(np.uint16)
+        .view(np.int16)
+    )
     lstate = rng.standard_normal((B, H, Mq, D * D + D), dtype=np.float32)
     lstate[..., D * D :] = np.abs(lstate[..., D * D :]) * 8  # positive denominators
     n_marg = np.ones((B, H, Mq), np.int32)
