@@ -68,8 +68,10 @@ BQ = 16, HK = 16).
 The pipelined kernel (``SLA_NUMBA_LINEAR=pipelined``)
 ---------------------------------------------------
 Why. On an H200 at the Wan2.1 sizes (B*H = 12, Nq = 32760, D = 128, block_q = 64) the
-kernel above takes 0.60 ms where its bytes (H_i fp32 406 MB, q 100 MB, o_l 200 MB) need
-~0.15 ms at 4.8 TB/s and cuBLAS does the bf16 product in 0.10 ms: it is latency-bound,
+kernel above took 0.600 ms where its bytes (H_i fp32 406 MB, q 100 MB, o_l 200 MB) need
+~0.15 ms at 4.8 TB/s and cuBLAS did the bf16 product in 0.098 ms (measured in the
+session that asked for this kernel; ``tools/sweep_linear.py`` measures all three): it is
+latency-bound,
 like the marginal sum was (``marginal`` doc, "The pipelined kernel"). Each chunk is
 loaded with 4-byte loads after a barrier, and the warps then wait for the slowest load
 and meet at a second barrier before their mma: no load of this CTA is in flight while
