@@ -26,6 +26,12 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             the register-staged kernel (same bits; the first 1.5x
                             faster on the H200, BENCHMARKS.md). fp32 states always
                             take the register kernel.
+``SLA_NUMBA_LINEAR``        ``registers`` (default) | ``pipelined``: the tensor-core
+                            kernel of the linear branch's forward output
+                            (``gpu/tc/linear.py``): H_i staged chunk by chunk with
+                            scalar loads and two barriers a chunk, or the next chunk
+                            in flight (16-byte loads into registers) while the mma of
+                            the current one run, one barrier a chunk (same bits).
 ``SLA_NUMBA_LAUNCH``        ``direct`` (default) | ``numba``: how GPU kernels are
                             launched: ``direct`` hands the compiled kernel and its
                             argument list to ``cuda.core`` (``gpu/_launcher.py``);
@@ -58,11 +64,13 @@ NO_CACHE_VAR = "SLA_NUMBA_NO_CACHE"
 LAUNCH_VAR = "SLA_NUMBA_LAUNCH"
 STATES_VAR = "SLA_NUMBA_STATES"
 MARGINAL_VAR = "SLA_NUMBA_MARGINAL"
+LINEAR_VAR = "SLA_NUMBA_LINEAR"
 COMPILE_WORKERS_VAR = "SLA_NUMBA_COMPILE_WORKERS"
 TORCH_OPS_VAR = "SLA_NUMBA_TORCH_OPS"
 TORCH_OPS = ("auto", "always")
 STATES_DTYPES = ("auto", "fp32", "bf16")
 MARGINAL_KERNELS = ("pipelined", "registers")
+LINEAR_KERNELS = ("registers", "pipelined")
 LAUNCHERS = ("direct", "numba")
 
 
@@ -121,6 +129,11 @@ def bf16_states(kind):
 def marginal_kernel():
     """``SLA_NUMBA_MARGINAL``: 'pipelined' (unset or empty) or 'registers'."""
     return _choice(MARGINAL_VAR, MARGINAL_KERNELS)
+
+
+def linear_kernel():
+    """``SLA_NUMBA_LINEAR``: 'registers' (unset or empty) or 'pipelined'."""
+    return _choice(LINEAR_VAR, LINEAR_KERNELS)
 
 
 def compile_workers():

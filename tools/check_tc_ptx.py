@@ -267,6 +267,28 @@ def check_linear(quick=False):
         hk = linear_tc.chunk_rows(D, linear_tc.GPU_HK)
         kern = linear_tc.make_linear_kernel(kind, D, bq, hk).kernel
         ok &= check(f"linear_tc {kind} D={D} bq={bq} hk={hk}", kern, sig, (mma, ld))
+    # the pipelined kernel (SLA_NUMBA_LINEAR=pipelined): the same products, so per chunk
+    # the same mma / ldmatrix counts (ops_per_chunk) as the register kernel of equal HK
+    mb = linear_tc.pipe_min_blocks
+    pconf = [
+        ("bf16", 128, 64, linear_tc.PIPE_HK, True, mb(64)),  # the default: 3 CTAs an SM
+        ("bf16", 128, 64, 32, True, None),  # unbounded
+        ("bf16", 128, 64, 16, True, None),
+        ("bf16", 128, 64, 32, False, mb(64)),  # lstate not 16-byte aligned: scalar loads
+        ("f16", 64, 64, 32, True, mb(64)),
+        ("bf16", 128, 128, 32, True, mb(128)),
+        ("bf16", 64, 32, 32, True, mb(32)),
+    ]
+    for kind, D, bq, hk, vec4, mb in pconf[:1] if quick else pconf:
+        kern = linear_tc.make_linear_kernel_pipelined(kind, D, bq, hk, vec4, mb).kernel
+        ok &= check(
+            f"linear pipelined {kind} D={D} bq={bq} hk={hk}"
+            + ("" if vec4 else " scalar")
+            + ("" if mb is None else f" minCTA={mb}"),
+            kern,
+            sig,
+            linear_tc.ops_per_chunk(D, hk),
+        )
     return ok
 
 

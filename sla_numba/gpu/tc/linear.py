@@ -65,6 +65,48 @@ Determinism: no atomics; each output is one lane's fixed sequence of operations.
 Under the CUDA simulator the ``ptx`` twins run the same function (slowly: tiny shapes,
 BQ = 16, HK = 16).
 
+The pipelined kernel (``SLA_NUMBA_LINEAR=pipelined``)
+---------------------------------------------------
+Why. On an H200 at the Wan2.1 sizes (B*H = 12, Nq = 32760, D = 128, block_q = 64) the
+kernel above took 0.600 ms where its bytes (H_i fp32 406 MB, q 100 MB, o_l 200 MB) need
+~0.15 ms at 4.8 TB/s and cuBLAS did the bf16 product in 0.098 ms (measured in the
+session that asked for this kernel; ``tools/sweep_linear.py`` measures all three): it is
+latency-bound,
+like the marginal sum was (``marginal`` doc, "The pipelined kernel"). Each chunk is
+loaded with 4-byte loads after a barrier, and the warps then wait for the slowest load
+and meet at a second barrier before their mma: no load of this CTA is in flight while
+its warps run their mma, and only the other CTAs of the SM (3, at 167 registers) hide it.
+
+What. ``make_linear_kernel_pipelined(kind, D, BQ, HK, vec4, min_blocks)`` keeps the φ
+phase, the fragments, the products and the epilogue above and changes how H_i reaches
+shared memory:
+
+- Each thread loads its units of 4 consecutive fp32 of a chunk (the chunk's HK·D values
+  are contiguous in lstate: unit x of chunk kc starts at ``sb + kc·HK·D + 4x``; thread
+  ``tid`` takes x = tid, tid + NT, ...) with one 16-byte ``ld.global.nc.v4.f32``
+  (``ptx.ld_nc_v4_f32``), consecutive threads reading consecutive 16 bytes. That needs
+  lstate 16-byte aligned (row starts then are: W = D(D+1) is a multiple of 4); the
+  launcher checks the address and otherwise builds the same kernel with four 4-byte loads.
+- The units of chunk kc + 1 (and its Z values) are loaded into registers right after the
+  barrier of chunk kc, before the warps run the mma of chunk kc, so they are in flight
+  during those mma; chunk 0 is loaded before the φ phase. At the top of iteration kc + 1
+  they are split (``_split_pair``: the same hi / lo pairs as ``_stage_rows``) and stored
+  into chunk buffer ``(kc + 1) & 1``.
+- Two chunk buffers, one barrier a chunk. Iteration kc: store chunk kc into buffer
+  kc & 1; ``syncthreads``; load chunk kc + 1; mma on buffer kc & 1. Buffer kc & 1 was
+  last read by the mma of chunk kc - 2, which every warp finished before it reached
+  the barrier of chunk kc - 1.
+- Launch bound: ``pipe_min_blocks(BQ)`` CTAs an SM (12 warps). At D = 128, block_q = 64,
+  HK = 32 the kernel takes 215 registers unbounded (2 CTAs an SM), 168 without spills
+  bounded to 3 (``tools/check_tc_ptx.py --only linear``); shared memory (2·BQ + 4·HK) x
+  (D + 8) bf16 = 69.6 KiB, 3 CTAs an SM. HK = 16: 128 registers, 52.2 KiB, 4 CTAs.
+
+Same bits: the mma sequence of every accumulator, its operands and the epilogue are
+those of the kernel above for the same HK (``tests/gpu/tc/test_tc_linear_pipelined.py``
+compares the bits, ``tools/sweep_linear.py`` times both at the Wan sizes); the chunk
+size only changes which barrier a k-step follows, not the k-steps' order, so any HK
+gives the same bits.
+
 Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
 
     import numpy as np
@@ -84,16 +126,19 @@ from collections import namedtuple
 import numpy as np
 from numba import cuda, float32, int16, int32, uint64
 
+from ... import config
 from .. import _compat
 from .._precompile import kernel_factory
 from . import build as _tc_build
 from .build import dtype_name, flat, size
+from .marginal import _address
 from .ptx import (
     SIMULATED,
     bf16_high_f32,
     bf16_low_f32,
     f16_low_f32,
     fmax,
+    ld_nc_v4_f32,
     ldsm_x4,
     ldsm_x4_trans,
     mma_bf16,
@@ -373,12 +418,261 @@ def get_linear_kernel(kind, D, BQ, hk=None):
 
 
 # ---------------------------------------------------------------------------
+# The pipelined kernel (module doc, "The pipelined kernel")
+# ---------------------------------------------------------------------------
+
+#: The pipelined kernel's GPU defaults: rows of H_i a chunk, and the warps an SM its
+#: launch bound asks for (min CTAs = PIPE_SM_WARPS / warps a CTA, at least 1). At D = 128,
+#: block_q = 64, HK = 32 takes 215 registers unbounded (2 CTAs an SM), 168 without spills
+#: bounded to 3 CTAs = 12 warps (``tools/check_tc_ptx.py --only linear``).
+PIPE_HK = 32
+PIPE_SM_WARPS = 12
+
+
+def pipe_min_blocks(BQ):
+    """The pipelined kernel's default launch bound for block_q ``BQ`` (CTAs an SM)."""
+    return max(1, PIPE_SM_WARPS // (BQ // 16))
+
+
+def pipelined_smem_bytes(D, BQ, HK):
+    """Shared bytes of the pipelined kernel: φ hi / lo, two H hi / lo chunk buffers."""
+    return (2 * BQ + 4 * HK) * (D + PAD) * 2
+
+
+@_compat.device(**_DEV)
+def _fetch_chunk(hv, src, g, tid, NT, NV, TOT, vec4):
+    """``hv[j] = src[g + 4x : g + 4x + 4]`` for this thread's units x = tid + NT·j < TOT
+    (4 fp32 each; one 16-byte load when ``vec4``, else four scalar loads)."""
+    for j in range(NV):
+        x = tid + NT * j
+        if x < TOT:
+            o = g + 4 * x
+            if vec4:
+                v0, v1, v2, v3 = ld_nc_v4_f32(src, o)
+            else:
+                v0 = src[u64(o)]
+                v1 = src[u64(o + 1)]
+                v2 = src[u64(o + 2)]
+                v3 = src[u64(o + 3)]
+            hv[j, 0], hv[j, 1], hv[j, 2], hv[j, 3] = v0, v1, v2, v3
+
+
+@_compat.device(**_DEV)
+def _store_chunk(smem32, hv, hi, lo, tid, NT, NV, TOT, D, SW):
+    """The units ``hv`` of :func:`_fetch_chunk` (chunk row-major, D per row) split into
+    bf16 hi / lo pairs (``_split_pair``, as ``_stage_rows``) at the tiles' 16-bit
+    offsets ``hi`` / ``lo`` (row stride SW)."""
+    Q = D // 4  # units a row
+    for j in range(NV):
+        x = tid + NT * j
+        if x < TOT:
+            rr = x // Q
+            s = (rr * SW + (x - rr * Q) * 4) >> 1
+            p0, l0 = _split_pair(hv[j, 0], hv[j, 1])
+            p1, l1 = _split_pair(hv[j, 2], hv[j, 3])
+            smem32[s + (hi >> 1)] = p0
+            smem32[s + 1 + (hi >> 1)] = p1
+            smem32[s + (lo >> 1)] = l0
+            smem32[s + 1 + (lo >> 1)] = l1
+
+
+@kernel_factory
+def make_linear_kernel_pipelined(kind, D, BQ, HK, vec4=True, min_blocks=None):
+    """Build ``linear_tc_pipelined`` (module doc, "The pipelined kernel"): same arguments
+    and same bits as :func:`make_linear_kernel`'s kernel. H_i goes global -> registers
+    (``vec4``: 16-byte loads, lstate 16-byte aligned; else scalar loads) one chunk of
+    HK rows ahead of the mma, into two alternating shared chunk buffers; one barrier a
+    chunk. ``min_blocks``: ``launch_bounds`` asking for that many resident CTAs per SM
+    (caps the registers), None: no bound. Returns a :class:`LinearKernel`.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: 'bf16' or 'f16'")
+    if not linear_tc_supported(D, BQ):
+        raise ValueError(f"D = {D}, block_q = {BQ}: not supported")
+    NW = BQ // 16
+    NT = 32 * NW
+    if HK % 16 or D % HK or HK <= 0 or HK > NT:
+        raise ValueError(
+            f"chunk of {HK} rows: a multiple of 16 dividing D = {D}, at most {NT} (threads)"
+        )
+    C = D // 2  # columns of a row per lane in the φ phase
+    SW = D + PAD  # shared row stride (16-bit values)
+    PLO = BQ * SW  # φ lo tile offset (16-bit values)
+    HB = 2 * BQ * SW  # chunk buffer 0 (hi tile, then lo tile); buffer 1 follows
+    BUF = 2 * HK * SW  # one chunk buffer (16-bit values)
+    SMEM = pipelined_smem_bytes(D, BQ, HK)
+    NN = D // 8  # n8 output tiles
+    W = D * D + D  # lstate row: vec(H_i), Z_i
+    KS = HK // 16  # k-steps per chunk
+    NC = D // HK  # chunks
+    TOT = HK * D // 4  # 4-float units a chunk
+    NV = -(-TOT // NT)  # units a thread
+    IN_F16 = kind == "f16"
+    VEC4 = bool(vec4)
+    ALIGNED = not SIMULATED  # the simulator rejects alignment=
+    bounds = {} if min_blocks is None else {"launch_bounds": (NT, int(min_blocks))}
+    MINB = 0 if min_blocks is None else int(min_blocks)
+
+    @_compat.kernel(fastmath=FASTMATH, **bounds)
+    def linear_tc_pipelined(q, lstate, n_marg, o_l, H, Nq, Mq, fm, eps):
+        # launch_bounds is not part of Numba's disk-cache key, the closure is: name it
+        _ = MINB
+        if ALIGNED:
+            smem = cuda.shared.array(0, int16, alignment=16)
+            smem32 = cuda.shared.array(0, int32, alignment=16)
+        else:
+            smem = cuda.shared.array(0, int16)
+            smem32 = cuda.shared.array(0, int32)
+        xs = cuda.local.array(C, float32)  # this lane's φ values
+        acc = cuda.local.array((NN, 4), float32)  # D fragments of the output tiles
+        z = cuda.local.array((1, 4), float32)  # ... of the Z tile
+        af = cuda.local.array((2, 4), int32)  # A fragments: φ hi, φ lo
+        hv = cuda.local.array((NV, 4), float32)  # the next chunk of H_i (registers)
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        warp = tid >> 5
+        i = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        bh = b * H + h
+        r0 = i * BQ
+        nrows = min(Nq - r0, BQ)
+        ob = (bh * Nq + r0) * D  # first output value of the block (int64)
+        if n_marg[u64(bh * Mq + i)] <= 0:  # no marginal key block: zeros
+            for x in range(tid, nrows * D, NT):
+                o_l[u64(ob + x)] = ZERO
+            return
+        sb = (bh * Mq + i) * W  # lstate row (int64)
+        # --- chunk 0 of H_i (and its Z values) in flight during the φ phase
+        _fetch_chunk(hv, lstate, sb, tid, NT, NV, TOT, VEC4)
+        zv = lstate[u64(sb + D * D + tid)] if tid < HK else ZERO
+        # --- 1. φ rows (as make_linear_kernel)
+        r = tid >> 1
+        li = tid & 1
+        ok = r < nrows
+        gq = ob + r * D + li * C
+        _load_phi_row(xs, q, gq, ok, C, fm, IN_F16)  # softmax: the two lanes shuffle
+        si = (r * SW + li * C) >> 1  # int32 index of the pair (r, li*C)
+        for c2 in range(C // 2):
+            p, pl = _split_pair(xs[2 * c2], xs[2 * c2 + 1])
+            smem32[si + c2] = p if ok else ZI
+            smem32[si + (PLO >> 1) + c2] = pl if ok else ZI
+        # --- 3. fragment addresses (bytes), as make_linear_kernel; lb / lz in buffer 0
+        sa = smem_addr(smem)
+        lrow = (lane & 7) + ((lane >> 3) & 1) * 8
+        la = sa + ((warp * 16 + lrow) * SW + (lane >> 4) * 8) * 2
+        lb = sa + (lrow * SW + (lane >> 4) * 8 + HB) * 2
+        lz = sa + (lrow * SW + D + HB) * 2  # the Z tile (all lanes: columns D..)
+        busy = warp * 16 < nrows
+        for n in range(NN):
+            for e in range(4):
+                acc[n, e] = ZERO
+        for e in range(4):
+            z[0, e] = ZERO
+        for kc in range(NC):
+            # 2. chunk kc (registers) -> buffer kc & 1, last read by the mma of chunk
+            #    kc - 2, which every warp finished before the barrier of chunk kc - 1
+            hb = HB + (kc & 1) * BUF
+            _store_chunk(smem32, hv, hb, hb + HK * SW, tid, NT, NV, TOT, D, SW)
+            if tid < HK:
+                zh = bf16_low_f32(pack_bf16x2(zv, zv))
+                s = (tid * SW + D + hb) >> 1
+                smem32[s] = pack_bf16x2(zh, zv - zh)
+                smem32[s + 1] = ZI
+                smem32[s + 2] = ZI
+                smem32[s + 3] = ZI
+            cuda.syncthreads()  # chunk kc (and φ) written; chunk kc - 1 consumed
+            # chunk kc + 1 in flight during the mma of chunk kc
+            if kc + 1 < NC:
+                g = sb + (kc + 1) * (HK * D)
+                _fetch_chunk(hv, lstate, g, tid, NT, NV, TOT, VEC4)
+                if tid < HK:
+                    zv = lstate[u64(sb + D * D + (kc + 1) * HK + tid)]
+            if busy:
+                lk = la + kc * (HK * 2)
+                bo = (kc & 1) * (BUF * 2)
+                lbk = lb + bo
+                lzk = lz + bo
+                for ks in range(KS):  # d1 = kc*HK + 16 ks ..
+                    a0, a1, a2, a3 = ldsm_x4(smem, lk + ks * 32, 0)
+                    af[0, 0], af[0, 1], af[0, 2], af[0, 3] = a0, a1, a2, a3
+                    a0, a1, a2, a3 = ldsm_x4(smem, lk + ks * 32 + PLO * 2, 0)
+                    af[1, 0], af[1, 1], af[1, 2], af[1, 3] = a0, a1, a2, a3
+                    for p2 in range(NN // 2):
+                        ko = (ks * 16 * SW + 16 * p2) * 2
+                        h0, h1, h2, h3 = ldsm_x4_trans(smem, lbk + ko, 0)
+                        l0, l1, l2, l3 = ldsm_x4_trans(smem, lbk + ko + HK * SW * 2, 0)
+                        # φhi·Hhi + φlo·Hhi + φhi·Hlo (φlo·Hlo, ~2^-16, dropped)
+                        _mma_tile(acc, 2 * p2, af, 0, h0, h1)
+                        _mma_tile(acc, 2 * p2, af, 1, h0, h1)
+                        _mma_tile(acc, 2 * p2, af, 0, l0, l1)
+                        _mma_tile(acc, 2 * p2 + 1, af, 0, h2, h3)
+                        _mma_tile(acc, 2 * p2 + 1, af, 1, h2, h3)
+                        _mma_tile(acc, 2 * p2 + 1, af, 0, l2, l3)
+                    z0, z1, z2, z3 = ldsm_x4_trans(smem, lzk + ks * 16 * SW * 2, 0)
+                    _mma_tile(z, 0, af, 0, z0, z1)
+                    _mma_tile(z, 0, af, 1, z0, z1)
+        # --- 4. epilogue (as make_linear_kernel)
+        d0 = z[0, 0] + z[0, 1]
+        d1 = z[0, 2] + z[0, 3]
+        d0 += shfl_xor(d0, 1)
+        d1 += shfl_xor(d1, 1)
+        d0 += shfl_xor(d0, 2)
+        d1 += shfl_xor(d1, 2)
+        inv0 = ONE / (d0 + eps)
+        inv1 = ONE / (d1 + eps)
+        ra = warp * 16 + (lane >> 2)
+        oa = ob + ra * D + (lane & 3) * 2
+        if ra < nrows:
+            for n in range(NN):
+                for x in range(2):
+                    o_l[u64(oa + 8 * n + x)] = acc[n, x] * inv0
+        if ra + 8 < nrows:
+            for n in range(NN):
+                for x in range(2):
+                    o_l[u64(oa + 8 * D + 8 * n + x)] = acc[n, 2 + x] * inv1
+
+    return LinearKernel(linear_tc_pipelined, SMEM, NT)
+
+
+def get_linear_kernel_pipelined(kind, D, BQ, hk=None, vec4=True, min_blocks=None):
+    """The pipelined :class:`LinearKernel` for (kind, D, BQ, chunk_rows(D, hk), vec4,
+    min_blocks), built once per process. ``hk`` None: ``PIPE_HK`` on a GPU (``SIM_HK``
+    under the simulator); ``min_blocks`` None: ``pipe_min_blocks(BQ)`` on a GPU (none
+    under the simulator), 0: no launch bound."""
+    HK = chunk_rows(D, PIPE_HK if hk is None and not SIMULATED else hk)
+    if min_blocks is None:
+        min_blocks = None if SIMULATED else pipe_min_blocks(BQ)
+    mb = int(min_blocks) if min_blocks else None
+    key = ("pipelined", kind, int(D), int(BQ), HK, bool(vec4), mb)
+    k = _kernels.get(key)
+    if k is None:
+        k = _kernels[key] = make_linear_kernel_pipelined(*key[1:])
+    return k
+
+
+# ---------------------------------------------------------------------------
 # Launch
 # ---------------------------------------------------------------------------
 
 
 def launch_linear_forward_tc(
-    kind, q_bits, lstate, n_marg, o_l, B, H, Nq, D, block_q, fm, eps, stream, hk=None
+    kind,
+    q_bits,
+    lstate,
+    n_marg,
+    o_l,
+    B,
+    H,
+    Nq,
+    D,
+    block_q,
+    fm,
+    eps,
+    stream,
+    hk=None,
+    pipeline=None,
+    min_blocks=None,
 ):
     """``o_l`` = the linear branch's output for all rows < Nq, on ``stream``.
 
@@ -387,6 +681,10 @@ def launch_linear_forward_tc(
     may be given as flat views (Mq is taken from lstate's size, Mq >= ceil(Nq/block_q)).
     Numba device arrays or torch / CuPy CUDA tensors (numpy under the simulator).
     fm: 0 softmax, 1 elu + 1, 2 relu. ``hk``: rows of H_i staged at a time (tests).
+    ``pipeline``: None follows ``SLA_NUMBA_LINEAR`` (default ``registers``), False / True
+    force the register-staged / pipelined kernel (same bits; module doc);
+    ``min_blocks``: the pipelined kernel's launch bound (CTAs per SM; None: its default
+    ``pipe_min_blocks(block_q)``, 0: none).
     """
     B, H, Nq, D, block_q, fm = (int(x) for x in (B, H, Nq, D, block_q, fm))
     if kind not in KINDS:
@@ -414,7 +712,14 @@ def launch_linear_forward_tc(
         raise ValueError("launch_linear_forward_tc: q / o_l smaller than B*H*Nq*D")
     if H > 65535 or B > 65535:
         raise ValueError("launch_linear_forward_tc: H or B too large for the grid")
-    kern = get_linear_kernel(kind, D, block_q, hk)
+    if pipeline is None:
+        pipeline = config.linear_kernel() == "pipelined"
+    if pipeline:
+        addr = _address(lstate)  # 16-byte loads need a 16-byte aligned lstate (W % 4 == 0)
+        vec4 = addr is not None and addr % 16 == 0
+        kern = get_linear_kernel_pipelined(kind, D, block_q, hk, vec4, min_blocks)
+    else:
+        kern = get_linear_kernel(kind, D, block_q, hk)
     _tc_build.launch(
         kern.kernel,
         (nblk, H, B),

@@ -56,6 +56,11 @@ group and lands (source read, destination written) only when a wait covers its g
 the latest moment a GPU may complete it. A wait on the wrong group count, or a read of
 a stage before its wait, then reads stale shared memory in the simulator too.
 
+``ld_nc_v4_f32(gmem, goff)``: four fp32 ``gmem[goff : goff + 4]`` of a float32 array in
+one 16-byte load through the read-only path (``ld.global.nc.v4.f32``): ``goff`` a multiple
+of 4 and the array 16-byte aligned (the twin checks the offset), and nothing may write
+the array while the kernel runs.
+
 ``pack_bf16x2(lo, hi)`` / ``pack_f16x2(lo, hi)``: round two fp32 to nearest and
 pack them (``cvt.rn.bf16x2.f32``). ``exp2(x)``: ``ex2.approx.ftz.f32``.
 ``shfl_xor(x, m)``: fp32 butterfly shuffle over the full warp.
@@ -98,6 +103,7 @@ __all__ = [
     "ldsm_x4",
     "ldsm_x4_trans",
     "cp_async16i",
+    "ld_nc_v4_f32",
     "fmax",
     "bf16_low_f32",
     "bf16_high_f32",
@@ -302,6 +308,18 @@ def _ldsm_x4_trans_twin(smem, addr, imm):
 
 def _cp_async16i_twin(smem, saddr, simm, gmem, goff):
     _cp_async16_twin(smem, (saddr + simm) // 2, gmem, goff, 16)
+
+
+def _ld_nc_v4_f32_twin(gmem, goff):
+    if goff % 4:  # relative to an aligned array start
+        raise ValueError(f"16-byte load: misaligned {goff=}")
+    g = int(goff)
+    return (
+        np.float32(gmem[g]),
+        np.float32(gmem[g + 1]),
+        np.float32(gmem[g + 2]),
+        np.float32(gmem[g + 3]),
+    )
 
 
 def _fmax_twin(a, b):
@@ -647,6 +665,30 @@ def _build_intrinsics():
         return sig, codegen
 
     @intrinsic
+    def ld_nc_v4_f32(typingctx, gmem, goff):
+        # pure (no side effect, no memory clobber): the array is read-only while the
+        # kernel runs, so the compiler may place the load anywhere before its use
+        sig = types.UniTuple(types.float32, 4)(gmem, types.int64)
+
+        def codegen(context, builder, sig, args):
+            gary, go = args
+            gptr = builder.gep(_data_ptr(context, builder, sig.args[0], gary), [go])
+            gint = builder.ptrtoint(gptr, ir.IntType(64))
+            res = _asm(
+                builder,
+                ir.LiteralStructType([f32] * 4),
+                [ir.IntType(64)],
+                "{ .reg .u64 ga; cvta.to.global.u64 ga, $4; "
+                "ld.global.nc.v4.f32 {$0,$1,$2,$3}, [ga]; }",
+                "=f,=f,=f,=f,l",
+                [gint],
+            )
+            vals = [builder.extract_value(res, i) for i in range(4)]
+            return context.make_tuple(builder, sig.return_type, vals)
+
+        return sig, codegen
+
+    @intrinsic
     def fmax(typingctx, a, b):
         sig = types.float32(types.float32, types.float32)
 
@@ -701,6 +743,7 @@ def _build_intrinsics():
         ldsm_x4=make_ldsm(False),
         ldsm_x4_trans=make_ldsm(True),
         cp_async16i=cp_async16i,
+        ld_nc_v4_f32=ld_nc_v4_f32,
         fmax=fmax,
         mma_bf16=make_mma("bf16"),
         mma_f16=make_mma("f16"),
@@ -729,6 +772,7 @@ if SIMULATED:
     exp2, shfl_xor = _exp2_twin, _shfl_xor_twin
     smem_addr, ldsm_x4, ldsm_x4_trans = _smem_addr_twin, _ldsm_x4_twin, _ldsm_x4_trans_twin
     cp_async16i, fmax = _cp_async16i_twin, _fmax_twin
+    ld_nc_v4_f32 = _ld_nc_v4_f32_twin
     bf16_low_f32, bf16_high_f32 = _bf16_low_f32_twin, _bf16_high_f32_twin
     f16_low_f32, f16_high_f32 = _f16_low_f32_twin, _f16_high_f32_twin
 else:
