@@ -26,6 +26,12 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             the register-staged kernel (same bits; the first 1.5x
                             faster on the H200, BENCHMARKS.md). fp32 states always
                             take the register kernel.
+``SLA_NUMBA_LINEAR_GRAD``   ``registers`` (default) | ``pipelined``: the tensor-core
+                            linear-branch gradient kernels (``gpu/tc/linear_backward.py``,
+                            ``dq_linear`` / ``dkdv_linear``): the state staged chunk by
+                            chunk (two barriers a chunk, no loads in flight during the
+                            mma), or double-buffered chunks loaded one ahead with
+                            16-byte loads (one barrier a chunk). Same bits.
 ``SLA_NUMBA_LAUNCH``        ``direct`` (default) | ``numba``: how GPU kernels are
                             launched: ``direct`` hands the compiled kernel and its
                             argument list to ``cuda.core`` (``gpu/_launcher.py``);
@@ -58,11 +64,13 @@ NO_CACHE_VAR = "SLA_NUMBA_NO_CACHE"
 LAUNCH_VAR = "SLA_NUMBA_LAUNCH"
 STATES_VAR = "SLA_NUMBA_STATES"
 MARGINAL_VAR = "SLA_NUMBA_MARGINAL"
+LINEAR_GRAD_VAR = "SLA_NUMBA_LINEAR_GRAD"
 COMPILE_WORKERS_VAR = "SLA_NUMBA_COMPILE_WORKERS"
 TORCH_OPS_VAR = "SLA_NUMBA_TORCH_OPS"
 TORCH_OPS = ("auto", "always")
 STATES_DTYPES = ("auto", "fp32", "bf16")
 MARGINAL_KERNELS = ("pipelined", "registers")
+LINEAR_GRAD_KERNELS = ("registers", "pipelined")
 LAUNCHERS = ("direct", "numba")
 
 
@@ -121,6 +129,11 @@ def bf16_states(kind):
 def marginal_kernel():
     """``SLA_NUMBA_MARGINAL``: 'pipelined' (unset or empty) or 'registers'."""
     return _choice(MARGINAL_VAR, MARGINAL_KERNELS)
+
+
+def linear_grad_kernel():
+    """``SLA_NUMBA_LINEAR_GRAD``: 'registers' (unset or empty) or 'pipelined'."""
+    return _choice(LINEAR_GRAD_VAR, LINEAR_GRAD_KERNELS)
 
 
 def compile_workers():
