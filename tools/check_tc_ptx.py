@@ -296,13 +296,25 @@ def check_linear_grad(quick=False):
         for pipe in (False, True):
             kern = lb.make_dq_linear_kernel(kind, D, blk, hk, half, pipelined=pipe).kernel
             name = f"dq_linear{'_pipe' if pipe else ''} {kind} D={D} b={blk} half={half}"
-            ok &= check(name, kern, sig, want_dq, want_ld4=lb.prefetch_slots(D, hk, 2 * blk) * (2 if pipe else 0))
+            ok &= check(
+                name,
+                kern,
+                sig,
+                want_dq,
+                want_ld4=lb.prefetch_slots(D, hk, 2 * blk) * (2 if pipe else 0),
+            )
         if want_kv:
             sig = (i16, i16, f32, i32, f32, f32, int64, int64, int64, int64)
             for pipe in (False, True):
                 kern = lb.make_dkdv_linear_kernel(kind, D, blk, hk, pipelined=pipe).kernel
                 name = f"dkdv_linear{'_pipe' if pipe else ''} {kind} D={D} b={blk}"
-                ok &= check(name, kern, sig, want_kv, want_ld4=lb.prefetch_slots(D, hk, 2 * blk) * (4 if pipe else 0))
+                ok &= check(
+                    name,
+                    kern,
+                    sig,
+                    want_kv,
+                    want_ld4=lb.prefetch_slots(D, hk, 2 * blk) * (4 if pipe else 0),
+                )
     return ok
 
 

@@ -805,8 +805,10 @@ def get_dq_linear_kernel(kind, D, BQ, l_half, hk=None, pipelined=False):
     if key not in _kernels:
         args = (kind, int(D), int(BQ), HK, bool(l_half))
         # the register kernel keeps its old recipe (no keyword): same disk-cache entry
-        _kernels[key] = make_dq_linear_kernel(*args, pipelined=True) if pipelined else (
-            make_dq_linear_kernel(*args)
+        _kernels[key] = (
+            make_dq_linear_kernel(*args, pipelined=True)
+            if pipelined
+            else (make_dq_linear_kernel(*args))
         )
     return _kernels[key]
 
@@ -817,8 +819,10 @@ def get_dkdv_linear_kernel(kind, D, BK, hk=None, pipelined=False):
     key = ("dkdv", kind, int(D), int(BK), HK, bool(pipelined))
     if key not in _kernels:
         args = (kind, int(D), int(BK), HK)
-        _kernels[key] = make_dkdv_linear_kernel(*args, pipelined=True) if pipelined else (
-            make_dkdv_linear_kernel(*args)
+        _kernels[key] = (
+            make_dkdv_linear_kernel(*args, pipelined=True)
+            if pipelined
+            else (make_dkdv_linear_kernel(*args))
         )
     return _kernels[key]
 

@@ -223,7 +223,9 @@ def test_gpu_wan_sizes_same_bits_and_times(fm):
             lambda: lb.launch_dkdv_linear_tc("bf16", *kargs, B, H, N, D, blk, fm, 0, pipeline=pipe),
             cuda,
         )
-        print(f"\nfm={fm} {'pipelined' if pipe else 'registers'}: dq {t_dq:.3f} ms, dkdv {t_kv:.3f} ms")
+        print(
+            f"\nfm={fm} {'pipelined' if pipe else 'registers'}: dq {t_dq:.3f} ms, dkdv {t_kv:.3f} ms"
+        )
 
 
 @needs_gpu
