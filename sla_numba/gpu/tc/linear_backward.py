@@ -63,6 +63,40 @@ Layout of one kernel (NW = BQ / 16 warps, two lanes per row in the SIMT phases)
 pass 1 with X = dH_j (then dk), and pass 2 ``φ(K) · dH_j`` with dH_j staged HK *rows*
 at a time (tiles [d1'][e], B by ``ldmatrix.x4.trans``), added into dv.
 
+The pipelined kernels (``SLA_NUMBA_LINEAR_GRAD=pipelined``; ``pipelined=True``)
+--------------------------------------------------------------------------------
+Why. The register kernels above stage the D x D fp32 state (64 KiB at D = 128) with
+scalar loads, then wait for them at a barrier before any warp runs an mma, and wait
+again before the next chunk may overwrite the tile: every chunk pays a full global
+memory latency with nothing else in flight (H200, Wan2.1 sizes: 1.8 ms for dq, 1.5 ms
+for dk / dv, against ~0.2 ms for the same products in cuBLAS).
+
+What. The same mma on the same shared tiles in the same order (same bits), but:
+
+- the state reaches registers by 16-byte loads (``ptx.ldg_v4_f32``; Numba lowers
+  ``arr[i]`` to 4-byte loads): thread tid holds quads tid, tid + NT, ... of a chunk
+  (``prefetch_slots``: 8 quads, 32 registers, at D = 128, HK = 32, 128 threads);
+- the chunk tiles are double-buffered; per chunk kc a thread issues the loads of
+  chunk kc + 1, runs chunk kc's mma from buffer kc mod 2 (the loads are in flight
+  meanwhile), splits chunk kc + 1 into hi / lo and stores it into the other buffer,
+  then one barrier (``_times_xt_pipe`` / ``_times_x_pipe``)::
+
+      pf = load(chunk 0)                    # issued before phase 0: in flight during it
+      put(pf, buffer 0); syncthreads
+      for kc: pf = load(chunk kc + 1); mma(buffer kc % 2); put(pf, buffer (kc+1) % 2); syncthreads
+
+  (the store into buffer (kc + 1) mod 2 is safe: its last reader, chunk kc - 1, ended
+  at the previous barrier);
+- dk / dv: pass 1's D/HK column chunks and pass 2's row chunks are one stream: pass
+  1's last iteration loads and stores pass 2's first chunk, into buffer (D/HK) mod 2.
+
+Barriers: D/HK a pass instead of 2·D/HK. Cost: a second chunk buffer (shared memory
+109.5 KiB at D = 128, block 64, HK = 32, against 89.5 KiB: still 2 CTAs an SM on
+sm_90) and up to 255 registers (no spill; ``tools/check_tc_ptx.py --only
+linear_grad``). The state must start on a 16-byte boundary (W = D·D + D is a multiple
+of 16, so every chunk row then is); the launchers send an unaligned one to the register
+kernels. ``tools/sweep_linear_backward.py`` times both at the Wan2.1 sizes.
+
 Inputs: q / k / v int16 bits of ``kind`` (B, H, N, D); o_l, do_l (B, H, Nq, D) either
 both fp32 or both int16 bits of ``kind`` (``l_half``); lstate / qstate / dh fp32
 (B, H, M, W), W = D*D + D, row = [vec(X) row-major X[d1, e], Z]; n_marg int32
