@@ -91,8 +91,8 @@ What. The same mma on the same shared tiles in the same order (same bits), but:
   1's last iteration loads and stores pass 2's first chunk, into buffer (D/HK) mod 2.
 
 Barriers: D/HK a pass instead of 2·D/HK. Cost: a second chunk buffer (shared memory
-109.5 KiB at D = 128, block 64, HK = 32, against 89.5 KiB: still 2 CTAs an SM on
-sm_90) and up to 255 registers (no spill; ``tools/check_tc_ptx.py --only
+at D = 128, block 64, HK = 32: dq 109.5 KiB against 89.5, dk / dv 109 against 89;
+still 2 CTAs an SM on sm_90) and up to 255 registers (no spill; ``tools/check_tc_ptx.py --only
 linear_grad``). The state must start on a 16-byte boundary (W = D·D + D is a multiple
 of 16, so every chunk row then is); the launchers send an unaligned one to the register
 kernels. ``tools/sweep_linear_backward.py`` times both at the Wan2.1 sizes.
