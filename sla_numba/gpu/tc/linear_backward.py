@@ -831,10 +831,21 @@ def make_dkdv_linear_kernel(kind, D, BK, HK, pipelined=False):
 
 _kernels = {}
 
+#: The pipelined kernels' chunk (columns / rows of the state) on the GPU when the caller
+#: gives none; ``tools/sweep_linear_backward.py --hk`` times others (16 needs fewer
+#: registers; 64 spills). The register kernels keep ``tc/linear.py``'s ``GPU_HK``.
+PIPE_GPU_HK = 32
+
+
+def _chunk(D, hk, pipelined):
+    if hk is None and pipelined and not SIMULATED:
+        hk = PIPE_GPU_HK
+    return chunk_rows(D, hk)
+
 
 def get_dq_linear_kernel(kind, D, BQ, l_half, hk=None, pipelined=False):
-    """The dq kernel for (kind, D, BQ, l_half, chunk_rows(D, hk), pipelined), built once."""
-    HK = chunk_rows(D, hk)
+    """The dq kernel for (kind, D, BQ, l_half, chunk, pipelined), built once."""
+    HK = _chunk(D, hk, pipelined)
     key = ("dq", kind, int(D), int(BQ), bool(l_half), HK, bool(pipelined))
     if key not in _kernels:
         args = (kind, int(D), int(BQ), HK, bool(l_half))
@@ -848,8 +859,8 @@ def get_dq_linear_kernel(kind, D, BQ, l_half, hk=None, pipelined=False):
 
 
 def get_dkdv_linear_kernel(kind, D, BK, hk=None, pipelined=False):
-    """The dk / dv kernel for (kind, D, BK, chunk_rows(D, hk), pipelined), built once."""
-    HK = chunk_rows(D, hk)
+    """The dk / dv kernel for (kind, D, BK, chunk, pipelined), built once."""
+    HK = _chunk(D, hk, pipelined)
     key = ("dkdv", kind, int(D), int(BK), HK, bool(pipelined))
     if key not in _kernels:
         args = (kind, int(D), int(BK), HK)
