@@ -198,7 +198,7 @@ def _time_ms(fn, dev, reps=10):
 
 
 @needs_gpu
-@pytest.mark.parametrize("fm", [0, 2])
+@pytest.mark.parametrize("fm", [0])
 def test_gpu_wan_sizes_same_bits_and_times(fm):
     """B*H = 12, N = 32760 (512 blocks of 64, the last one 56 rows), D = 128, bf16, bf16
     o_l / do_l: same bits; prints both kernels' times (register first)."""
