@@ -278,7 +278,11 @@ def check_linear_grad(quick=False):
     chunk of pass 1 (the chunk loop stays a loop) plus one work item of pass 2 (dq) or
     one chunk of pass 2 (dk / dv): per k-step A loads (1, or 2 when the operand is
     split) and two B loads per n-tile pair; 4 mma per pair, 6 when A is split. With fp32
-    or fp16 dO_l (split) LLVM keeps dq's pass-2 k-loop a loop: one k-step counted."""
+    or fp16 dO_l (split) LLVM keeps dq's pass-2 k-loop a loop: one k-step counted.
+    The pipelined variants (``pipelined=True``) must give the same mma / ldmatrix counts
+    and ``prefetch_slots`` 16-byte loads per place that issues a chunk's loads: dq 2 (chunk
+    0 before phase 0, the next chunk in the loop), dk / dv 4 (also the row chunk pass 1
+    hands to pass 2, and pass 2's loop)."""
     from sla_numba.gpu.tc import linear_backward as lb
 
     i16, i32, f32 = int16[::1], int32[::1], float32[::1]
