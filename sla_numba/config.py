@@ -32,6 +32,12 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             scalar loads and two barriers a chunk, or the next chunk
                             in flight (16-byte loads into registers) while the mma of
                             the current one run, one barrier a chunk (same bits).
+``SLA_NUMBA_LINEAR_GRAD``   ``registers`` (default) | ``pipelined``: the tensor-core
+                            linear-branch gradient kernels (``gpu/tc/linear_backward.py``,
+                            ``dq_linear`` / ``dkdv_linear``): the state staged chunk by
+                            chunk (two barriers a chunk, no loads in flight during the
+                            mma), or double-buffered chunks loaded one ahead with
+                            16-byte loads (one barrier a chunk). Same bits.
 ``SLA_NUMBA_LAUNCH``        ``direct`` (default) | ``numba``: how GPU kernels are
                             launched: ``direct`` hands the compiled kernel and its
                             argument list to ``cuda.core`` (``gpu/_launcher.py``);
@@ -65,12 +71,14 @@ LAUNCH_VAR = "SLA_NUMBA_LAUNCH"
 STATES_VAR = "SLA_NUMBA_STATES"
 MARGINAL_VAR = "SLA_NUMBA_MARGINAL"
 LINEAR_VAR = "SLA_NUMBA_LINEAR"
+LINEAR_GRAD_VAR = "SLA_NUMBA_LINEAR_GRAD"
 COMPILE_WORKERS_VAR = "SLA_NUMBA_COMPILE_WORKERS"
 TORCH_OPS_VAR = "SLA_NUMBA_TORCH_OPS"
 TORCH_OPS = ("auto", "always")
 STATES_DTYPES = ("auto", "fp32", "bf16")
 MARGINAL_KERNELS = ("pipelined", "registers")
 LINEAR_KERNELS = ("registers", "pipelined")
+LINEAR_GRAD_KERNELS = ("registers", "pipelined")
 LAUNCHERS = ("direct", "numba")
 
 
@@ -134,6 +142,11 @@ def marginal_kernel():
 def linear_kernel():
     """``SLA_NUMBA_LINEAR``: 'registers' (unset or empty) or 'pipelined'."""
     return _choice(LINEAR_VAR, LINEAR_KERNELS)
+
+
+def linear_grad_kernel():
+    """``SLA_NUMBA_LINEAR_GRAD``: 'registers' (unset or empty) or 'pipelined'."""
+    return _choice(LINEAR_GRAD_VAR, LINEAR_GRAD_KERNELS)
 
 
 def compile_workers():

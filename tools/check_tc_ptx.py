@@ -100,7 +100,7 @@ def _count_cp_async(text):
     return len(re.findall(r"cp\.async\.c[ag]\.", text))
 
 
-def check(name, fn, sig, want, want_cp=None):
+def check(name, fn, sig, want, want_cp=None, want_ld4=None):
     """Compile ``fn`` (a kernel, with its own fast-math flags) for sm_90 and compare its
     mma.sync / ldmatrix counts with ``want`` (and its cp.async copies with ``want_cp``
     when given); no ``.local`` allowed."""
@@ -119,12 +119,15 @@ def check(name, fn, sig, want, want_cp=None):
     got_ld = _count(ptx, "ldmatrix.sync")
     local = _count(ptx, ".local")
     got_cp = _count_cp_async(ptx)
+    got_ld4 = _count(ptx, "ld.global.v4.f32")
     ok = got_mma == want_mma and got_ld == want_ld and local == 0
     ok &= want_cp is None or got_cp == want_cp
+    ok &= want_ld4 is None or got_ld4 == want_ld4
     print(
         f"{name:38s} mma {got_mma:4d}/{want_mma:<4d} ldmatrix {got_ld:4d}/{want_ld:<4d} "
         f"cp.async {got_cp:3d}"
         + ("" if want_cp is None else f"/{want_cp:<3d}")
+        + ("" if want_ld4 is None else f" ld.v4 {got_ld4:2d}/{want_ld4:<2d}")
         + f" .local {local:2d} "
         + (f"regs {info[0]:3d} spill {info[1]:3d}/{info[2]:<3d} " if info else "")
         + f"{time.time() - t0:5.1f}s (cpu {time.process_time() - c0:5.1f}s) "
@@ -297,7 +300,11 @@ def check_linear_grad(quick=False):
     chunk of pass 1 (the chunk loop stays a loop) plus one work item of pass 2 (dq) or
     one chunk of pass 2 (dk / dv): per k-step A loads (1, or 2 when the operand is
     split) and two B loads per n-tile pair; 4 mma per pair, 6 when A is split. With fp32
-    or fp16 dO_l (split) LLVM keeps dq's pass-2 k-loop a loop: one k-step counted."""
+    or fp16 dO_l (split) LLVM keeps dq's pass-2 k-loop a loop: one k-step counted.
+    The pipelined variants (``pipelined=True``) must give the same mma / ldmatrix counts
+    and ``prefetch_slots`` 16-byte loads per place that issues a chunk's loads: dq 2 (chunk
+    0 before phase 0, the next chunk in the loop), dk / dv 4 (also the row chunk pass 1
+    hands to pass 2, and pass 2's loop)."""
     from sla_numba.gpu.tc import linear_backward as lb
 
     i16, i32, f32 = int16[::1], int32[::1], float32[::1]
@@ -312,12 +319,28 @@ def check_linear_grad(quick=False):
         hk = lb.chunk_rows(D)
         lt = i16 if half else f32
         sig = (i16, lt, lt, f32, i32, f32, f32, int64, int64, int64, int64, float32)
-        kern = lb.make_dq_linear_kernel(kind, D, blk, hk, half).kernel
-        ok &= check(f"dq_linear {kind} D={D} b={blk} half={half}", kern, sig, want_dq)
+        for pipe in (False, True):
+            kern = lb.make_dq_linear_kernel(kind, D, blk, hk, half, pipelined=pipe).kernel
+            name = f"dq_linear{'_pipe' if pipe else ''} {kind} D={D} b={blk} half={half}"
+            ok &= check(
+                name,
+                kern,
+                sig,
+                want_dq,
+                want_ld4=lb.prefetch_slots(D, hk, 2 * blk) * (2 if pipe else 0),
+            )
         if want_kv:
             sig = (i16, i16, f32, i32, f32, f32, int64, int64, int64, int64)
-            kern = lb.make_dkdv_linear_kernel(kind, D, blk, hk).kernel
-            ok &= check(f"dkdv_linear {kind} D={D} b={blk}", kern, sig, want_kv)
+            for pipe in (False, True):
+                kern = lb.make_dkdv_linear_kernel(kind, D, blk, hk, pipelined=pipe).kernel
+                name = f"dkdv_linear{'_pipe' if pipe else ''} {kind} D={D} b={blk}"
+                ok &= check(
+                    name,
+                    kern,
+                    sig,
+                    want_kv,
+                    want_ld4=lb.prefetch_slots(D, hk, 2 * blk) * (4 if pipe else 0),
+                )
     return ok
 
 

@@ -63,6 +63,40 @@ Layout of one kernel (NW = BQ / 16 warps, two lanes per row in the SIMT phases)
 pass 1 with X = dH_j (then dk), and pass 2 ``φ(K) · dH_j`` with dH_j staged HK *rows*
 at a time (tiles [d1'][e], B by ``ldmatrix.x4.trans``), added into dv.
 
+The pipelined kernels (``SLA_NUMBA_LINEAR_GRAD=pipelined``; ``pipelined=True``)
+--------------------------------------------------------------------------------
+Why. The register kernels above stage the D x D fp32 state (64 KiB at D = 128) with
+scalar loads, then wait for them at a barrier before any warp runs an mma, and wait
+again before the next chunk may overwrite the tile: every chunk pays a full global
+memory latency with nothing else in flight (H200, Wan2.1 sizes: 1.8 ms for dq, 1.5 ms
+for dk / dv, against ~0.2 ms for the same products in cuBLAS).
+
+What. The same mma on the same shared tiles in the same order (same bits), but:
+
+- the state reaches registers by 16-byte loads (``ptx.ldg_v4_f32``; Numba lowers
+  ``arr[i]`` to 4-byte loads): thread tid holds quads tid, tid + NT, ... of a chunk
+  (``prefetch_slots``: 8 quads, 32 registers, at D = 128, HK = 32, 128 threads);
+- the chunk tiles are double-buffered; per chunk kc a thread issues the loads of
+  chunk kc + 1, runs chunk kc's mma from buffer kc mod 2 (the loads are in flight
+  meanwhile), splits chunk kc + 1 into hi / lo and stores it into the other buffer,
+  then one barrier (``_times_xt_pipe`` / ``_times_x_pipe``)::
+
+      pf = load(chunk 0)                    # issued before phase 0: in flight during it
+      put(pf, buffer 0); syncthreads
+      for kc: pf = load(chunk kc + 1); mma(buffer kc % 2); put(pf, buffer (kc+1) % 2); syncthreads
+
+  (the store into buffer (kc + 1) mod 2 is safe: its last reader, chunk kc - 1, ended
+  at the previous barrier);
+- dk / dv: pass 1's D/HK column chunks and pass 2's row chunks are one stream: pass
+  1's last iteration loads and stores pass 2's first chunk, into buffer (D/HK) mod 2.
+
+Barriers: D/HK a pass instead of 2·D/HK. Cost: a second chunk buffer (shared memory
+at D = 128, block 64, HK = 32: dq 109.5 KiB against 89.5, dk / dv 109 against 89;
+still 2 CTAs an SM on sm_90) and up to 255 registers (no spill; ``tools/check_tc_ptx.py --only
+linear_grad``). The state must start on a 16-byte boundary (W = D·D + D is a multiple
+of 16, so every chunk row then is); the launchers send an unaligned one to the register
+kernels. ``tools/sweep_linear_backward.py`` times both at the Wan2.1 sizes.
+
 Inputs: q / k / v int16 bits of ``kind`` (B, H, N, D); o_l, do_l (B, H, Nq, D) either
 both fp32 or both int16 bits of ``kind`` (``l_half``); lstate / qstate / dh fp32
 (B, H, M, W), W = D*D + D, row = [vec(X) row-major X[d1, e], Z]; n_marg int32
@@ -87,7 +121,7 @@ import math
 from collections import namedtuple
 
 import numpy as np
-from numba import cuda, float32, int16, int32
+from numba import cuda, float32, int16, int32, int64
 
 from .. import _compat
 from .._precompile import kernel_factory
@@ -114,7 +148,16 @@ from .linear import (
     u64,
 )
 from .linear import linear_tc_supported as linear_grad_tc_supported  # same shapes
-from .ptx import SIMULATED, bf16_high_f32, bf16_low_f32, ldsm_x4, ldsm_x4_trans, shfl_xor, smem_addr
+from .ptx import (
+    SIMULATED,
+    bf16_high_f32,
+    bf16_low_f32,
+    ldg_v4_f32,
+    ldsm_x4,
+    ldsm_x4_trans,
+    shfl_xor,
+    smem_addr,
+)
 from .tiles import frag_rows_a, frag_rows_bt
 
 #: A compiled kernel and its launch sizes.
@@ -238,6 +281,172 @@ def _times_x(acc, af, smem, smem32, src, base, a_hi, a_lo, busy, XH, XL, D, HK, 
                     _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
 
 
+# ---------------------------------------------------------------------------
+# The pipelined state staging (module doc, "The pipelined kernels")
+# ---------------------------------------------------------------------------
+
+
+def prefetch_slots(D, HK, NT):
+    """16-byte loads one thread holds per staged chunk (D x HK values = D·HK/4 quads
+    over NT threads; the last slots of some threads may be empty)."""
+    return -(-(D * HK // 4) // NT)
+
+
+@_compat.device(**_DEV)
+def _ldg_cols(pf, src, base, c0, D, HK, tid, NT, NPF):
+    """This thread's quads of columns c0 .. c0 + HK of the D x D fp32 matrix at
+    ``src[base:]`` into registers ``pf`` (NPF x 4): quad x = tid + u·NT is row
+    x // (HK/4), columns c0 + 4·(x mod HK/4) .. + 3 (one 16-byte load)."""
+    q4 = HK // 4
+    for u in range(NPF):
+        x = tid + u * NT
+        if x < D * q4:
+            d1 = x // q4
+            c = (x - d1 * q4) * 4
+            a0, a1, a2, a3 = ldg_v4_f32(src, int64(base + d1 * D + c0 + c))
+            pf[u, 0], pf[u, 1], pf[u, 2], pf[u, 3] = a0, a1, a2, a3
+
+
+@_compat.device(**_DEV)
+def _put_cols(smem32, hi, lo, pf, D, HK, SWC, tid, NT, NPF):
+    """The quads of :func:`_ldg_cols`, split into bf16 hi / lo, into the tiles [d1][c']
+    at 16-bit offsets ``hi`` / ``lo`` (row stride SWC): the same values at the same
+    places as ``_stage_cols``."""
+    q4 = HK // 4
+    for u in range(NPF):
+        x = tid + u * NT
+        if x < D * q4:
+            d1 = x // q4
+            c = (x - d1 * q4) * 4
+            p0, l0 = _split_pair(pf[u, 0], pf[u, 1])
+            p1, l1 = _split_pair(pf[u, 2], pf[u, 3])
+            s = (d1 * SWC + c) >> 1
+            smem32[s + (hi >> 1)] = p0
+            smem32[s + (hi >> 1) + 1] = p1
+            smem32[s + (lo >> 1)] = l0
+            smem32[s + (lo >> 1) + 1] = l1
+
+
+@_compat.device(**_DEV)
+def _ldg_rows(pf, src, base, r0, D, HK, tid, NT, NPF):
+    """This thread's quads of rows r0 .. r0 + HK of the D x D fp32 matrix at
+    ``src[base:]``: quad x is row r0 + x // (D/4), columns 4·(x mod D/4) .. + 3."""
+    q4 = D // 4
+    for u in range(NPF):
+        x = tid + u * NT
+        if x < HK * q4:
+            rr = x // q4
+            c = (x - rr * q4) * 4
+            a0, a1, a2, a3 = ldg_v4_f32(src, int64(base + (r0 + rr) * D + c))
+            pf[u, 0], pf[u, 1], pf[u, 2], pf[u, 3] = a0, a1, a2, a3
+
+
+@_compat.device(**_DEV)
+def _put_rows(smem32, hi, lo, pf, D, HK, SW, tid, NT, NPF):
+    """The quads of :func:`_ldg_rows` into the tiles [r'][e] (row stride SW), as
+    ``_stage_rows`` places them."""
+    q4 = D // 4
+    for u in range(NPF):
+        x = tid + u * NT
+        if x < HK * q4:
+            rr = x // q4
+            c = (x - rr * q4) * 4
+            p0, l0 = _split_pair(pf[u, 0], pf[u, 1])
+            p1, l1 = _split_pair(pf[u, 2], pf[u, 3])
+            s = (rr * SW + c) >> 1
+            smem32[s + (hi >> 1)] = p0
+            smem32[s + (hi >> 1) + 1] = p1
+            smem32[s + (lo >> 1)] = l0
+            smem32[s + (lo >> 1) + 1] = l1
+
+
+@_compat.device(**_DEV)
+def _times_xt_pipe(acc, af, pf, smem, smem32, src, base, a_hi, a_lo, a_split, busy, XB, XS, D, HK, SWC, SW, NP, tid, NT, NPF, then_rows):  # fmt: skip
+    """:func:`_times_xt` with the chunks of X double-buffered and loaded one chunk
+    ahead. On entry ``pf`` holds chunk 0 (``_ldg_cols``, issued early by the caller) and
+    buffer 0 is free. Buffer b: hi tile at 16-bit offset XB + 2b·XS, lo tile XS further.
+    Per chunk kc: issue the 16-byte loads of chunk kc + 1, run chunk kc's mma (the same
+    ones in the same order as ``_times_xt``), split and store chunk kc + 1 into the
+    other buffer, one barrier. ``then_rows``: the chunk after the last is X's *row*
+    chunk 0 (for :func:`_times_x_pipe`), left in buffer (D/HK) mod 2 behind a barrier."""
+    for n in range(2 * NP):
+        for e in range(4):
+            acc[n, e] = ZERO
+    sa = smem_addr(smem)
+    lb_ = frag_rows_bt(cuda.threadIdx.x & 31, SWC)
+    NC = D // HK
+    _put_cols(smem32, XB, XB + XS, pf, D, HK, SWC, tid, NT, NPF)
+    cuda.syncthreads()  # chunk 0 (and the caller's row tiles) written
+    for kc in range(NC):
+        cur = XB + (kc & 1) * 2 * XS
+        nxt = XB + ((kc + 1) & 1) * 2 * XS
+        if kc + 1 < NC:
+            _ldg_cols(pf, src, base, (kc + 1) * HK, D, HK, tid, NT, NPF)
+        elif then_rows:
+            _ldg_rows(pf, src, base, 0, D, HK, tid, NT, NPF)
+        if busy:
+            b_hi = sa + (cur + lb_) * 2
+            b_lo = b_hi + XS * 2
+            a0 = kc * HK * 2  # the chunk's first column, in bytes
+            for ks in range(HK // 16):
+                _load_a2(af, smem, a_hi + a0 + ks * 32, a_lo + a0 + ks * 32, a_split)
+                for p in range(NP):
+                    off = (p * 16 * SWC + ks * 16) * 2
+                    h0, h1, h2, h3 = ldsm_x4(smem, b_hi + off, 0)
+                    l0, l1, l2, l3 = ldsm_x4(smem, b_lo + off, 0)
+                    _mma_tile(acc, 2 * p, af, 0, h0, h1)
+                    _mma_tile(acc, 2 * p, af, 0, l0, l1)
+                    _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
+                    _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
+                    if a_split:
+                        _mma_tile(acc, 2 * p, af, 1, h0, h1)
+                        _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
+        if kc + 1 < NC:
+            _put_cols(smem32, nxt, nxt + XS, pf, D, HK, SWC, tid, NT, NPF)
+            cuda.syncthreads()  # chunk kc + 1 written, chunk kc consumed
+        elif then_rows:
+            _put_rows(smem32, nxt, nxt + XS, pf, D, HK, SW, tid, NT, NPF)
+            cuda.syncthreads()
+
+
+@_compat.device(**_DEV)
+def _times_x_pipe(acc, af, pf, smem, smem32, src, base, a_hi, a_lo, busy, XB, XS, b0, D, HK, SW, NP, tid, NT, NPF):  # fmt: skip
+    """:func:`_times_x` double-buffered: on entry buffer ``b0`` holds X's row chunk 0
+    (left there by ``_times_xt_pipe(..., then_rows=True)``) and the other buffer is
+    free. Same mma in the same order as ``_times_x``; one barrier per chunk but the
+    last."""
+    for n in range(2 * NP):
+        for e in range(4):
+            acc[n, e] = ZERO
+    sa = smem_addr(smem)
+    lb_ = frag_rows_a(cuda.threadIdx.x & 31, SW)
+    NC = D // HK
+    for kc in range(NC):
+        cur = XB + ((b0 + kc) & 1) * 2 * XS
+        nxt = XB + ((b0 + kc + 1) & 1) * 2 * XS
+        if kc + 1 < NC:
+            _ldg_rows(pf, src, base, (kc + 1) * HK, D, HK, tid, NT, NPF)
+        if busy:
+            b_hi = sa + (cur + lb_) * 2
+            b_lo = b_hi + XS * 2
+            a0 = kc * HK * 2
+            for ks in range(HK // 16):
+                _load_a2(af, smem, a_hi + a0 + ks * 32, a_lo + a0 + ks * 32, True)
+                for p in range(NP):
+                    off = (ks * 16 * SW + p * 16) * 2
+                    h0, h1, h2, h3 = ldsm_x4_trans(smem, b_hi + off, 0)
+                    l0, l1, l2, l3 = ldsm_x4_trans(smem, b_lo + off, 0)
+                    _mma_tile(acc, 2 * p, af, 0, h0, h1)
+                    _mma_tile(acc, 2 * p, af, 1, h0, h1)
+                    _mma_tile(acc, 2 * p, af, 0, l0, l1)
+                    _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
+                    _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
+                    _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
+        if kc + 1 < NC:
+            _put_rows(smem32, nxt, nxt + XS, pf, D, HK, SW, tid, NT, NPF)
+            cuda.syncthreads()
+
+
 @_compat.device(**_DEV)
 def _chain(acc, x, xa, row8, mx0, inv0, mx1, inv1, ok0, ok1, fm, f16, NN):
     """dφ -> dx in place for a lane's two rows of C fragments: row g (elements 0, 1
@@ -290,10 +499,12 @@ def _add_rows(out, oa, acc, D, ok0, ok1, NN):
 
 
 @kernel_factory
-def make_dq_linear_kernel(kind, D, BQ, HK, l_half):
+def make_dq_linear_kernel(kind, D, BQ, HK, l_half, pipelined=False):
     """Build ``dq_linear(q, o_l, do_l, lstate, n_marg, dq, qstate, H, Nq, Mq, fm, eps)``
     (module doc). Grid (ceil(Nq/BQ), H, B), 2·BQ threads. ``l_half``: o_l / do_l are
-    int16 bits of ``kind`` (else fp32). Returns a :class:`LinearGradKernel`."""
+    int16 bits of ``kind`` (else fp32). ``pipelined``: H_i's chunks double-buffered and
+    loaded one ahead (module doc, "The pipelined kernels"; same bits; lstate must be
+    16-byte aligned). Returns a :class:`LinearGradKernel`."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: 'bf16' or 'f16'")
     if not linear_grad_tc_supported(D, BQ):
@@ -315,7 +526,11 @@ def make_dq_linear_kernel(kind, D, BQ, HK, l_half):
     CL = 3 * BQ * SW
     XH = 4 * BQ * SW
     XL = XH + D * SWC
-    F32 = (XL + D * SWC) // 2  # fp32 area (32-bit index): rows [BQ][4], then Z [D]
+    PIPE = bool(pipelined)
+    NPF = prefetch_slots(D, HK, NT)
+    # pipelined: two buffers, each a hi and a lo tile of D * SWC (XH, XL = buffer 0's)
+    # fp32 area (32-bit index): rows [BQ][4], then Z [D]
+    F32 = (XL + (3 if PIPE else 1) * D * SWC) // 2
     ZOFF = F32 + 4 * BQ
     SMEM = (ZOFF + D) * 4
     NN = D // 8
@@ -337,6 +552,7 @@ def make_dq_linear_kernel(kind, D, BQ, HK, l_half):
         xs = cuda.local.array(C, float32)
         acc = cuda.local.array((NN, 4), float32)
         af = cuda.local.array((2, 4), int32)
+        pf = cuda.local.array((NPF, 4), float32)  # pipelined: a chunk in flight
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -352,6 +568,8 @@ def make_dq_linear_kernel(kind, D, BQ, HK, l_half):
             for x in range(tid, W, NT):
                 qstate[u64(sb + x)] = ZERO
             return
+        if PIPE:  # H_i's first chunk: in flight during phase 0
+            _ldg_cols(pf, lstate, sb, 0, D, HK, tid, NT, NPF)
 
         # --- 0. rows: φ(q_r), den_r, δl_r; ĉ and dO_l into shared tiles
         r = tid >> 1
@@ -406,8 +624,13 @@ def make_dq_linear_kernel(kind, D, BQ, HK, l_half):
         sa = smem_addr(smem)
         a_rows = sa + (warp * 16 * SW + frag_rows_a(lane, SW)) * 2
         busy = warp * 16 < nrows
-        _times_xt(acc, af, smem, smem32, lstate, sb, a_rows + DOH * 2, a_rows + DOL * 2,
-                  DO_SPLIT, busy, XH, XL, D, HK, SWC, NP, tid, NT)  # fmt: skip
+        if PIPE:
+            _times_xt_pipe(acc, af, pf, smem, smem32, lstate, sb, a_rows + DOH * 2,
+                           a_rows + DOL * 2, DO_SPLIT, busy, XH, D * SWC, D, HK, SWC, SW, NP,
+                           tid, NT, NPF, False)  # fmt: skip
+        else:
+            _times_xt(acc, af, smem, smem32, lstate, sb, a_rows + DOH * 2, a_rows + DOL * 2,
+                      DO_SPLIT, busy, XH, XL, D, HK, SWC, NP, tid, NT)  # fmt: skip
         # epilogue: rows ra (elements 0, 1) and ra + 8 (2, 3); columns 8n + 2t + x
         t = lane & 3
         ra = warp * 16 + (lane >> 2)
@@ -472,9 +695,12 @@ def make_dq_linear_kernel(kind, D, BQ, HK, l_half):
 
 
 @kernel_factory
-def make_dkdv_linear_kernel(kind, D, BK, HK):
+def make_dkdv_linear_kernel(kind, D, BK, HK, pipelined=False):
     """Build ``dkdv_linear(k, v, dh, n_marg, dk, dv, H, Nk, Mk, fm)`` (module doc).
-    Grid (ceil(Nk/BK), H, B), 2·BK threads. Returns a :class:`LinearGradKernel`."""
+    Grid (ceil(Nk/BK), H, B), 2·BK threads. ``pipelined``: dH_j's column and row chunks
+    as one double-buffered stream loaded one chunk ahead (module doc, "The pipelined
+    kernels"; same bits; dh must be 16-byte aligned). Returns a
+    :class:`LinearGradKernel`."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: 'bf16' or 'f16'")
     if not linear_grad_tc_supported(D, BK):
@@ -497,7 +723,10 @@ def make_dkdv_linear_kernel(kind, D, BK, HK):
     XH = 4 * BK * SW
     XSZ = max(D * SWC, HK * SW)
     XL = XH + XSZ
-    F32 = (XL + XSZ) // 2  # fp32: rows [BK][2] (mx, inv), then dZ [D]
+    PIPE = bool(pipelined)
+    NPF = prefetch_slots(D, HK, NT)
+    # pipelined: two buffers of a hi and a lo tile of XSZ each (XH, XL = buffer 0's)
+    F32 = (XL + (3 if PIPE else 1) * XSZ) // 2  # fp32: rows [BK][2] (mx, inv), then dZ [D]
     ZOFF = F32 + 2 * BK
     SMEM = (ZOFF + D) * 4
     NN = D // 8
@@ -518,6 +747,7 @@ def make_dkdv_linear_kernel(kind, D, BK, HK):
         xs = cuda.local.array(C, float32)
         acc = cuda.local.array((NN, 4), float32)
         af = cuda.local.array((2, 4), int32)
+        pf = cuda.local.array((NPF, 4), float32)  # pipelined: a chunk in flight
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -531,6 +761,8 @@ def make_dkdv_linear_kernel(kind, D, BK, HK):
         sb = (bh * Mk + j) * W
         if n_marg[u64(bh * Mk + j)] <= 0:  # no query block takes j as marginal
             return
+        if PIPE:  # dH_j's first column chunk: in flight during phase 0
+            _ldg_cols(pf, dh, sb, 0, D, HK, tid, NT, NPF)
 
         # --- 0. rows: φ(k_c) hi / lo, v_c (bits, or hi / lo for fp16), dZ_j
         r = tid >> 1
@@ -562,8 +794,13 @@ def make_dkdv_linear_kernel(kind, D, BK, HK):
         sa = smem_addr(smem)
         a_rows = sa + (warp * 16 * SW + frag_rows_a(lane, SW)) * 2
         busy = warp * 16 < nrows
-        _times_xt(acc, af, smem, smem32, dh, sb, a_rows + VH * 2, a_rows + VL * 2,
-                  V_SPLIT, busy, XH, XL, D, HK, SWC, NP, tid, NT)  # fmt: skip
+        if PIPE:  # ... and leaves dH_j's row chunk 0 staged for pass 2
+            _times_xt_pipe(acc, af, pf, smem, smem32, dh, sb, a_rows + VH * 2,
+                           a_rows + VL * 2, V_SPLIT, busy, XH, XSZ, D, HK, SWC, SW, NP, tid,
+                           NT, NPF, True)  # fmt: skip
+        else:
+            _times_xt(acc, af, smem, smem32, dh, sb, a_rows + VH * 2, a_rows + VL * 2,
+                      V_SPLIT, busy, XH, XL, D, HK, SWC, NP, tid, NT)  # fmt: skip
         t = lane & 3
         ra = warp * 16 + (lane >> 2)
         for n in range(NN):
@@ -581,8 +818,12 @@ def make_dkdv_linear_kernel(kind, D, BK, HK):
         _add_rows(dk, ka, acc, D, ok0, ok1, NN)
 
         # --- 2. dv += φ(K) · dH_j, dH_j staged HK rows at a time
-        _times_x(acc, af, smem, smem32, dh, sb, a_rows + PH * 2, a_rows + PL * 2, busy,
-                 XH, XH + HK * SW, D, HK, SW, NP, tid, NT)  # fmt: skip
+        if PIPE:
+            _times_x_pipe(acc, af, pf, smem, smem32, dh, sb, a_rows + PH * 2, a_rows + PL * 2,
+                          busy, XH, XSZ, (D // HK) & 1, D, HK, SW, NP, tid, NT, NPF)  # fmt: skip
+        else:
+            _times_x(acc, af, smem, smem32, dh, sb, a_rows + PH * 2, a_rows + PL * 2, busy,
+                     XH, XH + HK * SW, D, HK, SW, NP, tid, NT)  # fmt: skip
         _add_rows(dv, ka, acc, D, ok0, ok1, NN)
 
     return LinearGradKernel(dkdv_linear, SMEM, NT)
@@ -590,23 +831,70 @@ def make_dkdv_linear_kernel(kind, D, BK, HK):
 
 _kernels = {}
 
+#: The pipelined kernels' chunk (columns / rows of the state) on the GPU when the caller
+#: gives none; ``tools/sweep_linear_backward.py --hk`` times others (16 needs fewer
+#: registers; 64 spills). The register kernels keep ``tc/linear.py``'s ``GPU_HK``.
+PIPE_GPU_HK = 32
 
-def get_dq_linear_kernel(kind, D, BQ, l_half, hk=None):
-    """The dq kernel for (kind, D, BQ, l_half, chunk_rows(D, hk)), built once."""
-    HK = chunk_rows(D, hk)
-    key = ("dq", kind, int(D), int(BQ), bool(l_half), HK)
+
+def _chunk(D, hk, pipelined):
+    if hk is None and pipelined and not SIMULATED:
+        hk = PIPE_GPU_HK
+    return chunk_rows(D, hk)
+
+
+def get_dq_linear_kernel(kind, D, BQ, l_half, hk=None, pipelined=False):
+    """The dq kernel for (kind, D, BQ, l_half, chunk, pipelined), built once."""
+    HK = _chunk(D, hk, pipelined)
+    key = ("dq", kind, int(D), int(BQ), bool(l_half), HK, bool(pipelined))
     if key not in _kernels:
-        _kernels[key] = make_dq_linear_kernel(kind, int(D), int(BQ), HK, bool(l_half))
+        args = (kind, int(D), int(BQ), HK, bool(l_half))
+        # the register kernel keeps its old recipe (no keyword): same disk-cache entry
+        _kernels[key] = (
+            make_dq_linear_kernel(*args, pipelined=True)
+            if pipelined
+            else (make_dq_linear_kernel(*args))
+        )
     return _kernels[key]
 
 
-def get_dkdv_linear_kernel(kind, D, BK, hk=None):
-    """The dk / dv kernel for (kind, D, BK, chunk_rows(D, hk)), built once."""
-    HK = chunk_rows(D, hk)
-    key = ("dkdv", kind, int(D), int(BK), HK)
+def get_dkdv_linear_kernel(kind, D, BK, hk=None, pipelined=False):
+    """The dk / dv kernel for (kind, D, BK, chunk, pipelined), built once."""
+    HK = _chunk(D, hk, pipelined)
+    key = ("dkdv", kind, int(D), int(BK), HK, bool(pipelined))
     if key not in _kernels:
-        _kernels[key] = make_dkdv_linear_kernel(kind, int(D), int(BK), HK)
+        args = (kind, int(D), int(BK), HK)
+        _kernels[key] = (
+            make_dkdv_linear_kernel(*args, pipelined=True)
+            if pipelined
+            else (make_dkdv_linear_kernel(*args))
+        )
     return _kernels[key]
+
+
+def _address(x):
+    """The address of an array's first element (device or host), or None if unknown."""
+    for attr in ("__cuda_array_interface__", "__array_interface__"):
+        iface = getattr(x, attr, None)
+        if iface is not None:
+            return int(iface["data"][0])
+    ptr = getattr(x, "data_ptr", None)  # torch CPU tensors under the simulator
+    return int(ptr()) if callable(ptr) else None
+
+
+def use_pipelined(pipeline, state):
+    """Whether a launch takes the pipelined kernel: ``pipeline`` None follows
+    ``SLA_NUMBA_LINEAR_GRAD`` (``config.linear_grad_kernel``), else its truth. The
+    pipelined kernels read the state with 16-byte loads: a state whose first element is
+    not 16-byte aligned (an offset view) takes the register kernel (same bits)."""
+    if pipeline is None:
+        from ... import config
+
+        pipeline = config.linear_grad_kernel() == "pipelined"
+    if not pipeline:
+        return False
+    addr = _address(state)
+    return addr is not None and addr % 16 == 0
 
 
 # ---------------------------------------------------------------------------
@@ -654,6 +942,7 @@ def launch_dq_linear_tc(
     eps,
     stream,
     hk=None,
+    pipeline=None,
 ):
     """Add the linear branch's dq into ``dq`` and write QO_i / QD_i into ``qstate``.
 
@@ -661,7 +950,9 @@ def launch_dq_linear_tc(
     or both int16 bits of ``kind``; lstate (rows' H_i, Z_i) and qstate fp32 (B, H, Mq,
     D*D + D); n_marg int32 (B, H, Mq); dq fp32 (B, H, Nq, D), added to. Flat views
     accepted; Numba device arrays or torch / CuPy CUDA tensors (numpy under the
-    simulator). ``hk``: columns of H_i staged at a time (tests).
+    simulator). ``hk``: columns of H_i staged at a time (tests). ``pipeline``: None
+    follows ``SLA_NUMBA_LINEAR_GRAD``; True / False force the pipelined / register kernel
+    (same bits; :func:`use_pipelined`).
     """
     who = "launch_dq_linear_tc"
     B, H, Nq, D, block_q, fm = (int(x) for x in (B, H, Nq, D, block_q, fm))
@@ -687,7 +978,7 @@ def launch_dq_linear_tc(
         raise ValueError(f"{who}: q / o_l / do_l / dq smaller than B*H*Nq*D")
     if size(n_marg) < B * H * Mq:
         raise ValueError(f"{who}: n_marg smaller than B*H*Mq")
-    kern = get_dq_linear_kernel(kind, D, block_q, l_half, hk)
+    kern = get_dq_linear_kernel(kind, D, block_q, l_half, hk, use_pipelined(pipeline, lstate))
     args = (
         flat(q_bits),
         flat(o_l),
@@ -706,13 +997,15 @@ def launch_dq_linear_tc(
 
 
 def launch_dkdv_linear_tc(
-    kind, k_bits, v_bits, dh, n_marg, dk, dv, B, H, Nk, D, block_k, fm, stream, hk=None
-):
+    kind, k_bits, v_bits, dh, n_marg, dk, dv, B, H, Nk, D, block_k, fm, stream, hk=None,
+    pipeline=None,
+):  # fmt: skip
     """Add the linear branch's dk, dv into ``dk``, ``dv``.
 
     kind 'bf16' / 'f16'; k_bits, v_bits int16 (B, H, Nk, D); dh fp32 (B, H, Mk, D*D + D)
     (rows [vec(dH_j), dZ_j]); n_marg int32 (B, H, Mk) (query blocks that take j as
-    marginal); dk, dv fp32 (B, H, Nk, D), added to. Flat views accepted.
+    marginal); dk, dv fp32 (B, H, Nk, D), added to. Flat views accepted. ``hk``, and
+    ``pipeline`` as in :func:`launch_dq_linear_tc`.
     """
     who = "launch_dkdv_linear_tc"
     B, H, Nk, D, block_k, fm = (int(x) for x in (B, H, Nk, D, block_k, fm))
@@ -728,7 +1021,7 @@ def launch_dkdv_linear_tc(
         raise ValueError(f"{who}: k / v / dk / dv smaller than B*H*Nk*D")
     if size(n_marg) < B * H * Mk:
         raise ValueError(f"{who}: n_marg smaller than B*H*Mk")
-    kern = get_dkdv_linear_kernel(kind, D, block_k, hk)
+    kern = get_dkdv_linear_kernel(kind, D, block_k, hk, use_pipelined(pipeline, dh))
     args = (
         flat(k_bits),
         flat(v_bits),

@@ -800,3 +800,70 @@ else:
 
 LOG2E = 1.4426950408889634
 LN2 = math.log(2.0)
+
+
+# ---------------------------------------------------------------------------
+# Wide global loads for the pipelined linear-gradient kernels
+# (``tc/linear_backward.py``: ``dq_linear`` / ``dkdv_linear``, ``pipelined=True``)
+# ---------------------------------------------------------------------------
+#
+# ``ldg_v4_f32(arr, off)``: four consecutive fp32 ``arr[off : off + 4]`` in one 16-byte
+# load (``ld.global.v4.f32``); the element address must be 16-byte aligned (``off`` a
+# multiple of 4 from a 16-byte aligned array start; the launchers check the start).
+# Numba lowers ``arr[i]`` to scalar ``ld.global.f32`` (it cannot prove the alignment a
+# vector load needs). The asm has side effects, so LLVM keeps it where it is written:
+# a kernel that issues it before a run of ``mma`` has the load in flight during them.
+# The twin checks the alignment of ``off`` (relative to the array start) and copies.
+
+__all__.append("ldg_v4_f32")
+
+
+def _ldg_v4_f32_twin(arr, off):
+    off = int(off)
+    if off % 4:
+        raise ValueError(f"ld.global.v4.f32: element offset {off} is not 16-byte aligned")
+    return (
+        np.float32(arr[off]),
+        np.float32(arr[off + 1]),
+        np.float32(arr[off + 2]),
+        np.float32(arr[off + 3]),
+    )
+
+
+def _build_ldg_v4():
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    f32 = ir.FloatType()
+    str(f32)  # see _build_intrinsics: fill llvmlite's type-text cache before pickling
+
+    @intrinsic
+    def ldg_v4_f32(typingctx, arr, off):
+        sig = types.UniTuple(types.float32, 4)(arr, types.int64)
+
+        def codegen(context, builder, sig, args):
+            ary, o = args
+            data = context.make_array(sig.args[0])(context, builder, ary).data
+            gint = builder.ptrtoint(builder.gep(data, [o]), ir.IntType(64))
+            fnty = ir.FunctionType(ir.LiteralStructType([f32] * 4), [ir.IntType(64)])
+            asm = ir.InlineAsm(
+                fnty,
+                "{ .reg .u64 ga; cvta.to.global.u64 ga, $4; "
+                "ld.global.v4.f32 {$0,$1,$2,$3}, [ga]; }",
+                "=f,=f,=f,=f,l,~{memory}",
+                side_effect=True,
+            )
+            res = builder.call(asm, [gint])
+            vals = [builder.extract_value(res, i) for i in range(4)]
+            return context.make_tuple(builder, sig.return_type, vals)
+
+        return sig, codegen
+
+    return {"ldg_v4_f32": ldg_v4_f32}
+
+
+if SIMULATED:
+    ldg_v4_f32 = _ldg_v4_f32_twin
+else:
+    globals().update(_pin_uuids(_build_ldg_v4()))
