@@ -26,13 +26,13 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             the register-staged kernel (same bits; the first 1.5x
                             faster on the H200, BENCHMARKS.md). fp32 states always
                             take the register kernel.
-``SLA_NUMBA_LINEAR``        ``registers`` (default) | ``pipelined``: the tensor-core
+``SLA_NUMBA_LINEAR``        ``pipelined`` (default) | ``registers``: the tensor-core
                             kernel of the linear branch's forward output
                             (``gpu/tc/linear.py``): H_i staged chunk by chunk with
                             scalar loads and two barriers a chunk, or the next chunk
                             in flight (16-byte loads into registers) while the mma of
                             the current one run, one barrier a chunk (same bits).
-``SLA_NUMBA_LINEAR_GRAD``   ``registers`` (default) | ``pipelined``: the tensor-core
+``SLA_NUMBA_LINEAR_GRAD``   ``pipelined`` (default) | ``registers``: the tensor-core
                             linear-branch gradient kernels (``gpu/tc/linear_backward.py``,
                             ``dq_linear`` / ``dkdv_linear``): the state staged chunk by
                             chunk (two barriers a chunk, no loads in flight during the
@@ -77,8 +77,8 @@ TORCH_OPS_VAR = "SLA_NUMBA_TORCH_OPS"
 TORCH_OPS = ("auto", "always")
 STATES_DTYPES = ("auto", "fp32", "bf16")
 MARGINAL_KERNELS = ("pipelined", "registers")
-LINEAR_KERNELS = ("registers", "pipelined")
-LINEAR_GRAD_KERNELS = ("registers", "pipelined")
+LINEAR_KERNELS = ("pipelined", "registers")
+LINEAR_GRAD_KERNELS = ("pipelined", "registers")
 LAUNCHERS = ("direct", "numba")
 
 
@@ -140,12 +140,12 @@ def marginal_kernel():
 
 
 def linear_kernel():
-    """``SLA_NUMBA_LINEAR``: 'registers' (unset or empty) or 'pipelined'."""
+    """``SLA_NUMBA_LINEAR``: 'pipelined' (unset or empty) or 'registers'."""
     return _choice(LINEAR_VAR, LINEAR_KERNELS)
 
 
 def linear_grad_kernel():
-    """``SLA_NUMBA_LINEAR_GRAD``: 'registers' (unset or empty) or 'pipelined'."""
+    """``SLA_NUMBA_LINEAR_GRAD``: 'pipelined' (unset or empty) or 'registers'."""
     return _choice(LINEAR_GRAD_VAR, LINEAR_GRAD_KERNELS)
 
 

@@ -115,9 +115,9 @@ def _check_dkdv(outs, n):
 # --------------------------------------------------------------------------- host-only
 def test_switch(monkeypatch):
     monkeypatch.delenv(config.LINEAR_GRAD_VAR, raising=False)
-    assert config.linear_grad_kernel() == "registers"
-    monkeypatch.setenv(config.LINEAR_GRAD_VAR, " Pipelined ")
     assert config.linear_grad_kernel() == "pipelined"
+    monkeypatch.setenv(config.LINEAR_GRAD_VAR, " Registers ")
+    assert config.linear_grad_kernel() == "registers"
     monkeypatch.setenv(config.LINEAR_GRAD_VAR, "fast")
     with pytest.raises(ValueError, match=config.LINEAR_GRAD_VAR):
         config.linear_grad_kernel()
@@ -130,6 +130,8 @@ def test_kernel_choice_follows_switch_and_alignment(monkeypatch):
     off = (-buf.ctypes.data // 4) % 4  # first 16-byte aligned element
     aligned, skewed = buf[off : off + 32], buf[off + 1 : off + 33]
     monkeypatch.delenv(config.LINEAR_GRAD_VAR, raising=False)
+    assert lb.use_pipelined(None, aligned) is True
+    monkeypatch.setenv(config.LINEAR_GRAD_VAR, "registers")
     assert lb.use_pipelined(None, aligned) is False
     assert lb.use_pipelined(True, aligned) is True
     monkeypatch.setenv(config.LINEAR_GRAD_VAR, "pipelined")
