@@ -18,8 +18,9 @@
 #   cpu      benchmarks/bench_cpu.py on this machine's CPU, 2 threads (taskset)
 #   marginal tools/sweep_marginal.py: the marginal-sum kernels' tiles, bf16 states,
 #            the pipelined bf16 kernel (SLA_NUMBA_MARGINAL=pipelined) and the cuBLAS floor
-#   linear   tools/sweep_linear.py: the linear forward's register and pipelined kernels
-#            (SLA_NUMBA_LINEAR), same bits, and the cuBLAS floor
+#   linear   tools/sweep_linear.py and tools/sweep_linear_backward.py: the linear forward's
+#            and the linear gradients' register and pipelined kernels (SLA_NUMBA_LINEAR,
+#            SLA_NUMBA_LINEAR_GRAD), same bits, and the cuBLAS floors
 #   host     host-side costs: tools/host_overhead.py (launch paths, whole calls; HOST_ARGS)
 #            and tools/profile_gpu.py (kernels vs wall), bf16, PROFILE_SHAPES (b2 wan)
 set -u
@@ -73,7 +74,8 @@ for step in "$@"; do
     cpu)     run cpu 200 taskset -c 0,1 python benchmarks/bench_cpu.py --threads 2 \
                  --json "$OUT/bench_cpu_device.json" ;;
     marginal) TAIL=40 run marginal ${MARGINAL_TIMEOUT:-150} python tools/sweep_marginal.py ;;
-    linear)  TAIL=40 run linear ${LINEAR_TIMEOUT:-120} python tools/sweep_linear.py ;;
+    linear)  TAIL=40 run linear ${LINEAR_TIMEOUT:-120} python tools/sweep_linear.py
+             TAIL=40 run linear_grad ${LINEAR_TIMEOUT:-120} python tools/sweep_linear_backward.py ;;
     host)    TAIL=40 run host ${HOST_TIMEOUT:-200} python tools/host_overhead.py ${HOST_ARGS:-} \
                  --json "$OUT/host_overhead.json"
              for shape in ${PROFILE_SHAPES:-b2 wan}; do
