@@ -274,13 +274,13 @@ def check_linear(quick=False):
     # the same mma / ldmatrix counts (ops_per_chunk) as the register kernel of equal HK
     mb = linear_tc.pipe_min_blocks
     pconf = [
-        ("bf16", 128, 64, linear_tc.PIPE_HK, True, mb(64)),  # the default: 3 CTAs an SM
+        ("bf16", 128, 64, linear_tc.PIPE_HK, True, mb(64)),  # the default: HK 16, no bound
         ("bf16", 128, 64, 32, True, None),  # unbounded
-        ("bf16", 128, 64, 16, True, None),
-        ("bf16", 128, 64, 32, False, mb(64)),  # lstate not 16-byte aligned: scalar loads
-        ("f16", 64, 64, 32, True, mb(64)),
-        ("bf16", 128, 128, 32, True, mb(128)),
-        ("bf16", 64, 32, 32, True, mb(32)),
+        ("bf16", 128, 64, 32, True, 3),  # bounded to 12 warps an SM
+        ("bf16", 128, 64, 16, False, mb(64)),  # lstate not 16-byte aligned: scalar loads
+        ("f16", 64, 64, 16, True, mb(64)),
+        ("bf16", 128, 128, 16, True, mb(128)),
+        ("bf16", 64, 32, 16, True, mb(32)),
     ]
     for kind, D, bq, hk, vec4, mb in pconf[:1] if quick else pconf:
         kern = linear_tc.make_linear_kernel_pipelined(kind, D, bq, hk, vec4, mb).kernel

@@ -96,10 +96,11 @@ shared memory:
   kc & 1; ``syncthreads``; load chunk kc + 1; mma on buffer kc & 1. Buffer kc & 1 was
   last read by the mma of chunk kc - 2, which every warp finished before it reached
   the barrier of chunk kc - 1.
-- Launch bound: ``pipe_min_blocks(BQ)`` CTAs an SM (12 warps). At D = 128, block_q = 64,
-  HK = 32 the kernel takes 215 registers unbounded (2 CTAs an SM), 168 without spills
-  bounded to 3 (``tools/check_tc_ptx.py --only linear``); shared memory (2·BQ + 4·HK) x
-  (D + 8) bf16 = 69.6 KiB, 3 CTAs an SM. HK = 16: 128 registers, 52.2 KiB, 4 CTAs.
+- Chunk and launch bound (``PIPE_HK``, ``pipe_min_blocks``): HK = 16 rows a chunk, no
+  launch bound, the fastest of four configurations timed on the H200. At D = 128,
+  block_q = 64, HK = 16 takes 128 registers and (2·BQ + 4·HK) x (D + 8) bf16 = 52.2 KiB
+  of shared memory: 4 CTAs an SM; HK = 32 takes 215 registers unbounded (2 CTAs an SM),
+  168 without spills bounded to 3 CTAs, 69.6 KiB (``tools/check_tc_ptx.py --only linear``).
 
 Same bits: the mma sequence of every accumulator, its operands and the epilogue are
 those of the kernel above for the same HK (``tests/gpu/tc/test_tc_linear_pipelined.py``
@@ -422,15 +423,20 @@ def get_linear_kernel(kind, D, BQ, hk=None):
 # ---------------------------------------------------------------------------
 
 #: The pipelined kernel's GPU defaults: rows of H_i a chunk, and the warps an SM its
-#: launch bound asks for (min CTAs = PIPE_SM_WARPS / warps a CTA, at least 1). At D = 128,
-#: block_q = 64, HK = 32 takes 215 registers unbounded (2 CTAs an SM), 168 without spills
-#: bounded to 3 CTAs = 12 warps (``tools/check_tc_ptx.py --only linear``).
-PIPE_HK = 32
-PIPE_SM_WARPS = 12
+#: launch bound asks for (min CTAs = PIPE_SM_WARPS / warps a CTA, at least 1; None: no
+#: launch bound). Timed on the H200 at the Wan2.1 sizes (``tools/sweep_linear.py``,
+#: BENCHMARKS.md): HK = 16 unbounded (128 registers, 4 CTAs an SM) 0.644 ms; HK = 32
+#: bounded to 12 warps (168 registers) 0.735 ms, unbounded (215) 0.745 ms; the register
+#: kernel 0.820 ms.
+PIPE_HK = 16
+PIPE_SM_WARPS = None
 
 
 def pipe_min_blocks(BQ):
-    """The pipelined kernel's default launch bound for block_q ``BQ`` (CTAs an SM)."""
+    """The pipelined kernel's default launch bound for block_q ``BQ`` (CTAs an SM), or
+    None (no bound)."""
+    if PIPE_SM_WARPS is None:
+        return None
     return max(1, PIPE_SM_WARPS // (BQ // 16))
 
 
