@@ -28,16 +28,18 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             take the register kernel.
 ``SLA_NUMBA_LINEAR``        ``pipelined`` (default) | ``registers``: the tensor-core
                             kernel of the linear branch's forward output
-                            (``gpu/tc/linear.py``): H_i staged chunk by chunk with
-                            scalar loads and two barriers a chunk, or the next chunk
-                            in flight (16-byte loads into registers) while the mma of
-                            the current one run, one barrier a chunk (same bits).
+                            (``gpu/tc/linear.py``): the next chunk of H_i in flight
+                            (16-byte loads into registers) while the mma of the
+                            current one run, one barrier a chunk; or H_i staged chunk
+                            by chunk with scalar loads, two barriers a chunk. Same
+                            bits; the first 1.27x faster on the H200 (BENCHMARKS.md).
 ``SLA_NUMBA_LINEAR_GRAD``   ``pipelined`` (default) | ``registers``: the tensor-core
                             linear-branch gradient kernels (``gpu/tc/linear_backward.py``,
-                            ``dq_linear`` / ``dkdv_linear``): the state staged chunk by
-                            chunk (two barriers a chunk, no loads in flight during the
-                            mma), or double-buffered chunks loaded one ahead with
-                            16-byte loads (one barrier a chunk). Same bits.
+                            ``dq_linear`` / ``dkdv_linear``): double-buffered chunks
+                            of the state loaded one ahead with 16-byte loads, one
+                            barrier a chunk; or staged chunk by chunk, two barriers a
+                            chunk, no loads in flight during the mma. Same bits; the
+                            first 1.22x / 1.40x faster on the H200 (BENCHMARKS.md).
 ``SLA_NUMBA_LAUNCH``        ``direct`` (default) | ``numba``: how GPU kernels are
                             launched: ``direct`` hands the compiled kernel and its
                             argument list to ``cuda.core`` (``gpu/_launcher.py``);

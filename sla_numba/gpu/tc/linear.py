@@ -65,8 +65,8 @@ Determinism: no atomics; each output is one lane's fixed sequence of operations.
 Under the CUDA simulator the ``ptx`` twins run the same function (slowly: tiny shapes,
 BQ = 16, HK = 16).
 
-The pipelined kernel (``SLA_NUMBA_LINEAR=pipelined``)
----------------------------------------------------
+The pipelined kernel (``SLA_NUMBA_LINEAR=pipelined``, the default)
+-----------------------------------------------------------------
 Why. On an H200 at the Wan2.1 sizes (B*H = 12, Nq = 32760, D = 128, block_q = 64) the
 kernel above took 0.600 ms where its bytes (H_i fp32 406 MB, q 100 MB, o_l 200 MB) need
 ~0.15 ms at 4.8 TB/s and cuBLAS did the bf16 product in 0.098 ms (measured in the
@@ -687,7 +687,7 @@ def launch_linear_forward_tc(
     may be given as flat views (Mq is taken from lstate's size, Mq >= ceil(Nq/block_q)).
     Numba device arrays or torch / CuPy CUDA tensors (numpy under the simulator).
     fm: 0 softmax, 1 elu + 1, 2 relu. ``hk``: rows of H_i staged at a time (tests).
-    ``pipeline``: None follows ``SLA_NUMBA_LINEAR`` (default ``registers``), False / True
+    ``pipeline``: None follows ``SLA_NUMBA_LINEAR`` (default ``pipelined``), False / True
     force the register-staged / pipelined kernel (same bits; module doc);
     ``min_blocks``: the pipelined kernel's launch bound (CTAs per SM; None: its default
     ``pipe_min_blocks(block_q)``, 0: none).
