@@ -267,6 +267,58 @@ def _stage_rows(smem32, hi, lo, src, base, r0, D, HK, SW, tid, NT):
         smem32[s + (lo >> 1)] = q
 
 
+@_compat.device(**_DEV)
+def _chunk_products(acc, z, af, smem, lk, lb, lz, KS, NN, HK, SW, PLO):
+    """One chunk's k-steps for one warp (step 3 of the module doc): ``acc`` += φ·H,
+    ``z`` += φ·Z. Byte addresses in shared memory: the warp's φ hi rows at ``lk`` (lo
+    ``PLO`` elements further), the chunk's H hi tile at ``lb`` (lo ``HK·SW`` further),
+    its Z tile at ``lz``."""
+    for ks in range(KS):  # d1 = chunk start + 16 ks ..
+        a0, a1, a2, a3 = ldsm_x4(smem, lk + ks * 32, 0)
+        af[0, 0], af[0, 1], af[0, 2], af[0, 3] = a0, a1, a2, a3
+        a0, a1, a2, a3 = ldsm_x4(smem, lk + ks * 32 + PLO * 2, 0)
+        af[1, 0], af[1, 1], af[1, 2], af[1, 3] = a0, a1, a2, a3
+        for p2 in range(NN // 2):
+            ko = (ks * 16 * SW + 16 * p2) * 2
+            h0, h1, h2, h3 = ldsm_x4_trans(smem, lb + ko, 0)
+            l0, l1, l2, l3 = ldsm_x4_trans(smem, lb + ko + HK * SW * 2, 0)
+            # φhi·Hhi + φlo·Hhi + φhi·Hlo (φlo·Hlo, ~2^-16, dropped)
+            _mma_tile(acc, 2 * p2, af, 0, h0, h1)
+            _mma_tile(acc, 2 * p2, af, 1, h0, h1)
+            _mma_tile(acc, 2 * p2, af, 0, l0, l1)
+            _mma_tile(acc, 2 * p2 + 1, af, 0, h2, h3)
+            _mma_tile(acc, 2 * p2 + 1, af, 1, h2, h3)
+            _mma_tile(acc, 2 * p2 + 1, af, 0, l2, l3)
+        z0, z1, z2, z3 = ldsm_x4_trans(smem, lz + ks * 16 * SW * 2, 0)
+        _mma_tile(z, 0, af, 0, z0, z1)
+        _mma_tile(z, 0, af, 1, z0, z1)
+
+
+@_compat.device(**_DEV)
+def _write_rows(o_l, acc, z, eps, ob, warp, lane, nrows, D, NN):
+    """Step 4 of the module doc: the lane's rows g, g + 8 of the warp's 16, divided by
+    their denominators (Σ of the Z tile's columns over the quad, + eps), to ``o_l``
+    from element ``ob`` (the block's first row); rows >= ``nrows`` are not written."""
+    d0 = z[0, 0] + z[0, 1]
+    d1 = z[0, 2] + z[0, 3]
+    d0 += shfl_xor(d0, 1)
+    d1 += shfl_xor(d1, 1)
+    d0 += shfl_xor(d0, 2)
+    d1 += shfl_xor(d1, 2)
+    inv0 = ONE / (d0 + eps)
+    inv1 = ONE / (d1 + eps)
+    ra = warp * 16 + (lane >> 2)
+    oa = ob + ra * D + (lane & 3) * 2
+    if ra < nrows:
+        for n in range(NN):
+            for x in range(2):
+                o_l[u64(oa + 8 * n + x)] = acc[n, x] * inv0
+    if ra + 8 < nrows:
+        for n in range(NN):
+            for x in range(2):
+                o_l[u64(oa + 8 * D + 8 * n + x)] = acc[n, 2 + x] * inv1
+
+
 @kernel_factory
 def make_linear_kernel(kind, D, BQ, HK):
     """Build ``linear_tc(q, lstate, n_marg, o_l, H, Nq, Mq, fm, eps)`` (module doc).
@@ -362,45 +414,9 @@ def make_linear_kernel(kind, D, BQ, HK):
                 smem32[s + 3] = ZI
             cuda.syncthreads()
             if busy:
-                lk = la + kc * (HK * 2)
-                for ks in range(KS):  # d1 = kc*HK + 16 ks ..
-                    a0, a1, a2, a3 = ldsm_x4(smem, lk + ks * 32, 0)
-                    af[0, 0], af[0, 1], af[0, 2], af[0, 3] = a0, a1, a2, a3
-                    a0, a1, a2, a3 = ldsm_x4(smem, lk + ks * 32 + PLO * 2, 0)
-                    af[1, 0], af[1, 1], af[1, 2], af[1, 3] = a0, a1, a2, a3
-                    for p2 in range(NN // 2):
-                        ko = (ks * 16 * SW + 16 * p2) * 2
-                        h0, h1, h2, h3 = ldsm_x4_trans(smem, lb + ko, 0)
-                        l0, l1, l2, l3 = ldsm_x4_trans(smem, lb + ko + HK * SW * 2, 0)
-                        # φhi·Hhi + φlo·Hhi + φhi·Hlo (φlo·Hlo, ~2^-16, dropped)
-                        _mma_tile(acc, 2 * p2, af, 0, h0, h1)
-                        _mma_tile(acc, 2 * p2, af, 1, h0, h1)
-                        _mma_tile(acc, 2 * p2, af, 0, l0, l1)
-                        _mma_tile(acc, 2 * p2 + 1, af, 0, h2, h3)
-                        _mma_tile(acc, 2 * p2 + 1, af, 1, h2, h3)
-                        _mma_tile(acc, 2 * p2 + 1, af, 0, l2, l3)
-                    z0, z1, z2, z3 = ldsm_x4_trans(smem, lz + ks * 16 * SW * 2, 0)
-                    _mma_tile(z, 0, af, 0, z0, z1)
-                    _mma_tile(z, 0, af, 1, z0, z1)
+                _chunk_products(acc, z, af, smem, la + kc * (HK * 2), lb, lz, KS, NN, HK, SW, PLO)
         # --- 4. epilogue: den of rows g, g + 8 = Σ over the Z tile's columns (t = 0..3)
-        d0 = z[0, 0] + z[0, 1]
-        d1 = z[0, 2] + z[0, 3]
-        d0 += shfl_xor(d0, 1)
-        d1 += shfl_xor(d1, 1)
-        d0 += shfl_xor(d0, 2)
-        d1 += shfl_xor(d1, 2)
-        inv0 = ONE / (d0 + eps)
-        inv1 = ONE / (d1 + eps)
-        ra = warp * 16 + (lane >> 2)
-        oa = ob + ra * D + (lane & 3) * 2
-        if ra < nrows:
-            for n in range(NN):
-                for x in range(2):
-                    o_l[u64(oa + 8 * n + x)] = acc[n, x] * inv0
-        if ra + 8 < nrows:
-            for n in range(NN):
-                for x in range(2):
-                    o_l[u64(oa + 8 * D + 8 * n + x)] = acc[n, 2 + x] * inv1
+        _write_rows(o_l, acc, z, eps, ob, warp, lane, nrows, D, NN)
 
     return LinearKernel(linear_tc, SMEM, NT)
 
@@ -597,46 +613,9 @@ def make_linear_kernel_pipelined(kind, D, BQ, HK, vec4=True, min_blocks=None):
             if busy:
                 lk = la + kc * (HK * 2)
                 bo = (kc & 1) * (BUF * 2)
-                lbk = lb + bo
-                lzk = lz + bo
-                for ks in range(KS):  # d1 = kc*HK + 16 ks ..
-                    a0, a1, a2, a3 = ldsm_x4(smem, lk + ks * 32, 0)
-                    af[0, 0], af[0, 1], af[0, 2], af[0, 3] = a0, a1, a2, a3
-                    a0, a1, a2, a3 = ldsm_x4(smem, lk + ks * 32 + PLO * 2, 0)
-                    af[1, 0], af[1, 1], af[1, 2], af[1, 3] = a0, a1, a2, a3
-                    for p2 in range(NN // 2):
-                        ko = (ks * 16 * SW + 16 * p2) * 2
-                        h0, h1, h2, h3 = ldsm_x4_trans(smem, lbk + ko, 0)
-                        l0, l1, l2, l3 = ldsm_x4_trans(smem, lbk + ko + HK * SW * 2, 0)
-                        # φhi·Hhi + φlo·Hhi + φhi·Hlo (φlo·Hlo, ~2^-16, dropped)
-                        _mma_tile(acc, 2 * p2, af, 0, h0, h1)
-                        _mma_tile(acc, 2 * p2, af, 1, h0, h1)
-                        _mma_tile(acc, 2 * p2, af, 0, l0, l1)
-                        _mma_tile(acc, 2 * p2 + 1, af, 0, h2, h3)
-                        _mma_tile(acc, 2 * p2 + 1, af, 1, h2, h3)
-                        _mma_tile(acc, 2 * p2 + 1, af, 0, l2, l3)
-                    z0, z1, z2, z3 = ldsm_x4_trans(smem, lzk + ks * 16 * SW * 2, 0)
-                    _mma_tile(z, 0, af, 0, z0, z1)
-                    _mma_tile(z, 0, af, 1, z0, z1)
+                _chunk_products(acc, z, af, smem, lk, lb + bo, lz + bo, KS, NN, HK, SW, PLO)
         # --- 4. epilogue (as make_linear_kernel)
-        d0 = z[0, 0] + z[0, 1]
-        d1 = z[0, 2] + z[0, 3]
-        d0 += shfl_xor(d0, 1)
-        d1 += shfl_xor(d1, 1)
-        d0 += shfl_xor(d0, 2)
-        d1 += shfl_xor(d1, 2)
-        inv0 = ONE / (d0 + eps)
-        inv1 = ONE / (d1 + eps)
-        ra = warp * 16 + (lane >> 2)
-        oa = ob + ra * D + (lane & 3) * 2
-        if ra < nrows:
-            for n in range(NN):
-                for x in range(2):
-                    o_l[u64(oa + 8 * n + x)] = acc[n, x] * inv0
-        if ra + 8 < nrows:
-            for n in range(NN):
-                for x in range(2):
-                    o_l[u64(oa + 8 * D + 8 * n + x)] = acc[n, 2 + x] * inv1
+        _write_rows(o_l, acc, z, eps, ob, warp, lane, nrows, D, NN)
 
     return LinearKernel(linear_tc_pipelined, SMEM, NT)
 
