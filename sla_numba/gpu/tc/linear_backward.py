@@ -293,67 +293,37 @@ def prefetch_slots(D, HK, NT):
 
 
 @_compat.device(**_DEV)
-def _ldg_cols(pf, src, base, c0, D, HK, tid, NT, NPF):
-    """This thread's quads of columns c0 .. c0 + HK of the D x D fp32 matrix at
-    ``src[base:]`` into registers ``pf`` (NPF x 4): quad x = tid + u·NT is row
-    x // (HK/4), columns c0 + 4·(x mod HK/4) .. + 3 (one 16-byte load)."""
-    q4 = HK // 4
+def _ldg_quads(pf, src, base, R, C, D, tid, NT, NPF):
+    """This thread's quads of the R x C block at ``src[base:]`` of a row-major fp32
+    matrix of D columns, one 16-byte load each: quad x (x = tid, tid + NT, ...) is row
+    x // (C/4), columns 4·(x mod C/4) .. + 3. A chunk of HK columns c0 .. of the D x D
+    state: ``base + c0``, R = D, C = HK; a chunk of HK rows r0 ..: ``base + r0·D``,
+    R = HK, C = D."""
+    q4 = C // 4
     for u in range(NPF):
         x = tid + u * NT
-        if x < D * q4:
-            d1 = x // q4
-            c = (x - d1 * q4) * 4
-            a0, a1, a2, a3 = ldg_v4_f32(src, int64(base + d1 * D + c0 + c))
+        if x < R * q4:
+            rr = x // q4
+            c = (x - rr * q4) * 4
+            a0, a1, a2, a3 = ldg_v4_f32(src, int64(base + rr * D + c))
             pf[u, 0], pf[u, 1], pf[u, 2], pf[u, 3] = a0, a1, a2, a3
 
 
 @_compat.device(**_DEV)
-def _put_cols(smem32, hi, lo, pf, D, HK, SWC, tid, NT, NPF):
-    """The quads of :func:`_ldg_cols`, split into bf16 hi / lo, into the tiles [d1][c']
-    at 16-bit offsets ``hi`` / ``lo`` (row stride SWC): the same values at the same
-    places as ``_stage_cols``."""
-    q4 = HK // 4
+def _put_quads(smem32, hi, lo, pf, R, C, S, tid, NT, NPF):
+    """The quads of :func:`_ldg_quads` (same R, C), split into bf16 hi / lo, into the
+    tiles [r][c] at 16-bit offsets ``hi`` / ``lo``, row stride S: the same values at the
+    same places as ``_stage_cols`` (R = D, C = HK, S = SWC) or ``_stage_rows`` (R = HK,
+    C = D, S = SW)."""
+    q4 = C // 4
     for u in range(NPF):
         x = tid + u * NT
-        if x < D * q4:
-            d1 = x // q4
-            c = (x - d1 * q4) * 4
-            p0, l0 = _split_pair(pf[u, 0], pf[u, 1])
-            p1, l1 = _split_pair(pf[u, 2], pf[u, 3])
-            s = (d1 * SWC + c) >> 1
-            smem32[s + (hi >> 1)] = p0
-            smem32[s + (hi >> 1) + 1] = p1
-            smem32[s + (lo >> 1)] = l0
-            smem32[s + (lo >> 1) + 1] = l1
-
-
-@_compat.device(**_DEV)
-def _ldg_rows(pf, src, base, r0, D, HK, tid, NT, NPF):
-    """This thread's quads of rows r0 .. r0 + HK of the D x D fp32 matrix at
-    ``src[base:]``: quad x is row r0 + x // (D/4), columns 4·(x mod D/4) .. + 3."""
-    q4 = D // 4
-    for u in range(NPF):
-        x = tid + u * NT
-        if x < HK * q4:
-            rr = x // q4
-            c = (x - rr * q4) * 4
-            a0, a1, a2, a3 = ldg_v4_f32(src, int64(base + (r0 + rr) * D + c))
-            pf[u, 0], pf[u, 1], pf[u, 2], pf[u, 3] = a0, a1, a2, a3
-
-
-@_compat.device(**_DEV)
-def _put_rows(smem32, hi, lo, pf, D, HK, SW, tid, NT, NPF):
-    """The quads of :func:`_ldg_rows` into the tiles [r'][e] (row stride SW), as
-    ``_stage_rows`` places them."""
-    q4 = D // 4
-    for u in range(NPF):
-        x = tid + u * NT
-        if x < HK * q4:
+        if x < R * q4:
             rr = x // q4
             c = (x - rr * q4) * 4
             p0, l0 = _split_pair(pf[u, 0], pf[u, 1])
             p1, l1 = _split_pair(pf[u, 2], pf[u, 3])
-            s = (rr * SW + c) >> 1
+            s = (rr * S + c) >> 1
             smem32[s + (hi >> 1)] = p0
             smem32[s + (hi >> 1) + 1] = p1
             smem32[s + (lo >> 1)] = l0
@@ -363,7 +333,7 @@ def _put_rows(smem32, hi, lo, pf, D, HK, SW, tid, NT, NPF):
 @_compat.device(**_DEV)
 def _times_xt_pipe(acc, af, pf, smem, smem32, src, base, a_hi, a_lo, a_split, busy, XB, XS, D, HK, SWC, SW, NP, tid, NT, NPF, then_rows):  # fmt: skip
     """:func:`_times_xt` with the chunks of X double-buffered and loaded one chunk
-    ahead. On entry ``pf`` holds chunk 0 (``_ldg_cols``, issued early by the caller) and
+    ahead. On entry ``pf`` holds chunk 0 (``_ldg_quads``, issued early by the caller) and
     buffer 0 is free. Buffer b: hi tile at 16-bit offset XB + 2b·XS, lo tile XS further.
     Per chunk kc: issue the 16-byte loads of chunk kc + 1, run chunk kc's mma (the same
     ones in the same order as ``_times_xt``), split and store chunk kc + 1 into the
@@ -375,15 +345,15 @@ def _times_xt_pipe(acc, af, pf, smem, smem32, src, base, a_hi, a_lo, a_split, bu
     sa = smem_addr(smem)
     lb_ = frag_rows_bt(cuda.threadIdx.x & 31, SWC)
     NC = D // HK
-    _put_cols(smem32, XB, XB + XS, pf, D, HK, SWC, tid, NT, NPF)
+    _put_quads(smem32, XB, XB + XS, pf, D, HK, SWC, tid, NT, NPF)
     cuda.syncthreads()  # chunk 0 (and the caller's row tiles) written
     for kc in range(NC):
         cur = XB + (kc & 1) * 2 * XS
         nxt = XB + ((kc + 1) & 1) * 2 * XS
         if kc + 1 < NC:
-            _ldg_cols(pf, src, base, (kc + 1) * HK, D, HK, tid, NT, NPF)
+            _ldg_quads(pf, src, base + (kc + 1) * HK, D, HK, D, tid, NT, NPF)
         elif then_rows:
-            _ldg_rows(pf, src, base, 0, D, HK, tid, NT, NPF)
+            _ldg_quads(pf, src, base, HK, D, D, tid, NT, NPF)
         if busy:
             b_hi = sa + (cur + lb_) * 2
             b_lo = b_hi + XS * 2
@@ -402,10 +372,10 @@ def _times_xt_pipe(acc, af, pf, smem, smem32, src, base, a_hi, a_lo, a_split, bu
                         _mma_tile(acc, 2 * p, af, 1, h0, h1)
                         _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
         if kc + 1 < NC:
-            _put_cols(smem32, nxt, nxt + XS, pf, D, HK, SWC, tid, NT, NPF)
+            _put_quads(smem32, nxt, nxt + XS, pf, D, HK, SWC, tid, NT, NPF)
             cuda.syncthreads()  # chunk kc + 1 written, chunk kc consumed
         elif then_rows:
-            _put_rows(smem32, nxt, nxt + XS, pf, D, HK, SW, tid, NT, NPF)
+            _put_quads(smem32, nxt, nxt + XS, pf, HK, D, SW, tid, NT, NPF)
             cuda.syncthreads()
 
 
@@ -425,7 +395,7 @@ def _times_x_pipe(acc, af, pf, smem, smem32, src, base, a_hi, a_lo, busy, XB, XS
         cur = XB + ((b0 + kc) & 1) * 2 * XS
         nxt = XB + ((b0 + kc + 1) & 1) * 2 * XS
         if kc + 1 < NC:
-            _ldg_rows(pf, src, base, (kc + 1) * HK, D, HK, tid, NT, NPF)
+            _ldg_quads(pf, src, base + (kc + 1) * HK * D, HK, D, D, tid, NT, NPF)
         if busy:
             b_hi = sa + (cur + lb_) * 2
             b_lo = b_hi + XS * 2
@@ -443,7 +413,7 @@ def _times_x_pipe(acc, af, pf, smem, smem32, src, base, a_hi, a_lo, busy, XB, XS
                     _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
                     _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
         if kc + 1 < NC:
-            _put_rows(smem32, nxt, nxt + XS, pf, D, HK, SW, tid, NT, NPF)
+            _put_quads(smem32, nxt, nxt + XS, pf, HK, D, SW, tid, NT, NPF)
             cuda.syncthreads()
 
 
@@ -569,7 +539,7 @@ def make_dq_linear_kernel(kind, D, BQ, HK, l_half, pipelined=False):
                 qstate[u64(sb + x)] = ZERO
             return
         if PIPE:  # H_i's first chunk: in flight during phase 0
-            _ldg_cols(pf, lstate, sb, 0, D, HK, tid, NT, NPF)
+            _ldg_quads(pf, lstate, sb, D, HK, D, tid, NT, NPF)
 
         # --- 0. rows: φ(q_r), den_r, δl_r; ĉ and dO_l into shared tiles
         r = tid >> 1
@@ -762,7 +732,7 @@ def make_dkdv_linear_kernel(kind, D, BK, HK, pipelined=False):
         if n_marg[u64(bh * Mk + j)] <= 0:  # no query block takes j as marginal
             return
         if PIPE:  # dH_j's first column chunk: in flight during phase 0
-            _ldg_cols(pf, dh, sb, 0, D, HK, tid, NT, NPF)
+            _ldg_quads(pf, dh, sb, D, HK, D, tid, NT, NPF)
 
         # --- 0. rows: φ(k_c) hi / lo, v_c (bits, or hi / lo for fp16), dZ_j
         r = tid >> 1
