@@ -293,11 +293,11 @@ def prefetch_slots(D, HK, NT):
 
 
 @_compat.device(**_DEV)
-def _ldg_quads(pf, src, base, R, C, D, tid, NT, NPF):
-    """This thread's quads of the R x C block at ``src[base:]`` of a row-major fp32
-    matrix of D columns, one 16-byte load each: quad x (x = tid, tid + NT, ...) is row
-    x // (C/4), columns 4·(x mod C/4) .. + 3. A chunk of HK columns c0 .. of the D x D
-    state: ``base + c0``, R = D, C = HK; a chunk of HK rows r0 ..: ``base + r0·D``,
+def _ldg_quads(pf, src, base, r0, c0, R, C, D, tid, NT, NPF):
+    """This thread's quads of the R x C block at row r0, column c0 of the row-major
+    fp32 matrix (D columns) at ``src[base:]``, one 16-byte load each: quad x (x = tid,
+    tid + NT, ...) is row r0 + x // (C/4), columns c0 + 4·(x mod C/4) .. + 3. A chunk of
+    HK columns of the D x D state: r0 = 0, R = D, C = HK; a chunk of HK rows: c0 = 0,
     R = HK, C = D."""
     q4 = C // 4
     for u in range(NPF):
@@ -305,7 +305,7 @@ def _ldg_quads(pf, src, base, R, C, D, tid, NT, NPF):
         if x < R * q4:
             rr = x // q4
             c = (x - rr * q4) * 4
-            a0, a1, a2, a3 = ldg_v4_f32(src, int64(base + rr * D + c))
+            a0, a1, a2, a3 = ldg_v4_f32(src, int64(base + (r0 + rr) * D + c0 + c))
             pf[u, 0], pf[u, 1], pf[u, 2], pf[u, 3] = a0, a1, a2, a3
 
 
@@ -351,9 +351,9 @@ def _times_xt_pipe(acc, af, pf, smem, smem32, src, base, a_hi, a_lo, a_split, bu
         cur = XB + (kc & 1) * 2 * XS
         nxt = XB + ((kc + 1) & 1) * 2 * XS
         if kc + 1 < NC:
-            _ldg_quads(pf, src, base + (kc + 1) * HK, D, HK, D, tid, NT, NPF)
+            _ldg_quads(pf, src, base, 0, (kc + 1) * HK, D, HK, D, tid, NT, NPF)
         elif then_rows:
-            _ldg_quads(pf, src, base, HK, D, D, tid, NT, NPF)
+            _ldg_quads(pf, src, base, 0, 0, HK, D, D, tid, NT, NPF)
         if busy:
             b_hi = sa + (cur + lb_) * 2
             b_lo = b_hi + XS * 2
@@ -395,7 +395,7 @@ def _times_x_pipe(acc, af, pf, smem, smem32, src, base, a_hi, a_lo, busy, XB, XS
         cur = XB + ((b0 + kc) & 1) * 2 * XS
         nxt = XB + ((b0 + kc + 1) & 1) * 2 * XS
         if kc + 1 < NC:
-            _ldg_quads(pf, src, base + (kc + 1) * HK * D, HK, D, D, tid, NT, NPF)
+            _ldg_quads(pf, src, base, (kc + 1) * HK, 0, HK, D, D, tid, NT, NPF)
         if busy:
             b_hi = sa + (cur + lb_) * 2
             b_lo = b_hi + XS * 2
@@ -539,7 +539,7 @@ def make_dq_linear_kernel(kind, D, BQ, HK, l_half, pipelined=False):
                 qstate[u64(sb + x)] = ZERO
             return
         if PIPE:  # H_i's first chunk: in flight during phase 0
-            _ldg_quads(pf, lstate, sb, D, HK, D, tid, NT, NPF)
+            _ldg_quads(pf, lstate, sb, 0, 0, D, HK, D, tid, NT, NPF)
 
         # --- 0. rows: φ(q_r), den_r, δl_r; ĉ and dO_l into shared tiles
         r = tid >> 1
@@ -732,7 +732,7 @@ def make_dkdv_linear_kernel(kind, D, BK, HK, pipelined=False):
         if n_marg[u64(bh * Mk + j)] <= 0:  # no query block takes j as marginal
             return
         if PIPE:  # dH_j's first column chunk: in flight during phase 0
-            _ldg_quads(pf, dh, sb, D, HK, D, tid, NT, NPF)
+            _ldg_quads(pf, dh, sb, 0, 0, D, HK, D, tid, NT, NPF)
 
         # --- 0. rows: φ(k_c) hi / lo, v_c (bits, or hi / lo for fp16), dZ_j
         r = tid >> 1
