@@ -20,6 +20,12 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             relative error instead of ~3e-8 (``tools/states_precision.py``).
                             ``auto``: bf16 states for bf16 inputs (their own rounding
                             is coarser), fp32 for fp16 inputs.
+``SLA_NUMBA_GRAD_STATES``   ``fp32`` (default) | ``bf16``: the storage of the
+                            tensor-core backward's per-query-block gradient sums
+                            (QO_i, QD_i, written by ``dq_linear``): ``bf16`` rounds
+                            each to bf16, halves their bytes, and lets the column
+                            sums dH_j take the pipelined bf16 marginal kernel.
+                            Opt-in: not yet timed, nor accuracy-checked, on a GPU.
 ``SLA_NUMBA_MARGINAL``      ``pipelined`` (default) | ``registers``: the tensor-core
                             marginal-sum kernel for bf16 states (``gpu/tc/marginal.py``):
                             the ``cp.async`` ring of several k-steps per barrier, or
@@ -78,6 +84,8 @@ COMPILE_WORKERS_VAR = "SLA_NUMBA_COMPILE_WORKERS"
 TORCH_OPS_VAR = "SLA_NUMBA_TORCH_OPS"
 TORCH_OPS = ("auto", "always")
 STATES_DTYPES = ("auto", "fp32", "bf16")
+GRAD_STATES_VAR = "SLA_NUMBA_GRAD_STATES"
+GRAD_STATES_DTYPES = ("fp32", "bf16")
 MARGINAL_KERNELS = ("pipelined", "registers")
 LINEAR_KERNELS = ("pipelined", "registers")
 LINEAR_GRAD_KERNELS = ("pipelined", "registers")
@@ -122,6 +130,11 @@ def disk_cache():
 def launcher():
     """``SLA_NUMBA_LAUNCH``: 'direct' (unset or empty) or 'numba'."""
     return _choice(LAUNCH_VAR, LAUNCHERS)
+
+
+def grad_states_dtype():
+    """``SLA_NUMBA_GRAD_STATES``: 'fp32' (unset or empty) or 'bf16'."""
+    return _choice(GRAD_STATES_VAR, GRAD_STATES_DTYPES)
 
 
 def states_dtype():

@@ -155,9 +155,11 @@ from .ptx import (
     ldg_v4_f32,
     ldsm_x4,
     ldsm_x4_trans,
+    pack_bf16x2,
     shfl_xor,
     smem_addr,
 )
+from .states import _high16, _low16
 from .tiles import frag_rows_a, frag_rows_bt
 
 #: A compiled kernel and its launch sizes.
@@ -469,12 +471,14 @@ def _add_rows(out, oa, acc, D, ok0, ok1, NN):
 
 
 @kernel_factory
-def make_dq_linear_kernel(kind, D, BQ, HK, l_half, pipelined=False):
+def make_dq_linear_kernel(kind, D, BQ, HK, l_half, pipelined=False, q_bf16=False):
     """Build ``dq_linear(q, o_l, do_l, lstate, n_marg, dq, qstate, H, Nq, Mq, fm, eps)``
     (module doc). Grid (ceil(Nq/BQ), H, B), 2·BQ threads. ``l_half``: o_l / do_l are
     int16 bits of ``kind`` (else fp32). ``pipelined``: H_i's chunks double-buffered and
     loaded one ahead (module doc, "The pipelined kernels"; same bits; lstate must be
-    16-byte aligned). Returns a :class:`LinearGradKernel`."""
+    16-byte aligned). ``q_bf16``: qstate is int16, each QO_i / QD_i value rounded to
+    bf16 (nearest even) and its bits stored (``SLA_NUMBA_GRAD_STATES=bf16``). Returns a
+    :class:`LinearGradKernel`."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: 'bf16' or 'f16'")
     if not linear_grad_tc_supported(D, BQ):
@@ -497,6 +501,8 @@ def make_dq_linear_kernel(kind, D, BQ, HK, l_half, pipelined=False):
     XH = 4 * BQ * SW
     XL = XH + D * SWC
     PIPE = bool(pipelined)
+    Q16 = bool(q_bf16)
+    QZERO = int16(0) if Q16 else ZERO  # bf16 0.0 has all bits 0
     NPF = prefetch_slots(D, HK, NT)
     # pipelined: two buffers, each a hi and a lo tile of D * SWC (XH, XL = buffer 0's)
     # fp32 area (32-bit index): rows [BQ][4], then Z [D]
@@ -536,7 +542,7 @@ def make_dq_linear_kernel(kind, D, BQ, HK, l_half, pipelined=False):
         sb = (bh * Mq + i) * W  # lstate / qstate row
         if n_marg[u64(bh * Mq + i)] <= 0:  # no marginal key block: no linear gradient
             for x in range(tid, W, NT):
-                qstate[u64(sb + x)] = ZERO
+                qstate[u64(sb + x)] = QZERO
             return
         if PIPE:  # H_i's first chunk: in flight during phase 0
             _ldg_quads(pf, lstate, sb, 0, 0, D, HK, D, tid, NT, NPF)
@@ -645,9 +651,17 @@ def make_dq_linear_kernel(kind, D, BQ, HK, l_half, pipelined=False):
                         _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
             so = sb + (mt * 16 + g8) * D + 2 * t
             for n in range(NN):
-                for x in range(2):
-                    qstate[u64(so + 8 * n + x)] = acc[n, x]
-                    qstate[u64(so + 8 * D + 8 * n + x)] = acc[n, 2 + x]
+                if Q16:  # each pair rounded to bf16, stored as two 16-bit values
+                    p = pack_bf16x2(acc[n, 0], acc[n, 1])
+                    qstate[u64(so + 8 * n)] = _low16(p)
+                    qstate[u64(so + 8 * n + 1)] = _high16(p)
+                    p = pack_bf16x2(acc[n, 2], acc[n, 3])
+                    qstate[u64(so + 8 * D + 8 * n)] = _low16(p)
+                    qstate[u64(so + 8 * D + 8 * n + 1)] = _high16(p)
+                else:
+                    for x in range(2):
+                        qstate[u64(so + 8 * n + x)] = acc[n, x]
+                        qstate[u64(so + 8 * D + 8 * n + x)] = acc[n, 2 + x]
         # QD_i[d1] = Σ_r ĉ[r][d1] · δl_r (rows past the block: ĉ = 0, δl = 0)
         for d1 in range(tid, D, NT):
             s = ZERO
@@ -659,7 +673,10 @@ def make_dq_linear_kernel(kind, D, BQ, HK, l_half, pipelined=False):
                 else:
                     cv = bf16_low_f32(pr) + bf16_low_f32(pl)
                 s += cv * smemf[F32 + 4 * rr + 3]
-            qstate[u64(sb + D * D + d1)] = s
+            if Q16:
+                qstate[u64(sb + D * D + d1)] = _low16(pack_bf16x2(s, s))
+            else:
+                qstate[u64(sb + D * D + d1)] = s
 
     return LinearGradKernel(dq_linear, SMEM, NT)
 
@@ -813,18 +830,16 @@ def _chunk(D, hk, pipelined):
     return chunk_rows(D, hk)
 
 
-def get_dq_linear_kernel(kind, D, BQ, l_half, hk=None, pipelined=False):
-    """The dq kernel for (kind, D, BQ, l_half, chunk, pipelined), built once."""
+def get_dq_linear_kernel(kind, D, BQ, l_half, hk=None, pipelined=False, q_bf16=False):
+    """The dq kernel for (kind, D, BQ, l_half, chunk, pipelined, q_bf16), built once."""
     HK = _chunk(D, hk, pipelined)
-    key = ("dq", kind, int(D), int(BQ), bool(l_half), HK, bool(pipelined))
+    key = ("dq", kind, int(D), int(BQ), bool(l_half), HK, bool(pipelined), bool(q_bf16))
     if key not in _kernels:
         args = (kind, int(D), int(BQ), HK, bool(l_half))
-        # the register kernel keeps its old recipe (no keyword): same disk-cache entry
-        _kernels[key] = (
-            make_dq_linear_kernel(*args, pipelined=True)
-            if pipelined
-            else (make_dq_linear_kernel(*args))
-        )
+        # keywords only where they differ from the defaults: the recipes of the kernels
+        # made before the options existed stay the same
+        kw = {k: True for k, v in (("pipelined", pipelined), ("q_bf16", q_bf16)) if v}
+        _kernels[key] = make_dq_linear_kernel(*args, **kw)
     return _kernels[key]
 
 
@@ -917,8 +932,8 @@ def launch_dq_linear_tc(
     """Add the linear branch's dq into ``dq`` and write QO_i / QD_i into ``qstate``.
 
     kind 'bf16' / 'f16'; q_bits int16 (B, H, Nq, D); o_l, do_l (B, H, Nq, D) both float32
-    or both int16 bits of ``kind``; lstate (rows' H_i, Z_i) and qstate fp32 (B, H, Mq,
-    D*D + D); n_marg int32 (B, H, Mq); dq fp32 (B, H, Nq, D), added to. Flat views
+    or both int16 bits of ``kind``; lstate (rows' H_i, Z_i) fp32 and qstate fp32 or int16
+    (bf16 bits of each value) (B, H, Mq, D*D + D); n_marg int32 (B, H, Mq); dq fp32 (B, H, Nq, D), added to. Flat views
     accepted; Numba device arrays or torch / CuPy CUDA tensors (numpy under the
     simulator). ``hk``: columns of H_i staged at a time (tests). ``pipeline``: None
     follows ``SLA_NUMBA_LINEAR_GRAD``; True / False force the pipelined / register kernel
@@ -932,8 +947,9 @@ def launch_dq_linear_tc(
         return
     W = D * D + D
     Mq = _blocks_of(who, lstate, B, H, W, nblk)
-    if size(qstate) != size(lstate) or dtype_name(qstate) != "float32":
-        raise ValueError(f"{who}: qstate must be float32 of lstate's size")
+    if size(qstate) != size(lstate) or dtype_name(qstate) not in ("float32", "int16"):
+        raise ValueError(f"{who}: qstate must be float32 (or int16: bf16 bits) of lstate's size")
+    q_bf16 = dtype_name(qstate) == "int16"
     l_types = {dtype_name(o_l), dtype_name(do_l)}
     if l_types == {"float32"}:
         l_half = False
@@ -948,7 +964,8 @@ def launch_dq_linear_tc(
         raise ValueError(f"{who}: q / o_l / do_l / dq smaller than B*H*Nq*D")
     if size(n_marg) < B * H * Mq:
         raise ValueError(f"{who}: n_marg smaller than B*H*Mq")
-    kern = get_dq_linear_kernel(kind, D, block_q, l_half, hk, use_pipelined(pipeline, lstate))
+    pipe = use_pipelined(pipeline, lstate)
+    kern = get_dq_linear_kernel(kind, D, block_q, l_half, hk, pipe, q_bf16)
     args = (
         flat(q_bits),
         flat(o_l),

@@ -184,6 +184,34 @@ def test_sim_dkdv_same_bits(kind, B, H, N, D, bk, fm, hk, zero):
     _check_dkdv(outs, B * H * N * D)
 
 
+@needs_sim
+@pytest.mark.parametrize("pipe", [False, True])
+def test_sim_bf16_qstate_is_the_rounded_fp32_qstate(pipe):
+    """``SLA_NUMBA_GRAD_STATES=bf16``: an int16 qstate holds, for every value, the bits
+    of the fp32 kernel's value rounded to bf16 (nearest even); dq is unchanged."""
+    kind, l_half, B, H, N, D, bq, fm, hk, zero = SIM_DQ[0]
+    args = _dq_inputs(kind, l_half, B, H, N, D, bq, fm, zero, seed=3)
+    a32 = [x.copy() for x in args]
+    a16 = [x.copy() for x in args]
+    a16[6] = np.full(args[6].size, -1, np.int16)  # 0xFFFF: a bf16 NaN, must be overwritten
+    for a in (a32, a16):
+        lb.launch_dq_linear_tc(kind, *a, B, H, N, D, bq, fm, EPS, 0, hk=hk, pipeline=pipe)
+    _same_bits(a32[5], a16[5], "dq")
+    want = ptx.f32_to_bf16_bits(a32[6]).view(np.int16)
+    assert not np.isnan(a32[6]).any()
+    assert np.array_equal(a16[6], want), f"{int((a16[6] != want).sum())} values differ"
+
+
+def test_grad_states_switch(monkeypatch):
+    monkeypatch.delenv(config.GRAD_STATES_VAR, raising=False)
+    assert config.grad_states_dtype() == "fp32"
+    monkeypatch.setenv(config.GRAD_STATES_VAR, " BF16 ")
+    assert config.grad_states_dtype() == "bf16"
+    monkeypatch.setenv(config.GRAD_STATES_VAR, "half")
+    with pytest.raises(ValueError, match=config.GRAD_STATES_VAR):
+        config.grad_states_dtype()
+
+
 # --------------------------------------------------------------------------- GPU
 def _time_ms(fn, dev, reps=10):
     fn()
