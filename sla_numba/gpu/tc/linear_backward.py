@@ -217,6 +217,46 @@ def _load_a2(af, smem, addr_hi, addr_lo, split):
 
 
 @_compat.device(**_DEV)
+def _xt_chunk(acc, af, smem, a_hi, a_lo, a_split, a0, b_hi, b_lo, HK, SWC, NP):
+    """One staged chunk of ``acc += A · Xᵀ`` for one warp: its HK/16 k-steps. A hi / lo
+    fragments at byte addresses ``a_hi`` / ``a_lo`` plus ``a0`` (the chunk's first
+    column), lo used only when ``a_split``; X's column chunk [d1][c'] (row stride SWC)
+    at ``b_hi`` / ``b_lo`` (B = Xᵀ by a non-transposed ``ldmatrix``)."""
+    for ks in range(HK // 16):
+        _load_a2(af, smem, a_hi + a0 + ks * 32, a_lo + a0 + ks * 32, a_split)
+        for p in range(NP):
+            off = (p * 16 * SWC + ks * 16) * 2
+            h0, h1, h2, h3 = ldsm_x4(smem, b_hi + off, 0)
+            l0, l1, l2, l3 = ldsm_x4(smem, b_lo + off, 0)
+            _mma_tile(acc, 2 * p, af, 0, h0, h1)
+            _mma_tile(acc, 2 * p, af, 0, l0, l1)
+            _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
+            _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
+            if a_split:
+                _mma_tile(acc, 2 * p, af, 1, h0, h1)
+                _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
+
+
+@_compat.device(**_DEV)
+def _x_chunk(acc, af, smem, a_hi, a_lo, a0, b_hi, b_lo, HK, SW, NP):
+    """One staged chunk of ``acc += A · X`` for one warp: A split in hi / lo (as in
+    :func:`_xt_chunk`), X's row chunk [d'][e] (row stride SW) at ``b_hi`` / ``b_lo``
+    (B by ``ldmatrix.trans``)."""
+    for ks in range(HK // 16):
+        _load_a2(af, smem, a_hi + a0 + ks * 32, a_lo + a0 + ks * 32, True)
+        for p in range(NP):
+            off = (ks * 16 * SW + p * 16) * 2
+            h0, h1, h2, h3 = ldsm_x4_trans(smem, b_hi + off, 0)
+            l0, l1, l2, l3 = ldsm_x4_trans(smem, b_lo + off, 0)
+            _mma_tile(acc, 2 * p, af, 0, h0, h1)
+            _mma_tile(acc, 2 * p, af, 1, h0, h1)
+            _mma_tile(acc, 2 * p, af, 0, l0, l1)
+            _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
+            _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
+            _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
+
+
+@_compat.device(**_DEV)
 def _times_xt(acc, af, smem, smem32, src, base, a_hi, a_lo, a_split, busy, XH, XL, D, HK, SWC, NP, tid, NT):  # fmt: skip
     """``acc = A · Xᵀ`` for the warp's 16 rows of A (all D output columns, NP pairs of
     n8 tiles), X the D x D fp32 matrix at ``src[base:]``, staged HK *columns* at a time
@@ -237,20 +277,7 @@ def _times_xt(acc, af, smem, smem32, src, base, a_hi, a_lo, a_split, busy, XH, X
         _stage_cols(smem32, XH, XL, src, base, kc * HK, D, HK, SWC, tid, NT)
         cuda.syncthreads()
         if busy:
-            a0 = kc * HK * 2  # the chunk's first column, in bytes
-            for ks in range(HK // 16):
-                _load_a2(af, smem, a_hi + a0 + ks * 32, a_lo + a0 + ks * 32, a_split)
-                for p in range(NP):
-                    off = (p * 16 * SWC + ks * 16) * 2
-                    h0, h1, h2, h3 = ldsm_x4(smem, b_hi + off, 0)
-                    l0, l1, l2, l3 = ldsm_x4(smem, b_lo + off, 0)
-                    _mma_tile(acc, 2 * p, af, 0, h0, h1)
-                    _mma_tile(acc, 2 * p, af, 0, l0, l1)
-                    _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
-                    _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
-                    if a_split:
-                        _mma_tile(acc, 2 * p, af, 1, h0, h1)
-                        _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
+            _xt_chunk(acc, af, smem, a_hi, a_lo, a_split, kc * HK * 2, b_hi, b_lo, HK, SWC, NP)
 
 
 @_compat.device(**_DEV)
@@ -268,19 +295,7 @@ def _times_x(acc, af, smem, smem32, src, base, a_hi, a_lo, busy, XH, XL, D, HK, 
         _stage_rows(smem32, XH, XL, src, base, kc * HK, D, HK, SW, tid, NT)
         cuda.syncthreads()
         if busy:
-            a0 = kc * HK * 2
-            for ks in range(HK // 16):
-                _load_a2(af, smem, a_hi + a0 + ks * 32, a_lo + a0 + ks * 32, True)
-                for p in range(NP):
-                    off = (ks * 16 * SW + p * 16) * 2
-                    h0, h1, h2, h3 = ldsm_x4_trans(smem, b_hi + off, 0)
-                    l0, l1, l2, l3 = ldsm_x4_trans(smem, b_lo + off, 0)
-                    _mma_tile(acc, 2 * p, af, 0, h0, h1)
-                    _mma_tile(acc, 2 * p, af, 1, h0, h1)
-                    _mma_tile(acc, 2 * p, af, 0, l0, l1)
-                    _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
-                    _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
-                    _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
+            _x_chunk(acc, af, smem, a_hi, a_lo, kc * HK * 2, b_hi, b_lo, HK, SW, NP)
 
 
 # ---------------------------------------------------------------------------
@@ -358,21 +373,9 @@ def _times_xt_pipe(acc, af, pf, smem, smem32, src, base, a_hi, a_lo, a_split, bu
             _ldg_quads(pf, src, base, 0, 0, HK, D, D, tid, NT, NPF)
         if busy:
             b_hi = sa + (cur + lb_) * 2
-            b_lo = b_hi + XS * 2
-            a0 = kc * HK * 2  # the chunk's first column, in bytes
-            for ks in range(HK // 16):
-                _load_a2(af, smem, a_hi + a0 + ks * 32, a_lo + a0 + ks * 32, a_split)
-                for p in range(NP):
-                    off = (p * 16 * SWC + ks * 16) * 2
-                    h0, h1, h2, h3 = ldsm_x4(smem, b_hi + off, 0)
-                    l0, l1, l2, l3 = ldsm_x4(smem, b_lo + off, 0)
-                    _mma_tile(acc, 2 * p, af, 0, h0, h1)
-                    _mma_tile(acc, 2 * p, af, 0, l0, l1)
-                    _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
-                    _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
-                    if a_split:
-                        _mma_tile(acc, 2 * p, af, 1, h0, h1)
-                        _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
+            _xt_chunk(
+                acc, af, smem, a_hi, a_lo, a_split, kc * HK * 2, b_hi, b_hi + XS * 2, HK, SWC, NP
+            )
         if kc + 1 < NC:
             _put_quads(smem32, nxt, nxt + XS, pf, D, HK, SWC, tid, NT, NPF)
             cuda.syncthreads()  # chunk kc + 1 written, chunk kc consumed
@@ -400,20 +403,7 @@ def _times_x_pipe(acc, af, pf, smem, smem32, src, base, a_hi, a_lo, busy, XB, XS
             _ldg_quads(pf, src, base, (kc + 1) * HK, 0, HK, D, D, tid, NT, NPF)
         if busy:
             b_hi = sa + (cur + lb_) * 2
-            b_lo = b_hi + XS * 2
-            a0 = kc * HK * 2
-            for ks in range(HK // 16):
-                _load_a2(af, smem, a_hi + a0 + ks * 32, a_lo + a0 + ks * 32, True)
-                for p in range(NP):
-                    off = (ks * 16 * SW + p * 16) * 2
-                    h0, h1, h2, h3 = ldsm_x4_trans(smem, b_hi + off, 0)
-                    l0, l1, l2, l3 = ldsm_x4_trans(smem, b_lo + off, 0)
-                    _mma_tile(acc, 2 * p, af, 0, h0, h1)
-                    _mma_tile(acc, 2 * p, af, 1, h0, h1)
-                    _mma_tile(acc, 2 * p, af, 0, l0, l1)
-                    _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
-                    _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
-                    _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
+            _x_chunk(acc, af, smem, a_hi, a_lo, kc * HK * 2, b_hi, b_hi + XS * 2, HK, SW, NP)
         if kc + 1 < NC:
             _put_quads(smem32, nxt, nxt + XS, pf, HK, D, SW, tid, NT, NPF)
             cuda.syncthreads()
