@@ -113,16 +113,6 @@ def _check_dkdv(outs, n):
 
 
 # --------------------------------------------------------------------------- host-only
-def test_switch(monkeypatch):
-    monkeypatch.delenv(config.LINEAR_GRAD_VAR, raising=False)
-    assert config.linear_grad_kernel() == "pipelined"
-    monkeypatch.setenv(config.LINEAR_GRAD_VAR, " Registers ")
-    assert config.linear_grad_kernel() == "registers"
-    monkeypatch.setenv(config.LINEAR_GRAD_VAR, "fast")
-    with pytest.raises(ValueError, match=config.LINEAR_GRAD_VAR):
-        config.linear_grad_kernel()
-
-
 def test_kernel_choice_follows_switch_and_alignment(monkeypatch):
     """None follows the switch; an explicit flag wins; a state that does not start on
     a 16-byte boundary takes the register kernel whatever was asked."""
@@ -200,16 +190,6 @@ def test_sim_bf16_qstate_is_the_rounded_fp32_qstate(pipe):
     want = ptx.f32_to_bf16_bits(a32[6]).view(np.int16)
     assert not np.isnan(a32[6]).any()
     assert np.array_equal(a16[6], want), f"{int((a16[6] != want).sum())} values differ"
-
-
-def test_grad_states_switch(monkeypatch):
-    monkeypatch.delenv(config.GRAD_STATES_VAR, raising=False)
-    assert config.grad_states_dtype() == "fp32"
-    monkeypatch.setenv(config.GRAD_STATES_VAR, " BF16 ")
-    assert config.grad_states_dtype() == "bf16"
-    monkeypatch.setenv(config.GRAD_STATES_VAR, "half")
-    with pytest.raises(ValueError, match=config.GRAD_STATES_VAR):
-        config.grad_states_dtype()
 
 
 # --------------------------------------------------------------------------- GPU

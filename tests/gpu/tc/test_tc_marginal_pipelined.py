@@ -75,16 +75,6 @@ def test_chunk_follows_width_and_address():
     assert marginal_tc.chunk_bytes(base[off + 2 :], 40) == 4
 
 
-def test_switch(monkeypatch):
-    monkeypatch.delenv(config.MARGINAL_VAR, raising=False)
-    assert config.marginal_kernel() == "pipelined"
-    monkeypatch.setenv(config.MARGINAL_VAR, " Registers ")
-    assert config.marginal_kernel() == "registers"
-    monkeypatch.setenv(config.MARGINAL_VAR, "fast")
-    with pytest.raises(ValueError, match=config.MARGINAL_VAR):
-        config.marginal_kernel()
-
-
 def test_default_kernel_and_tiles_per_states_dtype(monkeypatch):
     """Unset switch: bf16 states take the pipelined kernel with ``PIPE_TILES``, fp32
     states the register kernel with ``TILES``; ``registers`` sends bf16 there too."""

@@ -1,0 +1,28 @@
+"""The environment switches of ``sla_numba/config.py`` that pick between kernels or
+storage types: default when unset or empty, case and spaces ignored, and a value
+outside the list is a ``ValueError`` naming the variable."""
+
+import pytest
+
+from sla_numba import config
+
+# (variable, reader, default, another valid value written loosely, its value)
+SWITCHES = [
+    (config.MARGINAL_VAR, config.marginal_kernel, "pipelined", " Registers ", "registers"),
+    (config.LINEAR_VAR, config.linear_kernel, "pipelined", " Registers ", "registers"),
+    (config.LINEAR_GRAD_VAR, config.linear_grad_kernel, "pipelined", " Registers ", "registers"),
+    (config.GRAD_STATES_VAR, config.grad_states_dtype, "fp32", " BF16 ", "bf16"),
+]
+
+
+@pytest.mark.parametrize("var,read,default,loose,value", SWITCHES, ids=[s[0] for s in SWITCHES])
+def test_switch_default_values_and_refusal(monkeypatch, var, read, default, loose, value):
+    monkeypatch.delenv(var, raising=False)
+    assert read() == default
+    monkeypatch.setenv(var, "")
+    assert read() == default
+    monkeypatch.setenv(var, loose)
+    assert read() == value
+    monkeypatch.setenv(var, "fast")
+    with pytest.raises(ValueError, match=var):
+        read()
