@@ -131,8 +131,7 @@ from ... import config
 from .. import _compat
 from .._precompile import kernel_factory
 from . import build as _tc_build
-from .build import dtype_name, flat, size
-from .marginal import _address
+from .build import address, dtype_name, flat, size
 from .ptx import (
     SIMULATED,
     bf16_high_f32,
@@ -699,7 +698,7 @@ def launch_linear_forward_tc(
     if pipeline is None:
         pipeline = config.linear_kernel() == "pipelined"
     if pipeline:
-        addr = _address(lstate)  # 16-byte loads need a 16-byte aligned lstate (W % 4 == 0)
+        addr = address(lstate)  # 16-byte loads need a 16-byte aligned lstate (W % 4 == 0)
         vec4 = addr is not None and addr % 16 == 0
         kern = get_linear_kernel_pipelined(kind, D, block_q, hk, vec4, min_blocks)
     else:

@@ -126,7 +126,7 @@ from numba import cuda, float32, int16, int32, int64
 from .. import _compat
 from .._precompile import kernel_factory
 from . import build as _tc_build
-from .build import dtype_name, flat, size
+from .build import address, dtype_name, flat, size
 
 # The forward's linear kernel (tc/linear.py) is this module's twin: its constants,
 # supported shapes and device helpers (input decoding, the bf16 hi / lo split, φ of a
@@ -847,16 +847,6 @@ def get_dkdv_linear_kernel(kind, D, BK, hk=None, pipelined=False):
     return _kernels[key]
 
 
-def _address(x):
-    """The address of an array's first element (device or host), or None if unknown."""
-    for attr in ("__cuda_array_interface__", "__array_interface__"):
-        iface = getattr(x, attr, None)
-        if iface is not None:
-            return int(iface["data"][0])
-    ptr = getattr(x, "data_ptr", None)  # torch CPU tensors under the simulator
-    return int(ptr()) if callable(ptr) else None
-
-
 def use_pipelined(pipeline, state):
     """Whether a launch takes the pipelined kernel: ``pipeline`` None follows
     ``SLA_NUMBA_LINEAR_GRAD`` (``config.linear_grad_kernel``), else its truth. The
@@ -868,7 +858,7 @@ def use_pipelined(pipeline, state):
         pipeline = config.linear_grad_kernel() == "pipelined"
     if not pipeline:
         return False
-    addr = _address(state)
+    addr = address(state)
     return addr is not None and addr % 16 == 0
 
 
