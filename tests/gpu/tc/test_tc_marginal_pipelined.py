@@ -92,6 +92,9 @@ def test_default_kernel_and_tiles_per_states_dtype(monkeypatch):
 
     monkeypatch.setattr(marginal_tc, "get_marginal_kernel", spy("registers"))
     monkeypatch.setattr(marginal_tc, "get_marginal_kernel_pipelined", spy("pipelined"))
+    # the GPU defaults (under the simulator both names are SIM_TILES): distinct here
+    monkeypatch.setattr(marginal_tc, "TILES", marginal_tc.GPU_TILES)
+    monkeypatch.setattr(marginal_tc, "PIPE_TILES", marginal_tc.GPU_PIPE_TILES)
     monkeypatch.delenv(config.MARGINAL_VAR, raising=False)
     bmap, bits, values, out = _bf16_problem(1, 1, 4, 4, 8, 4, 4, False, seed=1)
     for states, env in ((bits, ""), (values, ""), (bits, "registers")):
@@ -99,9 +102,9 @@ def test_default_kernel_and_tiles_per_states_dtype(monkeypatch):
         with pytest.raises(_Taken):
             marginal_tc.launch_marginal_sum_tc(0, bmap, False, 4, 4, states, out)
     assert taken == [
-        ("pipelined", tuple(marginal_tc.PIPE_TILES)),
-        ("registers", tuple(marginal_tc.TILES)),
-        ("registers", tuple(marginal_tc.TILES)),
+        ("pipelined", tuple(marginal_tc.GPU_PIPE_TILES)),
+        ("registers", tuple(marginal_tc.GPU_TILES)),
+        ("registers", tuple(marginal_tc.GPU_TILES)),
     ]
 
 
