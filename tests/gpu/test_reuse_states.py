@@ -98,21 +98,24 @@ def spy(monkeypatch):
     return seen
 
 
-CASES = [  # dtype, path, linear scope, D
-    (np.float32, "simt", 0, 16),
-    (np.float16, "tc", 0, 16),
-    (np.float16, "tc", 1, 16),
+# dtype, path, linear scope, Nq, Nk (tails on both axes; the tensor-core twins are slow
+# under the simulator: two blocks a side there)
+CASES = [
+    (np.float32, "simt", 0, 40, 37),
+    (np.float32, "simt", 1, 40, 37),
+    (np.float16, "tc", 1, 20, 21),
 ]
 
 
-@pytest.mark.parametrize("dtype,path,scope,D", CASES)
-def test_reused_states_give_the_same_gradients_and_skip_the_work(spy, dtype, path, scope, D):
-    q, k, v, do_s, do_l, bm = _inputs(dtype, D=D)
+@pytest.mark.parametrize("dtype,path,scope,Nq,Nk", CASES)
+def test_reused_states_give_the_same_gradients_and_skip_the_work(spy, dtype, path, scope, Nq, Nk):
+    D = 16
+    q, k, v, do_s, do_l, bm = _inputs(dtype, Nq=Nq, Nk=Nk, D=D)
     args = (q, k, v, bm, 16, 16, 0.3, 1, 1e-6, scope)
     o_s, o_l, lse, rs = gpu.forward(*args, path=path, return_states=True)
-    plain = gpu.forward(*args, path=path)
-    for a, b in zip((o_s, o_l, lse), plain):  # asking for the states changes nothing
-        np.testing.assert_array_equal(a, b)
+    if path == "simt":  # asking for the states changes nothing (the same code on tc)
+        for a, b in zip((o_s, o_l, lse), gpu.forward(*args, path=path)):
+            np.testing.assert_array_equal(a, b)
     assert rs.dtype == np.float32 and rs.shape[:3] == (1, 1, bm.shape[2])
     assert not np.isnan(rs).any()  # every element written (outputs start as NaN)
     if path == "tc":
