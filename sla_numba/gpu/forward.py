@@ -213,3 +213,15 @@ def forward(
         mark("fwd linear" if path == "tc" else "fwd simt fused")
         outs = (call.result(h_os), call.result(h_ol), call.result(h_lse))
         return (*outs, call.result(h_rs)) if return_states else outs
+
+
+def row_states_shape(B, H, Nq, D, in_dtype, block_q, block_k):
+    """Shape and numpy dtype of ``forward(..., return_states=True)``'s ``row_states``
+    for q (B, H, Nq, D) of dtype ``in_dtype`` (a numpy dtype or "bfloat16"): (B, H, Mq,
+    DP*DP + DP) in the compute dtype. What the torch bridge's fake kernel returns.
+
+    >>> row_states_shape(1, 2, 100, 64, "bfloat16", 64, 64)
+    ((1, 2, 2, 4160), dtype('float32'))
+    """
+    acc = compute_dtype(in_dtype)
+    return row_states_layout(B, H, n_blocks(Nq, block_q), choose_tiles(D, acc, block_q, block_k))
