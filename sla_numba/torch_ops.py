@@ -21,8 +21,6 @@ resolved it. The cpu backend reads numpy views of the tensors (fp16/bf16 are
 converted to fp32 first); the gpu backend takes torch CUDA tensors directly.
 """
 
-from typing import Optional
-
 import numpy as np
 import torch
 
@@ -193,11 +191,15 @@ def _(
     save_states=False,
 ):  # fmt: skip
     _check_save_states(save_states, backend)
+    if save_states:
+        states = _row_states_fake(q, block_q, block_k)
+    else:
+        states = q.new_empty(0, dtype=_lse_dtype(q))
     return (
         q.new_empty(q.shape),
         q.new_empty(q.shape),
         q.new_empty(q.shape[:3], dtype=_lse_dtype(q)),
-        _row_states_fake(q, block_q, block_k) if save_states else q.new_empty(0, dtype=_lse_dtype(q)),
+        states,
     )
 
 
@@ -219,7 +221,7 @@ def _backward_op(
     eps: float,
     linear_scope: int,
     backend: str,
-    row_states: Optional[torch.Tensor] = None,
+    row_states: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward_impl(
         q, k, v, o_s, o_l, lse, do_s, do_l, block_map,

@@ -23,6 +23,8 @@
 #            SLA_NUMBA_LINEAR_GRAD), same bits, and the cuBLAS floors
 #   host     host-side costs: tools/host_overhead.py (launch paths, whole calls; HOST_ARGS)
 #            and tools/profile_gpu.py (kernels vs wall), bf16, PROFILE_SHAPES (b2 wan)
+#   reuse    tools/bench_reuse.py: the backward reading the forward's row states
+#            (SLA_NUMBA_SAVE_STATES=1) against recomputing them: time, memory, same bits
 set -u
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT" /tmp/logs
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-/tmp/sla_numba_nbcache}
@@ -81,6 +83,8 @@ for step in "$@"; do
              for shape in ${PROFILE_SHAPES:-b2 wan}; do
                TAIL=40 run profile_$shape 100 python tools/profile_gpu.py --shape $shape --dtype bf16
              done ;;
+    reuse)   TAIL=40 run reuse ${REUSE_TIMEOUT:-150} python tools/bench_reuse.py ${REUSE_ARGS:-} \
+                 --json "$OUT/bench_reuse.json" ;;
     *)       el "unknown step $step" ;;
   esac
 done
