@@ -141,9 +141,10 @@ def main():
             off, on = r["0"], r["1"]
             print(f"{name} {r['shape']}  row states {r['row_states_mib']:.1f} MiB (fp32)")
             for key in ("fwd_bwd_ms", "fwd_ms", "held_mib", "peak_mib"):
+                ratio = on[key] / off[key] if off[key] else float("nan")
                 print(
                     f"  {key:11s} recompute {off[key]:10.3f}  save {on[key]:10.3f}"
-                    f"  save/recompute {on[key] / off[key]:.3f}"
+                    f"  save/recompute {ratio:.3f}"
                 )
             print(f"  backward stages, recompute: {off['bwd_stages_ms']}")
             print(f"  backward stages, save:      {on['bwd_stages_ms']}")

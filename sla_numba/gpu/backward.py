@@ -37,6 +37,10 @@ as ``dq_linear``, the column sums, step 5's linear part as ``dkdv_linear``), or,
 ``SLA_NUMBA_TC_OFF`` names ``linear_grad`` or the shape is not theirs, by ``dq`` /
 ``dkdv`` compiled with ``sparse=False``. Seven launches, still deterministic: each
 element has one writer per kernel, in stream order.
+
+Handed the forward's row states (``row_states=``, from ``forward(...,
+return_states=True)``), steps 1 and 2 shrink: ``prep`` builds only the lists (and
+delta), no key-block state is computed and the row sums are not taken again.
 """
 
 import numpy as np

@@ -94,8 +94,8 @@ def forward(
 
     ``return_states=True``: ``(o_s, o_l, lse, row_states)``, with ``row_states`` the
     linear branch's row sums this forward computed anyway, ``[vec(H_i), Z_i]`` per
-    query block (B, H, Mq, DP*DP + DP) in the compute dtype (DP: the SIMT tiles' padded
-    head dim, D when D is a multiple of 16 up to 128). Hand it to :func:`backward`
+    query block (B, H, Mq, DP*DP + DP) in the compute dtype (DP: the head dim padded for
+    the SIMT tiles, D when D is a multiple of 16). Hand it to :func:`backward`
     (``row_states=``) and the backward skips the states and their row sums. The
     forward's work is the same; it only writes that buffer, which it keeps otherwise
     as a workspace (docs/internals.md, "Reusing the forward's row states").
