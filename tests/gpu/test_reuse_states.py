@@ -7,7 +7,9 @@
 * the backward really skips the work: no tensor-core states launch, no SIMT state
   blocks in ``prep`` (its runtime count is 0), no row marginal sum; the column sums
   (dH_j) still run;
-* a bad ``row_states`` is refused, naming the argument.
+* a bad ``row_states`` is refused, naming the argument;
+* on a real GPU (skipped without one): bf16 torch tensors through ``sla_attention``
+  with ``SLA_NUMBA_SAVE_STATES`` 0 and 1 give the same bits, on the tensor-core path.
 
 Outputs are poisoned (NaN) by the session fixture, the returned row states included:
 an element the forward does not write fails the comparisons.
@@ -17,6 +19,7 @@ import importlib
 
 import numpy as np
 import pytest
+from helpers import assert_tensor_core_path, needs_real_gpu
 from numba import config
 
 from sla_numba import _params
@@ -26,10 +29,8 @@ _launch = importlib.import_module("sla_numba.gpu._launch")
 tc_states = importlib.import_module("sla_numba.gpu.tc.states")
 simt_states = importlib.import_module("sla_numba.gpu.simt.states")
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not config.ENABLE_CUDASIM, reason="simulator sizes"),
-]
+pytestmark = pytest.mark.gpu
+sim_only = pytest.mark.skipif(not config.ENABLE_CUDASIM, reason="simulator sizes")
 
 
 def _map(mq, mk):
@@ -107,6 +108,7 @@ CASES = [
 ]
 
 
+@sim_only
 @pytest.mark.parametrize("dtype,path,scope,Nq,Nk", CASES)
 def test_reused_states_give_the_same_gradients_and_skip_the_work(spy, dtype, path, scope, Nq, Nk):
     D = 16
@@ -139,6 +141,7 @@ def test_reused_states_give_the_same_gradients_and_skip_the_work(spy, dtype, pat
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
+@sim_only
 def test_bad_row_states_are_refused():
     q, k, v, do_s, do_l, bm = _inputs(np.float32, Nq=20, Nk=20)
     o_s, o_l, lse, rs = gpu.forward(q, k, v, bm, 16, 16, 0.3, 1, 1e-6, return_states=True)
@@ -154,3 +157,42 @@ def test_bad_row_states_are_refused():
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="row_states: a torch array where q is numpy"):
         gpu.backward(*bwd, row_states=torch.from_numpy(rs))
+
+
+@needs_real_gpu
+@pytest.mark.parametrize("scope", ["marginal", "global"])
+def test_cuda_bf16_saved_states_same_bits(monkeypatch, scope):
+    """Tensor-core path, D 64, 64-token blocks, 300 / 450 tokens (partial last blocks):
+    output and dq, dk, dv with the switch on equal those with it off, bit for bit, and
+    the backend backward received the states (fp32, (B, H, Mq, D*D + D))."""
+    import torch
+
+    assert_tensor_core_path(torch.bfloat16, 64, 64, 64)
+    import sla_numba
+
+    received = []
+    real = gpu.backward
+    monkeypatch.setattr(
+        gpu, "backward", lambda *a, **kw: (received.append(kw.get("row_states")), real(*a, **kw))[1]
+    )
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = [torch.randn(2, 3, n, 64, device="cuda", generator=g) for n in (300, 450, 450)]
+    do = torch.randn(2, 3, 300, 64, device="cuda", generator=g).to(torch.bfloat16)
+
+    def run(save):
+        monkeypatch.setenv("SLA_NUMBA_SAVE_STATES", save)
+        q, k, v = (t.to(torch.bfloat16).requires_grad_() for t in x)
+        o = sla_numba.sla_attention(
+            q, k, v, topk=0.4, skip=0.2, feature_map="elu", linear_scope=scope, backend="gpu"
+        )
+        o.backward(do)
+        return [o.detach(), q.grad, k.grad, v.grad]
+
+    off = run("0")
+    assert received == [None]
+    on = run("1")
+    states = received[1]
+    assert states is not None and states.dtype == torch.float32
+    assert tuple(states.shape) == (2, 3, 5, 64 * 64 + 64)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), on, off):
+        assert torch.equal(a, b), name
