@@ -7,6 +7,7 @@ on awkward shapes; the eager way must not be taken where torch needs the ops.
 
 import pytest
 import torch
+from helpers import simulator_on
 
 import sla_numba
 from sla_numba import torch_ops
@@ -110,6 +111,7 @@ def _forward_nodes(grad_fn):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not simulator_on(), reason="host tensors with backend='gpu': simulator only")
 def test_saved_row_states_same_bits_both_ways(monkeypatch):
     """SLA_NUMBA_SAVE_STATES=1 on the gpu backend (simulated without a GPU): the forward
     keeps one tensor more for the backward (the row states; none more with 0), the
