@@ -156,6 +156,7 @@ def make_sparse_forward_wgmma(D, kind):
     PK = BK // 16  # k-steps of O += P V
     DTILE = D // 8  # n8 tiles of O
     NS, NO = BK // 2, D // 2  # accumulator registers a thread: S, O
+    NAF = PK * 4  # P registers a thread
     lay = smem_layout(D)
     QOFF, KOFF0, VOFF0 = lay["q"], lay["k"][0], lay["v"][0]
     STAGE = lay["k"][1] - lay["k"][0]  # bytes between the two stages
@@ -295,7 +296,7 @@ def make_sparse_forward_wgmma(D, kind):
 
             # O += P V: A = P from registers, B = V MN-major from shared memory.
             v_st = sbase + VOFF0 + st * STAGE
-            wg_fence2(acc, NO, af, PK * 4)
+            wg_fence2(acc, NO, af, NAF)
             for kk in range(PK):
                 dv = (((v_st + kk * 2048) & 0x3FFFF) >> 4) | HI_V
                 wgmma_o(smem, acc, af, kk, dv, 1)
