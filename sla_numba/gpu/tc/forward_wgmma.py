@@ -75,12 +75,39 @@ from .._compat import cuda, kernel
 from .._precompile import kernel_factory
 from . import build as _tc_build
 from .forward import _dtype_name
-from .ptx import LOG2E, SIMULATED, cp_async_commit, cp_async_wait_group, cp_async_zfill
-from .ptx import exp2, fmax, shfl_xor, smem_addr
-from .tiles import NEG_INF, ONE, SMEM_ALIGN, TC_FASTMATH, ZERO, TCKernel, make_mma
-from .tiles import row_max_tree, row_sum_tree
-from .wgmma import CHUNK_COLS, desc_hi, fence_proxy_async, make_wgmma_rs, make_wgmma_ss
-from .wgmma import wg_commit, wg_fence, wg_fence2, wg_wait
+from .ptx import (
+    LOG2E,
+    SIMULATED,
+    cp_async_commit,
+    cp_async_wait_group,
+    cp_async_zfill,
+    exp2,
+    fmax,
+    shfl_xor,
+    smem_addr,
+)
+from .tiles import (
+    NEG_INF,
+    ONE,
+    SMEM_ALIGN,
+    TC_FASTMATH,
+    ZERO,
+    TCKernel,
+    make_mma,
+    row_max_tree,
+    row_sum_tree,
+)
+from .wgmma import (
+    CHUNK_COLS,
+    desc_hi,
+    fence_proxy_async,
+    make_wgmma_rs,
+    make_wgmma_ss,
+    wg_commit,
+    wg_fence,
+    wg_fence2,
+    wg_wait,
+)
 
 #: The one query / key block size of this kernel (= wgmma's M, and S's N).
 BLOCK = 64
@@ -249,8 +276,12 @@ def make_sparse_forward_wgmma(D, kind):
             if it + 1 < cnt:  # the next block's K, V stream in during this one
                 kn = lut[lut_base + it + 1]
                 nxt = (1 - st) * STAGE
-                load_tile(smem, sbase + KOFF0 + nxt, k, kv_base, kn * BK, nk - kn * BK, t_off, rr, ch)
-                load_tile(smem, sbase + VOFF0 + nxt, v, kv_base, kn * BK, nk - kn * BK, t_off, rr, ch)
+                load_tile(
+                    smem, sbase + KOFF0 + nxt, k, kv_base, kn * BK, nk - kn * BK, t_off, rr, ch
+                )
+                load_tile(
+                    smem, sbase + VOFF0 + nxt, v, kv_base, kn * BK, nk - kn * BK, t_off, rr, ch
+                )
             cp_async_commit()  # (an empty group on the last block: the wait below is uniform)
             cp_async_wait_group(1)  # this thread's copies of stage st landed
             fence_proxy_async()  # visible to wgmma (async proxy)

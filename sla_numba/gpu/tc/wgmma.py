@@ -153,7 +153,9 @@ def decode_operand(smem, desc, rows, trans):
     i = np.arange(rows)[:, None]
     k = np.arange(16)[None, :]
     if trans:
-        addr = start + (i // CHUNK_COLS) * lbo + 2 * (i % CHUNK_COLS) + (k // 8) * sbo + (k % 8) * 128
+        addr = (
+            start + (i // CHUNK_COLS) * lbo + 2 * (i % CHUNK_COLS) + (k // 8) * sbo + (k % 8) * 128
+        )
     else:
         addr = start + (i // 8) * sbo + (i % 8) * 128 + 2 * k
     addr = _swizzle(addr)

@@ -122,7 +122,8 @@ def test_fragment_maps_follow_the_ptx_isa():
         for i in range(32):  # d_i: row groupID (+8 for i % 4 >= 2), col 8*(i//4) + 2*tig + i%2
             assert rows[tid, i] == 16 * w + gid + 8 * ((i % 4) // 2)
             assert cols[tid, i] == 8 * (i // 4) + 2 * tig + (i % 2)
-        for i in range(8):  # a_i: row groupID (+8 for a2, a3, a6, a7), col 2*tig + i%2 (+8 for i >= 4)
+        # a_i: row groupID (+8 for a2, a3, a6, a7), col 2*tig + i%2 (+8 for i >= 4)
+        for i in range(8):
             assert ar[tid, i] == 16 * w + gid + 8 * ((i % 4) // 2)
             assert ac[tid, i] == 2 * tig + (i % 2) + 8 * (i // 4)
     # every element exactly once
@@ -154,7 +155,9 @@ def test_pack_a_of_accumulators_is_register_a_of_the_k_step():
         )
         assert np.array_equal(W.gather_a(regs), p_bits[:, 16 * kk : 16 * kk + 16])
         # the m16n8k8-style order (a1 <-> a2) would be a different matrix
-        assert not np.array_equal(W.gather_a(regs[:, [0, 2, 1, 3]]), p_bits[:, 16 * kk : 16 * kk + 16])
+        assert not np.array_equal(
+            W.gather_a(regs[:, [0, 2, 1, 3]]), p_bits[:, 16 * kk : 16 * kk + 16]
+        )
 
 
 # ---------------------------------------------------------------------------

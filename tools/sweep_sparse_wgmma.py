@@ -1,0 +1,184 @@
+"""The sparse forward on wgmma (``gpu/tc/forward_wgmma.py``) against the mma.sync kernel.
+
+Usage (a GPU of compute capability 9.0, e.g. the H200):
+
+    PYTHONPATH=. python tools/sweep_sparse_wgmma.py            # Wan shape, < 90 s
+    PYTHONPATH=. python tools/sweep_sparse_wgmma.py --quick    # tiny, correctness only
+
+For each configuration (bf16 D=128, bf16 D=64, fp16 D=128 at B=1 H=12 N=32760,
+block_q = block_k = 64, a random LUT of ``--topk`` (5 %) of the key blocks per query
+block): times ``sparse_forward_tc`` (the mma.sync kernel, ``tc/forward.py``) and
+``sparse_forward_wgmma`` with CUDA events (median of ``--reps``, after one untimed
+call that compiles), prints TFLOP/s on the work done, ``4 * B*H*Nq * (n_crit*64) * D``
+(every visited key block counted whole, also the sequence's partial last one), the
+max abs difference between the two kernels' O and lse, and both against a float64
+computation of a few query blocks. A ``FAIL`` line (and exit status 1) on a mismatch.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+
+if not hasattr(np, "row_stack"):  # numpy 2.5 vs numba-cuda 0.30
+    np.row_stack = np.vstack
+
+import torch  # noqa: E402
+from cuda_timing import cuda_time  # noqa: E402
+
+BLOCK = 64
+
+
+def make_inputs(B, H, N, D, dtype, topk, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", generator=g).to(dtype) for _ in range(3))
+    mq = mk = -(-N // BLOCK)
+    n_crit = min(mk, max(1, math.floor(topk * mk)))
+    scores = torch.rand(B, H, mq, mk, device="cuda", generator=g)
+    lut = torch.topk(scores, n_crit, dim=-1).indices.sort(-1).values.to(torch.int32).contiguous()
+    counts = torch.full((B, H, mq), n_crit, dtype=torch.int32, device="cuda")
+    counts[:, :, 1::17] = 0  # a few query blocks without critical blocks
+    return q, k, v, lut, counts, n_crit
+
+
+def float64_blocks(q, k, v, lut, counts, scale, picks):
+    """(O, lse) in float64 of the query blocks ``picks`` [(b, h, i)], from the LUT."""
+    out = []
+    N = k.shape[2]
+    for b, h, i in picks:
+        rows = q[b, h, i * BLOCK : (i + 1) * BLOCK].double()
+        c = int(counts[b, h, i])
+        if c == 0:
+            out.append(None)
+            continue
+        idx = torch.cat(
+            [torch.arange(j * BLOCK, min((j + 1) * BLOCK, N)) for j in lut[b, h, i, :c].tolist()]
+        ).to(q.device)
+        s = rows @ k[b, h, idx].double().T * scale
+        lse = torch.logsumexp(s, -1)
+        out.append((torch.softmax(s, -1) @ v[b, h, idx].double(), lse))
+    return out
+
+
+def run_config(args, dtype, D, failures):
+    from sla_numba._params import LSE_EMPTY
+    from sla_numba.gpu.tc.forward import sparse_forward_tc
+    from sla_numba.gpu.tc.forward_wgmma import make_sparse_forward_wgmma, sparse_forward_wgmma
+
+    B, H, N = 1, args.heads, args.n
+    name = f"{str(dtype).replace('torch.', '')} D={D} B={B} H={H} N={N}"
+    q, k, v, lut, counts, n_crit = make_inputs(B, H, N, D, dtype, args.topk, seed=D)
+    scale = D**-0.5
+    mma = lambda: sparse_forward_tc(q, k, v, lut, counts, BLOCK, BLOCK, scale)  # noqa: E731
+    wg = lambda: sparse_forward_wgmma(q, k, v, lut, counts, BLOCK, BLOCK, scale)  # noqa: E731
+    t0 = time.time()
+    o1, l1 = mma()
+    o2, l2 = wg()
+    torch.cuda.synchronize()
+    first_s = time.time() - t0
+    ok = True
+    empty = counts.repeat_interleave(BLOCK, dim=-1)[..., :N] == 0
+    for label, o, l in (("mma", o1, l1), ("wgmma", o2, l2)):
+        if not torch.isfinite(o).all() or torch.isnan(l).any():
+            failures.append(f"{name}: {label} output has NaN / inf")
+            ok = False
+        if not ((l[empty] == LSE_EMPTY).all() and (o[empty] == 0).all()):
+            failures.append(f"{name}: {label} empty query blocks not O = 0, lse = LSE_EMPTY")
+            ok = False
+    d_o = (o1 - o2).abs().max().item()
+    d_l = (l1 - l2)[~empty].abs().max().item()
+    mq = -(-N // BLOCK)
+    picks = [(0, h, i) for h, i in ((0, 0), (H // 2, mq // 2), (H - 1, mq - 1), (1 % H, 3 % mq))]
+    refs = float64_blocks(q, k, v, lut, counts, scale, picks)
+    err = {"mma": 0.0, "wgmma": 0.0}  # O
+    err_l = {"mma": 0.0, "wgmma": 0.0}  # lse
+    for (b, h, i), ref in zip(picks, refs):
+        if ref is None:
+            continue
+        r0, r1 = i * BLOCK, min((i + 1) * BLOCK, N)
+        for label, o, l in (("mma", o1, l1), ("wgmma", o2, l2)):
+            e_o = (o[b, h, r0:r1].double() - ref[0]).abs().max().item()
+            e_l = (l[b, h, r0:r1].double() - ref[1]).abs().max().item()
+            err[label] = max(err[label], e_o)
+            err_l[label] = max(err_l[label], e_l)
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    if d_o > tol / 4 or d_l > 1e-3:
+        failures.append(f"{name}: wgmma vs mma max |dO| {d_o:.3g}, |dlse| {d_l:.3g}")
+        ok = False
+    for label in err:
+        if err[label] > tol or err_l[label] > 1e-3:
+            failures.append(
+                f"{name}: {label} vs float64 |dO| {err[label]:.3g} (tol {tol}), "
+                f"|dlse| {err_l[label]:.3g} (tol 1e-3)"
+            )
+            ok = False
+    line = (
+        f"{name} n_crit={n_crit}/{mq}  max|O_wgmma-O_mma|={d_o:.2e} max|dlse|={d_l:.2e}  "
+        f"vs float64 (O/lse): mma {err['mma']:.2e}/{err_l['mma']:.2e} "
+        f"wgmma {err['wgmma']:.2e}/{err_l['wgmma']:.2e}  first calls {first_s:.1f}s"
+    )
+    if not args.quick:
+        flops = 4.0 * B * H * N * (n_crit * BLOCK) * D
+        t_mma = cuda_time(mma, args.reps)
+        t_wg = cuda_time(wg, args.reps)
+        line += (
+            f"\n    mma.sync {t_mma:7.3f} ms {flops / t_mma / 1e9:7.1f} TFLOP/s   "
+            f"wgmma {t_wg:7.3f} ms {flops / t_wg / 1e9:7.1f} TFLOP/s   "
+            f"wgmma speed-up {t_mma / t_wg:.2f}x"
+        )
+    kind = "bf16" if dtype == torch.bfloat16 else "f16"
+    kern = make_sparse_forward_wgmma(D, kind).kernel
+    for compiled in kern.overloads.values():
+        try:
+            regs = compiled.library.get_cufunc().attrs.regs
+        except Exception:  # noqa: BLE001 - numba-cuda internals: report what we can
+            regs = "?"
+        line += f"\n    wgmma kernel: {regs} registers, local {compiled.local_mem_per_thread} B"
+    print(("ok   " if ok else "FAIL ") + line, flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, correctness only")
+    ap.add_argument("--n", type=int, default=32760)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--topk", type=float, default=0.05)
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args()
+    if args.quick:
+        args.n, args.heads, args.topk = 1000, 2, 0.3
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        print("FAIL needs a CUDA GPU of compute capability >= 9.0 (wgmma)")
+        return 1
+    import numba
+    import numba_cuda
+
+    print(
+        f"{torch.cuda.get_device_name()} torch {torch.__version__} numba {numba.__version__} "
+        f"numba-cuda {numba_cuda.__version__}",
+        flush=True,
+    )
+    failures = []
+    t0 = time.time()
+    for dtype, D in ((torch.bfloat16, 128), (torch.bfloat16, 64), (torch.float16, 128)):
+        try:
+            run_config(args, dtype, D, failures)
+        except Exception as e:  # noqa: BLE001 - report and go on with the next one
+            import traceback
+
+            traceback.print_exc()
+            failures.append(f"{dtype} D={D}: {type(e).__name__}: {e}")
+            print(f"FAIL {dtype} D={D}: {type(e).__name__}: {e}", flush=True)
+    for f in failures:
+        print("FAIL", f)
+    print(f"done in {time.time() - t0:.1f} s; {'FAIL' if failures else 'all ok'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
