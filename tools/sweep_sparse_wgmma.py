@@ -34,14 +34,14 @@ from cuda_timing import cuda_time  # noqa: E402
 BLOCK = 64
 
 
-def make_inputs(B, H, N, D, dtype, topk, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q, k, v = (torch.randn(B, H, N, D, device="cuda", generator=g).to(dtype) for _ in range(3))
+def make_inputs(B, H, N, D, dtype, topk, seed, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (torch.randn(B, H, N, D, device=device, generator=g).to(dtype) for _ in range(3))
     mq = mk = -(-N // BLOCK)
     n_crit = min(mk, max(1, math.floor(topk * mk)))
-    scores = torch.rand(B, H, mq, mk, device="cuda", generator=g)
+    scores = torch.rand(B, H, mq, mk, device=device, generator=g)
     lut = torch.topk(scores, n_crit, dim=-1).indices.sort(-1).values.to(torch.int32).contiguous()
-    counts = torch.full((B, H, mq), n_crit, dtype=torch.int32, device="cuda")
+    counts = torch.full((B, H, mq), n_crit, dtype=torch.int32, device=device)
     counts[:, :, 1::17] = 0  # a few query blocks without critical blocks
     return q, k, v, lut, counts, n_crit
 
@@ -72,14 +72,15 @@ def run_config(args, dtype, D, failures):
 
     B, H, N = 1, args.heads, args.n
     name = f"{str(dtype).replace('torch.', '')} D={D} B={B} H={H} N={N}"
-    q, k, v, lut, counts, n_crit = make_inputs(B, H, N, D, dtype, args.topk, seed=D)
+    q, k, v, lut, counts, n_crit = make_inputs(B, H, N, D, dtype, args.topk, D, args.device)
     scale = D**-0.5
     mma = lambda: sparse_forward_tc(q, k, v, lut, counts, BLOCK, BLOCK, scale)  # noqa: E731
     wg = lambda: sparse_forward_wgmma(q, k, v, lut, counts, BLOCK, BLOCK, scale)  # noqa: E731
     t0 = time.time()
     o1, l1 = mma()
     o2, l2 = wg()
-    torch.cuda.synchronize()
+    if args.device == "cuda":
+        torch.cuda.synchronize()
     first_s = time.time() - t0
     ok = True
     empty = counts.repeat_interleave(BLOCK, dim=-1)[..., :N] == 0
@@ -133,7 +134,7 @@ def run_config(args, dtype, D, failures):
         )
     kind = "bf16" if dtype == torch.bfloat16 else "f16"
     kern = make_sparse_forward_wgmma(D, kind).kernel
-    for compiled in kern.overloads.values():
+    for compiled in kern.overloads.values() if args.device == "cuda" else ():
         try:
             regs = compiled.library.get_cufunc().attrs.regs
         except Exception:  # noqa: BLE001 - numba-cuda internals: report what we can
@@ -149,23 +150,35 @@ def main():
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--topk", type=float, default=0.05)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument(
+        "--device",
+        default="cuda",
+        help="'cpu' only under NUMBA_ENABLE_CUDASIM=1 with --quick (a check of this tool)",
+    )
     args = ap.parse_args()
     if args.quick:
-        args.n, args.heads, args.topk = 1000, 2, 0.3
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        for name, val in (("n", 1000), ("heads", 2), ("topk", 0.3)):
+            if getattr(args, name) == ap.get_default(name):
+                setattr(args, name, val)
+    if args.device != "cuda":
+        if not (args.quick and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"):
+            ap.error("--device cpu needs --quick and NUMBA_ENABLE_CUDASIM=1")
+    elif not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         print("FAIL needs a CUDA GPU of compute capability >= 9.0 (wgmma)")
         return 1
     import numba
     import numba_cuda
 
+    dev_name = torch.cuda.get_device_name() if args.device == "cuda" else "CUDA simulator"
     print(
-        f"{torch.cuda.get_device_name()} torch {torch.__version__} numba {numba.__version__} "
+        f"{dev_name} torch {torch.__version__} numba {numba.__version__} "
         f"numba-cuda {numba_cuda.__version__}",
         flush=True,
     )
     failures = []
     t0 = time.time()
-    for dtype, D in ((torch.bfloat16, 128), (torch.bfloat16, 64), (torch.float16, 128)):
+    configs = ((torch.bfloat16, 128), (torch.bfloat16, 64), (torch.float16, 128))
+    for dtype, D in configs if args.device == "cuda" else configs[1:2]:
         try:
             run_config(args, dtype, D, failures)
         except Exception as e:  # noqa: BLE001 - report and go on with the next one

@@ -29,13 +29,13 @@ Pipeline (one iteration per critical key block ``kb = lut[it]``, stage ``st = it
 
     cp.async Q, K[lut[0]], V[lut[0]] -> stage 0
     for it:
+        wait for stage st; fence.proxy.async; barrier      # also: block it-1 is done everywhere
         cp.async K, V of lut[it + 1] -> stage 1 - st        # lands during this block's work
-        wait for stage st; fence.proxy.async; barrier
         S = Q K^T      D/16 wgmma m64n64k16, both operands from shared memory
         mask keys >= Nk (the sequence's last block only); online softmax in registers
         P = 2^(S c2 - m) packed to 16 bits in registers
         O += P V       4 wgmma m64nDk16, A = P from registers, B = V from shared memory
-        wait for both; barrier                              # stage st may be refilled
+        wait for the wgmma (stage st is refilled only after the next block's barrier)
     O /= l; lse = (m + log2 l) * ln 2
 
 Each ``wgmma`` group is committed and waited for at once (``wait_group 0``): the
@@ -273,7 +273,10 @@ def make_sparse_forward_wgmma(D, kind):
         for it in range(cnt):
             st = it & 1
             kb = lut[lut_base + it]
-            if it + 1 < cnt:  # the next block's K, V stream in during this one
+            cp_async_wait_group(0)  # this thread's copies of stage st landed
+            fence_proxy_async()  # ... visible to wgmma (async proxy)
+            cuda.syncthreads()  # everyone's landed; everyone is done with block it - 1
+            if it + 1 < cnt:  # the next block's K, V -> the other stage, during this one
                 kn = lut[lut_base + it + 1]
                 nxt = (1 - st) * STAGE
                 load_tile(
@@ -282,10 +285,7 @@ def make_sparse_forward_wgmma(D, kind):
                 load_tile(
                     smem, sbase + VOFF0 + nxt, v, kv_base, kn * BK, nk - kn * BK, t_off, rr, ch
                 )
-            cp_async_commit()  # (an empty group on the last block: the wait below is uniform)
-            cp_async_wait_group(1)  # this thread's copies of stage st landed
-            fence_proxy_async()  # visible to wgmma (async proxy)
-            cuda.syncthreads()  # ... everyone's
+                cp_async_commit()
 
             # S = Q K^T: D/16 k-steps, both operands K-major from shared memory.
             k_st = sbase + KOFF0 + st * STAGE
@@ -332,8 +332,7 @@ def make_sparse_forward_wgmma(D, kind):
                 dv = (((v_st + kk * 2048) & 0x3FFFF) >> 4) | HI_V
                 wgmma_o(smem, acc, af, kk, dv, 1)
             wg_commit()
-            wg_wait(acc, NO, 0)
-            cuda.syncthreads()  # everyone is done with stage st: the next block refills it
+            wg_wait(acc, NO, 0)  # (the next block's barrier frees stage st for refilling)
 
         # Epilogue: finish the row sums over the quad, normalise, write O and lse.
         for r in range(2):

@@ -314,7 +314,6 @@ def _hopper():
     return torch.cuda.get_device_capability() >= (9, 0)
 
 
-@pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs a CUDA GPU of compute capability >= 9.0")
 @pytest.mark.parametrize(
     "dtype,D,Nq,Nk", [(torch.bfloat16, 128, 1000, 1000), (torch.float16, 64, 777, 1100)]
