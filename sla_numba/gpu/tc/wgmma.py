@@ -81,9 +81,13 @@ their accumulators (and register A fragments) and descriptors; the group's first
 thread decodes the operands from the shared array exactly as the hardware reading
 above says (descriptor fields, swizzle), gathers A and C by the fragment maps,
 multiplies in float64 (rounded to fp32, as the ``mma`` twin does), and every thread
-takes its own fragment back. The twin runs at issue, synchronously: fence, commit and
-wait are no-ops there. Every thread of the warpgroup must issue the same sequence of
-wgmma (true for warpgroup-uniform code); the descriptors must agree (checked).
+takes its own fragment back. The twins are deferred: a wgmma is recorded when issued,
+``wg_commit`` closes the group, and the group runs (reads the registers and shared
+memory it names, writes the accumulators) only when a ``wg_wait`` covers it -- the
+latest moment the hardware may, so a kernel that touches a wgmma's registers or shared
+operands while it is in flight computes something else under the simulator too. Every
+thread of the warpgroup must issue the same sequence of wgmma (true for
+warpgroup-uniform code); the descriptors must agree (checked). ``wg_fence`` is a no-op.
 """
 
 import functools
@@ -276,34 +280,62 @@ def _scatter(d, n, acc, idx):
     flat[: n // 2] = d[rows[idx], cols[idx]]
 
 
+def _run_ss(kind, n, smem, acc, desc_a, desc_b, scale_d):
+    """Execute one shared x shared wgmma of the warpgroup (a collective)."""
+
+    def compute(slots):
+        da = _uniform([s[1] for s in slots], "desc_a")
+        db = _uniform([s[2] for s in slots], "desc_b")
+        sd = _uniform([s[3] for s in slots], "scale_d")
+        a = _to_float(decode_operand(smem, da, 64, 0), kind)
+        return _product(smem, kind, n, [s[0] for s in slots], a, db, 0, sd)
+
+    mine = (np.array(acc.reshape(-1)[: n // 2], np.float64), desc_a, desc_b, scale_d)
+    d, idx = _collective(mine, compute)
+    _scatter(d, n, acc, idx)
+
+
+def _run_rs(kind, n, smem, acc, af, kk, desc_b, scale_d):
+    """Execute one register x shared wgmma of the warpgroup (a collective)."""
+
+    def compute(slots):
+        db = _uniform([s[2] for s in slots], "desc_b")
+        sd = _uniform([s[3] for s in slots], "scale_d")
+        a = _to_float(gather_a(np.array([s[1] for s in slots])), kind)
+        return _product(smem, kind, n, [s[0] for s in slots], a, db, 1, sd)
+
+    regs = [int(af[kk, i]) for i in range(4)]
+    mine = (np.array(acc.reshape(-1)[: n // 2], np.float64), regs, desc_b, scale_d)
+    d, idx = _collective(mine, compute)
+    _scatter(d, n, acc, idx)
+
+
+# The twins are *deferred*, like ``ptx.cp_async_zfill``'s: a wgmma is recorded in the
+# thread's open group when issued and executed (its registers and shared memory read,
+# its accumulators written) only when a ``wg_wait`` covers its group, the latest moment
+# the hardware may do it. A kernel that rewrites the registers of a wgmma in flight (its
+# accumulators or register A) or the shared memory it reads, before waiting for it,
+# then computes something else under the simulator too.
+def _wg_state():
+    th = threading.current_thread()
+    st = getattr(th, "_sla_wgmma", None)
+    if st is None:
+        st = th._sla_wgmma = ([], [])  # (open group, committed groups, oldest first)
+    return st
+
+
 def _make_ss_twin(kind, n):
     def wgmma_ss(smem, acc, desc_a, desc_b, scale_d):
-        def compute(slots):
-            da = _uniform([s[1] for s in slots], "desc_a")
-            db = _uniform([s[2] for s in slots], "desc_b")
-            sd = _uniform([s[3] for s in slots], "scale_d")
-            a = _to_float(decode_operand(smem, da, 64, 0), kind)
-            return _product(smem, kind, n, [s[0] for s in slots], a, db, 0, sd)
-
-        mine = (np.array(acc.reshape(-1)[: n // 2], np.float64), int(desc_a), int(desc_b))
-        d, idx = _collective(mine + (int(scale_d),), compute)
-        _scatter(d, n, acc, idx)
+        op = (_run_ss, (kind, n, smem, acc, int(desc_a), int(desc_b), int(scale_d)))
+        _wg_state()[0].append(op)
 
     return wgmma_ss
 
 
 def _make_rs_twin(kind, n):
     def wgmma_rs(smem, acc, af, kk, desc_b, scale_d):
-        def compute(slots):
-            db = _uniform([s[2] for s in slots], "desc_b")
-            sd = _uniform([s[3] for s in slots], "scale_d")
-            a = _to_float(gather_a(np.array([s[1] for s in slots])), kind)
-            return _product(smem, kind, n, [s[0] for s in slots], a, db, 1, sd)
-
-        regs = [int(af[kk, i]) for i in range(4)]
-        mine = (np.array(acc.reshape(-1)[: n // 2], np.float64), regs, int(desc_b), int(scale_d))
-        d, idx = _collective(mine, compute)
-        _scatter(d, n, acc, idx)
+        op = (_run_rs, (kind, n, smem, acc, af, int(kk), int(desc_b), int(scale_d)))
+        _wg_state()[0].append(op)
 
     return wgmma_rs
 
@@ -317,11 +349,16 @@ def _wg_fence2_twin(x, n, y, m):
 
 
 def _wg_commit_twin():
-    pass
+    open_, groups = _wg_state()
+    groups.append(list(open_))
+    open_.clear()
 
 
 def _wg_wait_twin(x, n, k):
-    pass
+    _, groups = _wg_state()
+    while len(groups) > k:
+        for fn, args in groups.pop(0):
+            fn(*args)
 
 
 def _fence_proxy_async_twin():
