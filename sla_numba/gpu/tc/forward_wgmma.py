@@ -113,6 +113,8 @@ from .wgmma import (
 BLOCK = 64
 #: Head dims it takes (the O accumulator is m64n{D}: D/2 fp32 registers a thread).
 HEAD_DIMS = (64, 128)
+#: V buffers of the default kernel (:func:`make_sparse_forward_wgmma`).
+V_STAGES = 2
 THREADS = 128
 #: Bytes of one 64-row column chunk (64 x 128 bytes), the tile unit in shared memory.
 CHUNK_BYTES = BLOCK * 128
@@ -154,11 +156,12 @@ def wgmma_unsupported_reason(dtype, head_dim, block_q, block_k, device=None):
     return None
 
 
-def smem_layout(D):
-    """Byte offsets (from the 1024-aligned base) of Q, K stage 0 / 1, V stage 0 / 1, and
+def smem_layout(D, v_stages=2):
+    """Byte offsets (from the 1024-aligned base) of Q, K stage 0 / 1, V stage 0 (/ 1), and
     the dynamic shared-memory bytes to ask for (+1024 for the alignment)."""
     tile = (D // CHUNK_COLS) * CHUNK_BYTES
-    return dict(q=0, k=(tile, 2 * tile), v=(3 * tile, 4 * tile), bytes=5 * tile + 1024)
+    v = (3 * tile, 4 * tile) if v_stages == 2 else (3 * tile,)
+    return dict(q=0, k=(tile, 2 * tile), v=v, bytes=(3 + v_stages) * tile + 1024)
 
 
 # ---------------------------------------------------------------------------
@@ -168,14 +171,20 @@ def smem_layout(D):
 
 @functools.cache
 @kernel_factory
-def make_sparse_forward_wgmma(D, kind):
+def make_sparse_forward_wgmma(D, kind, v_stages=V_STAGES):
     """The wgmma forward kernel for head dim ``D`` (64 / 128) and inputs ``kind`` 'bf16' /
     'f16', as a :class:`TCKernel`. Launch: grid ``(Mq, B*H)``, 128 threads; the
     arguments of ``tc/forward.py``'s kernel: ``(q, k, v, lut, counts, o, lse, nq, nk, mq,
     n_lut, c2)``, q / k / v flat int16 bits, ``c2 = scale * log2(e)``.
+
+    ``v_stages``: 2 (K and V double-buffered, one barrier a key block; the module
+    docstring's pipeline) or 1 (V single-buffered: V[kb] is copied during S and the
+    softmax and waited for before P.V, two barriers a key block, as ``tc/forward.py``;
+    a fifth less shared memory: 65 KiB at D = 128, so three CTAs fit an SM instead of two).
     """
-    if D not in HEAD_DIMS or kind not in ("bf16", "f16"):
-        raise ValueError(f"wgmma forward: D={D}, kind={kind!r} unsupported")
+    if D not in HEAD_DIMS or kind not in ("bf16", "f16") or v_stages not in (1, 2):
+        raise ValueError(f"wgmma forward: D={D}, kind={kind!r}, v_stages={v_stages} unsupported")
+    VST = v_stages
     BK = BLOCK
     DC = D // CHUNK_COLS  # 64-column chunks of a tile
     KS = D // 16  # k-steps of S = Q K^T
@@ -184,9 +193,10 @@ def make_sparse_forward_wgmma(D, kind):
     DTILE = D // 8  # n8 tiles of O
     NS, NO = BK // 2, D // 2  # accumulator registers a thread: S, O
     NAF = PK * 4  # P registers a thread
-    lay = smem_layout(D)
+    lay = smem_layout(D, v_stages)
     QOFF, KOFF0, VOFF0 = lay["q"], lay["k"][0], lay["v"][0]
     STAGE = lay["k"][1] - lay["k"][0]  # bytes between the two stages
+    VSTAGE = STAGE if VST == 2 else 0  # (V: one buffer when VST == 1)
     SMEM_BYTES = lay["bytes"]
     HI_K = np.int64(desc_hi(K_MAJOR_LBO, SBO))  # fixed descriptor fields of Q and K
     HI_V = np.int64(desc_hi(V_LBO, SBO))  # of V (MN-major)
@@ -252,11 +262,12 @@ def make_sparse_forward_wgmma(D, kind):
         t_off = rr * 128 + ((ch ^ (rr & 7)) << 4)
         lut_base = (bh * mq + qb) * n_lut
 
-        # Stage Q and the first K, V.
+        # Stage Q and the first K (and V, double-buffered).
         kb = lut[lut_base]
         load_tile(smem, sbase + QOFF, q, q_base, row0, nq - row0, t_off, rr, ch)
         load_tile(smem, sbase + KOFF0, k, kv_base, kb * BK, nk - kb * BK, t_off, rr, ch)
-        load_tile(smem, sbase + VOFF0, v, kv_base, kb * BK, nk - kb * BK, t_off, rr, ch)
+        if VST == 2:
+            load_tile(smem, sbase + VOFF0, v, kv_base, kb * BK, nk - kb * BK, t_off, rr, ch)
         cp_async_commit()
 
         m[0, 0] = NEG_INF
@@ -276,16 +287,20 @@ def make_sparse_forward_wgmma(D, kind):
             cp_async_wait_group(0)  # this thread's copies of stage st landed
             fence_proxy_async()  # ... visible to wgmma (async proxy)
             cuda.syncthreads()  # everyone's landed; everyone is done with block it - 1
-            if it + 1 < cnt:  # the next block's K, V -> the other stage, during this one
+            if VST == 1:  # V[kb] -> its one buffer, during S and the softmax
+                load_tile(smem, sbase + VOFF0, v, kv_base, kb * BK, nk - kb * BK, t_off, rr, ch)
+                cp_async_commit()
+            if it + 1 < cnt:  # the next block's K (, V) -> the other stage, during this one
                 kn = lut[lut_base + it + 1]
                 nxt = (1 - st) * STAGE
                 load_tile(
                     smem, sbase + KOFF0 + nxt, k, kv_base, kn * BK, nk - kn * BK, t_off, rr, ch
                 )
-                load_tile(
-                    smem, sbase + VOFF0 + nxt, v, kv_base, kn * BK, nk - kn * BK, t_off, rr, ch
-                )
-                cp_async_commit()
+                if VST == 2:
+                    load_tile(
+                        smem, sbase + VOFF0 + nxt, v, kv_base, kn * BK, nk - kn * BK, t_off, rr, ch
+                    )
+            cp_async_commit()  # (may be empty: the wait_group(1) below is then uniform)
 
             # S = Q K^T: D/16 k-steps, both operands K-major from shared memory.
             k_st = sbase + KOFF0 + st * STAGE
@@ -325,8 +340,13 @@ def make_sparse_forward_wgmma(D, kind):
             for kk in range(PK):
                 pack_a(af, kk, s, 0, kk)
 
+            if VST == 1:
+                cp_async_wait_group(1)  # V[kb] landed (the next K may still be in flight)
+                fence_proxy_async()
+                cuda.syncthreads()  # ... everyone's
+
             # O += P V: A = P from registers, B = V MN-major from shared memory.
-            v_st = sbase + VOFF0 + st * STAGE
+            v_st = sbase + VOFF0 + st * VSTAGE
             wg_fence2(acc, NO, af, NAF)
             for kk in range(PK):
                 dv = (((v_st + kk * 2048) & 0x3FFFF) >> 4) | HI_V
@@ -376,10 +396,11 @@ def launch_sparse_forward_wgmma(
     _tc_build.launch(kern.kernel, (mq, B * H), kern.threads, kern.smem_bytes, stream, args)
 
 
-def sparse_forward_wgmma(q, k, v, lut, counts, block_q, block_k, scale):
+def sparse_forward_wgmma(q, k, v, lut, counts, block_q, block_k, scale, v_stages=V_STAGES):
     """Sparse (critical-block) attention forward on wgmma: ``sparse_forward_tc``'s
     arguments and results (``tc/forward.py``), for fp16 / bf16, D in {64, 128},
     ``block_q = block_k = 64`` on a GPU of compute capability 9.0 (or the simulator).
+    ``v_stages``: the kernel variant (:func:`make_sparse_forward_wgmma`).
 
     Example (an H100 / H200; or CPU tensors with ``NUMBA_ENABLE_CUDASIM=1``, slowly)::
 
@@ -399,7 +420,7 @@ def sparse_forward_wgmma(q, k, v, lut, counts, block_q, block_k, scale):
     mq = -(-Nq // block_q)
     n_lut = int(lut.shape[-1])
     ad = _tc_build.ArrayAdapter(q)
-    kern = make_sparse_forward_wgmma(D, kind)
+    kern = make_sparse_forward_wgmma(D, kind, v_stages)
     o = ad.empty((B, H, Nq, D), np.float32)
     lse = ad.empty((B, H, Nq), np.float32)
     cnt = ad.flat(counts, np.int32)

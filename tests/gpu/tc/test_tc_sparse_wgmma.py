@@ -198,16 +198,18 @@ def test_switch_runs_wgmma_kernel_bf16_tails_and_empty_row(monkeypatch):
 
 
 @needs_sim
-def test_wgmma_kernel_fp16_d128_two_chunks():
+@pytest.mark.parametrize("v_stages", [2, 1])
+def test_wgmma_kernel_fp16_d128_two_chunks(v_stages):
     """fp16, D = 128 (two 64-column chunks: exercises V's LBO), Nq != Nk, 3 blocks in one
-    row (both stages of the K / V ring, refilled), a random LUT with empty rows."""
+    row (both stages of the K / V ring, refilled), an empty query block; both variants
+    (V double- or single-buffered)."""
     from sla_numba.gpu.tc.forward_wgmma import sparse_forward_wgmma
 
     q, k, v = _inputs(torch.float16, 128, 100, 190, seed=1)
     lut = torch.tensor([[[[0, 0, 0], [0, 1, 2]]]], dtype=torch.int32)
     counts = torch.tensor([[[0, 3]]], dtype=torch.int32)
     with poisoned():
-        o, lse = sparse_forward_wgmma(q, k, v, lut, counts, 64, 64, 128**-0.5)
+        o, lse = sparse_forward_wgmma(q, k, v, lut, counts, 64, 64, 128**-0.5, v_stages)
     _check_against_float64(q, k, v, lut, counts, o, lse, 3e-3)
 
 
@@ -256,15 +258,15 @@ from sla_numba.gpu.tc.forward_wgmma import make_sparse_forward_wgmma
 i16, i32, f32 = int16[::1], int32[::1], float32[::1]
 sig = (i16, i16, i16, i32, i32, f32, f32, int64, int64, int64, int64, float32)
 out = []
-for D, kind in ((128, "bf16"), (64, "f16")):
-    kern = make_sparse_forward_wgmma(D, kind).kernel
+for D, kind, vst in ((128, "bf16", 2), (64, "f16", 2), (128, "bf16", 1)):
+    kern = make_sparse_forward_wgmma(D, kind, vst).kernel
     fm = kern.targetoptions.get("fastmath", False)
     ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0, "a"), fastmath=fm)
     cubin, info = probe.nvjitlink_assemble(ptx, "sm_90a")
     regs = re.search(r"Used (\d+) registers", info)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     out.append(dict(
-        D=D, kind=kind, target=re.search(r"\.target\s+(\S+)", ptx).group(1),
+        D=D, kind=kind, v_stages=vst, target=re.search(r"\.target\s+(\S+)", ptx).group(1),
         wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
         ss=len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n64k16\.f32\.%s\.%s \{[^}]*\}, %%rd" % (kind, kind), ptx)),
         rs=len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n%dk16\.f32\.%s\.%s \{[^}]*\}, \{" % (D, kind, kind), ptx)),
