@@ -7,12 +7,14 @@ Usage (a GPU of compute capability 9.0, e.g. the H200):
 
 For each configuration (bf16 D=128, bf16 D=64, fp16 D=128 at B=1 H=12 N=32760,
 block_q = block_k = 64, a random LUT of ``--topk`` (5 %) of the key blocks per query
-block): times ``sparse_forward_tc`` (the mma.sync kernel, ``tc/forward.py``) and
-``sparse_forward_wgmma`` with CUDA events (median of ``--reps``, after one untimed
-call that compiles), prints TFLOP/s on the work done, ``4 * B*H*Nq * (n_crit*64) * D``
-(every visited key block counted whole, also the sequence's partial last one), the
-max abs difference between the two kernels' O and lse, and both against a float64
-computation of a few query blocks. A ``FAIL`` line (and exit status 1) on a mismatch.
+block; a few query blocks without any): times ``sparse_forward_tc`` (the mma.sync
+kernel, ``tc/forward.py``) and ``sparse_forward_wgmma`` in both variants (``wgmma_v2``:
+V double-buffered, the default; ``wgmma_v1``: ``v_stages=1``) with CUDA events (median
+of ``--reps``, after one untimed call that compiles) and prints TFLOP/s on the work
+done, ``4 * B*H*Nq * (n_crit*64) * D`` (every visited key block counted whole, also the
+sequence's partial last one); the max abs difference of each wgmma kernel's O and lse
+from the mma.sync kernel's; all three against float64 on a few query blocks. A ``FAIL``
+line (and exit status 1) on a mismatch.
 """
 
 import argparse
@@ -74,73 +76,75 @@ def run_config(args, dtype, D, failures):
     name = f"{str(dtype).replace('torch.', '')} D={D} B={B} H={H} N={N}"
     q, k, v, lut, counts, n_crit = make_inputs(B, H, N, D, dtype, args.topk, D, args.device)
     scale = D**-0.5
-    mma = lambda: sparse_forward_tc(q, k, v, lut, counts, BLOCK, BLOCK, scale)  # noqa: E731
-    wg = lambda: sparse_forward_wgmma(q, k, v, lut, counts, BLOCK, BLOCK, scale)  # noqa: E731
+    kernels = {"mma": lambda: sparse_forward_tc(q, k, v, lut, counts, BLOCK, BLOCK, scale)}
+    for vst in (2, 1):  # the default wgmma kernel (V double-buffered) and the v_stages=1 one
+        kernels[f"wgmma_v{vst}"] = lambda vst=vst: sparse_forward_wgmma(
+            q, k, v, lut, counts, BLOCK, BLOCK, scale, vst
+        )
     t0 = time.time()
-    o1, l1 = mma()
-    o2, l2 = wg()
+    out = {label: fn() for label, fn in kernels.items()}
     if args.device == "cuda":
         torch.cuda.synchronize()
     first_s = time.time() - t0
     ok = True
     empty = counts.repeat_interleave(BLOCK, dim=-1)[..., :N] == 0
-    for label, o, l in (("mma", o1, l1), ("wgmma", o2, l2)):
+    for label, (o, l) in out.items():
         if not torch.isfinite(o).all() or torch.isnan(l).any():
             failures.append(f"{name}: {label} output has NaN / inf")
             ok = False
         if not ((l[empty] == LSE_EMPTY).all() and (o[empty] == 0).all()):
             failures.append(f"{name}: {label} empty query blocks not O = 0, lse = LSE_EMPTY")
             ok = False
-    d_o = (o1 - o2).abs().max().item()
-    d_l = (l1 - l2)[~empty].abs().max().item()
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    o1, l1 = out["mma"]
+    lines = [f"{name} n_crit={n_crit}/{-(-N // BLOCK)}  first calls {first_s:.1f}s"]
+    for label in ("wgmma_v2", "wgmma_v1"):
+        o2, l2 = out[label]
+        d_o = (o1 - o2).abs().max().item()
+        d_l = (l1 - l2)[~empty].abs().max().item()
+        lines.append(f"    {label} vs mma: max|dO| {d_o:.2e} max|dlse| {d_l:.2e}")
+        if d_o > tol / 4 or d_l > 1e-3:
+            failures.append(f"{name}: {label} vs mma max |dO| {d_o:.3g}, |dlse| {d_l:.3g}")
+            ok = False
     mq = -(-N // BLOCK)
     picks = [(0, h, i) for h, i in ((0, 0), (H // 2, mq // 2), (H - 1, mq - 1), (1 % H, 3 % mq))]
     refs = float64_blocks(q, k, v, lut, counts, scale, picks)
-    err = {"mma": 0.0, "wgmma": 0.0}  # O
-    err_l = {"mma": 0.0, "wgmma": 0.0}  # lse
-    for (b, h, i), ref in zip(picks, refs):
-        if ref is None:
-            continue
-        r0, r1 = i * BLOCK, min((i + 1) * BLOCK, N)
-        for label, o, l in (("mma", o1, l1), ("wgmma", o2, l2)):
-            e_o = (o[b, h, r0:r1].double() - ref[0]).abs().max().item()
-            e_l = (l[b, h, r0:r1].double() - ref[1]).abs().max().item()
-            err[label] = max(err[label], e_o)
-            err_l[label] = max(err_l[label], e_l)
-    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
-    if d_o > tol / 4 or d_l > 1e-3:
-        failures.append(f"{name}: wgmma vs mma max |dO| {d_o:.3g}, |dlse| {d_l:.3g}")
-        ok = False
-    for label in err:
-        if err[label] > tol or err_l[label] > 1e-3:
+    for label, (o, l) in out.items():
+        e_o = e_l = 0.0
+        for (b, h, i), ref in zip(picks, refs):
+            if ref is not None:
+                r0, r1 = i * BLOCK, min((i + 1) * BLOCK, N)
+                e_o = max(e_o, (o[b, h, r0:r1].double() - ref[0]).abs().max().item())
+                e_l = max(e_l, (l[b, h, r0:r1].double() - ref[1]).abs().max().item())
+        lines.append(
+            f"    {label} vs float64 ({len(picks)} query blocks): |dO| {e_o:.2e} |dlse| {e_l:.2e}"
+        )
+        if e_o > tol or e_l > 1e-3:
             failures.append(
-                f"{name}: {label} vs float64 |dO| {err[label]:.3g} (tol {tol}), "
-                f"|dlse| {err_l[label]:.3g} (tol 1e-3)"
+                f"{name}: {label} vs float64 |dO| {e_o:.3g} (tol {tol}), |dlse| {e_l:.3g} (tol 1e-3)"
             )
             ok = False
-    line = (
-        f"{name} n_crit={n_crit}/{mq}  max|O_wgmma-O_mma|={d_o:.2e} max|dlse|={d_l:.2e}  "
-        f"vs float64 (O/lse): mma {err['mma']:.2e}/{err_l['mma']:.2e} "
-        f"wgmma {err['wgmma']:.2e}/{err_l['wgmma']:.2e}  first calls {first_s:.1f}s"
-    )
     if not args.quick:
         flops = 4.0 * B * H * N * (n_crit * BLOCK) * D
-        t_mma = cuda_time(mma, args.reps)
-        t_wg = cuda_time(wg, args.reps)
-        line += (
-            f"\n    mma.sync {t_mma:7.3f} ms {flops / t_mma / 1e9:7.1f} TFLOP/s   "
-            f"wgmma {t_wg:7.3f} ms {flops / t_wg / 1e9:7.1f} TFLOP/s   "
-            f"wgmma speed-up {t_mma / t_wg:.2f}x"
-        )
+        times = {label: cuda_time(fn, args.reps) for label, fn in kernels.items()}
+        for label, ms in times.items():
+            lines.append(
+                f"    {label:9s} {ms:7.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s  "
+                f"(mma.sync / this: {times['mma'] / ms:.2f}x)"
+            )
     kind = "bf16" if dtype == torch.bfloat16 else "f16"
-    kern = make_sparse_forward_wgmma(D, kind).kernel
-    for compiled in kern.overloads.values() if args.device == "cuda" else ():
-        try:
-            regs = compiled.library.get_cufunc().attrs.regs
-        except Exception:  # noqa: BLE001 - numba-cuda internals: report what we can
-            regs = "?"
-        line += f"\n    wgmma kernel: {regs} registers, local {compiled.local_mem_per_thread} B"
-    print(("ok   " if ok else "FAIL ") + line, flush=True)
+    for vst in (2, 1):
+        kern = make_sparse_forward_wgmma(D, kind, vst).kernel
+        for compiled in kern.overloads.values() if args.device == "cuda" else ():
+            try:
+                regs = compiled.library.get_cufunc().attrs.regs
+            except Exception:  # noqa: BLE001 - numba-cuda internals: report what we can
+                regs = "?"
+            lines.append(
+                f"    wgmma_v{vst} kernel: {regs} registers, local "
+                f"{compiled.local_mem_per_thread} B"
+            )
+    print(("ok   " if ok else "FAIL ") + "\n".join(lines), flush=True)
 
 
 def main():
