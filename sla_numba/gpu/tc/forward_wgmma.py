@@ -45,6 +45,13 @@ the CTAs an SM holds (two at D = 128: 81 KiB of shared memory each): while one
 warpgroup does its softmax, the other's wgmma run. (FA3's producer warp and the
 two-warpgroup ping-pong are not used: a first version that is simple to check.)
 
+A second variant, ``v_stages=1``, keeps one V buffer (Q | K0 | K1 | V: 65 KiB at D =
+128, so three CTAs fit an SM; 168 registers x 128 threads x 3 still fit the register
+file): V[kb] is copied after the block's first barrier, during S and the softmax, and
+a second wait + barrier comes before P.V, as in ``tc/forward.py``. Which one is faster
+is for the GPU to say (``tools/sweep_sparse_wgmma.py`` times both); ``V_STAGES`` is
+the default.
+
 Fragment ownership (``tc/wgmma.py``; ``w = tid >> 5``, ``g = lane >> 2``, ``t = lane & 3``):
 warp ``w`` owns query rows ``16w .. 16w + 15`` of the block, the lane rows
 ``16w + g`` and ``16w + g + 8``. ``s[0, n, e]`` is S (then P) at row ``16w + g + 8*(e >> 1)``,
