@@ -178,7 +178,7 @@ def smem_layout(D, v_stages=2):
 
 @functools.cache
 @kernel_factory
-def make_sparse_forward_wgmma(D, kind, v_stages=V_STAGES):
+def make_sparse_forward_wgmma(D, kind, v_stages=V_STAGES, overlap=False):
     """The wgmma forward kernel for head dim ``D`` (64 / 128) and inputs ``kind`` 'bf16' /
     'f16', as a :class:`TCKernel`. Launch: grid ``(Mq, B*H)``, 128 threads; the
     arguments of ``tc/forward.py``'s kernel: ``(q, k, v, lut, counts, o, lse, nq, nk, mq,
@@ -188,10 +188,15 @@ def make_sparse_forward_wgmma(D, kind, v_stages=V_STAGES):
     docstring's pipeline) or 1 (V single-buffered: V[kb] is copied during S and the
     softmax and waited for before P.V, two barriers a key block, as ``tc/forward.py``;
     a fifth less shared memory: 65 KiB at D = 128, so three CTAs fit an SM instead of two).
+    ``overlap`` (with ``v_stages=2``): the softmax of block it + 1 runs while the P.V
+    wgmma of block it are in flight (module docstring, "Overlapped variant").
     """
     if D not in HEAD_DIMS or kind not in ("bf16", "f16") or v_stages not in (1, 2):
         raise ValueError(f"wgmma forward: D={D}, kind={kind!r}, v_stages={v_stages} unsupported")
+    if overlap and v_stages != 2:
+        raise ValueError("wgmma forward: overlap needs v_stages=2")
     VST = v_stages
+    OVL = bool(overlap)
     BK = BLOCK
     DC = D // CHUNK_COLS  # 64-column chunks of a tile
     KS = D // 16  # k-steps of S = Q K^T
@@ -232,6 +237,55 @@ def make_sparse_forward_wgmma(D, kind, v_stages=V_STAGES):
                     16 if ok else 0,
                 )
 
+    @cuda.jit(device=True, inline="always")
+    def issue_s(smem, s, q_addr, k_addr):
+        # S = Q K^T: D/16 k-steps, both operands K-major from shared memory (no commit)
+        for ks in range(KS):
+            koff = (ks // 4) * CHUNK_BYTES + (ks % 4) * 32
+            dq = (((q_addr + koff) & 0x3FFFF) >> 4) | HI_K
+            dk = (((k_addr + koff) & 0x3FFFF) >> 4) | HI_K
+            wgmma_s(smem, s, dq, dk, 0 if ks == 0 else 1)
+
+    @cuda.jit(device=True, inline="always")
+    def issue_pv(smem, acc, af, v_addr):
+        # O += P V: A = P from registers, B = V MN-major from shared memory (no commit)
+        for kk in range(PK):
+            dv = (((v_addr + kk * 2048) & 0x3FFFF) >> 4) | HI_V
+            wgmma_o(smem, acc, af, kk, dv, 1)
+
+    @cuda.jit(device=True, inline="always")
+    def softmax(s, m, l, al, nvalid, t, c2):
+        # The sequence's last, partial key block: keys past Nk get -inf.
+        if nvalid < BK:
+            for n in range(NTILE):
+                for odd in range(2):
+                    if 8 * n + 2 * t + odd >= nvalid:
+                        s[0, n, odd] = NEG_INF
+                        s[0, n, odd + 2] = NEG_INF
+        # Online softmax, base 2 (as tc/forward.py): m = max(m, c2 * rowmax S),
+        # P = 2^(c2 S - m), l = l * alpha + rowsum P; O is to be scaled by al = alpha.
+        for r in range(2):
+            mx = row_max(s, 0, r, 0)
+            mx = fmax(mx, shfl_xor(mx, 1))
+            mx = fmax(mx, shfl_xor(mx, 2))
+            m_new = fmax(m[0, r], mx * c2)
+            alpha = exp2(m[0, r] - m_new)
+            m[0, r] = m_new
+            for n in range(NTILE):
+                for x in range(2):
+                    s[0, n, 2 * r + x] = exp2(s[0, n, 2 * r + x] * c2 - m_new)
+            l[0, r] = l[0, r] * alpha + row_sum(s, 0, r, 0)
+            al[0, r] = alpha
+
+    @cuda.jit(device=True, inline="always")
+    def rescale_and_pack(acc, al, af, s):
+        for r in range(2):
+            for d in range(DTILE):
+                for x in range(2):
+                    acc[0, d, 2 * r + x] *= al[0, r]
+        for kk in range(PK):
+            pack_a(af, kk, s, 0, kk)
+
     @kernel(fastmath=TC_FASTMATH)
     def sla_fwd_wgmma(q, k, v, lut, counts, o, lse, nq, nk, mq, n_lut, c2):
         smem = cuda.shared.array(0, int16, alignment=SMEM_ALIGN)
@@ -240,6 +294,7 @@ def make_sparse_forward_wgmma(D, kind, v_stages=V_STAGES):
         af = cuda.local.array((PK, 4), int32)  # P as register-A fragments
         m = cuda.local.array((1, 2), float32)  # running row max (base 2)
         l = cuda.local.array((1, 2), float32)  # lane's partial row sums
+        al = cuda.local.array((1, 2), float32)  # this block's rescale factor of O
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -288,78 +343,97 @@ def make_sparse_forward_wgmma(D, kind, v_stages=V_STAGES):
             for e in range(4):
                 s[0, n, e] = ZERO
 
-        for it in range(cnt):
-            st = it & 1
-            kb = lut[lut_base + it]
-            cp_async_wait_group(0)  # this thread's copies of stage st landed
-            fence_proxy_async()  # ... visible to wgmma (async proxy)
-            cuda.syncthreads()  # everyone's landed; everyone is done with block it - 1
-            if VST == 1:  # V[kb] -> its one buffer, during S and the softmax
-                load_tile(smem, sbase + VOFF0, v, kv_base, kb * BK, nk - kb * BK, t_off, rr, ch)
-                cp_async_commit()
-            if it + 1 < cnt:  # the next block's K (, V) -> the other stage, during this one
-                kn = lut[lut_base + it + 1]
-                nxt = (1 - st) * STAGE
+        if OVL:
+            # Overlapped: K[lut[1]] joins the prologue; S and P of block 0 come first.
+            if cnt > 1:
+                kn = lut[lut_base + 1]
                 load_tile(
-                    smem, sbase + KOFF0 + nxt, k, kv_base, kn * BK, nk - kn * BK, t_off, rr, ch
+                    smem, sbase + KOFF0 + STAGE, k, kv_base, kn * BK, nk - kn * BK, t_off, rr, ch
                 )
-                if VST == 2:
-                    load_tile(
-                        smem, sbase + VOFF0 + nxt, v, kv_base, kn * BK, nk - kn * BK, t_off, rr, ch
-                    )
-            cp_async_commit()  # (may be empty: the wait_group(1) below is then uniform)
-
-            # S = Q K^T: D/16 k-steps, both operands K-major from shared memory.
-            k_st = sbase + KOFF0 + st * STAGE
+            cp_async_commit()
+            cp_async_wait_group(1)  # Q, K[lut[0]], V[lut[0]] landed
+            fence_proxy_async()
+            cuda.syncthreads()
             wg_fence(s, NS)
-            for ks in range(KS):
-                koff = (ks // 4) * CHUNK_BYTES + (ks % 4) * 32
-                dq = (((sbase + QOFF + koff) & 0x3FFFF) >> 4) | HI_K
-                dk = (((k_st + koff) & 0x3FFFF) >> 4) | HI_K
-                wgmma_s(smem, s, dq, dk, 0 if ks == 0 else 1)
+            issue_s(smem, s, sbase + QOFF, sbase + KOFF0)
             wg_commit()
             wg_wait(s, NS, 0)
-
-            # The sequence's last, partial key block: keys past Nk get -inf.
-            nvalid = nk - kb * BK
-            if nvalid < BK:
-                for n in range(NTILE):
-                    for odd in range(2):
-                        if 8 * n + 2 * t + odd >= nvalid:
-                            s[0, n, odd] = NEG_INF
-                            s[0, n, odd + 2] = NEG_INF
-
-            # Online softmax, base 2 (as tc/forward.py).
-            for r in range(2):
-                mx = row_max(s, 0, r, 0)
-                mx = fmax(mx, shfl_xor(mx, 1))
-                mx = fmax(mx, shfl_xor(mx, 2))
-                m_new = fmax(m[0, r], mx * c2)
-                alpha = exp2(m[0, r] - m_new)
-                m[0, r] = m_new
-                for n in range(NTILE):
-                    for x in range(2):
-                        s[0, n, 2 * r + x] = exp2(s[0, n, 2 * r + x] * c2 - m_new)
-                l[0, r] = l[0, r] * alpha + row_sum(s, 0, r, 0)
-                for d in range(DTILE):
-                    for x in range(2):
-                        acc[0, d, 2 * r + x] *= alpha
-            for kk in range(PK):
-                pack_a(af, kk, s, 0, kk)
-
-            if VST == 1:
-                cp_async_wait_group(1)  # V[kb] landed (the next K may still be in flight)
+            softmax(s, m, l, al, nk - kb * BK, t, c2)
+            rescale_and_pack(acc, al, af, s)
+            for it in range(cnt):
+                # here: af = P of block it, O rescaled for it; K of it + 1 and V of it
+                # were copied during the last iteration
+                st = it & 1
+                cp_async_wait_group(0)
                 fence_proxy_async()
-                cuda.syncthreads()  # ... everyone's
+                cuda.syncthreads()  # landed everywhere; P.V of it - 1 done everywhere
+                if it + 2 < cnt:  # K of it + 2 -> the K stage S of it read
+                    kn = lut[lut_base + it + 2]
+                    load_tile(
+                        smem, sbase + KOFF0 + st * STAGE, k, kv_base, kn * BK, nk - kn * BK,
+                        t_off, rr, ch,
+                    )  # fmt: skip
+                if it + 1 < cnt:  # V of it + 1 -> the V stage P.V of it - 1 read
+                    kn = lut[lut_base + it + 1]
+                    load_tile(
+                        smem, sbase + VOFF0 + (1 - st) * STAGE, v, kv_base, kn * BK,
+                        nk - kn * BK, t_off, rr, ch,
+                    )  # fmt: skip
+                cp_async_commit()
+                wg_fence2(acc, NO, af, NAF)
+                wg_fence(s, NS)
+                if it + 1 < cnt:  # S of it + 1 first, then P.V of it: two groups
+                    issue_s(smem, s, sbase + QOFF, sbase + KOFF0 + (1 - st) * STAGE)
+                    wg_commit()
+                issue_pv(smem, acc, af, sbase + VOFF0 + st * STAGE)
+                wg_commit()
+                if it + 1 < cnt:
+                    wg_wait(s, NS, 1)  # S of it + 1 done; P.V of it may still run ...
+                    kn = lut[lut_base + it + 1]
+                    softmax(s, m, l, al, nk - kn * BK, t, c2)  # ... during this
+                wg_wait(acc, NO, 0)  # P.V of it done: O and af may be touched again
+                if it + 1 < cnt:
+                    rescale_and_pack(acc, al, af, s)
+        else:
+            for it in range(cnt):
+                st = it & 1
+                kb = lut[lut_base + it]
+                cp_async_wait_group(0)  # this thread's copies of stage st landed
+                fence_proxy_async()  # ... visible to wgmma (async proxy)
+                cuda.syncthreads()  # everyone's landed; everyone is done with block it - 1
+                if VST == 1:  # V[kb] -> its one buffer, during S and the softmax
+                    load_tile(smem, sbase + VOFF0, v, kv_base, kb * BK, nk - kb * BK, t_off, rr, ch)
+                    cp_async_commit()
+                if it + 1 < cnt:  # the next block's K (, V) -> the other stage
+                    kn = lut[lut_base + it + 1]
+                    nxt = (1 - st) * STAGE
+                    load_tile(
+                        smem, sbase + KOFF0 + nxt, k, kv_base, kn * BK, nk - kn * BK,
+                        t_off, rr, ch,
+                    )  # fmt: skip
+                    if VST == 2:
+                        load_tile(
+                            smem, sbase + VOFF0 + nxt, v, kv_base, kn * BK, nk - kn * BK,
+                            t_off, rr, ch,
+                        )  # fmt: skip
+                cp_async_commit()  # (may be empty: the wait_group(1) below is then uniform)
 
-            # O += P V: A = P from registers, B = V MN-major from shared memory.
-            v_st = sbase + VOFF0 + st * VSTAGE
-            wg_fence2(acc, NO, af, NAF)
-            for kk in range(PK):
-                dv = (((v_st + kk * 2048) & 0x3FFFF) >> 4) | HI_V
-                wgmma_o(smem, acc, af, kk, dv, 1)
-            wg_commit()
-            wg_wait(acc, NO, 0)  # (the next block's barrier frees stage st for refilling)
+                wg_fence(s, NS)
+                issue_s(smem, s, sbase + QOFF, sbase + KOFF0 + st * STAGE)
+                wg_commit()
+                wg_wait(s, NS, 0)
+                softmax(s, m, l, al, nk - kb * BK, t, c2)
+                rescale_and_pack(acc, al, af, s)
+
+                if VST == 1:
+                    cp_async_wait_group(1)  # V[kb] landed (the next K may still be in flight)
+                    fence_proxy_async()
+                    cuda.syncthreads()  # ... everyone's
+
+                wg_fence2(acc, NO, af, NAF)
+                issue_pv(smem, acc, af, sbase + VOFF0 + st * VSTAGE)
+                wg_commit()
+                wg_wait(acc, NO, 0)  # (the next block's barrier frees stage st for refilling)
 
         # Epilogue: finish the row sums over the quad, normalise, write O and lse.
         for r in range(2):
@@ -403,11 +477,13 @@ def launch_sparse_forward_wgmma(
     _tc_build.launch(kern.kernel, (mq, B * H), kern.threads, kern.smem_bytes, stream, args)
 
 
-def sparse_forward_wgmma(q, k, v, lut, counts, block_q, block_k, scale, v_stages=V_STAGES):
+def sparse_forward_wgmma(
+    q, k, v, lut, counts, block_q, block_k, scale, v_stages=V_STAGES, overlap=False
+):
     """Sparse (critical-block) attention forward on wgmma: ``sparse_forward_tc``'s
     arguments and results (``tc/forward.py``), for fp16 / bf16, D in {64, 128},
     ``block_q = block_k = 64`` on a GPU of compute capability 9.0 (or the simulator).
-    ``v_stages``: the kernel variant (:func:`make_sparse_forward_wgmma`).
+    ``v_stages``, ``overlap``: the kernel variant (:func:`make_sparse_forward_wgmma`).
 
     Example (an H100 / H200; or CPU tensors with ``NUMBA_ENABLE_CUDASIM=1``, slowly)::
 
@@ -427,7 +503,7 @@ def sparse_forward_wgmma(q, k, v, lut, counts, block_q, block_k, scale, v_stages
     mq = -(-Nq // block_q)
     n_lut = int(lut.shape[-1])
     ad = _tc_build.ArrayAdapter(q)
-    kern = make_sparse_forward_wgmma(D, kind, v_stages)
+    kern = make_sparse_forward_wgmma(D, kind, v_stages, overlap)
     o = ad.empty((B, H, Nq, D), np.float32)
     lse = ad.empty((B, H, Nq), np.float32)
     cnt = ad.flat(counts, np.int32)

@@ -198,18 +198,18 @@ def test_switch_runs_wgmma_kernel_bf16_tails_and_empty_row(monkeypatch):
 
 
 @needs_sim
-@pytest.mark.parametrize("v_stages", [2, 1])
-def test_wgmma_kernel_fp16_d128_two_chunks(v_stages):
+@pytest.mark.parametrize("v_stages,overlap", [(2, False), (1, False), (2, True)])
+def test_wgmma_kernel_fp16_d128_two_chunks(v_stages, overlap):
     """fp16, D = 128 (two 64-column chunks: exercises V's LBO), Nq != Nk, 3 blocks in one
     row (both stages of the K / V ring, refilled), an empty query block; both variants
-    (V double- or single-buffered)."""
+    (V double- or single-buffered, the softmax overlapping P.V)."""
     from sla_numba.gpu.tc.forward_wgmma import sparse_forward_wgmma
 
     q, k, v = _inputs(torch.float16, 128, 100, 190, seed=1)
     lut = torch.tensor([[[[0, 0, 0], [0, 1, 2]]]], dtype=torch.int32)
     counts = torch.tensor([[[0, 3]]], dtype=torch.int32)
     with poisoned():
-        o, lse = sparse_forward_wgmma(q, k, v, lut, counts, 64, 64, 128**-0.5, v_stages)
+        o, lse = sparse_forward_wgmma(q, k, v, lut, counts, 64, 64, 128**-0.5, v_stages, overlap)
     _check_against_float64(q, k, v, lut, counts, o, lse, 3e-3)
 
 
@@ -258,15 +258,16 @@ from sla_numba.gpu.tc.forward_wgmma import make_sparse_forward_wgmma
 i16, i32, f32 = int16[::1], int32[::1], float32[::1]
 sig = (i16, i16, i16, i32, i32, f32, f32, int64, int64, int64, int64, float32)
 out = []
-for D, kind, vst in ((128, "bf16", 2), (64, "f16", 2), (128, "bf16", 1)):
-    kern = make_sparse_forward_wgmma(D, kind, vst).kernel
+for D, kind, vst, ovl in ((128, "bf16", 2, 0), (64, "f16", 2, 0), (128, "bf16", 1, 0),
+                          (128, "bf16", 2, 1)):
+    kern = make_sparse_forward_wgmma(D, kind, vst, bool(ovl)).kernel
     fm = kern.targetoptions.get("fastmath", False)
     ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0, "a"), fastmath=fm)
     cubin, info = probe.nvjitlink_assemble(ptx, "sm_90a")
     regs = re.search(r"Used (\d+) registers", info)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     out.append(dict(
-        D=D, kind=kind, v_stages=vst, target=re.search(r"\.target\s+(\S+)", ptx).group(1),
+        D=D, kind=kind, v_stages=vst, overlap=ovl, target=re.search(r"\.target\s+(\S+)", ptx).group(1),
         wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
         ss=len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n64k16\.f32\.%s\.%s \{[^}]*\}, %%rd" % (kind, kind), ptx)),
         rs=len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n%dk16\.f32\.%s\.%s \{[^}]*\}, \{" % (D, kind, kind), ptx)),
@@ -299,8 +300,10 @@ def test_ptx_is_sm90a_with_the_expected_wgmma_and_assembles():
         assert rep["target"] == "sm_90a", rep
         # one key block: D/16 S k-steps (both operands by descriptor) + 4 P.V k-steps
         # (A from registers); the loop body is not unrolled over key blocks
-        assert rep["ss"] == D // 16 and rep["rs"] == 4 and rep["wgmma"] == D // 16 + 4, rep
-        assert rep["fence"] == 2 and rep["local"] == 0, rep
+        # (overlapped variant: block 0's S also in the prologue, one more fence)
+        ss = D // 16 * (2 if rep["overlap"] else 1)
+        assert rep["ss"] == ss and rep["rs"] == 4 and rep["wgmma"] == ss + 4, rep
+        assert rep["fence"] == 2 + rep["overlap"] and rep["local"] == 0, rep
         assert 0 < rep["regs"] <= 255 and rep["spill"] == [0, 0], rep
         assert rep["cubin"] > 0
 
