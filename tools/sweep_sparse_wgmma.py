@@ -2,14 +2,15 @@
 
 Usage (a GPU of compute capability 9.0, e.g. the H200):
 
-    PYTHONPATH=. python tools/sweep_sparse_wgmma.py            # Wan shape, < 90 s
+    PYTHONPATH=. python tools/sweep_sparse_wgmma.py            # Wan shape (meant: < 90 s)
     PYTHONPATH=. python tools/sweep_sparse_wgmma.py --quick    # tiny, correctness only
 
 For each configuration (bf16 D=128, bf16 D=64, fp16 D=128 at B=1 H=12 N=32760,
 block_q = block_k = 64, a random LUT of ``--topk`` (5 %) of the key blocks per query
 block; a few query blocks without any): times ``sparse_forward_tc`` (the mma.sync
-kernel, ``tc/forward.py``) and ``sparse_forward_wgmma`` in both variants (``wgmma_v2``:
-V double-buffered, the default; ``wgmma_v1``: ``v_stages=1``) with CUDA events (median
+kernel, ``tc/forward.py``) and ``sparse_forward_wgmma`` in three variants (``wgmma_v2``:
+V double-buffered, the default; ``wgmma_v1``: ``v_stages=1``; ``wgmma_ovl``:
+``overlap=True``) with CUDA events (median
 of ``--reps``, after one untimed call that compiles) and prints TFLOP/s on the work
 done, ``4 * B*H*Nq * (n_crit*64) * D`` (every visited key block counted whole, also the
 sequence's partial last one); the max abs difference of each wgmma kernel's O and lse
@@ -34,6 +35,8 @@ import torch  # noqa: E402
 from cuda_timing import cuda_time  # noqa: E402
 
 BLOCK = 64
+#: (label, v_stages, overlap) of the wgmma kernels timed (the first is the default)
+VARIANTS = (("wgmma_v2", 2, False), ("wgmma_v1", 1, False), ("wgmma_ovl", 2, True))
 
 
 def make_inputs(B, H, N, D, dtype, topk, seed, device="cuda"):
@@ -77,9 +80,9 @@ def run_config(args, dtype, D, failures):
     q, k, v, lut, counts, n_crit = make_inputs(B, H, N, D, dtype, args.topk, D, args.device)
     scale = D**-0.5
     kernels = {"mma": lambda: sparse_forward_tc(q, k, v, lut, counts, BLOCK, BLOCK, scale)}
-    for vst in (2, 1):  # the default wgmma kernel (V double-buffered) and the v_stages=1 one
-        kernels[f"wgmma_v{vst}"] = lambda vst=vst: sparse_forward_wgmma(
-            q, k, v, lut, counts, BLOCK, BLOCK, scale, vst
+    for label, vst, ovl in VARIANTS:
+        kernels[label] = lambda vst=vst, ovl=ovl: sparse_forward_wgmma(
+            q, k, v, lut, counts, BLOCK, BLOCK, scale, vst, ovl
         )
     t0 = time.time()
     out = {label: fn() for label, fn in kernels.items()}
@@ -98,7 +101,7 @@ def run_config(args, dtype, D, failures):
     tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
     o1, l1 = out["mma"]
     lines = [f"{name} n_crit={n_crit}/{-(-N // BLOCK)}  first calls {first_s:.1f}s"]
-    for label in ("wgmma_v2", "wgmma_v1"):
+    for label, _, _ in VARIANTS:
         o2, l2 = out[label]
         d_o = (o1 - o2).abs().max().item()
         d_l = (l1 - l2)[~empty].abs().max().item()
@@ -133,16 +136,15 @@ def run_config(args, dtype, D, failures):
                 f"(mma.sync / this: {times['mma'] / ms:.2f}x)"
             )
     kind = "bf16" if dtype == torch.bfloat16 else "f16"
-    for vst in (2, 1):
-        kern = make_sparse_forward_wgmma(D, kind, vst).kernel
+    for label, vst, ovl in VARIANTS:
+        kern = make_sparse_forward_wgmma(D, kind, vst, ovl).kernel
         for compiled in kern.overloads.values() if args.device == "cuda" else ():
             try:
                 regs = compiled.library.get_cufunc().attrs.regs
             except Exception:  # noqa: BLE001 - numba-cuda internals: report what we can
                 regs = "?"
             lines.append(
-                f"    wgmma_v{vst} kernel: {regs} registers, local "
-                f"{compiled.local_mem_per_thread} B"
+                f"    {label} kernel: {regs} registers, local {compiled.local_mem_per_thread} B"
             )
     print(("ok   " if ok else "FAIL ") + "\n".join(lines), flush=True)
 

@@ -49,8 +49,27 @@ A second variant, ``v_stages=1``, keeps one V buffer (Q | K0 | K1 | V: 65 KiB at
 128, so three CTAs fit an SM; 168 registers x 128 threads x 3 still fit the register
 file): V[kb] is copied after the block's first barrier, during S and the softmax, and
 a second wait + barrier comes before P.V, as in ``tc/forward.py``. Which one is faster
-is for the GPU to say (``tools/sweep_sparse_wgmma.py`` times both); ``V_STAGES`` is
+is for the GPU to say (``tools/sweep_sparse_wgmma.py`` times them); ``V_STAGES`` is
 the default.
+
+Overlapped variant (``overlap=True``, FA3's intra-warpgroup overlap)
+-------------------------------------------------------------------
+The softmax of block it + 1 runs while the tensor cores do P.V of block it. Block 0's
+S and P are computed before the loop; then per block::
+
+    wait; fence.proxy.async; barrier          # K[it+1], V[it] landed; P.V[it-1] done everywhere
+    cp.async K[it+2] -> the K stage S[it] read;  V[it+1] -> the V stage P.V[it-1] read
+    wgmma.fence
+    S[it+1] = Q K[it+1]^T  (commit group 1)    O += P[it] V[it]  (commit group 2)
+    wait_group 1                               # S[it+1] done, P.V[it] may still run ...
+    mask + softmax of S[it+1] (m, l, alpha)    # ... during this
+    wait_group 0                               # P.V[it] done: O and the P registers are free
+    O *= alpha; pack P[it+1]
+
+Same registers (S's accumulators are free once P[it] is packed), one barrier a block,
+both copies a whole block ahead. The wgmma twins run a group only at the wait that
+covers it, so rescaling O or repacking P before ``wait_group 0`` fails under the
+simulator (tested by hand: moving that line makes the fp16 test fail).
 
 Fragment ownership (``tc/wgmma.py``; ``w = tid >> 5``, ``g = lane >> 2``, ``t = lane & 3``):
 warp ``w`` owns query rows ``16w .. 16w + 15`` of the block, the lane rows
