@@ -320,10 +320,11 @@ def _hopper():
 
 
 @pytest.mark.skipif(not _hopper(), reason="needs a CUDA GPU of compute capability >= 9.0")
+@pytest.mark.parametrize("v_stages,overlap", [(2, False), (1, False), (2, True)])
 @pytest.mark.parametrize(
     "dtype,D,Nq,Nk", [(torch.bfloat16, 128, 1000, 1000), (torch.float16, 64, 777, 1100)]
 )
-def test_gpu_matches_mma_kernel_and_float64(dtype, D, Nq, Nk):
+def test_gpu_matches_mma_kernel_and_float64(dtype, D, Nq, Nk, v_stages, overlap):
     from sla_numba.gpu.tc.forward import sparse_forward_tc
     from sla_numba.gpu.tc.forward_wgmma import sparse_forward_wgmma
 
@@ -334,7 +335,7 @@ def test_gpu_matches_mma_kernel_and_float64(dtype, D, Nq, Nk):
     lut, counts = lut.cuda(), counts.cuda()
     scale = D**-0.5
     with poisoned():
-        o, lse = sparse_forward_wgmma(q, k, v, lut, counts, 64, 64, scale)
+        o, lse = sparse_forward_wgmma(q, k, v, lut, counts, 64, 64, scale, v_stages, overlap)
         o2, lse2 = sparse_forward_tc(q, k, v, lut, counts, 64, 64, scale)
     torch.cuda.synchronize()
     ro, rlse = dense_reference(q.double(), k.double(), v.double(), lut, counts, 64, 64, scale)
