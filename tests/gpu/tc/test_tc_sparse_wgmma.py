@@ -346,5 +346,5 @@ def test_gpu_matches_mma_kernel_and_float64(dtype, D, Nq, Nk, v_stages, overlap)
     assert (lse[empty] == LSE_EMPTY).all() and (o[empty] == 0).all()
     assert (lse.double() - rlse)[~empty].abs().max().item() < 1e-3
     # the two kernels: same inputs, different accumulation order inside the MMA
-    assert (o - o2).abs().max().item() < 1e-3
+    assert (o - o2).abs().max().item() < tol / 10
     assert (lse - lse2)[~empty].abs().max().item() < 1e-4
