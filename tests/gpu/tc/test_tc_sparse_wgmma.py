@@ -348,3 +348,40 @@ def test_gpu_matches_mma_kernel_and_float64(dtype, D, Nq, Nk, v_stages, overlap)
     # the two kernels: same inputs, different accumulation order inside the MMA
     assert (o - o2).abs().max().item() < tol / 10
     assert (lse - lse2)[~empty].abs().max().item() < 1e-4
+
+
+def test_backend_launcher_takes_the_switch(monkeypatch):
+    """``tc/forward.py``'s ``launch_sparse_forward`` (what ``gpu/forward.py`` calls) hands
+    the same arguments to the wgmma launcher when the switch says so, and the wgmma
+    launcher refuses a configuration it does not take before launching anything."""
+    from sla_numba.gpu.tc import forward as forward_tc
+    from sla_numba.gpu.tc import forward_wgmma
+
+    calls = []
+    real = forward_wgmma.launch_sparse_forward_wgmma
+    monkeypatch.setattr(forward_wgmma, "launch_sparse_forward_wgmma", lambda *a: calls.append(a))
+    args = (
+        "bf16",
+        "q",
+        "k",
+        "v",
+        "lut",
+        "counts",
+        "o",
+        "lse",
+        1,
+        2,
+        130,
+        140,
+        64,
+        64,
+        64,
+        0.125,
+        0,
+    )
+    monkeypatch.setenv(config.SPARSE_FWD_VAR, "wgmma")
+    forward_tc.launch_sparse_forward(*args)
+    assert calls == [args]
+    bad = args[:12] + (96,) + args[13:]  # D = 96
+    with pytest.raises(ValueError, match=f"{config.SPARSE_FWD_VAR}=wgmma.*head_dim 96"):
+        real(*bad)
