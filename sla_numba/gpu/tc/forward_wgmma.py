@@ -49,8 +49,8 @@ A second variant, ``v_stages=1``, keeps one V buffer (Q | K0 | K1 | V: 65 KiB at
 128, so three CTAs fit an SM; 168 registers x 128 threads x 3 still fit the register
 file): V[kb] is copied after the block's first barrier, during S and the softmax, and
 a second wait + barrier comes before P.V, as in ``tc/forward.py``. Which one is faster
-is for the GPU to say (``tools/sweep_sparse_wgmma.py`` times them); ``V_STAGES`` is
-the default.
+is for the GPU to say (``tools/sweep_sparse_wgmma.py`` times them); ``V_STAGES`` and
+``OVERLAP`` pick the default.
 
 Overlapped variant (``overlap=True``, FA3's intra-warpgroup overlap)
 -------------------------------------------------------------------
@@ -139,8 +139,10 @@ from .wgmma import (
 BLOCK = 64
 #: Head dims it takes (the O accumulator is m64n{D}: D/2 fp32 registers a thread).
 HEAD_DIMS = (64, 128)
-#: V buffers of the default kernel (:func:`make_sparse_forward_wgmma`).
+#: The default variant (:func:`make_sparse_forward_wgmma`): V buffers, and whether the
+#: softmax overlaps P.V. Not yet timed on a GPU: ``tools/sweep_sparse_wgmma.py`` times all.
 V_STAGES = 2
+OVERLAP = False
 THREADS = 128
 #: Bytes of one 64-row column chunk (64 x 128 bytes), the tile unit in shared memory.
 CHUNK_BYTES = BLOCK * 128
@@ -197,7 +199,7 @@ def smem_layout(D, v_stages=2):
 
 @functools.cache
 @kernel_factory
-def make_sparse_forward_wgmma(D, kind, v_stages=V_STAGES, overlap=False):
+def make_sparse_forward_wgmma(D, kind, v_stages=V_STAGES, overlap=OVERLAP):
     """The wgmma forward kernel for head dim ``D`` (64 / 128) and inputs ``kind`` 'bf16' /
     'f16', as a :class:`TCKernel`. Launch: grid ``(Mq, B*H)``, 128 threads; the
     arguments of ``tc/forward.py``'s kernel: ``(q, k, v, lut, counts, o, lse, nq, nk, mq,
@@ -497,7 +499,7 @@ def launch_sparse_forward_wgmma(
 
 
 def sparse_forward_wgmma(
-    q, k, v, lut, counts, block_q, block_k, scale, v_stages=V_STAGES, overlap=False
+    q, k, v, lut, counts, block_q, block_k, scale, v_stages=V_STAGES, overlap=OVERLAP
 ):
     """Sparse (critical-block) attention forward on wgmma: ``sparse_forward_tc``'s
     arguments and results (``tc/forward.py``), for fp16 / bf16, D in {64, 128},
