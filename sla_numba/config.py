@@ -48,6 +48,13 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             barrier a chunk; or staged chunk by chunk, two barriers a
                             chunk, no loads in flight during the mma. Same bits; the
                             first 1.22x / 1.40x faster on the H200 (BENCHMARKS.md).
+``SLA_NUMBA_SPARSE_FWD``    ``mma`` (default) | ``wgmma``: the tensor-core kernel of the
+                            sparse branch's forward: ``mma.sync`` (``gpu/tc/forward.py``,
+                            compute capability >= 8.0) or Hopper's warpgroup MMA
+                            (``gpu/tc/forward_wgmma.py``). ``wgmma`` takes fp16 / bf16,
+                            block_q = block_k = 64, D 64 or 128, on compute capability
+                            9.0; anything else is a ``ValueError`` naming this variable
+                            (no silent fallback). Opt-in: not yet timed on a GPU.
 ``SLA_NUMBA_LAUNCH``        ``direct`` (default) | ``numba``: how GPU kernels are
                             launched: ``direct`` hands the compiled kernel and its
                             argument list to ``cuda.core`` (``gpu/_launcher.py``);
@@ -92,6 +99,8 @@ MARGINAL_KERNELS = ("pipelined", "registers")
 LINEAR_KERNELS = ("pipelined", "registers")
 LINEAR_GRAD_KERNELS = ("pipelined", "registers")
 LAUNCHERS = ("direct", "numba")
+SPARSE_FWD_VAR = "SLA_NUMBA_SPARSE_FWD"
+SPARSE_FWD_KERNELS = ("mma", "wgmma")
 
 
 def _choice(var, values):
@@ -171,6 +180,11 @@ def linear_kernel():
 def linear_grad_kernel():
     """``SLA_NUMBA_LINEAR_GRAD``: 'pipelined' (unset or empty) or 'registers'."""
     return _choice(LINEAR_GRAD_VAR, LINEAR_GRAD_KERNELS)
+
+
+def sparse_fwd_kernel():
+    """``SLA_NUMBA_SPARSE_FWD``: 'mma' (unset or empty) or 'wgmma'."""
+    return _choice(SPARSE_FWD_VAR, SPARSE_FWD_KERNELS)
 
 
 def compile_workers():
