@@ -144,7 +144,9 @@ def test_run_ahead_takes_nested_entry_points_in_one_dry_run(fake_gpu, prepared):
     assert prepared == [[k1, k2, k3]] and launched == [k1, k2, k3, k3]
 
 
-def test_capture_with_a_kernel_not_loaded_raises_and_compiles_nothing(fake_gpu, prepared, monkeypatch):
+def test_capture_with_a_kernel_not_loaded_raises_and_compiles_nothing(
+    fake_gpu, prepared, monkeypatch
+):
     """Under stream capture the strict run's first unloaded kernel raises
     ``CaptureError``: no dry run, no compile, nothing launched after it."""
     launched, compiled_for = fake_gpu
