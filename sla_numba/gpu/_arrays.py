@@ -43,22 +43,30 @@ def array_kind(x):
     raise TypeError(f"sla_numba.gpu: unsupported array type {type(x).__name__}")
 
 
-def _torch_np_dtype(t):
-    import torch
+_TORCH_DTYPES = {}  # torch dtype -> numpy dtype (or "bfloat16"), filled on first use
+_TORCH_OF = {}  # numpy dtype -> torch dtype of the buffers DeviceCall allocates
 
-    table = {
-        torch.float32: np.float32,
-        torch.float16: np.float16,
-        torch.float64: np.float64,
-        torch.int8: np.int8,
-        torch.int16: np.int16,
-        torch.int32: np.int32,
-        torch.int64: np.int64,
-        torch.uint8: np.uint8,
-    }
-    if t.dtype == torch.bfloat16:
-        return "bfloat16"
-    return np.dtype(table[t.dtype])
+
+def _torch_np_dtype(t):
+    """The numpy dtype of a torch tensor, or the string 'bfloat16' (KeyError for
+    dtypes the kernels never take). A table built once: a call asks ~10 times."""
+    if not _TORCH_DTYPES:
+        import torch
+
+        _TORCH_DTYPES.update(
+            {
+                torch.float32: np.dtype(np.float32),
+                torch.float16: np.dtype(np.float16),
+                torch.float64: np.dtype(np.float64),
+                torch.int8: np.dtype(np.int8),
+                torch.int16: np.dtype(np.int16),
+                torch.int32: np.dtype(np.int32),
+                torch.int64: np.dtype(np.int64),
+                torch.uint8: np.dtype(np.uint8),
+                torch.bfloat16: "bfloat16",
+            }
+        )
+    return _TORCH_DTYPES[t.dtype]
 
 
 class DeviceView:
@@ -80,13 +88,14 @@ class DeviceView:
     (48, (3, 4), (24,), dtype('int32'))
     """
 
-    __slots__ = ("ptr", "shape", "dtype", "owner")
+    __slots__ = ("ptr", "shape", "dtype", "owner", "_strides")
 
     def __init__(self, ptr, shape, dtype, owner):
         self.ptr = int(ptr)
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.owner = owner
+        self._strides = None  # computed on first use (a view is packed for ~3 launches)
 
     @property
     def ndim(self):
@@ -102,11 +111,13 @@ class DeviceView:
     @property
     def strides(self):
         """C-order strides in bytes."""
-        out, step = [], self.dtype.itemsize
-        for s in reversed(self.shape):
-            out.append(step)
-            step *= s
-        return tuple(reversed(out))
+        if self._strides is None:
+            out, step = [], self.dtype.itemsize
+            for s in reversed(self.shape):
+                out.append(step)
+                step *= s
+            self._strides = tuple(reversed(out))
+        return self._strides
 
     def reshape(self, *shape):
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
@@ -247,7 +258,9 @@ class DeviceCall:
         fill = _host_arrays.poison_value(dtype)
         if self.kind == "torch":
             torch = self._torch
-            tdt = getattr(torch, dtype.name)
+            tdt = _TORCH_OF.get(dtype)
+            if tdt is None:  # (np.dtype.name costs ~3 µs; a call allocates ~10 buffers)
+                tdt = _TORCH_OF[dtype] = getattr(torch, dtype.name)
             if poison:
                 h = torch.full(shape, fill, dtype=tdt, device=self._torch_device)
             else:

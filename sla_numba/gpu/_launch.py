@@ -5,6 +5,8 @@ allocate its workspaces through the call's :class:`~._arrays.DeviceCall` and enq
 on the call's stream. No kernel code lives here.
 """
 
+import math
+
 import numpy as np
 
 from .. import config
@@ -163,7 +165,7 @@ def row_states(call, bmap, state, mq, mk, tc=False):
 def fill_on_device(call, x, value):
     """Every element of the C-contiguous device array ``x`` set to ``value``, on the
     call's stream (one small kernel: numba device arrays have no ``fill``)."""
-    n = int(np.prod(x.shape))
+    n = int(math.prod(x.shape))
     if n:
         blocks = min(-(-n // FILL_THREADS), 1024)
         launch(fill, blocks, FILL_THREADS, call.stream, (flat(x), x.dtype.type(value)))
@@ -188,8 +190,11 @@ def linear_scope_global(call, ws, bmap, want_cols):
 
 
 def flat(x):
-    """A flat (1-D) view of a C-contiguous device array."""
-    return x.reshape(int(np.prod(x.shape)))
+    """A flat (1-D) view of a C-contiguous device array.
+
+    (``math.prod`` of the shape, not ``np.prod``: 0.1 µs against 3.4 µs, and a call
+    takes ~20 flat views.)"""
+    return x.reshape(int(math.prod(x.shape)))
 
 
 def half_bits(x):

@@ -238,11 +238,15 @@ def _key_and_values(kernel, stream, args):
     keys = []
     values = []
     for a in args:
+        if type(a) is DeviceView:  # most arguments: asked first
+            keys.append((a.dtype, a.ndim))
+            values.append(a)
+            continue
         if isinstance(a, _SCALARS):
             keys.append(type(a))
             values.append(a)
             continue
-        view = a if type(a) is DeviceView else device_view(a)
+        view = device_view(a)
         if view is None:
             return None
         keys.append((view.dtype, view.ndim))
