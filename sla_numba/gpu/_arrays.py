@@ -22,6 +22,8 @@ int8 map, so an element a kernel forgets to write fails the tests.
 CuPy is imported only when a CuPy array is passed (``type(x).__module__``).
 """
 
+import math
+
 import numpy as np
 
 from .. import _arrays as _host_arrays
@@ -97,6 +99,14 @@ class DeviceView:
         self.owner = owner
         self._strides = None  # computed on first use (a view is packed for ~3 launches)
 
+    def _derive(self, ptr, shape, dtype):
+        """A view of the same owner: ``shape`` a tuple of ints and ``dtype`` a numpy
+        dtype, already checked by the caller (``reshape``, ``view``, ``[i]``); skips
+        ``__init__``'s conversions (a call derives ~30 views: flat ones, int16 bits)."""
+        out = DeviceView.__new__(DeviceView)
+        out.ptr, out.shape, out.dtype, out.owner, out._strides = ptr, shape, dtype, self.owner, None
+        return out
+
     @property
     def ndim(self):
         return len(self.shape)
@@ -123,29 +133,26 @@ class DeviceView:
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
         shape = tuple(int(s) for s in shape)
-        n = 1
-        for s in shape:
-            n *= s
-        if n != self.size:
+        if math.prod(shape) != self.size:
             raise ValueError(f"cannot reshape a view of shape {self.shape} to {shape}")
-        return DeviceView(self.ptr, shape, self.dtype, self.owner)
+        return self._derive(self.ptr, shape, self.dtype)
 
     def view(self, dtype):
         """The same bytes as ``dtype``; with another item size the last axis is
         rescaled (as numpy does), which needs its byte length to divide evenly."""
         dtype = np.dtype(dtype)
         if dtype.itemsize == self.dtype.itemsize:
-            return DeviceView(self.ptr, self.shape, dtype, self.owner)
+            return self._derive(self.ptr, self.shape, dtype)
         last = self.shape[-1] * self.dtype.itemsize if self.shape else 0
         if not self.shape or last % dtype.itemsize:
             raise ValueError(f"view {self.dtype} {self.shape} as {dtype}: sizes do not divide")
-        return DeviceView(self.ptr, self.shape[:-1] + (last // dtype.itemsize,), dtype, self.owner)
+        return self._derive(self.ptr, self.shape[:-1] + (last // dtype.itemsize,), dtype)
 
     def __getitem__(self, i):
         if not isinstance(i, (int, np.integer)) or not 0 <= i < self.shape[0]:
             raise IndexError(f"DeviceView[{i!r}]: an int index in [0, {self.shape[0]})")
         step = self.strides[0] if self.ndim else 0
-        return DeviceView(self.ptr + int(i) * step, self.shape[1:], self.dtype, self.owner)
+        return self._derive(self.ptr + int(i) * step, self.shape[1:], self.dtype)
 
     @property
     def __cuda_array_interface__(self):
