@@ -19,7 +19,8 @@ Each row: host enqueue ms (``time.perf_counter`` around the call, no sync inside
 CUDA-event ms (events recorded on the current stream before and after the call; the
 GPU is drained before each rep, so host gaps inside a call count): medians of
 ``--reps``. Then ratios against SDPA of the same run, and the bitwise check: the
-graph replayed with new values equals an eager call on those values (every output).
+graph replayed with new values equals an eager call on those values (every output),
+and differs from the output for the capture's values.
 
 Last, ``torch.compile(f, mode="reduce-overhead")`` of a small function calling
 ``sla_attention`` (b2 shape; forward under no grad, and forward + backward): whether
@@ -155,6 +156,10 @@ def bench_shape(name, shape, reps, res):
         want = fn(*[x.clone().requires_grad_(grad and i < 3) for i, x in enumerate(new[:n_in])])
         torch.cuda.synchronize()
         same = all(torch.equal(a, b) for a, b in zip(outs, want))
+        old = fn(
+            *[x.detach().clone().requires_grad_(grad and i < 3) for i, x in enumerate(eager_in)]
+        )
+        same = same and not torch.equal(outs[0], old[0])  # (the replay did compute anew)
         base = rows[f"sdpa {sname}"][1]
         print(f"\n== {name} {shape} bf16 {label} (warm-up + capture {t_first:.1f} s)")
         print(f"  {'':14s} {'host enqueue ms':>16s} {'events ms':>10s} {'events / sdpa':>14s}")
