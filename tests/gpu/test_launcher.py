@@ -70,6 +70,39 @@ def test_device_view_of_array_interface_objects():
     assert arrays.device_view(torch.zeros(3)) is None  # nor a CPU tensor
 
 
+@pytest.mark.parametrize(
+    "np_dtype,torch_dtype",
+    [
+        (np.float32, torch.float32),
+        (np.float64, torch.float64),
+        (np.int8, torch.int8),
+        (np.int16, torch.int16),
+        (np.int32, torch.int32),
+    ],
+)
+@pytest.mark.parametrize("poison", [False, True])
+def test_torch_buffers_have_the_asked_dtype_and_view(np_dtype, torch_dtype, poison):
+    """``DeviceCall``'s torch buffers (the numpy -> torch dtype table it keeps), made
+    here on the CPU: the tensor's dtype and shape, and a view of its memory."""
+    call = arrays.DeviceCall.__new__(arrays.DeviceCall)
+    call.kind, call._torch, call._torch_device = "torch", torch, torch.device("cpu")
+    for _ in range(2):  # the second time from the table
+        h, view = call._new((2, 3), np_dtype, poison=poison)
+        assert h.dtype == torch_dtype and tuple(h.shape) == (2, 3)
+        assert view.ptr == h.data_ptr() and view.dtype == np.dtype(np_dtype) and view.owner is h
+        if poison:
+            fill = h.isnan().all() if h.is_floating_point() else (h == 99).all()
+            assert bool(fill)
+
+
+def test_torch_dtype_table():
+    assert arrays._torch_np_dtype(torch.zeros(1, dtype=torch.bfloat16)) == "bfloat16"
+    assert arrays._torch_np_dtype(torch.zeros(1, dtype=torch.float16)) == np.float16
+    assert arrays._torch_np_dtype(torch.zeros(1, dtype=torch.int64)) == np.int64
+    with pytest.raises(KeyError):
+        arrays._torch_np_dtype(torch.zeros(1, dtype=torch.complex64))
+
+
 class _Stream:
     handle = 0xABC000  # a non-default stream: its handle names its device
 
