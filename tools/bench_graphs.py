@@ -1,7 +1,7 @@
 """SLA calls eager and replayed from CUDA graphs, against SDPA (cuDNN), in one run.
 
 Usage (on a GPU):  PYTHONPATH=. python tools/bench_graphs.py [--shapes b2 wan] [--reps 20]
-                   [--no-compile] [--json F]
+                   [--no-compile] [--compile-backward] [--json F]
 
 Shapes: b2 (B2 H16 N8192 D64) and wan (B1 H12 N32760 D128), bf16, topk 0.05, skip 0.10,
 block 64, ``backend="gpu"``. For each shape and for the forward (no grad) and the
@@ -23,7 +23,8 @@ graph replayed with new values equals an eager call on those values (every outpu
 and differs from the output for the capture's values.
 
 Last, ``torch.compile(f, mode="reduce-overhead")`` of a small function calling
-``sla_attention`` (b2 shape; forward under no grad, and forward + backward): whether
+``sla_attention`` (b2 shape; forward under no grad; with ``--compile-backward`` also
+forward + backward, which doubles inductor's compile time): whether
 inductor put it in a CUDA graph -- its "skipping cudagraphs due to ..." messages
 (artifact log ``cudagraphs``) and the ``cudagraph_skips`` counter, and whether a
 steady-state call still runs sla_numba's launcher (launches counted by
@@ -183,7 +184,7 @@ class _Grab(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def bench_compile(reps, res):
+def bench_compile(reps, res, backward):
     """torch.compile(mode="reduce-overhead") of a function calling sla_attention (b2)."""
     from torch._dynamo.utils import counters
     from torch._inductor import cudagraph_utils
@@ -210,10 +211,10 @@ def bench_compile(reps, res):
         o = compiled(qq, kk, vv)
         return (o, *torch.autograd.grad(o, (qq, kk, vv), do))
 
-    for label, fn, eager in (
-        ("fwd", c_fwd, lambda: fwd(q, k, v)),
-        ("fwd+bwd", c_fwd_bwd, lambda: fwd_bwd(qq, kk, vv, do)),
-    ):
+    cases = [("fwd", c_fwd, lambda: fwd(q, k, v))]
+    if backward:  # inductor compiles the joint graph too: ~2x the compile time
+        cases.append(("fwd+bwd", c_fwd_bwd, lambda: fwd_bwd(qq, kk, vv, do)))
+    for label, fn, eager in cases:
         skips0, lines0 = counters["inductor"]["cudagraph_skips"], len(grab.lines)
         t0 = time.perf_counter()
         try:
@@ -257,6 +258,9 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile part")
+    ap.add_argument(
+        "--compile-backward", action="store_true", help="torch.compile part: fwd+bwd too"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
@@ -265,7 +269,7 @@ def main():
     for name in args.shapes:
         bench_shape(name, SHAPES[name], args.reps, res)
     if not args.no_compile:
-        bench_compile(args.reps, res)
+        bench_compile(args.reps, res, args.compile_backward)
     print(f"\ntotal {time.perf_counter() - t0:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
