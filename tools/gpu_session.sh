@@ -25,6 +25,9 @@
 #            against the mma.sync kernel at the Wan shape (bf16 D 128 / 64, fp16), --quick first
 #   host     host-side costs: tools/host_overhead.py (launch paths, whole calls; HOST_ARGS)
 #            and tools/profile_gpu.py (kernels vs wall), bf16, PROFILE_SHAPES (b2 wan)
+#   graphs   tools/bench_graphs.py: eager vs CUDA-graph replay (torch.cuda.graph) vs SDPA
+#            (cuDNN), b2 and wan bf16, fwd and fwd+bwd, replay == eager bits; and
+#            torch.compile(mode="reduce-overhead") of a call (GRAPHS_ARGS, e.g. --no-compile)
 set -u
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT" /tmp/logs
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-/tmp/sla_numba_nbcache}
@@ -85,6 +88,8 @@ for step in "$@"; do
              for shape in ${PROFILE_SHAPES:-b2 wan}; do
                TAIL=40 run profile_$shape 100 python tools/profile_gpu.py --shape $shape --dtype bf16
              done ;;
+    graphs)  TAIL=80 run graphs ${GRAPHS_TIMEOUT:-240} python tools/bench_graphs.py ${GRAPHS_ARGS:-} \
+                 --json "$OUT/bench_graphs.json" ;;
     *)       el "unknown step $step" ;;
   esac
 done

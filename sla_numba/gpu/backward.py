@@ -149,8 +149,6 @@ def backward(
         h_dq, dq = call.output((B, H, Nq, D), acc)
         h_dk, dk = call.output((B, H, Nk, D), acc)
         h_dv, dv = call.output((B, H, Nk, D), acc)
-        _, w_inv_den = call.workspace((B, H, Nq), acc)
-        _, w_dl = call.workspace((B, H, Nq), acc)
         if tc:
             w_ds = ws["delta"]
             lse_f = lse_
@@ -210,6 +208,9 @@ def backward(
             mark("bwd linear dkdv")
             return call.result(h_dq), call.result(h_dk), call.result(h_dv)
         _, qstate = call.workspace((B, H, Mq, W), acc)
+        # the SIMT dq's per-row workspaces (1 / den and δl; read again by nobody else)
+        _, w_inv_den = call.workspace((B, H, Nq), acc)
+        _, w_dl = call.workspace((B, H, Nq), acc)
         args = (
             dq_,
             dk_,

@@ -144,6 +144,30 @@ def test_run_ahead_takes_nested_entry_points_in_one_dry_run(fake_gpu, prepared):
     assert prepared == [[k1, k2, k3]] and launched == [k1, k2, k3, k3]
 
 
+def test_capture_with_a_kernel_not_loaded_raises_and_compiles_nothing(
+    fake_gpu, prepared, monkeypatch
+):
+    """Under stream capture the strict run's first unloaded kernel raises
+    ``CaptureError``: no dry run, no compile, nothing launched after it."""
+    launched, compiled_for = fake_gpu
+    known, new = object(), object()
+    launcher.launch(known, 1, 32, _Stream(), (_x(),))
+    monkeypatch.setattr(launcher, "capturing", lambda stream: True)
+
+    def fn():
+        launcher.launch(known, 1, 32, _Stream(), (_x(),))
+        launcher.launch(new, 1, 32, _Stream(), (_x(),))
+
+    with pytest.raises(launcher.CaptureError, match="warm-up"):
+        precompile.ahead(fn)()
+    assert prepared == [] and compiled_for == [known] and launched == [known, known]
+    assert not launcher.in_mode()
+    monkeypatch.setattr(precompile, "enabled", lambda: False)  # compiling ahead off: same
+    with pytest.raises(launcher.CaptureError):
+        precompile.ahead(fn)()
+    assert compiled_for == [known]
+
+
 def test_ahead_is_a_plain_call_when_disabled(monkeypatch):
     monkeypatch.setenv("SLA_NUMBA_COMPILE_WORKERS", "0")
     assert not precompile.enabled()
