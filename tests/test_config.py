@@ -12,6 +12,7 @@ SWITCHES = [
     (config.LINEAR_VAR, config.linear_kernel, "pipelined", " Registers ", "registers"),
     (config.LINEAR_GRAD_VAR, config.linear_grad_kernel, "pipelined", " Registers ", "registers"),
     (config.GRAD_STATES_VAR, config.grad_states_dtype, "fp32", " BF16 ", "bf16"),
+    (config.SPARSE_BWD_VAR, config.sparse_bwd_kernel, "sync", " Pipelined ", "pipelined"),
 ]
 
 
