@@ -27,6 +27,33 @@ delta of the chunk are staged, then with the warp's key rows as the M side::
     S^T = K Q^T, P^T = 2^(S^T c - lse2[col]), dV += P^T dO,
     dP^T = V dO^T, dS^T = P^T * (dP^T - delta[col]), dK += dS^T Q
 
+Two variants of each, one kernel body (``pipelined`` is a closure constant, the other
+branch compiles away); ``launch_sparse_backward`` picks them by ``SLA_NUMBA_SPARSE_BWD``:
+
+* ``sync`` (the default, the reference): one K / V stage (one query chunk). Per step::
+
+      wait all; barrier      # this step's tiles landed
+      math
+      barrier                # everyone is done with them
+      cp.async the next step's tiles into the same buffers
+
+  No copy is in flight while the warps compute.
+* ``pipelined``: two stages (twice the K / V, resp. Q / dO / lse / delta, shared memory).
+  Per step::
+
+      wait all; barrier      # this step's tiles landed, and everyone is done with
+                             # the other stage (it held the previous step)
+      cp.async the next step's tiles into the other stage; (dK/dV) load the next
+      chunk's lse, delta into registers
+      math on this stage
+      (dK/dV) store those lse, delta into the other stage
+
+  One barrier a step; at each wait exactly one group is in flight (this step's), so
+  "wait all" (``cp.async.wait_group 0``) is the right count: waiting for fewer would let
+  the math read a stage before it landed. Same products on the same values in the same
+  order: the same bits as ``sync`` (tests/gpu/tc/test_tc_sparse_backward_pipelined.py,
+  where the simulator lands each copy only at its wait, as late as a GPU may).
+
 Padding and tails: keys past Nk are zero-filled and masked to -inf in the dQ
 kernel (P = 0); queries past Nq get lse2 = +inf in the dK/dV kernel (P = 0) and
 zero Q / dO. Rows past N are never written; a query (key) block with no LUT
