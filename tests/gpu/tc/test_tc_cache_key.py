@@ -2,8 +2,9 @@
 
 They are closures made by factories (``make_states_kernel``, ``make_marginal_kernel``,
 ``make_linear_kernel``, ``make_linear_kernel_pipelined``, the pipelined linear-gradient
-kernels, the sparse backward's sync and pipelined kernels) with ``cache=True``. Numba keys a closure's cache entry on the
-pickle of its closure cells, so those must pickle to the same bytes in every process:
+kernels, the sparse backward's sync and pipelined kernels) with ``cache=True``. Numba
+keys a closure's cache entry on the pickle of its closure cells, so those must pickle to
+the same bytes in every process:
 a cell holding a device function pickles it by value, with the ``ptx`` intrinsics'
 per-process random uuids, and the cache would never hit (and only grow). This test
 builds the real-GPU variants (no simulator; nothing is compiled, no GPU needed) in two
