@@ -330,6 +330,8 @@ def make_sparse_dkv(D, block_k, block_q, kind, pipelined=False):
         for idx in range(tid, QC, NT):
             smf[FOFF + idx], smf[FOFF + QC + idx] = row_stats(lse, delta, bh, nq, q0 + idx)
         cp_async_commit()
+        nchunks = rcnt * CPB
+        q0_ahead = chunk_row0(rev, rev_base, 1) if PIPE and nchunks > 1 else 0  # (pipelined)
 
         # Lane addresses: the warp's K / V rows (A), Q / dO rows as B of Q^T / dO^T,
         # Q / dO rows as B of Q / dO (transposed load).
@@ -351,8 +353,10 @@ def make_sparse_dkv(D, block_k, block_q, kind, pipelined=False):
             if PIPE:
                 so = (ci & 1) * Q_STAGE * 2
                 fo = (ci & 1) * F_STAGE
-                if ci + 1 < rcnt * CPB:  # the next chunk streams in during this one's math
-                    q0 = chunk_row0(rev, rev_base, ci + 1)
+                if ci + 1 < nchunks:  # the next chunk streams in during this one's math
+                    q0 = q0_ahead
+                    if ci + 2 < nchunks:  # read a step ahead: its latency hides under the math
+                        q0_ahead = chunk_row0(rev, rev_base, ci + 2)
                     qo = QOFF + Q_STAGE - so // 2
                     load_q(smem, sa, qo, q, q_base, q0, nq - q0, tid)
                     load_q(smem, sa, qo + QC * SD, do, q_base, q0, nq - q0, tid)
@@ -389,7 +393,7 @@ def make_sparse_dkv(D, block_k, block_q, kind, pipelined=False):
             gemm_pq(acc_k, dst, smem, b_rows + QOFF * 2 + so)  # dK += dS^T Q
 
             if PIPE:  # the next chunk's lse2, delta into the other stage
-                if ci + 1 < rcnt * CPB:
+                if ci + 1 < nchunks:
                     for u in range(LPT):
                         idx = tid + u * NT
                         if idx < QC:
