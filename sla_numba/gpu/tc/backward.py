@@ -53,6 +53,11 @@ branch compiles away); ``launch_sparse_backward`` picks them by ``SLA_NUMBA_SPAR
   the math read a stage before it landed. Same products on the same values in the same
   order: the same bits as ``sync`` (tests/gpu/tc/test_tc_sparse_backward_pipelined.py,
   where the simulator lands each copy only at its wait, as late as a GPU may).
+  The price is shared memory, and with it occupancy, at D = 128, blocks 64 x 64 on an
+  H200 (228 KiB an SM): dQ 102 KiB a CTA instead of 68, so 2 CTAs an SM instead of 3
+  (registers, 165, would allow 3); dK/dV 103 KiB instead of 68.5, still 2 CTAs (its
+  254-255 registers allow no more). Whether the overlap pays for dQ's lost CTA is
+  what ``tools/sweep_sparse_backward.py`` measures.
 
 Padding and tails: keys past Nk are zero-filled and masked to -inf in the dQ
 kernel (P = 0); queries past Nq get lse2 = +inf in the dK/dV kernel (P = 0) and
