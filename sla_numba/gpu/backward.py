@@ -192,9 +192,9 @@ def backward(
             from .tc.linear_backward import launch_dkdv_linear_tc, launch_dq_linear_tc
 
             # QO_i / QD_i in bf16 (SLA_NUMBA_GRAD_STATES): read only by the column sums
-            q16 = config.grad_states_dtype() == "bf16" and tc_part("marginal")
-            _, qstate = call.workspace((B, H, Mq, W), np.int16 if q16 else acc)
             kind = half_kind(call, q)
+            q16 = config.bf16_grad_states(kind) and tc_part("marginal")
+            _, qstate = call.workspace((B, H, Mq, W), np.int16 if q16 else acc)
             ol_in, dol_in = _linear_grad_inputs(call, q, o_l, do_l, ol_, dol_)
             launch_dq_linear_tc(
                 kind, half_bits(dq_), ol_in, dol_in, flat(lstate), flat(ws["row_info"][1]),

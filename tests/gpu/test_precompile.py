@@ -214,11 +214,14 @@ import numpy as np
 if not hasattr(np, "row_stack"):
     np.row_stack = np.vstack
 from sla_numba.gpu.tc import backward, forward, linear, linear_backward, marginal, states
+from sla_numba.gpu.tc import forward_wgmma
 from sla_numba.gpu.simt import backward as sb, classify, forward as sf, marginal as sm
 from sla_numba.gpu.simt import states as ss, tiles
 t = tiles.choose_tiles(64, np.float32, 64, 64)
 kernels = [
     forward.make_sparse_forward(128, 64, 128, "bf16").kernel,
+    forward_wgmma.make_sparse_forward_wgmma(128, "bf16").kernel,
+    forward_wgmma.make_sparse_forward_wgmma(64, "f16", 1).kernel,
     backward.make_sparse_backward("dq", 64, 64, 128, "f16").kernel,
     backward.make_sparse_backward("dkv", 64, 64, 128, "f16").kernel,
     states.make_states_kernel("bf16", 64, 64, (2, 1)).kernel,
@@ -272,7 +275,7 @@ print(json.dumps([[key(k), base64.b64encode(pickle.dumps(recipe(k))).decode()]
 """
         )
     )
-    assert len(made) == 22
+    assert len(made) == 24
     recipes = [pickle.loads(base64.b64decode(r)) for _, r in made]
     assert all(r is not None for r in recipes)
     again = json.loads(
