@@ -48,6 +48,13 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             barrier a chunk; or staged chunk by chunk, two barriers a
                             chunk, no loads in flight during the mma. Same bits; the
                             first 1.22x / 1.40x faster on the H200 (BENCHMARKS.md).
+``SLA_NUMBA_SPARSE_BWD``    ``sync`` (default) | ``pipelined``: the tensor-core sparse
+                            backward kernels (``gpu/tc/backward.py``, dQ and dK/dV):
+                            each K / V tile (query chunk) copied and waited for before
+                            its math, two barriers a step; or two stages, the next
+                            step's copy in flight during the current step's math, one
+                            barrier a step. Same bits. Opt-in: not yet timed on a GPU
+                            (``tools/sweep_sparse_backward.py``).
 ``SLA_NUMBA_SPARSE_FWD``    ``mma`` (default) | ``wgmma``: the tensor-core kernel of the
                             sparse branch's forward: ``mma.sync`` (``gpu/tc/forward.py``,
                             compute capability >= 8.0) or Hopper's warpgroup MMA
@@ -89,6 +96,7 @@ STATES_VAR = "SLA_NUMBA_STATES"
 MARGINAL_VAR = "SLA_NUMBA_MARGINAL"
 LINEAR_VAR = "SLA_NUMBA_LINEAR"
 LINEAR_GRAD_VAR = "SLA_NUMBA_LINEAR_GRAD"
+SPARSE_BWD_VAR = "SLA_NUMBA_SPARSE_BWD"
 COMPILE_WORKERS_VAR = "SLA_NUMBA_COMPILE_WORKERS"
 TORCH_OPS_VAR = "SLA_NUMBA_TORCH_OPS"
 TORCH_OPS = ("auto", "always")
@@ -98,6 +106,7 @@ GRAD_STATES_DTYPES = ("auto", "fp32", "bf16")
 MARGINAL_KERNELS = ("pipelined", "registers")
 LINEAR_KERNELS = ("pipelined", "registers")
 LINEAR_GRAD_KERNELS = ("pipelined", "registers")
+SPARSE_BWD_KERNELS = ("sync", "pipelined")
 LAUNCHERS = ("direct", "numba")
 SPARSE_FWD_VAR = "SLA_NUMBA_SPARSE_FWD"
 SPARSE_FWD_KERNELS = ("mma", "wgmma")
@@ -180,6 +189,11 @@ def linear_kernel():
 def linear_grad_kernel():
     """``SLA_NUMBA_LINEAR_GRAD``: 'pipelined' (unset or empty) or 'registers'."""
     return _choice(LINEAR_GRAD_VAR, LINEAR_GRAD_KERNELS)
+
+
+def sparse_bwd_kernel():
+    """``SLA_NUMBA_SPARSE_BWD``: 'sync' (unset or empty) or 'pipelined'."""
+    return _choice(SPARSE_BWD_VAR, SPARSE_BWD_KERNELS)
 
 
 def sparse_fwd_kernel():

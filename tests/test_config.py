@@ -14,6 +14,7 @@ SWITCHES = [
     (config.GRAD_STATES_VAR, config.grad_states_dtype, "auto", " BF16 ", "bf16"),
     (config.STATES_VAR, config.states_dtype, "auto", " FP32 ", "fp32"),
     (config.SPARSE_FWD_VAR, config.sparse_fwd_kernel, "mma", " WGMMA ", "wgmma"),
+    (config.SPARSE_BWD_VAR, config.sparse_bwd_kernel, "sync", " Pipelined ", "pipelined"),
 ]
 
 
