@@ -20,12 +20,14 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             relative error instead of ~3e-8 (``tools/states_precision.py``).
                             ``auto``: bf16 states for bf16 inputs (their own rounding
                             is coarser), fp32 for fp16 inputs.
-``SLA_NUMBA_GRAD_STATES``   ``fp32`` (default) | ``bf16``: the storage of the
+``SLA_NUMBA_GRAD_STATES``   ``auto`` (default) | ``fp32`` | ``bf16``: the storage of the
                             tensor-core backward's per-query-block gradient sums
                             (QO_i, QD_i, written by ``dq_linear``): ``bf16`` rounds
                             each to bf16, halves their bytes, and lets the column
-                            sums dH_j take the pipelined bf16 marginal kernel.
-                            Opt-in: not yet timed, nor accuracy-checked, on a GPU.
+                            sums dH_j take the pipelined bf16 marginal kernel
+                            (H200: 0.74 ms instead of 1.37 ms at the Wan2.1 shape).
+                            ``auto``: bf16 for bf16 inputs, fp32 for fp16 inputs
+                            (the rule of ``SLA_NUMBA_STATES``).
 ``SLA_NUMBA_MARGINAL``      ``pipelined`` (default) | ``registers``: the tensor-core
                             marginal-sum kernel for bf16 states (``gpu/tc/marginal.py``):
                             the ``cp.async`` ring of several k-steps per barrier, or
@@ -46,6 +48,20 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             barrier a chunk; or staged chunk by chunk, two barriers a
                             chunk, no loads in flight during the mma. Same bits; the
                             first 1.22x / 1.40x faster on the H200 (BENCHMARKS.md).
+``SLA_NUMBA_SPARSE_BWD``    ``sync`` (default) | ``pipelined``: the tensor-core sparse
+                            backward kernels (``gpu/tc/backward.py``, dQ and dK/dV):
+                            each K / V tile (query chunk) copied and waited for before
+                            its math, two barriers a step; or two stages, the next
+                            step's copy in flight during the current step's math, one
+                            barrier a step. Same bits. Opt-in: not yet timed on a GPU
+                            (``tools/sweep_sparse_backward.py``).
+``SLA_NUMBA_SPARSE_FWD``    ``mma`` (default) | ``wgmma``: the tensor-core kernel of the
+                            sparse branch's forward: ``mma.sync`` (``gpu/tc/forward.py``,
+                            compute capability >= 8.0) or Hopper's warpgroup MMA
+                            (``gpu/tc/forward_wgmma.py``). ``wgmma`` takes fp16 / bf16,
+                            block_q = block_k = 64, D 64 or 128, on compute capability
+                            9.0; anything else is a ``ValueError`` naming this variable
+                            (no silent fallback). Opt-in: not yet timed on a GPU.
 ``SLA_NUMBA_LAUNCH``        ``direct`` (default) | ``numba``: how GPU kernels are
                             launched: ``direct`` hands the compiled kernel and its
                             argument list to ``cuda.core`` (``gpu/_launcher.py``);
@@ -89,6 +105,7 @@ STATES_VAR = "SLA_NUMBA_STATES"
 MARGINAL_VAR = "SLA_NUMBA_MARGINAL"
 LINEAR_VAR = "SLA_NUMBA_LINEAR"
 LINEAR_GRAD_VAR = "SLA_NUMBA_LINEAR_GRAD"
+SPARSE_BWD_VAR = "SLA_NUMBA_SPARSE_BWD"
 COMPILE_WORKERS_VAR = "SLA_NUMBA_COMPILE_WORKERS"
 SAVE_STATES_VAR = "SLA_NUMBA_SAVE_STATES"
 #: ``SLA_NUMBA_SAVE_STATES`` when unset or empty: "0" recompute the row states in the
@@ -98,11 +115,14 @@ TORCH_OPS_VAR = "SLA_NUMBA_TORCH_OPS"
 TORCH_OPS = ("auto", "always")
 STATES_DTYPES = ("auto", "fp32", "bf16")
 GRAD_STATES_VAR = "SLA_NUMBA_GRAD_STATES"
-GRAD_STATES_DTYPES = ("fp32", "bf16")
+GRAD_STATES_DTYPES = ("auto", "fp32", "bf16")
 MARGINAL_KERNELS = ("pipelined", "registers")
 LINEAR_KERNELS = ("pipelined", "registers")
 LINEAR_GRAD_KERNELS = ("pipelined", "registers")
+SPARSE_BWD_KERNELS = ("sync", "pipelined")
 LAUNCHERS = ("direct", "numba")
+SPARSE_FWD_VAR = "SLA_NUMBA_SPARSE_FWD"
+SPARSE_FWD_KERNELS = ("mma", "wgmma")
 
 
 def _choice(var, values):
@@ -146,8 +166,15 @@ def launcher():
 
 
 def grad_states_dtype():
-    """``SLA_NUMBA_GRAD_STATES``: 'fp32' (unset or empty) or 'bf16'."""
+    """``SLA_NUMBA_GRAD_STATES``: 'auto' (unset or empty), 'fp32' or 'bf16'."""
     return _choice(GRAD_STATES_VAR, GRAD_STATES_DTYPES)
+
+
+def bf16_grad_states(kind):
+    """Whether the tensor-core backward stores QO_i / QD_i in bf16 for inputs of
+    ``kind`` ("bf16" or "f16"): ``SLA_NUMBA_GRAD_STATES`` bf16, or auto with bf16 inputs."""
+    mode = grad_states_dtype()
+    return mode == "bf16" or (mode == "auto" and kind == "bf16")
 
 
 def states_dtype():
@@ -175,6 +202,16 @@ def linear_kernel():
 def linear_grad_kernel():
     """``SLA_NUMBA_LINEAR_GRAD``: 'pipelined' (unset or empty) or 'registers'."""
     return _choice(LINEAR_GRAD_VAR, LINEAR_GRAD_KERNELS)
+
+
+def sparse_bwd_kernel():
+    """``SLA_NUMBA_SPARSE_BWD``: 'sync' (unset or empty) or 'pipelined'."""
+    return _choice(SPARSE_BWD_VAR, SPARSE_BWD_KERNELS)
+
+
+def sparse_fwd_kernel():
+    """``SLA_NUMBA_SPARSE_FWD``: 'mma' (unset or empty) or 'wgmma'."""
+    return _choice(SPARSE_FWD_VAR, SPARSE_FWD_KERNELS)
 
 
 def compile_workers():

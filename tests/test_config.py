@@ -11,7 +11,10 @@ SWITCHES = [
     (config.MARGINAL_VAR, config.marginal_kernel, "pipelined", " Registers ", "registers"),
     (config.LINEAR_VAR, config.linear_kernel, "pipelined", " Registers ", "registers"),
     (config.LINEAR_GRAD_VAR, config.linear_grad_kernel, "pipelined", " Registers ", "registers"),
-    (config.GRAD_STATES_VAR, config.grad_states_dtype, "fp32", " BF16 ", "bf16"),
+    (config.GRAD_STATES_VAR, config.grad_states_dtype, "auto", " BF16 ", "bf16"),
+    (config.STATES_VAR, config.states_dtype, "auto", " FP32 ", "fp32"),
+    (config.SPARSE_FWD_VAR, config.sparse_fwd_kernel, "mma", " WGMMA ", "wgmma"),
+    (config.SPARSE_BWD_VAR, config.sparse_bwd_kernel, "sync", " Pipelined ", "pipelined"),
     (config.SAVE_STATES_VAR, config.save_states, False, " 1 ", True),
 ]
 
@@ -27,3 +30,18 @@ def test_switch_default_values_and_refusal(monkeypatch, var, read, default, loos
     monkeypatch.setenv(var, "fast")
     with pytest.raises(ValueError, match=var):
         read()
+
+
+@pytest.mark.parametrize(
+    "var,reader",
+    [(config.STATES_VAR, config.bf16_states), (config.GRAD_STATES_VAR, config.bf16_grad_states)],
+)
+def test_auto_storage_is_bf16_for_bf16_inputs_only(monkeypatch, var, reader):
+    """``auto`` (the default) stores states in bf16 for bf16 inputs and in fp32 for
+    fp16 inputs (an fp16 result is 8x finer than bf16); ``fp32`` / ``bf16`` force it."""
+    monkeypatch.delenv(var, raising=False)
+    assert reader("bf16") and not reader("f16")
+    monkeypatch.setenv(var, "fp32")
+    assert not reader("bf16") and not reader("f16")
+    monkeypatch.setenv(var, "bf16")
+    assert reader("bf16") and reader("f16")

@@ -5,6 +5,8 @@ allocate its workspaces through the call's :class:`~._arrays.DeviceCall` and enq
 on the call's stream. No kernel code lives here.
 """
 
+import math
+
 import numpy as np
 
 from .. import config
@@ -68,7 +70,12 @@ def launch_prep(
         _, state = call.workspace((B, H, n_state, width), np.int16 if bf16_states else acc)
     else:
         state = None
-    _, dummy = call.workspace((1, 1, 1), acc)
+    # One small buffer stands in for each argument this launch leaves untouched: the
+    # state's weights (unused without them), delta and o_s / do_s without delta (nq = 0),
+    # the SIMT state with bf16 states or with none (n_simt = 0). Nothing reads or writes
+    # them, so they share one allocation (of the largest shape, (1, 1, 1, width)).
+    _, spare = call.workspace((1, 1, 1, width), acc)
+    dummy = spare[0]  # (1, 1, width)
     _, row_crit = call.workspace((B, H, mq, max(mk, 1)), np.int32)
     _, row_info = call.workspace((2, B, H, mq), np.int32)
     if want_cols:
@@ -86,14 +93,13 @@ def launch_prep(
         _, delta = call.workspace((B, H, nq), acc)
         n_delta_blocks = -(-nq // (nt // delta_lanes(nt)))
     else:
-        o_s = do_s = call.workspace((1, 1, 1, 1), acc)[1]
+        o_s = do_s = spare
         delta, nq, n_delta_blocks = dummy, 0, 0
     n_simt = n_state if states and not tc_states else 0  # state blocks the SIMT prep computes
     # the prep kernel's state argument (written only for its n_simt blocks): with bf16
     # states or none, a 1-block stand-in of the compute dtype keeps its signature (one
     # compiled prep)
-    stand_in = bf16_states or not states
-    prep_state = call.workspace((1, 1, 1, width), acc)[1] if stand_in else state
+    prep_state = spare if bf16_states or not states else state
     grid = (n_simt + n_list_blocks + n_delta_blocks, H, B)
     args = (
         x,
@@ -183,7 +189,7 @@ def row_states_layout(B, H, mq, tiles):
 def fill_on_device(call, x, value):
     """Every element of the C-contiguous device array ``x`` set to ``value``, on the
     call's stream (one small kernel: numba device arrays have no ``fill``)."""
-    n = int(np.prod(x.shape))
+    n = int(math.prod(x.shape))
     if n:
         blocks = min(-(-n // FILL_THREADS), 1024)
         launch(fill, blocks, FILL_THREADS, call.stream, (flat(x), x.dtype.type(value)))
@@ -208,8 +214,11 @@ def linear_scope_global(call, ws, bmap, want_cols):
 
 
 def flat(x):
-    """A flat (1-D) view of a C-contiguous device array."""
-    return x.reshape(int(np.prod(x.shape)))
+    """A flat (1-D) view of a C-contiguous device array.
+
+    (``math.prod`` of the shape, not ``np.prod``: 0.1 µs against 3.4 µs, and a call
+    takes ~20 flat views.)"""
+    return x.reshape(int(math.prod(x.shape)))
 
 
 def half_bits(x):

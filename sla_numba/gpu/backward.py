@@ -169,8 +169,6 @@ def backward(
         h_dq, dq = call.output((B, H, Nq, D), acc)
         h_dk, dk = call.output((B, H, Nk, D), acc)
         h_dv, dv = call.output((B, H, Nk, D), acc)
-        _, w_inv_den = call.workspace((B, H, Nq), acc)
-        _, w_dl = call.workspace((B, H, Nq), acc)
         if tc:
             w_ds = ws["delta"]
             lse_f = lse_
@@ -212,9 +210,9 @@ def backward(
             from .tc.linear_backward import launch_dkdv_linear_tc, launch_dq_linear_tc
 
             # QO_i / QD_i in bf16 (SLA_NUMBA_GRAD_STATES): read only by the column sums
-            q16 = config.grad_states_dtype() == "bf16" and tc_part("marginal")
-            _, qstate = call.workspace((B, H, Mq, W), np.int16 if q16 else acc)
             kind = half_kind(call, q)
+            q16 = config.bf16_grad_states(kind) and tc_part("marginal")
+            _, qstate = call.workspace((B, H, Mq, W), np.int16 if q16 else acc)
             ol_in, dol_in = _linear_grad_inputs(call, q, o_l, do_l, ol_, dol_)
             launch_dq_linear_tc(
                 kind, half_bits(dq_), ol_in, dol_in, flat(lstate), flat(ws["row_info"][1]),
@@ -230,6 +228,9 @@ def backward(
             mark("bwd linear dkdv")
             return call.result(h_dq), call.result(h_dk), call.result(h_dv)
         _, qstate = call.workspace((B, H, Mq, W), acc)
+        # the SIMT dq's per-row workspaces (1 / den and δl; read again by nobody else)
+        _, w_inv_den = call.workspace((B, H, Nq), acc)
+        _, w_dl = call.workspace((B, H, Nq), acc)
         args = (
             dq_,
             dk_,
