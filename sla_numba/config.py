@@ -72,6 +72,15 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             needs them (torch.compile, export, FakeTensor, functorch);
                             a plain eager call skips that layer (``torch_ops.py``,
                             section 3). ``always``: every call through the ops.
+``SLA_NUMBA_SAVE_STATES``   ``0`` (default, :data:`SAVE_STATES_DEFAULT`) | ``1``: the
+                            torch bridge keeps the GPU forward's linear-branch row
+                            states (H_i, Z_i: B·H·Mq·(D²+D) values of the compute
+                            dtype a layer) for the backward, which then skips
+                            recomputing the key-block states and their row sums;
+                            the same gradients bit for bit. ``0``: nothing extra is
+                            kept, the backward recomputes them. The cpu backend
+                            ignores it. Read at each forward (under torch.compile:
+                            when the graph is traced).
 ``SLA_NUMBA_COMPILE_WORKERS`` how many worker processes compile a call's GPU kernels
                             side by side the first time (``gpu/_precompile.py``);
                             ``0`` compiles them one by one in the calling process.
@@ -98,6 +107,10 @@ LINEAR_VAR = "SLA_NUMBA_LINEAR"
 LINEAR_GRAD_VAR = "SLA_NUMBA_LINEAR_GRAD"
 SPARSE_BWD_VAR = "SLA_NUMBA_SPARSE_BWD"
 COMPILE_WORKERS_VAR = "SLA_NUMBA_COMPILE_WORKERS"
+SAVE_STATES_VAR = "SLA_NUMBA_SAVE_STATES"
+#: ``SLA_NUMBA_SAVE_STATES`` when unset or empty: "0" recompute the row states in the
+#: backward, "1" keep the forward's (docs/internals.md, "Reusing the forward's row states")
+SAVE_STATES_DEFAULT = "0"
 TORCH_OPS_VAR = "SLA_NUMBA_TORCH_OPS"
 TORCH_OPS = ("auto", "always")
 STATES_DTYPES = ("auto", "fp32", "bf16")
@@ -219,6 +232,16 @@ def compile_workers():
     if val < 0:
         raise ValueError(f"{COMPILE_WORKERS_VAR}={raw!r}: must be an integer >= 0")
     return val
+
+
+def save_states():
+    """``SLA_NUMBA_SAVE_STATES``: whether the torch bridge keeps the GPU forward's row
+    states for the backward (unset or empty: :data:`SAVE_STATES_DEFAULT`)."""
+    raw = os.environ.get(SAVE_STATES_VAR, "")
+    val = raw.strip() or SAVE_STATES_DEFAULT
+    if val not in ("0", "1"):
+        raise ValueError(f"{SAVE_STATES_VAR}={raw!r}: must be 0 or 1")
+    return val == "1"
 
 
 def torch_ops():

@@ -15,6 +15,7 @@ SWITCHES = [
     (config.STATES_VAR, config.states_dtype, "auto", " FP32 ", "fp32"),
     (config.SPARSE_FWD_VAR, config.sparse_fwd_kernel, "mma", " WGMMA ", "wgmma"),
     (config.SPARSE_BWD_VAR, config.sparse_bwd_kernel, "sync", " Pipelined ", "pipelined"),
+    (config.SAVE_STATES_VAR, config.save_states, False, " 1 ", True),
 ]
 
 

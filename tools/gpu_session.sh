@@ -30,6 +30,8 @@
 #   graphs   tools/bench_graphs.py: eager vs CUDA-graph replay (torch.cuda.graph) vs SDPA
 #            (cuDNN), b2 and wan bf16, fwd and fwd+bwd, replay == eager bits; and
 #            torch.compile(mode="reduce-overhead") of a call (GRAPHS_ARGS, e.g. --no-compile)
+#   reuse    tools/bench_reuse.py: the backward reading the forward's row states
+#            (SLA_NUMBA_SAVE_STATES=1) against recomputing them: time, memory, same bits
 set -u
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT" /tmp/logs
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-/tmp/sla_numba_nbcache}
@@ -93,6 +95,8 @@ for step in "$@"; do
              done ;;
     graphs)  TAIL=80 run graphs ${GRAPHS_TIMEOUT:-240} python tools/bench_graphs.py ${GRAPHS_ARGS:-} \
                  --json "$OUT/bench_graphs.json" ;;
+    reuse)   TAIL=40 run reuse ${REUSE_TIMEOUT:-150} python tools/bench_reuse.py ${REUSE_ARGS:-} \
+                 --json "$OUT/bench_reuse.json" ;;
     *)       el "unknown step $step" ;;
   esac
 done

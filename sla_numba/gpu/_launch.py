@@ -37,6 +37,7 @@ def launch_prep(
     want_cols,
     delta_of=None,
     tc_kind=None,
+    states=True,
 ):
     """Launch ``prep``; returns the device buffers (states, lists, counts).
 
@@ -50,21 +51,29 @@ def launch_prep(
     are the critical counts per row / column, ``[1]`` the marginal counts.
     ``delta_of=(o_s, do_s)`` (backward, tensor-core path) also fills ``delta``
     (B, H, Nq) = rowsum(o_s * do_s).
+
+    ``states=False`` (a backward handed the forward's row states, ``row_states=``):
+    no key-block states at all -- ``prep`` runs with zero state blocks (a runtime
+    count, the same compiled kernel) and the tensor-core states kernel is not
+    launched; the returned ``state`` is None.
     """
     B, H = x.shape[0], x.shape[1]
     acc = tiles.acc_dtype
     width = tiles.DP * tiles.DP + tiles.DP
     tc_states = False
-    if tc_kind is not None and tc_part("states"):
+    if states and tc_kind is not None and tc_part("states"):
         from .tc.states import states_tc_supported
 
         tc_states = states_tc_supported(x.shape[3], block)
     bf16_states = tc_states and tc_part("marginal") and config.bf16_states(tc_kind)
-    _, state = call.workspace((B, H, n_state, width), np.int16 if bf16_states else acc)
+    if states:
+        _, state = call.workspace((B, H, n_state, width), np.int16 if bf16_states else acc)
+    else:
+        state = None
     # One small buffer stands in for each argument this launch leaves untouched: the
     # state's weights (unused without them), delta and o_s / do_s without delta (nq = 0),
-    # the SIMT state with bf16 states (n_simt = 0). Nothing reads or writes them, so
-    # they share one allocation (of the largest shape, (1, 1, 1, width)).
+    # the SIMT state with bf16 states or with none (n_simt = 0). Nothing reads or writes
+    # them, so they share one allocation (of the largest shape, (1, 1, 1, width)).
     _, spare = call.workspace((1, 1, 1, width), acc)
     dummy = spare[0]  # (1, 1, width)
     _, row_crit = call.workspace((B, H, mq, max(mk, 1)), np.int32)
@@ -86,10 +95,11 @@ def launch_prep(
     else:
         o_s = do_s = spare
         delta, nq, n_delta_blocks = dummy, 0, 0
-    n_simt = 0 if tc_states else n_state  # state blocks the SIMT prep computes
+    n_simt = n_state if states and not tc_states else 0  # state blocks the SIMT prep computes
     # the prep kernel's state argument (written only for its n_simt blocks): with bf16
-    # states, a 1-block fp32 stand-in keeps its signature (one compiled prep)
-    prep_state = spare if bf16_states else state
+    # states or none, a 1-block stand-in of the compute dtype keeps its signature (one
+    # compiled prep)
+    prep_state = spare if bf16_states or not states else state
     grid = (n_simt + n_list_blocks + n_delta_blocks, H, B)
     args = (
         x,
@@ -157,14 +167,23 @@ def marginal_sum(call, bmap, transposed, n_out, n_in, states, out, tc):
         launch_marginal_sum(call.stream, bmap, transposed, n_out, n_in, states, out)
 
 
-def row_states(call, bmap, state, mq, mk, tc=False):
+def row_states(call, bmap, state, mq, mk, tc=False, out=None):
     """(B, H, Mq, W) workspace: row i holds [vec(H_i), Z_i], the sum of ``state``
-    over row i's marginal key blocks (:func:`marginal_sum`)."""
+    over row i's marginal key blocks (:func:`marginal_sum`). ``out``: the buffer to
+    write (the forward's ``return_states``), of :func:`row_states_layout`."""
     B, H, _, W = state.shape
     dt = np.float32 if np.dtype(state.dtype) == np.int16 else state.dtype  # bf16 states
-    _, out = call.workspace((B, H, mq, W), dt)
+    if out is None:
+        _, out = call.workspace((B, H, mq, W), dt)
     marginal_sum(call, bmap, False, mq, mk, state, out, tc)
     return out
+
+
+def row_states_layout(B, H, mq, tiles):
+    """Shape and dtype of :func:`row_states`' buffer for a call's tiles: (B, H, Mq,
+    DP*DP + DP) in the compute dtype (bf16 states are summed into fp32, the compute
+    dtype of half inputs)."""
+    return (B, H, mq, tiles.DP * tiles.DP + tiles.DP), np.dtype(tiles.acc_dtype)
 
 
 def fill_on_device(call, x, value):
