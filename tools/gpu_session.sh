@@ -21,6 +21,9 @@
 #   linear   tools/sweep_linear.py and tools/sweep_linear_backward.py: the linear forward's
 #            and the linear gradients' register and pipelined kernels (SLA_NUMBA_LINEAR,
 #            SLA_NUMBA_LINEAR_GRAD), same bits, and the cuBLAS floors
+#   nvmath   tools/nvmath_eval.py: nvmath-python's cuBLASDx GEMM tiles (nvmath.device, in a
+#            numba-cuda kernel; its wheels carried in .whl/) vs the project's mma.sync states
+#            kernels and torch.bmm on the linear branch's states product (NVMATH_TIMEOUT)
 #   host     host-side costs: tools/host_overhead.py (launch paths, whole calls; HOST_ARGS)
 #            and tools/profile_gpu.py (kernels vs wall), bf16, PROFILE_SHAPES (b2 wan)
 set -u
@@ -76,6 +79,7 @@ for step in "$@"; do
     marginal) TAIL=40 run marginal ${MARGINAL_TIMEOUT:-150} python tools/sweep_marginal.py ;;
     linear)  TAIL=40 run linear ${LINEAR_TIMEOUT:-120} python tools/sweep_linear.py
              TAIL=40 run linear_grad ${LINEAR_TIMEOUT:-120} python tools/sweep_linear_backward.py ;;
+    nvmath)  TAIL=40 run nvmath ${NVMATH_TIMEOUT:-420} python tools/nvmath_eval.py ;;
     host)    TAIL=40 run host ${HOST_TIMEOUT:-200} python tools/host_overhead.py ${HOST_ARGS:-} \
                  --json "$OUT/host_overhead.json"
              for shape in ${PROFILE_SHAPES:-b2 wan}; do
