@@ -87,6 +87,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import types as pytypes
 
 import numpy as np
 
@@ -135,13 +136,6 @@ def libcuda_stub():
 
 def load_nvmath(offline):
     """Import nvmath.device (the steps named); returns the module."""
-    if offline:
-        with step("offline: libcuda.so.1 stub (gcc)"):
-            libcuda_stub()
-    with step("load libnvrtc (cuda.pathfinder)"):
-        from cuda.pathfinder import load_nvidia_dynamic_lib
-
-        load_nvidia_dynamic_lib("nvrtc")
     with step("find libmathdx.so.0 in nvidia/cu13/lib on sys.path"):
         found = [
             p
@@ -149,8 +143,17 @@ def load_nvmath(offline):
             for p in glob.glob(os.path.join(entry or ".", "nvidia", "cu1*", "lib", "libmathdx.so*"))
         ]
         if not found:
-            raise FileNotFoundError("no nvidia/cu1*/lib/libmathdx.so* (nvidia-libmathdx-cu13 wheel)")
+            raise FileNotFoundError(
+                "no nvidia/cu1*/lib/libmathdx.so* (nvidia-libmathdx-cu13 wheel)"
+            )
         say(f"      {found[0]}")
+    if offline:
+        with step("offline: libcuda.so.1 stub (gcc)"):
+            libcuda_stub()
+    with step("load libnvrtc (cuda.pathfinder)"):
+        from cuda.pathfinder import load_nvidia_dynamic_lib
+
+        load_nvidia_dynamic_lib("nvrtc")
     with step("load libmathdx"):
         ctypes.CDLL(found[0], mode=ctypes.RTLD_GLOBAL)
     with step("import nvmath.device"):
@@ -159,16 +162,13 @@ def load_nvmath(offline):
 
         say(f"      nvmath-python {nvmath.__version__}")
     if offline:
-        with step("offline: compute capability 9.0a for nvmath and numba-cuda"):
-            import types as pytypes
+        with step("offline: compute capability 9.0a for nvmath"):
+            from nvmath.device.common_cuda import CodeType, ComputeCapability
 
-            import numba.cuda.dispatcher as disp
-
-            cct = nd.CodeType("lto", nd.ComputeCapability(*CC))
+            cct = CodeType("lto", ComputeCapability(*CC))
             for name, mod in list(sys.modules.items()):
                 if name.startswith("nvmath.device") and hasattr(mod, "get_default_code_type"):
                     mod.get_default_code_type = lambda: cct
-            disp.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=CC[:2])
     return nd
 
 
@@ -232,6 +232,7 @@ def make_mma_kernel():
 
     WR, WC = 4, 2  # warp grid over the 128 x 128 output
     MT, NP = D // 16 // WR, D // 16 // WC  # m16 tiles, pairs of n8 tiles a warp
+    NN = 2 * NP  # n8 tiles a warp
     SW = D + 8  # padded row stride (16-bit values): conflict-free ldmatrix
     VOFF = BK * SW  # V tile after the φ(K) tile
     zero = np.float32(0.0)
@@ -249,7 +250,7 @@ def make_mma_kernel():
         tid = cuda.threadIdx.x
         lane, warp = tid & 31, tid >> 5
         smem = cuda.shared.array(0, int16, alignment=16)
-        acc = cuda.local.array((MT, 2 * NP, 4), float32)
+        acc = cuda.local.array((MT, NN, 4), float32)
         a = cuda.local.array((MT, 4), int32)  # A fragments of a k-step
         # both tiles, row-major [r][d], 16 bytes a copy
         for q in range(tid, BK * D // 8, NT):
@@ -265,7 +266,7 @@ def make_mma_kernel():
         lb = sa + (((lane & 7) + ((lane >> 3) & 1) * 8) * SW + (lane >> 4) * 8 + wc * 16 * NP) * 2
         lb += VOFF * 2
         for mt in range(MT):
-            for n in range(2 * NP):
+            for n in range(NN):
                 for e in range(4):
                     acc[mt, n, e] = zero
         for ks in range(BK // 16):
@@ -281,7 +282,7 @@ def make_mma_kernel():
         ob = j * D * D + (wr * 16 * MT + (lane >> 2)) * D + wc * 16 * NP + (lane & 3) * 2
         for mt in range(MT):
             for hh in range(2):
-                for n in range(2 * NP):
+                for n in range(NN):
                     so = ob + (16 * mt + 8 * hh) * D + 8 * n
                     out[so] = acc[mt, n, 2 * hh]
                     out[so + 1] = acc[mt, n, 2 * hh + 1]
@@ -304,19 +305,55 @@ def code_lines(fn):
 # ---------------------------------------------------------------------------
 
 
-def offline():
+def ptx_ops(ptx):
+    """Counts of the instructions that tell how a kernel was built."""
     import re
 
+    pats = {
+        "mma.sync": r"\bmma\.sync",
+        "wgmma": r"\bwgmma\.mma_async",
+        "ldmatrix": r"\bldmatrix\.",
+        "cp.async copy": r"\bcp\.async\.c[ag]\.",
+        ".local": r"\.local\b",
+    }
+    return {k: len(re.findall(p, ptx)) for k, p in pats.items()}
+
+
+def offline_mma():
+    """(c) compiled to PTX for sm_90a (no nvmath needed)."""
+    from numba import cuda, types
+
+    with step("(c) compile the mma.sync kernel to PTX"):
+        mk, msmem = make_mma_kernel()
+        isig = (types.int16[::1], types.int16[::1], types.float32[::1])
+        ptx_c, _ = cuda.compile(mk.py_func, isig, device=False, abi="numba", cc=CC, output="ptx")
+        say(f"      (c) PTX instructions: {ptx_ops(ptx_c)}, smem {msmem} B")
+
+
+def offline(mma_only):
     from numba import cuda, types
 
     say(f"offline: compile + link for sm_{CC[0]}{CC[1]}{CC[2]}, no GPU")
+    with step("offline: compute capability 9.0 for numba-cuda's device-function compiles"):
+        import numba.cuda.dispatcher as disp
+
+        disp.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=CC[:2])
+    offline_mma()
+    if mma_only:
+        return
     nd = load_nvmath(True)
     with step("(a) cuBLASDx Matmul + layouts (libmathdx code generation)"):
-        kern, smem, MM = make_nvmath_kernel(nd, nd.ComputeCapability(*CC))
-        say(f"      block_dim {tuple(MM.block_dim)}, ld {tuple(MM.leading_dimension)}, smem {smem} B")
+        from nvmath.device.common_cuda import ComputeCapability
+
+        kern, smem, MM = make_nvmath_kernel(nd, ComputeCapability(*CC))
+        say(
+            f"      block_dim {tuple(MM.block_dim)}, ld {tuple(MM.leading_dimension)}, smem {smem} B"
+        )
     sig = (types.float16[::1], types.float16[::1], types.float32[::1])
     with step("(a) compile the kernel to LTO-IR (+ the cuBLASDx LTO-IR of each call)"):
-        codes, _ = cuda.compile_all(kern.py_func, sig, device=False, abi="numba", cc=CC, output="ltoir")
+        codes, _ = cuda.compile_all(
+            kern.py_func, sig, device=False, abi="numba", cc=CC, output="ltoir"
+        )
         sizes = [len(getattr(c, "data", c)) for c in codes]
         say(f"      {len(codes)} LTO-IR objects, {sum(sizes) / 1e6:.1f} MB (kernel: {sizes[0]} B)")
     from numba.cuda.cudadrv.driver import _Linker
@@ -329,27 +366,9 @@ def offline():
 
     with step("(a) nvJitLink: LTO-IR -> PTX"):
         ptx = link(["-ptx"]).get_linked_ptx().decode()
-        ops = {
-            k: len(re.findall(p, ptx))
-            for k, p in (
-                ("mma.sync", r"\bmma\.sync"),
-                ("wgmma", r"\bwgmma\."),
-                ("ldmatrix", r"\bldmatrix\."),
-                ("cp.async", r"\bcp\.async\.c"),
-                (".local", r"\.local\b"),
-            )
-        }
-        say(f"      linked PTX {len(ptx)} chars; instructions: {ops}")
+        say(f"      (a) linked PTX instructions: {ptx_ops(ptx)}")
     with step("(a) nvJitLink: LTO-IR -> cubin"):
         link(None).complete()
-    with step("(c) compile the mma.sync kernel to PTX"):
-        mk, msmem = make_mma_kernel()
-        isig = (types.int16[::1], types.int16[::1], types.float32[::1])
-        ptx_c, _ = cuda.compile(mk.py_func, isig, device=False, abi="numba", cc=CC, output="ptx")
-        say(
-            f"      {len(re.findall(r'mma.sync', ptx_c))} mma.sync, "
-            f"{len(re.findall(r'ldmatrix', ptx_c))} ldmatrix, smem {msmem} B"
-        )
     say(f"lines of code: (a) {code_lines(make_nvmath_kernel)}, (c) {code_lines(make_mma_kernel)}")
     say("offline: all steps passed")
 
@@ -494,10 +513,11 @@ def on_gpu(reps):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--offline", action="store_true", help="compile + link only, no GPU")
+    ap.add_argument("--mma-only", action="store_true", help="with --offline: only (c)")
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
     if args.offline:
-        offline()
+        offline(args.mma_only)
     else:
         on_gpu(args.reps)
 
