@@ -90,6 +90,7 @@ import time
 import types as pytypes
 
 import numpy as np
+from numba import cuda, float32, int16, int32
 
 BH, NBLK, BK, D = 12, 512, 64, 128  # heads, key blocks a head, block rows, head dim
 NT = 256  # threads of (a) and (c)
@@ -178,7 +179,6 @@ def load_nvmath(offline):
 
 
 def make_nvmath_kernel(nd, sm=None):
-    from numba import cuda
     from nvmath.device.common import clear, copy, copy_fragment, copy_wait, make_tensor
 
     MM = nd.Matmul(
@@ -219,9 +219,8 @@ def make_nvmath_kernel(nd, sm=None):
 
 
 def make_mma_kernel():
-    from numba import cuda, float32, int16, int32
-
     from sla_numba.gpu.tc.ptx import (
+        SIMULATED,
         cp_async16,
         cp_async_commit,
         cp_async_wait_all,
@@ -237,7 +236,7 @@ def make_mma_kernel():
     VOFF = BK * SW  # V tile after the φ(K) tile
     zero = np.float32(0.0)
 
-    @cuda.jit(device=True, forceinline=True)
+    @cuda.jit(device=True, **({} if SIMULATED else {"forceinline": True}))
     def _mma(acc, mt, n, a, b0, b1):  # acc[mt, n] += A(a[mt]) · B(b0, b1)
         acc[mt, n, 0], acc[mt, n, 1], acc[mt, n, 2], acc[mt, n, 3] = mma_f16(
             a[mt, 0], a[mt, 1], a[mt, 2], a[mt, 3], b0, b1,
@@ -249,7 +248,10 @@ def make_mma_kernel():
         j = cuda.blockIdx.x
         tid = cuda.threadIdx.x
         lane, warp = tid & 31, tid >> 5
-        smem = cuda.shared.array(0, int16, alignment=16)
+        if SIMULATED:  # (the simulator rejects alignment=)
+            smem = cuda.shared.array(0, int16)
+        else:
+            smem = cuda.shared.array(0, int16, alignment=16)
         acc = cuda.local.array((MT, NN, 4), float32)
         a = cuda.local.array((MT, 4), int32)  # A fragments of a k-step
         # both tiles, row-major [r][d], 16 bytes a copy
@@ -314,24 +316,58 @@ def ptx_ops(ptx):
         "wgmma": r"\bwgmma\.mma_async",
         "ldmatrix": r"\bldmatrix\.",
         "cp.async copy": r"\bcp\.async\.c[ag]\.",
+        "ld.shared": r"\bld\.shared\.",
         ".local": r"\.local\b",
     }
     return {k: len(re.findall(p, ptx)) for k, p in pats.items()}
 
 
+def nvjitlink(objs, lto):
+    """Link LTO-IR objects (``lto``) or assemble PTX with nvJitLink for sm_90a, verbose;
+    returns (cubin bytes, ptxas' register / spill line)."""
+    import re
+
+    from cuda.bindings import nvjitlink as nj
+
+    opts = [f"-arch=sm_{CC[0]}{CC[1]}{CC[2]}", "-verbose"] + (["-lto"] if lto else [])
+    kind = nj.InputType.LTOIR if lto else nj.InputType.PTX
+    h = nj.create(len(opts), opts)
+    try:
+        try:
+            for i, o in enumerate(objs):
+                nj.add_data(h, kind, o, len(o), f"obj{i}")
+            nj.complete(h)
+        except Exception as e:
+            buf = bytearray(nj.get_error_log_size(h))
+            nj.get_error_log(h, buf)
+            raise RuntimeError(f"{e}: {buf.decode(errors='replace')[:400]}") from e
+        cubin = bytearray(nj.get_linked_cubin_size(h))
+        nj.get_linked_cubin(h, cubin)
+        info = bytearray(nj.get_info_log_size(h))
+        nj.get_info_log(h, info)
+    finally:
+        nj.destroy(h)
+    info = info.decode(errors="replace")
+    regs = re.findall(r"Used \d+ registers[^\n]*|\d+ bytes spill stores[^\n]*", info)
+    return bytes(cubin), "; ".join(regs) or "(no ptxas report)"
+
+
 def offline_mma():
     """(c) compiled to PTX for sm_90a (no nvmath needed)."""
-    from numba import cuda, types
+    from numba import types
 
     with step("(c) compile the mma.sync kernel to PTX"):
         mk, msmem = make_mma_kernel()
         isig = (types.int16[::1], types.int16[::1], types.float32[::1])
         ptx_c, _ = cuda.compile(mk.py_func, isig, device=False, abi="numba", cc=CC, output="ptx")
         say(f"      (c) PTX instructions: {ptx_ops(ptx_c)}, smem {msmem} B")
+    with step("(c) nvJitLink: PTX -> cubin"):
+        cubin, regs = nvjitlink([ptx_c.encode()], lto=False)
+        say(f"      {len(cubin)} B; {regs}")
 
 
 def offline(mma_only):
-    from numba import cuda, types
+    from numba import types
 
     say(f"offline: compile + link for sm_{CC[0]}{CC[1]}{CC[2]}, no GPU")
     with step("offline: compute capability 9.0 for numba-cuda's device-function compiles"):
@@ -358,17 +394,15 @@ def offline(mma_only):
         say(f"      {len(codes)} LTO-IR objects, {sum(sizes) / 1e6:.1f} MB (kernel: {sizes[0]} B)")
     from numba.cuda.cudadrv.driver import _Linker
 
-    def link(flags):
-        lk = _Linker(cc=CC, lto=True, additional_flags=flags)
+    with step("(a) nvJitLink: LTO-IR -> PTX"):
+        lk = _Linker(cc=CC, lto=True, additional_flags=["-ptx"])
         for c in codes:
             lk.add_ltoir(bytes(getattr(c, "data", c)))
-        return lk
-
-    with step("(a) nvJitLink: LTO-IR -> PTX"):
-        ptx = link(["-ptx"]).get_linked_ptx().decode()
+        ptx = lk.get_linked_ptx().decode()
         say(f"      (a) linked PTX instructions: {ptx_ops(ptx)}")
     with step("(a) nvJitLink: LTO-IR -> cubin"):
-        link(None).complete()
+        cubin, regs = nvjitlink([bytes(getattr(c, "data", c)) for c in codes], lto=True)
+        say(f"      {len(cubin)} B; {regs}")
     say(f"lines of code: (a) {code_lines(make_nvmath_kernel)}, (c) {code_lines(make_mma_kernel)}")
     say("offline: all steps passed")
 
@@ -402,7 +436,6 @@ def gpu_time(fn, reps, inner=10):
 def on_gpu(reps):
     t_start = time.time()
     import torch
-    from numba import cuda
 
     nd = load_nvmath(False)
     n = BH * NBLK
