@@ -319,7 +319,9 @@ def ptx_ops(ptx):
         "ld.shared": r"\bld\.shared\.",
         ".local": r"\.local\b",
     }
-    return {k: len(re.findall(p, ptx)) for k, p in pats.items()}
+    ops = {k: len(re.findall(p, ptx)) for k, p in pats.items()}
+    ops["mma shapes"] = sorted(set(re.findall(r"\bmma\.sync\.aligned\.([\w.]+)", ptx)))
+    return ops
 
 
 def nvjitlink(objs, lto):
