@@ -33,6 +33,8 @@
 #   graphs   tools/bench_graphs.py: eager vs CUDA-graph replay (torch.cuda.graph) vs SDPA
 #            (cuDNN), b2 and wan bf16, fwd and fwd+bwd, replay == eager bits; and
 #            torch.compile(mode="reduce-overhead") of a call (GRAPHS_ARGS, e.g. --no-compile)
+#   gradprec tools/grad_states_precision.py: gradients with fp32 / bf16 gradient sums
+#            (SLA_NUMBA_GRAD_STATES) against an fp32 SIMT run (GRADPREC_SHAPE, default wan)
 #   reuse    tools/bench_reuse.py: the backward reading the forward's row states
 #            (SLA_NUMBA_SAVE_STATES=1) against recomputing them: time, memory, same bits
 set -u
@@ -101,6 +103,8 @@ for step in "$@"; do
                  --json "$OUT/bench_graphs.json" ;;
     reuse)   TAIL=40 run reuse ${REUSE_TIMEOUT:-150} python tools/bench_reuse.py ${REUSE_ARGS:-} \
                  --json "$OUT/bench_reuse.json" ;;
+    gradprec) TAIL=20 run gradprec ${GRADPREC_TIMEOUT:-100} python tools/grad_states_precision.py \
+                 --shape ${GRADPREC_SHAPE:-wan} ;;
     *)       el "unknown step $step" ;;
   esac
 done
