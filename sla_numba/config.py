@@ -40,6 +40,14 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             barrier a chunk; or staged chunk by chunk, two barriers a
                             chunk, no loads in flight during the mma. Same bits; the
                             first 1.22x / 1.40x faster on the H200 (BENCHMARKS.md).
+``SLA_NUMBA_STATES_KERNEL`` ``registers`` (default) | ``staged``: the tensor-core
+                            key-block states kernel (``gpu/tc/states.py``): K and V
+                            read with 2-byte loads into registers and the result
+                            stored straight from the mma fragments, or K and V copied
+                            into shared memory with 16-byte ``cp.async`` (V in flight
+                            while φ is computed) and the result staged in shared
+                            memory and stored as 128-byte warp rows. Same bits; not
+                            yet timed on the H200 (``tools/sweep_states.py``).
 ``SLA_NUMBA_LAUNCH``        ``direct`` (default) | ``numba``: how GPU kernels are
                             launched: ``direct`` hands the compiled kernel and its
                             argument list to ``cuda.core`` (``gpu/_launcher.py``);
@@ -74,6 +82,7 @@ STATES_VAR = "SLA_NUMBA_STATES"
 MARGINAL_VAR = "SLA_NUMBA_MARGINAL"
 LINEAR_VAR = "SLA_NUMBA_LINEAR"
 LINEAR_GRAD_VAR = "SLA_NUMBA_LINEAR_GRAD"
+STATES_KERNEL_VAR = "SLA_NUMBA_STATES_KERNEL"
 COMPILE_WORKERS_VAR = "SLA_NUMBA_COMPILE_WORKERS"
 TORCH_OPS_VAR = "SLA_NUMBA_TORCH_OPS"
 TORCH_OPS = ("auto", "always")
@@ -81,6 +90,7 @@ STATES_DTYPES = ("auto", "fp32", "bf16")
 MARGINAL_KERNELS = ("pipelined", "registers")
 LINEAR_KERNELS = ("pipelined", "registers")
 LINEAR_GRAD_KERNELS = ("pipelined", "registers")
+STATES_KERNELS = ("registers", "staged")
 LAUNCHERS = ("direct", "numba")
 
 
@@ -149,6 +159,11 @@ def linear_kernel():
 def linear_grad_kernel():
     """``SLA_NUMBA_LINEAR_GRAD``: 'pipelined' (unset or empty) or 'registers'."""
     return _choice(LINEAR_GRAD_VAR, LINEAR_GRAD_KERNELS)
+
+
+def states_kernel():
+    """``SLA_NUMBA_STATES_KERNEL``: 'registers' (unset or empty) or 'staged'."""
+    return _choice(STATES_KERNEL_VAR, STATES_KERNELS)
 
 
 def compile_workers():

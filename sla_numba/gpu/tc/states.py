@@ -94,14 +94,19 @@ from collections import namedtuple
 import numpy as np
 from numba import cuda, float32, int16, int32, uint64
 
+from ... import config
 from .. import _compat
 from .._precompile import kernel_factory
 from . import build as _tc_build
-from .build import flat
+from .build import flat, int32_pairs
+from .marginal import _address
 from .ptx import (
     SIMULATED,
     bf16_high_f32,
     bf16_low_f32,
+    cp_async_commit,
+    cp_async_wait_group,
+    cp_async_zfill,
     f16_high_f32,
     f16_low_f32,
     fmax,
@@ -449,17 +454,275 @@ def make_states_kernel(kind, D, BK, tiles, split=True, out_bf16=False):
     return StatesKernel(states_tc, NTILES * TILE * 2, NT)
 
 
+
+# ---------------------------------------------------------------------------
+# The staged kernel: K and V in by cp.async, the result out through shared memory
+# ---------------------------------------------------------------------------
+
+
+def staged_geometry(D, BK, tiles, out_bf16, split=True):
+    """Sizes of :func:`make_states_kernel_staged` beyond :func:`geometry`.
+
+    OPASS output passes (1 for bf16 results, 2 for fp32: a pass holds fragment rows
+    g (hh = 0) or g + 8 (hh = 1) of every m-tile, D/2 rows, so fp32 fits in the 52 KiB
+    of the input tiles), RPT rows an m-tile per pass, OW 32-bit words a result row, OS
+    the staged row stride in words (OW + 4 for bf16, OW + 8 for fp32: the 8 rows g of a
+    fragment store fall in different banks), ZOFF the word where z is staged.
+    """
+    G = geometry(D, BK, tiles)
+    OPASS = 1 if out_bf16 else 2
+    RPT = 16 // OPASS
+    OW = D // 2 if out_bf16 else D
+    OS = OW + (4 if out_bf16 else 8)
+    ZOFF = (D // OPASS) * OS
+    ZW = D // 2 if out_bf16 else D
+    parts = 2 if split else 1
+    tile_bytes = (parts + 1) * G["TILE"] * 2
+    out_bytes = (ZOFF + ZW) * 4
+    return dict(G, OPASS=OPASS, RPT=RPT, OW=OW, OS=OS, ZOFF=ZOFF, ZW=ZW,
+                smem_bytes=max(tile_bytes, out_bytes))
+
+
+@kernel_factory
+def make_states_kernel_staged(kind, D, BK, tiles, split=True, out_bf16=False):
+    """Build the staged ``states_tc(k, v, state, H, Nk, Mk, fm)``: the same bits as
+    :func:`make_states_kernel` with the global traffic in wide, coalesced pieces.
+
+    Where the register kernel (module doc) loads K and V with 2-byte loads, and stores
+    the result straight from the mma fragments (2- or 8-byte pieces, 8 rows a warp
+    store), this one
+
+    0. copies the block's K rows into the φ lo tile (the hi tile when not ``split``)
+       and its V rows into the V tile with 16-byte ``cp.async`` (rows past Nk
+       zero-filled), K and V in two commit groups: V is still in flight while the
+       warps compute φ;
+    1. reads each lane's C values of K from shared memory (the same slice of the same
+       row it then overwrites with φ lo: no other lane touches it) and computes φ
+       exactly as the register kernel does;
+    3. runs the register kernel's mma loop unchanged;
+    4. writes the fragments (fp32, or packed to bf16 with the same rounding) into a
+       result tile in shared memory, then copies it out with consecutive threads on
+       consecutive 32-bit words: every warp store is 128 contiguous bytes. fp32 results
+       go out in two passes (fragment rows g, then g + 8) so the tile fits in the
+       input tiles' 52 KiB.
+
+    Each output is the same lane's same sequence of mma as in the register kernel, and
+    φ the same operations on the same values: same bits (tests/gpu/tc/
+    test_tc_states_staged.py). k, v: flat int16 bits, 16-byte aligned (cp.async);
+    state: flat fp32, or with ``out_bf16`` flat **int32** (pairs of bf16 bits: the
+    launcher passes ``int32_pairs(state)``). Same grid and threads; shared memory
+    ``staged_geometry(...)["smem_bytes"]`` (the register kernel's at split, D >= 32).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: 'bf16' or 'f16'")
+    if not states_tc_supported(D, BK):
+        raise ValueError(f"D = {D}, block_k = {BK}: not supported")
+    tiles = Tiles(*tiles)
+    WR, WC = tiles
+    G = staged_geometry(D, BK, tiles, out_bf16, split)
+    NT, MT, NP, L, C, RP, NPASS, SW, TILE = (
+        G[k] for k in ("NT", "MT", "NP", "L", "C", "RP", "NPASS", "SW", "TILE")
+    )
+    OPASS, RPT, OW, OS, ZOFF, ZW = (G[k] for k in ("OPASS", "RPT", "OW", "OS", "ZOFF", "ZW"))
+    SPLIT = bool(split)
+    PARTS = 2 if SPLIT else 1
+    VOFF = PARTS * TILE
+    LOFF = TILE
+    KOFF = LOFF if SPLIT else 0  # K staged where φ's last part goes (16-bit values)
+    LOG2L = L.bit_length() - 1
+    KSTEPS = BK // 16
+    NN = 2 * NP
+    IS_F16 = kind == "f16"
+    ONES_PAIR = ONES[kind]
+    OUT_BF16 = bool(out_bf16)
+    Q = D // 8  # 16-byte pieces a row
+    ALIGNED = not SIMULATED
+
+    @_compat.kernel(fastmath=FASTMATH)
+    def states_tc_staged(k, v, state, H, Nk, Mk, fm):
+        if ALIGNED:
+            smem = cuda.shared.array(0, int16, alignment=16)
+            smem32 = cuda.shared.array(0, int32, alignment=16)
+            smemf = cuda.shared.array(0, float32, alignment=16)
+        else:
+            smem = cuda.shared.array(0, int16)
+            smem32 = cuda.shared.array(0, int32)
+            smemf = cuda.shared.array(0, float32)
+        xs = cuda.local.array(C, float32)
+        acc = cuda.local.array((MT, NN, 4), float32)
+        z = cuda.local.array((MT, 1, 4), float32)
+        a = cuda.local.array((PARTS, MT, 4), int32)
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        warp = tid >> 5
+        j = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        r0 = j * BK
+        nrows = min(Nk - r0, BK)
+        kb = ((b * H + h) * Nk + r0) * D
+        sa = smem_addr(smem)
+        # --- 0. K rows, then V rows: 16-byte cp.async, zeros past nrows (the source
+        # address of a zero-filled piece stays inside the block's first row)
+        for qi in range(tid, BK * Q, NT):
+            r = qi // Q
+            c = (qi - r * Q) * 8
+            ok = r < nrows
+            go = kb + (r * D + c if ok else 0)
+            cp_async_zfill(smem, sa + (KOFF + r * SW + c) * 2, 16, k, go, 16 if ok else 0)
+        cp_async_commit()
+        for qi in range(tid, BK * Q, NT):
+            r = qi // Q
+            c = (qi - r * Q) * 8
+            ok = r < nrows
+            go = kb + (r * D + c if ok else 0)
+            cp_async_zfill(smem, sa + (VOFF + r * SW + c) * 2, 16, v, go, 16 if ok else 0)
+        cp_async_commit()
+        cp_async_wait_group(1)  # this thread's K pieces have landed
+        cuda.syncthreads()  # everyone's
+        # --- 1. φ rows from the staged K (the register kernel's phase 1)
+        slot = tid // L
+        li = tid - slot * L
+        for ps in range(NPASS):
+            r = ps * RP + slot
+            ok = r < nrows
+            if r < BK:
+                kq = (KOFF + r * SW + li * C) >> 1  # int32 index of the pair (r, li*C)
+                for c2 in range(C // 2):
+                    p = smem32[kq + c2]
+                    xs[2 * c2] = _low_f32(p, IS_F16) if ok else ZERO
+                    xs[2 * c2 + 1] = _high_f32(p, IS_F16) if ok else ZERO
+            else:
+                for c in range(C):
+                    xs[c] = ZERO
+            if fm == 0:
+                mx = xs[0]
+                for c in range(1, C):
+                    mx = fmax(mx, xs[c])
+                for st in range(LOG2L):
+                    mx = fmax(mx, shfl_xor(mx, 1 << st))
+                for c in range(C):
+                    xs[c] = math.exp(xs[c] - mx)
+                sm = xs[0]
+                for c in range(1, C):
+                    sm += xs[c]
+                for st in range(LOG2L):
+                    sm += shfl_xor(sm, 1 << st)
+                inv = ONE / sm
+                for c in range(C):
+                    xs[c] = xs[c] * inv
+            elif fm == 1:
+                for c in range(C):
+                    xs[c] = xs[c] + ONE if xs[c] > ZERO else math.exp(xs[c])
+            else:
+                for c in range(C):
+                    xs[c] = xs[c] if xs[c] > ZERO else ZERO
+            if r < BK:
+                si = (r * SW + li * C) >> 1
+                for c2 in range(C // 2):
+                    p = _pack(xs[2 * c2], xs[2 * c2 + 1], IS_F16) if ok else ZI
+                    smem32[si + c2] = p
+                    if SPLIT:
+                        lo0 = xs[2 * c2] - _low_f32(p, IS_F16)
+                        lo1 = xs[2 * c2 + 1] - _high_f32(p, IS_F16)
+                        smem32[si + (LOFF >> 1) + c2] = _pack(lo0, lo1, IS_F16) if ok else ZI
+        cp_async_wait_group(0)  # V
+        cuda.syncthreads()
+        # --- 3. tensor cores (the register kernel's phase 3, unchanged)
+        wr = warp // WC
+        wc = warp - wr * WC
+        la = sa + (((lane & 7) + (lane >> 4) * 8) * SW + ((lane >> 3) & 1) * 8 + wr * 16 * MT) * 2
+        lb = (
+            sa
+            + (((lane & 7) + ((lane >> 3) & 1) * 8) * SW + (lane >> 4) * 8 + wc * 16 * NP + VOFF)
+            * 2
+        )
+        for mt in range(MT):
+            for n in range(NN):
+                for e in range(4):
+                    acc[mt, n, e] = ZERO
+            for e in range(4):
+                z[mt, 0, e] = ZERO
+        for ks in range(KSTEPS):
+            if nrows > 16 * ks:
+                ko = ks * 16 * SW * 2
+                for mt in range(MT):
+                    for pt in range(PARTS):
+                        a0, a1, a2, a3 = ldsm_x4_trans(smem, la + (mt * 16 + pt * LOFF) * 2 + ko, 0)
+                        a[pt, mt, 0], a[pt, mt, 1], a[pt, mt, 2], a[pt, mt, 3] = a0, a1, a2, a3
+                for p2 in range(NP):
+                    b0, b1, b2, b3 = ldsm_x4_trans(smem, lb + p2 * 32 + ko, 0)
+                    for mt in range(MT):
+                        for pt in range(PARTS):
+                            _mma_acc(acc, mt, 2 * p2, a, pt, b0, b1, IS_F16)
+                            _mma_acc(acc, mt, 2 * p2 + 1, a, pt, b2, b3, IS_F16)
+                if wc == 0:
+                    for mt in range(MT):
+                        for pt in range(PARTS):
+                            _mma_acc(z, mt, 0, a, pt, ONES_PAIR, ONES_PAIR, IS_F16)
+        # --- 4. epilogue through shared memory. Staged row sr of pass hp is result row
+        # d1 = (sr // RPT)·16 + hp·8 + sr % RPT (bf16: one pass, sr = d1).
+        g = lane >> 2
+        t = lane & 3
+        sb = ((b * H + h) * Mk + j) * (OW * D + ZW)  # the result row, in 32-bit words
+        for hp in range(OPASS):
+            cuda.syncthreads()  # the tiles (or the previous pass) are no longer read
+            for mt in range(MT):
+                m16 = wr * MT + mt  # the m-tile's index in d1
+                for hh in range(2):
+                    if OPASS == 1 or hh == hp:
+                        sr = m16 * RPT + (8 * hh if OPASS == 1 else 0) + g
+                        for n in range(NN):
+                            e = wc * 16 * NP + 8 * n + 2 * t  # result column (even)
+                            if OUT_BF16:
+                                smem32[sr * OS + (e >> 1)] = pack_bf16x2(
+                                    acc[mt, n, 2 * hh], acc[mt, n, 2 * hh + 1]
+                                )
+                            else:
+                                smemf[sr * OS + e] = acc[mt, n, 2 * hh]
+                                smemf[sr * OS + e + 1] = acc[mt, n, 2 * hh + 1]
+            if hp == 0 and wc == 0 and t == 0:
+                for mt in range(MT):
+                    d1 = (wr * MT + mt) * 16 + g
+                    if OUT_BF16:  # 16-bit values at z's place
+                        p = pack_bf16x2(z[mt, 0, 0], z[mt, 0, 2])
+                        smem[2 * ZOFF + d1] = _low16(p)
+                        smem[2 * ZOFF + d1 + 8] = _high16(p)
+                    else:
+                        smemf[ZOFF + d1] = z[mt, 0, 0]
+                        smemf[ZOFF + d1 + 8] = z[mt, 0, 2]
+            cuda.syncthreads()
+            for qi in range(tid, (D // OPASS) * OW, NT):
+                sr = qi // OW
+                c = qi - sr * OW
+                m16 = sr // RPT
+                d1 = m16 * 16 + hp * 8 + (sr - m16 * RPT)
+                if OUT_BF16:
+                    state[u64(sb + d1 * OW + c)] = smem32[sr * OS + c]
+                else:
+                    state[u64(sb + d1 * OW + c)] = smemf[sr * OS + c]
+            if hp == 0:
+                for qi in range(tid, ZW, NT):
+                    if OUT_BF16:
+                        state[u64(sb + D * OW + qi)] = smem32[ZOFF + qi]
+                    else:
+                        state[u64(sb + D * OW + qi)] = smemf[ZOFF + qi]
+
+    return StatesKernel(states_tc_staged, G["smem_bytes"], NT)
+
 _kernels = {}
 
 
-def get_states_kernel(kind, D, BK, tiles=None, split=True, out_bf16=False):
+def get_states_kernel(kind, D, BK, tiles=None, split=True, out_bf16=False, staged=False):
     """The :class:`StatesKernel` for (kind, D, BK, tiles or ``choose_tiles(D)``, split,
-    out_bf16)."""
+    out_bf16): :func:`make_states_kernel`, or with ``staged``
+    :func:`make_states_kernel_staged`."""
     tiles = choose_tiles(D) if tiles is None else Tiles(*tiles)
-    key = (kind, int(D), int(BK), tiles, bool(split), bool(out_bf16))
+    key = (kind, int(D), int(BK), tiles, bool(split), bool(out_bf16), bool(staged))
     kern = _kernels.get(key)
     if kern is None:
-        kern = _kernels[key] = make_states_kernel(kind, int(D), int(BK), tiles, split, out_bf16)
+        make = make_states_kernel_staged if staged else make_states_kernel
+        kern = _kernels[key] = make(kind, int(D), int(BK), tiles, split, out_bf16)
     return kern
 
 
@@ -469,7 +732,20 @@ def get_states_kernel(kind, D, BK, tiles=None, split=True, out_bf16=False):
 
 
 def launch_states_tc(
-    kind, k_bits, v_bits, state, B, H, Nk, D, block_k, fm, stream, tiles=None, split=True
+    kind,
+    k_bits,
+    v_bits,
+    state,
+    B,
+    H,
+    Nk,
+    D,
+    block_k,
+    fm,
+    stream,
+    tiles=None,
+    split=True,
+    staged=None,
 ):
     """``state[b, h, j] = [vec(h_j), z_j]`` for j < ceil(Nk / block_k), on ``stream``.
 
@@ -480,6 +756,10 @@ def launch_states_tc(
     fm: 0 softmax, 1 elu + 1, 2 relu. ``tiles`` (WR, WC): None for ``choose_tiles``;
     ``split=False``: φ rounded to one half value (no lo part, half the mma).
     An int16 ``state`` receives bf16 bits (bf16 states: ``config.bf16_states``) instead of fp32.
+    ``staged``: the staged kernel (:func:`make_states_kernel_staged`, same bits) or the
+    register kernel; None: ``config.states_kernel()`` (``SLA_NUMBA_STATES_KERNEL``). The
+    staged kernel needs k and v 16-byte aligned (cp.async) and an int16 state 4-byte
+    aligned; otherwise the register kernel runs.
     """
     B, H, Nk, D, block_k, fm = (int(x) for x in (B, H, Nk, D, block_k, fm))
     if not states_tc_supported(D, block_k):
@@ -509,12 +789,21 @@ def launch_states_tc(
         raise ValueError("launch_states_tc: k / v smaller than B*H*Nk*D")
     if H > 65535 or B > 65535:
         raise ValueError("launch_states_tc: H or B too large for the grid")
-    kern = get_states_kernel(kind, D, block_k, tiles, split, state_dtype == "int16")
+    out_bf16 = state_dtype == "int16"
+    if staged is None:
+        staged = config.states_kernel() == "staged"
+    if staged:
+        addrs = (_address(k), _address(v), _address(state))
+        staged = None not in addrs and addrs[0] % 16 == 0 and addrs[1] % 16 == 0
+        staged = staged and addrs[2] % 4 == 0
+    kern = get_states_kernel(kind, D, block_k, tiles, split, out_bf16, staged)
+    # the staged kernel stores 32-bit words: a bf16 state as pairs of 16-bit values
+    out = int32_pairs(state) if staged and out_bf16 else flat(state)
     _tc_build.launch(
         kern.kernel,
         (n_blocks, H, B),
         kern.threads,
         kern.smem_bytes,
         stream,
-        (k, v, flat(state), H, Nk, Mk, fm),
+        (k, v, out, H, Nk, Mk, fm),
     )
