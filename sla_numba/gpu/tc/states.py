@@ -536,6 +536,8 @@ def make_states_kernel_staged(kind, D, BK, tiles, split=True, out_bf16=False):
     ONES_PAIR = ONES[kind]
     OUT_BF16 = bool(out_bf16)
     Q = D // 8  # 16-byte pieces a row
+    CPT = -(-BK * Q // NT)  # cp.async a thread issues per tile
+    OPT = -(-(D // OPASS) * OW // NT)  # result words a thread stores per pass
     ALIGNED = not SIMULATED
 
     @_compat.kernel(fastmath=FASTMATH)
@@ -564,19 +566,24 @@ def make_states_kernel_staged(kind, D, BK, tiles, split=True, out_bf16=False):
         sa = smem_addr(smem)
         # --- 0. K rows, then V rows: 16-byte cp.async, zeros past nrows (the source
         # address of a zero-filled piece stays inside the block's first row)
-        for qi in range(tid, BK * Q, NT):
-            r = qi // Q
-            c = (qi - r * Q) * 8
-            ok = r < nrows
-            go = kb + (r * D + c if ok else 0)
-            cp_async_zfill(smem, sa + (KOFF + r * SW + c) * 2, 16, k, go, 16 if ok else 0)
+        # (constant-trip loops, unrolled: every copy of a thread issued back to back)
+        for it in range(CPT):
+            qi = tid + it * NT
+            if qi < BK * Q:
+                r = qi // Q
+                c = (qi - r * Q) * 8
+                ok = r < nrows
+                go = kb + (r * D + c if ok else 0)
+                cp_async_zfill(smem, sa + (KOFF + r * SW + c) * 2, 16, k, go, 16 if ok else 0)
         cp_async_commit()
-        for qi in range(tid, BK * Q, NT):
-            r = qi // Q
-            c = (qi - r * Q) * 8
-            ok = r < nrows
-            go = kb + (r * D + c if ok else 0)
-            cp_async_zfill(smem, sa + (VOFF + r * SW + c) * 2, 16, v, go, 16 if ok else 0)
+        for it in range(CPT):
+            qi = tid + it * NT
+            if qi < BK * Q:
+                r = qi // Q
+                c = (qi - r * Q) * 8
+                ok = r < nrows
+                go = kb + (r * D + c if ok else 0)
+                cp_async_zfill(smem, sa + (VOFF + r * SW + c) * 2, 16, v, go, 16 if ok else 0)
         cp_async_commit()
         cp_async_wait_group(1)  # this thread's K pieces have landed
         cuda.syncthreads()  # everyone's
@@ -692,15 +699,17 @@ def make_states_kernel_staged(kind, D, BK, tiles, split=True, out_bf16=False):
                         smemf[ZOFF + d1] = z[mt, 0, 0]
                         smemf[ZOFF + d1 + 8] = z[mt, 0, 2]
             cuda.syncthreads()
-            for qi in range(tid, (D // OPASS) * OW, NT):
-                sr = qi // OW
-                c = qi - sr * OW
-                m16 = sr // RPT
-                d1 = m16 * 16 + hp * 8 + (sr - m16 * RPT)
-                if OUT_BF16:
-                    state[u64(sb + d1 * OW + c)] = smem32[sr * OS + c]
-                else:
-                    state[u64(sb + d1 * OW + c)] = smemf[sr * OS + c]
+            for it in range(OPT):  # unrolled
+                qi = tid + it * NT
+                if qi < (D // OPASS) * OW:
+                    sr = qi // OW
+                    c = qi - sr * OW
+                    m16 = sr // RPT
+                    d1 = m16 * 16 + hp * 8 + (sr - m16 * RPT)
+                    if OUT_BF16:
+                        state[u64(sb + d1 * OW + c)] = smem32[sr * OS + c]
+                    else:
+                        state[u64(sb + d1 * OW + c)] = smemf[sr * OS + c]
             if hp == 0:
                 for qi in range(tid, ZW, NT):
                     if OUT_BF16:
@@ -709,6 +718,7 @@ def make_states_kernel_staged(kind, D, BK, tiles, split=True, out_bf16=False):
                         state[u64(sb + D * OW + qi)] = smemf[ZOFF + qi]
 
     return StatesKernel(states_tc_staged, G["smem_bytes"], NT)
+
 
 _kernels = {}
 
