@@ -1,0 +1,243 @@
+"""The staged key-block states kernel (``make_states_kernel_staged``,
+``SLA_NUMBA_STATES_KERNEL=staged``) against the register kernel, bit for bit.
+
+Both compute φ with the same operations on the same input values, split it into the
+same hi / lo pairs and give every output as one lane's fixed sequence of mma over the
+same k-steps; the staged kernel only moves K and V into shared memory with 16-byte
+cp.async and the result out through a shared tile. So the outputs must have the same
+bits, not just be close. States start NaN-poisoned (int16 states: a NaN bf16 pattern),
+with a spare key-block row that must stay untouched.
+
+Simulator (NUMBA_ENABLE_CUDASIM=1): D = 16 / 32 / 48, block_k = 16 / 32 / 64, Nk tails
+and a single block, all three feature maps, bf16 and fp16 inputs, fp32 and int16 (bf16)
+states, split and plain φ, 1- and 4-warp tiles, two φ passes, the alignment fallback,
+the switch, and the race detector. GPU (cc >= 8.0): the Wan2.1 sizes (bits and both
+times, ``pytest -s``), tails, fp16, fp32 states.
+"""
+
+import numpy as np
+import pytest
+from _tc_reference import needs_gpu, needs_sim
+from test_tc_states import _inputs, check
+
+from sla_numba import config
+from sla_numba.gpu.tc import states as states_tc
+from sla_numba.gpu.tc.ptx import bf16_bits_to_f32
+
+#: bf16 bits of a quiet NaN: the poison of int16 (bf16) states.
+NAN16 = np.int16(0x7FC0)
+
+
+def _state(B, H, Mk, D, out_bf16):
+    """A poisoned state buffer with one spare key-block row (Mk + 1 rows)."""
+    shape = (B, H, Mk + 1, D * D + D)
+    return np.full(shape, NAN16, np.int16) if out_bf16 else np.full(shape, np.nan, np.float32)
+
+
+def _run(kind, kb, vb, B, H, Nk, D, bk, fm, tiles, split, out_bf16, staged):
+    Mk = -(-Nk // bk)
+    state = _state(B, H, Mk, D, out_bf16)
+    states_tc.launch_states_tc(
+        kind, kb, vb, state, B, H, Nk, D, bk, fm, 0, tiles=tiles, split=split, staged=staged
+    )
+    spare = state[:, :, Mk:]
+    assert (spare.view(np.int16) == NAN16).all() if out_bf16 else np.isnan(spare).all(), (
+        "the spare key-block row was written"
+    )
+    return state
+
+
+def _same_bits(ref, got):
+    r, g = ref.view(np.uint8), got.view(np.uint8)
+    assert np.array_equal(r, g), f"{int((ref != got).sum())} of {ref.size} state values differ"
+
+
+def _as_f32(state):
+    return bf16_bits_to_f32(state).astype(np.float32) if state.dtype == np.int16 else state
+
+
+# --------------------------------------------------------------------------- everywhere
+def test_switch(monkeypatch):
+    monkeypatch.delenv(config.STATES_KERNEL_VAR, raising=False)
+    assert config.states_kernel() == "registers"
+    monkeypatch.setenv(config.STATES_KERNEL_VAR, " Staged ")
+    assert config.states_kernel() == "staged"
+    monkeypatch.setenv(config.STATES_KERNEL_VAR, "fast")
+    with pytest.raises(ValueError, match=config.STATES_KERNEL_VAR):
+        config.states_kernel()
+
+
+def test_geometry_and_checks():
+    """The result tile fits the input tiles' 52 KiB at the GPU default (bf16 states in one
+    pass, fp32 in two); bad configurations refused."""
+    tiles = states_tc.choose_tiles(128, 8)
+    for ob in (True, False):
+        G = states_tc.staged_geometry(128, 64, tiles, ob)
+        assert G["smem_bytes"] == 3 * 64 * 136 * 2  # the register kernel's
+        assert (G["ZOFF"] + G["ZW"]) * 4 <= G["smem_bytes"]
+        assert G["OPASS"] == (1 if ob else 2)
+    for D in range(16, 129, 16):
+        t = states_tc.choose_tiles(D, 8)
+        k = states_tc.make_states_kernel_staged("bf16", D, 64, t, True, True)
+        assert k.threads == 32 * t[0] * t[1] and k.smem_bytes <= 227 * 1024
+    for bad in (("bf16", 72, 64, (1, 1)), ("bf16", 64, 128, (1, 1)), ("fp8", 64, 64, (1, 1))):
+        with pytest.raises(ValueError):
+            states_tc.make_states_kernel_staged(*bad)
+
+
+# --------------------------------------------------------------------------- simulator
+SIM_CASES = [  # kind, B, H, Nk, D, block_k, fm, tiles, split, out_bf16
+    ("bf16", 1, 2, 21, 16, 16, 0, (1, 1), True, False),  # tail of 5 rows
+    ("f16", 2, 1, 27, 16, 16, 1, (1, 1), True, True),  # int16 states from fp16 inputs
+    ("bf16", 1, 1, 19, 32, 16, 2, (1, 1), True, True),
+    ("f16", 1, 1, 13, 32, 16, 0, (2, 2), True, False),  # one short block, 4 warps
+    ("bf16", 1, 1, 40, 16, 32, 1, (1, 1), False, False),  # plain φ
+    ("f16", 1, 1, 100, 16, 64, 0, (1, 1), True, True),  # 2 φ passes, k-step 3 skipped
+    ("bf16", 1, 1, 16, 48, 16, 2, (1, 1), True, False),  # exactly one full block
+]
+
+
+@needs_sim
+@pytest.mark.parametrize("kind,B,H,Nk,D,block_k,fm,tiles,split,out_bf16", SIM_CASES)
+def test_sim_same_bits_as_register_kernel(kind, B, H, Nk, D, block_k, fm, tiles, split, out_bf16):
+    kb, vb, k64, v64 = _inputs(kind, B, H, Nk, D, seed=Nk + D)
+    args = (kind, kb, vb, B, H, Nk, D, block_k, fm, tiles, split, out_bf16)
+    ref = _run(*args, staged=False)
+    got = _run(*args, staged=True)
+    tol = (4e-3 if not split else 1e-4) if not out_bf16 else 8e-3
+    check(_as_f32(got), k64, v64, block_k, fm, tol)  # written everywhere, accurate
+    _same_bits(ref, got)
+
+
+@needs_sim
+def test_sim_misaligned_inputs_take_the_register_kernel(monkeypatch):
+    """k 2 bytes past a 16-byte boundary: cp.async would be misaligned, so the launcher
+    runs the register kernel (the twin checks offsets relative to the array start only,
+    so this is the launcher's address check); same bits either way."""
+    kind, B, H, Nk, D, bk, fm = "bf16", 1, 1, 20, 16, 16, 1
+    kb, vb, k64, v64 = _inputs(kind, B, H, Nk, D, seed=4)
+    buf = np.empty(kb.size + 16, np.int16)
+    first = (-buf.ctypes.data // 2) % 8
+    k_off = buf[first + 1 : first + 1 + kb.size]
+    k_off[:] = kb.reshape(-1)
+    made = []
+    real = states_tc.get_states_kernel
+
+    def spy(*args):
+        made.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(states_tc, "get_states_kernel", spy)
+    ref = _run(kind, kb, vb, B, H, Nk, D, bk, fm, None, True, False, staged=False)
+    got = _run(kind, k_off, vb, B, H, Nk, D, bk, fm, None, True, False, staged=True)
+    assert made == [False, False]
+    _same_bits(ref, got)
+
+
+@needs_sim
+def test_sim_switch_selects_the_kernel(monkeypatch):
+    """``SLA_NUMBA_STATES_KERNEL=staged`` builds and runs the staged kernel; unset, the
+    register kernel."""
+    made = []
+    real = states_tc.make_states_kernel_staged
+
+    def spy(*args):
+        made.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(states_tc, "make_states_kernel_staged", spy)
+    monkeypatch.setattr(states_tc, "_kernels", {})
+    kind, B, H, Nk, D, bk, fm = "bf16", 1, 1, 20, 16, 16, 2
+    kb, vb, _, _ = _inputs(kind, B, H, Nk, D, seed=8)
+    monkeypatch.delenv(config.STATES_KERNEL_VAR, raising=False)
+    ref = _run(kind, kb, vb, B, H, Nk, D, bk, fm, None, True, True, staged=None)
+    assert not made
+    monkeypatch.setenv(config.STATES_KERNEL_VAR, "staged")
+    got = _run(kind, kb, vb, B, H, Nk, D, bk, fm, None, True, True, staged=None)
+    assert len(made) == 1
+    _same_bits(ref, got)
+
+
+@needs_sim
+@pytest.mark.parametrize("out_bf16", [False, True])
+def test_sim_no_races(out_bf16):
+    """Two warps under the race detector: a φ row read before its K pieces landed, the V
+    tile read before its copy was waited for, the result tile written while a warp still
+    reads the φ / V tiles, or copied out before every warp stored it, is a race."""
+    from sla_numba.testing_race import detect_races
+
+    kind, B, H, Nk, D, bk, fm = "bf16", 1, 1, 37, 32, 32, 0
+    kb, vb, k64, v64 = _inputs(kind, B, H, Nk, D, seed=5)
+    with detect_races():
+        got = _run(kind, kb, vb, B, H, Nk, D, bk, fm, (2, 1), True, out_bf16, staged=True)
+    check(_as_f32(got), k64, v64, bk, fm, 8e-3 if out_bf16 else 1e-4)
+
+
+# --------------------------------------------------------------------------- real GPU
+def _gpu_both(kind, kb, vb, B, H, Nk, D, bk, fm, out_bf16, reps=0):
+    """States (host) and times (ms, or None) of the register and the staged kernel."""
+    import torch
+    from numba import cuda
+
+    dk, dv = cuda.to_device(kb), cuda.to_device(vb)
+    Mk = -(-Nk // bk)
+    outs, times = [], []
+    for staged in (False, True):
+        d = cuda.to_device(_state(B, H, Mk, D, out_bf16))
+
+        def run(d=d, staged=staged):
+            states_tc.launch_states_tc(kind, dk, dv, d, B, H, Nk, D, bk, fm, 0, staged=staged)
+
+        run()
+        cuda.synchronize()
+        outs.append(d.copy_to_host())
+        t = None
+        if reps:
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(reps):
+                run()
+            e1.record()
+            torch.cuda.synchronize()
+            t = e0.elapsed_time(e1) / reps
+        times.append(t)
+    for o in outs:
+        spare = o[:, :, Mk:]
+        assert (spare.view(np.int16) == NAN16).all() if out_bf16 else np.isnan(spare).all()
+    return outs, times
+
+
+GPU_CASES = [  # kind, B, H, Nk, D, block_k, fm, out_bf16
+    ("bf16", 2, 3, 64 * 5 + 37, 128, 64, 0, True),
+    ("bf16", 2, 3, 64 * 5 + 37, 128, 64, 1, False),
+    ("f16", 2, 3, 64 * 5 + 37, 64, 64, 2, False),
+    ("f16", 1, 2, 32 * 3 + 5, 96, 32, 0, True),
+    ("bf16", 1, 2, 16 * 7 + 3, 32, 16, 1, False),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind,B,H,Nk,D,block_k,fm,out_bf16", GPU_CASES)
+def test_gpu_same_bits_as_register_kernel(kind, B, H, Nk, D, block_k, fm, out_bf16):
+    kb, vb, k64, v64 = _inputs(kind, B, H, Nk, D, seed=D + fm)
+    outs, _ = _gpu_both(kind, kb, vb, B, H, Nk, D, block_k, fm, out_bf16)
+    check(_as_f32(outs[1]), k64, v64, block_k, fm, 8e-3 if out_bf16 else 1e-4)
+    _same_bits(outs[0], outs[1])
+
+
+@needs_gpu
+def test_gpu_wan_sizes_same_bits():
+    """B = 1, H = 12, Nk = 32760, D = 128, block_k = 64, bf16 inputs and bf16 states (the
+    Wan2.1 forward): same bits; both times printed (``-s``)."""
+    B, H, Nk, D, bk, fm = 1, 12, 32760, 128, 64, 0
+    rng = np.random.default_rng(1)
+    kb, vb = (
+        ((rng.standard_normal((B, H, Nk, D), dtype=np.float32) * s).view(np.uint32) >> 16)
+        .astype(np.uint16)
+        .view(np.int16)
+        for s in (1.5, 1.0)
+    )
+    outs, times = _gpu_both("bf16", kb, vb, B, H, Nk, D, bk, fm, True, reps=20)
+    assert np.isfinite(_as_f32(outs[0][:, :, :-1])).all()
+    _same_bits(outs[0], outs[1])
+    print(f"\nWan sizes: registers {times[0]:.3f} ms, staged {times[1]:.3f} ms")
