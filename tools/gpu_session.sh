@@ -21,6 +21,8 @@
 #   linear   tools/sweep_linear.py and tools/sweep_linear_backward.py: the linear forward's
 #            and the linear gradients' register and pipelined kernels (SLA_NUMBA_LINEAR,
 #            SLA_NUMBA_LINEAR_GRAD), same bits, and the cuBLAS floors
+#   states   tools/sweep_states.py: the key-block states' register and staged kernels
+#            (SLA_NUMBA_STATES_KERNEL), bf16 and fp32 states, same bits, the cuBLAS floor
 #   host     host-side costs: tools/host_overhead.py (launch paths, whole calls; HOST_ARGS)
 #            and tools/profile_gpu.py (kernels vs wall), bf16, PROFILE_SHAPES (b2 wan)
 set -u
@@ -76,6 +78,7 @@ for step in "$@"; do
     marginal) TAIL=40 run marginal ${MARGINAL_TIMEOUT:-150} python tools/sweep_marginal.py ;;
     linear)  TAIL=40 run linear ${LINEAR_TIMEOUT:-120} python tools/sweep_linear.py
              TAIL=40 run linear_grad ${LINEAR_TIMEOUT:-120} python tools/sweep_linear_backward.py ;;
+    states)  TAIL=40 run states ${STATES_TIMEOUT:-120} python tools/sweep_states.py ;;
     host)    TAIL=40 run host ${HOST_TIMEOUT:-200} python tools/host_overhead.py ${HOST_ARGS:-} \
                  --json "$OUT/host_overhead.json"
              for shape in ${PROFILE_SHAPES:-b2 wan}; do
