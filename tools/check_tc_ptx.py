@@ -268,8 +268,7 @@ def check_states(quick=False):
         kern = states_tc.make_states_kernel_staged(kind, D, bk, tiles, split, ob).kernel
         nt = 32 * tiles[0] * tiles[1]
         ok &= check(
-            f"states staged {kind} D={D} bk={bk} split={split}"
-            + (" bf16 output" if ob else ""),
+            f"states staged {kind} D={D} bk={bk} split={split}" + (" bf16 output" if ob else ""),
             kern,
             (i16, i16, i32 if ob else f32, int64, int64, int64, int64),
             (mma, ld),

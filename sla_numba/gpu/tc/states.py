@@ -73,6 +73,12 @@ no ``.local``; mma / ldmatrix counts those of the generated kernel it replaced).
 ldmatrix addresses are one per-lane base plus compile-time constant byte offsets,
 folded by ptxas into the instruction.
 
+The staged variant (``make_states_kernel_staged``, ``SLA_NUMBA_STATES_KERNEL=staged``)
+keeps the grid, the tiles, phase 1's arithmetic and phase 3 unchanged, and moves the
+global traffic into wide pieces: K and V reach shared memory by 16-byte ``cp.async``
+(V still on its way while φ is computed from the staged K), and the result goes out
+through a shared tile as 128-byte warp stores. Same bits (its docstring).
+
 Determinism: no atomics; every output is one lane's fixed sequence of mma.
 Under the CUDA simulator the ``ptx`` twins run the same function (slowly: use
 1-warp tiles and tiny shapes there, ``SIM_MAX_WARPS``).
@@ -454,7 +460,6 @@ def make_states_kernel(kind, D, BK, tiles, split=True, out_bf16=False):
     return StatesKernel(states_tc, NTILES * TILE * 2, NT)
 
 
-
 # ---------------------------------------------------------------------------
 # The staged kernel: K and V in by cp.async, the result out through shared memory
 # ---------------------------------------------------------------------------
@@ -479,8 +484,16 @@ def staged_geometry(D, BK, tiles, out_bf16, split=True):
     parts = 2 if split else 1
     tile_bytes = (parts + 1) * G["TILE"] * 2
     out_bytes = (ZOFF + ZW) * 4
-    return dict(G, OPASS=OPASS, RPT=RPT, OW=OW, OS=OS, ZOFF=ZOFF, ZW=ZW,
-                smem_bytes=max(tile_bytes, out_bytes))
+    return dict(
+        G,
+        OPASS=OPASS,
+        RPT=RPT,
+        OW=OW,
+        OS=OS,
+        ZOFF=ZOFF,
+        ZW=ZW,
+        smem_bytes=max(tile_bytes, out_bytes),
+    )
 
 
 @kernel_factory
@@ -511,7 +524,11 @@ def make_states_kernel_staged(kind, D, BK, tiles, split=True, out_bf16=False):
     test_tc_states_staged.py). k, v: flat int16 bits, 16-byte aligned (cp.async);
     state: flat fp32, or with ``out_bf16`` flat **int32** (pairs of bf16 bits: the
     launcher passes ``int32_pairs(state)``). Same grid and threads; shared memory
-    ``staged_geometry(...)["smem_bytes"]`` (the register kernel's at split, D >= 32).
+    ``staged_geometry(...)["smem_bytes"]``: the larger of the input tiles and the result
+    tile, so the register kernel's 52 KiB at D = 128, block_k = 64 with the split;
+    smaller blocks take the result tile's size (at most 34.5 KiB, D = 128).
+    Registers (ptxas, sm_90, ``tools/check_tc_ptx.py``): 127 at D = 128 with bf16
+    states against the register kernel's 114; both fit two 8-warp CTAs an SM.
     """
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: 'bf16' or 'f16'")
