@@ -497,7 +497,7 @@ def staged_geometry(D, BK, tiles, out_bf16, split=True):
 
 
 @kernel_factory
-def make_states_kernel_staged(kind, D, BK, tiles, split=True, out_bf16=False):
+def make_states_kernel_staged(kind, D, BK, tiles, split=True, out_bf16=False, min_blocks=-1):
     """Build the staged ``states_tc(k, v, state, H, Nk, Mk, fm)``: the same bits as
     :func:`make_states_kernel` with the global traffic in wide, coalesced pieces.
 
@@ -557,8 +557,19 @@ def make_states_kernel_staged(kind, D, BK, tiles, split=True, out_bf16=False):
     OPT = -(-(D // OPASS) * OW // NT)  # result words a thread stores per pass
     ALIGNED = not SIMULATED
 
-    @_compat.kernel(fastmath=FASTMATH)
+    # launch bound (``min_blocks`` -1: 2 for 8 warps, none for fewer): ptxas keeps the
+    # registers under 65536 / (NT · min_blocks), so at D = 128 two 8-warp CTAs stay
+    # resident an SM (127-128 registers either way today, no spills). Not for 4 warps:
+    # the bound lets ptxas take 108 registers at D = 64 instead of 72.
+    if min_blocks == -1:
+        min_blocks = 2 if NT >= 256 else None
+    bounds = {} if min_blocks is None else {"launch_bounds": (NT, int(min_blocks))}
+    MINB = 0 if min_blocks is None else int(min_blocks)
+
+    @_compat.kernel(fastmath=FASTMATH, **bounds)
     def states_tc_staged(k, v, state, H, Nk, Mk, fm):
+        # launch_bounds is not part of Numba's disk-cache key, the closure is: name it
+        _ = MINB
         if ALIGNED:
             smem = cuda.shared.array(0, int16, alignment=16)
             smem32 = cuda.shared.array(0, int32, alignment=16)
