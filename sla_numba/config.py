@@ -40,14 +40,17 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             barrier a chunk; or staged chunk by chunk, two barriers a
                             chunk, no loads in flight during the mma. Same bits; the
                             first 1.22x / 1.40x faster on the H200 (BENCHMARKS.md).
-``SLA_NUMBA_STATES_KERNEL`` ``registers`` (default) | ``staged``: the tensor-core
-                            key-block states kernel (``gpu/tc/states.py``): K and V
-                            read with 2-byte loads into registers and the result
-                            stored straight from the mma fragments, or K and V copied
-                            into shared memory with 16-byte ``cp.async`` (V in flight
-                            while φ is computed) and the result staged in shared
-                            memory and stored as 128-byte warp rows. Same bits; not
-                            yet timed on the H200 (``tools/sweep_states.py``).
+``SLA_NUMBA_STATES_KERNEL`` ``registers`` (default) | ``staged`` | ``pipelined``: the
+                            tensor-core key-block states kernel (``gpu/tc/states.py``):
+                            one key block a CTA, K and V read with 2-byte loads and
+                            the result stored straight from the mma fragments; or
+                            (``staged``) K and V copied into shared memory with
+                            16-byte ``cp.async`` and the result staged in shared
+                            memory and stored as 128-byte warp rows; or
+                            (``pipelined``) the same with several key blocks a CTA,
+                            the next block's K and V in flight while the current one
+                            computes and stores. Same bits; not yet timed on the
+                            H200 (``tools/sweep_states.py``).
 ``SLA_NUMBA_LAUNCH``        ``direct`` (default) | ``numba``: how GPU kernels are
                             launched: ``direct`` hands the compiled kernel and its
                             argument list to ``cuda.core`` (``gpu/_launcher.py``);
@@ -90,7 +93,7 @@ STATES_DTYPES = ("auto", "fp32", "bf16")
 MARGINAL_KERNELS = ("pipelined", "registers")
 LINEAR_KERNELS = ("pipelined", "registers")
 LINEAR_GRAD_KERNELS = ("pipelined", "registers")
-STATES_KERNELS = ("registers", "staged")
+STATES_KERNELS = ("registers", "staged", "pipelined")
 LAUNCHERS = ("direct", "numba")
 
 
@@ -162,7 +165,8 @@ def linear_grad_kernel():
 
 
 def states_kernel():
-    """``SLA_NUMBA_STATES_KERNEL``: 'registers' (unset or empty) or 'staged'."""
+    """``SLA_NUMBA_STATES_KERNEL``: 'registers' (unset or empty), 'staged' or
+    'pipelined'."""
     return _choice(STATES_KERNEL_VAR, STATES_KERNELS)
 
 

@@ -274,6 +274,19 @@ def check_states(quick=False):
             (mma, ld),
             want_cp=2 * -(-bk * D // 8 // nt),
         )
+    # the pipelined kernel (SLA_NUMBA_STATES_KERNEL=pipelined): the same counts; cp.async
+    # of the first block's K and V and of the next block's, ceil(BK·D/8 / threads) each
+    for kind, D, bk, split, ob, mma, ld in sconf[:1] if quick else sconf:
+        tiles = states_tc.choose_tiles(D, states_tc.GPU_MAX_WARPS)
+        kern = states_tc.make_states_kernel_pipelined(kind, D, bk, tiles, split, ob).kernel
+        nt = 32 * tiles[0] * tiles[1]
+        ok &= check(
+            f"states pipelined {kind} D={D} bk={bk} split={split}" + (" bf16 output" if ob else ""),
+            kern,
+            (i16, i16, i32 if ob else f32, int64, int64, int64, int64, int64),
+            (mma, ld),
+            want_cp=4 * -(-bk * D // 8 // nt),
+        )
     return ok
 
 

@@ -119,6 +119,7 @@ from .ptx import (
     ldsm_x4_trans,
     mma_bf16,
     mma_f16,
+    opaque_i32,
     pack_bf16x2,
     pack_f16x2,
     shfl_xor,
@@ -521,7 +522,7 @@ def make_states_kernel_staged(kind, D, BK, tiles, split=True, out_bf16=False, mi
 
     Each output is the same lane's same sequence of mma as in the register kernel, and
     φ the same operations on the same values: same bits (tests/gpu/tc/
-    test_tc_states_staged.py). k, v: flat int16 bits, 16-byte aligned (cp.async);
+    test_tc_states_pipelined.py). k, v: flat int16 bits, 16-byte aligned (cp.async);
     state: flat fp32, or with ``out_bf16`` flat **int32** (pairs of bf16 bits: the
     launcher passes ``int32_pairs(state)``). Same grid and threads; shared memory
     ``staged_geometry(...)["smem_bytes"]``: the larger of the input tiles and the result
@@ -748,18 +749,300 @@ def make_states_kernel_staged(kind, D, BK, tiles, split=True, out_bf16=False, mi
     return StatesKernel(states_tc_staged, G["smem_bytes"], NT)
 
 
+# ---------------------------------------------------------------------------
+# The pipelined kernel: several key blocks a CTA, the next one's K and V in flight
+# ---------------------------------------------------------------------------
+
+#: Key blocks a CTA of the pipelined kernel handles by default (``blocks_per_cta``).
+PIPE_BLOCKS = 8
+
+
+def pipelined_geometry(D, BK, tiles, out_bf16, split=True):
+    """Sizes of :func:`make_states_kernel_pipelined` beyond :func:`staged_geometry`.
+
+    Shared memory (bytes): [region 0: φ hi (and lo), later the result tile][K tile]
+    [V tile, stage 0][V tile, stage 1], each tile BK x SW 16-bit values; KB, VB the
+    byte offsets of the K tile and of V stage 0.
+    """
+    G = staged_geometry(D, BK, tiles, out_bf16, split)
+    tile_bytes = G["TILE"] * 2
+    parts = 2 if split else 1
+    region0 = -(-max(parts * tile_bytes, (G["ZOFF"] + G["ZW"]) * 4) // 16) * 16
+    return dict(G, KB=region0, VB=region0 + tile_bytes, smem_bytes=region0 + 3 * tile_bytes)
+
+
+@_compat.device(**_DEV)
+def _copy_block(smem, sbyte, src, kb, nrows, tid, NT, CPT, TOT, Q, D, SW):
+    """Issue the 16-byte cp.async of a key block's BK x D values of ``src`` (from flat
+    index kb) into the tile at shared byte address ``sbyte``; rows >= nrows are
+    zero-filled (their source address stays at the block's first value)."""
+    for it in range(CPT):  # constant trips once inlined: unrolled
+        qi = tid + it * NT
+        if qi < TOT:  # TOT = BK·Q pieces a tile
+            r = qi // Q
+            c = (qi - r * Q) * 8
+            ok = r < nrows
+            go = kb + (r * D + c if ok else 0)
+            cp_async_zfill(smem, sbyte + (r * SW + c) * 2, 16, src, go, 16 if ok else 0)
+
+
+@kernel_factory
+def make_states_kernel_pipelined(kind, D, BK, tiles, split=True, out_bf16=False, min_blocks=-1):
+    """Build ``states_tc_pipelined(k, v, state, H, Nk, Mk, fm, nper)``: the staged
+    kernel's work for key blocks j = x·nper .. x·nper + nper - 1 of CTA (x, h, b), grid
+    (ceil(ceil(Nk / BK) / nper), H, B), with the next block's K and V in flight while
+    the current block computes and stores. Same bits as :func:`make_states_kernel`.
+
+    Per block j: wait for K_j (K tile) and V_j (V stage j & 1), one barrier; φ from the
+    K tile into φ hi / lo, one barrier (the K tile is free); issue K_{j+1} into the K
+    tile and V_{j+1} into the other V stage (16-byte cp.async, zero-filled past Nk);
+    the mma loop (V from this stage); the staged epilogue (result tile over the φ
+    tiles, 128-byte warp stores). The first block's copies are issued before the loop.
+    The lane's thread index is re-read through an opaque ``mov`` each block: otherwise
+    LLVM hoists every lane address out of the block loop (225 registers at D = 128;
+    ``tools/check_tc_ptx.py``).
+    k, v, state as for :func:`make_states_kernel_staged`.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: 'bf16' or 'f16'")
+    if not states_tc_supported(D, BK):
+        raise ValueError(f"D = {D}, block_k = {BK}: not supported")
+    tiles = Tiles(*tiles)
+    WR, WC = tiles
+    G = pipelined_geometry(D, BK, tiles, out_bf16, split)
+    NT, MT, NP, L, C, RP, NPASS, SW, TILE = (
+        G[k] for k in ("NT", "MT", "NP", "L", "C", "RP", "NPASS", "SW", "TILE")
+    )
+    OPASS, RPT, OW, OS, ZOFF, ZW = (G[k] for k in ("OPASS", "RPT", "OW", "OS", "ZOFF", "ZW"))
+    KBYTE, VBYTE = G["KB"], G["VB"]
+    SPLIT = bool(split)
+    PARTS = 2 if SPLIT else 1
+    LOFF = TILE
+    LOG2L = L.bit_length() - 1
+    KSTEPS = BK // 16
+    NN = 2 * NP
+    IS_F16 = kind == "f16"
+    ONES_PAIR = ONES[kind]
+    OUT_BF16 = bool(out_bf16)
+    Q = D // 8
+    TOT = BK * Q
+    CPT = -(-TOT // NT)
+    ORW = (D // OPASS) * OW
+    OPT = -(-ORW // NT)
+    ALIGNED = not SIMULATED
+    # launch bound (``min_blocks`` -1: the default below) for two 8-warp CTAs an SM. At
+    # D = 128 (tools/check_tc_ptx.py): bf16 states 126 registers unbounded, 128 with 8
+    # bytes of spills under the bound: none; fp32 states 140 unbounded (one CTA an SM),
+    # 128 without spills under the bound: bound.
+    if min_blocks == -1:
+        min_blocks = 2 if NT >= 256 and not out_bf16 else None
+    bounds = {} if min_blocks is None else {"launch_bounds": (NT, int(min_blocks))}
+    MINB = 0 if min_blocks is None else int(min_blocks)
+
+    @_compat.kernel(fastmath=FASTMATH, **bounds)
+    def states_tc_pipelined(k, v, state, H, Nk, Mk, fm, nper):
+        _ = MINB  # launch_bounds is not part of Numba's disk-cache key, the closure is
+        if ALIGNED:
+            smem = cuda.shared.array(0, int16, alignment=16)
+            smem32 = cuda.shared.array(0, int32, alignment=16)
+            smemf = cuda.shared.array(0, float32, alignment=16)
+        else:
+            smem = cuda.shared.array(0, int16)
+            smem32 = cuda.shared.array(0, int32)
+            smemf = cuda.shared.array(0, float32)
+        xs = cuda.local.array(C, float32)
+        acc = cuda.local.array((MT, NN, 4), float32)
+        z = cuda.local.array((MT, 1, 4), float32)
+        a = cuda.local.array((PARTS, MT, 4), int32)
+        tid0 = int32(cuda.threadIdx.x)
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        j0 = cuda.blockIdx.x * nper
+        jend = min(j0 + nper, (Nk + BK - 1) // BK)
+        hb = (b * H + h) * Nk  # the head's first key row
+        sa = smem_addr(smem)
+        # --- 0. the first block's K and V
+        kb = (hb + j0 * BK) * D
+        nr = min(Nk - j0 * BK, BK)
+        _copy_block(smem, sa + KBYTE, k, kb, nr, tid0, NT, CPT, TOT, Q, D, SW)
+        _copy_block(smem, sa + VBYTE, v, kb, nr, tid0, NT, CPT, TOT, Q, D, SW)
+        cp_async_commit()
+        for j in range(j0, jend):
+            tid = opaque_i32(tid0)  # lane addresses computed anew each block
+            lane = tid & 31
+            warp = tid >> 5
+            stage = (j - j0) & 1
+            r0 = j * BK
+            nrows = min(Nk - r0, BK)
+            cp_async_wait_group(0)  # this thread's pieces of K_j, V_j have landed
+            cuda.syncthreads()  # everyone's; the previous result tile is copied out
+            # --- 1. φ rows from the K tile (the register kernel's phase 1)
+            slot = tid // L
+            li = tid - slot * L
+            for ps in range(NPASS):
+                r = ps * RP + slot
+                ok = r < nrows
+                if r < BK:
+                    kq = (KBYTE >> 2) + ((r * SW + li * C) >> 1)  # int32 index
+                    for c2 in range(C // 2):
+                        p = smem32[kq + c2]
+                        xs[2 * c2] = _low_f32(p, IS_F16) if ok else ZERO
+                        xs[2 * c2 + 1] = _high_f32(p, IS_F16) if ok else ZERO
+                else:
+                    for c in range(C):
+                        xs[c] = ZERO
+                if fm == 0:
+                    mx = xs[0]
+                    for c in range(1, C):
+                        mx = fmax(mx, xs[c])
+                    for st in range(LOG2L):
+                        mx = fmax(mx, shfl_xor(mx, 1 << st))
+                    for c in range(C):
+                        xs[c] = math.exp(xs[c] - mx)
+                    sm = xs[0]
+                    for c in range(1, C):
+                        sm += xs[c]
+                    for st in range(LOG2L):
+                        sm += shfl_xor(sm, 1 << st)
+                    inv = ONE / sm
+                    for c in range(C):
+                        xs[c] = xs[c] * inv
+                elif fm == 1:
+                    for c in range(C):
+                        xs[c] = xs[c] + ONE if xs[c] > ZERO else math.exp(xs[c])
+                else:
+                    for c in range(C):
+                        xs[c] = xs[c] if xs[c] > ZERO else ZERO
+                if r < BK:
+                    si = (r * SW + li * C) >> 1
+                    for c2 in range(C // 2):
+                        p = _pack(xs[2 * c2], xs[2 * c2 + 1], IS_F16) if ok else ZI
+                        smem32[si + c2] = p
+                        if SPLIT:
+                            lo0 = xs[2 * c2] - _low_f32(p, IS_F16)
+                            lo1 = xs[2 * c2 + 1] - _high_f32(p, IS_F16)
+                            smem32[si + (LOFF >> 1) + c2] = _pack(lo0, lo1, IS_F16) if ok else ZI
+            cuda.syncthreads()  # φ complete; the K tile is free
+            # --- 2. the next block's K and V on their way
+            if j + 1 < jend:
+                kn = (hb + r0 + BK) * D
+                nn = min(Nk - r0 - BK, BK)
+                vn = sa + VBYTE + (1 - stage) * TILE * 2
+                _copy_block(smem, sa + KBYTE, k, kn, nn, tid, NT, CPT, TOT, Q, D, SW)
+                _copy_block(smem, vn, v, kn, nn, tid, NT, CPT, TOT, Q, D, SW)
+                cp_async_commit()
+            # --- 3. tensor cores (the register kernel's phase 3; V from this stage)
+            wr = warp // WC
+            wc = warp - wr * WC
+            la = (
+                sa
+                + (((lane & 7) + (lane >> 4) * 8) * SW + ((lane >> 3) & 1) * 8 + wr * 16 * MT) * 2
+            )
+            lb = (
+                sa
+                + VBYTE
+                + stage * TILE * 2
+                + (((lane & 7) + ((lane >> 3) & 1) * 8) * SW + (lane >> 4) * 8 + wc * 16 * NP) * 2
+            )
+            for mt in range(MT):
+                for n in range(NN):
+                    for e in range(4):
+                        acc[mt, n, e] = ZERO
+                for e in range(4):
+                    z[mt, 0, e] = ZERO
+            for ks in range(KSTEPS):
+                if nrows > 16 * ks:
+                    ko = ks * 16 * SW * 2
+                    for mt in range(MT):
+                        for pt in range(PARTS):
+                            a0, a1, a2, a3 = ldsm_x4_trans(
+                                smem, la + (mt * 16 + pt * LOFF) * 2 + ko, 0
+                            )
+                            a[pt, mt, 0], a[pt, mt, 1], a[pt, mt, 2], a[pt, mt, 3] = a0, a1, a2, a3
+                    for p2 in range(NP):
+                        b0, b1, b2, b3 = ldsm_x4_trans(smem, lb + p2 * 32 + ko, 0)
+                        for mt in range(MT):
+                            for pt in range(PARTS):
+                                _mma_acc(acc, mt, 2 * p2, a, pt, b0, b1, IS_F16)
+                                _mma_acc(acc, mt, 2 * p2 + 1, a, pt, b2, b3, IS_F16)
+                    if wc == 0:
+                        for mt in range(MT):
+                            for pt in range(PARTS):
+                                _mma_acc(z, mt, 0, a, pt, ONES_PAIR, ONES_PAIR, IS_F16)
+            # --- 4. the staged kernel's epilogue (result tile over the φ tiles)
+            g = lane >> 2
+            t = lane & 3
+            sb = ((b * H + h) * Mk + j) * (OW * D + ZW)  # the result row, 32-bit words
+            for hp in range(OPASS):
+                cuda.syncthreads()  # the φ tiles (or the previous pass) are no longer read
+                for mt in range(MT):
+                    m16 = wr * MT + mt
+                    for hh in range(2):
+                        if OPASS == 1 or hh == hp:
+                            sr = m16 * RPT + (8 * hh if OPASS == 1 else 0) + g
+                            for n in range(NN):
+                                e = wc * 16 * NP + 8 * n + 2 * t
+                                if OUT_BF16:
+                                    smem32[sr * OS + (e >> 1)] = pack_bf16x2(
+                                        acc[mt, n, 2 * hh], acc[mt, n, 2 * hh + 1]
+                                    )
+                                else:
+                                    smemf[sr * OS + e] = acc[mt, n, 2 * hh]
+                                    smemf[sr * OS + e + 1] = acc[mt, n, 2 * hh + 1]
+                if hp == 0 and wc == 0 and t == 0:
+                    for mt in range(MT):
+                        d1 = (wr * MT + mt) * 16 + g
+                        if OUT_BF16:
+                            p = pack_bf16x2(z[mt, 0, 0], z[mt, 0, 2])
+                            smem[2 * ZOFF + d1] = _low16(p)
+                            smem[2 * ZOFF + d1 + 8] = _high16(p)
+                        else:
+                            smemf[ZOFF + d1] = z[mt, 0, 0]
+                            smemf[ZOFF + d1 + 8] = z[mt, 0, 2]
+                cuda.syncthreads()
+                for it in range(OPT):  # unrolled
+                    qi = tid + it * NT
+                    if qi < ORW:
+                        sr = qi // OW
+                        c = qi - sr * OW
+                        m16 = sr // RPT
+                        d1 = m16 * 16 + hp * 8 + (sr - m16 * RPT)
+                        if OUT_BF16:
+                            state[u64(sb + d1 * OW + c)] = smem32[sr * OS + c]
+                        else:
+                            state[u64(sb + d1 * OW + c)] = smemf[sr * OS + c]
+                if hp == 0:
+                    for qi in range(tid, ZW, NT):
+                        if OUT_BF16:
+                            state[u64(sb + D * OW + qi)] = smem32[ZOFF + qi]
+                        else:
+                            state[u64(sb + D * OW + qi)] = smemf[ZOFF + qi]
+
+    return StatesKernel(states_tc_pipelined, G["smem_bytes"], NT)
+
+
 _kernels = {}
 
 
-def get_states_kernel(kind, D, BK, tiles=None, split=True, out_bf16=False, staged=False):
+VARIANTS = ("registers", "staged", "pipelined")
+
+
+def get_states_kernel(kind, D, BK, tiles=None, split=True, out_bf16=False, variant="registers"):
     """The :class:`StatesKernel` for (kind, D, BK, tiles or ``choose_tiles(D)``, split,
-    out_bf16): :func:`make_states_kernel`, or with ``staged``
-    :func:`make_states_kernel_staged`."""
+    out_bf16) of ``variant``: 'registers' (:func:`make_states_kernel`), 'staged'
+    (:func:`make_states_kernel_staged`) or 'pipelined'
+    (:func:`make_states_kernel_pipelined`)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"states kernel variant {variant!r}: one of {VARIANTS}")
     tiles = choose_tiles(D) if tiles is None else Tiles(*tiles)
-    key = (kind, int(D), int(BK), tiles, bool(split), bool(out_bf16), bool(staged))
+    key = (kind, int(D), int(BK), tiles, bool(split), bool(out_bf16), variant)
     kern = _kernels.get(key)
     if kern is None:
-        make = make_states_kernel_staged if staged else make_states_kernel
+        make = {
+            "registers": make_states_kernel,
+            "staged": make_states_kernel_staged,
+            "pipelined": make_states_kernel_pipelined,
+        }[variant]
         kern = _kernels[key] = make(kind, int(D), int(BK), tiles, split, out_bf16)
     return kern
 
@@ -783,7 +1066,8 @@ def launch_states_tc(
     stream,
     tiles=None,
     split=True,
-    staged=None,
+    variant=None,
+    blocks_per_cta=None,
 ):
     """``state[b, h, j] = [vec(h_j), z_j]`` for j < ceil(Nk / block_k), on ``stream``.
 
@@ -794,9 +1078,10 @@ def launch_states_tc(
     fm: 0 softmax, 1 elu + 1, 2 relu. ``tiles`` (WR, WC): None for ``choose_tiles``;
     ``split=False``: φ rounded to one half value (no lo part, half the mma).
     An int16 ``state`` receives bf16 bits (bf16 states: ``config.bf16_states``) instead of fp32.
-    ``staged``: the staged kernel (:func:`make_states_kernel_staged`, same bits) or the
-    register kernel; None: ``config.states_kernel()`` (``SLA_NUMBA_STATES_KERNEL``). The
-    staged kernel needs k and v 16-byte aligned (cp.async) and an int16 state 4-byte
+    ``variant``: 'registers', 'staged' or 'pipelined' (same bits; module doc); None:
+    ``config.states_kernel()`` (``SLA_NUMBA_STATES_KERNEL``). ``blocks_per_cta``: key
+    blocks a CTA of the pipelined kernel (default ``PIPE_BLOCKS``). The staged and
+    pipelined kernels need k and v 16-byte aligned (cp.async) and an int16 state 4-byte
     aligned; otherwise the register kernel runs.
     """
     B, H, Nk, D, block_k, fm = (int(x) for x in (B, H, Nk, D, block_k, fm))
@@ -828,20 +1113,23 @@ def launch_states_tc(
     if H > 65535 or B > 65535:
         raise ValueError("launch_states_tc: H or B too large for the grid")
     out_bf16 = state_dtype == "int16"
-    if staged is None:
-        staged = config.states_kernel() == "staged"
-    if staged:
+    if variant is None:
+        variant = config.states_kernel()
+    if variant not in VARIANTS:
+        raise ValueError(f"launch_states_tc: variant {variant!r}, one of {VARIANTS}")
+    if variant != "registers":
         addrs = (_address(k), _address(v), _address(state))
-        staged = None not in addrs and addrs[0] % 16 == 0 and addrs[1] % 16 == 0
-        staged = staged and addrs[2] % 4 == 0
-    kern = get_states_kernel(kind, D, block_k, tiles, split, out_bf16, staged)
-    # the staged kernel stores 32-bit words: a bf16 state as pairs of 16-bit values
-    out = int32_pairs(state) if staged and out_bf16 else flat(state)
-    _tc_build.launch(
-        kern.kernel,
-        (n_blocks, H, B),
-        kern.threads,
-        kern.smem_bytes,
-        stream,
-        (k, v, out, H, Nk, Mk, fm),
-    )
+        if None in addrs or addrs[0] % 16 or addrs[1] % 16 or addrs[2] % 4:
+            variant = "registers"
+    kern = get_states_kernel(kind, D, block_k, tiles, split, out_bf16, variant)
+    if variant == "registers":
+        grid, args = (n_blocks, H, B), (k, v, flat(state), H, Nk, Mk, fm)
+    else:  # 32-bit stores: a bf16 state as pairs of 16-bit values
+        out = int32_pairs(state) if out_bf16 else flat(state)
+        grid, args = (n_blocks, H, B), (k, v, out, H, Nk, Mk, fm)
+        if variant == "pipelined":
+            nper = PIPE_BLOCKS if blocks_per_cta is None else int(blocks_per_cta)
+            if nper < 1:
+                raise ValueError(f"launch_states_tc: blocks_per_cta = {nper}, must be >= 1")
+            grid, args = (-(-n_blocks // nper), H, B), args + (nper,)
+    _tc_build.launch(kern.kernel, grid, kern.threads, kern.smem_bytes, stream, args)

@@ -1,17 +1,19 @@
-"""The staged key-block states kernel (``make_states_kernel_staged``,
-``SLA_NUMBA_STATES_KERNEL=staged``) against the register kernel, bit for bit.
+"""The staged and pipelined key-block states kernels (``make_states_kernel_staged``,
+``make_states_kernel_pipelined``, ``SLA_NUMBA_STATES_KERNEL=staged|pipelined``)
+against the register kernel, bit for bit.
 
-Both compute φ with the same operations on the same input values, split it into the
-same hi / lo pairs and give every output as one lane's fixed sequence of mma over the
-same k-steps; the staged kernel only moves K and V into shared memory with 16-byte
-cp.async and the result out through a shared tile. So the outputs must have the same
-bits, not just be close. States start NaN-poisoned (int16 states: a NaN bf16 pattern),
+All three compute φ with the same operations on the same input values, split it into
+the same hi / lo pairs and give every output as one lane's fixed sequence of mma over
+the same k-steps; the new kernels only move K and V into shared memory with 16-byte
+cp.async (the pipelined one a block ahead, several blocks a CTA) and the result out
+through a shared tile. So the outputs must have the same bits, not just be close. States start NaN-poisoned (int16 states: a NaN bf16 pattern),
 with a spare key-block row that must stay untouched.
 
 Simulator (NUMBA_ENABLE_CUDASIM=1): D = 16 / 32 / 48, block_k = 16 / 32 / 64, Nk tails
 and a single block, all three feature maps, bf16 and fp16 inputs, fp32 and int16 (bf16)
-states, split and plain φ, 1- and 4-warp tiles, two φ passes, the alignment fallback,
-the switch, and the race detector. GPU (cc >= 8.0): the Wan2.1 sizes (bits and both
+states, split and plain φ, 1- and 4-warp tiles, two φ passes, 1 / 2 / 3 blocks a
+pipelined CTA (a CTA whose last blocks are past Nk; both V stages reused), the alignment
+fallback, the switch, and the race detector. GPU (cc >= 8.0): the Wan2.1 sizes (bits and both
 times, ``pytest -s``), tails, fp16, fp32 states.
 """
 
@@ -34,12 +36,13 @@ def _state(B, H, Mk, D, out_bf16):
     return np.full(shape, NAN16, np.int16) if out_bf16 else np.full(shape, np.nan, np.float32)
 
 
-def _run(kind, kb, vb, B, H, Nk, D, bk, fm, tiles, split, out_bf16, staged):
+def _run(kind, kb, vb, B, H, Nk, D, bk, fm, tiles, split, out_bf16, variant, nper=None):
     Mk = -(-Nk // bk)
     state = _state(B, H, Mk, D, out_bf16)
     states_tc.launch_states_tc(
-        kind, kb, vb, state, B, H, Nk, D, bk, fm, 0, tiles=tiles, split=split, staged=staged
-    )
+        kind, kb, vb, state, B, H, Nk, D, bk, fm, 0, tiles=tiles, split=split,
+        variant=variant, blocks_per_cta=nper,
+    )  # fmt: skip
     spare = state[:, :, Mk:]
     assert (spare.view(np.int16) == NAN16).all() if out_bf16 else np.isnan(spare).all(), (
         "the spare key-block row was written"
@@ -62,6 +65,8 @@ def test_switch(monkeypatch):
     assert config.states_kernel() == "registers"
     monkeypatch.setenv(config.STATES_KERNEL_VAR, " Staged ")
     assert config.states_kernel() == "staged"
+    monkeypatch.setenv(config.STATES_KERNEL_VAR, "pipelined")
+    assert config.states_kernel() == "pipelined"
     monkeypatch.setenv(config.STATES_KERNEL_VAR, "fast")
     with pytest.raises(ValueError, match=config.STATES_KERNEL_VAR):
         config.states_kernel()
@@ -80,33 +85,40 @@ def test_geometry_and_checks():
         t = states_tc.choose_tiles(D, 8)
         k = states_tc.make_states_kernel_staged("bf16", D, 64, t, True, True)
         assert k.threads == 32 * t[0] * t[1] and k.smem_bytes <= 227 * 1024
+    G = states_tc.pipelined_geometry(128, 64, tiles, True)
+    assert G["smem_bytes"] == 35072 + 3 * 64 * 136 * 2  # 85.3 KiB: two CTAs an SM
+    assert 2 * (G["smem_bytes"] + 1024) <= 228 * 1024
     for bad in (("bf16", 72, 64, (1, 1)), ("bf16", 64, 128, (1, 1)), ("fp8", 64, 64, (1, 1))):
-        with pytest.raises(ValueError):
-            states_tc.make_states_kernel_staged(*bad)
+        for make in (states_tc.make_states_kernel_staged, states_tc.make_states_kernel_pipelined):
+            with pytest.raises(ValueError):
+                make(*bad)
 
 
 # --------------------------------------------------------------------------- simulator
-SIM_CASES = [  # kind, B, H, Nk, D, block_k, fm, tiles, split, out_bf16
-    ("bf16", 1, 2, 21, 16, 16, 0, (1, 1), True, False),  # tail of 5 rows
-    ("f16", 2, 1, 27, 16, 16, 1, (1, 1), True, True),  # int16 states from fp16 inputs
-    ("bf16", 1, 1, 19, 32, 16, 2, (1, 1), True, True),
-    ("f16", 1, 1, 13, 32, 16, 0, (2, 2), True, False),  # one short block, 4 warps
-    ("bf16", 1, 1, 40, 16, 32, 1, (1, 1), False, False),  # plain φ
-    ("f16", 1, 1, 100, 16, 64, 0, (1, 1), True, True),  # 2 φ passes, k-step 3 skipped
-    ("bf16", 1, 1, 16, 48, 16, 2, (1, 1), True, False),  # exactly one full block
+SIM_CASES = [  # kind, B, H, Nk, D, block_k, fm, tiles, split, out_bf16, pipelined CTA blocks
+    ("bf16", 1, 2, 21, 16, 16, 0, (1, 1), True, False, 3),  # tail of 5 rows; 2 of 3 run
+    ("f16", 2, 1, 27, 16, 16, 1, (1, 1), True, True, 1),  # int16 states from fp16 inputs
+    ("bf16", 1, 1, 71, 32, 16, 2, (1, 1), True, True, 3),  # 5 blocks: CTA 0 reuses stage 0
+    ("f16", 1, 1, 13, 32, 16, 0, (2, 2), True, False, 2),  # one short block, 4 warps
+    ("bf16", 1, 1, 40, 16, 32, 1, (1, 1), False, False, 2),  # plain φ
+    ("f16", 1, 1, 100, 16, 64, 0, (1, 1), True, True, 2),  # 2 φ passes, k-step 3 skipped
+    ("bf16", 1, 1, 16, 48, 16, 2, (1, 1), True, False, 4),  # exactly one full block
 ]
 
 
 @needs_sim
-@pytest.mark.parametrize("kind,B,H,Nk,D,block_k,fm,tiles,split,out_bf16", SIM_CASES)
-def test_sim_same_bits_as_register_kernel(kind, B, H, Nk, D, block_k, fm, tiles, split, out_bf16):
+@pytest.mark.parametrize("kind,B,H,Nk,D,block_k,fm,tiles,split,out_bf16,nper", SIM_CASES)
+def test_sim_same_bits_as_register_kernel(
+    kind, B, H, Nk, D, block_k, fm, tiles, split, out_bf16, nper
+):
     kb, vb, k64, v64 = _inputs(kind, B, H, Nk, D, seed=Nk + D)
     args = (kind, kb, vb, B, H, Nk, D, block_k, fm, tiles, split, out_bf16)
-    ref = _run(*args, staged=False)
-    got = _run(*args, staged=True)
+    ref = _run(*args, "registers")
     tol = (4e-3 if not split else 1e-4) if not out_bf16 else 8e-3
-    check(_as_f32(got), k64, v64, block_k, fm, tol)  # written everywhere, accurate
-    _same_bits(ref, got)
+    for variant in ("staged", "pipelined"):
+        got = _run(*args, variant, nper)
+        check(_as_f32(got), k64, v64, block_k, fm, tol)  # written everywhere, accurate
+        _same_bits(ref, got)
 
 
 @needs_sim
@@ -128,65 +140,84 @@ def test_sim_misaligned_inputs_take_the_register_kernel(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(states_tc, "get_states_kernel", spy)
-    ref = _run(kind, kb, vb, B, H, Nk, D, bk, fm, None, True, False, staged=False)
-    got = _run(kind, k_off, vb, B, H, Nk, D, bk, fm, None, True, False, staged=True)
-    assert made == [False, False]
-    _same_bits(ref, got)
+    ref = _run(kind, kb, vb, B, H, Nk, D, bk, fm, None, True, False, "registers")
+    for variant in ("staged", "pipelined"):
+        got = _run(kind, k_off, vb, B, H, Nk, D, bk, fm, None, True, False, variant)
+        _same_bits(ref, got)
+    assert made == ["registers"] * 3
+    with pytest.raises(ValueError, match="variant"):
+        _run(kind, kb, vb, B, H, Nk, D, bk, fm, None, True, False, "fast")
+    with pytest.raises(ValueError, match="blocks_per_cta"):
+        _run(kind, kb, vb, B, H, Nk, D, bk, fm, None, True, False, "pipelined", 0)
 
 
 @needs_sim
 def test_sim_switch_selects_the_kernel(monkeypatch):
-    """``SLA_NUMBA_STATES_KERNEL=staged`` builds and runs the staged kernel; unset, the
+    """``SLA_NUMBA_STATES_KERNEL`` builds and runs the kernel it names; unset, the
     register kernel."""
     made = []
-    real = states_tc.make_states_kernel_staged
+    for name in ("make_states_kernel", "make_states_kernel_staged", "make_states_kernel_pipelined"):
+        real = getattr(states_tc, name)
 
-    def spy(*args):
-        made.append(args)
-        return real(*args)
+        def spy(*args, real=real, name=name):
+            made.append(name)
+            return real(*args)
 
-    monkeypatch.setattr(states_tc, "make_states_kernel_staged", spy)
+        monkeypatch.setattr(states_tc, name, spy)
     monkeypatch.setattr(states_tc, "_kernels", {})
     kind, B, H, Nk, D, bk, fm = "bf16", 1, 1, 20, 16, 16, 2
     kb, vb, _, _ = _inputs(kind, B, H, Nk, D, seed=8)
     monkeypatch.delenv(config.STATES_KERNEL_VAR, raising=False)
-    ref = _run(kind, kb, vb, B, H, Nk, D, bk, fm, None, True, True, staged=None)
-    assert not made
-    monkeypatch.setenv(config.STATES_KERNEL_VAR, "staged")
-    got = _run(kind, kb, vb, B, H, Nk, D, bk, fm, None, True, True, staged=None)
-    assert len(made) == 1
-    _same_bits(ref, got)
+    ref = _run(kind, kb, vb, B, H, Nk, D, bk, fm, None, True, True, None)
+    assert made == ["make_states_kernel"]
+    for env in ("staged", "pipelined"):
+        monkeypatch.setenv(config.STATES_KERNEL_VAR, env)
+        got = _run(kind, kb, vb, B, H, Nk, D, bk, fm, None, True, True, None)
+        assert made[-1] == ("make_states_kernel_" + env)
+        _same_bits(ref, got)
+    assert len(made) == 3
 
 
 @needs_sim
-@pytest.mark.parametrize("out_bf16", [False, True])
-def test_sim_no_races(out_bf16):
-    """Two warps under the race detector: a φ row read before its K pieces landed, the V
-    tile read before its copy was waited for, the result tile written while a warp still
-    reads the φ / V tiles, or copied out before every warp stored it, is a race."""
+@pytest.mark.parametrize(
+    "variant,out_bf16",
+    [("staged", False), ("staged", True), ("pipelined", False), ("pipelined", True)],
+)
+def test_sim_no_races(variant, out_bf16):
+    """Two warps under the race detector (pipelined: three blocks a CTA): a φ row read
+    before its K pieces landed, a V tile read before its copy was waited for, the K tile
+    or a V stage refilled while a warp still reads it, the result tile written while a
+    warp still reads the φ / V tiles or copied out before every warp stored it: a race."""
     from sla_numba.testing_race import detect_races
 
-    kind, B, H, Nk, D, bk, fm = "bf16", 1, 1, 37, 32, 32, 0
+    kind, B, H, Nk, D, bk, fm = "bf16", 1, 1, 85, 32, 32, 0
     kb, vb, k64, v64 = _inputs(kind, B, H, Nk, D, seed=5)
     with detect_races():
-        got = _run(kind, kb, vb, B, H, Nk, D, bk, fm, (2, 1), True, out_bf16, staged=True)
+        got = _run(kind, kb, vb, B, H, Nk, D, bk, fm, (2, 1), True, out_bf16, variant, 3)
     check(_as_f32(got), k64, v64, bk, fm, 8e-3 if out_bf16 else 1e-4)
 
 
 # --------------------------------------------------------------------------- real GPU
+GPU_VARIANTS = [("registers", None), ("staged", None), ("pipelined", 1), ("pipelined", 4),
+                ("pipelined", 8), ("pipelined", 16)]  # fmt: skip
+
+
 def _gpu_both(kind, kb, vb, B, H, Nk, D, bk, fm, out_bf16, reps=0):
-    """States (host) and times (ms, or None) of the register and the staged kernel."""
+    """States (host) and times (ms, or None) of each of ``GPU_VARIANTS`` (variant,
+    blocks a pipelined CTA)."""
     import torch
     from numba import cuda
 
     dk, dv = cuda.to_device(kb), cuda.to_device(vb)
     Mk = -(-Nk // bk)
     outs, times = [], []
-    for staged in (False, True):
+    for variant, nper in GPU_VARIANTS:
         d = cuda.to_device(_state(B, H, Mk, D, out_bf16))
 
-        def run(d=d, staged=staged):
-            states_tc.launch_states_tc(kind, dk, dv, d, B, H, Nk, D, bk, fm, 0, staged=staged)
+        def run(d=d, variant=variant, nper=nper):
+            states_tc.launch_states_tc(
+                kind, dk, dv, d, B, H, Nk, D, bk, fm, 0, variant=variant, blocks_per_cta=nper
+            )
 
         run()
         cuda.synchronize()
@@ -222,7 +253,8 @@ def test_gpu_same_bits_as_register_kernel(kind, B, H, Nk, D, block_k, fm, out_bf
     kb, vb, k64, v64 = _inputs(kind, B, H, Nk, D, seed=D + fm)
     outs, _ = _gpu_both(kind, kb, vb, B, H, Nk, D, block_k, fm, out_bf16)
     check(_as_f32(outs[1]), k64, v64, block_k, fm, 8e-3 if out_bf16 else 1e-4)
-    _same_bits(outs[0], outs[1])
+    for got in outs[1:]:
+        _same_bits(outs[0], got)
 
 
 @needs_gpu
@@ -239,5 +271,7 @@ def test_gpu_wan_sizes_same_bits():
     )
     outs, times = _gpu_both("bf16", kb, vb, B, H, Nk, D, bk, fm, True, reps=20)
     assert np.isfinite(_as_f32(outs[0][:, :, :-1])).all()
-    _same_bits(outs[0], outs[1])
-    print(f"\nWan sizes: registers {times[0]:.3f} ms, staged {times[1]:.3f} ms")
+    for got in outs[1:]:
+        _same_bits(outs[0], got)
+    names = [v if n is None else f"{v} x{n}" for v, n in GPU_VARIANTS]
+    print("\nWan sizes: " + ", ".join(f"{n} {t:.3f} ms" for n, t in zip(names, times)))
