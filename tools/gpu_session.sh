@@ -21,8 +21,8 @@
 #   linear   tools/sweep_linear.py and tools/sweep_linear_backward.py: the linear forward's
 #            and the linear gradients' register and pipelined kernels (SLA_NUMBA_LINEAR,
 #            SLA_NUMBA_LINEAR_GRAD), same bits, and the cuBLAS floors
-#   states   tools/sweep_states.py: the key-block states' register and staged kernels
-#            (SLA_NUMBA_STATES_KERNEL), bf16 and fp32 states, same bits, the cuBLAS floor
+#   states   tools/sweep_states.py: the key-block states' register, staged and pipelined
+#            kernels (SLA_NUMBA_STATES_KERNEL), bf16 and fp32 states, same bits, cuBLAS floor
 #   host     host-side costs: tools/host_overhead.py (launch paths, whole calls; HOST_ARGS)
 #            and tools/profile_gpu.py (kernels vs wall), bf16, PROFILE_SHAPES (b2 wan)
 set -u

@@ -1,13 +1,15 @@
 """The tensor-core key-block states kernels (``gpu/tc/states.py``) on the GPU.
 
-Usage (on a GPU):  PYTHONPATH=. python tools/sweep_states.py [--reps 20] [--fm 0]
+Usage (on a GPU):  PYTHONPATH=. python tools/sweep_states.py [--reps 20] [--fm 0] [--nper 1 4 8 16]
 
 At the Wan2.1 shape's sizes (B*H = 12, Nk = 32760, D = 128, block_k = 64: Mk = 512 key
 blocks, bf16 k and v): the median time of one ``launch_states_tc`` with the register
-kernel (the default, ``SLA_NUMBA_STATES_KERNEL=registers``) and with the staged kernel
-(``staged``: K and V by 16-byte cp.async, the result through shared memory), for bf16
+kernel (the default, ``SLA_NUMBA_STATES_KERNEL=registers``), the staged kernel
+(``staged``: K and V by 16-byte cp.async, the result through shared memory) and the
+pipelined kernel (``pipelined``: the same, ``--nper`` key blocks a CTA, the next block's
+K and V in flight; default ``PIPE_BLOCKS``), for bf16
 states (int16 bits: what ``SLA_NUMBA_STATES=auto`` gives bf16 inputs) and for fp32
-states; each staged output compared bit for bit with the register kernel's; the
+states; each new kernel's output compared bit for bit with the register kernel's; the
 effective bandwidth (k and v read, states written / time); and the cuBLAS floor of the
 same product (``torch.bmm`` of φ(K_j)ᵀ (12·512, 128, 64) and V_j (12·512, 64, 128), bf16
 out) measured in the same run. Under 60 s on an H200 (first run: the kernels compile, a
@@ -48,6 +50,7 @@ def main():
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--bk", type=int, default=64)
     ap.add_argument("--fm", type=int, default=0, help="feature map: 0 softmax, 1 elu+1, 2 relu")
+    ap.add_argument("--nper", type=int, nargs="*", default=[1, 4, 8, 16])
     args = ap.parse_args()
     BH, Nk, D, bk, fm = args.bh, args.nk, args.d, args.bk, args.fm
     Mk, W = -(-Nk // bk), D * D + D
@@ -61,12 +64,18 @@ def main():
         nbytes = 2 * BH * Nk * D * 2 + BH * Mk * W * esize
         name = "bf16 states" if dtype == torch.int16 else "fp32 states"
         outs = {}
-        for label, staged in (("registers", False), ("staged", True)):
+        variants = [("registers", None), ("staged", None)]
+        variants += [("pipelined", n) for n in args.nper]
+        for variant, nper in variants:
+            label = variant if nper is None else f"{variant} x{nper}"
             out = torch.full((1, BH, Mk, W), -1, dtype=dtype, device="cuda")
             view = device_view(out)
 
-            def run(view=view, staged=staged):
-                tcs.launch_states_tc("bf16", *kv, view, 1, BH, Nk, D, bk, fm, 0, staged=staged)
+            def run(view=view, variant=variant, nper=nper):
+                tcs.launch_states_tc(
+                    "bf16", *kv, view, 1, BH, Nk, D, bk, fm, 0,
+                    variant=variant, blocks_per_cta=nper,
+                )  # fmt: skip
 
             try:
                 ms = cuda_time(run, args.reps)

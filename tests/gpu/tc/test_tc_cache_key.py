@@ -1,8 +1,8 @@
 """The linear-branch tensor-core kernels hit Numba's disk cache in a new process.
 
-They are closures made by factories (``make_states_kernel``, ``make_states_kernel_staged``,
-``make_marginal_kernel``, ``make_linear_kernel``, ``make_linear_kernel_pipelined``, the
-pipelined linear-gradient kernels) with ``cache=True``. Numba keys a closure's cache entry on the
+They are closures made by factories (``make_states_kernel`` and its ``_staged`` and
+``_pipelined`` variants, ``make_marginal_kernel``, ``make_linear_kernel``,
+``make_linear_kernel_pipelined``, the pipelined linear-gradient kernels) with ``cache=True``. Numba keys a closure's cache entry on the
 pickle of its closure cells, so those must pickle to the same bytes in every process:
 a cell holding a device function pickles it by value, with the ``ptx`` intrinsics'
 per-process random uuids, and the cache would never hit (and only grow). This test
@@ -30,6 +30,7 @@ kernels = [marginal.make_marginal_kernel(marginal.GPU_TILES).kernel,
            linear.make_linear_kernel_pipelined("bf16", 64, 64, 32, True, 3).kernel,
            states.make_states_kernel("bf16", 32, 64, (2, 1)).kernel,
            states.make_states_kernel_staged("bf16", 32, 64, (2, 1), True, True).kernel,
+           states.make_states_kernel_pipelined("bf16", 128, 64, (4, 2)).kernel,
            linear_backward.make_dq_linear_kernel("bf16", 64, 64, 32, True, pipelined=True).kernel,
            linear_backward.make_dkdv_linear_kernel("bf16", 64, 64, 32, pipelined=True).kernel]
 for k in kernels:
@@ -51,5 +52,5 @@ def _hashes():
 
 def test_closure_pickle_is_the_same_in_two_processes():
     first, second = _hashes(), _hashes()
-    assert len(first) == 14  # 7 kernels: name, hash
+    assert len(first) == 16  # 8 kernels: name, hash
     assert first == second
