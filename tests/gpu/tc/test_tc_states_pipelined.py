@@ -275,3 +275,35 @@ def test_gpu_wan_sizes_same_bits():
         _same_bits(outs[0], got)
     names = [v if n is None else f"{v} x{n}" for v, n in GPU_VARIANTS]
     print("\nWan sizes: " + ", ".join(f"{n} {t:.3f} ms" for n, t in zip(names, times)))
+
+
+@needs_sim
+def test_sim_whole_call_same_bits_under_each_switch(monkeypatch):
+    """The tc path's forward (through the backend's prep launch) gives the same bits with
+    ``SLA_NUMBA_STATES_KERNEL`` unset, ``staged`` and ``pipelined``, and launches the
+    kernel each names (the backward's states go through the same launcher call)."""
+    from sla_numba import _params, gpu
+
+    B, H, Nq, Nk, D, bq, bk = 1, 1, 20, 37, 16, 16, 16  # three key blocks, a tail
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((B, H, n, D)).astype(np.float16) for n in (Nq, Nk, Nk))
+    bm = np.zeros((B, H, _params.n_blocks(Nq, bq), _params.n_blocks(Nk, bk)), np.int8)
+    bm[..., 0, 0] = bm[..., 1, 2] = 1  # critical; the rest marginal
+    code = _params.FEATURE_MAPS["softmax"]
+    made = []
+    real = states_tc.get_states_kernel
+
+    def spy(*args):
+        made.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(states_tc, "get_states_kernel", spy)
+    results = []
+    for env in ("", "staged", "pipelined"):
+        monkeypatch.setenv(config.STATES_KERNEL_VAR, env)
+        f = gpu.forward(q, k, v, bm, bq, bk, 0.25, code, 1e-6, path="tc")
+        results.append([np.asarray(x) for x in f])
+        assert made[-1:] == [env or "registers"], made
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
