@@ -77,7 +77,11 @@ The staged variant (``make_states_kernel_staged``, ``SLA_NUMBA_STATES_KERNEL=sta
 keeps the grid, the tiles, phase 1's arithmetic and phase 3 unchanged, and moves the
 global traffic into wide pieces: K and V reach shared memory by 16-byte ``cp.async``
 (V still on its way while φ is computed from the staged K), and the result goes out
-through a shared tile as 128-byte warp stores. Same bits (its docstring).
+through a shared tile as 128-byte warp stores. The pipelined variant
+(``make_states_kernel_pipelined``, ``SLA_NUMBA_STATES_KERNEL=pipelined``) does the
+staged work for several key blocks a CTA (``blocks_per_cta``), with the next block's K
+and V copied (a K tile and two V stages) while the current block runs its mma and
+epilogue. Same bits, both (their docstrings; tests/gpu/tc/test_tc_states_pipelined.py).
 
 Determinism: no atomics; every output is one lane's fixed sequence of mma.
 Under the CUDA simulator the ``ptx`` twins run the same function (slowly: use
