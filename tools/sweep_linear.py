@@ -16,28 +16,14 @@ and H_i (12·512, 128, 128), bf16) measured in the same run. Under 60 s on an H2
 """
 
 import argparse
-import statistics
 import time
 
 import numpy as np
 import torch
+from cuda_timing import cuda_time
 
 from sla_numba.gpu._arrays import device_view
 from sla_numba.gpu.tc import linear as tcl
-
-
-def cuda_time(fn, reps):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1))
-    return statistics.median(times)
 
 
 def main():

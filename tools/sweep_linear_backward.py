@@ -20,29 +20,15 @@ Whole run: < 60 s on an H200 with a warm kernel cache (cold: + ~10 s per kernel)
 """
 
 import argparse
-import statistics
 import sys
 import time
 
 import torch
+from cuda_timing import cuda_time
 
 from sla_numba.gpu.tc import linear_backward as lb
 
 EPS = 1e-6
-
-
-def cuda_time(fn, reps):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1))
-    return statistics.median(times)
 
 
 def bits(x):

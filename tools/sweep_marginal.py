@@ -17,10 +17,10 @@ kernel's output.
 """
 
 import argparse
-import statistics
 
 import numpy as np
 import torch
+from cuda_timing import cuda_time
 
 from sla_numba.gpu._arrays import device_view
 from sla_numba.gpu.tc import marginal as tcm
@@ -36,20 +36,6 @@ CANDIDATES = [
     (4, 2, 1, 4),  # 8 warps, CTA 64 x 128
     (2, 2, 1, 8),  # 4 warps, CTA 32 x 256
 ]
-
-
-def cuda_time(fn, reps):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1))
-    return statistics.median(times)
 
 
 def main():

@@ -136,7 +136,7 @@ def run_ahead(fn, *args, **kwargs):
     this way, so a first forward compiles the kernels of both at once. Calls nest:
     inside another one's run (strict, or a dry run) an entry point just runs.
     """
-    if not enabled() or _launcher.in_mode():
+    if _launcher.in_mode() or not enabled():  # (nested: a thread-local read, no more)
         return fn(*args, **kwargs)
     try:
         with _launcher.strict():

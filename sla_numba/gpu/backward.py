@@ -41,6 +41,7 @@ element has one writer per kernel, in stream order.
 
 import numpy as np
 
+from .. import config
 from .._params import FEATURE_MAPS, n_blocks
 from ._arrays import DeviceCall
 from ._launch import (
@@ -185,13 +186,15 @@ def backward(
             mark("bwd tc sparse (dq+dkdv)")
         else:
             _, w_ds = call.workspace((B, H, Nq), acc)
-        _, qstate = call.workspace((B, H, Mq, W), acc)
         _, dh = call.workspace((B, H, Mk, W), acc)
         if tc and _linear_grad_tc(D, T, block_q, block_k):
             # the linear branch's gradients on tensor cores (tc/linear_backward.py)
             from .tc.linear_backward import launch_dkdv_linear_tc, launch_dq_linear_tc
 
+            # QO_i / QD_i in bf16 (SLA_NUMBA_GRAD_STATES): read only by the column sums
             kind = half_kind(call, q)
+            q16 = config.bf16_grad_states(kind) and tc_part("marginal")
+            _, qstate = call.workspace((B, H, Mq, W), np.int16 if q16 else acc)
             ol_in, dol_in = _linear_grad_inputs(call, q, o_l, do_l, ol_, dol_)
             launch_dq_linear_tc(
                 kind, half_bits(dq_), ol_in, dol_in, flat(lstate), flat(ws["row_info"][1]),
@@ -206,6 +209,7 @@ def backward(
             )  # fmt: skip
             mark("bwd linear dkdv")
             return call.result(h_dq), call.result(h_dk), call.result(h_dv)
+        _, qstate = call.workspace((B, H, Mq, W), acc)
         args = (
             dq_,
             dk_,

@@ -53,6 +53,22 @@ def fake_gpu(monkeypatch):
     return launched, compiled_for
 
 
+@pytest.fixture
+def prepared(monkeypatch):
+    """Compiling ahead on, with ``prepare`` replaced: each call's kernels are recorded
+    (the returned list) and marked loaded, as the real one would leave them."""
+    calls = []
+
+    def fake_prepare(jobs):
+        calls.append([j.kernel for j in jobs])
+        for j in jobs:
+            launcher._compiled[j.key] = launcher._Compiled(j.kernel, None, ["array"])
+
+    monkeypatch.setattr(precompile, "enabled", lambda: True)
+    monkeypatch.setattr(precompile, "prepare", fake_prepare)
+    return calls
+
+
 def _x():
     return DeviceView(0x1000, (8,), np.float32, None)
 
@@ -85,10 +101,10 @@ def test_collecting_launches_nothing_and_records_each_new_kernel_once(fake_gpu):
     assert launched == [known, b]
 
 
-def test_ahead_runs_strict_then_dry_then_for_real(fake_gpu, monkeypatch):
+def test_ahead_runs_strict_then_dry_then_for_real(fake_gpu, prepared):
     launched, _ = fake_gpu
     k1, k2 = object(), object()
-    calls, prepared = [], []
+    calls = []
 
     def fn(tag):
         calls.append(tag)
@@ -96,13 +112,6 @@ def test_ahead_runs_strict_then_dry_then_for_real(fake_gpu, monkeypatch):
         launcher.launch(k2, 1, 32, _Stream(), (_x(),))
         return len(calls)
 
-    def fake_prepare(jobs):
-        prepared.append([j.kernel for j in jobs])
-        for j in jobs:
-            launcher._compiled[j.key] = launcher._Compiled(j.kernel, None, ["array"])
-
-    monkeypatch.setattr(precompile, "enabled", lambda: True)
-    monkeypatch.setattr(precompile, "prepare", fake_prepare)
     wrapped = precompile.ahead(fn)
     assert wrapped("x") == 3  # the third run's result
     assert prepared == [[k1, k2]]
@@ -111,13 +120,12 @@ def test_ahead_runs_strict_then_dry_then_for_real(fake_gpu, monkeypatch):
     assert prepared == [[k1, k2]] and launched == [k1, k2, k1, k2]
 
 
-def test_run_ahead_takes_nested_entry_points_in_one_dry_run(fake_gpu, monkeypatch):
+def test_run_ahead_takes_nested_entry_points_in_one_dry_run(fake_gpu, prepared):
     """The API runs classification and forward (each an :func:`ahead` entry point)
     inside one :func:`run_ahead`: one dry run collects the kernels of both, and the
     inner entry points just run inside the outer one's modes."""
     launched, _ = fake_gpu
     k1, k2, k3 = object(), object(), object()
-    prepared = []
 
     @precompile.ahead
     def classify():
@@ -128,13 +136,6 @@ def test_run_ahead_takes_nested_entry_points_in_one_dry_run(fake_gpu, monkeypatc
     def forward():
         launcher.launch(k3, 1, 32, _Stream(), (_x(),))
 
-    def fake_prepare(jobs):
-        prepared.append([j.kernel for j in jobs])
-        for j in jobs:
-            launcher._compiled[j.key] = launcher._Compiled(j.kernel, None, ["array"])
-
-    monkeypatch.setattr(precompile, "enabled", lambda: True)
-    monkeypatch.setattr(precompile, "prepare", fake_prepare)
     precompile.run_ahead(lambda: (classify(), forward()))
     assert prepared == [[k1, k2, k3]]
     assert launched == [k1, k2, k3]

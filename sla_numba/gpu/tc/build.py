@@ -90,6 +90,17 @@ def size(x):
     return int(np.prod(x.shape))
 
 
+def address(x):
+    """The address of an array's first element (device or host), or None if unknown:
+    the kernels that load 16 bytes at a time (or ``cp.async`` 8 / 16) check alignment."""
+    for attr in ("__cuda_array_interface__", "__array_interface__"):
+        iface = getattr(x, attr, None)
+        if iface is not None:
+            return int(iface["data"][0])
+    ptr = getattr(x, "data_ptr", None)  # torch CPU tensors under the simulator
+    return int(ptr()) if callable(ptr) else None
+
+
 def dtype_name(x):
     """The dtype's name without a library prefix ('float32', 'int16', 'bfloat16', ...)."""
     return str(x.dtype).replace("torch.", "")

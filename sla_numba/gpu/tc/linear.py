@@ -131,8 +131,7 @@ from ... import config
 from .. import _compat
 from .._precompile import kernel_factory
 from . import build as _tc_build
-from .build import dtype_name, flat, size
-from .marginal import _address
+from .build import address, dtype_name, flat, size
 from .ptx import (
     SIMULATED,
     bf16_high_f32,
@@ -268,6 +267,24 @@ def _stage_rows(smem32, hi, lo, src, base, r0, D, HK, SW, tid, NT):
 
 
 @_compat.device(**_DEV)
+def _phi_tile(smem32, xs, q, ob, tid, nrows, D, C, SW, PLO, fm, f16):
+    """Step 1 of the module doc: thread ``tid`` computes φ of row tid >> 1 of the block
+    (columns li·C .., li = tid & 1; the two lanes of a row shuffle for softmax) from q at
+    element ``ob`` (the block's first row), splits it into hi = bf16(φ) and
+    lo = bf16(φ - hi) and stores the pairs in the φ hi tile (row stride SW) and the lo
+    tile ``PLO`` values further; rows >= ``nrows`` store zeros."""
+    r = tid >> 1
+    li = tid & 1
+    ok = r < nrows
+    _load_phi_row(xs, q, ob + r * D + li * C, ok, C, fm, f16)
+    si = (r * SW + li * C) >> 1  # int32 index of the pair (r, li*C)
+    for c2 in range(C // 2):
+        p, pl = _split_pair(xs[2 * c2], xs[2 * c2 + 1])
+        smem32[si + c2] = p if ok else ZI
+        smem32[si + (PLO >> 1) + c2] = pl if ok else ZI
+
+
+@_compat.device(**_DEV)
 def _chunk_products(acc, z, af, smem, lk, lb, lz, KS, NN, HK, SW, PLO):
     """One chunk's k-steps for one warp (step 3 of the module doc): ``acc`` += φ·H,
     ``z`` += φ·Z. Byte addresses in shared memory: the warp's φ hi rows at ``lk`` (lo
@@ -374,17 +391,7 @@ def make_linear_kernel(kind, D, BQ, HK):
                 o_l[u64(ob + x)] = ZERO
             return
         # --- 1. φ rows: row tid >> 1, lane li = tid & 1 owns columns li*C ..
-        r = tid >> 1
-        li = tid & 1
-        ok = r < nrows
-        gq = ob + r * D + li * C
-        _load_phi_row(xs, q, gq, ok, C, fm, IN_F16)  # softmax: the two lanes shuffle
-        # φ split: hi = bf16(φ) in the φ hi tile, lo = bf16(φ - hi) in the φ lo tile
-        si = (r * SW + li * C) >> 1  # int32 index of the pair (r, li*C)
-        for c2 in range(C // 2):
-            p, pl = _split_pair(xs[2 * c2], xs[2 * c2 + 1])
-            smem32[si + c2] = p if ok else ZI
-            smem32[si + (PLO >> 1) + c2] = pl if ok else ZI
+        _phi_tile(smem32, xs, q, ob, tid, nrows, D, C, SW, PLO, fm, IN_F16)
         # --- 3. fragment addresses (bytes). A = φ [r][d1], matrix m = lane >> 3 at rows
         # 8(m & 1).., columns 8(m >> 1)..; B = H [d1][e] (.trans), same pattern: matrices
         # 0, 1 = k rows 0-7, 8-15 of n8 tile 2p, matrices 2, 3 those of tile 2p + 1
@@ -569,16 +576,7 @@ def make_linear_kernel_pipelined(kind, D, BQ, HK, vec4=True, min_blocks=None):
         _fetch_chunk(hv, lstate, sb, tid, NT, NV, TOT, VEC4)
         zv = lstate[u64(sb + D * D + tid)] if tid < HK else ZERO
         # --- 1. φ rows (as make_linear_kernel)
-        r = tid >> 1
-        li = tid & 1
-        ok = r < nrows
-        gq = ob + r * D + li * C
-        _load_phi_row(xs, q, gq, ok, C, fm, IN_F16)  # softmax: the two lanes shuffle
-        si = (r * SW + li * C) >> 1  # int32 index of the pair (r, li*C)
-        for c2 in range(C // 2):
-            p, pl = _split_pair(xs[2 * c2], xs[2 * c2 + 1])
-            smem32[si + c2] = p if ok else ZI
-            smem32[si + (PLO >> 1) + c2] = pl if ok else ZI
+        _phi_tile(smem32, xs, q, ob, tid, nrows, D, C, SW, PLO, fm, IN_F16)
         # --- 3. fragment addresses (bytes), as make_linear_kernel; lb / lz in buffer 0
         sa = smem_addr(smem)
         lrow = (lane & 7) + ((lane >> 3) & 1) * 8
@@ -700,7 +698,7 @@ def launch_linear_forward_tc(
     if pipeline is None:
         pipeline = config.linear_kernel() == "pipelined"
     if pipeline:
-        addr = _address(lstate)  # 16-byte loads need a 16-byte aligned lstate (W % 4 == 0)
+        addr = address(lstate)  # 16-byte loads need a 16-byte aligned lstate (W % 4 == 0)
         vec4 = addr is not None and addr % 16 == 0
         kern = get_linear_kernel_pipelined(kind, D, block_q, hk, vec4, min_blocks)
     else:

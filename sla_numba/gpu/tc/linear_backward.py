@@ -126,7 +126,7 @@ from numba import cuda, float32, int16, int32, int64
 from .. import _compat
 from .._precompile import kernel_factory
 from . import build as _tc_build
-from .build import dtype_name, flat, size
+from .build import address, dtype_name, flat, size
 
 # The forward's linear kernel (tc/linear.py) is this module's twin: its constants,
 # supported shapes and device helpers (input decoding, the bf16 hi / lo split, φ of a
@@ -155,9 +155,11 @@ from .ptx import (
     ldg_v4_f32,
     ldsm_x4,
     ldsm_x4_trans,
+    pack_bf16x2,
     shfl_xor,
     smem_addr,
 )
+from .states import _high16, _low16
 from .tiles import frag_rows_a, frag_rows_bt
 
 #: A compiled kernel and its launch sizes.
@@ -215,6 +217,46 @@ def _load_a2(af, smem, addr_hi, addr_lo, split):
 
 
 @_compat.device(**_DEV)
+def _xt_chunk(acc, af, smem, a_hi, a_lo, a_split, a0, b_hi, b_lo, HK, SWC, NP):
+    """One staged chunk of ``acc += A · Xᵀ`` for one warp: its HK/16 k-steps. A hi / lo
+    fragments at byte addresses ``a_hi`` / ``a_lo`` plus ``a0`` (the chunk's first
+    column), lo used only when ``a_split``; X's column chunk [d1][c'] (row stride SWC)
+    at ``b_hi`` / ``b_lo`` (B = Xᵀ by a non-transposed ``ldmatrix``)."""
+    for ks in range(HK // 16):
+        _load_a2(af, smem, a_hi + a0 + ks * 32, a_lo + a0 + ks * 32, a_split)
+        for p in range(NP):
+            off = (p * 16 * SWC + ks * 16) * 2
+            h0, h1, h2, h3 = ldsm_x4(smem, b_hi + off, 0)
+            l0, l1, l2, l3 = ldsm_x4(smem, b_lo + off, 0)
+            _mma_tile(acc, 2 * p, af, 0, h0, h1)
+            _mma_tile(acc, 2 * p, af, 0, l0, l1)
+            _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
+            _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
+            if a_split:
+                _mma_tile(acc, 2 * p, af, 1, h0, h1)
+                _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
+
+
+@_compat.device(**_DEV)
+def _x_chunk(acc, af, smem, a_hi, a_lo, a0, b_hi, b_lo, HK, SW, NP):
+    """One staged chunk of ``acc += A · X`` for one warp: A split in hi / lo (as in
+    :func:`_xt_chunk`), X's row chunk [d'][e] (row stride SW) at ``b_hi`` / ``b_lo``
+    (B by ``ldmatrix.trans``)."""
+    for ks in range(HK // 16):
+        _load_a2(af, smem, a_hi + a0 + ks * 32, a_lo + a0 + ks * 32, True)
+        for p in range(NP):
+            off = (ks * 16 * SW + p * 16) * 2
+            h0, h1, h2, h3 = ldsm_x4_trans(smem, b_hi + off, 0)
+            l0, l1, l2, l3 = ldsm_x4_trans(smem, b_lo + off, 0)
+            _mma_tile(acc, 2 * p, af, 0, h0, h1)
+            _mma_tile(acc, 2 * p, af, 1, h0, h1)
+            _mma_tile(acc, 2 * p, af, 0, l0, l1)
+            _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
+            _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
+            _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
+
+
+@_compat.device(**_DEV)
 def _times_xt(acc, af, smem, smem32, src, base, a_hi, a_lo, a_split, busy, XH, XL, D, HK, SWC, NP, tid, NT):  # fmt: skip
     """``acc = A · Xᵀ`` for the warp's 16 rows of A (all D output columns, NP pairs of
     n8 tiles), X the D x D fp32 matrix at ``src[base:]``, staged HK *columns* at a time
@@ -235,20 +277,7 @@ def _times_xt(acc, af, smem, smem32, src, base, a_hi, a_lo, a_split, busy, XH, X
         _stage_cols(smem32, XH, XL, src, base, kc * HK, D, HK, SWC, tid, NT)
         cuda.syncthreads()
         if busy:
-            a0 = kc * HK * 2  # the chunk's first column, in bytes
-            for ks in range(HK // 16):
-                _load_a2(af, smem, a_hi + a0 + ks * 32, a_lo + a0 + ks * 32, a_split)
-                for p in range(NP):
-                    off = (p * 16 * SWC + ks * 16) * 2
-                    h0, h1, h2, h3 = ldsm_x4(smem, b_hi + off, 0)
-                    l0, l1, l2, l3 = ldsm_x4(smem, b_lo + off, 0)
-                    _mma_tile(acc, 2 * p, af, 0, h0, h1)
-                    _mma_tile(acc, 2 * p, af, 0, l0, l1)
-                    _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
-                    _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
-                    if a_split:
-                        _mma_tile(acc, 2 * p, af, 1, h0, h1)
-                        _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
+            _xt_chunk(acc, af, smem, a_hi, a_lo, a_split, kc * HK * 2, b_hi, b_lo, HK, SWC, NP)
 
 
 @_compat.device(**_DEV)
@@ -266,19 +295,7 @@ def _times_x(acc, af, smem, smem32, src, base, a_hi, a_lo, busy, XH, XL, D, HK, 
         _stage_rows(smem32, XH, XL, src, base, kc * HK, D, HK, SW, tid, NT)
         cuda.syncthreads()
         if busy:
-            a0 = kc * HK * 2
-            for ks in range(HK // 16):
-                _load_a2(af, smem, a_hi + a0 + ks * 32, a_lo + a0 + ks * 32, True)
-                for p in range(NP):
-                    off = (ks * 16 * SW + p * 16) * 2
-                    h0, h1, h2, h3 = ldsm_x4_trans(smem, b_hi + off, 0)
-                    l0, l1, l2, l3 = ldsm_x4_trans(smem, b_lo + off, 0)
-                    _mma_tile(acc, 2 * p, af, 0, h0, h1)
-                    _mma_tile(acc, 2 * p, af, 1, h0, h1)
-                    _mma_tile(acc, 2 * p, af, 0, l0, l1)
-                    _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
-                    _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
-                    _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
+            _x_chunk(acc, af, smem, a_hi, a_lo, kc * HK * 2, b_hi, b_lo, HK, SW, NP)
 
 
 # ---------------------------------------------------------------------------
@@ -356,21 +373,9 @@ def _times_xt_pipe(acc, af, pf, smem, smem32, src, base, a_hi, a_lo, a_split, bu
             _ldg_quads(pf, src, base, 0, 0, HK, D, D, tid, NT, NPF)
         if busy:
             b_hi = sa + (cur + lb_) * 2
-            b_lo = b_hi + XS * 2
-            a0 = kc * HK * 2  # the chunk's first column, in bytes
-            for ks in range(HK // 16):
-                _load_a2(af, smem, a_hi + a0 + ks * 32, a_lo + a0 + ks * 32, a_split)
-                for p in range(NP):
-                    off = (p * 16 * SWC + ks * 16) * 2
-                    h0, h1, h2, h3 = ldsm_x4(smem, b_hi + off, 0)
-                    l0, l1, l2, l3 = ldsm_x4(smem, b_lo + off, 0)
-                    _mma_tile(acc, 2 * p, af, 0, h0, h1)
-                    _mma_tile(acc, 2 * p, af, 0, l0, l1)
-                    _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
-                    _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
-                    if a_split:
-                        _mma_tile(acc, 2 * p, af, 1, h0, h1)
-                        _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
+            _xt_chunk(
+                acc, af, smem, a_hi, a_lo, a_split, kc * HK * 2, b_hi, b_hi + XS * 2, HK, SWC, NP
+            )
         if kc + 1 < NC:
             _put_quads(smem32, nxt, nxt + XS, pf, D, HK, SWC, tid, NT, NPF)
             cuda.syncthreads()  # chunk kc + 1 written, chunk kc consumed
@@ -398,20 +403,7 @@ def _times_x_pipe(acc, af, pf, smem, smem32, src, base, a_hi, a_lo, busy, XB, XS
             _ldg_quads(pf, src, base, (kc + 1) * HK, 0, HK, D, D, tid, NT, NPF)
         if busy:
             b_hi = sa + (cur + lb_) * 2
-            b_lo = b_hi + XS * 2
-            a0 = kc * HK * 2
-            for ks in range(HK // 16):
-                _load_a2(af, smem, a_hi + a0 + ks * 32, a_lo + a0 + ks * 32, True)
-                for p in range(NP):
-                    off = (ks * 16 * SW + p * 16) * 2
-                    h0, h1, h2, h3 = ldsm_x4_trans(smem, b_hi + off, 0)
-                    l0, l1, l2, l3 = ldsm_x4_trans(smem, b_lo + off, 0)
-                    _mma_tile(acc, 2 * p, af, 0, h0, h1)
-                    _mma_tile(acc, 2 * p, af, 1, h0, h1)
-                    _mma_tile(acc, 2 * p, af, 0, l0, l1)
-                    _mma_tile(acc, 2 * p + 1, af, 0, h2, h3)
-                    _mma_tile(acc, 2 * p + 1, af, 1, h2, h3)
-                    _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
+            _x_chunk(acc, af, smem, a_hi, a_lo, kc * HK * 2, b_hi, b_hi + XS * 2, HK, SW, NP)
         if kc + 1 < NC:
             _put_quads(smem32, nxt, nxt + XS, pf, HK, D, SW, tid, NT, NPF)
             cuda.syncthreads()
@@ -469,12 +461,14 @@ def _add_rows(out, oa, acc, D, ok0, ok1, NN):
 
 
 @kernel_factory
-def make_dq_linear_kernel(kind, D, BQ, HK, l_half, pipelined=False):
+def make_dq_linear_kernel(kind, D, BQ, HK, l_half, pipelined=False, q_bf16=False):
     """Build ``dq_linear(q, o_l, do_l, lstate, n_marg, dq, qstate, H, Nq, Mq, fm, eps)``
     (module doc). Grid (ceil(Nq/BQ), H, B), 2·BQ threads. ``l_half``: o_l / do_l are
     int16 bits of ``kind`` (else fp32). ``pipelined``: H_i's chunks double-buffered and
     loaded one ahead (module doc, "The pipelined kernels"; same bits; lstate must be
-    16-byte aligned). Returns a :class:`LinearGradKernel`."""
+    16-byte aligned). ``q_bf16``: qstate is int16, each QO_i / QD_i value rounded to
+    bf16 (nearest even) and its bits stored (``SLA_NUMBA_GRAD_STATES=bf16``). Returns a
+    :class:`LinearGradKernel`."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: 'bf16' or 'f16'")
     if not linear_grad_tc_supported(D, BQ):
@@ -497,6 +491,8 @@ def make_dq_linear_kernel(kind, D, BQ, HK, l_half, pipelined=False):
     XH = 4 * BQ * SW
     XL = XH + D * SWC
     PIPE = bool(pipelined)
+    Q16 = bool(q_bf16)
+    QZERO = int16(0) if Q16 else ZERO  # bf16 0.0 has all bits 0
     NPF = prefetch_slots(D, HK, NT)
     # pipelined: two buffers, each a hi and a lo tile of D * SWC (XH, XL = buffer 0's)
     # fp32 area (32-bit index): rows [BQ][4], then Z [D]
@@ -536,7 +532,7 @@ def make_dq_linear_kernel(kind, D, BQ, HK, l_half, pipelined=False):
         sb = (bh * Mq + i) * W  # lstate / qstate row
         if n_marg[u64(bh * Mq + i)] <= 0:  # no marginal key block: no linear gradient
             for x in range(tid, W, NT):
-                qstate[u64(sb + x)] = ZERO
+                qstate[u64(sb + x)] = QZERO
             return
         if PIPE:  # H_i's first chunk: in flight during phase 0
             _ldg_quads(pf, lstate, sb, 0, 0, D, HK, D, tid, NT, NPF)
@@ -645,9 +641,17 @@ def make_dq_linear_kernel(kind, D, BQ, HK, l_half, pipelined=False):
                         _mma_tile(acc, 2 * p + 1, af, 0, l2, l3)
             so = sb + (mt * 16 + g8) * D + 2 * t
             for n in range(NN):
-                for x in range(2):
-                    qstate[u64(so + 8 * n + x)] = acc[n, x]
-                    qstate[u64(so + 8 * D + 8 * n + x)] = acc[n, 2 + x]
+                if Q16:  # each pair rounded to bf16, stored as two 16-bit values
+                    p = pack_bf16x2(acc[n, 0], acc[n, 1])
+                    qstate[u64(so + 8 * n)] = _low16(p)
+                    qstate[u64(so + 8 * n + 1)] = _high16(p)
+                    p = pack_bf16x2(acc[n, 2], acc[n, 3])
+                    qstate[u64(so + 8 * D + 8 * n)] = _low16(p)
+                    qstate[u64(so + 8 * D + 8 * n + 1)] = _high16(p)
+                else:
+                    for x in range(2):
+                        qstate[u64(so + 8 * n + x)] = acc[n, x]
+                        qstate[u64(so + 8 * D + 8 * n + x)] = acc[n, 2 + x]
         # QD_i[d1] = Σ_r ĉ[r][d1] · δl_r (rows past the block: ĉ = 0, δl = 0)
         for d1 in range(tid, D, NT):
             s = ZERO
@@ -659,7 +663,10 @@ def make_dq_linear_kernel(kind, D, BQ, HK, l_half, pipelined=False):
                 else:
                     cv = bf16_low_f32(pr) + bf16_low_f32(pl)
                 s += cv * smemf[F32 + 4 * rr + 3]
-            qstate[u64(sb + D * D + d1)] = s
+            if Q16:
+                qstate[u64(sb + D * D + d1)] = _low16(pack_bf16x2(s, s))
+            else:
+                qstate[u64(sb + D * D + d1)] = s
 
     return LinearGradKernel(dq_linear, SMEM, NT)
 
@@ -813,18 +820,16 @@ def _chunk(D, hk, pipelined):
     return chunk_rows(D, hk)
 
 
-def get_dq_linear_kernel(kind, D, BQ, l_half, hk=None, pipelined=False):
-    """The dq kernel for (kind, D, BQ, l_half, chunk, pipelined), built once."""
+def get_dq_linear_kernel(kind, D, BQ, l_half, hk=None, pipelined=False, q_bf16=False):
+    """The dq kernel for (kind, D, BQ, l_half, chunk, pipelined, q_bf16), built once."""
     HK = _chunk(D, hk, pipelined)
-    key = ("dq", kind, int(D), int(BQ), bool(l_half), HK, bool(pipelined))
+    key = ("dq", kind, int(D), int(BQ), bool(l_half), HK, bool(pipelined), bool(q_bf16))
     if key not in _kernels:
         args = (kind, int(D), int(BQ), HK, bool(l_half))
-        # the register kernel keeps its old recipe (no keyword): same disk-cache entry
-        _kernels[key] = (
-            make_dq_linear_kernel(*args, pipelined=True)
-            if pipelined
-            else (make_dq_linear_kernel(*args))
-        )
+        # keywords only where they differ from the defaults: the recipes of the kernels
+        # made before the options existed stay the same
+        kw = {k: True for k, v in (("pipelined", pipelined), ("q_bf16", q_bf16)) if v}
+        _kernels[key] = make_dq_linear_kernel(*args, **kw)
     return _kernels[key]
 
 
@@ -842,16 +847,6 @@ def get_dkdv_linear_kernel(kind, D, BK, hk=None, pipelined=False):
     return _kernels[key]
 
 
-def _address(x):
-    """The address of an array's first element (device or host), or None if unknown."""
-    for attr in ("__cuda_array_interface__", "__array_interface__"):
-        iface = getattr(x, attr, None)
-        if iface is not None:
-            return int(iface["data"][0])
-    ptr = getattr(x, "data_ptr", None)  # torch CPU tensors under the simulator
-    return int(ptr()) if callable(ptr) else None
-
-
 def use_pipelined(pipeline, state):
     """Whether a launch takes the pipelined kernel: ``pipeline`` None follows
     ``SLA_NUMBA_LINEAR_GRAD`` (``config.linear_grad_kernel``), else its truth. The
@@ -863,7 +858,7 @@ def use_pipelined(pipeline, state):
         pipeline = config.linear_grad_kernel() == "pipelined"
     if not pipeline:
         return False
-    addr = _address(state)
+    addr = address(state)
     return addr is not None and addr % 16 == 0
 
 
@@ -917,8 +912,8 @@ def launch_dq_linear_tc(
     """Add the linear branch's dq into ``dq`` and write QO_i / QD_i into ``qstate``.
 
     kind 'bf16' / 'f16'; q_bits int16 (B, H, Nq, D); o_l, do_l (B, H, Nq, D) both float32
-    or both int16 bits of ``kind``; lstate (rows' H_i, Z_i) and qstate fp32 (B, H, Mq,
-    D*D + D); n_marg int32 (B, H, Mq); dq fp32 (B, H, Nq, D), added to. Flat views
+    or both int16 bits of ``kind``; lstate (rows' H_i, Z_i) fp32 and qstate fp32 or int16
+    (bf16 bits of each value) (B, H, Mq, D*D + D); n_marg int32 (B, H, Mq); dq fp32 (B, H, Nq, D), added to. Flat views
     accepted; Numba device arrays or torch / CuPy CUDA tensors (numpy under the
     simulator). ``hk``: columns of H_i staged at a time (tests). ``pipeline``: None
     follows ``SLA_NUMBA_LINEAR_GRAD``; True / False force the pipelined / register kernel
@@ -932,8 +927,9 @@ def launch_dq_linear_tc(
         return
     W = D * D + D
     Mq = _blocks_of(who, lstate, B, H, W, nblk)
-    if size(qstate) != size(lstate) or dtype_name(qstate) != "float32":
-        raise ValueError(f"{who}: qstate must be float32 of lstate's size")
+    if size(qstate) != size(lstate) or dtype_name(qstate) not in ("float32", "int16"):
+        raise ValueError(f"{who}: qstate must be float32 (or int16: bf16 bits) of lstate's size")
+    q_bf16 = dtype_name(qstate) == "int16"
     l_types = {dtype_name(o_l), dtype_name(do_l)}
     if l_types == {"float32"}:
         l_half = False
@@ -948,7 +944,8 @@ def launch_dq_linear_tc(
         raise ValueError(f"{who}: q / o_l / do_l / dq smaller than B*H*Nq*D")
     if size(n_marg) < B * H * Mq:
         raise ValueError(f"{who}: n_marg smaller than B*H*Mq")
-    kern = get_dq_linear_kernel(kind, D, block_q, l_half, hk, use_pipelined(pipeline, lstate))
+    pipe = use_pipelined(pipeline, lstate)
+    kern = get_dq_linear_kernel(kind, D, block_q, l_half, hk, pipe, q_bf16)
     args = (
         flat(q_bits),
         flat(o_l),

@@ -183,7 +183,7 @@ from ... import config
 from .. import _compat
 from .._precompile import kernel_factory
 from . import build as _tc_build
-from .build import dtype_name, flat, int32_pairs
+from .build import address, dtype_name, flat, int32_pairs
 from .ptx import (
     SIMULATED,
     bf16_high_f32,
@@ -804,21 +804,11 @@ def get_marginal_kernel_pipelined(
 # ---------------------------------------------------------------------------
 
 
-def _address(x):
-    """The address of an array's first element (device or host), or None if unknown."""
-    for attr in ("__cuda_array_interface__", "__array_interface__"):
-        iface = getattr(x, attr, None)
-        if iface is not None:
-            return int(iface["data"][0])
-    ptr = getattr(x, "data_ptr", None)  # torch CPU tensors under the simulator
-    return int(ptr()) if callable(ptr) else None
-
-
 def chunk_bytes(states, W):
     """The pipelined kernel's cp.async size for these bf16 states: the largest of 16 / 8 /
     4 bytes dividing both a row's ``2·W`` bytes and the array's address (4 when the address
     is unknown: an int32 view of the states needs 4-byte alignment anyway)."""
-    addr = _address(states)
+    addr = address(states)
     for c in CHUNKS:
         if (2 * W) % c == 0 and addr is not None and addr % c == 0:
             return c

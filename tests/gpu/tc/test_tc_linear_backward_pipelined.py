@@ -113,16 +113,6 @@ def _check_dkdv(outs, n):
 
 
 # --------------------------------------------------------------------------- host-only
-def test_switch(monkeypatch):
-    monkeypatch.delenv(config.LINEAR_GRAD_VAR, raising=False)
-    assert config.linear_grad_kernel() == "pipelined"
-    monkeypatch.setenv(config.LINEAR_GRAD_VAR, " Registers ")
-    assert config.linear_grad_kernel() == "registers"
-    monkeypatch.setenv(config.LINEAR_GRAD_VAR, "fast")
-    with pytest.raises(ValueError, match=config.LINEAR_GRAD_VAR):
-        config.linear_grad_kernel()
-
-
 def test_kernel_choice_follows_switch_and_alignment(monkeypatch):
     """None follows the switch; an explicit flag wins; a state that does not start on
     a 16-byte boundary takes the register kernel whatever was asked."""
@@ -182,6 +172,24 @@ def test_sim_dq_same_bits(kind, l_half, B, H, N, D, bq, fm, hk, zero):
 def test_sim_dkdv_same_bits(kind, B, H, N, D, bk, fm, hk, zero):
     outs = _dkdv_both(kind, B, H, N, D, bk, fm, hk, zero, seed=D + fm)
     _check_dkdv(outs, B * H * N * D)
+
+
+@needs_sim
+@pytest.mark.parametrize("pipe", [False, True])
+def test_sim_bf16_qstate_is_the_rounded_fp32_qstate(pipe):
+    """``SLA_NUMBA_GRAD_STATES=bf16``: an int16 qstate holds, for every value, the bits
+    of the fp32 kernel's value rounded to bf16 (nearest even); dq is unchanged."""
+    kind, l_half, B, H, N, D, bq, fm, hk, zero = SIM_DQ[0]
+    args = _dq_inputs(kind, l_half, B, H, N, D, bq, fm, zero, seed=3)
+    a32 = [x.copy() for x in args]
+    a16 = [x.copy() for x in args]
+    a16[6] = np.full(args[6].size, -1, np.int16)  # 0xFFFF: a bf16 NaN, must be overwritten
+    for a in (a32, a16):
+        lb.launch_dq_linear_tc(kind, *a, B, H, N, D, bq, fm, EPS, 0, hk=hk, pipeline=pipe)
+    _same_bits(a32[5], a16[5], "dq")
+    want = ptx.f32_to_bf16_bits(a32[6]).view(np.int16)
+    assert not np.isnan(a32[6]).any()
+    assert np.array_equal(a16[6], want), f"{int((a16[6] != want).sum())} values differ"
 
 
 # --------------------------------------------------------------------------- GPU

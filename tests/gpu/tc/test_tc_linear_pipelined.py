@@ -71,16 +71,6 @@ def test_shared_memory_and_checks():
             linear_tc.make_linear_kernel_pipelined(*bad)
 
 
-def test_switch(monkeypatch):
-    monkeypatch.delenv(config.LINEAR_VAR, raising=False)
-    assert config.linear_kernel() == "pipelined"
-    monkeypatch.setenv(config.LINEAR_VAR, " Registers ")
-    assert config.linear_kernel() == "registers"
-    monkeypatch.setenv(config.LINEAR_VAR, "fast")
-    with pytest.raises(ValueError, match=config.LINEAR_VAR):
-        config.linear_kernel()
-
-
 def test_switch_and_alignment_select_the_kernel(monkeypatch):
     """Unset switch or ``pipelined`` or ``pipeline=True``: the pipelined kernel, with
     16-byte loads only where lstate's address is 16-byte aligned; ``registers``: the

@@ -75,16 +75,6 @@ def test_chunk_follows_width_and_address():
     assert marginal_tc.chunk_bytes(base[off + 2 :], 40) == 4
 
 
-def test_switch(monkeypatch):
-    monkeypatch.delenv(config.MARGINAL_VAR, raising=False)
-    assert config.marginal_kernel() == "pipelined"
-    monkeypatch.setenv(config.MARGINAL_VAR, " Registers ")
-    assert config.marginal_kernel() == "registers"
-    monkeypatch.setenv(config.MARGINAL_VAR, "fast")
-    with pytest.raises(ValueError, match=config.MARGINAL_VAR):
-        config.marginal_kernel()
-
-
 def test_default_kernel_and_tiles_per_states_dtype(monkeypatch):
     """Unset switch: bf16 states take the pipelined kernel with ``PIPE_TILES``, fp32
     states the register kernel with ``TILES``; ``registers`` sends bf16 there too."""
@@ -102,6 +92,9 @@ def test_default_kernel_and_tiles_per_states_dtype(monkeypatch):
 
     monkeypatch.setattr(marginal_tc, "get_marginal_kernel", spy("registers"))
     monkeypatch.setattr(marginal_tc, "get_marginal_kernel_pipelined", spy("pipelined"))
+    # the GPU defaults (under the simulator both names are SIM_TILES): distinct here
+    monkeypatch.setattr(marginal_tc, "TILES", marginal_tc.GPU_TILES)
+    monkeypatch.setattr(marginal_tc, "PIPE_TILES", marginal_tc.GPU_PIPE_TILES)
     monkeypatch.delenv(config.MARGINAL_VAR, raising=False)
     bmap, bits, values, out = _bf16_problem(1, 1, 4, 4, 8, 4, 4, False, seed=1)
     for states, env in ((bits, ""), (values, ""), (bits, "registers")):
@@ -109,9 +102,9 @@ def test_default_kernel_and_tiles_per_states_dtype(monkeypatch):
         with pytest.raises(_Taken):
             marginal_tc.launch_marginal_sum_tc(0, bmap, False, 4, 4, states, out)
     assert taken == [
-        ("pipelined", tuple(marginal_tc.PIPE_TILES)),
-        ("registers", tuple(marginal_tc.TILES)),
-        ("registers", tuple(marginal_tc.TILES)),
+        ("pipelined", tuple(marginal_tc.GPU_PIPE_TILES)),
+        ("registers", tuple(marginal_tc.GPU_TILES)),
+        ("registers", tuple(marginal_tc.GPU_TILES)),
     ]
 
 
