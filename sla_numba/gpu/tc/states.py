@@ -65,23 +65,34 @@ Why the hi / lo split: the mma takes 16-bit operands. V is exact in its own type
 (fp32, computed) is not: one half value keeps 8 (bf16) or 11 (fp16) significant bits,
 hi + lo keeps ~16 / ~22, for two mma instead of one.
 
-How the kernel is written: ``make_states_kernel`` is an ordinary ``@cuda.jit`` closure
-factory. Sizes are closure constants; a lane's φ values, the accumulators and the A
-fragments are ``cuda.local.array`` indexed only by counters of constant-trip loops,
-which LLVM unrolls completely, so they live in registers (``tools/check_tc_ptx.py``:
-no ``.local``; mma / ldmatrix counts those of the generated kernel it replaced).
-ldmatrix addresses are one per-lane base plus compile-time constant byte offsets,
-folded by ptxas into the instruction.
+Three kernels, one algorithm (``SLA_NUMBA_STATES_KERNEL``, ``launch_states_tc(variant=)``):
 
-The staged variant (``make_states_kernel_staged``, ``SLA_NUMBA_STATES_KERNEL=staged``)
-keeps the grid, the tiles, phase 1's arithmetic and phase 3 unchanged, and moves the
-global traffic into wide pieces: K and V reach shared memory by 16-byte ``cp.async``
-(V still on its way while φ is computed from the staged K), and the result goes out
-through a shared tile as 128-byte warp stores. The pipelined variant
-(``make_states_kernel_pipelined``, ``SLA_NUMBA_STATES_KERNEL=pipelined``) does the
-staged work for several key blocks a CTA (``blocks_per_cta``), with the next block's K
-and V copied (a K tile and two V stages) while the current block runs its mma and
-epilogue. Same bits, both (their docstrings; tests/gpu/tc/test_tc_states_pipelined.py).
+- ``registers`` (``make_states_kernel``, the default): the phases above, one key block
+  a CTA; K and V read with 2-byte global loads, the result stored straight from the
+  mma fragments.
+- ``staged`` (``make_states_kernel_staged``): the same grid and tiles with the global
+  traffic in wide pieces. 0. K and V reach shared memory by 16-byte ``cp.async`` (V
+  still on its way while φ is computed from the staged K); 4. the result goes out
+  through a shared tile over the input tiles as 128-byte warp stores.
+- ``pipelined`` (``make_states_kernel_pipelined``): the staged work for several key
+  blocks a CTA (``blocks_per_cta``), the next block's K and V copied (a K tile and two
+  V stages) while the current block runs its mma and epilogue.
+
+All three compute φ with the same operations on the same values and give every output
+as one lane's fixed sequence of mma: same bits (tests/gpu/tc/
+test_tc_states_pipelined.py).
+
+How the kernels are written: each phase is one device function at module level (φ
+rows ``_phi_rows``, the products ``_block_products``, the two epilogues
+``_store_fragments`` / ``_store_staged``, the copies ``_copy_block``), written once
+and inlined (``forceinline``) into the three ``@cuda.jit`` closure kernels, whose
+factories only lay out shared memory and order the phases. Sizes are closure
+constants passed to the phases as arguments; a lane's φ values, the accumulators and
+the A fragments are ``cuda.local.array`` of the kernel, indexed only by counters of
+constant-trip loops, which LLVM unrolls completely once inlined, so they live in
+registers (``tools/check_tc_ptx.py``: no ``.local``; mma / ldmatrix counts those of
+the generated kernel it replaced). ldmatrix addresses are one per-lane base plus
+compile-time constant byte offsets, folded by ptxas into the instruction.
 
 Determinism: no atomics; every output is one lane's fixed sequence of mma.
 Under the CUDA simulator the ``ptx`` twins run the same function (slowly: use
@@ -108,8 +119,7 @@ from ... import config
 from .. import _compat
 from .._precompile import kernel_factory
 from . import build as _tc_build
-from .build import flat, int32_pairs
-from .marginal import _address
+from .build import address, flat, int32_pairs
 from .ptx import (
     SIMULATED,
     bf16_high_f32,
@@ -144,9 +154,11 @@ ZI = np.int32(0)
 #: A pair of 1.0 in the input's type (the B operand of z = φᵀ · ones).
 ONES = {"bf16": np.int32(0x3F803F80), "f16": np.int32(0x3C003C00)}
 u64 = uint64  # unsigned indices: no wraparound checks
-#: Fast-math of the kernel (no nnan / ninf). Device helpers are inlined.
+#: Fast-math of the kernels (no nnan / ninf). Device helpers are inlined.
 FASTMATH = {"contract", "arcp", "afn", "nsz"}
 _DEV = {} if SIMULATED else {"forceinline": True, "fastmath": FASTMATH}
+#: Alignment of the dynamic shared memory (the simulator rejects ``alignment=``).
+SMEM_ALIGN = None if SIMULATED else 16
 
 
 # ---------------------------------------------------------------------------
@@ -179,7 +191,11 @@ def choose_tiles(D, max_warps=None):
     return best[1]
 
 
-def geometry(D, BK, tiles):
+def geometry(D, BK, tiles, split=True):
+    """Sizes shared by the three kernels (module doc): NT threads, MT m-tiles x NP pairs
+    of n8 tiles a warp, L lanes a φ row owning C columns each, RP rows a φ pass, NPASS
+    passes, SW the tiles' row stride and TILE a tile's size (16-bit values), PARTS φ
+    parts (hi, lo), LOG2L shuffle steps over a row's lanes, KSTEPS k-steps a block."""
     WR, WC = tiles
     m = D // 16
     if m % WR or m % WC:
@@ -192,34 +208,65 @@ def geometry(D, BK, tiles):
     SW = D + PAD  # tile row stride (16-bit values)
     TILE = BK * SW
     return dict(
-        NT=NT, MT=m // WR, NP=m // WC, L=L, C=D // L, RP=RP, NPASS=-(-BK // RP), SW=SW, TILE=TILE
+        NT=NT,
+        MT=m // WR,
+        NP=m // WC,
+        L=L,
+        C=D // L,
+        RP=RP,
+        NPASS=-(-BK // RP),
+        SW=SW,
+        TILE=TILE,
+        PARTS=2 if split else 1,
+        LOG2L=L.bit_length() - 1,
+        KSTEPS=BK // 16,
     )
-
-
-# ---------------------------------------------------------------------------
-# The kernel
-# ---------------------------------------------------------------------------
 
 
 def ops_per_block(D, BK, tiles, split=True):
     """(mma, ldmatrix) a warp of the column-0 warps issues for a full key block: per
     k-step MT·2NP + MT mma (h and z) and NP + MT ldmatrix, the A parts doubled by the
     split. ``tools/check_tc_ptx.py`` counts them in the PTX."""
-    G = geometry(D, BK, tiles)
-    MT, NP, parts = G["MT"], G["NP"], 2 if split else 1
+    G = geometry(D, BK, tiles, split)
+    MT, NP, parts = G["MT"], G["NP"], G["PARTS"]
     ks = BK // 16
     return ks * (MT * 2 * NP + MT) * parts, ks * (NP + MT * parts)
+
+
+def _checked(kind, D, BK, tiles):
+    """``Tiles(*tiles)`` once kind, D and BK are known to be supported (else ValueError)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: 'bf16' or 'f16'")
+    if not states_tc_supported(D, BK):
+        raise ValueError(f"D = {D}, block_k = {BK}: not supported")
+    return Tiles(*tiles)
+
+
+def _bounds(NT, min_blocks):
+    """(kernel options, closure constant) of a launch bound of ``min_blocks`` CTAs an SM
+    (None: no bound). ``launch_bounds`` is not part of Numba's disk-cache key, the
+    closure is: the kernel names the constant."""
+    if min_blocks is None:
+        return {}, 0
+    return {"launch_bounds": (NT, int(min_blocks))}, int(min_blocks)
 
 
 #: The compiled kernel of one configuration and its launch sizes.
 StatesKernel = namedtuple("StatesKernel", "kernel smem_bytes threads")
 
 
-# Device helpers live at module level, not in the factory: the kernel reaches them as
-# globals, so they are not part of its closure, whose pickle keys Numba's disk cache
+# ---------------------------------------------------------------------------
+# The phases, written once
+# ---------------------------------------------------------------------------
+#
+# Device helpers live at module level, not in the factories: the kernels reach them as
+# globals, so they are not part of their closures, whose pickle keys Numba's disk cache
 # (a pickled device function would carry the intrinsics' per-process random uuids, and
-# the cache would never hit). ``f16`` (the input type) is a constant once inlined: one
-# branch remains.
+# the cache would never hit). Sizes arrive as arguments that are the kernel's closure
+# constants: inlined (``forceinline``), every loop over them has a constant trip count
+# and is unrolled, so the local arrays the kernel passes in stay in registers. ``f16``
+# (the input type), ``split``, ``staged`` and ``out_bf16`` are constants too: one branch
+# of each remains.
 
 
 @_compat.device(**_DEV)
@@ -247,17 +294,17 @@ def _pack(lo, hi, f16):
 
 
 @_compat.device(**_DEV)
-def _low16(p):
-    """The low 16 bits of the int32 ``p`` as an int16 (bf16 bits to store)."""
-    x = p & 0xFFFF
+def _as_int16(x):
+    """The 16-bit pattern ``x`` (0 .. 65535) as an int16."""
     return int16(x - 65536 if x > 32767 else x)
 
 
 @_compat.device(**_DEV)
-def _high16(p):
-    """The high 16 bits of the int32 ``p`` as an int16."""
-    x = (p >> 16) & 0xFFFF
-    return int16(x - 65536 if x > 32767 else x)
+def _bf16_halves(x0, x1):
+    """x0 and x1 rounded to bf16 (nearest even), as two int16 bit patterns: the
+    rounding of bf16 states (``SLA_NUMBA_STATES``)."""
+    p = pack_bf16x2(x0, x1)
+    return _as_int16(p & 0xFFFF), _as_int16((p >> 16) & 0xFFFF)
 
 
 @_compat.device(**_DEV)
@@ -291,6 +338,242 @@ def _mma_acc(acc, mt, n, a, pt, b0, b1, f16):
         )
 
 
+# --- 0. K and V into shared memory (staged, pipelined) ---------------------------
+
+
+@_compat.device(**_DEV)
+def _copy_block(smem, sbyte, src, kb, nrows, tid, NT, CPT, TOT, Q, D, SW):
+    """Issue the 16-byte cp.async of a key block's BK x D values of ``src`` (from flat
+    index kb) into the tile at shared byte address ``sbyte``; rows >= nrows are
+    zero-filled (their source address stays at the block's first value)."""
+    for it in range(CPT):  # constant trips once inlined: unrolled
+        qi = tid + it * NT
+        if qi < TOT:  # TOT = BK·Q pieces a tile
+            r = qi // Q
+            c = (qi - r * Q) * 8
+            ok = r < nrows
+            go = kb + (r * D + c if ok else 0)
+            cp_async_zfill(smem, sbyte + (r * SW + c) * 2, 16, src, go, 16 if ok else 0)
+
+
+# --- 1. φ rows ---------------------------------------------------------------------
+
+
+@_compat.device(**_DEV)
+def _feature_map(xs, fm, C, LOG2L):
+    """``xs = φ(xs)`` in place: this lane's C values of a row whose other values the
+    2^LOG2L adjacent lanes hold. Softmax reduces the row max and Σ exp over those lanes
+    with shuffles, which run in every lane (warp-uniform)."""
+    if fm == 0:
+        mx = xs[0]
+        for c in range(1, C):
+            mx = fmax(mx, xs[c])
+        for st in range(LOG2L):
+            mx = fmax(mx, shfl_xor(mx, 1 << st))
+        for c in range(C):
+            xs[c] = math.exp(xs[c] - mx)
+        sm = xs[0]
+        for c in range(1, C):
+            sm += xs[c]
+        for st in range(LOG2L):
+            sm += shfl_xor(sm, 1 << st)
+        inv = ONE / sm
+        for c in range(C):
+            xs[c] = xs[c] * inv
+    elif fm == 1:
+        for c in range(C):
+            xs[c] = xs[c] + ONE if xs[c] > ZERO else math.exp(xs[c])
+    else:
+        for c in range(C):
+            xs[c] = xs[c] if xs[c] > ZERO else ZERO
+
+
+@_compat.device(**_DEV)
+def _store_phi(smem32, xs, si, ok, C, LOFF, split, f16):
+    """φ's C values as packed pairs at int32 index ``si`` of the φ hi tile and, with
+    ``split``, their remainders lo = half(φ - hi) at the same place of the lo tile
+    (LOFF 16-bit values further); zeros when not ``ok`` (a row past the keys)."""
+    for c2 in range(C // 2):
+        p = _pack(xs[2 * c2], xs[2 * c2 + 1], f16) if ok else ZI
+        smem32[si + c2] = p
+        if split:
+            lo0 = xs[2 * c2] - _low_f32(p, f16)
+            lo1 = xs[2 * c2 + 1] - _high_f32(p, f16)
+            smem32[si + (LOFF >> 1) + c2] = _pack(lo0, lo1, f16) if ok else ZI
+
+
+@_compat.device(**_DEV)
+def _phi_rows(
+    smem32, xs, k, kb, kw, nrows, tid, fm, staged, split, f16, BK, D, L, C, LOG2L, RP, NPASS, SW
+):
+    """Phase 1 (module doc): φ of the key block's rows into the φ tiles, row-major
+    [r][d1] from word 0 (hi; lo one tile further). Thread ``tid`` is lane li = tid % L of
+    row slot tid // L and owns columns li·C .. li·C + C - 1 of rows slot, slot + RP, ...
+    (NPASS passes). Its K values come from global memory (``k`` from flat index ``kb``,
+    the block's first value) or, ``staged``, from the K tile at int32 index ``kw``.
+    Rows >= nrows give zeros."""
+    slot = tid // L
+    li = tid - slot * L
+    for ps in range(NPASS):
+        r = ps * RP + slot
+        ok = r < nrows
+        if staged:  # the lane's slice of the row it then overwrites (no other lane reads it)
+            if r < BK:
+                kq = kw + ((r * SW + li * C) >> 1)  # int32 index of the pair (r, li*C)
+                for c2 in range(C // 2):
+                    p = smem32[kq + c2]
+                    xs[2 * c2] = _low_f32(p, f16) if ok else ZERO
+                    xs[2 * c2 + 1] = _high_f32(p, f16) if ok else ZERO
+            else:
+                for c in range(C):
+                    xs[c] = ZERO
+        else:
+            gk = kb + r * D + li * C
+            for c in range(C):
+                xs[c] = _low_f32(int32(k[u64(gk + c)]), f16) if ok else ZERO
+        _feature_map(xs, fm, C, LOG2L)
+        if r < BK:
+            _store_phi(smem32, xs, (r * SW + li * C) >> 1, ok, C, BK * SW, split, f16)
+
+
+# --- 3. tensor cores ---------------------------------------------------------------
+
+
+@_compat.device(**_DEV)
+def _block_products(
+    acc, z, a, smem, sa, vbyte, lane, wr, wc, nrows, MT, NP, PARTS, KSTEPS, SW, LOFF, ones, f16
+):
+    """Phase 3 (module doc): ``acc`` = the warp (wr, wc)'s tiles of φᵀ·V and, for the
+    column-0 warps, ``z`` = φᵀ·ones, over the block's k-steps (none past ``nrows``). φ hi
+    at shared byte address ``sa`` (lo LOFF 16-bit values further), V at ``vbyte``."""
+    # A = φᵀ: matrix i = lane >> 3 at rows r 8(i >> 1).., columns d1 8(i & 1)..
+    la = sa + (((lane & 7) + (lane >> 4) * 8) * SW + ((lane >> 3) & 1) * 8 + wr * 16 * MT) * 2
+    # B = V: matrix i at rows r 8(i & 1).., columns e 8(i >> 1)..
+    lb = vbyte + (((lane & 7) + ((lane >> 3) & 1) * 8) * SW + (lane >> 4) * 8 + wc * 16 * NP) * 2
+    for mt in range(MT):
+        for n in range(2 * NP):
+            for e in range(4):
+                acc[mt, n, e] = ZERO
+        for e in range(4):
+            z[mt, 0, e] = ZERO
+    for ks in range(KSTEPS):  # k-steps of 16 rows (each guarded: none past the valid rows)
+        if nrows > 16 * ks:
+            ko = ks * 16 * SW * 2  # bytes: 16 rows down
+            for mt in range(MT):
+                for pt in range(PARTS):
+                    a0, a1, a2, a3 = ldsm_x4_trans(smem, la + (mt * 16 + pt * LOFF) * 2 + ko, 0)
+                    a[pt, mt, 0], a[pt, mt, 1], a[pt, mt, 2], a[pt, mt, 3] = a0, a1, a2, a3
+            for p2 in range(NP):
+                b0, b1, b2, b3 = ldsm_x4_trans(smem, lb + p2 * 32 + ko, 0)
+                for mt in range(MT):
+                    for pt in range(PARTS):
+                        _mma_acc(acc, mt, 2 * p2, a, pt, b0, b1, f16)
+                        _mma_acc(acc, mt, 2 * p2 + 1, a, pt, b2, b3, f16)
+            if wc == 0:  # z = φᵀ · ones
+                for mt in range(MT):
+                    for pt in range(PARTS):
+                        _mma_acc(z, mt, 0, a, pt, ones, ones, f16)
+
+
+# --- 4. the result -----------------------------------------------------------------
+
+
+@_compat.device(**_DEV)
+def _store_fragments(state, acc, z, sb, lane, wr, wc, MT, NP, D, out_bf16):
+    """Phase 4 of the register kernel: lane (g, t) stores rows g, g + 8 x columns 2t,
+    2t + 1 of each of its tiles straight to ``state`` from element ``sb`` (the block's
+    state row); lanes t = 0 of the column-0 warps store z. fp32, or with ``out_bf16``
+    bf16 bits."""
+    g = lane >> 2
+    t2 = (lane & 3) * 2
+    ob = sb + (wr * 16 * MT + g) * D + wc * 16 * NP + t2
+    for mt in range(MT):
+        for hh in range(2):
+            for n in range(2 * NP):
+                so = ob + (16 * mt + 8 * hh) * D + 8 * n
+                if out_bf16:
+                    state[u64(so)], state[u64(so + 1)] = _bf16_halves(
+                        acc[mt, n, 2 * hh], acc[mt, n, 2 * hh + 1]
+                    )
+                else:
+                    for x in range(2):
+                        state[u64(so + x)] = acc[mt, n, 2 * hh + x]
+    if wc == 0 and t2 == 0:
+        zb = sb + D * D + wr * 16 * MT + g
+        for mt in range(MT):
+            if out_bf16:
+                state[u64(zb + 16 * mt)], state[u64(zb + 16 * mt + 8)] = _bf16_halves(
+                    z[mt, 0, 0], z[mt, 0, 2]
+                )
+            else:
+                state[u64(zb + 16 * mt)] = z[mt, 0, 0]
+                state[u64(zb + 16 * mt + 8)] = z[mt, 0, 2]
+
+
+@_compat.device(**_DEV)
+def _store_staged(
+    state, smem, smem32, smemf, acc, z, sb, tid, lane, wr, wc,
+    MT, NP, D, NT, OPASS, RPT, OW, OS, ZOFF, ZW, OPT, out_bf16,
+):  # fmt: skip
+    """Phase 4 of the staged and pipelined kernels (``staged_geometry``): the fragments
+    (fp32, or with ``out_bf16`` rounded to bf16 pairs) into a result tile in shared
+    memory, then out to ``state`` from 32-bit word ``sb`` with consecutive threads on
+    consecutive words. Staged row sr of pass hp is result row d1 = (sr // RPT)·16 +
+    hp·8 + sr % RPT (bf16: one pass, sr = d1). Starts with a barrier: the input tiles
+    the result tile covers must no longer be read."""
+    g = lane >> 2
+    t = lane & 3
+    for hp in range(OPASS):
+        cuda.syncthreads()  # the tiles (or the previous pass) are no longer read
+        for mt in range(MT):
+            m16 = wr * MT + mt  # the m-tile's index in d1
+            for hh in range(2):
+                if OPASS == 1 or hh == hp:
+                    sr = m16 * RPT + (8 * hh if OPASS == 1 else 0) + g
+                    for n in range(2 * NP):
+                        e = wc * 16 * NP + 8 * n + 2 * t  # result column (even)
+                        if out_bf16:
+                            smem32[sr * OS + (e >> 1)] = pack_bf16x2(
+                                acc[mt, n, 2 * hh], acc[mt, n, 2 * hh + 1]
+                            )
+                        else:
+                            smemf[sr * OS + e] = acc[mt, n, 2 * hh]
+                            smemf[sr * OS + e + 1] = acc[mt, n, 2 * hh + 1]
+        if hp == 0 and wc == 0 and t == 0:
+            for mt in range(MT):
+                d1 = (wr * MT + mt) * 16 + g
+                if out_bf16:  # 16-bit values at z's place
+                    smem[2 * ZOFF + d1], smem[2 * ZOFF + d1 + 8] = _bf16_halves(
+                        z[mt, 0, 0], z[mt, 0, 2]
+                    )
+                else:
+                    smemf[ZOFF + d1] = z[mt, 0, 0]
+                    smemf[ZOFF + d1 + 8] = z[mt, 0, 2]
+        cuda.syncthreads()
+        for it in range(OPT):  # unrolled
+            qi = tid + it * NT
+            if qi < (D // OPASS) * OW:
+                sr = qi // OW
+                c = qi - sr * OW
+                m16 = sr // RPT
+                d1 = m16 * 16 + hp * 8 + (sr - m16 * RPT)
+                if out_bf16:
+                    state[u64(sb + d1 * OW + c)] = smem32[sr * OS + c]
+                else:
+                    state[u64(sb + d1 * OW + c)] = smemf[sr * OS + c]
+        if hp == 0:
+            for qi in range(tid, ZW, NT):
+                if out_bf16:
+                    state[u64(sb + D * OW + qi)] = smem32[ZOFF + qi]
+                else:
+                    state[u64(sb + D * OW + qi)] = smemf[ZOFF + qi]
+
+
+# ---------------------------------------------------------------------------
+# The register kernel
+# ---------------------------------------------------------------------------
+
+
 @kernel_factory
 def make_states_kernel(kind, D, BK, tiles, split=True, out_bf16=False):
     """Build ``states_tc(k, v, state, H, Nk, Mk, fm)`` (module doc).
@@ -300,93 +583,32 @@ def make_states_kernel(kind, D, BK, tiles, split=True, out_bf16=False):
     nearest even, whatever ``kind``: bf16 keeps fp32's range).
     Grid (ceil(Nk/BK), H, B), 32·WR·WC threads. Returns a :class:`StatesKernel`.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind {kind!r}: 'bf16' or 'f16'")
-    if not states_tc_supported(D, BK):
-        raise ValueError(f"D = {D}, block_k = {BK}: not supported")
-    tiles = Tiles(*tiles)
-    WR, WC = tiles
-    G = geometry(D, BK, tiles)
-    NT, MT, NP, L, C, RP, NPASS, SW, TILE = (
-        G[k] for k in ("NT", "MT", "NP", "L", "C", "RP", "NPASS", "SW", "TILE")
+    WR, WC = tiles = _checked(kind, D, BK, tiles)
+    G = geometry(D, BK, tiles, split)
+    NT, MT, NP, L, C, RP, NPASS, SW, TILE, PARTS, LOG2L, KSTEPS = (
+        G[k] for k in "NT MT NP L C RP NPASS SW TILE PARTS LOG2L KSTEPS".split()
     )
-    SPLIT = bool(split)
-    PARTS = 2 if SPLIT else 1  # φ hi (and lo)
-    NTILES = PARTS + 1
+    SPLIT, IS_F16, ONES_PAIR, OUT_BF16 = bool(split), kind == "f16", ONES[kind], bool(out_bf16)
+    NN = 2 * NP  # n8 tiles a warp
     VOFF = PARTS * TILE  # V tile offset (16-bit values)
-    LOFF = TILE  # φ lo tile offset
-    LOG2L = L.bit_length() - 1  # shuffle steps over a row's L lanes
-    KSTEPS = BK // 16
-    NN = 2 * NP
-    IS_F16 = kind == "f16"
-    ONES_PAIR = ONES[kind]
-    OUT_BF16 = bool(out_bf16)
-    ALIGNED = not SIMULATED  # the simulator rejects alignment=
 
     @_compat.kernel(fastmath=FASTMATH)
     def states_tc(k, v, state, H, Nk, Mk, fm):
         # shared: [φ hi][φ lo][V], each BK x SW 16-bit values, row-major
-        if ALIGNED:
-            smem = cuda.shared.array(0, int16, alignment=16)
-            smem32 = cuda.shared.array(0, int32, alignment=16)
-        else:
-            smem = cuda.shared.array(0, int16)
-            smem32 = cuda.shared.array(0, int32)
+        smem = cuda.shared.array(0, int16, alignment=SMEM_ALIGN)
+        smem32 = cuda.shared.array(0, int32, alignment=SMEM_ALIGN)
         xs = cuda.local.array(C, float32)  # this lane's φ values of a row
         acc = cuda.local.array((MT, NN, 4), float32)  # h fragments
         z = cuda.local.array((MT, 1, 4), float32)  # z fragments (φᵀ · ones)
         a = cuda.local.array((PARTS, MT, 4), int32)  # A fragments of a k-step
         tid = cuda.threadIdx.x
-        lane = tid & 31
-        warp = tid >> 5
-        j = cuda.blockIdx.x
-        h = cuda.blockIdx.y
-        b = cuda.blockIdx.z
-        r0 = j * BK
-        nrows = min(Nk - r0, BK)
-        kb = ((b * H + h) * Nk + r0) * D  # first value of the block (int64)
-        # --- 1. φ rows: row slot tid // L, lane li owns columns li*C .. li*C + C - 1
-        slot = tid // L
-        li = tid - slot * L
-        for ps in range(NPASS):
-            r = ps * RP + slot
-            ok = r < nrows
-            gk = kb + r * D + li * C
-            for c in range(C):
-                xs[c] = _low_f32(int32(k[u64(gk + c)]), IS_F16) if ok else ZERO
-            if fm == 0:
-                # softmax over the row: max and Σ exp over this lane's columns, then the
-                # row's L lanes (shuffles run in every lane: warp-uniform)
-                mx = xs[0]
-                for c in range(1, C):
-                    mx = fmax(mx, xs[c])
-                for st in range(LOG2L):
-                    mx = fmax(mx, shfl_xor(mx, 1 << st))
-                for c in range(C):
-                    xs[c] = math.exp(xs[c] - mx)
-                sm = xs[0]
-                for c in range(1, C):
-                    sm += xs[c]
-                for st in range(LOG2L):
-                    sm += shfl_xor(sm, 1 << st)
-                inv = ONE / sm
-                for c in range(C):
-                    xs[c] = xs[c] * inv
-            elif fm == 1:
-                for c in range(C):
-                    xs[c] = xs[c] + ONE if xs[c] > ZERO else math.exp(xs[c])
-            else:
-                for c in range(C):
-                    xs[c] = xs[c] if xs[c] > ZERO else ZERO
-            if r < BK:
-                si = (r * SW + li * C) >> 1  # int32 index of the pair (r, li*C)
-                for c2 in range(C // 2):
-                    p = _pack(xs[2 * c2], xs[2 * c2 + 1], IS_F16) if ok else ZI
-                    smem32[si + c2] = p
-                    if SPLIT:  # lo = half(φ - hi)
-                        lo0 = xs[2 * c2] - _low_f32(p, IS_F16)
-                        lo1 = xs[2 * c2 + 1] - _high_f32(p, IS_F16)
-                        smem32[si + (LOFF >> 1) + c2] = _pack(lo0, lo1, IS_F16) if ok else ZI
+        lane, warp = tid & 31, tid >> 5
+        j, h, b = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
+        nrows = min(Nk - j * BK, BK)
+        kb = ((b * H + h) * Nk + j * BK) * D  # first value of the block (int64)
+        # --- 1. φ rows from K in global memory
+        _phi_rows(smem32, xs, k, kb, 0, nrows, tid, fm, False, SPLIT, IS_F16,
+                  BK, D, L, C, LOG2L, RP, NPASS, SW)  # fmt: skip
         # --- 2. V rows (bits), pairs of columns, zeros past nrows
         for qi in range(tid, BK * D // 2, NT):
             r = qi // (D // 2)
@@ -402,67 +624,13 @@ def make_states_kernel(kind, D, BK, tiles, split=True, out_bf16=False):
         wr = warp // WC
         wc = warp - wr * WC
         sa = smem_addr(smem)
-        # A = φᵀ: matrix i = lane >> 3 at rows r 8(i >> 1).., columns d1 8(i & 1)..
-        la = sa + (((lane & 7) + (lane >> 4) * 8) * SW + ((lane >> 3) & 1) * 8 + wr * 16 * MT) * 2
-        # B = V: matrix i at rows r 8(i & 1).., columns e 8(i >> 1)..
-        lb = (
-            sa
-            + (((lane & 7) + ((lane >> 3) & 1) * 8) * SW + (lane >> 4) * 8 + wc * 16 * NP + VOFF)
-            * 2
-        )
-        for mt in range(MT):
-            for n in range(NN):
-                for e in range(4):
-                    acc[mt, n, e] = ZERO
-            for e in range(4):
-                z[mt, 0, e] = ZERO
-        # k-steps of 16 rows (each guarded: none past the valid rows)
-        for ks in range(KSTEPS):
-            if nrows > 16 * ks:
-                ko = ks * 16 * SW * 2  # bytes: 16 rows down
-                for mt in range(MT):
-                    for pt in range(PARTS):
-                        a0, a1, a2, a3 = ldsm_x4_trans(smem, la + (mt * 16 + pt * LOFF) * 2 + ko, 0)
-                        a[pt, mt, 0], a[pt, mt, 1], a[pt, mt, 2], a[pt, mt, 3] = a0, a1, a2, a3
-                for p2 in range(NP):
-                    b0, b1, b2, b3 = ldsm_x4_trans(smem, lb + p2 * 32 + ko, 0)
-                    for mt in range(MT):
-                        for pt in range(PARTS):
-                            _mma_acc(acc, mt, 2 * p2, a, pt, b0, b1, IS_F16)
-                            _mma_acc(acc, mt, 2 * p2 + 1, a, pt, b2, b3, IS_F16)
-                if wc == 0:
-                    # z = φᵀ · ones
-                    for mt in range(MT):
-                        for pt in range(PARTS):
-                            _mma_acc(z, mt, 0, a, pt, ONES_PAIR, ONES_PAIR, IS_F16)
-        # --- 4. epilogue: lane (g, t) holds d1 = g, g + 8 x e = 2t, 2t + 1 of each tile
-        g = lane >> 2
-        t2 = (lane & 3) * 2
-        sb = ((b * H + h) * Mk + j) * (D * D + D)  # state row (int64)
-        ob = sb + (wr * 16 * MT + g) * D + wc * 16 * NP + t2
-        for mt in range(MT):
-            for hh in range(2):
-                for n in range(NN):
-                    so = ob + (16 * mt + 8 * hh) * D + 8 * n
-                    if OUT_BF16:  # the pair rounded to bf16, stored as two 16-bit values
-                        p = pack_bf16x2(acc[mt, n, 2 * hh], acc[mt, n, 2 * hh + 1])
-                        state[u64(so)] = _low16(p)
-                        state[u64(so + 1)] = _high16(p)
-                    else:
-                        for x in range(2):
-                            state[u64(so + x)] = acc[mt, n, 2 * hh + x]
-        if wc == 0 and t2 == 0:
-            zb = sb + D * D + wr * 16 * MT + g
-            for mt in range(MT):
-                if OUT_BF16:
-                    p = pack_bf16x2(z[mt, 0, 0], z[mt, 0, 2])
-                    state[u64(zb + 16 * mt)] = _low16(p)
-                    state[u64(zb + 16 * mt + 8)] = _high16(p)
-                else:
-                    state[u64(zb + 16 * mt)] = z[mt, 0, 0]
-                    state[u64(zb + 16 * mt + 8)] = z[mt, 0, 2]
+        _block_products(acc, z, a, smem, sa, sa + VOFF * 2, lane, wr, wc, nrows,
+                        MT, NP, PARTS, KSTEPS, SW, TILE, ONES_PAIR, IS_F16)  # fmt: skip
+        # --- 4. straight from the fragments to the block's state row
+        sb = ((b * H + h) * Mk + j) * (D * D + D)
+        _store_fragments(state, acc, z, sb, lane, wr, wc, MT, NP, D, OUT_BF16)
 
-    return StatesKernel(states_tc, NTILES * TILE * 2, NT)
+    return StatesKernel(states_tc, (PARTS + 1) * TILE * 2, NT)
 
 
 # ---------------------------------------------------------------------------
@@ -477,26 +645,31 @@ def staged_geometry(D, BK, tiles, out_bf16, split=True):
     g (hh = 0) or g + 8 (hh = 1) of every m-tile, D/2 rows, so fp32 fits in the 52 KiB
     of the input tiles), RPT rows an m-tile per pass, OW 32-bit words a result row, OS
     the staged row stride in words (OW + 4 for bf16, OW + 8 for fp32: the 8 rows g of a
-    fragment store fall in different banks), ZOFF the word where z is staged.
+    fragment store fall in different banks), ZOFF the word where z is staged, OPT result
+    words a thread stores per pass; Q 16-byte pieces a row, CPT cp.async a thread issues
+    per tile of TOT pieces.
     """
-    G = geometry(D, BK, tiles)
+    G = geometry(D, BK, tiles, split)
     OPASS = 1 if out_bf16 else 2
-    RPT = 16 // OPASS
     OW = D // 2 if out_bf16 else D
     OS = OW + (4 if out_bf16 else 8)
     ZOFF = (D // OPASS) * OS
     ZW = D // 2 if out_bf16 else D
-    parts = 2 if split else 1
-    tile_bytes = (parts + 1) * G["TILE"] * 2
+    tile_bytes = (G["PARTS"] + 1) * G["TILE"] * 2
     out_bytes = (ZOFF + ZW) * 4
+    Q = D // 8
     return dict(
         G,
         OPASS=OPASS,
-        RPT=RPT,
+        RPT=16 // OPASS,
         OW=OW,
         OS=OS,
         ZOFF=ZOFF,
         ZW=ZW,
+        OPT=-(-(D // OPASS) * OW // G["NT"]),
+        Q=Q,
+        TOT=BK * Q,
+        CPT=-(-BK * Q // G["NT"]),
         smem_bytes=max(tile_bytes, out_bytes),
     )
 
@@ -535,220 +708,61 @@ def make_states_kernel_staged(kind, D, BK, tiles, split=True, out_bf16=False, mi
     Registers (ptxas, sm_90, ``tools/check_tc_ptx.py``): 127 at D = 128 with bf16
     states against the register kernel's 114; both fit two 8-warp CTAs an SM.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind {kind!r}: 'bf16' or 'f16'")
-    if not states_tc_supported(D, BK):
-        raise ValueError(f"D = {D}, block_k = {BK}: not supported")
-    tiles = Tiles(*tiles)
-    WR, WC = tiles
+    WR, WC = tiles = _checked(kind, D, BK, tiles)
     G = staged_geometry(D, BK, tiles, out_bf16, split)
-    NT, MT, NP, L, C, RP, NPASS, SW, TILE = (
-        G[k] for k in ("NT", "MT", "NP", "L", "C", "RP", "NPASS", "SW", "TILE")
+    NT, MT, NP, L, C, RP, NPASS, SW, TILE, PARTS, LOG2L, KSTEPS = (
+        G[k] for k in "NT MT NP L C RP NPASS SW TILE PARTS LOG2L KSTEPS".split()
     )
-    OPASS, RPT, OW, OS, ZOFF, ZW = (G[k] for k in ("OPASS", "RPT", "OW", "OS", "ZOFF", "ZW"))
-    SPLIT = bool(split)
-    PARTS = 2 if SPLIT else 1
+    OPASS, RPT, OW, OS, ZOFF, ZW, OPT, Q, TOT, CPT = (
+        G[k] for k in "OPASS RPT OW OS ZOFF ZW OPT Q TOT CPT".split()
+    )
+    SPLIT, IS_F16, ONES_PAIR, OUT_BF16 = bool(split), kind == "f16", ONES[kind], bool(out_bf16)
+    NN = 2 * NP  # n8 tiles a warp
     VOFF = PARTS * TILE
-    LOFF = TILE
-    KOFF = LOFF if SPLIT else 0  # K staged where φ's last part goes (16-bit values)
-    LOG2L = L.bit_length() - 1
-    KSTEPS = BK // 16
-    NN = 2 * NP
-    IS_F16 = kind == "f16"
-    ONES_PAIR = ONES[kind]
-    OUT_BF16 = bool(out_bf16)
-    Q = D // 8  # 16-byte pieces a row
-    CPT = -(-BK * Q // NT)  # cp.async a thread issues per tile
-    OPT = -(-(D // OPASS) * OW // NT)  # result words a thread stores per pass
-    ALIGNED = not SIMULATED
-
+    KOFF = TILE if SPLIT else 0  # K staged where φ's last part goes (16-bit values)
     # launch bound (``min_blocks`` -1: 2 for 8 warps, none for fewer): ptxas keeps the
     # registers under 65536 / (NT · min_blocks), so at D = 128 two 8-warp CTAs stay
     # resident an SM (127-128 registers either way today, no spills). Not for 4 warps:
     # the bound lets ptxas take 108 registers at D = 64 instead of 72.
-    if min_blocks == -1:
-        min_blocks = 2 if NT >= 256 else None
-    bounds = {} if min_blocks is None else {"launch_bounds": (NT, int(min_blocks))}
-    MINB = 0 if min_blocks is None else int(min_blocks)
+    bounds, MINB = _bounds(NT, (2 if NT >= 256 else None) if min_blocks == -1 else min_blocks)
 
     @_compat.kernel(fastmath=FASTMATH, **bounds)
     def states_tc_staged(k, v, state, H, Nk, Mk, fm):
-        # launch_bounds is not part of Numba's disk-cache key, the closure is: name it
-        _ = MINB
-        if ALIGNED:
-            smem = cuda.shared.array(0, int16, alignment=16)
-            smem32 = cuda.shared.array(0, int32, alignment=16)
-            smemf = cuda.shared.array(0, float32, alignment=16)
-        else:
-            smem = cuda.shared.array(0, int16)
-            smem32 = cuda.shared.array(0, int32)
-            smemf = cuda.shared.array(0, float32)
+        _ = MINB  # the launch bound, in the disk-cache key
+        smem = cuda.shared.array(0, int16, alignment=SMEM_ALIGN)
+        smem32 = cuda.shared.array(0, int32, alignment=SMEM_ALIGN)
+        smemf = cuda.shared.array(0, float32, alignment=SMEM_ALIGN)
         xs = cuda.local.array(C, float32)
         acc = cuda.local.array((MT, NN, 4), float32)
         z = cuda.local.array((MT, 1, 4), float32)
         a = cuda.local.array((PARTS, MT, 4), int32)
-        tid = cuda.threadIdx.x
-        lane = tid & 31
-        warp = tid >> 5
-        j = cuda.blockIdx.x
-        h = cuda.blockIdx.y
-        b = cuda.blockIdx.z
-        r0 = j * BK
-        nrows = min(Nk - r0, BK)
-        kb = ((b * H + h) * Nk + r0) * D
         sa = smem_addr(smem)
-        # --- 0. K rows, then V rows: 16-byte cp.async, zeros past nrows (the source
-        # address of a zero-filled piece stays inside the block's first row)
-        # (constant-trip loops, unrolled: every copy of a thread issued back to back)
-        for it in range(CPT):
-            qi = tid + it * NT
-            if qi < BK * Q:
-                r = qi // Q
-                c = (qi - r * Q) * 8
-                ok = r < nrows
-                go = kb + (r * D + c if ok else 0)
-                cp_async_zfill(smem, sa + (KOFF + r * SW + c) * 2, 16, k, go, 16 if ok else 0)
+        tid = cuda.threadIdx.x
+        lane, warp = tid & 31, tid >> 5
+        j, h, b = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
+        nrows = min(Nk - j * BK, BK)
+        kb = ((b * H + h) * Nk + j * BK) * D
+        # --- 0. K rows, then V rows: two commit groups
+        _copy_block(smem, sa + KOFF * 2, k, kb, nrows, tid, NT, CPT, TOT, Q, D, SW)
         cp_async_commit()
-        for it in range(CPT):
-            qi = tid + it * NT
-            if qi < BK * Q:
-                r = qi // Q
-                c = (qi - r * Q) * 8
-                ok = r < nrows
-                go = kb + (r * D + c if ok else 0)
-                cp_async_zfill(smem, sa + (VOFF + r * SW + c) * 2, 16, v, go, 16 if ok else 0)
+        _copy_block(smem, sa + VOFF * 2, v, kb, nrows, tid, NT, CPT, TOT, Q, D, SW)
         cp_async_commit()
         cp_async_wait_group(1)  # this thread's K pieces have landed
         cuda.syncthreads()  # everyone's
-        # --- 1. φ rows from the staged K (the register kernel's phase 1)
-        slot = tid // L
-        li = tid - slot * L
-        for ps in range(NPASS):
-            r = ps * RP + slot
-            ok = r < nrows
-            if r < BK:
-                kq = (KOFF + r * SW + li * C) >> 1  # int32 index of the pair (r, li*C)
-                for c2 in range(C // 2):
-                    p = smem32[kq + c2]
-                    xs[2 * c2] = _low_f32(p, IS_F16) if ok else ZERO
-                    xs[2 * c2 + 1] = _high_f32(p, IS_F16) if ok else ZERO
-            else:
-                for c in range(C):
-                    xs[c] = ZERO
-            if fm == 0:
-                mx = xs[0]
-                for c in range(1, C):
-                    mx = fmax(mx, xs[c])
-                for st in range(LOG2L):
-                    mx = fmax(mx, shfl_xor(mx, 1 << st))
-                for c in range(C):
-                    xs[c] = math.exp(xs[c] - mx)
-                sm = xs[0]
-                for c in range(1, C):
-                    sm += xs[c]
-                for st in range(LOG2L):
-                    sm += shfl_xor(sm, 1 << st)
-                inv = ONE / sm
-                for c in range(C):
-                    xs[c] = xs[c] * inv
-            elif fm == 1:
-                for c in range(C):
-                    xs[c] = xs[c] + ONE if xs[c] > ZERO else math.exp(xs[c])
-            else:
-                for c in range(C):
-                    xs[c] = xs[c] if xs[c] > ZERO else ZERO
-            if r < BK:
-                si = (r * SW + li * C) >> 1
-                for c2 in range(C // 2):
-                    p = _pack(xs[2 * c2], xs[2 * c2 + 1], IS_F16) if ok else ZI
-                    smem32[si + c2] = p
-                    if SPLIT:
-                        lo0 = xs[2 * c2] - _low_f32(p, IS_F16)
-                        lo1 = xs[2 * c2 + 1] - _high_f32(p, IS_F16)
-                        smem32[si + (LOFF >> 1) + c2] = _pack(lo0, lo1, IS_F16) if ok else ZI
+        # --- 1. φ rows from the staged K
+        _phi_rows(smem32, xs, k, kb, KOFF >> 1, nrows, tid, fm, True, SPLIT, IS_F16,
+                  BK, D, L, C, LOG2L, RP, NPASS, SW)  # fmt: skip
         cp_async_wait_group(0)  # V
         cuda.syncthreads()
-        # --- 3. tensor cores (the register kernel's phase 3, unchanged)
+        # --- 3. tensor cores
         wr = warp // WC
         wc = warp - wr * WC
-        la = sa + (((lane & 7) + (lane >> 4) * 8) * SW + ((lane >> 3) & 1) * 8 + wr * 16 * MT) * 2
-        lb = (
-            sa
-            + (((lane & 7) + ((lane >> 3) & 1) * 8) * SW + (lane >> 4) * 8 + wc * 16 * NP + VOFF)
-            * 2
-        )
-        for mt in range(MT):
-            for n in range(NN):
-                for e in range(4):
-                    acc[mt, n, e] = ZERO
-            for e in range(4):
-                z[mt, 0, e] = ZERO
-        for ks in range(KSTEPS):
-            if nrows > 16 * ks:
-                ko = ks * 16 * SW * 2
-                for mt in range(MT):
-                    for pt in range(PARTS):
-                        a0, a1, a2, a3 = ldsm_x4_trans(smem, la + (mt * 16 + pt * LOFF) * 2 + ko, 0)
-                        a[pt, mt, 0], a[pt, mt, 1], a[pt, mt, 2], a[pt, mt, 3] = a0, a1, a2, a3
-                for p2 in range(NP):
-                    b0, b1, b2, b3 = ldsm_x4_trans(smem, lb + p2 * 32 + ko, 0)
-                    for mt in range(MT):
-                        for pt in range(PARTS):
-                            _mma_acc(acc, mt, 2 * p2, a, pt, b0, b1, IS_F16)
-                            _mma_acc(acc, mt, 2 * p2 + 1, a, pt, b2, b3, IS_F16)
-                if wc == 0:
-                    for mt in range(MT):
-                        for pt in range(PARTS):
-                            _mma_acc(z, mt, 0, a, pt, ONES_PAIR, ONES_PAIR, IS_F16)
-        # --- 4. epilogue through shared memory. Staged row sr of pass hp is result row
-        # d1 = (sr // RPT)·16 + hp·8 + sr % RPT (bf16: one pass, sr = d1).
-        g = lane >> 2
-        t = lane & 3
-        sb = ((b * H + h) * Mk + j) * (OW * D + ZW)  # the result row, in 32-bit words
-        for hp in range(OPASS):
-            cuda.syncthreads()  # the tiles (or the previous pass) are no longer read
-            for mt in range(MT):
-                m16 = wr * MT + mt  # the m-tile's index in d1
-                for hh in range(2):
-                    if OPASS == 1 or hh == hp:
-                        sr = m16 * RPT + (8 * hh if OPASS == 1 else 0) + g
-                        for n in range(NN):
-                            e = wc * 16 * NP + 8 * n + 2 * t  # result column (even)
-                            if OUT_BF16:
-                                smem32[sr * OS + (e >> 1)] = pack_bf16x2(
-                                    acc[mt, n, 2 * hh], acc[mt, n, 2 * hh + 1]
-                                )
-                            else:
-                                smemf[sr * OS + e] = acc[mt, n, 2 * hh]
-                                smemf[sr * OS + e + 1] = acc[mt, n, 2 * hh + 1]
-            if hp == 0 and wc == 0 and t == 0:
-                for mt in range(MT):
-                    d1 = (wr * MT + mt) * 16 + g
-                    if OUT_BF16:  # 16-bit values at z's place
-                        p = pack_bf16x2(z[mt, 0, 0], z[mt, 0, 2])
-                        smem[2 * ZOFF + d1] = _low16(p)
-                        smem[2 * ZOFF + d1 + 8] = _high16(p)
-                    else:
-                        smemf[ZOFF + d1] = z[mt, 0, 0]
-                        smemf[ZOFF + d1 + 8] = z[mt, 0, 2]
-            cuda.syncthreads()
-            for it in range(OPT):  # unrolled
-                qi = tid + it * NT
-                if qi < (D // OPASS) * OW:
-                    sr = qi // OW
-                    c = qi - sr * OW
-                    m16 = sr // RPT
-                    d1 = m16 * 16 + hp * 8 + (sr - m16 * RPT)
-                    if OUT_BF16:
-                        state[u64(sb + d1 * OW + c)] = smem32[sr * OS + c]
-                    else:
-                        state[u64(sb + d1 * OW + c)] = smemf[sr * OS + c]
-            if hp == 0:
-                for qi in range(tid, ZW, NT):
-                    if OUT_BF16:
-                        state[u64(sb + D * OW + qi)] = smem32[ZOFF + qi]
-                    else:
-                        state[u64(sb + D * OW + qi)] = smemf[ZOFF + qi]
+        _block_products(acc, z, a, smem, sa, sa + VOFF * 2, lane, wr, wc, nrows,
+                        MT, NP, PARTS, KSTEPS, SW, TILE, ONES_PAIR, IS_F16)  # fmt: skip
+        # --- 4. through the result tile, in 32-bit words
+        sb = ((b * H + h) * Mk + j) * (OW * D + ZW)
+        _store_staged(state, smem, smem32, smemf, acc, z, sb, tid, lane, wr, wc,
+                      MT, NP, D, NT, OPASS, RPT, OW, OS, ZOFF, ZW, OPT, OUT_BF16)  # fmt: skip
 
     return StatesKernel(states_tc_staged, G["smem_bytes"], NT)
 
@@ -770,24 +784,8 @@ def pipelined_geometry(D, BK, tiles, out_bf16, split=True):
     """
     G = staged_geometry(D, BK, tiles, out_bf16, split)
     tile_bytes = G["TILE"] * 2
-    parts = 2 if split else 1
-    region0 = -(-max(parts * tile_bytes, (G["ZOFF"] + G["ZW"]) * 4) // 16) * 16
+    region0 = -(-max(G["PARTS"] * tile_bytes, (G["ZOFF"] + G["ZW"]) * 4) // 16) * 16
     return dict(G, KB=region0, VB=region0 + tile_bytes, smem_bytes=region0 + 3 * tile_bytes)
-
-
-@_compat.device(**_DEV)
-def _copy_block(smem, sbyte, src, kb, nrows, tid, NT, CPT, TOT, Q, D, SW):
-    """Issue the 16-byte cp.async of a key block's BK x D values of ``src`` (from flat
-    index kb) into the tile at shared byte address ``sbyte``; rows >= nrows are
-    zero-filled (their source address stays at the block's first value)."""
-    for it in range(CPT):  # constant trips once inlined: unrolled
-        qi = tid + it * NT
-        if qi < TOT:  # TOT = BK·Q pieces a tile
-            r = qi // Q
-            c = (qi - r * Q) * 8
-            ok = r < nrows
-            go = kb + (r * D + c if ok else 0)
-            cp_async_zfill(smem, sbyte + (r * SW + c) * 2, 16, src, go, 16 if ok else 0)
 
 
 @kernel_factory
@@ -807,64 +805,41 @@ def make_states_kernel_pipelined(kind, D, BK, tiles, split=True, out_bf16=False,
     ``tools/check_tc_ptx.py``).
     k, v, state as for :func:`make_states_kernel_staged`.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind {kind!r}: 'bf16' or 'f16'")
-    if not states_tc_supported(D, BK):
-        raise ValueError(f"D = {D}, block_k = {BK}: not supported")
-    tiles = Tiles(*tiles)
-    WR, WC = tiles
+    WR, WC = tiles = _checked(kind, D, BK, tiles)
     G = pipelined_geometry(D, BK, tiles, out_bf16, split)
-    NT, MT, NP, L, C, RP, NPASS, SW, TILE = (
-        G[k] for k in ("NT", "MT", "NP", "L", "C", "RP", "NPASS", "SW", "TILE")
+    NT, MT, NP, L, C, RP, NPASS, SW, TILE, PARTS, LOG2L, KSTEPS = (
+        G[k] for k in "NT MT NP L C RP NPASS SW TILE PARTS LOG2L KSTEPS".split()
     )
-    OPASS, RPT, OW, OS, ZOFF, ZW = (G[k] for k in ("OPASS", "RPT", "OW", "OS", "ZOFF", "ZW"))
+    OPASS, RPT, OW, OS, ZOFF, ZW, OPT, Q, TOT, CPT = (
+        G[k] for k in "OPASS RPT OW OS ZOFF ZW OPT Q TOT CPT".split()
+    )
+    SPLIT, IS_F16, ONES_PAIR, OUT_BF16 = bool(split), kind == "f16", ONES[kind], bool(out_bf16)
+    NN = 2 * NP  # n8 tiles a warp
     KBYTE, VBYTE = G["KB"], G["VB"]
-    SPLIT = bool(split)
-    PARTS = 2 if SPLIT else 1
-    LOFF = TILE
-    LOG2L = L.bit_length() - 1
-    KSTEPS = BK // 16
-    NN = 2 * NP
-    IS_F16 = kind == "f16"
-    ONES_PAIR = ONES[kind]
-    OUT_BF16 = bool(out_bf16)
-    Q = D // 8
-    TOT = BK * Q
-    CPT = -(-TOT // NT)
-    ORW = (D // OPASS) * OW
-    OPT = -(-ORW // NT)
-    ALIGNED = not SIMULATED
     # launch bound (``min_blocks`` -1: the default below) for two 8-warp CTAs an SM. At
     # D = 128 (tools/check_tc_ptx.py): bf16 states 126 registers unbounded, 128 with 8
     # bytes of spills under the bound: none; fp32 states 140 unbounded (one CTA an SM),
     # 128 without spills under the bound: bound.
     if min_blocks == -1:
         min_blocks = 2 if NT >= 256 and not out_bf16 else None
-    bounds = {} if min_blocks is None else {"launch_bounds": (NT, int(min_blocks))}
-    MINB = 0 if min_blocks is None else int(min_blocks)
+    bounds, MINB = _bounds(NT, min_blocks)
 
     @_compat.kernel(fastmath=FASTMATH, **bounds)
     def states_tc_pipelined(k, v, state, H, Nk, Mk, fm, nper):
-        _ = MINB  # launch_bounds is not part of Numba's disk-cache key, the closure is
-        if ALIGNED:
-            smem = cuda.shared.array(0, int16, alignment=16)
-            smem32 = cuda.shared.array(0, int32, alignment=16)
-            smemf = cuda.shared.array(0, float32, alignment=16)
-        else:
-            smem = cuda.shared.array(0, int16)
-            smem32 = cuda.shared.array(0, int32)
-            smemf = cuda.shared.array(0, float32)
+        _ = MINB  # the launch bound, in the disk-cache key
+        smem = cuda.shared.array(0, int16, alignment=SMEM_ALIGN)
+        smem32 = cuda.shared.array(0, int32, alignment=SMEM_ALIGN)
+        smemf = cuda.shared.array(0, float32, alignment=SMEM_ALIGN)
         xs = cuda.local.array(C, float32)
         acc = cuda.local.array((MT, NN, 4), float32)
         z = cuda.local.array((MT, 1, 4), float32)
         a = cuda.local.array((PARTS, MT, 4), int32)
+        sa = smem_addr(smem)
         tid0 = int32(cuda.threadIdx.x)
-        h = cuda.blockIdx.y
-        b = cuda.blockIdx.z
+        h, b = cuda.blockIdx.y, cuda.blockIdx.z
         j0 = cuda.blockIdx.x * nper
         jend = min(j0 + nper, (Nk + BK - 1) // BK)
         hb = (b * H + h) * Nk  # the head's first key row
-        sa = smem_addr(smem)
         # --- 0. the first block's K and V
         kb = (hb + j0 * BK) * D
         nr = min(Nk - j0 * BK, BK)
@@ -873,59 +848,15 @@ def make_states_kernel_pipelined(kind, D, BK, tiles, split=True, out_bf16=False,
         cp_async_commit()
         for j in range(j0, jend):
             tid = opaque_i32(tid0)  # lane addresses computed anew each block
-            lane = tid & 31
-            warp = tid >> 5
+            lane, warp = tid & 31, tid >> 5
             stage = (j - j0) & 1
             r0 = j * BK
             nrows = min(Nk - r0, BK)
             cp_async_wait_group(0)  # this thread's pieces of K_j, V_j have landed
             cuda.syncthreads()  # everyone's; the previous result tile is copied out
-            # --- 1. φ rows from the K tile (the register kernel's phase 1)
-            slot = tid // L
-            li = tid - slot * L
-            for ps in range(NPASS):
-                r = ps * RP + slot
-                ok = r < nrows
-                if r < BK:
-                    kq = (KBYTE >> 2) + ((r * SW + li * C) >> 1)  # int32 index
-                    for c2 in range(C // 2):
-                        p = smem32[kq + c2]
-                        xs[2 * c2] = _low_f32(p, IS_F16) if ok else ZERO
-                        xs[2 * c2 + 1] = _high_f32(p, IS_F16) if ok else ZERO
-                else:
-                    for c in range(C):
-                        xs[c] = ZERO
-                if fm == 0:
-                    mx = xs[0]
-                    for c in range(1, C):
-                        mx = fmax(mx, xs[c])
-                    for st in range(LOG2L):
-                        mx = fmax(mx, shfl_xor(mx, 1 << st))
-                    for c in range(C):
-                        xs[c] = math.exp(xs[c] - mx)
-                    sm = xs[0]
-                    for c in range(1, C):
-                        sm += xs[c]
-                    for st in range(LOG2L):
-                        sm += shfl_xor(sm, 1 << st)
-                    inv = ONE / sm
-                    for c in range(C):
-                        xs[c] = xs[c] * inv
-                elif fm == 1:
-                    for c in range(C):
-                        xs[c] = xs[c] + ONE if xs[c] > ZERO else math.exp(xs[c])
-                else:
-                    for c in range(C):
-                        xs[c] = xs[c] if xs[c] > ZERO else ZERO
-                if r < BK:
-                    si = (r * SW + li * C) >> 1
-                    for c2 in range(C // 2):
-                        p = _pack(xs[2 * c2], xs[2 * c2 + 1], IS_F16) if ok else ZI
-                        smem32[si + c2] = p
-                        if SPLIT:
-                            lo0 = xs[2 * c2] - _low_f32(p, IS_F16)
-                            lo1 = xs[2 * c2 + 1] - _high_f32(p, IS_F16)
-                            smem32[si + (LOFF >> 1) + c2] = _pack(lo0, lo1, IS_F16) if ok else ZI
+            # --- 1. φ rows from the K tile
+            _phi_rows(smem32, xs, k, kb, KBYTE >> 2, nrows, tid, fm, True, SPLIT, IS_F16,
+                      BK, D, L, C, LOG2L, RP, NPASS, SW)  # fmt: skip
             cuda.syncthreads()  # φ complete; the K tile is free
             # --- 2. the next block's K and V on their way
             if j + 1 < jend:
@@ -935,92 +866,16 @@ def make_states_kernel_pipelined(kind, D, BK, tiles, split=True, out_bf16=False,
                 _copy_block(smem, sa + KBYTE, k, kn, nn, tid, NT, CPT, TOT, Q, D, SW)
                 _copy_block(smem, vn, v, kn, nn, tid, NT, CPT, TOT, Q, D, SW)
                 cp_async_commit()
-            # --- 3. tensor cores (the register kernel's phase 3; V from this stage)
+            # --- 3. tensor cores (V from this stage)
             wr = warp // WC
             wc = warp - wr * WC
-            la = (
-                sa
-                + (((lane & 7) + (lane >> 4) * 8) * SW + ((lane >> 3) & 1) * 8 + wr * 16 * MT) * 2
-            )
-            lb = (
-                sa
-                + VBYTE
-                + stage * TILE * 2
-                + (((lane & 7) + ((lane >> 3) & 1) * 8) * SW + (lane >> 4) * 8 + wc * 16 * NP) * 2
-            )
-            for mt in range(MT):
-                for n in range(NN):
-                    for e in range(4):
-                        acc[mt, n, e] = ZERO
-                for e in range(4):
-                    z[mt, 0, e] = ZERO
-            for ks in range(KSTEPS):
-                if nrows > 16 * ks:
-                    ko = ks * 16 * SW * 2
-                    for mt in range(MT):
-                        for pt in range(PARTS):
-                            a0, a1, a2, a3 = ldsm_x4_trans(
-                                smem, la + (mt * 16 + pt * LOFF) * 2 + ko, 0
-                            )
-                            a[pt, mt, 0], a[pt, mt, 1], a[pt, mt, 2], a[pt, mt, 3] = a0, a1, a2, a3
-                    for p2 in range(NP):
-                        b0, b1, b2, b3 = ldsm_x4_trans(smem, lb + p2 * 32 + ko, 0)
-                        for mt in range(MT):
-                            for pt in range(PARTS):
-                                _mma_acc(acc, mt, 2 * p2, a, pt, b0, b1, IS_F16)
-                                _mma_acc(acc, mt, 2 * p2 + 1, a, pt, b2, b3, IS_F16)
-                    if wc == 0:
-                        for mt in range(MT):
-                            for pt in range(PARTS):
-                                _mma_acc(z, mt, 0, a, pt, ONES_PAIR, ONES_PAIR, IS_F16)
-            # --- 4. the staged kernel's epilogue (result tile over the φ tiles)
-            g = lane >> 2
-            t = lane & 3
-            sb = ((b * H + h) * Mk + j) * (OW * D + ZW)  # the result row, 32-bit words
-            for hp in range(OPASS):
-                cuda.syncthreads()  # the φ tiles (or the previous pass) are no longer read
-                for mt in range(MT):
-                    m16 = wr * MT + mt
-                    for hh in range(2):
-                        if OPASS == 1 or hh == hp:
-                            sr = m16 * RPT + (8 * hh if OPASS == 1 else 0) + g
-                            for n in range(NN):
-                                e = wc * 16 * NP + 8 * n + 2 * t
-                                if OUT_BF16:
-                                    smem32[sr * OS + (e >> 1)] = pack_bf16x2(
-                                        acc[mt, n, 2 * hh], acc[mt, n, 2 * hh + 1]
-                                    )
-                                else:
-                                    smemf[sr * OS + e] = acc[mt, n, 2 * hh]
-                                    smemf[sr * OS + e + 1] = acc[mt, n, 2 * hh + 1]
-                if hp == 0 and wc == 0 and t == 0:
-                    for mt in range(MT):
-                        d1 = (wr * MT + mt) * 16 + g
-                        if OUT_BF16:
-                            p = pack_bf16x2(z[mt, 0, 0], z[mt, 0, 2])
-                            smem[2 * ZOFF + d1] = _low16(p)
-                            smem[2 * ZOFF + d1 + 8] = _high16(p)
-                        else:
-                            smemf[ZOFF + d1] = z[mt, 0, 0]
-                            smemf[ZOFF + d1 + 8] = z[mt, 0, 2]
-                cuda.syncthreads()
-                for it in range(OPT):  # unrolled
-                    qi = tid + it * NT
-                    if qi < ORW:
-                        sr = qi // OW
-                        c = qi - sr * OW
-                        m16 = sr // RPT
-                        d1 = m16 * 16 + hp * 8 + (sr - m16 * RPT)
-                        if OUT_BF16:
-                            state[u64(sb + d1 * OW + c)] = smem32[sr * OS + c]
-                        else:
-                            state[u64(sb + d1 * OW + c)] = smemf[sr * OS + c]
-                if hp == 0:
-                    for qi in range(tid, ZW, NT):
-                        if OUT_BF16:
-                            state[u64(sb + D * OW + qi)] = smem32[ZOFF + qi]
-                        else:
-                            state[u64(sb + D * OW + qi)] = smemf[ZOFF + qi]
+            vb = sa + VBYTE + stage * TILE * 2
+            _block_products(acc, z, a, smem, sa, vb, lane, wr, wc, nrows,
+                            MT, NP, PARTS, KSTEPS, SW, TILE, ONES_PAIR, IS_F16)  # fmt: skip
+            # --- 4. the staged epilogue (result tile over the φ tiles)
+            sb = ((b * H + h) * Mk + j) * (OW * D + ZW)
+            _store_staged(state, smem, smem32, smemf, acc, z, sb, tid, lane, wr, wc,
+                          MT, NP, D, NT, OPASS, RPT, OW, OS, ZOFF, ZW, OPT, OUT_BF16)  # fmt: skip
 
     return StatesKernel(states_tc_pipelined, G["smem_bytes"], NT)
 
@@ -1122,7 +977,7 @@ def launch_states_tc(
     if variant not in VARIANTS:
         raise ValueError(f"launch_states_tc: variant {variant!r}, one of {VARIANTS}")
     if variant != "registers":
-        addrs = (_address(k), _address(v), _address(state))
+        addrs = (address(k), address(v), address(state))
         if None in addrs or addrs[0] % 16 or addrs[1] % 16 or addrs[2] % 4:
             variant = "registers"
     kern = get_states_kernel(kind, D, block_k, tiles, split, out_bf16, variant)
