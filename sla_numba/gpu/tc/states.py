@@ -193,7 +193,7 @@ def choose_tiles(D, max_warps=None):
 
 def geometry(D, BK, tiles, split=True):
     """Sizes shared by the three kernels (module doc): NT threads, MT m-tiles x NP pairs
-    of n8 tiles a warp, L lanes a φ row owning C columns each, RP rows a φ pass, NPASS
+    of n8 tiles (NN n8 tiles) a warp, L lanes a φ row owning C columns each, RP rows a φ pass, NPASS
     passes, SW the tiles' row stride and TILE a tile's size (16-bit values), PARTS φ
     parts (hi, lo), LOG2L shuffle steps over a row's lanes, KSTEPS k-steps a block."""
     WR, WC = tiles
@@ -211,6 +211,7 @@ def geometry(D, BK, tiles, split=True):
         NT=NT,
         MT=m // WR,
         NP=m // WC,
+        NN=2 * (m // WC),
         L=L,
         C=D // L,
         RP=RP,
@@ -240,6 +241,17 @@ def _checked(kind, D, BK, tiles):
     if not states_tc_supported(D, BK):
         raise ValueError(f"D = {D}, block_k = {BK}: not supported")
     return Tiles(*tiles)
+
+
+#: The sizes every kernel takes from :func:`geometry`, and the staged and pipelined ones
+#: from :func:`staged_geometry` (in the order the factories unpack them).
+COMMON = "NT MT NP NN L C RP NPASS SW TILE PARTS LOG2L KSTEPS".split()
+STAGED = "OPASS RPT OW OS ZOFF ZW OPT Q TOT CPT".split()
+
+
+def _pick(G, names):
+    """The values of a geometry dict for ``names``, in order."""
+    return tuple(G[k] for k in names)
 
 
 def _bounds(NT, min_blocks):
@@ -404,7 +416,7 @@ def _store_phi(smem32, xs, si, ok, C, LOFF, split, f16):
 
 @_compat.device(**_DEV)
 def _phi_rows(
-    smem32, xs, k, kb, kw, nrows, tid, fm, staged, split, f16, BK, D, L, C, LOG2L, RP, NPASS, SW
+    smem32, k, kb, kw, nrows, tid, fm, staged, split, f16, BK, D, L, C, LOG2L, RP, NPASS, SW
 ):
     """Phase 1 (module doc): φ of the key block's rows into the φ tiles, row-major
     [r][d1] from word 0 (hi; lo one tile further). Thread ``tid`` is lane li = tid % L of
@@ -412,6 +424,7 @@ def _phi_rows(
     (NPASS passes). Its K values come from global memory (``k`` from flat index ``kb``,
     the block's first value) or, ``staged``, from the K tile at int32 index ``kw``.
     Rows >= nrows give zeros."""
+    xs = cuda.local.array(C, float32)  # this lane's values of a row: K, then φ
     slot = tid // L
     li = tid - slot * L
     for ps in range(NPASS):
@@ -441,11 +454,12 @@ def _phi_rows(
 
 @_compat.device(**_DEV)
 def _block_products(
-    acc, z, a, smem, sa, vbyte, lane, wr, wc, nrows, MT, NP, PARTS, KSTEPS, SW, LOFF, ones, f16
+    acc, z, smem, sa, vbyte, lane, wr, wc, nrows, MT, NP, PARTS, KSTEPS, SW, LOFF, ones, f16
 ):
     """Phase 3 (module doc): ``acc`` = the warp (wr, wc)'s tiles of φᵀ·V and, for the
     column-0 warps, ``z`` = φᵀ·ones, over the block's k-steps (none past ``nrows``). φ hi
     at shared byte address ``sa`` (lo LOFF 16-bit values further), V at ``vbyte``."""
+    a = cuda.local.array((PARTS, MT, 4), int32)  # A fragments of a k-step
     # A = φᵀ: matrix i = lane >> 3 at rows r 8(i >> 1).., columns d1 8(i & 1)..
     la = sa + (((lane & 7) + (lane >> 4) * 8) * SW + ((lane >> 3) & 1) * 8 + wr * 16 * MT) * 2
     # B = V: matrix i at rows r 8(i & 1).., columns e 8(i >> 1)..
@@ -585,11 +599,8 @@ def make_states_kernel(kind, D, BK, tiles, split=True, out_bf16=False):
     """
     WR, WC = tiles = _checked(kind, D, BK, tiles)
     G = geometry(D, BK, tiles, split)
-    NT, MT, NP, L, C, RP, NPASS, SW, TILE, PARTS, LOG2L, KSTEPS = (
-        G[k] for k in "NT MT NP L C RP NPASS SW TILE PARTS LOG2L KSTEPS".split()
-    )
+    NT, MT, NP, NN, L, C, RP, NPASS, SW, TILE, PARTS, LOG2L, KSTEPS = _pick(G, COMMON)
     SPLIT, IS_F16, ONES_PAIR, OUT_BF16 = bool(split), kind == "f16", ONES[kind], bool(out_bf16)
-    NN = 2 * NP  # n8 tiles a warp
     VOFF = PARTS * TILE  # V tile offset (16-bit values)
 
     @_compat.kernel(fastmath=FASTMATH)
@@ -597,17 +608,13 @@ def make_states_kernel(kind, D, BK, tiles, split=True, out_bf16=False):
         # shared: [φ hi][φ lo][V], each BK x SW 16-bit values, row-major
         smem = cuda.shared.array(0, int16, alignment=SMEM_ALIGN)
         smem32 = cuda.shared.array(0, int32, alignment=SMEM_ALIGN)
-        xs = cuda.local.array(C, float32)  # this lane's φ values of a row
-        acc = cuda.local.array((MT, NN, 4), float32)  # h fragments
-        z = cuda.local.array((MT, 1, 4), float32)  # z fragments (φᵀ · ones)
-        a = cuda.local.array((PARTS, MT, 4), int32)  # A fragments of a k-step
         tid = cuda.threadIdx.x
         lane, warp = tid & 31, tid >> 5
         j, h, b = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
         nrows = min(Nk - j * BK, BK)
         kb = ((b * H + h) * Nk + j * BK) * D  # first value of the block (int64)
         # --- 1. φ rows from K in global memory
-        _phi_rows(smem32, xs, k, kb, 0, nrows, tid, fm, False, SPLIT, IS_F16,
+        _phi_rows(smem32, k, kb, 0, nrows, tid, fm, False, SPLIT, IS_F16,
                   BK, D, L, C, LOG2L, RP, NPASS, SW)  # fmt: skip
         # --- 2. V rows (bits), pairs of columns, zeros past nrows
         for qi in range(tid, BK * D // 2, NT):
@@ -621,10 +628,12 @@ def make_states_kernel(kind, D, BK, tiles, split=True, out_bf16=False):
         cuda.syncthreads()
         # --- 3. tensor cores: warp (wr, wc) owns d1 in wr*16*MT + [0, 16*MT),
         # e in wc*16*NP + [0, 16*NP)
+        acc = cuda.local.array((MT, NN, 4), float32)  # h fragments
+        z = cuda.local.array((MT, 1, 4), float32)  # z fragments (φᵀ · ones)
         wr = warp // WC
         wc = warp - wr * WC
         sa = smem_addr(smem)
-        _block_products(acc, z, a, smem, sa, sa + VOFF * 2, lane, wr, wc, nrows,
+        _block_products(acc, z, smem, sa, sa + VOFF * 2, lane, wr, wc, nrows,
                         MT, NP, PARTS, KSTEPS, SW, TILE, ONES_PAIR, IS_F16)  # fmt: skip
         # --- 4. straight from the fragments to the block's state row
         sb = ((b * H + h) * Mk + j) * (D * D + D)
@@ -710,14 +719,9 @@ def make_states_kernel_staged(kind, D, BK, tiles, split=True, out_bf16=False, mi
     """
     WR, WC = tiles = _checked(kind, D, BK, tiles)
     G = staged_geometry(D, BK, tiles, out_bf16, split)
-    NT, MT, NP, L, C, RP, NPASS, SW, TILE, PARTS, LOG2L, KSTEPS = (
-        G[k] for k in "NT MT NP L C RP NPASS SW TILE PARTS LOG2L KSTEPS".split()
-    )
-    OPASS, RPT, OW, OS, ZOFF, ZW, OPT, Q, TOT, CPT = (
-        G[k] for k in "OPASS RPT OW OS ZOFF ZW OPT Q TOT CPT".split()
-    )
+    NT, MT, NP, NN, L, C, RP, NPASS, SW, TILE, PARTS, LOG2L, KSTEPS = _pick(G, COMMON)
+    OPASS, RPT, OW, OS, ZOFF, ZW, OPT, Q, TOT, CPT = _pick(G, STAGED)
     SPLIT, IS_F16, ONES_PAIR, OUT_BF16 = bool(split), kind == "f16", ONES[kind], bool(out_bf16)
-    NN = 2 * NP  # n8 tiles a warp
     VOFF = PARTS * TILE
     KOFF = TILE if SPLIT else 0  # K staged where φ's last part goes (16-bit values)
     # launch bound (``min_blocks`` -1: 2 for 8 warps, none for fewer): ptxas keeps the
@@ -732,10 +736,6 @@ def make_states_kernel_staged(kind, D, BK, tiles, split=True, out_bf16=False, mi
         smem = cuda.shared.array(0, int16, alignment=SMEM_ALIGN)
         smem32 = cuda.shared.array(0, int32, alignment=SMEM_ALIGN)
         smemf = cuda.shared.array(0, float32, alignment=SMEM_ALIGN)
-        xs = cuda.local.array(C, float32)
-        acc = cuda.local.array((MT, NN, 4), float32)
-        z = cuda.local.array((MT, 1, 4), float32)
-        a = cuda.local.array((PARTS, MT, 4), int32)
         sa = smem_addr(smem)
         tid = cuda.threadIdx.x
         lane, warp = tid & 31, tid >> 5
@@ -750,14 +750,16 @@ def make_states_kernel_staged(kind, D, BK, tiles, split=True, out_bf16=False, mi
         cp_async_wait_group(1)  # this thread's K pieces have landed
         cuda.syncthreads()  # everyone's
         # --- 1. φ rows from the staged K
-        _phi_rows(smem32, xs, k, kb, KOFF >> 1, nrows, tid, fm, True, SPLIT, IS_F16,
+        _phi_rows(smem32, k, kb, KOFF >> 1, nrows, tid, fm, True, SPLIT, IS_F16,
                   BK, D, L, C, LOG2L, RP, NPASS, SW)  # fmt: skip
         cp_async_wait_group(0)  # V
         cuda.syncthreads()
         # --- 3. tensor cores
+        acc = cuda.local.array((MT, NN, 4), float32)
+        z = cuda.local.array((MT, 1, 4), float32)
         wr = warp // WC
         wc = warp - wr * WC
-        _block_products(acc, z, a, smem, sa, sa + VOFF * 2, lane, wr, wc, nrows,
+        _block_products(acc, z, smem, sa, sa + VOFF * 2, lane, wr, wc, nrows,
                         MT, NP, PARTS, KSTEPS, SW, TILE, ONES_PAIR, IS_F16)  # fmt: skip
         # --- 4. through the result tile, in 32-bit words
         sb = ((b * H + h) * Mk + j) * (OW * D + ZW)
@@ -807,14 +809,9 @@ def make_states_kernel_pipelined(kind, D, BK, tiles, split=True, out_bf16=False,
     """
     WR, WC = tiles = _checked(kind, D, BK, tiles)
     G = pipelined_geometry(D, BK, tiles, out_bf16, split)
-    NT, MT, NP, L, C, RP, NPASS, SW, TILE, PARTS, LOG2L, KSTEPS = (
-        G[k] for k in "NT MT NP L C RP NPASS SW TILE PARTS LOG2L KSTEPS".split()
-    )
-    OPASS, RPT, OW, OS, ZOFF, ZW, OPT, Q, TOT, CPT = (
-        G[k] for k in "OPASS RPT OW OS ZOFF ZW OPT Q TOT CPT".split()
-    )
+    NT, MT, NP, NN, L, C, RP, NPASS, SW, TILE, PARTS, LOG2L, KSTEPS = _pick(G, COMMON)
+    OPASS, RPT, OW, OS, ZOFF, ZW, OPT, Q, TOT, CPT = _pick(G, STAGED)
     SPLIT, IS_F16, ONES_PAIR, OUT_BF16 = bool(split), kind == "f16", ONES[kind], bool(out_bf16)
-    NN = 2 * NP  # n8 tiles a warp
     KBYTE, VBYTE = G["KB"], G["VB"]
     # launch bound (``min_blocks`` -1: the default below) for two 8-warp CTAs an SM. At
     # D = 128 (tools/check_tc_ptx.py): bf16 states 126 registers unbounded, 128 with 8
@@ -830,17 +827,15 @@ def make_states_kernel_pipelined(kind, D, BK, tiles, split=True, out_bf16=False,
         smem = cuda.shared.array(0, int16, alignment=SMEM_ALIGN)
         smem32 = cuda.shared.array(0, int32, alignment=SMEM_ALIGN)
         smemf = cuda.shared.array(0, float32, alignment=SMEM_ALIGN)
-        xs = cuda.local.array(C, float32)
-        acc = cuda.local.array((MT, NN, 4), float32)
+        acc = cuda.local.array((MT, NN, 4), float32)  # h and z fragments of a block
         z = cuda.local.array((MT, 1, 4), float32)
-        a = cuda.local.array((PARTS, MT, 4), int32)
-        sa = smem_addr(smem)
         tid0 = int32(cuda.threadIdx.x)
         h, b = cuda.blockIdx.y, cuda.blockIdx.z
         j0 = cuda.blockIdx.x * nper
         jend = min(j0 + nper, (Nk + BK - 1) // BK)
         hb = (b * H + h) * Nk  # the head's first key row
         # --- 0. the first block's K and V
+        sa = smem_addr(smem)
         kb = (hb + j0 * BK) * D
         nr = min(Nk - j0 * BK, BK)
         _copy_block(smem, sa + KBYTE, k, kb, nr, tid0, NT, CPT, TOT, Q, D, SW)
@@ -855,7 +850,7 @@ def make_states_kernel_pipelined(kind, D, BK, tiles, split=True, out_bf16=False,
             cp_async_wait_group(0)  # this thread's pieces of K_j, V_j have landed
             cuda.syncthreads()  # everyone's; the previous result tile is copied out
             # --- 1. φ rows from the K tile
-            _phi_rows(smem32, xs, k, kb, KBYTE >> 2, nrows, tid, fm, True, SPLIT, IS_F16,
+            _phi_rows(smem32, k, kb, KBYTE >> 2, nrows, tid, fm, True, SPLIT, IS_F16,
                       BK, D, L, C, LOG2L, RP, NPASS, SW)  # fmt: skip
             cuda.syncthreads()  # φ complete; the K tile is free
             # --- 2. the next block's K and V on their way
@@ -870,7 +865,7 @@ def make_states_kernel_pipelined(kind, D, BK, tiles, split=True, out_bf16=False,
             wr = warp // WC
             wc = warp - wr * WC
             vb = sa + VBYTE + stage * TILE * 2
-            _block_products(acc, z, a, smem, sa, vb, lane, wr, wc, nrows,
+            _block_products(acc, z, smem, sa, vb, lane, wr, wc, nrows,
                             MT, NP, PARTS, KSTEPS, SW, TILE, ONES_PAIR, IS_F16)  # fmt: skip
             # --- 4. the staged epilogue (result tile over the φ tiles)
             sb = ((b * H + h) * Mk + j) * (OW * D + ZW)
