@@ -254,8 +254,9 @@ def check_states(quick=False):
         (i16, i16, i16, int64, int64, int64, int64),
         (144, 32),
     )
-    # the staged kernel (SLA_NUMBA_STATES_KERNEL=staged): the same products, so the same
-    # mma / ldmatrix counts, and 2·ceil(BK·D/8 / threads) 16-byte cp.async (K, V)
+    # the staged and pipelined kernels (SLA_NUMBA_STATES_KERNEL=staged|pipelined): the
+    # same products, so the same mma / ldmatrix counts; ceil(BK·D/8 / threads) 16-byte
+    # cp.async a tile: K and V (staged), and the first and the next block's (pipelined)
     i32 = int32[::1]
     sconf = [
         ("bf16", 128, 64, True, True, 144, 32),  # the Wan default: bf16 states
@@ -263,30 +264,22 @@ def check_states(quick=False):
         ("f16", 64, 64, True, False, 80, 24),
         ("bf16", 128, 64, False, True, 72, 24),
     ]
-    for kind, D, bk, split, ob, mma, ld in sconf[:1] if quick else sconf:
-        tiles = states_tc.choose_tiles(D, states_tc.GPU_MAX_WARPS)
-        kern = states_tc.make_states_kernel_staged(kind, D, bk, tiles, split, ob).kernel
-        nt = 32 * tiles[0] * tiles[1]
-        ok &= check(
-            f"states staged {kind} D={D} bk={bk} split={split}" + (" bf16 output" if ob else ""),
-            kern,
-            (i16, i16, i32 if ob else f32, int64, int64, int64, int64),
-            (mma, ld),
-            want_cp=2 * -(-bk * D // 8 // nt),
-        )
-    # the pipelined kernel (SLA_NUMBA_STATES_KERNEL=pipelined): the same counts; cp.async
-    # of the first block's K and V and of the next block's, ceil(BK·D/8 / threads) each
-    for kind, D, bk, split, ob, mma, ld in sconf[:1] if quick else sconf:
-        tiles = states_tc.choose_tiles(D, states_tc.GPU_MAX_WARPS)
-        kern = states_tc.make_states_kernel_pipelined(kind, D, bk, tiles, split, ob).kernel
-        nt = 32 * tiles[0] * tiles[1]
-        ok &= check(
-            f"states pipelined {kind} D={D} bk={bk} split={split}" + (" bf16 output" if ob else ""),
-            kern,
-            (i16, i16, i32 if ob else f32, int64, int64, int64, int64, int64),
-            (mma, ld),
-            want_cp=4 * -(-bk * D // 8 // nt),
-        )
+    variants = [  # name, factory, extra int64 arguments (pipelined: nper), tiles copied
+        ("staged", states_tc.make_states_kernel_staged, (), 2),
+        ("pipelined", states_tc.make_states_kernel_pipelined, (int64,), 4),
+    ]
+    for name, make, extra, copies in variants:
+        for kind, D, bk, split, ob, mma, ld in sconf[:1] if quick else sconf:
+            tiles = states_tc.choose_tiles(D, states_tc.GPU_MAX_WARPS)
+            nt = 32 * tiles[0] * tiles[1]
+            ok &= check(
+                f"states {name} {kind} D={D} bk={bk} split={split}"
+                + (" bf16 output" if ob else ""),
+                make(kind, D, bk, tiles, split, ob).kernel,
+                (i16, i16, i32 if ob else f32, int64, int64, int64, int64) + extra,
+                (mma, ld),
+                want_cp=copies * -(-bk * D // 8 // nt),
+            )
     return ok
 
 

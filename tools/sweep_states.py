@@ -17,28 +17,14 @@ few seconds each).
 """
 
 import argparse
-import statistics
 import time
 
 import numpy as np
 import torch
+from cuda_timing import cuda_time
 
 from sla_numba.gpu._arrays import device_view
 from sla_numba.gpu.tc import states as tcs
-
-
-def cuda_time(fn, reps):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1))
-    return statistics.median(times)
 
 
 def main():
