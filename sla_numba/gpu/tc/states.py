@@ -192,10 +192,11 @@ def choose_tiles(D, max_warps=None):
 
 
 def geometry(D, BK, tiles, split=True):
-    """Sizes shared by the three kernels (module doc): NT threads, MT m-tiles x NP pairs
-    of n8 tiles (NN n8 tiles) a warp, L lanes a φ row owning C columns each, RP rows a φ pass, NPASS
-    passes, SW the tiles' row stride and TILE a tile's size (16-bit values), PARTS φ
-    parts (hi, lo), LOG2L shuffle steps over a row's lanes, KSTEPS k-steps a block."""
+    """Sizes shared by the three kernels (module doc): NT threads; MT m-tiles x NP pairs
+    of n8 tiles (NN n8 tiles) a warp; L lanes a φ row, each owning C columns; RP rows a
+    φ pass, NPASS passes; SW the tiles' row stride and TILE a tile's size (16-bit
+    values); PARTS φ parts (hi, lo); LOG2L shuffle steps over a row's lanes; KSTEPS
+    k-steps a block."""
     WR, WC = tiles
     m = D // 16
     if m % WR or m % WC:

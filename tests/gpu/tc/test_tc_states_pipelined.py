@@ -6,20 +6,24 @@ All three compute φ with the same operations on the same input values, split it
 the same hi / lo pairs and give every output as one lane's fixed sequence of mma over
 the same k-steps; the new kernels only move K and V into shared memory with 16-byte
 cp.async (the pipelined one a block ahead, several blocks a CTA) and the result out
-through a shared tile. So the outputs must have the same bits, not just be close. States start NaN-poisoned (int16 states: a NaN bf16 pattern),
-with a spare key-block row that must stay untouched.
+through a shared tile. So the outputs must have the same bits, not just be close.
+States start NaN-poisoned (int16 states: a NaN bf16 pattern), with a spare key-block row
+that must stay untouched.
 
-Simulator (NUMBA_ENABLE_CUDASIM=1): D = 16 / 32 / 48, block_k = 16 / 32 / 64, Nk tails
-and a single block, all three feature maps, bf16 and fp16 inputs, fp32 and int16 (bf16)
-states, split and plain φ, 1- and 4-warp tiles, two φ passes, 1 / 2 / 3 blocks a
-pipelined CTA (a CTA whose last blocks are past Nk; both V stages reused), the alignment
-fallback, the switch, and the race detector. GPU (cc >= 8.0): the Wan2.1 sizes (bits and both
-times, ``pytest -s``), tails, fp16, fp32 states.
+Simulator (NUMBA_ENABLE_CUDASIM=1; about 20 s of simulated threads in all): D = 16 / 32,
+block_k = 16 / 32 / 64, Nk tails, full blocks and a single short block, all three
+feature maps, bf16 and fp16 inputs, fp32 and int16 (bf16) states, split and plain φ, 1-
+and 4-warp tiles (softmax shuffles over 8 lanes), two φ passes and a skipped k-step,
+1 / 2 / 3 blocks a pipelined CTA (a CTA whose last block is past Nk; both V stages
+reused), the alignment fallback, the switch through the launcher and through the
+backend's forward, and the race detector. ``SLA_NUMBA_STATES_KERNEL``'s values and
+default: tests/test_config.py. GPU (cc >= 8.0): the Wan2.1 sizes (bits and the times,
+``pytest -s``), tails, fp16, fp32 states.
 """
 
 import numpy as np
 import pytest
-from _tc_reference import needs_gpu, needs_sim
+from _tc_reference import gpu_ms, needs_gpu, needs_sim
 from test_tc_states import _inputs, check
 
 from sla_numba import config
@@ -59,19 +63,21 @@ def _as_f32(state):
     return bf16_bits_to_f32(state).astype(np.float32) if state.dtype == np.int16 else state
 
 
+@pytest.fixture
+def variants_run(monkeypatch):
+    """The variant of every kernel ``launch_states_tc`` fetches, in order."""
+    made = []
+    real = states_tc.get_states_kernel
+
+    def spy(*args):
+        made.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(states_tc, "get_states_kernel", spy)
+    return made
+
+
 # --------------------------------------------------------------------------- everywhere
-def test_switch(monkeypatch):
-    monkeypatch.delenv(config.STATES_KERNEL_VAR, raising=False)
-    assert config.states_kernel() == "registers"
-    monkeypatch.setenv(config.STATES_KERNEL_VAR, " Staged ")
-    assert config.states_kernel() == "staged"
-    monkeypatch.setenv(config.STATES_KERNEL_VAR, "pipelined")
-    assert config.states_kernel() == "pipelined"
-    monkeypatch.setenv(config.STATES_KERNEL_VAR, "fast")
-    with pytest.raises(ValueError, match=config.STATES_KERNEL_VAR):
-        config.states_kernel()
-
-
 def test_geometry_and_checks():
     """The result tile fits the input tiles' 52 KiB at the GPU default (bf16 states in one
     pass, fp32 in two); bad configurations refused."""
@@ -97,12 +103,9 @@ def test_geometry_and_checks():
 # --------------------------------------------------------------------------- simulator
 SIM_CASES = [  # kind, B, H, Nk, D, block_k, fm, tiles, split, out_bf16, pipelined CTA blocks
     ("bf16", 1, 2, 21, 16, 16, 0, (1, 1), True, False, 3),  # tail of 5 rows; 2 of 3 run
-    ("f16", 2, 1, 27, 16, 16, 1, (1, 1), True, True, 1),  # int16 states from fp16 inputs
-    ("bf16", 1, 1, 71, 32, 16, 2, (1, 1), True, True, 3),  # 5 blocks: CTA 0 reuses stage 0
+    ("f16", 1, 1, 48, 16, 16, 1, (1, 1), True, True, 3),  # 3 full blocks: stage 0 reused
     ("f16", 1, 1, 13, 32, 16, 0, (2, 2), True, False, 2),  # one short block, 4 warps
-    ("bf16", 1, 1, 40, 16, 32, 1, (1, 1), False, False, 2),  # plain φ
-    ("f16", 1, 1, 100, 16, 64, 0, (1, 1), True, True, 2),  # 2 φ passes, k-step 3 skipped
-    ("bf16", 1, 1, 16, 48, 16, 2, (1, 1), True, False, 4),  # exactly one full block
+    ("bf16", 1, 1, 40, 16, 64, 2, (1, 1), False, True, 2),  # plain φ, 2 φ passes, no k-step 3
 ]
 
 
@@ -122,29 +125,21 @@ def test_sim_same_bits_as_register_kernel(
 
 
 @needs_sim
-def test_sim_misaligned_inputs_take_the_register_kernel(monkeypatch):
+def test_sim_misaligned_inputs_take_the_register_kernel(variants_run):
     """k 2 bytes past a 16-byte boundary: cp.async would be misaligned, so the launcher
     runs the register kernel (the twin checks offsets relative to the array start only,
     so this is the launcher's address check); same bits either way."""
-    kind, B, H, Nk, D, bk, fm = "bf16", 1, 1, 20, 16, 16, 1
+    kind, B, H, Nk, D, bk, fm = "bf16", 1, 1, 16, 16, 16, 1
     kb, vb, k64, v64 = _inputs(kind, B, H, Nk, D, seed=4)
     buf = np.empty(kb.size + 16, np.int16)
     first = (-buf.ctypes.data // 2) % 8
     k_off = buf[first + 1 : first + 1 + kb.size]
     k_off[:] = kb.reshape(-1)
-    made = []
-    real = states_tc.get_states_kernel
-
-    def spy(*args):
-        made.append(args[-1])
-        return real(*args)
-
-    monkeypatch.setattr(states_tc, "get_states_kernel", spy)
     ref = _run(kind, kb, vb, B, H, Nk, D, bk, fm, None, True, False, "registers")
     for variant in ("staged", "pipelined"):
         got = _run(kind, k_off, vb, B, H, Nk, D, bk, fm, None, True, False, variant)
         _same_bits(ref, got)
-    assert made == ["registers"] * 3
+    assert variants_run == ["registers"] * 3
     with pytest.raises(ValueError, match="variant"):
         _run(kind, kb, vb, B, H, Nk, D, bk, fm, None, True, False, "fast")
     with pytest.raises(ValueError, match="blocks_per_cta"):
@@ -165,7 +160,7 @@ def test_sim_switch_selects_the_kernel(monkeypatch):
 
         monkeypatch.setattr(states_tc, name, spy)
     monkeypatch.setattr(states_tc, "_kernels", {})
-    kind, B, H, Nk, D, bk, fm = "bf16", 1, 1, 20, 16, 16, 2
+    kind, B, H, Nk, D, bk, fm = "bf16", 1, 1, 16, 16, 16, 2
     kb, vb, _, _ = _inputs(kind, B, H, Nk, D, seed=8)
     monkeypatch.delenv(config.STATES_KERNEL_VAR, raising=False)
     ref = _run(kind, kb, vb, B, H, Nk, D, bk, fm, None, True, True, None)
@@ -180,17 +175,19 @@ def test_sim_switch_selects_the_kernel(monkeypatch):
 
 @needs_sim
 @pytest.mark.parametrize(
-    "variant,out_bf16",
-    [("staged", False), ("staged", True), ("pipelined", False), ("pipelined", True)],
+    "variant,out_bf16,Nk",
+    [("staged", True, 13), ("pipelined", False, 43)],
 )
-def test_sim_no_races(variant, out_bf16):
-    """Two warps under the race detector (pipelined: three blocks a CTA): a φ row read
-    before its K pieces landed, a V tile read before its copy was waited for, the K tile
-    or a V stage refilled while a warp still reads it, the result tile written while a
-    warp still reads the φ / V tiles or copied out before every warp stored it: a race."""
+def test_sim_no_races(variant, out_bf16, Nk):
+    """Two warps under the race detector (staged: one short block; pipelined: three blocks
+    a CTA, fp32 states in two result passes; both share the result-tile epilogue): a φ
+    row read before its K pieces landed, a V tile read before its copy was waited for,
+    the K tile or a V stage refilled while a warp still reads it, the result tile
+    written while a warp still reads the φ / V tiles or copied out before every warp
+    stored it: a race."""
     from sla_numba.testing_race import detect_races
 
-    kind, B, H, Nk, D, bk, fm = "bf16", 1, 1, 85, 32, 32, 0
+    kind, B, H, D, bk, fm = "bf16", 1, 1, 32, 16, 0
     kb, vb, k64, v64 = _inputs(kind, B, H, Nk, D, seed=5)
     with detect_races():
         got = _run(kind, kb, vb, B, H, Nk, D, bk, fm, (2, 1), True, out_bf16, variant, 3)
@@ -205,7 +202,6 @@ GPU_VARIANTS = [("registers", None), ("staged", None), ("pipelined", 1), ("pipel
 def _gpu_both(kind, kb, vb, B, H, Nk, D, bk, fm, out_bf16, reps=0):
     """States (host) and times (ms, or None) of each of ``GPU_VARIANTS`` (variant,
     blocks a pipelined CTA)."""
-    import torch
     from numba import cuda
 
     dk, dv = cuda.to_device(kb), cuda.to_device(vb)
@@ -222,16 +218,7 @@ def _gpu_both(kind, kb, vb, B, H, Nk, D, bk, fm, out_bf16, reps=0):
         run()
         cuda.synchronize()
         outs.append(d.copy_to_host())
-        t = None
-        if reps:
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            for _ in range(reps):
-                run()
-            e1.record()
-            torch.cuda.synchronize()
-            t = e0.elapsed_time(e1) / reps
-        times.append(t)
+        times.append(gpu_ms(run, reps) if reps else None)
     for o in outs:
         spare = o[:, :, Mk:]
         assert (spare.view(np.int16) == NAN16).all() if out_bf16 else np.isnan(spare).all()
@@ -278,32 +265,32 @@ def test_gpu_wan_sizes_same_bits():
 
 
 @needs_sim
-def test_sim_whole_call_same_bits_under_each_switch(monkeypatch):
-    """The tc path's forward (through the backend's prep launch) gives the same bits with
-    ``SLA_NUMBA_STATES_KERNEL`` unset, ``staged`` and ``pipelined``, and launches the
-    kernel each names (the backward's states go through the same launcher call)."""
+def test_sim_whole_call_takes_the_switched_kernel(monkeypatch, variants_run):
+    """The tc path's forward (through the backend's prep launch, ``variant`` left to the
+    switch) with ``SLA_NUMBA_STATES_KERNEL=pipelined`` launches the pipelined kernel, and
+    the states it computed have the bits of the register kernel's for the same inputs
+    (the backward's states go through the same launcher call)."""
     from sla_numba import _params, gpu
 
-    B, H, Nq, Nk, D, bq, bk = 1, 1, 20, 37, 16, 16, 16  # three key blocks, a tail
+    B, H, Nq, Nk, D, bq, bk = 1, 1, 16, 33, 16, 16, 16  # three key blocks, a tail
     rng = np.random.default_rng(3)
     q, k, v = (rng.standard_normal((B, H, n, D)).astype(np.float16) for n in (Nq, Nk, Nk))
     bm = np.zeros((B, H, _params.n_blocks(Nq, bq), _params.n_blocks(Nk, bk)), np.int8)
-    bm[..., 0, 0] = bm[..., 1, 2] = 1  # critical; the rest marginal
-    code = _params.FEATURE_MAPS["softmax"]
-    made = []
-    real = states_tc.get_states_kernel
+    bm[..., 0, 1] = 1  # critical; the rest marginal
+    calls = []
+    real = states_tc.launch_states_tc
 
-    def spy(*args):
-        made.append(args[-1])
-        return real(*args)
+    def spy(kind, kb, vb, state, *rest, **kw):
+        real(kind, kb, vb, state, *rest, **kw)
+        calls.append((kind, np.array(kb), np.array(vb), np.array(state), rest, kw))
 
-    monkeypatch.setattr(states_tc, "get_states_kernel", spy)
-    results = []
-    for env in ("", "staged", "pipelined"):
-        monkeypatch.setenv(config.STATES_KERNEL_VAR, env)
-        f = gpu.forward(q, k, v, bm, bq, bk, 0.25, code, 1e-6, path="tc")
-        results.append([np.asarray(x) for x in f])
-        assert made[-1:] == [env or "registers"], made
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+    monkeypatch.setattr(states_tc, "launch_states_tc", spy)
+    monkeypatch.setenv(config.STATES_KERNEL_VAR, "pipelined")
+    gpu.forward(q, k, v, bm, bq, bk, 0.25, _params.FEATURE_MAPS["softmax"], 1e-6, path="tc")
+    assert variants_run == ["pipelined"] and len(calls) == 1
+    kind, kb, vb, got, rest, kw = calls[0]
+    assert kw == {}  # the variant came from the switch
+    ref = np.full_like(got, np.nan) if got.dtype == np.float32 else np.full_like(got, NAN16)
+    real(kind, kb, vb, ref, *rest, variant="registers")
+    assert variants_run == ["pipelined", "registers"]
+    _same_bits(ref, got)
