@@ -175,19 +175,20 @@ def test_sim_switch_selects_the_kernel(monkeypatch):
 
 @needs_sim
 @pytest.mark.parametrize(
-    "variant,out_bf16,Nk",
-    [("staged", True, 13), ("pipelined", False, 43)],
+    "variant,out_bf16,Nk,bk",
+    [("staged", True, 29, 32), ("pipelined", False, 43, 16)],
 )
-def test_sim_no_races(variant, out_bf16, Nk):
-    """Two warps under the race detector (staged: one short block; pipelined: three blocks
-    a CTA, fp32 states in two result passes; both share the result-tile epilogue): a φ
+def test_sim_no_races(variant, out_bf16, Nk, bk):
+    """Two warps under the race detector (staged: one short block of 32 rows, where a
+    thread's φ slice of K is another thread's copy; pipelined: three blocks a CTA, fp32
+    states in two result passes; both share the result-tile epilogue): a φ
     row read before its K pieces landed, a V tile read before its copy was waited for,
     the K tile or a V stage refilled while a warp still reads it, the result tile
     written while a warp still reads the φ / V tiles or copied out before every warp
     stored it: a race."""
     from sla_numba.testing_race import detect_races
 
-    kind, B, H, D, bk, fm = "bf16", 1, 1, 32, 16, 0
+    kind, B, H, D, fm = "bf16", 1, 1, 32, 0
     kb, vb, k64, v64 = _inputs(kind, B, H, Nk, D, seed=5)
     with detect_races():
         got = _run(kind, kb, vb, B, H, Nk, D, bk, fm, (2, 1), True, out_bf16, variant, 3)
