@@ -103,6 +103,7 @@ GRAD_STATES_DTYPES = ("auto", "fp32", "bf16")
 MARGINAL_KERNELS = ("pipelined", "registers")
 LINEAR_KERNELS = ("pipelined", "registers")
 LINEAR_GRAD_KERNELS = ("pipelined", "registers")
+#: The first is the default (unset or empty), as for every switch here.
 STATES_KERNELS = ("registers", "staged", "pipelined")
 LAUNCHERS = ("direct", "numba")
 

@@ -13,6 +13,7 @@ SWITCHES = [
     (config.LINEAR_GRAD_VAR, config.linear_grad_kernel, "pipelined", " Registers ", "registers"),
     (config.GRAD_STATES_VAR, config.grad_states_dtype, "auto", " BF16 ", "bf16"),
     (config.STATES_VAR, config.states_dtype, "auto", " FP32 ", "fp32"),
+    (config.STATES_KERNEL_VAR, config.states_kernel, "registers", " Pipelined ", "pipelined"),
 ]
 
 

@@ -879,7 +879,7 @@ def make_states_kernel_pipelined(kind, D, BK, tiles, split=True, out_bf16=False,
 _kernels = {}
 
 
-VARIANTS = ("registers", "staged", "pipelined")
+VARIANTS = config.STATES_KERNELS  # registers, staged, pipelined
 
 
 def get_states_kernel(kind, D, BK, tiles=None, split=True, out_bf16=False, variant="registers"):
