@@ -307,8 +307,16 @@ def _pack(lo, hi, f16):
 
 
 @_compat.device(**_DEV)
-def _as_int16(x):
-    """The 16-bit pattern ``x`` (0 .. 65535) as an int16."""
+def _low16(p):
+    """The low 16 bits of the int32 ``p`` as an int16 (bf16 bits to store)."""
+    x = p & 0xFFFF
+    return int16(x - 65536 if x > 32767 else x)
+
+
+@_compat.device(**_DEV)
+def _high16(p):
+    """The high 16 bits of the int32 ``p`` as an int16."""
+    x = (p >> 16) & 0xFFFF
     return int16(x - 65536 if x > 32767 else x)
 
 
@@ -317,7 +325,7 @@ def _bf16_halves(x0, x1):
     """x0 and x1 rounded to bf16 (nearest even), as two int16 bit patterns: the
     rounding of bf16 states (``SLA_NUMBA_STATES``)."""
     p = pack_bf16x2(x0, x1)
-    return _as_int16(p & 0xFFFF), _as_int16((p >> 16) & 0xFFFF)
+    return _low16(p), _high16(p)
 
 
 @_compat.device(**_DEV)
