@@ -384,7 +384,11 @@ def _copy_block(smem, sbyte, src, kb, nrows, tid, NT, CPT, TOT, Q, D, SW):
 def _feature_map(xs, fm, C, LOG2L):
     """``xs = φ(xs)`` in place: this lane's C values of a row whose other values the
     2^LOG2L adjacent lanes hold. Softmax reduces the row max and Σ exp over those lanes
-    with shuffles, which run in every lane (warp-uniform)."""
+    with shuffles, which run in every lane (warp-uniform). Returns softmax's (row max,
+    1 / Σ exp), (0, 1) for the element-wise maps (the linear gradients keep them;
+    ``tc/linear.py`` applies φ to query rows through this function too)."""
+    mx = ZERO
+    inv = ONE
     if fm == 0:
         mx = xs[0]
         for c in range(1, C):
@@ -407,6 +411,7 @@ def _feature_map(xs, fm, C, LOG2L):
     else:
         for c in range(C):
             xs[c] = xs[c] if xs[c] > ZERO else ZERO
+    return mx, inv
 
 
 @_compat.device(**_DEV)
