@@ -87,8 +87,10 @@ rows ``_phi_rows``, the products ``_block_products``, the two epilogues
 ``_store_fragments`` / ``_store_staged``, the copies ``_copy_block``), written once
 and inlined (``forceinline``) into the three ``@cuda.jit`` closure kernels, whose
 factories only lay out shared memory and order the phases. Sizes are closure
-constants passed to the phases as arguments; a lane's φ values, the accumulators and
-the A fragments are ``cuda.local.array`` of the kernel, indexed only by counters of
+constants passed to the phases as arguments (Numba types them as integer literals, so
+a phase can size its own scratch: a lane's φ values in ``_phi_rows``, the A fragments
+in ``_block_products``); the accumulators, which pass from the products to the
+epilogue, are the kernel's. All are ``cuda.local.array`` indexed only by counters of
 constant-trip loops, which LLVM unrolls completely once inlined, so they live in
 registers (``tools/check_tc_ptx.py``: no ``.local``; mma / ldmatrix counts those of
 the generated kernel it replaced). ldmatrix addresses are one per-lane base plus
@@ -277,7 +279,8 @@ StatesKernel = namedtuple("StatesKernel", "kernel smem_bytes threads")
 # (a pickled device function would carry the intrinsics' per-process random uuids, and
 # the cache would never hit). Sizes arrive as arguments that are the kernel's closure
 # constants: inlined (``forceinline``), every loop over them has a constant trip count
-# and is unrolled, so the local arrays the kernel passes in stay in registers. ``f16``
+# and is unrolled, so the local arrays (the kernel's accumulators, a phase's own
+# scratch) stay in registers. ``f16``
 # (the input type), ``split``, ``staged`` and ``out_bf16`` are constants too: one branch
 # of each remains.
 
