@@ -16,7 +16,7 @@ feature maps, bf16 and fp16 inputs, fp32 and int16 (bf16) states, split and plai
 and 4-warp tiles (softmax shuffles over 8 lanes), two φ passes and a skipped k-step,
 1 / 2 / 3 blocks a pipelined CTA (a CTA whose last block is past Nk; both V stages
 reused), the alignment fallback, the switch through the launcher and through the
-backend's forward, and the race detector. ``SLA_NUMBA_STATES_KERNEL``'s values and
+backend's prep launch, and the race detector. ``SLA_NUMBA_STATES_KERNEL``'s values and
 default: tests/test_config.py. GPU (cc >= 8.0): the Wan2.1 sizes (bits and the times,
 ``pytest -s``), tails, fp16, fp32 states.
 """
@@ -176,7 +176,7 @@ def test_sim_switch_selects_the_kernel(monkeypatch):
 @needs_sim
 @pytest.mark.parametrize(
     "variant,out_bf16,Nk,bk",
-    [("staged", True, 29, 32), ("pipelined", False, 43, 16)],
+    [("staged", True, 29, 32), ("pipelined", False, 35, 16)],
 )
 def test_sim_no_races(variant, out_bf16, Nk, bk):
     """Two warps under the race detector (staged: one short block of 32 rows, where a
@@ -266,32 +266,38 @@ def test_gpu_wan_sizes_same_bits():
 
 
 @needs_sim
-def test_sim_whole_call_takes_the_switched_kernel(monkeypatch, variants_run):
-    """The tc path's forward (through the backend's prep launch, ``variant`` left to the
-    switch) with ``SLA_NUMBA_STATES_KERNEL=pipelined`` launches the pipelined kernel, and
-    the states it computed have the bits of the register kernel's for the same inputs
-    (the backward's states go through the same launcher call)."""
-    from sla_numba import _params, gpu
+def test_sim_backend_prep_takes_the_switched_kernel(monkeypatch, variants_run):
+    """The backend's prep launch (``_launch.launch_prep`` on the tensor-core path, as the
+    forward and the backward call it: its own device copies and workspace, ``variant``
+    left to the switch) with ``SLA_NUMBA_STATES_KERNEL=pipelined`` runs the pipelined
+    kernel (its k, v and state pass the alignment check), and the states it computed
+    have the bits of the register kernel's for the same inputs."""
+    from sla_numba.gpu._arrays import DeviceCall
+    from sla_numba.gpu._launch import launch_prep
+    from sla_numba.gpu.simt.tiles import choose_tiles
 
-    B, H, Nq, Nk, D, bq, bk = 1, 1, 16, 33, 16, 16, 16  # three key blocks, a tail
-    rng = np.random.default_rng(3)
-    q, k, v = (rng.standard_normal((B, H, n, D)).astype(np.float16) for n in (Nq, Nk, Nk))
-    bm = np.zeros((B, H, _params.n_blocks(Nq, bq), _params.n_blocks(Nk, bk)), np.int8)
-    bm[..., 0, 1] = 1  # critical; the rest marginal
+    B, H, Nk, D, bk, fm = 1, 1, 37, 16, 16, 0  # three key blocks, a tail
+    kb, vb, _, _ = _inputs("f16", B, H, Nk, D, seed=3)
+    k, v = kb.view(np.float16), vb.view(np.float16)
+    Mk = -(-Nk // bk)
     calls = []
     real = states_tc.launch_states_tc
 
-    def spy(kind, kb, vb, state, *rest, **kw):
-        real(kind, kb, vb, state, *rest, **kw)
-        calls.append((kind, np.array(kb), np.array(vb), np.array(state), rest, kw))
+    def spy(kind, kbits, vbits, state, *rest, **kw):
+        real(kind, kbits, vbits, state, *rest, **kw)
+        calls.append((kind, np.array(kbits), np.array(vbits), np.array(state), rest, kw))
 
     monkeypatch.setattr(states_tc, "launch_states_tc", spy)
     monkeypatch.setenv(config.STATES_KERNEL_VAR, "pipelined")
-    gpu.forward(q, k, v, bm, bq, bk, 0.25, _params.FEATURE_MAPS["softmax"], 1e-6, path="tc")
+    call = DeviceCall(k)
+    tiles = choose_tiles(D, np.float32, bk, bk)
+    bmap = call.dev(np.zeros((B, H, 1, Mk), np.int8))
+    launch_prep(call, tiles, call.dev(k), call.dev(v), Nk, bk, Mk, bmap, 1, Mk, fm,
+                want_cols=False, tc_kind="f16")  # fmt: skip
     assert variants_run == ["pipelined"] and len(calls) == 1
-    kind, kb, vb, got, rest, kw = calls[0]
-    assert kw == {}  # the variant came from the switch
+    kind, kbits, vbits, got, rest, kw = calls[0]
+    assert kind == "f16" and kw == {}  # the variant came from the switch
     ref = np.full_like(got, np.nan) if got.dtype == np.float32 else np.full_like(got, NAN16)
-    real(kind, kb, vb, ref, *rest, variant="registers")
+    real(kind, kbits, vbits, ref, *rest, variant="registers")
     assert variants_run == ["pipelined", "registers"]
     _same_bits(ref, got)
