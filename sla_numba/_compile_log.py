@@ -79,6 +79,8 @@ def _event_modules():
 
 def _ensure_listening():
     """Register our listener (once) with every Numba event module now loaded."""
+    if len(_registered) == 2:  # both (numba's and numba-cuda's): nothing left to do
+        return
     with _register_lock:
         for mod, kind in _event_modules():
             if mod.__name__ in _registered:

@@ -48,6 +48,20 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             barrier a chunk; or staged chunk by chunk, two barriers a
                             chunk, no loads in flight during the mma. Same bits; the
                             first 1.22x / 1.40x faster on the H200 (BENCHMARKS.md).
+``SLA_NUMBA_SPARSE_BWD``    ``sync`` (default) | ``pipelined``: the tensor-core sparse
+                            backward kernels (``gpu/tc/backward.py``, dQ and dK/dV):
+                            each K / V tile (query chunk) copied and waited for before
+                            its math, two barriers a step; or two stages, the next
+                            step's copy in flight during the current step's math, one
+                            barrier a step. Same bits. Opt-in: not yet timed on a GPU
+                            (``tools/sweep_sparse_backward.py``).
+``SLA_NUMBA_SPARSE_FWD``    ``mma`` (default) | ``wgmma``: the tensor-core kernel of the
+                            sparse branch's forward: ``mma.sync`` (``gpu/tc/forward.py``,
+                            compute capability >= 8.0) or Hopper's warpgroup MMA
+                            (``gpu/tc/forward_wgmma.py``). ``wgmma`` takes fp16 / bf16,
+                            block_q = block_k = 64, D 64 or 128, on compute capability
+                            9.0; anything else is a ``ValueError`` naming this variable
+                            (no silent fallback). Opt-in: not yet timed on a GPU.
 ``SLA_NUMBA_STATES_KERNEL`` ``registers`` (default) | ``staged`` | ``pipelined``: the
                             tensor-core key-block states kernel (``gpu/tc/states.py``):
                             one key block a CTA, K and V read with 2-byte loads and
@@ -69,6 +83,15 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             needs them (torch.compile, export, FakeTensor, functorch);
                             a plain eager call skips that layer (``torch_ops.py``,
                             section 3). ``always``: every call through the ops.
+``SLA_NUMBA_SAVE_STATES``   ``0`` (default, :data:`SAVE_STATES_DEFAULT`) | ``1``: the
+                            torch bridge keeps the GPU forward's linear-branch row
+                            states (H_i, Z_i: B·H·Mq·(D²+D) values of the compute
+                            dtype a layer) for the backward, which then skips
+                            recomputing the key-block states and their row sums;
+                            the same gradients bit for bit. ``0``: nothing extra is
+                            kept, the backward recomputes them. The cpu backend
+                            ignores it. Read at each forward (under torch.compile:
+                            when the graph is traced).
 ``SLA_NUMBA_COMPILE_WORKERS`` how many worker processes compile a call's GPU kernels
                             side by side the first time (``gpu/_precompile.py``);
                             ``0`` compiles them one by one in the calling process.
@@ -93,8 +116,13 @@ STATES_VAR = "SLA_NUMBA_STATES"
 MARGINAL_VAR = "SLA_NUMBA_MARGINAL"
 LINEAR_VAR = "SLA_NUMBA_LINEAR"
 LINEAR_GRAD_VAR = "SLA_NUMBA_LINEAR_GRAD"
+SPARSE_BWD_VAR = "SLA_NUMBA_SPARSE_BWD"
 STATES_KERNEL_VAR = "SLA_NUMBA_STATES_KERNEL"
 COMPILE_WORKERS_VAR = "SLA_NUMBA_COMPILE_WORKERS"
+SAVE_STATES_VAR = "SLA_NUMBA_SAVE_STATES"
+#: ``SLA_NUMBA_SAVE_STATES`` when unset or empty: "0" recompute the row states in the
+#: backward, "1" keep the forward's (docs/internals.md, "Reusing the forward's row states")
+SAVE_STATES_DEFAULT = "0"
 TORCH_OPS_VAR = "SLA_NUMBA_TORCH_OPS"
 TORCH_OPS = ("auto", "always")
 STATES_DTYPES = ("auto", "fp32", "bf16")
@@ -103,9 +131,12 @@ GRAD_STATES_DTYPES = ("auto", "fp32", "bf16")
 MARGINAL_KERNELS = ("pipelined", "registers")
 LINEAR_KERNELS = ("pipelined", "registers")
 LINEAR_GRAD_KERNELS = ("pipelined", "registers")
-#: The first is the default (unset or empty), as for every switch here.
+SPARSE_BWD_KERNELS = ("sync", "pipelined")
+#: The first is the default (unset or empty): flipping it is reordering this one line.
 STATES_KERNELS = ("registers", "staged", "pipelined")
 LAUNCHERS = ("direct", "numba")
+SPARSE_FWD_VAR = "SLA_NUMBA_SPARSE_FWD"
+SPARSE_FWD_KERNELS = ("mma", "wgmma")
 
 
 def _choice(var, values):
@@ -187,6 +218,16 @@ def linear_grad_kernel():
     return _choice(LINEAR_GRAD_VAR, LINEAR_GRAD_KERNELS)
 
 
+def sparse_bwd_kernel():
+    """``SLA_NUMBA_SPARSE_BWD``: 'sync' (unset or empty) or 'pipelined'."""
+    return _choice(SPARSE_BWD_VAR, SPARSE_BWD_KERNELS)
+
+
+def sparse_fwd_kernel():
+    """``SLA_NUMBA_SPARSE_FWD``: 'mma' (unset or empty) or 'wgmma'."""
+    return _choice(SPARSE_FWD_VAR, SPARSE_FWD_KERNELS)
+
+
 def states_kernel():
     """``SLA_NUMBA_STATES_KERNEL``: 'registers' (unset or empty), 'staged' or
     'pipelined'."""
@@ -211,6 +252,16 @@ def compile_workers():
     if val < 0:
         raise ValueError(f"{COMPILE_WORKERS_VAR}={raw!r}: must be an integer >= 0")
     return val
+
+
+def save_states():
+    """``SLA_NUMBA_SAVE_STATES``: whether the torch bridge keeps the GPU forward's row
+    states for the backward (unset or empty: :data:`SAVE_STATES_DEFAULT`)."""
+    raw = os.environ.get(SAVE_STATES_VAR, "")
+    val = raw.strip() or SAVE_STATES_DEFAULT
+    if val not in ("0", "1"):
+        raise ValueError(f"{SAVE_STATES_VAR}={raw!r}: must be 0 or 1")
+    return val == "1"
 
 
 def torch_ops():

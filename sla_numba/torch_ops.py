@@ -6,7 +6,9 @@ Three layers, as in FlashAttention's interface:
    ``sla_numba::forward``, ``sla_numba::backward``) with fake (meta) kernels, so
    ``torch.compile(fullgraph=True)`` sees through them and ``opcheck`` passes;
 2. ``register_autograd`` on the forward op: it saves exactly what the backward
-   kernel needs (q, k, v, the map, O_s, O_l and the LSE);
+   kernel needs (q, k, v, the map, O_s, O_l and the LSE; with
+   ``SLA_NUMBA_SAVE_STATES=1`` on the gpu backend also the linear branch's row
+   states H_i, Z_i, which the backward then does not recompute);
 3. :func:`sla_attention` below, which the public :func:`sla_numba.sla_attention`
    (in :mod:`sla_numba.api`) calls for torch tensors: it adds the projection
    ``O_l Wᵀ + b`` in plain torch, so autograd gives dW and db and passes
@@ -46,8 +48,10 @@ def _to_numpy(t, dtype=None):
     return t.detach().cpu().to(_TORCH_DTYPE[np.dtype(dtype)]).contiguous().numpy()
 
 
-def _run(backend, fn_name, tensors, *args):
-    """Call ``backend.fn_name`` on tensors; returns torch tensors on q's device."""
+def _run(backend, fn_name, tensors, *args, **kwargs):
+    """Call ``backend.fn_name`` on tensors; returns torch tensors on q's device.
+    Keyword arguments are passed on; a tensor among them is handed over as the
+    tensors are."""
     device = tensors[0].device
     mod = load_backend(backend)
     label = describe(
@@ -56,13 +60,15 @@ def _run(backend, fn_name, tensors, *args):
     if device.type == "cuda":
         # The gpu backend reads torch CUDA tensors directly (any float dtype),
         # launches on torch's current stream and allocates with torch.
+        kw = {n: x.contiguous() if isinstance(x, torch.Tensor) else x for n, x in kwargs.items()}
         with notice(label):
-            return getattr(mod, fn_name)(*[t.contiguous() for t in tensors], *args)
+            return getattr(mod, fn_name)(*[t.contiguous() for t in tensors], *args, **kw)
     # Host tensors: numpy views. With backend="gpu" this only happens under the
     # CUDA simulator (the API refuses it otherwise); the gpu backend then copies.
     arrays = [_to_numpy(t, np.int8 if t.dtype == torch.int8 else None) for t in tensors]
+    kw = {n: _to_numpy(x) if isinstance(x, torch.Tensor) else x for n, x in kwargs.items()}
     with notice(label):
-        outs = getattr(mod, fn_name)(*arrays, *args)
+        outs = getattr(mod, fn_name)(*arrays, *args, **kw)
     if isinstance(outs, tuple):
         return tuple(torch.from_numpy(np.asarray(o)) for o in outs)
     return torch.from_numpy(np.asarray(outs))
@@ -119,16 +125,23 @@ def _forward_op(
     eps: float,
     linear_scope: int,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    save_states: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward_impl(
-        q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend
-    )
+        q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend,
+        save_states,
+    )  # fmt: skip
 
 
 def _forward_impl(
-    q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend
-):
-    o_s, o_l, lse = _run(
+    q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend,
+    save_states=False,
+):  # fmt: skip
+    """(o_s, o_l, lse, row_states): ``row_states`` is the gpu forward's linear-branch row
+    sums (``gpu.forward(return_states=True)``) with ``save_states``, else an empty
+    tensor (nothing is kept)."""
+    _check_save_states(save_states, backend)
+    outs = _run(
         backend,
         "forward",
         [q, k, v, block_map],
@@ -138,12 +151,34 @@ def _forward_impl(
         feature_map,
         eps,
         linear_scope,
+        **({"return_states": True} if save_states else {}),
     )
+    o_s, o_l, lse = outs[:3]
+    states = outs[3].to(q.device) if save_states else q.new_empty(0, dtype=_lse_dtype(q))
     return (
         o_s.to(device=q.device, dtype=q.dtype),
         o_l.to(device=q.device, dtype=q.dtype),
         lse.to(device=q.device, dtype=_lse_dtype(q)),
+        states,
     )
+
+
+def _check_save_states(save_states, backend):
+    if save_states and backend != "gpu":
+        raise ValueError(
+            f"save_states=True with backend={backend!r}: only the gpu backend's forward "
+            "hands back its row states (the cpu kernels never materialise them)"
+        )
+
+
+def _row_states_fake(q, block_q, block_k):
+    """An empty tensor shaped as the gpu forward's row states (``gpu.forward.row_states_shape``)."""
+    from .gpu.forward import row_states_shape
+
+    B, H, Nq, D = q.shape
+    dtype = str(q.dtype).replace("torch.", "")
+    shape, np_dtype = row_states_shape(B, H, Nq, int(D), dtype, block_q, block_k)
+    return q.new_empty(shape, dtype=_TORCH_DTYPE[np_dtype])
 
 
 # The fake kernels describe the real outputs exactly, strides included: the real
@@ -151,11 +186,20 @@ def _forward_impl(
 # transposed q is read through a contiguous copy), so ``new_empty(shape)``, not
 # ``empty_like`` (which would copy a permuted input's strides).
 @_forward_op.register_fake
-def _(q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend):
+def _(
+    q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend,
+    save_states=False,
+):  # fmt: skip
+    _check_save_states(save_states, backend)
+    if save_states:
+        states = _row_states_fake(q, block_q, block_k)
+    else:
+        states = q.new_empty(0, dtype=_lse_dtype(q))
     return (
         q.new_empty(q.shape),
         q.new_empty(q.shape),
         q.new_empty(q.shape[:3], dtype=_lse_dtype(q)),
+        states,
     )
 
 
@@ -177,17 +221,21 @@ def _backward_op(
     eps: float,
     linear_scope: int,
     backend: str,
+    row_states: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward_impl(
         q, k, v, o_s, o_l, lse, do_s, do_l, block_map,
-        block_q, block_k, scale, feature_map, eps, linear_scope, backend,
+        block_q, block_k, scale, feature_map, eps, linear_scope, backend, row_states,
     )  # fmt: skip
 
 
 def _backward_impl(
     q, k, v, o_s, o_l, lse, do_s, do_l, block_map,
-    block_q, block_k, scale, feature_map, eps, linear_scope, backend,
+    block_q, block_k, scale, feature_map, eps, linear_scope, backend, row_states=None,
 ):  # fmt: skip
+    """``row_states``: the forward's (``save_states``), or None: the backward recomputes them."""
+    if row_states is not None:
+        _check_save_states(True, backend)
     dq, dk, dv = _run(
         backend,
         "backward",
@@ -198,6 +246,7 @@ def _backward_impl(
         feature_map,
         eps,
         linear_scope,
+        **({} if row_states is None else {"row_states": row_states}),
     )
     return (
         dq.to(device=q.device, dtype=q.dtype),
@@ -224,6 +273,7 @@ def _(
     eps,
     linear_scope,
     backend,
+    row_states=None,
 ):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -234,21 +284,26 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend = inputs
-    o_s, o_l, lse = output
-    ctx.save_for_backward(q, k, v, block_map, o_s, o_l, lse)
+    q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend = inputs[
+        :11
+    ]
+    save_states = inputs[11] if len(inputs) > 11 else False
+    o_s, o_l, lse, states = output
+    # the row states only when asked for (SLA_NUMBA_SAVE_STATES): else nothing extra
+    ctx.save_for_backward(q, k, v, block_map, o_s, o_l, lse, *([states] if save_states else []))
     ctx.params = (block_q, block_k, scale, feature_map, eps, linear_scope, backend)
+    ctx.mark_non_differentiable(states)
 
 
-def _backward(ctx, grad_o_s, grad_o_l, _grad_lse, backward=None):
-    q, k, v, block_map, o_s, o_l, lse = ctx.saved_tensors
+def _backward(ctx, grad_o_s, grad_o_l, _grad_lse, _grad_states=None, backward=None):
+    q, k, v, block_map, o_s, o_l, lse, *states = ctx.saved_tensors
     # A branch the caller did not use has no gradient: it contributes zero.
     grad_o_s = torch.zeros_like(o_s) if grad_o_s is None else grad_o_s.contiguous()
     grad_o_l = torch.zeros_like(o_l) if grad_o_l is None else grad_o_l.contiguous()
     dq, dk, dv = (backward or torch.ops.sla_numba.backward)(
-        q, k, v, o_s, o_l, lse, grad_o_s, grad_o_l, block_map, *ctx.params
+        q, k, v, o_s, o_l, lse, grad_o_s, grad_o_l, block_map, *ctx.params, *states
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -313,8 +368,8 @@ class _EagerForward(torch.autograd.Function):
         return output
 
     @staticmethod
-    def backward(ctx, grad_o_s, grad_o_l, grad_lse):
-        grads = _backward(ctx, grad_o_s, grad_o_l, grad_lse, backward=_backward_impl)
+    def backward(ctx, grad_o_s, grad_o_l, grad_lse, grad_states):
+        grads = _backward(ctx, grad_o_s, grad_o_l, grad_lse, grad_states, backward=_backward_impl)
         if torch.is_grad_enabled():  # create_graph=True: dq, dk, dv get a graph node
             incoming = [g for g in (grad_o_s, grad_o_l) if g is not None]
             grads = (*_RefuseDoubleBackward.apply(*grads[:3], *incoming), *grads[3:])
@@ -410,10 +465,19 @@ def sla_attention(
         eager = _eager(q, k, v, block_map)
         forward = _EagerForward.apply if eager else torch.ops.sla_numba.forward
         return forward(
-            q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend
-        )
+            q, k, v, block_map, block_q, block_k, scale, feature_map, eps, linear_scope, backend,
+            save,
+        )  # fmt: skip
 
-    o_s, o_l, _ = _together(classify_and_forward, block_map, q)
+    # keep the gpu forward's row states for the backward (SLA_NUMBA_SAVE_STATES): only
+    # when a backward can follow, else the forward frees them as before
+    save = (
+        backend == "gpu"
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (q, k, v))
+        and config.save_states()
+    )
+    o_s, o_l, _, _ = _together(classify_and_forward, block_map, q)
     if return_parts:
         return o_s, o_l
     if proj_weight is not None:

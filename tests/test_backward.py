@@ -124,10 +124,16 @@ def test_gradients_of_the_parts(backend):
     prop()
 
 
-@pytest.mark.parametrize("feature_map", sorted(_params.FEATURE_MAPS))
-def test_gradcheck(backend, feature_map):
+# every φ; and once with SLA_NUMBA_SAVE_STATES=1 (the gpu backward then reads the
+# forward's row states; the cpu backend ignores the switch)
+GRADCHECK_CASES = [(fm, "0") for fm in sorted(_params.FEATURE_MAPS)] + [("elu", "1")]
+
+
+@pytest.mark.parametrize("feature_map,save_states", GRADCHECK_CASES)
+def test_gradcheck(backend, feature_map, save_states, monkeypatch):
     """Finite differences in float64 on a tiny case with every kind of map row
     (under the simulator: smaller still, and gradcheck's fast mode)."""
+    monkeypatch.setenv("SLA_NUMBA_SAVE_STATES", save_states)
     rng = np.random.default_rng(7)
     if tiny(backend):
         shapes = [(1, 1, 3, 2), (1, 1, 5, 2), (1, 1, 5, 2), (2, 2), (2,)]
@@ -175,8 +181,13 @@ class _CaptureOps(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def test_opcheck_on_the_custom_ops(backend):
-    """torch.library.opcheck on the classify / forward / backward ops as the API calls them."""
+@pytest.mark.parametrize("save_states", ["0", "1"])
+def test_opcheck_on_the_custom_ops(backend, save_states, monkeypatch):
+    """torch.library.opcheck on the classify / forward / backward ops as the API calls them;
+    with SLA_NUMBA_SAVE_STATES=1 the gpu forward op returns its row states (the fake
+    kernel's shape and dtype checked against them) and the backward op reads them; the
+    cpu backend ignores the switch."""
+    monkeypatch.setenv("SLA_NUMBA_SAVE_STATES", save_states)
     sh = S.Shape(1, 1, 5, 6, 2, 2, 2) if tiny(backend) else S.Shape(1, 2, 9, 7, 4, 4, 2)
     q, k, v = (make(x, "torch", backend, requires_grad=True) for x in S.qkv(sh, 3))
     with _CaptureOps() as cap:
@@ -194,6 +205,15 @@ def test_opcheck_on_the_custom_ops(backend):
         o.sum().backward()
     seen = {func.name() for func, _, _ in cap.calls}
     assert {"sla_numba::classify", "sla_numba::forward", "sla_numba::backward"} <= seen, seen
+    saved = backend == "gpu" and save_states == "1"
+    for func, args, kwargs in cap.calls:  # (an argument at its default may be left out)
+        if func.name() == "sla_numba::forward":
+            assert (args[11] if len(args) > 11 else kwargs.get("save_states", False)) == saved
+        if func.name() == "sla_numba::backward":
+            states = args[16] if len(args) > 16 else kwargs.get("row_states")
+            assert (states is not None) == saved
+            if saved:
+                assert states.shape[:3] == (1, sh.h, sh.mq) and states.dtype == torch.float64
     for func, args, kwargs in cap.calls:
         args = [
             a.detach().clone().requires_grad_(a.is_floating_point() and "forward" in func.name())

@@ -113,7 +113,7 @@ def test_opcheck_on_non_contiguous_inputs():
     for scope in (0, 1):
         fwd_args = (q, k, v, bm, 2, 2, 0.5, 1, 1e-6, scope, "cpu")
         torch.library.opcheck(torch.ops.sla_numba.forward.default, fwd_args)
-        o_s, o_l, lse = torch.ops.sla_numba.forward(*fwd_args)
+        o_s, o_l, lse, _ = torch.ops.sla_numba.forward(*fwd_args)
         do_s, do_l = (torch.randn(1, 9, 2, 4).transpose(1, 2) for _ in range(2))
         torch.library.opcheck(
             torch.ops.sla_numba.backward.default,
@@ -215,7 +215,7 @@ def test_opcheck_on_cuda_bf16_non_contiguous_inputs():
     for scope in (0, 1):
         fwd_args = (q, k, v, bm, 64, 64, GPU_D**-0.5, 1, 1e-6, scope, "gpu")
         torch.library.opcheck(torch.ops.sla_numba.forward.default, fwd_args)
-        o_s, o_l, lse = (t.detach() for t in torch.ops.sla_numba.forward(*fwd_args))
+        o_s, o_l, lse, _ = (t.detach() for t in torch.ops.sla_numba.forward(*fwd_args))
         assert o_s.dtype == torch.bfloat16 and lse.dtype == torch.float32
         do_s, do_l = (
             torch.randn(1, 100, 2, GPU_D, device="cuda").to(torch.bfloat16).transpose(1, 2)

@@ -13,6 +13,9 @@ SWITCHES = [
     (config.LINEAR_GRAD_VAR, config.linear_grad_kernel, "pipelined", " Registers ", "registers"),
     (config.GRAD_STATES_VAR, config.grad_states_dtype, "auto", " BF16 ", "bf16"),
     (config.STATES_VAR, config.states_dtype, "auto", " FP32 ", "fp32"),
+    (config.SPARSE_FWD_VAR, config.sparse_fwd_kernel, "mma", " WGMMA ", "wgmma"),
+    (config.SPARSE_BWD_VAR, config.sparse_bwd_kernel, "sync", " Pipelined ", "pipelined"),
+    (config.SAVE_STATES_VAR, config.save_states, False, " 1 ", True),
     (config.STATES_KERNEL_VAR, config.states_kernel, "registers", " Pipelined ", "pipelined"),
 ]
 

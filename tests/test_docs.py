@@ -14,6 +14,7 @@ import pytest
         "sla_numba.modules",
         "sla_numba._warmup",
         "sla_numba.gpu.classify",
+        "sla_numba.gpu.forward",
     ],
 )
 def test_docstring_examples(module):

@@ -162,7 +162,7 @@ def test_lse_of_the_forward_op(backend):
         args = [make(x, "torch", backend) for x in (q, k, v, case.block_map)]
         scale = 1 / math.sqrt(sh.d)
         fm = _params.FEATURE_MAPS[case.feature_map]
-        _, _, lse = torch.ops.sla_numba.forward(
+        _, _, lse, _ = torch.ops.sla_numba.forward(
             *args, sh.block_q, sh.block_k, scale, fm, _params.EPS, 0, backend
         )
         _, _, e_lse = blockwise.forward(

@@ -7,6 +7,7 @@ on awkward shapes; the eager way must not be taken where torch needs the ops.
 
 import pytest
 import torch
+from helpers import simulator_on
 
 import sla_numba
 from sla_numba import torch_ops
@@ -92,3 +93,75 @@ def test_eager_way_refuses_double_backward():
     (gq,) = torch.autograd.grad(o.square().sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward .* is not supported"):
         gq.sum().backward()
+
+
+def _forward_nodes(grad_fn):
+    """The autograd nodes of the SLA forward op (eager: ``_EagerForward``; ops: torch's
+    generated node) reachable from ``grad_fn``."""
+    seen, stack, found = set(), [grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "Forward" in type(node).__name__ or "forward" in type(node).__name__:
+            found.append(node)
+        stack += [f for f, _ in node.next_functions]
+    return found
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not simulator_on(), reason="host tensors with backend='gpu': simulator only")
+def test_saved_row_states_same_bits_both_ways(monkeypatch):
+    """SLA_NUMBA_SAVE_STATES=1 on the gpu backend (simulated without a GPU): the forward
+    keeps one tensor more for the backward (the row states; none more with 0), the
+    backend backward receives it, and the output and gradients are the same bits as
+    with 0, the eager way and through the custom ops alike."""
+    gpu = pytest.importorskip("sla_numba.gpu")
+    monkeypatch.setenv("SLA_NUMBA_COMPILE_WORKERS", "0")
+    received = []
+    real = gpu.backward
+
+    def spy(*args, **kwargs):
+        received.append(kwargs.get("row_states"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gpu, "backward", spy)
+
+    def run(save, ops):
+        monkeypatch.setenv("SLA_NUMBA_SAVE_STATES", save)
+        monkeypatch.setenv("SLA_NUMBA_TORCH_OPS", ops)
+        g = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(1, 2, n, 8, generator=g, requires_grad=True) for n in (20, 21, 21))
+        o = sla_numba.sla_attention(
+            q, k, v, topk=0.4, skip=0.2, block_q=8, block_k=8, feature_map="softmax",
+            backend="gpu",
+        )  # fmt: skip
+        (node,) = _forward_nodes(o.grad_fn)
+        n_saved = len(node.saved_tensors)
+        o.square().sum().backward()
+        return n_saved, [o.detach(), q.grad, k.grad, v.grad]
+
+    n_plain, plain = run("0", "auto")
+    assert n_plain == 7 and received == [None]
+    for ops in ("auto", "always"):
+        received.clear()
+        n_saved, got = run("1", ops)
+        assert n_saved == 8, ops
+        (states,) = received
+        assert states is not None and states.shape[:3] == (1, 2, 3) and states.dtype.itemsize == 4
+        for a, b in zip(got, plain):
+            assert torch.equal(a, b), ops
+    received.clear()
+    n_ops, _ = run("0", "always")
+    assert n_ops == 7 and received == [None]
+
+    # no backward can follow (no_grad): the forward is not asked for its states
+    asked = []
+    real_fwd = gpu.forward
+    monkeypatch.setattr(gpu, "forward", lambda *a, **kw: (asked.append(kw), real_fwd(*a, **kw))[1])
+    monkeypatch.setenv("SLA_NUMBA_SAVE_STATES", "1")
+    q = torch.randn(1, 1, 16, 8)
+    with torch.no_grad():
+        sla_numba.sla_attention(q, q, q, topk=0.5, skip=0.0, block_q=8, block_k=8, backend="gpu")
+    assert asked == [{}]

@@ -14,8 +14,8 @@ Also links the PTX for sm_90 with nvJitLink (``cuda.bindings``, part of the cu13
 wheels) and reports ptxas's register count and spill bytes.
 Exit status 1 on a mismatch.
 
-``--only NAME[,NAME]`` checks only some kernels (forward, backward, marginal, states,
-linear).
+``--only NAME[,NAME]`` checks only some kernels (forward, backward, sparse_bwd (the
+pipelined sparse backward), marginal, states, linear, linear_grad).
 """
 
 import os
@@ -100,11 +100,8 @@ def _count_cp_async(text):
     return len(re.findall(r"cp\.async\.c[ag]\.", text))
 
 
-def check(name, fn, sig, want, want_cp=None, want_ld4=None):
-    """Compile ``fn`` (a kernel, with its own fast-math flags) for sm_90 and compare its
-    mma.sync / ldmatrix counts with ``want`` (and its cp.async copies with ``want_cp``
-    when given); no ``.local`` allowed."""
-    t0, c0 = time.time(), time.process_time()
+def compile_sm90(fn, sig):
+    """The PTX of kernel ``fn`` for sm_90, with the kernel's own fast-math flags."""
     opts = getattr(fn, "targetoptions", {})
     ptx, _ = cuda.compile_ptx(
         getattr(fn, "py_func", fn),
@@ -113,6 +110,15 @@ def check(name, fn, sig, want, want_cp=None, want_ld4=None):
         fastmath=opts.get("fastmath", False),
         launch_bounds=opts.get("launch_bounds"),
     )
+    return ptx
+
+
+def check(name, fn, sig, want, want_cp=None, want_ld4=None):
+    """Compile ``fn`` (a kernel, with its own fast-math flags) for sm_90 and compare its
+    mma.sync / ldmatrix counts with ``want`` (and its cp.async copies with ``want_cp``
+    when given); no ``.local`` allowed."""
+    t0, c0 = time.time(), time.process_time()
+    ptx = compile_sm90(fn, sig)
     info = ptxas_info(ptx)
     want_mma, want_ld = want
     got_mma = _count(ptx, "mma.sync.aligned")
@@ -169,6 +175,8 @@ def main():
                 backward_tc.signature(which),
                 SPARSE_EXPECTED[which, D, bk, bq, kind],
             )
+    if wanted("sparse_bwd"):
+        ok &= check_sparse_bwd(configs)
     if wanted("marginal"):
         ok &= check_marginal()
     if wanted("states"):
@@ -178,6 +186,28 @@ def main():
     if wanted("linear_grad"):
         ok &= check_linear_grad(quick)
     sys.exit(0 if ok else 1)
+
+
+def check_sparse_bwd(configs):
+    """The pipelined sparse-backward kernels (``SLA_NUMBA_SPARSE_BWD=pipelined``): the
+    same products as the sync kernels (``SPARSE_EXPECTED``), and as many ``cp.async`` as
+    the sync kernel of the same configuration (the same copy sites: the prologue's and
+    the one inside the loop, which only moves from the loop's end to its start)."""
+    ok = True
+    for D, bk, bq, kind in configs:
+        for which in backward_tc.KERNELS:
+            sig = backward_tc.signature(which)
+            sync = backward_tc.make_sparse_backward(which, D, bk, bq, kind).kernel
+            want_cp = _count_cp_async(compile_sm90(sync, sig))
+            kern = backward_tc.make_sparse_backward(which, D, bk, bq, kind, True).kernel
+            ok &= check(
+                f"sparse_bwd {which} pipelined D={D} bk={bk} bq={bq} {kind}",
+                kern,
+                sig,
+                SPARSE_EXPECTED[which, D, bk, bq, kind],
+                want_cp=want_cp,
+            )
+    return ok
 
 
 def check_marginal():

@@ -21,10 +21,19 @@
 #   linear   tools/sweep_linear.py and tools/sweep_linear_backward.py: the linear forward's
 #            and the linear gradients' register and pipelined kernels (SLA_NUMBA_LINEAR,
 #            SLA_NUMBA_LINEAR_GRAD), same bits, and the cuBLAS floors
+#   sparsebwd tools/sweep_sparse_backward.py: the sparse backward's sync and pipelined
+#            kernels (SLA_NUMBA_SPARSE_BWD), same bits, TFLOP/s (Wan shape, D=64 B2 H16)
+#   sparsewg tools/sweep_sparse_wgmma.py: the sparse forward on wgmma (SLA_NUMBA_SPARSE_FWD)
+#            against the mma.sync kernel at the Wan shape (bf16 D 128 / 64, fp16), --quick first
 #   states   tools/sweep_states.py: the key-block states' register, staged and pipelined
 #            kernels (SLA_NUMBA_STATES_KERNEL), bf16 and fp32 states, same bits, cuBLAS floor
 #   host     host-side costs: tools/host_overhead.py (launch paths, whole calls; HOST_ARGS)
 #            and tools/profile_gpu.py (kernels vs wall), bf16, PROFILE_SHAPES (b2 wan)
+#   graphs   tools/bench_graphs.py: eager vs CUDA-graph replay (torch.cuda.graph) vs SDPA
+#            (cuDNN), b2 and wan bf16, fwd and fwd+bwd, replay == eager bits; and
+#            torch.compile(mode="reduce-overhead") of a call (GRAPHS_ARGS, e.g. --no-compile)
+#   reuse    tools/bench_reuse.py: the backward reading the forward's row states
+#            (SLA_NUMBA_SAVE_STATES=1) against recomputing them: time, memory, same bits
 set -u
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT" /tmp/logs
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-/tmp/sla_numba_nbcache}
@@ -78,12 +87,19 @@ for step in "$@"; do
     marginal) TAIL=40 run marginal ${MARGINAL_TIMEOUT:-150} python tools/sweep_marginal.py ;;
     linear)  TAIL=40 run linear ${LINEAR_TIMEOUT:-120} python tools/sweep_linear.py
              TAIL=40 run linear_grad ${LINEAR_TIMEOUT:-120} python tools/sweep_linear_backward.py ;;
+    sparsebwd) TAIL=40 run sparse_bwd ${SPARSEBWD_TIMEOUT:-150} python tools/sweep_sparse_backward.py ;;
+    sparsewg) TAIL=40 run sparsewg_quick 120 python tools/sweep_sparse_wgmma.py --quick
+              TAIL=40 run sparsewg ${SPARSEWG_TIMEOUT:-150} python tools/sweep_sparse_wgmma.py ;;
     states)  TAIL=40 run states ${STATES_TIMEOUT:-120} python tools/sweep_states.py ;;
     host)    TAIL=40 run host ${HOST_TIMEOUT:-200} python tools/host_overhead.py ${HOST_ARGS:-} \
                  --json "$OUT/host_overhead.json"
              for shape in ${PROFILE_SHAPES:-b2 wan}; do
                TAIL=40 run profile_$shape 100 python tools/profile_gpu.py --shape $shape --dtype bf16
              done ;;
+    graphs)  TAIL=80 run graphs ${GRAPHS_TIMEOUT:-240} python tools/bench_graphs.py ${GRAPHS_ARGS:-} \
+                 --json "$OUT/bench_graphs.json" ;;
+    reuse)   TAIL=40 run reuse ${REUSE_TIMEOUT:-150} python tools/bench_reuse.py ${REUSE_ARGS:-} \
+                 --json "$OUT/bench_reuse.json" ;;
     *)       el "unknown step $step" ;;
   esac
 done

@@ -22,6 +22,10 @@ linear terms; ``"auto"`` picks ``"tc"`` whenever
 block sizes, compute capability >= 8.0). ``SLA_NUMBA_GPU_PATH=simt|tc|auto``
 overrides ``"auto"``; a forced ``"tc"`` on inputs it cannot take is a ``ValueError``.
 
+CUDA graphs: on torch CUDA tensors every launch goes on torch's current stream and every
+buffer comes from torch's allocator, so warm calls can be captured; a launch that would
+have to load a kernel during capture raises :class:`CaptureError` (``_launcher.py``).
+
 Inputs: torch CUDA tensors, CuPy arrays, numba device arrays or numpy arrays
 (copied to the device and back: this is how CI runs the kernels under the CUDA
 simulator). Outputs are the same kind as ``q`` (see ``_arrays.py``), in float32
@@ -32,9 +36,10 @@ linear states), ``simt/marginal.py`` (sums of states over marginal blocks), ``_c
 """
 
 from . import _compat  # noqa: F401  (restores np.row_stack before numba.cuda compiles)
+from ._launcher import CaptureError
 from ._path import ENV_VAR, PATHS, select_path
 from .backward import backward
 from .classify import classify
 from .forward import forward
 
-__all__ = ["classify", "forward", "backward", "select_path", "PATHS", "ENV_VAR"]
+__all__ = ["classify", "forward", "backward", "select_path", "PATHS", "ENV_VAR", "CaptureError"]

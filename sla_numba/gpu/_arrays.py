@@ -22,6 +22,8 @@ int8 map, so an element a kernel forgets to write fails the tests.
 CuPy is imported only when a CuPy array is passed (``type(x).__module__``).
 """
 
+import math
+
 import numpy as np
 
 from .. import _arrays as _host_arrays
@@ -43,22 +45,30 @@ def array_kind(x):
     raise TypeError(f"sla_numba.gpu: unsupported array type {type(x).__name__}")
 
 
-def _torch_np_dtype(t):
-    import torch
+_TORCH_DTYPES = {}  # torch dtype -> numpy dtype (or "bfloat16"), filled on first use
+_TORCH_OF = {}  # numpy dtype -> torch dtype of the buffers DeviceCall allocates
 
-    table = {
-        torch.float32: np.float32,
-        torch.float16: np.float16,
-        torch.float64: np.float64,
-        torch.int8: np.int8,
-        torch.int16: np.int16,
-        torch.int32: np.int32,
-        torch.int64: np.int64,
-        torch.uint8: np.uint8,
-    }
-    if t.dtype == torch.bfloat16:
-        return "bfloat16"
-    return np.dtype(table[t.dtype])
+
+def _torch_np_dtype(t):
+    """The numpy dtype of a torch tensor, or the string 'bfloat16' (KeyError for
+    dtypes the kernels never take). A table built once: a call asks ~10 times."""
+    if not _TORCH_DTYPES:
+        import torch
+
+        _TORCH_DTYPES.update(
+            {
+                torch.float32: np.dtype(np.float32),
+                torch.float16: np.dtype(np.float16),
+                torch.float64: np.dtype(np.float64),
+                torch.int8: np.dtype(np.int8),
+                torch.int16: np.dtype(np.int16),
+                torch.int32: np.dtype(np.int32),
+                torch.int64: np.dtype(np.int64),
+                torch.uint8: np.dtype(np.uint8),
+                torch.bfloat16: "bfloat16",
+            }
+        )
+    return _TORCH_DTYPES[t.dtype]
 
 
 class DeviceView:
@@ -80,13 +90,22 @@ class DeviceView:
     (48, (3, 4), (24,), dtype('int32'))
     """
 
-    __slots__ = ("ptr", "shape", "dtype", "owner")
+    __slots__ = ("ptr", "shape", "dtype", "owner", "_strides")
 
     def __init__(self, ptr, shape, dtype, owner):
         self.ptr = int(ptr)
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.owner = owner
+        self._strides = None  # computed on first use (a view is packed for ~3 launches)
+
+    def _derive(self, ptr, shape, dtype):
+        """A view of the same owner: ``shape`` a tuple of ints and ``dtype`` a numpy
+        dtype, already checked by the caller (``reshape``, ``view``, ``[i]``); skips
+        ``__init__``'s conversions (a call derives ~30 views: flat ones, int16 bits)."""
+        out = DeviceView.__new__(DeviceView)
+        out.ptr, out.shape, out.dtype, out.owner, out._strides = ptr, shape, dtype, self.owner, None
+        return out
 
     @property
     def ndim(self):
@@ -102,39 +121,38 @@ class DeviceView:
     @property
     def strides(self):
         """C-order strides in bytes."""
-        out, step = [], self.dtype.itemsize
-        for s in reversed(self.shape):
-            out.append(step)
-            step *= s
-        return tuple(reversed(out))
+        if self._strides is None:
+            out, step = [], self.dtype.itemsize
+            for s in reversed(self.shape):
+                out.append(step)
+                step *= s
+            self._strides = tuple(reversed(out))
+        return self._strides
 
     def reshape(self, *shape):
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
         shape = tuple(int(s) for s in shape)
-        n = 1
-        for s in shape:
-            n *= s
-        if n != self.size:
+        if math.prod(shape) != self.size:
             raise ValueError(f"cannot reshape a view of shape {self.shape} to {shape}")
-        return DeviceView(self.ptr, shape, self.dtype, self.owner)
+        return self._derive(self.ptr, shape, self.dtype)
 
     def view(self, dtype):
         """The same bytes as ``dtype``; with another item size the last axis is
         rescaled (as numpy does), which needs its byte length to divide evenly."""
         dtype = np.dtype(dtype)
         if dtype.itemsize == self.dtype.itemsize:
-            return DeviceView(self.ptr, self.shape, dtype, self.owner)
+            return self._derive(self.ptr, self.shape, dtype)
         last = self.shape[-1] * self.dtype.itemsize if self.shape else 0
         if not self.shape or last % dtype.itemsize:
             raise ValueError(f"view {self.dtype} {self.shape} as {dtype}: sizes do not divide")
-        return DeviceView(self.ptr, self.shape[:-1] + (last // dtype.itemsize,), dtype, self.owner)
+        return self._derive(self.ptr, self.shape[:-1] + (last // dtype.itemsize,), dtype)
 
     def __getitem__(self, i):
         if not isinstance(i, (int, np.integer)) or not 0 <= i < self.shape[0]:
             raise IndexError(f"DeviceView[{i!r}]: an int index in [0, {self.shape[0]})")
         step = self.strides[0] if self.ndim else 0
-        return DeviceView(self.ptr + int(i) * step, self.shape[1:], self.dtype, self.owner)
+        return self._derive(self.ptr + int(i) * step, self.shape[1:], self.dtype)
 
     @property
     def __cuda_array_interface__(self):
@@ -247,7 +265,9 @@ class DeviceCall:
         fill = _host_arrays.poison_value(dtype)
         if self.kind == "torch":
             torch = self._torch
-            tdt = getattr(torch, dtype.name)
+            tdt = _TORCH_OF.get(dtype)
+            if tdt is None:  # (np.dtype.name costs ~3 µs; a call allocates ~10 buffers)
+                tdt = _TORCH_OF[dtype] = getattr(torch, dtype.name)
             if poison:
                 h = torch.full(shape, fill, dtype=tdt, device=self._torch_device)
             else:

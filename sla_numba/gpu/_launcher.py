@@ -39,6 +39,14 @@ loaded is recorded as a :class:`Job` (kernel, device, argument types), which
 Kernels that ask for more than 48 KiB of dynamic shared memory need an opt-in per
 compiled function and device (``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES``);
 :func:`launch` sets it on first use, for both ways of launching.
+
+CUDA graphs: a launch of a kernel already loaded is one ``cuLaunchKernelEx`` on the
+caller's stream, which stream capture records like any other launch. Loading a kernel
+(compiling it, or reading Numba's disk cache and loading its module) is not allowed
+while a stream captures. So where a kernel is not loaded yet, and only there (a warm
+launch asks nothing), the launcher asks the driver whether the launch stream is
+capturing (:func:`capturing`); if it is, :class:`CaptureError` says to run the call
+once before capturing.
 """
 
 import contextlib
@@ -110,6 +118,45 @@ class Missing(Exception):
     """Raised inside :func:`strict` by a launch of a kernel not loaded in this process."""
 
 
+class CaptureError(RuntimeError):
+    """A launch of a kernel not loaded in this process, on a stream that is capturing
+    a CUDA graph (``torch.cuda.graph``, ``torch.compile(mode="reduce-overhead")``, ...):
+    the kernel cannot be compiled or loaded during capture."""
+
+
+def capturing(stream):
+    """Whether ``stream`` (a Numba stream, or 0) is capturing a CUDA graph.
+
+    One driver call (``cuStreamIsCapturing``), made only where a kernel must be loaded.
+    The legacy default stream (0) answers "implicit capture" while another stream of
+    the context captures in blocking mode: that counts as capturing too (a launch
+    there would join, and break, that capture). No driver (the simulator): False.
+    """
+    if SIMULATOR:
+        return False
+    try:
+        from cuda.bindings import driver as cu
+
+        err, status = cu.cuStreamIsCapturing(_handle(stream))
+    except Exception:  # noqa: BLE001 - no cuda.bindings or no driver: nothing captures
+        return False
+    if err == cu.CUresult.CUDA_ERROR_STREAM_CAPTURE_IMPLICIT:
+        return True
+    return err == cu.CUresult.CUDA_SUCCESS and int(status) != 0
+
+
+def _not_warm(kernel, stream):
+    """The :class:`CaptureError` of a launch of ``kernel`` not loaded in this process."""
+    fn = getattr(kernel, "py_func", kernel)
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+    return CaptureError(
+        f"sla_numba: the GPU kernel {name!r} is not loaded in this process, and the "
+        f"stream it is launched on (0x{_handle(stream):x}) is capturing a CUDA graph; a "
+        "kernel cannot be compiled or loaded during capture. Run the same call (same "
+        "shapes, dtypes and options) once before capturing, as a warm-up."
+    )
+
+
 _compiled = {}  # (dispatcher, device id, argument keys) -> _Compiled
 _configs = {}  # (grid, block, smem) -> LaunchConfig
 _core_streams = {}  # stream handle -> cuda.core Stream
@@ -171,6 +218,9 @@ def launch(kernel, grid, block, stream, args, smem=0):
             _core_launch(_core_stream(stream), _config(grid, block, smem), compiled.kernel, *kargs)
             counts["direct"] += 1
             return
+    if capturing(stream):  # (the dispatcher's way is slow anyway: one driver call more)
+        if tuple(kernel.typeof_pyval(a) for a in args) not in kernel.overloads:
+            raise _not_warm(kernel, stream)
     if smem > DEFAULT_SMEM_LIMIT:
         argtypes = tuple(kernel.typeof_pyval(a) for a in args)
         _opt_in(
@@ -188,11 +238,15 @@ def _key_and_values(kernel, stream, args):
     keys = []
     values = []
     for a in args:
+        if type(a) is DeviceView:  # most arguments: asked first
+            keys.append((a.dtype, a.ndim))
+            values.append(a)
+            continue
         if isinstance(a, _SCALARS):
             keys.append(type(a))
             values.append(a)
             continue
-        view = a if type(a) is DeviceView else device_view(a)
+        view = device_view(a)
         if view is None:
             return None
         keys.append((view.dtype, view.ndim))
@@ -229,6 +283,8 @@ def _direct_args(kernel, stream, args):
     key, values = kv
     compiled = _compiled.get(key)
     if compiled is None:
+        if capturing(stream):
+            raise _not_warm(kernel, stream)
         if getattr(_mode, "strict", False):
             raise Missing(kernel)
         compiled = _compiled[key] = _compile(kernel, key[1], values)

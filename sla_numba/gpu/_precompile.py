@@ -35,6 +35,11 @@ when they can help: ``SLA_NUMBA_COMPILE_WORKERS`` > 0 (default: the CPUs, at mos
 none below 4 CPUs), at least two cache files to compile, direct launches
 (``_launcher.py``), Numba's disk cache on. A worker that fails is reported in one
 line, and its kernels are then compiled in this process.
+
+Under CUDA-graph capture (``torch.cuda.graph``, ...) a warm call's strict run is the
+whole call: it launches only loaded kernels. A kernel not loaded raises the launcher's
+``CaptureError`` (it is asked before ``Missing``), so a capture never starts a dry run,
+a compile or a worker process: kernels must be loaded by a call before the capture.
 """
 
 import functools

@@ -37,6 +37,10 @@ as ``dq_linear``, the column sums, step 5's linear part as ``dkdv_linear``), or,
 ``SLA_NUMBA_TC_OFF`` names ``linear_grad`` or the shape is not theirs, by ``dq`` /
 ``dkdv`` compiled with ``sparse=False``. Seven launches, still deterministic: each
 element has one writer per kernel, in stream order.
+
+Handed the forward's row states (``row_states=``, from ``forward(...,
+return_states=True)``), steps 1 and 2 shrink: ``prep`` builds only the lists (and
+delta), no key-block state is computed and the row sums are not taken again.
 """
 
 import numpy as np
@@ -54,8 +58,9 @@ from ._launch import (
     linear_scope_global,
     linear_supported,
     marginal_sum,
-    row_states,
+    row_states_layout,
 )
+from ._launch import row_states as sum_row_states
 from ._launcher import launch
 from ._path import resolve_path, tc_part
 from ._precompile import ahead
@@ -95,6 +100,7 @@ def backward(
     *,
     path="auto",
     tiles=None,
+    row_states=None,
 ):
     """SLA backward. Returns ``(dq, dk, dv)`` of the same array kind as ``q``.
 
@@ -107,6 +113,14 @@ def backward(
     loops, which *add* the linear contributions in place (the column sums between
     dq and dkdv). Deterministic either way. ``linear_scope`` 1 ("global"): the
     linear branch took every key block (``_launch.linear_scope_global``).
+
+    ``row_states``: what ``forward(..., return_states=True)`` returned for the same
+    inputs, map, ``linear_scope``, path and switches (not checked beyond its layout):
+    the row sums H_i, Z_i of the linear branch. Then the backward computes neither the
+    key-block states (prep builds only the lists and delta) nor their row sums: two
+    launches fewer on the tensor-core path, and the same gradients bit for bit (the same
+    kernels made those sums in the forward). A wrong shape or dtype is a ``ValueError``,
+    another array kind or device a ``TypeError``.
     """
     if isinstance(feature_map, str):
         feature_map = FEATURE_MAPS[feature_map]
@@ -120,6 +134,8 @@ def backward(
     acc = compute_dtype(call.in_dtype(q))
     T = tiles or choose_tiles(D, acc, block_q, block_k)
     W = T.DP * T.DP + T.DP
+    if row_states is not None:
+        _check_row_states(call, row_states, q, *row_states_layout(B, H, Mq, T))
     mark("glue")
     if tc:
         do_s = _like_dtype(call, do_s, q)
@@ -141,16 +157,18 @@ def backward(
             want_cols=True,
             delta_of=(os_, dos_) if tc else None,
             tc_kind=half_kind(call, q) if tc else None,
+            states=row_states is None,
         )
         lin_map = linear_scope_global(call, ws, bmap, True) if linear_scope else bmap
         mark("bwd prep")
-        lstate = row_states(call, lin_map, ws["state"], Mq, Mk, tc=tc)
-        mark("bwd marginal sum (rows)")
+        if row_states is None:
+            lstate = sum_row_states(call, lin_map, ws["state"], Mq, Mk, tc=tc)
+            mark("bwd marginal sum (rows)")
+        else:  # the forward's (H_i, Z_i): nothing to recompute
+            lstate = call.dev(row_states)
         h_dq, dq = call.output((B, H, Nq, D), acc)
         h_dk, dk = call.output((B, H, Nk, D), acc)
         h_dv, dv = call.output((B, H, Nk, D), acc)
-        _, w_inv_den = call.workspace((B, H, Nq), acc)
-        _, w_dl = call.workspace((B, H, Nq), acc)
         if tc:
             w_ds = ws["delta"]
             lse_f = lse_
@@ -210,6 +228,9 @@ def backward(
             mark("bwd linear dkdv")
             return call.result(h_dq), call.result(h_dk), call.result(h_dv)
         _, qstate = call.workspace((B, H, Mq, W), acc)
+        # the SIMT dq's per-row workspaces (1 / den and δl; read again by nobody else)
+        _, w_inv_den = call.workspace((B, H, Nq), acc)
+        _, w_dl = call.workspace((B, H, Nq), acc)
         args = (
             dq_,
             dk_,
@@ -261,6 +282,41 @@ def backward(
         launch(make_dkdv(T, not tc), (Mk, H, B), T.NT, call.stream, args)
         mark("bwd linear dkdv" if tc else "bwd simt dkdv")
         return call.result(h_dq), call.result(h_dk), call.result(h_dv)
+
+
+def _check_row_states(call, row_states, q, shape, dtype):
+    """``row_states`` as :func:`backward` reads it: the kind of array ``q`` is, on its
+    device, C-contiguous, of the forward's row-state ``shape`` and ``dtype``."""
+    from ._arrays import array_kind
+
+    try:
+        kind = array_kind(row_states)
+    except TypeError:
+        kind = type(row_states).__name__
+    if kind != call.kind:
+        raise TypeError(
+            f"row_states: a {kind} array where q is {call.kind}: pass the row_states that "
+            "forward(..., return_states=True) returned for these inputs"
+        )
+    got = tuple(int(s) for s in row_states.shape)
+    if got != shape:
+        raise ValueError(
+            f"row_states: shape {got}, expected {shape} (B, H, Mq, DP*DP + DP) for these "
+            "inputs: pass what forward(..., return_states=True) returned for them"
+        )
+    try:
+        got_dtype = str(call.in_dtype(row_states))
+    except KeyError:  # a torch dtype with no numpy twin
+        got_dtype = str(row_states.dtype)
+    if got_dtype != str(dtype):
+        raise ValueError(f"row_states: dtype {got_dtype}, expected {dtype} (the compute dtype)")
+    if call.kind == "torch":
+        if row_states.device != q.device:
+            raise TypeError(f"row_states: on {row_states.device}, q on {q.device}")
+        if not row_states.is_contiguous():
+            raise ValueError("row_states: must be C-contiguous")
+    elif call.kind == "cupy" and row_states.device.id != q.device.id:
+        raise TypeError(f"row_states: on GPU {row_states.device.id}, q on GPU {q.device.id}")
 
 
 def _linear_grad_tc(D, T, block_q, block_k):

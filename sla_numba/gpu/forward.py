@@ -56,6 +56,7 @@ from ._launch import (
     linear_scope_global,
     linear_supported,
     row_states,
+    row_states_layout,
 )
 from ._launcher import launch
 from ._path import resolve_path, tc_part
@@ -80,6 +81,7 @@ def forward(
     *,
     path="auto",
     tiles=None,
+    return_states=False,
 ):
     """SLA forward. Returns ``(o_s, o_l, lse)`` of the same array kind as ``q``.
 
@@ -89,6 +91,25 @@ def forward(
     inputs the tensor cores cannot take is a ``ValueError``). ``tiles`` overrides
     the SIMT tile configuration (tests). ``linear_scope`` 1 ("global"): the linear
     branch takes every key block (``_launch.linear_scope_global``).
+
+    ``return_states=True``: ``(o_s, o_l, lse, row_states)``, with ``row_states`` the
+    linear branch's row sums this forward computed anyway, ``[vec(H_i), Z_i]`` per
+    query block (B, H, Mq, DP*DP + DP) in the compute dtype (DP: the head dim padded for
+    the SIMT tiles, D when D is a multiple of 16). Hand it to :func:`backward`
+    (``row_states=``) and the backward skips the states and their row sums. The
+    forward's work is the same; it only writes that buffer, which it keeps otherwise
+    as a workspace (docs/internals.md, "Reusing the forward's row states").
+
+    Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
+
+        import numpy as np
+        from sla_numba import gpu
+        x = np.random.default_rng(0).standard_normal((1, 1, 32, 16)).astype(np.float32)
+        bm = np.array([[[[1, 0], [0, 1]]]], np.int8)
+        o_s, o_l, lse, rs = gpu.forward(x, x, x, bm, 16, 16, 0.25, 0, 1e-6, return_states=True)
+        rs.shape                                   # (1, 1, 2, 16 * 16 + 16)
+        grads = gpu.backward(x, x, x, o_s, o_l, lse, x, x, bm, 16, 16, 0.25, 0, 1e-6,
+                             row_states=rs)
     """
     if isinstance(feature_map, str):
         feature_map = FEATURE_MAPS[feature_map]
@@ -119,7 +140,10 @@ def forward(
         )
         lin_map = linear_scope_global(call, ws, dmap, False) if linear_scope else dmap
         mark("fwd prep")
-        lstate = row_states(call, lin_map, ws["state"], Mq, Mk, tc=path == "tc")
+        h_rs = keep = None
+        if return_states:  # the row sums written to a buffer handed back to the caller
+            h_rs, keep = call.output(*row_states_layout(B, H, Mq, T))
+        lstate = row_states(call, lin_map, ws["state"], Mq, Mk, tc=path == "tc", out=keep)
         mark("fwd marginal sum")
         h_os, o_s = call.output((B, H, Nq, D), acc)
         h_ol, o_l = call.output((B, H, Nq, D), acc)
@@ -187,4 +211,17 @@ def forward(
             )
             launch(kernel, (Mq, H, B), T.NT, call.stream, args)
         mark("fwd linear" if path == "tc" else "fwd simt fused")
-        return call.result(h_os), call.result(h_ol), call.result(h_lse)
+        outs = (call.result(h_os), call.result(h_ol), call.result(h_lse))
+        return (*outs, call.result(h_rs)) if return_states else outs
+
+
+def row_states_shape(B, H, Nq, D, in_dtype, block_q, block_k):
+    """Shape and numpy dtype of ``forward(..., return_states=True)``'s ``row_states``
+    for q (B, H, Nq, D) of dtype ``in_dtype`` (a numpy dtype or "bfloat16"): (B, H, Mq,
+    DP*DP + DP) in the compute dtype. What the torch bridge's fake kernel returns.
+
+    >>> row_states_shape(1, 2, 100, 64, "bfloat16", 64, 64)
+    ((1, 2, 2, 4160), dtype('float32'))
+    """
+    acc = compute_dtype(in_dtype)
+    return row_states_layout(B, H, n_blocks(Nq, block_q), choose_tiles(D, acc, block_q, block_k))

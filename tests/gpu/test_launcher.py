@@ -70,6 +70,39 @@ def test_device_view_of_array_interface_objects():
     assert arrays.device_view(torch.zeros(3)) is None  # nor a CPU tensor
 
 
+@pytest.mark.parametrize(
+    "np_dtype,torch_dtype",
+    [
+        (np.float32, torch.float32),
+        (np.float64, torch.float64),
+        (np.int8, torch.int8),
+        (np.int16, torch.int16),
+        (np.int32, torch.int32),
+    ],
+)
+@pytest.mark.parametrize("poison", [False, True])
+def test_torch_buffers_have_the_asked_dtype_and_view(np_dtype, torch_dtype, poison):
+    """``DeviceCall``'s torch buffers (the numpy -> torch dtype table it keeps), made
+    here on the CPU: the tensor's dtype and shape, and a view of its memory."""
+    call = arrays.DeviceCall.__new__(arrays.DeviceCall)
+    call.kind, call._torch, call._torch_device = "torch", torch, torch.device("cpu")
+    for _ in range(2):  # the second time from the table
+        h, view = call._new((2, 3), np_dtype, poison=poison)
+        assert h.dtype == torch_dtype and tuple(h.shape) == (2, 3)
+        assert view.ptr == h.data_ptr() and view.dtype == np.dtype(np_dtype) and view.owner is h
+        if poison:
+            fill = h.isnan().all() if h.is_floating_point() else (h == 99).all()
+            assert bool(fill)
+
+
+def test_torch_dtype_table():
+    assert arrays._torch_np_dtype(torch.zeros(1, dtype=torch.bfloat16)) == "bfloat16"
+    assert arrays._torch_np_dtype(torch.zeros(1, dtype=torch.float16)) == np.float16
+    assert arrays._torch_np_dtype(torch.zeros(1, dtype=torch.int64)) == np.int64
+    with pytest.raises(KeyError):
+        arrays._torch_np_dtype(torch.zeros(1, dtype=torch.complex64))
+
+
 class _Stream:
     handle = 0xABC000  # a non-default stream: its handle names its device
 
@@ -122,6 +155,95 @@ def test_unsupported_argument_falls_back_to_the_dispatcher(monkeypatch):
     _fake_compiled(monkeypatch, ["array"])
     assert launcher._direct_args(object(), _Stream(), (np.zeros(4, np.float32),)) is None
     assert launcher._direct_args(object(), _Stream(), ("text",)) is None
+
+
+# ---------------------------------------------------------------------------
+# CUDA graphs: a kernel not loaded yet cannot be loaded during stream capture
+# ---------------------------------------------------------------------------
+
+
+def _count_capture_queries(monkeypatch, answer):
+    asked = []
+
+    def fake_capturing(stream):
+        asked.append(stream)
+        return answer
+
+    monkeypatch.setattr(launcher, "capturing", fake_capturing)
+    return asked
+
+
+def test_capture_of_a_kernel_not_loaded_is_a_clear_error(monkeypatch):
+    compiled = _fake_compiled(monkeypatch, ["array"])
+    asked = _count_capture_queries(monkeypatch, True)
+    x = DeviceView(0x1000, (8,), np.float32, None)
+
+    def my_kernel():
+        pass
+
+    with pytest.raises(launcher.CaptureError, match="my_kernel.*capturing a CUDA graph.*warm-up"):
+        launcher._direct_args(my_kernel, _Stream(), (x,))
+    assert launcher._compiled == {} and len(asked) == 1  # nothing loaded during capture
+    # loaded before the capture: the launch is packed, and the driver is not asked
+    asked.clear()
+    monkeypatch.setattr(launcher, "capturing", lambda s: False)
+    launcher._direct_args(my_kernel, _Stream(), (x,))
+    asked = _count_capture_queries(monkeypatch, True)
+    got, _ = launcher._direct_args(my_kernel, _Stream(), (x,))
+    assert got is compiled and asked == []
+
+
+def test_capture_error_comes_before_strict_modes_missing(monkeypatch):
+    """Inside the strict run of :func:`_precompile.run_ahead` a capture must not be
+    answered with ``Missing`` (which would start a dry run and compiles)."""
+    _fake_compiled(monkeypatch, ["array"])
+    _count_capture_queries(monkeypatch, True)
+    with launcher.strict(), pytest.raises(launcher.CaptureError):
+        launcher._direct_args(object(), _Stream(), (DeviceView(0x1000, (8,), np.float32, None),))
+
+
+class _FakeDriver:
+    """``cuda.bindings.driver`` with a scripted ``cuStreamIsCapturing``."""
+
+    def __init__(self, answer):
+        from cuda.bindings import driver as real
+
+        self.CUresult = real.CUresult
+        self.answer = answer
+        self.asked = []
+
+    def cuStreamIsCapturing(self, handle):
+        self.asked.append(handle)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+@pytest.mark.parametrize(
+    "answer,expected",
+    [
+        (("CUDA_SUCCESS", 1), True),  # active capture
+        (("CUDA_SUCCESS", 2), True),  # invalidated capture: still no loading
+        (("CUDA_SUCCESS", 0), False),
+        (("CUDA_ERROR_STREAM_CAPTURE_IMPLICIT", 0), True),  # legacy stream, blocking capture
+        (("CUDA_ERROR_INVALID_VALUE", 0), False),
+        (RuntimeError("no driver"), False),
+    ],
+)
+def test_capturing_reads_the_drivers_answer(monkeypatch, answer, expected):
+    bindings = pytest.importorskip("cuda.bindings")
+    fake = _FakeDriver(answer)
+    if isinstance(answer, tuple):
+        fake.answer = (getattr(fake.CUresult, answer[0]), answer[1])
+    monkeypatch.setattr(bindings, "driver", fake, raising=False)
+    monkeypatch.setattr(launcher, "SIMULATOR", False)
+    assert launcher.capturing(_Stream()) is expected
+    assert fake.asked == [_Stream.handle]
+
+
+def test_capturing_is_false_under_the_simulator(monkeypatch):
+    monkeypatch.setattr(launcher, "SIMULATOR", True)
+    assert launcher.capturing(_Stream()) is False
 
 
 # ---------------------------------------------------------------------------

@@ -89,6 +89,7 @@ def _largest_divisor(n, cap):
     return 1
 
 
+@functools.lru_cache(maxsize=256)  # pure; a call asks once per forward / backward
 def choose_tiles(head_dim, acc_dtype=np.float32, block_q=64, block_k=64, simulated=None):
     """Pick the SIMT tiles for a head dim and compute dtype.
 

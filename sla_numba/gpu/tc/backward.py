@@ -27,6 +27,38 @@ delta of the chunk are staged, then with the warp's key rows as the M side::
     S^T = K Q^T, P^T = 2^(S^T c - lse2[col]), dV += P^T dO,
     dP^T = V dO^T, dS^T = P^T * (dP^T - delta[col]), dK += dS^T Q
 
+Two variants of each, one kernel body (``pipelined`` is a closure constant, the other
+branch compiles away); ``launch_sparse_backward`` picks them by ``SLA_NUMBA_SPARSE_BWD``:
+
+* ``sync`` (the default, the reference): one K / V stage (one query chunk). Per step::
+
+      wait all; barrier      # this step's tiles landed
+      math
+      barrier                # everyone is done with them
+      cp.async the next step's tiles into the same buffers
+
+  No copy is in flight while the warps compute.
+* ``pipelined``: two stages (twice the K / V, resp. Q / dO / lse / delta, shared memory).
+  Per step::
+
+      wait all; barrier      # this step's tiles landed, and everyone is done with
+                             # the other stage (it held the previous step)
+      cp.async the next step's tiles into the other stage; (dK/dV) load the next
+      chunk's lse, delta into registers
+      math on this stage
+      (dK/dV) store those lse, delta into the other stage
+
+  One barrier a step; at each wait exactly one group is in flight (this step's), so
+  "wait all" (``cp.async.wait_group 0``) is the right count: waiting for fewer would let
+  the math read a stage before it landed. Same products on the same values in the same
+  order: the same bits as ``sync`` (tests/gpu/tc/test_tc_sparse_backward_pipelined.py,
+  where the simulator lands each copy only at its wait, as late as a GPU may).
+  The price is shared memory, and with it occupancy, at D = 128, blocks 64 x 64 on an
+  H200 (228 KiB an SM): dQ 102 KiB a CTA instead of 68, so 2 CTAs an SM instead of 3
+  (registers, 165, would allow 3); dK/dV 103 KiB instead of 68.5, still 2 CTAs (its
+  254-255 registers allow no more). Whether the overlap pays for dQ's lost CTA is
+  what ``tools/sweep_sparse_backward.py`` measures.
+
 Padding and tails: keys past Nk are zero-filled and masked to -inf in the dQ
 kernel (P = 0); queries past Nq get lse2 = +inf in the dK/dV kernel (P = 0) and
 zero Q / dO. Rows past N are never written; a query (key) block with no LUT
@@ -46,7 +78,7 @@ import functools
 import numpy as np
 from numba import float32, int16, int32
 
-from .._compat import cuda, kernel
+from .._compat import cuda, device, kernel
 from .._precompile import kernel_factory
 from . import build as _tc_build
 from .ptx import LOG2E, cp_async_commit, cp_async_wait_all, exp2, smem_addr
@@ -70,24 +102,28 @@ KERNELS = ("dq", "dkv")
 
 @functools.cache
 @kernel_factory
-def make_sparse_dq(D, block_k, block_q, kind):
+def make_sparse_dq(D, block_k, block_q, kind, pipelined=False):
     """The dQ kernel for one configuration, as a :class:`~.tiles.TCKernel`.
 
     Launch: grid ``(Mq, B*H)``; arguments ``(q, k, v, do, lse, delta, lut, counts, dq,
     nq, nk, mq, n_lut, c2, scale)``: q, do (B, H, Nq, D) and k, v (B, H, Nk, D) as
     flat int16 bits; lse, delta (B, H, Nq) flat float32; lut (B, H, Mq, n_lut),
     counts (B, H, Mq) flat int32; dq (B, H, Nq, D) flat float32 output.
+    ``pipelined``: two K / V stages, the next block's copy in flight during this
+    block's math (module docstring); same bits.
     """
     BQ, BK = block_q, block_k
+    PIPE = bool(pipelined)
     NT = BQ // 16 * 32  # one warp per 16 query rows
     SD = smem_stride(D)
     QOFF, DOFF, KOFF, VOFF = 0, BQ * SD, 2 * BQ * SD, (2 * BQ + BK) * SD
+    KV_STAGE = 2 * BK * SD  # halves of one stage (K and V tiles); stage 1 follows stage 0
     NKT = BK // 8  # n-tiles of S and dP (key columns)
     NDT = D // 8  # n-tiles of dQ (head-dim columns)
     PK = BK // 16  # k-steps of dQ += dS K
-    SMEM_BYTES = (2 * BQ + 2 * BK) * SD * 2
-    load_q = make_tile_loader(D, BQ, NT)
-    load_kv = make_tile_loader(D, BK, NT)
+    SMEM_BYTES = (2 * BQ + 2 * BK * (2 if PIPE else 1)) * SD * 2
+    load_q = make_tile_loader(D, BQ, NT, PIPE)
+    load_kv = make_tile_loader(D, BK, NT, PIPE)
     _, pack_a = make_mma(kind)
     gemm_qk, _ = make_warp_gemm(kind, SD, NKT, D // 16, False)  # S = Q K^T, dP = dO V^T
     _, gemm_dsk = make_warp_gemm(kind, SD, NDT, PK, True)  # dQ += dS K
@@ -147,17 +183,28 @@ def make_sparse_dq(D, block_k, block_q, kind):
                 acc[0, n, e] = ZERO
 
         for it in range(cnt):
+            # The one group in flight (this block's K, V) lands; the barrier also says
+            # everyone is done with the other stage (the previous block, pipelined).
             cp_async_wait_all()
             cuda.syncthreads()  # K, V of this block landed
+            so = 0  # this block's stage (byte offset from stage 0)
+            nvalid = nk - kb * BK
+            if PIPE:
+                so = (it & 1) * KV_STAGE * 2
+                if it + 1 < cnt:  # the next block's K, V stream in during this one's math
+                    kb = lut[lut_base + it + 1]
+                    ko = KOFF + KV_STAGE - so // 2
+                    load_kv(smem, sa, ko, k, kv_base, kb * BK, nk - kb * BK, tid)
+                    load_kv(smem, sa, ko + BK * SD, v, kv_base, kb * BK, nk - kb * BK, tid)
+                    cp_async_commit()
 
             # S = Q K^T and dP = dO V^T
             for n in range(NKT):
                 for e in range(4):
                     s[0, n, e] = ZERO
                     dp[0, n, e] = ZERO
-            gemm_qk(s, smem, a_rows + QOFF * 2, bt_rows + KOFF * 2, af)
-            gemm_qk(dp, smem, a_rows + DOFF * 2, bt_rows + VOFF * 2, af)
-            nvalid = nk - kb * BK
+            gemm_qk(s, smem, a_rows + QOFF * 2, bt_rows + KOFF * 2 + so, af)
+            gemm_qk(dp, smem, a_rows + DOFF * 2, bt_rows + VOFF * 2 + so, af)
             if nvalid < BK:  # keys past Nk: P = 0
                 for n in range(NKT):
                     for odd in range(2):
@@ -174,10 +221,11 @@ def make_sparse_dq(D, block_k, block_q, kind):
                 pack_a(ds, kk, s, 0, kk)
 
             # dQ += dS K
-            gemm_dsk(acc, ds, smem, b_rows + KOFF * 2)
+            gemm_dsk(acc, ds, smem, b_rows + KOFF * 2 + so)
 
-            cuda.syncthreads()  # everyone is done with K, V
-            if it + 1 < cnt:
+            if not PIPE:
+                cuda.syncthreads()  # everyone is done with K, V
+            if not PIPE and it + 1 < cnt:
                 kb = lut[lut_base + it + 1]
                 load_kv(smem, sa, KOFF, k, kv_base, kb * BK, nk - kb * BK, tid)
                 load_kv(smem, sa, VOFF, v, kv_base, kb * BK, nk - kb * BK, tid)
@@ -196,31 +244,49 @@ def make_sparse_dq(D, block_k, block_q, kind):
 
 @functools.cache
 @kernel_factory
-def make_sparse_dkv(D, block_k, block_q, kind):
+def make_sparse_dkv(D, block_k, block_q, kind, pipelined=False):
     """The dK/dV kernel for one configuration, as a :class:`~.tiles.TCKernel`.
 
     Launch: grid ``(Mk, B*H)``; arguments ``(q, k, v, do, lse, delta, rev, rev_counts,
     dk, dv, nq, nk, mk, n_rev, c2, scale)``: as the dQ kernel's, with the reverse
     index rev (B, H, Mk, n_rev) / rev_counts (B, H, Mk) flat int32 and dk, dv
-    (B, H, Nk, D) flat float32 outputs.
+    (B, H, Nk, D) flat float32 outputs. ``pipelined``: two stages of the query
+    chunk, the next chunk's copy in flight during this chunk's math; same bits.
     """
     BK, BQ = block_k, block_q
+    PIPE = bool(pipelined)
+    STAGES = 2 if PIPE else 1
     QC = min(BQ, 64)  # queries staged at a time
     CPB = BQ // QC  # chunks per query block
     NT = BK // 16 * 32  # one warp per 16 key rows
     SD = smem_stride(D)
     KOFF, VOFF, QOFF, DOFF = 0, BK * SD, 2 * BK * SD, (2 * BK + QC) * SD
-    FOFF = (2 * BK + 2 * QC) * SD // 2  # float32 index of lse2[QC], then delta[QC]
+    Q_STAGE = 2 * QC * SD  # halves of one stage's Q and dO tiles; stage 1 follows stage 0
+    FOFF = (2 * BK + 2 * QC * STAGES) * SD // 2  # float32 index of lse2[QC], delta[QC]
+    F_STAGE = 2 * QC  # floats of one stage's lse2 and delta
+    LPT = -(-QC // NT)  # lse2 / delta values a thread stages per chunk
     NQT = QC // 8  # n-tiles of S^T and dP^T (query columns)
     NDT = D // 8  # n-tiles of dK, dV (head-dim columns)
     PK = QC // 16  # k-steps of dV += P^T dO, dK += dS^T Q
-    SMEM_BYTES = (2 * BK + 2 * QC) * SD * 2 + 2 * QC * 4
-    load_kv = make_tile_loader(D, BK, NT)
-    load_q = make_tile_loader(D, QC, NT)
+    SMEM_BYTES = (2 * BK + 2 * QC * STAGES) * SD * 2 + 2 * QC * 4 * STAGES
+    load_kv = make_tile_loader(D, BK, NT, PIPE)
+    load_q = make_tile_loader(D, QC, NT, PIPE)
     _, pack_a = make_mma(kind)
     gemm_kq, _ = make_warp_gemm(kind, SD, NQT, D // 16, False)  # S^T = K Q^T, dP^T = V dO^T
     _, gemm_pq = make_warp_gemm(kind, SD, NDT, PK, True)  # dV += P^T dO, dK += dS^T Q
     log2e = np.float32(LOG2E)
+
+    @device(forceinline=True)
+    def chunk_row0(rev, rev_base, c):
+        """First query row of chunk ``c`` of the key block's walk."""
+        return rev[rev_base + c // CPB] * BQ + (c % CPB) * QC
+
+    @device(forceinline=True)
+    def row_stats(lse, delta, bh, nq, r):
+        """(lse2, delta) of query row ``r``: (+inf, 0) past Nq, so P = 0 there."""
+        if r < nq:
+            return lse[bh * nq + r] * log2e, delta[bh * nq + r]
+        return POS_INF, ZERO
 
     @kernel(fastmath=TC_FASTMATH)
     def sla_bwd_dkv_tc(
@@ -235,6 +301,8 @@ def make_sparse_dkv(D, block_k, block_q, kind):
         af = cuda.local.array((1, 4), int32)  # A fragments read from smem
         pt = cuda.local.array((PK, 4), int32)  # P^T packed as A fragments
         dst = cuda.local.array((PK, 4), int32)  # dS^T packed as A fragments
+        l2n = cuda.local.array(LPT, float32)  # (pipelined) the next chunk's lse2, delta,
+        den = cuda.local.array(LPT, float32)  # held in registers during this chunk's math
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -265,10 +333,10 @@ def make_sparse_dkv(D, block_k, block_q, kind):
         load_q(smem, sa, QOFF, q, q_base, q0, nq - q0, tid)
         load_q(smem, sa, DOFF, do, q_base, q0, nq - q0, tid)
         for idx in range(tid, QC, NT):
-            r = q0 + idx
-            smf[FOFF + idx] = lse[bh * nq + r] * log2e if r < nq else POS_INF
-            smf[FOFF + QC + idx] = delta[bh * nq + r] if r < nq else ZERO
+            smf[FOFF + idx], smf[FOFF + QC + idx] = row_stats(lse, delta, bh, nq, q0 + idx)
         cp_async_commit()
+        nchunks = rcnt * CPB
+        q0_ahead = chunk_row0(rev, rev_base, 1) if PIPE and nchunks > 1 else 0  # (pipelined)
 
         # Lane addresses: the warp's K / V rows (A), Q / dO rows as B of Q^T / dO^T,
         # Q / dO rows as B of Q / dO (transposed load).
@@ -281,8 +349,25 @@ def make_sparse_dkv(D, block_k, block_q, kind):
                 acc_v[0, n, e] = ZERO
 
         for ci in range(rcnt * CPB):
+            # The one group in flight (this chunk's Q, dO) lands; the barrier also says
+            # everyone is done with the other stage (the previous chunk, pipelined).
             cp_async_wait_all()
             cuda.syncthreads()  # the chunk landed
+            so = 0  # this chunk's stage: byte offset of its Q / dO, float offset of lse2
+            fo = 0
+            if PIPE:
+                so = (ci & 1) * Q_STAGE * 2
+                fo = (ci & 1) * F_STAGE
+                if ci + 1 < nchunks:  # the next chunk streams in during this one's math
+                    q0 = q0_ahead
+                    if ci + 2 < nchunks:  # read a step ahead: its latency hides under the math
+                        q0_ahead = chunk_row0(rev, rev_base, ci + 2)
+                    qo = QOFF + Q_STAGE - so // 2
+                    load_q(smem, sa, qo, q, q_base, q0, nq - q0, tid)
+                    load_q(smem, sa, qo + QC * SD, do, q_base, q0, nq - q0, tid)
+                    cp_async_commit()
+                    for u in range(LPT):  # loads issued now, stored after the math
+                        l2n[u], den[u] = row_stats(lse, delta, bh, nq, q0 + tid + u * NT)
 
             # dP^T = V dO^T first, then S^T = K Q^T; P^T and dS^T in place and packed
             # before the two products that read them (fewer fp32 tiles live at once).
@@ -290,16 +375,16 @@ def make_sparse_dkv(D, block_k, block_q, kind):
                 for e in range(4):
                     st[0, n, e] = ZERO
                     dpt[0, n, e] = ZERO
-            gemm_kq(dpt, smem, a_rows + VOFF * 2, bt_rows + DOFF * 2, af)
-            gemm_kq(st, smem, a_rows + KOFF * 2, bt_rows + QOFF * 2, af)
+            gemm_kq(dpt, smem, a_rows + VOFF * 2, bt_rows + DOFF * 2 + so, af)
+            gemm_kq(st, smem, a_rows + KOFF * 2, bt_rows + QOFF * 2 + so, af)
             # P^T = 2^(S^T c2 - lse2[col]), dS^T = P^T (dP^T - delta[col]); the lane's
             # columns are the chunk's queries 8n + 2t and 8n + 2t + 1
             for n in range(NQT):
                 c = 8 * n + 2 * t
-                l2_0 = smf[FOFF + c]
-                l2_1 = smf[FOFF + c + 1]
-                de_0 = smf[FOFF + QC + c]
-                de_1 = smf[FOFF + QC + c + 1]
+                l2_0 = smf[FOFF + fo + c]
+                l2_1 = smf[FOFF + fo + c + 1]
+                de_0 = smf[FOFF + fo + QC + c]
+                de_1 = smf[FOFF + fo + QC + c + 1]
                 for e in range(4):  # column c + (e & 1)
                     p = exp2(st[0, n, e] * c2 - (l2_1 if e & 1 else l2_0))
                     st[0, n, e] = p
@@ -309,20 +394,27 @@ def make_sparse_dkv(D, block_k, block_q, kind):
             for kk in range(PK):
                 pack_a(dst, kk, dpt, 0, kk)
 
-            gemm_pq(acc_v, pt, smem, b_rows + DOFF * 2)  # dV += P^T dO
-            gemm_pq(acc_k, dst, smem, b_rows + QOFF * 2)  # dK += dS^T Q
+            gemm_pq(acc_v, pt, smem, b_rows + DOFF * 2 + so)  # dV += P^T dO
+            gemm_pq(acc_k, dst, smem, b_rows + QOFF * 2 + so)  # dK += dS^T Q
 
-            cuda.syncthreads()  # everyone is done with the chunk
-            if ci + 1 < rcnt * CPB:
-                c = ci + 1
-                q0 = rev[rev_base + c // CPB] * BQ + (c % CPB) * QC
-                load_q(smem, sa, QOFF, q, q_base, q0, nq - q0, tid)
-                load_q(smem, sa, DOFF, do, q_base, q0, nq - q0, tid)
-                for idx in range(tid, QC, NT):
-                    r = q0 + idx
-                    smf[FOFF + idx] = lse[bh * nq + r] * log2e if r < nq else POS_INF
-                    smf[FOFF + QC + idx] = delta[bh * nq + r] if r < nq else ZERO
-                cp_async_commit()
+            if PIPE:  # the next chunk's lse2, delta into the other stage
+                if ci + 1 < nchunks:
+                    for u in range(LPT):
+                        idx = tid + u * NT
+                        if idx < QC:
+                            smf[FOFF + F_STAGE - fo + idx] = l2n[u]
+                            smf[FOFF + F_STAGE - fo + QC + idx] = den[u]
+            else:
+                cuda.syncthreads()  # everyone is done with the chunk
+                if ci + 1 < rcnt * CPB:
+                    q0 = chunk_row0(rev, rev_base, ci + 1)
+                    load_q(smem, sa, QOFF, q, q_base, q0, nq - q0, tid)
+                    load_q(smem, sa, DOFF, do, q_base, q0, nq - q0, tid)
+                    for idx in range(tid, QC, NT):
+                        smf[FOFF + idx], smf[FOFF + QC + idx] = row_stats(
+                            lse, delta, bh, nq, q0 + idx
+                        )
+                    cp_async_commit()
 
         for r in range(2):
             ra = krow0 + warp * 16 + g + 8 * r
@@ -337,13 +429,26 @@ def make_sparse_dkv(D, block_k, block_q, kind):
     return TCKernel(sla_bwd_dkv_tc, NT, SMEM_BYTES)
 
 
-def make_sparse_backward(which, D, block_k, block_q, kind):
-    """The backward kernel ``which`` ('dq' or 'dkv') as a :class:`~.tiles.TCKernel`."""
+def make_sparse_backward(which, D, block_k, block_q, kind, pipelined=False):
+    """The backward kernel ``which`` ('dq' or 'dkv') as a :class:`~.tiles.TCKernel`;
+    ``pipelined``: the two-stage variant (same bits)."""
+    # the keyword only when set: the recipes of the default kernels stay the same
+    kw = {"pipelined": True} if pipelined else {}
     if which == "dq":
-        return make_sparse_dq(D, block_k, block_q, kind)
+        return make_sparse_dq(D, block_k, block_q, kind, **kw)
     if which == "dkv":
-        return make_sparse_dkv(D, block_k, block_q, kind)
+        return make_sparse_dkv(D, block_k, block_q, kind, **kw)
     raise ValueError(f"which: 'dq' or 'dkv', not {which!r}")
+
+
+def use_pipelined(pipeline=None):
+    """Whether a launch takes the pipelined kernels: ``pipeline`` None follows
+    ``SLA_NUMBA_SPARSE_BWD`` (``config.sparse_bwd_kernel``), else its truth."""
+    if pipeline is None:
+        from ... import config
+
+        return config.sparse_bwd_kernel() == "pipelined"
+    return bool(pipeline)
 
 
 def signature(which):
@@ -460,6 +565,7 @@ def launch_sparse_backward(
     block_k,
     scale,
     stream,
+    pipeline=None,
 ):
     """Launch dQ and dK/dV on flat device arrays (the GPU backend's entry).
 
@@ -467,14 +573,17 @@ def launch_sparse_backward(
     lse, delta: flat float32 (B*H*Nq); lut (B, H, Mq, n) / counts (B, H, Mq) and
     rev (B, H, Mk, R) / rev_counts (B, H, Mk): flat int32; dq, dk, dv: flat float32
     outputs (overwritten). Numba device arrays, launched on ``stream``; no host sync.
+    ``pipeline``: None follows ``SLA_NUMBA_SPARSE_BWD``; True / False force the
+    pipelined / sync kernels (same bits; :func:`use_pipelined`).
     """
+    pipe = use_pipelined(pipeline)
     mq, mk = -(-Nq // block_q), -(-Nk // block_k)
     n_lut = int(lut.size) // max(1, B * H * mq)
     n_rev = int(rev.size) // max(1, B * H * mk)
     c2, sc = np.float32(scale * LOG2E), np.float32(scale)
     if n_lut == 0:
         lut = counts
-    kern = make_sparse_dq(D, block_k, block_q, kind)
+    kern = make_sparse_backward("dq", D, block_k, block_q, kind, pipe)
     _tc_build.launch(
         kern.kernel,
         (mq, B * H),
@@ -483,7 +592,7 @@ def launch_sparse_backward(
         stream,
         (q, k, v, do, lse, delta, lut, counts, dq, Nq, Nk, mq, max(n_lut, 1), c2, sc),
     )
-    kern = make_sparse_dkv(D, block_k, block_q, kind)
+    kern = make_sparse_backward("dkv", D, block_k, block_q, kind, pipe)
     _tc_build.launch(
         kern.kernel,
         (mk, B * H),
@@ -495,7 +604,21 @@ def launch_sparse_backward(
 
 
 def sparse_backward_tc(
-    q, k, v, o_s, lse, do, lut, counts, rev, rev_counts, block_q, block_k, scale, delta=None
+    q,
+    k,
+    v,
+    o_s,
+    lse,
+    do,
+    lut,
+    counts,
+    rev,
+    rev_counts,
+    block_q,
+    block_k,
+    scale,
+    delta=None,
+    pipeline=None,
 ):
     """Sparse (critical-block) attention backward on tensor cores.
 
@@ -509,6 +632,8 @@ def sparse_backward_tc(
     block_q, block_k, scale : as in the forward (see ``forward_tc.tc_supported``).
     delta : optional float32 (B, H, Nq) = rowsum(o_s * do); computed here when None
         (torch / CuPy / numpy arrays only).
+    pipeline : None follows ``SLA_NUMBA_SPARSE_BWD``; True / False force the pipelined /
+        sync kernels (same bits).
 
     Returns
     -------
@@ -526,8 +651,9 @@ def sparse_backward_tc(
     lse_f, delta_f = ad.flat(lse, np.float32), ad.flat(delta, np.float32)
     stream = ad.stream()
 
+    pipe = use_pipelined(pipeline)
     dq = ad.empty((B, H, Nq, D), np.float32)
-    kern = make_sparse_dq(D, block_k, block_q, kind)
+    kern = make_sparse_backward("dq", D, block_k, block_q, kind, pipe)
     lut_f, counts_f = ad.flat(lut, np.int32), ad.flat(counts, np.int32)
     n_lut = int(lut.shape[-1])
     if n_lut == 0:
@@ -543,7 +669,7 @@ def sparse_backward_tc(
 
     dk = ad.empty((B, H, Nk, D), np.float32)
     dv = ad.empty((B, H, Nk, D), np.float32)
-    kern = make_sparse_dkv(D, block_k, block_q, kind)
+    kern = make_sparse_backward("dkv", D, block_k, block_q, kind, pipe)
     _tc_build.launch(
         kern.kernel,
         (mk, B * H),

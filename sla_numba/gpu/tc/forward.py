@@ -54,6 +54,7 @@ import math
 import numpy as np
 from numba import float32, int16, int32
 
+from ... import config
 from ..._params import LSE_EMPTY
 from .._compat import cuda, kernel
 from .._precompile import kernel_factory
@@ -319,6 +320,12 @@ def launch_sparse_forward(
     flat int32 (B*H*Mq); o, lse: flat float32 outputs. Numba device arrays (any
     ``__cuda_array_interface__`` views), launched on ``stream``; no host sync.
     """
+    if config.sparse_fwd_kernel() == "wgmma":  # opt-in: Hopper's warpgroup MMA
+        from .forward_wgmma import launch_sparse_forward_wgmma
+
+        return launch_sparse_forward_wgmma(
+            kind, q, k, v, lut, counts, o, lse, B, H, Nq, Nk, D, block_q, block_k, scale, stream
+        )
     mq = -(-Nq // block_q)
     n_lut = int(lut.size) // max(1, B * H * mq)
     kern = make_sparse_forward(D, block_k, block_q, kind)
@@ -346,6 +353,8 @@ def sparse_forward_tc(q, k, v, lut, counts, block_q, block_k, scale):
     (o_s, lse): float32 (B, H, Nq, D) and float32 (B, H, Nq), natural-log lse;
     rows of query blocks with ``counts == 0``: o_s = 0, lse = LSE_EMPTY.
     Launched on torch's (CuPy's) current stream; no synchronisation.
+    ``SLA_NUMBA_SPARSE_FWD=wgmma``: computed by ``tc/forward_wgmma.py`` instead (a
+    ValueError naming the variable where that kernel does not apply).
 
     Example (a GPU; or CPU tensors with ``NUMBA_ENABLE_CUDASIM=1``, slowly)::
 
@@ -358,6 +367,10 @@ def sparse_forward_tc(q, k, v, lut, counts, block_q, block_k, scale):
         >>> tuple(o.shape), tuple(lse.shape)
         ((1, 1, 64, 64), (1, 1, 64))
     """
+    if config.sparse_fwd_kernel() == "wgmma":  # opt-in: Hopper's warpgroup MMA
+        from .forward_wgmma import sparse_forward_wgmma
+
+        return sparse_forward_wgmma(q, k, v, lut, counts, block_q, block_k, scale)
     kind = _tc_build.half_kind(q)
     B, H, Nq, D = (int(s) for s in q.shape)
     Nk = int(k.shape[2])

@@ -967,7 +967,7 @@ def launch_states_tc(
     n_blocks = -(-Nk // block_k)
     if n_blocks <= 0 or B * H == 0:
         return
-    size = int(np.prod(state.shape))
+    size = int(math.prod(state.shape))
     if state.ndim == 4:
         if tuple(int(s) for s in (state.shape[0], state.shape[1], state.shape[3])) != (B, H, W):
             raise ValueError("launch_states_tc: state shape is not (B, H, Mk, D*D + D)")

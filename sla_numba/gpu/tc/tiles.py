@@ -44,6 +44,7 @@ from .._compat import FASTMATH, SIMULATOR, device
 from .ptx import (
     cp_async16,
     cp_async16i,
+    cp_async_zfill,
     fmax,
     ldsm_x4,
     ldsm_x4_trans,
@@ -202,8 +203,18 @@ def make_warp_gemm(kind, SD, NTILES, KSTEPS, B_TRANS):
 # ---------------------------------------------------------------------------
 
 
+def _cp16_deferred(smem, soff, gmem, goff, nbytes):
+    """Simulator only: ``cp_async16`` whose copy lands at the wait covering its group."""
+    cp_async_zfill(smem, 2 * soff, 16, gmem, goff, nbytes)
+
+
+def _cp16i_deferred(smem, saddr, simm, gmem, goff):
+    """Simulator only: ``cp_async16i``, deferred likewise."""
+    cp_async_zfill(smem, saddr + simm, 16, gmem, goff, 16)
+
+
 @functools.cache
-def make_tile_loader(D, nrows, NT):
+def make_tile_loader(D, nrows, NT, deferred=False):
     """``load(smem, sa, dst, src, base, row0, nvalid, tid)``: start the copy of rows
     ``row0 .. row0 + nrows`` of the (N, D) matrix at ``src[base:]`` into the padded
     tile at element offset ``dst`` of ``smem`` (``sa`` = ``smem_addr(smem)``), by
@@ -212,10 +223,18 @@ def make_tile_loader(D, nrows, NT):
     Rows ``>= nvalid`` (past the sequence's end) are zero-filled. The caller
     commits the group and waits for it (``cp_async_commit`` / ``cp_async_wait_all``
     and a barrier) before reading the tile.
+
+    ``deferred`` (for kernels that keep copies in flight across their math): under the
+    simulator, each copy lands only when a wait covers its group, as late as a GPU may
+    land it (``ptx.cp_async_zfill``'s twin), so a wait on the wrong group count reads
+    stale shared memory in the tests too. On a GPU the same instructions either way.
     """
     CPR = D // 8  # 16-byte chunks per row
     SD = smem_stride(D)
     RPP = NT // CPR if NT % CPR == 0 else 0  # rows the CTA copies in one pass
+    cp16, cp16i = cp_async16, cp_async16i
+    if deferred and SIMULATOR:
+        cp16, cp16i = _cp16_deferred, _cp16i_deferred
 
     @device(forceinline=True)
     def load_slow(smem, dst, src, base, row0, nvalid, tid):
@@ -225,7 +244,7 @@ def make_tile_loader(D, nrows, NT):
             cc = (idx - rr * CPR) * 8
             ok = rr < nvalid
             gr = row0 + (rr if ok else 0)
-            cp_async16(smem, dst + rr * SD + cc, src, base + gr * D + cc, 16 if ok else 0)
+            cp16(smem, dst + rr * SD + cc, src, base + gr * D + cc, 16 if ok else 0)
 
     if RPP == 0 or nrows % RPP:
 
@@ -249,7 +268,7 @@ def make_tile_loader(D, nrows, NT):
             s_thread = int32(sa + (lr * SD + lc) * 2)
             g = base + row0 * D + (lr * D + lc)
             for p in range(PASSES):
-                cp_async16i(smem, s_thread + (dst + p * RPP * SD) * 2, 0, src, g + p * RPP * D)
+                cp16i(smem, s_thread + (dst + p * RPP * SD) * 2, 0, src, g + p * RPP * D)
         else:
             load_slow(smem, dst, src, base, row0, nvalid, tid)
 
