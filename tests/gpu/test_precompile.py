@@ -301,7 +301,7 @@ print(json.dumps([[key(k), base64.b64encode(pickle.dumps(recipe(k))).decode()]
 """
         )
     )
-    assert len(made) == 24
+    assert len(made) == 26
     recipes = [pickle.loads(base64.b64decode(r)) for _, r in made]
     assert all(r is not None for r in recipes)
     again = json.loads(
