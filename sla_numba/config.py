@@ -62,6 +62,17 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             block_q = block_k = 64, D 64 or 128, on compute capability
                             9.0; anything else is a ``ValueError`` naming this variable
                             (no silent fallback). Opt-in: not yet timed on a GPU.
+``SLA_NUMBA_STATES_KERNEL`` ``registers`` (default) | ``staged`` | ``pipelined``: the
+                            tensor-core key-block states kernel (``gpu/tc/states.py``):
+                            one key block a CTA, K and V read with 2-byte loads and
+                            the result stored straight from the mma fragments; or
+                            (``staged``) K and V copied into shared memory with
+                            16-byte ``cp.async`` and the result staged in shared
+                            memory and stored as 128-byte warp rows; or
+                            (``pipelined``) the same with several key blocks a CTA,
+                            the next block's K and V in flight while the current one
+                            computes and stores. Same bits; not yet timed on the
+                            H200 (``tools/sweep_states.py``).
 ``SLA_NUMBA_LAUNCH``        ``direct`` (default) | ``numba``: how GPU kernels are
                             launched: ``direct`` hands the compiled kernel and its
                             argument list to ``cuda.core`` (``gpu/_launcher.py``);
@@ -106,6 +117,7 @@ MARGINAL_VAR = "SLA_NUMBA_MARGINAL"
 LINEAR_VAR = "SLA_NUMBA_LINEAR"
 LINEAR_GRAD_VAR = "SLA_NUMBA_LINEAR_GRAD"
 SPARSE_BWD_VAR = "SLA_NUMBA_SPARSE_BWD"
+STATES_KERNEL_VAR = "SLA_NUMBA_STATES_KERNEL"
 COMPILE_WORKERS_VAR = "SLA_NUMBA_COMPILE_WORKERS"
 SAVE_STATES_VAR = "SLA_NUMBA_SAVE_STATES"
 #: ``SLA_NUMBA_SAVE_STATES`` when unset or empty: "0" recompute the row states in the
@@ -120,6 +132,8 @@ MARGINAL_KERNELS = ("pipelined", "registers")
 LINEAR_KERNELS = ("pipelined", "registers")
 LINEAR_GRAD_KERNELS = ("pipelined", "registers")
 SPARSE_BWD_KERNELS = ("sync", "pipelined")
+#: The first is the default (unset or empty): flipping it is reordering this one line.
+STATES_KERNELS = ("registers", "staged", "pipelined")
 LAUNCHERS = ("direct", "numba")
 SPARSE_FWD_VAR = "SLA_NUMBA_SPARSE_FWD"
 SPARSE_FWD_KERNELS = ("mma", "wgmma")
@@ -212,6 +226,12 @@ def sparse_bwd_kernel():
 def sparse_fwd_kernel():
     """``SLA_NUMBA_SPARSE_FWD``: 'mma' (unset or empty) or 'wgmma'."""
     return _choice(SPARSE_FWD_VAR, SPARSE_FWD_KERNELS)
+
+
+def states_kernel():
+    """``SLA_NUMBA_STATES_KERNEL``: 'registers' (unset or empty), 'staged' or
+    'pipelined'."""
+    return _choice(STATES_KERNEL_VAR, STATES_KERNELS)
 
 
 def compile_workers():

@@ -16,6 +16,7 @@ SWITCHES = [
     (config.SPARSE_FWD_VAR, config.sparse_fwd_kernel, "mma", " WGMMA ", "wgmma"),
     (config.SPARSE_BWD_VAR, config.sparse_bwd_kernel, "sync", " Pipelined ", "pipelined"),
     (config.SAVE_STATES_VAR, config.save_states, False, " 1 ", True),
+    (config.STATES_KERNEL_VAR, config.states_kernel, "registers", " Pipelined ", "pipelined"),
 ]
 
 

@@ -284,6 +284,32 @@ def check_states(quick=False):
         (i16, i16, i16, int64, int64, int64, int64),
         (144, 32),
     )
+    # the staged and pipelined kernels (SLA_NUMBA_STATES_KERNEL=staged|pipelined): the
+    # same products, so the same mma / ldmatrix counts; ceil(BK·D/8 / threads) 16-byte
+    # cp.async a tile: K and V (staged), and the first and the next block's (pipelined)
+    i32 = int32[::1]
+    sconf = [
+        ("bf16", 128, 64, True, True, 144, 32),  # the Wan default: bf16 states
+        ("bf16", 128, 64, True, False, 144, 32),
+        ("f16", 64, 64, True, False, 80, 24),
+        ("bf16", 128, 64, False, True, 72, 24),
+    ]
+    variants = [  # name, factory, extra int64 arguments (pipelined: nper), tiles copied
+        ("staged", states_tc.make_states_kernel_staged, (), 2),
+        ("pipelined", states_tc.make_states_kernel_pipelined, (int64,), 4),
+    ]
+    for name, make, extra, copies in variants:
+        for kind, D, bk, split, ob, mma, ld in sconf[:1] if quick else sconf:
+            tiles = states_tc.choose_tiles(D, states_tc.GPU_MAX_WARPS)
+            nt = 32 * tiles[0] * tiles[1]
+            ok &= check(
+                f"states {name} {kind} D={D} bk={bk} split={split}"
+                + (" bf16 output" if ob else ""),
+                make(kind, D, bk, tiles, split, ob).kernel,
+                (i16, i16, i32 if ob else f32, int64, int64, int64, int64) + extra,
+                (mma, ld),
+                want_cp=copies * -(-bk * D // 8 // nt),
+            )
     return ok
 
 

@@ -250,6 +250,8 @@ kernels = [
     backward.make_sparse_backward("dkv", 64, 64, 128, "f16").kernel,
     states.make_states_kernel("bf16", 64, 64, (2, 1)).kernel,
     states.make_states_kernel("bf16", 128, 64, (2, 1), True, out_bf16=True).kernel,
+    states.make_states_kernel_staged("bf16", 128, 64, (4, 2), True, True).kernel,
+    states.make_states_kernel_pipelined("bf16", 128, 64, (4, 2), True, False).kernel,
     marginal.make_marginal_kernel(marginal.GPU_TILES).kernel,
     marginal.make_marginal_kernel(marginal.GPU_TILES, s_bf16=True).kernel,
     linear.make_linear_kernel("f16", 64, 64, 32).kernel,
@@ -299,7 +301,7 @@ print(json.dumps([[key(k), base64.b64encode(pickle.dumps(recipe(k))).decode()]
 """
         )
     )
-    assert len(made) == 24
+    assert len(made) == 26
     recipes = [pickle.loads(base64.b64decode(r)) for _, r in made]
     assert all(r is not None for r in recipes)
     again = json.loads(

@@ -121,7 +121,6 @@ Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
     # relu(1) = 1: every output is D / (D + 1e-6) ~ 1.0
 """
 
-import math
 from collections import namedtuple
 
 import numpy as np
@@ -137,7 +136,6 @@ from .ptx import (
     bf16_high_f32,
     bf16_low_f32,
     f16_low_f32,
-    fmax,
     ld_nc_v4_f32,
     ldsm_x4,
     ldsm_x4_trans,
@@ -146,6 +144,7 @@ from .ptx import (
     shfl_xor,
     smem_addr,
 )
+from .states import _feature_map
 
 KINDS = ("bf16", "f16")
 BLOCKS = (16, 32, 64, 128)
@@ -225,29 +224,7 @@ def _load_phi_row(xs, x, g, ok, C, fm, f16):
     the element-wise maps. All lanes of the warp must call it (softmax shuffles)."""
     for c in range(C):
         xs[c] = _in_f32(int32(x[u64(g + c)]), f16) if ok else ZERO
-    mx = ZERO
-    inv = ONE
-    if fm == 0:
-        mx = xs[0]
-        for c in range(1, C):
-            mx = fmax(mx, xs[c])
-        mx = fmax(mx, shfl_xor(mx, 1))
-        for c in range(C):
-            xs[c] = math.exp(xs[c] - mx)
-        sm = xs[0]
-        for c in range(1, C):
-            sm += xs[c]
-        sm += shfl_xor(sm, 1)
-        inv = ONE / sm
-        for c in range(C):
-            xs[c] = xs[c] * inv
-    elif fm == 1:
-        for c in range(C):
-            xs[c] = xs[c] + ONE if xs[c] > ZERO else math.exp(xs[c])
-    else:
-        for c in range(C):
-            xs[c] = xs[c] if xs[c] > ZERO else ZERO
-    return mx, inv
+    return _feature_map(xs, fm, C, 1)  # the key-block states' φ, over 2 lanes
 
 
 @_compat.device(**_DEV)

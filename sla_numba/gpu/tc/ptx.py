@@ -867,3 +867,50 @@ if SIMULATED:
     ldg_v4_f32 = _ldg_v4_f32_twin
 else:
     globals().update(_pin_uuids(_build_ldg_v4()))
+
+
+# ---------------------------------------------------------------------------
+# An opaque copy for the pipelined key-block states kernel
+# (``tc/states.py``: ``make_states_kernel_pipelined``)
+# ---------------------------------------------------------------------------
+#
+# ``opaque_i32(x)``: x, through a ``mov.b32`` that LLVM must not move or merge (asm with
+# side effects). A kernel that loops over several blocks re-reads its thread index
+# through it at the top of each iteration, so the per-lane shared-memory addresses are
+# computed where they are used instead of hoisted out of the loop (LLVM's loop-invariant
+# code motion kept ~100 of them live across the states kernel's whole block loop: 225
+# registers instead of 126). The twin returns x.
+
+__all__.append("opaque_i32")
+
+
+def _opaque_i32_twin(x):
+    return x
+
+
+def _build_opaque():
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    i32 = ir.IntType(32)
+    str(i32)  # see _build_intrinsics: fill llvmlite's type-text cache before pickling
+
+    @intrinsic
+    def opaque_i32(typingctx, x):
+        sig = types.int32(types.int32)
+
+        def codegen(context, builder, sig, args):
+            val = context.cast(builder, args[0], sig.args[0], types.int32)
+            asm = ir.InlineAsm(ir.FunctionType(i32, [i32]), "mov.b32 $0, $1;", "=r,r", True)
+            return builder.call(asm, [val])
+
+        return sig, codegen
+
+    return {"opaque_i32": opaque_i32}
+
+
+if SIMULATED:
+    opaque_i32 = _opaque_i32_twin
+else:
+    globals().update(_pin_uuids(_build_opaque()))

@@ -103,3 +103,15 @@ def dense_reference(q, k, v, lut, counts, bq, bk, scale):
     lse = torch.logsumexp(s, -1)
     p = torch.softmax(s, -1).nan_to_num(0.0)
     return p @ v, lse
+
+
+def gpu_ms(run, reps):
+    """Mean ms of one ``run()`` over ``reps`` calls back to back between two CUDA events
+    (after whatever untimed calls the caller made)."""
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(reps):
+        run()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) / reps

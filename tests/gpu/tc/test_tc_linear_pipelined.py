@@ -18,7 +18,7 @@ and the race detector. GPU (cc >= 8.0): the Wan2.1 sizes (bits and both times,
 
 import numpy as np
 import pytest
-from _tc_reference import needs_gpu, needs_sim
+from _tc_reference import gpu_ms, needs_gpu, needs_sim
 from test_tc_linear import EPS, check, make_inputs
 
 from sla_numba import config
@@ -192,7 +192,6 @@ def _gpu_both(kind, qb, lstate, n_marg, B, H, Nq, D, bq, fm, variants, reps=0, l
     """Outputs (host, flat) and times (ms, or None) of the register kernel and each
     pipelined variant (``(hk, min_blocks)``) on the GPU; lstate ``ls_off`` floats past a
     256-byte boundary."""
-    import torch
     from numba import cuda
 
     dq, dn = cuda.to_device(qb), cuda.to_device(n_marg)
@@ -214,16 +213,7 @@ def _gpu_both(kind, qb, lstate, n_marg, B, H, Nq, D, bq, fm, variants, reps=0, l
         cuda.synchronize()
         outs.append(d.copy_to_host())
         assert np.isnan(outs[-1][n:]).all()
-        t = None
-        if reps:
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            for _ in range(reps):
-                run()
-            e1.record()
-            torch.cuda.synchronize()
-            t = e0.elapsed_time(e1) / reps
-        times.append(t)
+        times.append(gpu_ms(run, reps) if reps else None)
     return [o[:n] for o in outs], times
 
 

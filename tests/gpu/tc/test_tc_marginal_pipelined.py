@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 import pytest
-from _tc_reference import needs_gpu, needs_sim
+from _tc_reference import gpu_ms, needs_gpu, needs_sim
 from test_tc_bf16_states import _bf16_problem, _check_bf16
 
 from sla_numba import config
@@ -219,7 +219,6 @@ def test_sim_no_races():
 # --------------------------------------------------------------------------- real GPU
 def _gpu_both(bmap, bits, out, transposed, n_out, n_in, pipeline=True, reps=0):
     """(register out, pipelined out, their times in ms or None) on the GPU."""
-    import torch
     from numba import cuda
 
     d_map, d_bits = cuda.to_device(bmap), cuda.to_device(bits)
@@ -236,13 +235,7 @@ def _gpu_both(bmap, bits, out, transposed, n_out, n_in, pipeline=True, reps=0):
         cuda.synchronize()
         outs.append(d_out.copy_to_host())
         if reps:
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            for _ in range(reps):
-                run()
-            e1.record()
-            torch.cuda.synchronize()
-            times.append(e0.elapsed_time(e1) / reps)
+            times.append(gpu_ms(run, reps))
     return outs[0], outs[1], times
 
 
