@@ -55,24 +55,29 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             step's copy in flight during the current step's math, one
                             barrier a step. Same bits. Opt-in: not yet timed on a GPU
                             (``tools/sweep_sparse_backward.py``).
-``SLA_NUMBA_SPARSE_FWD``    ``mma`` (default) | ``wgmma``: the tensor-core kernel of the
-                            sparse branch's forward: ``mma.sync`` (``gpu/tc/forward.py``,
-                            compute capability >= 8.0) or Hopper's warpgroup MMA
-                            (``gpu/tc/forward_wgmma.py``). ``wgmma`` takes fp16 / bf16,
-                            block_q = block_k = 64, D 64 or 128, on compute capability
-                            9.0; anything else is a ``ValueError`` naming this variable
-                            (no silent fallback). Opt-in: not yet timed on a GPU.
-``SLA_NUMBA_STATES_KERNEL`` ``registers`` (default) | ``staged`` | ``pipelined``: the
-                            tensor-core key-block states kernel (``gpu/tc/states.py``):
-                            one key block a CTA, K and V read with 2-byte loads and
-                            the result stored straight from the mma fragments; or
-                            (``staged``) K and V copied into shared memory with
-                            16-byte ``cp.async`` and the result staged in shared
-                            memory and stored as 128-byte warp rows; or
+``SLA_NUMBA_SPARSE_FWD``    ``auto`` (default) | ``mma`` | ``wgmma``: the tensor-core kernel
+                            of the sparse branch's forward: ``mma.sync``
+                            (``gpu/tc/forward.py``, compute capability >= 8.0) or
+                            Hopper's warpgroup MMA (``gpu/tc/forward_wgmma.py``: fp16 /
+                            bf16, block_q = block_k = 64, D 64 or 128, compute
+                            capability 9.0; explicit ``wgmma`` elsewhere is a
+                            ``ValueError`` naming this variable). ``auto``: wgmma where
+                            it applies (1.48x / 1.42x faster than mma.sync at D = 128
+                            / 64 on the H200, same results), mma.sync elsewhere and
+                            under the simulator.
+``SLA_NUMBA_STATES_KERNEL`` ``auto`` (default) | ``registers`` | ``staged`` |
+                            ``pipelined``: the tensor-core key-block states kernel
+                            (``gpu/tc/states.py``): one key block a CTA, K and V read
+                            with 2-byte loads and the result stored straight from the
+                            mma fragments; or (``staged``) K and V copied into shared
+                            memory with 16-byte ``cp.async`` and the result staged in
+                            shared memory and stored as 128-byte warp rows; or
                             (``pipelined``) the same with several key blocks a CTA,
                             the next block's K and V in flight while the current one
-                            computes and stores. Same bits; not yet timed on the
-                            H200 (``tools/sweep_states.py``).
+                            computes and stores. Same bits. ``auto``: staged for bf16
+                            states (0.404 ms against 0.554 at the Wan2.1 shape on the
+                            H200), registers for fp32 states (staged 0.606 against
+                            0.561 there).
 ``SLA_NUMBA_LAUNCH``        ``direct`` (default) | ``numba``: how GPU kernels are
                             launched: ``direct`` hands the compiled kernel and its
                             argument list to ``cuda.core`` (``gpu/_launcher.py``);
@@ -133,10 +138,10 @@ LINEAR_KERNELS = ("pipelined", "registers")
 LINEAR_GRAD_KERNELS = ("pipelined", "registers")
 SPARSE_BWD_KERNELS = ("sync", "pipelined")
 #: The first is the default (unset or empty): flipping it is reordering this one line.
-STATES_KERNELS = ("registers", "staged", "pipelined")
+STATES_KERNELS = ("auto", "registers", "staged", "pipelined")
 LAUNCHERS = ("direct", "numba")
 SPARSE_FWD_VAR = "SLA_NUMBA_SPARSE_FWD"
-SPARSE_FWD_KERNELS = ("mma", "wgmma")
+SPARSE_FWD_KERNELS = ("auto", "mma", "wgmma")
 
 
 def _choice(var, values):
@@ -224,12 +229,12 @@ def sparse_bwd_kernel():
 
 
 def sparse_fwd_kernel():
-    """``SLA_NUMBA_SPARSE_FWD``: 'mma' (unset or empty) or 'wgmma'."""
+    """``SLA_NUMBA_SPARSE_FWD``: 'auto' (unset or empty), 'mma' or 'wgmma'."""
     return _choice(SPARSE_FWD_VAR, SPARSE_FWD_KERNELS)
 
 
 def states_kernel():
-    """``SLA_NUMBA_STATES_KERNEL``: 'registers' (unset or empty), 'staged' or
+    """``SLA_NUMBA_STATES_KERNEL``: 'auto' (unset or empty), 'registers', 'staged' or
     'pipelined'."""
     return _choice(STATES_KERNEL_VAR, STATES_KERNELS)
 

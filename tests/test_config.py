@@ -13,10 +13,10 @@ SWITCHES = [
     (config.LINEAR_GRAD_VAR, config.linear_grad_kernel, "pipelined", " Registers ", "registers"),
     (config.GRAD_STATES_VAR, config.grad_states_dtype, "auto", " BF16 ", "bf16"),
     (config.STATES_VAR, config.states_dtype, "auto", " FP32 ", "fp32"),
-    (config.SPARSE_FWD_VAR, config.sparse_fwd_kernel, "mma", " WGMMA ", "wgmma"),
+    (config.SPARSE_FWD_VAR, config.sparse_fwd_kernel, "auto", " WGMMA ", "wgmma"),
     (config.SPARSE_BWD_VAR, config.sparse_bwd_kernel, "sync", " Pipelined ", "pipelined"),
     (config.SAVE_STATES_VAR, config.save_states, False, " 1 ", True),
-    (config.STATES_KERNEL_VAR, config.states_kernel, "registers", " Pipelined ", "pipelined"),
+    (config.STATES_KERNEL_VAR, config.states_kernel, "auto", " Pipelined ", "pipelined"),
 ]
 
 
@@ -46,3 +46,22 @@ def test_auto_storage_is_bf16_for_bf16_inputs_only(monkeypatch, var, reader):
     assert not reader("bf16") and not reader("f16")
     monkeypatch.setenv(var, "bf16")
     assert reader("bf16") and reader("f16")
+
+
+def test_auto_kernel_choices(monkeypatch):
+    """``auto`` of the sparse forward and of the states kernel: the kernels the H200
+    measured faster (wgmma; staged for bf16 states) on a GPU, the reference kernels
+    under the simulator (same results there); explicit values are taken as they are."""
+    from sla_numba.gpu.tc import forward, states
+    from sla_numba.gpu.tc.ptx import SIMULATED
+
+    monkeypatch.delenv(config.SPARSE_FWD_VAR, raising=False)
+    if SIMULATED:
+        assert not forward.use_wgmma("bf16", 128, 64, 64)
+        assert states.auto_variant(True) == states.auto_variant(False) == "registers"
+    assert not forward.use_wgmma("float32", 128, 64, 64)  # never for what wgmma can't take
+    assert not forward.use_wgmma("bf16", 128, 128, 64)
+    monkeypatch.setenv(config.SPARSE_FWD_VAR, "wgmma")
+    assert forward.use_wgmma("bf16", 128, 128, 64)  # the launch then refuses, naming it
+    monkeypatch.setenv(config.SPARSE_FWD_VAR, "mma")
+    assert not forward.use_wgmma("bf16", 128, 64, 64)

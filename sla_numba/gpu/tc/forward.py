@@ -61,6 +61,7 @@ from .._precompile import kernel_factory
 from . import build as _tc_build
 from .ptx import (
     LOG2E,
+    SIMULATED,
     cp_async_commit,
     cp_async_wait_all,
     exp2,
@@ -310,6 +311,24 @@ def make_sparse_forward(D, block_k, block_q, kind):
     return TCKernel(sla_fwd_tc, NT, SMEM_BYTES)
 
 
+def use_wgmma(kind, D, block_q, block_k):
+    """Whether the sparse forward runs on ``tc/forward_wgmma.py`` (``SLA_NUMBA_SPARSE_FWD``):
+    ``wgmma`` always (that module refuses, naming the variable, what it cannot take);
+    ``mma`` never; ``auto`` (the default) on a GPU of compute capability 9.0 for the
+    configurations the wgmma kernel takes (fp16 / bf16, blocks 64 x 64, D 64 or 128),
+    which it runs 1.4-1.5x faster than the mma.sync kernel (H200, BENCHMARKS.md), and
+    never under the simulator (there both give the same results; the mma.sync kernel
+    keeps the suite's coverage, the wgmma tests ask for theirs)."""
+    mode = config.sparse_fwd_kernel()
+    if mode != "auto":
+        return mode == "wgmma"
+    if SIMULATED:
+        return False
+    from .forward_wgmma import wgmma_unsupported_reason
+
+    return wgmma_unsupported_reason(kind, D, block_q, block_k) is None
+
+
 def launch_sparse_forward(
     kind, q, k, v, lut, counts, o, lse, B, H, Nq, Nk, D, block_q, block_k, scale, stream
 ):
@@ -320,7 +339,7 @@ def launch_sparse_forward(
     flat int32 (B*H*Mq); o, lse: flat float32 outputs. Numba device arrays (any
     ``__cuda_array_interface__`` views), launched on ``stream``; no host sync.
     """
-    if config.sparse_fwd_kernel() == "wgmma":  # opt-in: Hopper's warpgroup MMA
+    if use_wgmma(kind, D, block_q, block_k):  # Hopper's warpgroup MMA
         from .forward_wgmma import launch_sparse_forward_wgmma
 
         return launch_sparse_forward_wgmma(
@@ -353,8 +372,9 @@ def sparse_forward_tc(q, k, v, lut, counts, block_q, block_k, scale):
     (o_s, lse): float32 (B, H, Nq, D) and float32 (B, H, Nq), natural-log lse;
     rows of query blocks with ``counts == 0``: o_s = 0, lse = LSE_EMPTY.
     Launched on torch's (CuPy's) current stream; no synchronisation.
-    ``SLA_NUMBA_SPARSE_FWD=wgmma``: computed by ``tc/forward_wgmma.py`` instead (a
-    ValueError naming the variable where that kernel does not apply).
+    On a compute-capability-9.0 GPU (``SLA_NUMBA_SPARSE_FWD`` auto, :func:`use_wgmma`) or
+    with ``SLA_NUMBA_SPARSE_FWD=wgmma``: computed by ``tc/forward_wgmma.py`` instead (with
+    ``wgmma``, a ValueError naming the variable where that kernel does not apply).
 
     Example (a GPU; or CPU tensors with ``NUMBA_ENABLE_CUDASIM=1``, slowly)::
 
@@ -367,7 +387,7 @@ def sparse_forward_tc(q, k, v, lut, counts, block_q, block_k, scale):
         >>> tuple(o.shape), tuple(lse.shape)
         ((1, 1, 64, 64), (1, 1, 64))
     """
-    if config.sparse_fwd_kernel() == "wgmma":  # opt-in: Hopper's warpgroup MMA
+    if use_wgmma(_tc_build.half_kind(q) or str(q.dtype), int(q.shape[-1]), block_q, block_k):
         from .forward_wgmma import sparse_forward_wgmma
 
         return sparse_forward_wgmma(q, k, v, lut, counts, block_q, block_k, scale)

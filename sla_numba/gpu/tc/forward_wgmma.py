@@ -140,8 +140,12 @@ BLOCK = 64
 #: Head dims it takes (the O accumulator is m64n{D}: D/2 fp32 registers a thread).
 HEAD_DIMS = (64, 128)
 #: The default variant (:func:`make_sparse_forward_wgmma`): V buffers, and whether the
-#: softmax overlaps P.V. Not yet timed on a GPU: ``tools/sweep_sparse_wgmma.py`` times all.
+#: softmax overlaps P.V. The H200 (session 8, ``tools/sweep_sparse_wgmma.py``, Wan shape
+#: bf16, 5 % of blocks) chose per head dim: D = 128 one V buffer (0.857 ms against 0.935
+#: with two, 1.112 overlapped; mma.sync 1.270), D = 64 two (0.577 against 0.603 / 0.766;
+#: mma.sync 0.821). ``V_STAGES`` is the fallback of :func:`default_v_stages`.
 V_STAGES = 2
+V_STAGES_BY_D = {128: 1, 64: 2}
 OVERLAP = False
 THREADS = 128
 #: Bytes of one 64-row column chunk (64 x 128 bytes), the tile unit in shared memory.
@@ -152,8 +156,14 @@ K_MAJOR_LBO, SBO = 16, 1024
 V_LBO = CHUNK_BYTES
 
 
+def default_v_stages(D):
+    """The measured-fastest V buffering for head dim ``D`` (``V_STAGES_BY_D``)."""
+    return V_STAGES_BY_D.get(D, V_STAGES)
+
+
 def wgmma_device_ok(device=None):
-    """A CUDA device of compute capability >= 9.0 (True under the simulator)."""
+    """A CUDA device of compute capability 9.0 (True under the simulator). wgmma is
+    Hopper's alone: sm_90a; later architectures (sm_100a, ...) do not have it."""
     if SIMULATED:
         return True
     try:
@@ -165,9 +175,16 @@ def wgmma_device_ok(device=None):
             idx = _cuda.get_current_device().id
         else:
             idx = device if isinstance(device, int) else (getattr(device, "index", None) or 0)
-        return tuple(_cuda.gpus[int(idx)].compute_capability) >= (9, 0)
+        return _compute_capability(int(idx)) == (9, 0)
     except Exception:  # noqa: BLE001 - no driver / no such device
         return False
+
+
+@functools.cache
+def _compute_capability(idx):
+    from numba import cuda as _cuda
+
+    return tuple(_cuda.gpus[idx].compute_capability)
 
 
 def wgmma_unsupported_reason(dtype, head_dim, block_q, block_k, device=None):
@@ -180,7 +197,7 @@ def wgmma_unsupported_reason(dtype, head_dim, block_q, block_k, device=None):
     if block_q != BLOCK or block_k != BLOCK:
         return f"block_q {block_q}, block_k {block_k} (supported: 64 and 64)"
     if not wgmma_device_ok(device):
-        return "no CUDA device of compute capability >= 9.0 (wgmma is Hopper's)"
+        return "no CUDA device of compute capability 9.0 (wgmma is Hopper's)"
     return None
 
 
@@ -491,7 +508,7 @@ def launch_sparse_forward_wgmma(
     _check(kind, D, block_q, block_k)
     mq = -(-Nq // block_q)
     n_lut = int(lut.size) // max(1, B * H * mq)
-    kern = make_sparse_forward_wgmma(D, kind)
+    kern = make_sparse_forward_wgmma(D, kind, default_v_stages(D))
     if n_lut == 0:
         lut = counts
     args = (q, k, v, lut, counts, o, lse, Nq, Nk, mq, max(n_lut, 1), np.float32(scale * LOG2E))
@@ -499,12 +516,13 @@ def launch_sparse_forward_wgmma(
 
 
 def sparse_forward_wgmma(
-    q, k, v, lut, counts, block_q, block_k, scale, v_stages=V_STAGES, overlap=OVERLAP
+    q, k, v, lut, counts, block_q, block_k, scale, v_stages=None, overlap=OVERLAP
 ):
     """Sparse (critical-block) attention forward on wgmma: ``sparse_forward_tc``'s
     arguments and results (``tc/forward.py``), for fp16 / bf16, D in {64, 128},
     ``block_q = block_k = 64`` on a GPU of compute capability 9.0 (or the simulator).
-    ``v_stages``, ``overlap``: the kernel variant (:func:`make_sparse_forward_wgmma`).
+    ``v_stages`` (None: :func:`default_v_stages`), ``overlap``: the kernel variant
+    (:func:`make_sparse_forward_wgmma`).
 
     Example (an H100 / H200; or CPU tensors with ``NUMBA_ENABLE_CUDASIM=1``, slowly)::
 
@@ -524,7 +542,7 @@ def sparse_forward_wgmma(
     mq = -(-Nq // block_q)
     n_lut = int(lut.shape[-1])
     ad = _tc_build.ArrayAdapter(q)
-    kern = make_sparse_forward_wgmma(D, kind, v_stages, overlap)
+    kern = make_sparse_forward_wgmma(D, kind, v_stages or default_v_stages(D), overlap)
     o = ad.empty((B, H, Nq, D), np.float32)
     lse = ad.empty((B, H, Nq), np.float32)
     cnt = ad.flat(counts, np.int32)

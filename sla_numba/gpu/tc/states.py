@@ -895,7 +895,16 @@ def make_states_kernel_pipelined(kind, D, BK, tiles, split=True, out_bf16=False,
 _kernels = {}
 
 
-VARIANTS = config.STATES_KERNELS  # registers, staged, pipelined
+VARIANTS = tuple(v for v in config.STATES_KERNELS if v != "auto")  # the kernels
+
+
+def auto_variant(out_bf16):
+    """``SLA_NUMBA_STATES_KERNEL=auto`` (the default): the staged kernel for bf16 states,
+    the register kernel for fp32 states -- the faster of each on the H200 at the Wan2.1
+    shape (``tools/sweep_states.py``, BENCHMARKS.md session 8: bf16 0.404 against 0.554
+    ms, fp32 0.606 against 0.561 ms). Under the simulator the register kernel (same
+    bits; the staged and pipelined kernels have their own tests)."""
+    return "staged" if out_bf16 and not SIMULATED else "registers"
 
 
 def get_states_kernel(kind, D, BK, tiles=None, split=True, out_bf16=False, variant="registers"):
@@ -949,8 +958,8 @@ def launch_states_tc(
     fm: 0 softmax, 1 elu + 1, 2 relu. ``tiles`` (WR, WC): None for ``choose_tiles``;
     ``split=False``: φ rounded to one half value (no lo part, half the mma).
     An int16 ``state`` receives bf16 bits (bf16 states: ``config.bf16_states``) instead of fp32.
-    ``variant``: 'registers', 'staged' or 'pipelined' (same bits; module doc); None:
-    ``config.states_kernel()`` (``SLA_NUMBA_STATES_KERNEL``). ``blocks_per_cta``: key
+    ``variant``: 'registers', 'staged' or 'pipelined' (same bits; module doc), or 'auto'
+    (:func:`auto_variant`); None: ``config.states_kernel()`` (``SLA_NUMBA_STATES_KERNEL``). ``blocks_per_cta``: key
     blocks a CTA of the pipelined kernel (default ``PIPE_BLOCKS``). The staged and
     pipelined kernels need k and v 16-byte aligned (cp.async) and an int16 state 4-byte
     aligned; otherwise the register kernel runs.
@@ -986,6 +995,8 @@ def launch_states_tc(
     out_bf16 = state_dtype == "int16"
     if variant is None:
         variant = config.states_kernel()
+    if variant == "auto":
+        variant = auto_variant(out_bf16)
     if variant not in VARIANTS:
         raise ValueError(f"launch_states_tc: variant {variant!r}, one of {VARIANTS}")
     if variant != "registers":
