@@ -49,6 +49,9 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(launcher, "_compile", fake_compile)
     monkeypatch.setattr(launcher, "_argtypes", lambda k, v: (("types",) * len(v), ["array"]))
     monkeypatch.setattr(launcher, "_compiled", {})
+    # the fake streams' handles are no driver's: asking the driver about them would
+    # crash on a GPU (it did, session 8), so nothing captures here unless a test says so
+    monkeypatch.setattr(launcher, "capturing", lambda stream: False)
     monkeypatch.delenv("SLA_NUMBA_LAUNCH", raising=False)
     return launched, compiled_for
 
@@ -364,6 +367,7 @@ def test_first_call_with_workers_gives_the_same_bits(tmp_path):
         assert info["cold"] >= 2 and info["workers"] >= 1 and info["failed"] == [], info
     # the first forward compiled classification's kernels together with its own
     assert any(".classify." in name for name in with_workers["fwd"]["kernels"])
-    assert any(".tc.forward." in name for name in with_workers["fwd"]["kernels"])
+    # a tensor-core sparse forward: tc/forward.py's, or tc/forward_wgmma.py's on cc 9.0
+    assert any(".tc.forward" in name for name in with_workers["fwd"]["kernels"])
     assert alone["fwd"] == {} and alone["bwd"] == {}  # no workers: nothing ahead
     assert with_workers["out"] == alone["out"]
