@@ -53,7 +53,7 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             each K / V tile (query chunk) copied and waited for before
                             its math, two barriers a step; or two stages, the next
                             step's copy in flight during the current step's math, one
-                            barrier a step. Same bits. Opt-in: not yet timed on a GPU
+                            barrier a step. Same bits. Opt-in: no faster on the H200
                             (``tools/sweep_sparse_backward.py``).
 ``SLA_NUMBA_SPARSE_FWD``    ``auto`` (default) | ``mma`` | ``wgmma``: the tensor-core kernel
                             of the sparse branch's forward: ``mma.sync``
