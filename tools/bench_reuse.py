@@ -30,10 +30,10 @@ Ratios (save / recompute) are printed per shape; every figure comes from this ru
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
+from cuda_timing import cuda_time  # tools/: median of CUDA-event pairs, one untimed call
 
 SHAPES = {
     "wan": dict(B=1, H=12, N=32760, D=128),
@@ -41,22 +41,6 @@ SHAPES = {
 }
 BLOCK, TOPK, SKIP = 64, 0.05, 0.10
 VAR = "SLA_NUMBA_SAVE_STATES"
-
-
-def events_ms(fn, reps, warmup=2):
-    """Median ms of ``fn()`` over ``reps`` calls, each between two CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1))
-    return statistics.median(times)
 
 
 def run_shape(name, reps):
@@ -90,8 +74,8 @@ def run_shape(name, reps):
         r = out[save] = {}
         fwd_bwd()  # first call (compiles if the cache is cold)
         grads = [t.grad.clone() for t in (q, k, v)]
-        r["fwd_bwd_ms"] = events_ms(fwd_bwd, reps)
-        r["fwd_ms"] = events_ms(fwd, reps)
+        r["fwd_bwd_ms"] = cuda_time(fwd_bwd, reps)
+        r["fwd_ms"] = cuda_time(fwd, reps)
         for t in (q, k, v):
             t.grad = None
         torch.cuda.synchronize()

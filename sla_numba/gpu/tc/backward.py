@@ -89,6 +89,7 @@ from .tiles import (
     TC_FASTMATH,
     ZERO,
     TCKernel,
+    fill_rows,
     frag_rows_a,
     frag_rows_bt,
     make_mma,
@@ -153,10 +154,7 @@ def make_sparse_dq(D, block_k, block_q, kind, pipelined=False):
 
         # A query block without critical key blocks: dQ = 0.
         if cnt == 0:
-            for idx in range(tid, BQ * D, NT):
-                r = row0 + idx // D
-                if r < nq:
-                    dq[q_base + r * D + idx % D] = ZERO
+            fill_rows(dq, q_base, row0, BQ, nq, D, ZERO, tid, NT)
             return
 
         # Stage Q and dO once, K and V of the first critical block.

@@ -78,6 +78,7 @@ from .tiles import (
     TC_FASTMATH,
     ZERO,
     TCKernel,
+    fill_rows,
     frag_rows_a,
     frag_rows_bt,
     load_a,
@@ -193,13 +194,8 @@ def make_sparse_forward(D, block_k, block_q, kind):
 
         # A query block without critical key blocks: O = 0, lse = LSE_EMPTY.
         if cnt == 0:
-            for idx in range(tid, BQ * D, NT):
-                r = row0 + idx // D
-                if r < nq:
-                    o[q_base + r * D + idx % D] = ZERO
-            for idx in range(tid, BQ, NT):
-                if row0 + idx < nq:
-                    lse[bh * nq + row0 + idx] = lse_empty
+            fill_rows(o, q_base, row0, BQ, nq, D, ZERO, tid, NT)
+            fill_rows(lse, bh * nq, row0, BQ, nq, 1, lse_empty, tid, NT)
             return
 
         # Stage Q and the first K tile.

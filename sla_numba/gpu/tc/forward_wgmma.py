@@ -119,6 +119,7 @@ from .tiles import (
     TC_FASTMATH,
     ZERO,
     TCKernel,
+    fill_rows,
     make_mma,
     row_max_tree,
     row_sum_tree,
@@ -347,13 +348,8 @@ def make_sparse_forward_wgmma(D, kind, v_stages=V_STAGES, overlap=OVERLAP):
 
         # A query block without critical key blocks: O = 0, lse = LSE_EMPTY.
         if cnt == 0:
-            for idx in range(tid, BLOCK * D, THREADS):
-                r = row0 + idx // D
-                if r < nq:
-                    o[q_base + r * D + idx % D] = ZERO
-            for idx in range(tid, BLOCK, THREADS):
-                if row0 + idx < nq:
-                    lse[bh * nq + row0 + idx] = lse_empty
+            fill_rows(o, q_base, row0, BLOCK, nq, D, ZERO, tid, THREADS)
+            fill_rows(lse, bh * nq, row0, BLOCK, nq, 1, lse_empty, tid, THREADS)
             return
 
         sbase = int32((smem_addr(smem) + 1023) & ~1023)  # 1024-aligned (swizzle atoms)

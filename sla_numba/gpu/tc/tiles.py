@@ -285,6 +285,18 @@ def fadd(a, b):
     return a + b
 
 
+@device(forceinline=True)
+def fill_rows(out, base, row0, rows, n, width, value, tid, nthreads):
+    """``out[base + r*width + c] = value`` for the block's rows ``r`` in ``[row0, row0 +
+    rows)`` that exist (``r < n``), every column ``c < width``, the CTA's ``nthreads``
+    threads striding from ``tid``: the output of a query block with no critical key
+    block (O or dQ = 0 with ``width = D``; lse = LSE_EMPTY with ``width = 1``)."""
+    for idx in range(tid, rows * width, nthreads):
+        r = row0 + idx // width
+        if r < n:
+            out[base + r * width + idx % width] = value
+
+
 @functools.cache
 def make_row_tree(op, ntiles):
     """``tree(s, i, r, n0)``: ``op`` over the lane's values of row half ``r`` (0: row
