@@ -230,7 +230,17 @@ def _aligned(dev, word):
 
 @ahead
 def _classify_fused(
-    q, k, n_crit, n_skip, block_q, block_k, scale, tiles=None, pool_tiles=None, bf16_bits=False
+    q,
+    k,
+    n_crit,
+    n_skip,
+    block_q,
+    block_k,
+    scale,
+    tiles=None,
+    pool_tiles=None,
+    bf16_bits=False,
+    scratch=False,
 ):
     """The fused pair: ``make_pool_words`` then ``make_score_select_keys``; rows too
     long for shared memory fall back to ``make_score_select`` (global scratch), and
@@ -238,7 +248,9 @@ def _classify_fused(
 
     ``tiles``: (RQ, CPT, NT) overrides, ``pool_tiles``: (LANES, GROUPS, U); for the
     benchmark's sweep. ``bf16_bits``: ``q`` and ``k`` are int16 arrays of bf16 bit
-    patterns (tests: the simulator has no bf16 arrays; torch bf16 is detected)."""
+    patterns (tests: the simulator has no bf16 arrays; torch bf16 is detected).
+    ``scratch``: the default score/select kernel after the warp pooling (benchmark:
+    which of the two new kernels gains)."""
     call = DeviceCall(q)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -247,7 +259,7 @@ def _classify_fused(
     n_skip = min(max(int(n_skip), 0), Mk)
     if fast_config(Mk, D) is None:  # rows longer than the lane groups take
         return classify_by_sorting(q, k, n_crit, n_skip, block_q, block_k, scale)
-    keys = keys_config(Mk, D, *(tiles or ()))
+    keys = None if scratch else keys_config(Mk, D, *(tiles or ()))
     bf16 = bf16_bits or (call.in_dtype(q) == "bfloat16" and call.in_dtype(k) == "bfloat16")
     lanes, groups, rows, kw, wpl, packed = pool_config(D, bf16, *(pool_tiles or ()))
     word, _ = word_layout(D, bf16, lanes)
