@@ -84,8 +84,8 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             select kernel that keeps its scores in a global scratch
                             array; or (``fused``, ``gpu/simt/classify_fused.py``)
                             pooling by warps with packed 8-byte bf16 loads and the
-                            scores kept as keys in shared memory. Same map, bit for
-                            bit. Opt-in until timed on the H200
+                            scores kept as keys in shared memory (no scratch
+                            array). Same map, bit for bit. Opt-in until timed on the H200
                             (``tools/bench_classify.py --fused``).
 ``SLA_NUMBA_LAUNCH``        ``direct`` (default) | ``numba``: how GPU kernels are
                             launched: ``direct`` hands the compiled kernel and its

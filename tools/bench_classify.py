@@ -243,14 +243,15 @@ def main():
     return 0 if ok else 1
 
 
-# (pool tiles: lanes a group, groups a CTA, rows in flight; keys tiles: RQ, CPT, NT)
+# (pool tiles: lanes a group, groups a CTA, rows in flight; keys tiles: RQ, CPT, NT, RH)
 FUSED_VARIANTS = [
     ("pool G4 U16, keys default", None, None),
     ("pool G4 U16 + default score_select", None, "scratch"),
     ("pool G8 U16", (None, 8, 16), None),
     ("pool G4 U32", (None, 4, 32), None),
-    ("keys RQ4", None, (4, None, None)),
-    ("keys RQ6", None, (6, None, None)),
+    ("keys RQ16 RH2", None, (16, None, None, 2)),
+    ("keys RQ8 RH8", None, (8, None, None, None)),
+    ("keys RQ4 RH4", None, (4, None, None, None)),
 ]
 
 

@@ -215,10 +215,10 @@ def main():
             False,
             exact=True,
         )
-    for d, rq, cpt, epl in ((128, 8, 4, 16), (64, 16, 1, 4)):
+    for d, rq, cpt, epl, rh in ((128, 16, 4, 16, 4), (128, 8, 4, 16, 8), (64, 16, 1, 4, 16)):
         ok &= compile_one(
-            f"classify.keys D{d} R{rq} C{cpt} E{epl}",
-            classify_fused.make_score_select_keys(d, rq, cpt, epl, 128, 32),
+            f"classify.keys D{d} R{rq} C{cpt} E{epl} H{rh}",
+            classify_fused.make_score_select_keys(d, rq, cpt, epl, 128, 32, rh),
             (arr(F64, 4), arr(F64, 4), F64, I64, I64, arr(nt.int8, 4)),
             False,
             False,

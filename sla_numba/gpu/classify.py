@@ -184,24 +184,41 @@ def _classify(q, k, n_crit, n_skip, block_q, block_k, scale, fast, tiles=None):
 
 
 # ====================================================== SLA_NUMBA_CLASSIFY=fused
-def keys_config(mk, d, rows=None, cols=None, threads=None):
-    """(RQ, CPT, EPL, NT) of the score/select kernel with shared-memory keys, or
-    None when a row does not fit it (``fast_config``'s limits, and RQ·(D + Mk
-    slots)·8 bytes of shared memory for at least one row). ``rows``, ``cols``,
-    ``threads`` override the defaults (tools/bench_classify.py --fused tries some)."""
+def keys_config(mk, d, rows=None, cols=None, threads=None, chunk=None):
+    """(RQ, CPT, EPL, NT, RH) of the score/select kernel with shared-memory keys, or
+    None when a row does not fit it (``fast_config``'s limits, and
+    (RQ·D + RH·slots)·8 bytes of shared memory, slots = LANES·EPL >= Mk).
+
+    When one pass of the score tile covers the row (Mk <= NT·CPT: the Wan2.1 and B2
+    shapes), RQ is ``fast_config``'s (16) and RH, the rows of keys shared memory
+    holds at a time, the largest divisor of RQ that fits; otherwise RH = RQ, cut
+    to what fits. ``rows``, ``cols``, ``threads``, ``chunk`` override RQ, CPT, NT,
+    RH (tools/bench_classify.py --fused tries some)."""
     base = fast_config(mk, d, rows, cols, threads)
     if base is None:
         return None
     rq, cpt, epl, nt = base
-    per_row = (d + epl * FAST_LANES) * 8
-    fit = KEYS_SMEM // per_row
-    if rows is None:
+    slots = epl * FAST_LANES * 8  # bytes of one row of keys
+    one_pass = mk <= nt * cpt
+    if not one_pass:
+        fit = (KEYS_SMEM // (d * 8 + slots)) if rows is None else rq
         rq = min(rq, fit)
         if rq >= 8:
             rq -= rq % 4  # 8 or 12 rows: the grid splits into whole waves more often
-    if rq < 1 or rq > fit:
+        rh = rq
+    elif chunk is not None:
+        rh = chunk
+    else:
+        rh = rq
+        while rh > 1 and rq * d * 8 + rh * slots > KEYS_SMEM:
+            rh -= 1
+            while rq % rh:
+                rh -= 1
+    if rq < 1 or rh < 1 or rh > rq or (rh < rq and not one_pass):
         return None
-    return rq, cpt, epl, nt
+    if rq * d * 8 + rh * slots > KEYS_SMEM:
+        return None
+    return rq, cpt, epl, nt, rh
 
 
 def pool_config(d, bf16, lanes=None, groups=None, rows=None):
@@ -246,7 +263,7 @@ def _classify_fused(
     long for shared memory fall back to ``make_score_select`` (global scratch), and
     rows too long for that to the reference (``classify_by_sorting``'s kernels).
 
-    ``tiles``: (RQ, CPT, NT) overrides, ``pool_tiles``: (LANES, GROUPS, U); for the
+    ``tiles``: (RQ, CPT, NT, RH) overrides, ``pool_tiles``: (LANES, GROUPS, U); for the
     benchmark's sweep. ``bf16_bits``: ``q`` and ``k`` are int16 arrays of bf16 bit
     patterns (tests: the simulator has no bf16 arrays; torch bf16 is detected).
     ``scratch``: the default score/select kernel after the warp pooling (benchmark:
@@ -281,9 +298,9 @@ def _classify_fused(
             (dq, dk, block_q, block_k, Mq, pq, pk),
         )
         if keys is not None:
-            rq, cpt, epl, nt = keys
+            rq, cpt, epl, nt, rh = keys
             launch(
-                make_score_select_keys(D, rq, cpt, epl, nt, FAST_LANES),
+                make_score_select_keys(D, rq, cpt, epl, nt, FAST_LANES, rh),
                 (-(-Mq // rq), H, B),
                 nt,
                 call.stream,

@@ -19,18 +19,25 @@ bit"), rearranged so that neither step wastes the machine:
   as ``classify.make_score_select`` (the same register tile of scores, the same
   ``mul_rn`` / ``add_rn`` order, the same ``make_row_select`` ranking), except that
   the scores never leave the SM: each is turned into its order-preserving integer
-  key and kept in **shared memory** (RQ x Mk keys), where the lane groups rank
+  key and kept in **shared memory** (RH x Mk keys), where the lane groups rank
   them. The default kernel writes every score to a global scratch array
   (B·H·Mq·Mk float64: 25 MB at the Wan2.1 shape) and reads it back; here there is
-  no scratch buffer to allocate, write or read. The price: RQ is bounded by shared
-  memory (RQ·(D + Mk)·8 bytes), 8 rows at the Wan2.1 shape instead of 16.
+  no scratch buffer to allocate, write or read. Shared memory bounds the rows of
+  keys: RH·Mk·8 bytes. When one pass of the score tile covers a whole row (Mk <=
+  NT·CPT: 512 = 128 x 4 at the Wan2.1 shape), every score of the CTA's RQ = 16 rows
+  is in registers after the pass, so the rows are keyed and ranked RH at a time
+  (RH = 4 there: 16 KiB of staged query rows + 16 KiB of keys) and the pooled keys
+  are still read once per 16 rows, as in the default kernel. Longer rows: RH = RQ,
+  RQ cut to what fits.
 
 Fragment ownership, score step: thread ``t`` owns key blocks ``j0 + t + NT·c``
 (c < CPT) of all RQ rows, a register tile of RQ x CPT float64 sums; the pooled
 query rows are in shared memory (broadcast reads), the pooled keys stream from
 global memory (d-major: ``pk[b, h, d, j]``, consecutive threads read consecutive
 j), the next d's keys loading while this d computes. Ranking step: lane group g
-ranks rows g, g + NG, ...; lane l holds key blocks ``l + LANES·m`` (m < EPL).
+ranks rows g, g + NG, ... of a chunk; lane l holds key blocks ``l + LANES·m``
+(m < EPL). Barriers: one after staging, one before each chunk is ranked and one
+before the next chunk overwrites its keys.
 
 Ranks without a sort, and the tie rule: ``classify.make_row_select``.
 
@@ -193,23 +200,56 @@ def make_pool_words(LANES, GROUPS, U, K, WPL, BF16):
 
 @functools.cache
 @kernel_factory
-def make_score_select_keys(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
+def make_score_select_keys(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES, RH=None):
     """The score-and-select kernel with its keys in shared memory.
 
     Launch: grid (ceil(Mq / RQ), H, B), NT threads. Arguments: ``pq`` (B, H, Mq, D),
     ``pk`` (B, H, D, Mk) float64; ``scale``; ``n_crit``, ``n_skip`` in [0, Mk];
     ``block_map`` (B, H, Mq, Mk) int8. Needs Mk <= LANES·EPL and
-    RQ·(D + LANES·EPL)·8 bytes of static shared memory."""
-    NG = NT // LANES  # lane groups: each ranks rows g, g + NG, ...
+    (RQ·D + RH·LANES·EPL)·8 bytes of static shared memory.
+
+    ``RH`` (default RQ): rows of keys the shared buffer holds. RH < RQ needs one pass
+    over the key blocks (Mk <= NT·CPT): every score of the CTA's RQ rows is then in
+    registers after the pass, and the rows are keyed and ranked RH at a time, so a
+    CTA keeps RQ rows (the pooled keys are read once per RQ rows, as the default
+    kernel does) while shared memory holds only RH rows of keys."""
+    RH = RQ if RH is None else RH
+    CHUNKED = RH < RQ  # keys written after the pass, RH rows at a time
+    NG = NT // LANES  # lane groups: each ranks rows g, g + NG, ... of a chunk
     NQ = RQ * D  # the staged query rows
     MKP = LANES * EPL  # key slots a row (Mk and the zero pads after it)
-    NK = RQ * MKP
+    NK = RH * MKP
     NACC = RQ * CPT
     ZERO = np.uint64(0)
     TOP = np.uint64(1 << 63)
     HALF = np.uint64(32)
     neg_inf = np.float64(-np.inf)
     mark_row = make_row_select(EPL, LANES)
+
+    @kernel(device=True)
+    def to_key(acc_x, scale):
+        """The order-preserving key of a score (see make_row_select)."""
+        s = mul_rn(scale, acc_x)
+        if s != s:
+            s = neg_inf  # NaN ranks as -inf
+        if s == 0.0:
+            s = 0.0  # -0 == +0 (a tie): give both one key
+        x = _f64_bits(s)
+        return ~x if x >= TOP else x | TOP
+
+    @kernel(device=True)
+    def rank_rows(keys, h0, i0, mq, n_crit, n_skip, mk, block_map, b, h, key, top):
+        """Rows i0 + h0 + r (r < RH) of the keys buffer: one lane group a row."""
+        lane = cuda.threadIdx.x % LANES
+        for r in range(cuda.threadIdx.x // LANES, RH, NG):
+            i = i0 + h0 + r
+            if i >= mq or h0 + r >= RQ:
+                break
+            for m in range(EPL):  # lane holds key blocks lane + LANES*m
+                x = keys[np.uint64(r * MKP + lane + LANES * m)]
+                key[m] = x
+                top[m] = np.uint32(x >> HALF)
+            mark_row(key, top, n_crit, n_skip, mk, block_map, b, h, i)
 
     @kernel()
     def score_select_keys(pq, pk, scale, n_crit, n_skip, block_map):
@@ -232,7 +272,8 @@ def make_score_select_keys(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
                 keys[e] = ZERO
         cuda.syncthreads()
 
-        # ---- 2. scores (make_score_select's loop), kept as keys in shared memory
+        # ---- 2. scores (make_score_select's loop): thread t owns key blocks
+        # j0 + t + NT*c (c < CPT) of every row
         acc = cuda.local.array(NACC, np.float64)
         pkbh = pk[b, h]  # (D, Mk)
         kv = cuda.local.array(CPT, np.float64)
@@ -255,31 +296,31 @@ def make_score_select_keys(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
                     p = pq_s[np.uint64(r * D + d)]
                     for c in range(CPT):  # d ascending, every op rounded on its own
                         acc[r * CPT + c] = add_rn(acc[r * CPT + c], mul_rn(p, kv[c]))
-            for r in range(RQ):
-                for c in range(CPT):
-                    j = j0 + t + NT * c
-                    if j < mk:
-                        s = mul_rn(scale, acc[r * CPT + c])
-                        if s != s:
-                            s = neg_inf  # NaN ranks as -inf
-                        if s == 0.0:
-                            s = 0.0  # -0 == +0 (a tie): give both one key
-                        x = _f64_bits(s)  # order-preserving key: see make_row_select
-                        keys[np.uint64(r * MKP + j)] = ~x if x >= TOP else x | TOP
-        cuda.syncthreads()  # the CTA's keys are visible to all its threads
+            if not CHUNKED:  # every row's keys fit: store this pass's
+                for r in range(RQ):
+                    for c in range(CPT):
+                        j = j0 + t + NT * c
+                        if j < mk:
+                            keys[np.uint64(r * MKP + j)] = to_key(acc[r * CPT + c], scale)
 
         # ---- 3. per row, one lane group: thresholds, then the row's map
-        lane = t % LANES
         key = cuda.local.array(EPL, np.uint64)
         top = cuda.local.array(EPL, np.uint32)  # the keys' high halves
-        for r in range(t // LANES, RQ, NG):
-            i = i0 + r
-            if i >= mq:
-                break
-            for m in range(EPL):  # lane holds key blocks lane + LANES*m
-                x = keys[np.uint64(r * MKP + lane + LANES * m)]
-                key[m] = x
-                top[m] = np.uint32(x >> HALF)
-            mark_row(key, top, n_crit, n_skip, mk, block_map, b, h, i)
+        if not CHUNKED:
+            cuda.syncthreads()  # the CTA's keys are visible to all its threads
+            rank_rows(keys, 0, i0, mq, n_crit, n_skip, mk, block_map, b, h, key, top)
+        else:  # the one pass's scores are all in registers: key them RH rows at a time
+            for h0 in range(0, RQ, RH):
+                if h0 > 0:
+                    cuda.syncthreads()  # the previous chunk's keys have been read
+                for r in range(RH):
+                    if h0 + r < RQ:
+                        for c in range(CPT):
+                            j = t + NT * c
+                            if j < mk:
+                                x = to_key(acc[(h0 + r) * CPT + c], scale)
+                                keys[np.uint64(r * MKP + j)] = x
+                cuda.syncthreads()
+                rank_rows(keys, h0, i0, mq, n_crit, n_skip, mk, block_map, b, h, key, top)
 
     return score_select_keys

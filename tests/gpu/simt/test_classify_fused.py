@@ -82,16 +82,37 @@ def test_bf16_nan_and_ties_in_packed_words():
     _check_bits(q, k, qb, kb, 2, 2, 4, 4, 0.25)
 
 
+def _rounded_bits(x):
+    """Small integers (exact in bf16: many tied scores) and their bf16 bits."""
+    x = np.round(x)
+    return x, (x.view(np.uint32) >> 16).astype(np.uint16).view(np.int16)
+
+
 @pytest.mark.parametrize(
-    "tiles,pool_tiles", [((1, 1, None), (4, 1, 2)), ((2, 2, None), (2, 3, 1))], ids=str
+    "tiles,pool_tiles",
+    [
+        ((1, 1, None, None), (4, 1, 2)),  # one row a CTA; 4 lanes, 1 group, 2 rows in flight
+        ((2, 2, None, None), (2, 3, 1)),  # CPT 2; 2 lanes, 3 groups, 1 row in flight
+        ((3, 4, None, 1), None),  # keys one row at a time (3 chunks), tail CTA of 1 row
+        ((4, 4, None, 2), None),  # 2 chunks of 2 rows
+    ],
+    ids=str,
 )
 def test_other_tilings_give_the_same_map(tiles, pool_tiles):
-    """RQ / CPT of the keys kernel; lanes a group, groups a CTA, rows in flight of the
-    pooling kernel (bf16 words and float32 elements)."""
+    """RQ / CPT / RH of the keys kernel (RH < RQ: one pass over the key blocks, the
+    rows keyed and ranked RH at a time); lanes a group, groups a CTA, rows in flight
+    of the pooling kernel. bf16 words and float32 elements; random and tied scores."""
     rng = np.random.default_rng(11)
-    q, qb = _bf16(rng, (1, 1, 10, 8))
-    k, kb = _bf16(rng, (1, 1, 45, 8))
-    _check_bits(q, k, qb, kb, 4, 3, 3, 4, 0.7, tiles=tiles, pool_tiles=pool_tiles)
+    mk = _params.n_blocks(45, 4)
+    cfg = gpu_classify.keys_config(mk, 8, *tiles)
+    assert cfg is not None and cfg[4] == (tiles[3] or cfg[0]), cfg
+    for tied in (False, True):
+        q, qb = _bf16(rng, (1, 1, 10, 8))
+        k, kb = _bf16(rng, (1, 1, 45, 8))
+        if tied:
+            (q, qb), (k, kb) = _rounded_bits(q), _rounded_bits(k)
+        for n_crit, n_skip in ((4, 3), (1, 10)):
+            _check_bits(q, k, qb, kb, n_crit, n_skip, 3, 4, 0.7, tiles=tiles, pool_tiles=pool_tiles)
     with poisoned():
         got = gpu_classify._classify_fused(
             q, k, 4, 3, 3, 4, 0.7, tiles=tiles, pool_tiles=pool_tiles
