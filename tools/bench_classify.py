@@ -287,7 +287,7 @@ def fused_main(a):
         print(
             f"\n[{name}] B{B} H{H} N{N} D{D} bf16, blocks {bq}x{bk}: Mq={mq} Mk={mk} "
             f"n_crit={n_crit} n_skip={n_skip}; input {gbytes * 1e3:.0f} MB; "
-            f"keys config (RQ, CPT, EPL, NT) = {gc.keys_config(mk, D)}, "
+            f"keys config (RQ, CPT, EPL, NT, RH) = {gc.keys_config(mk, D)}, "
             f"pool config = {gc.pool_config(D, True)}"
         )
         want = None
