@@ -106,9 +106,10 @@ def forward(
 
     ``half_out=True`` (fp16 / bf16 inputs; what the torch bridge asks for): o_s and o_l
     come back in q's dtype, rounded to nearest even -- the bits of converting the
-    float32 results, which is what a caller does next anyway. The tensor-core sparse
-    kernels write 16-bit O_s straight away (half the bytes, and no conversion pass);
-    other kernels' float32 results are converted here. lse stays float32.
+    float32 results, which is what a caller does next anyway. The tensor-core sparse and
+    linear kernels write 16-bit O_s and O_l straight away (half the bytes, and no
+    conversion pass); other kernels' float32 results are converted here. lse stays
+    float32.
 
     Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
 
@@ -162,7 +163,11 @@ def forward(
         h_os, o_s = (
             call.output_like(q, (B, H, Nq, D)) if half_s else call.output((B, H, Nq, D), acc)
         )
-        h_ol, o_l = call.output((B, H, Nq, D), acc)
+        tc_lin = path == "tc" and tc_part("linear") and linear_supported(D, block_q)
+        half_l = half and tc_lin  # ... and the tensor-core linear kernels 16-bit O_l
+        h_ol, o_l = (
+            call.output_like(q, (B, H, Nq, D)) if half_l else call.output((B, H, Nq, D), acc)
+        )
         h_lse, lse = call.output((B, H, Nq), acc)
         if path == "tc":
             from .tc.forward import launch_sparse_forward
@@ -187,7 +192,7 @@ def forward(
                 call.stream,
             )
             mark("fwd tc sparse")
-        if path == "tc" and tc_part("linear") and linear_supported(D, block_q):
+        if tc_lin:
             from .tc.linear import launch_linear_forward_tc
 
             launch_linear_forward_tc(
@@ -195,7 +200,7 @@ def forward(
                 half_bits(dq),
                 lstate,
                 flat(ws["row_info"][1]),
-                flat(o_l),
+                half_pairs(o_l) if half_l else flat(o_l),
                 B,
                 H,
                 Nq,
@@ -227,7 +232,7 @@ def forward(
             )
             launch(kernel, (Mq, H, B), T.NT, call.stream, args)
         mark("fwd linear" if path == "tc" else "fwd simt fused")
-        if half:  # o_s written as 16-bit values already (half_s), or rounded here
+        if half:  # written as 16-bit values already (half_s, half_l), or rounded here
             outs = (call.result_like(h_os, q), call.result_like(h_ol, q), call.result(h_lse))
         else:
             outs = (call.result(h_os), call.result(h_ol), call.result(h_lse))

@@ -132,3 +132,26 @@ def test_gpu_half_out_bits_equal_conversion(monkeypatch, dtype, sparse_fwd):
         assert got.dtype == dtype and torch.isfinite(want).all()
         assert torch.equal(got.view(torch.int16), want.to(dtype).view(torch.int16))
     assert torch.equal(out[2], ref[2])
+
+
+@needs_sim
+@pytest.mark.parametrize("kind,pipeline", [("bf16", True), ("f16", False)])
+def test_linear_kernel_half_output_is_the_rounded_fp32_output(kind, pipeline):
+    """The linear branch's kernels (pipelined and register-staged): the 16-bit o_l
+    (int32 pair view, poisoned) equals their fp32 o_l rounded to nearest even; the
+    query block without marginal blocks is zeros in both."""
+    from test_tc_linear import make_inputs
+
+    from sla_numba.gpu.tc.linear import launch_linear_forward_tc
+
+    B, H, Nq, D, bq, fm = 1, 1, 40, 16, 16, 0
+    qb, _, lstate, n_marg = make_inputs(kind, B, H, Nq, D, bq, fm, 7, (1,))
+    n = B * H * Nq * D
+    o32 = np.full(n, np.nan, np.float32)
+    o16 = np.full(n, 0x7FC0 if kind == "bf16" else 0x7E00, np.uint16).view(np.int16)
+    for out in (o32, o16.view(np.int32)):
+        launch_linear_forward_tc(
+            kind, qb, lstate, n_marg, out, B, H, Nq, D, bq, fm, 1e-6, 0, pipeline=pipeline
+        )
+    assert np.isfinite(o32).all() and (o32.reshape(Nq, D)[16:32] == 0).all()
+    assert (o16.view(np.uint16) == _round(o32, kind)).all()
