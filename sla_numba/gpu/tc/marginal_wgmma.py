@@ -274,7 +274,6 @@ def make_marginal_kernel_wgmma(config=GPU_CONFIG, chunk=16):
         # --- A role: rows ra, ra + 8 of M; columns 2t, 2t + 1 (+ 8) of each k-step
         ra = r0 + 64 * wg + 16 * ((tid >> 5) & 3) + g
         mo = bh * m_size + ra * rs + 2 * t * cs  # bmap offset of M[ra, 2t]
-        live = r0 + 64 * wg < n_out  # this warpgroup has rows to compute
 
         for j in range(NJ):
             for e in range(4):
@@ -327,10 +326,9 @@ def make_marginal_kernel_wgmma(config=GPU_CONFIG, chunk=16):
             # 3. the tensor cores: D += A B over the stage's k-steps with c < n_in
             wg_fence2(acc, NACC, af, NAF)
             st = sbase + rslot * STAGE_B
-            for ks in range(KS):
-                if live and it * KB + ks * KSTEP < n_in:
-                    d = (((st + ks * 2048) & 0x3FFFF) >> 4) | HI_S
-                    wgmma(smem, acc, af, ks, d, 1)
+            for ks in range(KS):  # (no branch here: ptxas would serialize the wgmma)
+                d = (((st + ks * 2048) & 0x3FFFF) >> 4) | HI_S
+                wgmma(smem, acc, af, ks, d, 1)
             wg_commit()
             # 4. while they run: stage it + STAGES - 1 -> the slot of stage it - 1
             cn = (it + STAGES - 1) * KB
