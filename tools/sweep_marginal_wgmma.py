@@ -111,12 +111,13 @@ def ptx_report(configs):
             regs=int(regs.group(1)) if regs else -1,
             spill=[int(spill.group(1)), int(spill.group(2))] if spill else None,
             serialized="serialized" in info,
+            why=sorted(set(re.findall(r"serialized ([^\x27]*?) in the function", info))),
             seconds=round(time.time() - t0, 1),
         )
         print(
             f"{cfg}: {rep['target']} wgmma {rep['wgmma']} cp.async {rep['cp_async']} "
             f".local {rep['local']} regs {rep['regs']} spill {rep['spill']} "
-            f"serialized {rep['serialized']} ({rep['seconds']} s)",
+            f"serialized {rep['serialized']} {rep['why']} ({rep['seconds']} s)",
             flush=True,
         )
         out.append(rep)

@@ -119,12 +119,13 @@ from .wgmma import (
     fence_proxy_async,
     make_wgmma_rs,
     wg_commit,
+    wg_fence,
     wg_fence2,
     wg_wait,
 )
 
 #: A kernel variant: N columns a CTA, kb c-values a stage, ring depth, warpgroups a CTA.
-Config = namedtuple("Config", "n kb stages wgs")
+Config = namedtuple("Config", "n kb stages wgs depth", defaults=(0,))
 
 #: GPU default (to be replaced by the H200's choice, tools/sweep_marginal_wgmma.py).
 GPU_CONFIG = Config(256, 32, 3, 1)
@@ -175,13 +176,20 @@ def geometry(config, chunk=16):
     ``config`` = (n, kb, stages, wgs): n in {64, 128, 192, 256}, kb a positive multiple
     of 16, stages >= 2, wgs in {1, 2}; ``chunk`` the cp.async size (16, 8 or 4 bytes).
     """
-    n, kb, stages, wgs = (int(x) for x in config)
+    n, kb, stages, wgs, depth = Config(*(int(x) for x in config))
     if n % CHUNK_COLS or not CHUNK_COLS <= n <= 256:
         raise ValueError(f"wgmma marginal: n={n} must be 64, 128, 192 or 256")
-    if kb <= 0 or kb % KSTEP or stages < 2 or wgs not in (1, 2) or chunk not in CHUNKS:
+    if (
+        kb <= 0
+        or kb % KSTEP
+        or depth not in (0, 1)
+        or stages < 2 + depth
+        or wgs not in (1, 2)
+        or chunk not in CHUNKS
+    ):
         raise ValueError(
-            f"wgmma marginal: kb={kb} must be a positive multiple of 16, stages={stages} "
-            f">= 2, wgs={wgs} 1 or 2, chunk={chunk} one of {CHUNKS}"
+            f"wgmma marginal: kb={kb} must be a positive multiple of 16, depth={depth} 0 or "
+            f"1, stages={stages} >= 2 + depth, wgs={wgs} 1 or 2, chunk={chunk} one of {CHUNKS}"
         )
     NT = 128 * wgs
     V = chunk // 2  # bf16 per copy
@@ -235,23 +243,94 @@ def make_marginal_kernel_wgmma(config=GPU_CONFIG, chunk=16):
     """
     config = Config(*(int(x) for x in config))
     G = geometry(config, chunk)
-    N, KB, STAGES, WGS = config
+    N, KB, STAGES, WGS, DEPTH = config
     RT, NT, V, CPR, RPP, NPASS, KS = (G[k] for k in ("RT", "NT", "V", "CPR", "RPP", "NPASS", "KS"))
     CHUNK_B, STAGE_B = G["CHUNK_B"], G["STAGE_B"]
     CHUNK = int(chunk)
-    WAIT = STAGES - 2  # cp.async groups that may stay in flight at a stage's wait
+    AHEAD = STAGES - 1 - DEPTH  # stages issued ahead of the one the wgmma read
+    WAIT = AHEAD - 1  # cp.async groups that may stay in flight at a stage's wait
     NJ = N // 8  # n8 column groups of the accumulator
     NACC = N // 2  # accumulator registers a thread
-    NAF = KS * 4  # A-fragment registers a thread
+    AFR = (DEPTH + 1) * KS  # A fragments a thread holds (two sets at depth 1)
+    NAF = AFR * 4  # ... their registers
     HI_S = np.int64(desc_hi(CHUNK_B, SBO))  # S: MN-major, LBO = one chunk
     wgmma = make_wgmma_rs("bf16", N)
+
+    @cuda.jit(device=True, inline="always")
+    def issue_stage(smem, states, j, n_in, W, sbase, t_base, p16, k0, wok, g_lane):
+        # cp.async this thread's pieces of stage j (c = j*KB ..) into slot j % STAGES:
+        # rows k0 + RPP*i, at the 128-byte swizzle; zero-filled past n_in / W
+        cn = j * KB
+        if cn < n_in:
+            dst = sbase + (j % STAGES) * STAGE_B + t_base
+            for i in range(NPASS):
+                k = k0 + RPP * i
+                ok = wok and cn + k < n_in
+                cp_async_zfill(
+                    smem,
+                    dst + k * ROW_BYTES + ((p16 ^ (k & 7)) << 4),
+                    CHUNK,
+                    states,
+                    g_lane + (cn + RPP * i) * W if ok else 0,
+                    CHUNK if ok else ZI,
+                )
+        cp_async_commit()  # one group per stage, empty or not
+
+    @cuda.jit(device=True, inline="always")
+    def load_map(ys, bmap, c1, n_in, n_out, mo, ra, t, rs, cs):
+        # the 8 map bytes of each k-step of the stage at c1 behind this thread's A
+        # fragment (x = 2 reg + half: row ra + 8 (reg & 1), column 2t + half + 8 (reg >> 1))
+        for ks in range(KS):
+            for x in range(8):
+                reg = x >> 1
+                c = c1 + 16 * ks + (x & 1) + 8 * (reg >> 1)
+                ok = ra + 8 * (reg & 1) < n_out and c + 2 * t < n_in
+                ys[ks, x] = (
+                    int32(bmap[u64(mo + 8 * (reg & 1) * rs + c * cs)]) if ok else NOT_MARGINAL
+                )
+
+    @cuda.jit(device=True, inline="always")
+    def stage(smem, acc, af, ys, bmap, states, it, par, n_in, n_out, W, rs, cs, sbase,
+              t_base, p16, k0, wok, g_lane, mo, ra, t):  # fmt: skip
+        # 1. stage it landed (this thread's copies: the wait; everyone's: the barrier)
+        #    and is visible to wgmma's async proxy; every warpgroup is past its wgmma
+        #    wait of stage it - 1, so the slot of stage it - 1 - DEPTH is free
+        cp_async_wait_group(WAIT)
+        fence_proxy_async()
+        cuda.syncthreads()
+        # 2. A = M of stage it (A set par): bf16 1.0 where bmap == 0, else 0
+        for ks in range(KS):
+            for reg in range(4):
+                af[par * KS + ks, reg] = (BF16_ONE_LO if ys[ks, 2 * reg] == 0 else ZI) | (
+                    BF16_ONE_HI if ys[ks, 2 * reg + 1] == 0 else ZI
+                )
+        # 3. the tensor cores: D += A B over the stage's k-steps (rows past n_in are
+        #    zeros; no branch here: ptxas would serialize the wgmma)
+        if DEPTH == 0:
+            wg_fence2(acc, NACC, af, NAF)
+        else:  # the previous stage's wgmma may be in flight on acc: tie only A
+            wg_fence(af, NAF)
+        st = sbase + (it % STAGES) * STAGE_B
+        for ks in range(KS):
+            d = (((st + ks * 2048) & 0x3FFFF) >> 4) | HI_S
+            wgmma(smem, acc, af, par * KS + ks, d, 1)
+        wg_commit()
+        # 4. while they run: the copies of stage it + AHEAD, the map bytes of it + 1
+        issue_stage(smem, states, it + AHEAD, n_in, W, sbase, t_base, p16, k0, wok, g_lane)
+        load_map(ys, bmap, it * KB + KB, n_in, n_out, mo, ra, t, rs, cs)
+        # 5. depth 0: this stage's wgmma done; depth 1: the previous stage's (its A set
+        #    is rewritten next stage, its slot refilled after the next barrier)
+        if DEPTH == 0:
+            wg_wait(acc, NACC, 0)
+        else:  # (tying acc here would define the registers of the wgmma in flight)
+            wg_wait(acc, 0, 1)
 
     @kernel()
     def marginal_sum_wgmma(bmap, m_size, rs, cs, n_out, n_in, states, s_rows, out, o_rows, W):
         smem = cuda.shared.array(0, int16, alignment=SMEM_ALIGN)
         acc = cuda.local.array((1, NJ, 4), float32)  # D: 64 x N of this warpgroup
-        af = cuda.local.array((KS, 4), int32)  # A = M of one stage, k-step ks
-        ys = cuda.local.array((KS, 8), int32)  # the map bytes behind af (next stage)
+        af = cuda.local.array((AFR, 4), int32)  # A = M, set par, k-step ks
+        ys = cuda.local.array((KS, 8), int32)  # the map bytes of the next stage
         tid = cuda.threadIdx.x
         wg = tid >> 7
         lane = tid & 31
@@ -280,88 +359,22 @@ def make_marginal_kernel_wgmma(config=GPU_CONFIG, chunk=16):
                 acc[0, j, e] = ZERO
         nst = (n_in + KB - 1) // KB
 
-        # prologue: stages 0 .. STAGES - 2 in flight (one group each), map of stage 0
-        for s in range(STAGES - 1):
-            cs0 = s * KB
-            if cs0 < n_in:
-                for i in range(NPASS):
-                    k = k0 + RPP * i
-                    ok = wok and cs0 + k < n_in
-                    cp_async_zfill(
-                        smem,
-                        sbase + s * STAGE_B + t_base + k * ROW_BYTES + ((p16 ^ (k & 7)) << 4),
-                        CHUNK,
-                        states,
-                        g_lane + (cs0 + RPP * i) * W if ok else 0,
-                        CHUNK if ok else ZI,
-                    )
-            cp_async_commit()
-        for ks in range(KS):
-            for x in range(8):
-                reg = x >> 1
-                r = ra + 8 * (reg & 1)
-                c = 16 * ks + (x & 1) + 8 * (reg >> 1) + 2 * t
-                ok = r < n_out and c < n_in
-                ys[ks, x] = (
-                    int32(bmap[u64(mo + 8 * (reg & 1) * rs + (c - 2 * t) * cs)])
-                    if ok
-                    else NOT_MARGINAL
-                )
-
-        rslot = 0  # the slot of stage it
-        wslot = STAGES - 1  # the slot of stage it + STAGES - 1
-        for it in range(nst):
-            # 1. stage it landed (this thread's copies: the wait; everyone's: the
-            #    barrier), visible to wgmma's async proxy; every warpgroup is past its
-            #    wait of stage it - 1, so that stage's slot may be refilled below
-            cp_async_wait_group(WAIT)
-            fence_proxy_async()
-            cuda.syncthreads()
-            # 2. A = M of stage it: bf16 1.0 where bmap == 0, else 0
-            for ks in range(KS):
-                for reg in range(4):
-                    af[ks, reg] = (BF16_ONE_LO if ys[ks, 2 * reg] == 0 else ZI) | (
-                        BF16_ONE_HI if ys[ks, 2 * reg + 1] == 0 else ZI
-                    )
-            # 3. the tensor cores: D += A B over the stage's k-steps with c < n_in
-            wg_fence2(acc, NACC, af, NAF)
-            st = sbase + rslot * STAGE_B
-            for ks in range(KS):  # (no branch here: ptxas would serialize the wgmma)
-                d = (((st + ks * 2048) & 0x3FFFF) >> 4) | HI_S
-                wgmma(smem, acc, af, ks, d, 1)
-            wg_commit()
-            # 4. while they run: stage it + STAGES - 1 -> the slot of stage it - 1
-            cn = (it + STAGES - 1) * KB
-            if cn < n_in:
-                for i in range(NPASS):
-                    k = k0 + RPP * i
-                    ok = wok and cn + k < n_in
-                    cp_async_zfill(
-                        smem,
-                        sbase + wslot * STAGE_B + t_base + k * ROW_BYTES + ((p16 ^ (k & 7)) << 4),
-                        CHUNK,
-                        states,
-                        g_lane + (cn + RPP * i) * W if ok else 0,
-                        CHUNK if ok else ZI,
-                    )
-            cp_async_commit()  # one group per stage, empty or not
-            # ... and the map bytes of stage it + 1
-            c1 = it * KB + KB
-            for ks in range(KS):
-                for x in range(8):
-                    reg = x >> 1
-                    r = ra + 8 * (reg & 1)
-                    c = c1 + 16 * ks + (x & 1) + 8 * (reg >> 1) + 2 * t
-                    ok = r < n_out and c < n_in
-                    ys[ks, x] = (
-                        int32(bmap[u64(mo + 8 * (reg & 1) * rs + (c - 2 * t) * cs)])
-                        if ok
-                        else NOT_MARGINAL
-                    )
-            # 5. the stage's wgmma done: accumulators and A registers free again
+        # prologue: stages 0 .. AHEAD - 1 in flight (one group each), map of stage 0
+        for s in range(AHEAD):
+            issue_stage(smem, states, s, n_in, W, sbase, t_base, p16, k0, wok, g_lane)
+        load_map(ys, bmap, 0, n_in, n_out, mo, ra, t, rs, cs)
+        if DEPTH == 0:
+            for it in range(nst):
+                stage(smem, acc, af, ys, bmap, states, it, 0, n_in, n_out, W, rs, cs, sbase,
+                      t_base, p16, k0, wok, g_lane, mo, ra, t)  # fmt: skip
+        else:  # two stages a trip: the A set of each is a constant
+            for it in range(0, nst, 2):
+                stage(smem, acc, af, ys, bmap, states, it, 0, n_in, n_out, W, rs, cs, sbase,
+                      t_base, p16, k0, wok, g_lane, mo, ra, t)  # fmt: skip
+                if it + 1 < nst:
+                    stage(smem, acc, af, ys, bmap, states, it + 1, 1, n_in, n_out, W, rs, cs,
+                          sbase, t_base, p16, k0, wok, g_lane, mo, ra, t)  # fmt: skip
             wg_wait(acc, NACC, 0)
-            rslot = rslot + 1 if rslot + 1 < STAGES else 0
-            wslot = wslot + 1 if wslot + 1 < STAGES else 0
 
         # epilogue: D fragments to out (rows < n_out, columns < W)
         for h in range(2):
