@@ -1,7 +1,7 @@
 """The marginal sums on wgmma (``gpu/tc/marginal_wgmma.py``) against the present default.
 
 Usage (on an H100 / H200):  PYTHONPATH=. python tools/sweep_marginal_wgmma.py [--reps 20]
-                            [--configs N,KB,STAGES,WGS ...] [--shapes wan b2]
+                            [--configs N,KB,STAGES,WGS[,DEPTH,A_SMEM] ...] [--shapes wan b2]
 Without a GPU (needs a CUDA compiler, numba-cuda's cu13 wheels):
                             PYTHONPATH=. python tools/sweep_marginal_wgmma.py --ptx
 
@@ -16,8 +16,9 @@ marginal) and bf16 states:
    kernel's output (the pipelined mma.sync kernel, ``SLA_NUMBA_MARGINAL`` unset: max abs
    difference, max difference / (M·|S|), and whether the bits agree);
 2. the median of ``--reps`` calls between CUDA events of: the default kernel, each wgmma
-   variant ``(N, kb, stages, wgs)`` (N columns and 64·wgs rows a CTA, kb c-values a
-   stage, a ring of ``stages``), and the cuBLAS floor (``torch.bmm`` of the bf16 0/1
+   variant ``(N, kb, stages, wgs, depth, a_smem)`` (N columns and 64·wgs rows a CTA, kb
+   c-values a stage, a ring of ``stages``, wgmma wait depth, M from registers or shared
+   memory; ``CONFIGS``), and the cuBLAS floor (``torch.bmm`` of the bf16 0/1
    matrix and the bf16 states, same shape), all in the same run;
 3. one table: ms, TFLOP/s (2·B·H·n_out·n_in·W), time / default, time / floor.
 
@@ -44,18 +45,22 @@ if not hasattr(np, "row_stack"):  # numpy 2.5 vs numba-cuda 0.30
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-#: (n, kb, stages, wgs) timed by default: N 128 / 256, 3 / 4 stages, 1 / 2 warpgroups.
+#: (n, kb, stages, wgs, depth, a_smem) timed by default (``marginal_wgmma.Config``): N 128 /
+#: 256, 3 / 4 stages, 1 / 2 warpgroups; depth 0 (wait for a stage's wgmma before the
+#: next) or 1 (one stage's wgmma queued behind the next's); A = M from registers (0) or
+#: from shared memory (1). ptxas serializes depth 1 with A from registers (``--ptx``).
 CONFIGS = [
     (256, 32, 3, 1),
-    (256, 32, 4, 1),
-    (256, 32, 3, 2),
-    (256, 32, 4, 2),
     (128, 32, 3, 1),
-    (128, 32, 4, 1),
-    (128, 64, 3, 1),
-    (128, 32, 3, 2),
-    (128, 64, 4, 2),
-    (256, 64, 3, 1),
+    (256, 32, 3, 2),
+    (256, 32, 4, 2, 1, 0),
+    (256, 32, 3, 2, 0, 1),
+    (256, 32, 4, 1, 1, 1),
+    (256, 32, 4, 2, 1, 1),
+    (256, 32, 3, 2, 1, 1),
+    (128, 32, 4, 2, 1, 1),
+    (128, 64, 4, 1, 1, 1),
+    (256, 64, 4, 2, 1, 1),
 ]
 #: name -> (B*H, blocks, head dim): W = D*D + D
 SHAPES = {"wan": (12, 512, 128), "b2": (32, 128, 64)}
@@ -185,7 +190,8 @@ def gpu_sweep(configs, shapes, reps):
             rows.append((shape, orient, "default (pipelined mma.sync)", ms_d, e_d, "", ""))
             rows.append((shape, orient, "cuBLAS floor torch.bmm bf16", ms_f, None, "", ""))
             for cfg in configs:
-                name = "wgmma N={} kb={} st={} wg={}".format(*cfg)
+                c6 = tuple(mw.Config(*cfg))
+                name = "wgmma N={} kb={} st={} wg={} d={} as={}".format(*c6)
                 out = torch.full((1, bh, M, W), float("nan"), device="cuda")
                 vo = device_view(out)
 
@@ -220,7 +226,7 @@ def gpu_sweep(configs, shapes, reps):
                 )
             print(f"{shape} {orient}: done (float64 bound {bound:.1e} x M|S|)", flush=True)
     print(
-        f"\n{'shape':5} {'sum':3} {'kernel':30} {'ms':>7} {'TFLOP/s':>7} {'/dflt':>6} "
+        f"\n{'shape':5} {'sum':3} {'kernel':36} {'ms':>7} {'TFLOP/s':>7} {'/dflt':>6} "
         f"{'/floor':>6} {'err64/M|S|':>10} {'vs default abs/rel':>18} bits"
     )
     base = {}
@@ -235,7 +241,7 @@ def gpu_sweep(configs, shapes, reps):
         d, f = base.get((shape, orient, "d")), base.get((shape, orient, "f"))
         e = "" if e64 is None else f"{e64:.1e}"
         print(
-            f"{shape:5} {orient:3} {name:30} {ms:7.3f} {flops / ms / 1e9:7.1f} "
+            f"{shape:5} {orient:3} {name:36} {ms:7.3f} {flops / ms / 1e9:7.1f} "
             f"{ms / d:6.2f} {ms / f:6.2f} {e:>10} {vs:>18} {same}"
         )
 
@@ -243,7 +249,7 @@ def gpu_sweep(configs, shapes, reps):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--configs", nargs="*", default=None, help="N,KB,STAGES,WGS ...")
+    ap.add_argument("--configs", nargs="*", default=None, help="N,KB,STAGES,WGS[,DEPTH,A_SMEM] ...")
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--ptx", action="store_true", help="compile for sm_90a only (no GPU)")
     args = ap.parse_args()

@@ -118,6 +118,7 @@ from .wgmma import (
     desc_hi,
     fence_proxy_async,
     make_wgmma_rs,
+    make_wgmma_ss,
     wg_commit,
     wg_fence,
     wg_fence2,
@@ -125,10 +126,12 @@ from .wgmma import (
 )
 
 #: A kernel variant: N columns a CTA, kb c-values a stage, ring depth, warpgroups a CTA.
-Config = namedtuple("Config", "n kb stages wgs depth", defaults=(0,))
+Config = namedtuple("Config", "n kb stages wgs depth a_smem", defaults=(0, 0))
 
-#: GPU default (to be replaced by the H200's choice, tools/sweep_marginal_wgmma.py).
-GPU_CONFIG = Config(256, 32, 3, 1)
+#: GPU default: CTA 128 x 256 (two warpgroups), 4 stages of 32, wait depth 1, M from
+#: shared memory. Chosen by reasoning, not yet timed: the H200's numbers
+#: (tools/sweep_marginal_wgmma.py) decide.
+GPU_CONFIG = Config(256, 32, 4, 2, 1, 1)
 #: Simulator default: one 64-column chunk, one k-step a stage (tiny and slow there).
 SIM_CONFIG = Config(64, 16, 3, 1)
 CONFIG = SIM_CONFIG if SIMULATED else GPU_CONFIG
@@ -176,20 +179,23 @@ def geometry(config, chunk=16):
     ``config`` = (n, kb, stages, wgs): n in {64, 128, 192, 256}, kb a positive multiple
     of 16, stages >= 2, wgs in {1, 2}; ``chunk`` the cp.async size (16, 8 or 4 bytes).
     """
-    n, kb, stages, wgs, depth = Config(*(int(x) for x in config))
+    n, kb, stages, wgs, depth, a_smem = Config(*(int(x) for x in config))
     if n % CHUNK_COLS or not CHUNK_COLS <= n <= 256:
         raise ValueError(f"wgmma marginal: n={n} must be 64, 128, 192 or 256")
     if (
         kb <= 0
         or kb % KSTEP
         or depth not in (0, 1)
+        or a_smem not in (0, 1)
+        or (a_smem and kb > 64)
         or stages < 2 + depth
         or wgs not in (1, 2)
         or chunk not in CHUNKS
     ):
         raise ValueError(
             f"wgmma marginal: kb={kb} must be a positive multiple of 16, depth={depth} 0 or "
-            f"1, stages={stages} >= 2 + depth, wgs={wgs} 1 or 2, chunk={chunk} one of {CHUNKS}"
+            f"1, stages={stages} >= 2 + depth, wgs={wgs} 1 or 2, chunk={chunk} one of {CHUNKS}, "
+            f"a_smem={a_smem} 0 or 1 (1: kb <= 64)"
         )
     NT = 128 * wgs
     V = chunk // 2  # bf16 per copy
@@ -201,7 +207,10 @@ def geometry(config, chunk=16):
     RPP = NT // CPR  # stage rows copied per pass
     CHUNK_B = kb * ROW_BYTES  # one 64-column chunk of a stage
     STAGE_B = (n // CHUNK_COLS) * CHUNK_B
+    MSLOT_B = wgs * 64 * ROW_BYTES if a_smem else 0  # M of a stage (a_smem): 8 KiB a warpgroup
     return dict(
+        MSLOT_B=MSLOT_B,
+        PPT=kb // 16,  # a_smem: 16-byte pieces of M a thread writes a stage
         RT=64 * wgs,
         NT=NT,
         V=V,
@@ -211,7 +220,7 @@ def geometry(config, chunk=16):
         KS=kb // KSTEP,
         CHUNK_B=CHUNK_B,
         STAGE_B=STAGE_B,
-        SMEM_BYTES=stages * STAGE_B + 1024,  # + 1024: the ring starts 1024-aligned
+        SMEM_BYTES=stages * (STAGE_B + MSLOT_B) + 1024,  # + 1024: 1024-aligned start
     )
 
 
@@ -243,9 +252,11 @@ def make_marginal_kernel_wgmma(config=GPU_CONFIG, chunk=16):
     """
     config = Config(*(int(x) for x in config))
     G = geometry(config, chunk)
-    N, KB, STAGES, WGS, DEPTH = config
+    N, KB, STAGES, WGS, DEPTH, A_SMEM = config
     RT, NT, V, CPR, RPP, NPASS, KS = (G[k] for k in ("RT", "NT", "V", "CPR", "RPP", "NPASS", "KS"))
-    CHUNK_B, STAGE_B = G["CHUNK_B"], G["STAGE_B"]
+    CHUNK_B, STAGE_B, MSLOT_B, PPT = G["CHUNK_B"], G["STAGE_B"], G["MSLOT_B"], G["PPT"]
+    MOFF = STAGES * STAGE_B  # the M ring (a_smem) follows the S ring
+    HALF = KB // 2  # a_smem: c-values of a row one thread converts
     CHUNK = int(chunk)
     AHEAD = STAGES - 1 - DEPTH  # stages issued ahead of the one the wgmma read
     WAIT = AHEAD - 1  # cp.async groups that may stay in flight at a stage's wait
@@ -254,7 +265,9 @@ def make_marginal_kernel_wgmma(config=GPU_CONFIG, chunk=16):
     AFR = (DEPTH + 1) * KS  # A fragments a thread holds (two sets at depth 1)
     NAF = AFR * 4  # ... their registers
     HI_S = np.int64(desc_hi(CHUNK_B, SBO))  # S: MN-major, LBO = one chunk
+    HI_A = np.int64(desc_hi(16, SBO))  # M (a_smem): K-major, LBO unused
     wgmma = make_wgmma_rs("bf16", N)
+    wgmma_ss = make_wgmma_ss("bf16", N, 1)
 
     @cuda.jit(device=True, inline="always")
     def issue_stage(smem, states, j, n_in, W, sbase, t_base, p16, k0, wok, g_lane):
@@ -287,6 +300,27 @@ def make_marginal_kernel_wgmma(config=GPU_CONFIG, chunk=16):
                 ok = ra + 8 * (reg & 1) < n_out and c + 2 * t < n_in
                 ys[ks, x] = (
                     int32(bmap[u64(mo + 8 * (reg & 1) * rs + c * cs)]) if ok else NOT_MARGINAL
+                )
+
+    @cuda.jit(device=True, inline="always")
+    def load_rows(ym, bmap, ch, n_in, n_out, mo2, rg, cs):
+        # a_smem: the map bytes M[rg, ch + 8 pp + e] (this thread's half of a stage row;
+        # mo2 = the bmap offset of M[rg, 0])
+        for pp in range(PPT):
+            for e in range(8):
+                c = ch + 8 * pp + e
+                ok = rg < n_out and c < n_in
+                ym[pp, e] = int32(bmap[u64(mo2 + c * cs)]) if ok else NOT_MARGINAL
+
+    @cuda.jit(device=True, inline="always")
+    def store_m(smem32, ym, wrow, rx, h):
+        # a_smem: the bytes as bf16 0 / 1 into the K-major M tile, 128-byte swizzled: the
+        # 16-byte piece h·PPT + pp of the row at int32 index wrow sits at piece ^ (r % 8)
+        for pp in range(PPT):
+            wp = wrow + (((h * PPT + pp) ^ rx) << 2)
+            for w in range(4):
+                smem32[wp + w] = (BF16_ONE_LO if ym[pp, 2 * w] == 0 else ZI) | (
+                    BF16_ONE_HI if ym[pp, 2 * w + 1] == 0 else ZI
                 )
 
     @cuda.jit(device=True, inline="always")
@@ -325,12 +359,47 @@ def make_marginal_kernel_wgmma(config=GPU_CONFIG, chunk=16):
         else:  # (tying acc here would define the registers of the wgmma in flight)
             wg_wait(acc, 0, 1)
 
+    @cuda.jit(device=True, inline="always")
+    def stage_s(smem, smem32, acc, ym, bmap, states, it, n_in, n_out, W, cs, sbase, t_base,
+                p16, k0, wok, g_lane, mo2, rg, ch, wrow, rx, h, a_wg):  # fmt: skip
+        # a_smem: A = M from shared memory too. 1. M of stage it (its bytes loaded during
+        # the last stage) -> M slot it % STAGES, whose last reader (the wgmma of stage
+        # it - STAGES) is done everywhere since the last barrier
+        slot = it % STAGES
+        store_m(smem32, ym, wrow + slot * (MSLOT_B // 4), rx, h)
+        # 2. S of stage it landed everywhere; M and S visible to the async proxy
+        cp_async_wait_group(WAIT)
+        fence_proxy_async()
+        cuda.syncthreads()
+        # 3. D += A B, both operands by descriptor: nothing but acc in registers
+        if DEPTH == 0:
+            wg_fence(acc, NACC)
+        else:  # the previous stage's wgmma may still run on acc: tie nothing
+            wg_fence(acc, 0)
+        st = sbase + slot * STAGE_B
+        sm = a_wg + slot * MSLOT_B
+        for ks in range(KS):
+            da = (((sm + ks * 32) & 0x3FFFF) >> 4) | HI_A
+            db = (((st + ks * 2048) & 0x3FFFF) >> 4) | HI_S
+            wgmma_ss(smem, acc, da, db, 1)
+        wg_commit()
+        # 4. while they run: the copies of stage it + AHEAD, the map bytes of it + 1
+        issue_stage(smem, states, it + AHEAD, n_in, W, sbase, t_base, p16, k0, wok, g_lane)
+        load_rows(ym, bmap, ch + it * KB + KB, n_in, n_out, mo2, rg, cs)
+        # 5. depth 0: this stage's wgmma done; depth 1: the previous stage's
+        if DEPTH == 0:
+            wg_wait(acc, NACC, 0)
+        else:
+            wg_wait(acc, 0, 1)
+
     @kernel()
     def marginal_sum_wgmma(bmap, m_size, rs, cs, n_out, n_in, states, s_rows, out, o_rows, W):
         smem = cuda.shared.array(0, int16, alignment=SMEM_ALIGN)
+        smem32 = cuda.shared.array(0, int32, alignment=SMEM_ALIGN)  # (the same bytes)
         acc = cuda.local.array((1, NJ, 4), float32)  # D: 64 x N of this warpgroup
         af = cuda.local.array((AFR, 4), int32)  # A = M, set par, k-step ks
         ys = cuda.local.array((KS, 8), int32)  # the map bytes of the next stage
+        ym = cuda.local.array((PPT, 8), int32)  # ... a_smem: this thread's M bytes
         tid = cuda.threadIdx.x
         wg = tid >> 7
         lane = tid & 31
@@ -354,6 +423,15 @@ def make_marginal_kernel_wgmma(config=GPU_CONFIG, chunk=16):
         ra = r0 + 64 * wg + 16 * ((tid >> 5) & 3) + g
         mo = bh * m_size + ra * rs + 2 * t * cs  # bmap offset of M[ra, 2t]
 
+        # --- a_smem M role: half h of row rr of the warpgroup's 64 x KB M tile
+        tw = tid & 127
+        rr = tw >> 1
+        h = tw & 1
+        rg = r0 + 64 * wg + rr
+        mo2 = bh * m_size + rg * rs  # bmap offset of M[rg, 0]
+        a_wg = sbase + MOFF + wg * 64 * ROW_BYTES  # this warpgroup's M tile in slot 0
+        wrow = (a_wg - smem_addr(smem) + rr * ROW_BYTES) >> 2  # its row, int32 index
+
         for j in range(NJ):
             for e in range(4):
                 acc[0, j, e] = ZERO
@@ -362,12 +440,21 @@ def make_marginal_kernel_wgmma(config=GPU_CONFIG, chunk=16):
         # prologue: stages 0 .. AHEAD - 1 in flight (one group each), map of stage 0
         for s in range(AHEAD):
             issue_stage(smem, states, s, n_in, W, sbase, t_base, p16, k0, wok, g_lane)
-        load_map(ys, bmap, 0, n_in, n_out, mo, ra, t, rs, cs)
-        if DEPTH == 0:
+        if A_SMEM:
+            load_rows(ym, bmap, HALF * h, n_in, n_out, mo2, rg, cs)
+            for it in range(nst):
+                stage_s(smem, smem32, acc, ym, bmap, states, it, n_in, n_out, W, cs, sbase,
+                        t_base, p16, k0, wok, g_lane, mo2, rg, HALF * h, wrow, rr & 7, h,
+                        a_wg)  # fmt: skip
+            if DEPTH == 1:
+                wg_wait(acc, NACC, 0)
+        elif DEPTH == 0:
+            load_map(ys, bmap, 0, n_in, n_out, mo, ra, t, rs, cs)
             for it in range(nst):
                 stage(smem, acc, af, ys, bmap, states, it, 0, n_in, n_out, W, rs, cs, sbase,
                       t_base, p16, k0, wok, g_lane, mo, ra, t)  # fmt: skip
         else:  # two stages a trip: the A set of each is a constant
+            load_map(ys, bmap, 0, n_in, n_out, mo, ra, t, rs, cs)
             for it in range(0, nst, 2):
                 stage(smem, acc, af, ys, bmap, states, it, 0, n_in, n_out, W, rs, cs, sbase,
                       t_base, p16, k0, wok, g_lane, mo, ra, t)  # fmt: skip

@@ -72,9 +72,13 @@ def test_copies_fill_the_stage_and_the_descriptor_reads_s(cfg, chunk):
 
 def test_geometry_and_refusals():
     G = MW.geometry(MW.GPU_CONFIG)
-    assert (G["RT"], G["NT"], G["KS"], G["STAGE_B"]) == (64, 128, 2, 16384)
-    assert G["SMEM_BYTES"] == 3 * 16384 + 1024
-    for bad in ((96, 32, 3, 1), (256, 24, 3, 1), (256, 32, 1, 1), (256, 32, 3, 3)):
+    assert MW.GPU_CONFIG == (256, 32, 4, 2, 1, 1)
+    assert (G["RT"], G["NT"], G["KS"], G["STAGE_B"], G["MSLOT_B"]) == (128, 256, 2, 16384, 16384)
+    assert G["SMEM_BYTES"] == 4 * (16384 + 16384) + 1024
+    assert MW.geometry((256, 32, 3, 1))["SMEM_BYTES"] == 3 * 16384 + 1024  # M in registers
+    bads = [(96, 32, 3, 1), (256, 24, 3, 1), (256, 32, 1, 1), (256, 32, 3, 3)]
+    bads += [(256, 32, 2, 1, 1), (256, 128, 3, 1, 0, 1), (256, 32, 3, 1, 2)]
+    for bad in bads:
         with pytest.raises(ValueError, match="wgmma marginal"):
             MW.geometry(bad)
     with pytest.raises(ValueError, match="cannot copy"):  # 128 threads, 24 chunks a row
@@ -105,6 +109,14 @@ SIM_CASES = [
     (2, 1, 9, 14, 22, 9, 14, False, (64, 16, 4, 1), 4, True),
     # 2 warpgroups x 2 row tiles (n_out 67: the last rows partial), ring wraps; 4 B
     (1, 1, 70, 50, 130, 67, 50, False, (128, 16, 3, 2), 4, False),
+    # depth 1 (two A register sets, wait_group 1): 5 stages, odd count
+    (1, 1, 20, 70, 72, 18, 69, False, (64, 16, 3, 1, 1, 0), 16, False),
+    # M from shared memory, depth 1: column sums, 3 stages of 32, the ring of 3 wraps
+    (1, 1, 70, 20, 72, 18, 69, True, (64, 32, 3, 1, 1, 1), 16, False),
+    # ... the GPU default's shape: 2 warpgroups, 4 slots, depth 1, 2 chunks; 8 B
+    (1, 2, 40, 70, 36, 60, 33, True, (128, 32, 4, 2, 1, 1), 8, False),
+    # ... depth 0, kb 64 (the whole 128-byte row of M), one partial stage
+    (2, 1, 9, 14, 22, 9, 14, False, (64, 64, 3, 1, 0, 1), 4, False),
 ]
 
 
@@ -181,18 +193,18 @@ def test_ptx_is_sm90a_without_local_spills_or_serialization():
     env.pop("NUMBA_ENABLE_CUDASIM", None)  # the real compiler, not the simulator
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "sweep_marginal_wgmma.py"), "--ptx",
-         "--configs", "256,32,3,1"],
+         "--configs", "256,32,3,1", "256,32,4,2,1,1"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     import json
 
-    rep = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(rep) == 1, rep
-    rep = rep[0]
-    assert rep["target"] == "sm_90a" and rep["local"] == 0, rep
-    assert rep["wgmma"] == 2 and rep["serialized"] is False, rep  # kb/16 in the loop
-    assert 0 < rep["regs"] <= 255 and rep["spill"] == [0, 0], rep
+    reps = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(reps) == 2, reps
+    for rep in reps:
+        assert rep["target"] == "sm_90a" and rep["local"] == 0, rep
+        assert rep["wgmma"] == 2 and rep["serialized"] is False, rep  # kb/16 in the loop
+        assert 0 < rep["regs"] <= 255 and rep["spill"] == [0, 0], rep
 
 
 # --------------------------------------------------------------------------- 4. Hopper
