@@ -187,6 +187,7 @@ def gpu_sweep(configs, shapes, reps):
             m16 = m.to(torch.bfloat16)
             s16m = s16.reshape(bh, M, W)
             ms_f = cuda_time(lambda m16=m16: torch.bmm(m16, s16m), reps)
+            print(f"{shape} {orient}: default {ms_d:.3f} ms, floor {ms_f:.3f} ms", flush=True)
             rows.append((shape, orient, "default (pipelined mma.sync)", ms_d, e_d, "", ""))
             rows.append((shape, orient, "cuBLAS floor torch.bmm bf16", ms_f, None, "", ""))
             for cfg in configs:
@@ -213,6 +214,11 @@ def gpu_sweep(configs, shapes, reps):
                     else ""
                 )
                 rel_d = (dd.reshape(bh, M, W) / safe).max().item()
+                print(  # at once: a later variant that hangs must not hide this one
+                    f"{shape} {orient} {name}: {ms:.3f} ms ({ms / ms_d:.2f} x default, "
+                    f"{ms / ms_f:.2f} x floor), max |diff| vs default {dd.max().item():.2e}",
+                    flush=True,
+                )
                 rows.append(
                     (
                         shape,
