@@ -30,15 +30,9 @@ A CTA holds ``wgs`` consumer warpgroups (1 or 2; 128 threads each). Warpgroup ``
 owns output rows ``r0 + 64 wg .. + 63`` and the CTA's N columns ``w0 .. w0 + N - 1``
 (N = 128 or 256): one ``wgmma.m64nNk16`` per k-step of 16 c-values, fp32 accumulators
 in registers (N/2 a thread: 128 at N = 256). With two warpgroups both read the same S
-tile (128 rows per S byte brought into shared memory).
+tile (128 rows per S byte brought into shared memory: half the shared-memory traffic
+from L2 per flop of one warpgroup).
 
-* **A = M** (64 x 16, bf16 0 / 1) from registers, built from the int8 map bytes: lane
-  (g, t) of warp w holds ``a[0] = M[16w+g, 2t:2t+2]``, ``a[1] = M[16w+g+8, 2t:2t+2]``,
-  ``a[2] = M[16w+g, 2t+8:2t+10]``, ``a[3] = M[16w+g+8, 2t+8:2t+10]`` (``tc/wgmma.py``):
-  8 map bytes a k-step, each turned into bf16 1.0 (0x3F80) where ``bmap == 0``, else 0.
-  Entries outside the n_out x n_in window count as not marginal. The bytes of the next
-  stage are loaded (plain global loads, 8 per k-step) while the wgmma of this stage run,
-  and turned into fragments at the top of the next iteration.
 * **B = S** (16 c x N w) from shared memory, *MN-major* (a row = one c, the w values
   contiguous: the layout S has in global memory), read with ``imm-trans-b = 1`` like V
   in ``tc/forward_wgmma.py``. A stage holds ``kb`` rows (c) of the CTA's N columns as
@@ -46,6 +40,21 @@ tile (128 rows per S byte brought into shared memory).
   row k at piece ``p ^ (k % 8)``), the chunk 1024-aligned. Descriptor: LBO = the
   chunk's bytes (``kb·128``), SBO = 1024 (8 rows of c); k-step ks starts ``2048·ks``
   bytes into the stage.
+* **A = M** (64 x 16, bf16 0 / 1: 1.0 = 0x3F80 where ``bmap == 0``; entries outside
+  the n_out x n_in window count as not marginal), two ways (``Config.a_smem``):
+
+  - ``a_smem = 0``, from registers: lane (g, t) of warp w holds ``a[0] = M[16w+g,
+    2t:2t+2]``, ``a[1] = M[16w+g+8, 2t:2t+2]``, ``a[2] = M[16w+g, 2t+8:2t+10]``,
+    ``a[3] = M[16w+g+8, 2t+8:2t+10]`` (``tc/wgmma.py``): 8 map bytes a k-step, loaded
+    (plain global loads) while the previous stage's wgmma run.
+  - ``a_smem = 1``, from shared memory too: each stage also has a K-major M tile per
+    warpgroup (64 rows r x 128 bytes, 128-byte swizzled, the ``kb <= 64`` c-values of
+    the stage at the start of each row; descriptor LBO unused, SBO = 1024, k-step ks at
+    ``+32·ks``). Thread (r, h) of a warpgroup (``r = tid % 128 >> 1``, ``h = tid & 1``)
+    loads the ``kb/2`` map bytes of half h of row r during the previous stage and
+    stores them as bf16 pairs (16-byte pieces) before the stage's barrier, followed by
+    ``fence.proxy.async``. Costs 8 KiB a warpgroup a stage; buys a wgmma whose only
+    registers are the accumulators (see "depth" below).
 * **D** (64 x N fp32): ``acc[0, j, e]`` = out row ``16w + g + 8(e >> 1)``, column
   ``8j + 2t + (e & 1)``; the epilogue writes it straight to ``out`` (masked r < n_out,
   w < W). No atomics: every output is one thread's fixed sequence of wgmma.
@@ -55,22 +64,34 @@ Pipeline
 S goes global -> shared with ``cp.async`` (16 bytes where ``2·W`` and the states'
 address allow, else 8 or 4: ``marginal.chunk_bytes``; chunks past W or in rows
 c >= n_in are zero-filled, so NaN there never reaches an accumulator), in a ring of
-``stages`` slots, ``stages - 1`` stages issued ahead. Per stage ``it``::
+``stages`` slots, ``ahead = stages - 1 - depth`` stages issued ahead. Per stage ``it``::
 
-    cp.async.wait_group(stages - 2); fence.proxy.async; barrier
+    (a_smem) M bytes of stage it (loaded last stage) -> M slot it % stages
+    cp.async.wait_group(ahead - 1); fence.proxy.async; barrier
         # stage it landed everywhere and is visible to the async proxy (wgmma);
-        # every warpgroup finished the wgmma of stage it - 1 (its slot is free)
-    A fragments of stage it from the map bytes loaded last iteration
-    wgmma.fence; kb/16 x wgmma m64nNk16 (A registers, B = slot of it); commit
-    cp.async stage it + stages - 1 -> the slot stage it - 1 used; commit
+        # every warpgroup is past its wgmma wait of stage it - 1
+    (registers) A fragments of stage it from the map bytes loaded last stage
+    wgmma.fence; kb/16 x wgmma m64nNk16 (B = S slot it % stages); commit
+    cp.async stage it + ahead -> its slot; commit   # that slot's last reader is done
     load the map bytes of stage it + 1 (global loads)
-    wgmma.wait_group 0            # accumulators and A registers free again
+    wgmma.wait_group depth
 
-The copies and the map loads are issued while the tensor cores run the stage's wgmma;
-the tensor cores idle between ``wait_group 0`` and the next stage's first wgmma (one
-barrier and the A fragment build), which other CTAs on the SM fill (at N = 256,
-kb = 32, 3 stages: 49 KiB of shared memory and ~170 registers a thread, so 2-4 CTAs
-an SM).
+``depth`` (``Config.depth``) 0: wait for the stage's wgmma before the next barrier:
+simple, but the tensor cores idle from that wait to the next stage's first wgmma (the
+barrier, the A build), unless other CTAs on the SM fill the gap. 1: wait only for the
+*previous* stage's wgmma, so the next stage's wgmma queue behind this one's and the
+tensor cores need not idle at stage boundaries; a slot is refilled one stage later
+(``ahead = stages - 2``) and, with A in registers, two A sets alternate (the loop runs
+two stages a trip so that the set index is a constant). ptxas serializes that last form
+("non wgmma instructions defining input registers of a wgmma between start and end of
+the pipeline stage": the A registers of the next stage are written while the current
+wgmma runs), so depth 1 wants ``a_smem = 1``, whose wgmma hold no A registers
+(``tools/sweep_marginal_wgmma.py --ptx`` reports it). A branch around a wgmma (e.g. to
+skip k-steps past n_in, zeros anyway) also makes ptxas serialize: there is none.
+
+Registers / shared memory (sm_90a, ``--ptx``): (256, 32, 3, 1) 206 registers, 49 KiB;
+the default (256, 32, 4, 2, 1, 1): 174 registers x 256 threads, 129 KiB (one CTA, two
+warpgroups an SM); no spills anywhere.
 
 Grid: ``(ceil(n_out / (64 wgs)), ceil(W / N), B*H)``, row tiles fastest, so the CTAs
 that read the same column panel of S run at about the same time (L2 reuse).
