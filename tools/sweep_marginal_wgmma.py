@@ -111,6 +111,9 @@ def ptx_report(configs):
             config=list(cfg),
             target=re.search(r"\.target\s+(\S+)", ptx).group(1),
             wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
+            # A from registers (``{a0..a3}``), and shared x shared with B MN-major
+            rs=len(re.findall(r"wgmma\.mma_async[^;]*\}, \{[^;]*;", ptx)),
+            ss_trans_b=len(re.findall(r"wgmma\.mma_async[^{;]*\{[^}]*\}, %rd[^;]*, 0, 1;", ptx)),
             cp_async=len(re.findall(r"cp\.async\.c[ag]\.", ptx)),
             local=ptx.count(".local"),
             regs=int(regs.group(1)) if regs else -1,
@@ -120,7 +123,8 @@ def ptx_report(configs):
             seconds=round(time.time() - t0, 1),
         )
         print(
-            f"{cfg}: {rep['target']} wgmma {rep['wgmma']} cp.async {rep['cp_async']} "
+            f"{cfg}: {rep['target']} wgmma {rep['wgmma']} (rs {rep['rs']}, ss "
+            f"trans-b {rep['ss_trans_b']}) cp.async {rep['cp_async']} "
             f".local {rep['local']} regs {rep['regs']} spill {rep['spill']} "
             f"serialized {rep['serialized']} {rep['why']} ({rep['seconds']} s)",
             flush=True,

@@ -205,6 +205,9 @@ def test_ptx_is_sm90a_without_local_spills_or_serialization():
         assert rep["target"] == "sm_90a" and rep["local"] == 0, rep
         assert rep["wgmma"] == 2 and rep["serialized"] is False, rep  # kb/16 in the loop
         assert 0 < rep["regs"] <= 255 and rep["spill"] == [0, 0], rep
+    # A from registers; then both from shared memory, B MN-major (imm-trans-b = 1)
+    assert (reps[0]["rs"], reps[0]["ss_trans_b"]) == (2, 0), reps[0]
+    assert (reps[1]["rs"], reps[1]["ss_trans_b"]) == (0, 2), reps[1]
 
 
 # --------------------------------------------------------------------------- 4. Hopper
