@@ -17,7 +17,8 @@ exactly; elsewhere (or for fp32 states) the switch falls back to the present ker
 Why
 ---
 On an H200 at the Wan2.1 sizes (B*H = 12, Mq = Mk = 512, W = 16512) the pipelined
-``mma.sync`` kernel takes 0.80 ms where cuBLAS does the same bf16 product in 0.194 ms.
+``mma.sync`` kernel takes 0.80 ms where cuBLAS does the same bf16 product in ~0.2 ms
+(BENCHMARKS.md, the Wan stage tables: 0.797 ms against a floor of 0.199 ms).
 ``mma.sync`` is synchronous: a warp's tensor-core work, its ldmatrix and its share of
 the staging all queue in one instruction stream, and each stage ends in a barrier.
 ``wgmma.mma_async`` is issued by a whole warpgroup, reads B straight from shared memory
