@@ -237,3 +237,46 @@ def test_gpu_matches_pipelined_and_float64(BH, M, Wd, transposed):
     mag = (m[:, :, : M - 3, : M - 1] == 0).astype(np.float64) @ np.abs(values[:, :, : M - 1])
     diff = np.abs(got[:, :, : M - 3].astype(np.float64) - ref[:, :, : M - 3])
     assert (diff <= 4 * -(-(M - 1) // 16) * 2.0**-23 * mag).all()
+
+
+@pytest.mark.skipif(not _hopper(), reason="needs a CUDA GPU of compute capability 9.0")
+def test_gpu_api_with_the_switch(monkeypatch):
+    """Public API, bf16, N = 1000 with tails, forward + backward: with
+    ``SLA_NUMBA_MARGINAL=wgmma`` the wgmma kernel runs (row sums forward and backward,
+    column sums backward), o_s keeps its bits, o_l and the gradients move by no more
+    than fp32 rounding of the sums can explain (norm-relative 1e-3)."""
+    import importlib
+
+    import torch
+
+    import sla_numba
+
+    B, H, N, D, blk = 1, 2, 1000, 128, 64
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v, do = (
+        torch.randn(B, H, N, D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(4)
+    )
+    bm = importlib.import_module("sla_numba.gpu").classify(q, k, 4, 2, blk, blk, D**-0.5)
+    calls = []
+    real = MW.launch_marginal_sum_wgmma
+    monkeypatch.setattr(
+        MW, "launch_marginal_sum_wgmma", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw)
+    )
+
+    def run(switch):
+        monkeypatch.setenv(config.MARGINAL_VAR, switch)
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        o_s, o_l = sla_numba.sla_attention(
+            *xs, block_q=blk, block_k=blk, block_map=bm, return_parts=True, backend="gpu"
+        )
+        (o_s + o_l).backward(do)
+        torch.cuda.synchronize()
+        return [o_s.detach(), o_l.detach()] + [x.grad for x in xs]
+
+    base, wg = run(""), run("wgmma")
+    assert sorted(calls) == [False, False, True], calls  # fwd rows, bwd rows, bwd columns
+    assert torch.equal(base[0], wg[0])
+    for a, b in zip(wg[1:], base[1:]):
+        assert torch.isfinite(a).all()
+        rel = ((a.double() - b.double()).norm() / b.double().norm()).item()
+        assert rel < 1e-3, rel
