@@ -11,12 +11,14 @@ and to twice that against the pipelined mma.sync kernel; not to its bits.
    geometry refusals; the unsupported reasons.
 2. Simulator: the kernel (wgmma and cp.async twins, both deferred to their waits) with
    tails in every dimension, 16 / 8 / 4-byte copies, column sums, 1 and 2 warpgroups,
-   rings of 2 to 4 stages, n_in = 0; outputs NaN-poisoned, S rows past n_in NaN; the
-   switch sends bf16 states (only) there. ~10 s.
-3. Real PTX (a CUDA compiler, no GPU): sm_90a, kb/16 wgmma a stage, no ``.local``, no
-   spills, and no "wgmma serialized" warning from ptxas.
+   rings of 2 to 4 stages, wait depth 0 and 1, M from registers and from shared memory
+   (the ``trans_b`` shared x shared twin), n_in = 0; outputs NaN-poisoned, S rows past
+   n_in NaN; the switch sends bf16 states (only) there. ~15 s.
+3. Real PTX (a CUDA compiler, no GPU): sm_90a, kb/16 wgmma a stage of the expected form
+   (register A; shared x shared with imm-trans-b = 1), no ``.local``, no spills, and no
+   "wgmma serialized" warning from ptxas. ~15-25 s (two compiles).
 4. A GPU of compute capability 9.0: the GPU configuration at the Wan2.1 and smaller
-   sizes against the pipelined kernel and float64.
+   sizes against the pipelined kernel and float64; the public API with the switch.
 """
 
 import os
