@@ -28,12 +28,16 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             (H200: 0.74 ms instead of 1.37 ms at the Wan2.1 shape).
                             ``auto``: bf16 for bf16 inputs, fp32 for fp16 inputs
                             (the rule of ``SLA_NUMBA_STATES``).
-``SLA_NUMBA_MARGINAL``      ``pipelined`` (default) | ``registers``: the tensor-core
-                            marginal-sum kernel for bf16 states (``gpu/tc/marginal.py``):
-                            the ``cp.async`` ring of several k-steps per barrier, or
-                            the register-staged kernel (same bits; the first 1.5x
-                            faster on the H200, BENCHMARKS.md). fp32 states always
-                            take the register kernel.
+``SLA_NUMBA_MARGINAL``      ``pipelined`` (default) | ``registers`` | ``wgmma``: the
+                            tensor-core marginal-sum kernel for bf16 states
+                            (``gpu/tc/marginal.py``): the ``cp.async`` ring of several
+                            k-steps per barrier, or the register-staged kernel (same
+                            bits; the first 1.5x faster on the H200, BENCHMARKS.md),
+                            or (opt-in) Hopper's warpgroup MMA
+                            (``gpu/tc/marginal_wgmma.py``; compute capability 9.0
+                            only, elsewhere the pipelined kernel; equal to fp32
+                            rounding, not bit for bit). fp32 states always take the
+                            register kernel.
 ``SLA_NUMBA_LINEAR``        ``pipelined`` (default) | ``registers``: the tensor-core
                             kernel of the linear branch's forward output
                             (``gpu/tc/linear.py``): the next chunk of H_i in flight
@@ -142,7 +146,7 @@ TORCH_OPS = ("auto", "always")
 STATES_DTYPES = ("auto", "fp32", "bf16")
 GRAD_STATES_VAR = "SLA_NUMBA_GRAD_STATES"
 GRAD_STATES_DTYPES = ("auto", "fp32", "bf16")
-MARGINAL_KERNELS = ("pipelined", "registers")
+MARGINAL_KERNELS = ("pipelined", "registers", "wgmma")
 LINEAR_KERNELS = ("pipelined", "registers")
 LINEAR_GRAD_KERNELS = ("pipelined", "registers")
 SPARSE_BWD_KERNELS = ("sync", "pipelined")
@@ -220,7 +224,7 @@ def bf16_states(kind):
 
 
 def marginal_kernel():
-    """``SLA_NUMBA_MARGINAL``: 'pipelined' (unset or empty) or 'registers'."""
+    """``SLA_NUMBA_MARGINAL``: 'pipelined' (unset or empty), 'registers' or 'wgmma'."""
     return _choice(MARGINAL_VAR, MARGINAL_KERNELS)
 
 

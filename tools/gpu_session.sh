@@ -26,6 +26,9 @@
 #            SLA_NUMBA_LINEAR_GRAD), same bits, and the cuBLAS floors
 #   sparsebwd tools/sweep_sparse_backward.py: the sparse backward's sync and pipelined
 #            kernels (SLA_NUMBA_SPARSE_BWD), same bits, TFLOP/s (Wan shape, D=64 B2 H16)
+#   margwg   tools/sweep_marginal_wgmma.py: the marginal sums on wgmma (SLA_NUMBA_MARGINAL=wgmma;
+#            N 128/256, stages 3/4, 1/2 warpgroups) against the pipelined default, float64
+#            and the cuBLAS floor, row and column sums, wan and b2 sizes (MARGWG_TIMEOUT)
 #   sparsewg tools/sweep_sparse_wgmma.py: the sparse forward on wgmma (SLA_NUMBA_SPARSE_FWD)
 #            against the mma.sync kernel at the Wan shape (bf16 D 128 / 64, fp16), --quick first
 #   nvmath   tools/nvmath_eval.py: nvmath-python's cuBLASDx GEMM tiles (nvmath.device, in a
@@ -98,6 +101,7 @@ for step in "$@"; do
     linear)  TAIL=40 run linear ${LINEAR_TIMEOUT:-120} python tools/sweep_linear.py
              TAIL=40 run linear_grad ${LINEAR_TIMEOUT:-120} python tools/sweep_linear_backward.py ;;
     sparsebwd) TAIL=40 run sparse_bwd ${SPARSEBWD_TIMEOUT:-150} python tools/sweep_sparse_backward.py ;;
+    margwg)  TAIL=60 run margwg ${MARGWG_TIMEOUT:-150} python tools/sweep_marginal_wgmma.py ;;
     sparsewg) TAIL=40 run sparsewg_quick 120 python tools/sweep_sparse_wgmma.py --quick
               TAIL=40 run sparsewg ${SPARSEWG_TIMEOUT:-150} python tools/sweep_sparse_wgmma.py ;;
     nvmath)  TAIL=40 run nvmath ${NVMATH_TIMEOUT:-420} python tools/nvmath_eval.py ;;
