@@ -82,6 +82,15 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             states (0.404 ms against 0.554 at the Wan2.1 shape on the
                             H200), registers for fp32 states (staged 0.606 against
                             0.561 there).
+``SLA_NUMBA_CLASSIFY``      ``default`` (default) | ``fused``: the GPU block
+                            classification's kernels (``gpu/classify.py``): the
+                            pooling kernel with one thread per d and the score /
+                            select kernel that keeps its scores in a global scratch
+                            array; or (``fused``, ``gpu/simt/classify_fused.py``)
+                            pooling by warps with packed 8-byte bf16 loads and the
+                            scores kept as keys in shared memory (no scratch
+                            array). Same map, bit for bit. Opt-in until timed on the H200
+                            (``tools/bench_classify.py --fused``).
 ``SLA_NUMBA_LAUNCH``        ``direct`` (default) | ``numba``: how GPU kernels are
                             launched: ``direct`` hands the compiled kernel and its
                             argument list to ``cuda.core`` (``gpu/_launcher.py``);
@@ -145,6 +154,8 @@ SPARSE_BWD_KERNELS = ("sync", "pipelined")
 STATES_KERNELS = ("auto", "registers", "staged", "pipelined")
 LAUNCHERS = ("direct", "numba")
 SPARSE_FWD_VAR = "SLA_NUMBA_SPARSE_FWD"
+CLASSIFY_VAR = "SLA_NUMBA_CLASSIFY"
+CLASSIFY_KERNELS = ("default", "fused")
 SPARSE_FWD_KERNELS = ("auto", "mma", "wgmma")
 
 
@@ -235,6 +246,11 @@ def sparse_bwd_kernel():
 def sparse_fwd_kernel():
     """``SLA_NUMBA_SPARSE_FWD``: 'auto' (unset or empty), 'mma' or 'wgmma'."""
     return _choice(SPARSE_FWD_VAR, SPARSE_FWD_KERNELS)
+
+
+def classify_kernel():
+    """``SLA_NUMBA_CLASSIFY``: 'default' (unset or empty) or 'fused'."""
+    return _choice(CLASSIFY_VAR, CLASSIFY_KERNELS)
 
 
 def states_kernel():

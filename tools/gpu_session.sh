@@ -14,6 +14,9 @@
 #   dist     context-parallel wrapper on one GPU (NCCL, world size 1): overhead vs plain SLA
 #   bench    benchmarks/bench_gpu.py (SLA vs SDPA vs FlexAttention, stage tables)
 #   classify tools/bench_classify.py (new kernels vs the sort reference, map == CPU's)
+#   classfused tools/bench_classify.py --fused: the default classification kernels against
+#            SLA_NUMBA_CLASSIFY=fused and its tilings (Wan, B2), maps == default's and CPU's,
+#            read and fp64-bmm floors (CLASSFUSED_ARGS, e.g. --quick; CLASSFUSED_TIMEOUT)
 #   warmup   sla_numba.warmup on a cold cache, then a new process's first Wan-shape call
 #   cpu      benchmarks/bench_cpu.py on this machine's CPU, 2 threads (taskset)
 #   marginal tools/sweep_marginal.py: the marginal-sum kernels' tiles, bf16 states,
@@ -89,6 +92,8 @@ for step in "$@"; do
                  --json "$OUT/bench_gpu.json" ;;
     classify) TAIL=60 run classify ${CLASSIFY_TIMEOUT:-150} python tools/bench_classify.py \
                  ${CLASSIFY_ARGS:---old} ;;
+    classfused) TAIL=60 run classfused ${CLASSFUSED_TIMEOUT:-150} python tools/bench_classify.py \
+                 --fused ${CLASSFUSED_ARGS:-} ;;
     warmup)  run warmup 200 python tools/check_warmup_gpu.py ;;
     cpu)     run cpu 200 taskset -c 0,1 python benchmarks/bench_cpu.py --threads 2 \
                  --json "$OUT/bench_cpu_device.json" ;;
