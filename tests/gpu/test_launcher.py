@@ -142,6 +142,7 @@ def test_signature_cache_key_separates_dtypes_ranks_and_scalar_types(monkeypatch
 
     monkeypatch.setattr(launcher, "_compile", fake_compile)
     monkeypatch.setattr(launcher, "_compiled", {})
+    monkeypatch.setattr(launcher, "capturing", lambda stream: False)  # (fake stream handle)
     k, s = object(), _Stream()
     f32 = DeviceView(0x1000, (8,), np.float32, None)
     launcher._direct_args(k, s, (f32, 1))

@@ -290,26 +290,32 @@ def _chunk_products(acc, z, af, smem, lk, lb, lz, KS, NN, HK, SW, PLO):
         _mma_tile(z, 0, af, 1, z0, z1)
 
 
+@_compat.device(**_DEV)
+def _den_inverses(z, eps):
+    """1 / (den + eps) of the lane's rows g and g + 8: den = Σ of the Z tile's columns
+    of the row, summed over the quad (t = 0..3)."""
+    d0 = z[0, 0] + z[0, 1]
+    d1 = z[0, 2] + z[0, 3]
+    d0 += shfl_xor(d0, 1)
+    d1 += shfl_xor(d1, 1)
+    d0 += shfl_xor(d0, 2)
+    d1 += shfl_xor(d1, 2)
+    return ONE / (d0 + eps), ONE / (d1 + eps)
+
+
 @functools.cache
 def make_write_rows(out_kind):
-    """``write_rows(o_l, acc, z, eps, ob, warp, lane, nrows, D, NN)``, step 4 of the
-    module doc: the lane's rows g, g + 8 of the warp's 16, divided by their
-    denominators (Σ of the Z tile's columns over the quad, + eps), to ``o_l`` from
-    value ``ob`` (the block's first row); rows >= ``nrows`` are not written. ``o_l``
-    fp32 ("f32") or the int32 pair view of a 16-bit output ("bf16" / "f16",
-    ``tiles.make_pair_store``: rounded to nearest even)."""
+    """``write_rows(o_l, acc, inv0, inv1, ob, warp, lane, nrows, D, NN)``, step 4 of the
+    module doc: the lane's rows g, g + 8 of the warp's 16, times their ``inv0`` /
+    ``inv1`` (:func:`_den_inverses`), to ``o_l`` from value ``ob`` (the block's first
+    row); rows >= ``nrows`` are not written. ``o_l`` fp32 ("f32") or the int32 pair view
+    of a 16-bit output ("bf16" / "f16", ``tiles.make_pair_store``: rounded to nearest
+    even). (No fastmath option here: a kernel's disk-cache key pickles the device
+    functions it closes over, and a set of flags pickles in a per-process order.)"""
     store = make_pair_store(out_kind)  # (a signed index: i + 1 must stay an integer)
 
-    @_compat.device(**_DEV)
-    def write_rows(o_l, acc, z, eps, ob, warp, lane, nrows, D, NN):
-        d0 = z[0, 0] + z[0, 1]
-        d1 = z[0, 2] + z[0, 3]
-        d0 += shfl_xor(d0, 1)
-        d1 += shfl_xor(d1, 1)
-        d0 += shfl_xor(d0, 2)
-        d1 += shfl_xor(d1, 2)
-        inv0 = ONE / (d0 + eps)
-        inv1 = ONE / (d1 + eps)
+    @_compat.device(forceinline=True)
+    def write_rows(o_l, acc, inv0, inv1, ob, warp, lane, nrows, D, NN):
         ra = warp * 16 + (lane >> 2)
         oa = ob + ra * D + (lane & 3) * 2
         if ra < nrows:
@@ -414,7 +420,8 @@ def make_linear_kernel(kind, D, BQ, HK, out_kind="f32"):
             if busy:
                 _chunk_products(acc, z, af, smem, la + kc * (HK * 2), lb, lz, KS, NN, HK, SW, PLO)
         # --- 4. epilogue: den of rows g, g + 8 = Σ over the Z tile's columns (t = 0..3)
-        write_rows(o_l, acc, z, eps, ob, warp, lane, nrows, D, NN)
+        inv0, inv1 = _den_inverses(z, eps)
+        write_rows(o_l, acc, inv0, inv1, ob, warp, lane, nrows, D, NN)
 
     return LinearKernel(linear_tc, SMEM, NT)
 
@@ -610,7 +617,8 @@ def make_linear_kernel_pipelined(kind, D, BQ, HK, vec4=True, min_blocks=None, ou
                 bo = (kc & 1) * (BUF * 2)
                 _chunk_products(acc, z, af, smem, lk, lb + bo, lz + bo, KS, NN, HK, SW, PLO)
         # --- 4. epilogue (as make_linear_kernel)
-        write_rows(o_l, acc, z, eps, ob, warp, lane, nrows, D, NN)
+        inv0, inv1 = _den_inverses(z, eps)
+        write_rows(o_l, acc, inv0, inv1, ob, warp, lane, nrows, D, NN)
 
     return LinearKernel(linear_tc_pipelined, SMEM, NT)
 

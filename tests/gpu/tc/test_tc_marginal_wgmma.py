@@ -275,7 +275,10 @@ def test_gpu_api_with_the_switch(monkeypatch):
         torch.cuda.synchronize()
         return [o_s.detach(), o_l.detach()] + [x.grad for x in xs]
 
-    base, wg = run(""), run("wgmma")
+    base = run("")
+    run("wgmma")  # a first call may also launch in the compile-ahead dry run: not counted
+    calls.clear()
+    wg = run("wgmma")
     assert sorted(calls) == [False, False, True], calls  # fwd rows, bwd rows, bwd columns
     assert torch.equal(base[0], wg[0])
     for a, b in zip(wg[1:], base[1:]):
