@@ -641,8 +641,9 @@ def launch_linear_forward_tc(
     may be given as flat views (Mq is taken from lstate's size, Mq >= ceil(Nq/block_q)).
     Numba device arrays or torch / CuPy CUDA tensors (numpy under the simulator).
     fm: 0 softmax, 1 elu + 1, 2 relu. ``hk``: rows of H_i staged at a time (tests).
-    ``pipeline``: None follows ``SLA_NUMBA_LINEAR`` (default ``pipelined``), False / True
-    force the register-staged / pipelined kernel (same bits; module doc);
+    ``pipeline``: None follows ``SLA_NUMBA_LINEAR`` (default ``pipelined``; ``wgmma``:
+    ``tc/linear_wgmma.py``'s kernel where it applies, else the pipelined one), False /
+    True force the register-staged / pipelined kernel (same bits; module doc);
     ``min_blocks``: the pipelined kernel's launch bound (CTAs per SM; None: its default
     ``pipe_min_blocks(block_q)``, 0: none).
     """
@@ -673,7 +674,16 @@ def launch_linear_forward_tc(
     if H > 65535 or B > 65535:
         raise ValueError("launch_linear_forward_tc: H or B too large for the grid")
     if pipeline is None:
-        pipeline = config.linear_kernel() == "pipelined"
+        mode = config.linear_kernel()
+        if mode == "wgmma":
+            from . import linear_wgmma
+
+            if linear_wgmma.wgmma_linear_unsupported_reason(kind, D, block_q) is None:
+                linear_wgmma.launch_linear_forward_wgmma(
+                    kind, q_bits, lstate, n_marg, o_l, B, H, Nq, D, block_q, fm, eps, stream
+                )
+                return
+        pipeline = mode != "registers"
     if pipeline:
         addr = address(lstate)  # 16-byte loads need a 16-byte aligned lstate (W % 4 == 0)
         vec4 = addr is not None and addr % 16 == 0
