@@ -250,7 +250,8 @@ def _store_h_chunk(smem32, hv, off0, hi, lo, tid, NT, NV, TOT, D, HK):
 @kernel_factory
 def make_linear_forward_wgmma(kind, D, HK=HK_DEFAULT, stages=STAGES_DEFAULT, vec4=True):
     """Build the wgmma linear-forward kernel (module doc) for ``kind`` 'bf16' / 'f16',
-    head dim ``D`` (64 / 128), ``HK`` rows of H_i a chunk (16, 32 or 64, dividing D),
+    head dim ``D`` (64 / 128), ``HK`` rows of H_i a chunk (16 or 32; 64 would need 255
+    registers and a stack frame at D = 128),
     ``stages`` chunk buffers (2 or 3), ``vec4``: 16-byte loads of H_i (lstate 16-byte
     aligned) else scalar. Returns a :class:`tiles.TCKernel`; launch grid
     (ceil(Nq/64), H, B), 128 threads, arguments ``(q, lstate, n_marg, o_l, H, Nq, Mq,
@@ -259,8 +260,8 @@ def make_linear_forward_wgmma(kind, D, HK=HK_DEFAULT, stages=STAGES_DEFAULT, vec
 
     if kind not in KINDS or D not in HEAD_DIMS:
         raise ValueError(f"wgmma linear forward: kind={kind!r}, D={D} unsupported")
-    if HK not in (16, 32, 64) or D % HK:
-        raise ValueError(f"wgmma linear forward: chunk of {HK} rows (16, 32 or 64 dividing D)")
+    if HK not in (16, 32) or D % HK:
+        raise ValueError(f"wgmma linear forward: chunk of {HK} rows (16 or 32)")
     if stages not in (2, 3):
         raise ValueError(f"wgmma linear forward: stages={stages} (2 or 3)")
     NT = THREADS
