@@ -115,7 +115,15 @@ from .linear import _fetch_chunk, _in_f32, _split_pair
 from .ptx import SIMULATED, shfl_xor, smem_addr
 from .states import _feature_map
 from .tiles import SMEM_ALIGN, TC_FASTMATH
-from .wgmma import CHUNK_COLS, desc_hi, fence_proxy_async, make_wgmma_ss, wg_commit, wg_fence, wg_wait
+from .wgmma import (
+    CHUNK_COLS,
+    desc_hi,
+    fence_proxy_async,
+    make_wgmma_ss,
+    wg_commit,
+    wg_fence,
+    wg_wait,
+)
 
 #: The one query block size (= wgmma's M) and the head dims (acc = D/2 registers).
 BLOCK = 64
