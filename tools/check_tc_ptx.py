@@ -362,19 +362,23 @@ def check_linear_wgmma(quick=False):
     from sla_numba.gpu.tc import linear_wgmma as lw
 
     i16, i32, f32 = int16[::1], int32[::1], float32[::1]
-    sig = (i16, f32, i32, f32, int64, int64, int64, int64, float32)
-    configs = [  # kind, D, HK, stages, vec4
-        ("bf16", 128, 16, 3, True),
-        ("bf16", 128, 16, 2, True),
-        ("bf16", 128, 32, 2, True),
-        ("bf16", 128, 32, 3, True),
-        ("f16", 64, 16, 3, True),
-        ("bf16", 128, 16, 3, False),
+    sig = (i16, f32, i16, i32, f32, int64, int64, int64, int64, float32)
+    configs = [  # kind, D, HK, stages, vec4, ring
+        ("bf16", 128, 16, 3, True, 0),
+        ("bf16", 128, 16, 2, True, 0),
+        ("bf16", 128, 32, 2, True, 0),
+        ("bf16", 128, 32, 3, True, 0),
+        ("f16", 64, 16, 3, True, 0),
+        ("bf16", 128, 16, 3, False, 0),
+        ("bf16", 128, 16, 2, True, 3),
+        ("bf16", 128, 16, 2, True, 4),
+        ("bf16", 128, 32, 2, True, 3),
+        ("bf16", 64, 16, 2, True, 4),
     ]
     ok = True
-    for kind, D, hk, st, vec4 in configs[:1] if quick else configs:
+    for kind, D, hk, st, vec4, ring in configs[:1] if quick else configs:
         t0 = time.time()
-        fn = lw.make_linear_forward_wgmma(kind, D, hk, st, vec4).kernel
+        fn = lw.make_linear_forward_wgmma(kind, D, hk, st, vec4, ring).kernel
         ptx, _ = cuda.compile_ptx(
             fn.py_func, sig, cc=(9, 0, "a"), fastmath=fn.targetoptions.get("fastmath", False)
         )
@@ -390,7 +394,8 @@ def check_linear_wgmma(quick=False):
             good &= 0 < info[0] <= 255 and info[1] == 0 and info[2] == 0
         ok &= good
         print(
-            f"linear_wgmma {kind} D={D} hk={hk} stages={st}" + ("" if vec4 else " scalar")
+            f"linear_wgmma {kind} D={D} hk={hk} stages={st} ring={ring}"
+            + ("" if vec4 else " scalar")
             + f" {target} wgmma {n_wg:2d}/{want:<2d} .local {local:2d} "
             + (f"regs {info[0]:3d} spill {info[1]:3d}/{info[2]:<3d} " if info else "")
             + f"{time.time() - t0:5.1f}s {'ok' if good else 'MISMATCH'}"

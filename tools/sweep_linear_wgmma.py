@@ -3,14 +3,15 @@ against the pipelined mma.sync kernel (the default) and the cuBLAS floor, on an 
 
 Usage (on a GPU of compute capability 9.0):
     PYTHONPATH=. python tools/sweep_linear_wgmma.py [--reps 20] [--shapes wan b2]
-        [--variants 16,3 16,2 32,2 32,3]
+        [--variants 16,3,0 16,2,0 32,2,0 16,2,3 16,2,4 32,2,3]
 
 Shapes: ``wan`` B1 H12 Nq 32760 D128 (the Wan2.1 sizes: 512 query blocks a head), ``b2``
 B2 H16 Nq 8192 D64; bf16 q, block_q 64, softmax feature map, every block with marginal
 keys, fp32 states with positive denominators. For each shape, in one process:
 
 1. the pipelined kernel (``launch_linear_forward_tc(pipeline=True)``) and each wgmma
-   variant ``HK,STAGES`` (rows of H_i a chunk, chunk buffers) -- output compared with
+   variant ``HK,STAGES,RING`` (rows of H_i a chunk, bf16 chunk buffers, raw fp32
+   cp.async ring slots, 0: H_i through registers; ``linear_wgmma`` module doc) -- output compared with
    the pipelined kernel's (max abs difference, the same relative to max |O_l|, and how
    many bits are equal) and with a float64 torch reference (max error relative to
    max |O_l|); o_l starts NaN, so unwritten elements show as NaN (reported);
@@ -76,17 +77,15 @@ def sweep(name, variants, reps):
                 "bf16", *views, ov, B, H, Nq, D, BQ, FM, EPS, 0, pipeline=True
             )
         else:
-            hk, st = variant
+            hk, st, ring = variant
             lw.launch_linear_forward_wgmma(
-                "bf16", *views, ov, B, H, Nq, D, BQ, FM, EPS, 0, hk=hk, stages=st
+                "bf16", *views, ov, B, H, Nq, D, BQ, FM, EPS, 0, hk=hk, stages=st, ring=ring
             )
 
     rows = []
     base = None
     for variant in [None] + variants:
-        label = (
-            "pipelined mma.sync" if variant is None else f"wgmma hk={variant[0]} st={variant[1]}"
-        )
+        label = "pipelined mma.sync" if variant is None else "wgmma hk=%d st=%d ring=%d" % variant
         out = torch.full((B, H, Nq, D), float("nan"), device="cuda")
         try:
             t0 = time.time()
@@ -115,16 +114,16 @@ def sweep(name, variants, reps):
     floor = cuda_time(lambda: torch.bmm(a_pad, hmat), reps)
     t_def = rows[0][1] if rows and rows[0][0].startswith("pipelined") else None
     print(
-        f"{'kernel':22s} {'ms':>7s} {'TB/s':>6s} {'x default':>9s} {'x floor':>8s} "
+        f"{'kernel':26s} {'ms':>7s} {'TB/s':>6s} {'x default':>9s} {'x floor':>8s} "
         f"{'NaN':>4s} {'err/max|O| f64':>14s}  vs pipelined (max abs diff, same bits)  first call s"
     )
     for label, ms, nan, err64, cmp, first in rows:
         rd = f"{t_def / ms:9.2f}" if t_def else f"{'-':>9s}"
         print(
-            f"{label:22s} {ms:7.3f} {nbytes / ms / 1e9:6.2f} {rd} {floor / ms:8.2f} "
+            f"{label:26s} {ms:7.3f} {nbytes / ms / 1e9:6.2f} {rd} {floor / ms:8.2f} "
             f"{nan:4d} {err64:14.2e}  {cmp or '-':40s} {first:6.1f}"
         )
-    print(f"{'cuBLAS bmm bf16 floor':22s} {floor:7.3f}   ({B * H * Mq} x {BQ}x{D} @ {D}x{D})")
+    print(f"{'cuBLAS bmm bf16 floor':26s} {floor:7.3f}   ({B * H * Mq} x {BQ}x{D} @ {D}x{D})")
     print("(x default, x floor: time of the default / floor divided by this kernel's time)")
 
 
@@ -136,11 +135,11 @@ def main():
     ap.add_argument(
         "--variants",
         nargs="*",
-        default=["16,3", "16,2", "32,2", "32,3"],
-        help="wgmma kernel configurations HK,STAGES",
+        default=["16,3,0", "16,2,0", "32,2,0", "16,2,3", "16,2,4", "32,2,3"],
+        help="wgmma kernel configurations HK,STAGES,RING (RING 0: registers)",
     )
     args = ap.parse_args()
-    variants = [tuple(int(x) for x in v.split(",")) for v in args.variants]
+    variants = [tuple(int(x) for x in (v + ",0").split(",")[:3]) for v in args.variants]
     cc = torch.cuda.get_device_capability()
     print(f"{torch.cuda.get_device_name()} cc {cc}; torch {torch.__version__}")
     if lw.wgmma_linear_unsupported_reason("bf16", 128, BQ) is not None:

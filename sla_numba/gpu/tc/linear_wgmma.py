@@ -79,6 +79,30 @@ STAGES = 2: the wgmma of chunk kc run during the global loads of chunk kc + 1, t
 the threads wait; STAGES = 3: they also run while the threads split and store chunk
 kc + 1.
 
+The cp.async ring (``ring`` = R >= 3)
+------------------------------------
+The register path keeps one chunk (8 KiB at D = 128, HK = 16) of each CTA in flight:
+three CTAs an SM hold 24 KiB, which may be too little to cover the latency of
+global memory (the reason the mma.sync kernels are slow). The ring variant copies the
+raw fp32 chunks with 16-byte ``cp.async`` (no registers) into R slots, R - 1 chunks
+ahead, and each thread converts its own landed units into the bf16 buffer::
+
+    cp.async chunks 0 .. R-2 -> slots (one commit group each); φ phase ...
+    for kc:
+        cp.async.wait_group R-2; barrier      # chunk kc landed; slot (kc-1) % R converted
+        cp.async chunk kc+R-1 -> slot (kc-1) % R; commit
+        convert slot kc % R -> buffer kc % STAGES (split, swizzle)
+        fence.proxy.async; barrier
+        3·HK/16 wgmma; commit; wait_group STAGES - 1
+
+Two barriers a chunk, so the wgmma wait may leave one more group running
+(STAGES - 1): buffer kc % STAGES was last read by group kc - STAGES, waited for at the
+end of iteration kc - 1, before this iteration's first barrier. Shared memory at D =
+128, HK = 16, STAGES = 2: 32 + 16 KiB + R x 8 KiB (R = 3: 73 KiB, three CTAs an SM,
+48 KiB in flight; R = 4: 81 KiB, two CTAs). The copies need lstate 16-byte aligned
+(else the register path runs). Which variant is fastest is for the H200 to say
+(``tools/sweep_linear_wgmma.py``); ``HK_DEFAULT``, ``STAGES_DEFAULT``, ``RING_DEFAULT``.
+
 Bits: the same operands as ``tc/linear.py`` (the same bf16 hi / lo values of φ and
 H_i, the same three products, fp32 accumulation), but the tensor core's summation
 order inside a wgmma is its own, the denominator is fp32 (not bf16 splits), and the
@@ -112,7 +136,14 @@ from . import build as _tc_build
 from .build import address, dtype_name, flat, size
 from .forward_wgmma import wgmma_device_ok
 from .linear import _fetch_chunk, _in_f32, _split_pair
-from .ptx import SIMULATED, shfl_xor, smem_addr
+from .ptx import (
+    SIMULATED,
+    cp_async_commit,
+    cp_async_wait_group,
+    cp_async_zfill,
+    shfl_xor,
+    smem_addr,
+)
 from .states import _feature_map
 from .tiles import SMEM_ALIGN, TC_FASTMATH
 from .wgmma import (
@@ -134,6 +165,7 @@ THREADS = 128
 #: H_i a chunk, chunk buffers.
 HK_DEFAULT = 16
 STAGES_DEFAULT = 3
+RING_DEFAULT = 0
 #: Bytes of one 64-row column chunk of a K-major tile (64 rows x 128 bytes).
 CHUNK_BYTES = BLOCK * 128
 K_MAJOR_LBO, SBO = 16, 1024
@@ -157,20 +189,24 @@ def wgmma_linear_unsupported_reason(kind, D, block_q, device=None):
     return None
 
 
-def smem_layout(D, HK, stages):
-    """Byte offsets (from the 1024-aligned base) of the φ hi / lo tiles and chunk buffer
-    0 (hi, then lo), the bytes of one tile of H and of one buffer, and the dynamic
-    shared bytes to ask for (+1024 for the alignment)."""
+def smem_layout(D, HK, stages, ring=0):
+    """Byte offsets (from the 1024-aligned base) of the φ hi / lo tiles, chunk buffer
+    0 (hi, then lo) and the raw fp32 ring (``ring`` slots of HK x D fp32; 0: none), the
+    bytes of one tile of H, of one buffer and of one ring slot, and the dynamic shared
+    bytes to ask for (+1024 for the alignment)."""
     a_tile = (D // CHUNK_COLS) * CHUNK_BYTES  # 64 rows x D, K-major
     h_tile = (D // CHUNK_COLS) * HK * 128  # HK rows x D, MN-major
     buf0 = 2 * a_tile
+    raw0 = buf0 + stages * 2 * h_tile
     return dict(
         phi_hi=0,
         phi_lo=a_tile,
         buf0=buf0,
         h_tile=h_tile,
         buf=2 * h_tile,
-        bytes=buf0 + stages * 2 * h_tile + 1024,
+        raw0=raw0,
+        slot=HK * D * 4,
+        bytes=raw0 + ring * HK * D * 4 + 1024,
     )
 
 
@@ -232,36 +268,68 @@ def _den_part(xs, lstate, zb, t, KS):
 
 
 @_compat.device(**_DEV)
-def _store_h_chunk(smem32, hv, off0, hi, lo, tid, NT, NV, TOT, D, HK):
-    """The units of ``_fetch_chunk`` (4 fp32 of chunk row x // (D/4), columns
-    4(x % (D/4)) ..) as bf16 hi / lo pairs into the MN-major tiles at byte offsets
-    ``hi`` / ``lo`` (from the aligned base, ``off0`` bytes into the shared array)."""
+def _store_unit(smem32, x, v0, v1, v2, v3, off0, hi, lo, D, HK):
+    """Unit x of a chunk (4 fp32 of chunk row x // (D/4), columns 4(x % (D/4)) ..) as
+    bf16 hi / lo pairs into the MN-major tiles at byte offsets ``hi`` / ``lo`` (from the
+    aligned base, ``off0`` bytes into the shared array)."""
     Q = D // 4
+    k = x // Q
+    n = (x - k * Q) * 4
+    cc = n & 63
+    o = (n >> 6) * (HK * 128) + k * 128 + (((cc >> 3) ^ (k & 7)) << 4) + (cc & 7) * 2
+    p0, l0 = _split_pair(v0, v1)
+    p1, l1 = _split_pair(v2, v3)
+    s = (off0 + hi + o) >> 2
+    smem32[s] = p0
+    smem32[s + 1] = p1
+    s = (off0 + lo + o) >> 2
+    smem32[s] = l0
+    smem32[s + 1] = l1
+
+
+@_compat.device(**_DEV)
+def _store_h_chunk(smem32, hv, off0, hi, lo, tid, NT, NV, TOT, D, HK):
+    """The units of ``_fetch_chunk`` (registers ``hv``) into the chunk buffer."""
     for j in range(NV):
         x = tid + NT * j
         if x < TOT:
-            k = x // Q
-            n = (x - k * Q) * 4
-            cc = n & 63
-            o = (n >> 6) * (HK * 128) + k * 128 + (((cc >> 3) ^ (k & 7)) << 4) + (cc & 7) * 2
-            p0, l0 = _split_pair(hv[j, 0], hv[j, 1])
-            p1, l1 = _split_pair(hv[j, 2], hv[j, 3])
-            s = (off0 + hi + o) >> 2
-            smem32[s] = p0
-            smem32[s + 1] = p1
-            s = (off0 + lo + o) >> 2
-            smem32[s] = l0
-            smem32[s + 1] = l1
+            _store_unit(smem32, x, hv[j, 0], hv[j, 1], hv[j, 2], hv[j, 3], off0, hi, lo, D, HK)
+
+
+@_compat.device(**_DEV)
+def _copy_raw_chunk(smem, ls16, slot, g, tid, NT, NV, TOT):
+    """``cp.async`` of this thread's units of the chunk at fp32 element ``g`` of lstate
+    (``ls16``: its int16 view) into the raw ring slot at shared address ``slot``."""
+    for j in range(NV):
+        x = tid + NT * j
+        if x < TOT:
+            cp_async_zfill(smem, slot + 16 * x, 16, ls16, 2 * (g + 4 * x), 16)
+
+
+@_compat.device(**_DEV)
+def _convert_raw_chunk(smem32, smemf, raw, off0, hi, lo, tid, NT, NV, TOT, D, HK):
+    """This thread's units of the raw fp32 slot at byte offset ``raw`` into the chunk
+    buffer (the same units it copied: its own copies, landed, are all it reads)."""
+    for j in range(NV):
+        x = tid + NT * j
+        if x < TOT:
+            f = (off0 + raw + 16 * x) >> 2
+            _store_unit(
+                smem32, x, smemf[f], smemf[f + 1], smemf[f + 2], smemf[f + 3],
+                off0, hi, lo, D, HK,
+            )  # fmt: skip
 
 
 @functools.cache
 @kernel_factory
-def make_linear_forward_wgmma(kind, D, HK=HK_DEFAULT, stages=STAGES_DEFAULT, vec4=True):
+def make_linear_forward_wgmma(kind, D, HK=HK_DEFAULT, stages=STAGES_DEFAULT, vec4=True, ring=0):
     """Build the wgmma linear-forward kernel (module doc) for ``kind`` 'bf16' / 'f16',
     head dim ``D`` (64 / 128), ``HK`` rows of H_i a chunk (16 or 32; 64 would need 255
     registers and a stack frame at D = 128),
     ``stages`` chunk buffers (2 or 3), ``vec4``: 16-byte loads of H_i (lstate 16-byte
-    aligned) else scalar. Returns a :class:`tiles.TCKernel`; launch grid
+    aligned) else scalar; ``ring`` 0: H_i through registers one chunk ahead, >= 3:
+    through a ``cp.async`` ring of that many raw fp32 chunks, ``ring - 1`` ahead
+    (module doc, "The cp.async ring"; needs ``vec4``). Returns a :class:`tiles.TCKernel`; launch grid
     (ceil(Nq/64), H, B), 128 threads, arguments ``(q, lstate, n_marg, o_l, H, Nq, Mq,
     fm, eps)`` as ``tc/linear.py``'s kernels."""
     from .tiles import TCKernel
@@ -272,6 +340,8 @@ def make_linear_forward_wgmma(kind, D, HK=HK_DEFAULT, stages=STAGES_DEFAULT, vec
         raise ValueError(f"wgmma linear forward: chunk of {HK} rows (16 or 32)")
     if stages not in (2, 3):
         raise ValueError(f"wgmma linear forward: stages={stages} (2 or 3)")
+    if ring not in (0, 3, 4, 5) or (ring and not vec4):
+        raise ValueError(f"wgmma linear forward: ring={ring} (0, or 3-5 with 16-byte loads)")
     NT = THREADS
     KS = D // 16  # k-steps (d1)
     KSC = HK // 16  # k-steps a chunk
@@ -282,8 +352,11 @@ def make_linear_forward_wgmma(kind, D, HK=HK_DEFAULT, stages=STAGES_DEFAULT, vec
     TOT = HK * D // 4  # 4-float units of a chunk
     NV = -(-TOT // NT)  # units a thread
     W = D * D + D
-    WAIT = stages - 2
-    lay = smem_layout(D, HK, stages)
+    RING = int(ring)
+    WAIT = stages - 1 if RING else stages - 2  # (the ring: two barriers a chunk)
+    CPW = max(RING - 2, 0)
+    lay = smem_layout(D, HK, stages, RING)
+    RAW0, SLOT = lay["raw0"], lay["slot"]
     PHI_HI, PHI_LO, BUF0 = lay["phi_hi"], lay["phi_lo"], lay["buf0"]
     HT, BUF = lay["h_tile"], lay["buf"]
     SMEM_BYTES = lay["bytes"]
@@ -295,9 +368,10 @@ def make_linear_forward_wgmma(kind, D, HK=HK_DEFAULT, stages=STAGES_DEFAULT, vec
     wgmma = make_wgmma_ss("bf16", D, 1)  # φ and H as bf16 hi / lo whatever q is
 
     @_compat.kernel(fastmath=TC_FASTMATH)
-    def linear_fwd_wgmma(q, lstate, n_marg, o_l, H, Nq, Mq, fm, eps):
+    def linear_fwd_wgmma(q, lstate, ls16, n_marg, o_l, H, Nq, Mq, fm, eps):
         smem = cuda.shared.array(0, int16, alignment=SMEM_ALIGN)
         smem32 = cuda.shared.array(0, int32, alignment=SMEM_ALIGN)
+        smemf = cuda.shared.array(0, float32, alignment=SMEM_ALIGN)
         xa = cuda.local.array(C4, float32)  # φ of row R0 (this thread's columns)
         xb = cuda.local.array(C4, float32)  # ... of row R1
         acc = cuda.local.array((1, DT, 4), float32)  # O (64 x D over the warpgroup)
@@ -319,11 +393,18 @@ def make_linear_forward_wgmma(kind, D, HK=HK_DEFAULT, stages=STAGES_DEFAULT, vec
                 o_l[u64(ob + x)] = ZERO
             return
         sb = (bh * Mq + i) * W  # lstate row (int64)
-        # --- chunk 0 of H_i in flight during the φ phase
-        _fetch_chunk(hv, lstate, sb, tid, NT, NV, TOT, VEC4)
         sa = smem_addr(smem)
         sbase = int32((sa + 1023) & ~1023)  # 1024-aligned (swizzle atoms)
         off0 = sbase - sa  # its byte offset in the shared arrays
+        # --- the first chunk(s) of H_i in flight during the φ phase
+        if RING:
+            for c in range(RING - 1):
+                if c < NC:
+                    _copy_raw_chunk(smem, ls16, sbase + RAW0 + c * SLOT, sb + c * (HK * D),
+                                    tid, NT, NV, TOT)  # fmt: skip
+                cp_async_commit()
+        else:
+            _fetch_chunk(hv, lstate, sb, tid, NT, NV, TOT, VEC4)
         # --- 1-3. φ of rows R0, R1 (quad layout), its hi / lo tiles, the denominators
         ra = warp * 16 + g
         oka = ra < nrows
@@ -349,10 +430,21 @@ def make_linear_forward_wgmma(kind, D, HK=HK_DEFAULT, stages=STAGES_DEFAULT, vec
             # --- 4. chunk kc (registers) -> buffer kc % STG (its last reader, the wgmma
             #        of chunk kc - STG, finished everywhere before the last barrier)
             hb = BUF0 + (kc % STG) * BUF
-            _store_h_chunk(smem32, hv, off0, hb, hb + HT, tid, NT, NV, TOT, D, HK)
+            if RING:  # chunk kc landed; its raw slot -> buffer kc % STG
+                cp_async_wait_group(CPW)
+                cuda.syncthreads()  # every copy landed; slot (kc - 1) % RING converted
+                c = kc + RING - 1
+                if c < NC:
+                    _copy_raw_chunk(smem, ls16, sbase + RAW0 + (c % RING) * SLOT,
+                                    sb + c * (HK * D), tid, NT, NV, TOT)  # fmt: skip
+                cp_async_commit()
+                raw = RAW0 + (kc % RING) * SLOT
+                _convert_raw_chunk(smem32, smemf, raw, off0, hb, hb + HT, tid, NT, NV, TOT, D, HK)
+            else:
+                _store_h_chunk(smem32, hv, off0, hb, hb + HT, tid, NT, NV, TOT, D, HK)
             fence_proxy_async()  # generic-proxy stores -> visible to wgmma
             cuda.syncthreads()
-            if kc + 1 < NC:  # chunk kc + 1 in flight during the wgmma of chunk kc
+            if not RING and kc + 1 < NC:  # chunk kc + 1 in flight during the wgmma of kc
                 _fetch_chunk(hv, lstate, sb + (kc + 1) * (HK * D), tid, NT, NV, TOT, VEC4)
             # --- 5. φhi·Hhi + φlo·Hhi + φhi·Hlo for the chunk's k-steps
             for ksc in range(KSC):
@@ -386,10 +478,27 @@ def make_linear_forward_wgmma(kind, D, HK=HK_DEFAULT, stages=STAGES_DEFAULT, vec
 
 
 def launch_linear_forward_wgmma(
-    kind, q_bits, lstate, n_marg, o_l, B, H, Nq, D, block_q, fm, eps, stream, hk=None, stages=None
+    kind,
+    q_bits,
+    lstate,
+    n_marg,
+    o_l,
+    B,
+    H,
+    Nq,
+    D,
+    block_q,
+    fm,
+    eps,
+    stream,
+    hk=None,
+    stages=None,
+    ring=None,
 ):
     """``tc/linear.py``'s ``launch_linear_forward_tc`` (same arguments, checked there) on
-    the wgmma kernel; ``hk`` / ``stages`` None: ``HK_DEFAULT`` / ``STAGES_DEFAULT``.
+    the wgmma kernel; ``hk`` / ``stages`` / ``ring`` None: ``HK_DEFAULT`` /
+    ``STAGES_DEFAULT`` / ``RING_DEFAULT`` (the ring needs a 16-byte aligned lstate: the
+    register path otherwise).
     A ValueError naming the reason for a configuration it does not take."""
     B, H, Nq, D, block_q, fm = (int(x) for x in (B, H, Nq, D, block_q, fm))
     why = wgmma_linear_unsupported_reason(kind, D, block_q)
@@ -420,12 +529,37 @@ def launch_linear_forward_wgmma(
     vec4 = addr is not None and addr % 16 == 0
     hk = HK_DEFAULT if hk is None else int(hk)
     st = STAGES_DEFAULT if stages is None else int(stages)
-    kern = make_linear_forward_wgmma(kind, D, min(hk, D), st, vec4)
+    rg = RING_DEFAULT if ring is None else int(ring)
+    if not vec4:
+        rg = 0
+    kern = make_linear_forward_wgmma(kind, D, min(hk, D), st, vec4, rg)
     _tc_build.launch(
         kern.kernel,
         (nblk, H, B),
         kern.threads,
         kern.smem_bytes,
         stream,
-        (flat(q_bits), flat(lstate), flat(n_marg), flat(o_l), H, Nq, Mq, fm, np.float32(eps)),
+        (
+            flat(q_bits),
+            flat(lstate),
+            _int16_view(lstate),
+            flat(n_marg),
+            flat(o_l),
+            H,
+            Nq,
+            Mq,
+            fm,
+            np.float32(eps),
+        ),
     )
+
+
+def _int16_view(x):
+    """The flat int16 view of an fp32 array of any supported library (cp.async copies
+    16-bit elements; no copy)."""
+    x = flat(x)
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        return x.view(torch.int16)
+    return x.view(np.int16)

@@ -83,7 +83,9 @@ def test_smem_layout_and_refusals():
     assert LW.wgmma_linear_unsupported_reason("bf16", 96, 64).startswith("head_dim 96")
     assert LW.wgmma_linear_unsupported_reason("f16", 64, 32).startswith("block_q 32")
     assert "dtype" in LW.wgmma_linear_unsupported_reason("fp32", 64, 64)
-    for bad in (("bf16", 128, 64, 3), ("bf16", 128, 16, 4), ("f16", 96, 16, 2)):
+    assert LW.smem_layout(128, 16, 2, 4)["bytes"] == 32768 + 2 * 8192 + 4 * 8192 + 1024
+    for bad in (("bf16", 128, 64, 3), ("bf16", 128, 16, 4), ("f16", 96, 16, 2),
+                ("bf16", 128, 16, 2, True, 2), ("bf16", 128, 16, 2, False, 3)):  # fmt: skip
         with pytest.raises(ValueError):
             LW.make_linear_forward_wgmma(*bad)
     with pytest.raises(ValueError, match="trans_b"):
@@ -93,12 +95,13 @@ def test_smem_layout_and_refusals():
 # ---------------------------------------------------------------------------
 # 2. Simulator
 # ---------------------------------------------------------------------------
-def _launch_wgmma(kind, qb, lstate, n_marg, B, H, Nq, D, fm, hk, stages, spare=64):
+def _launch_wgmma(kind, qb, lstate, n_marg, B, H, Nq, D, fm, hk, stages, ring=0, spare=64):
     n = B * H * Nq * D
     out = np.full(n + spare, np.nan, np.float32)
     LW.launch_linear_forward_wgmma(
-        kind, qb, lstate, n_marg, out, B, H, Nq, D, 64, fm, EPS, 0, hk=hk, stages=stages
-    )
+        kind, qb, lstate, n_marg, out, B, H, Nq, D, 64, fm, EPS, 0, hk=hk, stages=stages,
+        ring=ring,
+    )  # fmt: skip
     assert np.isnan(out[n:]).all(), "values past the last row were written"
     return out[:n].reshape(B, H, Nq, D)
 
@@ -108,20 +111,22 @@ def _nan_tail(qb, extra=256):
     return np.concatenate([qb.reshape(-1), np.full(extra, 0x7FC0, np.int16)])
 
 
-SIM_CASES = [  # kind, B, H, Nq, D, fm, hk, stages
-    ("bf16", 1, 1, 150, 64, 0, 16, 3),  # 3 blocks: block 1 zeros, tail of 22 rows; 4 chunks
-    ("f16", 1, 1, 70, 128, 1, 32, 2),  # D 128 (two column chunks), tail of 6 rows
+SIM_CASES = [  # kind, B, H, Nq, D, fm, hk, stages, ring
+    ("bf16", 1, 1, 150, 64, 0, 16, 3, 0),  # 3 blocks: block 1 zeros, tail of 22; 4 chunks
+    ("f16", 1, 1, 70, 128, 1, 32, 2, 0),  # D 128 (two column chunks), tail of 6 rows
+    ("bf16", 1, 1, 100, 64, 2, 16, 2, 3),  # cp.async ring of 3 slots over 4 chunks
+    ("f16", 1, 1, 64, 128, 0, 16, 3, 4),  # ring of 4 over 8 chunks, 3 stages
 ]
 
 
 @needs_sim
-@pytest.mark.parametrize("kind,B,H,Nq,D,fm,hk,stages", SIM_CASES)
-def test_sim_against_float64(kind, B, H, Nq, D, fm, hk, stages):
+@pytest.mark.parametrize("kind,B,H,Nq,D,fm,hk,stages,ring", SIM_CASES)
+def test_sim_against_float64(kind, B, H, Nq, D, fm, hk, stages, ring):
     """(The comparison with the pipelined mma.sync kernel is on the GPU, section 4: its
     simulator twins take over a minute for one of these launches.)"""
     zero = (1,) if Nq > 128 else ()
     qb, q64, lstate, n_marg = make_inputs(kind, B, H, Nq, D, 64, fm, D + fm, zero)
-    got = _launch_wgmma(kind, _nan_tail(qb), lstate, n_marg, B, H, Nq, D, fm, hk, stages)
+    got = _launch_wgmma(kind, _nan_tail(qb), lstate, n_marg, B, H, Nq, D, fm, hk, stages, ring)
     check(got, q64, lstate, n_marg, 64, fm)
 
 
@@ -222,9 +227,9 @@ def _hopper():
 
 
 @pytest.mark.skipif(not _hopper(), reason="needs a CUDA GPU of compute capability 9.0")
-@pytest.mark.parametrize("hk,stages", [(16, 3), (16, 2), (32, 2), (32, 3)])
+@pytest.mark.parametrize("hk,stages,ring", [(16, 3, 0), (16, 2, 0), (32, 2, 0), (16, 2, 4)])
 @pytest.mark.parametrize("kind,D,fm", [("bf16", 128, 0), ("f16", 64, 1)])
-def test_gpu_against_pipelined_kernel_and_float64(kind, D, fm, hk, stages):
+def test_gpu_against_pipelined_kernel_and_float64(kind, D, fm, hk, stages, ring):
     from numba import cuda
 
     B, H, Nq = 2, 3, 64 * 5 + 37
@@ -235,7 +240,7 @@ def test_gpu_against_pipelined_kernel_and_float64(kind, D, fm, hk, stages):
     d1 = cuda.to_device(np.full(n + 64, np.nan, np.float32))
     d2 = cuda.to_device(np.full(n + 64, np.nan, np.float32))
     LW.launch_linear_forward_wgmma(
-        kind, dq, dl, dn, d1, B, H, Nq, D, 64, fm, EPS, 0, hk=hk, stages=stages
+        kind, dq, dl, dn, d1, B, H, Nq, D, 64, fm, EPS, 0, hk=hk, stages=stages, ring=ring
     )
     linear_tc.launch_linear_forward_tc(
         kind, dq, dl, dn, d2, B, H, Nq, D, 64, fm, EPS, 0, pipeline=True
