@@ -108,6 +108,9 @@ compares the bits, ``tools/sweep_linear.py`` times both at the Wan sizes); the c
 size only changes which barrier a k-step follows, not the k-steps' order, so any HK
 gives the same bits.
 
+On Hopper (compute capability 9.0) ``SLA_NUMBA_LINEAR=wgmma`` runs the same operation
+on warpgroup MMA instead (``tc/linear_wgmma.py``; block_q 64, D 64 / 128).
+
 Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
 
     import numpy as np

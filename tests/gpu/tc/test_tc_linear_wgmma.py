@@ -7,15 +7,20 @@
    tests/gpu/tc/test_tc_sparse_wgmma.py -- the hardware's reading); LBO and SBO
    exchanged read something else. The ``trans_b`` extension of ``make_wgmma_ss``.
 2. Simulator: the kernel against float64 (``test_tc_linear.check``: relative RMS and
-   per-element error <= 1e-4, zeros where n_marg = 0, nothing unwritten); tails (Nq not a multiple of 64), D = 64 and 128, both chunk sizes and both
-   stage counts, all feature maps, bf16 and fp16 q, NaN in q past the last row (must not
+   per-element error <= 1e-4, zeros where n_marg = 0, nothing unwritten); tails (Nq
+   not a multiple of 64), D = 64 and 128, both chunk sizes, both stage counts, H_i
+   through registers and through the cp.async ring (3 and 4 slots), all feature maps, bf16 and fp16 q, NaN in q past the last row (must not
    leak), o_l NaN-poisoned with spare values that must stay NaN. The switch: ``wgmma``
    runs this kernel where it applies and the pipelined one elsewhere.
 3. Real PTX (a CUDA compiler, no GPU): sm_90a, 3·HK/16 wgmma a chunk, no ``.local``,
    no spills (``tools/check_tc_ptx.py --only linear_wgmma`` prints the registers).
+   The simulator's wgmma and cp.async twins run a group only at the wait covering it,
+   so waiting for one group too few fails here (checked by hand for both waits); a
+   race between warps of the warpgroup (a buffer refilled before another warp's wait)
+   it cannot see: the twins run a wgmma group for all 128 threads at once.
 4. A GPU of compute capability 9.0: against float64 and the pipelined mma.sync kernel
    (within 1e-5 of the output scale: fp32 rounding of a different summation order and
-   an fp32 denominator, not the same bits), every chunk size / stage count.
+   an fp32 denominator, not the same bits), register and ring variants.
 """
 
 import numpy as np
