@@ -19,7 +19,7 @@
    race between warps of the warpgroup (a buffer refilled before another warp's wait)
    it cannot see: the twins run a wgmma group for all 128 threads at once.
 4. A GPU of compute capability 9.0: against float64 and the pipelined mma.sync kernel
-   (within 1e-5 of the output scale: fp32 rounding of a different summation order and
+   (within 5e-5 of the output scale: fp32 rounding of a different summation order and
    an fp32 denominator, not the same bits), register and ring variants.
 """
 
@@ -254,4 +254,6 @@ def test_gpu_against_pipelined_kernel_and_float64(kind, D, fm, hk, stages, ring)
     got, ref = d1.copy_to_host(), d2.copy_to_host()
     assert np.isnan(got[n:]).all()
     check(got[:n].reshape(B, H, Nq, D), q64, lstate, n_marg, 64, fm)
-    assert np.abs(got[:n] - ref[:n]).max() <= 1e-5 * max(1.0, np.abs(ref[:n]).max())
+    # different summation order; the denominator fp32 here, bf16 hi + lo splits there
+    # (~2^-16 relative): well inside the float64 bound (1e-4) both kernels meet
+    assert np.abs(got[:n] - ref[:n]).max() <= 5e-5 * max(1.0, np.abs(ref[:n]).max())
