@@ -13,7 +13,7 @@ simulator); any other configuration runs the pipelined ``mma.sync`` kernel.
 Why
 ---
 The ``mma.sync`` kernels are latency-bound at the Wan2.1 sizes (``tc/linear.py``,
-"The pipelined kernel": 0.48 ms on an H200 where the bytes need ~0.15 ms). There the
+"The pipelined kernel": several times the time their bytes need). There the
 products are 4 warps x (3·D/8 + 2) mma.sync a k-step, each fed by its own ldmatrix.
 One ``wgmma.m64nDk16`` does what the 4 warps' D/8 mma.sync of one product do, reads
 both operands from shared memory itself (no ldmatrix, no fragments in registers) and
