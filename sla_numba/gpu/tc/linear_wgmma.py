@@ -325,13 +325,13 @@ def _convert_raw_chunk(smem32, smemf, raw, off0, hi, lo, tid, NT, NV, TOT, D, HK
 def make_linear_forward_wgmma(kind, D, HK=HK_DEFAULT, stages=STAGES_DEFAULT, vec4=True, ring=0):
     """Build the wgmma linear-forward kernel (module doc) for ``kind`` 'bf16' / 'f16',
     head dim ``D`` (64 / 128), ``HK`` rows of H_i a chunk (16 or 32; 64 would need 255
-    registers and a stack frame at D = 128),
-    ``stages`` chunk buffers (2 or 3), ``vec4``: 16-byte loads of H_i (lstate 16-byte
-    aligned) else scalar; ``ring`` 0: H_i through registers one chunk ahead, >= 3:
-    through a ``cp.async`` ring of that many raw fp32 chunks, ``ring - 1`` ahead
-    (module doc, "The cp.async ring"; needs ``vec4``). Returns a :class:`tiles.TCKernel`; launch grid
-    (ceil(Nq/64), H, B), 128 threads, arguments ``(q, lstate, n_marg, o_l, H, Nq, Mq,
-    fm, eps)`` as ``tc/linear.py``'s kernels."""
+    registers and a stack frame at D = 128), ``stages`` chunk buffers (2 or 3),
+    ``vec4``: 16-byte loads of H_i (lstate 16-byte aligned) else scalar; ``ring`` 0:
+    H_i through registers one chunk ahead, 3-5: through a ``cp.async`` ring of that
+    many raw fp32 chunks, ``ring - 1`` ahead (module doc, "The cp.async ring"; needs
+    ``vec4``). Returns a :class:`tiles.TCKernel`; launch grid (ceil(Nq/64), H, B), 128
+    threads, arguments ``(q, lstate, ls16, n_marg, o_l, H, Nq, Mq, fm, eps)``: those of
+    ``tc/linear.py``'s kernels plus ``ls16``, lstate's flat int16 view (the copies')."""
     from .tiles import TCKernel
 
     if kind not in KINDS or D not in HEAD_DIMS:
