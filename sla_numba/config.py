@@ -38,13 +38,18 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             only, elsewhere the pipelined kernel; equal to fp32
                             rounding, not bit for bit). fp32 states always take the
                             register kernel.
-``SLA_NUMBA_LINEAR``        ``pipelined`` (default) | ``registers``: the tensor-core
-                            kernel of the linear branch's forward output
+``SLA_NUMBA_LINEAR``        ``pipelined`` (default) | ``registers`` | ``wgmma``: the
+                            tensor-core kernel of the linear branch's forward output
                             (``gpu/tc/linear.py``): the next chunk of H_i in flight
                             (16-byte loads into registers) while the mma of the
                             current one run, one barrier a chunk; or H_i staged chunk
                             by chunk with scalar loads, two barriers a chunk. Same
                             bits; the first 1.27x faster on the H200 (BENCHMARKS.md).
+                            ``wgmma``: Hopper's warpgroup MMA
+                            (``gpu/tc/linear_wgmma.py``) where it applies (fp16 /
+                            bf16, block_q 64, D 64 or 128, compute capability 9.0),
+                            the pipelined kernel elsewhere; agrees with it to fp32
+                            rounding, not bit for bit. Not yet timed on a GPU.
 ``SLA_NUMBA_LINEAR_GRAD``   ``pipelined`` (default) | ``registers``: the tensor-core
                             linear-branch gradient kernels (``gpu/tc/linear_backward.py``,
                             ``dq_linear`` / ``dkdv_linear``): double-buffered chunks
@@ -147,7 +152,7 @@ STATES_DTYPES = ("auto", "fp32", "bf16")
 GRAD_STATES_VAR = "SLA_NUMBA_GRAD_STATES"
 GRAD_STATES_DTYPES = ("auto", "fp32", "bf16")
 MARGINAL_KERNELS = ("pipelined", "registers", "wgmma")
-LINEAR_KERNELS = ("pipelined", "registers")
+LINEAR_KERNELS = ("pipelined", "registers", "wgmma")
 LINEAR_GRAD_KERNELS = ("pipelined", "registers")
 SPARSE_BWD_KERNELS = ("sync", "pipelined")
 #: The first is the default (unset or empty): flipping it is reordering this one line.
@@ -229,7 +234,7 @@ def marginal_kernel():
 
 
 def linear_kernel():
-    """``SLA_NUMBA_LINEAR``: 'pipelined' (unset or empty) or 'registers'."""
+    """``SLA_NUMBA_LINEAR``: 'pipelined' (unset or empty), 'registers' or 'wgmma'."""
     return _choice(LINEAR_VAR, LINEAR_KERNELS)
 
 

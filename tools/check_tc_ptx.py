@@ -15,7 +15,8 @@ wheels) and reports ptxas's register count and spill bytes.
 Exit status 1 on a mismatch.
 
 ``--only NAME[,NAME]`` checks only some kernels (forward, backward, sparse_bwd (the
-pipelined sparse backward), marginal, states, linear, linear_grad).
+pipelined sparse backward), marginal, states, linear, linear_grad, linear_wgmma (the
+Hopper kernel of ``tc/linear_wgmma.py``: compiled for sm_90a, its wgmma counted)).
 """
 
 import os
@@ -40,7 +41,7 @@ def _count(text, word):
     return len(re.findall(re.escape(word), text))
 
 
-def ptxas_info(ptx):
+def ptxas_info(ptx, arch="sm_90"):
     """(registers, spill store bytes, spill load bytes) of the PTX's kernel, from
     ptxas's verbose log through nvJitLink (None when nvJitLink is not installed)."""
     try:
@@ -48,7 +49,7 @@ def ptxas_info(ptx):
     except ImportError:
         return None
     data = ptx.encode()
-    handle = nvjitlink.create(2, ["-arch=sm_90", "-verbose"])
+    handle = nvjitlink.create(2, [f"-arch={arch}", "-verbose"])
     try:
         nvjitlink.add_data(handle, nvjitlink.InputType.PTX, data, len(data), "kernel")
         nvjitlink.complete(handle)
@@ -185,6 +186,8 @@ def main():
         ok &= check_linear(quick)
     if wanted("linear_grad"):
         ok &= check_linear_grad(quick)
+    if wanted("linear_wgmma"):
+        ok &= check_linear_wgmma(quick)
     sys.exit(0 if ok else 1)
 
 
@@ -348,6 +351,55 @@ def check_linear(quick=False):
             sig,
             linear_tc.ops_per_chunk(D, hk),
         )
+    return ok
+
+
+def check_linear_wgmma(quick=False):
+    """The wgmma linear-branch output (``tc.linear_wgmma``) for sm_90a: per chunk of HK
+    rows 3·HK/16 ``wgmma.mma_async`` m64nDk16 bf16 with both operands by descriptor (the
+    chunk loop stays a loop), one ``wgmma.fence``, no ``.local``; ptxas registers and
+    spills through nvJitLink for sm_90a."""
+    from sla_numba.gpu.tc import linear_wgmma as lw
+
+    i16, i32, f32 = int16[::1], int32[::1], float32[::1]
+    sig = (i16, f32, i16, i32, f32, int64, int64, int64, int64, float32)
+    configs = [  # kind, D, HK, stages, vec4, ring
+        ("bf16", 128, 16, 3, True, 0),
+        ("bf16", 128, 16, 2, True, 0),
+        ("bf16", 128, 32, 2, True, 0),
+        ("bf16", 128, 32, 3, True, 0),
+        ("f16", 64, 16, 3, True, 0),
+        ("bf16", 128, 16, 3, False, 0),
+        ("bf16", 128, 16, 2, True, 3),
+        ("bf16", 128, 16, 2, True, 4),
+        ("bf16", 128, 32, 2, True, 3),
+        ("bf16", 64, 16, 2, True, 4),
+    ]
+    ok = True
+    for kind, D, hk, st, vec4, ring in configs[:1] if quick else configs:
+        t0 = time.time()
+        fn = lw.make_linear_forward_wgmma(kind, D, hk, st, vec4, ring).kernel
+        ptx, _ = cuda.compile_ptx(
+            fn.py_func, sig, cc=(9, 0, "a"), fastmath=fn.targetoptions.get("fastmath", False)
+        )
+        info = ptxas_info(ptx, "sm_90a")
+        pat = r"wgmma\.mma_async\.sync\.aligned\.m64n%dk16\.f32\.bf16\.bf16 \{[^}]*\}, %%rd" % D
+        n_wg = len(re.findall(pat, ptx))
+        want = 3 * hk // 16
+        local = _count(ptx, ".local")
+        target = re.search(r"\.target\s+(\S+)", ptx).group(1)
+        good = n_wg == want and local == 0 and target == "sm_90a"
+        good &= _count(ptx, "wgmma.fence") == 1
+        if info:
+            good &= 0 < info[0] <= 255 and info[1] == 0 and info[2] == 0
+        ok &= good
+        print(
+            f"linear_wgmma {kind} D={D} hk={hk} stages={st} ring={ring}"
+            + ("" if vec4 else " scalar")
+            + f" {target} wgmma {n_wg:2d}/{want:<2d} .local {local:2d} "
+            + (f"regs {info[0]:3d} spill {info[1]:3d}/{info[2]:<3d} " if info else "")
+            + f"{time.time() - t0:5.1f}s {'ok' if good else 'MISMATCH'}"
+        )  # fmt: skip
     return ok
 
 

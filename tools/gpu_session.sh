@@ -31,6 +31,9 @@
 #            and the cuBLAS floor, row and column sums, wan and b2 sizes (MARGWG_TIMEOUT)
 #   sparsewg tools/sweep_sparse_wgmma.py: the sparse forward on wgmma (SLA_NUMBA_SPARSE_FWD)
 #            against the mma.sync kernel at the Wan shape (bf16 D 128 / 64, fp16), --quick first
+#   linwg    tools/sweep_linear_wgmma.py: the linear forward on wgmma (SLA_NUMBA_LINEAR=wgmma)
+#            variants (HK, stages) against the pipelined mma.sync kernel (max diff, bits) and
+#            float64, the cuBLAS floor; Wan and B2 H16 N8192 D64 (LINWG_TIMEOUT, LINWG_ARGS)
 #   nvmath   tools/nvmath_eval.py: nvmath-python's cuBLASDx GEMM tiles (nvmath.device, in a
 #            numba-cuda kernel; its wheels carried in .whl/) vs the project's mma.sync states
 #            kernels and torch.bmm on the linear branch's states product (NVMATH_TIMEOUT)
@@ -104,6 +107,7 @@ for step in "$@"; do
     margwg)  TAIL=60 run margwg ${MARGWG_TIMEOUT:-150} python tools/sweep_marginal_wgmma.py ;;
     sparsewg) TAIL=40 run sparsewg_quick 120 python tools/sweep_sparse_wgmma.py --quick
               TAIL=40 run sparsewg ${SPARSEWG_TIMEOUT:-150} python tools/sweep_sparse_wgmma.py ;;
+    linwg)   TAIL=60 run linwg ${LINWG_TIMEOUT:-180} python tools/sweep_linear_wgmma.py ${LINWG_ARGS:-} ;;
     nvmath)  TAIL=40 run nvmath ${NVMATH_TIMEOUT:-420} python tools/nvmath_eval.py ;;
     states)  TAIL=40 run states ${STATES_TIMEOUT:-120} python tools/sweep_states.py ;;
     host)    TAIL=40 run host ${HOST_TIMEOUT:-200} python tools/host_overhead.py ${HOST_ARGS:-} \

@@ -108,6 +108,9 @@ compares the bits, ``tools/sweep_linear.py`` times both at the Wan sizes); the c
 size only changes which barrier a k-step follows, not the k-steps' order, so any HK
 gives the same bits.
 
+On Hopper (compute capability 9.0) ``SLA_NUMBA_LINEAR=wgmma`` runs the same operation
+on warpgroup MMA instead (``tc/linear_wgmma.py``; block_q 64, D 64 / 128).
+
 Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
 
     import numpy as np
@@ -670,8 +673,9 @@ def launch_linear_forward_tc(
     may be given as flat views (Mq is taken from lstate's size, Mq >= ceil(Nq/block_q)).
     Numba device arrays or torch / CuPy CUDA tensors (numpy under the simulator).
     fm: 0 softmax, 1 elu + 1, 2 relu. ``hk``: rows of H_i staged at a time (tests).
-    ``pipeline``: None follows ``SLA_NUMBA_LINEAR`` (default ``pipelined``), False / True
-    force the register-staged / pipelined kernel (same bits; module doc);
+    ``pipeline``: None follows ``SLA_NUMBA_LINEAR`` (default ``pipelined``; ``wgmma``:
+    ``tc/linear_wgmma.py``'s kernel where it applies, else the pipelined one), False /
+    True force the register-staged / pipelined kernel (same bits; module doc);
     ``min_blocks``: the pipelined kernel's launch bound (CTAs per SM; None: its default
     ``pipe_min_blocks(block_q)``, 0: none).
     """
@@ -708,7 +712,16 @@ def launch_linear_forward_tc(
     if H > 65535 or B > 65535:
         raise ValueError("launch_linear_forward_tc: H or B too large for the grid")
     if pipeline is None:
-        pipeline = config.linear_kernel() == "pipelined"
+        mode = config.linear_kernel()
+        if mode == "wgmma":
+            from . import linear_wgmma
+
+            if linear_wgmma.wgmma_linear_unsupported_reason(kind, D, block_q) is None:
+                linear_wgmma.launch_linear_forward_wgmma(
+                    kind, q_bits, lstate, n_marg, o_l, B, H, Nq, D, block_q, fm, eps, stream
+                )
+                return
+        pipeline = mode != "registers"
     if pipeline:
         addr = address(lstate)  # 16-byte loads need a 16-byte aligned lstate (W % 4 == 0)
         vec4 = addr is not None and addr % 16 == 0

@@ -155,3 +155,23 @@ def test_linear_kernel_half_output_is_the_rounded_fp32_output(kind, pipeline):
         )
     assert np.isfinite(o32).all() and (o32.reshape(Nq, D)[16:32] == 0).all()
     assert (o16.view(np.uint16) == _round(o32, kind)).all()
+
+
+@needs_sim
+def test_linear_wgmma_kernel_half_output_is_the_rounded_fp32_output(monkeypatch):
+    """The linear forward on wgmma (``SLA_NUMBA_LINEAR=wgmma``; D 64, two query blocks,
+    the second partial and without marginal blocks): 16-bit o_l == its fp32 o_l rounded."""
+    from test_tc_linear import make_inputs
+
+    from sla_numba.gpu.tc.linear import launch_linear_forward_tc
+
+    monkeypatch.setenv(config.LINEAR_VAR, "wgmma")
+    B, H, Nq, D, bq, fm = 1, 1, 70, 64, 64, 0
+    qb, _, lstate, n_marg = make_inputs("bf16", B, H, Nq, D, bq, fm, 8, (1,))
+    n = B * H * Nq * D
+    o32 = np.full(n, np.nan, np.float32)
+    o16 = np.full(n, 0x7FC0, np.uint16).view(np.int16)
+    for out in (o32, o16.view(np.int32)):
+        launch_linear_forward_tc("bf16", qb, lstate, n_marg, out, B, H, Nq, D, bq, fm, 1e-6, 0)
+    assert np.isfinite(o32).all() and (o32.reshape(Nq, D)[64:] == 0).all()
+    assert (o16.view(np.uint16) == _round(o32, "bf16")).all()
