@@ -103,11 +103,12 @@ from .ptx import (
     cp_async_commit,
     cp_async_wait_group,
     cp_async_zfill,
+    opaque_i32,
     pack_bf16x2,
     shfl_xor,
     smem_addr,
 )
-from .states import ONES, StatesKernel, _feature_map, _high_f32, _low_f32, _pack
+from .states import ONES, StatesKernel, _bounds, _feature_map, _high_f32, _low_f32, _pack
 from .tiles import SMEM_ALIGN, TC_FASTMATH
 from .wgmma import (
     CHUNK_COLS,
@@ -128,6 +129,8 @@ PIPE_BLOCKS = 8
 #: Descriptor fields of both operands (MN-major): LBO = the distance of two 64-column
 #: chunks (V's D + 8 columns span chunks; φ's m64 tile is one chunk), SBO = 8 rows.
 LBO = CHUNK_BYTES
+#: Default launch bound by head dim (``make_states_wgmma(min_blocks=-1)``).
+MIN_BLOCKS = {128: 2, 64: None}
 ZI = np.int32(0)
 ZERO = np.float32(0.0)
 
@@ -158,7 +161,7 @@ def smem_layout(D):
 
 @functools.cache
 @kernel_factory
-def make_states_wgmma(kind, D, split=True, out_bf16=True):
+def make_states_wgmma(kind, D, split=True, out_bf16=True, min_blocks=-1):
     """Build ``states_wgmma(k, v, state, H, Nk, Mk, fm, nper)`` (module docstring) as a
     ``(kernel, smem_bytes, threads)`` :class:`tc.states.StatesKernel`.
 
@@ -166,6 +169,11 @@ def make_states_wgmma(kind, D, split=True, out_bf16=True):
     int32 (pairs of bf16 bits) with ``out_bf16``, else flat fp32, (B, H, Mk, D*D + D).
     Grid (ceil(ceil(Nk / 64) / nper), H, B): CTA x does key blocks x·nper ..
     x·nper + nper - 1 (those below ceil(Nk / 64)). 128·D/64 threads.
+
+    ``min_blocks``: the launch bound (CTAs an SM ptxas must fit in the register file;
+    None: no bound; -1: :data:`MIN_BLOCKS` for this D). Unbounded, ptxas takes 168
+    registers at D = 128 (``tools/check_states_wgmma_ptx.py``): one 256-thread CTA an SM;
+    bounded to 2, 128 registers, two CTAs (97 KiB of shared memory each).
     """
     if kind not in KINDS or D not in HEAD_DIMS:
         raise ValueError(f"wgmma states: kind={kind!r}, D={D} unsupported")
@@ -195,6 +203,9 @@ def make_states_wgmma(kind, D, split=True, out_bf16=True):
     SMEM_BYTES = lay["bytes"]
     HI_DESC = np.int64(desc_hi(LBO, SBO))
     wgmma = make_wgmma_ss(kind, N, 1, 1)  # A and B MN-major
+    if min_blocks == -1:
+        min_blocks = MIN_BLOCKS.get(D)
+    bounds, MINB = _bounds(NT, min_blocks)
 
     @cuda.jit(device=True, inline="always")
     def load_tile(smem, dst, src, gbase, nvalid, t_off, rr, ch):
@@ -214,19 +225,15 @@ def make_states_wgmma(kind, D, split=True, out_bf16=True):
                     16 if ok else 0,
                 )
 
-    @kernel(fastmath=TC_FASTMATH)
+    @kernel(fastmath=TC_FASTMATH, **bounds)
     def states_wgmma(k, v, state, H, Nk, Mk, fm, nper):
+        _ = MINB  # the launch bound, in the disk-cache key
         smem = cuda.shared.array(0, int16, alignment=SMEM_ALIGN)
         smem32 = cuda.shared.array(0, int32, alignment=SMEM_ALIGN)
         smemf = cuda.shared.array(0, float32, alignment=SMEM_ALIGN)
         acc = cuda.local.array((1, NB, 4), float32)  # h (and z in block D/8)
         xs = cuda.local.array(C, float32)  # a thread's slice of a φ row
-        tid = cuda.threadIdx.x
-        lane = tid & 31
-        wg = tid >> 7  # warpgroup = m64 tile of d
-        ww = (tid >> 5) & 3  # warp in the warpgroup
-        g = lane >> 2
-        t = lane & 3
+        tid0 = int32(cuda.threadIdx.x)
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
         j0 = cuda.blockIdx.x * nper
@@ -235,20 +242,17 @@ def make_states_wgmma(kind, D, split=True, out_bf16=True):
         sa = smem_addr(smem)
         sbase = int32((sa + 1023) & ~1023)  # 1024-aligned (swizzle atoms)
         wbase = (sbase - sa) >> 2  # its index in 32-bit words
-        # copies: thread (rr, ch) moves piece ch of rows rr + RPP·p
-        rr = tid >> 3
-        ch = tid & 7
+        # copies: thread (rr, ch) moves piece ch of rows rr + RPP·p (also in the loop)
+        rr = tid0 >> 3
+        ch = tid0 & 7
         t_off = rr * 128 + ((ch ^ (rr & 7)) << 4)
-        # φ: thread (row, li) owns columns li·C .. li·C + C - 1 of key row `row`
-        row = tid // L
-        li = tid - row * L
 
         # --- the ones columns of z (both V stages), once: piece 0 of every row
-        if tid < BK:
+        if tid0 < BK:
             for s in range(2):
-                at = wbase + ((V0 + s * VSTAGE + DC * CHUNK_BYTES + ((tid & 7) << 4)) >> 2)
+                at = wbase + ((V0 + s * VSTAGE + DC * CHUNK_BYTES + ((tid0 & 7) << 4)) >> 2)
                 for q in range(4):
-                    smem32[at + tid * 32 + q] = ONES_PAIR
+                    smem32[at + tid0 * 32 + q] = ONES_PAIR
         # --- the first block's K and V
         r0 = j0 * BK
         load_tile(smem, sbase + KOFF, k, (hb + r0) * D, Nk - r0, t_off, rr, ch)
@@ -256,6 +260,19 @@ def make_states_wgmma(kind, D, split=True, out_bf16=True):
         cp_async_commit()
 
         for j in range(j0, jend):
+            # the thread's indices anew each block, through an opaque mov: otherwise
+            # LLVM hoists every address out of the loop (register pressure, spills)
+            tid = opaque_i32(tid0)
+            lane = tid & 31
+            wg = tid >> 7
+            ww = (tid >> 5) & 3
+            g = lane >> 2
+            t = lane & 3
+            rr = tid >> 3
+            ch = tid & 7
+            t_off = rr * 128 + ((ch ^ (rr & 7)) << 4)
+            row = tid // L  # φ: thread (row, li) owns columns li·C .. li·C + C - 1
+            li = tid - row * L
             st = (j - j0) & 1
             r0 = j * BK
             nrows = min(Nk - r0, BK)
