@@ -1,7 +1,7 @@
 """Compile the wgmma states kernels (``gpu/tc/states_wgmma.py``) to sm_90a PTX and cubin
 without a GPU: wgmma count a key block, ``.local`` use, registers and spills.
 
-Usage:  PYTHONPATH=. python tools/check_states_wgmma_ptx.py  (needs numba-cuda's CUDA
+Usage:  PYTHONPATH=. python tools/check_states_wgmma_ptx.py [--quick]  (needs numba-cuda's CUDA
 wheels: NVVM for the PTX, nvJitLink for the cubin; no GPU). Prints one JSON line a
 configuration. Each key block issues 4 k-steps x (hi, lo) wgmma m64n(D+8)k16 a
 warpgroup: 8 in the PTX (4 without the split).
@@ -44,9 +44,10 @@ def _probe():
 def main():
     from sla_numba.gpu.tc.states_wgmma import make_states_wgmma
 
+    quick = "--quick" in sys.argv[1:]  # the first and the fp32-state D 64 ones only
     probe = _probe()
     i16 = int16[::1]
-    for D, kind, split, out_bf16, minb in (
+    configs = (
         (128, "bf16", True, True, -1),
         (128, "bf16", True, True, None),
         (128, "bf16", True, False, -1),
@@ -54,7 +55,10 @@ def main():
         (64, "bf16", True, True, 3),
         (64, "f16", True, False, -1),
         (128, "f16", False, True, -1),
-    ):
+    )
+    if quick:
+        configs = (configs[0], configs[5])
+    for D, kind, split, out_bf16, minb in configs:
         kern = make_states_wgmma(kind, D, split, out_bf16, minb).kernel
         out = int32[::1] if out_bf16 else float32[::1]
         sig = (i16, i16, out, int64, int64, int64, int64, int64)
