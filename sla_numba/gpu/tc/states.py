@@ -78,6 +78,10 @@ Three kernels, one algorithm (``SLA_NUMBA_STATES_KERNEL``, ``launch_states_tc(va
   blocks a CTA (``blocks_per_cta``), the next block's K and V copied (a K tile and two
   V stages) while the current block runs its mma and epilogue.
 
+A fourth, ``wgmma`` (``tc/states_wgmma.py``, compute capability 9.0), computes the same
+φ hi / lo but sums with Hopper's warpgroup MMA: same results to fp32 rounding, not the
+same bits; ``launch_states_tc`` runs it for ``variant='wgmma'`` where it applies.
+
 All three compute φ with the same operations on the same values and give every output
 as one lane's fixed sequence of mma: same bits (tests/gpu/tc/
 test_tc_states_pipelined.py).
