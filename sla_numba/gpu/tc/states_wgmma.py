@@ -319,6 +319,9 @@ def make_states_wgmma(kind, D, split=True, out_bf16=True, min_blocks=-1):
             # --- 3. the product: warpgroup wg's m64 tile, 4 k-steps x (hi, lo)
             vb = sbase + V0 + st * VSTAGE
             ab = sbase + HI + wg * CHUNK_BYTES
+            for n in range(NB):  # (the first wgmma ignores them: scale_d = 0; zeroed
+                for x in range(4):  # so no register is read before a write, for the
+                    acc[0, n, x] = ZERO  # race detector, whose twins it cannot follow)
             wg_fence(acc, NACC)
             for kk in range(BK // 16):
                 db = (((vb + kk * 2048) & 0x3FFFF) >> 4) | HI_DESC

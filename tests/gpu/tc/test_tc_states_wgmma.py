@@ -12,7 +12,8 @@
    (both V stages reused), NaN after the keys in the k / v buffers (must not leak), all
    three feature maps, fp16 and bf16 inputs, fp32 and bf16 states, D 64 and 128, split
    and plain φ; states NaN-poisoned with a spare key-block row that must stay untouched.
-   The switch through ``launch_states_tc`` and its fallback; the errors.
+   The race detector. The switch through ``launch_states_tc`` and its fallback; the
+   errors.
 3. Real PTX for sm_90a (a CUDA compiler, no GPU): 8 wgmma m64n(D+8)k16 a key block, no
    ``.local``, no spills (``tools/check_states_wgmma_ptx.py``).
 4. A GPU of compute capability 9.0: against the staged kernel and float64.
@@ -152,6 +153,25 @@ def test_sim_against_float64_and_register_kernel(kind, B, H, Nk, D, fm, out_bf16
     else:
         scale = np.abs(ref[:, :, :Mk]).max()
         assert np.abs(got - ref)[:, :, :Mk].max() <= 1e-5 * scale
+
+
+@needs_sim
+def test_sim_no_races():
+    """One warpgroup, bf16 states, three key blocks in CTAs of two under the race
+    detector: φ read from a K tile before its copy landed, the K tile or a V stage refilled
+    while still read, the staging area written before every warp's wgmma finished or
+    copied out before every lane staged its part, the next φ over a staging area still
+    being copied out: a race. (The detector sees the threads' shared-memory accesses
+    and the cp.async twins, not the wgmma twins' reads; hence the zeroed accumulators.)
+    fp32 states (two staging passes) were run the same way by hand: no race."""
+    from sla_numba.testing_race import detect_races
+
+    kind, B, H, Nk, D, fm = "bf16", 1, 1, 150, 64, 0
+    kb, vb, k64, v64 = _buffers(kind, B, H, Nk, D, seed=3)
+    got = _state(B, H, 3, D, True)
+    with detect_races():
+        SW.launch_states_wgmma(kind, kb, vb, got, B, H, Nk, D, 64, fm, 0, True, 2)
+    check(_f32(got), k64, v64, 64, fm, 1e-4 + 2.0**-8)
 
 
 @needs_sim
