@@ -71,6 +71,19 @@ passes. Inside a staged row the 32-bit word c sits at ``c ^ ((row & 7) << 2)``, 
 8 rows of a fragment store hit different banks. z: bf16 pairs are made with one
 ``shfl_xor`` (rows g, g + 1), fp32 z stored straight.
 
+Registers (``tools/check_states_wgmma_ptx.py``, sm_90a): 127 at D = 128 (bf16 states;
+128 fp32), 72 at D = 64, no spills, no ``.local``: two 256-thread CTAs an SM at D = 128
+(shared memory allows two as well). The thread's indices are re-read through an opaque
+``mov`` each block (as in ``tc/states.py``'s pipelined kernel): without it LLVM hoists
+every address out of the block loop and ptxas took 168 registers (one CTA an SM). The
+accumulators are zeroed before each block's first wgmma, which ignores them
+(``scale_d = 0``): the race detector (``sla_numba.testing_race``) cannot follow the
+wgmma twins' writes and would report a read before a write.
+
+Open questions for the GPU (``tools/sweep_states_wgmma.py``): the best ``blocks_per_cta``;
+whether the SIMT φ phase (not overlapped with the tensor cores inside a CTA, only across
+the two CTAs of an SM) or the four barriers a block bound the time.
+
 Bits: φ hi / lo are those of ``tc/states.py``; the sums are not in its order (a wgmma
 adds its k16 step in the hardware's own order, and hi and lo are separate steps), so
 results agree with the ``staged`` kernel to fp32 rounding (then bf16 rounding of the
