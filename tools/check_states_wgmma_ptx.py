@@ -55,15 +55,17 @@ def main():
         (64, "bf16", True, True, 3),
         (64, "f16", True, False, -1),
         (128, "f16", False, True, -1),
+        (128, "bf16", True, True, "kA"),  # φ stored [d][c] (trans_a=False)
     )
     if quick:
         configs = (configs[0], configs[5])
     for D, kind, split, out_bf16, minb in configs:
-        kern = make_states_wgmma(kind, D, split, out_bf16, minb).kernel
+        ta = minb != "kA"
+        kern = make_states_wgmma(kind, D, split, out_bf16, -1 if not ta else minb, ta).kernel
         out = int32[::1] if out_bf16 else float32[::1]
         sig = (i16, i16, out, int64, int64, int64, int64, int64)
         fm = kern.targetoptions.get("fastmath", False)
-        rep = dict(D=D, kind=kind, split=split, out_bf16=out_bf16, min_blocks=minb)
+        rep = dict(D=D, kind=kind, split=split, out_bf16=out_bf16, min_blocks=minb, trans_a=ta)
         try:
             ptx, _ = cuda.compile_ptx(
                 kern.py_func, sig, cc=(9, 0, "a"), fastmath=fm,

@@ -11,8 +11,9 @@ bf16 k and v, block_k = 64) and state type (bf16 states, int16 bits: the default
 
 1. the default kernel (``SLA_NUMBA_STATES_KERNEL=auto``: staged for bf16 states,
    registers for fp32) and, for fp32 states, the staged kernel too;
-2. the wgmma kernel for each ``--nper`` (key blocks a CTA), its output against the
-   default's: max abs difference, max difference relative to max |default|, and for
+2. the wgmma kernel for each ``--nper`` (key blocks a CTA), and its ``trans_a=False``
+   variant ("kA": φ stored transposed, A read K-major) for each ``--nper-ka``; the
+   output against the default's: max abs difference, max difference relative to max |default|, and for
    bf16 states the share of equal bits and the largest difference in bf16 units;
 3. the wgmma kernel's error against float64 (torch, head 0: h relative to Σ|φ||v|, z
    relative to |z|, the bound of tests/gpu/tc/test_tc_states.py; bf16 states add their
@@ -111,16 +112,18 @@ def sweep_shape(name, BH, Nk, D, args):
         if default != "staged":
             variants.append(("staged", "staged", None))
         variants += [(f"wgmma x{n}", "wgmma", n) for n in args.nper]
+        variants += [(f"wgmma kA x{n}", "wgmma-kA", n) for n in args.nper_ka]
         base = None
         for label, variant, nper in variants:
             out = torch.full((1, BH, Mk, W), -1, dtype=dtype, device="cuda")
             view = device_view(out)
-            if variant == "wgmma":
+            if variant.startswith("wgmma"):
 
-                def run(view=view, nper=nper):
+                def run(view=view, nper=nper, ta=variant == "wgmma"):
                     tcw.launch_states_wgmma(
-                        "bf16", *kv, view, 1, BH, Nk, D, BK, args.fm, 0, blocks_per_cta=nper
-                    )
+                        "bf16", *kv, view, 1, BH, Nk, D, BK, args.fm, 0, blocks_per_cta=nper,
+                        trans_a=ta,
+                    )  # fmt: skip
             else:
 
                 def run(view=view, variant=variant):
@@ -140,7 +143,7 @@ def sweep_shape(name, BH, Nk, D, args):
                     base = (out, ms)
                 else:
                     note = compare(out, base[0], Mk, out_bf16)
-                if variant == "wgmma":
+                if variant.startswith("wgmma"):
                     eh, ez = float64_error(out, k, v, Nk, D, args.fm, out_bf16)
                     note += f"; vs float64 h {eh:.2g} z {ez:.2g}"
             except Exception as e:  # noqa: BLE001
@@ -161,6 +164,8 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--fm", type=int, default=0, help="feature map: 0 softmax, 1 elu+1, 2 relu")
     ap.add_argument("--nper", type=int, nargs="*", default=[2, 4, 8, 16])
+    ap.add_argument("--nper-ka", type=int, nargs="*", default=[8],
+                    help="blocks a CTA of the trans_a=False variant (φ stored [d][c])")  # fmt: skip
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--no-fp32", action="store_true", help="bf16 states only")
     args = ap.parse_args()

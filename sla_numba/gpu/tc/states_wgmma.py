@@ -121,7 +121,17 @@ from .ptx import (
     shfl_xor,
     smem_addr,
 )
-from .states import ONES, StatesKernel, _bounds, _feature_map, _high_f32, _low_f32, _pack
+from .states import (
+    ONES,
+    StatesKernel,
+    _bounds,
+    _feature_map,
+    _high16,
+    _high_f32,
+    _low16,
+    _low_f32,
+    _pack,
+)
 from .tiles import SMEM_ALIGN, TC_FASTMATH
 from .wgmma import (
     CHUNK_COLS,
@@ -174,7 +184,7 @@ def smem_layout(D):
 
 @functools.cache
 @kernel_factory
-def make_states_wgmma(kind, D, split=True, out_bf16=True, min_blocks=-1):
+def make_states_wgmma(kind, D, split=True, out_bf16=True, min_blocks=-1, trans_a=True):
     """Build ``states_wgmma(k, v, state, H, Nk, Mk, fm, nper)`` (module docstring) as a
     ``(kernel, smem_bytes, threads)`` :class:`tc.states.StatesKernel`.
 
@@ -187,6 +197,12 @@ def make_states_wgmma(kind, D, split=True, out_bf16=True, min_blocks=-1):
     None: no bound; -1: :data:`MIN_BLOCKS` for this D). Unbounded, ptxas takes 168
     registers at D = 128 (``tools/check_states_wgmma_ptx.py``): one 256-thread CTA an SM;
     bounded to 2, 128 registers, two CTAs (97 KiB of shared memory each).
+
+    ``trans_a``: True (the design above) stores φ a key a row and has wgmma read A = φᵀ
+    MN-major; False stores φ transposed, a row d a row (``[d][c]``: A K-major, as Q and
+    K in ``tc/forward_wgmma.py``), with 2-byte shared stores: the fallback should the
+    hardware read the transposed A otherwise than the simulator twin (the sweep times
+    and checks both).
     """
     if kind not in KINDS or D not in HEAD_DIMS:
         raise ValueError(f"wgmma states: kind={kind!r}, D={D} unsupported")
@@ -215,7 +231,10 @@ def make_states_wgmma(kind, D, split=True, out_bf16=True, min_blocks=-1):
     TILE = lay["lo"] - lay["hi"]
     SMEM_BYTES = lay["bytes"]
     HI_DESC = np.int64(desc_hi(LBO, SBO))
-    wgmma = make_wgmma_ss(kind, N, 1, 1)  # A and B MN-major
+    TA = bool(trans_a)
+    A_DESC = HI_DESC if TA else np.int64(desc_hi(16, SBO))  # K-major: LBO unused
+    A_STEP = 2048 if TA else 32  # bytes from one k16 step of A to the next
+    wgmma = make_wgmma_ss(kind, N, 1 if TA else 0, 1)  # B (and A if TA) MN-major
     if min_blocks == -1:
         min_blocks = MIN_BLOCKS.get(D)
     bounds, MINB = _bounds(NT, min_blocks)
@@ -312,12 +331,27 @@ def make_states_wgmma(kind, D, split=True, out_bf16=True, min_blocks=-1):
                     x0 = xs[8 * pi + 2 * q]
                     x1 = xs[8 * pi + 2 * q + 1]
                     p = _pack(x0, x1, IS_F16) if ok else ZI
-                    smem32[wbase + ((HI + off) >> 2) + q] = p
+                    plo = ZI
                     if PARTS == 2:
                         lo0 = x0 - _low_f32(p, IS_F16)
                         lo1 = x1 - _high_f32(p, IS_F16)
                         plo = _pack(lo0, lo1, IS_F16) if ok else ZI
-                        smem32[wbase + ((LO + off) >> 2) + q] = plo
+                    if TA:  # [c][d]: the pair at the K tile's place
+                        smem32[wbase + ((HI + off) >> 2) + q] = p
+                        if PARTS == 2:
+                            smem32[wbase + ((LO + off) >> 2) + q] = plo
+                    else:  # [d][c]: rows d = col + 2q, + 1; column c = row
+                        d = col + 2 * q
+                        cb = (row & 7) * 2
+                        t0 = d * 128 + ((((row >> 3) ^ (d & 7)) << 4) + cb)
+                        t1 = (d + 1) * 128 + ((((row >> 3) ^ ((d + 1) & 7)) << 4) + cb)
+                        hb0 = 2 * wbase + ((HI + t0) >> 1)
+                        hb1 = 2 * wbase + ((HI + t1) >> 1)
+                        smem[hb0] = _low16(p)
+                        smem[hb1] = _high16(p)
+                        if PARTS == 2:
+                            smem[hb0 + (TILE >> 1)] = _low16(plo)
+                            smem[hb1 + (TILE >> 1)] = _high16(plo)
             fence_proxy_async()  # φ (and the landed V_j) visible to wgmma
             cuda.syncthreads()  # everyone's; the K tile is free
 
@@ -331,7 +365,7 @@ def make_states_wgmma(kind, D, split=True, out_bf16=True, min_blocks=-1):
 
             # --- 3. the product: warpgroup wg's m64 tile, 4 k-steps x (hi, lo)
             vb = sbase + V0 + st * VSTAGE
-            ab = sbase + HI + wg * CHUNK_BYTES
+            ab = sbase + HI + wg * CHUNK_BYTES  # (K-major: rows d 64wg.., 128 B a row)
             for n in range(NB):  # (the first wgmma ignores them: scale_d = 0; zeroed
                 for x in range(4):  # so no register is read before a write, for the
                     acc[0, n, x] = ZERO  # race detector, whose twins it cannot follow)
@@ -339,7 +373,7 @@ def make_states_wgmma(kind, D, split=True, out_bf16=True, min_blocks=-1):
             for kk in range(BK // 16):
                 db = (((vb + kk * 2048) & 0x3FFFF) >> 4) | HI_DESC
                 for pt in range(PARTS):
-                    da = (((ab + pt * TILE + kk * 2048) & 0x3FFFF) >> 4) | HI_DESC
+                    da = (((ab + pt * TILE + kk * A_STEP) & 0x3FFFF) >> 4) | A_DESC
                     wgmma(smem, acc, da, db, 0 if kk == 0 and pt == 0 else 1)
             wg_commit()
             wg_wait(acc, NACC, 0)
@@ -394,13 +428,14 @@ def make_states_wgmma(kind, D, split=True, out_bf16=True, min_blocks=-1):
 
 def launch_states_wgmma(
     kind, k_bits, v_bits, state, B, H, Nk, D, block_k, fm, stream, split=True,
-    blocks_per_cta=None,
+    blocks_per_cta=None, trans_a=True,
 ):  # fmt: skip
     """``tc/states.launch_states_tc`` on the wgmma kernel (same arguments but tiles and
     variant): ``state[b, h, j] = [vec(h_j), z_j]`` for j < ceil(Nk / 64). An int16
     ``state`` receives bf16 bits, a float32 one fp32. k, v need 16-byte alignment and an
     int16 state 4-byte alignment (ValueError otherwise; the states launcher checks first
     and falls back). ``blocks_per_cta``: key blocks a CTA (default ``PIPE_BLOCKS``).
+    ``trans_a``: φ's layout (:func:`make_states_wgmma`).
     A ValueError for a configuration the kernel does not take
     (:func:`wgmma_states_unsupported_reason`)."""
     B, H, Nk, D, block_k, fm = (int(x) for x in (B, H, Nk, D, block_k, fm))
@@ -437,7 +472,7 @@ def launch_states_wgmma(
     if nper < 1:
         raise ValueError(f"launch_states_wgmma: blocks_per_cta = {nper}, must be >= 1")
     out_bf16 = state_dtype == "int16"
-    kern = make_states_wgmma(kind, D, bool(split), out_bf16)
+    kern = make_states_wgmma(kind, D, bool(split), out_bf16, -1, bool(trans_a))
     out = int32_pairs(state) if out_bf16 else flat(state)
     grid = (-(-n_blocks // nper), H, B)
     args = (k, v, out, H, Nk, Mk, fm, nper)

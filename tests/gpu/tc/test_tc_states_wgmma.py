@@ -123,17 +123,18 @@ def _f32(state):
     return bf16_bits_to_f32(state).astype(np.float32) if state.dtype == np.int16 else state
 
 
-SIM_CASES = [  # kind, B, H, Nk, D, fm, out_bf16, split, blocks a CTA, vs the register kernel
-    ("bf16", 1, 1, 150, 64, 0, False, True, 2, False),  # 3 blocks, tail 22: CTAs of 2 and 1
-    ("f16", 1, 2, 40, 64, 1, True, True, None, False),  # 2 heads of one short block
-    ("bf16", 1, 1, 70, 128, 2, True, False, 2, False),  # two warpgroups, tail 6, plain φ
+SIM_CASES = [  # kind, B, H, Nk, D, fm, out_bf16, split, blocks a CTA, φ MN-major, vs registers
+    ("bf16", 1, 1, 150, 64, 0, False, True, 2, True, False),  # 3 blocks: CTAs of 2 and 1
+    ("f16", 1, 2, 40, 64, 1, True, True, None, True, False),  # 2 heads of one short block
+    ("bf16", 1, 1, 70, 128, 2, True, False, 2, True, False),  # two warpgroups, plain φ
+    ("f16", 1, 1, 100, 64, 0, False, True, 2, False, False),  # φ stored [d][c]: A K-major
 ]
 
 
 @needs_sim
-@pytest.mark.parametrize("kind,B,H,Nk,D,fm,out_bf16,split,nper,vs_reg", SIM_CASES)
+@pytest.mark.parametrize("kind,B,H,Nk,D,fm,out_bf16,split,nper,trans_a,vs_reg", SIM_CASES)
 def test_sim_against_float64_and_register_kernel(
-    kind, B, H, Nk, D, fm, out_bf16, split, nper, vs_reg
+    kind, B, H, Nk, D, fm, out_bf16, split, nper, trans_a, vs_reg
 ):
     """Against float64; against the register kernel of ``tc/states.py`` only where
     ``vs_reg`` (no case in CI: that kernel takes 80-100 s of simulated mma at D = 64,
@@ -142,7 +143,7 @@ def test_sim_against_float64_and_register_kernel(
     kb, vb, k64, v64 = _buffers(kind, B, H, Nk, D, seed=Nk)
     Mk = -(-Nk // 64)
     got = _state(B, H, Mk, D, out_bf16)
-    SW.launch_states_wgmma(kind, kb, vb, got, B, H, Nk, D, 64, fm, 0, split, nper)
+    SW.launch_states_wgmma(kind, kb, vb, got, B, H, Nk, D, 64, fm, 0, split, nper, trans_a)
     spare = got[:, :, Mk:]
     assert (spare.view(np.int16) == NAN16).all() if out_bf16 else np.isnan(spare).all()
     tol = 1e-4 if split else 4e-3
@@ -269,7 +270,8 @@ def test_ptx_sm90a_wgmma_count_no_local_no_spills():
 @pytest.mark.skipif(not _hopper(), reason="needs a CUDA GPU of compute capability 9.0")
 @pytest.mark.parametrize("kind,D,Nk,fm", [("bf16", 128, 1000, 0), ("f16", 64, 777, 1)])
 @pytest.mark.parametrize("out_bf16", [True, False])
-def test_gpu_matches_staged_kernel_and_float64(kind, D, Nk, fm, out_bf16):
+@pytest.mark.parametrize("trans_a", [True, False])
+def test_gpu_matches_staged_kernel_and_float64(kind, D, Nk, fm, out_bf16, trans_a):
     B, H = 1, 3
     kb, vb, k64, v64 = _buffers(kind, B, H, Nk, D, seed=1)
     Mk = -(-Nk // 64)
@@ -279,7 +281,7 @@ def test_gpu_matches_staged_kernel_and_float64(kind, D, Nk, fm, out_bf16):
     for variant in ("wgmma", "staged"):
         st = torch.from_numpy(_state(B, H, Mk, D, out_bf16)).cuda()
         if variant == "wgmma":  # directly: no silent fallback
-            SW.launch_states_wgmma(kind, k, v, st, B, H, Nk, D, 64, fm, 0)
+            SW.launch_states_wgmma(kind, k, v, st, B, H, Nk, D, 64, fm, 0, trans_a=trans_a)
         else:
             states_tc.launch_states_tc(kind, k, v, st, B, H, Nk, D, 64, fm, 0, variant=variant)
         torch.cuda.synchronize()
