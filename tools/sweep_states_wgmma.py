@@ -13,9 +13,9 @@ bf16 k and v, block_k = 64) and state type (bf16 states, int16 bits: the default
    registers for fp32) and, for fp32 states, the staged kernel too;
 2. the wgmma kernel for each ``--nper`` (key blocks a CTA), and its ``trans_a=False``
    variant ("kA": φ stored transposed, A read K-major; bf16 states) for each
-   ``--nper-ka``; the
-   output against the default's: max abs difference, max difference relative to max |default|, and for
-   bf16 states the share of equal bits and the largest difference in bf16 units;
+   ``--nper-ka``; the output against the default's: max abs difference, max difference
+   relative to max |default|, and for bf16 states the share of equal bits and the
+   largest difference in bf16 units;
 3. the wgmma kernel's error against float64 (torch, head 0: h relative to Σ|φ||v|, z
    relative to |z|, the bound of tests/gpu/tc/test_tc_states.py; bf16 states add their
    rounding);
