@@ -86,7 +86,13 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             computes and stores. Same bits. ``auto``: staged for bf16
                             states (0.404 ms against 0.554 at the Wan2.1 shape on the
                             H200), registers for fp32 states (staged 0.606 against
-                            0.561 there).
+                            0.561 there). ``wgmma`` (opt-in, ``gpu/tc/states_wgmma.py``):
+                            each key block's product as Hopper warpgroup MMA, φ(K)ᵀ
+                            read MN-major from shared memory, z as 8 columns of ones,
+                            several key blocks a CTA; only compute capability 9.0,
+                            fp16 / bf16 inputs, D 64 or 128, block_k 64 (elsewhere
+                            ``auto``'s choice runs). Same results to fp32 rounding,
+                            not the same bits.
 ``SLA_NUMBA_CLASSIFY``      ``default`` (default) | ``fused``: the GPU block
                             classification's kernels (``gpu/classify.py``): the
                             pooling kernel with one thread per d and the score /
@@ -156,7 +162,7 @@ LINEAR_KERNELS = ("pipelined", "registers", "wgmma")
 LINEAR_GRAD_KERNELS = ("pipelined", "registers")
 SPARSE_BWD_KERNELS = ("sync", "pipelined")
 #: The first is the default (unset or empty): flipping it is reordering this one line.
-STATES_KERNELS = ("auto", "registers", "staged", "pipelined")
+STATES_KERNELS = ("auto", "registers", "staged", "pipelined", "wgmma")
 LAUNCHERS = ("direct", "numba")
 SPARSE_FWD_VAR = "SLA_NUMBA_SPARSE_FWD"
 CLASSIFY_VAR = "SLA_NUMBA_CLASSIFY"
@@ -259,8 +265,8 @@ def classify_kernel():
 
 
 def states_kernel():
-    """``SLA_NUMBA_STATES_KERNEL``: 'auto' (unset or empty), 'registers', 'staged' or
-    'pipelined'."""
+    """``SLA_NUMBA_STATES_KERNEL``: 'auto' (unset or empty), 'registers', 'staged',
+    'pipelined' or 'wgmma'."""
     return _choice(STATES_KERNEL_VAR, STATES_KERNELS)
 
 

@@ -39,6 +39,10 @@
 #            kernels and torch.bmm on the linear branch's states product (NVMATH_TIMEOUT)
 #   states   tools/sweep_states.py: the key-block states' register, staged and pipelined
 #            kernels (SLA_NUMBA_STATES_KERNEL), bf16 and fp32 states, same bits, cuBLAS floor
+#   stateswg tools/sweep_states_wgmma.py: the key-block states on Hopper wgmma
+#            (SLA_NUMBA_STATES_KERNEL=wgmma) against the default kernel and the cuBLAS floor,
+#            Wan and B2 H16 D64 shapes, bf16 and fp32 states; first the sm_90a PTX check
+#            (tools/check_states_wgmma_ptx.py: registers, spills) (STATESWG_TIMEOUT)
 #   host     host-side costs: tools/host_overhead.py (launch paths, whole calls; HOST_ARGS)
 #            and tools/profile_gpu.py (kernels vs wall), bf16, PROFILE_SHAPES (b2 wan)
 #   graphs   tools/bench_graphs.py: eager vs CUDA-graph replay (torch.cuda.graph) vs SDPA
@@ -110,6 +114,8 @@ for step in "$@"; do
     linwg)   TAIL=60 run linwg ${LINWG_TIMEOUT:-180} python tools/sweep_linear_wgmma.py ${LINWG_ARGS:-} ;;
     nvmath)  TAIL=40 run nvmath ${NVMATH_TIMEOUT:-420} python tools/nvmath_eval.py ;;
     states)  TAIL=40 run states ${STATES_TIMEOUT:-120} python tools/sweep_states.py ;;
+    stateswg) TAIL=30 run stateswg_ptx 120 python tools/check_states_wgmma_ptx.py
+             TAIL=60 run stateswg ${STATESWG_TIMEOUT:-180} python tools/sweep_states_wgmma.py ;;
     host)    TAIL=40 run host ${HOST_TIMEOUT:-200} python tools/host_overhead.py ${HOST_ARGS:-} \
                  --json "$OUT/host_overhead.json"
              for shape in ${PROFILE_SHAPES:-b2 wan}; do

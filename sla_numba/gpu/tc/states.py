@@ -78,6 +78,10 @@ Three kernels, one algorithm (``SLA_NUMBA_STATES_KERNEL``, ``launch_states_tc(va
   blocks a CTA (``blocks_per_cta``), the next block's K and V copied (a K tile and two
   V stages) while the current block runs its mma and epilogue.
 
+A fourth, ``wgmma`` (``tc/states_wgmma.py``, compute capability 9.0), computes the same
+φ hi / lo but sums with Hopper's warpgroup MMA: same results to fp32 rounding, not the
+same bits; ``launch_states_tc`` runs it for ``variant='wgmma'`` where it applies.
+
 All three compute φ with the same operations on the same values and give every output
 as one lane's fixed sequence of mma: same bits (tests/gpu/tc/
 test_tc_states_pipelined.py).
@@ -895,7 +899,8 @@ def make_states_kernel_pipelined(kind, D, BK, tiles, split=True, out_bf16=False,
 _kernels = {}
 
 
-VARIANTS = tuple(v for v in config.STATES_KERNELS if v != "auto")  # the kernels
+#: The kernels of this module (``wgmma`` is ``tc/states_wgmma.py``'s, chosen by the launcher).
+VARIANTS = tuple(v for v in config.STATES_KERNELS if v not in ("auto", "wgmma"))
 
 
 def auto_variant(out_bf16):
@@ -958,9 +963,11 @@ def launch_states_tc(
     fm: 0 softmax, 1 elu + 1, 2 relu. ``tiles`` (WR, WC): None for ``choose_tiles``;
     ``split=False``: φ rounded to one half value (no lo part, half the mma).
     An int16 ``state`` receives bf16 bits (bf16 states: ``config.bf16_states``) instead of fp32.
-    ``variant``: 'registers', 'staged' or 'pipelined' (same bits; module doc), or 'auto'
-    (:func:`auto_variant`); None: ``config.states_kernel()`` (``SLA_NUMBA_STATES_KERNEL``). ``blocks_per_cta``: key
-    blocks a CTA of the pipelined kernel (default ``PIPE_BLOCKS``). The staged and
+    ``variant``: 'registers', 'staged' or 'pipelined' (same bits; module doc), 'auto'
+    (:func:`auto_variant`) or 'wgmma' (``tc/states_wgmma.py``: compute capability 9.0,
+    fp16 / bf16, D 64 / 128, block_k 64, aligned k, v and state; else 'auto'); None:
+    ``config.states_kernel()`` (``SLA_NUMBA_STATES_KERNEL``). ``blocks_per_cta``: key
+    blocks a CTA of the pipelined or wgmma kernel (default ``PIPE_BLOCKS``). The staged and
     pipelined kernels need k and v 16-byte aligned (cp.async) and an int16 state 4-byte
     aligned; otherwise the register kernel runs.
     """
@@ -995,6 +1002,18 @@ def launch_states_tc(
     out_bf16 = state_dtype == "int16"
     if variant is None:
         variant = config.states_kernel()
+    if variant == "wgmma":  # Hopper's kernel where it applies, else auto's choice
+        from . import states_wgmma as _wg
+
+        if _wg.wgmma_states_unsupported_reason(kind, D, block_k) is None and _wg.aligned(
+            k, v, state
+        ):
+            _wg.launch_states_wgmma(
+                kind, k, v, state, B, H, Nk, D, block_k, fm, stream, split=split,
+                blocks_per_cta=blocks_per_cta,
+            )  # fmt: skip
+            return
+        variant = "auto"
     if variant == "auto":
         variant = auto_variant(out_bf16)
     if variant not in VARIANTS:

@@ -56,9 +56,12 @@ How the hardware walks the operand (our reading, the one the twins implement and
 Intrinsics (``N`` and the element kind fixed by the factory; ``acc`` and ``af`` local
 arrays, read and written in place)
 --------------------------------------------------------------------------------------
-``make_wgmma_ss(kind, N, trans_b=0)(smem, acc, desc_a, desc_b, scale_d)``: A (K-major)
-and B (K-major; MN-major with ``trans_b=1``) from shared memory. ``scale_d`` 0: ``D = A.B`` (the old accumulator is ignored), 1:
-``D += A.B``. ``smem`` is the kernel's shared array (only the twin reads it).
+``make_wgmma_ss(kind, N, trans_b=0, trans_a=0)(smem, acc, desc_a, desc_b, scale_d)``: A
+and B from shared memory, K-major by default; ``trans_b`` / ``trans_a`` 1 read that
+operand MN-major instead (``imm-trans-b`` / ``imm-trans-a``, as ``make_wgmma_rs``'s B;
+A MN-major is a stored tile whose row is one k index with the 64 M values contiguous,
+read as the MN-major formula above with N -> M). ``scale_d`` 0: ``D = A.B`` (the old accumulator is
+ignored), 1: ``D += A.B``. ``smem`` is the kernel's shared array (only the twin reads it).
 
 ``make_wgmma_rs(kind, N)(smem, acc, af, kk, desc_b, scale_d)``: A from registers
 ``af[kk, 0:4]`` (an int32 local array of shape (K/16, 4)), B from shared memory
@@ -280,18 +283,18 @@ def _scatter(d, n, acc, idx):
     flat[: n // 2] = d[rows[idx], cols[idx]]
 
 
-def _run_ss(kind, n, smem, acc, desc_a, desc_b, scale_d, trans_b=0):
-    """Execute one shared x shared wgmma of the warpgroup (a collective); ``trans_b`` 1:
-    B MN-major."""
+def _run_ss(kind, n, trans_a, trans_b, smem, acc, desc_a, desc_b, scale_d):
+    """Execute one shared x shared wgmma of the warpgroup (a collective)."""
 
     def compute(slots):
         da = _uniform([s[1] for s in slots], "desc_a")
         db = _uniform([s[2] for s in slots], "desc_b")
         sd = _uniform([s[3] for s in slots], "scale_d")
-        a = _to_float(decode_operand(smem, da, 64, 0), kind)
+        a = _to_float(decode_operand(smem, da, 64, trans_a), kind)
         return _product(smem, kind, n, [s[0] for s in slots], a, db, trans_b, sd)
 
-    mine = (np.array(acc.reshape(-1)[: n // 2], np.float64), desc_a, desc_b, scale_d)
+    with np.errstate(invalid="ignore"):  # scale_d 0: acc may hold garbage, unused
+        mine = (np.array(acc.reshape(-1)[: n // 2], np.float64), desc_a, desc_b, scale_d)
     d, idx = _collective(mine, compute)
     _scatter(d, n, acc, idx)
 
@@ -325,9 +328,10 @@ def _wg_state():
     return st
 
 
-def _make_ss_twin(kind, n, trans_b=0):
+def _make_ss_twin(kind, n, trans_a=0, trans_b=0):
     def wgmma_ss(smem, acc, desc_a, desc_b, scale_d):
-        op = (_run_ss, (kind, n, smem, acc, int(desc_a), int(desc_b), int(scale_d), trans_b))
+        args = (kind, n, trans_a, trans_b, smem, acc, int(desc_a), int(desc_b), int(scale_d))
+        op = (_run_ss, args)
         _wg_state()[0].append(op)
 
     return wgmma_ss
@@ -431,14 +435,14 @@ def _tied_call(builder, ptrs, llty, text, cons_in, argtys, args, kinds):
         builder.store(builder.extract_value(res, i), p)
 
 
-def _build_ss(kind, n, trans_b=0):
+def _build_ss(kind, n, trans_a=0, trans_b=0):
     ir, types, intrinsic, lit, i32, i64, f32 = _ir()
     nacc = n // 2
     regs = ",".join("$%d" % i for i in range(nacc))
     text = (
         "{ .reg .pred p; setp.ne.b32 p, $%d, 0; "
-        "wgmma.mma_async.sync.aligned.m64n%dk16.f32.%s.%s {%s}, $%d, $%d, p, 1, 1, 0, %d; }"
-        % (nacc + 2, n, kind, kind, regs, nacc, nacc + 1, trans_b)
+        "wgmma.mma_async.sync.aligned.m64n%dk16.f32.%s.%s {%s}, $%d, $%d, p, 1, 1, %d, %d; }"
+        % (nacc + 2, n, kind, kind, regs, nacc, nacc + 1, trans_a, trans_b)
     )
 
     @intrinsic
@@ -456,7 +460,8 @@ def _build_ss(kind, n, trans_b=0):
 
         return sig, codegen
 
-    return _pin(wgmma_ss, f"wgmma_ss_{kind}_{n}" + ("_tb" if trans_b else ""))
+    tag = ("_tb" if trans_b else "") + ("_ta" if trans_a else "")
+    return _pin(wgmma_ss, f"wgmma_ss_{kind}_{n}{tag}")
 
 
 def _build_rs(kind, n):
@@ -573,14 +578,17 @@ def _build_common():
 
 
 @functools.cache
-def make_wgmma_ss(kind, n, trans_b=0):
+def make_wgmma_ss(kind, n, trans_b=0, trans_a=0):
     """The ``wgmma_ss`` of element kind ``kind`` ('bf16' / 'f16') and width ``n`` (module
     docstring): the intrinsic on a GPU, the twin under the simulator. ``trans_b`` 1: B
-    is read MN-major (``imm-trans-b = 1``, as ``make_wgmma_rs``'s B); 0: K-major."""
+    is read MN-major (``imm-trans-b = 1``, as ``make_wgmma_rs``'s B); ``trans_a`` 1: A
+    is (``imm-trans-a = 1``); 0: K-major."""
     if kind not in ("bf16", "f16") or n % 8 or not 8 <= n <= 256 or trans_b not in (0, 1):
         raise ValueError(f"wgmma m64n{n}k16 {kind} trans_b={trans_b}: unsupported")
-    tb = int(trans_b)
-    return _make_ss_twin(kind, n, tb) if SIMULATED else _build_ss(kind, n, tb)
+    if trans_a not in (0, 1):
+        raise ValueError(f"wgmma m64n{n}k16 {kind}: transpose flag trans_a={trans_a} not 0 / 1")
+    ta, tb = int(trans_a), int(trans_b)
+    return _make_ss_twin(kind, n, ta, tb) if SIMULATED else _build_ss(kind, n, ta, tb)
 
 
 @functools.cache
