@@ -96,8 +96,11 @@ def test_descriptors_read_phi_transposed_and_v_with_ones(D):
 
 def test_make_wgmma_ss_flags():
     with pytest.raises(ValueError, match="trans_a"):
-        W.make_wgmma_ss("bf16", 64, 2, 0)
-    assert W.make_wgmma_ss("bf16", 136, 1, 1) is W.make_wgmma_ss("bf16", 136, 1, 1)
+        W.make_wgmma_ss("bf16", 64, trans_a=2)
+    with pytest.raises(ValueError, match="trans_b"):
+        W.make_wgmma_ss("bf16", 64, trans_b=2)
+    same = W.make_wgmma_ss("bf16", 136, trans_b=1, trans_a=1)
+    assert same is W.make_wgmma_ss("bf16", 136, trans_b=1, trans_a=1)
 
 
 # ---------------------------------------------------------------------------
