@@ -56,9 +56,12 @@ How the hardware walks the operand (our reading, the one the twins implement and
 Intrinsics (``N`` and the element kind fixed by the factory; ``acc`` and ``af`` local
 arrays, read and written in place)
 --------------------------------------------------------------------------------------
-``make_wgmma_ss(kind, N)(smem, acc, desc_a, desc_b, scale_d)``: A and B (K-major) from
-shared memory. ``scale_d`` 0: ``D = A.B`` (the old accumulator is ignored), 1:
-``D += A.B``. ``smem`` is the kernel's shared array (only the twin reads it).
+``make_wgmma_ss(kind, N, trans_a=0, trans_b=0)(smem, acc, desc_a, desc_b, scale_d)``: A
+and B from shared memory, K-major by default; ``trans_a`` / ``trans_b`` 1 read that
+operand MN-major instead (``imm-trans-a`` / ``imm-trans-b``; A MN-major is a stored
+tile whose row is one k index with the 64 M values contiguous, read as the MN-major
+formula above with N -> M). ``scale_d`` 0: ``D = A.B`` (the old accumulator is
+ignored), 1: ``D += A.B``. ``smem`` is the kernel's shared array (only the twin reads it).
 
 ``make_wgmma_rs(kind, N)(smem, acc, af, kk, desc_b, scale_d)``: A from registers
 ``af[kk, 0:4]`` (an int32 local array of shape (K/16, 4)), B from shared memory
@@ -280,15 +283,15 @@ def _scatter(d, n, acc, idx):
     flat[: n // 2] = d[rows[idx], cols[idx]]
 
 
-def _run_ss(kind, n, smem, acc, desc_a, desc_b, scale_d):
+def _run_ss(kind, n, trans_a, trans_b, smem, acc, desc_a, desc_b, scale_d):
     """Execute one shared x shared wgmma of the warpgroup (a collective)."""
 
     def compute(slots):
         da = _uniform([s[1] for s in slots], "desc_a")
         db = _uniform([s[2] for s in slots], "desc_b")
         sd = _uniform([s[3] for s in slots], "scale_d")
-        a = _to_float(decode_operand(smem, da, 64, 0), kind)
-        return _product(smem, kind, n, [s[0] for s in slots], a, db, 0, sd)
+        a = _to_float(decode_operand(smem, da, 64, trans_a), kind)
+        return _product(smem, kind, n, [s[0] for s in slots], a, db, trans_b, sd)
 
     mine = (np.array(acc.reshape(-1)[: n // 2], np.float64), desc_a, desc_b, scale_d)
     d, idx = _collective(mine, compute)
@@ -324,9 +327,10 @@ def _wg_state():
     return st
 
 
-def _make_ss_twin(kind, n):
+def _make_ss_twin(kind, n, trans_a=0, trans_b=0):
     def wgmma_ss(smem, acc, desc_a, desc_b, scale_d):
-        op = (_run_ss, (kind, n, smem, acc, int(desc_a), int(desc_b), int(scale_d)))
+        args = (kind, n, trans_a, trans_b, smem, acc, int(desc_a), int(desc_b), int(scale_d))
+        op = (_run_ss, args)
         _wg_state()[0].append(op)
 
     return wgmma_ss
@@ -430,14 +434,14 @@ def _tied_call(builder, ptrs, llty, text, cons_in, argtys, args, kinds):
         builder.store(builder.extract_value(res, i), p)
 
 
-def _build_ss(kind, n):
+def _build_ss(kind, n, trans_a=0, trans_b=0):
     ir, types, intrinsic, lit, i32, i64, f32 = _ir()
     nacc = n // 2
     regs = ",".join("$%d" % i for i in range(nacc))
     text = (
         "{ .reg .pred p; setp.ne.b32 p, $%d, 0; "
-        "wgmma.mma_async.sync.aligned.m64n%dk16.f32.%s.%s {%s}, $%d, $%d, p, 1, 1, 0, 0; }"
-        % (nacc + 2, n, kind, kind, regs, nacc, nacc + 1)
+        "wgmma.mma_async.sync.aligned.m64n%dk16.f32.%s.%s {%s}, $%d, $%d, p, 1, 1, %d, %d; }"
+        % (nacc + 2, n, kind, kind, regs, nacc, nacc + 1, trans_a, trans_b)
     )
 
     @intrinsic
@@ -455,7 +459,8 @@ def _build_ss(kind, n):
 
         return sig, codegen
 
-    return _pin(wgmma_ss, f"wgmma_ss_{kind}_{n}")
+    tag = "" if not (trans_a or trans_b) else f"_t{trans_a}{trans_b}"  # old names unchanged
+    return _pin(wgmma_ss, f"wgmma_ss_{kind}_{n}{tag}")
 
 
 def _build_rs(kind, n):
@@ -572,12 +577,16 @@ def _build_common():
 
 
 @functools.cache
-def make_wgmma_ss(kind, n):
+def make_wgmma_ss(kind, n, trans_a=0, trans_b=0):
     """The ``wgmma_ss`` of element kind ``kind`` ('bf16' / 'f16') and width ``n`` (module
-    docstring): the intrinsic on a GPU, the twin under the simulator."""
+    docstring): the intrinsic on a GPU, the twin under the simulator. ``trans_a`` /
+    ``trans_b`` (0 / 1): read A / B MN-major instead of K-major."""
     if kind not in ("bf16", "f16") or n % 8 or not 8 <= n <= 256:
         raise ValueError(f"wgmma m64n{n}k16 {kind}: unsupported")
-    return _make_ss_twin(kind, n) if SIMULATED else _build_ss(kind, n)
+    if trans_a not in (0, 1) or trans_b not in (0, 1):
+        raise ValueError(f"wgmma transpose flags must be 0 or 1, got {trans_a}, {trans_b}")
+    ta, tb = int(trans_a), int(trans_b)
+    return _make_ss_twin(kind, n, ta, tb) if SIMULATED else _build_ss(kind, n, ta, tb)
 
 
 @functools.cache

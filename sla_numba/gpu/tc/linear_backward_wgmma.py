@@ -1,0 +1,347 @@
+"""The linear branch's dk / dv on Hopper warpgroup MMA (``wgmma``; compute capability 9.0).
+
+The same operation, arguments and precision as ``dkdv_linear`` of
+``tc/linear_backward.py`` (read that module first): per key block j of 64 rows c,
+given ``dH_j`` (D x D fp32) and ``dZ_j`` (D) from the column sums::
+
+    dφ(k_c)  = v_c · dH_jᵀ − dZ_j          (pass 1: 64 x D x D)
+    dk[c]   += J_φ(k_c)ᵀ dφ(k_c)           (chain rule through the feature map)
+    dv[c]   += φ(k_c) · dH_j               (pass 2: 64 x D x D)
+
+but both products are ``wgmma.mma_async`` instructions of one warpgroup
+(``tc/wgmma.py``) reading every operand from shared memory. Opt-in:
+``SLA_NUMBA_LINEAR_GRAD=wgmma`` (``config.py``) on a GPU of compute capability 9.0,
+fp16 / bf16 inputs, D in {64, 128}, block 64 (:func:`wgmma_unsupported_reason`);
+anything else (and ``dq_linear``, not written yet) keeps the pipelined mma.sync kernels.
+
+Why
+---
+The mma.sync kernels run each product as warps of m16n8k16 tiles fed by ``ldmatrix``,
+with the D x D state staged HK columns (rows) at a time, one barrier a chunk. Here the
+whole of dH_j sits in shared memory once, in the layout both products read without a
+copy, and one m64nDk16 instruction does what 4 warps x D/8 mma.sync did.
+
+Work decomposition and shared memory
+------------------------------------
+One CTA = one key block of 64 rows = one warpgroup (4 warps, 128 threads) = the M of
+one ``m64nDk16``; grid (Mk, H, B) as for the mma.sync kernel. Tiles (bf16 bits,
+128-byte swizzle, column chunks of 64 values, 1024-aligned; ``tc/wgmma.py``)::
+
+    V hi | (V lo: fp16 inputs only) | φ hi | φ lo | dH hi | dH lo | fp32: (mx, 1/Σ) per row, dZ
+
+V and φ are 64 x D, stored as D/64 chunks of 64 rows x 128 bytes ([c][e]: K-major
+for A). dH_j is D x D stored [d][e] as D/64 chunks of D rows x 128 bytes. Read with
+the row index d as N and e as k, that is B of pass 1 K-major (``v · dH_jᵀ``: element
+(n = d, k = e)); read with d as k and e as N, it is B of pass 2 MN-major (``φ · dH_j``,
+``imm-trans-b = 1``, LBO = the distance of two column chunks, D·128 bytes). So one
+copy of dH_j serves both passes (D = 128, bf16: 16 + 32 + 64 KiB + 1 KiB = 114 KiB).
+
+Precision (as the mma.sync kernel): fp32 values split into bf16 ``hi`` + ``lo``;
+pass 1 = ``v·dHhiᵀ + v·dHloᵀ`` for bf16 v (exact), plus ``vlo·dHhiᵀ`` for fp16 v
+(split too); pass 2 = ``φhi·dHhi + φlo·dHhi + φhi·dHlo``. Every wgmma is bf16 x bf16
+-> fp32. Inside a wgmma the hardware sums in its own order, and the products are
+summed in another order than the mma.sync kernel's: results agree with it to fp32
+rounding, not bit for bit.
+
+Steps of one CTA (``tid`` 0..127, ``w = tid >> 5``, ``g = lane >> 2``, ``t = lane & 3``)
+------------------------------------------------------------------------------------
+0. The first ``PF`` 16-byte loads of dH_j are issued (``ldg_v4_f32``) before anything
+   else: in flight during step 1.
+1. Rows (as the mma.sync kernel): lane pair ``r = tid >> 1`` loads k_r, computes φ
+   (softmax stats over the pair by ``shfl_xor``), stores φ hi / lo and v (bits, or
+   hi / lo) at their swizzled places; (mx, 1/Σ) per row and dZ_j into the fp32 area.
+   Rows past the sequence: zeros.
+2. dH_j: D·D/4 quads, ``PF`` a thread in flight at a time, split into hi / lo and stored
+   swizzled. ``fence.proxy.async`` (generic-proxy stores, async-proxy readers), barrier.
+3. Pass 1: D/16 k-steps x 2 (3) wgmma into ``acc`` (64 x D fp32: D/2 registers a
+   thread, ``acc[n, e]`` = row ``16w + g + 8(e >> 1)``, column ``8n + 2t + (e & 1)``:
+   the m16n8 C layout of warp w, so the mma.sync kernel's epilogue helpers apply
+   unchanged), one commit, ``wait_group 0``. Epilogue: − dZ_j, the chain rule (softmax's
+   φ·dφ summed over the quad by two ``shfl_xor``), ``dk += `` (one writer per element).
+4. Pass 2: D/16 k-steps x 3 wgmma into the same registers, wait, ``dv +=``.
+
+Blocks with no marginal partner (``n_marg <= 0``) return at once, as in the mma.sync
+kernel. Under the CUDA simulator the wgmma twins (``tc/wgmma.py``) run the same code
+(slowly: 128 Python threads a CTA).
+
+Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``; relu, so dk = v·dHᵀ = D where k > 0)::
+
+    import numpy as np
+    from sla_numba.gpu.tc.linear_backward_wgmma import launch_dkdv_linear_wgmma
+    B, H, N, D = 1, 1, 64, 64
+    one = (np.ones((B, H, N, D), np.float32).view(np.int32) >> 16).astype(np.int16)
+    dh = np.zeros((B, H, 1, D * D + D), np.float32); dh[..., :D * D] = 1.0
+    dk = np.zeros((B, H, N, D), np.float32); dv = np.zeros_like(dk)
+    launch_dkdv_linear_wgmma("bf16", one, one, dh, np.ones((B, H, 1), np.int32), dk, dv,
+                             B, H, N, D, 64, 2, 0)
+    assert (dk == D).all() and (dv == D).all()
+"""
+
+import functools
+
+import numpy as np
+from numba import cuda, float32, int16, int32, int64
+
+from .. import _compat
+from .._precompile import kernel_factory
+from . import build as _tc_build
+from .build import address, dtype_name, flat, size
+from .forward_wgmma import wgmma_device_ok
+from .linear import _DEV, FASTMATH, ZI, _in_f32, _load_phi_row, _split_pair, u64
+from .linear_backward import LinearGradKernel, _add_rows, _blocks_of, _chain, _check_common
+from .ptx import SIMULATED, ldg_v4_f32, smem_addr
+from .tiles import SMEM_ALIGN
+from .wgmma import desc_hi, fence_proxy_async, make_wgmma_ss, wg_commit, wg_fence, wg_wait
+
+#: The one key-block size (= wgmma's M) and the head dims (acc: D/2 fp32 a thread).
+BLOCK = 64
+HEAD_DIMS = (64, 128)
+THREADS = 128
+#: 16-byte loads of dH_j a thread keeps in flight (registers: 4 each) when not given.
+PF_DEFAULT = 16
+#: Descriptor fields: K-major operands SBO 1024 (8 rows; LBO unused: 16); dH_j read
+#: MN-major: LBO = the distance of two 64-column chunks (D rows x 128 bytes), SBO 1024.
+K_LBO, SBO = 16, 1024
+
+
+def wgmma_unsupported_reason(kind, D, block, device=None):
+    """None when the wgmma kernel takes this configuration, else why not (a sentence)."""
+    if kind not in ("bf16", "f16"):
+        return f"kind {kind!r} (needs 'bf16' or 'f16')"
+    if int(D) not in HEAD_DIMS:
+        return f"head_dim {D} (supported: 64, 128)"
+    if int(block) != BLOCK:
+        return f"block {block} (supported: 64)"
+    if not wgmma_device_ok(device):
+        return "no CUDA device of compute capability 9.0 (wgmma is Hopper's)"
+    return None
+
+
+def smem_layout(D, kind):
+    """Byte offsets (from the 1024-aligned base) of the tiles and the fp32 area, and the
+    dynamic shared-memory bytes to ask for (+1024 for the alignment)."""
+    ta = BLOCK * D * 2  # a 64-row tile: D/64 chunks of 8 KiB
+    tx = D * D * 2  # dH_j: D/64 chunks of D rows x 128 bytes
+    vh = 0
+    vl = ta
+    ph = vl + (ta if kind == "f16" else 0)  # bf16 v is exact: no lo tile
+    pl = ph + ta
+    xh = pl + ta
+    xl = xh + tx
+    f32 = xl + tx
+    nbytes = f32 + (2 * BLOCK + D) * 4 + 1024
+    return dict(vh=vh, vl=vl, ph=ph, pl=pl, xh=xh, xl=xl, f32=f32, bytes=nbytes)
+
+
+@_compat.device(**_DEV)
+def _sw(r, c, CB):
+    """Byte offset of the 16-bit element (row r, column c) of a swizzled tile whose
+    64-column chunks are CB bytes apart (``tc/wgmma.py``, ``sw128_offset``)."""
+    return (c >> 6) * CB + r * 128 + ((((c & 63) >> 3) ^ (r & 7)) << 4) + 2 * (c & 7)
+
+
+@functools.cache
+@kernel_factory
+def make_dkdv_linear_wgmma(kind, D, pf=PF_DEFAULT):
+    """Build ``dkdv_linear_wgmma(k, v, dh, n_marg, dk, dv, H, Nk, Mk, fm)`` (module doc;
+    the arguments of ``tc/linear_backward.py``'s ``dkdv_linear``). Grid (Mk, H, B), 128
+    threads. ``pf``: 16-byte loads of dH_j in flight a thread (a power of two). Returns
+    a ``LinearGradKernel``."""
+    if kind not in ("bf16", "f16") or D not in HEAD_DIMS:
+        raise ValueError(f"wgmma dk / dv: kind {kind!r}, D = {D} unsupported")
+    NT = THREADS
+    QPT = D * D // 4 // NT  # quads of dH_j a thread
+    PF = min(int(pf), QPT)
+    if PF <= 0 or QPT % PF:
+        raise ValueError(f"wgmma dk / dv: pf = {pf} must divide {QPT}")
+    C = D // 2  # values of a row a lane holds in step 1
+    Q4 = D // 4  # quads of a row of dH_j
+    NN = D // 8  # n8 tiles of the accumulator
+    NACC = D // 2  # accumulator registers a thread
+    KS = D // 16
+    IN_F16 = kind == "f16"
+    V_SPLIT = IN_F16
+    lay = smem_layout(D, kind)
+    VH, VL, PH, PL, XH, XL, F32 = (lay[x] for x in ("vh", "vl", "ph", "pl", "xh", "xl", "f32"))
+    ZOFF = F32 + 2 * BLOCK * 4  # bytes: dZ_j after the row stats
+    SMEM = lay["bytes"]
+    CA = BLOCK * 128  # chunk distance of a 64-row tile
+    CX = D * 128  # of dH_j
+    HI_K = np.int64(desc_hi(K_LBO, SBO))
+    HI_T = np.int64(desc_hi(CX, SBO))
+    W = D * D + D
+    mm_k = make_wgmma_ss("bf16", D)  # B K-major (pass 1)
+    mm_t = make_wgmma_ss("bf16", D, 0, 1)  # B MN-major (pass 2)
+
+    @_compat.device(**_DEV)
+    def dsc(addr, hi):
+        return int64((addr & 0x3FFFF) >> 4) | hi
+
+    @_compat.kernel(fastmath=FASTMATH)
+    def dkdv_linear_wgmma(k, v, dh, n_marg, dk, dv, H, Nk, Mk, fm):
+        smem = cuda.shared.array(0, int16, alignment=SMEM_ALIGN)
+        smem32 = cuda.shared.array(0, int32, alignment=SMEM_ALIGN)
+        smemf = cuda.shared.array(0, float32, alignment=SMEM_ALIGN)
+        xs = cuda.local.array(C, float32)
+        acc = cuda.local.array((NN, 4), float32)
+        pf = cuda.local.array((PF, 4), float32)
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        warp = tid >> 5
+        j = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        bh = b * H + h
+        c0 = j * BLOCK
+        nrows = min(Nk - c0, BLOCK)
+        ob = (bh * Nk + c0) * D
+        sb = (bh * Mk + j) * W
+        if n_marg[u64(bh * Mk + j)] <= 0:  # no query block takes j as marginal
+            return
+        sa = smem_addr(smem)
+        base = int32((sa + 1023) & ~1023)  # shared address of the tiles (1024-aligned)
+        o4 = (base - sa) >> 2  # ... as an index of smem32 / smemf
+
+        # --- 0. the first PF quads of dH_j: in flight during step 1
+        for u in range(PF):
+            x = tid + u * NT
+            rr = x // Q4
+            a0, a1, a2, a3 = ldg_v4_f32(dh, int64(sb + rr * D + (x - rr * Q4) * 4))
+            pf[u, 0], pf[u, 1], pf[u, 2], pf[u, 3] = a0, a1, a2, a3
+
+        # --- 1. rows: φ(k_r) hi / lo, v_r (bits, or hi / lo for fp16), stats, dZ_j
+        r = tid >> 1
+        li = tid & 1
+        ok = r < nrows
+        gk = ob + (r if ok else 0) * D + li * C  # rows past the end read row 0, unused
+        mx, inv = _load_phi_row(xs, k, gk, ok, C, fm, IN_F16)
+        if li == 0:
+            smemf[o4 + (F32 >> 2) + 2 * r] = mx
+            smemf[o4 + (F32 >> 2) + 2 * r + 1] = inv
+        for c2 in range(C // 2):
+            cc = li * C + 2 * c2
+            s4 = o4 + (_sw(r, cc, CA) >> 2)
+            p, pl = _split_pair(xs[2 * c2], xs[2 * c2 + 1])
+            smem32[s4 + (PH >> 2)] = p if ok else ZI
+            smem32[s4 + (PL >> 2)] = pl if ok else ZI
+            g = gk + 2 * c2
+            if V_SPLIT:
+                p, pl = _split_pair(
+                    _in_f32(int32(v[u64(g)]), True), _in_f32(int32(v[u64(g + 1)]), True)
+                )
+                smem32[s4 + (VL >> 2)] = pl if ok else ZI
+            else:
+                p = (int32(v[u64(g)]) & 0xFFFF) | (int32(v[u64(g + 1)]) << 16)
+            smem32[s4 + (VH >> 2)] = p if ok else ZI
+        for x in range(tid, D, NT):
+            smemf[o4 + (ZOFF >> 2) + x] = dh[u64(sb + D * D + x)]
+
+        # --- 2. dH_j -> hi / lo tiles [d][e], PF quads a thread in flight
+        for rnd in range(QPT // PF):
+            if rnd > 0:
+                for u in range(PF):
+                    x = tid + (rnd * PF + u) * NT
+                    rr = x // Q4
+                    a0, a1, a2, a3 = ldg_v4_f32(dh, int64(sb + rr * D + (x - rr * Q4) * 4))
+                    pf[u, 0], pf[u, 1], pf[u, 2], pf[u, 3] = a0, a1, a2, a3
+            for u in range(PF):
+                x = tid + (rnd * PF + u) * NT
+                rr = x // Q4
+                cc = (x - rr * Q4) * 4
+                s4 = o4 + (_sw(rr, cc, CX) >> 2)
+                p0, l0 = _split_pair(pf[u, 0], pf[u, 1])
+                p1, l1 = _split_pair(pf[u, 2], pf[u, 3])
+                smem32[s4 + (XH >> 2)] = p0
+                smem32[s4 + (XH >> 2) + 1] = p1
+                smem32[s4 + (XL >> 2)] = l0
+                smem32[s4 + (XL >> 2) + 1] = l1
+        fence_proxy_async()  # generic-proxy stores -> visible to wgmma (async proxy)
+        cuda.syncthreads()
+
+        # --- 3. pass 1: dφ(k) = v · dH_jᵀ − dZ_j (A = v [c][e], B = dH_j [d][e] K-major)
+        wg_fence(acc, NACC)
+        for ks in range(KS):
+            ka = (ks >> 2) * CA + (ks & 3) * 32
+            kx = (ks >> 2) * CX + (ks & 3) * 32
+            sd = 0 if ks == 0 else 1  # the first wgmma overwrites acc
+            mm_k(smem, acc, dsc(base + VH + ka, HI_K), dsc(base + XH + kx, HI_K), sd)
+            mm_k(smem, acc, dsc(base + VH + ka, HI_K), dsc(base + XL + kx, HI_K), 1)
+            if V_SPLIT:
+                mm_k(smem, acc, dsc(base + VL + ka, HI_K), dsc(base + XH + kx, HI_K), 1)
+        wg_commit()
+        wg_wait(acc, NACC, 0)
+        t = lane & 3
+        ra = warp * 16 + (lane >> 2)
+        for n in range(NN):
+            for x in range(2):
+                zc = smemf[o4 + (ZOFF >> 2) + 8 * n + 2 * t + x]
+                acc[n, x] = acc[n, x] - zc
+                acc[n, 2 + x] = acc[n, 2 + x] - zc
+        ok0 = ra < nrows
+        ok1 = ra + 8 < nrows
+        ka_ = ob + ra * D + 2 * t
+        f0 = o4 + (F32 >> 2) + 2 * ra
+        f1 = f0 + 16
+        mx0, iv0, mx1, iv1 = smemf[f0], smemf[f0 + 1], smemf[f1], smemf[f1 + 1]
+        _chain(acc, k, ka_, D * 8, mx0, iv0, mx1, iv1, ok0, ok1, fm, IN_F16, NN)
+        _add_rows(dk, ka_, acc, D, ok0, ok1, NN)
+
+        # --- 4. pass 2: dv += φ(K) · dH_j (A = φ [c][d] K-major, B = dH_j [d][e] MN-major)
+        wg_fence(acc, NACC)
+        for ks in range(KS):
+            ka = (ks >> 2) * CA + (ks & 3) * 32
+            kt = ks * 2048  # 16 rows of dH_j
+            sd = 0 if ks == 0 else 1
+            mm_t(smem, acc, dsc(base + PH + ka, HI_K), dsc(base + XH + kt, HI_T), sd)
+            mm_t(smem, acc, dsc(base + PL + ka, HI_K), dsc(base + XH + kt, HI_T), 1)
+            mm_t(smem, acc, dsc(base + PH + ka, HI_K), dsc(base + XL + kt, HI_T), 1)
+        wg_commit()
+        wg_wait(acc, NACC, 0)
+        _add_rows(dv, ka_, acc, D, ok0, ok1, NN)
+
+    return LinearGradKernel(dkdv_linear_wgmma, SMEM, NT)
+
+
+def use_wgmma(kind, D, block, state):
+    """Whether a dk / dv launch takes the wgmma kernel: ``SLA_NUMBA_LINEAR_GRAD=wgmma``,
+    a configuration it takes (:func:`wgmma_unsupported_reason`) and a 16-byte aligned
+    state (its 16-byte loads)."""
+    from ... import config
+
+    if config.linear_grad_kernel() != "wgmma":
+        return False
+    if wgmma_unsupported_reason(kind, D, block) is not None:
+        return False
+    addr = address(state)
+    return addr is not None and addr % 16 == 0
+
+
+def launch_dkdv_linear_wgmma(
+    kind, k_bits, v_bits, dh, n_marg, dk, dv, B, H, Nk, D, block_k, fm, stream, pf=PF_DEFAULT
+):  # fmt: skip
+    """``launch_dkdv_linear_tc`` (``tc/linear_backward.py``, same arguments) on the wgmma
+    kernel: add the linear branch's dk, dv into ``dk``, ``dv``. A ValueError for a
+    configuration it does not take (:func:`wgmma_unsupported_reason`)."""
+    who = "launch_dkdv_linear_wgmma"
+    B, H, Nk, D, block_k, fm = (int(x) for x in (B, H, Nk, D, block_k, fm))
+    _check_common(who, kind, D, block_k, fm, B, H)
+    reason = wgmma_unsupported_reason(kind, D, block_k)
+    if reason is not None:
+        raise ValueError(f"{who}: the wgmma kernel does not take {reason}")
+    nblk = -(-Nk // block_k)
+    if nblk <= 0 or B * H == 0:
+        return
+    Mk = _blocks_of(who, dh, B, H, D * D + D, nblk)
+    if dtype_name(dk) != "float32" or dtype_name(dv) != "float32" or dtype_name(n_marg) != "int32":
+        raise TypeError(f"{who}: dk, dv must be float32 and n_marg int32")
+    n = B * H * Nk * D
+    if min(size(k_bits), size(v_bits), size(dk), size(dv)) < n:
+        raise ValueError(f"{who}: k / v / dk / dv smaller than B*H*Nk*D")
+    if size(n_marg) < B * H * Mk:
+        raise ValueError(f"{who}: n_marg smaller than B*H*Mk")
+    addr = address(dh)
+    if not SIMULATED and (addr is None or addr % 16):
+        raise ValueError(f"{who}: dh must start on a 16-byte boundary")
+    kern = make_dkdv_linear_wgmma(kind, D, pf)
+    args = (flat(k_bits), flat(v_bits), flat(dh), flat(n_marg), flat(dk), flat(dv), H, Nk, Mk, fm)
+    _tc_build.launch(kern.kernel, (nblk, H, B), kern.threads, kern.smem_bytes, stream, args)
