@@ -855,7 +855,9 @@ def use_pipelined(pipeline, state):
     if pipeline is None:
         from ... import config
 
-        pipeline = config.linear_grad_kernel() == "pipelined"
+        # 'wgmma' (tc/linear_backward_wgmma.py) covers dk / dv on Hopper only: whatever
+        # it does not take runs on the pipelined kernels
+        pipeline = config.linear_grad_kernel() in ("pipelined", "wgmma")
     if not pipeline:
         return False
     addr = address(state)
@@ -972,7 +974,10 @@ def launch_dkdv_linear_tc(
     kind 'bf16' / 'f16'; k_bits, v_bits int16 (B, H, Nk, D); dh fp32 (B, H, Mk, D*D + D)
     (rows [vec(dH_j), dZ_j]); n_marg int32 (B, H, Mk) (query blocks that take j as
     marginal); dk, dv fp32 (B, H, Nk, D), added to. Flat views accepted. ``hk``, and
-    ``pipeline`` as in :func:`launch_dq_linear_tc`.
+    ``pipeline`` as in :func:`launch_dq_linear_tc`; with neither given,
+    ``SLA_NUMBA_LINEAR_GRAD=wgmma`` sends a configuration the wgmma kernel takes there
+    (``tc/linear_backward_wgmma.py``: cc 9.0, D 64 / 128, block 64, a 16-byte aligned
+    dh).
     """
     who = "launch_dkdv_linear_tc"
     B, H, Nk, D, block_k, fm = (int(x) for x in (B, H, Nk, D, block_k, fm))
@@ -988,6 +993,14 @@ def launch_dkdv_linear_tc(
         raise ValueError(f"{who}: k / v / dk / dv smaller than B*H*Nk*D")
     if size(n_marg) < B * H * Mk:
         raise ValueError(f"{who}: n_marg smaller than B*H*Mk")
+    if pipeline is None and hk is None:
+        from . import linear_backward_wgmma as _wg
+
+        if _wg.use_wgmma(kind, D, block_k, dh):  # SLA_NUMBA_LINEAR_GRAD=wgmma
+            _wg.launch_dkdv_linear_wgmma(
+                kind, k_bits, v_bits, dh, n_marg, dk, dv, B, H, Nk, D, block_k, fm, stream
+            )
+            return
     kern = get_dkdv_linear_kernel(kind, D, block_k, hk, use_pipelined(pipeline, dh))
     args = (
         flat(k_bits),

@@ -219,11 +219,14 @@ def make_dkdv_linear_wgmma(kind, D, pf=PF_DEFAULT):
             smemf[o4 + (F32 >> 2) + 2 * r] = mx
             smemf[o4 + (F32 >> 2) + 2 * r + 1] = inv
         for c2 in range(C // 2):
-            cc = li * C + 2 * c2
-            s4 = o4 + (_sw(r, cc, CA) >> 2)
+            s4 = o4 + (_sw(r, li * C + 2 * c2, CA) >> 2)
             p, pl = _split_pair(xs[2 * c2], xs[2 * c2 + 1])
             smem32[s4 + (PH >> 2)] = p if ok else ZI
             smem32[s4 + (PL >> 2)] = pl if ok else ZI
+        # v in a loop of its own (with φ's, LLVM leaves the fp16 loop rolled and xs in
+        # local memory: tools/check_tc_ptx.py --only linear_grad_wgmma)
+        for c2 in range(C // 2):
+            s4 = o4 + (_sw(r, li * C + 2 * c2, CA) >> 2)
             g = gk + 2 * c2
             if V_SPLIT:
                 p, pl = _split_pair(
