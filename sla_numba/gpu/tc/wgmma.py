@@ -293,7 +293,8 @@ def _run_ss(kind, n, trans_a, trans_b, smem, acc, desc_a, desc_b, scale_d):
         a = _to_float(decode_operand(smem, da, 64, trans_a), kind)
         return _product(smem, kind, n, [s[0] for s in slots], a, db, trans_b, sd)
 
-    mine = (np.array(acc.reshape(-1)[: n // 2], np.float64), desc_a, desc_b, scale_d)
+    with np.errstate(invalid="ignore"):  # scale_d 0: acc may hold garbage, unused
+        mine = (np.array(acc.reshape(-1)[: n // 2], np.float64), desc_a, desc_b, scale_d)
     d, idx = _collective(mine, compute)
     _scatter(d, n, acc, idx)
 
