@@ -419,8 +419,10 @@ def check_linear_grad_wgmma():
     i16, i32, f32 = int16[::1], int32[::1], float32[::1]
     sig = (i16, i16, f32, i32, f32, f32, int64, int64, int64, int64)
     ok = True
-    for kind, D, pf in (("bf16", 128, 16), ("bf16", 128, 8), ("f16", 128, 16), ("bf16", 64, 8)):
-        kern = lw.make_dkdv_linear_wgmma(kind, D, pf).kernel
+    variants = [("bf16", 128, 16, True), ("bf16", 128, 8, True), ("bf16", 128, 16, False)]
+    variants += [("f16", 128, 16, True), ("bf16", 64, 8, True), ("bf16", 64, 8, False)]
+    for kind, D, pf, share in variants:
+        kern = lw.make_dkdv_linear_wgmma(kind, D, pf, share).kernel
         fm = kern.targetoptions.get("fastmath", False)
         t0 = time.time()
         ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0, "a"), fastmath=fm)
@@ -441,9 +443,10 @@ def check_linear_grad_wgmma():
         good = target == "sm_90a" and n_wg == want and fences == 2 and local == 0
         ok &= good
         print(
-            f"{'ok ' if good else 'BAD'} dkdv_linear_wgmma {kind} D={D} pf={pf}: {target}, "
+            f"{'ok ' if good else 'BAD'} dkdv_linear_wgmma {kind} D={D} pf={pf} share={share}: "
+            f"{target}, "
             f"wgmma {n_wg} (want {want}), fences {fences}, .local {local}, {asm}, "
-            f"smem {lw.smem_layout(D, kind)['bytes']} B, {time.time() - t0:.1f} s"
+            f"smem {lw.smem_layout(D, kind, share)['bytes']} B, {time.time() - t0:.1f} s"
         )
     return ok
 

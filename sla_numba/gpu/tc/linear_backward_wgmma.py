@@ -27,14 +27,16 @@ One CTA = one key block of 64 rows = one warpgroup (4 warps, 128 threads) = the 
 one ``m64nDk16``; grid (Mk, H, B) as for the mma.sync kernel. Tiles (bf16 bits,
 128-byte swizzle, column chunks of 64 values, 1024-aligned; ``tc/wgmma.py``)::
 
-    V hi | (V lo: fp16 inputs only) | φ hi | φ lo | dH hi | dH lo | fp32: (mx, 1/Σ) per row, dZ
+    V hi = φ hi | V lo = φ lo | dH hi | dH lo | fp32: (mx, 1/Σ) per row, dZ     (share, default)
+    V hi | (V lo: fp16 only) | φ hi | φ lo | dH hi | dH lo | fp32 ...           (share=False)
 
 V and φ are 64 x D, stored as D/64 chunks of 64 rows x 128 bytes ([c][e]: K-major
 for A). dH_j is D x D stored [d][e] as D/64 chunks of D rows x 128 bytes. Read with
 the row index d as N and e as k, that is B of pass 1 K-major (``v · dH_jᵀ``: element
 (n = d, k = e)); read with d as k and e as N, it is B of pass 2 MN-major (``φ · dH_j``,
 ``imm-trans-b = 1``, LBO = the distance of two column chunks, D·128 bytes). So one
-copy of dH_j serves both passes (D = 128, bf16: 16 + 32 + 64 KiB + 1 KiB = 114 KiB).
+copy of dH_j serves both passes (D = 128: 32 + 64 KiB + 2 KiB = 98 KiB, two CTAs an
+SM; with ``share=False`` and bf16 114 KiB, one CTA an SM).
 
 Precision (as the mma.sync kernel): fp32 values split into bf16 ``hi`` + ``lo``;
 pass 1 = ``v·dHhiᵀ + v·dHloᵀ`` for bf16 v (exact), plus ``vlo·dHhiᵀ`` for fp16 v
@@ -48,8 +50,8 @@ Steps of one CTA (``tid`` 0..127, ``w = tid >> 5``, ``g = lane >> 2``, ``t = lan
 0. The first ``PF`` 16-byte loads of dH_j are issued (``ldg_v4_f32``) before anything
    else: in flight during step 1.
 1. Rows (as the mma.sync kernel): lane pair ``r = tid >> 1`` loads k_r, computes φ
-   (softmax stats over the pair by ``shfl_xor``), stores φ hi / lo and v (bits, or
-   hi / lo) at their swizzled places; (mx, 1/Σ) per row and dZ_j into the fp32 area.
+   (softmax stats over the pair by ``shfl_xor``), stores v (bits, or hi / lo) and,
+   unless ``share``, φ hi / lo at their swizzled places; (mx, 1/Σ) per row and dZ_j into the fp32 area.
    Rows past the sequence: zeros.
 2. dH_j: D·D/4 quads, ``PF`` a thread in flight at a time, split into hi / lo and stored
    swizzled. ``fence.proxy.async`` (generic-proxy stores, async-proxy readers), barrier.
@@ -58,7 +60,15 @@ Steps of one CTA (``tid`` 0..127, ``w = tid >> 5``, ``g = lane >> 2``, ``t = lan
    the m16n8 C layout of warp w, so the mma.sync kernel's epilogue helpers apply
    unchanged), one commit, ``wait_group 0``. Epilogue: − dZ_j, the chain rule (softmax's
    φ·dφ summed over the quad by two ``shfl_xor``), ``dk += `` (one writer per element).
+   ``share``: barrier (every warp is past its wait: V is read no more), φ of the rows
+   computed again from k (the same values: the stats of step 1) and stored into V's
+   tiles, ``fence.proxy.async``, barrier.
 4. Pass 2: D/16 k-steps x 3 wgmma into the same registers, wait, ``dv +=``.
+
+Variants (``make_dkdv_linear_wgmma``; ``tools/sweep_linear_backward_wgmma.py`` times
+them on the H200; the defaults are guesses until it has run): ``pf`` 16-byte loads of
+dH_j in flight a thread (8 / 16; 16 is 64 registers, free before pass 1), ``share``
+(φ in V's tiles: two CTAs an SM at D = 128, for one more barrier and φ computed twice).
 
 Blocks with no marginal partner (``n_marg <= 0``) return at once, as in the mma.sync
 kernel. Under the CUDA simulator the wgmma twins (``tc/wgmma.py``) run the same code
@@ -99,6 +109,9 @@ HEAD_DIMS = (64, 128)
 THREADS = 128
 #: 16-byte loads of dH_j a thread keeps in flight (registers: 4 each) when not given.
 PF_DEFAULT = 16
+#: φ's tiles share V's shared memory (written after pass 1) when not given: 98 KiB at
+#: D = 128 instead of 114 (bf16), so two CTAs fit an SM (module doc, "Variants").
+SHARE_DEFAULT = True
 #: Descriptor fields: K-major operands SBO 1024 (8 rows; LBO unused: 16); dH_j read
 #: MN-major: LBO = the distance of two 64-column chunks (D rows x 128 bytes), SBO 1024.
 K_LBO, SBO = 16, 1024
@@ -117,16 +130,21 @@ def wgmma_unsupported_reason(kind, D, block, device=None):
     return None
 
 
-def smem_layout(D, kind):
+def smem_layout(D, kind, share=SHARE_DEFAULT):
     """Byte offsets (from the 1024-aligned base) of the tiles and the fp32 area, and the
-    dynamic shared-memory bytes to ask for (+1024 for the alignment)."""
+    dynamic shared-memory bytes to ask for (+1024 for the alignment). ``share``: φ hi /
+    lo take V hi / lo's places (both kinds get a lo tile)."""
     ta = BLOCK * D * 2  # a 64-row tile: D/64 chunks of 8 KiB
     tx = D * D * 2  # dH_j: D/64 chunks of D rows x 128 bytes
     vh = 0
     vl = ta
-    ph = vl + (ta if kind == "f16" else 0)  # bf16 v is exact: no lo tile
-    pl = ph + ta
-    xh = pl + ta
+    if share:
+        ph, pl = vh, vl
+        xh = 2 * ta
+    else:
+        ph = vl + (ta if kind == "f16" else 0)  # bf16 v is exact: no lo tile
+        pl = ph + ta
+        xh = pl + ta
     xl = xh + tx
     f32 = xl + tx
     nbytes = f32 + (2 * BLOCK + D) * 4 + 1024
@@ -140,13 +158,26 @@ def _sw(r, c, CB):
     return (c >> 6) * CB + r * 128 + ((((c & 63) >> 3) ^ (r & 7)) << 4) + 2 * (c & 7)
 
 
+@_compat.device(**_DEV)
+def _put_phi(smem32, xs, o4, r, li, ok, C, CA, PH, PL):
+    """φ of this lane's C values of row r (``xs``), split into hi / lo, at their swizzled
+    places in the φ tiles (byte offsets PH / PL from the base, ``o4`` = the base as an
+    int32 index); zeros for a row past the sequence (not ``ok``)."""
+    for c2 in range(C // 2):
+        s4 = o4 + (_sw(r, li * C + 2 * c2, CA) >> 2)
+        p, pl = _split_pair(xs[2 * c2], xs[2 * c2 + 1])
+        smem32[s4 + (PH >> 2)] = p if ok else ZI
+        smem32[s4 + (PL >> 2)] = pl if ok else ZI
+
+
 @functools.cache
 @kernel_factory
-def make_dkdv_linear_wgmma(kind, D, pf=PF_DEFAULT):
+def make_dkdv_linear_wgmma(kind, D, pf=PF_DEFAULT, share=SHARE_DEFAULT):
     """Build ``dkdv_linear_wgmma(k, v, dh, n_marg, dk, dv, H, Nk, Mk, fm)`` (module doc;
     the arguments of ``tc/linear_backward.py``'s ``dkdv_linear``). Grid (Mk, H, B), 128
-    threads. ``pf``: 16-byte loads of dH_j in flight a thread (a power of two). Returns
-    a ``LinearGradKernel``."""
+    threads. ``pf``: 16-byte loads of dH_j in flight a thread (a power of two);
+    ``share``: φ written into V's tiles after pass 1 (module doc, "Variants"). Returns a
+    ``LinearGradKernel``."""
     if kind not in ("bf16", "f16") or D not in HEAD_DIMS:
         raise ValueError(f"wgmma dk / dv: kind {kind!r}, D = {D} unsupported")
     NT = THREADS
@@ -161,7 +192,8 @@ def make_dkdv_linear_wgmma(kind, D, pf=PF_DEFAULT):
     KS = D // 16
     IN_F16 = kind == "f16"
     V_SPLIT = IN_F16
-    lay = smem_layout(D, kind)
+    SHARE = bool(share)
+    lay = smem_layout(D, kind, SHARE)
     VH, VL, PH, PL, XH, XL, F32 = (lay[x] for x in ("vh", "vl", "ph", "pl", "xh", "xl", "f32"))
     ZOFF = F32 + 2 * BLOCK * 4  # bytes: dZ_j after the row stats
     SMEM = lay["bytes"]
@@ -218,11 +250,8 @@ def make_dkdv_linear_wgmma(kind, D, pf=PF_DEFAULT):
         if li == 0:
             smemf[o4 + (F32 >> 2) + 2 * r] = mx
             smemf[o4 + (F32 >> 2) + 2 * r + 1] = inv
-        for c2 in range(C // 2):
-            s4 = o4 + (_sw(r, li * C + 2 * c2, CA) >> 2)
-            p, pl = _split_pair(xs[2 * c2], xs[2 * c2 + 1])
-            smem32[s4 + (PH >> 2)] = p if ok else ZI
-            smem32[s4 + (PL >> 2)] = pl if ok else ZI
+        if not SHARE:
+            _put_phi(smem32, xs, o4, r, li, ok, C, CA, PH, PL)
         # v in a loop of its own (with φ's, LLVM leaves the fp16 loop rolled and xs in
         # local memory: tools/check_tc_ptx.py --only linear_grad_wgmma)
         for c2 in range(C // 2):
@@ -288,6 +317,12 @@ def make_dkdv_linear_wgmma(kind, D, pf=PF_DEFAULT):
         mx0, iv0, mx1, iv1 = smemf[f0], smemf[f0 + 1], smemf[f1], smemf[f1 + 1]
         _chain(acc, k, ka_, D * 8, mx0, iv0, mx1, iv1, ok0, ok1, fm, IN_F16, NN)
         _add_rows(dk, ka_, acc, D, ok0, ok1, NN)
+        if SHARE:  # φ into V's tiles, now that every warp's pass-1 wgmma are done
+            cuda.syncthreads()
+            _load_phi_row(xs, k, gk, ok, C, fm, IN_F16)
+            _put_phi(smem32, xs, o4, r, li, ok, C, CA, PH, PL)
+            fence_proxy_async()
+            cuda.syncthreads()
 
         # --- 4. pass 2: dv += φ(K) · dH_j (A = φ [c][d] K-major, B = dH_j [d][e] MN-major)
         wg_fence(acc, NACC)
@@ -320,11 +355,13 @@ def use_wgmma(kind, D, block, state):
 
 
 def launch_dkdv_linear_wgmma(
-    kind, k_bits, v_bits, dh, n_marg, dk, dv, B, H, Nk, D, block_k, fm, stream, pf=PF_DEFAULT
+    kind, k_bits, v_bits, dh, n_marg, dk, dv, B, H, Nk, D, block_k, fm, stream, pf=PF_DEFAULT,
+    share=SHARE_DEFAULT,
 ):  # fmt: skip
     """``launch_dkdv_linear_tc`` (``tc/linear_backward.py``, same arguments) on the wgmma
     kernel: add the linear branch's dk, dv into ``dk``, ``dv``. A ValueError for a
-    configuration it does not take (:func:`wgmma_unsupported_reason`)."""
+    configuration it does not take (:func:`wgmma_unsupported_reason`). ``pf``, ``share``:
+    the kernel variant (:func:`make_dkdv_linear_wgmma`)."""
     who = "launch_dkdv_linear_wgmma"
     B, H, Nk, D, block_k, fm = (int(x) for x in (B, H, Nk, D, block_k, fm))
     _check_common(who, kind, D, block_k, fm, B, H)
@@ -345,6 +382,6 @@ def launch_dkdv_linear_wgmma(
     addr = address(dh)
     if not SIMULATED and (addr is None or addr % 16):
         raise ValueError(f"{who}: dh must start on a 16-byte boundary")
-    kern = make_dkdv_linear_wgmma(kind, D, pf)
+    kern = make_dkdv_linear_wgmma(kind, D, int(pf), bool(share))
     args = (flat(k_bits), flat(v_bits), flat(dh), flat(n_marg), flat(dk), flat(dv), H, Nk, Mk, fm)
     _tc_build.launch(kern.kernel, (nblk, H, B), kern.threads, kern.smem_bytes, stream, args)

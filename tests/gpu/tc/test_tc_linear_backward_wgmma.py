@@ -149,16 +149,21 @@ def _check(kind, B, H, N, D, fm, zero_blocks, seed, launch):
 
 # kind, B, H, N, D, fm, blocks without partners
 SIM_CASES = [
-    ("bf16", 1, 1, 100, 64, 0, ()),  # a full block and a partial one (36 rows)
-    ("f16", 1, 1, 70, 64, 1, (0,)),  # v split; a dead block (NaN dH); 6 rows left
-    ("bf16", 1, 1, 24, 128, 2, ()),  # D = 128 (two column chunks); 24 rows
+    ("bf16", 1, 1, 100, 64, 0, (), True),  # a full block and a partial one (36 rows)
+    ("bf16", 1, 1, 100, 64, 0, (), False),  # φ in tiles of its own
+    ("f16", 1, 1, 70, 64, 1, (0,), True),  # v split; a dead block (NaN dH); 6 rows left
+    ("f16", 1, 1, 40, 64, 2, (), False),
+    ("bf16", 1, 1, 24, 128, 2, (), True),  # D = 128 (two column chunks); 24 rows
 ]
 
 
 @needs_sim
-@pytest.mark.parametrize("kind,B,H,N,D,fm,zero", SIM_CASES)
-def test_sim_dkdv_wgmma_matches_float64(kind, B, H, N, D, fm, zero):
-    _check(kind, B, H, N, D, fm, zero, D + fm, lw.launch_dkdv_linear_wgmma)
+@pytest.mark.parametrize("kind,B,H,N,D,fm,zero,share", SIM_CASES)
+def test_sim_dkdv_wgmma_matches_float64(kind, B, H, N, D, fm, zero, share):
+    def launch(*a):
+        lw.launch_dkdv_linear_wgmma(*a, pf=8, share=share)
+
+    _check(kind, B, H, N, D, fm, zero, D + fm, launch)
 
 
 # --------------------------------------------------------------------------- 3. switch
