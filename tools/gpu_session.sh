@@ -25,6 +25,9 @@
 #            kernels (SLA_NUMBA_SPARSE_BWD), same bits, TFLOP/s (Wan shape, D=64 B2 H16)
 #   sparsewg tools/sweep_sparse_wgmma.py: the sparse forward on wgmma (SLA_NUMBA_SPARSE_FWD)
 #            against the mma.sync kernel at the Wan shape (bf16 D 128 / 64, fp16), --quick first
+#   lbwdwg   tools/sweep_linear_backward_wgmma.py: the linear branch's dk / dv on wgmma
+#            (SLA_NUMBA_LINEAR_GRAD=wgmma) variants against the pipelined kernel, float64 and
+#            the cuBLAS floor, Wan (D 128) and B2 H16 N8192 D64, --quick first (LBWDWG_TIMEOUT)
 #   nvmath   tools/nvmath_eval.py: nvmath-python's cuBLASDx GEMM tiles (nvmath.device, in a
 #            numba-cuda kernel; its wheels carried in .whl/) vs the project's mma.sync states
 #            kernels and torch.bmm on the linear branch's states product (NVMATH_TIMEOUT)
@@ -95,6 +98,9 @@ for step in "$@"; do
     sparsebwd) TAIL=40 run sparse_bwd ${SPARSEBWD_TIMEOUT:-150} python tools/sweep_sparse_backward.py ;;
     sparsewg) TAIL=40 run sparsewg_quick 120 python tools/sweep_sparse_wgmma.py --quick
               TAIL=40 run sparsewg ${SPARSEWG_TIMEOUT:-150} python tools/sweep_sparse_wgmma.py ;;
+    lbwdwg)  TAIL=40 run lbwdwg_quick 120 python tools/sweep_linear_backward_wgmma.py --quick \
+                 --shapes wan
+             TAIL=40 run lbwdwg ${LBWDWG_TIMEOUT:-150} python tools/sweep_linear_backward_wgmma.py ;;
     nvmath)  TAIL=40 run nvmath ${NVMATH_TIMEOUT:-420} python tools/nvmath_eval.py ;;
     states)  TAIL=40 run states ${STATES_TIMEOUT:-120} python tools/sweep_states.py ;;
     host)    TAIL=40 run host ${HOST_TIMEOUT:-200} python tools/host_overhead.py ${HOST_ARGS:-} \
