@@ -869,6 +869,12 @@ def use_pipelined(pipeline, state):
 # ---------------------------------------------------------------------------
 
 
+def _wgmma_takes(kind, D, block, state):
+    from .linear_backward_wgmma import use_wgmma
+
+    return use_wgmma(kind, D, block, state)
+
+
 def _check_common(who, kind, D, block, fm, B, H):
     if kind not in KINDS:
         raise ValueError(f"{who}: kind {kind!r}")
@@ -919,7 +925,11 @@ def launch_dq_linear_tc(
     accepted; Numba device arrays or torch / CuPy CUDA tensors (numpy under the
     simulator). ``hk``: columns of H_i staged at a time (tests). ``pipeline``: None
     follows ``SLA_NUMBA_LINEAR_GRAD``; True / False force the pipelined / register kernel
-    (same bits; :func:`use_pipelined`).
+    (same bits; :func:`use_pipelined`); "wgmma" the Hopper kernel
+    (``tc/linear_backward_wgmma.py``, whose ``launch_dq_linear_wgmma`` checks that it
+    takes the configuration). With neither ``hk`` nor ``pipeline`` given,
+    ``SLA_NUMBA_LINEAR_GRAD=wgmma`` sends a configuration it takes there (cc 9.0, D 64 /
+    128, block 64, a 16-byte aligned lstate).
     """
     who = "launch_dq_linear_tc"
     B, H, Nq, D, block_q, fm = (int(x) for x in (B, H, Nq, D, block_q, fm))
@@ -946,8 +956,13 @@ def launch_dq_linear_tc(
         raise ValueError(f"{who}: q / o_l / do_l / dq smaller than B*H*Nq*D")
     if size(n_marg) < B * H * Mq:
         raise ValueError(f"{who}: n_marg smaller than B*H*Mq")
-    pipe = use_pipelined(pipeline, lstate)
-    kern = get_dq_linear_kernel(kind, D, block_q, l_half, hk, pipe, q_bf16)
+    if pipeline == "wgmma" or (pipeline is None and hk is None and _wgmma_takes(kind, D, block_q, lstate)):  # fmt: skip
+        from .linear_backward_wgmma import make_dq_linear_wgmma  # SLA_NUMBA_LINEAR_GRAD=wgmma
+
+        kern = make_dq_linear_wgmma(kind, D, l_half, q_bf16)
+    else:
+        pipe = use_pipelined(pipeline, lstate)
+        kern = get_dq_linear_kernel(kind, D, block_q, l_half, hk, pipe, q_bf16)
     args = (
         flat(q_bits),
         flat(o_l),
@@ -993,14 +1008,13 @@ def launch_dkdv_linear_tc(
         raise ValueError(f"{who}: k / v / dk / dv smaller than B*H*Nk*D")
     if size(n_marg) < B * H * Mk:
         raise ValueError(f"{who}: n_marg smaller than B*H*Mk")
-    if pipeline is None and hk is None:
-        from . import linear_backward_wgmma as _wg
+    if pipeline is None and hk is None and _wgmma_takes(kind, D, block_k, dh):
+        from . import linear_backward_wgmma as _wg  # SLA_NUMBA_LINEAR_GRAD=wgmma
 
-        if _wg.use_wgmma(kind, D, block_k, dh):  # SLA_NUMBA_LINEAR_GRAD=wgmma
-            _wg.launch_dkdv_linear_wgmma(
-                kind, k_bits, v_bits, dh, n_marg, dk, dv, B, H, Nk, D, block_k, fm, stream
-            )
-            return
+        _wg.launch_dkdv_linear_wgmma(
+            kind, k_bits, v_bits, dh, n_marg, dk, dv, B, H, Nk, D, block_k, fm, stream
+        )
+        return
     kern = get_dkdv_linear_kernel(kind, D, block_k, hk, use_pipelined(pipeline, dh))
     args = (
         flat(k_bits),

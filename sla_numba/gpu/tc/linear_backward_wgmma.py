@@ -97,9 +97,10 @@ from .._precompile import kernel_factory
 from . import build as _tc_build
 from .build import address, dtype_name, flat, size
 from .forward_wgmma import wgmma_device_ok
-from .linear import _DEV, FASTMATH, ZI, _in_f32, _load_phi_row, _split_pair, u64
+from .linear import _DEV, FASTMATH, ONE, ZERO, ZI, _in_f32, _load_phi_row, _split_pair, u64
 from .linear_backward import LinearGradKernel, _add_rows, _blocks_of, _chain, _check_common
-from .ptx import SIMULATED, ldg_v4_f32, smem_addr
+from .ptx import SIMULATED, ldg_v4_f32, pack_bf16x2, shfl_xor, smem_addr
+from .states import _high16, _low16
 from .tiles import SMEM_ALIGN
 from .wgmma import desc_hi, fence_proxy_async, make_wgmma_ss, wg_commit, wg_fence, wg_wait
 
@@ -340,6 +341,240 @@ def make_dkdv_linear_wgmma(kind, D, pf=PF_DEFAULT, share=SHARE_DEFAULT):
     return LinearGradKernel(dkdv_linear_wgmma, SMEM, NT)
 
 
+@functools.cache
+@kernel_factory
+def make_dq_linear_wgmma(kind, D, l_half, q_bf16=False, pf=PF_DEFAULT):
+    """Build ``dq_linear_wgmma(q, o_l, do_l, lstate, n_marg, dq, qstate, H, Nq, Mq, fm,
+    eps)`` (module doc, "dq_linear"; the arguments of ``tc/linear_backward.py``'s
+    ``dq_linear``). Grid (Mq, H, B), 128 threads. ``l_half``: o_l / do_l int16 bits of
+    ``kind`` (else fp32); ``q_bf16``: qstate int16, each value rounded to bf16; ``pf``:
+    16-byte loads of H_i in flight a thread. Returns a ``LinearGradKernel``."""
+    if kind not in ("bf16", "f16") or D not in HEAD_DIMS:
+        raise ValueError(f"wgmma dq: kind {kind!r}, D = {D} unsupported")
+    NT = THREADS
+    QPT = D * D // 4 // NT
+    PF = min(int(pf), QPT)
+    if PF <= 0 or QPT % PF:
+        raise ValueError(f"wgmma dq: pf = {pf} must divide {QPT}")
+    C = D // 2
+    Q4 = D // 4
+    NN = D // 8
+    NACC = D // 2
+    KS = D // 16
+    IN_F16 = kind == "f16"
+    L_HALF = bool(l_half)
+    DO_SPLIT = not (L_HALF and kind == "bf16")  # bf16 dO_l is exact: one term
+    Q16 = bool(q_bf16)
+    QZERO = int16(0) if Q16 else float32(0.0)
+    ta = BLOCK * D * 2
+    DOH = 0
+    DOL = ta
+    CH = DOL + (ta if DO_SPLIT else 0)
+    CL = CH + ta
+    XH = CL + ta
+    XL = XH + D * D * 2
+    F32 = XL + D * D * 2  # bytes: rows [64][4] (mx, 1/Σ, 1/den, δl), then Z [D]
+    ZOFF = F32 + 4 * BLOCK * 4
+    SMEM = ZOFF + D * 4 + 1024
+    CA = BLOCK * 128
+    CX = D * 128
+    HI_K = np.int64(desc_hi(K_LBO, SBO))
+    HI_M = np.int64(desc_hi(CA, SBO))  # ĉ and dO_l read MN-major (pass 2)
+    W = D * D + D
+    mm_k = make_wgmma_ss("bf16", D)  # pass 1: A, B K-major
+    mm_tt = make_wgmma_ss("bf16", D, 1, 1)  # pass 2: A = ĉᵀ and B = dO_l MN-major
+
+    @_compat.device(**_DEV)
+    def dsc(addr, hi):
+        return int64((addr & 0x3FFFF) >> 4) | hi
+
+    @_compat.kernel(fastmath=FASTMATH)
+    def dq_linear_wgmma(q, o_l, do_l, lstate, n_marg, dq, qstate, H, Nq, Mq, fm, eps):
+        smem = cuda.shared.array(0, int16, alignment=SMEM_ALIGN)
+        smem32 = cuda.shared.array(0, int32, alignment=SMEM_ALIGN)
+        smemf = cuda.shared.array(0, float32, alignment=SMEM_ALIGN)
+        xs = cuda.local.array(C, float32)
+        acc = cuda.local.array((NN, 4), float32)
+        pf = cuda.local.array((PF, 4), float32)
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        warp = tid >> 5
+        i = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        bh = b * H + h
+        r0 = i * BLOCK
+        nrows = min(Nq - r0, BLOCK)
+        ob = (bh * Nq + r0) * D
+        sb = (bh * Mq + i) * W
+        if n_marg[u64(bh * Mq + i)] <= 0:  # no marginal key block: no linear gradient
+            for x in range(tid, W, NT):
+                qstate[u64(sb + x)] = QZERO
+            return
+        sa = smem_addr(smem)
+        base = int32((sa + 1023) & ~1023)
+        o4 = (base - sa) >> 2
+
+        # --- 0. the first PF quads of H_i: in flight during step 1
+        for u in range(PF):
+            x = tid + u * NT
+            rr = x // Q4
+            a0, a1, a2, a3 = ldg_v4_f32(lstate, int64(sb + rr * D + (x - rr * Q4) * 4))
+            pf[u, 0], pf[u, 1], pf[u, 2], pf[u, 3] = a0, a1, a2, a3
+
+        # --- 1. rows: φ(q_r), den_r, δl_r; ĉ hi / lo and dO_l into swizzled tiles
+        r = tid >> 1
+        li = tid & 1
+        ok = r < nrows
+        gq = ob + (r if ok else 0) * D + li * C
+        mx, inv = _load_phi_row(xs, q, gq, ok, C, fm, IN_F16)
+        den = ZERO
+        dl = ZERO
+        for c in range(C):
+            den += xs[c] * lstate[u64(sb + D * D + li * C + c)]
+            if ok:
+                if L_HALF:
+                    dl += _in_f32(int32(o_l[u64(gq + c)]), IN_F16) * _in_f32(
+                        int32(do_l[u64(gq + c)]), IN_F16
+                    )
+                else:
+                    dl += float32(o_l[u64(gq + c)]) * float32(do_l[u64(gq + c)])
+        den += shfl_xor(den, 1)
+        dl += shfl_xor(dl, 1)
+        inv_den = ONE / (den + eps) if ok else ZERO
+        if not ok:
+            dl = ZERO
+        fr = o4 + (F32 >> 2) + 4 * r
+        if li == 0:
+            smemf[fr] = mx
+            smemf[fr + 1] = inv
+            smemf[fr + 2] = inv_den
+            smemf[fr + 3] = dl
+        for c2 in range(C // 2):
+            s4 = o4 + (_sw(r, li * C + 2 * c2, CA) >> 2)
+            p, pl = _split_pair(xs[2 * c2] * inv_den, xs[2 * c2 + 1] * inv_den)
+            smem32[s4 + (CH >> 2)] = p if ok else ZI
+            smem32[s4 + (CL >> 2)] = pl if ok else ZI
+        for c2 in range(C // 2):
+            s4 = o4 + (_sw(r, li * C + 2 * c2, CA) >> 2)
+            g = gq + 2 * c2
+            if L_HALF and not IN_F16:  # bf16 bits: copied as they are
+                p = (int32(do_l[u64(g)]) & 0xFFFF) | (int32(do_l[u64(g + 1)]) << 16)
+                pl = ZI
+            elif L_HALF:
+                p, pl = _split_pair(
+                    _in_f32(int32(do_l[u64(g)]), IN_F16), _in_f32(int32(do_l[u64(g + 1)]), IN_F16)
+                )
+            else:
+                p, pl = _split_pair(float32(do_l[u64(g)]), float32(do_l[u64(g + 1)]))
+            smem32[s4 + (DOH >> 2)] = p if ok else ZI
+            if DO_SPLIT:
+                smem32[s4 + (DOL >> 2)] = pl if ok else ZI
+        for x in range(tid, D, NT):
+            smemf[o4 + (ZOFF >> 2) + x] = lstate[u64(sb + D * D + x)]
+
+        # --- 2. H_i -> hi / lo tiles [d][e]
+        _stage_state(smem32, pf, lstate, sb, o4, XH, XL, D, Q4, CX, QPT, PF, tid, NT)
+        fence_proxy_async()
+        cuda.syncthreads()
+
+        # --- 3. pass 1: dφ(q) = (dO_l · H_iᵀ − δl Z_i) / den; chain rule; dq +=
+        wg_fence(acc, NACC)
+        for ks in range(KS):
+            ka = (ks >> 2) * CA + (ks & 3) * 32
+            kx = (ks >> 2) * CX + (ks & 3) * 32
+            sd = 0 if ks == 0 else 1
+            mm_k(smem, acc, dsc(base + DOH + ka, HI_K), dsc(base + XH + kx, HI_K), sd)
+            mm_k(smem, acc, dsc(base + DOH + ka, HI_K), dsc(base + XL + kx, HI_K), 1)
+            if DO_SPLIT:
+                mm_k(smem, acc, dsc(base + DOL + ka, HI_K), dsc(base + XH + kx, HI_K), 1)
+        wg_commit()
+        wg_wait(acc, NACC, 0)
+        t = lane & 3
+        g8 = lane >> 2
+        ra = warp * 16 + g8
+        f0 = o4 + (F32 >> 2) + 4 * ra
+        f1 = f0 + 32
+        for n in range(NN):
+            for x in range(2):
+                zc = smemf[o4 + (ZOFF >> 2) + 8 * n + 2 * t + x]
+                acc[n, x] = (acc[n, x] - smemf[f0 + 3] * zc) * smemf[f0 + 2]
+                acc[n, 2 + x] = (acc[n, 2 + x] - smemf[f1 + 3] * zc) * smemf[f1 + 2]
+        ok0 = ra < nrows
+        ok1 = ra + 8 < nrows
+        qa = ob + ra * D + 2 * t
+        mx0, iv0, mx1, iv1 = smemf[f0], smemf[f0 + 1], smemf[f1], smemf[f1 + 1]
+        _chain(acc, q, qa, D * 8, mx0, iv0, mx1, iv1, ok0, ok1, fm, IN_F16, NN)
+        _add_rows(dq, qa, acc, D, ok0, ok1, NN)
+
+        # --- 4. pass 2: QO_i = ĉᵀ · dO_l, one m64 tile of d1 at a time (k = the rows)
+        for mt in range(D // 64):
+            wg_fence(acc, NACC)
+            for ks in range(BLOCK // 16):
+                am = mt * CA + ks * 2048  # rows 16ks.. of ĉ's column chunk mt
+                bk = ks * 2048
+                sd = 0 if ks == 0 else 1
+                mm_tt(smem, acc, dsc(base + CH + am, HI_M), dsc(base + DOH + bk, HI_M), sd)
+                mm_tt(smem, acc, dsc(base + CL + am, HI_M), dsc(base + DOH + bk, HI_M), 1)
+                if DO_SPLIT:
+                    mm_tt(smem, acc, dsc(base + CH + am, HI_M), dsc(base + DOL + bk, HI_M), 1)
+            wg_commit()
+            wg_wait(acc, NACC, 0)
+            so = sb + (mt * 64 + ra) * D + 2 * t
+            for n in range(NN):
+                if Q16:  # each pair rounded to bf16, stored as two 16-bit values
+                    p = pack_bf16x2(acc[n, 0], acc[n, 1])
+                    qstate[u64(so + 8 * n)] = _low16(p)
+                    qstate[u64(so + 8 * n + 1)] = _high16(p)
+                    p = pack_bf16x2(acc[n, 2], acc[n, 3])
+                    qstate[u64(so + 8 * D + 8 * n)] = _low16(p)
+                    qstate[u64(so + 8 * D + 8 * n + 1)] = _high16(p)
+                else:
+                    for x in range(2):
+                        qstate[u64(so + 8 * n + x)] = acc[n, x]
+                        qstate[u64(so + 8 * D + 8 * n + x)] = acc[n, 2 + x]
+        # QD_i[d1] = Σ_r ĉ[r][d1] · δl_r (rows past the block: ĉ = 0, δl = 0)
+        o2 = (base - sa) >> 1
+        for d1 in range(tid, D, NT):
+            s = ZERO
+            for rr in range(BLOCK):
+                at = o2 + (_sw(rr, d1, CA) >> 1)
+                cv = _in_f32(int32(smem[at + (CH >> 1)]), False)
+                cv += _in_f32(int32(smem[at + (CL >> 1)]), False)
+                s += cv * smemf[o4 + (F32 >> 2) + 4 * rr + 3]
+            if Q16:
+                qstate[u64(sb + D * D + d1)] = _low16(pack_bf16x2(s, s))
+            else:
+                qstate[u64(sb + D * D + d1)] = s
+
+    return LinearGradKernel(dq_linear_wgmma, SMEM, NT)
+
+
+@_compat.device(**_DEV)
+def _stage_state(smem32, pf, src, sb, o4, XH, XL, D, Q4, CX, QPT, PF, tid, NT):
+    """The D x D fp32 state at ``src[sb:]`` into the swizzled bf16 hi / lo tiles [d][e]
+    (byte offsets XH / XL from the base), PF 16-byte loads a thread in flight at a time;
+    ``pf`` holds the first PF (issued by the caller) on entry."""
+    for rnd in range(QPT // PF):
+        if rnd > 0:
+            for u in range(PF):
+                x = tid + (rnd * PF + u) * NT
+                rr = x // Q4
+                a0, a1, a2, a3 = ldg_v4_f32(src, int64(sb + rr * D + (x - rr * Q4) * 4))
+                pf[u, 0], pf[u, 1], pf[u, 2], pf[u, 3] = a0, a1, a2, a3
+        for u in range(PF):
+            x = tid + (rnd * PF + u) * NT
+            rr = x // Q4
+            cc = (x - rr * Q4) * 4
+            s4 = o4 + (_sw(rr, cc, CX) >> 2)
+            p0, l0 = _split_pair(pf[u, 0], pf[u, 1])
+            p1, l1 = _split_pair(pf[u, 2], pf[u, 3])
+            smem32[s4 + (XH >> 2)] = p0
+            smem32[s4 + (XH >> 2) + 1] = p1
+            smem32[s4 + (XL >> 2)] = l0
+            smem32[s4 + (XL >> 2) + 1] = l1
+
+
 def use_wgmma(kind, D, block, state):
     """Whether a dk / dv launch takes the wgmma kernel: ``SLA_NUMBA_LINEAR_GRAD=wgmma``,
     a configuration it takes (:func:`wgmma_unsupported_reason`) and a 16-byte aligned
@@ -385,3 +620,24 @@ def launch_dkdv_linear_wgmma(
     kern = make_dkdv_linear_wgmma(kind, D, int(pf), bool(share))
     args = (flat(k_bits), flat(v_bits), flat(dh), flat(n_marg), flat(dk), flat(dv), H, Nk, Mk, fm)
     _tc_build.launch(kern.kernel, (nblk, H, B), kern.threads, kern.smem_bytes, stream, args)
+
+
+def launch_dq_linear_wgmma(
+    kind, q_bits, o_l, do_l, lstate, n_marg, dq, qstate, B, H, Nq, D, block_q, fm, eps, stream
+):  # fmt: skip
+    """``launch_dq_linear_tc`` (``tc/linear_backward.py``, same arguments and checks) on
+    the wgmma kernel: add the linear branch's dq into ``dq``, write QO_i / QD_i into
+    ``qstate``. A ValueError for a configuration it does not take."""
+    from .linear_backward import launch_dq_linear_tc
+
+    who = "launch_dq_linear_wgmma"
+    reason = wgmma_unsupported_reason(kind, D, block_q)
+    if reason is not None:
+        raise ValueError(f"{who}: the wgmma kernel does not take {reason}")
+    addr = address(lstate)
+    if not SIMULATED and (addr is None or addr % 16):
+        raise ValueError(f"{who}: lstate must start on a 16-byte boundary")
+    launch_dq_linear_tc(
+        kind, q_bits, o_l, do_l, lstate, n_marg, dq, qstate, B, H, Nq, D, block_q, fm, eps,
+        stream, pipeline="wgmma",
+    )  # fmt: skip
