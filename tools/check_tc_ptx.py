@@ -448,6 +448,39 @@ def check_linear_grad_wgmma():
             f"wgmma {n_wg} (want {want}), fences {fences}, .local {local}, {asm}, "
             f"smem {lw.smem_layout(D, kind, share)['bytes']} B, {time.time() - t0:.1f} s"
         )
+    # dq: pass 1 D/16 x (2, or 3 with dO_l split), pass 2 D/64 m-tiles x 4 k-steps x (2 / 3)
+    for kind, D, half, q16 in (("bf16", 128, True, True), ("bf16", 128, True, False),
+                               ("f16", 128, False, False), ("bf16", 64, True, True)):  # fmt: skip
+        lt = i16 if half else f32
+        sig = (i16, lt, lt, f32, i32, f32, i16 if q16 else f32, int64, int64, int64, int64, float32)
+        kern = lw.make_dq_linear_wgmma(kind, D, half, q16).kernel
+        t0 = time.time()
+        ptx, _ = cuda.compile_ptx(
+            kern.py_func, sig, cc=(9, 0, "a"), fastmath=kern.targetoptions.get("fastmath", False)
+        )
+        split = not (half and kind == "bf16")
+        want = D // 16 * (3 if split else 2) + D // 64 * 4 * (3 if split else 2)
+        n_wg, fences = _count(ptx, "wgmma.mma_async"), _count(ptx, "wgmma.fence")
+        local = _count(ptx, ".local")
+        try:
+            _, info = nvjitlink_assemble(ptx, "sm_90a")
+            regs = re.search(r"Used (\d+) registers", info)
+            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+            asm = (
+                f"regs {regs.group(1) if regs else '?'}, spill "
+                f"{spill.group(1) + '/' + spill.group(2) if spill else '?'}"
+            )
+        except ImportError:
+            asm = "nvJitLink not installed"
+        # the pass-2 m-tile loop may stay a loop (one body counted) or be unrolled
+        per_m = 4 * (3 if split else 2)
+        good = n_wg in (want, want - (D // 64 - 1) * per_m) and local == 0 and fences >= 2
+        ok &= good
+        print(
+            f"{'ok ' if good else 'BAD'} dq_linear_wgmma {kind} D={D} half={half} q_bf16={q16}: "
+            f"wgmma {n_wg} (want {want} unrolled), fences {fences}, .local {local}, {asm}, "
+            f"{time.time() - t0:.1f} s"
+        )
     return ok
 
 

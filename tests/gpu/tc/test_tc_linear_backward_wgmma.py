@@ -1,4 +1,4 @@
-"""The wgmma dk / dv kernel of the linear branch (``sla_numba/gpu/tc/linear_backward_wgmma.py``).
+"""The wgmma kernels of the linear branch's gradients (``gpu/tc/linear_backward_wgmma.py``).
 
 1. numpy: the layout of dH_j in shared memory (``_sw``) read through the kernel's two
    descriptors is dH's column block as B of ``v·dH_jᵀ`` (K-major) and its row block as
@@ -8,6 +8,9 @@
    test_tc_linear_backward.py, same tolerance): a partial last block, a block without
    marginal partners whose dH row is NaN (must not leak), bf16 / fp16, D 64 / 128, the
    three feature maps; dk / dv start random with NaN spare values past the end.
+   dq_linear through ``SLA_NUMBA_LINEAR_GRAD=wgmma`` and test_tc_linear_backward.py's
+   ``run_dq`` (float64 dq and qstate, NaN-poisoned qstate, zero rows of dead blocks);
+   bf16 qstate = the fp32 kernel's rounded.
 3. The switch: ``SLA_NUMBA_LINEAR_GRAD=wgmma`` sends what the kernel takes to it and
    the rest to the pipelined kernels; the launcher refuses what it does not take.
 4. A GPU of compute capability 9.0: Wan-like sizes against the pipelined kernel and
@@ -21,7 +24,7 @@ import numpy as np
 import pytest
 from _tc_reference import SIM, half_values, needs_sim
 from numba import cuda, float32, int16
-from test_tc_linear_backward import TOL, _err, _poisoned_flat, ref_dkdv
+from test_tc_linear_backward import EPS, TOL, _err, _poisoned_flat, _states, ref_dkdv, run_dq
 
 from sla_numba import config
 from sla_numba.gpu.tc import linear_backward as lb
@@ -150,7 +153,7 @@ def _check(kind, B, H, N, D, fm, zero_blocks, seed, launch):
 # kind, B, H, N, D, fm, blocks without partners
 SIM_CASES = [
     ("bf16", 1, 1, 100, 64, 0, (), True),  # a full block and a partial one (36 rows)
-    ("bf16", 1, 1, 100, 64, 0, (), False),  # φ in tiles of its own
+    ("bf16", 1, 1, 40, 64, 0, (), False),  # φ in tiles of its own
     ("f16", 1, 1, 70, 64, 1, (0,), True),  # v split; a dead block (NaN dH); 6 rows left
     ("f16", 1, 1, 40, 64, 2, (), False),
     ("bf16", 1, 1, 24, 128, 2, (), True),  # D = 128 (two column chunks); 24 rows
@@ -164,6 +167,49 @@ def test_sim_dkdv_wgmma_matches_float64(kind, B, H, N, D, fm, zero, share):
         lw.launch_dkdv_linear_wgmma(*a, pf=8, share=share)
 
     _check(kind, B, H, N, D, fm, zero, D + fm, launch)
+
+
+# kind, o_l / do_l half bits, N, D, fm, dead blocks
+SIM_DQ = [
+    ("bf16", True, 150, 64, 0, (1,)),  # bf16 dO_l exact; a dead block; 22 rows left
+    ("f16", False, 40, 64, 1, ()),  # fp32 dO_l, split
+    ("bf16", False, 40, 128, 2, ()),  # D = 128: two m64 tiles of QO_i
+]
+
+
+@needs_sim
+@pytest.mark.parametrize("kind,l_half,N,D,fm,zero", SIM_DQ)
+def test_sim_dq_wgmma_matches_float64(monkeypatch, kind, l_half, N, D, fm, zero):
+    built = []
+    real = lw.make_dq_linear_wgmma
+    monkeypatch.setattr(lw, "make_dq_linear_wgmma", lambda *a: built.append(a) or real(*a))
+    monkeypatch.setenv(config.LINEAR_GRAD_VAR, "wgmma")
+    e_dq, e_qs, _ = run_dq(kind, l_half, 1, 1, N, D, 64, fm, seed=D + fm, zero_blocks=zero)
+    assert built, "the wgmma kernel did not run"
+    assert e_dq <= TOL and e_qs <= TOL, (e_dq, e_qs)
+
+
+@needs_sim
+def test_sim_dq_bf16_qstate_is_the_rounded_fp32_qstate():
+    from sla_numba.gpu.tc.ptx import f32_to_bf16_bits
+
+    B, H, N, D, fm = 1, 1, 40, 64, 0
+    rng = np.random.default_rng(4)
+    qb, _ = half_values(rng.standard_normal((B, H, N, D)) * 1.5, "bf16")
+    ol, _ = half_values(rng.standard_normal((B, H, N, D)), "bf16")
+    dol, _ = half_values(rng.standard_normal((B, H, N, D)), "bf16")
+    lstate = _states(rng, B, H, 1, D, fm)
+    nm = np.ones((B, H, 1), np.int32)
+    dq32 = _poisoned_flat(rng.standard_normal((B, H, N, D)).astype(np.float32))
+    dq16 = dq32.copy()
+    qs32 = np.full(lstate.size, np.nan, np.float32)
+    qs16 = np.full(lstate.size, -1, np.int16)  # 0xFFFF: a bf16 NaN, must be overwritten
+    for dq, qs in ((dq32, qs32), (dq16, qs16)):
+        lw.launch_dq_linear_wgmma("bf16", qb, ol, dol, lstate, nm, dq, qs, B, H, N, D, 64, fm, EPS, 0)  # fmt: skip
+    assert np.array_equal(dq32.view(np.uint32), dq16.view(np.uint32))
+    assert not np.isnan(qs32).any()
+    want = f32_to_bf16_bits(qs32).view(np.int16)
+    assert np.array_equal(qs16, want), f"{int((qs16 != want).sum())} values differ"
 
 
 # --------------------------------------------------------------------------- 3. switch
@@ -203,6 +249,36 @@ def test_switch_sends_what_the_kernel_takes(monkeypatch):
         go(128, 64)
 
 
+def test_switch_sends_dq_to_the_wgmma_kernel(monkeypatch):
+    calls = []
+    fake = lb.LinearGradKernel(None, 0, 0)
+    monkeypatch.setattr(lw, "make_dq_linear_wgmma", lambda *a: calls.append(("wg", a)) or fake)
+    monkeypatch.setattr(lb, "get_dq_linear_kernel", lambda *a: calls.append(("mma", a)) or fake)
+    monkeypatch.setattr(lb._tc_build, "launch", lambda *a: None)
+    D = 128
+    buf = np.zeros(2 * (D * D + D) + 4, np.float32)
+    off = (-buf.ctypes.data // 4) % 4
+    st = buf[off : off + 2 * (D * D + D)]  # two blocks' states (block 32 needs them)
+    i16 = np.zeros(64 * D, np.int16)
+    f32 = np.zeros(64 * D, np.float32)
+    nm = np.ones(2, np.int32)
+
+    def go(block=64, **kw):
+        lb.launch_dq_linear_tc("bf16", i16, i16, i16, st, nm, f32, st.copy(), 1, 1, 64, D, block, 0, EPS, 0, **kw)  # fmt: skip
+
+    monkeypatch.setenv(config.LINEAR_GRAD_VAR, "wgmma")
+    go()
+    go(block=32)
+    go(pipeline=False)
+    assert [c[0] for c in calls] == ["wg", "mma", "mma"]
+    assert calls[0][1] == ("bf16", D, True, False)  # kind, D, l_half, q_bf16
+    calls.clear()
+    monkeypatch.delenv(config.LINEAR_GRAD_VAR)
+    go()
+    go(pipeline="wgmma")
+    assert [c[0] for c in calls] == ["mma", "wg"]
+
+
 def test_launcher_refuses_what_it_does_not_take():
     a = np.zeros(64 * 96, np.int16)
     f = np.zeros(64 * 96, np.float32)
@@ -212,6 +288,9 @@ def test_launcher_refuses_what_it_does_not_take():
     with pytest.raises(ValueError, match="block 32"):
         lw.launch_dkdv_linear_wgmma("bf16", a, a, dh, np.ones(2, np.int32), f, f, 1, 1, 64, 64, 32, 0, 0)  # fmt: skip
     assert lw.wgmma_unsupported_reason("f32", 64, 64).startswith("kind")
+    st = np.zeros(96 * 96 + 96, np.float32)
+    with pytest.raises(ValueError, match="head_dim 96"):
+        lw.launch_dq_linear_wgmma("bf16", a, a, a, st, np.ones(1, np.int32), f, st.copy(), 1, 1, 64, 96, 64, 0, EPS, 0)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- 4. Hopper
@@ -250,3 +329,20 @@ def test_gpu_matches_pipelined_and_float64(kind, D, fm):
     # the two kernels: the same products summed in another order
     assert np.abs(dk_w[:n] - dk_p[:n]).max() <= 1e-4 * np.abs(dk_p[:n]).max()
     assert np.abs(dv_w[:n] - dv_p[:n]).max() <= 1e-4 * np.abs(dv_p[:n]).max()
+
+
+@pytest.mark.skipif(not _hopper(), reason="needs a CUDA GPU of compute capability 9.0")
+@pytest.mark.parametrize(
+    "kind,l_half,D,fm", [("bf16", True, 128, 0), ("f16", False, 64, 1), ("bf16", False, 64, 2)]
+)
+def test_gpu_dq_matches_pipelined_and_float64(monkeypatch, kind, l_half, D, fm):
+    """dq and qstate of the wgmma kernel: float64 (``run_dq``) and the pipelined kernel."""
+    B, H, N = 2, 3, 64 * 9 - 5
+    monkeypatch.setenv(config.LINEAR_GRAD_VAR, "wgmma")
+    e_dq, e_qs, (dq_w, qs_w) = run_dq(kind, l_half, B, H, N, D, 64, fm, seed=D, dev=cuda)
+    assert e_dq <= TOL and e_qs <= TOL, (e_dq, e_qs)
+    monkeypatch.setenv(config.LINEAR_GRAD_VAR, "pipelined")
+    _, _, (dq_p, qs_p) = run_dq(kind, l_half, B, H, N, D, 64, fm, seed=D, dev=cuda)
+    n = B * H * N * D
+    assert np.abs(dq_w[:n] - dq_p[:n]).max() <= 1e-4 * np.abs(dq_p[:n]).max()
+    assert np.abs(qs_w - qs_p).max() <= 1e-4 * np.abs(qs_p).max()
