@@ -49,11 +49,11 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             or staged chunk by chunk, two barriers a chunk, no loads
                             in flight during the mma. Same bits; the first 1.22x /
                             1.40x faster on the H200 (BENCHMARKS.md). ``wgmma``
-                            (opt-in, not timed yet): dk / dv on Hopper warpgroup MMA
+                            (opt-in, not timed yet): both on Hopper warpgroup MMA
                             (``gpu/tc/linear_backward_wgmma.py``; compute capability
                             9.0, fp16 / bf16, D 64 / 128, block 64; agrees to fp32
-                            rounding, not bitwise); dq and other configurations keep
-                            the pipelined kernels.
+                            rounding, not bitwise); other configurations keep the
+                            pipelined kernels.
 ``SLA_NUMBA_SPARSE_BWD``    ``sync`` (default) | ``pipelined``: the tensor-core sparse
                             backward kernels (``gpu/tc/backward.py``, dQ and dK/dV):
                             each K / V tile (query chunk) copied and waited for before

@@ -1,5 +1,5 @@
-"""The linear branch's dk / dv on wgmma (``gpu/tc/linear_backward_wgmma.py``) on an H200:
-its variants against the pipelined mma.sync kernel (the default) and the cuBLAS floor.
+"""The linear branch's gradients on wgmma (``gpu/tc/linear_backward_wgmma.py``) on an H200:
+dk / dv variants and dq against the pipelined mma.sync kernels (the default) and cuBLAS.
 
 Usage (on a GPU of compute capability 9.0):
     PYTHONPATH=. python tools/sweep_linear_backward_wgmma.py [--reps 20] [--shapes wan b2]
@@ -21,9 +21,16 @@ without marginal partners (the kernels skip them). For each shape:
    least traffic (k, v, dH_j read; dk, dv read and written), ratio to the pipelined
    kernel (> 1: faster) and to the bf16 cuBLAS floor (time / floor).
 
+dq (``dq_linear``: dq += J_φᵀ(dO_l·H_iᵀ − δl Z_i)/den, QO_i = ĉᵀ·dO_l, QD_i), bf16 o_l /
+do_l and bf16 qstate (the default for bf16 inputs, ``SLA_NUMBA_GRAD_STATES``): the
+wgmma kernel against the pipelined one (dq increments, qstate values) and float64 (8
+blocks: dq increments and QO_i), timed beside them and the cuBLAS floor of its two
+products (dO_l·H_iᵀ and ĉᵀ·dO_l). The last line: the linear branch's backward stages
+(dq + dk / dv) of the default and of the wgmma kernels (the issue's target: <= 1.0 ms at
+the Wan shape).
+
 A variant that fails to compile or launch is reported and skipped. ``--quick``: the
-default variant only, 5 reps. Whole run: < 100 s on an H200 (cold compiles ~10 s each).
-dq_linear has no wgmma kernel yet: not timed here (``tools/sweep_linear_backward.py``).
+default variants only, 5 reps. Whole run: < 120 s on an H200 (cold compiles ~10 s each).
 """
 
 import argparse
@@ -92,7 +99,13 @@ def main():
     if not args.quick:
         variants += [(pf, sh) for pf in (16, 8) for sh in (True, False) if (pf, sh) != variants[0]]
     for shape in args.shapes:
-        sweep(shape, variants, reps, args.fm)
+        kv = sweep(shape, variants, reps, args.fm)
+        dq = sweep_dq(shape, reps, args.fm)
+        tot = {k: kv.get(k, float("nan")) + dq.get(k, float("nan")) for k in ("pipe", "wgmma")}
+        print(
+            f"{shape}: linear-branch backward stages (dq + dk/dv): pipelined {tot['pipe']:.3f} ms, "
+            f"wgmma (default variant) {tot['wgmma']:.3f} ms"
+        )
     print(f"({time.time() - t_start:.0f} s)")
 
 
@@ -182,6 +195,7 @@ def sweep(shape, variants, reps, fm):
         )
     t_pipe = rows[0][1] if rows and rows[0][0].startswith("pipelined") else float("nan")
     t_floor = floors["cuBLAS bf16"]
+    default = f"wgmma pf={lw.PF_DEFAULT} share={int(lw.SHARE_DEFAULT)}"
     print(
         f"{'kernel':26s} {'ms':>7s} {'TFLOP/s':>8s} {'GB/s':>6s} {'vs pipe':>8s} "
         f"{'/floor':>7s} {'err64':>8s}  vs pipelined"
@@ -193,6 +207,106 @@ def sweep(shape, variants, reps, fm):
         )
     for label, t in floors.items():
         print(f"{label:26s} {t:7.3f} {flops / t / 1e9:8.1f} {'':6s} {t_pipe / t:7.2f}x")
+    return {"pipe": t_pipe, "wgmma": next((t for n, t, _, _ in rows if n == default), float("nan"))}
+
+
+def sweep_dq(shape, reps, fm):
+    """dq_linear: the pipelined kernel against the wgmma kernel (bf16 qstate)."""
+    B, H, N, D = SHAPES[shape]
+    M = -(-N // BLK)
+    W = D * D + D
+    dev = DEV
+    g = torch.Generator(device=dev).manual_seed(1)
+
+    def randn(*s, scale=1.0):
+        return torch.randn(*s, device=dev, generator=g) * scale
+
+    def half(x):
+        return x.to(torch.bfloat16).view(torch.int16)
+
+    q, o_l, do_l = (
+        half(randn(B, H, N, D, scale=1.5)),
+        half(randn(B, H, N, D)),
+        half(randn(B, H, N, D)),
+    )
+    lstate = randn(B, H, M, W, scale=0.3)
+    lstate[..., D * D :] = torch.rand(B, H, M, D, device=dev, generator=g) * 4 + 1  # Z > 0
+    n_marg = torch.randint(1, 4, (B, H, M), device=dev, generator=g, dtype=torch.int32)
+    n_marg[torch.rand(B, H, M, device=dev, generator=g) < 0.02] = 0
+    n_marg[0, 0, min(3, M - 1)] = 0
+    dq0 = randn(B, H, N, D)
+    live = int((n_marg > 0).sum())
+    flops = 2 * 2 * live * BLK * D * D
+    nbytes = B * H * N * D * (6 + 8) + live * W * 4 + B * H * M * W * 2
+    eps = 1e-6
+
+    def run(wg, dq, qs):
+        lb.launch_dq_linear_tc(
+            "bf16", q, o_l, do_l, lstate, n_marg, dq, qs, B, H, N, D, BLK, fm, eps, 0,
+            pipeline="wgmma" if wg else True,
+        )  # fmt: skip
+
+    # float64 reference of 8 blocks of (b, h) = (0, 0)
+    blocks = sorted(set(range(min(7, M))) | {M - 1})
+    ref = {}
+    for j in blocks:
+        r0, r1 = j * BLK, min(N, j * BLK + BLK)
+        qq, oo, dd = (x[0, 0, r0:r1].view(torch.bfloat16).double() for x in (q, o_l, do_l))
+        st = lstate[0, 0, j].double()
+        Hi, Zi = st[: D * D].reshape(D, D), st[D * D :]
+        p = phi(qq, fm)
+        den = p @ Zi + eps
+        dl = (oo * dd).sum(-1)
+        dphi = (dd @ Hi.T - dl[:, None] * Zi) / den[:, None]
+        c = p / den[:, None]
+        live_j = int(n_marg[0, 0, j]) > 0
+        ref[j] = (vjp(qq, dphi, fm) if live_j else 0 * qq, c.T @ dd if live_j else 0 * Hi)
+    print(f"\n{shape} dq_linear: {live} live query blocks, bf16 o_l / do_l, bf16 qstate")
+    rows, out = [], {}
+    for name, wg in (("pipelined (default)", False), ("wgmma", True)):
+        try:
+            dq, qs = dq0.clone(), torch.full((B, H, M, W), -1, device=dev, dtype=torch.int16)
+            run(wg, dq, qs)
+            torch.cuda.synchronize()
+            ddq, qsf = dq - dq0, qs.view(torch.bfloat16).float()
+            err64 = 0.0
+            for j in blocks:
+                r0, r1 = j * BLK, min(N, j * BLK + BLK)
+                for got, want in ((ddq[0, 0, r0:r1], ref[j][0]), (qsf[0, 0, j, : D * D].reshape(D, D), ref[j][1])):  # fmt: skip
+                    sc = max(float(want.abs().max()), 1e-30)
+                    err64 = max(err64, float((got.double() - want).abs().max()) / sc)
+            out[wg] = (ddq, qsf)
+            vs = "(reference)"
+            if wg and False in out:
+                a, b = out[True], out[False]
+                vs = (
+                    f"dq max|diff| {float((a[0] - b[0]).abs().max()):.2e} "
+                    f"rel {float((a[0] - b[0]).abs().max() / b[0].abs().max()):.1e}, qstate rel "
+                    f"{float((a[1] - b[1]).abs().max() / b[1].abs().max()):.1e}"
+                )
+            t = cuda_time(lambda: run(wg, dq, qs), reps)
+            rows.append((name, t, err64, vs))
+        except Exception as e:  # noqa: BLE001
+            print(f"{name}: FAILED {type(e).__name__}: {e}")
+            traceback.print_exc(limit=3)
+    nb = B * H * M
+    pad = lambda x: torch.nn.functional.pad(x.view(torch.bfloat16), (0, 0, 0, M * BLK - N))  # noqa: E731
+    dO = pad(do_l).reshape(nb, BLK, D)
+    Hs = lstate[..., : D * D].reshape(nb, D, D).to(torch.bfloat16)
+    c = dO.clone()
+    t_floor = cuda_time(lambda: (torch.bmm(dO, Hs.transpose(1, 2)), torch.bmm(c.transpose(1, 2), dO)), reps)  # fmt: skip
+    t_pipe = rows[0][1] if rows and not rows[0][0].startswith("wgmma") else float("nan")
+    print(
+        f"{'kernel':26s} {'ms':>7s} {'TFLOP/s':>8s} {'GB/s':>6s} {'vs pipe':>8s} "
+        f"{'/floor':>7s} {'err64':>8s}  vs pipelined"
+    )
+    for name, t, e64, vs in rows:
+        print(
+            f"{name:26s} {t:7.3f} {flops / t / 1e9:8.1f} {nbytes / t / 1e6:6.0f} "
+            f"{t_pipe / t:7.2f}x {t / t_floor:6.2f}x {e64:8.1e}  {vs}"
+        )
+    print(f"{'cuBLAS bf16':26s} {t_floor:7.3f} {flops / t_floor / 1e9:8.1f}")
+    return {"pipe": t_pipe, "wgmma": next((t for n, t, _, _ in rows if n == "wgmma"), float("nan"))}
 
 
 if __name__ == "__main__":

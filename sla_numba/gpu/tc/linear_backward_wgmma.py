@@ -1,8 +1,8 @@
-"""The linear branch's dk / dv on Hopper warpgroup MMA (``wgmma``; compute capability 9.0).
+"""The linear branch's gradients on Hopper warpgroup MMA (``wgmma``; compute capability 9.0).
 
-The same operation, arguments and precision as ``dkdv_linear`` of
-``tc/linear_backward.py`` (read that module first): per key block j of 64 rows c,
-given ``dH_j`` (D x D fp32) and ``dZ_j`` (D) from the column sums::
+The same two operations, arguments and precision as ``dkdv_linear`` and ``dq_linear``
+of ``tc/linear_backward.py`` (read that module first). dk / dv: per key block j of 64
+rows c, given ``dH_j`` (D x D fp32) and ``dZ_j`` (D) from the column sums::
 
     dφ(k_c)  = v_c · dH_jᵀ − dZ_j          (pass 1: 64 x D x D)
     dk[c]   += J_φ(k_c)ᵀ dφ(k_c)           (chain rule through the feature map)
@@ -11,8 +11,9 @@ given ``dH_j`` (D x D fp32) and ``dZ_j`` (D) from the column sums::
 but both products are ``wgmma.mma_async`` instructions of one warpgroup
 (``tc/wgmma.py``) reading every operand from shared memory. Opt-in:
 ``SLA_NUMBA_LINEAR_GRAD=wgmma`` (``config.py``) on a GPU of compute capability 9.0,
-fp16 / bf16 inputs, D in {64, 128}, block 64 (:func:`wgmma_unsupported_reason`);
-anything else (and ``dq_linear``, not written yet) keeps the pipelined mma.sync kernels.
+fp16 / bf16 inputs, D in {64, 128}, block 64 (:func:`wgmma_unsupported_reason`), a
+16-byte aligned state; anything else keeps the pipelined mma.sync kernels. ``dq_linear``
+is below ("dq_linear").
 
 Why
 ---
@@ -64,6 +65,28 @@ Steps of one CTA (``tid`` 0..127, ``w = tid >> 5``, ``g = lane >> 2``, ``t = lan
    computed again from k (the same values: the stats of step 1) and stored into V's
    tiles, ``fence.proxy.async``, barrier.
 4. Pass 2: D/16 k-steps x 3 wgmma into the same registers, wait, ``dv +=``.
+
+dq_linear (``make_dq_linear_wgmma``)
+------------------------------------
+Per query block i (64 rows r; module doc of ``tc/linear_backward.py``)::
+
+    dφ(q_r) = (dO_l[r] · H_iᵀ − δl_r Z_i) / den_r;  dq[r] += J_φ(q_r)ᵀ dφ(q_r)    (pass 1)
+    QO_i = Σ_r ĉ_rᵀ dO_l[r]  (D x D),  QD_i = Σ_r ĉ_r δl_r                      (pass 2)
+
+Tiles: dO_l hi (| lo: unless bf16 bits) | ĉ hi | ĉ lo | H_i hi | H_i lo | fp32 rows
+(mx, 1/Σ, 1/den, δl) and Z_i (D = 128, bf16 dO_l: 112 KiB + 2 KiB, one CTA an SM).
+Step 1 as the mma.sync kernel's phase 0 (den, δl by the lane pair), stored swizzled;
+step 2 stages H_i as dk / dv stage dH_j. Pass 1 is dk's pass 1 with A = dO_l and
+B = H_i (K-major), then − δl Z_i, · 1/den, the chain rule, ``dq +=``. Pass 2 has M = D
+(d1), k = the 64 rows, N = D (e): A = ĉᵀ is the stored [r][d1] tile read *MN-major*
+(``imm-trans-a = 1``: a row of the tile is one k, the 64 M values of one column chunk
+contiguous; the m64 tile ``mt`` starts at chunk ``mt``), B = dO_l [r][e] MN-major too
+(LBO = the chunk distance). D/64 m-tiles one after the other into the same 64 x D
+accumulators, each written to qstate (fp32, or bf16 bits when ``q_bf16``: the
+rounding of the mma.sync kernel) as row ``64mt + 16w + g (+8)``. QD_i: a SIMT loop
+over the ĉ tiles (thread per d1). Products: ``dOhi·Hhi + dOhi·Hlo (+ dOlo·Hhi)``,
+``ĉhi·dOhi + ĉlo·dOhi (+ ĉhi·dOlo)``. A block without marginal partners writes a zero
+qstate row and leaves dq alone.
 
 Variants (``make_dkdv_linear_wgmma``; ``tools/sweep_linear_backward_wgmma.py`` times
 them on the H200; the defaults are guesses until it has run): ``pf`` 16-byte loads of
@@ -270,24 +293,7 @@ def make_dkdv_linear_wgmma(kind, D, pf=PF_DEFAULT, share=SHARE_DEFAULT):
             smemf[o4 + (ZOFF >> 2) + x] = dh[u64(sb + D * D + x)]
 
         # --- 2. dH_j -> hi / lo tiles [d][e], PF quads a thread in flight
-        for rnd in range(QPT // PF):
-            if rnd > 0:
-                for u in range(PF):
-                    x = tid + (rnd * PF + u) * NT
-                    rr = x // Q4
-                    a0, a1, a2, a3 = ldg_v4_f32(dh, int64(sb + rr * D + (x - rr * Q4) * 4))
-                    pf[u, 0], pf[u, 1], pf[u, 2], pf[u, 3] = a0, a1, a2, a3
-            for u in range(PF):
-                x = tid + (rnd * PF + u) * NT
-                rr = x // Q4
-                cc = (x - rr * Q4) * 4
-                s4 = o4 + (_sw(rr, cc, CX) >> 2)
-                p0, l0 = _split_pair(pf[u, 0], pf[u, 1])
-                p1, l1 = _split_pair(pf[u, 2], pf[u, 3])
-                smem32[s4 + (XH >> 2)] = p0
-                smem32[s4 + (XH >> 2) + 1] = p1
-                smem32[s4 + (XL >> 2)] = l0
-                smem32[s4 + (XL >> 2) + 1] = l1
+        _stage_state(smem32, pf, dh, sb, o4, XH, XL, D, Q4, CX, QPT, PF, tid, NT)
         fence_proxy_async()  # generic-proxy stores -> visible to wgmma (async proxy)
         cuda.syncthreads()
 
