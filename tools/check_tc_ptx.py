@@ -449,11 +449,13 @@ def check_linear_grad_wgmma():
             f"smem {lw.smem_layout(D, kind, share)['bytes']} B, {time.time() - t0:.1f} s"
         )
     # dq: pass 1 D/16 x (2, or 3 with dO_l split), pass 2 D/64 m-tiles x 4 k-steps x (2 / 3)
-    for kind, D, half, q16 in (("bf16", 128, True, True), ("bf16", 128, True, False),
-                               ("f16", 128, False, False), ("bf16", 64, True, True)):  # fmt: skip
+    for kind, D, half, q16, share in (
+        ("bf16", 128, True, True, True), ("bf16", 128, True, True, False),
+        ("f16", 128, False, False, True), ("bf16", 64, True, True, True),
+    ):  # fmt: skip
         lt = i16 if half else f32
         sig = (i16, lt, lt, f32, i32, f32, i16 if q16 else f32, int64, int64, int64, int64, float32)
-        kern = lw.make_dq_linear_wgmma(kind, D, half, q16).kernel
+        kern = lw.make_dq_linear_wgmma(kind, D, half, q16, share=share).kernel
         t0 = time.time()
         ptx, _ = cuda.compile_ptx(
             kern.py_func, sig, cc=(9, 0, "a"), fastmath=kern.targetoptions.get("fastmath", False)
@@ -477,7 +479,8 @@ def check_linear_grad_wgmma():
         good = n_wg in (want, want - (D // 64 - 1) * per_m) and local == 0 and fences >= 2
         ok &= good
         print(
-            f"{'ok ' if good else 'BAD'} dq_linear_wgmma {kind} D={D} half={half} q_bf16={q16}: "
+            f"{'ok ' if good else 'BAD'} dq_linear_wgmma {kind} D={D} half={half} q_bf16={q16} "
+            f"share={share}: "
             f"wgmma {n_wg} (want {want} unrolled), fences {fences}, .local {local}, {asm}, "
             f"{time.time() - t0:.1f} s"
         )

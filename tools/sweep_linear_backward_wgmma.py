@@ -100,7 +100,7 @@ def main():
         variants += [(pf, sh) for pf in (16, 8) for sh in (True, False) if (pf, sh) != variants[0]]
     for shape in args.shapes:
         kv = sweep(shape, variants, reps, args.fm)
-        dq = sweep_dq(shape, reps, args.fm)
+        dq = sweep_dq(shape, reps, args.fm, args.quick)
         tot = {k: kv.get(k, float("nan")) + dq.get(k, float("nan")) for k in ("pipe", "wgmma")}
         print(
             f"{shape}: linear-branch backward stages (dq + dk/dv): pipelined {tot['pipe']:.3f} ms, "
@@ -210,7 +210,7 @@ def sweep(shape, variants, reps, fm):
     return {"pipe": t_pipe, "wgmma": next((t for n, t, _, _ in rows if n == default), float("nan"))}
 
 
-def sweep_dq(shape, reps, fm):
+def sweep_dq(shape, reps, fm, quick):
     """dq_linear: the pipelined kernel against the wgmma kernel (bf16 qstate)."""
     B, H, N, D = SHAPES[shape]
     M = -(-N // BLK)
@@ -240,11 +240,17 @@ def sweep_dq(shape, reps, fm):
     nbytes = B * H * N * D * (6 + 8) + live * W * 4 + B * H * M * W * 2
     eps = 1e-6
 
-    def run(wg, dq, qs):
-        lb.launch_dq_linear_tc(
-            "bf16", q, o_l, do_l, lstate, n_marg, dq, qs, B, H, N, D, BLK, fm, eps, 0,
-            pipeline="wgmma" if wg else True,
-        )  # fmt: skip
+    def run(share, dq, qs):
+        if share is None:
+            lb.launch_dq_linear_tc(
+                "bf16", q, o_l, do_l, lstate, n_marg, dq, qs, B, H, N, D, BLK, fm, eps, 0,
+                pipeline=True,
+            )  # fmt: skip
+        else:
+            lw.launch_dq_linear_wgmma(
+                "bf16", q, o_l, do_l, lstate, n_marg, dq, qs, B, H, N, D, BLK, fm, eps, 0,
+                share=share,
+            )  # fmt: skip
 
     # float64 reference of 8 blocks of (b, h) = (0, 0)
     blocks = sorted(set(range(min(7, M))) | {M - 1})
@@ -261,9 +267,16 @@ def sweep_dq(shape, reps, fm):
         c = p / den[:, None]
         live_j = int(n_marg[0, 0, j]) > 0
         ref[j] = (vjp(qq, dphi, fm) if live_j else 0 * qq, c.T @ dd if live_j else 0 * Hi)
-    print(f"\n{shape} dq_linear: {live} live query blocks, bf16 o_l / do_l, bf16 qstate")
+    print(
+        f"\n{shape} dq_linear: {live} live query blocks, bf16 o_l / do_l, bf16 qstate "
+        "(err64 includes its bf16 rounding, ~2e-3)"
+    )
     rows, out = [], {}
-    for name, wg in (("pipelined (default)", False), ("wgmma", True)):
+    default = f"wgmma share={int(lw.SHARE_DEFAULT)}"
+    variants = [("pipelined (default)", None), (default, lw.SHARE_DEFAULT)]
+    if not quick:
+        variants.append((f"wgmma share={int(not lw.SHARE_DEFAULT)}", not lw.SHARE_DEFAULT))
+    for name, wg in variants:
         try:
             dq, qs = dq0.clone(), torch.full((B, H, M, W), -1, device=dev, dtype=torch.int16)
             run(wg, dq, qs)
@@ -275,10 +288,10 @@ def sweep_dq(shape, reps, fm):
                 for got, want in ((ddq[0, 0, r0:r1], ref[j][0]), (qsf[0, 0, j, : D * D].reshape(D, D), ref[j][1])):  # fmt: skip
                     sc = max(float(want.abs().max()), 1e-30)
                     err64 = max(err64, float((got.double() - want).abs().max()) / sc)
-            out[wg] = (ddq, qsf)
+            out[name] = (ddq, qsf)
             vs = "(reference)"
-            if wg and False in out:
-                a, b = out[True], out[False]
+            if wg is not None and "pipelined (default)" in out:
+                a, b = out[name], out["pipelined (default)"]
                 vs = (
                     f"dq max|diff| {float((a[0] - b[0]).abs().max()):.2e} "
                     f"rel {float((a[0] - b[0]).abs().max() / b[0].abs().max()):.1e}, qstate rel "
@@ -306,7 +319,7 @@ def sweep_dq(shape, reps, fm):
             f"{t_pipe / t:7.2f}x {t / t_floor:6.2f}x {e64:8.1e}  {vs}"
         )
     print(f"{'cuBLAS bf16':26s} {t_floor:7.3f} {flops / t_floor / 1e9:8.1f}")
-    return {"pipe": t_pipe, "wgmma": next((t for n, t, _, _ in rows if n == "wgmma"), float("nan"))}
+    return {"pipe": t_pipe, "wgmma": next((t for n, t, _, _ in rows if n == default), float("nan"))}
 
 
 if __name__ == "__main__":

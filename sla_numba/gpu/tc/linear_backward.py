@@ -916,6 +916,7 @@ def launch_dq_linear_tc(
     stream,
     hk=None,
     pipeline=None,
+    wgmma=None,
 ):
     """Add the linear branch's dq into ``dq`` and write QO_i / QD_i into ``qstate``.
 
@@ -927,7 +928,8 @@ def launch_dq_linear_tc(
     follows ``SLA_NUMBA_LINEAR_GRAD``; True / False force the pipelined / register kernel
     (same bits; :func:`use_pipelined`); "wgmma" the Hopper kernel
     (``tc/linear_backward_wgmma.py``, whose ``launch_dq_linear_wgmma`` checks that it
-    takes the configuration). With neither ``hk`` nor ``pipeline`` given,
+    takes the configuration; ``wgmma``: its variant options, a dict). With neither ``hk``
+    nor ``pipeline`` given,
     ``SLA_NUMBA_LINEAR_GRAD=wgmma`` sends a configuration it takes there (cc 9.0, D 64 /
     128, block 64, a 16-byte aligned lstate).
     """
@@ -959,7 +961,7 @@ def launch_dq_linear_tc(
     if pipeline == "wgmma" or (pipeline is None and hk is None and _wgmma_takes(kind, D, block_q, lstate)):  # fmt: skip
         from .linear_backward_wgmma import make_dq_linear_wgmma  # SLA_NUMBA_LINEAR_GRAD=wgmma
 
-        kern = make_dq_linear_wgmma(kind, D, l_half, q_bf16)
+        kern = make_dq_linear_wgmma(kind, D, l_half, q_bf16, **(wgmma or {}))
     else:
         pipe = use_pipelined(pipeline, lstate)
         kern = get_dq_linear_kernel(kind, D, block_q, l_half, hk, pipe, q_bf16)

@@ -73,8 +73,11 @@ Per query block i (64 rows r; module doc of ``tc/linear_backward.py``)::
     dφ(q_r) = (dO_l[r] · H_iᵀ − δl_r Z_i) / den_r;  dq[r] += J_φ(q_r)ᵀ dφ(q_r)    (pass 1)
     QO_i = Σ_r ĉ_rᵀ dO_l[r]  (D x D),  QD_i = Σ_r ĉ_r δl_r                      (pass 2)
 
-Tiles: dO_l hi (| lo: unless bf16 bits) | ĉ hi | ĉ lo | H_i hi | H_i lo | fp32 rows
-(mx, 1/Σ, 1/den, δl) and Z_i (D = 128, bf16 dO_l: 112 KiB + 2 KiB, one CTA an SM).
+Tiles: dO_l hi (| lo: unless bf16 bits) | H_i hi | H_i lo | fp32 rows (mx, 1/Σ, 1/den,
+δl) and Z_i, with ĉ hi / lo written into H_i's tiles after pass 1 (``share``, default:
+φ computed again from q, · the row's 1/den; D = 128, bf16 dO_l: 80 KiB + 2.5 KiB, two
+CTAs an SM), or in tiles of their own after dO_l's, written in step 1 (``share=False``:
+112 KiB + 2.5 KiB, one CTA an SM).
 Step 1 as the mma.sync kernel's phase 0 (den, δl by the lane pair), stored swizzled;
 step 2 stages H_i as dk / dv stage dH_j. Pass 1 is dk's pass 1 with A = dO_l and
 B = H_i (K-major), then − δl Z_i, · 1/den, the chain rule, ``dq +=``. Pass 2 has M = D
@@ -349,12 +352,13 @@ def make_dkdv_linear_wgmma(kind, D, pf=PF_DEFAULT, share=SHARE_DEFAULT):
 
 @functools.cache
 @kernel_factory
-def make_dq_linear_wgmma(kind, D, l_half, q_bf16=False, pf=PF_DEFAULT):
+def make_dq_linear_wgmma(kind, D, l_half, q_bf16=False, pf=PF_DEFAULT, share=SHARE_DEFAULT):
     """Build ``dq_linear_wgmma(q, o_l, do_l, lstate, n_marg, dq, qstate, H, Nq, Mq, fm,
     eps)`` (module doc, "dq_linear"; the arguments of ``tc/linear_backward.py``'s
     ``dq_linear``). Grid (Mq, H, B), 128 threads. ``l_half``: o_l / do_l int16 bits of
     ``kind`` (else fp32); ``q_bf16``: qstate int16, each value rounded to bf16; ``pf``:
-    16-byte loads of H_i in flight a thread. Returns a ``LinearGradKernel``."""
+    16-byte loads of H_i in flight a thread; ``share``: ĉ written into H_i's tiles after
+    pass 1 (module doc). Returns a ``LinearGradKernel``."""
     if kind not in ("bf16", "f16") or D not in HEAD_DIMS:
         raise ValueError(f"wgmma dq: kind {kind!r}, D = {D} unsupported")
     NT = THREADS
@@ -372,12 +376,17 @@ def make_dq_linear_wgmma(kind, D, l_half, q_bf16=False, pf=PF_DEFAULT):
     DO_SPLIT = not (L_HALF and kind == "bf16")  # bf16 dO_l is exact: one term
     Q16 = bool(q_bf16)
     QZERO = int16(0) if Q16 else float32(0.0)
+    SHARE = bool(share)
     ta = BLOCK * D * 2
     DOH = 0
     DOL = ta
-    CH = DOL + (ta if DO_SPLIT else 0)
-    CL = CH + ta
-    XH = CL + ta
+    if SHARE:  # ĉ hi / lo inside H_i's tiles (H_i is D x D >= 64 x D: 2 tiles fit)
+        XH = DOL + (ta if DO_SPLIT else 0)
+        CH, CL = XH, XH + ta
+    else:
+        CH = DOL + (ta if DO_SPLIT else 0)
+        CL = CH + ta
+        XH = CL + ta
     XL = XH + D * D * 2
     F32 = XL + D * D * 2  # bytes: rows [64][4] (mx, 1/Σ, 1/den, δl), then Z [D]
     ZOFF = F32 + 4 * BLOCK * 4
@@ -456,11 +465,8 @@ def make_dq_linear_wgmma(kind, D, l_half, q_bf16=False, pf=PF_DEFAULT):
             smemf[fr + 1] = inv
             smemf[fr + 2] = inv_den
             smemf[fr + 3] = dl
-        for c2 in range(C // 2):
-            s4 = o4 + (_sw(r, li * C + 2 * c2, CA) >> 2)
-            p, pl = _split_pair(xs[2 * c2] * inv_den, xs[2 * c2 + 1] * inv_den)
-            smem32[s4 + (CH >> 2)] = p if ok else ZI
-            smem32[s4 + (CL >> 2)] = pl if ok else ZI
+        if not SHARE:
+            _put_c(smem32, xs, inv_den, o4, r, li, ok, C, CA, CH, CL)
         for c2 in range(C // 2):
             s4 = o4 + (_sw(r, li * C + 2 * c2, CA) >> 2)
             g = gq + 2 * c2
@@ -512,6 +518,12 @@ def make_dq_linear_wgmma(kind, D, l_half, q_bf16=False, pf=PF_DEFAULT):
         mx0, iv0, mx1, iv1 = smemf[f0], smemf[f0 + 1], smemf[f1], smemf[f1 + 1]
         _chain(acc, q, qa, D * 8, mx0, iv0, mx1, iv1, ok0, ok1, fm, IN_F16, NN)
         _add_rows(dq, qa, acc, D, ok0, ok1, NN)
+        if SHARE:  # ĉ into H_i's tiles, now that every warp's pass-1 wgmma are done
+            cuda.syncthreads()
+            _load_phi_row(xs, q, gq, ok, C, fm, IN_F16)
+            _put_c(smem32, xs, smemf[fr + 2], o4, r, li, ok, C, CA, CH, CL)
+            fence_proxy_async()
+            cuda.syncthreads()
 
         # --- 4. pass 2: QO_i = ĉᵀ · dO_l, one m64 tile of d1 at a time (k = the rows)
         for mt in range(D // 64):
@@ -554,6 +566,17 @@ def make_dq_linear_wgmma(kind, D, l_half, q_bf16=False, pf=PF_DEFAULT):
                 qstate[u64(sb + D * D + d1)] = s
 
     return LinearGradKernel(dq_linear_wgmma, SMEM, NT)
+
+
+@_compat.device(**_DEV)
+def _put_c(smem32, xs, inv_den, o4, r, li, ok, C, CA, CH, CL):
+    """ĉ = φ / den of this lane's C values of row r (``xs`` = φ), split into hi / lo, at
+    their swizzled places in the ĉ tiles (byte offsets CH / CL); zeros past the sequence."""
+    for c2 in range(C // 2):
+        s4 = o4 + (_sw(r, li * C + 2 * c2, CA) >> 2)
+        p, pl = _split_pair(xs[2 * c2] * inv_den, xs[2 * c2 + 1] * inv_den)
+        smem32[s4 + (CH >> 2)] = p if ok else ZI
+        smem32[s4 + (CL >> 2)] = pl if ok else ZI
 
 
 @_compat.device(**_DEV)
@@ -629,11 +652,13 @@ def launch_dkdv_linear_wgmma(
 
 
 def launch_dq_linear_wgmma(
-    kind, q_bits, o_l, do_l, lstate, n_marg, dq, qstate, B, H, Nq, D, block_q, fm, eps, stream
+    kind, q_bits, o_l, do_l, lstate, n_marg, dq, qstate, B, H, Nq, D, block_q, fm, eps, stream,
+    pf=PF_DEFAULT, share=SHARE_DEFAULT,
 ):  # fmt: skip
     """``launch_dq_linear_tc`` (``tc/linear_backward.py``, same arguments and checks) on
     the wgmma kernel: add the linear branch's dq into ``dq``, write QO_i / QD_i into
-    ``qstate``. A ValueError for a configuration it does not take."""
+    ``qstate``. A ValueError for a configuration it does not take. ``pf``, ``share``:
+    the kernel variant (:func:`make_dq_linear_wgmma`)."""
     from .linear_backward import launch_dq_linear_tc
 
     who = "launch_dq_linear_wgmma"
@@ -645,5 +670,5 @@ def launch_dq_linear_wgmma(
         raise ValueError(f"{who}: lstate must start on a 16-byte boundary")
     launch_dq_linear_tc(
         kind, q_bits, o_l, do_l, lstate, n_marg, dq, qstate, B, H, Nq, D, block_q, fm, eps,
-        stream, pipeline="wgmma",
+        stream, pipeline="wgmma", wgmma={"pf": int(pf), "share": bool(share)},
     )  # fmt: skip

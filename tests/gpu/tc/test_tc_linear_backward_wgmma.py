@@ -171,18 +171,23 @@ def test_sim_dkdv_wgmma_matches_float64(kind, B, H, N, D, fm, zero, share):
 
 # kind, o_l / do_l half bits, N, D, fm, dead blocks
 SIM_DQ = [
-    ("bf16", True, 150, 64, 0, (1,)),  # bf16 dO_l exact; a dead block; 22 rows left
-    ("f16", False, 40, 64, 1, ()),  # fp32 dO_l, split
-    ("bf16", False, 40, 128, 2, ()),  # D = 128: two m64 tiles of QO_i
+    ("bf16", True, 150, 64, 0, (1,), True),  # bf16 dO_l exact; a dead block; 22 rows left
+    ("f16", False, 40, 64, 1, (), False),  # fp32 dO_l, split; ĉ in tiles of its own
+    ("bf16", False, 40, 128, 2, (), True),  # D = 128: two m64 tiles of QO_i
 ]
 
 
 @needs_sim
-@pytest.mark.parametrize("kind,l_half,N,D,fm,zero", SIM_DQ)
-def test_sim_dq_wgmma_matches_float64(monkeypatch, kind, l_half, N, D, fm, zero):
+@pytest.mark.parametrize("kind,l_half,N,D,fm,zero,share", SIM_DQ)
+def test_sim_dq_wgmma_matches_float64(monkeypatch, kind, l_half, N, D, fm, zero, share):
     built = []
     real = lw.make_dq_linear_wgmma
-    monkeypatch.setattr(lw, "make_dq_linear_wgmma", lambda *a: built.append(a) or real(*a))
+
+    def make(*a):
+        built.append(a)
+        return real(*a, pf=8, share=share)
+
+    monkeypatch.setattr(lw, "make_dq_linear_wgmma", make)
     monkeypatch.setenv(config.LINEAR_GRAD_VAR, "wgmma")
     e_dq, e_qs, _ = run_dq(kind, l_half, 1, 1, N, D, 64, fm, seed=D + fm, zero_blocks=zero)
     assert built, "the wgmma kernel did not run"
