@@ -95,6 +95,7 @@ Variants (``make_dkdv_linear_wgmma``; ``tools/sweep_linear_backward_wgmma.py`` t
 them on the H200; the defaults are guesses until it has run): ``pf`` 16-byte loads of
 dH_j in flight a thread (8 / 16; 16 is 64 registers, free before pass 1), ``share``
 (φ in V's tiles: two CTAs an SM at D = 128, for one more barrier and φ computed twice).
+``make_dq_linear_wgmma`` has the same two (``share``: ĉ in H_i's tiles, below).
 
 Blocks with no marginal partner (``n_marg <= 0``) return at once, as in the mma.sync
 kernel. Under the CUDA simulator the wgmma twins (``tc/wgmma.py``) run the same code
