@@ -28,12 +28,16 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             (H200: 0.74 ms instead of 1.37 ms at the Wan2.1 shape).
                             ``auto``: bf16 for bf16 inputs, fp32 for fp16 inputs
                             (the rule of ``SLA_NUMBA_STATES``).
-``SLA_NUMBA_MARGINAL``      ``pipelined`` (default) | ``registers``: the tensor-core
-                            marginal-sum kernel for bf16 states (``gpu/tc/marginal.py``):
-                            the ``cp.async`` ring of several k-steps per barrier, or
-                            the register-staged kernel (same bits; the first 1.5x
-                            faster on the H200, BENCHMARKS.md). fp32 states always
-                            take the register kernel.
+``SLA_NUMBA_MARGINAL``      ``pipelined`` (default) | ``registers`` | ``wgmma``: the
+                            tensor-core marginal-sum kernel for bf16 states
+                            (``gpu/tc/marginal.py``): the ``cp.async`` ring of several
+                            k-steps per barrier, or the register-staged kernel (same
+                            bits; the first 1.5x faster on the H200, BENCHMARKS.md),
+                            or (opt-in) Hopper's warpgroup MMA
+                            (``gpu/tc/marginal_wgmma.py``; compute capability 9.0
+                            only, elsewhere the pipelined kernel; equal to fp32
+                            rounding, not bit for bit). fp32 states always take the
+                            register kernel.
 ``SLA_NUMBA_LINEAR``        ``pipelined`` (default) | ``registers``: the tensor-core
                             kernel of the linear branch's forward output
                             (``gpu/tc/linear.py``): the next chunk of H_i in flight
@@ -84,6 +88,15 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             states (0.404 ms against 0.554 at the Wan2.1 shape on the
                             H200), registers for fp32 states (staged 0.606 against
                             0.561 there).
+``SLA_NUMBA_CLASSIFY``      ``default`` (default) | ``fused``: the GPU block
+                            classification's kernels (``gpu/classify.py``): the
+                            pooling kernel with one thread per d and the score /
+                            select kernel that keeps its scores in a global scratch
+                            array; or (``fused``, ``gpu/simt/classify_fused.py``)
+                            pooling by warps with packed 8-byte bf16 loads and the
+                            scores kept as keys in shared memory (no scratch
+                            array). Same map, bit for bit. Opt-in until timed on the H200
+                            (``tools/bench_classify.py --fused``).
 ``SLA_NUMBA_LAUNCH``        ``direct`` (default) | ``numba``: how GPU kernels are
                             launched: ``direct`` hands the compiled kernel and its
                             argument list to ``cuda.core`` (``gpu/_launcher.py``);
@@ -139,7 +152,7 @@ TORCH_OPS = ("auto", "always")
 STATES_DTYPES = ("auto", "fp32", "bf16")
 GRAD_STATES_VAR = "SLA_NUMBA_GRAD_STATES"
 GRAD_STATES_DTYPES = ("auto", "fp32", "bf16")
-MARGINAL_KERNELS = ("pipelined", "registers")
+MARGINAL_KERNELS = ("pipelined", "registers", "wgmma")
 LINEAR_KERNELS = ("pipelined", "registers")
 LINEAR_GRAD_KERNELS = ("pipelined", "registers", "wgmma")
 SPARSE_BWD_KERNELS = ("sync", "pipelined")
@@ -147,6 +160,8 @@ SPARSE_BWD_KERNELS = ("sync", "pipelined")
 STATES_KERNELS = ("auto", "registers", "staged", "pipelined")
 LAUNCHERS = ("direct", "numba")
 SPARSE_FWD_VAR = "SLA_NUMBA_SPARSE_FWD"
+CLASSIFY_VAR = "SLA_NUMBA_CLASSIFY"
+CLASSIFY_KERNELS = ("default", "fused")
 SPARSE_FWD_KERNELS = ("auto", "mma", "wgmma")
 
 
@@ -215,7 +230,7 @@ def bf16_states(kind):
 
 
 def marginal_kernel():
-    """``SLA_NUMBA_MARGINAL``: 'pipelined' (unset or empty) or 'registers'."""
+    """``SLA_NUMBA_MARGINAL``: 'pipelined' (unset or empty), 'registers' or 'wgmma'."""
     return _choice(MARGINAL_VAR, MARGINAL_KERNELS)
 
 
@@ -237,6 +252,11 @@ def sparse_bwd_kernel():
 def sparse_fwd_kernel():
     """``SLA_NUMBA_SPARSE_FWD``: 'auto' (unset or empty), 'mma' or 'wgmma'."""
     return _choice(SPARSE_FWD_VAR, SPARSE_FWD_KERNELS)
+
+
+def classify_kernel():
+    """``SLA_NUMBA_CLASSIFY``: 'default' (unset or empty) or 'fused'."""
+    return _choice(CLASSIFY_VAR, CLASSIFY_KERNELS)
 
 
 def states_kernel():

@@ -152,6 +152,9 @@ def _forward_impl(
         eps,
         linear_scope,
         **({"return_states": True} if save_states else {}),
+        # CUDA fp16 / bf16: O_s, O_l come back in q's dtype (the tensor-core sparse kernel
+        # writes them so; the same bits as the .to() below would give)
+        **({"half_out": True} if _half_cuda(q, backend) else {}),
     )
     o_s, o_l, lse = outs[:3]
     states = outs[3].to(q.device) if save_states else q.new_empty(0, dtype=_lse_dtype(q))
@@ -161,6 +164,10 @@ def _forward_impl(
         lse.to(device=q.device, dtype=_lse_dtype(q)),
         states,
     )
+
+
+def _half_cuda(q, backend):
+    return backend == "gpu" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def _check_save_states(save_states, backend):

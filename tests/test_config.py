@@ -17,6 +17,7 @@ SWITCHES = [
     (config.SPARSE_BWD_VAR, config.sparse_bwd_kernel, "sync", " Pipelined ", "pipelined"),
     (config.SAVE_STATES_VAR, config.save_states, False, " 1 ", True),
     (config.STATES_KERNEL_VAR, config.states_kernel, "auto", " Pipelined ", "pipelined"),
+    (config.CLASSIFY_VAR, config.classify_kernel, "default", " Fused ", "fused"),
 ]
 
 

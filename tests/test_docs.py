@@ -14,6 +14,7 @@ import pytest
         "sla_numba.modules",
         "sla_numba._warmup",
         "sla_numba.gpu.classify",
+        "sla_numba.gpu.simt.classify_fused",
         "sla_numba.gpu.forward",
     ],
 )

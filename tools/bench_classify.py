@@ -2,6 +2,7 @@
 
 Usage: PYTHONPATH=. python tools/bench_classify.py [--old] [--sweep] [--reps 50]
                                                     [--shapes wan b2] [--no-check]
+       PYTHONPATH=. python tools/bench_classify.py --fused [--quick] [--reps 20]
 
 Shapes (bf16 q, k; block 64 x 64, topk 0.05, skip 0.10, scale 1/sqrt(D)):
   wan  B1 H12 N32760 D128  (Mq = Mk = 512)
@@ -22,6 +23,16 @@ For each:
 --sweep   also other tilings of the score/select kernel (rows per block RQ, key
           blocks per thread CPT, threads NT) and pooling batches U, each checked
           against the default map.
+--fused   instead: the default pair against ``SLA_NUMBA_CLASSIFY=fused``
+          (``classify_fused``: warp pooling with packed bf16 loads, keys in shared
+          memory) and its tilings, one table per shape: ms per call (CUDA events,
+          median of --reps), ms of the kernels alone (torch.profiler) split pool /
+          score, input GB/s, ratio to the default, and whether the map equals the
+          default's and the CPU backend's, bit for bit. Two floors in the same run:
+          reading q and k once (``torch.sum`` over N, fp32 accumulation) and the
+          score product as one cuBLAS fp64 ``torch.bmm`` of the pooled matrices (fp64
+          tensor cores, FMA: a floor, not a twin). A variant that fails prints its
+          error and the run goes on. ``--quick``: the default tiling only.
 """
 
 import argparse
@@ -93,7 +104,16 @@ def kernel_ms(fn, reps):
 
 def short(name):
     """A readable kernel name out of a mangled Numba one."""
-    for part in ("score_select", "score_rank", "pool_rows", "pool", "fill", "elementwise"):
+    for part in (
+        "score_select_keys",
+        "score_select",
+        "score_rank",
+        "pool_words",
+        "pool_rows",
+        "pool",
+        "fill",
+        "elementwise",
+    ):
         if part in name:
             return part
     return name[:40]
@@ -112,13 +132,19 @@ def report_kernels(label, per, gbytes):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--reps", type=int, default=None, help="default 50 (--fused: 20)")
     ap.add_argument("--old", action="store_true", help="also time the reference kernels")
     ap.add_argument("--sweep", action="store_true", help="also try other tilings")
     ap.add_argument("--no-check", action="store_true", help="skip the CPU comparison")
+    ap.add_argument("--fused", action="store_true", help="default vs SLA_NUMBA_CLASSIFY=fused")
+    ap.add_argument("--quick", action="store_true", help="--fused: default tilings only")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
+    if a.fused:
+        a.reps = a.reps or 20
+        return fused_main(a)
+    a.reps = a.reps or 50
 
     import importlib
 
@@ -214,6 +240,124 @@ def main():
             print(f"  map == CPU backend's map: {same}")
             ok &= same
     print("\nALL MAPS EQUAL" if ok else "\nMAP MISMATCH")
+    return 0 if ok else 1
+
+
+# (pool tiles: lanes a group, groups a CTA, rows in flight; keys tiles: RQ, CPT, NT, RH)
+FUSED_VARIANTS = [
+    ("pool G4 U16, keys default", None, None),
+    ("pool G4 U16 + default score_select", None, "scratch"),
+    ("pool G8 U16", (None, 8, 16), None),
+    ("pool G4 U32", (None, 4, 32), None),
+    ("keys RQ16 RH2", None, (16, None, None, 2)),
+    ("keys RQ8 RH8", None, (8, None, None, None)),
+    ("keys RQ4 RH4", None, (4, None, None, None)),
+]
+
+
+def _split(per):
+    """(pool ms, score ms, total ms) per call out of kernel_ms's table."""
+    pool = sum(t for name, (t, _) in per.items() if "pool" in name)
+    score = sum(t for name, (t, _) in per.items() if "score" in name)
+    return pool, score, sum(t for t, _ in per.values())
+
+
+def fused_main(a):
+    """--fused: one table per shape (module docstring)."""
+    import importlib
+
+    from sla_numba import _params
+
+    gc = importlib.import_module("sla_numba.gpu.classify")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, reps {a.reps}")
+    ok = True
+    for name in a.shapes:
+        B, H, N, D = SHAPES[name]
+        bq = bk = 64
+        mq = mk = -(-N // bq)
+        n_crit, n_skip = _params.block_counts(mk, 0.05, 0.10)
+        scale = 1 / math.sqrt(D)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k = (
+            torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g)
+            for _ in range(2)
+        )
+        gbytes = (q.numel() + k.numel()) * 2 / 1e9
+        args = (q, k, n_crit, n_skip, bq, bk, scale)
+        print(
+            f"\n[{name}] B{B} H{H} N{N} D{D} bf16, blocks {bq}x{bk}: Mq={mq} Mk={mk} "
+            f"n_crit={n_crit} n_skip={n_skip}; input {gbytes * 1e3:.0f} MB; "
+            f"keys config (RQ, CPT, EPL, NT, RH) = {gc.keys_config(mk, D)}, "
+            f"pool config = {gc.pool_config(D, True)}"
+        )
+        want = None
+        if not a.no_check:
+            from sla_numba import cpu
+
+            qc, kc = (x.float().cpu().numpy() for x in (q, k))
+            want = cpu.classify(qc, kc, n_crit, n_skip, bq, bk, scale)
+        default_map = gc._classify(*args, fast=True)
+        rows = [("default (score_select + pool_rows)", lambda: gc._classify(*args, fast=True))]
+        for label, pool_tiles, tiles in FUSED_VARIANTS[: 1 if a.quick else None]:
+            scratch = tiles == "scratch"
+            tiles = None if scratch else tiles
+            if tiles and gc.keys_config(mk, D, *tiles) is None:
+                label += " (no fit: scratch kernel)"
+            rows.append(
+                (
+                    f"fused: {label}",
+                    lambda p=pool_tiles, t=tiles, s=scratch: gc._classify_fused(
+                        *args, tiles=t, pool_tiles=p, scratch=s
+                    ),
+                )
+            )
+        # floors, same run
+        ms_read = float("nan")
+        try:
+            read = lambda: (q.sum(2, dtype=torch.float32), k.sum(2, dtype=torch.float32))  # noqa: E731
+            ms_read = timed(read, a.reps)
+            pq = torch.randn(B * H, mq, D, device="cuda", dtype=torch.float64)
+            pkt = torch.randn(B * H, D, mk, device="cuda", dtype=torch.float64)
+            ms_bmm = timed(lambda: torch.bmm(pq, pkt), a.reps)
+            flops = 2 * B * H * mq * mk * D
+            print(
+                f"  floor: read q and k once (torch.sum) {ms_read:8.4f} ms"
+                f" {gbytes / ms_read * 1e3:6.0f} GB/s; fp64 score product (torch.bmm)"
+                f" {ms_bmm:8.4f} ms {flops / ms_bmm / 1e9:6.1f} TFLOP/s"
+            )
+        except Exception as exc:  # noqa: BLE001
+            print(f"  floors FAILED: {exc!r}")
+        print(
+            f"  {'variant':40s} {'ms/call':>8s} {'kernels':>8s} {'pool':>7s} {'score':>7s}"
+            f" {'GB/s':>6s} {'x dflt':>6s} {'/read':>6s}  map==default map==CPU"
+        )
+        base = None
+        for label, fn in rows:
+            try:
+                got = fn()
+                torch.cuda.synchronize()
+                same_d = torch.equal(got, default_map)
+                same_c = None if want is None else bool(np.array_equal(got.cpu().numpy(), want))
+                ms = timed(fn, a.reps)
+            except Exception as exc:  # noqa: BLE001 - report and go on to the next variant
+                print(f"  {label:40s} FAILED: {exc!r}"[:300])
+                ok = False
+                continue
+            try:
+                pool, score, kern = _split(kernel_ms(fn, a.reps))
+            except Exception as exc:  # noqa: BLE001 - the profiler is a bonus
+                print(f"  (torch.profiler failed: {exc!r})")
+                pool = score = float("nan")
+                kern = ms
+            kern = kern or ms  # (a profiler that saw no kernel)
+            base = base or kern
+            print(
+                f"  {label:40s} {ms:8.4f} {kern:8.4f} {pool:7.4f} {score:7.4f}"
+                f" {gbytes / kern * 1e3:6.0f} {base / kern:6.2f} {kern / ms_read:6.2f}"
+                f"  {str(same_d):11s} {same_c}"
+            )
+            ok &= same_d and same_c is not False
+    print("\nALL MAPS EQUAL" if ok else "\nMAP MISMATCH OR FAILURE")
     return 0 if ok else 1
 
 

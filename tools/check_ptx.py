@@ -38,6 +38,7 @@ from sla_numba.gpu import _compat  # noqa: E402,F401  (np.row_stack shim first)
 classify, forward, backward = (
     importlib.import_module(f"sla_numba.gpu.simt.{m}") for m in ("classify", "forward", "backward")
 )
+classify_fused = importlib.import_module("sla_numba.gpu.simt.classify_fused")
 from sla_numba.gpu._compat import FASTMATH, SIMULATOR  # noqa: E402
 from sla_numba.gpu.simt.marginal import make_marginal_sum  # noqa: E402
 from sla_numba.gpu.simt.states import make_prep  # noqa: E402
@@ -194,6 +195,31 @@ def main():
                 arr(nt.uint64, 4),
                 arr(nt.int8, 4),
             ),
+            False,
+            False,
+            exact=True,
+        )
+    # SLA_NUMBA_CLASSIFY=fused: warp pooling (packed bf16 words or elements) and the
+    # score/select kernel with its keys in shared memory
+    for tag, word, lay in (
+        ("bf16 u64 D128", nt.uint64, (32, 4, 16, 4, 1, True)),
+        ("bf16 u32 D64", nt.uint32, (32, 4, 16, 2, 1, True)),
+        ("f32 D128", nt.float32, (32, 4, 16, 1, 4, False)),
+        ("f64 D64", nt.float64, (32, 4, 16, 1, 2, False)),
+    ):
+        ok &= compile_one(
+            f"classify.pool_words {tag}",
+            classify_fused.make_pool_words(*lay),
+            (arr(word, 4), arr(word, 4), I64, I64, I64, arr(F64, 4), arr(F64, 4)),
+            False,
+            False,
+            exact=True,
+        )
+    for d, rq, cpt, epl, rh in ((128, 16, 4, 16, 4), (128, 8, 4, 16, 8), (64, 16, 1, 4, 16)):
+        ok &= compile_one(
+            f"classify.keys D{d} R{rq} C{cpt} E{epl} H{rh}",
+            classify_fused.make_score_select_keys(d, rq, cpt, epl, 128, 32, rh),
+            (arr(F64, 4), arr(F64, 4), F64, I64, I64, arr(nt.int8, 4)),
             False,
             False,
             exact=True,

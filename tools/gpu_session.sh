@@ -14,6 +14,9 @@
 #   dist     context-parallel wrapper on one GPU (NCCL, world size 1): overhead vs plain SLA
 #   bench    benchmarks/bench_gpu.py (SLA vs SDPA vs FlexAttention, stage tables)
 #   classify tools/bench_classify.py (new kernels vs the sort reference, map == CPU's)
+#   classfused tools/bench_classify.py --fused: the default classification kernels against
+#            SLA_NUMBA_CLASSIFY=fused and its tilings (Wan, B2), maps == default's and CPU's,
+#            read and fp64-bmm floors (CLASSFUSED_ARGS, e.g. --quick; CLASSFUSED_TIMEOUT)
 #   warmup   sla_numba.warmup on a cold cache, then a new process's first Wan-shape call
 #   cpu      benchmarks/bench_cpu.py on this machine's CPU, 2 threads (taskset)
 #   marginal tools/sweep_marginal.py: the marginal-sum kernels' tiles, bf16 states,
@@ -23,6 +26,9 @@
 #            SLA_NUMBA_LINEAR_GRAD), same bits, and the cuBLAS floors
 #   sparsebwd tools/sweep_sparse_backward.py: the sparse backward's sync and pipelined
 #            kernels (SLA_NUMBA_SPARSE_BWD), same bits, TFLOP/s (Wan shape, D=64 B2 H16)
+#   margwg   tools/sweep_marginal_wgmma.py: the marginal sums on wgmma (SLA_NUMBA_MARGINAL=wgmma;
+#            N 128/256, stages 3/4, 1/2 warpgroups) against the pipelined default, float64
+#            and the cuBLAS floor, row and column sums, wan and b2 sizes (MARGWG_TIMEOUT)
 #   sparsewg tools/sweep_sparse_wgmma.py: the sparse forward on wgmma (SLA_NUMBA_SPARSE_FWD)
 #            against the mma.sync kernel at the Wan shape (bf16 D 128 / 64, fp16), --quick first
 #   lbwdwg   tools/sweep_linear_backward_wgmma.py: the linear branch's dk / dv on wgmma
@@ -89,6 +95,8 @@ for step in "$@"; do
                  --json "$OUT/bench_gpu.json" ;;
     classify) TAIL=60 run classify ${CLASSIFY_TIMEOUT:-150} python tools/bench_classify.py \
                  ${CLASSIFY_ARGS:---old} ;;
+    classfused) TAIL=60 run classfused ${CLASSFUSED_TIMEOUT:-150} python tools/bench_classify.py \
+                 --fused ${CLASSFUSED_ARGS:-} ;;
     warmup)  run warmup 200 python tools/check_warmup_gpu.py ;;
     cpu)     run cpu 200 taskset -c 0,1 python benchmarks/bench_cpu.py --threads 2 \
                  --json "$OUT/bench_cpu_device.json" ;;
@@ -96,6 +104,7 @@ for step in "$@"; do
     linear)  TAIL=40 run linear ${LINEAR_TIMEOUT:-120} python tools/sweep_linear.py
              TAIL=40 run linear_grad ${LINEAR_TIMEOUT:-120} python tools/sweep_linear_backward.py ;;
     sparsebwd) TAIL=40 run sparse_bwd ${SPARSEBWD_TIMEOUT:-150} python tools/sweep_sparse_backward.py ;;
+    margwg)  TAIL=60 run margwg ${MARGWG_TIMEOUT:-150} python tools/sweep_marginal_wgmma.py ;;
     sparsewg) TAIL=40 run sparsewg_quick 120 python tools/sweep_sparse_wgmma.py --quick
               TAIL=40 run sparsewg ${SPARSEWG_TIMEOUT:-150} python tools/sweep_sparse_wgmma.py ;;
     lbwdwg)  TAIL=40 run lbwdwg_quick 120 python tools/sweep_linear_backward_wgmma.py --quick \

@@ -283,10 +283,33 @@ class DeviceCall:
             d = cuda.device_array(shape, dtype=dtype)
         return d, d
 
+    def output_like(self, x, shape):
+        """A new output of ``x``'s own dtype (an fp16 / bf16 input: the tensor-core
+        kernels write 16-bit outputs, ``gpu.forward(half_out=True)``), as
+        ``(handle, device_view)``; a bf16 tensor's view is its int16 bits."""
+        shape = tuple(int(s) for s in shape)
+        if self.kind == "torch":
+            torch = self._torch
+            dev = self._torch_device
+            if poisoning():
+                h = torch.full(shape, float("nan"), dtype=x.dtype, device=dev)
+            else:
+                h = torch.empty(shape, dtype=x.dtype, device=dev)
+            return h, device_view(h)
+        return self._new(shape, x.dtype, poison=poisoning())
+
     def result(self, handle):
         if self.kind == "numpy":
             return handle.copy_to_host()
         return handle
+
+    def result_like(self, handle, x):
+        """:meth:`result`, converted to ``x``'s dtype (rounded to nearest even) if it
+        is not already in it."""
+        out = self.result(handle)
+        if self.kind == "torch":
+            return out.to(x.dtype)
+        return out if out.dtype == x.dtype else out.astype(x.dtype)
 
     # -- device selection -------------------------------------------------
     def device_context(self):

@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from .. import config
+from ._arrays import DeviceView
 from ._launcher import launch
 from ._path import tc_part
 from .simt.fill import FILL_THREADS, fill
@@ -225,6 +226,15 @@ def half_bits(x):
     """Flat int16 view of an fp16 / bf16 device array (bf16 already arrives as int16)."""
     x = flat(x)
     return x if x.dtype == np.int16 else x.view(np.int16)
+
+
+def half_pairs(x):
+    """Flat int32 view of a 16-bit device array (two values an element): what the
+    kernels that write 16-bit outputs take (``tc/tiles.make_pair_store``)."""
+    x = flat(x)
+    if isinstance(x, DeviceView):
+        return DeviceView(x.ptr, (x.size // 2,), np.int32, x.owner)
+    return x.view(np.int32)
 
 
 def half_kind(call, x):

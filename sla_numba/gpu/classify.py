@@ -27,6 +27,10 @@ Two implementations of step 2 (``sla_numba/gpu/simt/classify.py``):
   one block per row sorts the (S, j) pairs in shared memory (bitonic sort, rows
   of up to SORT_MAX blocks) or counts each rank against the row (O(Mk²)).
 
+``SLA_NUMBA_CLASSIFY=fused`` (``classify_fused``) runs the opt-in pair of
+``sla_numba/gpu/simt/classify_fused.py`` instead: pooling by warps with packed
+bf16 loads, scores kept as keys in shared memory. The same map.
+
 No fastmath, and more: NVVM fuses ``a*b + c`` into an FMA even without fastmath,
 and the pooled means are not exact fp32 values, so the products and sums of step 2
 go through ``mul_rn`` / ``add_rn`` (``_compat``), which are never contracted.
@@ -41,6 +45,7 @@ go through ``mul_rn`` / ``add_rn`` (``_compat``), which are never contracted.
 
 import numpy as np
 
+from .. import config
 from .._params import n_blocks
 from ._arrays import DeviceCall
 from ._launcher import launch
@@ -58,6 +63,14 @@ from .simt.classify import (
     make_score_rank,
     make_score_select,
     pool,
+)
+from .simt.classify_fused import (
+    KEYS_SMEM,
+    POOL_GROUPS,
+    POOL_ROWS,
+    make_pool_words,
+    make_score_select_keys,
+    word_layout,
 )
 
 #: Rows pooled per batch of loads in the fast pooling kernel.
@@ -105,6 +118,8 @@ def classify(q, k, n_crit, n_skip, block_q, block_k, scale):
     ``n_crit`` critical and ``n_skip`` negligible key blocks per query-block row,
     ranked by the pooled score (module docstring). Identical to the CPU's map.
     """
+    if config.classify_kernel() == "fused":
+        return classify_fused(q, k, n_crit, n_skip, block_q, block_k, scale)
     return _classify(q, k, n_crit, n_skip, block_q, block_k, scale, fast=True)
 
 
@@ -159,6 +174,143 @@ def _classify(q, k, n_crit, n_skip, block_q, block_k, scale, fast, tiles=None):
             kern = make_score_select(D, rq, cpt, epl, nt, FAST_LANES)
             launch(
                 kern,
+                (-(-Mq // rq), H, B),
+                nt,
+                call.stream,
+                (pq, pk, float(scale), n_crit, n_skip, scores, scores.view(np.uint64), block_map),
+            )
+        mark("classify")
+        return call.result(handle)
+
+
+# ====================================================== SLA_NUMBA_CLASSIFY=fused
+def keys_config(mk, d, rows=None, cols=None, threads=None, chunk=None):
+    """(RQ, CPT, EPL, NT, RH) of the score/select kernel with shared-memory keys, or
+    None when a row does not fit it (``fast_config``'s limits, and
+    (RQ·D + RH·slots)·8 bytes of shared memory, slots = LANES·EPL >= Mk).
+
+    When one pass of the score tile covers the row (Mk <= NT·CPT: the Wan2.1 and B2
+    shapes), RQ is ``fast_config``'s (16) and RH, the rows of keys shared memory
+    holds at a time, the largest divisor of RQ that fits; otherwise RH = RQ, cut
+    to what fits. ``rows``, ``cols``, ``threads``, ``chunk`` override RQ, CPT, NT,
+    RH (tools/bench_classify.py --fused tries some)."""
+    base = fast_config(mk, d, rows, cols, threads)
+    if base is None:
+        return None
+    rq, cpt, epl, nt = base
+    slots = epl * FAST_LANES * 8  # bytes of one row of keys
+    one_pass = mk <= nt * cpt
+    if not one_pass:
+        fit = (KEYS_SMEM // (d * 8 + slots)) if rows is None else rq
+        rq = min(rq, fit)
+        if rq >= 8:
+            rq -= rq % 4  # 8 or 12 rows: the grid splits into whole waves more often
+        rh = rq
+    elif chunk is not None:
+        rh = chunk
+    else:
+        rh = rq
+        while rh > 1 and rq * d * 8 + rh * slots > KEYS_SMEM:
+            rh -= 1
+            while rq % rh:
+                rh -= 1
+    if rq < 1 or rh < 1 or rh > rq or (rh < rq and not one_pass):
+        return None
+    if rq * d * 8 + rh * slots > KEYS_SMEM:
+        return None
+    return rq, cpt, epl, nt, rh
+
+
+def pool_config(d, bf16, lanes=None, groups=None, rows=None):
+    """(LANES, GROUPS, U, K, WPL, BF16) of the warp pooling kernel for head dim d."""
+    lanes = lanes or FAST_LANES
+    _, kw = word_layout(d, bf16, lanes)
+    words = d // kw
+    return (lanes, groups or POOL_GROUPS, rows or POOL_ROWS, kw, -(-words // lanes), bool(bf16))
+
+
+def classify_fused(q, k, n_crit, n_skip, block_q, block_k, scale):
+    """``classify`` by the kernels of ``SLA_NUMBA_CLASSIFY=fused``
+    (``sla_numba/gpu/simt/classify_fused.py``): the same map."""
+    return _classify_fused(q, k, n_crit, n_skip, block_q, block_k, scale)
+
+
+def _aligned(dev, word):
+    """Whether a device array's first element sits on a ``word`` boundary (a torch
+    view can start anywhere: 8-byte loads need 8-byte addresses)."""
+    ptr = getattr(dev, "ptr", None)
+    if ptr is None:
+        cai = getattr(dev, "__cuda_array_interface__", None)
+        ptr = cai["data"][0] if cai else 0
+    return ptr % np.dtype(word).itemsize == 0
+
+
+@ahead
+def _classify_fused(
+    q,
+    k,
+    n_crit,
+    n_skip,
+    block_q,
+    block_k,
+    scale,
+    tiles=None,
+    pool_tiles=None,
+    bf16_bits=False,
+    scratch=False,
+):
+    """The fused pair: ``make_pool_words`` then ``make_score_select_keys``; rows too
+    long for shared memory fall back to ``make_score_select`` (global scratch), and
+    rows too long for that to the reference (``classify_by_sorting``'s kernels).
+
+    ``tiles``: (RQ, CPT, NT, RH) overrides, ``pool_tiles``: (LANES, GROUPS, U); for the
+    benchmark's sweep. ``bf16_bits``: ``q`` and ``k`` are int16 arrays of bf16 bit
+    patterns (tests: the simulator has no bf16 arrays; torch bf16 is detected).
+    ``scratch``: the default score/select kernel after the warp pooling (benchmark:
+    which of the two new kernels gains)."""
+    call = DeviceCall(q)
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    Mq, Mk = n_blocks(Nq, block_q), n_blocks(Nk, block_k)
+    n_crit = min(max(int(n_crit), 0), Mk)
+    n_skip = min(max(int(n_skip), 0), Mk)
+    if fast_config(Mk, D) is None:  # rows longer than the lane groups take
+        return classify_by_sorting(q, k, n_crit, n_skip, block_q, block_k, scale)
+    keys = None if scratch else keys_config(Mk, D, *(tiles or ()))
+    bf16 = bf16_bits or (call.in_dtype(q) == "bfloat16" and call.in_dtype(k) == "bfloat16")
+    lanes, groups, rows, kw, wpl, packed = pool_config(D, bf16, *(pool_tiles or ()))
+    word, _ = word_layout(D, bf16, lanes)
+    mark("glue")
+    with call.device_context():
+        dq, dk = call.dev(q), call.dev(k)
+        if packed and not (_aligned(dq, word) and _aligned(dk, word)):
+            word, kw, wpl = np.uint16, 1, -(-D // lanes)  # (a view at an odd offset)
+        if packed:  # the rows as words of kw bf16 values
+            dq, dk = dq.view(word), dk.view(word)
+        _, pq = call.workspace((B, H, Mq, D), np.float64)
+        _, pk = call.workspace((B, H, D, Mk), np.float64)
+        handle, block_map = call.output((B, H, Mq, Mk), np.int8)
+        launch(
+            make_pool_words(lanes, groups, rows, kw, wpl, packed),
+            (-(-(Mq + Mk) // groups), H, B),
+            lanes * groups,
+            call.stream,
+            (dq, dk, block_q, block_k, Mq, pq, pk),
+        )
+        if keys is not None:
+            rq, cpt, epl, nt, rh = keys
+            launch(
+                make_score_select_keys(D, rq, cpt, epl, nt, FAST_LANES, rh),
+                (-(-Mq // rq), H, B),
+                nt,
+                call.stream,
+                (pq, pk, float(scale), n_crit, n_skip, block_map),
+            )
+        else:
+            rq, cpt, epl, nt = fast_config(Mk, D)
+            _, scores = call.workspace((B, H, Mq, Mk), np.float64)
+            launch(
+                make_score_select(D, rq, cpt, epl, nt, FAST_LANES),
                 (-(-Mq // rq), H, B),
                 nt,
                 call.stream,

@@ -44,6 +44,8 @@ compiled with ``sparse=False``) where ``SLA_NUMBA_TC_OFF`` names it; ``"auto"``
 (lists), states, marginal sum, tc sparse, linear (5).
 """
 
+import numpy as np
+
 from .._params import FEATURE_MAPS, n_blocks
 from ._arrays import DeviceCall
 from ._launch import (
@@ -52,6 +54,7 @@ from ._launch import (
     flat,
     half_bits,
     half_kind,
+    half_pairs,
     launch_prep,
     linear_scope_global,
     linear_supported,
@@ -82,6 +85,7 @@ def forward(
     path="auto",
     tiles=None,
     return_states=False,
+    half_out=False,
 ):
     """SLA forward. Returns ``(o_s, o_l, lse)`` of the same array kind as ``q``.
 
@@ -99,6 +103,13 @@ def forward(
     (``row_states=``) and the backward skips the states and their row sums. The
     forward's work is the same; it only writes that buffer, which it keeps otherwise
     as a workspace (docs/internals.md, "Reusing the forward's row states").
+
+    ``half_out=True`` (fp16 / bf16 inputs; what the torch bridge asks for): o_s and o_l
+    come back in q's dtype, rounded to nearest even -- the bits of converting the
+    float32 results, which is what a caller does next anyway. The tensor-core sparse and
+    linear kernels write 16-bit O_s and O_l straight away (half the bytes, and no
+    conversion pass); other kernels' float32 results are converted here. lse stays
+    float32.
 
     Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
 
@@ -120,6 +131,10 @@ def forward(
     Mq, Mk = n_blocks(Nq, block_q), n_blocks(Nk, block_k)
     acc = compute_dtype(call.in_dtype(q))
     T = tiles or choose_tiles(D, acc, block_q, block_k)
+    half = bool(half_out) and acc == np.float32 and call.in_dtype(q) != np.float32
+    if half and call.kind == "numba":
+        raise ValueError("half_out=True takes torch, CuPy or numpy inputs, not Numba arrays")
+    half_s = half and path == "tc"  # the tensor-core sparse kernels write 16-bit O_s
     mark("glue")
     with call.device_context():
         dq, dk, dv, dmap = call.dev(q), call.dev(k), call.dev(v), call.dev(block_map)
@@ -145,8 +160,14 @@ def forward(
             h_rs, keep = call.output(*row_states_layout(B, H, Mq, T))
         lstate = row_states(call, lin_map, ws["state"], Mq, Mk, tc=path == "tc", out=keep)
         mark("fwd marginal sum")
-        h_os, o_s = call.output((B, H, Nq, D), acc)
-        h_ol, o_l = call.output((B, H, Nq, D), acc)
+        h_os, o_s = (
+            call.output_like(q, (B, H, Nq, D)) if half_s else call.output((B, H, Nq, D), acc)
+        )
+        tc_lin = path == "tc" and tc_part("linear") and linear_supported(D, block_q)
+        half_l = half and tc_lin  # ... and the tensor-core linear kernels 16-bit O_l
+        h_ol, o_l = (
+            call.output_like(q, (B, H, Nq, D)) if half_l else call.output((B, H, Nq, D), acc)
+        )
         h_lse, lse = call.output((B, H, Nq), acc)
         if path == "tc":
             from .tc.forward import launch_sparse_forward
@@ -158,7 +179,7 @@ def forward(
                 half_bits(dv),
                 flat(ws["row_crit"]),
                 flat(ws["row_info"][0]),
-                flat(o_s),
+                half_pairs(o_s) if half_s else flat(o_s),
                 flat(lse),
                 B,
                 H,
@@ -171,7 +192,7 @@ def forward(
                 call.stream,
             )
             mark("fwd tc sparse")
-        if path == "tc" and tc_part("linear") and linear_supported(D, block_q):
+        if tc_lin:
             from .tc.linear import launch_linear_forward_tc
 
             launch_linear_forward_tc(
@@ -179,7 +200,7 @@ def forward(
                 half_bits(dq),
                 lstate,
                 flat(ws["row_info"][1]),
-                flat(o_l),
+                half_pairs(o_l) if half_l else flat(o_l),
                 B,
                 H,
                 Nq,
@@ -211,7 +232,10 @@ def forward(
             )
             launch(kernel, (Mq, H, B), T.NT, call.stream, args)
         mark("fwd linear" if path == "tc" else "fwd simt fused")
-        outs = (call.result(h_os), call.result(h_ol), call.result(h_lse))
+        if half:  # written as 16-bit values already (half_s, half_l), or rounded here
+            outs = (call.result_like(h_os, q), call.result_like(h_ol, q), call.result(h_lse))
+        else:
+            outs = (call.result(h_os), call.result(h_ol), call.result(h_lse))
         return (*outs, call.result(h_rs)) if return_states else outs
 
 

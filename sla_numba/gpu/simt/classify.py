@@ -226,15 +226,11 @@ def make_pool(NT, U, wide=False):
 
 
 @functools.cache
-@kernel_factory
-def make_score_select(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
-    """The score-and-select kernel for head dim D, RQ query-block rows per block,
-    CPT key blocks per thread per pass, EPL key blocks per lane when ranking.
-
-    Launch: grid (ceil(Mq / RQ), H, B), NT threads. Arguments: ``pq`` (B, H, Mq, D),
-    ``pk`` (B, H, D, Mk) float64; ``scale``; ``n_crit``, ``n_skip`` in [0, Mk];
-    ``scores`` (B, H, Mq, Mk) float64 scratch and ``sbits``, the same memory viewed
-    as uint64; ``block_map`` (B, H, Mq, Mk) int8. Needs Mk <= LANES * EPL.
+def make_row_select(EPL, LANES):
+    """``mark_row(key, top, n_crit, n_skip, mk, block_map, b, h, i)``: a lane group
+    (LANES lanes, each holding the keys of key blocks ``lane + LANES*m``, m < EPL)
+    writes row ``block_map[b, h, i]``. Used by ``make_score_select`` and the fused
+    kernel of ``classify_fused.py``.
 
     Ranking without sorting. Map each score to an unsigned integer with the same
     order (``key``: flip all bits of a negative double, set the sign bit of a
@@ -251,15 +247,10 @@ def make_score_select(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
     run in one loop and share one lane reduction per bit (two 16-bit counts in
     one int).
     """
-    NG = NT // LANES  # lane groups: each ranks rows g, g + NG, ...
-    NQ = RQ * D  # the staged query rows (a compile-time size)
-    NACC = RQ * CPT
     ZERO = np.uint64(0)
     ONE = np.uint64(1)
-    TOP = np.uint64(1 << 63)
     PACK = 1 << 16
     HALF = np.uint64(32)
-    neg_inf = np.float64(-np.inf)
 
     @kernel(device=True)
     def count2(key, c_hi, c_lo):
@@ -311,6 +302,74 @@ def make_score_select(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
                 n_s = n_lo
             bit -= 1
         return t_c, n_c, t_s, n_s
+
+    @kernel(device=True)
+    def mark_row(key, top, n_crit, n_skip, mk, block_map, b, h, i):
+        """The row's thresholds, then its map (every lane of the group calls it)."""
+        lane = cuda.threadIdx.x % LANES
+        t_c, n_c, t_s, n_s = thresholds(key, top, n_crit, n_skip, EPL * LANES - mk)
+        u_s = ~t_s  # the skip threshold as a key: ~key >= t_s  <=>  key <= u_s
+        need_c = 0  # > 0: t_c is tied, take need_c of its blocks in ascending j
+        need_s = 0  # > 0: u_s is tied, take need_s of its blocks in descending j
+        tied_s = 0
+        if n_c != n_crit or n_s != n_skip:
+            n = count2(key, t_c + ONE, ~(t_s + ONE))
+            if n_c != n_crit:
+                need_c = n_crit - n % PACK
+            if n_s != n_skip:
+                above = n // PACK - (EPL * LANES - mk)
+                need_s = n_skip - above
+                tied_s = n_s - above
+        base_c = 0  # tied blocks at lower j (over the previous m)
+        base_s = 0
+        for m in range(EPL):
+            j = lane + LANES * m
+            x = key[m]
+            if need_c > 0:
+                lower, tot = lane_scan(x == t_c, LANES)
+                crit = x > t_c or (x == t_c and base_c + lower < need_c)
+                base_c += tot
+            else:
+                crit = n_crit > 0 and x >= t_c
+            if need_s > 0:
+                lower, tot = lane_scan(x == u_s, LANES)
+                higher = tied_s - 1 - (base_s + lower)  # tied blocks at higher j
+                neg = x < u_s or (x == u_s and higher < need_s)
+                base_s += tot
+            else:
+                neg = n_skip > 0 and x <= u_s
+            if j < mk:
+                v = 0
+                if crit:
+                    v = 1
+                elif neg:
+                    v = -1
+                block_map[b, h, i, j] = v
+
+    return mark_row
+
+
+@functools.cache
+@kernel_factory
+def make_score_select(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
+    """The score-and-select kernel for head dim D, RQ query-block rows per block,
+    CPT key blocks per thread per pass, EPL key blocks per lane when ranking.
+
+    Launch: grid (ceil(Mq / RQ), H, B), NT threads. Arguments: ``pq`` (B, H, Mq, D),
+    ``pk`` (B, H, D, Mk) float64; ``scale``; ``n_crit``, ``n_skip`` in [0, Mk];
+    ``scores`` (B, H, Mq, Mk) float64 scratch and ``sbits``, the same memory viewed
+    as uint64; ``block_map`` (B, H, Mq, Mk) int8. Needs Mk <= LANES * EPL.
+
+    Ranking: ``make_row_select``.
+    """
+    NG = NT // LANES  # lane groups: each ranks rows g, g + NG, ...
+    NQ = RQ * D  # the staged query rows (a compile-time size)
+    NACC = RQ * CPT
+    ZERO = np.uint64(0)
+    TOP = np.uint64(1 << 63)
+    HALF = np.uint64(32)
+    neg_inf = np.float64(-np.inf)
+    mark_row = make_row_select(EPL, LANES)
 
     @kernel()
     def score_select(pq, pk, scale, n_crit, n_skip, scores, sbits, block_map):
@@ -380,43 +439,6 @@ def make_score_select(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
                     x = ~x if x >= TOP else x | TOP
                 key[m] = x
                 top[m] = np.uint32(x >> HALF)
-            t_c, n_c, t_s, n_s = thresholds(key, top, n_crit, n_skip, EPL * LANES - mk)
-            u_s = ~t_s  # the skip threshold as a key: ~key >= t_s  <=>  key <= u_s
-            need_c = 0  # > 0: t_c is tied, take need_c of its blocks in ascending j
-            need_s = 0  # > 0: u_s is tied, take need_s of its blocks in descending j
-            tied_s = 0
-            if n_c != n_crit or n_s != n_skip:
-                n = count2(key, t_c + ONE, ~(t_s + ONE))
-                if n_c != n_crit:
-                    need_c = n_crit - n % PACK
-                if n_s != n_skip:
-                    above = n // PACK - (EPL * LANES - mk)
-                    need_s = n_skip - above
-                    tied_s = n_s - above
-            base_c = 0  # tied blocks at lower j (over the previous m)
-            base_s = 0
-            for m in range(EPL):
-                j = lane + LANES * m
-                x = key[m]
-                if need_c > 0:
-                    lower, tot = lane_scan(x == t_c, LANES)
-                    crit = x > t_c or (x == t_c and base_c + lower < need_c)
-                    base_c += tot
-                else:
-                    crit = n_crit > 0 and x >= t_c
-                if need_s > 0:
-                    lower, tot = lane_scan(x == u_s, LANES)
-                    higher = tied_s - 1 - (base_s + lower)  # tied blocks at higher j
-                    neg = x < u_s or (x == u_s and higher < need_s)
-                    base_s += tot
-                else:
-                    neg = n_skip > 0 and x <= u_s
-                if j < mk:
-                    v = 0
-                    if crit:
-                        v = 1
-                    elif neg:
-                        v = -1
-                    block_map[b, h, i, j] = v
+            mark_row(key, top, n_crit, n_skip, mk, block_map, b, h, i)
 
     return score_select

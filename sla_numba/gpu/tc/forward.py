@@ -83,7 +83,10 @@ from .tiles import (
     frag_rows_bt,
     load_a,
     make_mma,
+    make_pair_store,
     make_tile_loader,
+    out_kind_of,
+    out_zero,
     row_max_tree,
     row_sum_tree,
     smem_stride,
@@ -144,7 +147,7 @@ def tc_supported(dtype, head_dim, block_q, block_k, device=None):
 
 @functools.cache
 @kernel_factory
-def make_sparse_forward(D, block_k, block_q, kind):
+def make_sparse_forward(D, block_k, block_q, kind, out_kind="f32"):
     """The forward kernel for head dim ``D``, key blocks of ``block_k``, query blocks
     of ``block_q`` rows and inputs ``kind`` 'bf16' / 'f16', as a :class:`TCKernel`
     (kernel, threads, dynamic shared-memory bytes). Compiled at its first launch,
@@ -153,7 +156,9 @@ def make_sparse_forward(D, block_k, block_q, kind):
     Launch: grid ``(Mq, B*H)``; arguments ``(q, k, v, lut, counts, o, lse, nq, nk,
     mq, n_lut, c2)``: q (B, H, Nq, D), k, v (B, H, Nk, D) as flat int16 bits;
     lut (B, H, Mq, n_lut) and counts (B, H, Mq) flat int32; o (B, H, Nq, D) and
-    lse (B, H, Nq) flat float32 outputs; ``c2 = scale * log2(e)``.
+    lse (B, H, Nq) flat float32 outputs; ``c2 = scale * log2(e)``. ``out_kind``
+    "bf16" / "f16" (``tiles.make_pair_store``): o holds the 16-bit output instead, as
+    its flat int32 view (pairs), rounded to nearest even.
     """
     NW, MT = tile_config(block_q)
     BQ, BK, NT = block_q, block_k, NW * 32
@@ -171,6 +176,9 @@ def make_sparse_forward(D, block_k, block_q, kind):
     mma_acc, pack_a = make_mma(kind)
     row_max, row_sum = row_max_tree(NTILE), row_sum_tree(NTILE)
     lse_empty, ln2 = np.float32(LSE_EMPTY), np.float32(math.log(2.0))
+    store = make_pair_store(out_kind)
+    HALF = out_kind != "f32"  # o holds pairs of 16-bit values
+    OZ = out_zero(out_kind)
 
     @kernel(fastmath=TC_FASTMATH)
     def sla_fwd_tc(q, k, v, lut, counts, o, lse, nq, nk, mq, n_lut, c2):
@@ -194,7 +202,10 @@ def make_sparse_forward(D, block_k, block_q, kind):
 
         # A query block without critical key blocks: O = 0, lse = LSE_EMPTY.
         if cnt == 0:
-            fill_rows(o, q_base, row0, BQ, nq, D, ZERO, tid, NT)
+            if HALF:
+                fill_rows(o, q_base >> 1, row0, BQ, nq, D >> 1, OZ, tid, NT)
+            else:
+                fill_rows(o, q_base, row0, BQ, nq, D, OZ, tid, NT)
             fill_rows(lse, bh * nq, row0, BQ, nq, 1, lse_empty, tid, NT)
             return
 
@@ -299,8 +310,7 @@ def make_sparse_forward(D, block_k, block_q, kind):
                 if row < nq:
                     ob = q_base + row * D + 2 * t
                     for d in range(DTILE):
-                        o[ob + 8 * d] = acc[mt, d, 2 * r] * inv
-                        o[ob + 8 * d + 1] = acc[mt, d, 2 * r + 1] * inv
+                        store(o, ob + 8 * d, acc[mt, d, 2 * r] * inv, acc[mt, d, 2 * r + 1] * inv)
                     if t == 0:
                         lse[bh * nq + row] = (m[mt, r] + math.log2(lt)) * ln2
 
@@ -332,8 +342,10 @@ def launch_sparse_forward(
 
     q, k, v: flat int16 bits (B*H*N*D) of fp16 / bf16 ('f16' / 'bf16' = ``kind``);
     lut: flat int32 of a (B, H, Mq, n) LUT (``n = lut.size // (B*H*Mq)``), counts:
-    flat int32 (B*H*Mq); o, lse: flat float32 outputs. Numba device arrays (any
-    ``__cuda_array_interface__`` views), launched on ``stream``; no host sync.
+    flat int32 (B*H*Mq); o, lse: flat float32 outputs, or o the flat int32 view of a
+    16-bit output in the inputs' type (``tiles.make_pair_store``: the fp32 result
+    rounded to nearest even). Numba device arrays (any ``__cuda_array_interface__``
+    views), launched on ``stream``; no host sync.
     """
     if use_wgmma(kind, D, block_q, block_k):  # Hopper's warpgroup MMA
         from .forward_wgmma import launch_sparse_forward_wgmma
@@ -343,7 +355,7 @@ def launch_sparse_forward(
         )
     mq = -(-Nq // block_q)
     n_lut = int(lut.size) // max(1, B * H * mq)
-    kern = make_sparse_forward(D, block_k, block_q, kind)
+    kern = make_sparse_forward(D, block_k, block_q, kind, out_kind_of(o, kind))
     if n_lut == 0:
         lut = counts
     args = (q, k, v, lut, counts, o, lse, Nq, Nk, mq, max(n_lut, 1), np.float32(scale * LOG2E))

@@ -121,6 +121,9 @@ from .tiles import (
     TCKernel,
     fill_rows,
     make_mma,
+    make_pair_store,
+    out_kind_of,
+    out_zero,
     row_max_tree,
     row_sum_tree,
 )
@@ -217,7 +220,7 @@ def smem_layout(D, v_stages=2):
 
 @functools.cache
 @kernel_factory
-def make_sparse_forward_wgmma(D, kind, v_stages=V_STAGES, overlap=OVERLAP):
+def make_sparse_forward_wgmma(D, kind, v_stages=V_STAGES, overlap=OVERLAP, out_kind="f32"):
     """The wgmma forward kernel for head dim ``D`` (64 / 128) and inputs ``kind`` 'bf16' /
     'f16', as a :class:`TCKernel`. Launch: grid ``(Mq, B*H)``, 128 threads; the
     arguments of ``tc/forward.py``'s kernel: ``(q, k, v, lut, counts, o, lse, nq, nk, mq,
@@ -229,6 +232,7 @@ def make_sparse_forward_wgmma(D, kind, v_stages=V_STAGES, overlap=OVERLAP):
     a fifth less shared memory: 65 KiB at D = 128, so three CTAs fit an SM instead of two).
     ``overlap`` (with ``v_stages=2``): the softmax of block it + 1 runs while the P.V
     wgmma of block it are in flight (module docstring, "Overlapped variant").
+    ``out_kind``: "f32" (o float32) or the 16-bit output as int32 pairs (``tc/forward.py``).
     """
     if D not in HEAD_DIMS or kind not in ("bf16", "f16") or v_stages not in (1, 2):
         raise ValueError(f"wgmma forward: D={D}, kind={kind!r}, v_stages={v_stages} unsupported")
@@ -251,6 +255,9 @@ def make_sparse_forward_wgmma(D, kind, v_stages=V_STAGES, overlap=OVERLAP):
     SMEM_BYTES = lay["bytes"]
     HI_K = np.int64(desc_hi(K_MAJOR_LBO, SBO))  # fixed descriptor fields of Q and K
     HI_V = np.int64(desc_hi(V_LBO, SBO))  # of V (MN-major)
+    store = make_pair_store(out_kind)  # o: fp32, or 16-bit pairs (tc/forward.py)
+    HALF = out_kind != "f32"
+    OZ = out_zero(out_kind)
     wgmma_s = make_wgmma_ss(kind, BK)
     wgmma_o = make_wgmma_rs(kind, D)
     _, pack_a = make_mma(kind)
@@ -348,7 +355,10 @@ def make_sparse_forward_wgmma(D, kind, v_stages=V_STAGES, overlap=OVERLAP):
 
         # A query block without critical key blocks: O = 0, lse = LSE_EMPTY.
         if cnt == 0:
-            fill_rows(o, q_base, row0, BLOCK, nq, D, ZERO, tid, THREADS)
+            if HALF:
+                fill_rows(o, q_base >> 1, row0, BLOCK, nq, D >> 1, OZ, tid, THREADS)
+            else:
+                fill_rows(o, q_base, row0, BLOCK, nq, D, OZ, tid, THREADS)
             fill_rows(lse, bh * nq, row0, BLOCK, nq, 1, lse_empty, tid, THREADS)
             return
 
@@ -478,8 +488,7 @@ def make_sparse_forward_wgmma(D, kind, v_stages=V_STAGES, overlap=OVERLAP):
             if row < nq:
                 ob = q_base + row * D + 2 * t
                 for d in range(DTILE):
-                    o[ob + 8 * d] = acc[0, d, 2 * r] * inv
-                    o[ob + 8 * d + 1] = acc[0, d, 2 * r + 1] * inv
+                    store(o, ob + 8 * d, acc[0, d, 2 * r] * inv, acc[0, d, 2 * r + 1] * inv)
                 if t == 0:
                     lse[bh * nq + row] = (m[0, r] + math.log2(lt)) * ln2
 
@@ -504,7 +513,7 @@ def launch_sparse_forward_wgmma(
     _check(kind, D, block_q, block_k)
     mq = -(-Nq // block_q)
     n_lut = int(lut.size) // max(1, B * H * mq)
-    kern = make_sparse_forward_wgmma(D, kind, default_v_stages(D))
+    kern = make_sparse_forward_wgmma(D, kind, default_v_stages(D), OVERLAP, out_kind_of(o, kind))
     if n_lut == 0:
         lut = counts
     args = (q, k, v, lut, counts, o, lse, Nq, Nk, mq, max(n_lut, 1), np.float32(scale * LOG2E))

@@ -121,6 +121,7 @@ Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
     # relu(1) = 1: every output is D / (D + 1e-6) ~ 1.0
 """
 
+import functools
 from collections import namedtuple
 
 import numpy as np
@@ -145,6 +146,7 @@ from .ptx import (
     smem_addr,
 )
 from .states import _feature_map
+from .tiles import make_pair_store, out_kind_of, out_zero
 
 KINDS = ("bf16", "f16")
 BLOCKS = (16, 32, 64, 128)
@@ -288,38 +290,46 @@ def _chunk_products(acc, z, af, smem, lk, lb, lz, KS, NN, HK, SW, PLO):
         _mma_tile(z, 0, af, 1, z0, z1)
 
 
-@_compat.device(**_DEV)
-def _write_rows(o_l, acc, z, eps, ob, warp, lane, nrows, D, NN):
-    """Step 4 of the module doc: the lane's rows g, g + 8 of the warp's 16, divided by
-    their denominators (Σ of the Z tile's columns over the quad, + eps), to ``o_l``
-    from element ``ob`` (the block's first row); rows >= ``nrows`` are not written."""
-    d0 = z[0, 0] + z[0, 1]
-    d1 = z[0, 2] + z[0, 3]
-    d0 += shfl_xor(d0, 1)
-    d1 += shfl_xor(d1, 1)
-    d0 += shfl_xor(d0, 2)
-    d1 += shfl_xor(d1, 2)
-    inv0 = ONE / (d0 + eps)
-    inv1 = ONE / (d1 + eps)
-    ra = warp * 16 + (lane >> 2)
-    oa = ob + ra * D + (lane & 3) * 2
-    if ra < nrows:
-        for n in range(NN):
-            for x in range(2):
-                o_l[u64(oa + 8 * n + x)] = acc[n, x] * inv0
-    if ra + 8 < nrows:
-        for n in range(NN):
-            for x in range(2):
-                o_l[u64(oa + 8 * D + 8 * n + x)] = acc[n, 2 + x] * inv1
+@functools.cache
+def make_write_rows(out_kind):
+    """``write_rows(o_l, acc, z, eps, ob, warp, lane, nrows, D, NN)``, step 4 of the
+    module doc: the lane's rows g, g + 8 of the warp's 16, divided by their
+    denominators (Σ of the Z tile's columns over the quad, + eps), to ``o_l`` from
+    value ``ob`` (the block's first row); rows >= ``nrows`` are not written. ``o_l``
+    fp32 ("f32") or the int32 pair view of a 16-bit output ("bf16" / "f16",
+    ``tiles.make_pair_store``: rounded to nearest even)."""
+    store = make_pair_store(out_kind)  # (a signed index: i + 1 must stay an integer)
+
+    @_compat.device(**_DEV)
+    def write_rows(o_l, acc, z, eps, ob, warp, lane, nrows, D, NN):
+        d0 = z[0, 0] + z[0, 1]
+        d1 = z[0, 2] + z[0, 3]
+        d0 += shfl_xor(d0, 1)
+        d1 += shfl_xor(d1, 1)
+        d0 += shfl_xor(d0, 2)
+        d1 += shfl_xor(d1, 2)
+        inv0 = ONE / (d0 + eps)
+        inv1 = ONE / (d1 + eps)
+        ra = warp * 16 + (lane >> 2)
+        oa = ob + ra * D + (lane & 3) * 2
+        if ra < nrows:
+            for n in range(NN):
+                store(o_l, oa + 8 * n, acc[n, 0] * inv0, acc[n, 1] * inv0)
+        if ra + 8 < nrows:
+            for n in range(NN):
+                store(o_l, oa + 8 * D + 8 * n, acc[n, 2] * inv1, acc[n, 3] * inv1)
+
+    return write_rows
 
 
 @kernel_factory
-def make_linear_kernel(kind, D, BQ, HK):
+def make_linear_kernel(kind, D, BQ, HK, out_kind="f32"):
     """Build ``linear_tc(q, lstate, n_marg, o_l, H, Nq, Mq, fm, eps)`` (module doc).
 
     Flat arrays: q int16 bits (B, H, Nq, D) of ``kind``, lstate fp32 (B, H, Mq, D*D + D),
-    n_marg int32 (B, H, Mq), o_l fp32 (B, H, Nq, D). Grid (ceil(Nq/BQ), H, B), BQ/16
-    warps; HK rows of H_i staged at a time. Returns a :class:`LinearKernel`.
+    n_marg int32 (B, H, Mq), o_l fp32 (B, H, Nq, D), or with ``out_kind`` "bf16" / "f16"
+    the int32 pair view of a 16-bit o_l (:func:`make_write_rows`). Grid (ceil(Nq/BQ), H,
+    B), BQ/16 warps; HK rows of H_i staged at a time. Returns a :class:`LinearKernel`.
     """
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: 'bf16' or 'f16'")
@@ -336,6 +346,10 @@ def make_linear_kernel(kind, D, BQ, HK):
     HLO = HHI + HK * SW  # H lo tile
     SMEM = (HLO + HK * SW) * 2
     NN = D // 8  # n8 output tiles
+    write_rows = make_write_rows(out_kind)
+    OPK = 1 if out_kind == "f32" else 2  # output values an element of o_l
+    DO = D // OPK  # elements of o_l a row
+    OZ = out_zero(out_kind)
     W = D * D + D  # lstate row: vec(H_i), Z_i
     KS = HK // 16  # k-steps per chunk
     IN_F16 = kind == "f16"
@@ -364,8 +378,8 @@ def make_linear_kernel(kind, D, BQ, HK):
         nrows = min(Nq - r0, BQ)
         ob = (bh * Nq + r0) * D  # first output value of the block (int64)
         if n_marg[u64(bh * Mq + i)] <= 0:  # no marginal key block: zeros
-            for x in range(tid, nrows * D, NT):
-                o_l[u64(ob + x)] = ZERO
+            for x in range(tid, nrows * DO, NT):
+                o_l[u64(ob // OPK + x)] = OZ
             return
         # --- 1. φ rows: row tid >> 1, lane li = tid & 1 owns columns li*C ..
         _phi_tile(smem32, xs, q, ob, tid, nrows, D, C, SW, PLO, fm, IN_F16)
@@ -400,7 +414,7 @@ def make_linear_kernel(kind, D, BQ, HK):
             if busy:
                 _chunk_products(acc, z, af, smem, la + kc * (HK * 2), lb, lz, KS, NN, HK, SW, PLO)
         # --- 4. epilogue: den of rows g, g + 8 = Σ over the Z tile's columns (t = 0..3)
-        _write_rows(o_l, acc, z, eps, ob, warp, lane, nrows, D, NN)
+        write_rows(o_l, acc, z, eps, ob, warp, lane, nrows, D, NN)
 
     return LinearKernel(linear_tc, SMEM, NT)
 
@@ -408,13 +422,14 @@ def make_linear_kernel(kind, D, BQ, HK):
 _kernels = {}
 
 
-def get_linear_kernel(kind, D, BQ, hk=None):
-    """The :class:`LinearKernel` for (kind, D, BQ, chunk_rows(D, hk)), built once."""
+def get_linear_kernel(kind, D, BQ, hk=None, out_kind="f32"):
+    """The :class:`LinearKernel` for (kind, D, BQ, chunk_rows(D, hk), out_kind), built
+    once."""
     HK = chunk_rows(D, hk)
-    key = (kind, int(D), int(BQ), HK)
+    key = (kind, int(D), int(BQ), HK, out_kind)
     k = _kernels.get(key)
     if k is None:
-        k = _kernels[key] = make_linear_kernel(kind, int(D), int(BQ), HK)
+        k = _kernels[key] = make_linear_kernel(kind, int(D), int(BQ), HK, out_kind)
     return k
 
 
@@ -483,13 +498,14 @@ def _store_chunk(smem32, hv, hi, lo, tid, NT, NV, TOT, D, SW):
 
 
 @kernel_factory
-def make_linear_kernel_pipelined(kind, D, BQ, HK, vec4=True, min_blocks=None):
+def make_linear_kernel_pipelined(kind, D, BQ, HK, vec4=True, min_blocks=None, out_kind="f32"):
     """Build ``linear_tc_pipelined`` (module doc, "The pipelined kernel"): same arguments
     and same bits as :func:`make_linear_kernel`'s kernel. H_i goes global -> registers
     (``vec4``: 16-byte loads, lstate 16-byte aligned; else scalar loads) one chunk of
     HK rows ahead of the mma, into two alternating shared chunk buffers; one barrier a
     chunk. ``min_blocks``: ``launch_bounds`` asking for that many resident CTAs per SM
-    (caps the registers), None: no bound. Returns a :class:`LinearKernel`.
+    (caps the registers), None: no bound. ``out_kind``: as :func:`make_linear_kernel`.
+    Returns a :class:`LinearKernel`.
     """
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: 'bf16' or 'f16'")
@@ -508,6 +524,10 @@ def make_linear_kernel_pipelined(kind, D, BQ, HK, vec4=True, min_blocks=None):
     BUF = 2 * HK * SW  # one chunk buffer (16-bit values)
     SMEM = pipelined_smem_bytes(D, BQ, HK)
     NN = D // 8  # n8 output tiles
+    write_rows = make_write_rows(out_kind)
+    OPK = 1 if out_kind == "f32" else 2  # output values an element of o_l
+    DO = D // OPK  # elements of o_l a row
+    OZ = out_zero(out_kind)
     W = D * D + D  # lstate row: vec(H_i), Z_i
     KS = HK // 16  # k-steps per chunk
     NC = D // HK  # chunks
@@ -545,8 +565,8 @@ def make_linear_kernel_pipelined(kind, D, BQ, HK, vec4=True, min_blocks=None):
         nrows = min(Nq - r0, BQ)
         ob = (bh * Nq + r0) * D  # first output value of the block (int64)
         if n_marg[u64(bh * Mq + i)] <= 0:  # no marginal key block: zeros
-            for x in range(tid, nrows * D, NT):
-                o_l[u64(ob + x)] = ZERO
+            for x in range(tid, nrows * DO, NT):
+                o_l[u64(ob // OPK + x)] = OZ
             return
         sb = (bh * Mq + i) * W  # lstate row (int64)
         # --- chunk 0 of H_i (and its Z values) in flight during the φ phase
@@ -590,21 +610,21 @@ def make_linear_kernel_pipelined(kind, D, BQ, HK, vec4=True, min_blocks=None):
                 bo = (kc & 1) * (BUF * 2)
                 _chunk_products(acc, z, af, smem, lk, lb + bo, lz + bo, KS, NN, HK, SW, PLO)
         # --- 4. epilogue (as make_linear_kernel)
-        _write_rows(o_l, acc, z, eps, ob, warp, lane, nrows, D, NN)
+        write_rows(o_l, acc, z, eps, ob, warp, lane, nrows, D, NN)
 
     return LinearKernel(linear_tc_pipelined, SMEM, NT)
 
 
-def get_linear_kernel_pipelined(kind, D, BQ, hk=None, vec4=True, min_blocks=None):
+def get_linear_kernel_pipelined(kind, D, BQ, hk=None, vec4=True, min_blocks=None, out_kind="f32"):
     """The pipelined :class:`LinearKernel` for (kind, D, BQ, chunk_rows(D, hk), vec4,
-    min_blocks), built once per process. ``hk`` None: ``PIPE_HK`` on a GPU (``SIM_HK``
+    min_blocks, out_kind), built once per process. ``hk`` None: ``PIPE_HK`` on a GPU (``SIM_HK``
     under the simulator); ``min_blocks`` None: ``pipe_min_blocks(BQ)`` on a GPU (none
     under the simulator), 0: no launch bound."""
     HK = chunk_rows(D, PIPE_HK if hk is None and not SIMULATED else hk)
     if min_blocks is None:
         min_blocks = None if SIMULATED else pipe_min_blocks(BQ)
     mb = int(min_blocks) if min_blocks else None
-    key = ("pipelined", kind, int(D), int(BQ), HK, bool(vec4), mb)
+    key = ("pipelined", kind, int(D), int(BQ), HK, bool(vec4), mb, out_kind)
     k = _kernels.get(key)
     if k is None:
         k = _kernels[key] = make_linear_kernel_pipelined(*key[1:])
@@ -637,7 +657,8 @@ def launch_linear_forward_tc(
     """``o_l`` = the linear branch's output for all rows < Nq, on ``stream``.
 
     kind 'bf16' / 'f16' (the type of q's bits); q_bits int16 (B, H, Nq, D); lstate fp32
-    (B, H, Mq, D*D + D); n_marg int32 (B, H, Mq); o_l fp32 (B, H, Nq, D); any of them
+    (B, H, Mq, D*D + D); n_marg int32 (B, H, Mq); o_l fp32 (B, H, Nq, D), or the int32
+    pair view of a 16-bit o_l in q's type (rounded to nearest even); any of them
     may be given as flat views (Mq is taken from lstate's size, Mq >= ceil(Nq/block_q)).
     Numba device arrays or torch / CuPy CUDA tensors (numpy under the simulator).
     fm: 0 softmax, 1 elu + 1, 2 relu. ``hk``: rows of H_i staged at a time (tests).
@@ -653,8 +674,11 @@ def launch_linear_forward_tc(
         raise ValueError(f"launch_linear_forward_tc: D = {D}, block_q = {block_q} not supported")
     if fm not in (0, 1, 2):
         raise ValueError(f"launch_linear_forward_tc: feature map code {fm}")
-    if dtype_name(lstate) != "float32" or dtype_name(o_l) != "float32":
-        raise TypeError("launch_linear_forward_tc: lstate and o_l must be float32")
+    if dtype_name(lstate) != "float32" or dtype_name(o_l) not in ("float32", "int32"):
+        raise TypeError(
+            "launch_linear_forward_tc: lstate must be float32, o_l float32 or int32 (pairs)"
+        )
+    out_kind = out_kind_of(o_l, kind)
     if dtype_name(n_marg) != "int32":
         raise TypeError("launch_linear_forward_tc: n_marg must be int32")
     nblk = -(-Nq // block_q)
@@ -668,7 +692,10 @@ def launch_linear_forward_tc(
         raise ValueError(f"launch_linear_forward_tc: lstate has {Mq} blocks, {nblk} needed")
     if size(n_marg) < B * H * Mq:
         raise ValueError("launch_linear_forward_tc: n_marg smaller than B*H*Mq")
-    if size(q_bits) < B * H * Nq * D or size(o_l) < B * H * Nq * D:
+    if (
+        size(q_bits) < B * H * Nq * D
+        or size(o_l) * (1 if out_kind == "f32" else 2) < B * H * Nq * D
+    ):
         raise ValueError("launch_linear_forward_tc: q / o_l smaller than B*H*Nq*D")
     if H > 65535 or B > 65535:
         raise ValueError("launch_linear_forward_tc: H or B too large for the grid")
@@ -677,9 +704,9 @@ def launch_linear_forward_tc(
     if pipeline:
         addr = address(lstate)  # 16-byte loads need a 16-byte aligned lstate (W % 4 == 0)
         vec4 = addr is not None and addr % 16 == 0
-        kern = get_linear_kernel_pipelined(kind, D, block_q, hk, vec4, min_blocks)
+        kern = get_linear_kernel_pipelined(kind, D, block_q, hk, vec4, min_blocks, out_kind)
     else:
-        kern = get_linear_kernel(kind, D, block_q, hk)
+        kern = get_linear_kernel(kind, D, block_q, hk, out_kind)
     _tc_build.launch(
         kern.kernel,
         (nblk, H, B),

@@ -231,7 +231,7 @@ def make_dkdv_linear_wgmma(kind, D, pf=PF_DEFAULT, share=SHARE_DEFAULT):
     HI_T = np.int64(desc_hi(CX, SBO))
     W = D * D + D
     mm_k = make_wgmma_ss("bf16", D)  # B K-major (pass 1)
-    mm_t = make_wgmma_ss("bf16", D, 0, 1)  # B MN-major (pass 2)
+    mm_t = make_wgmma_ss("bf16", D, trans_b=1)  # B MN-major (pass 2)
 
     @_compat.device(**_DEV)
     def dsc(addr, hi):
@@ -398,7 +398,7 @@ def make_dq_linear_wgmma(kind, D, l_half, q_bf16=False, pf=PF_DEFAULT, share=SHA
     HI_M = np.int64(desc_hi(CA, SBO))  # ĉ and dO_l read MN-major (pass 2)
     W = D * D + D
     mm_k = make_wgmma_ss("bf16", D)  # pass 1: A, B K-major
-    mm_tt = make_wgmma_ss("bf16", D, 1, 1)  # pass 2: A = ĉᵀ and B = dO_l MN-major
+    mm_tt = make_wgmma_ss("bf16", D, trans_b=1, trans_a=1)  # pass 2: A = ĉᵀ and B = dO_l MN-major
 
     @_compat.device(**_DEV)
     def dsc(addr, hi):

@@ -828,7 +828,9 @@ def launch_marginal_sum_tc(
     (:func:`tc_marginal_supported`), compute capability >= 8.0.
 
     bf16 states (int16 bits) take the pipelined kernel when ``pipeline`` asks for it:
-    None follows ``SLA_NUMBA_MARGINAL`` (``pipelined``: default ``kb`` / ``stages``),
+    None follows ``SLA_NUMBA_MARGINAL`` (``pipelined``: default ``kb`` / ``stages``;
+    ``wgmma``: ``tc/marginal_wgmma.py`` where it applies, with ``tiles`` None, on compute
+    capability 9.0; else the pipelined kernel),
     False / True force the register / pipelined kernel, a pair ``(kb, stages)`` or a
     triple ``(kb, stages, min_blocks)`` picks the pipelined kernel's stage size, ring
     depth and launch bound (:func:`make_marginal_kernel_pipelined`). Same bits either way.
@@ -856,7 +858,16 @@ def launch_marginal_sum_tc(
     if s_bf16 and W % 2:
         raise ValueError("launch_marginal_sum_tc: bf16 states need an even row width W")
     if pipeline is None:
-        pipeline = config.marginal_kernel() == "pipelined"
+        choice = config.marginal_kernel()
+        if choice == "wgmma" and s_bf16 and tiles is None:
+            from . import marginal_wgmma  # Hopper only; elsewhere the pipelined kernel
+
+            if marginal_wgmma.wgmma_marginal_unsupported_reason(np.int16, W) is None:
+                marginal_wgmma.launch_marginal_sum_wgmma(
+                    stream, bmap, transposed, n_out, n_in, states, out
+                )
+                return
+        pipeline = choice != "registers"
     pipelined = s_bf16 and pipeline is not False
     if pipelined:
         tiles = PIPE_TILES if tiles is None else tiles

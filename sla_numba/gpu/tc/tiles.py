@@ -297,6 +297,59 @@ def fill_rows(out, base, row0, rows, n, width, value, tid, nthreads):
             out[base + r * width + idx % width] = value
 
 
+#: Output kinds of the kernels that write O (or O_l): fp32 values, or the input's
+#: 16-bit type, rounded to nearest even and stored two to an int32.
+OUT_KINDS = ("f32", "bf16", "f16")
+
+
+@functools.cache
+def make_pair_store(out_kind):
+    """``store(o, i, x0, x1)``: an accumulator pair (columns ``i``, ``i + 1`` of an
+    output row; ``i`` even) to memory.
+
+    ``out_kind`` "f32": ``o`` is the float32 output, ``o[i] = x0``, ``o[i + 1] = x1``.
+    "bf16" / "f16": ``o`` is the int32 view of a 16-bit output (two values an
+    element), and the pair is rounded to nearest even and packed into ``o[i >> 1]``
+    (``cvt.rn``), the low half holding column ``i``: the bits torch's
+    ``.to(torch.bfloat16)`` (``float16``) of the fp32 value gives, written without
+    the fp32 round trip through memory. Also ``zero``: the fill value of an empty row
+    in ``o``'s element type (pass ``fill_rows`` the base and width halved for the
+    16-bit kinds, :func:`out_elems`)."""
+    if out_kind not in OUT_KINDS:
+        raise ValueError(f"out_kind {out_kind!r}: one of {OUT_KINDS}")
+    if out_kind == "f32":
+
+        @device(forceinline=True)
+        def store(o, i, x0, x1):
+            o[i] = x0
+            o[i + 1] = x1
+
+        return store
+    pack = pack_bf16x2 if out_kind == "bf16" else pack_f16x2
+
+    @device(forceinline=True)
+    def store_half(o, i, x0, x1):
+        o[i >> 1] = pack(x0, x1)
+
+    return store_half
+
+
+def out_elems(out_kind, n):
+    """Elements of ``o`` (float32 or int32 pairs) that hold ``n`` output values."""
+    return n if out_kind == "f32" else n // 2
+
+
+def out_kind_of(o, kind):
+    """The ``out_kind`` of a launch from its output array: "f32" for a float32 ``o``,
+    else (the int32 view of a 16-bit output) the inputs' ``kind``."""
+    return "f32" if np.dtype(o.dtype) == np.float32 else kind
+
+
+def out_zero(out_kind):
+    """Zero in the element type of ``o`` (float32, or int32 for a pair of halves)."""
+    return np.float32(0.0) if out_kind == "f32" else np.int32(0)
+
+
 @functools.cache
 def make_row_tree(op, ntiles):
     """``tree(s, i, r, n0)``: ``op`` over the lane's values of row half ``r`` (0: row

@@ -56,11 +56,11 @@ How the hardware walks the operand (our reading, the one the twins implement and
 Intrinsics (``N`` and the element kind fixed by the factory; ``acc`` and ``af`` local
 arrays, read and written in place)
 --------------------------------------------------------------------------------------
-``make_wgmma_ss(kind, N, trans_a=0, trans_b=0)(smem, acc, desc_a, desc_b, scale_d)``: A
-and B from shared memory, K-major by default; ``trans_a`` / ``trans_b`` 1 read that
-operand MN-major instead (``imm-trans-a`` / ``imm-trans-b``; A MN-major is a stored
-tile whose row is one k index with the 64 M values contiguous, read as the MN-major
-formula above with N -> M). ``scale_d`` 0: ``D = A.B`` (the old accumulator is
+``make_wgmma_ss(kind, N, trans_b=0, trans_a=0)(smem, acc, desc_a, desc_b, scale_d)``: A
+and B from shared memory, K-major by default; ``trans_b`` / ``trans_a`` 1 read that
+operand MN-major instead (``imm-trans-b`` / ``imm-trans-a``, as ``make_wgmma_rs``'s B;
+A MN-major is a stored tile whose row is one k index with the 64 M values contiguous,
+read as the MN-major formula above with N -> M). ``scale_d`` 0: ``D = A.B`` (the old accumulator is
 ignored), 1: ``D += A.B``. ``smem`` is the kernel's shared array (only the twin reads it).
 
 ``make_wgmma_rs(kind, N)(smem, acc, af, kk, desc_b, scale_d)``: A from registers
@@ -460,7 +460,7 @@ def _build_ss(kind, n, trans_a=0, trans_b=0):
 
         return sig, codegen
 
-    tag = "" if not (trans_a or trans_b) else f"_t{trans_a}{trans_b}"  # old names unchanged
+    tag = ("_tb" if trans_b else "") + ("_ta" if trans_a else "")
     return _pin(wgmma_ss, f"wgmma_ss_{kind}_{n}{tag}")
 
 
@@ -578,14 +578,15 @@ def _build_common():
 
 
 @functools.cache
-def make_wgmma_ss(kind, n, trans_a=0, trans_b=0):
+def make_wgmma_ss(kind, n, trans_b=0, trans_a=0):
     """The ``wgmma_ss`` of element kind ``kind`` ('bf16' / 'f16') and width ``n`` (module
-    docstring): the intrinsic on a GPU, the twin under the simulator. ``trans_a`` /
-    ``trans_b`` (0 / 1): read A / B MN-major instead of K-major."""
-    if kind not in ("bf16", "f16") or n % 8 or not 8 <= n <= 256:
-        raise ValueError(f"wgmma m64n{n}k16 {kind}: unsupported")
-    if trans_a not in (0, 1) or trans_b not in (0, 1):
-        raise ValueError(f"wgmma transpose flags must be 0 or 1, got {trans_a}, {trans_b}")
+    docstring): the intrinsic on a GPU, the twin under the simulator. ``trans_b`` 1: B
+    is read MN-major (``imm-trans-b = 1``, as ``make_wgmma_rs``'s B); ``trans_a`` 1: A
+    is (``imm-trans-a = 1``); 0: K-major."""
+    if kind not in ("bf16", "f16") or n % 8 or not 8 <= n <= 256 or trans_b not in (0, 1):
+        raise ValueError(f"wgmma m64n{n}k16 {kind} trans_b={trans_b}: unsupported")
+    if trans_a not in (0, 1):
+        raise ValueError(f"wgmma m64n{n}k16 {kind}: transpose flag trans_a={trans_a} not 0 / 1")
     ta, tb = int(trans_a), int(trans_b)
     return _make_ss_twin(kind, n, ta, tb) if SIMULATED else _build_ss(kind, n, ta, tb)
 

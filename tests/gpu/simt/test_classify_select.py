@@ -2,8 +2,9 @@
 
 ``classify`` (batched pooling + the score/select kernel: a block of query-block rows,
 a lane group per row searching the two thresholds over integer images of the
-scores) and ``classify_by_sorting`` (the reference: one block per row, bitonic sort
-or rank counting). Under the simulator the fast kernel runs with 8 threads in 2
+scores), ``classify_by_sorting`` (the reference: one block per row, bitonic sort
+or rank counting) and ``classify_fused`` (``SLA_NUMBA_CLASSIFY=fused``: warp pooling,
+the scores' keys in shared memory). Under the simulator the fast kernel runs with 8 threads in 2
 lane groups of 4, 3 rows per block and 2-4 key blocks per thread, so small shapes
 already cover: rows that do not fill a block, several passes over the key blocks,
 lanes with padding slots, both groups ranking, ties cut by either threshold,
@@ -32,8 +33,10 @@ cpu = importlib.import_module("sla_numba.cpu")
 
 pytestmark = pytest.mark.gpu
 
-BOTH = [gpu_classify.classify, gpu_classify.classify_by_sorting]
-IDS = ["select", "sorting"]
+# the fast pair, the reference pair, and the opt-in pair of SLA_NUMBA_CLASSIFY=fused
+# (tests/gpu/simt/test_classify_fused.py has its own bf16 and tiling cases)
+BOTH = [gpu_classify.classify, gpu_classify.classify_by_sorting, gpu_classify.classify_fused]
+IDS = ["select", "sorting", "fused"]
 
 
 def _inputs(seed, B, H, Nq, Nk, D, quantize=False):
@@ -210,7 +213,7 @@ def test_kernels_compile_to_ptx_without_fma_or_local_memory():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "ALL OK" in out, out[-3000:]
     lines = [ln for ln in out.splitlines() if ln.startswith("classify.")]
-    assert len(lines) == 10, out[-3000:]
+    assert len(lines) == 17, out[-3000:]
     for ln in lines:
         assert "local    0 B" in ln and "calls  0" in ln, ln
     for ln in lines:

@@ -27,6 +27,7 @@ if not hasattr(np, "row_stack"):
     np.row_stack = np.vstack
 from numba.cuda.serialize import dumps
 from sla_numba.gpu.tc import backward, forward_wgmma, linear, linear_backward, marginal, states
+from sla_numba.gpu.tc import marginal_wgmma
 kernels = [marginal.make_marginal_kernel(marginal.GPU_TILES).kernel,
            linear.make_linear_kernel("f16", 64, 64, 32).kernel,
            linear.make_linear_kernel_pipelined("bf16", 64, 64, 32, True, 3).kernel,
@@ -35,7 +36,9 @@ kernels = [marginal.make_marginal_kernel(marginal.GPU_TILES).kernel,
            states.make_states_kernel_pipelined("bf16", 128, 64, (4, 2)).kernel,
            linear_backward.make_dq_linear_kernel("bf16", 64, 64, 32, True, pipelined=True).kernel,
            linear_backward.make_dkdv_linear_kernel("bf16", 64, 64, 32, pipelined=True).kernel,
-           forward_wgmma.make_sparse_forward_wgmma(128, "bf16").kernel]
+           forward_wgmma.make_sparse_forward_wgmma(128, "bf16").kernel,
+           marginal_wgmma.make_marginal_kernel_wgmma((256, 32, 3, 1)).kernel,
+           marginal_wgmma.make_marginal_kernel_wgmma((256, 32, 4, 2, 1, 1)).kernel]
 kernels += [backward.make_sparse_backward(w, 64, 64, 64, "bf16", p).kernel
             for w in backward.KERNELS for p in (False, True)]
 for k in kernels:
@@ -57,8 +60,8 @@ def _hashes():
 
 def test_closure_pickle_is_the_same_in_two_processes():
     first, second = _hashes(), _hashes()
-    assert len(first) == 26  # 13 kernels: name, hash
+    assert len(first) == 30  # 15 kernels: name, hash
     assert first == second
     # each configuration its own entry (the sparse backward's sync and pipelined kernels
     # share a name and a body: only the closure tells them apart)
-    assert len(set(first[1::2])) == 13
+    assert len(set(first[1::2])) == 15

@@ -78,8 +78,10 @@ def test_transposed_a_reads_an_mn_major_tile():
 
 
 def test_transpose_flags_are_checked():
-    with pytest.raises(ValueError, match="transpose"):
-        W.make_wgmma_ss("bf16", 64, 2, 0)
+    with pytest.raises(ValueError, match="trans_a=2"):
+        W.make_wgmma_ss("bf16", 64, 0, 2)
+    with pytest.raises(ValueError, match="trans_b=2"):
+        W.make_wgmma_ss("bf16", 64, 2)
 
 
 @needs_sim
@@ -94,7 +96,7 @@ def test_sim_wgmma_ss_with_both_transposes():
     ab = f32_to_bf16_bits(a).view(np.uint16)
     bb = f32_to_bf16_bits(b).view(np.uint16)
     smem0 = np.concatenate([_store(32, ab, 8192), _store(32, bb, 8192)]).view(np.int16)
-    mm = W.make_wgmma_ss("bf16", 64, 1, 1)
+    mm = W.make_wgmma_ss("bf16", 64, trans_b=1, trans_a=1)
     hi = int(W.desc_hi(8192, 1024))
 
     @cuda.jit

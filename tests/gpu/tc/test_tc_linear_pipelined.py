@@ -103,11 +103,11 @@ def test_switch_and_alignment_select_the_kernel(monkeypatch):
             linear_tc.launch_linear_forward_tc(
                 "bf16", qb, ls, n_marg, out, B, H, Nq, D, bq, fm, EPS, 0, pipeline=pipe
             )
-    assert taken == [
-        ("pipelined", True, None),
-        ("pipelined", True, None),
-        ("pipelined", False, None),
-        ("registers",),
+    assert taken == [  # (fp32 o_l: out_kind "f32")
+        ("pipelined", True, None, "f32"),
+        ("pipelined", True, None, "f32"),
+        ("pipelined", False, None, "f32"),
+        ("registers", "f32"),
     ]
 
 
