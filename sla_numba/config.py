@@ -50,13 +50,19 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             bf16, block_q 64, D 64 or 128, compute capability 9.0),
                             the pipelined kernel elsewhere; agrees with it to fp32
                             rounding, not bit for bit. Not yet timed on a GPU.
-``SLA_NUMBA_LINEAR_GRAD``   ``pipelined`` (default) | ``registers``: the tensor-core
-                            linear-branch gradient kernels (``gpu/tc/linear_backward.py``,
-                            ``dq_linear`` / ``dkdv_linear``): double-buffered chunks
-                            of the state loaded one ahead with 16-byte loads, one
-                            barrier a chunk; or staged chunk by chunk, two barriers a
-                            chunk, no loads in flight during the mma. Same bits; the
-                            first 1.22x / 1.40x faster on the H200 (BENCHMARKS.md).
+``SLA_NUMBA_LINEAR_GRAD``   ``pipelined`` (default) | ``registers`` | ``wgmma``: the
+                            tensor-core linear-branch gradient kernels
+                            (``gpu/tc/linear_backward.py``, ``dq_linear`` /
+                            ``dkdv_linear``): double-buffered chunks of the state
+                            loaded one ahead with 16-byte loads, one barrier a chunk;
+                            or staged chunk by chunk, two barriers a chunk, no loads
+                            in flight during the mma. Same bits; the first 1.22x /
+                            1.40x faster on the H200 (BENCHMARKS.md). ``wgmma``
+                            (opt-in, not timed yet): both on Hopper warpgroup MMA
+                            (``gpu/tc/linear_backward_wgmma.py``; compute capability
+                            9.0, fp16 / bf16, D 64 / 128, block 64; agrees to fp32
+                            rounding, not bitwise); other configurations keep the
+                            pipelined kernels.
 ``SLA_NUMBA_SPARSE_BWD``    ``sync`` (default) | ``pipelined``: the tensor-core sparse
                             backward kernels (``gpu/tc/backward.py``, dQ and dK/dV):
                             each K / V tile (query chunk) copied and waited for before
@@ -159,7 +165,7 @@ GRAD_STATES_VAR = "SLA_NUMBA_GRAD_STATES"
 GRAD_STATES_DTYPES = ("auto", "fp32", "bf16")
 MARGINAL_KERNELS = ("pipelined", "registers", "wgmma")
 LINEAR_KERNELS = ("pipelined", "registers", "wgmma")
-LINEAR_GRAD_KERNELS = ("pipelined", "registers")
+LINEAR_GRAD_KERNELS = ("pipelined", "registers", "wgmma")
 SPARSE_BWD_KERNELS = ("sync", "pipelined")
 #: The first is the default (unset or empty): flipping it is reordering this one line.
 STATES_KERNELS = ("auto", "registers", "staged", "pipelined", "wgmma")
@@ -245,7 +251,7 @@ def linear_kernel():
 
 
 def linear_grad_kernel():
-    """``SLA_NUMBA_LINEAR_GRAD``: 'pipelined' (unset or empty) or 'registers'."""
+    """``SLA_NUMBA_LINEAR_GRAD``: 'pipelined' (unset or empty), 'registers' or 'wgmma'."""
     return _choice(LINEAR_GRAD_VAR, LINEAR_GRAD_KERNELS)
 
 

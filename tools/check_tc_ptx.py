@@ -16,7 +16,10 @@ Exit status 1 on a mismatch.
 
 ``--only NAME[,NAME]`` checks only some kernels (forward, backward, sparse_bwd (the
 pipelined sparse backward), marginal, states, linear, linear_grad, linear_wgmma (the
-Hopper kernel of ``tc/linear_wgmma.py``: compiled for sm_90a, its wgmma counted)).
+Hopper kernel of ``tc/linear_wgmma.py``: compiled for sm_90a, its wgmma counted),
+linear_grad_wgmma. ``linear_grad_wgmma`` (the Hopper dk / dv kernel,
+``tc/linear_backward_wgmma.py``) compiles for ``sm_90a`` and counts its wgmma; only
+with ``--only`` (it is not one of the default checks, which target sm_90).
 """
 
 import os
@@ -188,6 +191,8 @@ def main():
         ok &= check_linear_grad(quick)
     if wanted("linear_wgmma"):
         ok &= check_linear_wgmma(quick)
+    if only is not None and "linear_grad_wgmma" in only:
+        ok &= check_linear_grad_wgmma()
     sys.exit(0 if ok else 1)
 
 
@@ -449,6 +454,88 @@ def check_linear_grad(quick=False):
                     want_kv,
                     want_ld4=lb.prefetch_slots(D, hk, 2 * blk) * (4 if pipe else 0),
                 )
+    return ok
+
+
+def check_linear_grad_wgmma():
+    """The wgmma dk / dv kernel (``tc/linear_backward_wgmma.py``) for sm_90a: per
+    variant (kind, D, pf) the PTX's target, its wgmma count (pass 1: D/16 k-steps x 2
+    products, x 3 for fp16 (v split); pass 2: D/16 x 3), two ``wgmma.fence``, no
+    ``.local``; nvJitLink (tools/wgmma_probe.py) assembles it for sm_90a and reports
+    registers and spill bytes."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from wgmma_probe import nvjitlink_assemble
+
+    from sla_numba.gpu.tc import linear_backward_wgmma as lw
+
+    i16, i32, f32 = int16[::1], int32[::1], float32[::1]
+    sig = (i16, i16, f32, i32, f32, f32, int64, int64, int64, int64)
+    ok = True
+    variants = [("bf16", 128, 16, True), ("bf16", 128, 8, True), ("bf16", 128, 16, False)]
+    variants += [("f16", 128, 16, True), ("bf16", 64, 8, True), ("bf16", 64, 8, False)]
+    for kind, D, pf, share in variants:
+        kern = lw.make_dkdv_linear_wgmma(kind, D, pf, share).kernel
+        fm = kern.targetoptions.get("fastmath", False)
+        t0 = time.time()
+        ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0, "a"), fastmath=fm)
+        target = re.search(r"\.target\s+(\S+)", ptx).group(1)
+        n_wg = _count(ptx, "wgmma.mma_async")
+        want = D // 16 * ((3 if kind == "f16" else 2) + 3)
+        fences, local = _count(ptx, "wgmma.fence"), _count(ptx, ".local")
+        try:
+            _, info = nvjitlink_assemble(ptx, "sm_90a")
+            regs = re.search(r"Used (\d+) registers", info)
+            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+            asm = (
+                f"regs {regs.group(1) if regs else '?'}, spill "
+                f"{spill.group(1) + '/' + spill.group(2) if spill else '?'}"
+            )
+        except ImportError:
+            asm = "nvJitLink not installed"
+        good = target == "sm_90a" and n_wg == want and fences == 2 and local == 0
+        ok &= good
+        print(
+            f"{'ok ' if good else 'BAD'} dkdv_linear_wgmma {kind} D={D} pf={pf} share={share}: "
+            f"{target}, "
+            f"wgmma {n_wg} (want {want}), fences {fences}, .local {local}, {asm}, "
+            f"smem {lw.smem_layout(D, kind, share)['bytes']} B, {time.time() - t0:.1f} s"
+        )
+    # dq: pass 1 D/16 x (2, or 3 with dO_l split), pass 2 D/64 m-tiles x 4 k-steps x (2 / 3)
+    for kind, D, half, q16, share in (
+        ("bf16", 128, True, True, True), ("bf16", 128, True, True, False),
+        ("f16", 128, False, False, True), ("bf16", 64, True, True, True),
+    ):  # fmt: skip
+        lt = i16 if half else f32
+        sig = (i16, lt, lt, f32, i32, f32, i16 if q16 else f32, int64, int64, int64, int64, float32)
+        kern = lw.make_dq_linear_wgmma(kind, D, half, q16, share=share).kernel
+        t0 = time.time()
+        ptx, _ = cuda.compile_ptx(
+            kern.py_func, sig, cc=(9, 0, "a"), fastmath=kern.targetoptions.get("fastmath", False)
+        )
+        split = not (half and kind == "bf16")
+        want = D // 16 * (3 if split else 2) + D // 64 * 4 * (3 if split else 2)
+        n_wg, fences = _count(ptx, "wgmma.mma_async"), _count(ptx, "wgmma.fence")
+        local = _count(ptx, ".local")
+        try:
+            _, info = nvjitlink_assemble(ptx, "sm_90a")
+            regs = re.search(r"Used (\d+) registers", info)
+            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+            asm = (
+                f"regs {regs.group(1) if regs else '?'}, spill "
+                f"{spill.group(1) + '/' + spill.group(2) if spill else '?'}"
+            )
+        except ImportError:
+            asm = "nvJitLink not installed"
+        # the pass-2 m-tile loop may stay a loop (one body counted) or be unrolled
+        per_m = 4 * (3 if split else 2)
+        good = n_wg in (want, want - (D // 64 - 1) * per_m) and local == 0 and fences >= 2
+        ok &= good
+        print(
+            f"{'ok ' if good else 'BAD'} dq_linear_wgmma {kind} D={D} half={half} q_bf16={q16} "
+            f"share={share}: "
+            f"wgmma {n_wg} (want {want} unrolled), fences {fences}, .local {local}, {asm}, "
+            f"{time.time() - t0:.1f} s"
+        )
     return ok
 
 

@@ -34,6 +34,9 @@
 #   linwg    tools/sweep_linear_wgmma.py: the linear forward on wgmma (SLA_NUMBA_LINEAR=wgmma)
 #            variants (HK, stages) against the pipelined mma.sync kernel (max diff, bits) and
 #            float64, the cuBLAS floor; Wan and B2 H16 N8192 D64 (LINWG_TIMEOUT, LINWG_ARGS)
+#   lbwdwg   tools/sweep_linear_backward_wgmma.py: the linear branch's dk / dv on wgmma
+#            (SLA_NUMBA_LINEAR_GRAD=wgmma) variants against the pipelined kernel, float64 and
+#            the cuBLAS floor, Wan (D 128) and B2 H16 N8192 D64, --quick first (LBWDWG_TIMEOUT)
 #   nvmath   tools/nvmath_eval.py: nvmath-python's cuBLASDx GEMM tiles (nvmath.device, in a
 #            numba-cuda kernel; its wheels carried in .whl/) vs the project's mma.sync states
 #            kernels and torch.bmm on the linear branch's states product (NVMATH_TIMEOUT)
@@ -112,6 +115,9 @@ for step in "$@"; do
     sparsewg) TAIL=40 run sparsewg_quick 120 python tools/sweep_sparse_wgmma.py --quick
               TAIL=40 run sparsewg ${SPARSEWG_TIMEOUT:-150} python tools/sweep_sparse_wgmma.py ;;
     linwg)   TAIL=60 run linwg ${LINWG_TIMEOUT:-180} python tools/sweep_linear_wgmma.py ${LINWG_ARGS:-} ;;
+    lbwdwg)  TAIL=40 run lbwdwg_quick 120 python tools/sweep_linear_backward_wgmma.py --quick \
+                 --shapes wan
+             TAIL=40 run lbwdwg ${LBWDWG_TIMEOUT:-150} python tools/sweep_linear_backward_wgmma.py ;;
     nvmath)  TAIL=40 run nvmath ${NVMATH_TIMEOUT:-420} python tools/nvmath_eval.py ;;
     states)  TAIL=40 run states ${STATES_TIMEOUT:-120} python tools/sweep_states.py ;;
     stateswg) TAIL=30 run stateswg_ptx 120 python tools/check_states_wgmma_ptx.py

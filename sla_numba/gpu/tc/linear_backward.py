@@ -855,7 +855,9 @@ def use_pipelined(pipeline, state):
     if pipeline is None:
         from ... import config
 
-        pipeline = config.linear_grad_kernel() == "pipelined"
+        # 'wgmma' (tc/linear_backward_wgmma.py) covers dk / dv on Hopper only: whatever
+        # it does not take runs on the pipelined kernels
+        pipeline = config.linear_grad_kernel() in ("pipelined", "wgmma")
     if not pipeline:
         return False
     addr = address(state)
@@ -865,6 +867,12 @@ def use_pipelined(pipeline, state):
 # ---------------------------------------------------------------------------
 # Launch
 # ---------------------------------------------------------------------------
+
+
+def _wgmma_takes(kind, D, block, state):
+    from .linear_backward_wgmma import use_wgmma
+
+    return use_wgmma(kind, D, block, state)
 
 
 def _check_common(who, kind, D, block, fm, B, H):
@@ -908,6 +916,7 @@ def launch_dq_linear_tc(
     stream,
     hk=None,
     pipeline=None,
+    wgmma=None,
 ):
     """Add the linear branch's dq into ``dq`` and write QO_i / QD_i into ``qstate``.
 
@@ -917,7 +926,12 @@ def launch_dq_linear_tc(
     accepted; Numba device arrays or torch / CuPy CUDA tensors (numpy under the
     simulator). ``hk``: columns of H_i staged at a time (tests). ``pipeline``: None
     follows ``SLA_NUMBA_LINEAR_GRAD``; True / False force the pipelined / register kernel
-    (same bits; :func:`use_pipelined`).
+    (same bits; :func:`use_pipelined`); "wgmma" the Hopper kernel
+    (``tc/linear_backward_wgmma.py``, whose ``launch_dq_linear_wgmma`` checks that it
+    takes the configuration; ``wgmma``: its variant options, a dict). With neither ``hk``
+    nor ``pipeline`` given,
+    ``SLA_NUMBA_LINEAR_GRAD=wgmma`` sends a configuration it takes there (cc 9.0, D 64 /
+    128, block 64, a 16-byte aligned lstate).
     """
     who = "launch_dq_linear_tc"
     B, H, Nq, D, block_q, fm = (int(x) for x in (B, H, Nq, D, block_q, fm))
@@ -944,8 +958,13 @@ def launch_dq_linear_tc(
         raise ValueError(f"{who}: q / o_l / do_l / dq smaller than B*H*Nq*D")
     if size(n_marg) < B * H * Mq:
         raise ValueError(f"{who}: n_marg smaller than B*H*Mq")
-    pipe = use_pipelined(pipeline, lstate)
-    kern = get_dq_linear_kernel(kind, D, block_q, l_half, hk, pipe, q_bf16)
+    if pipeline == "wgmma" or (pipeline is None and hk is None and _wgmma_takes(kind, D, block_q, lstate)):  # fmt: skip
+        from .linear_backward_wgmma import make_dq_linear_wgmma  # SLA_NUMBA_LINEAR_GRAD=wgmma
+
+        kern = make_dq_linear_wgmma(kind, D, l_half, q_bf16, **(wgmma or {}))
+    else:
+        pipe = use_pipelined(pipeline, lstate)
+        kern = get_dq_linear_kernel(kind, D, block_q, l_half, hk, pipe, q_bf16)
     args = (
         flat(q_bits),
         flat(o_l),
@@ -972,7 +991,10 @@ def launch_dkdv_linear_tc(
     kind 'bf16' / 'f16'; k_bits, v_bits int16 (B, H, Nk, D); dh fp32 (B, H, Mk, D*D + D)
     (rows [vec(dH_j), dZ_j]); n_marg int32 (B, H, Mk) (query blocks that take j as
     marginal); dk, dv fp32 (B, H, Nk, D), added to. Flat views accepted. ``hk``, and
-    ``pipeline`` as in :func:`launch_dq_linear_tc`.
+    ``pipeline`` as in :func:`launch_dq_linear_tc`; with neither given,
+    ``SLA_NUMBA_LINEAR_GRAD=wgmma`` sends a configuration the wgmma kernel takes there
+    (``tc/linear_backward_wgmma.py``: cc 9.0, D 64 / 128, block 64, a 16-byte aligned
+    dh).
     """
     who = "launch_dkdv_linear_tc"
     B, H, Nk, D, block_k, fm = (int(x) for x in (B, H, Nk, D, block_k, fm))
@@ -988,6 +1010,13 @@ def launch_dkdv_linear_tc(
         raise ValueError(f"{who}: k / v / dk / dv smaller than B*H*Nk*D")
     if size(n_marg) < B * H * Mk:
         raise ValueError(f"{who}: n_marg smaller than B*H*Mk")
+    if pipeline is None and hk is None and _wgmma_takes(kind, D, block_k, dh):
+        from . import linear_backward_wgmma as _wg  # SLA_NUMBA_LINEAR_GRAD=wgmma
+
+        _wg.launch_dkdv_linear_wgmma(
+            kind, k_bits, v_bits, dh, n_marg, dk, dv, B, H, Nk, D, block_k, fm, stream
+        )
+        return
     kern = get_dkdv_linear_kernel(kind, D, block_k, hk, use_pipelined(pipeline, dh))
     args = (
         flat(k_bits),
