@@ -115,12 +115,13 @@ for step in "$@"; do
     sparsewg) TAIL=40 run sparsewg_quick 120 python tools/sweep_sparse_wgmma.py --quick
               TAIL=40 run sparsewg ${SPARSEWG_TIMEOUT:-150} python tools/sweep_sparse_wgmma.py ;;
     linwg)   TAIL=60 run linwg ${LINWG_TIMEOUT:-180} python tools/sweep_linear_wgmma.py ${LINWG_ARGS:-} ;;
-    lbwdwg)  TAIL=40 run lbwdwg_quick 120 python tools/sweep_linear_backward_wgmma.py --quick \
-                 --shapes wan
+    lbwdwg)  [ "${LBWDWG_QUICK:-1}" = 1 ] && TAIL=40 run lbwdwg_quick 120 \
+                 python tools/sweep_linear_backward_wgmma.py --quick --shapes wan
              TAIL=40 run lbwdwg ${LBWDWG_TIMEOUT:-150} python tools/sweep_linear_backward_wgmma.py ;;
     nvmath)  TAIL=40 run nvmath ${NVMATH_TIMEOUT:-420} python tools/nvmath_eval.py ;;
     states)  TAIL=40 run states ${STATES_TIMEOUT:-120} python tools/sweep_states.py ;;
-    stateswg) TAIL=30 run stateswg_ptx 120 python tools/check_states_wgmma_ptx.py
+    stateswg) [ "${STATESWG_PTX:-1}" = 1 ] && TAIL=30 run stateswg_ptx 120 \
+                 python tools/check_states_wgmma_ptx.py
              TAIL=60 run stateswg ${STATESWG_TIMEOUT:-180} python tools/sweep_states_wgmma.py ;;
     host)    TAIL=40 run host ${HOST_TIMEOUT:-200} python tools/host_overhead.py ${HOST_ARGS:-} \
                  --json "$OUT/host_overhead.json"
