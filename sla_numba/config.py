@@ -38,18 +38,21 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             only, elsewhere the pipelined kernel; equal to fp32
                             rounding, not bit for bit). fp32 states always take the
                             register kernel.
-``SLA_NUMBA_LINEAR``        ``pipelined`` (default) | ``registers`` | ``wgmma``: the
-                            tensor-core kernel of the linear branch's forward output
+``SLA_NUMBA_LINEAR``        ``auto`` (default) | ``pipelined`` | ``registers`` |
+                            ``wgmma``: the tensor-core kernel of the linear branch's
+                            forward output. ``wgmma``: Hopper's warpgroup MMA
+                            (``gpu/tc/linear_wgmma.py``) where it applies (fp16 / bf16,
+                            block_q 64, D 64 or 128, compute capability 9.0), the
+                            pipelined kernel elsewhere; agrees with it to fp32
+                            rounding, not bit for bit; H200 (session 9): 0.362 ms
+                            against 0.540 at the Wan2.1 shape. ``pipelined``
                             (``gpu/tc/linear.py``): the next chunk of H_i in flight
                             (16-byte loads into registers) while the mma of the
-                            current one run, one barrier a chunk; or H_i staged chunk
-                            by chunk with scalar loads, two barriers a chunk. Same
-                            bits; the first 1.27x faster on the H200 (BENCHMARKS.md).
-                            ``wgmma``: Hopper's warpgroup MMA
-                            (``gpu/tc/linear_wgmma.py``) where it applies (fp16 /
-                            bf16, block_q 64, D 64 or 128, compute capability 9.0),
-                            the pipelined kernel elsewhere; agrees with it to fp32
-                            rounding, not bit for bit. Not yet timed on a GPU.
+                            current one run, one barrier a chunk; ``registers``: H_i
+                            staged chunk by chunk with scalar loads, two barriers a
+                            chunk (same bits; the pipelined one 1.27x faster on the
+                            H200). ``auto``: wgmma where it applies, else pipelined
+                            (and pipelined under the simulator).
 ``SLA_NUMBA_LINEAR_GRAD``   ``pipelined`` (default) | ``registers`` | ``wgmma``: the
                             tensor-core linear-branch gradient kernels
                             (``gpu/tc/linear_backward.py``, ``dq_linear`` /
@@ -58,7 +61,9 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             or staged chunk by chunk, two barriers a chunk, no loads
                             in flight during the mma. Same bits; the first 1.22x /
                             1.40x faster on the H200 (BENCHMARKS.md). ``wgmma``
-                            (opt-in, not timed yet): both on Hopper warpgroup MMA
+                            (opt-in; slower on the H200, session 9: dk/dv 1.36 against
+                            1.27 ms, dq 2.00 against 1.76 at the Wan2.1 shape): both on
+                            Hopper warpgroup MMA
                             (``gpu/tc/linear_backward_wgmma.py``; compute capability
                             9.0, fp16 / bf16, D 64 / 128, block 64; agrees to fp32
                             rounding, not bitwise); other configurations keep the
@@ -92,22 +97,25 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             computes and stores. Same bits. ``auto``: staged for bf16
                             states (0.404 ms against 0.554 at the Wan2.1 shape on the
                             H200), registers for fp32 states (staged 0.606 against
-                            0.561 there). ``wgmma`` (opt-in, ``gpu/tc/states_wgmma.py``):
+                            0.561 there) -- where ``wgmma`` does not apply, which ``auto`` tries first
+                            (not under the simulator; H200, session 9: bf16 states
+                            0.308 ms against 0.451, fp32 0.383 against 0.536, the same
+                            bits). ``wgmma`` (``gpu/tc/states_wgmma.py``):
                             each key block's product as Hopper warpgroup MMA, φ(K)ᵀ
                             read MN-major from shared memory, z as 8 columns of ones,
                             several key blocks a CTA; only compute capability 9.0,
                             fp16 / bf16 inputs, D 64 or 128, block_k 64 (elsewhere
                             ``auto``'s choice runs). Same results to fp32 rounding,
                             not the same bits.
-``SLA_NUMBA_CLASSIFY``      ``default`` (default) | ``fused``: the GPU block
-                            classification's kernels (``gpu/classify.py``): the
-                            pooling kernel with one thread per d and the score /
+``SLA_NUMBA_CLASSIFY``      ``fused`` (default) | ``scratch``: the GPU block
+                            classification's kernels (``gpu/classify.py``): pooling by
+                            warps with packed 8-byte bf16 loads and the scores kept as
+                            keys in shared memory (``gpu/simt/classify_fused.py``); or
+                            the pooling kernel with one thread per d and the score /
                             select kernel that keeps its scores in a global scratch
-                            array; or (``fused``, ``gpu/simt/classify_fused.py``)
-                            pooling by warps with packed 8-byte bf16 loads and the
-                            scores kept as keys in shared memory (no scratch
-                            array). Same map, bit for bit. Opt-in until timed on the H200
-                            (``tools/bench_classify.py --fused``).
+                            array. Same map, bit for bit. H200 (session 9,
+                            ``tools/bench_classify.py --fused``): kernels 0.218 ->
+                            0.204 ms at the Wan2.1 shape, 0.072 -> 0.059 ms at B2.
 ``SLA_NUMBA_LAUNCH``        ``direct`` (default) | ``numba``: how GPU kernels are
                             launched: ``direct`` hands the compiled kernel and its
                             argument list to ``cuda.core`` (``gpu/_launcher.py``);
@@ -164,7 +172,7 @@ STATES_DTYPES = ("auto", "fp32", "bf16")
 GRAD_STATES_VAR = "SLA_NUMBA_GRAD_STATES"
 GRAD_STATES_DTYPES = ("auto", "fp32", "bf16")
 MARGINAL_KERNELS = ("pipelined", "registers", "wgmma")
-LINEAR_KERNELS = ("pipelined", "registers", "wgmma")
+LINEAR_KERNELS = ("auto", "pipelined", "registers", "wgmma")
 LINEAR_GRAD_KERNELS = ("pipelined", "registers", "wgmma")
 SPARSE_BWD_KERNELS = ("sync", "pipelined")
 #: The first is the default (unset or empty): flipping it is reordering this one line.
@@ -172,7 +180,7 @@ STATES_KERNELS = ("auto", "registers", "staged", "pipelined", "wgmma")
 LAUNCHERS = ("direct", "numba")
 SPARSE_FWD_VAR = "SLA_NUMBA_SPARSE_FWD"
 CLASSIFY_VAR = "SLA_NUMBA_CLASSIFY"
-CLASSIFY_KERNELS = ("default", "fused")
+CLASSIFY_KERNELS = ("fused", "scratch")
 SPARSE_FWD_KERNELS = ("auto", "mma", "wgmma")
 
 
@@ -246,7 +254,7 @@ def marginal_kernel():
 
 
 def linear_kernel():
-    """``SLA_NUMBA_LINEAR``: 'pipelined' (unset or empty), 'registers' or 'wgmma'."""
+    """``SLA_NUMBA_LINEAR``: 'auto' (unset or empty), 'pipelined', 'registers' or 'wgmma'."""
     return _choice(LINEAR_VAR, LINEAR_KERNELS)
 
 
@@ -266,7 +274,7 @@ def sparse_fwd_kernel():
 
 
 def classify_kernel():
-    """``SLA_NUMBA_CLASSIFY``: 'default' (unset or empty) or 'fused'."""
+    """``SLA_NUMBA_CLASSIFY``: 'fused' (unset or empty) or 'scratch'."""
     return _choice(CLASSIFY_VAR, CLASSIFY_KERNELS)
 
 

@@ -9,7 +9,7 @@ from sla_numba import config
 # (variable, reader, default, another valid value written loosely, its value)
 SWITCHES = [
     (config.MARGINAL_VAR, config.marginal_kernel, "pipelined", " Registers ", "registers"),
-    (config.LINEAR_VAR, config.linear_kernel, "pipelined", " Registers ", "registers"),
+    (config.LINEAR_VAR, config.linear_kernel, "auto", " Registers ", "registers"),
     (config.LINEAR_GRAD_VAR, config.linear_grad_kernel, "pipelined", " Registers ", "registers"),
     (config.GRAD_STATES_VAR, config.grad_states_dtype, "auto", " BF16 ", "bf16"),
     (config.STATES_VAR, config.states_dtype, "auto", " FP32 ", "fp32"),
@@ -17,7 +17,7 @@ SWITCHES = [
     (config.SPARSE_BWD_VAR, config.sparse_bwd_kernel, "sync", " Pipelined ", "pipelined"),
     (config.SAVE_STATES_VAR, config.save_states, False, " 1 ", True),
     (config.STATES_KERNEL_VAR, config.states_kernel, "auto", " Pipelined ", "pipelined"),
-    (config.CLASSIFY_VAR, config.classify_kernel, "default", " Fused ", "fused"),
+    (config.CLASSIFY_VAR, config.classify_kernel, "fused", " Scratch ", "scratch"),
 ]
 
 

@@ -27,9 +27,10 @@ Two implementations of step 2 (``sla_numba/gpu/simt/classify.py``):
   one block per row sorts the (S, j) pairs in shared memory (bitonic sort, rows
   of up to SORT_MAX blocks) or counts each rank against the row (O(Mk²)).
 
-``SLA_NUMBA_CLASSIFY=fused`` (``classify_fused``) runs the opt-in pair of
-``sla_numba/gpu/simt/classify_fused.py`` instead: pooling by warps with packed
-bf16 loads, scores kept as keys in shared memory. The same map.
+By default (``SLA_NUMBA_CLASSIFY=fused``) ``classify`` runs ``classify_fused``, the pair
+of ``sla_numba/gpu/simt/classify_fused.py``: pooling by warps with packed bf16 loads,
+scores kept as keys in shared memory (no scratch array). The same map; the pair above
+runs with ``SLA_NUMBA_CLASSIFY=scratch`` (H200 figures: ``config``).
 
 No fastmath, and more: NVVM fuses ``a*b + c`` into an FMA even without fastmath,
 and the pooled means are not exact fp32 values, so the products and sums of step 2
@@ -118,7 +119,7 @@ def classify(q, k, n_crit, n_skip, block_q, block_k, scale):
     ``n_crit`` critical and ``n_skip`` negligible key blocks per query-block row,
     ranked by the pooled score (module docstring). Identical to the CPU's map.
     """
-    if config.classify_kernel() == "fused":
+    if config.classify_kernel() == "fused":  # (the default; "scratch": the older pair)
         return classify_fused(q, k, n_crit, n_skip, block_q, block_k, scale)
     return _classify(q, k, n_crit, n_skip, block_q, block_k, scale, fast=True)
 

@@ -1,4 +1,4 @@
-"""Classification at memory speed: the opt-in kernels of ``SLA_NUMBA_CLASSIFY=fused``.
+"""Classification at memory speed: the kernels of ``SLA_NUMBA_CLASSIFY=fused`` (the default).
 
 The same two steps and the same bits as ``classify.py``'s fast pair (pool, then
 score and rank; the rule is docs/internals.md's "Classification rule, bit for

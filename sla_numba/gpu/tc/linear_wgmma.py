@@ -161,10 +161,12 @@ BLOCK = 64
 HEAD_DIMS = (64, 128)
 KINDS = ("bf16", "f16")
 THREADS = 128
-#: Defaults (to be chosen on the H200 with ``tools/sweep_linear_wgmma.py``): rows of
-#: H_i a chunk, chunk buffers.
+#: Defaults: rows of H_i a chunk, chunk buffers, the cp.async ring (0: none). H200,
+#: session 9 (``tools/sweep_linear_wgmma.py``): hk 16 with 2 buffers 0.362 ms at the
+#: Wan2.1 shape (3 buffers 0.396, hk 32 0.474, rings 3 / 4 0.398 / 0.449; the mma.sync
+#: pipelined kernel 0.540), 0.142 ms at B2 H16 D64 (0.162 / 0.155 / 0.223 / 0.197; 0.201).
 HK_DEFAULT = 16
-STAGES_DEFAULT = 3
+STAGES_DEFAULT = 2
 RING_DEFAULT = 0
 #: Bytes of one 64-row column chunk of a K-major tile (64 rows x 128 bytes).
 CHUNK_BYTES = BLOCK * 128

@@ -151,8 +151,9 @@ from .wgmma import (
 Config = namedtuple("Config", "n kb stages wgs depth a_smem", defaults=(0, 0))
 
 #: GPU default: CTA 128 x 256 (two warpgroups), 4 stages of 32, wait depth 1, M from
-#: shared memory. Chosen by reasoning, not yet timed: the H200's numbers
-#: (tools/sweep_marginal_wgmma.py) decide.
+#: shared memory. H200, session 9 (tools/sweep_marginal_wgmma.py): no variant beats the
+#: pipelined mma.sync kernel (Wan row sums 0.869-1.648 ms against 0.879, this one
+#: 1.224; docs/internals.md), so the kernel stays opt-in.
 GPU_CONFIG = Config(256, 32, 4, 2, 1, 1)
 #: Simulator default: one 64-column chunk, one k-step a stage (tiny and slow there).
 SIM_CONFIG = Config(64, 16, 3, 1)

@@ -904,11 +904,12 @@ VARIANTS = tuple(v for v in config.STATES_KERNELS if v not in ("auto", "wgmma"))
 
 
 def auto_variant(out_bf16):
-    """``SLA_NUMBA_STATES_KERNEL=auto`` (the default): the staged kernel for bf16 states,
-    the register kernel for fp32 states -- the faster of each on the H200 at the Wan2.1
-    shape (``tools/sweep_states.py``, BENCHMARKS.md session 8: bf16 0.404 against 0.554
-    ms, fp32 0.606 against 0.561 ms). Under the simulator the register kernel (same
-    bits; the staged and pipelined kernels have their own tests)."""
+    """``SLA_NUMBA_STATES_KERNEL=auto`` (the default) where the wgmma kernel does not apply
+    (``launch_states_tc`` tries it first on compute capability 9.0): the staged kernel for
+    bf16 states, the register kernel for fp32 states -- the faster of each on the H200 at
+    the Wan2.1 shape (``tools/sweep_states.py``, BENCHMARKS.md session 8: bf16 0.404
+    against 0.554 ms, fp32 0.606 against 0.561 ms). Under the simulator the register
+    kernel (same bits; the staged and pipelined kernels have their own tests)."""
     return "staged" if out_bf16 and not SIMULATED else "registers"
 
 
@@ -1002,7 +1003,10 @@ def launch_states_tc(
     out_bf16 = state_dtype == "int16"
     if variant is None:
         variant = config.states_kernel()
-    if variant == "wgmma":  # Hopper's kernel where it applies, else auto's choice
+    if variant == "wgmma" or (variant == "auto" and not SIMULATED):
+        # Hopper's kernel where it applies (auto too: 1.46x faster on the H200, session
+        # 9; not under the simulator, whose suite keeps covering the kernels below), else
+        # auto's choice among this module's kernels
         from . import states_wgmma as _wg
 
         if _wg.wgmma_states_unsupported_reason(kind, D, block_k) is None and _wg.aligned(

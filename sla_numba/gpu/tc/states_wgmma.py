@@ -147,8 +147,10 @@ from .wgmma import (
 BLOCK = 64
 HEAD_DIMS = (64, 128)
 KINDS = ("bf16", "f16")
-#: Key blocks a CTA handles by default (``blocks_per_cta``).
-PIPE_BLOCKS = 8
+#: Key blocks a CTA handles by default (``blocks_per_cta``). H200, session 9
+#: (``tools/sweep_states_wgmma.py``, bf16 states): 2 / 4 / 8 / 16 blocks 0.308 / 0.309 /
+#: 0.313 / 0.318 ms at the Wan2.1 shape, 0.122 / 0.117 / 0.118 / 0.121 ms at B2 H16 D64.
+PIPE_BLOCKS = 4
 #: Descriptor fields of both operands (MN-major): LBO = the distance of two 64-column
 #: chunks (V's D + 8 columns span chunks; φ's m64 tile is one chunk), SBO = 8 rows.
 LBO = CHUNK_BYTES

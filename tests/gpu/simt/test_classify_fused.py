@@ -135,16 +135,18 @@ def test_rows_too_long_for_shared_keys_use_the_scratch_kernel(monkeypatch):
 
 
 def test_switch_routes_classify(monkeypatch):
-    """``SLA_NUMBA_CLASSIFY=fused`` sends ``classify`` to ``classify_fused``; unset, the
-    default pair runs; a bad value is a ValueError naming the variable."""
+    """``SLA_NUMBA_CLASSIFY`` unset or ``fused`` sends ``classify`` to ``classify_fused``;
+    ``scratch``, the older pair runs; a bad value is a ValueError naming the variable."""
     seen = []
     monkeypatch.setattr(gpu_classify, "classify_fused", lambda *a: seen.append(a) or "fused")
-    monkeypatch.setattr(gpu_classify, "_classify", lambda *a, **kw: "default")
+    monkeypatch.setattr(gpu_classify, "_classify", lambda *a, **kw: "scratch")
     args = (None, None, 1, 1, 4, 4, 1.0)
     monkeypatch.setenv("SLA_NUMBA_CLASSIFY", "fused")
     assert gpu_classify.classify(*args) == "fused" and seen == [args]
     monkeypatch.delenv("SLA_NUMBA_CLASSIFY")
-    assert gpu_classify.classify(*args) == "default"
+    assert gpu_classify.classify(*args) == "fused" and seen == [args, args]
+    monkeypatch.setenv("SLA_NUMBA_CLASSIFY", "scratch")
+    assert gpu_classify.classify(*args) == "scratch"
     monkeypatch.setenv("SLA_NUMBA_CLASSIFY", "fastest")
     with pytest.raises(ValueError, match="SLA_NUMBA_CLASSIFY"):
         gpu_classify.classify(*args)
