@@ -43,6 +43,7 @@ def _store(D_rows, x, CB):
     return smem
 
 
+@needs_sim  # (``lw._sw`` is a device function: plain Python only under the simulator)
 @pytest.mark.parametrize("D", [64, 128])
 def test_dh_layout_read_both_ways(D):
     rng = np.random.default_rng(D)
@@ -67,6 +68,7 @@ def test_dh_layout_read_both_ways(D):
         assert not np.array_equal(W.decode_operand(smem, bad, D, 1), dh[:16].T)
 
 
+@needs_sim  # (as above)
 def test_transposed_a_reads_an_mn_major_tile():
     """A (64 x 16, k-step ks) from a stored [k][m] tile of 64 columns: MN-major."""
     rng = np.random.default_rng(1)
