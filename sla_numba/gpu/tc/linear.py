@@ -647,6 +647,39 @@ def get_linear_kernel_pipelined(kind, D, BQ, hk=None, vec4=True, min_blocks=None
 # ---------------------------------------------------------------------------
 
 
+def check_linear_args(who, kind, q_bits, lstate, n_marg, o_l, B, H, Nq, D, block_q, fm):
+    """The checks of a linear-forward launch (this module's and ``tc/linear_wgmma.py``'s):
+    a TypeError / ValueError naming ``who`` and the argument, else ``(Mq, nblk,
+    out_kind)`` (query blocks in lstate, blocks to compute, "f32" or the 16-bit kind of
+    o_l), or None when there is nothing to compute (no query block, B·H = 0)."""
+    if fm not in (0, 1, 2):
+        raise ValueError(f"{who}: feature map code {fm}")
+    if dtype_name(lstate) != "float32" or dtype_name(o_l) not in ("float32", "int32"):
+        raise TypeError(f"{who}: lstate must be float32, o_l float32 or int32 (pairs)")
+    out_kind = out_kind_of(o_l, kind)
+    if dtype_name(n_marg) != "int32":
+        raise TypeError(f"{who}: n_marg must be int32")
+    nblk = -(-Nq // block_q)
+    if nblk <= 0 or B * H == 0:
+        return None
+    W = D * D + D
+    if size(lstate) % (B * H * W):
+        raise ValueError(f"{who}: lstate size is not B*H*Mq*(D*D + D)")
+    Mq = size(lstate) // (B * H * W)
+    if Mq < nblk:
+        raise ValueError(f"{who}: lstate has {Mq} blocks, {nblk} needed")
+    if size(n_marg) < B * H * Mq:
+        raise ValueError(f"{who}: n_marg smaller than B*H*Mq")
+    if (
+        size(q_bits) < B * H * Nq * D
+        or size(o_l) * (1 if out_kind == "f32" else 2) < B * H * Nq * D
+    ):
+        raise ValueError(f"{who}: q / o_l smaller than B*H*Nq*D")
+    if H > 65535 or B > 65535:
+        raise ValueError(f"{who}: H or B too large for the grid")
+    return Mq, nblk, out_kind
+
+
 def launch_linear_forward_tc(
     kind,
     q_bits,
@@ -684,33 +717,11 @@ def launch_linear_forward_tc(
         raise ValueError(f"launch_linear_forward_tc: kind {kind!r}")
     if not linear_tc_supported(D, block_q):
         raise ValueError(f"launch_linear_forward_tc: D = {D}, block_q = {block_q} not supported")
-    if fm not in (0, 1, 2):
-        raise ValueError(f"launch_linear_forward_tc: feature map code {fm}")
-    if dtype_name(lstate) != "float32" or dtype_name(o_l) not in ("float32", "int32"):
-        raise TypeError(
-            "launch_linear_forward_tc: lstate must be float32, o_l float32 or int32 (pairs)"
-        )
-    out_kind = out_kind_of(o_l, kind)
-    if dtype_name(n_marg) != "int32":
-        raise TypeError("launch_linear_forward_tc: n_marg must be int32")
-    nblk = -(-Nq // block_q)
-    if nblk <= 0 or B * H == 0:
+    checked = check_linear_args("launch_linear_forward_tc", kind, q_bits, lstate, n_marg, o_l,
+                                B, H, Nq, D, block_q, fm)  # fmt: skip
+    if checked is None:  # nothing to compute
         return
-    W = D * D + D
-    if size(lstate) % (B * H * W):
-        raise ValueError("launch_linear_forward_tc: lstate size is not B*H*Mq*(D*D + D)")
-    Mq = size(lstate) // (B * H * W)
-    if Mq < nblk:
-        raise ValueError(f"launch_linear_forward_tc: lstate has {Mq} blocks, {nblk} needed")
-    if size(n_marg) < B * H * Mq:
-        raise ValueError("launch_linear_forward_tc: n_marg smaller than B*H*Mq")
-    if (
-        size(q_bits) < B * H * Nq * D
-        or size(o_l) * (1 if out_kind == "f32" else 2) < B * H * Nq * D
-    ):
-        raise ValueError("launch_linear_forward_tc: q / o_l smaller than B*H*Nq*D")
-    if H > 65535 or B > 65535:
-        raise ValueError("launch_linear_forward_tc: H or B too large for the grid")
+    Mq, nblk, out_kind = checked
     if pipeline is None:
         mode = config.linear_kernel()
         if mode == "wgmma" or (mode == "auto" and not SIMULATED):

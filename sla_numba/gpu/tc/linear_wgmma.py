@@ -133,9 +133,9 @@ from numba import cuda, float32, int16, int32, uint64
 from .. import _compat
 from .._precompile import kernel_factory
 from . import build as _tc_build
-from .build import address, dtype_name, flat, size
+from .build import address, flat
 from .forward_wgmma import wgmma_device_ok
-from .linear import _fetch_chunk, _in_f32, _split_pair
+from .linear import _fetch_chunk, _in_f32, _split_pair, check_linear_args
 from .ptx import (
     SIMULATED,
     cp_async_commit,
@@ -145,7 +145,7 @@ from .ptx import (
     smem_addr,
 )
 from .states import _feature_map
-from .tiles import SMEM_ALIGN, TC_FASTMATH, make_pair_store, out_kind_of, out_zero
+from .tiles import SMEM_ALIGN, TC_FASTMATH, make_pair_store, out_zero
 from .wgmma import (
     CHUNK_COLS,
     desc_hi,
@@ -511,33 +511,11 @@ def launch_linear_forward_wgmma(
     why = wgmma_linear_unsupported_reason(kind, D, block_q)
     if why is not None:
         raise ValueError(f"launch_linear_forward_wgmma: the wgmma kernel does not take {why}")
-    if fm not in (0, 1, 2):
-        raise ValueError(f"launch_linear_forward_wgmma: feature map code {fm}")
-    if dtype_name(lstate) != "float32" or dtype_name(o_l) not in ("float32", "int32"):
-        raise TypeError(
-            "launch_linear_forward_wgmma: lstate must be float32, o_l float32 or int32 (pairs)"
-        )
-    out_kind = out_kind_of(o_l, kind)
-    if dtype_name(n_marg) != "int32":
-        raise TypeError("launch_linear_forward_wgmma: n_marg must be int32")
-    nblk = -(-Nq // block_q)
-    if nblk <= 0 or B * H == 0:
+    checked = check_linear_args("launch_linear_forward_wgmma", kind, q_bits, lstate, n_marg,
+                                o_l, B, H, Nq, D, block_q, fm)  # fmt: skip
+    if checked is None:  # nothing to compute
         return
-    W = D * D + D
-    if size(lstate) % (B * H * W):
-        raise ValueError("launch_linear_forward_wgmma: lstate size is not B*H*Mq*(D*D + D)")
-    Mq = size(lstate) // (B * H * W)
-    if Mq < nblk:
-        raise ValueError(f"launch_linear_forward_wgmma: lstate has {Mq} blocks, {nblk} needed")
-    if size(n_marg) < B * H * Mq:
-        raise ValueError("launch_linear_forward_wgmma: n_marg smaller than B*H*Mq")
-    if (
-        size(q_bits) < B * H * Nq * D
-        or size(o_l) * (2 if out_kind != "f32" else 1) < B * H * Nq * D
-    ):
-        raise ValueError("launch_linear_forward_wgmma: q / o_l smaller than B*H*Nq*D")
-    if H > 65535 or B > 65535:
-        raise ValueError("launch_linear_forward_wgmma: H or B too large for the grid")
+    Mq, nblk, out_kind = checked
     addr = address(lstate)
     vec4 = addr is not None and addr % 16 == 0
     hk = HK_DEFAULT if hk is None else int(hk)
