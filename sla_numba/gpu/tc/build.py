@@ -47,12 +47,29 @@ def device_ok(device=None):
         if device is None:
             if not cuda.is_available():
                 return False
+            cc = uniform_cc()
+            if cc is not None:  # every GPU alike: no need to ask which one is current
+                return cc >= (8, 0)
             idx = cuda.get_current_device().id
         else:
             idx = device if isinstance(device, int) else (getattr(device, "index", None) or 0)
         return _index_ok(int(idx))
     except Exception:  # noqa: BLE001 - no driver or no such device: no tensor cores
         return False
+
+
+@functools.cache
+def uniform_cc():
+    """The compute capability every visible GPU shares, or None when they differ (or
+    there is none). Asked once a process: the usual machine has one kind of GPU, and
+    then a launch need not look up the current device (a few Numba context lookups,
+    ~10 µs each, several times a call)."""
+    from numba import cuda
+
+    if not cuda.is_available():
+        return None
+    ccs = {tuple(g.compute_capability) for g in cuda.gpus}
+    return ccs.pop() if len(ccs) == 1 else None
 
 
 @functools.cache

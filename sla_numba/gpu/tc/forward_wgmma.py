@@ -176,6 +176,9 @@ def wgmma_device_ok(device=None):
         if not _cuda.is_available():
             return False
         if device is None:
+            cc = _tc_build.uniform_cc()
+            if cc is not None:  # every GPU alike (build.uniform_cc)
+                return cc == (9, 0)
             idx = _cuda.get_current_device().id
         else:
             idx = device if isinstance(device, int) else (getattr(device, "index", None) or 0)
