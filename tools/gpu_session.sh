@@ -53,6 +53,10 @@
 #            torch.compile(mode="reduce-overhead") of a call (GRAPHS_ARGS, e.g. --no-compile)
 #   gradprec tools/grad_states_precision.py: gradients with fp32 / bf16 gradient sums
 #            (SLA_NUMBA_GRAD_STATES) against an fp32 SIMT run (GRADPREC_SHAPE, default wan)
+#   ncu      Nsight Compute (on the H200 image: /usr/local/cuda/bin/ncu) on one launch of a
+#            kernel: NCU_SCRIPT (default tools/ncu_marginal.py) with NCU_ARGS, kernels matching
+#            NCU_KERNEL (regex, default marginal); speed of light, memory, warp states,
+#            occupancy (session 9: the marginal sums are L1/TEX-bound)
 #   reuse    tools/bench_reuse.py: the backward reading the forward's row states
 #            (SLA_NUMBA_SAVE_STATES=1) against recomputing them: time, memory, same bits
 set -u
@@ -134,6 +138,11 @@ for step in "$@"; do
                  --json "$OUT/bench_reuse.json" ;;
     gradprec) TAIL=20 run gradprec ${GRADPREC_TIMEOUT:-100} python tools/grad_states_precision.py \
                  --shape ${GRADPREC_SHAPE:-wan} ;;
+    ncu)     TAIL=80 run ncu ${NCU_TIMEOUT:-150} /usr/local/cuda/bin/ncu --kernel-name \
+                 "regex:${NCU_KERNEL:-marginal}" --launch-skip 1 --launch-count 1 \
+                 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+                 --section WarpStateStats --section Occupancy \
+                 python ${NCU_SCRIPT:-tools/ncu_marginal.py} ${NCU_ARGS:-} ;;
     *)       el "unknown step $step" ;;
   esac
 done
