@@ -724,9 +724,7 @@ def _prefetch_map_cols(ws, bmap32, cn, n_in, n_out, base, tid, r0, cs, nt, ku, n
         rok = r0 + ru < n_out
         for k in range(2):
             if rok and c + k < n_in:
-                ws[p, k] = _mask_word(
-                    bmap32[u64((base + ru + (c + k) * cs) >> 2)], n_out - r0 - ru
-                )
+                ws[p, k] = _mask_word(bmap32[u64((base + ru + (c + k) * cs) >> 2)], n_out - r0 - ru)
             else:
                 ws[p, k] = ALL_NOT_MARGINAL
 
@@ -747,8 +745,27 @@ def _store_map_cols(smem32, ws, sm, tid, nt, ku, mwk, nwp):
 
 @_compat.device(**_INLINE)
 def _store_out_staged(
-    out, acc, smemf, tid, lane, r0, wr, wc, w0, bh, o_rows, W, n_out, mt_n, nn, np_, es, wt,
-    nt, ne, vec
+    out,
+    acc,
+    smemf,
+    tid,
+    lane,
+    r0,
+    wr,
+    wc,
+    w0,
+    bh,
+    o_rows,
+    W,
+    n_out,
+    mt_n,
+    nn,
+    np_,
+    es,
+    wt,
+    nt,
+    ne,
+    vec,
 ):
     """Staged epilogue: per m-tile mt, every warp writes its D fragments of mt into the
     fp32 buffer E (WR·16 rows x ``es``; warp (wr, wc) at rows wr·16.., columns
@@ -972,8 +989,27 @@ def make_marginal_kernel_pipelined(
             cp_async_wait_group(0)
             cuda.syncthreads()
             _store_out_staged(
-                out, acc, smemf, tid, lane, r0, wr, wc, w0, bh, o_rows, W, n_out, MT, NN, NP,
-                ES, WT, NT, NE, OUTV,
+                out,
+                acc,
+                smemf,
+                tid,
+                lane,
+                r0,
+                wr,
+                wc,
+                w0,
+                bh,
+                o_rows,
+                W,
+                n_out,
+                MT,
+                NN,
+                NP,
+                ES,
+                WT,
+                NT,
+                NE,
+                OUTV,
             )
 
     return MarginalKernel(marginal_sum_tc_pipelined, P["SMEM_BYTES"], NT)

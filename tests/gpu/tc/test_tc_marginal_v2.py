@@ -164,9 +164,7 @@ SIM_CASES = [
 
 
 @needs_sim
-@pytest.mark.parametrize(
-    "B,H,Mq,Mk,W,n_out,n_in,transposed,pipeline,v2,variant", SIM_CASES
-)
+@pytest.mark.parametrize("B,H,Mq,Mk,W,n_out,n_in,transposed,pipeline,v2,variant", SIM_CASES)
 def test_sim_same_bits_as_present_kernel(
     B, H, Mq, Mk, W, n_out, n_in, transposed, pipeline, v2, variant
 ):
