@@ -163,6 +163,52 @@ compares the bits). Shared memory for the GPU tiles: (3 x 32 x 136 + 2 x 64 x 40
 is deferred (``ptx``): a copy lands only at the wait that covers it, so reading a
 stage before its wait, or waiting on the wrong group count, gives wrong bits there too.
 
+v2: the map and the results off the L1/TEX pipe (``SLA_NUMBA_MARGINAL=pipelined_v2``)
+--------------------------------------------------------------------------------
+Why. At the Wan2.1 sizes the pipelined kernel takes 0.80 ms where cuBLAS takes 0.18-0.20
+(H200, session 9), and a wgmma rewrite was no faster: the tensor-core instruction is not
+the limit. Nsight Compute (``tools/ncu_marginal.py``) names the busiest unit: L1/TEX at
+69.6 % of its peak (L2 51.8 %, SM compute 37.6 %, L1 hit rate 47.7 %, 10.2 cycles per
+issued instruction, 2 CTAs per SM). Two streams of small accesses go through that pipe
+besides the ``cp.async`` of S: the map, one byte per load (8 loads per thread and stage
+for the GPU tiles), and the epilogue, 64 scalar fp32 stores per thread, each warp
+instruction touching 8 rows.
+
+What. Two opt-in variants of the same kernel (``make_marginal_kernel_pipelined(...,
+map_load, out_store)``; the launcher's ``v2``), each where the data allow it:
+
+- Map words (``map_load`` "rows" / "cols"; Mk % 4 == 0 and a 4-byte aligned map). The
+  kernel reads the map through its int32 view. Row sums: word q = tid + NT·p of a stage
+  is row q // (kb/4), c-values 4(q % (kb/4)) .. + 3: one load, two bf16 pairs (2 loads
+  per thread and stage instead of 8; consecutive threads read consecutive words of a
+  row). Column sums (M[r, c] = bmap[c, r]): a word holds 4 consecutive *rows* r at one c,
+  so each thread loads two words, at c and c + 1, and byte j of the two gives the pair
+  (M[r + j, c], M[r + j, c + 1]): the transposition happens in registers, 4 int32 stores
+  into the M buffer (no bank conflicts: consecutive threads take consecutive c pairs).
+  Bytes past n_in / n_out are set to 1 (not marginal) after the load; words wholly
+  outside are not loaded. Why not a pre-pass kernel writing the map transposed (or as a
+  bf16 0/1 matrix for ``cp.async``): it needs a workspace the interface does not have
+  (3 MB at the Wan2.1 sizes, 6 MB as bf16) and a second launch per call, and the
+  register transposition above already cuts the column sums' map loads by the same
+  factor as the row sums'. (Its global loads each touch 16 bmap rows, 8 bytes each: if
+  ncu shows them as the limit, the pre-pass is the next step.)
+- Staged epilogue (``out_store`` 4 / 1). After the k-loop, ``cp.async.wait_group(0)`` and
+  a barrier free the ring; then per m-tile each warp writes its fp32 fragments into a
+  (WR·16) x (WT + 8) buffer over the ring (8-byte ``st.shared.v2``; the pad of 8 keeps a
+  half-warp's stores in 32 distinct banks), a barrier, and the CTA stores the buffer along
+  w: each thread 4 consecutive columns with one 16-byte ``st.global.v4`` (W % 4 == 0
+  and a 16-byte aligned ``out``; else one column, consecutive threads on consecutive
+  columns), rows < n_out and columns < W only; a barrier before the next m-tile. The
+  buffer (33 KiB for the GPU tiles) fits in the ring (59.5 KiB): shared memory and
+  occupancy unchanged; registers 126 / 120 (rows / cols) against 126, no spills
+  (``tools/check_tc_ptx.py --only marginal_v2``).
+
+Same bits: the M buffer holds the same bf16 values (the bytes only arrive differently)
+and the accumulators are the same fragments of the same mma sequence (the epilogue only
+moves them), so every output has the bits of the present kernel
+(``tests/gpu/tc/test_tc_marginal_v2.py``). Not yet measured on a GPU:
+``tools/sweep_marginal.py --v2`` times present vs each variant vs cuBLAS.
+
 Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
 
     import numpy as np
