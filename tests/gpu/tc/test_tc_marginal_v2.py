@@ -245,7 +245,7 @@ GPU_CASES = [
     # B, H, Mq, Mk, W, n_out, n_in, transposed, pipeline, v2
     (2, 3, 70, 92, 16512, 67, 85, False, True, True),  # tails in r and c
     (2, 3, 92, 72, 16512, 69, 90, True, True, True),  # column sums, n_out % 4 != 0
-    (1, 2, 300, 276, 1000, 300, 276, False, True, True),  # W = 7*256 + ...: partial tile
+    (1, 2, 300, 276, 1000, 300, 276, False, True, True),  # W = 3*256 + 232: partial tile
     (1, 2, 132, 100, 1002, 100, 130, True, True, True),  # W % 4 == 2: 4-byte stores
     (1, 2, 100, 132, 1004, 100, 130, False, (64, 4), (True, False)),
     (1, 2, 100, 132, 1004, 100, 130, False, (64, 4), (False, True)),
