@@ -30,16 +30,14 @@ from sla_numba import config
 from sla_numba.gpu.tc import marginal as marginal_tc
 
 
-def _present_and_v2(bmap, bits, out, transposed, n_out, n_in, pipeline, v2):
+def _present_and_v2(bmap, bits, out, transposed, n_out, n_in, pipeline, v2, tiles=None):
     """(present pipelined kernel's out, the v2 variant's out), each from a NaN-poisoned
     copy."""
     ref, got = out.copy(), out.copy()
-    marginal_tc.launch_marginal_sum_tc(
-        0, bmap, transposed, n_out, n_in, bits, ref, pipeline=pipeline, v2=False
-    )
-    marginal_tc.launch_marginal_sum_tc(
-        0, bmap, transposed, n_out, n_in, bits, got, pipeline=pipeline, v2=v2
-    )
+    for o, var in ((ref, False), (got, v2)):
+        marginal_tc.launch_marginal_sum_tc(
+            0, bmap, transposed, n_out, n_in, bits, o, tiles=tiles, pipeline=pipeline, v2=var
+        )
     return ref, got
 
 
@@ -173,6 +171,24 @@ def test_sim_same_bits_as_present_kernel(
     assert marginal_tc.v2_variant(v2, tiles, _kb(pipeline), transposed, bmap, out, W) == variant
     ref, got = _present_and_v2(bmap, bits, out, transposed, n_out, n_in, pipeline, v2)
     _check_bf16(got, bmap, values, transposed, n_out, n_in)  # written, untouched, accurate
+    _same_bits(ref, got)
+
+
+@needs_sim
+@pytest.mark.parametrize("transposed", [False, True])
+def test_sim_four_warps_same_bits(transposed):
+    """Tiles (2, 2, 1, 1): 4 warps as 2 x 2, CTA 32 x 32, so the warp offsets of the
+    staged epilogue (rows wr·16, columns wc·16) and the word roles of 128 threads are
+    exercised (the 1-warp simulator tiles have none); one stage, a partial row tile (22
+    of 32 rows) and a second column tile 4 wide."""
+    tiles = (2, 2, 1, 1)
+    Mq, Mk, W = (22, 24, 36) if not transposed else (23, 24, 36)
+    n_out, n_in = 22, 23
+    bmap, bits, values, out = _bf16_problem(1, 1, Mq, Mk, W, n_out, n_in, transposed, seed=7)
+    want = ("cols" if transposed else "rows", 4)
+    assert marginal_tc.v2_variant(True, tiles, 32, transposed, bmap, out, W) == want
+    ref, got = _present_and_v2(bmap, bits, out, transposed, n_out, n_in, True, True, tiles)
+    _check_bf16(got, bmap, values, transposed, n_out, n_in)
     _same_bits(ref, got)
 
 
