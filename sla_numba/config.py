@@ -28,7 +28,8 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             (H200: 0.74 ms instead of 1.37 ms at the Wan2.1 shape).
                             ``auto``: bf16 for bf16 inputs, fp32 for fp16 inputs
                             (the rule of ``SLA_NUMBA_STATES``).
-``SLA_NUMBA_MARGINAL``      ``pipelined`` (default) | ``registers`` | ``wgmma``: the
+``SLA_NUMBA_MARGINAL``      ``pipelined`` (default) | ``registers`` | ``wgmma`` |
+                            ``pipelined_v2``: the
                             tensor-core marginal-sum kernel for bf16 states
                             (``gpu/tc/marginal.py``): the ``cp.async`` ring of several
                             k-steps per barrier, or the register-staged kernel (same
@@ -36,7 +37,11 @@ is a ``ValueError`` naming the variable; unset or empty means the default.
                             or (opt-in) Hopper's warpgroup MMA
                             (``gpu/tc/marginal_wgmma.py``; compute capability 9.0
                             only, elsewhere the pipelined kernel; equal to fp32
-                            rounding, not bit for bit). fp32 states always take the
+                            rounding, not bit for bit), or (opt-in)
+                            ``pipelined_v2``: the pipelined kernel with its map
+                            loaded as int32 words and its results staged through
+                            shared memory into 16-byte stores (same bits; not yet
+                            timed on a GPU). fp32 states always take the
                             register kernel.
 ``SLA_NUMBA_LINEAR``        ``auto`` (default) | ``pipelined`` | ``registers`` |
                             ``wgmma``: the tensor-core kernel of the linear branch's
@@ -171,7 +176,7 @@ TORCH_OPS = ("auto", "always")
 STATES_DTYPES = ("auto", "fp32", "bf16")
 GRAD_STATES_VAR = "SLA_NUMBA_GRAD_STATES"
 GRAD_STATES_DTYPES = ("auto", "fp32", "bf16")
-MARGINAL_KERNELS = ("pipelined", "registers", "wgmma")
+MARGINAL_KERNELS = ("pipelined", "registers", "wgmma", "pipelined_v2")
 LINEAR_KERNELS = ("auto", "pipelined", "registers", "wgmma")
 LINEAR_GRAD_KERNELS = ("pipelined", "registers", "wgmma")
 SPARSE_BWD_KERNELS = ("sync", "pipelined")
@@ -249,7 +254,8 @@ def bf16_states(kind):
 
 
 def marginal_kernel():
-    """``SLA_NUMBA_MARGINAL``: 'pipelined' (unset or empty), 'registers' or 'wgmma'."""
+    """``SLA_NUMBA_MARGINAL``: 'pipelined' (unset or empty), 'registers', 'wgmma' or
+    'pipelined_v2'."""
     return _choice(MARGINAL_VAR, MARGINAL_KERNELS)
 
 

@@ -15,7 +15,7 @@ wheels) and reports ptxas's register count and spill bytes.
 Exit status 1 on a mismatch.
 
 ``--only NAME[,NAME]`` checks only some kernels (forward, backward, sparse_bwd (the
-pipelined sparse backward), marginal, states, linear, linear_grad, linear_wgmma (the
+pipelined sparse backward), marginal (with its v2 variants), marginal_v2 (those only), states, linear, linear_grad, linear_wgmma (the
 Hopper kernel of ``tc/linear_wgmma.py``: compiled for sm_90a, its wgmma counted),
 linear_grad_wgmma. ``linear_grad_wgmma`` (the Hopper dk / dv kernel,
 ``tc/linear_backward_wgmma.py``) compiles for ``sm_90a`` and counts its wgmma; only
@@ -117,10 +117,11 @@ def compile_sm90(fn, sig):
     return ptx
 
 
-def check(name, fn, sig, want, want_cp=None, want_ld4=None):
+def check(name, fn, sig, want, want_cp=None, want_ld4=None, want_re=None):
     """Compile ``fn`` (a kernel, with its own fast-math flags) for sm_90 and compare its
     mma.sync / ldmatrix counts with ``want`` (and its cp.async copies with ``want_cp``
-    when given); no ``.local`` allowed."""
+    when given; ``want_re``: {label: (regex, predicate of its count)}, each printed);
+    no ``.local`` allowed."""
     t0, c0 = time.time(), time.process_time()
     ptx = compile_sm90(fn, sig)
     info = ptxas_info(ptx)
@@ -133,11 +134,17 @@ def check(name, fn, sig, want, want_cp=None, want_ld4=None):
     ok = got_mma == want_mma and got_ld == want_ld and local == 0
     ok &= want_cp is None or got_cp == want_cp
     ok &= want_ld4 is None or got_ld4 == want_ld4
+    extra = ""
+    for label, (rx, pred) in (want_re or {}).items():
+        n = len(re.findall(rx, ptx))
+        ok &= bool(pred(n))
+        extra += f" {label} {n}"
     print(
         f"{name:38s} mma {got_mma:4d}/{want_mma:<4d} ldmatrix {got_ld:4d}/{want_ld:<4d} "
         f"cp.async {got_cp:3d}"
         + ("" if want_cp is None else f"/{want_cp:<3d}")
         + ("" if want_ld4 is None else f" ld.v4 {got_ld4:2d}/{want_ld4:<2d}")
+        + extra
         + f" .local {local:2d} "
         + (f"regs {info[0]:3d} spill {info[1]:3d}/{info[2]:<3d} " if info else "")
         + f"{time.time() - t0:5.1f}s (cpu {time.process_time() - c0:5.1f}s) "
@@ -183,6 +190,8 @@ def main():
         ok &= check_sparse_bwd(configs)
     if wanted("marginal"):
         ok &= check_marginal()
+    if wanted("marginal") or wanted("marginal_v2"):
+        ok &= check_marginal_v2()
     if wanted("states"):
         ok &= check_states(quick)
     if wanted("linear"):
@@ -257,6 +266,50 @@ def check_marginal():
             sigp,
             marginal_tc.ops_per_stage_pipelined(tl, kb),
             want_cp=npass * stages,
+        )
+    return ok
+
+
+#: PTX patterns of the v2 variants: the map's byte loads, its word loads, the 16-byte
+#: output stores (``ptx.stg_v4_f32``), scalar fp32 output stores.
+_MAP_BYTE = r"ld\.global(?:\.nc)?\.[us]8"
+_MAP_WORD = r"ld\.global(?:\.nc)?\.[us]32"
+_ST_V4 = r"st\.global\.v4\.f32"
+_ST_F32 = r"st\.global\.f32"
+
+
+def check_marginal_v2():
+    """The v2 variants of the pipelined marginal kernel (``map_load`` / ``out_store``,
+    ``SLA_NUMBA_MARGINAL=pipelined_v2``), GPU pipelined tiles: the same mma / ldmatrix /
+    cp.async counts as the present kernel; map words: no byte loads left; staged
+    epilogue with 16-byte stores: no scalar fp32 stores left (and some v4 ones)."""
+    from numba import int8
+
+    from sla_numba.gpu.tc import marginal as marginal_tc
+
+    i8, i16, i32, f32 = int8[::1], int16[::1], int32[::1], float32[::1]
+    kb, stages, tl = marginal_tc.PIPE_KB, marginal_tc.PIPE_STAGES, marginal_tc.GPU_PIPE_TILES
+    ok = True
+    for map_load, out_store in (("rows", 4), ("cols", 4), ("rows", 0), ("bytes", 4), ("cols", 1)):
+        m = i8 if map_load == "bytes" else i32
+        sig = (m, int64, int64, int64, int64, int64, i16, int64, f32, int64, int64)
+        kern = marginal_tc.make_marginal_kernel_pipelined(
+            tl, kb, stages, 16, None, map_load, out_store
+        ).kernel
+        npass = marginal_tc.pipelined_geometry(tl, kb, stages, 16)["NPASS"]
+        want_re = {
+            "ld.u8": (_MAP_BYTE, (lambda n: n > 0) if map_load == "bytes" else (lambda n: n == 0)),
+            "ld.u32": (_MAP_WORD, lambda n: True),
+            "st.v4": (_ST_V4, (lambda n: n > 0) if out_store == 4 else (lambda n: n == 0)),
+            "st.f32": (_ST_F32, (lambda n: n == 0) if out_store == 4 else (lambda n: n > 0)),
+        }
+        ok &= check(
+            f"marginal v2 map={map_load} out={out_store}",
+            kern,
+            sig,
+            marginal_tc.ops_per_stage_pipelined(tl, kb),
+            want_cp=npass * stages,
+            want_re=want_re,
         )
     return ok
 

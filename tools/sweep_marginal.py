@@ -14,6 +14,13 @@ and beside it the pipelined bf16-states kernel (``SLA_NUMBA_MARGINAL=pipelined``
 ring, ``kb`` c-values per barrier) for each ``--pipe KB,STAGES[,MIN_CTAS]`` (and for the
 tile configurations of ``--pipe-tiles``), each compared bit for bit with the register
 kernel's output.
+
+``--v2``: instead, the pipelined kernel's v2 variants (``SLA_NUMBA_MARGINAL=pipelined_v2``,
+module doc of ``gpu/tc/marginal.py``) against the present pipelined kernel, for row and
+column sums: the present kernel (timed twice: first and last, the run's noise), the map as
+int32 words only, the staged epilogue only, both; each output compared bit for bit with
+the present kernel's, and the cuBLAS floor. Usage:
+``PYTHONPATH=. python tools/sweep_marginal.py --v2 [--reps 50]``.
 """
 
 import argparse
@@ -38,8 +45,65 @@ CANDIDATES = [
 ]
 
 
+def main_v2(args):
+    """Present pipelined kernel vs its v2 variants at the Wan2.1 sizes (see the doc)."""
+    M, W = args.blocks, args.d * args.d + args.d
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = torch.rand(1, args.bh, M, M, device="cuda", generator=g)
+    bmap = torch.zeros(1, args.bh, M, M, dtype=torch.int8, device="cuda")
+    bmap[r < 0.05] = 1
+    bmap[r > 0.90] = -1
+    bits = (torch.randn(1, args.bh, M, W, device="cuda", generator=g) * 0.1).bfloat16()
+    bits = bits.view(torch.int16)
+    vm, vs = device_view(bmap), device_view(bits)
+    print(
+        f"B*H={args.bh} Mq=Mk={M} W={W}; marginal fraction {(bmap == 0).float().mean():.3f}; "
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    )
+    variants = [
+        ("present", False),
+        ("v2 map words", (True, False)),
+        ("v2 staged epilogue", (False, True)),
+        ("v2 both", True),
+        ("present (again)", False),
+    ]
+    for transposed in (False, True):
+        ref = None
+        for name, v2 in variants:
+            out = torch.full((1, args.bh, M, W), float("nan"), device="cuda")
+            vo = device_view(out)
+
+            def run(v2=v2, vo=vo, transposed=transposed):
+                tcm.launch_marginal_sum_tc(0, vm, transposed, M, M, vs, vo, pipeline=True, v2=v2)
+
+            ms = cuda_time(run, args.reps)
+            variant = (
+                tcm.v2_variant(v2, tcm.PIPE_TILES, tcm.PIPE_KB, transposed, bmap, out, W)
+                if v2 is not False
+                else ("bytes", 0)
+            )
+            if ref is None:
+                ref = out
+            same = (
+                "same bits"
+                if torch.equal(out.view(torch.int32), ref.view(torch.int32))
+                else "DIFFERENT"
+            )
+            print(
+                f"{'column' if transposed else 'row'} sums, {name:20s} (map {variant[0]}, "
+                f"out_store {variant[1]}): {ms:.3f} ms ({same} as present; "
+                f"finite {bool(torch.isfinite(out).all())})"
+            )
+    m16 = (bmap == 0).to(torch.bfloat16).reshape(args.bh, M, M)
+    s16 = bits.view(torch.bfloat16).reshape(args.bh, M, W)
+    floor = cuda_time(lambda: torch.bmm(m16, s16), args.reps)
+    floor_t = cuda_time(lambda: torch.bmm(m16.transpose(1, 2), s16), args.reps)
+    print(f"cuBLAS floor torch.bmm bf16: row sums {floor:.3f} ms, column sums {floor_t:.3f} ms")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--v2", action="store_true", help="the pipelined kernel's v2 variants")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--bh", type=int, default=12)
     ap.add_argument("--blocks", type=int, default=512)
@@ -58,6 +122,9 @@ def main():
         help="tile configurations WR,WC,MT,NP for the pipelined kernel",
     )
     args = ap.parse_args()
+    if args.v2:
+        main_v2(args)
+        return
     cands = [tuple(int(x) for x in t.split(",")) for t in args.tiles] if args.tiles else CANDIDATES
     M, W = args.blocks, args.d * args.d + args.d
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -163,6 +163,52 @@ compares the bits). Shared memory for the GPU tiles: (3 x 32 x 136 + 2 x 64 x 40
 is deferred (``ptx``): a copy lands only at the wait that covers it, so reading a
 stage before its wait, or waiting on the wrong group count, gives wrong bits there too.
 
+v2: the map and the results off the L1/TEX pipe (``SLA_NUMBA_MARGINAL=pipelined_v2``)
+--------------------------------------------------------------------------------
+Why. At the Wan2.1 sizes the pipelined kernel takes 0.80 ms where cuBLAS takes 0.18-0.20
+(H200, session 9), and a wgmma rewrite was no faster: the tensor-core instruction is not
+the limit. Nsight Compute (``tools/ncu_marginal.py``) names the busiest unit: L1/TEX at
+69.6 % of its peak (L2 51.8 %, SM compute 37.6 %, L1 hit rate 47.7 %, 10.2 cycles per
+issued instruction, 2 CTAs per SM). Two streams of small accesses go through that pipe
+besides the ``cp.async`` of S: the map, one byte per load (8 loads per thread and stage
+for the GPU tiles), and the epilogue, 64 scalar fp32 stores per thread, each warp
+instruction touching 8 rows.
+
+What. Two opt-in variants of the same kernel (``make_marginal_kernel_pipelined(...,
+map_load, out_store)``; the launcher's ``v2``), each where the data allow it:
+
+- Map words (``map_load`` "rows" / "cols"; Mk % 4 == 0 and a 4-byte aligned map). The
+  kernel reads the map through its int32 view. Row sums: word q = tid + NT·p of a stage
+  is row q // (kb/4), c-values 4(q % (kb/4)) .. + 3: one load, two bf16 pairs (2 loads
+  per thread and stage instead of 8; consecutive threads read consecutive words of a
+  row). Column sums (M[r, c] = bmap[c, r]): a word holds 4 consecutive *rows* r at one c,
+  so each thread loads two words, at c and c + 1, and byte j of the two gives the pair
+  (M[r + j, c], M[r + j, c + 1]): the transposition happens in registers, 4 int32 stores
+  into the M buffer (no bank conflicts: consecutive threads take consecutive c pairs).
+  Bytes past n_in / n_out are set to 1 (not marginal) after the load; words wholly
+  outside are not loaded. Why not a pre-pass kernel writing the map transposed (or as a
+  bf16 0/1 matrix for ``cp.async``): it needs a workspace the interface does not have
+  (3 MB at the Wan2.1 sizes, 6 MB as bf16) and a second launch per call, and the
+  register transposition above already cuts the column sums' map loads by the same
+  factor as the row sums'. (Its global loads each touch 16 bmap rows, 8 bytes each: if
+  ncu shows them as the limit, the pre-pass is the next step.)
+- Staged epilogue (``out_store`` 4 / 1). After the k-loop, ``cp.async.wait_group(0)`` and
+  a barrier free the ring; then per m-tile each warp writes its fp32 fragments into a
+  (WR·16) x (WT + 8) buffer over the ring (8-byte ``st.shared.v2``; the pad of 8 keeps a
+  half-warp's stores in 32 distinct banks), a barrier, and the CTA stores the buffer along
+  w: each thread 4 consecutive columns with one 16-byte ``st.global.v4`` (W % 4 == 0
+  and a 16-byte aligned ``out``; else one column, consecutive threads on consecutive
+  columns), rows < n_out and columns < W only; a barrier before the next m-tile. The
+  buffer (33 KiB for the GPU tiles) fits in the ring (59.5 KiB): shared memory and
+  occupancy unchanged; registers 126 / 120 (rows / cols) against 126, no spills
+  (``tools/check_tc_ptx.py --only marginal_v2``).
+
+Same bits: the M buffer holds the same bf16 values (the bytes only arrive differently)
+and the accumulators are the same fragments of the same mma sequence (the epilogue only
+moves them), so every output has the bits of the present kernel
+(``tests/gpu/tc/test_tc_marginal_v2.py``). Not yet measured on a GPU:
+``tools/sweep_marginal.py --v2`` times present vs each variant vs cuBLAS.
+
 Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
 
     import numpy as np
@@ -177,7 +223,7 @@ Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``)::
 from collections import namedtuple
 
 import numpy as np
-from numba import cuda, float32, int16, int32, uint64
+from numba import cuda, float32, int16, int32, int64, uint64
 
 from ... import config
 from .. import _compat
@@ -191,11 +237,14 @@ from .ptx import (
     cp_async_commit,
     cp_async_wait_group,
     cp_async_zfill,
+    lds_v4_f32,
     ldsm_x4,
     ldsm_x4_trans,
     mma_bf16,
     pack_bf16x2,
     smem_addr,
+    stg_v4_f32,
+    sts_v2_f32,
 )
 
 Tiles = namedtuple("Tiles", "WR WC MT NP")
@@ -554,8 +603,21 @@ PIPE_STAGES = 3
 CHUNKS = (16, 8, 4)  # cp.async sizes, bytes
 
 
-def pipelined_geometry(tiles, kb=PIPE_KB, stages=PIPE_STAGES, chunk=16):
-    """Derived sizes of the pipelined kernel (a dict; elements unless *_BYTES)."""
+#: How the pipelined kernel's map arrives (``map_load``): bytes (the present path),
+#: int32 words of 4 c-values of one row (row sums), or pairs of int32 words of 4 rows
+#: at two c-values (column sums).
+MAP_LOADS = ("bytes", "rows", "cols")
+#: How its results leave (``out_store``): 0 the fragments straight to global memory,
+#: 1 / 4 staged in shared memory, then 4- / 16-byte stores along w.
+OUT_STORES = (0, 1, 4)
+EPAD = 8  # fp32 pad per row of the staged epilogue
+
+
+def pipelined_geometry(
+    tiles, kb=PIPE_KB, stages=PIPE_STAGES, chunk=16, map_load="bytes", out_store=0
+):
+    """Derived sizes of the pipelined kernel (a dict; elements unless *_BYTES).
+    ``map_load`` / ``out_store``: the v2 variants (module doc, "v2")."""
     WR, WC, MT, NP = tiles
     RT, WT = WR * 16 * MT, WC * 16 * NP
     NT = 32 * WR * WC
@@ -575,11 +637,27 @@ def pipelined_geometry(tiles, kb=PIPE_KB, stages=PIPE_STAGES, chunk=16):
             f"threads % (WT/{V}) == 0, kb % (threads / (WT/{V})) == 0, "
             f"(RT/8)(kb/8) % warps == 0 and one of RT/8, (RT/8)(kb/8)/warps dividing the other"
         )
+    if map_load not in MAP_LOADS or out_store not in OUT_STORES:
+        raise ValueError(
+            f"pipelined marginal: map_load={map_load!r} must be one of {MAP_LOADS}, "
+            f"out_store={out_store!r} one of {OUT_STORES}"
+        )
+    # map words per thread and stage: RT x kb/4 words (rows), RT/4 x kb/2 word pairs (cols)
+    units = RT * kb // (4 if map_load == "rows" else 8)
+    NWP = units // NT if units % NT == 0 else 0
+    if map_load != "bytes" and NWP == 0:
+        raise ValueError(
+            f"tiles {tuple(tiles)}, kb={kb}: map_load={map_load!r} needs the {units} map "
+            f"words (pairs) of a stage to divide among {NT} threads"
+        )
     RPP = NT // CPR  # S rows copied per pass
     SW = WT + PAD
     MWK = kb + PAD  # M buffer row stride (bf16)
     SLOT = kb * SW  # one S stage
     MBUF = RT * MWK  # one M buffer
+    ES = WT + EPAD  # staged epilogue: fp32 row stride; WR*16 rows (one m-tile a warp)
+    EPI_BYTES = WR * 16 * ES * 4 if out_store else 0
+    RING_BYTES = (stages * SLOT + 2 * MBUF) * 2
     return dict(
         RT=RT,
         WT=WT,
@@ -595,7 +673,10 @@ def pipelined_geometry(tiles, kb=PIPE_KB, stages=PIPE_STAGES, chunk=16):
         KS=kb // KSTEP,
         SLOT=SLOT,
         MBUF=MBUF,
-        SMEM_BYTES=(stages * SLOT + 2 * MBUF) * 2,
+        NWP=max(NWP, 1),
+        ES=ES,
+        NE=(WR * 16 * WT) // (max(out_store, 1) * NT),
+        SMEM_BYTES=max(RING_BYTES, EPI_BYTES),
     )
 
 
@@ -623,9 +704,156 @@ def _issue_stage(smem, st, states, g, c, n_in, wok, W, npass, rpp, pass_bytes, c
         )
 
 
+# --- v2: the map as int32 words, the staged epilogue (module doc, "v2") ---------------
+
+#: A word's byte k set to 1 (not marginal): the bytes past n_in / n_out of a word.
+BYTE1_1, BYTE1_2, BYTE1_3 = np.int32(0x100), np.int32(0x10000), np.int32(0x1000000)
+ALL_NOT_MARGINAL = np.int32(0x01010101)
+
+
+@_compat.device(**_INLINE)
+def _mask_word(w, left):
+    """Word ``w`` with its bytes k >= ``left`` (1..4 valid bytes) set to 1 (not marginal)."""
+    if left < 4:
+        w = int32(w | BYTE1_3)
+    if left < 3:
+        w = int32(w | BYTE1_2)
+    if left < 2:
+        w = int32(w | BYTE1_1)
+    return w
+
+
+@_compat.device(**_INLINE)
+def _pair(lo, hi):
+    """bf16 pair (1.0 where the byte is 0 = marginal, else 0) of two map bytes."""
+    return int32((BF16_ONE_LO if lo == 0 else ZI) | (BF16_ONE_HI if hi == 0 else ZI))
+
+
+@_compat.device(**_INLINE)
+def _prefetch_map_rows(ws, bmap32, cn, n_in, n_out, base, tid, r0, rs, nt, kw, nwp):
+    """Row sums: this thread's map words of the stage at ``cn``: word q = tid + nt·p is
+    row q // kw, c-values cn + 4(q % kw) .. + 3 (one int32 of a bmap row; ``base`` the
+    element offset of M[r0, 0]). Bytes past n_in read as not marginal."""
+    for p in range(nwp):
+        q = tid + nt * p
+        row = q // kw
+        c = cn + (q - row * kw) * 4
+        if r0 + row < n_out and c < n_in:
+            ws[p, 0] = _mask_word(bmap32[u64((base + row * rs + c) >> 2)], n_in - c)
+        else:
+            ws[p, 0] = ALL_NOT_MARGINAL
+
+
+@_compat.device(**_INLINE)
+def _store_map_rows(smem32, ws, sm, tid, nt, kw, mwk, nwp):
+    """The words of :func:`_prefetch_map_rows` as two bf16 pairs each into the M buffer
+    (int32 index ``sm`` of its row 0, column 0; row stride ``mwk`` bf16)."""
+    for p in range(nwp):
+        q = tid + nt * p
+        row = q // kw
+        i = sm + (row * mwk + (q - row * kw) * 4) // 2
+        w = ws[p, 0]
+        smem32[i] = _pair(w & 0xFF, (w >> 8) & 0xFF)
+        smem32[i + 1] = _pair((w >> 16) & 0xFF, (w >> 24) & 0xFF)
+
+
+@_compat.device(**_INLINE)
+def _prefetch_map_cols(ws, bmap32, cn, n_in, n_out, base, tid, r0, cs, nt, ku, nwp):
+    """Column sums (M[r, c] = bmap[c, r]): unit q = tid + nt·p is rows 4(q // ku) .. + 3
+    at c-values cn + 2(q % ku) and + 1: two int32 words, each 4 consecutive bytes of one
+    bmap row (``base`` the element offset of M[r0, 0]). Bytes past n_out and words past
+    n_in read as not marginal."""
+    for p in range(nwp):
+        q = tid + nt * p
+        ru = (q // ku) * 4
+        c = cn + (q - (q // ku) * ku) * 2
+        rok = r0 + ru < n_out
+        for k in range(2):
+            if rok and c + k < n_in:
+                ws[p, k] = _mask_word(bmap32[u64((base + ru + (c + k) * cs) >> 2)], n_out - r0 - ru)
+            else:
+                ws[p, k] = ALL_NOT_MARGINAL
+
+
+@_compat.device(**_INLINE)
+def _store_map_cols(smem32, ws, sm, tid, nt, ku, mwk, nwp):
+    """The word pairs of :func:`_prefetch_map_cols` into the M buffer: byte j of the two
+    words is the pair (M[ru + j, c], M[ru + j, c + 1]), 4 int32 stores (one per row)."""
+    for p in range(nwp):
+        q = tid + nt * p
+        ru = (q // ku) * 4
+        i = sm + (ru * mwk + (q - (q // ku) * ku) * 2) // 2
+        w0 = ws[p, 0]
+        w1 = ws[p, 1]
+        for j in range(4):
+            smem32[i + j * (mwk // 2)] = _pair((w0 >> (8 * j)) & 0xFF, (w1 >> (8 * j)) & 0xFF)
+
+
+@_compat.device(**_INLINE)
+def _store_out_staged(
+    out,
+    acc,
+    smemf,
+    tid,
+    lane,
+    r0,
+    wr,
+    wc,
+    w0,
+    bh,
+    o_rows,
+    W,
+    n_out,
+    mt_n,
+    nn,
+    np_,
+    es,
+    wt,
+    nt,
+    ne,
+    vec,
+):
+    """Staged epilogue: per m-tile mt, every warp writes its D fragments of mt into the
+    fp32 buffer E (WR·16 rows x ``es``; warp (wr, wc) at rows wr·16.., columns
+    wc·16·NP..), then the CTA stores E along w: ``vec`` (4 or 1) consecutive columns per
+    thread, consecutive threads on consecutive columns, rows < n_out and columns < W
+    only. Call after a barrier that ends every read of the shared memory it reuses."""
+    g = lane >> 2
+    t2 = (lane & 3) * 2
+    fb = (wr * 16 + g) * es + wc * 16 * np_ + t2  # this lane's first fragment element
+    cpr = wt // vec  # threads per row of E
+    for mt in range(mt_n):
+        for h in range(2):
+            for n in range(nn):
+                sts_v2_f32(
+                    smemf, int64(fb + 8 * h * es + 8 * n), acc[mt, n, 2 * h], acc[mt, n, 2 * h + 1]
+                )
+        cuda.syncthreads()
+        for p in range(ne):
+            q = tid + nt * p
+            er = q // cpr
+            ec = (q - er * cpr) * vec
+            r = r0 + (er >> 4) * 16 * mt_n + 16 * mt + (er & 15)
+            w = w0 + ec
+            if r < n_out and w < W:  # vec 4: W % 4 == 0, so w < W covers w + 3
+                ob = (bh * o_rows + r) * W + w
+                if vec == 4:
+                    a, b, c, d = lds_v4_f32(smemf, int64(er * es + ec))
+                    stg_v4_f32(out, int64(ob), a, b, c, d)
+                else:
+                    out[u64(ob)] = smemf[er * es + ec]
+        cuda.syncthreads()  # E is read before the next m-tile overwrites it
+
+
 @kernel_factory
 def make_marginal_kernel_pipelined(
-    tiles=GPU_TILES, kb=PIPE_KB, stages=PIPE_STAGES, chunk=16, min_blocks=None
+    tiles=GPU_TILES,
+    kb=PIPE_KB,
+    stages=PIPE_STAGES,
+    chunk=16,
+    min_blocks=None,
+    map_load="bytes",
+    out_store=0,
 ):
     """Build ``marginal_sum_tc_pipelined`` (bf16 states only; module doc, "The pipelined
     kernel"): ``kb`` c-values per stage, a ring of ``stages`` stages, S copied in
@@ -633,13 +861,19 @@ def make_marginal_kernel_pipelined(
     ``min_blocks``: ask ptxas for that many resident CTAs per SM (``launch_bounds``; it
     caps the registers, e.g. 4 CTAs of 128 threads: 128 registers), None: no bound.
 
+    The v2 variants (module doc, "v2"; same bits): ``map_load`` "bytes" (one map byte
+    per load), "rows" (row sums: ``bmap`` is the map's flat int32 view, Mk % 4 == 0) or
+    "cols" (column sums, the same view); ``out_store`` 0 (fragments straight to
+    global memory), 1 or 4 (staged in shared memory, then 4- or 16-byte stores along w;
+    4 needs W % 4 == 0 and a 16-byte aligned ``out``).
+
     Same arguments as :func:`make_marginal_kernel`'s kernel except ``states``: the bf16
     bits as a flat int16 array (B*H, s_rows, W), W even. Same bits as
     ``make_marginal_kernel(tiles, s_bf16=True)``. Returns a :class:`MarginalKernel`.
     """
     tiles = Tiles(*tiles)
     WR, WC, MT, NP = tiles
-    P = pipelined_geometry(tiles, kb, stages, chunk)
+    P = pipelined_geometry(tiles, kb, stages, chunk, map_load, out_store)
     RT, WT, NT, SW, MWK, V, CPR = (P[k] for k in ("RT", "WT", "NT", "SW", "MWK", "V", "CPR"))
     RPP, NPASS, NMP, RG, KS, SLOT, MBUF = (
         P[k] for k in ("RPP", "NPASS", "NMP", "RG", "KS", "SLOT", "MBUF")
@@ -656,6 +890,10 @@ def make_marginal_kernel_pipelined(
     ALIGNED = not SIMULATED
     bounds = {} if min_blocks is None else {"launch_bounds": (NT, int(min_blocks))}
     MINB = 0 if min_blocks is None else int(min_blocks)
+    MAPL = MAP_LOADS.index(map_load)  # 0 bytes, 1 row words, 2 column word pairs
+    OUTV = int(out_store)  # 0 direct, 1 / 4 staged
+    NWP, ES, NE = P["NWP"], P["ES"], P["NE"]
+    KW, KU = KB // 4, KB // 2  # words per M row (rows), word pairs per 4 M rows (cols)
 
     @_compat.kernel(**bounds)
     def marginal_sum_tc_pipelined(
@@ -665,15 +903,19 @@ def make_marginal_kernel_pipelined(
         _ = MINB
         # [S ring: STAGES x KB x SW][M: 2 x RT x MWK] bf16 (row-major); int32 view for
         # the map's packed pairs
+        # (fp32 view: the staged epilogue's buffer, over the ring once it is done)
         if ALIGNED:
             smem = cuda.shared.array(0, int16, alignment=16)
             smem32 = cuda.shared.array(0, int32, alignment=16)
+            smemf = cuda.shared.array(0, float32, alignment=16)
         else:
             smem = cuda.shared.array(0, int16)
             smem32 = cuda.shared.array(0, int32)
+            smemf = cuda.shared.array(0, float32)
         acc = cuda.local.array((MT, NN, 4), float32)  # D fragments
         af = cuda.local.array((MT, 4), int32)  # A fragments of a k-step
         ys = cuda.local.array((NMP, 2), int32)  # prefetched map bytes (one stage)
+        ws = cuda.local.array((NWP, 2), int32)  # ... or map words (v2)
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -695,6 +937,9 @@ def make_marginal_kernel_pipelined(
         mc = (u // RG) * 8 + (lane >> 3) * 2
         mo = bh * m_size + (r0 + mr) * rs + mc * cs
         ms = (MOFF + mr * MWK + mc) >> 1  # int32 index in M buffer 0
+        # --- v2 map words: element offset of M[r0, 0]; int32 index of M buffer 0
+        mbase = bh * m_size + r0 * rs
+        ms0 = MOFF >> 1
         # --- fragment roles (see make_marginal_kernel)
         fr = (lane & 7) + ((lane >> 3) & 1) * 8
         fc = (lane >> 4) * 8
@@ -723,13 +968,22 @@ def make_marginal_kernel_pipelined(
                     CHUNK,
                 )
             cp_async_commit()
-        _prefetch_map(ys, bmap, 0, n_in, n_out, mo, mr, mc, r0, rs, cs, NMP, RG)
+        if MAPL == 0:
+            _prefetch_map(ys, bmap, 0, n_in, n_out, mo, mr, mc, r0, rs, cs, NMP, RG)
+        elif MAPL == 1:
+            _prefetch_map_rows(ws, bmap, 0, n_in, n_out, mbase, tid, r0, rs, NT, KW, NWP)
+        else:
+            _prefetch_map_cols(ws, bmap, 0, n_in, n_out, mbase, tid, r0, cs, NT, KU, NWP)
         rslot = 0  # the slot of stage it
         wslot = STAGES - 1  # the slot of stage it + STAGES - 1
         for it in range(nst):
             # 1. map of stage it -> M buffer it & 1 (bf16 1.0 where marginal, else 0)
-            sm = (it & 1) * MBUF32 + ms
-            _store_map(smem32, ys, sm, MWK, NMP, RG)
+            if MAPL == 0:
+                _store_map(smem32, ys, (it & 1) * MBUF32 + ms, MWK, NMP, RG)
+            elif MAPL == 1:
+                _store_map_rows(smem32, ws, (it & 1) * MBUF32 + ms0, tid, NT, KW, MWK, NWP)
+            else:
+                _store_map_cols(smem32, ws, (it & 1) * MBUF32 + ms0, tid, NT, KU, MWK, NWP)
             # 2. this thread's copies of stage it landed; the barrier: everyone's landed
             #    and are visible, and every warp is done with iteration it - 1
             cp_async_wait_group(WAIT)
@@ -754,7 +1008,13 @@ def make_marginal_kernel_pipelined(
             cp_async_commit()  # one group per iteration, empty or not
             wslot = wslot + 1 if wslot + 1 < STAGES else 0
             # 4. map bytes of stage it + 1 (in flight during the mma below)
-            _prefetch_map(ys, bmap, it * KB + KB, n_in, n_out, mo, mr, mc, r0, rs, cs, NMP, RG)
+            cn1 = it * KB + KB
+            if MAPL == 0:
+                _prefetch_map(ys, bmap, cn1, n_in, n_out, mo, mr, mc, r0, rs, cs, NMP, RG)
+            elif MAPL == 1:
+                _prefetch_map_rows(ws, bmap, cn1, n_in, n_out, mbase, tid, r0, rs, NT, KW, NWP)
+            else:
+                _prefetch_map_cols(ws, bmap, cn1, n_in, n_out, mbase, tid, r0, cs, NT, KU, NWP)
             # 5. tensor cores over the KS k-steps of stage it (those with c < n_in)
             lak = la + (it & 1) * MBUF_BYTES
             lbk = lb + rslot * SLOT_BYTES
@@ -767,9 +1027,36 @@ def make_marginal_kernel_pipelined(
                             _mma_tile(acc, af, mt, 2 * j, h0, h1)
                             _mma_tile(acc, af, mt, 2 * j + 1, h2, h3)
             rslot = rslot + 1 if rslot + 1 < STAGES else 0
-        _store_out(  # epilogue
-            out, acc, lane, r0, wr * 16 * MT, w0, wc * 16 * NP, bh, o_rows, W, n_out, MT, NN
-        )
+        if OUTV == 0:  # epilogue: fragments straight to global memory
+            _store_out(
+                out, acc, lane, r0, wr * 16 * MT, w0, wc * 16 * NP, bh, o_rows, W, n_out, MT, NN
+            )
+        else:  # staged: the ring becomes the buffer once every copy landed and was read
+            cp_async_wait_group(0)
+            cuda.syncthreads()
+            _store_out_staged(
+                out,
+                acc,
+                smemf,
+                tid,
+                lane,
+                r0,
+                wr,
+                wc,
+                w0,
+                bh,
+                o_rows,
+                W,
+                n_out,
+                MT,
+                NN,
+                NP,
+                ES,
+                WT,
+                NT,
+                NE,
+                OUTV,
+            )
 
     return MarginalKernel(marginal_sum_tc_pipelined, P["SMEM_BYTES"], NT)
 
@@ -788,11 +1075,26 @@ def get_marginal_kernel(tiles=TILES, s_bf16=False):
 
 
 def get_marginal_kernel_pipelined(
-    tiles=PIPE_TILES, kb=PIPE_KB, stages=PIPE_STAGES, chunk=16, min_blocks=None
+    tiles=PIPE_TILES,
+    kb=PIPE_KB,
+    stages=PIPE_STAGES,
+    chunk=16,
+    min_blocks=None,
+    map_load="bytes",
+    out_store=0,
 ):
     """The pipelined :class:`MarginalKernel` (bf16 states; built once per process)."""
     mb = None if min_blocks is None else int(min_blocks)
-    key = ("pipelined", Tiles(*tiles), int(kb), int(stages), int(chunk), mb)
+    key = (
+        "pipelined",
+        Tiles(*tiles),
+        int(kb),
+        int(stages),
+        int(chunk),
+        mb,
+        str(map_load),
+        int(out_store),
+    )
     k = _kernels.get(key)
     if k is None:
         k = _kernels[key] = make_marginal_kernel_pipelined(*key[1:])
@@ -815,8 +1117,31 @@ def chunk_bytes(states, W):
     return CHUNKS[-1]
 
 
+def v2_variant(v2, tiles, kb, transposed, bmap, out, W):
+    """``(map_load, out_store)`` of the pipelined kernel for the launcher's ``v2``: a
+    pair ``(words, staged)`` of flags (True: both). Each applies where it can, else the
+    present path: map words need Mk % 4 == 0, a 4-byte aligned map and tiles whose stage
+    has a whole number of words per thread; 16-byte stores need W % 4 == 0 and a 16-byte
+    aligned ``out`` (else 4-byte stores)."""
+    words, staged = (True, True) if v2 is True else (bool(v2[0]), bool(v2[1]))
+    map_load, out_store = "bytes", 0
+    if words:
+        addr = address(bmap)
+        want = "cols" if transposed else "rows"
+        if int(bmap.shape[3]) % 4 == 0 and addr is not None and addr % 4 == 0:
+            try:
+                pipelined_geometry(Tiles(*tiles), kb, map_load=want)
+                map_load = want
+            except ValueError:
+                pass
+    if staged:
+        addr = address(out)
+        out_store = 4 if W % 4 == 0 and addr is not None and addr % 16 == 0 else 1
+    return map_load, out_store
+
+
 def launch_marginal_sum_tc(
-    stream, bmap, transposed, n_out, n_in, states, out, tiles=None, pipeline=None
+    stream, bmap, transposed, n_out, n_in, states, out, tiles=None, pipeline=None, v2=None
 ):
     """``out[b, h, :n_out] = M · states[b, h, :n_in]`` on tensor cores, on ``stream``.
 
@@ -835,6 +1160,9 @@ def launch_marginal_sum_tc(
     triple ``(kb, stages, min_blocks)`` picks the pipelined kernel's stage size, ring
     depth and launch bound (:func:`make_marginal_kernel_pipelined`). Same bits either way.
     ``tiles`` None: ``TILES`` for the register kernel, ``PIPE_TILES`` for the pipelined one.
+    ``v2`` (pipelined kernel only; module doc, "v2"): None follows ``SLA_NUMBA_MARGINAL``
+    (``pipelined_v2``: both variants), False none, True both, a pair ``(words, staged)``
+    each variant on its own (:func:`v2_variant`). Same bits either way.
     """
     s_dtype = dtype_name(states)
     if s_dtype not in ("float32", "int16") or dtype_name(out) != "float32":
@@ -868,12 +1196,19 @@ def launch_marginal_sum_tc(
                 )
                 return
         pipeline = choice != "registers"
+    if v2 is None:
+        v2 = config.marginal_kernel() == "pipelined_v2"
     pipelined = s_bf16 and pipeline is not False
     if pipelined:
         tiles = PIPE_TILES if tiles is None else tiles
         kb, stages, *mb = (PIPE_KB, PIPE_STAGES) if pipeline is True else pipeline
         chunk = chunk_bytes(states, W)
-        kern = get_marginal_kernel_pipelined(tiles, kb, stages, chunk, *mb)
+        map_load, out_store = "bytes", 0
+        if v2 is not False:
+            map_load, out_store = v2_variant(v2, tiles, kb, transposed, bmap, out, W)
+        kern = get_marginal_kernel_pipelined(
+            tiles, kb, stages, chunk, (mb or [None])[0], map_load, out_store
+        )
     else:
         tiles = TILES if tiles is None else tiles
         kern = get_marginal_kernel(tiles, s_bf16)
@@ -884,5 +1219,7 @@ def launch_marginal_sum_tc(
     rs, cs = (1, Mk) if transposed else (Mk, 1)
     # bf16: value pairs (register kernel) or the int16 bits (pipelined: cp.async chunks)
     s_flat = (flat(states) if pipelined else int32_pairs(states)) if s_bf16 else flat(states)
-    args = (flat(bmap), Mq * Mk, rs, cs, n_out, n_in, s_flat, s_rows, flat(out), o_rows, W)
+    # the map as bytes, or (v2 map words) as its int32 view: 4 bytes an element
+    m_flat = int32_pairs(bmap) if pipelined and map_load != "bytes" else flat(bmap)
+    args = (m_flat, Mq * Mk, rs, cs, n_out, n_in, s_flat, s_rows, flat(out), o_rows, W)
     _tc_build.launch(kern.kernel, grid, kern.threads, kern.smem_bytes, stream, args)

@@ -914,3 +914,131 @@ if SIMULATED:
     opaque_i32 = _opaque_i32_twin
 else:
     globals().update(_pin_uuids(_build_opaque()))
+
+
+# ---------------------------------------------------------------------------
+# Vector shared / global accesses for the staged epilogue of the marginal sums
+# (``tc/marginal.py``: ``make_marginal_kernel_pipelined(..., out_store=4)``)
+# ---------------------------------------------------------------------------
+#
+# ``sts_v2_f32(smem, off, a, b)``: fp32 ``smem[off : off + 2] = a, b`` in one 8-byte
+# ``st.shared.v2.f32`` (``off`` even); ``lds_v4_f32(smem, off)``: ``smem[off : off + 4]``
+# in one ``ld.shared.v4.f32`` (``off`` a multiple of 4); ``stg_v4_f32(arr, off, a, b, c,
+# d)``: ``arr[off : off + 4] = a, b, c, d`` in one ``st.global.v4.f32`` (``off`` a
+# multiple of 4 from a 16-byte aligned start; the launcher checks the start). ``smem``
+# is an fp32 shared array, ``off`` an element offset. Numba lowers ``arr[i] = x`` to
+# scalar accesses (it cannot prove the alignment a vector access needs): one vector
+# access is one instruction through the L1/TEX pipe where the scalar ones are two or
+# four. The twins check the alignment of ``off`` (relative to the array start).
+
+__all__ += ["sts_v2_f32", "lds_v4_f32", "stg_v4_f32"]
+
+
+def _check_vec(name, off, n):
+    off = int(off)
+    if off % n:
+        raise ValueError(f"{name}: element offset {off} is not {4 * n}-byte aligned")
+    return off
+
+
+def _sts_v2_f32_twin(smem, off, a, b):
+    off = _check_vec("st.shared.v2.f32", off, 2)
+    smem[off], smem[off + 1] = a, b
+
+
+def _lds_v4_f32_twin(smem, off):
+    off = _check_vec("ld.shared.v4.f32", off, 4)
+    return smem[off], smem[off + 1], smem[off + 2], smem[off + 3]
+
+
+def _stg_v4_f32_twin(arr, off, a, b, c, d):
+    off = _check_vec("st.global.v4.f32", off, 4)
+    arr[off], arr[off + 1], arr[off + 2], arr[off + 3] = a, b, c, d
+
+
+def _build_vec_f32():
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
+    str(i32), str(i64), str(f32)  # see _build_intrinsics: fill llvmlite's type-text cache
+
+    def _elt_ptr(context, builder, aryty, ary, off):
+        data = context.make_array(aryty)(context, builder, ary).data
+        return builder.gep(data, [off])
+
+    def _shared32(builder, ptr):
+        sptr = builder.addrspacecast(ptr, ir.PointerType(ptr.type.pointee, addrspace=3))
+        return builder.trunc(builder.ptrtoint(sptr, i64), i32)
+
+    def _call(builder, ret, argtys, text, cons, args):
+        fnty = ir.FunctionType(ret, argtys)
+        return builder.call(ir.InlineAsm(fnty, text, cons, side_effect=True), args)
+
+    @intrinsic
+    def sts_v2_f32(typingctx, smem, off, a, b):
+        sig = types.void(smem, types.int64, types.float32, types.float32)
+
+        def codegen(context, builder, sig, args):
+            ary, o, x, y = args
+            addr = _shared32(builder, _elt_ptr(context, builder, sig.args[0], ary, o))
+            _call(
+                builder,
+                ir.VoidType(),
+                [i32, f32, f32],
+                "st.shared.v2.f32 [$0], {$1,$2};",
+                "r,f,f,~{memory}",
+                [addr, x, y],
+            )
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
+    def lds_v4_f32(typingctx, smem, off):
+        sig = types.UniTuple(types.float32, 4)(smem, types.int64)
+
+        def codegen(context, builder, sig, args):
+            ary, o = args
+            addr = _shared32(builder, _elt_ptr(context, builder, sig.args[0], ary, o))
+            res = _call(
+                builder,
+                ir.LiteralStructType([f32] * 4),
+                [i32],
+                "ld.shared.v4.f32 {$0,$1,$2,$3}, [$4];",
+                "=f,=f,=f,=f,r,~{memory}",
+                [addr],
+            )
+            vals = [builder.extract_value(res, i) for i in range(4)]
+            return context.make_tuple(builder, sig.return_type, vals)
+
+        return sig, codegen
+
+    @intrinsic
+    def stg_v4_f32(typingctx, arr, off, a, b, c, d):
+        sig = types.void(arr, types.int64, *([types.float32] * 4))
+
+        def codegen(context, builder, sig, args):
+            ary, o, *vals = args
+            gint = builder.ptrtoint(_elt_ptr(context, builder, sig.args[0], ary, o), i64)
+            _call(
+                builder,
+                ir.VoidType(),
+                [i64, f32, f32, f32, f32],
+                "{ .reg .u64 ga; cvta.to.global.u64 ga, $0; "
+                "st.global.v4.f32 [ga], {$1,$2,$3,$4}; }",
+                "l,f,f,f,f,~{memory}",
+                [gint, *vals],
+            )
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return {"sts_v2_f32": sts_v2_f32, "lds_v4_f32": lds_v4_f32, "stg_v4_f32": stg_v4_f32}
+
+
+if SIMULATED:
+    sts_v2_f32, lds_v4_f32, stg_v4_f32 = _sts_v2_f32_twin, _lds_v4_f32_twin, _stg_v4_f32_twin
+else:
+    globals().update(_pin_uuids(_build_vec_f32()))
