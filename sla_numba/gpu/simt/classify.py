@@ -226,6 +226,40 @@ def make_pool(NT, U, wide=False):
 
 
 @functools.cache
+def make_score_pass(D, RQ, CPT, NT):
+    """``score_pass(acc, kv, kn, pk, pkbh, pq_s, b, h, j0, t, mk)``: one pass of the
+    score product of ``make_score_select`` and of the fused kernel of
+    ``classify_fused.py``. Thread ``t`` computes, for the RQ staged query rows
+    (``pq_s``, shared, row-major D) and its key blocks ``j = j0 + t + NT*c`` (c < CPT,
+    j < mk), ``acc[r*CPT + c] = Σ_d pq_s[r, d] · pk[b, h, d, j]`` in ascending d, each
+    product and each sum rounded on its own (``mul_rn`` / ``add_rn``: the CPU's exact
+    order, no FMA). The next d's keys load (``kn``) while this d computes (``kv``).
+    ``pkbh = pk[b, h]`` (D, Mk), key blocks contiguous."""
+
+    @kernel(device=True, forceinline=True)  # (inlined: acc, kv, kn stay registers)
+    def score_pass(acc, kv, kn, pk, pkbh, pq_s, b, h, j0, t, mk):
+        for x in range(RQ * CPT):
+            acc[x] = 0.0
+        for c in range(CPT):
+            j = j0 + t + NT * c
+            kn[c] = pk[b, h, 0, j] if j < mk else 0.0
+        for d in range(D):
+            for c in range(CPT):
+                kv[c] = kn[c]
+            if d + 1 < D:  # the next d's keys are loading while this d computes
+                for c in range(CPT):
+                    j = j0 + t + NT * c
+                    if j < mk:  # (unsigned indices: no negative-index code)
+                        kn[c] = pkbh[np.uint64(d + 1), np.uint64(j)]
+            for r in range(RQ):
+                p = pq_s[np.uint64(r * D + d)]
+                for c in range(CPT):  # d ascending, every op rounded on its own
+                    acc[r * CPT + c] = add_rn(acc[r * CPT + c], mul_rn(p, kv[c]))
+
+    return score_pass
+
+
+@functools.cache
 def make_row_select(EPL, LANES):
     """``mark_row(key, top, n_crit, n_skip, mk, block_map, b, h, i)``: a lane group
     (LANES lanes, each holding the keys of key blocks ``lane + LANES*m``, m < EPL)
@@ -370,6 +404,7 @@ def make_score_select(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
     HALF = np.uint64(32)
     neg_inf = np.float64(-np.inf)
     mark_row = make_row_select(EPL, LANES)
+    score_pass = make_score_pass(D, RQ, CPT, NT)
 
     @kernel()
     def score_select(pq, pk, scale, n_crit, n_skip, scores, sbits, block_map):
@@ -393,23 +428,7 @@ def make_score_select(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES):
         kv = cuda.local.array(CPT, np.float64)
         kn = cuda.local.array(CPT, np.float64)
         for j0 in range(0, mk, NT * CPT):
-            for x in range(NACC):
-                acc[x] = 0.0
-            for c in range(CPT):
-                j = j0 + t + NT * c
-                kn[c] = pk[b, h, 0, j] if j < mk else 0.0
-            for d in range(D):
-                for c in range(CPT):
-                    kv[c] = kn[c]
-                if d + 1 < D:  # the next d's keys are loading while this d computes
-                    for c in range(CPT):
-                        j = j0 + t + NT * c
-                        if j < mk:  # (unsigned indices: no negative-index code)
-                            kn[c] = pkbh[np.uint64(d + 1), np.uint64(j)]
-                for r in range(RQ):
-                    p = pq_s[np.uint64(r * D + d)]
-                    for c in range(CPT):  # d ascending, every op rounded on its own
-                        acc[r * CPT + c] = add_rn(acc[r * CPT + c], mul_rn(p, kv[c]))
+            score_pass(acc, kv, kn, pk, pkbh, pq_s, b, h, j0, t, mk)
             for r in range(RQ):
                 if i0 + r < mq:
                     for c in range(CPT):

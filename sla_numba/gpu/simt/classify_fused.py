@@ -53,9 +53,9 @@ import functools
 
 import numpy as np
 
-from .._compat import SIMULATOR, add_rn, cuda, kernel, mul_rn, to_f64
+from .._compat import SIMULATOR, cuda, kernel, mul_rn, to_f64
 from .._precompile import kernel_factory
-from .classify import FAST_LANES, FAST_THREADS, make_row_select
+from .classify import FAST_LANES, FAST_THREADS, make_row_select, make_score_pass
 
 #: Lane groups (pooled blocks) per CTA of the pooling kernel, and rows each lane
 #: loads before adding them (loads in flight).
@@ -225,6 +225,7 @@ def make_score_select_keys(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES, R
     HALF = np.uint64(32)
     neg_inf = np.float64(-np.inf)
     mark_row = make_row_select(EPL, LANES)
+    score_pass = make_score_pass(D, RQ, CPT, NT)
 
     @kernel(device=True)
     def to_key(acc_x, scale):
@@ -272,30 +273,14 @@ def make_score_select_keys(D, RQ, CPT, EPL, NT=FAST_THREADS, LANES=FAST_LANES, R
                 keys[e] = ZERO
         cuda.syncthreads()
 
-        # ---- 2. scores (make_score_select's loop): thread t owns key blocks
-        # j0 + t + NT*c (c < CPT) of every row
+        # ---- 2. scores (make_score_select's pass, classify.make_score_pass): thread t
+        # owns key blocks j0 + t + NT*c (c < CPT) of every row
         acc = cuda.local.array(NACC, np.float64)
         pkbh = pk[b, h]  # (D, Mk)
         kv = cuda.local.array(CPT, np.float64)
         kn = cuda.local.array(CPT, np.float64)
         for j0 in range(0, mk, NT * CPT):
-            for x in range(NACC):
-                acc[x] = 0.0
-            for c in range(CPT):
-                j = j0 + t + NT * c
-                kn[c] = pk[b, h, 0, j] if j < mk else 0.0
-            for d in range(D):
-                for c in range(CPT):
-                    kv[c] = kn[c]
-                if d + 1 < D:  # the next d's keys are loading while this d computes
-                    for c in range(CPT):
-                        j = j0 + t + NT * c
-                        if j < mk:
-                            kn[c] = pkbh[np.uint64(d + 1), np.uint64(j)]
-                for r in range(RQ):
-                    p = pq_s[np.uint64(r * D + d)]
-                    for c in range(CPT):  # d ascending, every op rounded on its own
-                        acc[r * CPT + c] = add_rn(acc[r * CPT + c], mul_rn(p, kv[c]))
+            score_pass(acc, kv, kn, pk, pkbh, pq_s, b, h, j0, t, mk)
             if not CHUNKED:  # every row's keys fit: store this pass's
                 for r in range(RQ):
                     for c in range(CPT):
