@@ -938,6 +938,40 @@ def get_states_kernel(kind, D, BK, tiles=None, split=True, out_bf16=False, varia
 # ---------------------------------------------------------------------------
 
 
+def check_states_args(who, k_bits, v_bits, state, B, H, Nk, D, block_k, fm):
+    """The checks of a key-block states launch (this module's and
+    ``tc/states_wgmma.py``'s): a TypeError / ValueError naming ``who`` and the argument,
+    else ``(k, v, Mk, n_blocks, out_bf16)`` (flat k and v, state blocks, blocks to
+    compute, whether the state holds bf16 bits), or None when there is nothing to
+    compute (no key block, B·H = 0)."""
+    if fm not in (0, 1, 2):
+        raise ValueError(f"{who}: feature map code {fm}")
+    state_dtype = str(state.dtype).replace("torch.", "")
+    if state_dtype not in ("float32", "int16"):
+        raise TypeError(f"{who}: state must be float32 (or int16: bf16 bits)")
+    W = D * D + D
+    n_blocks = -(-Nk // block_k)
+    if n_blocks <= 0 or B * H == 0:
+        return None
+    size = int(math.prod(state.shape))
+    if state.ndim == 4:
+        if tuple(int(s) for s in (state.shape[0], state.shape[1], state.shape[3])) != (B, H, W):
+            raise ValueError(f"{who}: state shape is not (B, H, Mk, D*D + D)")
+        Mk = int(state.shape[2])
+    else:
+        if size % (B * H * W):
+            raise ValueError(f"{who}: state size is not B*H*Mk*(D*D + D)")
+        Mk = size // (B * H * W)
+    if Mk < n_blocks:
+        raise ValueError(f"{who}: state has {Mk} blocks, {n_blocks} needed")
+    k, v = flat(k_bits), flat(v_bits)
+    if int(k.shape[0]) < B * H * Nk * D or int(v.shape[0]) < B * H * Nk * D:
+        raise ValueError(f"{who}: k / v smaller than B*H*Nk*D")
+    if H > 65535 or B > 65535:
+        raise ValueError(f"{who}: H or B too large for the grid")
+    return k, v, Mk, n_blocks, state_dtype == "int16"
+
+
 def launch_states_tc(
     kind,
     k_bits,
@@ -975,32 +1009,11 @@ def launch_states_tc(
     B, H, Nk, D, block_k, fm = (int(x) for x in (B, H, Nk, D, block_k, fm))
     if not states_tc_supported(D, block_k):
         raise ValueError(f"launch_states_tc: D = {D}, block_k = {block_k} not supported")
-    if fm not in (0, 1, 2):
-        raise ValueError(f"launch_states_tc: feature map code {fm}")
-    state_dtype = str(state.dtype).replace("torch.", "")
-    if state_dtype not in ("float32", "int16"):
-        raise TypeError("launch_states_tc: state must be float32 (or int16: bf16 bits)")
-    W = D * D + D
-    n_blocks = -(-Nk // block_k)
-    if n_blocks <= 0 or B * H == 0:
+    checked = check_states_args("launch_states_tc", k_bits, v_bits, state, B, H, Nk, D,
+                                block_k, fm)  # fmt: skip
+    if checked is None:  # nothing to compute
         return
-    size = int(math.prod(state.shape))
-    if state.ndim == 4:
-        if tuple(int(s) for s in (state.shape[0], state.shape[1], state.shape[3])) != (B, H, W):
-            raise ValueError("launch_states_tc: state shape is not (B, H, Mk, D*D + D)")
-        Mk = int(state.shape[2])
-    else:
-        if size % (B * H * W):
-            raise ValueError("launch_states_tc: state size is not B*H*Mk*(D*D + D)")
-        Mk = size // (B * H * W)
-    if Mk < n_blocks:
-        raise ValueError(f"launch_states_tc: state has {Mk} blocks, {n_blocks} needed")
-    k, v = flat(k_bits), flat(v_bits)
-    if int(k.shape[0]) < B * H * Nk * D or int(v.shape[0]) < B * H * Nk * D:
-        raise ValueError("launch_states_tc: k / v smaller than B*H*Nk*D")
-    if H > 65535 or B > 65535:
-        raise ValueError("launch_states_tc: H or B too large for the grid")
-    out_bf16 = state_dtype == "int16"
+    k, v, Mk, n_blocks, out_bf16 = checked
     if variant is None:
         variant = config.states_kernel()
     if variant == "wgmma" or (variant == "auto" and not SIMULATED):

@@ -102,7 +102,6 @@ Example (simulator, ``NUMBA_ENABLE_CUDASIM=1``; slowly: 128 Python threads)::
 """
 
 import functools
-import math
 
 import numpy as np
 from numba import float32, int16, int32
@@ -131,6 +130,7 @@ from .states import (
     _low16,
     _low_f32,
     _pack,
+    check_states_args,
 )
 from .tiles import SMEM_ALIGN, TC_FASTMATH
 from .wgmma import (
@@ -444,36 +444,16 @@ def launch_states_wgmma(
     reason = wgmma_states_unsupported_reason(kind, D, block_k)
     if reason is not None:
         raise ValueError(f"launch_states_wgmma: the wgmma states kernel does not take {reason}")
-    if fm not in (0, 1, 2):
-        raise ValueError(f"launch_states_wgmma: feature map code {fm}")
-    state_dtype = str(state.dtype).replace("torch.", "")
-    if state_dtype not in ("float32", "int16"):
-        raise TypeError("launch_states_wgmma: state must be float32 (or int16: bf16 bits)")
-    W = D * D + D
-    n_blocks = -(-Nk // block_k)
-    if n_blocks <= 0 or B * H == 0:
+    checked = check_states_args("launch_states_wgmma", k_bits, v_bits, state, B, H, Nk, D,
+                                block_k, fm)  # fmt: skip
+    if checked is None:  # nothing to compute
         return
-    size = int(math.prod(state.shape))
-    if size % (B * H * W):
-        raise ValueError("launch_states_wgmma: state size is not B*H*Mk*(D*D + D)")
-    if state.ndim == 4 and tuple(
-        int(s) for s in (state.shape[0], state.shape[1], state.shape[3])
-    ) != (B, H, W):
-        raise ValueError("launch_states_wgmma: state shape is not (B, H, Mk, D*D + D)")
-    Mk = size // (B * H * W)
-    if Mk < n_blocks:
-        raise ValueError(f"launch_states_wgmma: state has {Mk} blocks, {n_blocks} needed")
-    k, v = flat(k_bits), flat(v_bits)
-    if int(k.shape[0]) < B * H * Nk * D or int(v.shape[0]) < B * H * Nk * D:
-        raise ValueError("launch_states_wgmma: k / v smaller than B*H*Nk*D")
-    if H > 65535 or B > 65535:
-        raise ValueError("launch_states_wgmma: H or B too large for the grid")
+    k, v, Mk, n_blocks, out_bf16 = checked
     if not aligned(k, v, state):
         raise ValueError("launch_states_wgmma: k, v need 16-byte alignment, state 4-byte")
     nper = PIPE_BLOCKS if blocks_per_cta is None else int(blocks_per_cta)
     if nper < 1:
         raise ValueError(f"launch_states_wgmma: blocks_per_cta = {nper}, must be >= 1")
-    out_bf16 = state_dtype == "int16"
     kern = make_states_wgmma(kind, D, bool(split), out_bf16, -1, bool(trans_a))
     out = int32_pairs(state) if out_bf16 else flat(state)
     grid = (-(-n_blocks // nper), H, B)
