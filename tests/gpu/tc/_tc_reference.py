@@ -1,6 +1,10 @@
 """Helpers for the tensor-core kernel tests: skip marks, exact half inputs, feature
 maps in float64, random LUTs and a float64 dense oracle."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -31,6 +35,23 @@ def tc_gpu_available():
 
 needs_sim = pytest.mark.skipif(not SIM, reason="needs NUMBA_ENABLE_CUDASIM=1 (simulator twins)")
 needs_gpu = pytest.mark.skipif(not tc_gpu_available(), reason="needs a CUDA GPU with cc >= 8.0")
+
+#: The repository root (what a fresh process needs on its PYTHONPATH).
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def fresh_process_lines(script, timeout=300):
+    """The stdout lines of ``python -c script`` in a new process that builds the real-GPU
+    kernel variants (the simulator switched off; nothing is compiled, no GPU needed):
+    how the tests see a kernel's disk-cache key as another process would. The process
+    must succeed."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.split()
 
 
 def half_values(x, kind):

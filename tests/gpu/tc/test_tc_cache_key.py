@@ -12,13 +12,7 @@ builds the real-GPU variants (no simulator; nothing is compiled, no GPU needed) 
 fresh processes and compares the hashes.
 """
 
-import os
-import subprocess
-import sys
-
-_ROOT = os.path.dirname(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-)
+from _tc_reference import fresh_process_lines
 
 _SCRIPT = """
 import hashlib
@@ -48,14 +42,7 @@ for k in kernels:
 
 
 def _hashes():
-    env = dict(os.environ)
-    env.pop("NUMBA_ENABLE_CUDASIM", None)  # the GPU variants (helpers forceinline)
-    env["PYTHONPATH"] = _ROOT
-    out = subprocess.run(
-        [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout.split()
+    return fresh_process_lines(_SCRIPT)  # the GPU variants (helpers forceinline)
 
 
 def test_closure_pickle_is_the_same_in_two_processes():

@@ -16,13 +16,9 @@ GPU (cc >= 8.0): the GPU tiles at the Wan2.1 sizes and on tails, bits against th
 kernel, and the times of both (``pytest -s``).
 """
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-from _tc_reference import gpu_ms, needs_gpu, needs_sim
+from _tc_reference import fresh_process_lines, gpu_ms, needs_gpu, needs_sim
 from test_tc_bf16_states import _bf16_problem, _check_bf16
 
 from sla_numba import config
@@ -126,18 +122,7 @@ def test_disk_cache_key_is_the_same_in_two_processes():
     """The real-GPU kernel's closure (Numba's disk-cache key) pickles to the same bytes in
     two fresh processes (see test_tc_cache_key.py; nothing is compiled, no GPU needed), and
     the launch bound, which the key does not include by itself, changes it."""
-    env = dict(os.environ)
-    env.pop("NUMBA_ENABLE_CUDASIM", None)
-    env["PYTHONPATH"] = os.path.dirname(
-        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    )
-    hashes = []
-    for _ in range(2):
-        run = subprocess.run(
-            [sys.executable, "-c", _KEY_SCRIPT], env=env, capture_output=True, text=True
-        )
-        assert run.returncode == 0, run.stderr[-2000:]
-        hashes.append(run.stdout.split())
+    hashes = [fresh_process_lines(_KEY_SCRIPT) for _ in range(2)]
     assert len(hashes[0]) == 2 and hashes[0] == hashes[1]
     assert hashes[0][0] != hashes[0][1]
 

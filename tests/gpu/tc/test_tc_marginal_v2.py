@@ -17,13 +17,9 @@ GPU (cc >= 8.0): the GPU tiles on tails and at the Wan2.1 sizes, bits against th
 present pipelined kernel, and the times of both (``pytest -s``).
 """
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-from _tc_reference import gpu_ms, needs_gpu, needs_sim
+from _tc_reference import fresh_process_lines, gpu_ms, needs_gpu, needs_sim
 from test_tc_bf16_states import _bf16_problem, _check_bf16
 
 from sla_numba import config
@@ -125,18 +121,7 @@ for v in (("bytes", 0), ("rows", 4), ("cols", 1)):
 def test_disk_cache_key_is_the_same_in_two_processes_and_names_the_variant():
     """The real-GPU kernels' closures (Numba's disk-cache key) pickle to the same bytes in
     two fresh processes (nothing is compiled, no GPU needed), and differ per variant."""
-    env = dict(os.environ)
-    env.pop("NUMBA_ENABLE_CUDASIM", None)
-    env["PYTHONPATH"] = os.path.dirname(
-        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    )
-    hashes = []
-    for _ in range(2):
-        run = subprocess.run(
-            [sys.executable, "-c", _KEY_SCRIPT], env=env, capture_output=True, text=True
-        )
-        assert run.returncode == 0, run.stderr[-2000:]
-        hashes.append(run.stdout.split())
+    hashes = [fresh_process_lines(_KEY_SCRIPT) for _ in range(2)]
     assert len(hashes[0]) == 3 and hashes[0] == hashes[1]
     assert len(set(hashes[0])) == 3
 
